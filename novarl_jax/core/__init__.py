@@ -1,0 +1,1 @@
+"""Layouts, sharding rules and numerical utilities shared by every other package."""

@@ -1,0 +1,379 @@
+"""Parallel layouts (DP/TP/PP/EP), MoE router settings, meshes and launcher arguments.
+
+The four parallel sizes of a run live in one frozen :class:`ParallelLayout`. It becomes a
+:class:`jax.sharding.Mesh` with the axis names ``dp``, ``pp``, ``ep`` and ``tp`` (in that
+order, so that ``tp`` is innermost: neighbouring devices, which share the fastest links,
+exchange the per-layer tensor-parallel collectives). The same layout can be written out as
+Megatron-LM flags or DeepSpeed-MoE keyword arguments, so a run keeps one source of truth for
+its EP/TP/PP sizes whatever backend launches it.
+
+How the batch is split: dense layers see the batch sharded over ``('dp', 'ep')`` (the expert
+axis is a data axis outside expert layers); expert weights are sharded over ``ep``; ``tp``
+shards attention heads and MLP hidden units; ``pp`` holds consecutive layer stages.
+
+Example:
+    >>> layout = ParallelLayout.from_world_size(
+    ...     total_world_size=8, tensor_parallel_size=2, pipeline_parallel_size=2,
+    ...     expert_parallel_size=2)
+    >>> layout.describe()
+    {'dp': 1, 'tp': 2, 'pp': 2, 'ep': 2, 'world': 8}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+# Mesh axis names. They appear only here and in the rule table of `sharding.py`.
+DP = "dp"
+PP = "pp"
+EP = "ep"
+TP = "tp"
+MESH_AXES: tuple[str, ...] = (DP, PP, EP, TP)
+
+DROP_POLICIES = ("position", "probs")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParallelLayout:
+    """Sizes of the data, tensor, pipeline and expert parallel axes.
+
+    Attributes:
+        dp: data-parallel replicas (of the whole model, experts included).
+        tp: tensor-parallel shards of heads and MLP hidden units.
+        pp: pipeline stages (consecutive groups of decoder layers).
+        ep: expert-parallel shards; each holds ``num_experts / ep`` experts. Outside expert
+            layers this axis also carries data, so dense layers see ``dp * ep`` replicas.
+    """
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "tp", "pp", "ep"):
+            _check_positive_int(name, getattr(self, name))
+
+    @classmethod
+    def from_world_size(
+        cls,
+        total_world_size: int,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        expert_parallel_size: int = 1,
+    ) -> ParallelLayout:
+        """Derives ``dp = total_world_size / (tp * pp * ep)``.
+
+        Raises:
+            ValueError: a size is not a positive integer, or the world size is not divisible
+                by ``tp * pp * ep``.
+        """
+        _check_positive_int("total_world_size", total_world_size)
+        _check_positive_int("tensor_parallel_size", tensor_parallel_size)
+        _check_positive_int("pipeline_parallel_size", pipeline_parallel_size)
+        _check_positive_int("expert_parallel_size", expert_parallel_size)
+        model_parallel = tensor_parallel_size * pipeline_parallel_size * expert_parallel_size
+        if total_world_size % model_parallel:
+            raise ValueError(
+                f"total_world_size={total_world_size} is not divisible by "
+                f"tensor_parallel_size * pipeline_parallel_size * expert_parallel_size = "
+                f"{tensor_parallel_size} * {pipeline_parallel_size} * {expert_parallel_size} = "
+                f"{model_parallel}; valid world sizes are multiples of {model_parallel}"
+            )
+        return cls(
+            dp=total_world_size // model_parallel,
+            tp=tensor_parallel_size,
+            pp=pipeline_parallel_size,
+            ep=expert_parallel_size,
+        )
+
+    @property
+    def world_size(self) -> int:
+        """Total number of devices: ``dp * tp * pp * ep``."""
+        return self.dp * self.tp * self.pp * self.ep
+
+    @property
+    def dense_data_parallel_size(self) -> int:
+        """Replicas seen by dense layers: ``dp * ep`` (the batch is sharded over both)."""
+        return self.dp * self.ep
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...]:
+        """Mesh sizes in :data:`MESH_AXES` order (dp, pp, ep, tp)."""
+        return (self.dp, self.pp, self.ep, self.tp)
+
+    def describe(self) -> dict[str, int]:
+        """The layout as ``{'dp', 'tp', 'pp', 'ep', 'world'}``."""
+        return {"dp": self.dp, "tp": self.tp, "pp": self.pp, "ep": self.ep, "world": self.world_size}
+
+    def make_mesh(self, devices: Sequence[Any] | None = None):
+        """Builds a :class:`jax.sharding.Mesh` with axes ``('dp', 'pp', 'ep', 'tp')``.
+
+        Devices are arranged by :func:`jax.experimental.mesh_utils.create_device_mesh`, which
+        follows the physical topology of TPU slices and GPU hosts, so ``tp`` (innermost) lands
+        on the closest devices.
+
+        Args:
+            devices: the devices to use; defaults to all of ``jax.devices()``.
+
+        Raises:
+            ValueError: the number of devices differs from ``world_size``.
+        """
+        import jax
+        from jax.experimental import mesh_utils
+
+        devices = list(jax.devices() if devices is None else devices)
+        if len(devices) != self.world_size:
+            raise ValueError(
+                f"layout {self.describe()} needs world_size={self.world_size} devices, but "
+                f"{len(devices)} devices were given; choose sizes whose product is "
+                f"{len(devices)} (on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count="
+                f"{self.world_size} before importing jax)"
+            )
+        grid = mesh_utils.create_device_mesh(self.mesh_shape, devices=devices)
+        return jax.sharding.Mesh(grid, MESH_AXES)
+
+    def to_megatron_args(self) -> list[str]:
+        """Megatron-LM parallelism flags as an argv list.
+
+        Megatron derives its data-parallel size as ``world / (tp * pp)``, which equals our
+        ``dp * ep``: in Megatron the expert-parallel group is carved out of the data-parallel
+        group, exactly as our ``ep`` axis carries data outside expert layers.
+        """
+        args = [
+            "--tensor-model-parallel-size", str(self.tp),
+            "--pipeline-model-parallel-size", str(self.pp),
+            "--expert-model-parallel-size", str(self.ep),
+        ]  # fmt: skip
+        return args
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoERouterConfig:
+    """Top-k token routing with a capacity factor.
+
+    Capacity: each expert accepts at most
+    ``C = max(ceil(tokens_per_group * top_k * capacity_factor / num_experts), min_capacity)``
+    tokens per routing group (the tokens of one expert-parallel shard). Choices beyond ``C``
+    are dropped: the MoE block outputs zeros for them and the residual carries the token.
+    ``capacity_factor=None`` is dropless (``C`` = every choice fits). Padding tokens are never
+    routed and take no capacity.
+
+    Auxiliary losses (added to the training loss as ``aux_loss_coef * aux + z_loss_coef * z``):
+    the load-balancing loss follows Switch Transformer (Fedus et al., 2021) and the Hugging
+    Face Mixtral convention, ``aux = E * sum_e f_e * P_e``, where ``f_e`` is the fraction of
+    tokens that chose expert ``e`` among their top-k (so ``sum_e f_e = top_k``) and ``P_e`` the
+    mean router probability of ``e``; perfectly balanced routing gives ``aux = top_k``. The
+    router z-loss (ST-MoE, Zoph et al., 2022) is ``mean(logsumexp(logits) ** 2)``.
+
+    Attributes:
+        num_experts: E, experts per MoE layer.
+        top_k: K, experts chosen per token.
+        capacity_factor: training capacity factor (> 0), or None for dropless routing.
+        eval_capacity_factor: capacity factor for rollouts/evaluation; None = same as
+            ``capacity_factor``.
+        min_capacity: lower bound on the per-expert capacity.
+        drop_policy: which choices lose when an expert is full: 'position' (later tokens in
+            the group) or 'probs' (lowest router probability).
+        aux_loss_coef: weight of the load-balancing loss.
+        z_loss_coef: weight of the router z-loss.
+        normalize_top_k: renormalise the gate weights over the chosen K (Mixtral's softmax
+            over the selected logits); False keeps the full-softmax probabilities.
+    """
+
+    num_experts: int
+    top_k: int = 2
+    capacity_factor: float | None = 1.25
+    eval_capacity_factor: float | None = None
+    min_capacity: int = 0
+    drop_policy: str = "position"
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    normalize_top_k: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive_int("num_experts", self.num_experts)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]"
+            )
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not value > 0):
+                raise ValueError(f"{name} must be > 0 or None (dropless), got {value!r}")
+        if isinstance(self.min_capacity, bool) or not isinstance(self.min_capacity, int) or (
+            self.min_capacity < 0
+        ):
+            raise ValueError(f"min_capacity must be an integer >= 0, got {self.min_capacity!r}")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(
+                f"drop_policy={self.drop_policy!r} is not one of {list(DROP_POLICIES)}"
+            )
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity_factor is None
+
+    def capacity(self, num_tokens: int, *, train: bool = True) -> int:
+        """Per-expert capacity C for a routing group of ``num_tokens`` tokens.
+
+        ``C = max(ceil(num_tokens * top_k * capacity_factor / num_experts), min_capacity)``;
+        dropless routing returns ``num_tokens`` (every token could pick the same expert).
+        """
+        factor = self.capacity_factor if train else (
+            self.eval_capacity_factor if self.eval_capacity_factor is not None
+            else self.capacity_factor
+        )
+        if factor is None:
+            return max(int(num_tokens), self.min_capacity)
+        # Round the product before ceil so 8 * 2 * 1.2 / 4 is 4.8 -> 5, not 5.000000001 -> 6.
+        raw = round(num_tokens * self.top_k * factor / self.num_experts, 9)
+        return max(math.ceil(raw), self.min_capacity)
+
+    def validate_layout(self, layout: ParallelLayout) -> None:
+        """Raises ValueError when ``num_experts`` does not split evenly over ``layout.ep``."""
+        if self.num_experts % layout.ep:
+            raise ValueError(
+                f"num_experts={self.num_experts} is not divisible by expert_parallel_size="
+                f"{layout.ep}; use a multiple of {layout.ep} experts or an ep that divides "
+                f"{self.num_experts}"
+            )
+
+    def to_megatron(self, layout: ParallelLayout) -> list[str]:
+        """Megatron-LM (Megatron-Core MoE) flags for this router on ``layout``, as argv.
+
+        Includes the layout's parallel sizes, so the list can be passed on its own. Megatron
+        has no ``min_capacity`` or evaluation capacity factor; those are not emitted. Megatron
+        requires sequence parallelism when MoE is combined with tensor parallelism, so
+        ``--sequence-parallel`` is added for ``tp > 1``.
+        """
+        self.validate_layout(layout)
+        args = layout.to_megatron_args() + [
+            "--num-experts", str(self.num_experts),
+            "--moe-router-topk", str(self.top_k),
+            "--moe-router-load-balancing-type", "aux_loss",
+            "--moe-aux-loss-coeff", _fmt(self.aux_loss_coef),
+            "--moe-z-loss-coeff", _fmt(self.z_loss_coef),
+            "--moe-token-dispatcher-type", "alltoall",
+        ]  # fmt: skip
+        if self.capacity_factor is not None:
+            args += [
+                "--moe-expert-capacity-factor", _fmt(self.capacity_factor),
+                "--moe-token-drop-policy", self.drop_policy,
+            ]  # fmt: skip
+        if not self.normalize_top_k:
+            # Softmax over all experts before top-k, without renormalising the chosen K.
+            args.append("--moe-router-pre-softmax")
+        if layout.tp > 1:
+            args.append("--sequence-parallel")
+        return args
+
+    def to_deepspeed(self, layout: ParallelLayout) -> dict[str, Any]:
+        """Keyword arguments for ``deepspeed.moe.layer.MoE`` matching this router.
+
+        Use as ``MoE(hidden_size, expert, **router.to_deepspeed(layout))``. DeepSpeed's
+        training JSON has no MoE section: MoE is configured through this layer's constructor
+        (plus ``ep_size`` groups created by the engine), and this dict is exactly those
+        constructor arguments. DeepSpeed keeps the first tokens by position when an expert is
+        full (``use_rts=False``); it has no probability-ordered policy, so
+        ``drop_policy='probs'`` raises. ``capacity_factor=None`` maps to ``drop_tokens=False``.
+        ``enable_expert_tensor_parallelism`` follows ``tp > 1``.
+
+        Raises:
+            ValueError: ``drop_policy='probs'`` or experts not divisible by ``ep``.
+        """
+        self.validate_layout(layout)
+        if self.drop_policy != "position":
+            raise ValueError(
+                f"drop_policy={self.drop_policy!r} has no DeepSpeed-MoE equivalent; "
+                f"use drop_policy='position'"
+            )
+        train_factor = 1.0 if self.capacity_factor is None else float(self.capacity_factor)
+        eval_factor = (
+            float(self.eval_capacity_factor) if self.eval_capacity_factor is not None
+            else train_factor
+        )
+        return {
+            "num_experts": self.num_experts,
+            "ep_size": layout.ep,
+            "k": self.top_k,
+            "capacity_factor": train_factor,
+            "eval_capacity_factor": eval_factor,
+            "min_capacity": self.min_capacity,
+            "drop_tokens": self.capacity_factor is not None,
+            "use_rts": False,
+            "noisy_gate_policy": None,
+            "use_residual": False,
+            "enable_expert_tensor_parallelism": layout.tp > 1,
+            "top2_2nd_expert_sampling": False,
+        }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MegatronAdapterConfig:
+    """The layout (and optional router) a Megatron-LM launch should use, as one object.
+
+    Example:
+        >>> adapter = MegatronAdapterConfig(parallel_layout=ParallelLayout(tp=2, ep=2))
+        >>> adapter.to_args()[:2]
+        ['--tensor-model-parallel-size', '2']
+    """
+
+    parallel_layout: ParallelLayout
+    router: MoERouterConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.parallel_layout, ParallelLayout):
+            raise ValueError(
+                f"parallel_layout must be a ParallelLayout, got {type(self.parallel_layout)!r}"
+            )
+        if self.router is not None:
+            self.router.validate_layout(self.parallel_layout)
+
+    def to_args(self) -> list[str]:
+        """Megatron-LM argv for the layout, plus the MoE flags when a router is set."""
+        if self.router is None:
+            return self.parallel_layout.to_megatron_args()
+        return self.router.to_megatron(self.parallel_layout)
+
+
+def _fmt(value: float) -> str:
+    return repr(float(value))
+
+
+def initialize_multihost(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    cpu_collectives: str | None = None,
+) -> None:
+    """Starts ``jax.distributed`` for a multi-process run (a no-op for one process).
+
+    On TPU VMs and SLURM the arguments are discovered by JAX and may be left out. For several
+    CPU processes on one machine, pass ``cpu_collectives='gloo'``.
+    """
+    import jax
+
+    if num_processes is not None and num_processes <= 1:
+        return
+    if cpu_collectives is not None:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )

@@ -1,0 +1,1 @@
+"""Numerical utilities (advantage estimators)."""
