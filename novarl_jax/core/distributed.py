@@ -112,7 +112,13 @@ class ParallelLayout:
 
     def describe(self) -> dict[str, int]:
         """The layout as ``{'dp', 'tp', 'pp', 'ep', 'world'}``."""
-        return {"dp": self.dp, "tp": self.tp, "pp": self.pp, "ep": self.ep, "world": self.world_size}
+        return {
+            "dp": self.dp,
+            "tp": self.tp,
+            "pp": self.pp,
+            "ep": self.ep,
+            "world": self.world_size,
+        }
 
     def make_mesh(self, devices: Sequence[Any] | None = None):
         """Builds a :class:`jax.sharding.Mesh` with axes ``('dp', 'pp', 'ep', 'tp')``.
@@ -204,15 +210,15 @@ class MoERouterConfig:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
             raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(
-                f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]"
-            )
+            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not value > 0):
                 raise ValueError(f"{name} must be > 0 or None (dropless), got {value!r}")
-        if isinstance(self.min_capacity, bool) or not isinstance(self.min_capacity, int) or (
-            self.min_capacity < 0
+        if (
+            isinstance(self.min_capacity, bool)
+            or not isinstance(self.min_capacity, int)
+            or (self.min_capacity < 0)
         ):
             raise ValueError(f"min_capacity must be an integer >= 0, got {self.min_capacity!r}")
         if self.drop_policy not in DROP_POLICIES:
@@ -233,9 +239,14 @@ class MoERouterConfig:
         ``C = max(ceil(num_tokens * top_k * capacity_factor / num_experts), min_capacity)``;
         dropless routing returns ``num_tokens`` (every token could pick the same expert).
         """
-        factor = self.capacity_factor if train else (
-            self.eval_capacity_factor if self.eval_capacity_factor is not None
-            else self.capacity_factor
+        factor = (
+            self.capacity_factor
+            if train
+            else (
+                self.eval_capacity_factor
+                if self.eval_capacity_factor is not None
+                else self.capacity_factor
+            )
         )
         if factor is None:
             return max(int(num_tokens), self.min_capacity)
@@ -303,7 +314,8 @@ class MoERouterConfig:
             )
         train_factor = 1.0 if self.capacity_factor is None else float(self.capacity_factor)
         eval_factor = (
-            float(self.eval_capacity_factor) if self.eval_capacity_factor is not None
+            float(self.eval_capacity_factor)
+            if self.eval_capacity_factor is not None
             else train_factor
         )
         return {

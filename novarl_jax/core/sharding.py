@@ -117,11 +117,16 @@ def tree_specs(logical_tree: Any, mesh: Any = None, shapes: Any = None, **kwargs
     import jax
 
     if shapes is None:
-        return jax.tree.map(lambda n: logical_to_spec(n, mesh, **kwargs), logical_tree,
-                            is_leaf=_is_names)
+        return jax.tree.map(
+            lambda n: logical_to_spec(n, mesh, **kwargs),
+            logical_tree,
+            is_leaf=_is_names,
+        )
     return jax.tree.map(
         lambda n, s: logical_to_spec(n, mesh, shape=getattr(s, "shape", s), **kwargs),
-        logical_tree, shapes, is_leaf=_is_names,
+        logical_tree,
+        shapes,
+        is_leaf=_is_names,
     )
 
 
@@ -131,8 +136,11 @@ def tree_shardings(logical_tree: Any, mesh: Any, shapes: Any = None, **kwargs):
     from jax.sharding import NamedSharding, PartitionSpec
 
     specs = tree_specs(logical_tree, mesh, shapes, **kwargs)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s),
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
 
 
 def batch_spec(ndim: int, mesh: Any = None, batch_size: int | None = None):

@@ -1,0 +1,173 @@
+"""Command line: ``python -m novarl_jax.train --config=configs/moe.py [overrides]``.
+
+Overrides come as ``--config.experiment.algorithm=ppo`` or in the NovaRL quickstart's
+Hydra style, ``experiment.algorithm=ppo``. The whole config is validated before JAX starts;
+a bad key or value exits with status 2 and one line naming the key. On a CPU-only machine,
+when ``experiment.world_size`` exceeds the visible devices, fake XLA CPU devices are created
+so the layout runs on a laptop.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file with get_config(), e.g. configs/moe.py.",
+    lock_config=True,
+)  # fmt: skip
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+
+# `experiment.world_size=8` (Hydra style) -> `--config.experiment.world_size=8`.
+_HYDRA_OVERRIDE = re.compile(r"^\+?([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+)=(.*)$", re.DOTALL)
+_DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
+
+
+_NONE_WORDS = ("None", "none", "null", "~")
+_CONFIG_OVERRIDE = re.compile(r"^--config\.([\w.]+)=(.*)$", re.DOTALL)
+
+
+def translate_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Rewrites Hydra-style ``a.b=v`` arguments as ``--config.a.b=v`` flags (placed last).
+
+    Returns the new argv and the keys set to None (``key=None``), which config_flags cannot
+    parse for typed fields and which are applied after parsing instead.
+    """
+    flags_part, overrides, none_keys = [argv[0]], [], []
+    for arg in argv[1:]:
+        match = _HYDRA_OVERRIDE.match(arg)
+        if match and not arg.startswith("-"):
+            arg = f"--config.{match.group(1)}={match.group(2)}"
+        override = _CONFIG_OVERRIDE.match(arg)
+        if override and override.group(2) in _NONE_WORDS:
+            none_keys.append(override.group(1))
+        elif override:
+            overrides.append(arg)
+        else:
+            flags_part.append(arg)
+    # Config files may import their siblings (`from configs import base`): make the folder
+    # that holds the config's package importable.
+    for arg in flags_part:
+        if arg.startswith("--config="):
+            path = os.path.abspath(arg.split("=", 1)[1])
+            sys.path.insert(0, os.path.dirname(os.path.dirname(path)))
+    return flags_part + overrides, none_keys
+
+
+def _fail(message: str) -> None:
+    print(f"novarl_jax.train: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+_NONE_KEYS: list[str] = []
+
+
+def _unknown_override(argv: list[str], name: str) -> str | None:
+    """The (prefix of the) override key that has the missing part ``name``, for messages."""
+    keys = [m.group(1) for a in argv if (m := _CONFIG_OVERRIDE.match(a))] + _NONE_KEYS
+    for key in keys:
+        parts = key.split(".")
+        if name in parts:
+            return ".".join(parts[: parts.index(name) + 1])
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    from novarl_jax.trainer.config import ConfigError, unknown_key_error
+
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e).splitlines()[0])
+    except (AttributeError, KeyError) as e:  # config_flags: an override of a missing key
+        key = _unknown_override(argv, str(e).strip("\"'"))
+        _fail(str(unknown_key_error(key)) if key else f"{type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 - config files can raise anything; report one line
+        _fail(f"--config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if flags.FLAGS.config is None:
+        _fail("--config is required, e.g. --config=configs/moe.py")
+    for key in _NONE_KEYS:
+        node, _, leaf = key.rpartition(".")
+        try:
+            parent = flags.FLAGS.config
+            for part in filter(None, node.split(".")):
+                parent = getattr(parent, part)
+            if leaf not in parent:
+                raise AttributeError(leaf)
+            parent[leaf] = None
+        except (AttributeError, KeyError):
+            _fail(str(unknown_key_error(key)))
+        except ConfigError as e:
+            _fail(str(e))
+    if len(rest) > 1:
+        _fail(f"unexpected arguments {rest[1:]}; overrides look like experiment.key=value")
+    return rest
+
+
+def _accelerator_installed() -> bool:
+    return any(
+        importlib.util.find_spec(m) is not None
+        for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
+    )
+
+
+def ensure_cpu_devices(world_size: int) -> None:
+    """Creates ``world_size`` fake CPU devices when JAX will run on the CPU.
+
+    Must run before JAX is imported. Does nothing when an accelerator backend is installed
+    and not disabled by ``JAX_PLATFORMS=cpu``, or when enough fake devices are already set.
+    """
+    if "jax" in sys.modules:
+        return
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms not in ("", "cpu") or (platforms == "" and _accelerator_installed()):
+        return
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    match = _DEVICE_COUNT_FLAG.search(xla_flags)
+    if match and int(match.group(1)) >= world_size:
+        return
+    xla_flags = _DEVICE_COUNT_FLAG.sub("", xla_flags).strip()
+    if world_size > 1:
+        os.environ["XLA_FLAGS"] = (
+            f"{xla_flags} --xla_force_host_platform_device_count={world_size}".strip()
+        )
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    # JAX logs each backend it probes (TPU, CUDA) at INFO under absl; keep the console clean.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    from novarl_jax.trainer.config import ConfigError, validate_config
+
+    try:
+        spec = validate_config(_CONFIG.value)
+    except ConfigError as e:
+        _fail(str(e))
+    ensure_cpu_devices(spec.layout.world_size)
+
+    from novarl_jax.trainer.checklist import print_checklist
+
+    try:
+        mesh = spec.layout.make_mesh()
+    except ValueError as e:
+        _fail(f"experiment.world_size: {e}")
+    print_checklist(spec, mesh)
+    print("Training is not available yet in this version: the checklist above is the run's plan.")
+
+
+def run() -> None:
+    """Console entry point."""
+    # config_flags reads sys.argv itself to find the --config.* overrides, so rewrite it.
+    sys.argv, none_keys = translate_argv(sys.argv)
+    _NONE_KEYS[:] = none_keys
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

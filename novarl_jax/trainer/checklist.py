@@ -1,0 +1,88 @@
+"""The start-up checklist: the run's parallel layout, router and batch, as one table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from novarl_jax.trainer.config import RunSpec, samples_per_prompt
+
+
+def tokens_per_group(spec: RunSpec) -> int:
+    """Tokens one expert-parallel shard routes per training forward of a whole step's batch."""
+    ro = spec.config.rollout
+    samples = ro.prompts_per_step * samples_per_prompt(spec.config)
+    tokens = samples * (ro.max_prompt_length + ro.max_new_tokens)
+    return tokens // spec.layout.dense_data_parallel_size
+
+
+def checklist_rows(spec: RunSpec, mesh: Any = None) -> list[tuple[str, str, str]]:
+    """(section, item, value) rows describing the run."""
+    layout, exp, ro = spec.layout, spec.config.experiment, spec.config.rollout
+    rows = [
+        ("layout", "world size", str(layout.world_size)),
+        ("layout", "DP (data parallel)", str(layout.dp)),
+        ("layout", "TP (tensor parallel)", str(layout.tp)),
+        ("layout", "PP (pipeline parallel)", str(layout.pp)),
+        ("layout", "EP (expert parallel)", str(layout.ep)),
+        ("layout", "batch shards (dp x ep)", str(layout.dense_data_parallel_size)),
+    ]
+    if mesh is not None:
+        shape = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
+        platform = mesh.devices.flat[0].platform
+        rows.append(("layout", "mesh", f"({shape}) on {mesh.devices.size} {platform} devices"))
+    router = spec.router
+    if router is None:
+        rows.append(("router", "experts", "dense MLP (no MoE)"))
+    else:
+        group = tokens_per_group(spec)
+        cf = "dropless" if router.capacity_factor is None else f"{router.capacity_factor:g}"
+        rows += [
+            ("router", "experts (E)", str(router.num_experts)),
+            (
+                "router",
+                "experts per shard (E / ep)",
+                str(router.num_experts // layout.ep),
+            ),
+            ("router", "top-k (K)", str(router.top_k)),
+            ("router", "capacity factor", cf),
+            ("router", "drop policy", router.drop_policy),
+            (
+                "router",
+                "aux / z loss coef",
+                f"{router.aux_loss_coef:g} / {router.z_loss_coef:g}",
+            ),
+            ("router", "tokens per group", str(group)),
+            ("router", "capacity per expert (C)", str(router.capacity(group))),
+        ]
+    rows += [
+        ("algorithm", "algorithm", exp.algorithm),
+        (
+            "algorithm",
+            "prompts x samples per step",
+            f"{ro.prompts_per_step} x {samples_per_prompt(spec.config)}",
+        ),
+        (
+            "algorithm",
+            "prompt / completion tokens",
+            f"{ro.max_prompt_length} / {ro.max_new_tokens}",
+        ),
+        ("algorithm", "steps", str(exp.steps)),
+        ("algorithm", "seed", str(exp.seed)),
+    ]
+    return rows
+
+
+def print_checklist(spec: RunSpec, mesh: Any = None, console: Any = None) -> None:
+    """Prints the checklist as a table (plain text when stdout is not a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=100)
+    table = Table(title="novarl_jax run checklist", show_lines=False)
+    for column in ("section", "item", "value"):
+        table.add_column(column)
+    previous = None
+    for section, item, value in checklist_rows(spec, mesh):
+        table.add_row(section if section != previous else "", item, value)
+        previous = section
+    console.print(table)

@@ -1,0 +1,294 @@
+"""The run configuration: every key, its default and its meaning, and its validation.
+
+A run is described by one ``ml_collections.ConfigDict``. :func:`default_config` is the schema:
+every key a run may set appears here with its default and a comment, so a key that is not
+here is a typo and is rejected. Keys under ``experiment`` keep the NovaRL quickstart's names,
+so its Hydra-style overrides (``experiment.world_size=8``) work on our command line.
+
+This module does not import JAX: the command line validates a config before JAX starts
+(and before it decides how many fake CPU devices to create).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The defaults: a tiny dense policy trained with GRPO on one device."""
+    config = ml_collections.ConfigDict()
+
+    # --- The quickstart's experiment keys -------------------------------------------------
+    config.experiment = ml_collections.ConfigDict()
+    exp = config.experiment
+    exp.world_size = 1  # devices in the run = dp * tp * pp * ep
+    exp.tensor_parallel_size = 1  # tp: shards attention heads and MLP hidden units
+    exp.pipeline_parallel_size = 1  # pp: consecutive groups of decoder layers
+    exp.expert_parallel_size = 1  # ep: shards experts; carries data outside MoE layers
+    exp.num_experts = 0  # experts per MoE layer; 0 = dense SwiGLU MLP (Llama/Mistral style)
+    exp.top_k = 2  # experts chosen per token (ignored when dense)
+    # Per-expert capacity = ceil(tokens_per_group * top_k * capacity_factor / num_experts);
+    # set to None for dropless routing.
+    exp.capacity_factor = config_dict.FieldReference(1.25, field_type=float)
+    exp.algorithm = "grpo"  # 'ppo' or 'grpo'
+    exp.grpo_group_size = 4  # completions sampled per prompt (GRPO's relative baseline window)
+    exp.weight_sync_interval = 1  # async runs: broadcast every this many updates
+    exp.weight_sync_max_staleness = 1  # async runs: broadcast when a worker lags this much
+    exp.weight_sync_timeout_s = 0.0  # async runs: broadcast pending updates after this; 0 = off
+    exp.steps = 20  # training iterations (one rollout batch + its updates each)
+    exp.seed = 0  # the only source of randomness: split into model, rollout and data keys
+
+    # --- Policy model (Hugging Face MixtralConfig names) ---------------------------------
+    config.model = ml_collections.ConfigDict()
+    model = config.model
+    model.hidden_size = 32
+    model.intermediate_size = 64
+    model.num_hidden_layers = 2
+    model.num_attention_heads = 4
+    model.num_key_value_heads = 2
+    model.rope_theta = 10000.0
+    model.rms_norm_eps = 1e-5
+    model.max_position_embeddings = 256
+    model.tie_word_embeddings = False
+    # vocab_size comes from the task's tokenizer.
+
+    # --- Rollouts ---------------------------------------------------------------------------
+    config.rollout = ml_collections.ConfigDict()
+    rollout = config.rollout
+    rollout.prompts_per_step = 8  # prompts per iteration; samples = prompts * grpo_group_size
+    rollout.max_prompt_length = 16  # tokens; longer prompts are an error
+    rollout.max_new_tokens = 8  # completion budget per sample
+    rollout.temperature = 1.0
+    rollout.top_k = 0  # 0 = off
+    rollout.top_p = 1.0  # 1.0 = off
+
+    return config
+
+
+# Keys whose value may also be None (with the meaning given in default_config's comments).
+NULLABLE_KEYS = frozenset({"experiment.capacity_factor"})
+ALGORITHMS = ("ppo", "grpo")
+
+
+class ConfigError(ValueError):
+    """A bad config value; ``key`` is the dotted config key at fault."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def _flatten(cfg, prefix: str = "") -> dict:
+    out = {}
+    for name, value in cfg.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def unknown_key_error(key: str) -> ConfigError:
+    """The error for a key that the schema does not have, listing its valid siblings."""
+    defaults = _flatten(default_config())
+    parent = key.rpartition(".")[0]
+    siblings = sorted(k.rpartition(".")[2] for k in defaults if k.rpartition(".")[0] == parent)
+    if siblings:
+        valid = f"valid keys under {parent!r}: {', '.join(siblings)}"
+    else:
+        valid = f"valid sections: {', '.join(sorted({k.split('.')[0] for k in defaults}))}"
+    return ConfigError(key, f"unknown key; {valid}")
+
+
+def _check_keys_and_types(config: ml_collections.ConfigDict) -> dict:
+    """Rejects unknown keys and values of the wrong type; returns the flat config."""
+    defaults = _flatten(default_config())
+    flat = _flatten(config)
+    for key, value in flat.items():
+        if key not in defaults:
+            parent = key.rpartition(".")[0]
+            siblings = sorted(
+                k.rpartition(".")[2] for k in defaults if k.rpartition(".")[0] == parent
+            )
+            valid = (
+                f"valid keys under {parent!r}: {', '.join(siblings)}"
+                if siblings
+                else (f"valid sections: {', '.join(sorted({k.split('.')[0] for k in defaults}))}")
+            )
+            raise ConfigError(key, f"unknown key; {valid}")
+        default = defaults[key]
+        if value is None:
+            if key not in NULLABLE_KEYS:
+                raise ConfigError(key, f"must not be None; expected {type(default).__name__}")
+            continue
+        expected = float if key in NULLABLE_KEYS else type(default)
+        ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(
+                key,
+                f"expected {expected.__name__}, got {type(value).__name__} {value!r}",
+            )
+    for key in defaults:
+        if key not in flat:
+            raise ConfigError(key, "missing; start from configs/base.py and override keys")
+    return flat
+
+
+def _positive(flat: dict, *keys: str, minimum: float = 1) -> None:
+    for key in keys:
+        if not flat[key] >= minimum:
+            raise ConfigError(key, f"must be >= {minimum}, got {flat[key]!r}")
+
+
+# Constructor argument names -> config keys, to name the key in errors raised by the
+# library's own validation.
+_LAYOUT_ARGS = {
+    "total_world_size": "experiment.world_size",
+    "tensor_parallel_size": "experiment.tensor_parallel_size",
+    "pipeline_parallel_size": "experiment.pipeline_parallel_size",
+    "expert_parallel_size": "experiment.expert_parallel_size",
+    "num_experts": "experiment.num_experts",
+    "top_k": "experiment.top_k",
+    "capacity_factor": "experiment.capacity_factor",
+}
+
+
+def _translate(error: ValueError, names: dict) -> ConfigError:
+    """Names the config key behind a constructor's ValueError (its message starts with the arg)."""
+    message = str(error)
+    arg = next((a for a in names if message.startswith(a)), None)
+    return ConfigError(names[arg] if arg else "experiment", message)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """What a validated config describes, as library objects."""
+
+    config: ml_collections.ConfigDict
+    layout: Any  # ParallelLayout
+    router: Any  # MoERouterConfig, or None for a dense policy
+
+
+def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
+    """Checks a whole config before anything compiles.
+
+    Raises:
+        ConfigError: naming the first bad key and what would be valid.
+    """
+    from novarl_jax.core.distributed import MoERouterConfig, ParallelLayout
+
+    flat = _check_keys_and_types(config)
+    exp = config.experiment
+    if exp.algorithm not in ALGORITHMS:
+        raise ConfigError(
+            "experiment.algorithm",
+            f"{exp.algorithm!r} is not one of {list(ALGORITHMS)}",
+        )
+    _positive(
+        flat,
+        "experiment.steps",
+        "experiment.weight_sync_interval",
+        "experiment.weight_sync_max_staleness",
+    )
+    _positive(flat, "experiment.weight_sync_timeout_s", minimum=0)
+    if exp.num_experts < 0:
+        raise ConfigError(
+            "experiment.num_experts", f"must be >= 0 (0 = dense), got {exp.num_experts}"
+        )
+    if exp.algorithm == "grpo" and exp.grpo_group_size < 2:
+        raise ConfigError(
+            "experiment.grpo_group_size",
+            f"must be >= 2 for grpo (the baseline is the group's mean), got {exp.grpo_group_size}",
+        )
+    _positive(flat, "experiment.grpo_group_size")
+    try:
+        layout = ParallelLayout.from_world_size(
+            total_world_size=exp.world_size,
+            tensor_parallel_size=exp.tensor_parallel_size,
+            pipeline_parallel_size=exp.pipeline_parallel_size,
+            expert_parallel_size=exp.expert_parallel_size,
+        )
+    except ValueError as e:
+        raise _translate(e, _LAYOUT_ARGS) from None
+    router = None
+    if exp.num_experts == 0:
+        if layout.ep > 1:
+            raise ConfigError(
+                "experiment.expert_parallel_size",
+                f"is {layout.ep} but the model is dense (experiment.num_experts=0); "
+                "set num_experts to a multiple of it or use expert_parallel_size=1",
+            )
+    else:
+        try:
+            router = MoERouterConfig(
+                num_experts=exp.num_experts,
+                top_k=exp.top_k,
+                capacity_factor=exp.capacity_factor,
+            )
+        except ValueError as e:
+            raise _translate(e, _LAYOUT_ARGS) from None
+        if exp.num_experts % layout.ep:
+            raise ConfigError(
+                "experiment.num_experts",
+                f"{exp.num_experts} experts do not split over expert_parallel_size={layout.ep}; "
+                f"use a multiple of {layout.ep}",
+            )
+    model = config.model
+    _positive(
+        flat,
+        "model.hidden_size",
+        "model.intermediate_size",
+        "model.num_hidden_layers",
+        "model.num_attention_heads",
+        "model.num_key_value_heads",
+        "model.max_position_embeddings",
+    )
+    if model.num_attention_heads % model.num_key_value_heads:
+        raise ConfigError(
+            "model.num_key_value_heads",
+            f"{model.num_key_value_heads} does not divide num_attention_heads="
+            f"{model.num_attention_heads}",
+        )
+    if model.num_hidden_layers % layout.pp:
+        raise ConfigError(
+            "experiment.pipeline_parallel_size",
+            f"{layout.pp} pipeline stages do not split model.num_hidden_layers="
+            f"{model.num_hidden_layers}; use a divisor of it",
+        )
+    ro = config.rollout
+    _positive(
+        flat,
+        "rollout.prompts_per_step",
+        "rollout.max_prompt_length",
+        "rollout.max_new_tokens",
+    )
+    _positive(flat, "rollout.temperature", "rollout.top_k", minimum=0)
+    if not 0 < ro.top_p <= 1:
+        raise ConfigError("rollout.top_p", f"must be in (0, 1], got {ro.top_p}")
+    if ro.max_prompt_length + ro.max_new_tokens > model.max_position_embeddings:
+        raise ConfigError(
+            "rollout.max_new_tokens",
+            f"max_prompt_length + max_new_tokens = {ro.max_prompt_length + ro.max_new_tokens} "
+            f"exceeds model.max_position_embeddings={model.max_position_embeddings}",
+        )
+    samples = ro.prompts_per_step * samples_per_prompt(config)
+    if samples % layout.dense_data_parallel_size:
+        raise ConfigError(
+            "rollout.prompts_per_step",
+            f"{ro.prompts_per_step} prompts x {samples_per_prompt(config)} samples = {samples} "
+            f"rollouts do not split over dp * ep = {layout.dense_data_parallel_size} data shards",
+        )
+    return RunSpec(config, layout, router)
+
+
+def samples_per_prompt(config) -> int:
+    """Completions per prompt: the GRPO group size, or 1 for PPO."""
+    exp = config.experiment
+    return exp.grpo_group_size if exp.algorithm == "grpo" else 1

@@ -1,0 +1,264 @@
+"""ParallelLayout, MoERouterConfig, MegatronAdapterConfig: semantics, emitters, validation."""
+
+import math
+
+import numpy as np
+import pytest
+
+from novarl_jax.core.distributed import (
+    MESH_AXES,
+    MegatronAdapterConfig,
+    MoERouterConfig,
+    ParallelLayout,
+)
+
+
+def test_quickstart_example_describe():
+    layout = ParallelLayout.from_world_size(
+        total_world_size=8, tensor_parallel_size=2, pipeline_parallel_size=2, expert_parallel_size=2
+    )
+    assert layout.describe() == {"dp": 1, "tp": 2, "pp": 2, "ep": 2, "world": 8}
+    assert str(layout.describe()) == "{'dp': 1, 'tp': 2, 'pp': 2, 'ep': 2, 'world': 8}"
+
+
+@pytest.mark.parametrize(
+    "world,tp,pp,ep,dp",
+    [(8, 1, 1, 1, 8), (8, 2, 1, 2, 2), (8, 1, 1, 8, 1), (16, 2, 2, 1, 4), (1, 1, 1, 1, 1)],
+)
+def test_from_world_size_derives_dp(world, tp, pp, ep, dp):
+    layout = ParallelLayout.from_world_size(world, tp, pp, ep)
+    assert (layout.dp, layout.tp, layout.pp, layout.ep) == (dp, tp, pp, ep)
+    assert layout.world_size == world
+    assert layout.dense_data_parallel_size == dp * ep
+
+
+def test_layout_is_frozen():
+    layout = ParallelLayout(dp=2)
+    with pytest.raises(AttributeError):
+        layout.dp = 4
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(total_world_size=0), "total_world_size must be an integer >= 1"),
+        (dict(total_world_size=8, tensor_parallel_size=0), "tensor_parallel_size must be"),
+        (dict(total_world_size=8, pipeline_parallel_size=-1), "pipeline_parallel_size must be"),
+        (dict(total_world_size=8, expert_parallel_size=1.5), "expert_parallel_size must be"),
+        (
+            dict(total_world_size=6, tensor_parallel_size=2, expert_parallel_size=2),
+            r"total_world_size=6 is not divisible by .* = 4; valid world sizes are multiples of 4",
+        ),
+    ],
+)
+def test_from_world_size_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ParallelLayout.from_world_size(**kwargs)
+
+
+def test_layout_direct_validation():
+    with pytest.raises(ValueError, match="dp must be an integer >= 1, got 0"):
+        ParallelLayout(dp=0)
+    with pytest.raises(ValueError, match="tp must be an integer >= 1, got True"):
+        ParallelLayout(tp=True)
+
+
+@pytest.mark.parametrize(
+    "dp,pp,ep,tp",
+    [(8, 1, 1, 1), (1, 1, 1, 8), (1, 1, 8, 1), (2, 1, 2, 2), (1, 2, 2, 2), (4, 2, 1, 1)],
+)
+def test_make_mesh_shape_and_axis_names(devices, dp, pp, ep, tp):
+    mesh = ParallelLayout(dp=dp, pp=pp, ep=ep, tp=tp).make_mesh()
+    assert mesh.axis_names == MESH_AXES == ("dp", "pp", "ep", "tp")
+    assert dict(mesh.shape) == {"dp": dp, "pp": pp, "ep": ep, "tp": tp}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+
+
+def test_make_mesh_tp_is_innermost(devices):
+    mesh = ParallelLayout(dp=4, tp=2).make_mesh()
+    # Neighbouring device ids share a tp group.
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    assert ids.shape == (4, 1, 1, 2)
+    assert all(abs(int(a) - int(b)) == 1 for a, b in ids.reshape(4, 2))
+
+
+def test_make_mesh_device_count_error(devices):
+    with pytest.raises(ValueError, match=r"needs world_size=4 devices, but 8 devices were given"):
+        ParallelLayout(dp=2, tp=2).make_mesh()
+    with pytest.raises(ValueError, match=r"needs world_size=8 devices, but 2 devices"):
+        ParallelLayout(dp=8).make_mesh(devices[:2])
+
+
+def test_make_mesh_subset_of_devices(devices):
+    mesh = ParallelLayout(tp=2, ep=2).make_mesh(devices[:4])
+    assert mesh.devices.size == 4
+
+
+# --- router -----------------------------------------------------------------------------
+
+
+def _capacity_reference(tokens, k, cf, e, min_cap):
+    if cf is None:
+        return max(tokens, min_cap)
+    from fractions import Fraction
+
+    exact = Fraction(tokens * k) * Fraction(str(cf)) / e
+    return max(math.ceil(exact), min_cap)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 10, 64, 100, 4096])
+@pytest.mark.parametrize(
+    "k,cf,e,min_cap",
+    [
+        (2, 1.2, 4, 0),
+        (1, 1.0, 8, 4),
+        (2, 1.25, 8, 0),
+        (2, None, 4, 0),
+        (3, 0.5, 6, 2),
+        (2, 2.0, 8, 0),
+    ],
+)
+def test_capacity_formula(tokens, k, cf, e, min_cap):
+    router = MoERouterConfig(num_experts=e, top_k=k, capacity_factor=cf, min_capacity=min_cap)
+    assert router.capacity(tokens) == _capacity_reference(tokens, k, cf, e, min_cap)
+
+
+def test_capacity_exact_decimal_products():
+    # 8 tokens * 2 * 1.2 / 4 = 4.8 -> 5 (a float product 4.800000000000001 must not give 6).
+    assert MoERouterConfig(num_experts=4, capacity_factor=1.2).capacity(8) == 5
+    # 10 * 2 * 1.1 / 2 = 11 exactly, though 10 * 2 * 1.1 is 22.000000000000004 in floats.
+    assert MoERouterConfig(num_experts=2, capacity_factor=1.1).capacity(10) == 11
+
+
+def test_eval_capacity_factor():
+    router = MoERouterConfig(num_experts=4, capacity_factor=1.0, eval_capacity_factor=2.0)
+    assert router.capacity(16) == 8
+    assert router.capacity(16, train=False) == 16
+    assert MoERouterConfig(num_experts=4, capacity_factor=1.0).capacity(16, train=False) == 8
+    assert MoERouterConfig(num_experts=4, capacity_factor=None).dropless
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_experts=0), "num_experts must be an integer >= 1, got 0"),
+        (dict(num_experts=4, top_k=0), r"top_k=0 must be in \[1, num_experts=4\]"),
+        (dict(num_experts=4, top_k=5), r"top_k=5 must be in \[1, num_experts=4\]"),
+        (dict(num_experts=4, top_k=1.0), "top_k must be an integer"),
+        (dict(num_experts=4, capacity_factor=0.0), "capacity_factor must be > 0 or None"),
+        (dict(num_experts=4, capacity_factor=-1), "capacity_factor must be > 0 or None"),
+        (dict(num_experts=4, eval_capacity_factor=0), "eval_capacity_factor must be > 0 or None"),
+        (dict(num_experts=4, min_capacity=-1), "min_capacity must be an integer >= 0"),
+        (dict(num_experts=4, drop_policy="random"),
+         r"drop_policy='random' is not one of \['position', 'probs'\]"),
+        (dict(num_experts=4, aux_loss_coef=-0.1), "aux_loss_coef must be >= 0"),
+        (dict(num_experts=4, z_loss_coef=float("nan")), "z_loss_coef must be >= 0"),
+    ],
+)  # fmt: skip
+def test_router_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoERouterConfig(**kwargs)
+
+
+def test_num_experts_not_divisible_by_ep():
+    router = MoERouterConfig(num_experts=6)
+    layout = ParallelLayout(ep=4)
+    with pytest.raises(
+        ValueError, match="num_experts=6 is not divisible by expert_parallel_size=4"
+    ):
+        router.to_deepspeed(layout)
+    with pytest.raises(ValueError, match="num_experts=6 is not divisible"):
+        router.to_megatron(layout)
+    with pytest.raises(ValueError, match="num_experts=6 is not divisible"):
+        MegatronAdapterConfig(parallel_layout=layout, router=router)
+
+
+def _argv_to_dict(argv):
+    out, i = {}, 0
+    while i < len(argv):
+        assert argv[i].startswith("--"), argv
+        if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out[argv[i]] = argv[i + 1]
+            i += 2
+        else:
+            out[argv[i]] = True
+            i += 1
+    return out
+
+
+def test_megatron_layout_args():
+    layout = ParallelLayout.from_world_size(8, 2, 2, 2)
+    assert _argv_to_dict(layout.to_megatron_args()) == {
+        "--tensor-model-parallel-size": "2",
+        "--pipeline-model-parallel-size": "2",
+        "--expert-model-parallel-size": "2",
+    }
+
+
+def test_megatron_router_args():
+    layout = ParallelLayout.from_world_size(8, 2, 2, 2)
+    router = MoERouterConfig(num_experts=8, top_k=2, capacity_factor=1.2, drop_policy="probs")
+    args = _argv_to_dict(router.to_megatron(layout))
+    assert args == {
+        "--tensor-model-parallel-size": "2",
+        "--pipeline-model-parallel-size": "2",
+        "--expert-model-parallel-size": "2",
+        "--num-experts": "8",
+        "--moe-router-topk": "2",
+        "--moe-router-load-balancing-type": "aux_loss",
+        "--moe-aux-loss-coeff": "0.01",
+        "--moe-z-loss-coeff": "0.001",
+        "--moe-token-dispatcher-type": "alltoall",
+        "--moe-expert-capacity-factor": "1.2",
+        "--moe-token-drop-policy": "probs",
+        "--sequence-parallel": True,
+    }
+
+
+def test_megatron_dropless_and_pre_softmax():
+    router = MoERouterConfig(num_experts=4, capacity_factor=None, normalize_top_k=False)
+    args = _argv_to_dict(router.to_megatron(ParallelLayout(ep=2)))
+    assert "--moe-expert-capacity-factor" not in args
+    assert "--moe-token-drop-policy" not in args
+    assert args["--moe-router-pre-softmax"] is True
+    assert "--sequence-parallel" not in args  # tp = 1
+
+
+def test_megatron_adapter_config():
+    layout = ParallelLayout(tp=2, pp=2, ep=2)
+    router = MoERouterConfig(num_experts=4)
+    assert MegatronAdapterConfig(parallel_layout=layout).to_args() == layout.to_megatron_args()
+    assert MegatronAdapterConfig(parallel_layout=layout, router=router).to_args() == (
+        router.to_megatron(layout)
+    )
+    with pytest.raises(ValueError, match="parallel_layout must be a ParallelLayout"):
+        MegatronAdapterConfig(parallel_layout={"tp": 2})
+
+
+def test_deepspeed_kwargs():
+    layout = ParallelLayout.from_world_size(8, 2, 2, 2)
+    router = MoERouterConfig(num_experts=8, top_k=2, capacity_factor=1.2)
+    assert router.to_deepspeed(layout) == {
+        "num_experts": 8,
+        "ep_size": 2,
+        "k": 2,
+        "capacity_factor": 1.2,
+        "eval_capacity_factor": 1.2,
+        "min_capacity": 0,
+        "drop_tokens": True,
+        "use_rts": False,
+        "noisy_gate_policy": None,
+        "use_residual": False,
+        "enable_expert_tensor_parallelism": True,
+        "top2_2nd_expert_sampling": False,
+    }
+
+
+def test_deepspeed_dropless_eval_and_probs_policy():
+    layout = ParallelLayout(ep=2)
+    ds = MoERouterConfig(num_experts=4, capacity_factor=None).to_deepspeed(layout)
+    assert ds["drop_tokens"] is False and ds["enable_expert_tensor_parallelism"] is False
+    ds = MoERouterConfig(num_experts=4, eval_capacity_factor=2.0).to_deepspeed(layout)
+    assert (ds["capacity_factor"], ds["eval_capacity_factor"]) == (1.25, 2.0)
+    with pytest.raises(ValueError, match="drop_policy='probs' has no DeepSpeed-MoE equivalent"):
+        MoERouterConfig(num_experts=4, drop_policy="probs").to_deepspeed(layout)

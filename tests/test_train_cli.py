@@ -1,0 +1,95 @@
+"""The command line: checklist on the 8-fake-device mesh, overrides, one-line errors."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+QUICKSTART = [
+    "experiment.world_size=8",
+    "experiment.tensor_parallel_size=2",
+    "experiment.pipeline_parallel_size=2",
+    "experiment.expert_parallel_size=2",
+    "experiment.num_experts=4",
+    "experiment.algorithm=grpo",
+]
+
+
+def _run(*args, cwd=ROOT):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run(
+        [sys.executable, "-m", "novarl_jax.train", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def _rows(stdout):
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│|").split("│")]
+        if len(cells) == 3 and cells[1]:
+            rows[cells[1]] = cells[2]
+    return rows
+
+
+@pytest.mark.parametrize("overrides", [[], QUICKSTART, ["--config.experiment.algorithm=grpo"]])
+def test_checklist_on_fake_devices(overrides, tmp_path):
+    result = _run("--config=configs/moe.py", f"--workdir={tmp_path}", *overrides)
+    rows = _rows(result.stdout)
+    assert rows["world size"] == "8", result.stdout + result.stderr
+    assert (rows["DP (data parallel)"], rows["TP (tensor parallel)"]) == ("1", "2")
+    assert (rows["PP (pipeline parallel)"], rows["EP (expert parallel)"]) == ("2", "2")
+    assert rows["mesh"] == "(dp=1, pp=2, ep=2, tp=2) on 8 cpu devices"
+    assert rows["experts (E)"] == "4" and rows["top-k (K)"] == "2"
+    # 8 prompts x 4 samples x 24 tokens over dp*ep = 2 shards = 384 tokens per group;
+    # capacity = ceil(384 * 2 * 1.25 / 4) = 240.
+    assert rows["tokens per group"] == "384" and rows["capacity per expert (C)"] == "240"
+    assert rows["algorithm"] == "grpo"
+
+
+def test_overrides_change_the_plan():
+    result = _run(
+        "--config=configs/moe.py", "experiment.world_size=16", "experiment.algorithm=ppo",
+        "experiment.capacity_factor=None",
+    )  # fmt: skip
+    rows = _rows(result.stdout)
+    assert rows["DP (data parallel)"] == "2", result.stderr
+    assert rows["mesh"] == "(dp=2, pp=2, ep=2, tp=2) on 16 cpu devices"
+    assert rows["capacity factor"] == "dropless"
+    assert rows["algorithm"] == "ppo"
+
+
+def test_config_file_runs_from_another_directory(tmp_path):
+    result = _run(f"--config={ROOT / 'configs' / 'moe.py'}", cwd=tmp_path)
+    assert _rows(result.stdout).get("world size") == "8", result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["experiment.foo=1"], "experiment.foo: unknown key; valid keys under 'experiment'"),
+        (["nosection.key=1"], "nosection: unknown key; valid sections: experiment"),
+        (["experiment.world_size=abc"], "--config.experiment.world_size=abc"),
+        (["experiment.world_size=6"], "experiment.world_size: total_world_size=6 is not divisible"),
+        (["experiment.algorithm=dqn"], "experiment.algorithm: 'dqn' is not one of"),
+        (["experiment.seed=None"], "experiment.seed: must not be None"),
+        (["experiment.num_experts=5"], "experiment.num_experts: 5 experts do not split"),
+        (["stray"], "unexpected arguments ['stray']"),
+    ],
+)
+def test_errors_are_one_line_naming_the_key(args, message):
+    result = _run("--config=configs/moe.py", *args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+
+
+def test_missing_config_flag():
+    result = _run()
+    assert result.returncode == 2
+    assert "--config is required" in result.stderr

@@ -1,0 +1,88 @@
+"""Config validation: every bad key or value is named in one message."""
+
+import pytest
+
+from configs import base, moe
+from novarl_jax.trainer.config import ConfigError, default_config, validate_config
+
+
+def test_quickstart_moe_config_validates():
+    spec = validate_config(moe.get_config())
+    assert spec.layout.describe() == {"dp": 1, "tp": 2, "pp": 2, "ep": 2, "world": 8}
+    assert (spec.router.num_experts, spec.router.top_k, spec.router.capacity_factor) == (4, 2, 1.25)
+    assert spec.config.experiment.algorithm == "grpo"
+
+
+def test_base_config_is_the_schema():
+    assert base.get_config() == default_config()
+    spec = validate_config(base.get_config())
+    assert spec.router is None and spec.layout.world_size == 1
+
+
+def _with(**overrides):
+    config = moe.get_config()
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    "overrides,key,match",
+    [
+        (dict(experiment__world_size=6), "experiment.world_size", "not divisible by"),
+        (dict(experiment__world_size=0), "experiment.world_size", "must be an integer >= 1"),
+        (dict(experiment__tensor_parallel_size=0), "experiment.tensor_parallel_size", ">= 1"),
+        (dict(experiment__top_k=5), "experiment.top_k", r"must be in \[1, num_experts=4\]"),
+        (dict(experiment__capacity_factor=0.0), "experiment.capacity_factor", "> 0 or None"),
+        (dict(experiment__num_experts=5), "experiment.num_experts", "do not split over"),
+        (dict(experiment__num_experts=-1), "experiment.num_experts", ">= 0"),
+        (dict(experiment__algorithm="dqn"), "experiment.algorithm", r"not one of \['ppo'"),
+        (dict(experiment__grpo_group_size=1), "experiment.grpo_group_size", ">= 2 for grpo"),
+        (dict(experiment__steps=0), "experiment.steps", ">= 1"),
+        (dict(experiment__weight_sync_timeout_s=-1.0), "experiment.weight_sync_timeout_s", ">= 0"),
+        (dict(experiment__num_experts=0), "experiment.expert_parallel_size", "model is dense"),
+        (dict(model__num_key_value_heads=3), "model.num_key_value_heads", "does not divide"),
+        (dict(model__num_hidden_layers=3), "experiment.pipeline_parallel_size", "do not split"),
+        (dict(rollout__top_p=0.0), "rollout.top_p", r"in \(0, 1\]"),
+        (dict(rollout__prompts_per_step=3, experiment__grpo_group_size=3),
+         "rollout.prompts_per_step", "do not split over dp"),
+        (dict(rollout__max_new_tokens=500), "rollout.max_new_tokens", "max_position_embeddings"),
+        (dict(experiment__seed=None), "experiment.seed", "must not be None"),
+    ],
+)  # fmt: skip
+def test_validation_names_the_key(overrides, key, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        validate_config(_with(**overrides))
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ")
+
+
+def test_unknown_key_lists_valid_siblings():
+    config = moe.get_config()
+    config.experiment.unlock()
+    config.experiment.wrld_size = 8
+    with pytest.raises(ConfigError, match="valid keys under 'experiment': algorithm") as info:
+        validate_config(config)
+    assert info.value.key == "experiment.wrld_size"
+
+
+def test_wrong_type_is_named():
+    config = moe.get_config()
+    config.experiment.unlock()
+    del config.experiment["algorithm"]
+    config.experiment.algorithm = 3
+    with pytest.raises(ConfigError, match="experiment.algorithm: expected str, got int 3"):
+        validate_config(config)
+
+
+def test_missing_key_is_named():
+    config = moe.get_config()
+    del config.rollout["top_p"]
+    with pytest.raises(ConfigError, match="rollout.top_p: missing"):
+        validate_config(config)
+
+
+def test_dropless_capacity_factor_is_allowed():
+    spec = validate_config(_with(experiment__capacity_factor=None))
+    assert spec.router.dropless
