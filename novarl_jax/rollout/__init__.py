@@ -1,0 +1,1 @@
+"""Rollouts: tokenizers, verifiable-reward tasks and (soon) the KV-cache sampler."""

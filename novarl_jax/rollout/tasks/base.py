@@ -1,0 +1,136 @@
+"""The task protocol: sample prompts with a key, score completions with a verifiable reward.
+
+A task is a host-side object (it works on strings)::
+
+    prompts, metadata = task.sample_prompts(key, batch_size)     # B strings, B dicts
+    rewards, info = task.score(prompts, completions, metadata)   # float32 [B], B dicts
+
+``metadata[i]`` carries what scoring needs (the built-in tasks put the reference answer
+under ``'answer'``). Tasks whose prompts come from an iterator (datasets) also expose their
+position as a small JSON-able state, ``get_state()`` / ``set_state(state)``, which the
+trainer checkpoints; key-driven tasks return ``{}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import numpy as np
+
+from novarl_jax.rollout.rewards import RewardFn, load_reward_fn
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the rollout engine needs from a task."""
+
+    name: str
+
+    def sample_prompts(self, key: jax.Array, batch_size: int) -> tuple[list[str], list[dict]]:
+        """B prompts and one metadata dict per prompt."""
+        ...
+
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict]
+    ) -> tuple[np.ndarray, list[dict]]:
+        """Rewards float32 [B] (NaN/inf = could not be scored) and one info dict per sample."""
+        ...
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
+
+
+def numpy_rng(key: jax.Array) -> np.random.Generator:
+    """A NumPy generator seeded from a JAX key (typed or raw uint32), for host-side sampling."""
+    key = jax.numpy.asarray(key) if not isinstance(key, jax.Array) else key
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    data = np.asarray(key)
+    if data.dtype != np.uint32 or data.size < 1:
+        raise ValueError(
+            f"key must be a jax.random key (typed, or raw uint32), got dtype {data.dtype}"
+        )
+    return np.random.default_rng([int(x) for x in data.reshape(-1)])
+
+
+def check_batch_size(batch_size: Any) -> int:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or (batch_size < 1)
+    ):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return int(batch_size)
+
+
+def rewards_to_array(values: Any, batch_size: int, source: str) -> np.ndarray:
+    """Converts a reward function's output to float32 [B], checking its length and type.
+
+    Non-finite values pass through (the rollout engine reports and excludes them).
+
+    Raises:
+        ValueError: not a sequence of B real numbers.
+    """
+    try:
+        rewards = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source} must return a list of floats, got {values!r}") from err
+    if rewards.shape != (batch_size,):
+        raise ValueError(
+            f"{source} returned {rewards.shape} rewards for {batch_size} completions; "
+            f"it must return one float per completion"
+        )
+    return rewards.astype(np.float32)
+
+
+class BaseTask:
+    """Scores with a reward function; subclasses implement ``sample_prompts``.
+
+    Args:
+        reward_fn: overrides the task's default reward: a callable or
+            ``"module.path:function"`` with the signature
+            ``(prompts, completions, metadata) -> list[float]``.
+    """
+
+    name = "task"
+
+    def __init__(self, reward_fn: str | RewardFn | None = None):
+        self._reward_fn = None if reward_fn is None else load_reward_fn(reward_fn)
+
+    def default_reward(
+        self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict]
+    ) -> list[float]:
+        raise NotImplementedError
+
+    def sample_prompts(self, key: jax.Array, batch_size: int) -> tuple[list[str], list[dict]]:
+        raise NotImplementedError
+
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict]
+    ) -> tuple[np.ndarray, list[dict]]:
+        """Rewards float32 [B] and per-sample info ``{'reward', 'answer', 'completion'}``."""
+        if not (len(prompts) == len(completions) == len(metadata)):
+            raise ValueError(
+                f"prompts, completions and metadata must have the same length, got "
+                f"{len(prompts)}, {len(completions)}, {len(metadata)}"
+            )
+        fn = self._reward_fn or self.default_reward
+        source = f"reward function of task {self.name!r}"
+        rewards = rewards_to_array(
+            fn(list(prompts), list(completions), list(metadata)), len(prompts), source
+        )
+        info = [
+            {"reward": float(r), "answer": m.get("answer"), "completion": c}
+            for r, m, c in zip(rewards, metadata, completions, strict=True)
+        ]
+        return rewards, info
+
+    def get_state(self) -> dict:
+        return {}
+
+    def set_state(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"task {self.name!r} has no state, got {state!r}")

@@ -1,0 +1,182 @@
+r"""A prompt dataset read from a JSONL file, iterated deterministically and resumably.
+
+Each line is a JSON object with a prompt and a reference answer (field names configurable)::
+
+    {"prompt": "What is 2+3? Put the answer in \\boxed{}.", "answer": "5"}
+
+Iteration goes through the examples in a fixed order per epoch (a permutation seeded by
+``(seed, epoch)`` when ``shuffle``), wrapping into the next epoch when a batch runs past the
+end. The position is the small state ``{'epoch', 'index', 'seed'}``: ``get_state()`` after any
+number of batches, ``set_state`` on a fresh task, and the next batches are exactly those the
+original would have produced. The key passed to ``sample_prompts`` is not used: the order
+depends only on the seed and the position, so a resumed run does not depend on keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from novarl_jax.rollout.rewards import RewardFn, exact_match_reward, numeric_reward
+from novarl_jax.rollout.tasks.base import BaseTask, check_batch_size
+
+BUILTIN_REWARDS = {"exact": exact_match_reward, "numeric": numeric_reward}
+
+
+class JSONLTask(BaseTask):
+    r"""Prompts and answers from a JSONL file, scored by exact match or numeric equality.
+
+    Args:
+        path: the JSONL file (one object per line; blank lines are skipped).
+        reward: 'exact' (:func:`~novarl_jax.rollout.rewards.exact_match_reward`), 'numeric'
+            (:func:`~novarl_jax.rollout.rewards.numeric_reward`), a callable, or
+            ``"module.path:function"``. Both built-ins read the answer from the last
+            ``\boxed{}`` when the completion has one.
+        prompt_field, answer_field: the JSON keys of the prompt and the answer.
+        prompt_template: format string applied to the prompt, with ``{prompt}``.
+        shuffle: visit the examples in a seeded random order per epoch (else file order).
+        seed: the shuffle seed (part of the state).
+
+    Raises:
+        ValueError: the file is missing or empty, a line is not a JSON object, or a line lacks
+            a field (the message names the line number).
+
+    Example:
+        >>> task = JSONLTask("prompts.jsonl", reward="numeric")  # doctest: +SKIP
+        >>> prompts, meta = task.sample_prompts(jax.random.key(0), 4)  # doctest: +SKIP
+        >>> state = task.get_state()  # {'epoch': 0, 'index': 4, 'seed': 0}  # doctest: +SKIP
+    """
+
+    name = "jsonl"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        reward: str | RewardFn = "exact",
+        prompt_field: str = "prompt",
+        answer_field: str = "answer",
+        prompt_template: str = "{prompt}",
+        shuffle: bool = True,
+        seed: int = 0,
+    ):
+        if isinstance(reward, str) and reward not in BUILTIN_REWARDS and ":" not in reward:
+            raise ValueError(
+                f"reward={reward!r} must be one of {sorted(BUILTIN_REWARDS)}, a callable, or "
+                f"'module.path:function'"
+            )
+        reward_fn = BUILTIN_REWARDS.get(reward, reward) if isinstance(reward, str) else reward
+        super().__init__(reward_fn)
+        if "{prompt}" not in prompt_template:
+            raise ValueError(f"prompt_template={prompt_template!r} must contain '{{prompt}}'")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        self.path = os.fspath(path)
+        self.prompt_template = prompt_template
+        self.shuffle = bool(shuffle)
+        self.examples = _read_jsonl(self.path, prompt_field, answer_field)
+        self._seed = seed
+        self._epoch = 0
+        self._index = 0
+        self._order = self._epoch_order(0)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.examples))
+        return np.random.default_rng([self._seed, epoch]).permutation(len(self.examples))
+
+    def sample_prompts(
+        self, key: jax.Array | None, batch_size: int
+    ) -> tuple[list[str], list[dict]]:
+        """The next ``batch_size`` examples; ``key`` is ignored (order = seed + position).
+
+        Metadata per prompt: ``{'answer', 'example_index', 'epoch'}``.
+        """
+        batch_size = check_batch_size(batch_size)
+        prompts, metadata = [], []
+        for _ in range(batch_size):
+            if self._index >= len(self.examples):
+                self._epoch += 1
+                self._index = 0
+                self._order = self._epoch_order(self._epoch)
+            example_index = int(self._order[self._index])
+            prompt, answer = self.examples[example_index]
+            prompts.append(self.prompt_template.format(prompt=prompt))
+            metadata.append(
+                {"answer": answer, "example_index": example_index, "epoch": self._epoch}
+            )
+            self._index += 1
+        return prompts, metadata
+
+    def default_reward(
+        self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict]
+    ) -> list[float]:
+        return exact_match_reward(prompts, completions, metadata)
+
+    def get_state(self) -> dict:
+        """The iteration position ``{'epoch', 'index', 'seed'}`` (ints; JSON-able)."""
+        return {"epoch": self._epoch, "index": self._index, "seed": self._seed}
+
+    def set_state(self, state: dict) -> None:
+        """Resumes at a position returned by :meth:`get_state`.
+
+        Raises:
+            ValueError: missing/extra keys, negative values, or an index past the dataset.
+        """
+        if not isinstance(state, dict) or set(state) != {"epoch", "index", "seed"}:
+            raise ValueError(
+                f"JSONLTask state must be a dict with keys ['epoch', 'index', 'seed'], "
+                f"got {state!r}"
+            )
+        values = {}
+        for name in ("epoch", "index", "seed"):
+            value = state[name]
+            if isinstance(value, (np.integer, np.ndarray)):
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"JSONLTask state[{name!r}] must be an integer >= 0, got {value!r}"
+                )
+            values[name] = value
+        if values["index"] > len(self.examples):
+            raise ValueError(
+                f"JSONLTask state['index']={values['index']} is past the dataset's "
+                f"{len(self.examples)} examples"
+            )
+        self._epoch, self._index, self._seed = values["epoch"], values["index"], values["seed"]
+        self._order = self._epoch_order(self._epoch)
+
+
+def _read_jsonl(path: str, prompt_field: str, answer_field: str) -> list[tuple[str, Any]]:
+    if not os.path.exists(path):
+        raise ValueError(f"JSONL file {path!r} does not exist")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+                )
+            for field in (prompt_field, answer_field):
+                if field not in row:
+                    raise ValueError(
+                        f"{path}:{lineno}: missing field {field!r} (fields: {sorted(row)})"
+                    )
+            examples.append((str(row[prompt_field]), row[answer_field]))
+    if not examples:
+        raise ValueError(f"JSONL file {path!r} has no examples")
+    return examples

@@ -1,0 +1,345 @@
+"""Tokenizers for rollouts: a built-in character/byte tokenizer and a Hugging Face wrapper.
+
+Every tokenizer here has the same small interface, which is all the rollout engine uses:
+
+- ``vocab_size``, ``pad_id``, ``bos_id``, ``eos_id`` (ints);
+- ``encode(text) -> list[int]`` (no special tokens) and ``decode(ids) -> str`` (stops at the
+  first ``eos_id`` and drops padding / special tokens);
+- ``encode_batch(texts, max_length=..., padding_side=...) -> (tokens, mask)`` as NumPy int32
+  ``[B, T]`` arrays, ``mask`` 1 = a real token;
+- ``decode_batch(tokens, mask=None) -> list[str]``.
+
+Prompts longer than ``max_length`` raise a ValueError naming the maximum, unless the
+tokenizer was built with ``truncation='left'`` (keep the last tokens, the usual choice for
+prompts whose question is at the end) or ``truncation='right'`` (keep the first tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+PADDING_SIDES = ("left", "right")
+TRUNCATION_MODES = ("error", "left", "right")
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the rollout engine needs from a tokenizer."""
+
+    vocab_size: int
+    pad_id: int
+    bos_id: int | None
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], *, stop_at_eos: bool = True) -> str: ...
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        padding_side: str = "left",
+        add_bos: bool | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def decode_batch(
+        self, tokens: Any, mask: Any = None, *, stop_at_eos: bool = True
+    ) -> list[str]: ...
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+
+
+class _BaseTokenizer:
+    """Batch encode/decode with padding and truncation, shared by every tokenizer here.
+
+    Subclasses set ``vocab_size``, ``pad_id``, ``bos_id``, ``eos_id``, ``add_bos`` and
+    ``truncation`` and implement ``encode`` and ``_decode_ids`` (ids already cut at eos).
+    """
+
+    vocab_size: int
+    pad_id: int
+    bos_id: int | None
+    eos_id: int
+    add_bos: bool
+    truncation: str
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def _special_ids(self) -> set[int]:
+        return {i for i in (self.pad_id, self.bos_id, self.eos_id) if i is not None}
+
+    def decode(self, ids: Sequence[int], *, stop_at_eos: bool = True) -> str:
+        """Text of ``ids``, cut at the first ``eos_id`` (when ``stop_at_eos``).
+
+        Padding, BOS and EOS ids are dropped from the text.
+        """
+        out: list[int] = []
+        special = self._special_ids()
+        for i in np.asarray(ids).reshape(-1).tolist():
+            if stop_at_eos and i == self.eos_id:
+                break
+            if i not in special:
+                out.append(int(i))
+        return self._decode_ids(out)
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        padding_side: str = "left",
+        add_bos: bool | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Encodes and pads a batch of texts.
+
+        Args:
+            texts: B strings.
+            max_length: T, the padded length. None pads to the longest text. A text longer
+                than ``max_length`` raises ValueError, or is truncated on the side set by the
+                tokenizer's ``truncation``.
+            padding_side: 'left' (real tokens at the end, what the sampler wants) or 'right'.
+            add_bos: prepend ``bos_id``; None uses the tokenizer's default.
+
+        Returns:
+            ``(tokens, mask)``: int32 ``[B, T]`` arrays; ``mask`` 1 = a real token, 0 = padding
+            (padding positions hold ``pad_id``).
+
+        Raises:
+            ValueError: bad ``padding_side``/``max_length``, or a text longer than
+                ``max_length`` with ``truncation='error'``.
+        """
+        _check_choice("padding_side", padding_side, PADDING_SIDES)
+        if isinstance(texts, str):
+            raise ValueError("texts must be a sequence of strings, got a single str")
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+        ):
+            raise ValueError(f"max_length must be an integer >= 1 or None, got {max_length!r}")
+        use_bos = self.add_bos if add_bos is None else add_bos
+        if use_bos and self.bos_id is None:
+            raise ValueError("add_bos=True but this tokenizer has no bos_id")
+        rows = []
+        for index, text in enumerate(texts):
+            ids = ([self.bos_id] if use_bos else []) + self.encode(text)
+            if max_length is not None and len(ids) > max_length:
+                if self.truncation == "error":
+                    raise ValueError(
+                        f"text {index} has {len(ids)} tokens, more than max_length="
+                        f"{max_length}; shorten it, raise max_length, or build the "
+                        f"tokenizer with truncation='left' or 'right'"
+                    )
+                if self.truncation == "left":
+                    # Keep the BOS token (when used) and the last tokens of the text.
+                    head = ids[:1] if use_bos else []
+                    ids = head + ids[len(ids) - (max_length - len(head)) :]
+                else:
+                    ids = ids[:max_length]
+            rows.append(ids)
+        length = max_length if max_length is not None else max((len(r) for r in rows), default=1)
+        length = max(length, 1)
+        tokens = np.full((len(rows), length), self.pad_id, dtype=np.int32)
+        mask = np.zeros((len(rows), length), dtype=np.int32)
+        for b, ids in enumerate(rows):
+            n = len(ids)
+            if n == 0:
+                continue
+            if padding_side == "left":
+                tokens[b, length - n :] = ids
+                mask[b, length - n :] = 1
+            else:
+                tokens[b, :n] = ids
+                mask[b, :n] = 1
+        return tokens, mask
+
+    def decode_batch(self, tokens: Any, mask: Any = None, *, stop_at_eos: bool = True) -> list[str]:
+        """Decodes each row of ``tokens`` [B, T]; positions where ``mask`` is 0 are skipped."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape [B, T], got {tokens.shape}")
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.shape != tokens.shape:
+                raise ValueError(f"mask shape {mask.shape} != tokens shape {tokens.shape}")
+        out = []
+        for b in range(tokens.shape[0]):
+            row = tokens[b] if mask is None else tokens[b][mask[b] != 0]
+            out.append(self.decode(row, stop_at_eos=stop_at_eos))
+        return out
+
+
+class CharTokenizer(_BaseTokenizer):
+    """One token per character of a fixed alphabet; ids 0..2 are pad, bos, eos.
+
+    Small vocabularies (a task's alphabet plus three specials) let tiny policies learn toy
+    tasks quickly. Characters outside the alphabet raise a ValueError naming them.
+
+    Args:
+        alphabet: the characters, each once; character ``alphabet[i]`` has id ``i + 3``.
+        add_bos: prepend BOS in ``encode_batch`` by default.
+        truncation: 'error' (default), 'left' or 'right' for texts over ``max_length``.
+
+    Example:
+        >>> tok = CharTokenizer("0123456789+=")
+        >>> tok.encode("1+2=")
+        [4, 13, 5, 14]
+        >>> tok.decode([4, 2, 5])
+        '1'
+    """
+
+    PAD, BOS, EOS = 0, 1, 2
+
+    def __init__(self, alphabet: str, *, add_bos: bool = True, truncation: str = "error"):
+        if not isinstance(alphabet, str) or not alphabet:
+            raise ValueError(f"alphabet must be a non-empty string, got {alphabet!r}")
+        if len(set(alphabet)) != len(alphabet):
+            dup = sorted({c for c in alphabet if alphabet.count(c) > 1})
+            raise ValueError(f"alphabet has repeated characters {dup}")
+        _check_choice("truncation", truncation, TRUNCATION_MODES)
+        self.alphabet = alphabet
+        self._ids = {c: i + 3 for i, c in enumerate(alphabet)}
+        self.pad_id, self.bos_id, self.eos_id = self.PAD, self.BOS, self.EOS
+        self.vocab_size = len(alphabet) + 3
+        self.add_bos = add_bos
+        self.truncation = truncation
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[c] for c in text]
+        except KeyError as err:
+            raise ValueError(
+                f"character {err.args[0]!r} is not in the alphabet {self.alphabet!r}"
+            ) from None
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return "".join(self.alphabet[i - 3] for i in ids if 3 <= i < self.vocab_size)
+
+    def __repr__(self) -> str:
+        return f"CharTokenizer(alphabet={self.alphabet!r})"
+
+
+class ByteTokenizer(_BaseTokenizer):
+    """UTF-8 bytes as tokens: id = byte + 3; ids 0..2 are pad, bos, eos (vocab 259).
+
+    Decoding replaces invalid UTF-8 (a model may emit any byte sequence) with U+FFFD.
+
+    Example:
+        >>> tok = ByteTokenizer()
+        >>> tok.encode("hi")
+        [107, 108]
+        >>> tok.decode([107, 108, 2, 50])
+        'hi'
+    """
+
+    PAD, BOS, EOS = 0, 1, 2
+    OFFSET = 3
+
+    def __init__(self, *, add_bos: bool = True, truncation: str = "error"):
+        _check_choice("truncation", truncation, TRUNCATION_MODES)
+        self.pad_id, self.bos_id, self.eos_id = self.PAD, self.BOS, self.EOS
+        self.vocab_size = 256 + self.OFFSET
+        self.add_bos = add_bos
+        self.truncation = truncation
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.OFFSET for b in text.encode("utf-8")]
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < self.vocab_size)
+        return data.decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+class HFTokenizer(_BaseTokenizer):
+    """A Hugging Face ``tokenizers`` tokenizer (tokenizer.json) behind the rollout interface.
+
+    Special tokens are given by their strings and must exist in the vocabulary. ``encode``
+    adds no special tokens (the tokenizer's post-processor is bypassed); BOS is added by
+    ``encode_batch`` when ``add_bos``.
+
+    Args:
+        tokenizer: a ``tokenizers.Tokenizer``, or a path to a tokenizer.json file.
+        pad_token, eos_token: strings of the padding and end-of-sequence tokens.
+        bos_token: string of the beginning-of-sequence token, or None.
+        add_bos: prepend BOS in ``encode_batch`` by default (needs ``bos_token``).
+        truncation: 'error' (default), 'left' or 'right' for texts over ``max_length``.
+
+    Raises:
+        ValueError: a special token is not in the vocabulary, or a bad ``truncation``.
+
+    Example:
+        >>> tok = HFTokenizer("tokenizer.json", pad_token="<pad>", eos_token="</s>",
+        ...                   bos_token="<s>")  # doctest: +SKIP
+        >>> tokens, mask = tok.encode_batch(["1+2="], max_length=16)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        pad_token: str,
+        eos_token: str,
+        bos_token: str | None = None,
+        add_bos: bool | None = None,
+        truncation: str = "error",
+    ):
+        from tokenizers import Tokenizer as _HFTok
+
+        _check_choice("truncation", truncation, TRUNCATION_MODES)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            if not os.path.exists(tokenizer):
+                raise ValueError(f"tokenizer file {str(tokenizer)!r} does not exist")
+            tokenizer = _HFTok.from_file(str(tokenizer))
+        if not isinstance(tokenizer, _HFTok):
+            raise ValueError(
+                f"tokenizer must be a tokenizers.Tokenizer or a path to tokenizer.json, "
+                f"got {type(tokenizer)!r}"
+            )
+        self._tok = tokenizer
+
+        def token_id(field: str, token: str) -> int:
+            tid = tokenizer.token_to_id(token)
+            if tid is None:
+                raise ValueError(f"{field}={token!r} is not in the tokenizer's vocabulary")
+            return int(tid)
+
+        self.pad_id = token_id("pad_token", pad_token)
+        self.eos_id = token_id("eos_token", eos_token)
+        self.bos_id = None if bos_token is None else token_id("bos_token", bos_token)
+        self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
+        self.add_bos = (self.bos_id is not None) if add_bos is None else add_bos
+        self.truncation = truncation
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **kwargs: Any) -> HFTokenizer:
+        """Loads a tokenizer.json; ``kwargs`` as in the constructor."""
+        return cls(path, **kwargs)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def to_json(self) -> str:
+        """The wrapped tokenizer as tokenizer.json text."""
+        return self._tok.to_str()
+
+    def __repr__(self) -> str:
+        info = {"vocab_size": self.vocab_size, "pad_id": self.pad_id, "eos_id": self.eos_id}
+        return f"HFTokenizer({json.dumps(info)})"

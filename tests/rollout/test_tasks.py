@@ -1,0 +1,226 @@
+"""Tasks and rewards: hand-made completions, reward loading, JSONL resumption."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from novarl_jax.rollout import rewards as R
+from novarl_jax.rollout.tasks import (
+    AdditionTask,
+    CopyTask,
+    JSONLTask,
+    ReverseTask,
+    SortTask,
+    Task,
+    make_task,
+)
+from novarl_jax.rollout.tokenizers import CharTokenizer
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "data", "prompts_tiny.jsonl")
+
+
+def scaled_reward(prompts, completions, metadata):
+    """A reward function loaded by name in a test: 0.25 per character."""
+    return [0.25 * len(c) for c in completions]
+
+
+def test_copy_reverse_sort_prompts_and_scores():
+    key = jax.random.key(3)
+    for task, fn in [(CopyTask(), lambda s: s), (ReverseTask(), lambda s: s[::-1]),
+                     (SortTask(), lambda s: "".join(sorted(s)))]:  # fmt: skip
+        prompts, meta = task.sample_prompts(key, 6)
+        assert isinstance(task, Task) and len(prompts) == len(meta) == 6
+        for p, m in zip(prompts, meta, strict=True):
+            assert p == f"{task.verb} {m['input']}:"
+            assert m["answer"] == fn(m["input"])
+        # Same key -> same prompts; the task's alphabet covers every prompt and answer.
+        assert task.sample_prompts(key, 6) == (prompts, meta)
+        tok = CharTokenizer(task.alphabet)
+        for p, m in zip(prompts, meta, strict=True):
+            tok.encode(p + m["answer"])
+        rewards, info = task.score(prompts, [m["answer"] for m in meta], meta)
+        assert rewards.dtype == np.float32 and rewards.tolist() == [1.0] * 6
+        assert info[0]["reward"] == 1.0 and info[0]["answer"] == meta[0]["answer"]
+
+
+def test_positional_partial_credit_hand_made():
+    meta = [{"answer": "cba"}] * 5
+    got = ReverseTask().score(["reverse abc:"] * 5, ["cba", "cbx", "cb", "cbaa", "xyz"], meta)[0]
+    np.testing.assert_allclose(got, [1.0, 2 / 3, 2 / 3, 3 / 4, 0.0], rtol=1e-6)
+    meta = [{"answer": "123"}] * 3
+    got = SortTask().score(["sort 312:"] * 3, ["123", " 123 ", "321"], meta)[0]
+    np.testing.assert_allclose(got, [1.0, 1.0, 1 / 3], rtol=1e-6)
+
+
+def test_addition_hand_made():
+    task = AdditionTask()
+    prompts, meta = task.sample_prompts(jax.random.key(0), 50)
+    for p, m in zip(prompts, meta, strict=True):
+        a, b = m["operands"]
+        assert p == f"{a}+{b}=" and m["answer"] == a + b and 0 <= a <= 9 and 0 <= b <= 9
+    meta = [{"answer": 7}] * 6
+    got = task.score(["3+4="] * 6, ["7", " 7", "8", "17", "seven", "07"], meta)[0]
+    np.testing.assert_allclose(got, [1.0, 1.0, 0.45, 0.0, 0.0, 0.5], rtol=1e-6)
+
+
+def test_task_constructor_errors():
+    with pytest.raises(ValueError, match="symbols must be a string of >= 2 distinct"):
+        CopyTask(symbols="aa")
+    with pytest.raises(ValueError, match="max_length=1 must be >= min_length=2"):
+        CopyTask(min_length=2, max_length=1)
+    with pytest.raises(ValueError, match="max_operand must be an integer >= 1"):
+        AdditionTask(max_operand=0)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        CopyTask().sample_prompts(jax.random.key(0), 0)
+    with pytest.raises(ValueError, match="unknown task 'chess'; valid tasks"):
+        make_task("chess")
+    with pytest.raises(ValueError, match="key must be a jax.random key"):
+        CopyTask().sample_prompts(np.zeros(2, np.float32), 1)
+
+
+def test_raw_uint32_key_and_typed_key_agree():
+    task = AdditionTask()
+    typed = jax.random.key(5)
+    raw = jax.random.key_data(typed)
+    assert task.sample_prompts(typed, 4) == task.sample_prompts(raw, 4)
+
+
+def test_reward_fn_from_config_string():
+    task = make_task("copy", reward_fn=f"{__name__}:scaled_reward")
+    rewards, _ = task.score(["p", "q"], ["ab", "abcde"], [{"answer": "x"}] * 2)
+    np.testing.assert_array_equal(rewards, np.float32([0.5, 1.25]))  # floats, not truncated
+    fn = R.load_reward_fn("novarl_jax.rollout.rewards:numeric_reward")
+    assert fn is R.numeric_reward
+    with pytest.raises(ValueError, match="must be a string 'module.path:function'"):
+        R.load_reward_fn("no_colon")
+    with pytest.raises(ValueError, match="cannot import 'no_such_mod'"):
+        R.load_reward_fn("no_such_mod:f")
+    with pytest.raises(ValueError, match="has no attribute 'nope'"):
+        R.load_reward_fn("novarl_jax.rollout.rewards:nope")
+    with pytest.raises(ValueError, match="is not callable"):
+        R.load_reward_fn("novarl_jax.rollout.rewards:_NUMBER")
+
+
+def test_bad_reward_fn_output_is_rejected():
+    task = CopyTask(reward_fn=lambda p, c, m: [1.0])
+    with pytest.raises(ValueError, match=r"returned \(1,\) rewards for 2 completions"):
+        task.score(["a", "b"], ["a", "b"], [{"answer": "a"}] * 2)
+    task = CopyTask(reward_fn=lambda p, c, m: ["x", "y"])
+    with pytest.raises(ValueError, match="must return a list of floats"):
+        task.score(["a", "b"], ["a", "b"], [{"answer": "a"}] * 2)
+    with pytest.raises(ValueError, match="same length"):
+        CopyTask().score(["a"], ["a", "b"], [{"answer": "a"}])
+
+
+def test_boxed_extraction_and_numbers():
+    assert R.extract_boxed(r"x \boxed{12} and \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
+    assert R.extract_boxed(r"\boxed {a{b}c}") == "a{b}c"
+    assert R.extract_boxed(r"no box") is None
+    assert R.extract_boxed(r"\boxed{unclosed") is None
+    assert R.extract_boxed(r"\boxed{7} then \boxed{oops") == "7"
+    assert R.parse_number("total: 1,234.5 apples") == 1234.5
+    assert R.parse_number(r"\frac{3}{4}") == 0.75
+    assert R.parse_number("3/4") == 0.75
+    assert R.parse_number("-2e3") == -2000.0
+    assert R.parse_number("none") is None
+
+
+def test_exact_and_numeric_rewards_hand_made():
+    meta = [{"answer": "27"}] * 6
+    completions = [r"so \boxed{27}", "27.", " 27 ", r"\boxed{27.0}", "28", r"\boxed{ 27 }"]
+    assert R.exact_match_reward([""] * 6, completions, meta) == [1, 1, 1, 0, 0, 1]
+    assert R.numeric_reward([""] * 6, completions, meta) == [1, 1, 1, 1, 0, 1]
+    # Numeric: the number in the box wins over later numbers outside it.
+    assert R.numeric_reward([""], [r"\boxed{27} (not 28)"], [{"answer": 27}]) == [1.0]
+    assert R.numeric_reward([""], ["I think 26 or 27"], [{"answer": 27}]) == [1.0]
+    assert R.numeric_reward([""], ["no idea"], [{"answer": 27}]) == [0.0]
+    with pytest.raises(ValueError, match=r"metadata\[0\]\['answer'\]='abc' is not a number"):
+        R.numeric_reward([""], ["1"], [{"answer": "abc"}])
+    with pytest.raises(ValueError, match=r"metadata\[0\] has no 'answer' key"):
+        R.exact_match_reward([""], ["1"], [{}])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.text(alphabet="abc", max_size=5), st.text(alphabet="abc", max_size=5))
+def test_positional_match_against_reference(completion, target):
+    longest = max(len(completion), len(target))
+    expected = (
+        1.0
+        if longest == 0
+        else sum(1 for i in range(min(len(completion), len(target))) if completion[i] == target[i])
+        / longest
+    )
+    got = R.positional_match(completion, target)
+    assert got == pytest.approx(expected)
+    assert (got == 1.0) == (completion == target)
+
+
+def test_jsonl_task_resumes_exactly():
+    task = JSONLTask(DATA, reward="numeric", seed=7)
+    assert len(task) == 12
+    first, _ = task.sample_prompts(None, 5)
+    state = task.get_state()
+    assert state == {"epoch": 0, "index": 5, "seed": 7}
+    json.dumps(state)  # a small JSON-able state
+    # The original continues across the epoch boundary (5 + 10 > 12).
+    expected = [task.sample_prompts(jax.random.key(i), 5) for i in range(3)]
+    resumed = JSONLTask(DATA, reward="numeric", seed=7)
+    resumed.set_state(state)
+    got = [resumed.sample_prompts(jax.random.key(100 + i), 5) for i in range(3)]
+    assert got == expected
+    assert resumed.get_state() == task.get_state() == {"epoch": 1, "index": 8, "seed": 7}
+    # Each epoch visits every example once; epochs differ in order.
+    fresh = JSONLTask(DATA, seed=7)
+    e0 = [m["example_index"] for m in fresh.sample_prompts(None, 12)[1]]
+    e1 = [m["example_index"] for m in fresh.sample_prompts(None, 12)[1]]
+    assert sorted(e0) == sorted(e1) == list(range(12)) and e0 != e1
+    assert e0[:5] == [
+        m["example_index"] for m in JSONLTask(DATA, seed=7).sample_prompts(None, 5)[1]
+    ]
+    assert first[0] == JSONLTask(DATA, seed=7).examples[e0[0]][0]
+
+
+def test_jsonl_task_scores_with_boxed_answers():
+    task = JSONLTask(DATA, reward="numeric", shuffle=False, prompt_template="Q: {prompt}\nA:")
+    prompts, meta = task.sample_prompts(None, 2)
+    assert prompts[0].startswith("Q: What is 13+14?") and meta[0]["answer"] == "27"
+    rewards, info = task.score(prompts, [r"\boxed{27}", "maybe 12"], meta)
+    assert rewards.tolist() == [1.0, 0.0] and info[1]["completion"] == "maybe 12"
+    exact = JSONLTask(DATA, reward="exact", shuffle=False)
+    assert exact.score(prompts, [r"\boxed{27}", "12"], meta)[0].tolist() == [1.0, 0.0]
+
+
+def test_jsonl_task_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        JSONLTask(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: missing field 'answer'"):
+        JSONLTask(bad)
+    bad.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a JSON object"):
+        JSONLTask(bad)
+    bad.write_text("{oops\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: not valid JSON"):
+        JSONLTask(bad)
+    bad.write_text("\n")
+    with pytest.raises(ValueError, match="has no examples"):
+        JSONLTask(bad)
+    with pytest.raises(ValueError, match="reward='fuzzy' must be one of"):
+        JSONLTask(DATA, reward="fuzzy")
+    with pytest.raises(ValueError, match="must contain '{prompt}'"):
+        JSONLTask(DATA, prompt_template="no field")
+    task = JSONLTask(DATA)
+    with pytest.raises(ValueError, match="keys \\['epoch', 'index', 'seed'\\]"):
+        task.set_state({"epoch": 0})
+    with pytest.raises(ValueError, match=r"state\['index'\]=99 is past the dataset's 12"):
+        task.set_state({"epoch": 0, "index": 99, "seed": 0})
+    with pytest.raises(ValueError, match=r"state\['epoch'\] must be an integer >= 0"):
+        task.set_state({"epoch": -1, "index": 0, "seed": 0})
+    with pytest.raises(ValueError, match="has no state"):
+        CopyTask().set_state({"epoch": 0})

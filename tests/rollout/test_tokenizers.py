@@ -1,0 +1,127 @@
+"""Tokenizers: round trips, padding sides, truncation, special tokens, HF wrapper."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer
+
+
+def test_char_tokenizer_ids_and_round_trip():
+    tok = CharTokenizer("0123456789+=")
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, 15)
+    assert tok.encode("1+2=") == [4, 13, 5, 14]
+    assert tok.decode(tok.encode("12+3=")) == "12+3="
+    # decode stops at eos and drops pad/bos
+    assert tok.decode([1, 4, 0, 5, 2, 6]) == "12"
+    assert tok.decode([4, 2, 5], stop_at_eos=False) == "12"
+    assert isinstance(tok, Tokenizer)
+
+
+def test_char_tokenizer_errors():
+    with pytest.raises(ValueError, match="character 'x' is not in the alphabet"):
+        CharTokenizer("abc").encode("abx")
+    with pytest.raises(ValueError, match="repeated characters"):
+        CharTokenizer("aab")
+    with pytest.raises(ValueError, match="alphabet must be a non-empty string"):
+        CharTokenizer("")
+    with pytest.raises(ValueError, match="truncation='middle' is not one of"):
+        CharTokenizer("ab", truncation="middle")
+
+
+def test_byte_tokenizer_round_trip_and_invalid_utf8():
+    tok = ByteTokenizer()
+    assert tok.vocab_size == 259
+    assert tok.encode("hi") == [107, 108]
+    assert tok.decode(tok.encode("héllo ✓")) == "héllo ✓"
+    # A lone continuation byte decodes to the replacement character, never raises.
+    assert tok.decode([0x80 + 3]) == "\ufffd"
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.text(max_size=12))
+def test_byte_tokenizer_round_trip_property(text):
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_encode_batch_left_and_right_padding():
+    tok = CharTokenizer("abc")
+    tokens, mask = tok.encode_batch(["ab", "c"], max_length=4, padding_side="left")
+    np.testing.assert_array_equal(tokens, [[0, 1, 3, 4], [0, 0, 1, 5]])
+    np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 1, 1]])
+    assert tokens.dtype == np.int32 and mask.dtype == np.int32
+    tokens, mask = tok.encode_batch(["ab", "c"], max_length=4, padding_side="right")
+    np.testing.assert_array_equal(tokens, [[1, 3, 4, 0], [1, 5, 0, 0]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 0], [1, 1, 0, 0]])
+    # Without max_length: pad to the longest; without BOS.
+    tokens, mask = tok.encode_batch(["abc", "a"], add_bos=False)
+    np.testing.assert_array_equal(tokens, [[3, 4, 5], [0, 0, 3]])
+    assert tok.decode_batch(tokens, mask) == ["abc", "a"]
+
+
+def test_encode_batch_over_long_prompt_error_and_truncation():
+    with pytest.raises(ValueError, match=r"text 1 has 5 tokens, more than max_length=4"):
+        CharTokenizer("abc").encode_batch(["a", "abca"], max_length=4)
+    left = CharTokenizer("abc", truncation="left")
+    tokens, mask = left.encode_batch(["abcab"], max_length=4)
+    # BOS kept, then the last three characters.
+    assert left.decode(tokens[0]) == "cab" and tokens[0, 0] == left.bos_id
+    right = CharTokenizer("abc", truncation="right")
+    tokens, _ = right.encode_batch(["abcab"], max_length=4)
+    assert right.decode(tokens[0]) == "abc"
+
+
+def test_encode_batch_argument_errors():
+    tok = CharTokenizer("ab")
+    with pytest.raises(ValueError, match="padding_side='middle' is not one of"):
+        tok.encode_batch(["a"], padding_side="middle")
+    with pytest.raises(ValueError, match="max_length must be an integer >= 1"):
+        tok.encode_batch(["a"], max_length=0)
+    with pytest.raises(ValueError, match="texts must be a sequence of strings"):
+        tok.encode_batch("ab")
+    with pytest.raises(ValueError, match=r"mask shape \(1, 2\) != tokens shape \(1, 3\)"):
+        tok.decode_batch(np.zeros((1, 3), np.int32), np.zeros((1, 2), np.int32))
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    tok.train_from_iterator(["what is one plus two", "three four five", "plus minus"], trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_hf_tokenizer_from_file(hf_tokenizer):
+    tok = HFTokenizer.from_file(hf_tokenizer, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    assert tok.add_bos
+    ids = tok.encode("one plus two")
+    assert len(ids) == 3 and all(i > 3 for i in ids)
+    assert tok.decode(ids + [tok.eos_id] + ids) == "one plus two"
+    tokens, mask = tok.encode_batch(["one plus two", "five"], max_length=5)
+    np.testing.assert_array_equal(mask, [[0, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    assert tokens[1, 3] == tok.bos_id and tokens[0, 0] == tok.pad_id
+    assert tok.decode_batch(tokens, mask) == ["one plus two", "five"]
+    with pytest.raises(ValueError, match="text 0 has 4 tokens, more than max_length=3"):
+        tok.encode_batch(["one plus two"], max_length=3)
+    assert isinstance(tok, Tokenizer)
+
+
+def test_hf_tokenizer_truncation_and_errors(hf_tokenizer):
+    tok = HFTokenizer(str(hf_tokenizer), pad_token="<pad>", eos_token="</s>", truncation="left")
+    assert tok.bos_id is None and not tok.add_bos
+    tokens, _ = tok.encode_batch(["one plus two"], max_length=2)
+    assert tok.decode(tokens[0]) == "plus two"
+    with pytest.raises(ValueError, match=r"eos_token='<eos>' is not in the tokenizer's vocabulary"):
+        HFTokenizer(hf_tokenizer, pad_token="<pad>", eos_token="<eos>")
+    with pytest.raises(ValueError, match="does not exist"):
+        HFTokenizer("/nonexistent/tokenizer.json", pad_token="<pad>", eos_token="</s>")
+    with pytest.raises(ValueError, match="add_bos=True but this tokenizer has no bos_id"):
+        tok.encode_batch(["one"], add_bos=True)
