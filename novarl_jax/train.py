@@ -23,6 +23,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )  # fmt: skip
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, N).")
+_CPU_COLLECTIVES = flags.DEFINE_string(
+    "cpu_collectives", None, "Collectives for multi-process CPU runs, e.g. 'gloo'."
+)
 
 # `experiment.world_size=8` (Hydra style) -> `--config.experiment.world_size=8`.
 _HYDRA_OVERRIDE = re.compile(r"^\+?([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+)=(.*)$", re.DOTALL)
@@ -149,7 +157,20 @@ def main(argv: list[str]) -> None:
         spec = validate_config(_CONFIG.value)
     except ConfigError as e:
         _fail(str(e))
-    ensure_cpu_devices(spec.layout.world_size)
+    processes = _NUM_PROCESSES.value or 1
+    if spec.layout.world_size % processes:
+        _fail(
+            f"experiment.world_size: {spec.layout.world_size} devices do not split over "
+            f"--num_processes={processes}"
+        )
+    ensure_cpu_devices(spec.layout.world_size // processes)
+    if processes > 1 or _COORDINATOR.value:
+        from novarl_jax.core.distributed import initialize_multihost
+
+        initialize_multihost(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+            cpu_collectives=_CPU_COLLECTIVES.value,
+        )  # fmt: skip
 
     from novarl_jax.trainer.checklist import print_checklist
 

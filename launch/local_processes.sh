@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs N processes on this machine, each with DEVICES fake CPU devices, as one JAX job.
+# Usage: launch/local_processes.sh N DEVICES --config=configs/moe.py [overrides...]
+set -euo pipefail
+n="$1"; devices="$2"; shift 2
+port="${PORT:-12355}"
+pids=()
+for ((i = 0; i < n; i++)); do
+  XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" JAX_PLATFORMS=cpu \
+    python -m novarl_jax.train "$@" \
+      --coordinator_address="127.0.0.1:${port}" --num_processes="$n" --process_id="$i" \
+      --cpu_collectives=gloo &
+  pids+=("$!")
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit "$status"

@@ -1,0 +1,71 @@
+"""Training curves: ``python -m novarl_jax.plot WORKDIR`` writes ``WORKDIR/plots/training.png``.
+
+Reads ``WORKDIR/metrics.jsonl`` and draws reward, KL, entropy and loss curves (whichever of
+them the run logged). Needs matplotlib (the ``plot`` extra).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# (title, candidate metric names; the first present is drawn)
+PANELS = (
+    ("reward", ("reward/mean",)),
+    ("KL to reference", ("actor/kl_loss", "actor/reward_kl", "actor/ppo_kl")),
+    ("entropy", ("actor/entropy",)),
+    ("policy loss", ("actor/pg_loss",)),
+    ("value loss", ("critic/vf_loss",)),
+    ("dropped fraction", ("moe/dropped_fraction",)),
+)
+
+
+def plot_training(workdir: str) -> str:
+    """Writes the training curves of ``workdir`` as a PNG and returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from novarl_jax.trainer.metrics import read_metrics
+
+    rows = read_metrics(workdir)
+    if not rows:
+        raise ValueError(f"{os.path.join(workdir, 'metrics.jsonl')} has no rows to plot")
+    panels = []
+    for title, names in PANELS:
+        name = next(
+            (n for n in names if any(isinstance(r.get(n), int | float) for r in rows)), None
+        )
+        if name is not None:
+            panels.append((title, name))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (title, name) in zip(axes[0], panels, strict=True):
+        points = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), int | float)]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        ax.set_title(f"{title}\n({name})", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_dir = os.path.join(workdir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "training.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m novarl_jax.plot WORKDIR", file=sys.stderr)
+        return 2
+    try:
+        print(plot_training(argv[1]))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"novarl_jax.plot: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

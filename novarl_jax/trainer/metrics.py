@@ -1,0 +1,94 @@
+"""Metric writers: a flushed JSONL line per step, plus TensorBoard and W&B when enabled."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly scalar (non-finite floats become strings JSON can hold)."""
+    try:
+        value = value.item()
+    except AttributeError:
+        pass
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsWriter:
+    """Writes ``metrics.jsonl`` under ``workdir`` and forwards to optional backends.
+
+    On resume, lines for steps after the restored step are dropped first, so the file always
+    matches the checkpointed run exactly.
+    """
+
+    def __init__(self, workdir: str, *, tensorboard: bool = False, wandb: bool = False,
+                 wandb_project: str = "novarl_jax", run_config: dict | None = None):  # fmt: skip
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._file = None
+        self._tb = None
+        self._wandb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError(
+                    "logging.tensorboard=True needs the tensorboard extra: "
+                    'pip install -e ".[tensorboard]"'
+                ) from e
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wandb_lib
+            except ImportError as e:
+                raise RuntimeError(
+                    'logging.wandb=True needs the wandb extra: pip install -e ".[wandb]"'
+                ) from e
+            self._wandb = wandb_lib.init(
+                project=wandb_project, dir=workdir, config=run_config, resume="allow",
+                id=os.path.basename(os.path.abspath(workdir)),
+            )  # fmt: skip
+
+    def truncate_after(self, step: int) -> None:
+        """Drops lines whose step is greater than ``step`` (used when resuming)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        if self._file is None:
+            self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run
+        self._file.write(json.dumps(row, sort_keys=True) + "\n")
+        self._file.flush()
+        numeric = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
+        if self._tb is not None:
+            for name, value in numeric.items():
+                self._tb.add_scalar(name, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """The rows of ``workdir/metrics.jsonl`` in order."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,87 @@
+"""The train state pytree and the optimizer built from config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree (what checkpoints hold).
+
+    Attributes:
+        params: policy parameters (with the value head when the critic shares the trunk).
+        opt_state: optax state of ``params``.
+        step: optimizer updates applied so far (skipped non-finite updates not counted).
+        policy_version: version of ``params`` that rollouts record; bumped by every update.
+        key: raw PRNG key data (uint32), the source of all later randomness.
+    """
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    policy_version: jax.Array
+    key: jax.Array
+
+
+def make_schedule(optim) -> optax.Schedule:
+    """Learning-rate schedule from the ``optim`` config section.
+
+    'constant' (after linear warmup), 'cosine' (warmup then cosine decay to
+    ``end_learning_rate`` over ``decay_steps``) or 'linear' (warmup then linear decay).
+    """
+    warmup = optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
+    if optim.schedule == "constant":
+        after = optax.constant_schedule(optim.learning_rate)
+    elif optim.schedule == "cosine":
+        after = optax.cosine_decay_schedule(
+            optim.learning_rate, max(optim.decay_steps, 1), optim.end_learning_rate
+            / max(optim.learning_rate, 1e-30),
+        )  # fmt: skip
+    elif optim.schedule == "linear":
+        after = optax.linear_schedule(
+            optim.learning_rate, optim.end_learning_rate, max(optim.decay_steps, 1)
+        )
+    else:
+        raise ValueError(f"optim.schedule={optim.schedule!r} is not one of {list(SCHEDULES)}")
+    if optim.warmup_steps <= 0:
+        return after
+    return optax.join_schedules([warmup, after], [optim.warmup_steps])
+
+
+def make_optimizer(optim) -> optax.GradientTransformation:
+    """Global-norm gradient clipping followed by AdamW on the configured schedule.
+
+    Weight decay skips vectors (norm scales, biases): only weights of rank >= 2 decay.
+    """
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    parts = []
+    if optim.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(optim.max_grad_norm))
+    parts.append(
+        optax.adamw(
+            make_schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+            weight_decay=optim.weight_decay, mask=decay_mask,
+        )
+    )  # fmt: skip
+    return optax.chain(*parts)
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    """A fresh state at step 0, version 0. ``key`` may be a typed or a raw uint32 key."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return TrainState(
+        params=params,
+        opt_state=optimizer.init(params),
+        step=jnp.zeros((), jnp.int32),
+        policy_version=jnp.zeros((), jnp.int32),
+        key=key,
+    )
