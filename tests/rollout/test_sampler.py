@@ -1,0 +1,517 @@
+"""KV-cache sampler: masks vs NumPy, log-probs vs the training forward, naive-sampler equality.
+
+Every model configuration compiles once (module-scoped fixtures); the tiny models keep the
+whole file within a few tens of seconds on two CPU cores.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from novarl_jax.core.distributed import ParallelLayout
+from novarl_jax.models import ModelConfig, forward, init_params, shard_params
+from novarl_jax.rollout import sampler as S
+
+VOCAB = 32
+EOS = 2
+PAD = 0
+MAX_NEW = 6
+
+
+# ------------------------------------------------------------------------------------------
+# NumPy float64 references (plain loops).
+
+
+def np_temperature(logits, t):
+    return np.asarray(logits, np.float64) / t
+
+
+def np_top_k_mask(logits, k):
+    logits = np.asarray(logits, np.float64)
+    out = np.ones(logits.shape, bool)
+    if k <= 0 or k >= logits.shape[-1]:
+        return out
+    for idx in np.ndindex(logits.shape[:-1]):
+        row = logits[idx]
+        kth = sorted(row.tolist(), reverse=True)[k - 1]
+        out[idx] = [x >= kth for x in row]
+    return out
+
+
+def np_top_p_mask(logits, p):
+    logits = np.asarray(logits, np.float64)
+    out = np.ones(logits.shape, bool)
+    if p >= 1:
+        return out
+    for idx in np.ndindex(logits.shape[:-1]):
+        row = logits[idx]
+        finite = np.isfinite(row)
+        probs = np.where(finite, np.exp(row - row[finite].max()), 0.0)
+        probs /= probs.sum()
+        order = sorted(range(len(row)), key=lambda i: -probs[i])
+        mass, smallest = 0.0, None
+        for i in order:
+            if mass >= p:
+                break
+            smallest = probs[i]
+            mass += probs[i]
+        out[idx] = [q >= smallest for q in probs]
+    return out
+
+
+def np_sampling_logprobs(logits, t, k, p):
+    x = np_temperature(logits, t)
+    x = np.where(np_top_k_mask(x, k), x, -np.inf)
+    x = np.where(np_top_p_mask(x, p), x, -np.inf)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def np_left_pad(tokens, mask, pad):
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    out_t, out_m = np.full_like(tokens, pad), np.zeros_like(mask)
+    for b in range(tokens.shape[0]):
+        real = [int(x) for x, m in zip(tokens[b], mask[b], strict=True) if m]
+        if real:
+            out_t[b, -len(real) :] = real
+            out_m[b, -len(real) :] = 1
+    return out_t, out_m
+
+
+logits_rows = st.lists(
+    st.lists(
+        st.floats(-4, 4, allow_nan=False, allow_subnormal=False, width=32), min_size=6, max_size=6
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(logits_rows, st.integers(0, 7), st.floats(0.3, 2.0))
+def test_top_k_and_temperature_match_numpy(rows, k, t):
+    x = np.asarray(rows, np.float32)
+    np.testing.assert_array_equal(S.top_k_mask(x, k), np_top_k_mask(x, k))
+    np.testing.assert_array_equal(
+        jax.jit(S.top_k_mask, static_argnums=1)(x, k), np_top_k_mask(x, k)
+    )
+    np.testing.assert_allclose(
+        S.apply_temperature(x, t), np_temperature(x, t), rtol=1e-6, atol=1e-30
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(logits_rows, st.floats(0.05, 1.0))
+def test_top_p_matches_numpy(rows, p):
+    x = np.asarray(rows, np.float32)
+    # Skip inputs where float32 rounding could move a token across the nucleus boundary.
+    probs = np.exp(x - x.max(-1, keepdims=True)).astype(np.float64)
+    probs /= probs.sum(-1, keepdims=True)
+    sorted_probs = -np.sort(-probs, -1)
+    before = np.cumsum(sorted_probs, -1) - sorted_probs
+    assume(np.all(np.abs(before - p) > 1e-4))
+    expected = np_top_p_mask(x, p)
+    np.testing.assert_array_equal(S.top_p_mask(x, p), expected)
+    np.testing.assert_array_equal(jax.jit(S.top_p_mask, static_argnums=1)(x, p), expected)
+    assert np.all(np.asarray(S.top_p_mask(x, p)).sum(-1) >= 1)
+
+
+def test_masks_hand_made_ties_and_combination():
+    x = np.float32([[3.0, 1.0, 3.0, 0.0, 2.0]])
+    np.testing.assert_array_equal(S.top_k_mask(x, 1), [[True, False, True, False, False]])
+    np.testing.assert_array_equal(S.top_k_mask(x, 3), [[True, False, True, False, True]])
+    # probs of [log .5, log .3, log .2]: p=0.45 keeps one, p=0.7 keeps two, p=0.85 keeps three.
+    y = np.log(np.float32([[0.5, 0.3, 0.2]]))
+    for p, kept in [(0.45, 1), (0.7, 2), (0.85, 3)]:
+        assert int(S.top_p_mask(y, p).sum()) == kept
+    got = S.sampling_logits(x, temperature=0.5, top_k=3, top_p=0.9)
+    np.testing.assert_allclose(
+        jax.nn.log_softmax(got), np_sampling_logprobs(x, 0.5, 3, 0.9), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_masks_under_the_8_device_mesh(devices):
+    mesh = ParallelLayout(dp=2, tp=2, ep=2).make_mesh()
+    x = np.asarray(jax.random.normal(jax.random.key(0), (8, 16)), np.float32)
+    sharded = jax.device_put(
+        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("dp", "ep")))
+    )
+    fn = jax.jit(functools.partial(S.sampling_logits, temperature=0.7, top_k=5, top_p=0.8))
+    np.testing.assert_allclose(
+        jax.nn.log_softmax(fn(sharded)), np_sampling_logprobs(x, 0.7, 5, 0.8), rtol=1e-5, atol=1e-5
+    )
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.lists(st.booleans(), min_size=5, max_size=5), min_size=1, max_size=4))
+def test_left_pad_matches_numpy(mask_rows):
+    mask = np.asarray(mask_rows, np.int32)
+    tokens = np.arange(mask.size, dtype=np.int32).reshape(mask.shape) + 3
+    got_t, got_m = S.left_pad(tokens, mask, PAD)
+    ref_t, ref_m = np_left_pad(tokens, mask, PAD)
+    np.testing.assert_array_equal(got_t, ref_t)
+    np.testing.assert_array_equal(got_m, ref_m)
+
+
+# ------------------------------------------------------------------------------------------
+# Models and references.
+
+
+def _config(moe: bool) -> ModelConfig:
+    extra = dict(num_local_experts=4, num_experts_per_tok=2, capacity_factor=None) if moe else {}
+    return ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def model(request):
+    config = _config(request.param == "moe")
+    return config, init_params(config, jax.random.key(0))
+
+
+def _prompts():
+    """Four prompts, right-padded (the sampler converts them to left padding)."""
+    tokens = np.array(
+        [[1, 5, 6, 7, 8], [1, 9, 0, 0, 0], [1, 10, 11, 12, 0], [1, 13, 14, 0, 0]], np.int32
+    )
+    return tokens, (tokens > 0).astype(np.int32)
+
+
+SETTINGS = dict(temperature=0.8, top_k=12, top_p=0.95, num_samples=2)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "train"))
+def _train_logits(params, tokens, mask, *, config, train=True):
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    return forward(params, tokens, config, positions=positions, attention_mask=mask, train=train)[0]
+
+
+def training_logprobs(params, config, out, mesh=None):
+    """The training forward's log-probs of the sampled response tokens (no cache)."""
+    mask = jnp.concatenate([out.prompt_mask, out.response_mask], axis=1)
+    if mesh is None:
+        logits = _train_logits(params, out.tokens, mask, config=config)
+    else:
+        logits = jax.jit(
+            lambda p, t, m: forward(
+                p,
+                t,
+                config,
+                positions=jnp.maximum(jnp.cumsum(m, 1) - 1, 0),
+                attention_mask=m,
+                mesh=mesh,
+            )[0]
+        )(params, out.tokens, mask)
+    p = out.prompt_tokens.shape[1]
+    logits = logits[:, p - 1 : -1]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), out.response_tokens[..., None], -1)
+    return np.asarray(logp[..., 0] * out.response_mask), np.asarray(logits)
+
+
+def naive_sample(
+    params,
+    config,
+    tokens,
+    mask,
+    key,
+    *,
+    max_new_tokens,
+    stop_token_ids,
+    pad_id,
+    num_samples=1,
+    **kw,
+):
+    """Recompute-everything reference: a full forward over the whole sequence at each step."""
+    s = S.make_settings(max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+                        pad_id=pad_id, num_samples=num_samples, **kw)  # fmt: skip
+    static, dyn = s.static(), s.dynamic(config.vocab_size)
+    tokens, mask = np_left_pad(tokens, mask, pad_id)
+    tokens, mask = np.repeat(tokens, num_samples, 0), np.repeat(mask, num_samples, 0)
+    rows, p = tokens.shape
+    seq = np.concatenate([tokens, np.full((rows, max_new_tokens), pad_id, np.int32)], 1)
+    seq_mask = np.concatenate([mask, np.zeros((rows, max_new_tokens), np.int32)], 1)
+    done = np.zeros(rows, bool)
+    out_logp = np.zeros((rows, max_new_tokens), np.float32)
+    for t in range(max_new_tokens):
+        # One fixed shape (future slots masked), so the reference compiles once.
+        logits = _train_logits(params, seq, seq_mask, config=config)[:, p + t - 1]
+        tok, logp, _ = S._choose(logits, jax.random.fold_in(key, t), static, dyn)
+        tok, logp = np.asarray(tok), np.asarray(logp)
+        seq[:, p + t] = np.where(done, pad_id, tok)
+        seq_mask[:, p + t] = ~done
+        out_logp[:, t] = np.where(done, 0.0, logp)
+        done |= np.isin(tok, stop_token_ids) & ~done
+        if done.all():
+            break
+    return seq[:, p:], seq_mask[:, p:], out_logp
+
+
+@pytest.fixture(scope="module")
+def sampled(model):
+    config, params = model
+    tokens, mask = _prompts()
+    key = jax.random.key(7)
+    out = S.sample(params, config, tokens, mask, key, max_new_tokens=MAX_NEW,
+                   stop_token_ids=(EOS,), pad_id=PAD, return_routing=config.is_moe,
+                   **SETTINGS)  # fmt: skip
+    return out, key
+
+
+# ------------------------------------------------------------------------------------------
+# Sampler properties (dense and MoE).
+
+
+def test_sampler_logprobs_equal_training_forward(model, sampled):
+    config, params = model
+    out, _ = sampled
+    ref, logits = training_logprobs(params, config, out)
+    np.testing.assert_allclose(out.policy_logprobs, ref, rtol=1e-5, atol=1e-6)
+    # The sampled distribution's log-probs against the NumPy reference of the same logits.
+    sampled_ref = np_sampling_logprobs(logits, SETTINGS["temperature"], SETTINGS["top_k"],
+                                       SETTINGS["top_p"])  # fmt: skip
+    picked = np.take_along_axis(sampled_ref, np.asarray(out.response_tokens)[..., None], -1)[..., 0]
+    m = np.asarray(out.response_mask) == 1
+    assert np.all(np.isfinite(picked[m])), "a sampled token lies outside the top-k/top-p set"
+    np.testing.assert_allclose(np.asarray(out.logprobs)[m], picked[m], rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(out.logprobs)[~m] == 0) and np.all(
+        np.asarray(out.policy_logprobs)[~m] == 0
+    )
+
+
+def test_kv_cache_sampling_equals_naive_sampler(model, sampled):
+    config, params = model
+    out, key = sampled
+    tokens, mask = _prompts()
+    ref_tokens, ref_mask, ref_logp = naive_sample(
+        params,
+        config,
+        tokens,
+        mask,
+        key,
+        max_new_tokens=MAX_NEW,
+        stop_token_ids=(EOS,),
+        pad_id=PAD,
+        **SETTINGS,
+    )
+    np.testing.assert_array_equal(out.response_tokens, ref_tokens)
+    np.testing.assert_array_equal(out.response_mask, ref_mask)
+    np.testing.assert_allclose(out.logprobs, ref_logp, rtol=1e-5, atol=1e-6)
+
+
+def test_output_layout(model, sampled):
+    out, _ = sampled
+    tokens, mask = _prompts()
+    rows = tokens.shape[0] * SETTINGS["num_samples"]
+    assert out.tokens.shape == (rows, tokens.shape[1] + MAX_NEW)
+    assert (
+        out.response_tokens.shape
+        == out.response_mask.shape
+        == out.logprobs.shape
+        == (rows, MAX_NEW)
+    )
+    assert out.response_tokens.dtype == jnp.int32 and out.logprobs.dtype == jnp.float32
+    np.testing.assert_array_equal(out.lengths, np.asarray(out.response_mask).sum(1))
+    # Prompt-major rows, left-padded prompts, tokens = prompt ++ response.
+    left_t, left_m = np_left_pad(tokens, mask, PAD)
+    np.testing.assert_array_equal(out.prompt_tokens, np.repeat(left_t, 2, 0))
+    np.testing.assert_array_equal(out.prompt_mask, np.repeat(left_m, 2, 0))
+    np.testing.assert_array_equal(out.tokens[:, tokens.shape[1] :], out.response_tokens)
+    # Samples of one prompt share the prefill but not their randomness.
+    resp = np.asarray(out.response_tokens)
+    assert any((resp[2 * b] != resp[2 * b + 1]).any() for b in range(tokens.shape[0]))
+    # Response mask is a prefix of ones; after a stop, pad and 0.
+    m = np.asarray(out.response_mask)
+    for r in range(rows):
+        n = int(m[r].sum())
+        assert m[r, :n].all() and not m[r, n:].any()
+        assert (resp[r, n:] == PAD).all()
+        if n < MAX_NEW:
+            assert resp[r, n - 1] == EOS
+
+
+def test_determinism_and_key_dependence(model, sampled):
+    config, params = model
+    out, key = sampled
+    tokens, mask = _prompts()
+    again = S.sample(params, config, tokens, mask, key, max_new_tokens=MAX_NEW,
+                     stop_token_ids=(EOS,), pad_id=PAD, return_routing=config.is_moe,
+                     **SETTINGS)  # fmt: skip
+    for a, b in zip(out, again, strict=True):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+    other = S.sample(params, config, tokens, mask, jax.random.key(8), max_new_tokens=MAX_NEW,
+                     stop_token_ids=(EOS,), pad_id=PAD, return_routing=config.is_moe,
+                     **SETTINGS)  # fmt: skip
+    assert (np.asarray(other.response_tokens) != np.asarray(out.response_tokens)).any()
+
+
+def routing_matches_training_forward(params, config, out, mesh=None):
+    """The sampler's expert choices equal the training forward's at every fed real token."""
+    mask = jnp.concatenate([out.prompt_mask, out.response_mask], axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
+    aux = jax.jit(
+        lambda p, t, m, pos: forward(
+            p, t, config, positions=pos, attention_mask=m, mesh=mesh, return_routing=True
+        )[2]  # fmt: skip
+    )(params, out.tokens, mask, positions)
+    want, got = np.asarray(aux["routing"]), np.asarray(out.routing)
+    n_layers = config.num_hidden_layers
+    assert got.shape == want.shape == (n_layers,) + out.tokens.shape + (config.num_experts_per_tok,)
+    # Every real token except the last generated one (never fed to the model) was routed.
+    fed = np.asarray(mask).astype(bool).copy()
+    p = out.prompt_tokens.shape[1]
+    for r, n in enumerate(np.asarray(out.lengths)):
+        fed[r, p + n - 1] = False
+    np.testing.assert_array_equal(np.sort(got, -1)[:, fed], np.sort(want, -1)[:, fed])
+    # Replaying the choices reproduces the sampler's log-probs.
+    replay = jax.jit(
+        lambda p_, t, m, pos, rt: forward(
+            p_, t, config, positions=pos, attention_mask=m, routing=rt, mesh=mesh
+        )[0]  # fmt: skip
+    )(params, out.tokens, mask, positions, out.routing)
+    logp = (
+        jnp.take_along_axis(
+            jax.nn.log_softmax(replay[:, p - 1 : -1], -1), out.response_tokens[..., None], -1
+        )[..., 0]
+        * out.response_mask
+    )
+    np.testing.assert_allclose(out.policy_logprobs, logp, rtol=1e-5, atol=1e-6)
+
+
+def test_routing_for_router_replay(model, sampled):
+    config, params = model
+    out, _ = sampled
+    if not config.is_moe:
+        assert out.routing is None
+        return
+    routing_matches_training_forward(params, config, out)
+
+
+# ------------------------------------------------------------------------------------------
+# Under an 8-device layout (dp 2, tp 2, ep 2), MoE.
+
+
+@pytest.fixture(scope="module")
+def moe_on_mesh(devices):
+    config = _config(True)
+    params = init_params(config, jax.random.key(0))
+    mesh = ParallelLayout(dp=2, tp=2, ep=2).make_mesh()
+    return config, params, shard_params(params, config, mesh), mesh
+
+
+def test_sharded_sampling_equals_single_device_and_training(moe_on_mesh):
+    config, params, sharded, mesh = moe_on_mesh
+    tokens, mask = _prompts()
+    kw = dict(max_new_tokens=MAX_NEW, stop_token_ids=(EOS,), pad_id=PAD, return_routing=True,
+              **SETTINGS)  # fmt: skip
+    out = S.sample(sharded, config, tokens, mask, jax.random.key(7), mesh=mesh, **kw)
+    assert len(out.response_tokens.sharding.device_set) == 8
+    single = S.sample(params, config, tokens, mask, jax.random.key(7), **kw)
+    np.testing.assert_array_equal(out.response_tokens, single.response_tokens)
+    np.testing.assert_array_equal(out.response_mask, single.response_mask)
+    np.testing.assert_allclose(out.policy_logprobs, single.policy_logprobs, rtol=1e-5, atol=1e-6)
+    ref, _ = training_logprobs(sharded, config, out, mesh=mesh)
+    np.testing.assert_allclose(out.policy_logprobs, ref, rtol=1e-5, atol=1e-6)
+    routing_matches_training_forward(sharded, config, out, mesh=mesh)
+
+
+# ------------------------------------------------------------------------------------------
+# Greedy decoding and stop tokens (dense only: the logic is model-independent).
+
+
+@pytest.fixture(scope="module")
+def dense():
+    config = _config(False)
+    return config, init_params(config, jax.random.key(1))
+
+
+def test_greedy_is_argmax_and_key_independent(dense):
+    config, params = dense
+    tokens, mask = _prompts()
+    kw = dict(max_new_tokens=MAX_NEW, temperature=0.0, stop_token_ids=(), pad_id=PAD)
+    a = S.sample(params, config, tokens, mask, jax.random.key(0), **kw)
+    b = S.sample(params, config, tokens, mask, jax.random.key(1), **kw)
+    np.testing.assert_array_equal(a.response_tokens, b.response_tokens)
+    ref_tokens, _, _ = naive_sample(params, config, tokens, mask, jax.random.key(0), **kw)
+    np.testing.assert_array_equal(a.response_tokens, ref_tokens)
+    assert np.all(np.asarray(a.logprobs) == 0)  # a point mass
+    ref, _ = training_logprobs(params, config, a)
+    np.testing.assert_allclose(a.policy_logprobs, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_stop_tokens_end_rows_and_mask_the_rest(dense):
+    config, params = dense
+    tokens, mask = _prompts()
+    kw = dict(max_new_tokens=MAX_NEW, temperature=0.0, pad_id=PAD)
+    free = np.asarray(S.sample(params, config, tokens, mask, jax.random.key(0),
+                               stop_token_ids=(), **kw).response_tokens)  # fmt: skip
+    stops = (int(free[0, 2]), int(free[1, 0]))
+    out = S.sample(params, config, tokens, mask, jax.random.key(0), stop_token_ids=stops, **kw)
+    resp, m = np.asarray(out.response_tokens), np.asarray(out.response_mask)
+    for r in range(free.shape[0]):
+        hits = [t for t in range(MAX_NEW) if free[r, t] in stops]
+        n = hits[0] + 1 if hits else MAX_NEW
+        assert int(out.lengths[r]) == n
+        np.testing.assert_array_equal(resp[r, :n], free[r, :n])
+        assert (resp[r, n:] == PAD).all() and m[r, :n].all() and not m[r, n:].any()
+    assert int(out.lengths[1]) == 1 and int(out.lengths[0]) <= 3
+    # Every row stops at once: the loop exits after the first token.
+    every = S.sample(params, config, tokens, mask, jax.random.key(0),
+                     stop_token_ids=tuple(range(VOCAB)), **kw)  # fmt: skip
+    np.testing.assert_array_equal(every.lengths, [1, 1, 1, 1])
+
+
+def test_left_and_right_padding_give_the_same_samples(dense):
+    config, params = dense
+    tokens, mask = _prompts()
+    left_t, left_m = np_left_pad(tokens, mask, PAD)
+    kw = dict(max_new_tokens=MAX_NEW, stop_token_ids=(EOS,), pad_id=PAD, **SETTINGS)
+    a = S.sample(params, config, tokens, mask, jax.random.key(3), **kw)
+    b = S.sample(params, config, left_t, left_m, jax.random.key(3), **kw)
+    np.testing.assert_array_equal(a.response_tokens, b.response_tokens)
+    np.testing.assert_allclose(a.policy_logprobs, b.policy_logprobs, rtol=1e-6)
+
+
+def test_argument_errors(dense):
+    config, params = dense
+    tokens, mask = _prompts()
+    kw = dict(max_new_tokens=4, pad_id=PAD)
+    cases = [
+        (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+        (dict(temperature=-1.0), "temperature must be a finite float >= 0"),
+        (dict(top_k=-1), "top_k must be an integer >= 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(num_samples=0), "num_samples must be an integer >= 1"),
+        (dict(stop_token_ids=(-1,)), "stop_token_ids entry must be an integer >= 0"),
+        (dict(return_routing=True), "return_routing=True needs an MoE model"),
+        (dict(max_new_tokens=60), r"= 65 exceeds max_position_embeddings=64"),
+        (dict(stop_token_ids=(2, 40)), r"stop_token_ids \[40\] are outside the vocabulary"),
+    ]
+    for extra, match in cases:
+        with pytest.raises(ValueError, match=match):
+            S.sample(params, config, tokens, mask, jax.random.key(0), **{**kw, **extra})
+    with pytest.raises(ValueError, match=r"prompt_tokens must have shape \[B, P\]"):
+        S.sample(params, config, tokens[0], mask[0], jax.random.key(0), **kw)
+    with pytest.raises(ValueError, match="prompt_mask shape"):
+        S.sample(params, config, tokens, mask[:, :3], jax.random.key(0), **kw)
+    with pytest.raises(ValueError, match="prompt_tokens must be integers"):
+        S.sample(params, config, tokens.astype(np.float32), mask, jax.random.key(0), **kw)
+    bad = mask.copy()
+    bad[2] = 0
+    with pytest.raises(ValueError, match=r"prompt rows \[2\] have no real token"):
+        S.sample(params, config, tokens, bad, jax.random.key(0), **kw)
+    with pytest.raises(ValueError, match="temperature must be > 0 here"):
+        S.apply_temperature(np.zeros(3), 0.0)
