@@ -1,0 +1,853 @@
+"""Mixture-of-Experts block: top-k router, expert capacity, sort-based dispatch, expert parallel.
+
+The block computes, for every real token ``t`` (Mixtral; Jiang et al., 2024)::
+
+    logits_t = x_t @ W_r                                  (float32)           [E]
+    e_t1..e_tK = top-K experts of logits_t
+    g_tk = softmax_k(logits_t[e_tk])       (router.normalize_top_k, Mixtral)
+         = softmax(logits_t)[e_tk]         (otherwise)
+    y_t = sum_k keep_tk * g_tk * FFN_{e_tk}(x_t)
+    FFN_e(x) = (silu(x @ W1_e) * (x @ W3_e)) @ W2_e     (SwiGLU; Shazeer, 2020)
+
+``keep_tk`` is 0 when expert ``e_tk`` was full (GShard, Lepikhin et al., 2020; Switch
+Transformer, Fedus et al., 2021): within a routing group (the tokens of one expert-parallel
+shard) each expert accepts at most ``C = router.capacity(tokens_per_group)`` choices; the rest
+are dropped and contribute zeros (the residual stream carries the token). ``drop_policy``
+decides who loses: ``'position'`` keeps the earliest tokens of the group, ``'probs'`` keeps
+the choices with the highest router probability ``softmax(logits_t)[e]`` (ties by position).
+Padding tokens (``token_mask`` 0) are never routed, take no capacity and output zeros.
+
+Dispatch is sort based and costs O(T * K * D) memory: the T*K choices are sorted by
+(expert, priority) with one ``lax.sort``; a choice's slot in its expert is its rank in the
+sorted order minus the expert's first rank. Tokens are gathered into an expert-major buffer,
+the experts run as batched matmuls (gate and up projections fused in one), and outputs are
+gathered back per choice and summed with the gate weights. Both gathers have custom VJPs that
+are gathers too (a token -> slot map is a partial bijection), so the backward pass has no
+scatter.
+
+Two buffer layouts:
+
+* ``[E, C, D]`` (capacity layout): one slab of C rows per expert, one batched einsum. Used
+  with a capacity factor, and always when experts are split over an ``ep`` mesh axis (the
+  ``all_to_all`` needs fixed slabs; dropless routing then takes the worst case C = tokens of
+  the group).
+* grouped layout: rows sorted by expert, each expert padded to a multiple of a block size; the
+  blocks run as one batched einsum against their experts' weights (``impl='dense'``), or
+  unpadded through :func:`jax.lax.ragged_dot` (``impl='ragged'``, for GPU/TPU; on CPU it is
+  about ten times slower than the batched einsum). Used for dropless routing without expert
+  parallelism, so dropless costs little padding.
+
+Parameters (all stacked over experts)::
+
+    router     [D, E]        HF: gate.weight [E, D] transposed
+    w_gate_up  [E, D, 2, F]  [e, :, 0, :] = HF experts.e.w1.weight.T (gate),
+                             [e, :, 1, :] = HF experts.e.w3.weight.T (up);
+                             transformers v5 fused experts.gate_up_proj [E, 2F, D]
+                             (gate rows first) = w_gate_up.reshape(E, D, 2F).transpose(0, 2, 1)
+    w_down     [E, F, D]     [e] = HF experts.e.w2.weight.T; v5 experts.down_proj [E, D, F]
+                             = w_down.transpose(0, 2, 1)
+
+Gate and up are one tensor so that both projections are a single matmul. They are kept on a
+separate axis of size 2 (rather than one 2F axis) so that sharding F over ``tp`` leaves every
+shard with matching gate and up columns. :func:`moe_params_from_per_expert`,
+:func:`moe_params_to_per_expert`, :func:`moe_params_from_fused` and
+:func:`moe_params_to_fused` convert to and from Hugging Face's layouts.
+
+With a mesh, :func:`moe_forward` runs :func:`moe_forward_local` inside :func:`jax.shard_map`:
+every shard of the batch (sharded over ``('dp', 'ep')``) routes its own tokens, an
+``all_to_all`` over ``ep`` sends each expert's slab to the shard that holds the expert, the
+``E / ep`` local experts run as one batched matmul with F sharded over ``tp`` (a ``psum`` over
+``tp`` completes the down projection), and a second ``all_to_all`` brings the outputs back.
+``pp`` (and any other axis) is treated as replicated. Auxiliary statistics are summed over the
+data axes, so they are the same as on a single device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
+
+from novarl_jax.core import sharding as shd
+from novarl_jax.core.distributed import MoERouterConfig
+
+PARAM_NAMES: tuple[str, ...] = ("router", "w_gate_up", "w_down")
+IMPLS: tuple[str, ...] = ("dense", "ragged")
+AUX_KEYS: tuple[str, ...] = (
+    "aux_loss", "z_loss", "dropped_fraction", "expert_load", "routing",
+)  # fmt: skip
+
+# Initial weights: normal(0, 0.02), Hugging Face's default ``initializer_range``.
+_INIT_STDDEV = 0.02
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def init_moe_params(
+    key: jax.Array,
+    hidden_size: int,
+    intermediate_size: int,
+    num_experts: int,
+    dtype: Any = jnp.float32,
+) -> dict[str, jax.Array]:
+    """Random MoE-block parameters, normal(0, 0.02) like Hugging Face's initialiser.
+
+    Args:
+        key: PRNG key.
+        hidden_size: D, model width.
+        intermediate_size: F, hidden width of each expert.
+        num_experts: E.
+        dtype: parameter dtype.
+
+    Returns:
+        ``{'router': [D, E], 'w_gate_up': [E, D, 2, F], 'w_down': [E, F, D]}`` of ``dtype``.
+
+    Example:
+        >>> params = init_moe_params(jax.random.key(0), 16, 32, 4)
+        >>> params["w_gate_up"].shape
+        (4, 16, 2, 32)
+    """
+    for name, value in (
+        ("hidden_size", hidden_size),
+        ("intermediate_size", intermediate_size),
+        ("num_experts", num_experts),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    k_router, k_gate_up, k_down = jax.random.split(key, 3)
+    d, f, e = int(hidden_size), int(intermediate_size), int(num_experts)
+
+    def normal(k, shape):
+        return (_INIT_STDDEV * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+
+    return {
+        "router": normal(k_router, (d, e)),
+        "w_gate_up": normal(k_gate_up, (e, d, 2, f)),
+        "w_down": normal(k_down, (e, f, d)),
+    }
+
+
+def moe_logical_axes() -> dict[str, tuple[str | None, ...]]:
+    """Logical axis names of each parameter (see :mod:`novarl_jax.core.sharding`).
+
+    Experts are split over ``EXPERT`` (the ``ep`` mesh axis), each expert's hidden units over
+    ``MLP`` (``tp``); the model width is ``EMBED``. The router is replicated.
+
+    Example:
+        >>> moe_logical_axes()["w_down"]
+        ('expert', 'mlp', 'embed')
+    """
+    return {
+        "router": (shd.EMBED, None),
+        "w_gate_up": (shd.EXPERT, shd.EMBED, None, shd.MLP),
+        "w_down": (shd.EXPERT, shd.MLP, shd.EMBED),
+    }
+
+
+def _namespace(*arrays: Any):
+    """jax.numpy if any input is a JAX array, else NumPy (so converters keep host arrays)."""
+    leaves = jax.tree.leaves(arrays)
+    return jnp if any(isinstance(a, jax.Array) for a in leaves) else np
+
+
+def _stack(xp, value: Any, name: str, ndim: int):
+    if isinstance(value, list | tuple):
+        value = xp.stack([xp.asarray(v) for v in value])
+    value = xp.asarray(value)
+    if value.ndim != ndim:
+        raise ValueError(
+            f"{name} must be stacked over experts with {ndim} dims (or a sequence of "
+            f"{ndim - 1}-dim per-expert arrays), got shape {tuple(value.shape)}"
+        )
+    return value
+
+
+def moe_params_from_per_expert(router: ArrayLike, w1: Any, w3: Any, w2: Any) -> dict[str, Any]:
+    """Converts Hugging Face's per-expert Mixtral weights to MoE-block parameters.
+
+    Hugging Face ``nn.Linear`` weights are ``[out, in]``: ``block_sparse_moe.gate.weight``
+    is [E, D], ``experts.e.w1.weight`` (gate) and ``experts.e.w3.weight`` (up) are [F, D],
+    ``experts.e.w2.weight`` (down) is [D, F]. Pure: NumPy in -> NumPy out, JAX in -> JAX out;
+    dtypes are kept.
+
+    Args:
+        router: [E, D] router (``gate.weight``).
+        w1: [E, F, D] or a sequence of E arrays [F, D].
+        w3: [E, F, D] or a sequence of E arrays [F, D].
+        w2: [E, D, F] or a sequence of E arrays [D, F].
+
+    Returns:
+        ``{'router': [D, E], 'w_gate_up': [E, D, 2, F], 'w_down': [E, F, D]}``.
+
+    Example:
+        >>> e, d, f = 4, 16, 32
+        >>> p = moe_params_from_per_expert(np.zeros((e, d)), np.zeros((e, f, d)),
+        ...                                np.zeros((e, f, d)), np.zeros((e, d, f)))
+        >>> p["w_gate_up"].shape
+        (4, 16, 2, 32)
+    """
+    xp = _namespace(router, w1, w3, w2)
+    router = _stack(xp, router, "router", 2)
+    w1, w3, w2 = (_stack(xp, w, n, 3) for w, n in ((w1, "w1"), (w3, "w3"), (w2, "w2")))
+    e, d = router.shape
+    f = w1.shape[1]
+    expected = {"w1": (e, f, d), "w3": (e, f, d), "w2": (e, d, f)}
+    for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+        if tuple(w.shape) != expected[name]:
+            raise ValueError(
+                f"{name} has shape {tuple(w.shape)}; with router [E, D] = [{e}, {d}] and "
+                f"w1 [E, F, D] it must be {expected[name]}"
+            )
+    gate_up = xp.stack([w1, w3], axis=1)  # [E, 2, F, D]
+    return {
+        "router": xp.transpose(router),
+        "w_gate_up": xp.transpose(gate_up, (0, 3, 1, 2)),
+        "w_down": xp.transpose(w2, (0, 2, 1)),
+    }
+
+
+def moe_params_to_per_expert(params: Mapping[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """Inverse of :func:`moe_params_from_per_expert`.
+
+    Returns:
+        ``(router [E, D], w1 [E, F, D], w3 [E, F, D], w2 [E, D, F])`` in Hugging Face's
+        ``[out, in]`` orientation; index the leading axis for ``experts.e.w*.weight``.
+    """
+    xp = _namespace(params)
+    router, gate_up, down = (xp.asarray(params[k]) for k in PARAM_NAMES)
+    return (
+        xp.transpose(router),
+        xp.transpose(gate_up[:, :, 0, :], (0, 2, 1)),
+        xp.transpose(gate_up[:, :, 1, :], (0, 2, 1)),
+        xp.transpose(down, (0, 2, 1)),
+    )
+
+
+def moe_params_from_fused(
+    router: ArrayLike, gate_up_proj: ArrayLike, down_proj: ArrayLike
+) -> dict[str, Any]:
+    """Converts transformers v5's fused Mixtral experts to MoE-block parameters.
+
+    transformers v5 stores ``mlp.gate.weight`` [E, D], ``mlp.experts.gate_up_proj``
+    [E, 2F, D] (the F gate rows first, then the F up rows) and ``mlp.experts.down_proj``
+    [E, D, F].
+
+    Returns:
+        ``{'router': [D, E], 'w_gate_up': [E, D, 2, F], 'w_down': [E, F, D]}``.
+    """
+    xp = _namespace(router, gate_up_proj, down_proj)
+    router = _stack(xp, router, "router", 2)
+    gate_up_proj = _stack(xp, gate_up_proj, "gate_up_proj", 3)
+    down_proj = _stack(xp, down_proj, "down_proj", 3)
+    e, d = router.shape
+    if gate_up_proj.shape[0] != e or gate_up_proj.shape[2] != d or gate_up_proj.shape[1] % 2:
+        raise ValueError(
+            f"gate_up_proj has shape {tuple(gate_up_proj.shape)}; with router [E, D] = "
+            f"[{e}, {d}] it must be [{e}, 2F, {d}]"
+        )
+    f = gate_up_proj.shape[1] // 2
+    if tuple(down_proj.shape) != (e, d, f):
+        raise ValueError(
+            f"down_proj has shape {tuple(down_proj.shape)}; it must be [E, D, F] = {(e, d, f)}"
+        )
+    return {
+        "router": xp.transpose(router),
+        "w_gate_up": xp.transpose(xp.reshape(gate_up_proj, (e, 2, f, d)), (0, 3, 1, 2)),
+        "w_down": xp.transpose(down_proj, (0, 2, 1)),
+    }
+
+
+def moe_params_to_fused(params: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """Inverse of :func:`moe_params_from_fused`.
+
+    Returns:
+        ``(router [E, D], gate_up_proj [E, 2F, D], down_proj [E, D, F])``.
+    """
+    xp = _namespace(params)
+    router, gate_up, down = (xp.asarray(params[k]) for k in PARAM_NAMES)
+    e, d, _, f = gate_up.shape
+    return (
+        xp.transpose(router),
+        xp.reshape(xp.transpose(gate_up, (0, 2, 3, 1)), (e, 2 * f, d)),
+        xp.transpose(down, (0, 2, 1)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Gathers whose transposes are gathers
+
+
+def _take_rows(src: jax.Array, index: jax.Array) -> jax.Array:
+    """``src[index]`` along axis 0; an index equal to ``len(src)`` reads a row of zeros."""
+    return jnp.take(src, index, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def _dispatch(x: jax.Array, token_of_row: jax.Array, row_of_choice: jax.Array) -> jax.Array:
+    """Buffer rows from tokens: ``buf[r] = x[token_of_row[r]]`` (sentinel T -> zeros).
+
+    ``row_of_choice`` [T, K] is the inverse map (sentinel R = unplaced), used by the VJP:
+    ``dx[t] = sum_k dbuf[row_of_choice[t, k]]``, a gather instead of a scatter-add.
+    """
+    return _take_rows(x, token_of_row)
+
+
+def _dispatch_fwd(x, token_of_row, row_of_choice):
+    return _take_rows(x, token_of_row), row_of_choice
+
+
+def _dispatch_bwd(row_of_choice, dbuf):
+    return _take_rows(dbuf, row_of_choice).sum(axis=1), None, None
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
+def _collect(out: jax.Array, row_of_choice: jax.Array, choice_of_row: jax.Array) -> jax.Array:
+    """Per-choice expert outputs: ``[T, K, D] = out[row_of_choice]`` (sentinel R -> zeros).
+
+    ``choice_of_row`` [R] (sentinel T*K) is the inverse map used by the VJP.
+    """
+    return _take_rows(out, row_of_choice)
+
+
+def _collect_fwd(out, row_of_choice, choice_of_row):
+    return _take_rows(out, row_of_choice), choice_of_row
+
+
+def _collect_bwd(choice_of_row, dchoices):
+    flat = dchoices.reshape(-1, dchoices.shape[-1])
+    return _take_rows(flat, choice_of_row), None, None
+
+
+_collect.defvjp(_collect_fwd, _collect_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing plan: where every choice goes (integer bookkeeping, no gradients)
+
+
+class _Plan(NamedTuple):
+    """Integer maps between choices (t, k) and buffer rows, plus per-expert counts."""
+
+    row_of_choice: jax.Array  # [T, K] int32, R = not placed (dropped or padding)
+    choice_of_row: jax.Array  # [R] int32, T*K = empty row
+    counts: jax.Array  # [E] int32, non-padding choices per expert (before dropping)
+    kept: jax.Array  # [] int32, placed choices
+    block_expert: jax.Array | None  # [R / block] int32 (grouped dense layout)
+    group_sizes: jax.Array | None  # [E] int32 (grouped ragged layout)
+
+
+def _block_size(rows: int, num_experts: int) -> int:
+    """Rows per block of the grouped dense layout.
+
+    Blocks of about half an expert's mean load waste on average a quarter of the mean load
+    per expert, while staying large enough (>= 64 rows) for the matmuls to run near peak.
+    """
+    target = max(rows // (2 * num_experts), 1)
+    block = 1 << (target.bit_length() - 1)
+    return int(min(max(block, 64), 512))
+
+
+def _route_plan(
+    experts: jax.Array,
+    valid: jax.Array,
+    choice_probs: jax.Array,
+    *,
+    num_experts: int,
+    capacity: int,
+    drop_policy: str,
+    layout: str,
+    block: int,
+) -> _Plan:
+    """Sorts the choices by (expert, priority) and assigns each a buffer row.
+
+    Args:
+        experts: [T, K] int32 chosen experts.
+        valid: [T] bool, 1 = a real token.
+        choice_probs: [T, K] float32 router probability of each choice ('probs' policy).
+        num_experts: E.
+        capacity: C, the most choices an expert keeps.
+        drop_policy: 'position' or 'probs'.
+        layout: 'capacity' ([E, C] slabs), 'blocks' (grouped, padded to ``block``) or
+            'ragged' (grouped, unpadded).
+        block: rows per block for 'blocks'.
+    """
+    t, k = experts.shape
+    n = t * k
+    e = num_experts
+    # Padding tokens get the sentinel expert E: they sort last and take no capacity.
+    keys = jnp.where(valid[:, None], experts, e).reshape(n).astype(jnp.int32)
+    iota = lax.iota(jnp.int32, n)
+    if drop_policy == "position":
+        sorted_e, order = lax.sort((keys, iota), num_keys=1, is_stable=True)
+    else:
+        neg_p = -choice_probs.reshape(n).astype(jnp.float32)
+        sorted_e, _, order = lax.sort((keys, neg_p, iota), num_keys=2, is_stable=True)
+    # starts[j]: first sorted index of expert j; starts[E] = number of non-padding choices.
+    starts = jnp.searchsorted(sorted_e, jnp.arange(e + 1, dtype=jnp.int32), side="left")
+    starts = starts.astype(jnp.int32)
+    counts = starts[1:] - starts[:-1]
+    rank = iota - starts[sorted_e]  # rank of each sorted choice within its expert
+    kept_e = jnp.minimum(counts, capacity)
+    placed = (sorted_e < e) & (rank < capacity)
+    safe_e = jnp.minimum(sorted_e, e - 1)
+
+    block_expert = group_sizes = None
+    if layout == "capacity":
+        rows = e * capacity
+        row_sorted = safe_e * capacity + rank
+        slot = lax.iota(jnp.int32, capacity)
+        src = starts[:e, None] + slot[None, :]
+        occupied = slot[None, :] < kept_e[:, None]
+        choice_of_row = jnp.where(occupied, order[jnp.minimum(src, n - 1)], n).reshape(rows)
+    else:
+        bound = min(n, e * capacity)  # the most choices that can be placed
+        if layout == "blocks":
+            num_blocks = (bound + e * (block - 1)) // block
+            padded = (kept_e + block - 1) // block * block
+        else:
+            num_blocks, block = bound, 1
+            padded = kept_e
+        rows = num_blocks * block
+        ends = jnp.cumsum(padded).astype(jnp.int32)
+        first_row = ends - padded  # first buffer row of each expert
+        row_sorted = first_row[safe_e] + rank
+        # Which expert owns each row: the first expert whose padded range ends after it.
+        row = lax.iota(jnp.int32, rows)
+        if layout == "blocks":
+            block_expert = jnp.searchsorted(ends // block, jnp.arange(num_blocks), side="right")
+            block_expert = jnp.minimum(block_expert, e - 1).astype(jnp.int32)
+            row_expert = jnp.repeat(block_expert, block, total_repeat_length=rows)
+        else:
+            row_expert = jnp.minimum(jnp.searchsorted(ends, row, side="right"), e - 1)
+            # Rows past the last group join the last expert: their input is zero, so they
+            # output zero and add nothing to any gradient.
+            group_sizes = kept_e.at[e - 1].add(rows - ends[e - 1])
+        offset = row - first_row[row_expert]
+        occupied = (offset >= 0) & (offset < kept_e[row_expert])
+        src = jnp.clip(starts[row_expert] + offset, 0, n - 1)
+        choice_of_row = jnp.where(occupied, order[src], n)
+
+    row_sorted = jnp.where(placed, row_sorted, rows).astype(jnp.int32)
+    row_of_choice = jnp.zeros((n,), jnp.int32).at[order].set(row_sorted, unique_indices=True)
+    return _Plan(
+        row_of_choice=row_of_choice.reshape(t, k),
+        choice_of_row=choice_of_row.astype(jnp.int32),
+        counts=counts,
+        kept=jnp.sum(kept_e),
+        block_expert=block_expert,
+        group_sizes=group_sizes,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Experts
+
+
+def _swiglu(h: jax.Array) -> jax.Array:
+    """``silu(gate) * up`` for ``h [..., 2, F]`` = (gate, up)."""
+    return jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
+
+
+def _experts_batched(buf: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """SwiGLU experts on slabs: buf [E, C, D] -> [E, C, D] (one fused gate+up einsum)."""
+    h = jnp.einsum("ecd,edgf->ecgf", buf, w_gate_up)
+    return jnp.einsum("ecf,efd->ecd", _swiglu(h), w_down)
+
+
+def _experts_ragged(
+    buf: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, group_sizes: jax.Array
+) -> jax.Array:
+    """SwiGLU experts on expert-sorted rows: buf [R, D] with group sizes [E] -> [R, D]."""
+    e, d, _, f = w_gate_up.shape
+    h = lax.ragged_dot(buf, w_gate_up.reshape(e, d, 2 * f), group_sizes)
+    return lax.ragged_dot(_swiglu(h.reshape(-1, 2, f)), w_down, group_sizes)
+
+
+# ----------------------------------------------------------------------------------------------
+# The block
+
+
+@dataclasses.dataclass(frozen=True)
+class _MeshAxes:
+    """Mesh axes the block uses inside ``shard_map`` (empty tuples without a mesh)."""
+
+    data: tuple[str, ...] = ()  # the batch is split over these: statistics are summed
+    expert: tuple[str, ...] = ()  # experts are split over these: all_to_all
+    tensor: tuple[str, ...] = ()  # F is split over these: psum
+    expert_size: int = 1
+
+
+def _axis_arg(axes: tuple[str, ...]):
+    return axes[0] if len(axes) == 1 else axes
+
+
+def _router_outputs(params, xt, router: MoERouterConfig, routing):
+    """Float32 logits, chosen experts [T, K], gate weights [T, K], probs and logsumexp."""
+    logits = jnp.dot(
+        xt.astype(jnp.float32),
+        params["router"].astype(jnp.float32),
+        precision=lax.Precision.HIGHEST,
+    )
+    if routing is None:
+        _, experts = lax.top_k(logits, router.top_k)
+    else:
+        experts = routing
+    experts = experts.astype(jnp.int32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    probs = jnp.exp(logits - lse[:, None])
+    chosen = jnp.take_along_axis(logits, experts, axis=-1)
+    if router.normalize_top_k:
+        gates = jax.nn.softmax(chosen, axis=-1)
+    else:
+        gates = jnp.exp(chosen - lse[:, None])
+    return experts, gates, probs, lse
+
+
+def moe_forward_local(
+    params: Mapping[str, jax.Array],
+    x: jax.Array,
+    router: MoERouterConfig,
+    *,
+    token_mask: jax.Array | None = None,
+    routing: jax.Array | None = None,
+    train: bool = True,
+    impl: str = "dense",
+    data_axes: Sequence[str] = (),
+    expert_axes: Sequence[str] = (),
+    tensor_axes: Sequence[str] = (),
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The per-shard body of :func:`moe_forward`; call it inside your own ``shard_map``.
+
+    Without axes it is the whole single-device block. Inside ``shard_map``, ``x`` is this
+    shard's tokens (one routing group), ``params`` hold this shard's experts
+    (``E / size(expert_axes)`` of them) and F slice (``F / size(tensor_axes)``), the router
+    is whole. ``expert_axes`` must be among ``data_axes``.
+
+    Args:
+        params: the block's parameters (local shards).
+        x: [B, S, D] tokens of this routing group.
+        router: routing settings.
+        token_mask: [B, S], 1 = a real token; None = all real.
+        routing: [B, S, K] int32 experts to replay instead of the router's top-k.
+        train: use ``capacity_factor`` (True) or ``eval_capacity_factor``.
+        impl: 'dense' or 'ragged' (grouped layout only; see the module docstring).
+        data_axes: mesh axes the batch is split over (statistics are summed over them).
+        expert_axes: mesh axes the experts are split over (``all_to_all``).
+        tensor_axes: mesh axes F is split over (``psum``).
+
+    Returns:
+        ``(y [B, S, D], aux)`` as :func:`moe_forward`.
+    """
+    data_axes, expert_axes, tensor_axes = tuple(data_axes), tuple(expert_axes), tuple(tensor_axes)
+    ep = 1
+    for axis in expert_axes:
+        ep *= lax.axis_size(axis)
+    axes = _MeshAxes(data_axes, expert_axes, tensor_axes, ep)
+    return _moe_group(
+        params, x, token_mask, routing, router=router, train=train, impl=impl, axes=axes
+    )
+
+
+def _moe_group(params, x, token_mask, routing, *, router, train, impl, axes: _MeshAxes):
+    b, s, d = x.shape
+    t, k, e = b * s, router.top_k, router.num_experts
+    xt = x.reshape(t, d)
+    valid = jnp.ones((t,), bool) if token_mask is None else token_mask.reshape(t) > 0
+    experts, gates, probs, lse = _router_outputs(
+        params, xt, router, None if routing is None else routing.reshape(t, k)
+    )
+
+    factor = router.capacity_factor
+    if not train and router.eval_capacity_factor is not None:
+        factor = router.eval_capacity_factor
+    # No expert takes more than t choices (a token picks an expert at most once).
+    capacity = min(router.capacity(t, train=train), t)
+    if axes.expert_size > 1:
+        layout = "capacity"  # all_to_all needs fixed [E, C, D] slabs
+    elif impl == "ragged":
+        layout = "ragged"
+    else:
+        layout = "blocks" if factor is None else "capacity"
+    block = _block_size(min(t * k, e * capacity), e)
+    choice_probs = jnp.take_along_axis(probs, experts, axis=-1)
+    plan = _route_plan(
+        experts, valid, lax.stop_gradient(choice_probs),
+        num_experts=e, capacity=capacity, drop_policy=router.drop_policy,
+        layout=layout, block=block,
+    )  # fmt: skip
+
+    token_of_row = plan.choice_of_row // k  # sentinel T*K -> T (a zero row)
+    buf = _dispatch(xt, token_of_row, plan.row_of_choice)  # [R, D]
+    w_gate_up, w_down = params["w_gate_up"], params["w_down"]
+    if layout == "capacity":
+        buf = buf.reshape(e, capacity, d)
+        if axes.expert_size > 1:
+            # Slab j of every shard goes to shard j, which owns experts [j*E/ep, (j+1)*E/ep).
+            buf = lax.all_to_all(buf, _axis_arg(axes.expert), 0, 1, tiled=True)
+        out = _experts_batched(buf, w_gate_up, w_down)
+        if axes.expert_size > 1:
+            out = lax.all_to_all(out, _axis_arg(axes.expert), 1, 0, tiled=True)
+        out = out.reshape(e * capacity, d)
+    elif layout == "blocks":
+        nb = plan.block_expert.shape[0]
+        wg = jnp.take(w_gate_up, plan.block_expert, axis=0)
+        wd = jnp.take(w_down, plan.block_expert, axis=0)
+        out = _experts_batched(buf.reshape(nb, -1, d), wg, wd).reshape(-1, d)
+    else:
+        out = _experts_ragged(buf, w_gate_up, w_down, plan.group_sizes)
+
+    choices = _collect(out, plan.row_of_choice, plan.choice_of_row)  # [T, K, D]
+    y = jnp.einsum("tkd,tk->td", choices, gates.astype(choices.dtype))
+    if axes.tensor:
+        # Each tp shard holds F / tp hidden units: the down projection is a partial sum.
+        y = lax.psum(y, _axis_arg(axes.tensor))
+    y = y.astype(x.dtype).reshape(b, s, d)
+
+    # Statistics over non-padding tokens, summed over the data axes (global, like 1 device).
+    valid_f = valid.astype(jnp.float32)
+    sums = {
+        "tokens": jnp.sum(valid_f),
+        "probs": jnp.sum(probs * valid_f[:, None], axis=0),
+        "z": jnp.sum(jnp.square(lse) * valid_f),
+        "counts": plan.counts.astype(jnp.float32),
+        "kept": plan.kept.astype(jnp.float32),
+    }
+    if axes.data:
+        sums = lax.psum(sums, _axis_arg(axes.data))
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    choices_total = jnp.maximum(sums["tokens"] * k, 1.0)
+    frac_tokens = sums["counts"] / tokens  # f_e, sums to K
+    mean_probs = sums["probs"] / tokens  # P_e
+    aux = {
+        "aux_loss": e * jnp.sum(frac_tokens * mean_probs),
+        "z_loss": sums["z"] / tokens,
+        "dropped_fraction": (sums["tokens"] * k - sums["kept"]) / choices_total,
+        "expert_load": sums["counts"] / choices_total,
+        "routing": experts.reshape(b, s, k),
+    }
+    return y, aux
+
+
+def _check_params(params: Any, router: MoERouterConfig) -> tuple[int, int]:
+    if not isinstance(params, Mapping) or any(name not in params for name in PARAM_NAMES):
+        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(f"params must be a mapping with keys {list(PARAM_NAMES)}, got {got}")
+    shapes = {name: tuple(np.shape(params[name])) for name in PARAM_NAMES}
+    if len(shapes["router"]) != 2:
+        raise ValueError(f"params['router'] must be [D, E], got shape {shapes['router']}")
+    d, e = shapes["router"]
+    if e != router.num_experts:
+        raise ValueError(
+            f"params['router'] has {e} experts but router.num_experts={router.num_experts}"
+        )
+    gu = shapes["w_gate_up"]
+    if len(gu) != 4 or gu[0] != e or gu[1] != d or gu[2] != 2:
+        raise ValueError(f"params['w_gate_up'] must be [E, D, 2, F] = [{e}, {d}, 2, F], got {gu}")
+    f = gu[3]
+    if shapes["w_down"] != (e, f, d):
+        raise ValueError(
+            f"params['w_down'] must be [E, F, D] = {(e, f, d)}, got {shapes['w_down']}"
+        )
+    return d, f
+
+
+def _mesh_axes(mesh: Any, x_shape: tuple[int, ...], param_shapes: dict) -> tuple[_MeshAxes, dict]:
+    """Mesh axes of the batch, experts and hidden units, from the logical rule table."""
+    x_spec = shd.logical_to_spec((shd.BATCH, shd.LENGTH, shd.EMBED), mesh, shape=x_shape)
+    param_specs = shd.tree_specs(moe_logical_axes(), mesh, param_shapes)
+
+    def axes_of(spec, dim):
+        entry = spec[dim] if dim < len(spec) else None
+        if entry is None:
+            return ()
+        return (entry,) if isinstance(entry, str) else tuple(entry)
+
+    data = axes_of(x_spec, 0)
+    sizes = dict(mesh.shape)
+    wanted_expert = tuple(a for a in shd.DEFAULT_RULES[shd.EXPERT] if sizes.get(a, 1) > 1)
+    expert = axes_of(param_specs["w_gate_up"], 0)
+    ep = int(np.prod([sizes[a] for a in wanted_expert])) if wanted_expert else 1
+    num_experts = param_shapes["w_gate_up"][0]
+    if expert != wanted_expert:
+        raise ValueError(
+            f"num_experts={num_experts} is not divisible by the expert-parallel size {ep} of "
+            f"the mesh; use a multiple of {ep} experts"
+        )
+    if any(a not in data for a in expert):  # unreachable after padding the batch
+        raise AssertionError(f"batch axes {data} do not include the expert axes {expert}")
+    tensor = axes_of(param_specs["w_down"], 1)
+    specs = {"x": x_spec, "params": param_specs}
+    return _MeshAxes(data, expert, tensor, ep), specs
+
+
+def moe_forward(
+    params: Mapping[str, ArrayLike],
+    x: ArrayLike,
+    router: MoERouterConfig,
+    *,
+    mesh: Any = None,
+    token_mask: ArrayLike | None = None,
+    routing: ArrayLike | None = None,
+    train: bool = True,
+    impl: str = "dense",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mixture-of-Experts block: top-k routing with capacity, sort-based dispatch.
+
+    See the module docstring for the formulas. Auxiliary outputs (statistics over non-padding
+    tokens of the whole batch, identical with or without a mesh)::
+
+        aux_loss = E * sum_e f_e * P_e     (Switch Transformer; HF Mixtral; balanced = K)
+        f_e = #choices of expert e / #tokens     P_e = mean_t softmax(logits_t)[e]
+        z_loss = mean_t logsumexp(logits_t) ** 2   (ST-MoE, Zoph et al., 2022)
+
+    The losses are returned unweighted; the caller multiplies them by
+    ``router.aux_loss_coef`` and ``router.z_loss_coef``.
+
+    Args:
+        params: ``{'router': [D, E], 'w_gate_up': [E, D, 2, F], 'w_down': [E, F, D]}``.
+        x: [B, S, D] activations.
+        router: routing settings (experts, top-k, capacity factor, drop policy).
+        mesh: a mesh with the axes of :class:`~novarl_jax.core.distributed.ParallelLayout`;
+            None runs on one device. The batch must split over ``('dp', 'ep')`` and the
+            experts over ``ep``.
+        token_mask: [B, S], 1 = a real token, 0 = padding (not routed, output 0); None = all
+            real.
+        routing: [B, S, K] int expert indices to replay (``aux['routing']`` of an earlier
+            call); gate weights are recomputed from the current router at those experts.
+        train: capacity from ``capacity_factor`` (True) or ``eval_capacity_factor`` (False).
+        impl: 'dense' (batched einsums; fastest on CPU) or 'ragged' (``lax.ragged_dot`` for
+            dropless routing without expert parallelism; for GPU/TPU).
+
+    Returns:
+        ``(y, aux)``: y [B, S, D] of x's dtype; aux with 'aux_loss', 'z_loss',
+        'dropped_fraction' (of non-padding choices) float32 scalars, 'expert_load' [E]
+        float32 (fraction of non-padding choices per expert, before dropping) and 'routing'
+        [B, S, K] int32 (the chosen experts).
+
+    Raises:
+        ValueError: bad shapes, an unknown ``impl``, or a mesh the batch or experts do not
+            split over.
+
+    Example:
+        >>> router = MoERouterConfig(num_experts=4, top_k=2, capacity_factor=None)
+        >>> params = init_moe_params(jax.random.key(0), 16, 32, 4)
+        >>> x = jnp.ones((2, 8, 16))
+        >>> y, aux = moe_forward(params, x, router)
+        >>> y.shape, aux["routing"].shape
+        ((2, 8, 16), (2, 8, 2))
+    """
+    if not isinstance(router, MoERouterConfig):
+        raise ValueError(f"router must be a MoERouterConfig, got {type(router).__name__}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {list(IMPLS)}")
+    d, _ = _check_params(params, router)
+    x = jnp.asarray(x)
+    if x.ndim != 3 or x.shape[-1] != d:
+        raise ValueError(f"x must be [B, S, D] with D={d} (the router's width), got {x.shape}")
+    b, s, _ = x.shape
+    if token_mask is not None:
+        token_mask = jnp.asarray(token_mask)
+        if token_mask.shape != (b, s):
+            raise ValueError(f"token_mask must be [B, S] = {(b, s)}, got {token_mask.shape}")
+    if routing is not None:
+        routing = jnp.asarray(routing)
+        if routing.shape != (b, s, router.top_k) or not jnp.issubdtype(routing.dtype, jnp.integer):
+            raise ValueError(
+                f"routing must be an integer array [B, S, K] = {(b, s, router.top_k)}, got "
+                f"{routing.dtype}{list(routing.shape)}"
+            )
+    params = {name: jnp.asarray(params[name]) for name in PARAM_NAMES}
+
+    if mesh is None or all(size == 1 for size in dict(mesh.shape).values()):
+        return _moe_group(
+            params, x, token_mask, routing, router=router, train=train, impl=impl, axes=_MeshAxes()
+        )
+
+    # A batch the data axes do not divide is padded with padding tokens (not routed, no
+    # capacity) so that every expert-parallel shard routes its own slice.
+    sizes = dict(mesh.shape)
+    data_size = int(np.prod([sizes.get(a, 1) for a in shd.DEFAULT_RULES[shd.BATCH]]))
+    pad = -b % data_size
+    if token_mask is None:
+        token_mask = jnp.ones((b, s), jnp.int32)
+    if pad:
+        x = jnp.pad(x, ((0, pad), (0, 0), (0, 0)))
+        token_mask = jnp.pad(token_mask, ((0, pad), (0, 0)))
+        if routing is not None:
+            routing = jnp.pad(routing, ((0, pad), (0, 0), (0, 0)))
+    param_shapes = {name: params[name].shape for name in PARAM_NAMES}
+    axes, specs = _mesh_axes(mesh, x.shape, param_shapes)
+    row_spec = P(*specs["x"][:1])
+    routing_spec = None if routing is None else row_spec
+    body = functools.partial(_moe_group, router=router, train=train, impl=impl, axes=axes)
+    aux_specs = {
+        "aux_loss": P(), "z_loss": P(), "dropped_fraction": P(), "expert_load": P(),
+        "routing": row_spec,
+    }  # fmt: skip
+    fn = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(specs["params"], row_spec, row_spec, routing_spec),
+        out_specs=(row_spec, aux_specs),
+    )
+    y, aux = fn(params, x, token_mask, routing)
+    if pad:
+        y, aux = y[:b], {**aux, "routing": aux["routing"][:b]}
+    return y, aux
+
+
+# ----------------------------------------------------------------------------------------------
+# The oracle
+
+
+def moe_reference(
+    params: Mapping[str, ArrayLike],
+    x: ArrayLike,
+    router: MoERouterConfig,
+    token_mask: ArrayLike | None = None,
+) -> jax.Array:
+    """The MoE block as a plain loop over experts with no capacity limit (a test oracle).
+
+    Every expert runs on every token; its output is kept where the token chose it.
+
+    Args:
+        params: as :func:`moe_forward`.
+        x: [B, S, D].
+        router: only ``top_k`` and ``normalize_top_k`` are used (no capacity).
+        token_mask: [B, S], 1 = a real token; padding tokens output 0.
+
+    Returns:
+        y [B, S, D] float32.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    logits = jnp.einsum("bsd,de->bse", x, jnp.asarray(params["router"], jnp.float32),
+                        precision=lax.Precision.HIGHEST)  # fmt: skip
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_logits, top_experts = lax.top_k(logits, router.top_k)
+    if router.normalize_top_k:
+        gates = jax.nn.softmax(top_logits, axis=-1)
+    else:
+        gates = jnp.take_along_axis(probs, top_experts, axis=-1)
+    y = jnp.zeros_like(x)
+    for expert in range(router.num_experts):
+        weight = jnp.sum(jnp.where(top_experts == expert, gates, 0.0), axis=-1)  # [B, S]
+        gate = x @ jnp.asarray(params["w_gate_up"][expert, :, 0, :], jnp.float32)
+        up = x @ jnp.asarray(params["w_gate_up"][expert, :, 1, :], jnp.float32)
+        out = (jax.nn.silu(gate) * up) @ jnp.asarray(params["w_down"][expert], jnp.float32)
+        y = y + weight[..., None] * out
+    if token_mask is not None:
+        y = y * (jnp.asarray(token_mask) > 0)[..., None]
+    return y
