@@ -1,0 +1,678 @@
+"""Advantage and return estimators for token-level policy-gradient training.
+
+Every estimator maps one rollout batch to token-level advantages ``[B, T]`` (and returns, when
+the estimator defines them), so PPO, GRPO, RLOO and REINFORCE++ swap without touching the
+rollout loop. The primitives are pure functions; the estimator classes are frozen, validated
+configurations around them, and :func:`make_advantage_estimator` builds one by name.
+
+Conventions shared by everything here:
+
+* Arrays are batch-major ``[B, T]``: row ``b`` is one sampled response, right-padded to ``T``.
+* ``response_mask`` ``[B, T]``: nonzero (1) = a real generated token, 0 = padding (or a token
+  the policy did not generate, such as a tool's output inside a multi-turn response).
+* Masked-out positions are *skipped*: they neither receive nor pass on advantage, return or
+  value, and their outputs are exactly 0. Whatever they hold in ``rewards`` or ``values``
+  (even NaN) never reaches a valid token.
+* Sequence scores ``[B]`` (one verifiable reward per response) become token rewards by placing
+  the score on the last valid token of the row (:func:`scores_to_token_rewards`); a row with no
+  valid token drops its score.
+* Group estimators (GRPO, RLOO, REINFORCE++-baseline) expect ``B = num_groups * group_size``
+  with the ``group_size`` samples of one prompt in consecutive rows.
+* All statistics (means and variances for whitening) are global over the batch. Under ``jit``
+  with the batch sharded over a mesh, ``jnp.sum`` reduces over every shard, so the result equals
+  the unsharded computation; nothing here reduces per shard.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> estimator = make_advantage_estimator("grpo", group_size=2)
+    >>> batch = {"scores": jnp.array([1.0, 0.0, 0.5, 0.5]),
+    ...          "response_mask": jnp.ones((4, 3))}
+    >>> advantages, returns = estimator(batch)
+    >>> advantages.shape, returns is None
+    ((4, 3), True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "AdvantageEstimator",
+    "GAEAdvantageEstimator",
+    "GRPOAdvantageEstimator",
+    "RLOOAdvantageEstimator",
+    "ReinforcePlusPlusAdvantageEstimator",
+    "discounted_returns",
+    "gae",
+    "group_relative_advantages",
+    "make_advantage_estimator",
+    "normalize_advantages",
+    "rloo_advantages",
+    "scores_to_token_rewards",
+    "sequence_scores",
+]
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _as_2d(name: str, x: ArrayLike) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must have shape [B, T] (rank 2), got shape {x.shape}")
+    return x
+
+
+def _as_float_2d(name: str, x: ArrayLike) -> jax.Array:
+    return _as_2d(name, x).astype(jnp.float32)
+
+
+def _check_same_shape(**arrays: jax.Array) -> None:
+    shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"arrays must share one shape [B, T], got {shapes}")
+
+
+def _check_unit_interval(name: str, value: Any) -> None:
+    # Traced values (vmapping over gamma) cannot be checked; Python numbers can.
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    if isinstance(value, numbers.Real) and not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def _check_group_size(group_size: Any, batch_size: int | None = None) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(
+            f"group_size must be an integer >= 2 (samples per prompt; a baseline needs at least "
+            f"two samples), got {group_size!r}"
+        )
+    if batch_size is not None and batch_size % group_size:
+        raise ValueError(
+            f"batch size B={batch_size} is not a multiple of group_size={group_size}; the batch "
+            f"must hold whole groups of {group_size} consecutive samples per prompt"
+        )
+
+
+def _valid(response_mask: jax.Array) -> jax.Array:
+    return response_mask != 0
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def gae(
+    rewards: ArrayLike,
+    values: ArrayLike,
+    response_mask: ArrayLike,
+    *,
+    gamma: float,
+    lam: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Generalized advantage estimation over right-padded token sequences.
+
+    GAE (Schulman et al., 2016, "High-Dimensional Continuous Control Using Generalized
+    Advantage Estimation"), written as the backward recursion over the valid tokens of each
+    row, where ``n(t)`` is the next valid position after ``t``::
+
+        delta_t = r_t + gamma * V_{n(t)} - V_t
+        A_t     = delta_t + gamma * lam * A_{n(t)}
+        R_t     = A_t + V_t                       (the lambda-return, the critic's target)
+
+    with ``V`` and ``A`` after the last valid token equal to 0 (each response is one episode
+    that ends at its last token). Masked-out positions are skipped: they neither receive nor
+    pass on advantage, and get ``A = R = 0``. ``gamma = lam = 1`` reduces to reward-to-go minus
+    value; ``lam = 0`` to the one-step TD error.
+
+    The recursion runs as one reverse :func:`jax.lax.scan` over time on time-major ``[T, B]``
+    copies of the inputs, carrying the next valid value and advantage of every row.
+
+    Args:
+        rewards: ``[B, T]`` token rewards (any float dtype; computed in float32).
+        values: ``[B, T]`` critic values ``V_t`` of the state before emitting token ``t``.
+        response_mask: ``[B, T]``; nonzero = a real generated token.
+        gamma: discount in [0, 1].
+        lam: GAE lambda in [0, 1].
+
+    Returns:
+        ``(advantages, returns)``, both ``[B, T]`` float32, 0 on masked-out positions.
+
+    Raises:
+        ValueError: inputs are not rank 2 with one shape, or gamma/lam lie outside [0, 1].
+
+    Example:
+        >>> adv, ret = gae(jnp.array([[0.0, 1.0]]), jnp.zeros((1, 2)), jnp.ones((1, 2)),
+        ...                gamma=1.0, lam=1.0)
+        >>> adv.tolist()
+        [[1.0, 1.0]]
+    """
+    rewards = _as_float_2d("rewards", rewards)
+    values = _as_float_2d("values", values)
+    mask = _as_2d("response_mask", response_mask)
+    _check_same_shape(rewards=rewards, values=values, response_mask=mask)
+    _check_unit_interval("gamma", gamma)
+    _check_unit_interval("lam", lam)
+    valid = _valid(mask)
+    gamma = jnp.asarray(gamma, jnp.float32)
+    gamma_lam = gamma * jnp.asarray(lam, jnp.float32)
+
+    def step(carry, x):
+        next_value, next_advantage = carry
+        r_t, v_t, valid_t = x
+        advantage = r_t + gamma * next_value - v_t + gamma_lam * next_advantage
+        # A skipped position hands its successor's value and advantage through unchanged.
+        next_value = jnp.where(valid_t, v_t, next_value)
+        next_advantage = jnp.where(valid_t, advantage, next_advantage)
+        return (next_value, next_advantage), next_advantage
+
+    zeros = jnp.zeros(rewards.shape[:1], jnp.float32)
+    _, advantages = jax.lax.scan(step, (zeros, zeros), (rewards.T, values.T, valid.T), reverse=True)
+    advantages = jnp.where(valid, advantages.T, 0.0)
+    returns = jnp.where(valid, advantages + values, 0.0)
+    return advantages, returns
+
+
+def discounted_returns(
+    rewards: ArrayLike, response_mask: ArrayLike, *, gamma: float = 1.0
+) -> jax.Array:
+    """Discounted reward-to-go ``G_t = r_t + gamma * G_{n(t)}`` over the valid tokens.
+
+    This is :func:`gae` with ``V = 0`` and ``lam = 1``; masked-out positions are skipped and get
+    0. With a sequence score on the last token and ``gamma = 1`` every valid token gets the
+    score (REINFORCE, Williams 1992).
+
+    Args:
+        rewards: ``[B, T]`` token rewards.
+        response_mask: ``[B, T]``; nonzero = a real generated token.
+        gamma: discount in [0, 1].
+
+    Returns:
+        ``[B, T]`` float32 reward-to-go.
+    """
+    rewards = _as_float_2d("rewards", rewards)
+    returns, _ = gae(rewards, jnp.zeros_like(rewards), response_mask, gamma=gamma, lam=1.0)
+    return returns
+
+
+def normalize_advantages(
+    advantages: ArrayLike,
+    mask: ArrayLike,
+    eps: float = 1e-8,
+    *,
+    shift_mean: bool = True,
+) -> jax.Array:
+    """Masked whitening: ``(A - mean) / sqrt(var + eps)`` over the valid tokens only.
+
+    ``mean = sum(m * A) / N`` and ``var = sum(m * (A - mean)**2) / N`` (population variance)
+    with ``N = sum(m)`` the number of valid tokens in the whole batch; padding stays 0. This is
+    the advantage normalisation of PPO implementations (OpenAI baselines, verl's
+    ``masked_whiten``, TRL, OpenRLHF). Under ``jit`` with a sharded batch the sums are global,
+    so the statistics are those of the full batch, never per shard. A batch without valid
+    tokens returns zeros.
+
+    Args:
+        advantages: ``[B, T]`` (or any shape matching ``mask``).
+        mask: same shape; nonzero = a valid token.
+        eps: added to the variance before the square root.
+        shift_mean: subtract the mean (True) or only divide by the standard deviation (False,
+            which keeps the sign of every advantage).
+
+    Returns:
+        float32 array of the input's shape.
+
+    Raises:
+        ValueError: shapes differ.
+    """
+    advantages = jnp.asarray(advantages, jnp.float32)
+    mask = jnp.asarray(mask)
+    if advantages.shape != mask.shape:
+        raise ValueError(
+            f"advantages {advantages.shape} and mask {mask.shape} must have the same shape"
+        )
+    valid = _valid(mask)
+    weights = valid.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(weights), 1.0)
+    masked = jnp.where(valid, advantages, 0.0)
+    mean = jnp.sum(masked) / count
+    var = jnp.sum(jnp.where(valid, jnp.square(advantages - mean), 0.0)) / count
+    centred = advantages - mean if shift_mean else advantages
+    return jnp.where(valid, centred * jax.lax.rsqrt(var + eps), 0.0)
+
+
+def group_relative_advantages(
+    scores: ArrayLike,
+    group_size: int,
+    *,
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+) -> jax.Array:
+    """GRPO's group-relative advantage of every sample.
+
+    GRPO (Shao et al., 2024, "DeepSeekMath"): with the ``G = group_size`` samples of one prompt
+    in consecutive rows, ``A_i = (r_i - mean_g(r)) / (std_g(r) + eps)``, ``std`` being the
+    unbiased (``G - 1``) sample standard deviation as in TRL and verl. ``scale_by_std=False``
+    gives Dr. GRPO (Liu et al., 2025, "Understanding R1-Zero-Like Training"), ``A_i = r_i -
+    mean_g(r)``, which removes the bias towards prompts whose rewards barely vary. A group whose
+    samples all score the same gets advantage 0.
+
+    Args:
+        scores: ``[B]`` sequence scores, ``B = num_groups * group_size``.
+        group_size: G >= 2, samples per prompt.
+        scale_by_std: divide by the group's standard deviation (GRPO) or not (Dr. GRPO).
+        eps: added to the standard deviation.
+
+    Returns:
+        ``[B]`` float32 advantages.
+
+    Raises:
+        ValueError: ``scores`` is not rank 1, ``group_size`` < 2, or B is not a multiple of it.
+
+    Example:
+        >>> group_relative_advantages(jnp.array([1.0, 0.0, 2.0, 2.0]), 2).round(3).tolist()
+        [0.7070000171661377, -0.7070000171661377, 0.0, 0.0]
+    """
+    scores = jnp.asarray(scores, jnp.float32)
+    if scores.ndim != 1:
+        raise ValueError(f"scores must have shape [B] (rank 1), got shape {scores.shape}")
+    _check_group_size(group_size, scores.shape[0])
+    grouped = scores.reshape(-1, group_size)
+    centred = grouped - jnp.mean(grouped, axis=1, keepdims=True)
+    if scale_by_std:
+        std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / (group_size - 1))
+        centred = centred / (std + eps)
+    return centred.reshape(-1)
+
+
+def rloo_advantages(scores: ArrayLike, group_size: int) -> jax.Array:
+    """REINFORCE leave-one-out advantages.
+
+    RLOO (Kool et al., 2019; Ahmadian et al., 2024, "Back to Basics: Revisiting
+    REINFORCE-Style Optimization for Learning from Human Feedback in LLMs"): each sample's
+    baseline is the mean score of the *other* samples of its prompt,
+    ``A_i = r_i - sum_{j != i} r_j / (G - 1) = G / (G - 1) * (r_i - mean_g(r))``, an unbiased
+    baseline.
+
+    Args:
+        scores: ``[B]`` sequence scores, ``B = num_groups * group_size``.
+        group_size: G >= 2, samples per prompt.
+
+    Returns:
+        ``[B]`` float32 advantages.
+
+    Raises:
+        ValueError: ``scores`` is not rank 1, ``group_size`` < 2, or B is not a multiple of it.
+    """
+    centred = group_relative_advantages(scores, group_size, scale_by_std=False)
+    return centred * (group_size / (group_size - 1))
+
+
+def scores_to_token_rewards(scores: ArrayLike, response_mask: ArrayLike) -> jax.Array:
+    """Places each sequence score on the last valid token of its row.
+
+    The usual reward of outcome-supervised RLHF/RLVR: the whole response is scored once, and
+    the score arrives with the token that ends it. A row without valid tokens drops its score.
+
+    Args:
+        scores: ``[B]`` sequence scores.
+        response_mask: ``[B, T]``; nonzero = a real generated token.
+
+    Returns:
+        ``[B, T]`` float32, ``scores[b]`` at the last valid position of row ``b``, 0 elsewhere.
+
+    Raises:
+        ValueError: ``scores`` is not ``[B]`` for the mask's B.
+    """
+    mask = _as_2d("response_mask", response_mask)
+    scores = jnp.asarray(scores, jnp.float32)
+    if scores.shape != mask.shape[:1]:
+        raise ValueError(
+            f"scores must have shape [B]={mask.shape[:1]} to match response_mask {mask.shape}, "
+            f"got {scores.shape}"
+        )
+    valid = _valid(mask)
+    num_tokens = mask.shape[1]
+    last = num_tokens - 1 - jnp.argmax(valid[:, ::-1], axis=1)
+    at_last = (jnp.arange(num_tokens)[None, :] == last[:, None]) & jnp.any(valid, 1)[:, None]
+    return jnp.where(at_last, scores[:, None], 0.0)
+
+
+# --------------------------------------------------------------------------- batch inputs
+
+
+def _batch_mask(batch: Mapping[str, ArrayLike]) -> jax.Array:
+    if "response_mask" not in batch:
+        raise ValueError(
+            f"the batch needs 'response_mask' [B, T] (1 = a real generated token); it has keys "
+            f"{sorted(batch)}"
+        )
+    return _as_2d("response_mask", batch["response_mask"])
+
+
+def _require_rewards(batch: Mapping[str, ArrayLike]) -> None:
+    if "scores" not in batch and "token_rewards" not in batch:
+        raise ValueError(
+            f"the batch needs 'scores' [B] (one reward per response) and/or 'token_rewards' "
+            f"[B, T]; it has keys {sorted(batch)}"
+        )
+
+
+def _token_rewards(batch: Mapping[str, ArrayLike], mask: jax.Array) -> jax.Array:
+    """Token rewards: ``token_rewards`` plus the sequence ``scores`` on the last valid token."""
+    _require_rewards(batch)
+    rewards = jnp.zeros(mask.shape, jnp.float32)
+    if "token_rewards" in batch:
+        token_rewards = _as_float_2d("token_rewards", batch["token_rewards"])
+        _check_same_shape(token_rewards=token_rewards, response_mask=mask)
+        rewards = rewards + jnp.where(_valid(mask), token_rewards, 0.0)
+    if "scores" in batch:
+        rewards = rewards + scores_to_token_rewards(batch["scores"], mask)
+    return rewards
+
+
+def sequence_scores(batch: Mapping[str, ArrayLike]) -> jax.Array:
+    """The undiscounted return of each response: ``scores + sum_t mask * token_rewards``.
+
+    Sequence-level estimators (GRPO, RLOO) read this, so a batch that carries only token
+    rewards, only scores, or both, means the same thing to every estimator. A response without
+    valid tokens keeps its score here (it still belongs to its group).
+
+    Args:
+        batch: mapping with ``response_mask`` and ``scores`` [B] and/or ``token_rewards``
+            [B, T].
+
+    Returns:
+        ``[B]`` float32.
+    """
+    mask = _batch_mask(batch)
+    _require_rewards(batch)
+    total = jnp.zeros(mask.shape[:1], jnp.float32)
+    if "token_rewards" in batch:
+        total = total + jnp.sum(_token_rewards({"token_rewards": batch["token_rewards"]}, mask), 1)
+    if "scores" in batch:
+        scores = jnp.asarray(batch["scores"], jnp.float32)
+        if scores.shape != mask.shape[:1]:
+            raise ValueError(
+                f"scores must have shape [B]={mask.shape[:1]} to match response_mask "
+                f"{mask.shape}, got {scores.shape}"
+            )
+        total = total + scores
+    return total
+
+
+def _broadcast_to_tokens(sequence_advantages: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.where(_valid(mask), sequence_advantages[:, None], 0.0)
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+class AdvantageEstimator(Protocol):
+    """One rollout batch in, token-level advantages (and returns, or None) out.
+
+    ``batch`` holds ``response_mask`` [B, T], ``scores`` [B] and/or ``token_rewards`` [B, T],
+    and ``values`` [B, T] for estimators with a critic. The result is ``(advantages [B, T]
+    float32, returns [B, T] float32 or None)``, 0 on masked-out positions. Estimators are
+    frozen dataclasses, hashable, so they can be passed to ``jax.jit`` as static arguments.
+    """
+
+    def __call__(self, batch: Mapping[str, ArrayLike]) -> tuple[jax.Array, jax.Array | None]:
+        """Computes ``(advantages, returns or None)``."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GAEAdvantageEstimator:
+    """PPO's estimator: GAE over token rewards with a learned critic.
+
+    Token rewards are ``token_rewards`` (for example the per-token KL penalty of
+    :func:`novarl_jax.algorithms.kl.kl_penalized_token_rewards`) plus the sequence ``scores``
+    placed on the last valid token; :func:`gae` turns them and ``values`` into advantages and
+    lambda-returns; the advantages are then whitened over the batch's valid tokens
+    (:func:`normalize_advantages`) when ``normalize``. Returns are never whitened: they are the
+    critic's regression target.
+
+    Attributes:
+        gamma: discount (verl ``algorithm.gamma``; 1.0 is usual for language).
+        lam: GAE lambda (verl ``algorithm.lam``; TRL ``lam``).
+        normalize: whiten the advantages.
+
+    Example:
+        >>> estimator = GAEAdvantageEstimator(gamma=1.0, lam=1.0)
+        >>> batch = {"scores": jnp.array([1.0, 0.0]), "values": jnp.zeros((2, 3)),
+        ...          "response_mask": jnp.array([[1, 1, 1], [1, 1, 0]])}
+        >>> advantages, returns = estimator(batch)
+        >>> returns.tolist()
+        [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    """
+
+    gamma: float = 1.0
+    lam: float = 0.95
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        _check_unit_interval("gamma", self.gamma)
+        _check_unit_interval("lam", self.lam)
+
+    def __call__(self, batch: Mapping[str, ArrayLike]) -> tuple[jax.Array, jax.Array]:
+        """Computes ``(advantages, returns)``, both ``[B, T]`` float32."""
+        mask = _batch_mask(batch)
+        if "values" not in batch:
+            raise ValueError(
+                f"GAE needs the critic's 'values' [B, T] in the batch; it has keys {sorted(batch)}"
+            )
+        rewards = _token_rewards(batch, mask)
+        advantages, returns = gae(rewards, batch["values"], mask, gamma=self.gamma, lam=self.lam)
+        if self.normalize:
+            advantages = normalize_advantages(advantages, mask)
+        return advantages, returns
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOAdvantageEstimator:
+    """GRPO's (or Dr. GRPO's) group-relative advantage, the same for every token of a sample.
+
+    ``A_{i,t} = (R_i - mean_g(R)) / (std_g(R) + eps)`` for every valid token ``t`` of sample
+    ``i`` (:func:`group_relative_advantages`), ``R_i`` the response's return
+    (:func:`sequence_scores`). No critic; returns are None.
+
+    Attributes:
+        group_size: G, samples per prompt (verl ``rollout.n``, TRL ``num_generations``, the
+            quickstart's ``grpo_group_size``).
+        scale_by_std: GRPO (True) or Dr. GRPO (False; verl
+            ``norm_adv_by_std_in_grpo=False``, TRL ``scale_rewards='none'``).
+        eps: added to the group's standard deviation.
+    """
+
+    group_size: int
+    scale_by_std: bool = True
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_group_size(self.group_size)
+        if not self.eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
+
+    def __call__(self, batch: Mapping[str, ArrayLike]) -> tuple[jax.Array, None]:
+        """Computes ``(advantages [B, T] float32, None)``."""
+        mask = _batch_mask(batch)
+        scores = sequence_scores(batch)
+        advantages = group_relative_advantages(
+            scores, self.group_size, scale_by_std=self.scale_by_std, eps=self.eps
+        )
+        return _broadcast_to_tokens(advantages, mask), None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLOOAdvantageEstimator:
+    """RLOO's leave-one-out advantage, the same for every token of a sample.
+
+    ``A_{i,t} = R_i - mean_{j != i} R_j`` (:func:`rloo_advantages`). No critic; returns are
+    None.
+
+    Attributes:
+        group_size: G >= 2, samples per prompt (TRL ``rloo_k``).
+    """
+
+    group_size: int
+
+    def __post_init__(self) -> None:
+        _check_group_size(self.group_size)
+
+    def __call__(self, batch: Mapping[str, ArrayLike]) -> tuple[jax.Array, None]:
+        """Computes ``(advantages [B, T] float32, None)``."""
+        mask = _batch_mask(batch)
+        advantages = rloo_advantages(sequence_scores(batch), self.group_size)
+        return _broadcast_to_tokens(advantages, mask), None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReinforcePlusPlusAdvantageEstimator:
+    """REINFORCE++ and REINFORCE++-baseline: discounted returns, whitened over the batch.
+
+    REINFORCE++ (Hu et al., 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning
+    Large Language Models"): token rewards (``token_rewards``, typically the per-token KL
+    penalty, plus ``scores`` on the last token) give the reward-to-go
+    ``G_t = r_t + gamma * G_{t+1}`` (:func:`discounted_returns`), and the advantage is ``G``
+    whitened over every valid token of the batch (global, not per prompt, normalisation).
+
+    With ``baseline=True`` (REINFORCE++-baseline) each sample's score first has its group's mean
+    score subtracted (``scores - mean_g(scores)``; token rewards such as KL penalties are not
+    baselined), then the same reward-to-go and global whitening follow.
+
+    Attributes:
+        gamma: discount (1.0 in the paper's outcome-reward setting).
+        baseline: subtract the group mean score (REINFORCE++-baseline).
+        group_size: G >= 2, samples per prompt; required when ``baseline``.
+
+    The returns (un-whitened reward-to-go) are returned too.
+    """
+
+    gamma: float = 1.0
+    baseline: bool = False
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_unit_interval("gamma", self.gamma)
+        if self.baseline:
+            if self.group_size is None:
+                raise ValueError(
+                    "group_size is required when baseline=True (REINFORCE++-baseline subtracts "
+                    "each prompt group's mean score); pass the samples per prompt, e.g. "
+                    "group_size=8"
+                )
+            _check_group_size(self.group_size)
+        elif self.group_size is not None:
+            _check_group_size(self.group_size)
+
+    def __call__(self, batch: Mapping[str, ArrayLike]) -> tuple[jax.Array, jax.Array]:
+        """Computes ``(advantages, returns)``, both ``[B, T]`` float32."""
+        mask = _batch_mask(batch)
+        if self.baseline:
+            if "scores" not in batch:
+                raise ValueError(
+                    f"REINFORCE++-baseline needs the sequence 'scores' [B] in the batch (the "
+                    f"group baseline is their mean); it has keys {sorted(batch)}"
+                )
+            assert self.group_size is not None
+            centred = group_relative_advantages(
+                batch["scores"], self.group_size, scale_by_std=False
+            )
+            batch = {**batch, "scores": centred}
+        rewards = _token_rewards(batch, mask)
+        returns = discounted_returns(rewards, mask, gamma=self.gamma)
+        return normalize_advantages(returns, mask), returns
+
+
+def _dr_grpo(**kwargs: Any) -> GRPOAdvantageEstimator:
+    if kwargs.get("scale_by_std", False):
+        raise ValueError(
+            "'dr_grpo' is GRPO with scale_by_std=False; use 'grpo' for scale_by_std=True"
+        )
+    return GRPOAdvantageEstimator(**{**kwargs, "scale_by_std": False})
+
+
+def _reinforce_plus_plus(**kwargs: Any) -> ReinforcePlusPlusAdvantageEstimator:
+    if kwargs.get("baseline", False):
+        raise ValueError(
+            "'reinforce_plus_plus' has no group baseline; use 'reinforce_plus_plus_baseline'"
+        )
+    return ReinforcePlusPlusAdvantageEstimator(**{**kwargs, "baseline": False})
+
+
+def _reinforce_plus_plus_baseline(**kwargs: Any) -> ReinforcePlusPlusAdvantageEstimator:
+    if not kwargs.get("baseline", True):
+        raise ValueError(
+            "'reinforce_plus_plus_baseline' always uses the group baseline; use "
+            "'reinforce_plus_plus' for baseline=False"
+        )
+    return ReinforcePlusPlusAdvantageEstimator(**{**kwargs, "baseline": True})
+
+
+# name -> constructor taking the estimator's keyword arguments.
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., AdvantageEstimator]] = {
+    "gae": GAEAdvantageEstimator,
+    "grpo": GRPOAdvantageEstimator,
+    "dr_grpo": _dr_grpo,
+    "rloo": RLOOAdvantageEstimator,
+    "reinforce_plus_plus": _reinforce_plus_plus,
+    "reinforce_plus_plus_baseline": _reinforce_plus_plus_baseline,
+}
+
+_ESTIMATOR_CLASSES: dict[str, type] = {
+    "gae": GAEAdvantageEstimator,
+    "grpo": GRPOAdvantageEstimator,
+    "dr_grpo": GRPOAdvantageEstimator,
+    "rloo": RLOOAdvantageEstimator,
+    "reinforce_plus_plus": ReinforcePlusPlusAdvantageEstimator,
+    "reinforce_plus_plus_baseline": ReinforcePlusPlusAdvantageEstimator,
+}
+
+
+def make_advantage_estimator(name: str, **kwargs: Any) -> AdvantageEstimator:
+    """Builds an advantage estimator by the name a config uses.
+
+    Names (verl's ``algorithm.adv_estimator`` spellings): ``'gae'`` (PPO),
+    ``'grpo'``, ``'dr_grpo'`` (GRPO without std scaling), ``'rloo'``,
+    ``'reinforce_plus_plus'``, ``'reinforce_plus_plus_baseline'``.
+
+    Args:
+        name: the estimator's name.
+        **kwargs: the estimator's fields (for example ``gamma``, ``lam``, ``group_size``).
+
+    Returns:
+        A frozen, hashable estimator: ``estimator(batch) -> (advantages, returns or None)``.
+
+    Raises:
+        ValueError: an unknown name, an unknown or invalid keyword argument.
+
+    Example:
+        >>> make_advantage_estimator("dr_grpo", group_size=4)
+        GRPOAdvantageEstimator(group_size=4, scale_by_std=False, eps=1e-06)
+    """
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(
+            f"unknown advantage estimator {name!r}; valid names: {sorted(ADVANTAGE_ESTIMATORS)}"
+        )
+    fields = {f.name for f in dataclasses.fields(_ESTIMATOR_CLASSES[name])}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ValueError(
+            f"advantage estimator {name!r} has no argument(s) {unknown}; valid arguments: "
+            f"{sorted(fields)}"
+        )
+    required = sorted(
+        f.name
+        for f in dataclasses.fields(_ESTIMATOR_CLASSES[name])
+        if f.default is dataclasses.MISSING and f.name not in kwargs
+    )
+    if required:
+        raise ValueError(f"advantage estimator {name!r} needs the argument(s) {required}")
+    return ADVANTAGE_ESTIMATORS[name](**kwargs)

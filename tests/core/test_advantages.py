@@ -1,0 +1,466 @@
+"""Advantage estimators against plain NumPy float64 loops, jitted, eager and on a mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+
+from novarl_jax.core.distributed import ParallelLayout
+from novarl_jax.core.sharding import batch_spec
+from novarl_jax.core.utils import advantages as adv
+from novarl_jax.core.utils.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    GAEAdvantageEstimator,
+    GRPOAdvantageEstimator,
+    ReinforcePlusPlusAdvantageEstimator,
+    RLOOAdvantageEstimator,
+    discounted_returns,
+    gae,
+    group_relative_advantages,
+    make_advantage_estimator,
+    normalize_advantages,
+    rloo_advantages,
+    scores_to_token_rewards,
+    sequence_scores,
+)
+
+# ----------------------------------------------------------------------------- references
+
+
+def np_gae(rewards, values, mask, gamma, lam):
+    """Double loop: rows, then time backwards, skipping masked positions."""
+    rewards, values = np.asarray(rewards, np.float64), np.asarray(values, np.float64)
+    mask = np.asarray(mask) != 0
+    advantages = np.zeros(rewards.shape)
+    for b in range(rewards.shape[0]):
+        next_value, next_adv = 0.0, 0.0
+        for t in reversed(range(rewards.shape[1])):
+            if not mask[b, t]:
+                continue
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            next_adv = delta + gamma * lam * next_adv
+            next_value = values[b, t]
+            advantages[b, t] = next_adv
+    returns = np.where(mask, advantages + values, 0.0)
+    return advantages, returns
+
+
+def np_whiten(x, mask, eps=1e-8):
+    mask = np.asarray(mask) != 0
+    vals = np.asarray(x, np.float64)[mask]
+    if vals.size == 0:
+        return np.zeros(np.shape(x))
+    mean, var = vals.mean(), vals.var()
+    return np.where(mask, (np.asarray(x, np.float64) - mean) / np.sqrt(var + eps), 0.0)
+
+
+def np_grpo(scores, group_size, scale_by_std=True, eps=1e-6):
+    out = np.zeros(len(scores))
+    for start in range(0, len(scores), group_size):
+        group = np.asarray(scores[start : start + group_size], np.float64)
+        for i in range(group_size):
+            a = group[i] - group.mean()
+            if scale_by_std:
+                a /= group.std(ddof=1) + eps
+            out[start + i] = a
+    return out
+
+
+def np_rloo(scores, group_size):
+    out = np.zeros(len(scores))
+    for start in range(0, len(scores), group_size):
+        group = np.asarray(scores[start : start + group_size], np.float64)
+        for i in range(group_size):
+            others = [group[j] for j in range(group_size) if j != i]
+            out[start + i] = group[i] - sum(others) / len(others)
+    return out
+
+
+def np_place_scores(scores, mask):
+    mask = np.asarray(mask) != 0
+    out = np.zeros(mask.shape)
+    for b in range(mask.shape[0]):
+        valid = np.nonzero(mask[b])[0]
+        if len(valid):
+            out[b, valid[-1]] = scores[b]
+    return out
+
+
+def right_padded_mask(lengths, num_tokens):
+    return (np.arange(num_tokens)[None, :] < np.asarray(lengths)[:, None]).astype(np.float32)
+
+
+def random_inputs(seed, batch, num_tokens, lengths=None, holes=False):
+    rng = np.random.default_rng(seed)
+    rewards = rng.normal(size=(batch, num_tokens)).astype(np.float32)
+    values = rng.normal(size=(batch, num_tokens)).astype(np.float32)
+    if lengths is None:
+        lengths = rng.integers(0, num_tokens + 1, size=batch)
+    mask = right_padded_mask(lengths, num_tokens)
+    if holes:
+        mask = mask * (rng.random((batch, num_tokens)) > 0.3)
+    return rewards, values, mask.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return ParallelLayout(dp=2, ep=4).make_mesh()
+
+
+def shard_rows(mesh, *arrays):
+    """Places [B, ...] arrays with the batch split over ('dp', 'ep')."""
+    out = []
+    for a in arrays:
+        a = jnp.asarray(a)
+        spec = batch_spec(a.ndim, mesh, a.shape[0])
+        out.append(jax.device_put(a, NamedSharding(mesh, spec)))
+    return out
+
+
+gae_jit = jax.jit(gae, static_argnames=("gamma", "lam"))
+
+# ----------------------------------------------------------------------------- GAE
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    num_tokens=st.integers(1, 9),
+    gamma=st.floats(0.0, 1.0),
+    lam=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    holes=st.booleans(),
+    data=st.data(),
+)
+def test_gae_matches_numpy_double_loop(batch, num_tokens, gamma, lam, seed, holes, data):
+    lengths = data.draw(st.lists(st.integers(0, num_tokens), min_size=batch, max_size=batch))
+    rewards, values, mask = random_inputs(seed, batch, num_tokens, lengths, holes)
+    want_adv, want_ret = np_gae(rewards, values, mask, gamma, lam)
+    for fn in (gae, gae_jit):
+        got_adv, got_ret = fn(rewards, values, mask, gamma=gamma, lam=lam)
+        np.testing.assert_allclose(got_adv, want_adv, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_ret, want_ret, rtol=1e-5, atol=1e-5)
+        assert got_adv.dtype == jnp.float32 and got_adv.shape == (batch, num_tokens)
+
+
+def test_gae_zero_and_full_length_rows():
+    rewards, values, mask = random_inputs(0, 3, 6, lengths=[0, 6, 3])
+    got_adv, got_ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    want_adv, want_ret = np_gae(rewards, values, mask, 0.9, 0.8)
+    np.testing.assert_allclose(got_adv, want_adv, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_ret, want_ret, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(got_adv[0]) == 0) and np.all(np.asarray(got_ret[0]) == 0)
+
+
+def test_gae_gamma_lam_one_is_reward_to_go_minus_value():
+    rewards, values, mask = random_inputs(1, 4, 7)
+    got_adv, got_ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    m = mask != 0
+    reward_to_go = np.flip(np.cumsum(np.flip(np.where(m, rewards, 0.0), 1), 1), 1)
+    np.testing.assert_allclose(got_adv, np.where(m, reward_to_go - values, 0), atol=1e-5)
+    np.testing.assert_allclose(got_ret, np.where(m, reward_to_go, 0), atol=1e-5)
+
+
+def test_gae_lam_zero_is_one_step_td_error():
+    rewards, values, _ = random_inputs(2, 2, 5)
+    mask = np.ones((2, 5), np.float32)
+    got, _ = gae(rewards, values, mask, gamma=0.9, lam=0.0)
+    next_values = np.concatenate([values[:, 1:], np.zeros((2, 1))], 1)
+    np.testing.assert_allclose(got, rewards + 0.9 * next_values - values, atol=1e-6)
+
+
+def test_gae_hand_computed():
+    # T = 3, all valid, V = [1, 2, 3], r = [0, 0, 1], gamma = 0.5, lam = 0.5:
+    # delta_2 = 1 - 3 = -2; delta_1 = 0 + 0.5*3 - 2 = -0.5; delta_0 = 0 + 0.5*2 - 1 = 0
+    # A_2 = -2; A_1 = -0.5 + 0.25*(-2) = -1; A_0 = 0 + 0.25*(-1) = -0.25
+    got_adv, got_ret = gae([[0.0, 0.0, 1.0]], [[1.0, 2.0, 3.0]], [[1, 1, 1]], gamma=0.5, lam=0.5)
+    np.testing.assert_allclose(got_adv, [[-0.25, -1.0, -2.0]], atol=1e-7)
+    np.testing.assert_allclose(got_ret, [[0.75, 1.0, 1.0]], atol=1e-7)
+
+
+def test_gae_padding_garbage_never_leaks():
+    rewards, values, mask = random_inputs(3, 3, 6, lengths=[2, 6, 4])
+    want_adv, want_ret = gae(rewards, values, mask, gamma=0.95, lam=0.9)
+    pad = mask == 0
+    dirty_r = np.where(pad, np.nan, rewards)
+    dirty_v = np.where(pad, 1e30, values)
+    got_adv, got_ret = gae(dirty_r, dirty_v, mask, gamma=0.95, lam=0.9)
+    np.testing.assert_array_equal(got_adv, want_adv)
+    np.testing.assert_array_equal(got_ret, want_ret)
+
+
+def test_gae_sharded_over_8_devices_equals_unsharded(mesh):
+    rewards, values, mask = random_inputs(4, 16, 12, holes=True)
+    want = gae_jit(rewards, values, mask, gamma=0.99, lam=0.95)
+    r, v, m = shard_rows(mesh, rewards, values, mask)
+    got = gae_jit(r, v, m, gamma=0.99, lam=0.95)
+    assert len(got[0].sharding.device_set) == 8
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-6)
+
+
+def test_gae_rejects_bad_inputs():
+    ok = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"rewards must have shape \[B, T\]"):
+        gae(np.zeros(3), ok, ok, gamma=1.0, lam=1.0)
+    with pytest.raises(ValueError, match="must share one shape"):
+        gae(ok, np.zeros((2, 4)), ok, gamma=1.0, lam=1.0)
+    with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\]"):
+        gae(ok, ok, ok, gamma=1.5, lam=1.0)
+    with pytest.raises(ValueError, match=r"lam must be in \[0, 1\]"):
+        gae(ok, ok, ok, gamma=1.0, lam=-0.1)
+
+
+def test_discounted_returns_matches_loop():
+    rewards, _, mask = random_inputs(5, 3, 8, holes=True)
+    got = discounted_returns(rewards, mask, gamma=0.9)
+    want, _ = np_gae(rewards, np.zeros_like(rewards), mask, 0.9, 1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), shift_mean=st.booleans())
+def test_normalize_advantages_matches_numpy(seed, shift_mean):
+    rewards, _, mask = random_inputs(seed, 4, 6)
+    got = normalize_advantages(rewards, mask, shift_mean=shift_mean)
+    m = mask != 0
+    if shift_mean:
+        want = np_whiten(rewards, mask)
+    else:
+        vals = rewards[m].astype(np.float64)
+        std = np.sqrt(vals.var() + 1e-8) if vals.size else 1.0
+        want = np.where(m, rewards / std, 0.0)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    assert np.all(np.asarray(got)[~m] == 0)
+
+
+def test_normalize_advantages_ignores_padding_values_and_empty_batch():
+    x = np.array([[1.0, 3.0, 99.0], [5.0, -7.0, 1e9]], np.float32)
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    got = normalize_advantages(x, mask)
+    mean, std = 3.0, np.sqrt(8 / 3)
+    np.testing.assert_allclose(
+        got, [[(1 - mean) / std, 0.0, 0.0], [(5 - mean) / std, 0.0, 0.0]], rtol=1e-5
+    )
+    np.testing.assert_array_equal(normalize_advantages(x, np.zeros((2, 3))), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="must have the same shape"):
+        normalize_advantages(x, np.ones((2, 2)))
+
+
+def test_normalize_advantages_statistics_are_global_under_a_mesh(mesh):
+    x, _, mask = random_inputs(6, 16, 5)
+    # Make the shards' statistics very different so per-shard whitening would be visible.
+    x = x + np.arange(16, dtype=np.float32)[:, None] * 3.0
+    fn = jax.jit(normalize_advantages)
+    want = fn(x, mask)
+    xs, ms = shard_rows(mesh, x, mask)
+    got = fn(xs, ms)
+    assert len(got.sharding.device_set) == 8
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, np_whiten(x, mask), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    group_size=st.integers(2, 5),
+    num_groups=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+    scale_by_std=st.booleans(),
+)
+def test_group_relative_advantages_matches_numpy(group_size, num_groups, seed, scale_by_std):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 3, size=group_size * num_groups).astype(np.float32)
+    got = group_relative_advantages(scores, group_size, scale_by_std=scale_by_std)
+    want = np_grpo(scores, group_size, scale_by_std)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    got_jit = jax.jit(group_relative_advantages, static_argnums=1)(scores, group_size)
+    np.testing.assert_allclose(got_jit, np_grpo(scores, group_size), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), perm=st.permutations(range(4)))
+def test_permuting_a_group_permutes_its_advantages(seed, perm):
+    scores = np.random.default_rng(seed).normal(size=8).astype(np.float32)
+    permuted = scores.copy()
+    permuted[4:] = scores[4:][list(perm)]
+    base = np.asarray(group_relative_advantages(scores, 4))
+    got = np.asarray(group_relative_advantages(permuted, 4))
+    np.testing.assert_allclose(got[:4], base[:4], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[4:], base[4:][list(perm)], rtol=1e-5, atol=1e-6)
+    rloo = np.asarray(rloo_advantages(permuted, 4))
+    np.testing.assert_allclose(
+        rloo[4:], np.asarray(rloo_advantages(scores, 4))[4:][list(perm)], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_group_relative_constant_group_gets_zero():
+    got = group_relative_advantages(np.array([1.0, 1.0, 0.0, 2.0]), 2)
+    np.testing.assert_allclose(got[:2], [0.0, 0.0])
+    np.testing.assert_allclose(got[2:], [-1 / (np.sqrt(2) + 1e-6), 1 / (np.sqrt(2) + 1e-6)])
+
+
+def test_group_errors():
+    with pytest.raises(ValueError, match="not a multiple of group_size=3"):
+        group_relative_advantages(np.zeros(4), 3)
+    with pytest.raises(ValueError, match="group_size must be an integer >= 2"):
+        group_relative_advantages(np.zeros(4), 1)
+    with pytest.raises(ValueError, match=r"scores must have shape \[B\]"):
+        group_relative_advantages(np.zeros((4, 1)), 2)
+    with pytest.raises(ValueError, match="not a multiple of group_size=4"):
+        rloo_advantages(np.zeros(6), 4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(group_size=st.integers(2, 5), seed=st.integers(0, 2**16))
+def test_rloo_matches_leave_one_out_loop(group_size, seed):
+    scores = np.random.default_rng(seed).normal(size=3 * group_size).astype(np.float32)
+    np.testing.assert_allclose(
+        rloo_advantages(scores, group_size), np_rloo(scores, group_size), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_group_advantages_sharded_equal_unsharded(mesh):
+    scores = np.random.default_rng(7).normal(size=16).astype(np.float32)
+    mask = right_padded_mask(np.arange(16) % 5, 6)
+    estimator = GRPOAdvantageEstimator(group_size=4)
+    fn = jax.jit(lambda s, m: estimator({"scores": s, "response_mask": m})[0])
+    want = fn(scores, mask)
+    got = fn(*shard_rows(mesh, scores, mask))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(
+        want, np.where(mask != 0, np_grpo(scores, 4)[:, None], 0.0), rtol=1e-5, atol=1e-6
+    )
+
+
+# ----------------------------------------------------------------------------- token rewards
+
+
+def test_scores_go_on_the_last_valid_token():
+    mask = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]])
+    scores = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+    got = scores_to_token_rewards(scores, mask)
+    np.testing.assert_array_equal(got, np_place_scores(scores, mask))
+    np.testing.assert_array_equal(got[1], np.zeros(4))  # an empty row drops its score
+    with pytest.raises(ValueError, match=r"scores must have shape \[B\]"):
+        scores_to_token_rewards(np.zeros(3), mask)
+
+
+def test_sequence_scores_sum_scores_and_token_rewards():
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    token_rewards = np.array([[0.5, 0.25, 9.0], [1.0, 9.0, 9.0]], np.float32)
+    got = sequence_scores(
+        {"scores": np.array([1.0, 2.0]), "token_rewards": token_rewards, "response_mask": mask}
+    )
+    np.testing.assert_allclose(got, [1.75, 3.0])
+    empty = {"scores": np.array([1.0, 2.0]), "response_mask": np.zeros((2, 3))}
+    np.testing.assert_allclose(sequence_scores(empty), [1.0, 2.0])  # empty rows keep scores
+
+
+# ----------------------------------------------------------------------------- estimators
+
+
+def test_gae_estimator_matches_primitives():
+    rewards, values, mask = random_inputs(8, 4, 6, lengths=[6, 3, 1, 0])
+    scores = np.array([1.0, -1.0, 0.5, 2.0], np.float32)
+    batch = {"scores": scores, "token_rewards": rewards, "values": values, "response_mask": mask}
+    got_adv, got_ret = GAEAdvantageEstimator(gamma=0.99, lam=0.9)(batch)
+    total = np.where(mask != 0, rewards, 0.0) + np_place_scores(scores, mask)
+    want_adv, want_ret = np_gae(total, values, mask, 0.99, 0.9)
+    np.testing.assert_allclose(got_ret, want_ret, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_adv, np_whiten(want_adv, mask), rtol=1e-4, atol=1e-5)
+    raw_adv, _ = GAEAdvantageEstimator(gamma=0.99, lam=0.9, normalize=False)(batch)
+    np.testing.assert_allclose(raw_adv, want_adv, rtol=1e-5, atol=1e-5)
+
+
+def test_reinforce_plus_plus_matches_numpy():
+    rewards, _, mask = random_inputs(9, 4, 5, lengths=[5, 2, 4, 3])
+    scores = np.array([1.0, 0.0, 1.0, 1.0], np.float32)
+    batch = {"scores": scores, "token_rewards": 0.1 * rewards, "response_mask": mask}
+    got_adv, got_ret = ReinforcePlusPlusAdvantageEstimator(gamma=0.9)(batch)
+    total = np.where(mask != 0, 0.1 * rewards, 0.0) + np_place_scores(scores, mask)
+    want_ret, _ = np_gae(total, np.zeros_like(total), mask, 0.9, 1.0)
+    np.testing.assert_allclose(got_ret, want_ret, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_adv, np_whiten(want_ret, mask), rtol=1e-4, atol=1e-5)
+
+    base = ReinforcePlusPlusAdvantageEstimator(gamma=1.0, baseline=True, group_size=2)
+    got_adv, got_ret = base({"scores": scores, "response_mask": mask})
+    centred = np.array([0.5, -0.5, 0.0, 0.0])
+    want_ret, _ = np_gae(np_place_scores(centred, mask), np.zeros((4, 5)), mask, 1.0, 1.0)
+    np.testing.assert_allclose(got_ret, want_ret, atol=1e-6)
+    np.testing.assert_allclose(got_adv, np_whiten(want_ret, mask), rtol=1e-4, atol=1e-5)
+
+
+def test_sequence_estimators_broadcast_over_valid_tokens():
+    mask = right_padded_mask([3, 1, 2, 0], 3)
+    scores = np.array([1.0, 0.0, 3.0, 1.0], np.float32)
+    batch = {"scores": scores, "response_mask": mask}
+    for estimator, want in (
+        (GRPOAdvantageEstimator(group_size=2), np_grpo(scores, 2)),
+        (make_advantage_estimator("dr_grpo", group_size=2), np_grpo(scores, 2, False)),
+        (RLOOAdvantageEstimator(group_size=2), np_rloo(scores, 2)),
+    ):
+        got, returns = jax.jit(estimator.__call__)(batch)
+        assert returns is None
+        np.testing.assert_allclose(got, np.where(mask != 0, want[:, None], 0), atol=1e-5)
+
+
+def test_registry_builds_every_name_and_estimators_are_static_hashable():
+    for name in ADVANTAGE_ESTIMATORS:
+        kwargs = {} if name in ("gae", "reinforce_plus_plus") else {"group_size": 2}
+        first, second = (
+            make_advantage_estimator(name, **kwargs),
+            make_advantage_estimator(name, **kwargs),
+        )
+        assert first == second and hash(first) == hash(second)
+    assert make_advantage_estimator("dr_grpo", group_size=2).scale_by_std is False
+    assert make_advantage_estimator("reinforce_plus_plus_baseline", group_size=4).baseline
+    mask = np.ones((2, 3), np.float32)
+    batch = {"scores": np.array([1.0, 0.0]), "values": np.zeros((2, 3)), "response_mask": mask}
+    run = jax.jit(lambda est, b: est(b), static_argnums=0)
+    got, _ = run(make_advantage_estimator("gae", lam=1.0, normalize=False), batch)
+    np.testing.assert_allclose(got, [[1, 1, 1], [0, 0, 0]], atol=1e-6)
+
+
+def test_estimator_errors():
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
+        make_advantage_estimator("ppo")
+    with pytest.raises(ValueError, match=r"has no argument\(s\) \['lam'\]"):
+        make_advantage_estimator("grpo", group_size=2, lam=0.9)
+    with pytest.raises(ValueError, match=r"needs the argument\(s\) \['group_size'\]"):
+        make_advantage_estimator("rloo")
+    with pytest.raises(ValueError, match="'dr_grpo' is GRPO with scale_by_std=False"):
+        make_advantage_estimator("dr_grpo", group_size=2, scale_by_std=True)
+    with pytest.raises(ValueError, match="use 'reinforce_plus_plus_baseline'"):
+        make_advantage_estimator("reinforce_plus_plus", baseline=True, group_size=2)
+    with pytest.raises(ValueError, match="use 'reinforce_plus_plus' for baseline=False"):
+        make_advantage_estimator("reinforce_plus_plus_baseline", baseline=False)
+    with pytest.raises(ValueError, match="group_size is required when baseline=True"):
+        ReinforcePlusPlusAdvantageEstimator(baseline=True)
+    with pytest.raises(ValueError, match=r"lam must be in \[0, 1\]"):
+        GAEAdvantageEstimator(lam=2.0)
+    with pytest.raises(ValueError, match="group_size must be an integer >= 2"):
+        GRPOAdvantageEstimator(group_size=1)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        GRPOAdvantageEstimator(group_size=2, eps=-1.0)
+    mask = np.ones((2, 3))
+    with pytest.raises(ValueError, match="GAE needs the critic's 'values'"):
+        GAEAdvantageEstimator()({"scores": np.zeros(2), "response_mask": mask})
+    with pytest.raises(ValueError, match="needs 'scores' .* and/or 'token_rewards'"):
+        GRPOAdvantageEstimator(group_size=2)({"response_mask": mask})
+    with pytest.raises(ValueError, match="needs 'response_mask'"):
+        RLOOAdvantageEstimator(group_size=2)({"scores": np.zeros(2)})
+    with pytest.raises(ValueError, match="REINFORCE\\+\\+-baseline needs the sequence 'scores'"):
+        ReinforcePlusPlusAdvantageEstimator(baseline=True, group_size=2)(
+            {"token_rewards": np.zeros((2, 3)), "response_mask": mask}
+        )
+    with pytest.raises(ValueError, match="must share one shape"):
+        adv._token_rewards({"token_rewards": np.zeros((2, 4))}, jnp.ones((2, 3)))
