@@ -1,0 +1,28 @@
+"""Decoder-only policies (dense or Mixture-of-Experts) and Hugging Face weight interop.
+
+The public API is exactly what this module re-exports.
+"""
+
+from novarl_jax.models.config import ModelConfig
+from novarl_jax.models.transformer import (
+    KVCache,
+    cache_logical_axes,
+    forward,
+    init_cache,
+    init_params,
+    param_logical_axes,
+    param_shardings,
+    shard_params,
+)
+
+__all__ = [
+    "KVCache",
+    "ModelConfig",
+    "cache_logical_axes",
+    "forward",
+    "init_cache",
+    "init_params",
+    "param_logical_axes",
+    "param_shardings",
+    "shard_params",
+]

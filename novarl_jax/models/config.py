@@ -1,0 +1,330 @@
+"""The shape and routing settings of a decoder-only policy (dense or Mixture-of-Experts).
+
+Field names follow Hugging Face's ``MixtralConfig`` so a ``config.json`` maps onto
+:class:`ModelConfig` key for key; ``num_local_experts=0`` describes a dense (Llama/Mistral)
+model with a SwiGLU MLP in every layer.
+
+Example:
+    >>> config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                      num_hidden_layers=2, num_attention_heads=4,
+    ...                      num_key_value_heads=2, num_local_experts=4)
+    >>> config.head_dim, config.router.top_k
+    (8, 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from novarl_jax.core.distributed import DROP_POLICIES, MoERouterConfig
+
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+
+# Hugging Face architectures this package reads and writes, by model_type.
+HF_ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "llama": "LlamaForCausalLM",
+}
+# Each architecture's own rope_theta default (used when config.json names none).
+_HF_DEFAULT_THETA = {"mixtral": 1e6, "mistral": 10000.0, "llama": 10000.0}
+
+# The ModelConfig fields that are copied from/to config.json as they are.
+_HF_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Sizes, rotary base and MoE routing of a decoder-only transformer policy.
+
+    ``head_dim`` and ``num_key_value_heads`` given as None are resolved at construction
+    (to ``hidden_size // num_attention_heads`` and ``num_attention_heads``), so after
+    ``__post_init__`` both are always integers.
+
+    Attributes:
+        vocab_size: V, tokens in the vocabulary.
+        hidden_size: D, model width.
+        intermediate_size: F, hidden width of the SwiGLU MLP (of each expert in MoE layers).
+        num_hidden_layers: L, decoder layers.
+        num_attention_heads: N, query heads.
+        num_key_value_heads: key/value heads (grouped-query attention); must divide N.
+        head_dim: Dh, width of one head (even, for rotary embeddings).
+        num_local_experts: E, experts per layer; 0 = dense MLP (Llama/Mistral).
+        num_experts_per_tok: K, experts each token is routed to (<= E).
+        rope_theta: rotary base wavelength.
+        rms_norm_eps: epsilon inside RMSNorm's square root.
+        max_position_embeddings: longest sequence the model is meant for (positions are not
+            clipped to it; it is recorded for config.json and cache sizing).
+        tie_word_embeddings: the LM head reuses the token embedding matrix.
+        router_aux_loss_coef: weight of the load-balancing loss (Hugging Face's name).
+        router_z_loss_coef: weight of the router z-loss.
+        capacity_factor: training capacity factor of every MoE layer; None = dropless.
+        eval_capacity_factor: capacity factor when ``train=False``; None = capacity_factor.
+        min_capacity: lower bound on each expert's capacity.
+        drop_policy: 'position' or 'probs' (which choices lose when an expert is full).
+        value_head: add a scalar value head on the final hidden state (PPO critic).
+        dtype: parameter dtype name: 'float32', 'bfloat16' or 'float16'.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 2
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.001
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    min_capacity: int = 0
+    drop_policy: str = "position"
+    value_head: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        heads = self.num_attention_heads
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", heads)
+        kv = self.num_key_value_heads
+        if not _is_int(kv) or kv < 1 or heads % kv:
+            raise ValueError(
+                f"num_key_value_heads={kv!r} must be an integer >= 1 that divides "
+                f"num_attention_heads={heads}"
+            )
+        if self.head_dim is None:
+            if self.hidden_size % heads:
+                raise ValueError(
+                    f"head_dim=None needs hidden_size={self.hidden_size} divisible by "
+                    f"num_attention_heads={heads}; set head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // heads)
+        if not _is_int(self.head_dim) or self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(
+                f"head_dim={self.head_dim!r} must be an even integer >= 2 (rotary embeddings "
+                f"rotate pairs of channels)"
+            )
+        if not _is_int(self.num_local_experts) or self.num_local_experts < 0:
+            raise ValueError(
+                f"num_local_experts must be an integer >= 0 (0 = dense MLP), got "
+                f"{self.num_local_experts!r}"
+            )
+        if self.num_local_experts and not (
+            _is_int(self.num_experts_per_tok)
+            and 1 <= self.num_experts_per_tok <= self.num_local_experts
+        ):
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok!r} must be an integer in "
+                f"[1, num_local_experts={self.num_local_experts}]"
+            )
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not value > 0):
+                raise ValueError(f"{name} must be > 0 or None (dropless), got {value!r}")
+        if not _is_int(self.min_capacity) or self.min_capacity < 0:
+            raise ValueError(f"min_capacity must be an integer >= 0, got {self.min_capacity!r}")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(
+                f"drop_policy={self.drop_policy!r} is not one of {list(DROP_POLICIES)}"
+            )
+        if self.dtype not in PARAM_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {list(PARAM_DTYPES)}")
+
+    @property
+    def is_moe(self) -> bool:
+        """True when every decoder layer has a Mixture-of-Experts block."""
+        return self.num_local_experts > 0
+
+    @property
+    def router(self) -> MoERouterConfig | None:
+        """The MoE router settings of every layer, or None for a dense model."""
+        if not self.is_moe:
+            return None
+        return MoERouterConfig(
+            num_experts=self.num_local_experts,
+            top_k=self.num_experts_per_tok,
+            capacity_factor=self.capacity_factor,
+            eval_capacity_factor=self.eval_capacity_factor,
+            min_capacity=self.min_capacity,
+            drop_policy=self.drop_policy,
+            aux_loss_coef=self.router_aux_loss_coef,
+            z_loss_coef=self.router_z_loss_coef,
+            normalize_top_k=True,
+        )
+
+    @property
+    def param_dtype(self):
+        """The parameter dtype as a NumPy/JAX dtype."""
+        import jax.numpy as jnp
+
+        return jnp.dtype(self.dtype)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
+        """Reads a Hugging Face Mixtral, Mistral or Llama ``config.json`` dict.
+
+        Both the top-level ``rope_theta`` (transformers 4) and transformers 5's
+        ``rope_parameters: {rope_theta, rope_type}`` are understood; only the default rotary
+        type is supported. Our own fields (capacity factor, value head, dtype ...) are not
+        in config.json: pass them as ``overrides``.
+
+        Args:
+            hf_config: the parsed config.json.
+            **overrides: ModelConfig fields that replace what the file says.
+
+        Raises:
+            ValueError: an unknown ``model_type``, or a feature this model does not
+                implement (non-SiLU activation, biases, scaled/rescaled rotary, sliding-window
+                attention shorter than ``max_position_embeddings``), named by its key.
+
+        Example:
+            >>> cfg = ModelConfig.from_hf_config({"model_type": "llama", "vocab_size": 64,
+            ...     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            ...     "num_attention_heads": 4, "rope_parameters": {"rope_theta": 5e5,
+            ...     "rope_type": "default"}})
+            >>> cfg.rope_theta, cfg.num_key_value_heads
+            (500000.0, 4)
+        """
+        model_type = hf_config.get("model_type")
+        if model_type not in HF_ARCHITECTURES:
+            raise ValueError(
+                f"config model_type={model_type!r} is not supported; supported: "
+                f"{sorted(HF_ARCHITECTURES)}"
+            )
+        act = hf_config.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"config hidden_act={act!r} is not supported; only 'silu'")
+        for key in ("attention_bias", "mlp_bias"):
+            if hf_config.get(key):
+                raise ValueError(f"config {key}=true is not supported (no biases in this model)")
+        rope_theta = _hf_rope_theta(hf_config, _HF_DEFAULT_THETA[model_type])
+        max_pos = hf_config.get("max_position_embeddings", 4096)
+        window = hf_config.get("sliding_window")
+        if window is not None and window < max_pos:
+            raise ValueError(
+                f"config sliding_window={window} < max_position_embeddings={max_pos}: "
+                f"sliding-window attention is not implemented; if sequences never exceed "
+                f"{window} tokens, set sliding_window to null in config.json"
+            )
+        missing = [k for k in _HF_FIELDS[:5] if k not in hf_config]
+        if missing:
+            raise ValueError(f"config is missing required key(s) {missing}")
+        kwargs: dict[str, Any] = {k: hf_config[k] for k in _HF_FIELDS if k in hf_config}
+        kwargs["rope_theta"] = float(rope_theta)
+        if model_type == "mixtral":
+            kwargs["num_local_experts"] = hf_config.get(
+                "num_local_experts", hf_config.get("num_experts", 8)
+            )
+            kwargs["num_experts_per_tok"] = hf_config.get("num_experts_per_tok", 2)
+            kwargs["router_aux_loss_coef"] = hf_config.get("router_aux_loss_coef", 0.001)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf_config(self, model_type: str | None = None) -> dict[str, Any]:
+        """A Hugging Face ``config.json`` dict (transformers 4 and 5 both read it).
+
+        Args:
+            model_type: 'mixtral', 'mistral' or 'llama'; default 'mixtral' for MoE models
+                and 'llama' for dense ones. A MoE model can only be written as 'mixtral'.
+
+        Raises:
+            ValueError: an unknown model_type, or a MoE config with a dense model_type.
+        """
+        if model_type is None:
+            model_type = "mixtral" if self.is_moe else "llama"
+        if model_type not in HF_ARCHITECTURES:
+            raise ValueError(
+                f"model_type={model_type!r} is not supported; supported: {sorted(HF_ARCHITECTURES)}"
+            )
+        if (model_type == "mixtral") != self.is_moe:
+            raise ValueError(
+                f"model_type={model_type!r} does not match num_local_experts="
+                f"{self.num_local_experts}; use 'mixtral' for MoE and 'llama' or 'mistral' "
+                f"for dense models"
+            )
+        out: dict[str, Any] = {
+            "architectures": [HF_ARCHITECTURES[model_type]],
+            "model_type": model_type,
+            "hidden_act": "silu",
+        }
+        out.update({k: getattr(self, k) for k in _HF_FIELDS})
+        # Written both ways: transformers 5 reads rope_parameters, older releases rope_theta.
+        out["rope_theta"] = float(self.rope_theta)
+        out["rope_parameters"] = {"rope_theta": float(self.rope_theta), "rope_type": "default"}
+        out["torch_dtype"] = self.dtype
+        if model_type == "mixtral":
+            out["num_local_experts"] = self.num_local_experts
+            out["num_experts_per_tok"] = self.num_experts_per_tok
+            out["router_aux_loss_coef"] = self.router_aux_loss_coef
+            out["sliding_window"] = None
+        elif model_type == "mistral":
+            out["sliding_window"] = None
+        else:
+            out["attention_bias"] = False
+            out["mlp_bias"] = False
+        return out
+
+
+def _hf_rope_theta(hf_config: Mapping[str, Any], default: float) -> float:
+    """rope_theta from either config.json convention; rejects rescaled rotary types."""
+    params = hf_config.get("rope_parameters")
+    scaling = hf_config.get("rope_scaling")
+    for key, block in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if block is None:
+            continue
+        if not isinstance(block, Mapping):
+            raise ValueError(f"config {key} must be a mapping or null, got {block!r}")
+        rope_type = block.get("rope_type", block.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(
+                f"config {key}.rope_type={rope_type!r} is not supported; only 'default' rotary "
+                f"embeddings are implemented"
+            )
+    if isinstance(params, Mapping) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(hf_config.get("rope_theta", default))

@@ -1,0 +1,235 @@
+"""Building blocks of the decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+The modules are Flax Linen with plain-array parameters whose layouts are chosen so that
+Hugging Face weights map onto them by a transpose and a reshape (no permutation of rows):
+rotary embeddings use the "rotate half" convention of Hugging Face Llama/Mixtral.
+
+Activations are annotated with logical axis names through :func:`constrain`, which is a no-op
+without a mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from novarl_jax.core import sharding as shd
+
+# Initial weights: normal(0, 0.02) as Hugging Face's default ``initializer_range``.
+DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
+
+# Scores of masked keys. A finite value (not -inf) keeps rows with no visible key (left
+# padding) free of NaN: they softmax to uniform weights and their outputs are never used.
+_MASKED_SCORE = -1e30
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], mesh: Any) -> jax.Array:
+    """Sharding constraint from logical axis names; returns ``x`` unchanged without a mesh.
+
+    Dimensions whose size the mesh axes do not divide stay replicated (the rule table's
+    divisibility check).
+    """
+    if mesh is None:
+        return x
+    spec = shd.logical_to_spec(tuple(names), mesh, shape=x.shape)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+
+def rms_norm(x: ArrayLike, scale: ArrayLike, eps: float) -> jax.Array:
+    """Root-mean-square layer norm (Zhang & Sennrich, 2019).
+
+    ``y = scale * x / sqrt(mean(x ** 2, axis=-1) + eps)``, with the statistics in float32 and
+    the normalised value cast back to ``x.dtype`` before the scale (as Hugging Face does).
+
+    Args:
+        x: [..., D] activations.
+        scale: [D] learned gain.
+        eps: added to the mean square.
+
+    Returns:
+        [..., D] array of dtype ``promote(x.dtype, scale.dtype)``.
+    """
+    x = jnp.asarray(x)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return jnp.asarray(scale) * normed.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a ``scale`` parameter [D] initialised to ones (see :func:`rms_norm`)."""
+
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        return rms_norm(x, scale, self.eps)
+
+
+def rotary_cos_sin(
+    positions: ArrayLike, head_dim: int, theta: float
+) -> tuple[jax.Array, jax.Array]:
+    """Cosines and sines of the rotary embedding (RoFormer, Su et al., 2021).
+
+    ``inv_freq_i = theta ** (-2i / Dh)`` for ``i < Dh/2``; the angle of position p is
+    ``p * inv_freq``, repeated twice along the last axis (``[angles, angles]``), which is the
+    "rotate half" layout of Hugging Face.
+
+    Args:
+        positions: [B, T] integer positions.
+        head_dim: Dh (even).
+        theta: rotary base wavelength.
+
+    Returns:
+        (cos, sin), each [B, T, Dh] float32.
+    """
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (jnp.float32(theta) ** exponents)
+    angles = jnp.asarray(positions).astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """``[x1, x2] -> [-x2, x1]`` over the last axis split in two halves."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: ArrayLike, cos: ArrayLike, sin: ArrayLike) -> jax.Array:
+    """Rotates each channel pair ``(j, j + Dh/2)`` of every head by its position's angle.
+
+    ``y = x * cos + rotate_half(x) * sin``.
+
+    Args:
+        x: [B, T, N, Dh] queries or keys.
+        cos, sin: [B, T, Dh] from :func:`rotary_cos_sin`.
+
+    Returns:
+        [B, T, N, Dh], dtype of ``x``.
+    """
+    x = jnp.asarray(x)
+    cos = jnp.asarray(cos)[:, :, None, :].astype(x.dtype)
+    sin = jnp.asarray(sin)[:, :, None, :].astype(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def attention_mask_for(
+    attention_mask: ArrayLike, key_mask: ArrayLike, first_slot: ArrayLike
+) -> jax.Array:
+    """Which keys each query may attend to: causal by slot and only real keys.
+
+    Query t (written at slot ``first_slot + t``) sees slot s when ``s <= first_slot + t`` and
+    ``key_mask[b, s] == 1``. Without a cache, ``key_mask = attention_mask`` and
+    ``first_slot = 0``.
+
+    Args:
+        attention_mask: [B, T] (1 = a real query token); unused rows are not masked (their
+            outputs are ignored), it only fixes the shape.
+        key_mask: [B, S] (1 = the slot holds a real token).
+        first_slot: int32 scalar, the slot of the first query.
+
+    Returns:
+        [B, T, S] bool.
+    """
+    t = jnp.asarray(attention_mask).shape[1]
+    s = jnp.asarray(key_mask).shape[1]
+    query_slot = first_slot + jnp.arange(t, dtype=jnp.int32)
+    causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= query_slot[:, None]  # [T, S]
+    return causal[None] & (jnp.asarray(key_mask)[:, None, :] > 0)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings and an optional KV cache.
+
+    ``softmax(q k^T / sqrt(Dh) + mask) v`` (Vaswani et al., 2017), with N query heads
+    sharing N_kv key/value heads in groups of ``N / N_kv`` (GQA, Ainslie et al., 2023):
+    query head n uses key/value head ``n // (N / N_kv)``, as Hugging Face's ``repeat_kv``.
+    Scores and softmax are float32.
+
+    Parameters: ``q_proj`` [D, N, Dh], ``k_proj`` / ``v_proj`` [D, N_kv, Dh],
+    ``o_proj`` [N, Dh, D].
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    param_dtype: Any = jnp.float32
+    mesh: Any = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        kv_cache: tuple[jax.Array, jax.Array] | None = None,
+        first_slot: jax.Array | int = 0,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Args: x [B, T, D]; cos, sin [B, T, Dh]; mask [B, T, S] bool; kv_cache (k, v)
+        [B, S, N_kv, Dh] or None (then S = T); first_slot: slot of the first new token.
+
+        Returns: ([B, T, D], the updated (k, v) cache or None).
+        """
+        d = x.shape[-1]
+        n, nkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
+        dt = self.param_dtype
+        wq = self.param("q_proj", DEFAULT_INIT, (d, n, dh), dt)
+        wk = self.param("k_proj", DEFAULT_INIT, (d, nkv, dh), dt)
+        wv = self.param("v_proj", DEFAULT_INIT, (d, nkv, dh), dt)
+        wo = self.param("o_proj", DEFAULT_INIT, (n, dh, d), dt)
+        q_names = (shd.BATCH, shd.LENGTH, shd.HEADS, shd.HEAD_DIM)
+        kv_names = (shd.BATCH, shd.LENGTH, shd.KV_HEADS, shd.HEAD_DIM)
+        q = constrain(jnp.einsum("btd,dnh->btnh", x, wq), q_names, self.mesh)
+        k = constrain(jnp.einsum("btd,dnh->btnh", x, wk), kv_names, self.mesh)
+        v = constrain(jnp.einsum("btd,dnh->btnh", x, wv), kv_names, self.mesh)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        new_cache = None
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            start = (0, first_slot, 0, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            k = constrain(k, kv_names, self.mesh)
+            v = constrain(v, kv_names, self.mesh)
+            new_cache = (k, v)
+        b, t = q.shape[:2]
+        q = q.reshape(b, t, nkv, n // nkv, dh)
+        scores = jnp.einsum(
+            "btkgh,bskh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+        ) * (dh**-0.5)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(x.dtype)).reshape(b, t, n, dh)
+        out = constrain(out, q_names, self.mesh)
+        return jnp.einsum("btnh,nhd->btd", out, wo), new_cache
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP ``down(silu(x gate) * (x up))`` (Shazeer, 2020), as Llama/Mistral.
+
+    Parameters: ``gate_proj`` / ``up_proj`` [D, F], ``down_proj`` [F, D].
+    """
+
+    intermediate_size: int
+    param_dtype: Any = jnp.float32
+    mesh: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d, f = x.shape[-1], self.intermediate_size
+        dt = self.param_dtype
+        w_gate = self.param("gate_proj", DEFAULT_INIT, (d, f), dt)
+        w_up = self.param("up_proj", DEFAULT_INIT, (d, f), dt)
+        w_down = self.param("down_proj", DEFAULT_INIT, (f, d), dt)
+        names = (shd.BATCH, shd.LENGTH, shd.MLP)
+        h = jax.nn.silu(x @ w_gate) * (x @ w_up)
+        return constrain(h, names, self.mesh) @ w_down

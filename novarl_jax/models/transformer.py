@@ -1,0 +1,482 @@
+"""A Mixtral/Llama-style decoder-only policy: pure ``init_params`` / ``forward`` over pytrees.
+
+Each decoder layer is pre-norm: ``x += attn(rms_norm(x)); x += mlp(rms_norm(x))``, where
+``mlp`` is a SwiGLU MLP (dense models) or a Mixture-of-Experts block
+(:mod:`novarl_jax.models.moe`). The layers' weights are stacked along a leading [L] axis and
+run as one ``jax.lax.scan``, so a model compiles one layer however deep it is (and pipeline
+stages can later reshape the stack to [pp, L / pp, ...]).
+
+Parameters (``D`` model width, ``V`` vocab, ``N`` / ``N_kv`` heads, ``Dh`` head width, ``F``
+MLP width, ``L`` layers)::
+
+    embed_tokens/embedding           [V, D]
+    layers/input_norm/scale          [L, D]
+    layers/attn/{q,k,v,o}_proj       [L, D, N, Dh] / [L, D, N_kv, Dh] x2 / [L, N, Dh, D]
+    layers/post_attn_norm/scale      [L, D]
+    layers/mlp/{gate,up,down}_proj   [L, D, F] x2 / [L, F, D]      (dense)
+    layers/moe/...                   [L, ...] the MoE block's parameters (MoE)
+    final_norm/scale                 [D]
+    lm_head/kernel                   [D, V]       (absent when tie_word_embeddings)
+    value_head/{kernel,bias}         [D, 1], [1]  (only when value_head)
+
+Example:
+    >>> config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                      num_hidden_layers=2, num_attention_heads=4)
+    >>> params = init_params(config, jax.random.key(0))
+    >>> logits, _, aux = forward(params, jnp.zeros((2, 5), jnp.int32), config)
+    >>> logits.shape
+    (2, 5, 64)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from novarl_jax.core import sharding as shd
+from novarl_jax.models import moe as moe_lib
+from novarl_jax.models.config import ModelConfig
+from novarl_jax.models.layers import (
+    DEFAULT_INIT,
+    Attention,
+    RMSNorm,
+    SwiGLU,
+    attention_mask_for,
+    constrain,
+    rms_norm,
+    rotary_cos_sin,
+)
+
+_ACT = (shd.BATCH, shd.LENGTH, shd.EMBED)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for incremental decoding.
+
+    Attributes:
+        k: [L, B, S, N_kv, Dh] keys (rotary already applied), S = slots.
+        v: [L, B, S, N_kv, Dh] values.
+        key_mask: [B, S] int32, 1 = the slot holds a real token.
+        index: int32 scalar, the next slot to write.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    key_mask: jax.Array
+    index: jax.Array
+
+
+def init_cache(
+    config: ModelConfig, batch_size: int, max_length: int, dtype: Any = jnp.float32
+) -> KVCache:
+    """An empty cache of ``max_length`` slots per sequence.
+
+    Args:
+        config: the model.
+        batch_size: B.
+        max_length: S, the total number of tokens (prompt + generated) the cache can hold.
+        dtype: dtype of the stored keys/values.
+
+    Returns:
+        KVCache with zero k/v, key_mask all 0 and index 0.
+
+    Example:
+        >>> cache = init_cache(config, batch_size=2, max_length=16)
+        >>> cache.k.shape  # [L, B, S, N_kv, Dh]
+        (2, 2, 16, 4, 8)
+    """
+    if batch_size < 1 or max_length < 1:
+        raise ValueError(
+            f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}"
+        )
+    shape = (
+        config.num_hidden_layers,
+        batch_size,
+        max_length,
+        config.num_key_value_heads,
+        config.head_dim,
+    )
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        key_mask=jnp.zeros((batch_size, max_length), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def cache_logical_axes(config: ModelConfig) -> KVCache:
+    """Logical axis names of a :class:`KVCache` (a KVCache of name tuples)."""
+    del config  # the names do not depend on the sizes
+    kv = (shd.LAYERS, shd.BATCH, shd.LENGTH, shd.KV_HEADS, shd.HEAD_DIM)
+    return KVCache(k=kv, v=kv, key_mask=(shd.BATCH, shd.LENGTH), index=())
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm decoder layer: attention then SwiGLU MLP or MoE block.
+
+    Attributes:
+        config: the model.
+        mesh: the device mesh (None = no sharding constraints, no shard_map).
+        train: MoE capacity: ``capacity_factor`` when True, ``eval_capacity_factor`` else.
+    """
+
+    config: ModelConfig
+    mesh: Any = None
+    train: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        token_mask: jax.Array,
+        kv_cache: tuple[jax.Array, jax.Array] | None = None,
+        first_slot: jax.Array | int = 0,
+        routing: Any = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, dict[str, Any] | None]:
+        """Args: x [B, T, D]; cos/sin [B, T, Dh]; mask [B, T, S] bool; token_mask [B, T]
+        (1 = real token); kv_cache (k, v) [B, S, N_kv, Dh] or None; first_slot; routing:
+        this layer's expert choices to replay (MoE) or None.
+
+        Returns: (x [B, T, D], updated (k, v) or None, the MoE block's aux or None).
+        """
+        cfg = self.config
+        dt = cfg.param_dtype
+        h = RMSNorm(cfg.rms_norm_eps, dt, name="input_norm")(x)
+        h, new_cache = Attention(
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            dt,
+            self.mesh,
+            name="attn",
+        )(h, cos, sin, mask, kv_cache, first_slot)
+        x = constrain(x + h, _ACT, self.mesh)
+        h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attn_norm")(x)
+        aux = None
+        if cfg.is_moe:
+            moe_params = self.param(
+                "moe",
+                moe_lib.init_moe_params,
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.num_local_experts,
+                dt,
+            )
+            h, aux = moe_lib.moe_forward(
+                moe_params,
+                h,
+                cfg.router,
+                mesh=self.mesh,
+                token_mask=token_mask,
+                routing=routing,
+                train=self.train,
+            )
+        else:
+            h = SwiGLU(cfg.intermediate_size, dt, self.mesh, name="mlp")(h)
+        x = constrain(x + h.astype(x.dtype), _ACT, self.mesh)
+        return x, new_cache, aux
+
+
+def _layer_params_init(config: ModelConfig, key: jax.Array) -> dict[str, Any]:
+    """One layer's parameters (unstacked), by running the layer on a dummy token."""
+    x = jnp.zeros((1, 1, config.hidden_size), config.param_dtype)
+    cos, sin = rotary_cos_sin(jnp.zeros((1, 1), jnp.int32), config.head_dim, config.rope_theta)
+    mask = jnp.ones((1, 1, 1), bool)
+    token_mask = jnp.ones((1, 1), jnp.int32)
+    return DecoderLayer(config).init(key, x, cos, sin, mask, token_mask)["params"]
+
+
+def _init_params(config: ModelConfig, key: jax.Array) -> dict[str, Any]:
+    k_embed, k_layers, k_head, k_value = jax.random.split(key, 4)
+    dt = config.param_dtype
+    d, v = config.hidden_size, config.vocab_size
+    layer_keys = jax.random.split(k_layers, config.num_hidden_layers)
+    params: dict[str, Any] = {
+        "embed_tokens": {"embedding": DEFAULT_INIT(k_embed, (v, d), dt)},
+        "layers": jax.vmap(lambda k: _layer_params_init(config, k))(layer_keys),
+        "final_norm": {"scale": jnp.ones((d,), dt)},
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = {"kernel": DEFAULT_INIT(k_head, (d, v), dt)}
+    if config.value_head:
+        params["value_head"] = {
+            "kernel": DEFAULT_INIT(k_value, (d, 1), dt),
+            "bias": jnp.zeros((1,), dt),
+        }
+    return params
+
+
+_init_params_jit = jax.jit(_init_params, static_argnums=0)
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> dict[str, Any]:
+    """Random initial parameters (normal(0, 0.02) weights, unit norm gains).
+
+    Args:
+        config: the model.
+        key: PRNG key.
+
+    Returns:
+        Nested dict of arrays in ``config.dtype``; decoder-layer weights stacked [L, ...]
+        (see the module docstring for the tree).
+
+    Example:
+        >>> params = init_params(config, jax.random.key(0))
+        >>> params["layers"]["attn"]["q_proj"].shape  # [L, D, N, Dh]
+        (2, 32, 4, 8)
+    """
+    return _init_params_jit(config, key)
+
+
+def param_logical_axes(config: ModelConfig) -> dict[str, Any]:
+    """Logical axis names of every parameter: a tree with exactly the structure of params.
+
+    Each leaf is a tuple with one :mod:`novarl_jax.core.sharding` name (or None) per
+    dimension; stacked layer weights start with ``LAYERS``.
+    """
+    layer_axes: dict[str, Any] = {
+        "input_norm": {"scale": (shd.EMBED,)},
+        "attn": {
+            "q_proj": (shd.EMBED, shd.HEADS, shd.HEAD_DIM),
+            "k_proj": (shd.EMBED, shd.KV_HEADS, shd.HEAD_DIM),
+            "v_proj": (shd.EMBED, shd.KV_HEADS, shd.HEAD_DIM),
+            "o_proj": (shd.HEADS, shd.HEAD_DIM, shd.EMBED),
+        },
+        "post_attn_norm": {"scale": (shd.EMBED,)},
+    }
+    if config.is_moe:
+        layer_axes["moe"] = moe_lib.moe_logical_axes()
+    else:
+        layer_axes["mlp"] = {
+            "gate_proj": (shd.EMBED, shd.MLP),
+            "up_proj": (shd.EMBED, shd.MLP),
+            "down_proj": (shd.MLP, shd.EMBED),
+        }
+    axes: dict[str, Any] = {
+        "embed_tokens": {"embedding": (shd.VOCAB, shd.EMBED)},
+        "layers": jax.tree.map(lambda names: (shd.LAYERS, *names), layer_axes, is_leaf=_is_names),
+        "final_norm": {"scale": (shd.EMBED,)},
+    }
+    if not config.tie_word_embeddings:
+        axes["lm_head"] = {"kernel": (shd.EMBED, shd.VOCAB)}
+    if config.value_head:
+        axes["value_head"] = {"kernel": (shd.EMBED, None), "bias": (None,)}
+    return axes
+
+
+def _is_names(x: Any) -> bool:
+    return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
+
+
+def param_shardings(config: ModelConfig, mesh: Any, params: Any = None) -> Any:
+    """``NamedSharding`` of every parameter on ``mesh`` (a tree shaped like params).
+
+    Args:
+        config: the model.
+        mesh: the device mesh.
+        params: params or their shapes (e.g. ``jax.eval_shape(init_params, ...)``); used to
+            keep dimensions the mesh does not divide replicated. Default: derived from
+            ``config``.
+    """
+    if params is None:
+        params = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
+    return shd.tree_shardings(param_logical_axes(config), mesh, params)
+
+
+def shard_params(params: Any, config: ModelConfig, mesh: Any) -> Any:
+    """Places ``params`` on ``mesh`` by the logical-axis rule table.
+
+    Example:
+        >>> mesh = ParallelLayout(dp=2, tp=2, ep=2).make_mesh()
+        >>> params = shard_params(init_params(config, key), config, mesh)
+    """
+    return jax.device_put(params, param_shardings(config, mesh, params))
+
+
+def _check_inputs(
+    tokens: jax.Array,
+    positions: jax.Array,
+    attention_mask: jax.Array,
+    cache: KVCache | None,
+    config: ModelConfig,
+) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    for name, arr in (("positions", positions), ("attention_mask", attention_mask)):
+        if arr.shape != tokens.shape:
+            raise ValueError(
+                f"{name} must have the shape of tokens {tokens.shape}, got {arr.shape}"
+            )
+    if cache is not None:
+        layers, b, s = cache.k.shape[:3]
+        want = (config.num_hidden_layers, tokens.shape[0])
+        if (layers, b) != want or cache.k.shape[3:] != (
+            config.num_key_value_heads,
+            config.head_dim,
+        ):
+            raise ValueError(
+                f"cache k has shape {cache.k.shape}, expected [L, B, S, N_kv, Dh] with "
+                f"L, B = {want} and N_kv, Dh = "
+                f"{(config.num_key_value_heads, config.head_dim)}"
+            )
+        if tokens.shape[1] > s:
+            raise ValueError(f"{tokens.shape[1]} tokens do not fit a cache of {s} slots")
+
+
+def forward(
+    params: Any,
+    tokens: ArrayLike,
+    config: ModelConfig,
+    *,
+    positions: ArrayLike | None = None,
+    attention_mask: ArrayLike | None = None,
+    cache: KVCache | None = None,
+    mesh: Any = None,
+    routing: Any = None,
+    return_routing: bool = False,
+    train: bool = True,
+) -> tuple[jax.Array, KVCache | None, dict[str, Any]]:
+    """Runs the decoder: next-token logits for every position, and the updated cache.
+
+    Without a cache, token t attends to tokens ``<= t`` whose ``attention_mask`` is 1. With a
+    cache, the T new tokens' keys/values are written at slots ``[index, index + T)`` (the
+    caller keeps ``index + T <= S``), ``key_mask`` there is set from ``attention_mask``, and
+    each new token attends to slots ``<= its own slot`` with ``key_mask == 1``. A left-padded
+    prefill (positions ``max(cumsum(mask) - 1, 0)``) followed by single-token steps (position
+    = last + 1) therefore reproduces the full forward exactly.
+
+    Args:
+        params: from :func:`init_params` (or :func:`~novarl_jax.models.hf.load_hf_model`).
+        tokens: [B, T] int32 token ids.
+        config: the model (static under jit).
+        positions: [B, T] int32 rotary positions; default ``arange(T)`` (plus
+            ``cache.index`` when a cache is given).
+        attention_mask: [B, T], 1 = a real token, 0 = padding; default all ones. Padding
+            tokens are neither attended to nor routed to experts.
+        cache: a :class:`KVCache` to read and extend, or None.
+        mesh: device mesh; shards activations by the logical rules and runs MoE blocks with
+            expert parallelism. None = no constraints.
+        routing: expert choices to replay, stacked [L, ...] as returned in
+            ``aux['routing']`` (MoE only).
+        return_routing: put the expert choices of this call in ``aux['routing']``.
+        train: MoE capacity factor: ``capacity_factor`` (True) or ``eval_capacity_factor``.
+
+    Returns:
+        (logits [B, T, V] float32, the updated cache or None, aux) where aux has
+        'moe_aux_loss', 'moe_z_loss', 'dropped_fraction' (float32 scalars, means over
+        layers; 0 for dense models), 'expert_load' [L, E] float32 ([L, 0] dense),
+        'values' [B, T] float32 when ``config.value_head``, and 'routing' when
+        ``return_routing``.
+
+    Example:
+        >>> cache = init_cache(config, batch_size=1, max_length=8)
+        >>> logits, cache, _ = forward(params, prompt, config, cache=cache)  # prefill
+        >>> nxt = jnp.argmax(logits[:, -1:], -1)
+        >>> logits, cache, _ = forward(params, nxt, config, cache=cache)  # one step
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    b, t = tokens.shape if tokens.ndim == 2 else (0, 0)
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, t), jnp.int32)
+    attention_mask = jnp.asarray(attention_mask).astype(jnp.int32)
+    if positions is None:
+        start = 0 if cache is None else cache.index
+        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = jnp.asarray(positions, jnp.int32)
+    _check_inputs(tokens, positions, attention_mask, cache, config)
+    if routing is not None and not config.is_moe:
+        raise ValueError("routing= was given but the model is dense (num_local_experts=0)")
+
+    if cache is None:
+        key_mask, first_slot, kv = attention_mask, jnp.zeros((), jnp.int32), None
+    else:
+        first_slot = jnp.asarray(cache.index, jnp.int32)
+        key_mask = jax.lax.dynamic_update_slice(
+            cache.key_mask, attention_mask.astype(cache.key_mask.dtype), (0, first_slot)
+        )
+        kv = (cache.k, cache.v)
+    mask = attention_mask_for(attention_mask, key_mask, first_slot)
+    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
+
+    x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0)
+    x = constrain(x, _ACT, mesh)
+    layer = DecoderLayer(config, mesh, train)
+
+    def body(x, xs):
+        layer_params, layer_kv, layer_routing = xs
+        x, new_kv, moe_aux = layer.apply(
+            {"params": layer_params},
+            x,
+            cos,
+            sin,
+            mask,
+            attention_mask,
+            layer_kv,
+            first_slot,
+            layer_routing,
+        )
+        summary = None
+        if moe_aux is not None:
+            summary = {
+                k: moe_aux[k] for k in ("aux_loss", "z_loss", "dropped_fraction", "expert_load")
+            }
+            if return_routing:
+                summary["routing"] = moe_aux["routing"]
+        return x, (new_kv, summary)
+
+    x, (new_kv, layer_aux) = jax.lax.scan(body, x, (params["layers"], kv, routing))
+
+    h = rms_norm(x, params["final_norm"]["scale"], config.rms_norm_eps)
+    if config.tie_word_embeddings:
+        logits = jnp.einsum(
+            "btd,vd->btv",
+            h,
+            params["embed_tokens"]["embedding"],
+            preferred_element_type=jnp.float32,
+        )
+    else:
+        logits = jnp.einsum(
+            "btd,dv->btv", h, params["lm_head"]["kernel"], preferred_element_type=jnp.float32
+        )
+    logits = constrain(logits.astype(jnp.float32), (shd.BATCH, shd.LENGTH, shd.VOCAB), mesh)
+
+    aux: dict[str, Any] = {}
+    if layer_aux is None:
+        zero = jnp.zeros((), jnp.float32)
+        aux.update(
+            moe_aux_loss=zero,
+            moe_z_loss=zero,
+            dropped_fraction=zero,
+            expert_load=jnp.zeros((config.num_hidden_layers, 0), jnp.float32),
+        )
+    else:
+        aux.update(
+            moe_aux_loss=jnp.mean(layer_aux["aux_loss"].astype(jnp.float32)),
+            moe_z_loss=jnp.mean(layer_aux["z_loss"].astype(jnp.float32)),
+            dropped_fraction=jnp.mean(layer_aux["dropped_fraction"].astype(jnp.float32)),
+            expert_load=layer_aux["expert_load"].astype(jnp.float32),
+        )
+        if return_routing:
+            aux["routing"] = layer_aux["routing"]
+    if config.value_head:
+        vh = params["value_head"]
+        values = jnp.einsum(
+            "btd,do->bto",
+            h.astype(jnp.float32),
+            vh["kernel"].astype(jnp.float32),
+        )
+        aux["values"] = constrain(
+            values[..., 0] + vh["bias"].astype(jnp.float32)[0], (shd.BATCH, shd.LENGTH), mesh
+        )
+
+    new_cache = None
+    if cache is not None:
+        new_cache = KVCache(k=new_kv[0], v=new_kv[1], key_mask=key_mask, index=first_slot + t)
+    return logits, new_cache, aux
