@@ -1,0 +1,134 @@
+"""Writes the tiny Hugging Face checkpoints and reference logits under tests/data/hf/.
+
+Needs torch and transformers (the ``bench`` extra), which the tests themselves never import:
+
+    python tests/data/make_hf_fixture.py
+
+Outputs (each directory loadable with ``AutoModelForCausalLM.from_pretrained``):
+    hf/mixtral/        MixtralForCausalLM as ``save_pretrained`` writes it (per-expert keys
+                       ``block_sparse_moe.experts.M.w1/w2/w3.weight``), untied LM head.
+    hf/mixtral_fused/  the same weights under transformers 5's in-memory names
+                       (``mlp.experts.gate_up_proj`` [E, 2F, D], ``mlp.experts.down_proj``
+                       [E, D, F], ``mlp.gate.weight``), i.e. the model's ``state_dict()``
+                       written directly with safetensors.
+    hf/llama/          LlamaForCausalLM with tied embeddings.
+    hf/<name>/reference.npz: input_ids, attention_mask, position_ids [B, T] and the
+                       float32 logits [B, T, V] transformers computes for them. Row 0 is
+                       unpadded, row 1 is left-padded by 3 tokens.
+
+Weights are drawn with a larger ``initializer_range`` than the default so that logits and
+expert choices differ clearly between tokens (a parity test must be able to fail).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import torch
+import transformers
+from safetensors.torch import save_file
+
+HERE = pathlib.Path(__file__).resolve().parent / "hf"
+SEQ, PAD = 10, 3
+
+
+def _inputs(vocab: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1234)
+    ids = rng.integers(0, vocab, size=(2, SEQ)).astype(np.int64)
+    mask = np.ones((2, SEQ), np.int64)
+    mask[1, :PAD] = 0
+    ids[1, :PAD] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+
+def _reference(model, out_dir: pathlib.Path, vocab: int) -> None:
+    inputs = _inputs(vocab)
+    with torch.no_grad():
+        out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+    np.savez(
+        out_dir / "reference.npz",
+        **{k: v.astype(np.int32) for k, v in inputs.items()},
+        logits=out.logits.float().numpy(),
+    )
+
+
+def _save(model, name: str) -> pathlib.Path:
+    out_dir = HERE / name
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "generation_config.json").unlink(missing_ok=True)
+    return out_dir
+
+
+def make_mixtral() -> None:
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        sliding_window=None,
+    )
+    model = transformers.MixtralForCausalLM(config).eval()
+    out_dir = _save(model, "mixtral")
+    _reference(model, out_dir, config.vocab_size)
+
+    fused_dir = HERE / "mixtral_fused"
+    shutil.rmtree(fused_dir, ignore_errors=True)
+    fused_dir.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, fused_dir / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(out_dir / "config.json", fused_dir / "config.json")
+    shutil.copy(out_dir / "reference.npz", fused_dir / "reference.npz")
+    # The fused file must load in transformers too and give the same logits.
+    again = transformers.MixtralForCausalLM.from_pretrained(fused_dir).eval()
+    inputs = {k: torch.from_numpy(v) for k, v in _inputs(config.vocab_size).items()}
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits)
+
+
+def make_llama() -> None:
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_parameters={"rope_theta": 500.0, "rope_type": "default"},
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    out_dir = _save(model, "llama")
+    _reference(model, out_dir, config.vocab_size)
+
+
+def main() -> None:
+    make_mixtral()
+    make_llama()
+    for path in sorted(HERE.rglob("*")):
+        if path.is_file():
+            print(f"{path.relative_to(HERE)}  {path.stat().st_size} bytes")
+    for name in ("mixtral", "mixtral_fused", "llama"):
+        keys = json.loads((HERE / name / "config.json").read_text()).get("architectures")
+        print(name, keys, transformers.__version__)
+
+
+if __name__ == "__main__":
+    main()
