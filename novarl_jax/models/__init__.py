@@ -4,6 +4,7 @@ The public API is exactly what this module re-exports.
 """
 
 from novarl_jax.models.config import ModelConfig
+from novarl_jax.models.hf import load_hf_model, save_hf_model
 from novarl_jax.models.transformer import (
     KVCache,
     cache_logical_axes,
@@ -22,7 +23,9 @@ __all__ = [
     "forward",
     "init_cache",
     "init_params",
+    "load_hf_model",
     "param_logical_axes",
     "param_shardings",
+    "save_hf_model",
     "shard_params",
 ]

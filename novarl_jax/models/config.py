@@ -201,7 +201,12 @@ class ModelConfig:
         return jnp.dtype(self.dtype)
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        ``head_dim`` and ``num_key_value_heads`` were resolved to integers at construction
+        and are kept as they are: pass them too (or None) when changing ``hidden_size`` or
+        ``num_attention_heads``.
+        """
         return dataclasses.replace(self, **changes)
 
     @classmethod

@@ -405,7 +405,9 @@ def forward(
     mask = attention_mask_for(attention_mask, key_mask, first_slot)
     cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
 
-    x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0)
+    # Clipped lookup: an out-of-range padding id must not become NaN (0 * NaN would leak
+    # through the masked attention weights into real tokens).
+    x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0, mode="clip")
     x = constrain(x, _ACT, mesh)
     layer = DecoderLayer(config, mesh, train)
 

@@ -441,6 +441,14 @@ def test_default_positions_continue_from_cache():
     assert names.k == (shd.LAYERS, shd.BATCH, shd.LENGTH, shd.KV_HEADS, shd.HEAD_DIM)
 
 
+def test_out_of_range_padding_ids_stay_finite():
+    params = init_params(DENSE, jax.random.key(0))
+    toks = jnp.array([[-1, 999, 5, 6]], jnp.int32)
+    mask = jnp.array([[0, 0, 1, 1]], jnp.int32)
+    logits, _, _ = forward(params, toks, DENSE, attention_mask=mask)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
 def test_padding_and_batch_invariance():
     params = _scaled(init_params(MOE, jax.random.key(7)))
     toks = jax.random.randint(jax.random.key(8), (1, 6), 1, 64)
@@ -520,3 +528,27 @@ def test_sharded_forward_and_grads_equal_single_device(name, devices):
     assert (q_spec[2] == "tp") == (layout.tp > 1)
     assert (w_spec[1] == "ep") == (layout.ep > 1)
     assert sum(np.abs(np.asarray(g)).sum() for g in jax.tree.leaves(grads)) > 0
+
+
+def test_sharded_kv_cache_decode_equals_single_device_forward(devices):
+    params, toks, mask, _, logits, _ = _single_device_reference()
+    mesh = LAYOUTS["tp2-ep2-dp2"].make_mesh(devices)
+    sharded = shard_params(params, MESH_CONFIG, mesh)
+    cache = init_cache(MESH_CONFIG, 8, 8)
+    cache = jax.device_put(cache, shd.tree_shardings(cache_logical_axes(MESH_CONFIG), mesh, cache))
+    assert tuple(cache.k.sharding.spec)[1] == ("dp", "ep")
+    positions = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
+    run = functools.partial(jit_forward, config=MESH_CONFIG, mesh=mesh)
+    prefill, cache, _ = run(
+        sharded, toks[:, :6], positions=positions[:, :6], attention_mask=mask[:, :6], cache=cache
+    )
+    real = np.asarray(mask[:, :6]).astype(bool)
+    np.testing.assert_allclose(
+        np.asarray(prefill)[real], np.asarray(logits[:, :6])[real], atol=1e-5
+    )
+    for i in (6, 7):
+        step, cache, _ = run(
+            sharded, toks[:, i : i + 1], positions=positions[:, i : i + 1],
+            attention_mask=mask[:, i : i + 1], cache=cache,
+        )  # fmt: skip
+        np.testing.assert_allclose(step[:, 0], logits[:, i], atol=1e-5, rtol=1e-5)
