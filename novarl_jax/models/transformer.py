@@ -363,8 +363,8 @@ def forward(
         cache: a :class:`KVCache` to read and extend, or None.
         mesh: device mesh; shards activations by the logical rules and runs MoE blocks with
             expert parallelism. None = no constraints.
-        routing: expert choices to replay, stacked [L, ...] as returned in
-            ``aux['routing']`` (MoE only).
+        routing: [L, B, T, K] int32 expert choices to replay, as returned in
+            ``aux['routing']`` (MoE only); gate weights come from the current router.
         return_routing: put the expert choices of this call in ``aux['routing']``.
         train: MoE capacity factor: ``capacity_factor`` (True) or ``eval_capacity_factor``.
 
@@ -372,8 +372,8 @@ def forward(
         (logits [B, T, V] float32, the updated cache or None, aux) where aux has
         'moe_aux_loss', 'moe_z_loss', 'dropped_fraction' (float32 scalars, means over
         layers; 0 for dense models), 'expert_load' [L, E] float32 ([L, 0] dense),
-        'values' [B, T] float32 when ``config.value_head``, and 'routing' when
-        ``return_routing``.
+        'values' [B, T] float32 when ``config.value_head``, and 'routing' [L, B, T, K]
+        int32 when ``return_routing``.
 
     Example:
         >>> cache = init_cache(config, batch_size=1, max_length=8)
