@@ -1,0 +1,127 @@
+"""GRPO loss: token and sequence (GSPO) ratios, the KL term, and agreement with PPO."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_policy import tiny_apply_fn, tiny_params, tiny_rollout_batch
+
+from novarl_jax.algorithms import (
+    GRPOLossConfig,
+    PPOLossConfig,
+    aggregate,
+    grpo_loss,
+    kl_penalty,
+    ppo_loss,
+    ppo_policy_loss,
+    sequence_log_ratio,
+)
+
+
+def logprob_apply_fn(params, batch):
+    return {"logprobs": params}
+
+
+def test_sequence_log_ratio_matches_numpy():
+    rng = np.random.default_rng(0)
+    logp, old = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    got = np.asarray(sequence_log_ratio(logp, old, mask))
+    for b in range(3):
+        n = mask[b].sum()
+        want = sum(logp[b, t] - old[b, t] for t in range(4) if mask[b, t]) / max(n, 1)
+        np.testing.assert_allclose(got[b], np.full(4, want), rtol=1e-5, atol=1e-7)
+
+
+def gspo_case():
+    # Row 0: log-ratios [log 2, 0] -> s = sqrt(2); row 1: one token, s = 0.9 (junk in padding).
+    logp = jnp.array([[np.log(2.0), 0.0], [np.log(0.9), 50.0]], jnp.float32)
+    batch = {
+        "response_mask": jnp.array([[1.0, 1.0], [1.0, 0.0]]),
+        "old_logprobs": jnp.zeros((2, 2)),
+        "advantages": jnp.array([[1.0, 1.0], [-1.0, -1.0]]),
+    }
+    return logp, batch
+
+
+def test_gspo_sequence_ratio_hand_computed():
+    logp, batch = gspo_case()
+    config = GRPOLossConfig(importance_sampling_level="sequence", beta=0.0)
+    loss, metrics = grpo_loss(logp, batch, config, logprob_apply_fn)
+    # row 0: sqrt(2) clipped to 1.2 -> -1.2 per token; row 1: max(0.9, 0.9) = 0.9
+    assert float(loss) == pytest.approx((-1.2 * 2 + 0.9) / 3, rel=1e-6)
+    assert float(metrics["actor/pg_clipfrac"]) == pytest.approx(2 / 3)
+    grad = jax.grad(lambda p: grpo_loss(p, batch, config, logprob_apply_fn)[0])(logp)
+    np.testing.assert_allclose(grad, [[0.0, 0.0], [0.9 / 3, 0.0]], rtol=1e-5, atol=1e-7)
+
+
+def test_gspo_gradient_spreads_over_the_sequence():
+    logp, batch = gspo_case()
+    config = GRPOLossConfig(importance_sampling_level="sequence", beta=0.0, clip_ratio_high=1.0)
+    loss, _ = grpo_loss(logp, batch, config, logprob_apply_fn)
+    s = np.sqrt(2.0)
+    assert float(loss) == pytest.approx((-2 * s + 0.9) / 3, rel=1e-6)
+    grad = jax.grad(lambda p: grpo_loss(p, batch, config, logprob_apply_fn)[0])(logp)
+    # each of row 0's two tokens carries d(-s)/dlogp_t = -s / 2, on both of its tokens: -s / 3
+    np.testing.assert_allclose(grad, [[-s / 3, -s / 3], [0.9 / 3, 0.0]], rtol=1e-5)
+
+
+def test_token_level_grpo_equals_ppo_without_critic_and_kl():
+    params = tiny_params()
+    batch = tiny_rollout_batch(params, seed=1)
+    moved = jax.tree.map(lambda x: 1.2 * x, params)
+    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        grpo_config = GRPOLossConfig(beta=0.0, loss_agg_mode=mode, dual_clip_c=3.0)
+        ppo_config = PPOLossConfig(vf_coef=0.0, loss_agg_mode=mode, dual_clip_c=3.0)
+        grpo, _ = grpo_loss(moved, batch, grpo_config, tiny_apply_fn)
+        ppo, _ = ppo_loss(moved, batch, ppo_config, tiny_apply_fn)
+        np.testing.assert_allclose(grpo, ppo, rtol=1e-6)
+
+
+def test_kl_term_and_tis():
+    params = tiny_params()
+    batch = tiny_rollout_batch(params, seed=2)
+    config = GRPOLossConfig(beta=0.04, kl_kind="k3", tis_cap=2.0, clip_ratio_high=0.28,
+                            loss_agg_mode="seq-mean-token-mean")  # fmt: skip
+    loss, metrics = jax.jit(lambda p, b: grpo_loss(p, b, config, tiny_apply_fn))(params, batch)
+    out = tiny_apply_fn(params, batch)
+    mask = batch["response_mask"]
+    pg, _ = ppo_policy_loss(out["logprobs"], batch["old_logprobs"], batch["advantages"], mask,
+                            clip_ratio_high=0.28, loss_agg_mode="seq-mean-token-mean",
+                            behavior_logprobs=batch["behavior_logprobs"], tis_cap=2.0)  # fmt: skip
+    kl = aggregate(kl_penalty(out["logprobs"], batch["ref_logprobs"], "k3"), mask,
+                   "seq-mean-token-mean")  # fmt: skip
+    np.testing.assert_allclose(loss, pg + 0.04 * kl, rtol=1e-5)
+    np.testing.assert_allclose(metrics["actor/kl_loss"], kl, rtol=1e-5)
+    assert "critic/vf_loss" not in metrics and "actor/tis_weight_mean" in metrics
+    eager, _ = grpo_loss(params, batch, config, tiny_apply_fn)
+    np.testing.assert_allclose(eager, loss, rtol=1e-6)
+
+
+def test_grpo_errors():
+    logp, batch = gspo_case()
+    with pytest.raises(ValueError, match="config must be a GRPOLossConfig"):
+        grpo_loss(logp, batch, PPOLossConfig(), logprob_apply_fn)
+    with pytest.raises(ValueError, match="batch has no 'ref_logprobs'"):
+        grpo_loss(logp, batch, GRPOLossConfig(beta=0.1), logprob_apply_fn)
+    with pytest.raises(ValueError, match="batch has no 'behavior_logprobs'"):
+        grpo_loss(logp, batch, GRPOLossConfig(beta=0.0, tis_cap=2.0), logprob_apply_fn)
+    with pytest.raises(ValueError, match="apply_fn's output has no 'logprobs'"):
+        grpo_loss(logp, batch, GRPOLossConfig(beta=0.0), lambda p, b: {"logits": p})
+    with pytest.raises(ValueError, match="logprobs has shape"):
+        grpo_loss(logp[:, :1], batch, GRPOLossConfig(beta=0.0), logprob_apply_fn)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"importance_sampling_level": "group"}, "importance_sampling_level='group' is not one"),
+        ({"beta": -0.1}, "beta must be a number >= 0"),
+        ({"clip_ratio_low": -0.1}, r"clip_ratio_low must be in \[0, 1\)"),
+        ({"kl_kind": "k5"}, "kl_kind='k5' is not one of"),
+        ({"loss_agg_mode": "seq-mean"}, "loss_agg_mode='seq-mean' is not one of"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GRPOLossConfig(**kwargs)

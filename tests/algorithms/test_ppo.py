@@ -1,0 +1,275 @@
+"""PPO losses against hand-computed values and a NumPy float64 loop; the composed loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny_policy import tiny_apply_fn, tiny_params, tiny_rollout_batch
+
+from novarl_jax.algorithms import (
+    LOSS_AGG_MODES,
+    PPOLossConfig,
+    aggregate,
+    entropy_from_logits,
+    kl_penalty,
+    ppo_loss,
+    ppo_policy_loss,
+    token_logprobs_and_entropy,
+    truncated_importance_weights,
+    value_loss,
+)
+
+LOG_RATIOS = np.log(np.array([[1.5, 0.5, 1.1, 4.0, 0.5]], np.float32))
+ADVANTAGES = np.array([[1.0, 1.0, -1.0, -1.0, -1.0]], np.float32)
+MASK = np.ones((1, 5), np.float32)
+
+
+def policy(**kwargs):
+    return ppo_policy_loss(LOG_RATIOS, np.zeros((1, 5), np.float32), ADVANTAGES, MASK, **kwargs)
+
+
+def test_symmetric_clip_hand_computed():
+    # per token: max(-A r, -A clip(r, 0.8, 1.2))
+    # r=1.5,A=1: max(-1.5,-1.2)=-1.2 (clipped); r=0.5,A=1: max(-0.5,-0.8)=-0.5;
+    # r=1.1,A=-1: 1.1; r=4,A=-1: max(4,1.2)=4; r=0.5,A=-1: max(0.5,0.8)=0.8 (clipped)
+    loss, m = policy()
+    assert float(loss) == pytest.approx((-1.2 - 0.5 + 1.1 + 4.0 + 0.8) / 5, rel=1e-6)
+    assert float(m["actor/pg_clipfrac"]) == pytest.approx(2 / 5)
+    assert float(m["actor/pg_clipfrac_lower"]) == 0.0
+    assert float(m["actor/ppo_kl"]) == pytest.approx(-np.log([1.5, 0.5, 1.1, 4, 0.5]).mean())
+    assert float(m["actor/ratio_mean"]) == pytest.approx((1.5 + 0.5 + 1.1 + 4 + 0.5) / 5)
+    assert float(m["actor/ratio_max"]) == pytest.approx(4.0)
+    assert float(m["actor/pg_loss"]) == pytest.approx(float(loss))
+
+
+def test_asymmetric_clip_higher_hand_computed():
+    # clip range [0.8, 1.6]: r=1.5 is no longer clipped (-1.5); r=0.5,A=-1 still is (0.8)
+    loss, m = policy(clip_ratio_low=0.2, clip_ratio_high=0.6)
+    assert float(loss) == pytest.approx((-1.5 - 0.5 + 1.1 + 4.0 + 0.8) / 5, rel=1e-6)
+    assert float(m["actor/pg_clipfrac"]) == pytest.approx(1 / 5)
+    # clip range [0.4, 1.2]: r=0.5,A=-1 is inside now (0.5)
+    loss, _ = policy(clip_ratio_low=0.6, clip_ratio_high=0.2)
+    assert float(loss) == pytest.approx((-1.2 - 0.5 + 1.1 + 4.0 + 0.5) / 5, rel=1e-6)
+
+
+def test_dual_clip_hand_computed():
+    # A<0 tokens are capped at -A * c = 3: r=4 gives min(4, 3) = 3
+    loss, m = policy(dual_clip_c=3.0)
+    assert float(loss) == pytest.approx((-1.2 - 0.5 + 1.1 + 3.0 + 0.8) / 5, rel=1e-6)
+    assert float(m["actor/pg_clipfrac_lower"]) == pytest.approx(1 / 5)
+
+
+def test_gradient_is_zero_where_the_clip_is_active():
+    def f(logp):
+        return ppo_policy_loss(logp, np.zeros((1, 5)), ADVANTAGES, MASK)[0]
+
+    grad = np.asarray(jax.grad(f)(jnp.asarray(LOG_RATIOS)))[0]
+    # d/dlogp of -A r / 5 = -A r / 5 where unclipped, 0 where clipped
+    np.testing.assert_allclose(grad, [0.0, -0.5 / 5, 1.1 / 5, 4.0 / 5, 0.0], rtol=1e-6)
+
+
+def np_policy_loss(logp, old, adv, mask, low, high, dual, weights=None):
+    out = np.zeros(logp.shape)
+    for b in range(logp.shape[0]):
+        for t in range(logp.shape[1]):
+            r = np.exp(float(logp[b, t]) - float(old[b, t]))
+            a = float(adv[b, t])
+            loss = max(-a * r, -a * min(max(r, 1 - low), 1 + high))
+            if dual is not None and a < 0:
+                loss = min(loss, -a * dual)
+            out[b, t] = loss * (1.0 if weights is None else weights[b, t])
+    return out
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    mode=st.sampled_from(LOSS_AGG_MODES),
+    low=st.sampled_from([0.1, 0.2]),
+    high=st.sampled_from([0.2, 0.28]),
+    dual=st.sampled_from([None, 3.0]),
+)
+def test_policy_loss_matches_numpy_loop(seed, mode, low, high, dual):
+    rng = np.random.default_rng(seed)
+    logp = rng.normal(size=(4, 6)).astype(np.float32) * 0.5
+    old = logp + rng.normal(size=(4, 6)).astype(np.float32) * 0.4
+    adv = rng.normal(size=(4, 6)).astype(np.float32)
+    mask = (np.arange(6)[None] < rng.integers(0, 7, size=4)[:, None]).astype(np.float32)
+    kwargs = dict(clip_ratio_low=low, clip_ratio_high=high, dual_clip_c=dual, loss_agg_mode=mode)
+    want = aggregate(np_policy_loss(logp, old, adv, mask, low, high, dual), mask, mode)
+    got, _ = ppo_policy_loss(logp, old, adv, mask, **kwargs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    jitted, _ = jax.jit(lambda *a: ppo_policy_loss(*a, **kwargs))(logp, old, adv, mask)
+    np.testing.assert_allclose(jitted, want, rtol=1e-5, atol=1e-6)
+
+
+def test_truncated_importance_sampling():
+    old = np.zeros((1, 5), np.float32)
+    behavior = np.log(np.array([[0.5, 1.0, 2.0, 0.1, 1.0]], np.float32))
+    weights = truncated_importance_weights(old, behavior, 1.5)
+    np.testing.assert_allclose(weights, [[1.5, 1.0, 0.5, 1.5, 1.0]], rtol=1e-6)
+    loss, m = policy(behavior_logprobs=behavior, tis_cap=1.5)
+    per_token = np.array([-1.2, -0.5, 1.1, 4.0, 0.8]) * np.array([1.5, 1.0, 0.5, 1.5, 1.0])
+    assert float(loss) == pytest.approx(per_token.mean(), rel=1e-6)
+    assert float(m["actor/tis_weight_mean"]) == pytest.approx(5.5 / 5)
+    assert float(m["actor/tis_clipfrac"]) == pytest.approx(2 / 5)
+    with pytest.raises(ValueError, match="tis_cap=1.5 needs behavior_logprobs"):
+        policy(tis_cap=1.5)
+    with pytest.raises(ValueError, match="tis_cap must be > 0"):
+        truncated_importance_weights(old, behavior, 0.0)
+
+
+def test_value_loss_hand_computed():
+    values = np.array([[2.0, 0.1, -1.0]], np.float32)
+    old = np.zeros((1, 3), np.float32)
+    returns = np.array([[0.0, 1.0, 0.0]], np.float32)
+    mask = np.array([[1, 1, 0]], np.float32)
+    loss, m = value_loss(values, old, returns, mask)
+    assert float(loss) == pytest.approx(0.5 * (4.0 + 0.81) / 2)
+    # eps = 0.5: token 0: max(4, (0.5-0)^2) = 4; token 1: max(0.81, (0.1-1)^2) = 0.81
+    loss, m = value_loss(values, old, returns, mask, clip_range=0.5)
+    assert float(loss) == pytest.approx(0.5 * (4.0 + 0.81) / 2)
+    assert float(m["critic/vf_clipfrac"]) == 0.0
+    # eps = 0.05 clips token 1 to 0.05: (0.05 - 1)^2 = 0.9025 > 0.81
+    loss, m = value_loss(values, old, returns, mask, clip_range=0.05)
+    assert float(loss) == pytest.approx(0.5 * (4.0 + 0.9025) / 2)
+    assert float(m["critic/vf_clipfrac"]) == pytest.approx(0.5)
+    assert float(m["critic/vpred_mean"]) == pytest.approx(1.05)
+    with pytest.raises(ValueError, match="clip_range must be >= 0"):
+        value_loss(values, old, returns, mask, clip_range=-1.0)
+
+
+def test_ppo_loss_is_the_sum_of_its_terms():
+    params = tiny_params()
+    batch = tiny_rollout_batch(params, seed=3)
+    config = PPOLossConfig(vf_coef=0.3, entropy_coef=0.02, kl_coef=0.1, tis_cap=2.0,
+                           dual_clip_c=3.0, moe_aux_loss_coef=0.01, moe_z_loss_coef=0.001,
+                           loss_agg_mode="seq-mean-token-mean")  # fmt: skip
+    loss, metrics = ppo_loss(params, batch, config, tiny_apply_fn)
+    out = tiny_apply_fn(params, batch)
+    mask = batch["response_mask"]
+    pg, _ = ppo_policy_loss(out["logprobs"], batch["old_logprobs"], batch["advantages"], mask,
+                            dual_clip_c=3.0, loss_agg_mode="seq-mean-token-mean",
+                            behavior_logprobs=batch["behavior_logprobs"], tis_cap=2.0)  # fmt: skip
+    vf, _ = value_loss(out["values"], batch["old_values"], batch["returns"], mask,
+                       clip_range=0.2)  # fmt: skip
+    entropy = aggregate(out["entropy"], mask, "seq-mean-token-mean")
+    kl = aggregate(kl_penalty(out["logprobs"], batch["ref_logprobs"], "low_var_kl"), mask,
+                   "seq-mean-token-mean")  # fmt: skip
+    want = (pg + 0.3 * vf - 0.02 * entropy + 0.1 * kl + 0.01 * out["moe_aux_loss"]
+            + 0.001 * out["moe_z_loss"])  # fmt: skip
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(metrics["actor/loss"], want, rtol=1e-5)
+    np.testing.assert_allclose(metrics["actor/kl_loss"], kl, rtol=1e-5)
+    np.testing.assert_allclose(metrics["actor/entropy"], aggregate(out["entropy"], mask), rtol=1e-5)
+    np.testing.assert_allclose(metrics["critic/vf_loss"], vf, rtol=1e-5)
+    assert all(np.shape(v) == () and v.dtype == jnp.float32 for v in metrics.values())
+    grads = jax.jit(jax.grad(lambda p: ppo_loss(p, batch, config, tiny_apply_fn)[0]))(params)
+    assert all(np.all(np.isfinite(g)) and np.any(g != 0) for g in jax.tree.leaves(grads))
+
+
+def test_ppo_loss_accepts_a_namedtuple_batch():
+    from typing import NamedTuple
+
+    params = tiny_params()
+    batch = tiny_rollout_batch(params, seed=4)
+    fields = ("tokens", "response_mask", "old_logprobs", "advantages", "returns", "old_values")
+    Batch = NamedTuple("Batch", [(f, jax.Array) for f in fields])
+    as_tuple = Batch(**{f: batch[f] for f in fields})
+    config = PPOLossConfig()
+    want = ppo_loss(params, {f: batch[f] for f in fields}, config, tiny_apply_fn)[0]
+    got = ppo_loss(params, as_tuple, config, lambda p, b: tiny_apply_fn(p, b._asdict()))[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_ppo_loss_errors():
+    params = tiny_params()
+    batch = tiny_rollout_batch(params, seed=5)
+    with pytest.raises(ValueError, match="config must be a PPOLossConfig"):
+        ppo_loss(params, batch, object(), tiny_apply_fn)
+    with pytest.raises(ValueError, match="batch has no 'returns'"):
+        ppo_loss(params, {k: v for k, v in batch.items() if k != "returns"}, PPOLossConfig(),
+                 tiny_apply_fn)  # fmt: skip
+    with pytest.raises(ValueError, match="apply_fn's output has no 'values'"):
+        ppo_loss(params, batch, PPOLossConfig(),
+                 lambda p, b: {"logprobs": tiny_apply_fn(p, b)["logprobs"]})  # fmt: skip
+    with pytest.raises(ValueError, match="entropy_coef=0.1 needs apply_fn to return 'entropy'"):
+        ppo_loss(params, batch, PPOLossConfig(vf_coef=0.0, entropy_coef=0.1),
+                 lambda p, b: {"logprobs": tiny_apply_fn(p, b)["logprobs"]})  # fmt: skip
+    no_ref = {k: v for k, v in batch.items() if k != "ref_logprobs"}
+    with pytest.raises(ValueError, match="batch has no 'ref_logprobs'"):
+        ppo_loss(params, no_ref, PPOLossConfig(kl_coef=0.1), tiny_apply_fn)
+    no_behavior = {k: v for k, v in batch.items() if k != "behavior_logprobs"}
+    with pytest.raises(ValueError, match="batch has no 'behavior_logprobs'"):
+        ppo_loss(params, no_behavior, PPOLossConfig(tis_cap=2.0), tiny_apply_fn)
+    with pytest.raises(ValueError, match="advantages has shape"):
+        ppo_loss(params, {**batch, "advantages": batch["advantages"][:, :2]}, PPOLossConfig(),
+                 tiny_apply_fn)  # fmt: skip
+    with pytest.raises(ValueError, match="batch must be a mapping or a NamedTuple"):
+        ppo_loss(params, [1, 2], PPOLossConfig(), tiny_apply_fn)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"clip_ratio_low": 1.0}, r"clip_ratio_low must be in \[0, 1\)"),
+        ({"clip_ratio_high": -0.1}, "clip_ratio_high must be a number >= 0"),
+        ({"dual_clip_c": 1.0}, "dual_clip_c must be > 1 or None"),
+        ({"loss_agg_mode": "sum"}, "loss_agg_mode='sum' is not one of"),
+        ({"loss_scale_factor": 0}, "loss_scale_factor must be > 0 or None"),
+        ({"vf_coef": -1.0}, "vf_coef must be a number >= 0"),
+        ({"value_clip_range": -0.2}, "value_clip_range must be a number >= 0"),
+        ({"value_loss_agg_mode": "x"}, "value_loss_agg_mode='x' is not one of"),
+        ({"entropy_coef": -0.1}, "entropy_coef must be a number >= 0"),
+        ({"kl_coef": -0.1}, "kl_coef must be a number >= 0"),
+        ({"kl_kind": "k4"}, "kl_kind='k4' is not one of"),
+        ({"tis_cap": 0.0}, "tis_cap must be > 0 or None"),
+        ({"moe_aux_loss_coef": -1.0}, "moe_aux_loss_coef must be a number >= 0"),
+        ({"moe_z_loss_coef": True}, "moe_z_loss_coef must be a number >= 0"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PPOLossConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def test_token_logprobs_and_entropy_match_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 7)).astype(np.float32) * 3
+    targets = rng.integers(0, 7, size=(2, 3))
+    for temperature in (1.0, 0.7):
+        z = logits.astype(np.float64) / temperature
+        log_softmax = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        log_softmax -= z.max(-1, keepdims=True)
+        want_logp = np.take_along_axis(log_softmax, targets[..., None], -1)[..., 0]
+        want_entropy = -(np.exp(log_softmax) * log_softmax).sum(-1)
+        fn = jax.jit(token_logprobs_and_entropy, static_argnames="temperature")
+        logp, entropy = fn(logits, targets, temperature=temperature)
+        np.testing.assert_allclose(logp, want_logp, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(entropy, want_entropy, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            entropy_from_logits(logits, temperature=temperature), want_entropy, rtol=1e-5,
+            atol=1e-5,
+        )  # fmt: skip
+
+
+def test_logprobs_are_stable_for_huge_logits():
+    logits = jnp.array([[[1e4, -1e4, 0.0], [3e4, 3e4, 3e4]]], jnp.float32)
+    logp, entropy = token_logprobs_and_entropy(logits, jnp.array([[1, 2]]))
+    assert np.all(np.isfinite(logp)) and np.all(np.isfinite(entropy))
+    np.testing.assert_allclose(logp, [[-2e4, -np.log(3)]], rtol=1e-6)
+    np.testing.assert_allclose(entropy, [[0.0, np.log(3)]], atol=1e-5)
+    grad = jax.grad(lambda x: token_logprobs_and_entropy(x, jnp.array([[1, 2]]))[1].sum())(logits)
+    assert np.all(np.isfinite(grad))
+
+
+def test_logprob_errors():
+    with pytest.raises(ValueError, match="targets .* must match the leading dimensions"):
+        token_logprobs_and_entropy(jnp.zeros((2, 3, 4)), jnp.zeros((2, 2), jnp.int32))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        entropy_from_logits(jnp.zeros((2, 4)), temperature=0.0)
