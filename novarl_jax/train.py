@@ -16,12 +16,15 @@ import re
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file with get_config(), e.g. configs/moe.py.",
+    "config",
+    None,
+    "Path to a config file with get_config(), e.g. configs/moe.py.",
     lock_config=True,
-)  # fmt: skip
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs."
@@ -149,7 +152,8 @@ def ensure_cpu_devices(world_size: int) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    # JAX logs each backend it probes (TPU, CUDA) at INFO under absl; keep the console clean.
+    # JAX and orbax log routine events at INFO under absl; keep the console for the run.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     from novarl_jax.trainer.config import ConfigError, validate_config
 
@@ -168,18 +172,35 @@ def main(argv: list[str]) -> None:
         from novarl_jax.core.distributed import initialize_multihost
 
         initialize_multihost(
-            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+            _COORDINATOR.value,
+            _NUM_PROCESSES.value,
+            _PROCESS_ID.value,
             cpu_collectives=_CPU_COLLECTIVES.value,
-        )  # fmt: skip
+        )
 
     from novarl_jax.trainer.checklist import print_checklist
+    from novarl_jax.trainer.loop import TrainingError, train
 
     try:
         mesh = spec.layout.make_mesh()
     except ValueError as e:
         _fail(f"experiment.world_size: {e}")
-    print_checklist(spec, mesh)
-    print("Training is not available yet in this version: the checklist above is the run's plan.")
+    import jax
+
+    if jax.process_index() == 0:
+        print_checklist(spec, mesh)
+    workdir = _WORKDIR.value or os.path.join("runs", _config_name())
+    try:
+        train(_CONFIG.value, workdir, spec=spec, mesh=mesh)
+    except ConfigError as e:
+        _fail(str(e))
+    except TrainingError as e:
+        _fail(str(e))
+
+
+def _config_name() -> str:
+    path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "run")
+    return os.path.splitext(os.path.basename(path))[0]
 
 
 def run() -> None:

@@ -54,7 +54,13 @@ def default_config() -> ml_collections.ConfigDict:
     model.rms_norm_eps = 1e-5
     model.max_position_embeddings = 256
     model.tie_word_embeddings = False
-    # vocab_size comes from the task's tokenizer.
+    model.router_aux_loss_coef = 0.01  # weight of the MoE load-balancing loss
+    model.router_z_loss_coef = 0.001  # weight of the MoE router z-loss
+    # Start from a Hugging Face checkpoint directory (config.json + *.safetensors) instead
+    # of random weights; '' = random init. Its architecture replaces the sizes above.
+    model.init_from = ""
+    # Tokenizer: '' = a character tokenizer over the task's alphabet; or a tokenizer.json.
+    model.tokenizer = ""
 
     # --- Rollouts ---------------------------------------------------------------------------
     config.rollout = ml_collections.ConfigDict()
@@ -66,11 +72,112 @@ def default_config() -> ml_collections.ConfigDict:
     rollout.top_k = 0  # 0 = off
     rollout.top_p = 1.0  # 1.0 = off
 
+    # --- Task: prompts and verifiable rewards ---------------------------------------------
+    config.task = ml_collections.ConfigDict()
+    config.task.name = "reverse"  # copy | reverse | sort | addition | jsonl
+    config.task.path = ""  # the JSONL file of the 'jsonl' task (fields: prompt, answer)
+    # Reward override "module.path:function", (prompts, completions, metadata) -> list[float];
+    # '' = the task's own reward.
+    config.task.reward_fn = ""
+    # Free-form keyword arguments of the task's constructor (e.g. max_length=4).
+    config.task.options = ml_collections.ConfigDict()
+
+    # --- PPO (experiment.algorithm='ppo') ---------------------------------------------------
+    config.ppo = ml_collections.ConfigDict()
+    ppo = config.ppo
+    ppo.clip_ratio_low = 0.2  # ratio clip below 1 (PPO epsilon)
+    ppo.clip_ratio_high = 0.2  # ratio clip above 1 (> low = DAPO's clip-higher)
+    ppo.dual_clip_c = config_dict.placeholder(float)  # dual-clip bound c > 1, None = off
+    ppo.loss_agg_mode = "token-mean"  # see novarl_jax.algorithms.aggregation
+    ppo.vf_coef = 0.5  # value-loss weight
+    ppo.value_clip_range = config_dict.FieldReference(0.2, field_type=float)  # None = off
+    ppo.entropy_coef = 0.0
+    ppo.gamma = 1.0  # GAE discount
+    ppo.lam = 0.95  # GAE lambda
+    ppo.normalize_advantages = True  # whiten advantages over the batch's valid tokens
+    ppo.reward_kl_coef = 0.02  # InstructGPT KL penalty in the token rewards; 0 = off
+    ppo.reward_kl_kind = "k1"  # k1 | k2 | k3 | abs
+    ppo.kl_coef = 0.0  # KL-to-reference as a loss term instead; 0 = off
+    ppo.kl_kind = "low_var_kl"
+    ppo.critic = "shared"  # 'shared': value head on the policy trunk; 'separate': own model
+    ppo.tis_cap = config_dict.placeholder(float)  # truncated IS cap vs sampler; None = off
+
+    # --- GRPO (experiment.algorithm='grpo') -------------------------------------------------
+    config.grpo = ml_collections.ConfigDict()
+    grpo = config.grpo
+    grpo.clip_ratio_low = 0.2
+    grpo.clip_ratio_high = 0.2  # DAPO uses 0.28
+    grpo.dual_clip_c = config_dict.placeholder(float)
+    grpo.importance_sampling_level = "token"  # 'token' (GRPO) or 'sequence' (GSPO)
+    grpo.loss_agg_mode = "token-mean"  # 'seq-mean-token-mean' = the GRPO paper's
+    grpo.loss_scale_factor = config_dict.placeholder(float)  # Dr. GRPO's constant length
+    grpo.beta = 0.04  # KL-to-reference loss weight; 0 = no reference model
+    grpo.kl_kind = "k3"
+    grpo.entropy_coef = 0.0
+    grpo.advantage_estimator = "grpo"  # grpo | dr_grpo | rloo
+    grpo.tis_cap = config_dict.placeholder(float)
+
+    # --- Optimisation -------------------------------------------------------------------------
+    config.train = ml_collections.ConfigDict()
+    train = config.train
+    train.epochs = 1  # passes over each rollout batch (PPO epochs)
+    train.minibatches = 1  # optimizer steps per epoch
+    train.micro_batches = 1  # gradient-accumulation splits of each minibatch
+    train.router_replay = False  # train MoE layers on the experts the rollout chose
+    train.max_consecutive_skips = 3  # stop after this many non-finite updates in a row
+
+    config.optim = ml_collections.ConfigDict()
+    optim = config.optim
+    optim.learning_rate = 3e-3
+    optim.schedule = "constant"  # constant | cosine | linear (after warmup)
+    optim.warmup_steps = 0
+    optim.decay_steps = 0  # 0 = experiment.steps * epochs * minibatches
+    optim.end_learning_rate = 0.0
+    optim.weight_decay = 0.0
+    optim.max_grad_norm = 1.0  # global-norm clip; 0 = off
+    optim.b1 = 0.9
+    optim.b2 = 0.99
+    optim.eps = 1e-8
+
+    # --- DAPO options ---------------------------------------------------------------------
+    config.dapo = ml_collections.ConfigDict()
+    dapo = config.dapo
+    dapo.dynamic_sampling = False  # drop groups whose rewards all agree and sample more
+    dapo.max_extra_batches = 2  # extra rollout batches per step for dynamic sampling
+    dapo.overlong_buffer = 0  # tokens before max_new_tokens where a length penalty starts
+    dapo.overlong_penalty = 1.0  # reward penalty at max_new_tokens (linear in the buffer)
+    dapo.mask_truncated = False  # no loss on completions that hit max_new_tokens
+
+    # --- Checkpoints and logging ----------------------------------------------------------
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.interval = 10  # save every this many steps (and at the end)
+    config.checkpoint.keep = 3  # checkpoints kept
+    config.checkpoint.async_save = True
+
+    config.logging = ml_collections.ConfigDict()
+    config.logging.tensorboard = False  # needs the tensorboard extra
+    config.logging.wandb = False  # needs the wandb extra; WANDB_MODE=offline works
+    config.logging.wandb_project = "novarl_jax"
+    config.logging.plot = True  # write plots/training.png at the end (needs matplotlib)
+    config.logging.progress = True  # progress bar (a line per step when not a terminal)
+
     return config
 
 
 # Keys whose value may also be None (with the meaning given in default_config's comments).
-NULLABLE_KEYS = frozenset({"experiment.capacity_factor"})
+NULLABLE_KEYS = frozenset(
+    {
+        "experiment.capacity_factor",
+        "ppo.dual_clip_c",
+        "ppo.value_clip_range",
+        "ppo.tis_cap",
+        "grpo.dual_clip_c",
+        "grpo.loss_scale_factor",
+        "grpo.tis_cap",
+    }
+)
+# Subtrees whose keys are free-form (checked by the constructor they are passed to).
+FREE_FORM = ("task.options",)
 ALGORITHMS = ("ppo", "grpo")
 
 
@@ -83,13 +190,26 @@ class ConfigError(ValueError):
 
 
 def _flatten(cfg, prefix: str = "") -> dict:
+    """{dotted key: value}; free-form subtrees stay whole."""
     out = {}
     for name, value in cfg.items():
         key = f"{prefix}{name}"
-        if isinstance(value, ml_collections.ConfigDict):
+        if isinstance(value, ml_collections.ConfigDict) and key not in FREE_FORM:
             out.update(_flatten(value, key + "."))
         else:
             out[key] = value
+    return out
+
+
+def _field_types(cfg, prefix: str = "") -> dict:
+    """{dotted key: declared type} of the schema (placeholders keep their type)."""
+    out = {}
+    for name, value in cfg.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, ml_collections.ConfigDict) and key not in FREE_FORM:
+            out.update(_field_types(value, key + "."))
+        else:
+            out[key] = cfg.get_type(name)
     return out
 
 

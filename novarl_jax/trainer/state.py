@@ -31,24 +31,25 @@ class TrainState:
     key: jax.Array
 
 
-def make_schedule(optim) -> optax.Schedule:
+def make_schedule(optim, *, default_decay_steps: int = 1) -> optax.Schedule:
     """Learning-rate schedule from the ``optim`` config section.
 
     'constant' (after linear warmup), 'cosine' (warmup then cosine decay to
     ``end_learning_rate`` over ``decay_steps``) or 'linear' (warmup then linear decay).
+    ``decay_steps=0`` means ``default_decay_steps`` (the run's number of updates).
     """
+    decay_steps = max(optim.decay_steps or default_decay_steps, 1)
     warmup = optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
     if optim.schedule == "constant":
         after = optax.constant_schedule(optim.learning_rate)
     elif optim.schedule == "cosine":
         after = optax.cosine_decay_schedule(
-            optim.learning_rate, max(optim.decay_steps, 1), optim.end_learning_rate
-            / max(optim.learning_rate, 1e-30),
-        )  # fmt: skip
-    elif optim.schedule == "linear":
-        after = optax.linear_schedule(
-            optim.learning_rate, optim.end_learning_rate, max(optim.decay_steps, 1)
+            optim.learning_rate,
+            decay_steps,
+            optim.end_learning_rate / max(optim.learning_rate, 1e-30),
         )
+    elif optim.schedule == "linear":
+        after = optax.linear_schedule(optim.learning_rate, optim.end_learning_rate, decay_steps)
     else:
         raise ValueError(f"optim.schedule={optim.schedule!r} is not one of {list(SCHEDULES)}")
     if optim.warmup_steps <= 0:
@@ -56,7 +57,7 @@ def make_schedule(optim) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [optim.warmup_steps])
 
 
-def make_optimizer(optim) -> optax.GradientTransformation:
+def make_optimizer(optim, *, default_decay_steps: int = 1) -> optax.GradientTransformation:
     """Global-norm gradient clipping followed by AdamW on the configured schedule.
 
     Weight decay skips vectors (norm scales, biases): only weights of rank >= 2 decay.
@@ -67,10 +68,14 @@ def make_optimizer(optim) -> optax.GradientTransformation:
         parts.append(optax.clip_by_global_norm(optim.max_grad_norm))
     parts.append(
         optax.adamw(
-            make_schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-            weight_decay=optim.weight_decay, mask=decay_mask,
+            make_schedule(optim, default_decay_steps=default_decay_steps),
+            b1=optim.b1,
+            b2=optim.b2,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            mask=decay_mask,
         )
-    )  # fmt: skip
+    )
     return optax.chain(*parts)
 
 

@@ -1,0 +1,258 @@
+"""Turns a validated config into the run's library objects, naming the key of any bad value.
+
+Every object is built here, before anything compiles, so an invalid value stops the run with
+one line naming its config key (the constructors' own messages start with the argument's
+name, which maps to the key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from novarl_jax.algorithms.registry import make_loss_config, make_loss_fn
+from novarl_jax.core.utils.advantages import make_advantage_estimator
+from novarl_jax.models import ModelConfig, init_params
+from novarl_jax.rollout.engine import SamplingConfig
+from novarl_jax.rollout.tasks import make_task
+from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer
+from novarl_jax.trainer.config import ConfigError, RunSpec, samples_per_prompt
+from novarl_jax.trainer.state import SCHEDULES, make_optimizer
+from novarl_jax.trainer.steps import ModelSpec
+
+CRITICS = ("shared", "separate")
+
+
+def built(section: str, fn: Callable, /, *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)``; a ValueError becomes a ConfigError naming ``section.<arg>``."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        message = str(e)
+        names = sorted(kwargs, key=len, reverse=True)
+        arg = next((n for n in names if message.startswith(n)), None)
+        raise ConfigError(f"{section}.{arg}" if arg else section, message) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """The library objects of one run (built once, before compiling)."""
+
+    spec: RunSpec
+    task: Any
+    tokenizer: Any
+    model: ModelSpec
+    init_params: Callable[[jax.Array], dict]  # key -> {'policy': ..., ['critic': ...]}
+    loss_fn: Callable
+    loss_config: Any
+    estimator: Any
+    optimizer: Any
+    sampling: SamplingConfig
+    needs_reference: bool
+    reward_kl: tuple[float, str]  # PPO's (reward_kl_coef, kind); coef 0 = off
+
+
+def _task(config) -> Any:
+    t = config.task
+    options = dict(t.options)
+    if t.reward_fn:
+        options["reward" if t.name == "jsonl" else "reward_fn"] = t.reward_fn
+    if t.name == "jsonl":
+        if not t.path:
+            raise ConfigError("task.path", "the 'jsonl' task needs the path of a JSONL file")
+        return built("task.options", make_task, "jsonl", path=t.path, **options)
+    if t.path:
+        raise ConfigError("task.path", f"only the 'jsonl' task reads a file; task {t.name!r}")
+    try:
+        return make_task(t.name, **options)
+    except TypeError as e:
+        raise ConfigError("task.options", f"task {t.name!r}: {e}") from None
+    except ValueError as e:
+        key = "task.name" if str(e).startswith("unknown task") else "task.options"
+        raise ConfigError(key, str(e)) from None
+
+
+def _tokenizer(config, task) -> Any:
+    path = config.model.tokenizer
+    if path:
+        try:
+            return HFTokenizer.from_file(path)
+        except (OSError, ValueError, Exception) as e:  # noqa: BLE001 - tokenizers raises its own
+            raise ConfigError("model.tokenizer", f"cannot load {path!r}: {e}") from None
+    alphabet = getattr(task, "alphabet", None)
+    return CharTokenizer(alphabet) if alphabet else ByteTokenizer()
+
+
+def _model_config(config, tokenizer, *, value_head: bool) -> ModelConfig:
+    m, exp = config.model, config.experiment
+    return built(
+        "model",
+        ModelConfig,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads,
+        num_local_experts=exp.num_experts,
+        num_experts_per_tok=exp.top_k,
+        rope_theta=m.rope_theta,
+        rms_norm_eps=m.rms_norm_eps,
+        max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=m.tie_word_embeddings,
+        router_aux_loss_coef=m.router_aux_loss_coef,
+        router_z_loss_coef=m.router_z_loss_coef,
+        capacity_factor=exp.capacity_factor,
+        value_head=value_head,
+    )
+
+
+def _loss(config, algorithm: str, policy: ModelConfig):
+    section = config[algorithm]
+    moe = dict(
+        moe_aux_loss_coef=policy.router_aux_loss_coef if policy.num_local_experts else 0.0,
+        moe_z_loss_coef=policy.router_z_loss_coef if policy.num_local_experts else 0.0,
+    )
+    common = dict(
+        clip_ratio_low=section.clip_ratio_low,
+        clip_ratio_high=section.clip_ratio_high,
+        dual_clip_c=section.dual_clip_c,
+        loss_agg_mode=section.loss_agg_mode,
+        entropy_coef=section.entropy_coef,
+        kl_kind=section.kl_kind,
+        tis_cap=section.tis_cap,
+        **moe,
+    )
+    if algorithm == "ppo":
+        fields = dict(
+            common,
+            vf_coef=section.vf_coef,
+            value_clip_range=section.value_clip_range,
+            kl_coef=section.kl_coef,
+        )
+    else:
+        fields = dict(
+            common,
+            beta=section.beta,
+            loss_scale_factor=section.loss_scale_factor,
+            importance_sampling_level=section.importance_sampling_level,
+        )
+    loss_config = built(algorithm, make_loss_config, algorithm, **fields)
+    return loss_config, make_loss_fn(algorithm, loss_config)
+
+
+def build_run(spec: RunSpec) -> Run:
+    """Builds every object of the run described by ``spec`` (no compilation).
+
+    Raises:
+        ConfigError: a value the library rejects, naming its key.
+    """
+    config = spec.config
+    exp = config.experiment
+    if spec.layout.pp > 1:
+        raise ConfigError(
+            "experiment.pipeline_parallel_size",
+            f"{spec.layout.pp}: pipeline-parallel training is not available yet; use 1 "
+            f"(e.g. experiment.pipeline_parallel_size=1 experiment.world_size="
+            f"{spec.layout.world_size // spec.layout.pp})",
+        )
+    algorithm = exp.algorithm
+    task = _task(config)
+    tokenizer = _tokenizer(config, task)
+    if config.model.init_from:
+        raise ConfigError(
+            "model.init_from",
+            "loading Hugging Face weights for training is "
+            "not wired into the trainer yet; leave it empty",
+        )
+    critic_kind = config.ppo.critic
+    if critic_kind not in CRITICS:
+        raise ConfigError("ppo.critic", f"{critic_kind!r} is not one of {list(CRITICS)}")
+    separate = algorithm == "ppo" and critic_kind == "separate"
+    policy = _model_config(config, tokenizer, value_head=algorithm == "ppo" and not separate)
+    critic = dataclasses.replace(policy, value_head=True, num_local_experts=0) if separate else None
+    ro = config.rollout
+    model = ModelSpec(
+        policy=policy,
+        critic=critic,
+        prompt_length=ro.max_prompt_length,
+        router_replay=bool(config.train.router_replay and policy.num_local_experts),
+    )
+    loss_config, loss_fn = _loss(config, algorithm, policy)
+    group = samples_per_prompt(config)
+    if algorithm == "ppo":
+        estimator = built(
+            "ppo",
+            make_advantage_estimator,
+            "gae",
+            gamma=config.ppo.gamma,
+            lam=config.ppo.lam,
+            normalize=config.ppo.normalize_advantages,
+        )
+        needs_reference = config.ppo.reward_kl_coef > 0 or config.ppo.kl_coef > 0
+        reward_kl = (float(config.ppo.reward_kl_coef), config.ppo.reward_kl_kind)
+    else:
+        name = config.grpo.advantage_estimator
+        if name not in ("grpo", "dr_grpo", "rloo"):
+            raise ConfigError(
+                "grpo.advantage_estimator", f"{name!r} is not one of ['grpo', 'dr_grpo', 'rloo']"
+            )
+        estimator = built("grpo", make_advantage_estimator, name, group_size=group)
+        needs_reference = config.grpo.beta > 0
+        reward_kl = (0.0, "k1")
+    optim = config.optim
+    if optim.schedule not in SCHEDULES:
+        raise ConfigError("optim.schedule", f"{optim.schedule!r} is not one of {list(SCHEDULES)}")
+    updates = exp.steps * config.train.epochs * config.train.minibatches
+    optimizer = make_optimizer(optim, default_decay_steps=updates)
+    train = config.train
+    for key in ("epochs", "minibatches", "micro_batches", "max_consecutive_skips"):
+        if train[key] < 1:
+            raise ConfigError(f"train.{key}", f"must be >= 1, got {train[key]}")
+    rows = ro.prompts_per_step * group
+    if rows % train.minibatches:
+        raise ConfigError(
+            "train.minibatches", f"{train.minibatches} does not divide the {rows} rollouts per step"
+        )
+    if (rows // train.minibatches) % train.micro_batches:
+        raise ConfigError(
+            "train.micro_batches",
+            f"{train.micro_batches} does not divide the minibatch of "
+            f"{rows // train.minibatches} rollouts",
+        )
+    sampling = built(
+        "rollout",
+        SamplingConfig,
+        max_prompt_length=ro.max_prompt_length,
+        max_new_tokens=ro.max_new_tokens,
+        temperature=ro.temperature,
+        top_k=ro.top_k,
+        top_p=ro.top_p,
+        num_samples=group,
+        return_routing=model.router_replay,
+    )
+
+    def make_params(key: jax.Array) -> dict:
+        k_policy, k_critic = jax.random.split(key)
+        params = {"policy": init_params(policy, k_policy)}
+        if critic is not None:
+            params["critic"] = init_params(critic, k_critic)
+        return params
+
+    return Run(
+        spec=spec,
+        task=task,
+        tokenizer=tokenizer,
+        model=model,
+        init_params=make_params,
+        loss_fn=loss_fn,
+        loss_config=loss_config,
+        estimator=estimator,
+        optimizer=optimizer,
+        sampling=sampling,
+        needs_reference=needs_reference,
+        reward_kl=reward_kl,
+    )

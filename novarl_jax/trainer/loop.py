@@ -1,0 +1,427 @@
+"""The synchronous training loop: rollout -> score -> advantages -> updates -> log/save.
+
+All randomness of iteration ``i`` comes from ``fold_in(key(seed), i)``, the task's position
+is checkpointed, and every step is a deterministic jitted program, so a run of 2N steps and a
+run of N steps + restart + N steps give the same parameters and metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from novarl_jax.rollout.engine import RolloutEngine
+from novarl_jax.trainer import steps
+from novarl_jax.trainer.build import Run, build_run
+from novarl_jax.trainer.checkpoint import Checkpointer, abstract_like
+from novarl_jax.trainer.config import RunSpec, validate_config
+from novarl_jax.trainer.metrics import MetricsWriter
+from novarl_jax.trainer.state import TrainState, init_train_state
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example too many non-finite updates in a row)."""
+
+
+def _rows(tree: Any, index: Any) -> Any:
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def _routing_rows_first(routing: Any) -> Any:
+    # The model stacks routing over layers first; rows must lead for minibatch slicing.
+    return None if routing is None else jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), routing)
+
+
+class Trainer:
+    """Holds the compiled steps of one run; :meth:`run` trains to ``experiment.steps``."""
+
+    def __init__(self, run: Run, workdir: str, mesh: Any = None):
+        self.run_ = run
+        self.workdir = workdir
+        self.mesh = mesh
+        config = run.spec.config
+        self.config = config
+        self.engine = RolloutEngine(
+            model_config=run.model.policy,
+            tokenizer=run.tokenizer,
+            task=run.task,
+            sampling=run.sampling,
+            mesh=mesh,
+        )
+        apply_fn = steps.make_apply_fn(run.model, mesh)
+        if run.model.router_replay:
+            inner = apply_fn
+
+            def apply_fn(params, batch):  # routing travels rows-first, the model wants L first
+                routing = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), batch["routing"])
+                return inner(params, {**batch, "routing": routing})
+
+        self.apply_fn = apply_fn
+        self._score = jax.jit(
+            lambda p, r, b: steps.score_batch(apply_fn, p, r, b, need_ref=run.needs_reference)
+        )
+        self._advantages = jax.jit(run.estimator)
+        update = steps.make_update_step(
+            run.loss_fn,
+            apply_fn,
+            run.optimizer,
+            micro_batches=config.train.micro_batches,
+            mesh=mesh,
+        )
+        self._update = jax.jit(
+            lambda state, batch, index: update(state, _rows(batch, index)), donate_argnums=0
+        )
+        self._token_rewards = jax.jit(
+            lambda b: steps.reward_kl_token_rewards(
+                b, kl_coef=run.reward_kl[0], kind=run.reward_kl[1]
+            )
+        )
+
+    # -- state -----------------------------------------------------------------------------
+
+    def initial_state(self) -> tuple[TrainState, Any]:
+        """(train state, reference params), both placed on the mesh."""
+        seed = self.config.experiment.seed
+        key = jax.random.key(seed)
+        k_params, k_loop = jax.random.split(key)
+        params = self.run_.init_params(k_params)
+        params = self._place_params(params)
+        state = jax.jit(lambda p: init_train_state(p, self.run_.optimizer, k_loop))(params)
+        reference = jax.tree.map(jnp.copy, params) if self.run_.needs_reference else None
+        return state, reference
+
+    def _place_params(self, params: dict) -> dict:
+        if self.mesh is None:
+            return params
+        from novarl_jax.models import shard_params
+
+        placed = {"policy": shard_params(params["policy"], self.run_.model.policy, self.mesh)}
+        if "critic" in params:
+            placed["critic"] = shard_params(params["critic"], self.run_.model.critic, self.mesh)
+        return placed
+
+    # -- one iteration ---------------------------------------------------------------------
+
+    def _rollout(self, state: TrainState, key: jax.Array) -> tuple[Any, Any, dict]:
+        cfg, exp = self.config, self.config.experiment
+        version = int(state.policy_version)
+        prompts = cfg.rollout.prompts_per_step
+        traj, info = self.engine.rollout(state.params["policy"], key, version, prompts)
+        stats = {"dapo/extra_batches": 0.0}
+        if cfg.dapo.dynamic_sampling and exp.algorithm == "grpo":
+            traj, info, stats = self._dynamic_sampling(state, key, traj, info, version)
+        return traj, info, stats
+
+    def _dynamic_sampling(self, state, key, traj, info, version):
+        """DAPO: keep groups whose rewards differ, sampling extra batches to refill."""
+        cfg = self.config
+        group = cfg.experiment.grpo_group_size
+        prompts = cfg.rollout.prompts_per_step
+
+        def informative(t):
+            r = np.asarray(t.rewards).reshape(-1, group)
+            v = np.asarray(t.valid).reshape(-1, group)
+            return (r.max(1) > r.min(1)) & (v.min(1) > 0)
+
+        pool = [(traj, informative(traj))]
+        extra = 0
+        while sum(int(m.sum()) for _, m in pool) < prompts and extra < cfg.dapo.max_extra_batches:
+            extra += 1
+            t, _ = self.engine.rollout(
+                state.params["policy"], jax.random.fold_in(key, 1000 + extra), version, prompts
+            )
+            pool.append((t, informative(t)))
+        # Informative groups first, then (if still short) the rest, to keep static shapes.
+        chosen = [(i, g) for i, (_, m) in enumerate(pool) for g in np.flatnonzero(m)]
+        chosen += [(i, g) for i, (_, m) in enumerate(pool) for g in np.flatnonzero(~m)]
+        chosen = chosen[:prompts]
+        kept = sum(1 for i, g in chosen if pool[i][1][g])
+        parts = []
+        for i, g in chosen:
+            rows = np.arange(g * group, (g + 1) * group)
+            parts.append(_rows(pool[i][0]._replace(routing=None), rows))
+        merged = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+        merged = merged._replace(
+            group_ids=jnp.asarray(np.repeat(np.arange(prompts, dtype=np.int32), group)),
+            routing=self._merge_routing(pool, chosen, group),
+        )
+        stats = {"dapo/extra_batches": float(extra), "dapo/kept_groups": float(kept)}
+        return merged, info, stats
+
+    @staticmethod
+    def _merge_routing(pool, chosen, group):
+        if pool[0][0].routing is None:
+            return None
+        parts = [
+            jax.tree.map(lambda x: x[:, g * group : (g + 1) * group], pool[i][0].routing)  # noqa: B023
+            for i, g in chosen
+        ]
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *parts)
+
+    def _training_batch(self, state, reference, traj) -> tuple[dict, dict]:
+        cfg, run = self.config, self.run_
+        batch = steps.model_inputs(traj)
+        ro, dapo = cfg.rollout, cfg.dapo
+        lengths = np.asarray(traj.response_mask).sum(1)
+        stopped = np.asarray(
+            np.isin(np.asarray(traj.response_tokens), self.engine.stop_token_ids)
+            & (np.asarray(traj.response_mask) > 0)
+        ).any(1)
+        truncated = ~stopped
+        scores = (
+            steps.shaped_rewards(
+                traj.rewards,
+                batch["response_mask"],
+                max_new_tokens=ro.max_new_tokens,
+                overlong_buffer=dapo.overlong_buffer,
+                overlong_penalty=dapo.overlong_penalty,
+            )
+            * traj.valid
+        )
+        if dapo.mask_truncated:
+            keep = jnp.asarray(~truncated, jnp.int32)[:, None]
+            batch["response_mask"] = batch["response_mask"] * keep
+        batch["behavior_logprobs"] = traj.behavior_logprobs
+        if traj.routing is not None and run.model.router_replay:
+            batch["routing"] = _routing_rows_first(traj.routing)
+        batch = self._place_rows(batch)
+        scored = self._score(state.params, reference, batch)
+        batch["old_logprobs"] = scored["old_logprobs"]
+        if run.needs_reference:
+            batch["ref_logprobs"] = scored["ref_logprobs"]
+        est = {"response_mask": batch["response_mask"], "scores": scores}
+        if "old_values" in scored:
+            batch["old_values"] = scored["old_values"]
+            est["values"] = scored["old_values"]
+        if run.reward_kl[0] > 0:
+            est["token_rewards"] = self._token_rewards(batch)
+        advantages, returns = self._advantages(est)
+        batch["advantages"] = advantages
+        if returns is not None:
+            batch["returns"] = returns
+        mask = np.asarray(batch["response_mask"])
+        stats = {
+            "critic/score/mean": float(
+                np.mean(np.asarray(traj.rewards)[np.asarray(traj.valid) > 0])
+            )
+            if np.asarray(traj.valid).any()
+            else float("nan"),
+            "critic/score/std": float(np.std(np.asarray(traj.rewards))),
+            "critic/rewards/mean": float(np.mean(np.asarray(scores))),
+            "critic/advantages/mean": float(np.asarray(advantages)[mask > 0].mean())
+            if mask.any()
+            else 0.0,
+            "response_length/mean": float(lengths.mean()),
+            "response_length/clip_ratio": float(truncated.mean()),
+            "rollout/invalid_samples": float(len(np.flatnonzero(np.asarray(traj.valid) == 0))),
+            "actor/entropy_rollout": float(
+                (np.asarray(scored["entropy"]) * mask).sum() / max(mask.sum(), 1)
+            ),
+        }
+        if "moe_dropped_fraction" in scored:
+            load = np.asarray(scored["moe_expert_load"])
+            stats["moe/dropped_fraction"] = float(scored["moe_dropped_fraction"])
+            stats["moe/expert_load_max"] = float(load.max())
+            stats["moe/expert_load_min"] = float(load.min())
+            for layer, row in enumerate(load.reshape(load.shape[0], -1)):
+                stats[f"moe/layer{layer}/load_max"] = float(row.max())
+        if run.reward_kl[0] > 0:
+            kl = -np.asarray(est["token_rewards"]).sum(1).mean() / run.reward_kl[0]
+            stats["actor/reward_kl"] = float(kl)
+        return batch, stats
+
+    def _place_rows(self, batch: dict) -> dict:
+        if self.mesh is None:
+            return batch
+        from novarl_jax.core.sharding import batch_spec
+
+        def put(x):
+            spec = batch_spec(x.ndim, self.mesh, batch_size=x.shape[0])
+            return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
+
+        return jax.tree.map(put, batch)
+
+    def iteration(self, state, reference, i: int) -> tuple[TrainState, dict, Any]:
+        """Runs iteration ``i``; returns the new state, its metrics and the rollout info."""
+        cfg = self.config
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), i)
+        k_rollout, k_perm = jax.random.split(key)
+        t0 = time.perf_counter()
+        traj, info, stats = self._rollout(state, k_rollout)
+        jax.block_until_ready(traj.response_tokens)
+        t1 = time.perf_counter()
+        batch, batch_stats = self._training_batch(state, reference, traj)
+        rows = int(batch["tokens"].shape[0])
+        per_minibatch = rows // cfg.train.minibatches
+        update_metrics = []
+        for epoch in range(cfg.train.epochs):
+            order = jax.random.permutation(jax.random.fold_in(k_perm, epoch), rows)
+            for m in range(cfg.train.minibatches):
+                index = order[m * per_minibatch : (m + 1) * per_minibatch]
+                state, metrics = self._update(state, batch, index)
+                update_metrics.append(metrics)
+        update_metrics = jax.device_get(update_metrics)
+        t2 = time.perf_counter()
+        metrics = {
+            name: float(np.mean([m[name] for m in update_metrics])) for name in update_metrics[0]
+        }
+        metrics["train/skipped"] = float(sum(m["train/skipped"] for m in update_metrics))
+        tokens = int(np.asarray(batch["attention_mask"]).sum())
+        metrics.update(stats)
+        metrics.update(batch_stats)
+        metrics.update(
+            {
+                "timing_s/gen": t1 - t0,
+                "timing_s/update": t2 - t1,
+                "perf/throughput": tokens / max(t2 - t0, 1e-9),
+                "train/policy_version": int(state.policy_version),
+                "train/optimizer_step": int(state.step),
+            }
+        )
+        return state, metrics, info
+
+
+def _progress_line(step: int, total: int, metrics: dict) -> str:
+    kl = metrics.get("actor/kl_loss", metrics.get("actor/reward_kl", float("nan")))
+    return (
+        f"step {step}/{total}  score {metrics['critic/score/mean']:.3f}  kl {kl:.4f}  "
+        f"entropy {metrics.get('actor/entropy', float('nan')):.3f}  "
+        f"tok/s {metrics['perf/throughput']:.0f}"
+    )
+
+
+def train(config, workdir: str, *, spec: RunSpec | None = None, mesh: Any = None, log=None) -> dict:
+    """Trains to ``experiment.steps`` iterations, resuming from ``workdir`` if it has a
+    checkpoint. Writes ``metrics.jsonl``, checkpoints and ``plots/training.png`` there.
+
+    Args:
+        config: the run's ConfigDict.
+        workdir: output directory (created if missing).
+        spec: an already validated spec (validated here otherwise).
+        mesh: the device mesh; default: the layout's mesh over all devices.
+        log: a callable taking one line of text (default: print on process 0).
+
+    Returns:
+        The last step's metrics, plus ``'resumed_from'`` (a step or None).
+
+    Raises:
+        ConfigError: a bad config value (before anything compiles).
+        TrainingError: too many consecutive non-finite updates.
+    """
+    spec = spec or validate_config(config)
+    run = build_run(spec)
+    if mesh is None:
+        mesh = spec.layout.make_mesh()
+    main_process = jax.process_index() == 0
+    if log is None:
+        log = (lambda line: print(line, flush=True)) if main_process else (lambda line: None)
+    os.makedirs(workdir, exist_ok=True)
+    trainer = Trainer(run, workdir, mesh=mesh)
+    state, reference = trainer.initial_state()
+    ckpt_cfg = config.checkpoint
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        interval=ckpt_cfg.interval,
+        keep=ckpt_cfg.keep,
+        async_save=ckpt_cfg.async_save,
+    )
+    start = 0
+    resumed_from = checkpointer.latest_step()
+    writer = (
+        MetricsWriter(
+            workdir,
+            tensorboard=config.logging.tensorboard,
+            wandb=config.logging.wandb,
+            wandb_project=config.logging.wandb_project,
+            run_config=config.to_dict(),
+        )
+        if main_process
+        else None
+    )
+    if resumed_from is not None:
+        state, host = checkpointer.restore(abstract_like(state))
+        run.task.set_state(host["task_state"])
+        start = int(host["iteration"])
+        if writer is not None:
+            writer.truncate_after(start)
+        log(f"resumed from {checkpointer.directory} at step {start}")
+    total = config.experiment.steps
+    skips = 0
+    metrics: dict = {}
+    interactive = config.logging.progress and sys.stdout.isatty() and main_process
+    progress = _Progress(total, start) if interactive else None
+    try:
+        for i in range(start, total):
+            state, metrics, info = trainer.iteration(state, reference, i)
+            skipped = int(metrics["train/skipped"])
+            skips = skips + skipped if skipped else 0
+            if writer is not None:
+                writer.write(i + 1, metrics)
+            if skipped:
+                bad = [k for k in ("train/loss", "actor/grad_norm") if not np.isfinite(metrics[k])]
+                log(f"step {i + 1}: skipped {skipped} update(s) with non-finite {', '.join(bad)}")
+            if skips >= config.train.max_consecutive_skips:
+                raise TrainingError(
+                    f"stopped at step {i + 1}: {skips} consecutive non-finite updates "
+                    f"(train.max_consecutive_skips={config.train.max_consecutive_skips}); the "
+                    f"last checkpoint in {checkpointer.directory} is intact"
+                )
+            host = {"iteration": i + 1, "task_state": info.task_state}
+            checkpointer.save(i + 1, state, host, force=(i + 1 == total))
+            if progress is not None:
+                progress.update(i + 1, metrics)
+            elif config.logging.progress:
+                log(_progress_line(i + 1, total, metrics))
+    finally:
+        if progress is not None:
+            progress.close()
+        checkpointer.close()
+        if writer is not None:
+            writer.close()
+    if metrics:
+        log(
+            f"done: {total} steps, score {metrics['critic/score/mean']:.3f}, "
+            f"policy version {int(state.policy_version)}, workdir {os.path.abspath(workdir)}"
+        )
+    if (
+        main_process
+        and config.logging.plot
+        and os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+    ):
+        try:
+            from novarl_jax.plot import plot_training
+
+            log(f"plot: {plot_training(workdir)}")
+        except ImportError:
+            log("plot: skipped (matplotlib is not installed; pip install -e '.[plot]')")
+    return {**metrics, "resumed_from": resumed_from, "state": state}
+
+
+class _Progress:
+    """A rich progress bar with live score, KL and throughput."""
+
+    def __init__(self, total: int, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self._bar = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        self._task = self._bar.add_task("train", total=total, completed=start, info="")
+        self._bar.start()
+
+    def update(self, step: int, metrics: dict) -> None:
+        self._bar.update(
+            self._task, completed=step, info=_progress_line(step, 0, metrics).split("  ", 1)[1]
+        )
+
+    def close(self) -> None:
+        self._bar.stop()

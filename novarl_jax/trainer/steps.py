@@ -1,0 +1,236 @@
+"""The pure, jitted pieces of a training iteration.
+
+Everything here is a function of arrays: building the model's view of a rollout batch, the
+``apply_fn`` the losses call, scoring a batch under the current/reference policies, shaping
+rewards, advantages, and one optimizer update with gradient accumulation. The loop in
+:mod:`novarl_jax.trainer.loop` strings them together and owns all side effects.
+
+Parameter tree of a run: ``{'policy': <model params>}`` plus ``'critic'`` when PPO uses a
+separate critic model. With a shared critic, the policy model has a value head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from novarl_jax.algorithms.aggregation import combine_micro_batch_metrics, split_micro_batches
+from novarl_jax.algorithms.kl import kl_penalty_token_rewards
+from novarl_jax.algorithms.logprobs import token_logprobs_and_entropy
+from novarl_jax.core.sharding import batch_spec
+from novarl_jax.models import forward
+from novarl_jax.trainer.state import TrainState
+
+# Keys of a training batch that are per-row arrays (sliced into minibatches).
+ROW_KEYS = (
+    "tokens",
+    "attention_mask",
+    "positions",
+    "response_tokens",
+    "response_mask",
+    "old_logprobs",
+    "ref_logprobs",
+    "behavior_logprobs",
+    "advantages",
+    "returns",
+    "old_values",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Static description of the networks a loss runs (hashable: a jit static argument).
+
+    Attributes:
+        policy: the policy's ModelConfig.
+        critic: a separate critic's ModelConfig (with a value head), or None.
+        prompt_length: P, the padded prompt length; response token t sits at P + t.
+        router_replay: feed the rollout's expert choices into the training forward.
+    """
+
+    policy: Any
+    critic: Any = None
+    prompt_length: int = 0
+    router_replay: bool = False
+
+
+def model_inputs(trajectory: Any) -> dict[str, jax.Array]:
+    """Token ids, mask and rotary positions of prompt + response, as the model reads them.
+
+    Args:
+        trajectory: a rollout :class:`~novarl_jax.rollout.engine.Trajectory`.
+
+    Returns:
+        dict with ``tokens``, ``attention_mask``, ``positions`` ([R, P+T] int32),
+        ``response_tokens`` and ``response_mask`` ([R, T] int32).
+    """
+    tokens = jnp.concatenate([trajectory.prompt_tokens, trajectory.response_tokens], axis=1)
+    mask = jnp.concatenate([trajectory.prompt_mask, trajectory.response_mask], axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    return {
+        "tokens": tokens.astype(jnp.int32),
+        "attention_mask": mask.astype(jnp.int32),
+        "positions": positions,
+        "response_tokens": trajectory.response_tokens.astype(jnp.int32),
+        "response_mask": trajectory.response_mask.astype(jnp.int32),
+    }
+
+
+def make_apply_fn(spec: ModelSpec, mesh: Any = None) -> Callable[[Any, Mapping], dict]:
+    """``apply_fn(params, batch) -> {'logprobs', 'entropy', ['values'], 'moe_*'}``.
+
+    Position ``t`` of every output is response token ``t``: the logits at prompt position
+    ``P - 1 + t`` predict it, and the value is the critic's estimate at that same state.
+    """
+    p = spec.prompt_length
+
+    def run(params, config, batch):
+        logits, _, aux = forward(
+            params,
+            batch["tokens"],
+            config,
+            positions=batch["positions"],
+            attention_mask=batch["attention_mask"],
+            mesh=mesh,
+            routing=batch.get("routing") if spec.router_replay else None,
+        )
+        return logits[:, p - 1 : -1], aux
+
+    def apply_fn(params, batch):
+        logits, aux = run(params["policy"], spec.policy, batch)
+        logprobs, entropy = token_logprobs_and_entropy(logits, batch["response_tokens"])
+        out = {"logprobs": logprobs, "entropy": entropy}
+        if spec.policy.num_local_experts:
+            out["moe_aux_loss"] = aux["moe_aux_loss"]
+            out["moe_z_loss"] = aux["moe_z_loss"]
+            out["moe_dropped_fraction"] = aux["dropped_fraction"]
+            out["moe_expert_load"] = aux["expert_load"]
+        if spec.critic is not None:
+            out["values"] = run(params["critic"], spec.critic, batch)[1]["values"][:, p - 1 : -1]
+        elif spec.policy.value_head:
+            out["values"] = aux["values"][:, p - 1 : -1]
+        return out
+
+    return apply_fn
+
+
+def score_batch(apply_fn, params, ref_params, batch: dict, *, need_ref: bool) -> dict:
+    """Old log-probs (and values) under ``params``, reference log-probs under ``ref_params``.
+
+    Pure; jit it with ``apply_fn`` closed over. Gradients are stopped.
+    """
+    out = apply_fn(jax.lax.stop_gradient(params), batch)
+    scored = {"old_logprobs": out["logprobs"], "entropy": out["entropy"]}
+    if "values" in out:
+        scored["old_values"] = out["values"]
+    if need_ref:
+        scored["ref_logprobs"] = apply_fn(jax.lax.stop_gradient(ref_params), batch)["logprobs"]
+    for name in ("moe_dropped_fraction", "moe_expert_load"):
+        if name in out:
+            scored[name] = out[name]
+    return scored
+
+
+def shaped_rewards(
+    rewards: jax.Array,
+    response_mask: jax.Array,
+    *,
+    max_new_tokens: int,
+    overlong_buffer: int,
+    overlong_penalty: float,
+) -> jax.Array:
+    """DAPO's soft overlong punishment (Yu et al., 2025), added to the sequence rewards.
+
+    With ``L`` the response length, ``L_max = max_new_tokens`` and buffer ``b``:
+    ``penalty = 0`` for ``L <= L_max - b``, ``((L_max - b) - L) / b * overlong_penalty`` for
+    ``L_max - b < L <= L_max`` (reaching ``-overlong_penalty`` at ``L_max``).
+    """
+    if overlong_buffer <= 0:
+        return rewards
+    length = response_mask.sum(axis=1).astype(jnp.float32)
+    start = max_new_tokens - overlong_buffer
+    penalty = jnp.minimum((start - length) / overlong_buffer, 0.0) * overlong_penalty
+    return rewards + penalty
+
+
+def reward_kl_token_rewards(batch: dict, *, kl_coef: float, kind: str) -> jax.Array:
+    """InstructGPT's per-token KL penalty against the reference, for PPO's token rewards."""
+    return kl_penalty_token_rewards(
+        batch["old_logprobs"],
+        batch["ref_logprobs"],
+        batch["response_mask"],
+        kl_coef=kl_coef,
+        kind=kind,
+    )
+
+
+def constrain_rows(tree: Any, mesh: Any) -> Any:
+    """Shards every array's leading (row) dimension over ('dp', 'ep')."""
+    if mesh is None:
+        return tree
+
+    def put(x):
+        if x.ndim == 0:  # per-micro-batch scalars (the global loss denominators)
+            return x
+        spec = batch_spec(x.ndim, mesh, batch_size=x.shape[0])
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+    return jax.tree.map(put, tree)
+
+
+def make_update_step(
+    loss_fn: Callable,
+    apply_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    *,
+    micro_batches: int,
+    mesh: Any = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """One optimizer step on a minibatch: accumulate micro-batch gradients, clip, AdamW.
+
+    The micro-batches carry the minibatch's global loss denominators
+    (:func:`~novarl_jax.algorithms.aggregation.split_micro_batches`), so the summed
+    gradient equals the whole minibatch's gradient however it is split. A non-finite loss
+    or gradient norm leaves the state unchanged (``metrics['train/skipped'] = 1``).
+
+    Returns:
+        ``update(state, minibatch) -> (state, metrics)``, not yet jitted.
+    """
+
+    def update(state: TrainState, minibatch: dict) -> tuple[TrainState, dict]:
+        micro = split_micro_batches(minibatch, micro_batches)
+        grad_fn = jax.value_and_grad(lambda p, b: loss_fn(p, b, apply_fn), has_aux=True)
+
+        def body(acc, mb):
+            mb = constrain_rows(mb, mesh)
+            (loss, metrics), grads = grad_fn(state.params, mb)
+            return jax.tree.map(jnp.add, acc, grads), (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, (losses, metrics) = jax.lax.scan(body, zeros, micro)
+        loss = losses.sum()
+        metrics = combine_micro_batch_metrics(metrics)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        step = finite.astype(jnp.int32)
+        new_state = state.replace(
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            step=state.step + step,
+            policy_version=state.policy_version + step,
+        )
+        metrics = dict(metrics)
+        metrics["actor/grad_norm"] = grad_norm
+        metrics["train/skipped"] = 1.0 - finite.astype(jnp.float32)
+        metrics["train/loss"] = loss
+        return new_state, metrics
+
+    return update
