@@ -522,7 +522,7 @@ def _schedule(
     ring = forward + [(pp - 1, 0)]
 
     def tick(carry, t):
-        received, pending, outputs, aux_sum = carry
+        received, pending, aux_sum = carry
         j, r, valid = _slot(t, stage, pp, m, v, xp=jnp)
         jc = jnp.clip(j, 0, m - 1)
         rc = jnp.clip(r, 0, v - 1)
@@ -547,10 +547,6 @@ def _schedule(
         h = jnp.where(stage == 0, first, received)
         chunk_params, extra_j, layer_j = slot_inputs(jc, rc)
         out, aux = call(chunk_params, h, extra_j, layer_j)
-        # The last stage's final repeat finishes microbatch j.
-        done = valid & (stage == pp - 1) & (r == v - 1)
-        old = jax.lax.dynamic_index_in_dim(outputs, jc, 0, False)
-        outputs = jax.lax.dynamic_update_index_in_dim(outputs, jnp.where(done, out, old), jc, 0)
         aux = jax.tree.map(lambda a: jnp.where(valid, a, jnp.zeros_like(a)), aux)
         if v > 1:
             aux_sum = jax.tree.map(lambda s, a: s.at[rc].add(a), aux_sum, aux)
@@ -560,14 +556,19 @@ def _schedule(
             received = jax.lax.ppermute(out, PP, ring if v > 1 else forward)
         else:
             received = out
-        return (received, pending, outputs, aux_sum), None
+        return (received, pending, aux_sum), out
 
     # Every buffer starts from real inputs, not zeros: idle ticks then compute on ordinary
     # data, so their (masked-out) results and derivatives stay finite.
     pending = x_mb if v > 1 else jnp.zeros((0,), x_mb.dtype)
-    init = (x_mb[0], pending, jnp.zeros_like(x_mb), aux_zero)
+    init = (x_mb[0], pending, aux_zero)
     ticks = jnp.arange(num_ticks(pp, m, v))
-    (_, _, outputs, aux_sum), _ = jax.lax.scan(tick, init, ticks)
+    (_, _, aux_sum), outs = jax.lax.scan(tick, init, ticks)
+    # The last stage finishes microbatch j on its final repeat at tick `first_done + j`. (The
+    # per-tick outputs are stacked by the scan rather than written into a carried buffer:
+    # a carried [M, ...] buffer costs a copy per tick when XLA cannot update it in place.)
+    first_done = (v - 1) * _period(pp, m, v) + pp - 1
+    outputs = outs[first_done : first_done + m]
     # Only the last stage holds the outputs; the masked sum hands them to every stage.
     if pp > 1:
         outputs = jax.lax.psum(jnp.where(stage == pp - 1, outputs, jnp.zeros_like(outputs)), PP)

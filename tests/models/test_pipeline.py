@@ -330,6 +330,19 @@ def test_to_stages_order_and_round_trip(num_repeats):
     np.testing.assert_array_equal(back, layers)
 
 
+def test_layer_axis_sharded_over_pp_becomes_stages_without_communication():
+    # Stacked [L, ...] weights whose layer axis is split over 'pp' in contiguous blocks are
+    # already laid out by stage: to_stages is a local reshape, so params (and checkpoints)
+    # can stay [L, ...] whatever pp is.
+    mesh = ParallelLayout(pp=4, dp=2).make_mesh()
+    w = jax.device_put(jnp.ones((8, 4, 4)), NamedSharding(mesh, P("pp")))
+    fn = jax.jit(lambda w: to_stages(w, 4))
+    assert fn(w).sharding.spec == P("pp")
+    hlo = fn.lower(w).compile().as_text()
+    for collective in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
+        assert collective not in hlo
+
+
 @hypothesis.settings(max_examples=30, deadline=None)
 @hypothesis.given(
     pp=st.integers(1, 5), m=st.integers(1, 9), v=st.integers(1, 3)
