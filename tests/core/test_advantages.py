@@ -121,11 +121,16 @@ def shard_rows(mesh, *arrays):
 
 
 gae_jit = jax.jit(gae, static_argnames=("gamma", "lam"))
+# lam as a traced argument: one compilation serves every lam.
+GAE_TRACED_LAM = jax.jit(lambda r, v, m, lam: gae(r, v, m, gamma=0.97, lam=lam))
 
 # ----------------------------------------------------------------------------- GAE
 
 
-@settings(max_examples=25, deadline=None)
+GAE_TRACED = jax.jit(lambda r, v, m, gamma, lam: gae(r, v, m, gamma=gamma, lam=lam))
+
+
+@settings(max_examples=15, deadline=None)
 @given(
     batch=st.integers(1, 4),
     num_tokens=st.integers(1, 9),
@@ -139,11 +144,38 @@ def test_gae_matches_numpy_double_loop(batch, num_tokens, gamma, lam, seed, hole
     lengths = data.draw(st.lists(st.integers(0, num_tokens), min_size=batch, max_size=batch))
     rewards, values, mask = random_inputs(seed, batch, num_tokens, lengths, holes)
     want_adv, want_ret = np_gae(rewards, values, mask, gamma, lam)
-    for fn in (gae, gae_jit):
-        got_adv, got_ret = fn(rewards, values, mask, gamma=gamma, lam=lam)
+    eager = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    for got_adv, got_ret in (eager, GAE_TRACED(rewards, values, mask, gamma, lam)):
         np.testing.assert_allclose(got_adv, want_adv, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got_ret, want_ret, rtol=1e-5, atol=1e-5)
         assert got_adv.dtype == jnp.float32 and got_adv.shape == (batch, num_tokens)
+
+
+@pytest.mark.parametrize("num_tokens", [31, 32, 70])
+@pytest.mark.parametrize("lam", [0.0, 0.9, 1.0])
+def test_gae_both_paths_over_several_blocks(num_tokens, lam):
+    """Blocked path (contiguous masks, right- and left-padded) and scan path (holes)."""
+    rng = np.random.default_rng(num_tokens)
+    rewards, values, _ = random_inputs(num_tokens, 6, num_tokens)
+    starts = rng.integers(0, num_tokens, size=6)
+    starts[:2] = 0
+    ends = np.minimum(starts + rng.integers(0, num_tokens + 1, size=6), num_tokens)
+    ends[0] = num_tokens  # a full row
+    t = np.arange(num_tokens)[None]
+    contiguous = ((t >= starts[:, None]) & (t < ends[:, None])).astype(np.float32)
+    holes = contiguous * (rng.random(contiguous.shape) > 0.2)
+    valid = jnp.asarray(contiguous != 0)
+    gamma, gamma_lam = jnp.float32(0.97), jnp.float32(0.97 * lam)
+    want_adv, _ = np_gae(rewards, values, contiguous, 0.97, lam)
+    blocked = jax.jit(adv._gae_blocked)(rewards, values, valid, gamma, gamma_lam)
+    np.testing.assert_allclose(blocked, want_adv, rtol=2e-5, atol=2e-5)
+    scanned = jax.jit(adv._gae_scan)(rewards, values, valid, gamma, gamma_lam)
+    np.testing.assert_allclose(scanned, want_adv, rtol=2e-5, atol=2e-5)
+    for mask in (contiguous, holes):
+        want_adv, want_ret = np_gae(rewards, values, mask, 0.97, lam)
+        got_adv, got_ret = GAE_TRACED_LAM(rewards, values, mask, lam)
+        np.testing.assert_allclose(got_adv, want_adv, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(got_ret, want_ret, rtol=2e-5, atol=2e-5)
 
 
 def test_gae_zero_and_full_length_rows():

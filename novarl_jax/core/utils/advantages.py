@@ -132,8 +132,15 @@ def gae(
     pass on advantage, and get ``A = R = 0``. ``gamma = lam = 1`` reduces to reward-to-go minus
     value; ``lam = 0`` to the one-step TD error.
 
-    The recursion runs as one reverse :func:`jax.lax.scan` over time on time-major ``[T, B]``
-    copies of the inputs, carrying the next valid value and advantage of every row.
+    Two exact implementations, picked at run time by :func:`jax.lax.cond`. When the valid
+    tokens of every row form one contiguous run (right- or left-padded responses, the usual
+    case) the recursion is ``A_t = beta_t + c * A_{t+1}`` with ``c = gamma * lam`` constant,
+    and it runs on the batch-major layout in blocks of ``U`` time steps: a block's advantages
+    are one ``[B, U] x [U, U]`` matmul with ``W[s, t] = c ** (s - t)`` (``s >= t``) plus
+    ``c ** (U - t)`` times the first advantage of the block after it, a ``fori_loop`` over
+    ``T / U`` blocks with no transposes. Masks with holes (tool output inside a multi-turn
+    response) take a reverse :func:`jax.lax.scan` over time-major copies of the inputs that
+    carries each row's next valid value and advantage.
 
     Args:
         rewards: ``[B, T]`` token rewards (any float dtype; computed in float32).
@@ -163,6 +170,59 @@ def gae(
     valid = _valid(mask)
     gamma = jnp.asarray(gamma, jnp.float32)
     gamma_lam = gamma * jnp.asarray(lam, jnp.float32)
+    # Does every row's run of valid tokens start at most once (no holes)?
+    starts = valid & ~jnp.pad(valid[:, :-1], ((0, 0), (1, 0)))
+    contiguous = jnp.all(jnp.sum(starts, axis=1) <= 1)
+    advantages = jax.lax.cond(
+        contiguous, _gae_blocked, _gae_scan, rewards, values, valid, gamma, gamma_lam
+    )
+    returns = jnp.where(valid, advantages + values, 0.0)
+    return advantages, returns
+
+
+# Time steps per block of the blocked GAE: large enough that the loop has few iterations,
+# small enough that the [B, U] x [U, U] matmuls (2 * U flops per element) stay cheap.
+_GAE_BLOCK = 32
+
+
+def _gae_blocked(rewards, values, valid, gamma, gamma_lam):
+    """GAE for rows whose valid tokens are contiguous (see :func:`gae`); 0 on padding."""
+    batch_size, num_tokens = rewards.shape
+    block = min(_GAE_BLOCK, num_tokens)
+    num_blocks = -(-num_tokens // block)
+    padded = num_blocks * block
+    masked_values = jnp.where(valid, values, 0.0)
+    next_values = jnp.pad(masked_values[:, 1:], ((0, 0), (0, 1)))
+    # With no holes the value after a valid token is the next token's, or 0 after the last.
+    beta = jnp.where(valid, rewards + gamma * next_values - values, 0.0)
+    beta = jnp.pad(beta, ((0, 0), (0, padded - num_tokens)))
+    valid = jnp.pad(valid, ((0, 0), (0, padded - num_tokens)))
+    index = jnp.arange(block)
+    lag = index[:, None] - index[None, :]
+    weights = jnp.where(lag >= 0, gamma_lam ** jnp.maximum(lag, 0).astype(jnp.float32), 0.0)
+    tail = gamma_lam ** (block - index).astype(jnp.float32)
+
+    def body(k, state):
+        carry, out = state
+        start = (num_blocks - 1 - k) * block
+        chunk = jax.lax.dynamic_slice_in_dim(beta, start, block, axis=1)
+        # HIGHEST: GPUs and TPUs would otherwise multiply float32 in reduced precision.
+        adv = jnp.dot(chunk, weights, precision=jax.lax.Precision.HIGHEST)
+        adv = adv + carry[:, None] * tail
+        # Left padding receives a decaying carry; zero it here rather than in another pass.
+        adv_out = jnp.where(jax.lax.dynamic_slice_in_dim(valid, start, block, axis=1), adv, 0.0)
+        return adv[:, 0], jax.lax.dynamic_update_slice_in_dim(out, adv_out, start, axis=1)
+
+    init = (
+        jnp.zeros((batch_size,), jnp.float32),
+        jnp.zeros((batch_size, padded), jnp.float32),
+    )
+    _, out = jax.lax.fori_loop(0, num_blocks, body, init)
+    return out[:, :num_tokens]
+
+
+def _gae_scan(rewards, values, valid, gamma, gamma_lam):
+    """GAE for any mask: a reverse scan over time that skips masked-out positions."""
 
     def step(carry, x):
         next_value, next_advantage = carry
@@ -171,13 +231,11 @@ def gae(
         # A skipped position hands its successor's value and advantage through unchanged.
         next_value = jnp.where(valid_t, v_t, next_value)
         next_advantage = jnp.where(valid_t, advantage, next_advantage)
-        return (next_value, next_advantage), next_advantage
+        return (next_value, next_advantage), jnp.where(valid_t, advantage, 0.0)
 
     zeros = jnp.zeros(rewards.shape[:1], jnp.float32)
     _, advantages = jax.lax.scan(step, (zeros, zeros), (rewards.T, values.T, valid.T), reverse=True)
-    advantages = jnp.where(valid, advantages.T, 0.0)
-    returns = jnp.where(valid, advantages + values, 0.0)
-    return advantages, returns
+    return advantages.T
 
 
 def discounted_returns(
