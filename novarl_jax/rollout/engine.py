@@ -1,0 +1,286 @@
+"""The rollout engine: prompts from a task -> sampled completions -> rewards, as one pytree.
+
+``RolloutEngine.rollout`` samples B prompts from the task, generates G completions per prompt
+with the KV-cache sampler (one prefill per prompt), decodes and scores them, and returns a
+:class:`Trajectory` of arrays plus host-side :class:`RolloutInfo` (texts, per-sample info).
+The same trajectory feeds PPO and GRPO: the advantage estimator and the loss take what they
+need (``group_ids`` for GRPO baselines, ``behavior_logprobs`` for importance ratios).
+
+Rewards that are NaN or infinite are reported (a ``RuntimeWarning`` and a log line naming the
+sample and prompt index) and excluded: the sample's ``valid`` flag is 0, its
+``response_mask`` is zeroed and its reward set to 0, so no loss term touches it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from novarl_jax.rollout.sampler import make_settings, sample
+from novarl_jax.rollout.tasks.base import Task, check_batch_size
+
+logger = logging.getLogger(__name__)
+
+
+class Trajectory(NamedTuple):
+    """One batch of rollouts (a pytree of arrays). R = B*G rows, prompt-major: row
+    ``b * G + g`` is sample ``g`` of prompt ``b``.
+
+    Attributes:
+        prompt_tokens: [R, P] int32, left-padded prompts.
+        prompt_mask: [R, P] int32, 1 = a real prompt token.
+        response_tokens: [R, T] int32, generated tokens (pad after the stop token).
+        response_mask: [R, T] int32, 1 = a real generated token (stop token included) of a
+            valid sample; all 0 for invalid samples.
+        behavior_logprobs: [R, T] float32, log-probs under the distribution the tokens were
+            sampled from (temperature/top-k/top-p applied; 0 for greedy).
+        policy_logprobs: [R, T] float32, log-probs under the untempered policy that sampled
+            them (equal to a training forward's log-probs for the same tokens).
+        rewards: [R] float32 (0 for invalid samples).
+        valid: [R] float32, 1 = the reward is finite and the sample may be trained on.
+        group_ids: [R] int32, the prompt index b of each row (GRPO groups).
+        policy_version: [R] int32, the version of the parameters that sampled the row.
+        routing: MoE expert choices for router replay, or None.
+    """
+
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    response_tokens: jax.Array
+    response_mask: jax.Array
+    behavior_logprobs: jax.Array
+    policy_logprobs: jax.Array
+    rewards: jax.Array
+    valid: jax.Array
+    group_ids: jax.Array
+    policy_version: jax.Array
+    routing: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutInfo:
+    """Host-side companions of a :class:`Trajectory` (one entry per row unless noted).
+
+    Attributes:
+        prompts: R prompt strings.
+        completions: R decoded completions (stop tokens removed).
+        metadata: R task metadata dicts.
+        sample_info: R dicts from ``task.score``.
+        invalid: row indices whose reward was NaN/inf (excluded).
+        task_state: the task's state after sampling these prompts (checkpoint it).
+    """
+
+    prompts: list[str]
+    completions: list[str]
+    metadata: list[dict]
+    sample_info: list[dict]
+    invalid: list[int]
+    task_state: dict
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How the engine samples.
+
+    Attributes:
+        max_prompt_length: P, prompts are left-padded to this many tokens (static shapes);
+            longer prompts follow the tokenizer's truncation setting (error by default).
+        max_new_tokens: T, generated tokens per sample at most.
+        temperature: >= 0 (0 = greedy).
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: nucleus mass in (0, 1] (1 = off).
+        num_samples: G, completions per prompt (the GRPO group size; 1 for PPO).
+        stop_token_ids: tokens that end a completion; None = the tokenizer's ``eos_id``.
+        return_routing: also record MoE expert choices (router replay).
+    """
+
+    max_prompt_length: int
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_samples: int = 1
+    stop_token_ids: tuple[int, ...] | None = None
+    return_routing: bool = False
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.max_prompt_length, bool)
+            or not isinstance(self.max_prompt_length, int)
+            or self.max_prompt_length < 1
+        ):
+            raise ValueError(
+                f"max_prompt_length must be an integer >= 1, got {self.max_prompt_length!r}"
+            )
+        if self.stop_token_ids is not None:
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        # The sampler's checks name the same fields.
+        make_settings(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            stop_token_ids=self.stop_token_ids or (),
+            pad_id=0,
+            num_samples=self.num_samples,
+            return_routing=self.return_routing,
+        )
+
+
+class RolloutEngine:
+    """Samples, decodes and scores rollouts for PPO or GRPO.
+
+    Args:
+        model_config: the policy's ``ModelConfig``.
+        tokenizer: a tokenizer from :mod:`novarl_jax.rollout.tokenizers` (any object with the
+            same interface); its vocabulary must fit the model's.
+        task: a :class:`~novarl_jax.rollout.tasks.Task`.
+        sampling: a :class:`SamplingConfig`.
+        mesh: the device mesh the parameters live on, or None.
+
+    Raises:
+        ValueError: the tokenizer's vocabulary is larger than the model's, or a stop token is
+            outside the model's vocabulary.
+
+    Example:
+        >>> task = AdditionTask()
+        >>> engine = RolloutEngine(model_config=config, tokenizer=CharTokenizer(task.alphabet),
+        ...     task=task, sampling=SamplingConfig(max_prompt_length=8, max_new_tokens=4,
+        ...     num_samples=4))  # doctest: +SKIP
+        >>> traj, info = engine.rollout(params, jax.random.key(0), policy_version=3,
+        ...                             batch_size=8)  # doctest: +SKIP
+        >>> traj.rewards.shape  # (32,)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        model_config: Any,
+        tokenizer: Any,
+        task: Task,
+        sampling: SamplingConfig,
+        mesh: Any = None,
+    ):
+        if not isinstance(sampling, SamplingConfig):
+            raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling)!r}")
+        vocab = model_config.vocab_size
+        if tokenizer.vocab_size > vocab:
+            raise ValueError(
+                f"tokenizer vocab_size={tokenizer.vocab_size} exceeds the model's "
+                f"vocab_size={vocab}"
+            )
+        stops = sampling.stop_token_ids
+        stops = (tokenizer.eos_id,) if stops is None else stops
+        bad = [s for s in stops if not 0 <= s < vocab]
+        if bad:
+            raise ValueError(
+                f"stop_token_ids {bad} are outside the model's vocabulary [0, {vocab})"
+            )
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.task = task
+        self.sampling = sampling
+        self.mesh = mesh
+        self.stop_token_ids: tuple[int, ...] = tuple(int(s) for s in stops)
+
+    def rollout(
+        self,
+        params: Any,
+        key: jax.Array,
+        policy_version: int,
+        batch_size: int,
+        num_samples: int | None = None,
+    ) -> tuple[Trajectory, RolloutInfo]:
+        """Samples ``batch_size`` prompts and ``num_samples`` completions for each.
+
+        Args:
+            params: the policy parameters (on ``mesh`` when one was given).
+            key: a ``jax.random`` key; split into the prompt key and the sampling key.
+            policy_version: the version of ``params`` (recorded in every row).
+            batch_size: B, prompts.
+            num_samples: G, samples per prompt; None = ``sampling.num_samples``.
+
+        Returns:
+            ``(trajectory, info)``: a :class:`Trajectory` with R = B*G rows and its
+            :class:`RolloutInfo`.
+        """
+        batch_size = check_batch_size(batch_size)
+        s = self.sampling
+        group = s.num_samples if num_samples is None else num_samples
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {group!r}")
+        if isinstance(policy_version, bool) or not isinstance(policy_version, (int, np.integer)):
+            raise ValueError(f"policy_version must be an integer, got {policy_version!r}")
+        prompt_key, sample_key = jax.random.split(key)
+        prompts, metadata = self.task.sample_prompts(prompt_key, batch_size)
+        if len(prompts) != batch_size or len(metadata) != batch_size:
+            raise ValueError(
+                f"task {getattr(self.task, 'name', self.task)!r} returned {len(prompts)} prompts "
+                f"and {len(metadata)} metadata for batch_size={batch_size}"
+            )
+        tokens, mask = self.tokenizer.encode_batch(
+            prompts, max_length=s.max_prompt_length, padding_side="left"
+        )
+        out = sample(
+            params,
+            self.model_config,
+            tokens,
+            mask,
+            sample_key,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            stop_token_ids=self.stop_token_ids,
+            pad_id=self.tokenizer.pad_id,
+            mesh=self.mesh,
+            num_samples=group,
+            return_routing=s.return_routing,
+        )
+        response = np.asarray(out.response_tokens)
+        response_mask = np.asarray(out.response_mask)
+        text_mask = response_mask * ~np.isin(response, self.stop_token_ids)
+        completions = self.tokenizer.decode_batch(response, text_mask)
+        rows_prompts = [p for p in prompts for _ in range(group)]
+        rows_meta = [m for m in metadata for _ in range(group)]
+        rewards, sample_info = self.task.score(rows_prompts, completions, rows_meta)
+        rewards = np.asarray(rewards, np.float32)
+        finite = np.isfinite(rewards)
+        invalid = np.flatnonzero(~finite).tolist()
+        for row in invalid:
+            message = (
+                f"reward {rewards[row]} of sample {row} (prompt index {row // group}: "
+                f"{rows_prompts[row][:60]!r}) is not finite; the sample is excluded from training"
+            )
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            logger.warning(message)
+        rewards = np.where(finite, rewards, 0.0).astype(np.float32)
+        valid = finite.astype(np.float32)
+        rows = batch_size * group
+        trajectory = Trajectory(
+            prompt_tokens=out.prompt_tokens,
+            prompt_mask=out.prompt_mask,
+            response_tokens=out.response_tokens,
+            response_mask=out.response_mask * jnp.asarray(finite, jnp.int32)[:, None],
+            behavior_logprobs=out.logprobs,
+            policy_logprobs=out.policy_logprobs,
+            rewards=jnp.asarray(rewards),
+            valid=jnp.asarray(valid),
+            group_ids=jnp.asarray(np.repeat(np.arange(batch_size, dtype=np.int32), group)),
+            policy_version=jnp.full((rows,), int(policy_version), jnp.int32),
+            routing=out.routing,
+        )
+        info = RolloutInfo(
+            prompts=rows_prompts,
+            completions=completions,
+            metadata=rows_meta,
+            sample_info=sample_info,
+            invalid=invalid,
+            task_state=self.task.get_state(),
+        )
+        return trajectory, info

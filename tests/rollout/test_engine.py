@@ -1,0 +1,183 @@
+"""RolloutEngine: trajectory layout, rewards, bad-reward exclusion, determinism, errors."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from novarl_jax.core.distributed import ParallelLayout
+from novarl_jax.models import ModelConfig, init_params, shard_params
+from novarl_jax.rollout.engine import RolloutEngine, SamplingConfig, Trajectory
+from novarl_jax.rollout.sampler import sample
+from novarl_jax.rollout.tasks import AdditionTask, JSONLTask
+from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer
+
+BATCH, GROUP = 4, 2
+SAMPLING = SamplingConfig(max_prompt_length=8, max_new_tokens=4, temperature=1.0, num_samples=GROUP)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    task = AdditionTask()
+    tok = CharTokenizer(task.alphabet)
+    config = ModelConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    params = init_params(config, jax.random.key(0))
+    return config, params, task, tok
+
+
+@pytest.fixture(scope="module")
+def rolled(setup):
+    config, params, task, tok = setup
+    engine = RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=SAMPLING)
+    traj, info = engine.rollout(params, jax.random.key(5), policy_version=7, batch_size=BATCH)
+    return engine, traj, info
+
+
+def test_trajectory_layout_and_rewards(setup, rolled):
+    config, params, task, tok = setup
+    engine, traj, info = rolled
+    rows = BATCH * GROUP
+    assert isinstance(traj, Trajectory)
+    assert traj.prompt_tokens.shape == traj.prompt_mask.shape == (rows, 8)
+    assert traj.response_tokens.shape == traj.behavior_logprobs.shape == (rows, 4)
+    np.testing.assert_array_equal(traj.group_ids, [0, 0, 1, 1, 2, 2, 3, 3])
+    np.testing.assert_array_equal(traj.policy_version, [7] * rows)
+    assert traj.group_ids.dtype == jnp.int32 and traj.policy_version.dtype == jnp.int32
+    assert traj.rewards.dtype == jnp.float32 and traj.valid.dtype == jnp.float32
+    np.testing.assert_array_equal(traj.valid, np.ones(rows))
+    assert traj.routing is None
+    # Prompts are the task's, repeated per sample, and encoded left-padded.
+    prompts, meta = task.sample_prompts(jax.random.split(jax.random.key(5))[0], BATCH)
+    assert info.prompts == [p for p in prompts for _ in range(GROUP)]
+    assert tok.decode_batch(traj.prompt_tokens, traj.prompt_mask)[::GROUP] == prompts
+    assert (np.asarray(traj.prompt_mask)[:, -1] == 1).all()
+    # Completions decode the response (stop token excluded); rewards are the task's scores.
+    for r in range(rows):
+        n = int(np.asarray(traj.response_mask)[r].sum())
+        ids = np.asarray(traj.response_tokens)[r, :n]
+        assert info.completions[r] == tok.decode([i for i in ids if i != tok.eos_id])
+    expected, _ = task.score(info.prompts, info.completions, info.metadata)
+    np.testing.assert_array_equal(traj.rewards, expected)
+    assert info.invalid == [] and info.task_state == {}
+    # Behaviour log-probs are the sampler's, for the same key split.
+    tokens, mask = tok.encode_batch(prompts, max_length=8)
+    out = sample(params, config, tokens, mask, jax.random.split(jax.random.key(5))[1],
+                 max_new_tokens=4, stop_token_ids=(tok.eos_id,), pad_id=tok.pad_id,
+                 num_samples=GROUP)  # fmt: skip
+    np.testing.assert_array_equal(traj.response_tokens, out.response_tokens)
+    np.testing.assert_array_equal(traj.behavior_logprobs, out.logprobs)
+    np.testing.assert_array_equal(traj.policy_logprobs, out.policy_logprobs)
+
+
+def test_trajectory_is_a_jittable_pytree(rolled):
+    _, traj, _ = rolled
+    total = jax.jit(lambda t: jnp.sum(t.rewards * t.valid) + jnp.sum(t.response_mask))(traj)
+    assert float(total) == pytest.approx(
+        float(np.sum(traj.rewards)) + float(np.sum(traj.response_mask))
+    )
+    assert len(jax.tree.leaves(traj)) == 10  # routing None adds no leaf
+
+
+def test_rollout_is_deterministic_for_a_key(setup, rolled):
+    config, params, task, tok = setup
+    engine, traj, _ = rolled
+    again, _ = engine.rollout(params, jax.random.key(5), policy_version=7, batch_size=BATCH)
+    for a, b in zip(traj, again, strict=True):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+
+
+def test_nan_rewards_are_reported_and_excluded(setup):
+    config, params, _, tok = setup
+
+    def flaky(prompts, completions, metadata):
+        return [
+            float("nan") if i == 3 else (float("inf") if i == 6 else 0.5)
+            for i in range(len(prompts))
+        ]
+
+    task = AdditionTask(reward_fn=flaky)
+    engine = RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=SAMPLING)
+    with pytest.warns(RuntimeWarning) as rec:
+        traj, info = engine.rollout(params, jax.random.key(5), policy_version=0, batch_size=BATCH)
+    messages = [str(w.message) for w in rec]
+    assert len(messages) == 2
+    assert re.match(r"reward nan of sample 3 \(prompt index 1: '.*'\) is not finite", messages[0])
+    assert re.match(r"reward inf of sample 6 \(prompt index 3: '.*'\) is not finite", messages[1])
+    assert info.invalid == [3, 6]
+    np.testing.assert_array_equal(traj.valid, [1, 1, 1, 0, 1, 1, 0, 1])
+    np.testing.assert_array_equal(traj.rewards, [0.5, 0.5, 0.5, 0, 0.5, 0.5, 0, 0.5])
+    mask = np.asarray(traj.response_mask)
+    assert mask[3].sum() == 0 and mask[6].sum() == 0 and mask[[0, 1, 2, 4, 5, 7]].sum(1).min() >= 1
+    assert np.isfinite(np.asarray(traj.rewards)).all()
+
+
+def test_jsonl_task_state_flows_through_info(setup, tmp_path):
+    config, params, _, _ = setup
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(f'{{"prompt": "{i}+1=", "answer": "{i + 1}"}}\n' for i in range(5)))
+    task = JSONLTask(path, reward="numeric", shuffle=False)
+    tok = CharTokenizer(AdditionTask().alphabet)
+    engine = RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=SAMPLING)
+    _, info = engine.rollout(params, jax.random.key(0), policy_version=1, batch_size=BATCH)
+    assert info.prompts[::GROUP] == ["0+1=", "1+1=", "2+1=", "3+1="]
+    assert info.task_state == {"epoch": 0, "index": 4, "seed": 0}
+    _, info = engine.rollout(params, jax.random.key(1), policy_version=1, batch_size=BATCH)
+    assert info.prompts[::GROUP] == ["4+1=", "0+1=", "1+1=", "2+1="]
+    assert info.task_state == {"epoch": 1, "index": 3, "seed": 0}
+
+
+def test_engine_under_the_8_device_mesh(setup, rolled, devices):
+    config, params, task, tok = setup
+    _, traj, _ = rolled
+    mesh = ParallelLayout(dp=2, tp=2, ep=2).make_mesh()
+    engine = RolloutEngine(
+        model_config=config, tokenizer=tok, task=task, sampling=SAMPLING, mesh=mesh
+    )
+    sharded = shard_params(params, config, mesh)
+    got, _ = engine.rollout(sharded, jax.random.key(5), policy_version=7, batch_size=BATCH)
+    np.testing.assert_array_equal(got.response_tokens, traj.response_tokens)
+    np.testing.assert_allclose(got.policy_logprobs, traj.policy_logprobs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.rewards, traj.rewards)
+
+
+def test_engine_errors(setup):
+    config, params, task, tok = setup
+    with pytest.raises(ValueError, match="max_prompt_length must be an integer >= 1"):
+        SamplingConfig(max_prompt_length=0, max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        SamplingConfig(max_prompt_length=8, max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        SamplingConfig(max_prompt_length=8, max_new_tokens=4, top_p=1.5)
+    with pytest.raises(
+        ValueError, match="tokenizer vocab_size=259 exceeds the model's vocab_size=32"
+    ):
+        RolloutEngine(model_config=config, tokenizer=ByteTokenizer(), task=task, sampling=SAMPLING)
+    bad_stop = SamplingConfig(max_prompt_length=8, max_new_tokens=4, stop_token_ids=(40,))
+    with pytest.raises(
+        ValueError, match=r"stop_token_ids \[40\] are outside the model's vocabulary"
+    ):
+        RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=bad_stop)
+    with pytest.raises(ValueError, match="sampling must be a SamplingConfig"):
+        RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling={"max_new_tokens": 4})
+    short = SamplingConfig(max_prompt_length=3, max_new_tokens=4)
+    engine = RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=short)
+    with pytest.raises(ValueError, match="more than max_length=3"):
+        engine.rollout(params, jax.random.key(0), policy_version=0, batch_size=2)
+    engine = RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=SAMPLING)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+        engine.rollout(params, jax.random.key(0), policy_version=0, batch_size=2, num_samples=0)
+    with pytest.raises(ValueError, match="policy_version must be an integer"):
+        engine.rollout(params, jax.random.key(0), policy_version="v1", batch_size=2)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        engine.rollout(params, jax.random.key(0), policy_version=0, batch_size=0)
