@@ -508,7 +508,8 @@ def _schedule(
 
     # Check the stage function once, on abstract values, so a mismatch fails with a clear
     # message instead of a scan carry type error.
-    out_shape, aux_shape = jax.eval_shape(call, *_reorder(slot_inputs(0, 0), x_mb[0]))
+    chunk_params, extra_j, layer_j = slot_inputs(0, 0)
+    out_shape, aux_shape = jax.eval_shape(call, chunk_params, x_mb[0], extra_j, layer_j)
     if out_shape.shape != x_mb.shape[1:] or out_shape.dtype != x_mb.dtype:
         raise ValueError(
             f"stage_fn must return a microbatch of the shape and dtype it was given, "
@@ -574,8 +575,3 @@ def _schedule(
         outputs = jax.lax.psum(jnp.where(stage == pp - 1, outputs, jnp.zeros_like(outputs)), PP)
     aux_sum = jax.tree.map(lambda a: a[None], aux_sum)
     return outputs, aux_sum
-
-
-def _reorder(inputs, h):
-    chunk_params, extra_j, layer_j = inputs
-    return chunk_params, h, extra_j, layer_j
