@@ -18,3 +18,12 @@ def devices():
     devs = jax.devices()
     assert len(devs) == 8, f"expected 8 fake CPU devices, got {len(devs)}"
     return devs
+
+# Compile each distinct program once per machine: tests build many identical tiny models.
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("NOVARL_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
+                                                     "novarl_jax_tests")),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -27,8 +27,9 @@ class Checkpointer:
         async_save: write in a background thread while training goes on.
     """
 
-    def __init__(self, directory: str, *, interval: int = 10, keep: int = 3,
-                 async_save: bool = True):  # fmt: skip
+    def __init__(
+        self, directory: str, *, interval: int = 10, keep: int = 3, async_save: bool = True
+    ):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(interval, 1),
@@ -50,10 +51,11 @@ class Checkpointer:
         """Saves (asynchronously when enabled); returns whether a save was started."""
         return self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    host=ocp.args.JsonSave(host)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host)
+            ),
             force=force,
-        )  # fmt: skip
+        )
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores ``step`` (default: latest) onto the shardings of ``abstract_state``.
@@ -66,9 +68,10 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         restored = self._manager.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                    host=ocp.args.JsonRestore()),
-        )  # fmt: skip
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()
+            ),
+        )
         return restored["state"], dict(restored["host"])
 
     def wait(self) -> None:

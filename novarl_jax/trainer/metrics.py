@@ -26,8 +26,15 @@ class MetricsWriter:
     matches the checkpointed run exactly.
     """
 
-    def __init__(self, workdir: str, *, tensorboard: bool = False, wandb: bool = False,
-                 wandb_project: str = "novarl_jax", run_config: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        tensorboard: bool = False,
+        wandb: bool = False,
+        wandb_project: str = "novarl_jax",
+        run_config: dict | None = None,
+    ):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._file = None
@@ -50,9 +57,12 @@ class MetricsWriter:
                     'logging.wandb=True needs the wandb extra: pip install -e ".[wandb]"'
                 ) from e
             self._wandb = wandb_lib.init(
-                project=wandb_project, dir=workdir, config=run_config, resume="allow",
+                project=wandb_project,
+                dir=workdir,
+                config=run_config,
+                resume="allow",
                 id=os.path.basename(os.path.abspath(workdir)),
-            )  # fmt: skip
+            )
 
     def truncate_after(self, step: int) -> None:
         """Drops lines whose step is greater than ``step`` (used when resuming)."""

@@ -215,7 +215,7 @@ def make_update_step(
         grads, (losses, metrics) = jax.lax.scan(body, zeros, micro)
         loss = losses.sum()
         metrics = combine_micro_batch_metrics(metrics)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
