@@ -189,6 +189,29 @@ def check_token_arrays(reference: str, arrays: Mapping[str, Any]) -> None:
             )
 
 
+def run_policy(
+    params: Any,
+    batch: Any,
+    apply_fn: Any,
+    needed: tuple[str, ...],
+    needed_out: tuple[str, ...],
+    why: str,
+) -> tuple[Mapping[str, Any], Mapping[str, Any], jax.Array, LossDenominators]:
+    """Checks the batch, calls ``apply_fn`` and checks its output: the losses' common start.
+
+    Returns:
+        ``(batch as a mapping, apply_fn's output, response_mask, denominators)``.
+    """
+    mapping = as_mapping(batch)
+    require_keys(mapping, needed, "batch", why)
+    out = apply_fn(params, batch)  # the caller's own batch type
+    require_keys(out, ("logprobs",) + needed_out, "apply_fn's output", why)
+    token_arrays = {k: mapping[k] for k in needed} | {k: out[k] for k in ("logprobs",) + needed_out}
+    check_token_arrays("response_mask", token_arrays)
+    mask = jnp.asarray(mapping["response_mask"])
+    return mapping, out, mask, batch_denominators(mapping, mask)
+
+
 def batch_denominators(batch: Mapping[str, Any], mask: jax.Array) -> LossDenominators:
     """The batch's ``'loss_denominators'`` if present, else the counts of ``mask`` itself."""
     denominators = batch.get("loss_denominators")
@@ -202,27 +225,30 @@ def auxiliary_terms(
     batch: Mapping[str, Any],
     mask: jax.Array,
     denominators: LossDenominators,
-    *,
-    loss_agg_mode: str,
-    loss_scale_factor: float | None,
-    entropy_coef: float,
+    config: Any,
     kl_coef: float,
-    kl_kind: str,
-    moe_aux_loss_coef: float,
-    moe_z_loss_coef: float,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``-entropy_coef * H + kl_coef * KL + MoE router losses``, and their metrics.
 
-    The entropy bonus and the KL loss are aggregated with the policy loss's mode. The MoE
-    losses are per-forward means; each micro-batch's is weighted by its share of the
-    mini-batch's valid tokens, so the weights of a mini-batch's micro-batches sum to 1.
+    ``config`` is a PPOLossConfig or GRPOLossConfig (``loss_agg_mode``,
+    ``loss_scale_factor``, ``entropy_coef``, ``kl_kind``, ``moe_aux_loss_coef``,
+    ``moe_z_loss_coef``). The entropy bonus and the KL loss are aggregated with the policy
+    loss's mode. The MoE losses are per-forward means; each micro-batch's is weighted by its
+    share of the mini-batch's valid tokens, so the weights of a mini-batch's micro-batches sum
+    to 1.
     """
     total = jnp.zeros((), jnp.float32)
     metrics: dict[str, jax.Array] = {}
 
+    entropy_coef, kl_kind = config.entropy_coef, config.kl_kind
+
     def agg(x):
         return aggregate(
-            x, mask, loss_agg_mode, denominators=denominators, loss_scale_factor=loss_scale_factor
+            x,
+            mask,
+            config.loss_agg_mode,
+            denominators=denominators,
+            loss_scale_factor=config.loss_scale_factor,
         )
 
     if "entropy" in out:
@@ -244,7 +270,10 @@ def auxiliary_terms(
         total = total + kl_coef * kl_loss
         metrics["actor/kl_loss"] = jax.lax.stop_gradient(kl_loss)
     share = jnp.sum(mask != 0, dtype=jnp.float32) / jnp.maximum(denominators.num_tokens, 1.0)
-    for key, coef in (("moe_aux_loss", moe_aux_loss_coef), ("moe_z_loss", moe_z_loss_coef)):
+    for key, coef in (
+        ("moe_aux_loss", config.moe_aux_loss_coef),
+        ("moe_z_loss", config.moe_z_loss_coef),
+    ):
         if key in out:
             value = share * jnp.asarray(out[key], jnp.float32)
             metrics[f"actor/{key}"] = jax.lax.stop_gradient(value)
@@ -258,41 +287,32 @@ def auxiliary_terms(
 
 def check_non_negative(name: str, value: Any) -> None:
     """Raises ValueError unless ``value`` is a real number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    if not (_is_number(value) and value >= 0):
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def check_positive_or_none(name: str, value: Any, bound: float = 0.0) -> None:
+    """Raises ValueError unless ``value`` is None or a real number > ``bound``."""
+    if value is not None and not (_is_number(value) and value > bound):
+        raise ValueError(f"{name} must be > {bound:g} or None, got {value!r}")
 
 
 def check_policy_fields(config: Any) -> None:
     """Validates the fields PPOLossConfig and GRPOLossConfig share."""
-    if (
-        isinstance(config.clip_ratio_low, bool)
-        or not isinstance(config.clip_ratio_low, (int, float))
-        or not 0 <= config.clip_ratio_low < 1
-    ):
+    if not (_is_number(config.clip_ratio_low) and 0 <= config.clip_ratio_low < 1):
         raise ValueError(f"clip_ratio_low must be in [0, 1), got {config.clip_ratio_low!r}")
     check_non_negative("clip_ratio_high", config.clip_ratio_high)
-    if config.dual_clip_c is not None and (
-        isinstance(config.dual_clip_c, bool)
-        or not isinstance(config.dual_clip_c, (int, float))
-        or not config.dual_clip_c > 1
-    ):
-        raise ValueError(f"dual_clip_c must be > 1 or None, got {config.dual_clip_c!r}")
+    check_positive_or_none("dual_clip_c", config.dual_clip_c, bound=1.0)
     check_loss_agg_mode(config.loss_agg_mode)
-    if config.loss_scale_factor is not None and (
-        isinstance(config.loss_scale_factor, bool)
-        or not isinstance(config.loss_scale_factor, (int, float))
-        or not config.loss_scale_factor > 0
-    ):
-        raise ValueError(f"loss_scale_factor must be > 0 or None, got {config.loss_scale_factor!r}")
+    check_positive_or_none("loss_scale_factor", config.loss_scale_factor)
     check_non_negative("entropy_coef", config.entropy_coef)
     if config.kl_kind not in KL_KINDS:
         raise ValueError(f"kl_kind={config.kl_kind!r} is not one of {list(KL_KINDS)}")
-    if config.tis_cap is not None and (
-        isinstance(config.tis_cap, bool)
-        or not isinstance(config.tis_cap, (int, float))
-        or not config.tis_cap > 0
-    ):
-        raise ValueError(f"tis_cap must be > 0 or None, got {config.tis_cap!r}")
+    check_positive_or_none("tis_cap", config.tis_cap)
     check_non_negative("moe_aux_loss_coef", config.moe_aux_loss_coef)
     check_non_negative("moe_z_loss_coef", config.moe_z_loss_coef)
 

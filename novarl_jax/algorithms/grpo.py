@@ -36,14 +36,11 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from novarl_jax.algorithms.common import (
-    as_mapping,
     auxiliary_terms,
-    batch_denominators,
     check_non_negative,
     check_policy_fields,
-    check_token_arrays,
     clipped_surrogate_loss,
-    require_keys,
+    run_policy,
     tis_weights_and_metrics,
 )
 
@@ -168,18 +165,12 @@ def grpo_loss(
     """
     if not isinstance(config, GRPOLossConfig):
         raise ValueError(f"config must be a GRPOLossConfig, got {type(config).__name__}")
-    user_batch, batch = batch, as_mapping(batch)
     needed = ("response_mask", "old_logprobs", "advantages")
     if config.tis_cap is not None:
         needed += ("behavior_logprobs",)
-    require_keys(batch, needed, "batch", "GRPO needs it with this config")
-    out = apply_fn(params, user_batch)
-    require_keys(out, ("logprobs",), "apply_fn's output", "the policy's token log-probs")
-    check_token_arrays(
-        "response_mask", {k: batch[k] for k in needed} | {"logprobs": out["logprobs"]}
+    batch, out, mask, denominators = run_policy(
+        params, batch, apply_fn, needed, (), f"GRPO needs it with tis_cap={config.tis_cap}"
     )
-    mask = jnp.asarray(batch["response_mask"])
-    denominators = batch_denominators(batch, mask)
     logprobs = jnp.asarray(out["logprobs"], jnp.float32)
     if config.importance_sampling_level == "sequence":
         log_ratio = sequence_log_ratio(logprobs, batch["old_logprobs"], mask)
@@ -203,19 +194,7 @@ def grpo_loss(
         loss_scale_factor=config.loss_scale_factor,
     )
     metrics.update(pg_metrics)
-    extra, extra_metrics = auxiliary_terms(
-        out,
-        batch,
-        mask,
-        denominators,
-        loss_agg_mode=config.loss_agg_mode,
-        loss_scale_factor=config.loss_scale_factor,
-        entropy_coef=config.entropy_coef,
-        kl_coef=config.beta,
-        kl_kind=config.kl_kind,
-        moe_aux_loss_coef=config.moe_aux_loss_coef,
-        moe_z_loss_coef=config.moe_z_loss_coef,
-    )
+    extra, extra_metrics = auxiliary_terms(out, batch, mask, denominators, config, config.beta)
     total = pg_loss + extra
     metrics.update(extra_metrics)
     metrics["actor/loss"] = jax.lax.stop_gradient(total)

@@ -36,14 +36,12 @@ from novarl_jax.algorithms.aggregation import (
     masked_mean,
 )
 from novarl_jax.algorithms.common import (
-    as_mapping,
     auxiliary_terms,
-    batch_denominators,
     check_non_negative,
     check_policy_fields,
     check_token_arrays,
     clipped_surrogate_loss,
-    require_keys,
+    run_policy,
     tis_weights_and_metrics,
 )
 
@@ -313,31 +311,19 @@ def ppo_loss(
     """
     if not isinstance(config, PPOLossConfig):
         raise ValueError(f"config must be a PPOLossConfig, got {type(config).__name__}")
-    user_batch, batch = batch, as_mapping(batch)
     needed = ("response_mask", "old_logprobs", "advantages")
     if config.vf_coef:
         needed += ("returns", "old_values")
-    require_keys(batch, needed, "batch", "PPO needs it with this config")
-    out = apply_fn(params, user_batch)
-    require_keys(out, ("logprobs",), "apply_fn's output", "the policy's token log-probs")
-    if config.vf_coef:
-        require_keys(
-            out,
-            ("values",),
-            "apply_fn's output",
-            f"the critic's values, since vf_coef={config.vf_coef}",
-        )
-    token_arrays = {k: batch[k] for k in needed} | {"logprobs": out["logprobs"]}
-    check_token_arrays("response_mask", token_arrays)
-    mask = jnp.asarray(batch["response_mask"])
-    denominators = batch_denominators(batch, mask)
     if config.tis_cap is not None:
-        require_keys(
-            batch,
-            ("behavior_logprobs",),
-            "batch",
-            f"truncated importance sampling: tis_cap={config.tis_cap}",
-        )
+        needed += ("behavior_logprobs",)
+    batch, out, mask, denominators = run_policy(
+        params,
+        batch,
+        apply_fn,
+        needed,
+        ("values",) if config.vf_coef else (),
+        f"PPO needs it with vf_coef={config.vf_coef}, tis_cap={config.tis_cap}",
+    )
     pg_loss, metrics = ppo_policy_loss(
         out["logprobs"],
         batch["old_logprobs"],
@@ -366,19 +352,7 @@ def ppo_loss(
         )
         total = total + config.vf_coef * vf_loss
         metrics.update(vf_metrics)
-    extra, extra_metrics = auxiliary_terms(
-        out,
-        batch,
-        mask,
-        denominators,
-        loss_agg_mode=config.loss_agg_mode,
-        loss_scale_factor=config.loss_scale_factor,
-        entropy_coef=config.entropy_coef,
-        kl_coef=config.kl_coef,
-        kl_kind=config.kl_kind,
-        moe_aux_loss_coef=config.moe_aux_loss_coef,
-        moe_z_loss_coef=config.moe_z_loss_coef,
-    )
+    extra, extra_metrics = auxiliary_terms(out, batch, mask, denominators, config, config.kl_coef)
     total = total + extra
     metrics.update(extra_metrics)
     metrics["actor/loss"] = jax.lax.stop_gradient(total)
