@@ -304,7 +304,7 @@ def train(config, workdir: str, *, spec: RunSpec | None = None, mesh: Any = None
         config: the run's ConfigDict.
         workdir: output directory (created if missing).
         spec: an already validated spec (validated here otherwise).
-        mesh: the device mesh; default: the layout's mesh over all devices.
+        mesh: the device mesh; default: the layout's mesh over the first world_size devices.
         log: a callable taking one line of text (default: print on process 0).
 
     Returns:
@@ -316,8 +316,9 @@ def train(config, workdir: str, *, spec: RunSpec | None = None, mesh: Any = None
     """
     spec = spec or validate_config(config)
     run = build_run(spec)
-    if mesh is None:
-        mesh = spec.layout.make_mesh()
+    if mesh is None:  # the first world_size devices (all of them when the sizes agree)
+        devices = jax.devices()
+        mesh = spec.layout.make_mesh(devices[: spec.layout.world_size] or devices)
     main_process = jax.process_index() == 0
     if log is None:
         log = (lambda line: print(line, flush=True)) if main_process else (lambda line: None)

@@ -1,0 +1,74 @@
+"""A process killed with SIGKILL while saving leaves the previous checkpoint restorable."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from novarl_jax.trainer.checkpoint import Checkpointer
+
+# Saves step s with every array filled with s; big enough that a save takes a while.
+WRITER = textwrap.dedent(
+    """
+    import sys, jax.numpy as jnp
+    from novarl_jax.trainer.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(sys.argv[1], interval=1, keep=2, async_save=True)
+    for step in range(1, 1000):
+        state = {"w": jnp.full((64, 1024, 1024), step, jnp.float32), "step": jnp.int32(step)}
+        ckpt.save(step, state, {"iteration": step})
+        if step == 1:
+            ckpt.wait()
+            print("first-save-done", flush=True)
+    """
+)
+
+
+def _state_like():
+    return {
+        "w": jax.ShapeDtypeStruct((64, 1024, 1024), jnp.float32),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.3, 1.5])
+def test_sigkill_during_save_keeps_last_checkpoint(tmp_path, delay):
+    directory = tmp_path / "ckpt"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(directory)],
+        stdout=subprocess.PIPE, text=True, env=env,
+        cwd=pathlib.Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "first-save-done"
+        time.sleep(delay)  # somewhere inside a later (asynchronous) save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+
+    ckpt = Checkpointer(str(directory), async_save=False)
+    latest = ckpt.latest_step()
+    assert latest is not None and latest >= 1
+    state, host = ckpt.restore(_state_like())
+    assert host == {"iteration": latest}
+    assert int(state["step"]) == latest
+    w = np.asarray(state["w"])
+    assert w.min() == w.max() == latest  # complete, not a mix of two saves
+    # The interrupted save left no step that claims to be complete but is not.
+    for step in ckpt.all_steps():
+        restored, _ = ckpt.restore(_state_like(), step=step)
+        assert int(restored["step"]) == step
+    ckpt.close()

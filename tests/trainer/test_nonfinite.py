@@ -1,0 +1,113 @@
+"""Non-finite updates are skipped and reported; too many in a row stop the run cleanly."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import base
+from novarl_jax.trainer import loop
+from novarl_jax.trainer.build import build_run
+from novarl_jax.trainer.checkpoint import Checkpointer
+from novarl_jax.trainer.config import validate_config
+from novarl_jax.trainer.state import init_train_state
+from novarl_jax.trainer.steps import make_update_step
+
+
+def _square_loss(params, batch, apply_fn):
+    del apply_fn
+    mask = batch["response_mask"]
+    err = (params["w"] - batch["target"]) ** 2 * mask
+    loss = err.sum() / batch["loss_denominators"].num_tokens
+    loss = jnp.where(batch["poison"].sum() > 0, jnp.nan, loss)
+    return loss, {"actor/pg_loss": loss}
+
+
+def test_update_skips_non_finite_then_continues():
+    optimizer = optax.sgd(0.1)
+    params = {"w": jnp.zeros((3,))}
+    state = init_train_state(params, optimizer, jax.random.key(0))
+    update = jax.jit(make_update_step(_square_loss, None, optimizer, micro_batches=2))
+    batch = {
+        "response_mask": jnp.ones((4, 3)),
+        "target": jnp.ones((4, 3)),
+        "poison": jnp.array([0, 0, 0, 1]),
+    }
+    skipped, metrics = update(state, batch)
+    assert float(metrics["train/skipped"]) == 1.0
+    assert not np.isfinite(float(metrics["train/loss"]))
+    np.testing.assert_array_equal(np.asarray(skipped.params["w"]), 0.0)
+    assert int(skipped.step) == 0 and int(skipped.policy_version) == 0
+
+    clean = dict(batch, poison=jnp.zeros(4, jnp.int32))
+    updated, metrics = update(skipped, clean)
+    assert float(metrics["train/skipped"]) == 0.0
+    # loss = mean over 12 tokens of (w - 1)^2; grad = 2 (w - 1) * 4 / 12 per entry.
+    np.testing.assert_allclose(np.asarray(updated.params["w"]), 0.1 * 2 * 4 / 12, rtol=1e-6)
+    assert int(updated.step) == 1 and int(updated.policy_version) == 1
+
+
+def test_accumulated_gradient_equals_full_batch():
+    optimizer = optax.sgd(1.0)
+    params = {"w": jnp.arange(3.0)}
+    batch = {
+        "response_mask": jnp.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]], jnp.float32),
+        "target": jnp.linspace(-1, 1, 12).reshape(4, 3),
+        "poison": jnp.zeros(4, jnp.int32),
+    }
+    results = []
+    for micro in (1, 2, 4):
+        state = init_train_state(params, optimizer, jax.random.key(0))
+        new, metrics = jax.jit(
+            make_update_step(_square_loss, None, optimizer, micro_batches=micro)
+        )(state, batch)
+        results.append((np.asarray(new.params["w"]), float(metrics["train/loss"])))
+    mask = np.asarray(batch["response_mask"])
+    expected_grad = (2 * (np.arange(3.0) - np.asarray(batch["target"])) * mask).sum(0) / mask.sum()
+    for w, loss in results:
+        np.testing.assert_allclose(w, np.arange(3.0) - expected_grad, rtol=1e-6)
+        assert loss == pytest.approx(results[0][1], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_run_stops_after_consecutive_skips(tmp_path, monkeypatch):
+    config = base.get_config()
+    config.experiment.steps = 6
+    config.rollout.prompts_per_step = 2
+    config.rollout.max_new_tokens = 4
+    config.train.max_consecutive_skips = 2
+    config.checkpoint.interval = 1
+    config.logging.plot = False
+
+    def poisoned_build(spec):
+        run = build_run(spec)
+
+        def nan_loss(params, batch, apply_fn):
+            loss, metrics = run.loss_fn(params, batch, apply_fn)
+            return loss * jnp.nan, metrics
+
+        return dataclasses.replace(run, loss_fn=nan_loss)
+
+    monkeypatch.setattr(loop, "build_run", poisoned_build)
+    lines = []
+    with pytest.raises(loop.TrainingError, match=r"stopped at step 2: 2 consecutive non-finite"):
+        loop.train(config, str(tmp_path), spec=validate_config(config), log=lines.append)
+    assert "step 1: skipped 1 update(s) with non-finite train/loss, actor/grad_norm" in lines
+    # The checkpoint of step 1 (written before the stop) restores, with unchanged parameters.
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    assert ckpt.latest_step() == 1
+    spec = validate_config(config)
+    trainer = loop.Trainer(
+        build_run(spec), str(tmp_path), mesh=spec.layout.make_mesh(jax.devices()[:1])
+    )
+    fresh, _ = trainer.initial_state()
+    restored, host = ckpt.restore(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
+    )
+    assert host["iteration"] == 1
+    for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(restored.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(restored.policy_version) == 0
