@@ -13,9 +13,12 @@ Conventions shared by everything here:
 * Masked-out positions are *skipped*: they neither receive nor pass on advantage, return or
   value, and their outputs are exactly 0. Whatever they hold in ``rewards`` or ``values``
   (even NaN) never reaches a valid token.
-* Sequence scores ``[B]`` (one verifiable reward per response) become token rewards by placing
-  the score on the last valid token of the row (:func:`scores_to_token_rewards`); a row with no
-  valid token drops its score.
+* Sequence scores ``[B]`` (one verifiable reward per response) become token rewards for the
+  token-level estimators (GAE, REINFORCE++) by placing the score on the last valid token of the
+  row (:func:`scores_to_token_rewards`; a row with no valid token drops its score there). The
+  sequence-level estimators (GRPO, RLOO) use ``scores`` plus the summed token rewards directly
+  (:func:`sequence_scores`).
+* Arrays are right-padded in the usual case; left padding and masks with holes are exact too.
 * Group estimators (GRPO, RLOO, REINFORCE++-baseline) expect ``B = num_groups * group_size``
   with the ``group_size`` samples of one prompt in consecutive rows.
 * All statistics (means and variances for whitening) are global over the batch. Under ``jit``
