@@ -304,23 +304,6 @@ def _model():
     return models
 
 
-def decode_config(config: Any) -> Any:
-    """The model config the decode steps run with: exactly the same routing, faster layout.
-
-    A decode step routes only T = B*G tokens. When sampling-time routing is dropless
-    (``eval_capacity_factor`` and ``capacity_factor`` both None), the MoE block's dropless
-    grouped layout pads every expert to a block of at least 64 rows and gathers expert
-    weights per block, which at T = 32 costs ~4x the capacity layout. A capacity factor of
-    E / K gives ``C = min(ceil(T * K * (E / K) / E), T) = T``: every choice still fits (still
-    dropless) but the block runs as one batched matmul over ``[E, T, D]`` slabs. Dense models
-    and models with a capacity factor are returned unchanged.
-    """
-    experts = getattr(config, "num_local_experts", 0)
-    if not experts or config.eval_capacity_factor is not None or config.capacity_factor is not None:
-        return config
-    return config.replace(eval_capacity_factor=float(experts) / config.num_experts_per_tok)
-
-
 # --------------------------------------------------------------------------------------------
 # The jitted programs.
 
@@ -600,7 +583,7 @@ def sample(
         first,
         key,
         dyn,
-        config=decode_config(model_config),
+        config=model_config,
         static=static,
         mesh=mesh,
     )
