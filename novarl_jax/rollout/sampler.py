@@ -68,6 +68,11 @@ class SampleOutput(NamedTuple):
     routing: Any = None
 
 
+# The model returns routing leaves shaped [L, B, T, K]: batch on axis 1, tokens on axis 2.
+_ROUTING_BATCH_AXIS = 1
+_ROUTING_TOKEN_AXIS = 2
+
+
 # --------------------------------------------------------------------------------------------
 # Sampling distributions (pure functions of logits).
 
@@ -293,11 +298,6 @@ def _repeat_cache(cache: Any, n: int) -> Any:
     )
 
 
-def _routing_tokens_axis() -> int:
-    """Axis of the token dimension in each routing leaf ([L, B, T, ...]); batch is axis 1."""
-    return 2
-
-
 def _model():
     from novarl_jax import models
 
@@ -333,7 +333,7 @@ def _prefill(params, prompt_tokens, prompt_mask, key, dyn, *, config, static: _S
     token, logp, policy = _choose(last_logits, jax.random.fold_in(key, 0), s, dyn)
     routing = None
     if s.return_routing:
-        routing = jax.tree.map(lambda r: jnp.repeat(r, n, axis=1), aux["routing"])
+        routing = jax.tree.map(lambda r: jnp.repeat(r, n, axis=_ROUTING_BATCH_AXIS), aux["routing"])
     next_position = jnp.repeat(jnp.sum(prompt_mask, axis=1), n, axis=0).astype(jnp.int32)
     return cache, token, logp, policy, next_position, routing
 
@@ -369,7 +369,8 @@ def _decode(params, cache, first, key, dyn, *, config, static: _Static, mesh):
         # One slot per generated token; the last generated token is never fed to the model,
         # so its slot (and the slots after an early stop) stay zero.
         routing_buf = jax.tree.map(
-            lambda r: jnp.zeros(r.shape[:2] + (steps,) + r.shape[3:], r.dtype), prompt_routing
+            lambda r: jnp.zeros(r.shape[:2] + (steps,) + r.shape[3:], r.dtype),
+            prompt_routing,
         )
 
     def cond(carry):
@@ -404,10 +405,9 @@ def _decode(params, cache, first, key, dyn, *, config, static: _Static, mesh):
             for buf, u in zip((tok_buf, mask_buf, logp_buf, pol_buf), updates, strict=True)
         )
         if s.return_routing:
-            axis = _routing_tokens_axis()
             routing_buf = jax.tree.map(
                 lambda buf, r: jax.lax.dynamic_update_slice_in_dim(
-                    buf, r.astype(buf.dtype), step - 1, axis=axis
+                    buf, r.astype(buf.dtype), step - 1, axis=_ROUTING_TOKEN_AXIS
                 ),
                 routing_buf,
                 aux["routing"],
@@ -419,9 +419,10 @@ def _decode(params, cache, first, key, dyn, *, config, static: _Static, mesh):
     _, cache, buffers, routing_buf, _, _, _ = jax.lax.while_loop(cond, body, carry)
     routing = None
     if s.return_routing:
-        axis = _routing_tokens_axis()
         routing = jax.tree.map(
-            lambda p, r: jnp.concatenate([p, r], axis=axis), prompt_routing, routing_buf
+            lambda p, r: jnp.concatenate([p, r], axis=_ROUTING_TOKEN_AXIS),
+            prompt_routing,
+            routing_buf,
         )
     return buffers, routing, cache
 
