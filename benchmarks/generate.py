@@ -1,0 +1,183 @@
+"""Generation throughput: the KV-cache sampler vs Hugging Face transformers ``generate``.
+
+Workload: the bench-tiny Mixtral (vocab 512, hidden 256, intermediate 512, 4 layers, 8 heads,
+4 KV heads, 8 experts, top-2, float32, random weights), batch 32, prompt 64 tokens, 128 new
+tokens, no early stop (no stop tokens on our side, ``eos_token_id=None`` and
+``min_new_tokens=128`` on the transformers side). Both sides decode greedily by default
+(``--sample`` switches both to temperature-1 sampling). The figure is generated tokens per
+second (32 * 128 / wall time of one whole generate call, prefill included), measured after
+compilation / warm-up, best and median of ``--repeats`` calls.
+
+Our MoE routing is dropless by default, like transformers' (``--eval-capacity-factor`` sets
+a capacity factor for sampling; the dropped fraction is then printed).
+
+The transformers reference runs in the same process when torch and transformers are
+installed (the ``bench`` extra); otherwise only our figure is printed.
+
+Usage:
+    python benchmarks/generate.py [--repeats 3] [--threads 2] [--sample]
+        [--eval-capacity-factor 2.0] [--skip-reference]
+
+Prints ``RESULT <name> <value> <unit>`` lines, ours last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+BATCH, PROMPT, NEW = 32, 64, 128
+CONFIG = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=512,
+)
+
+
+def _time(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_ours(args, prompts) -> tuple[list[float], float]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from novarl_jax.models import ModelConfig, forward, init_params
+    from novarl_jax.rollout.sampler import sample
+
+    config = ModelConfig(**CONFIG, eval_capacity_factor=args.eval_capacity_factor)
+    params = init_params(config, jax.random.key(0))
+    tokens = jnp.asarray(prompts, jnp.int32)
+    mask = jnp.ones_like(tokens)
+    kw = dict(
+        max_new_tokens=NEW,
+        temperature=1.0 if args.sample else 0.0,
+        stop_token_ids=(),
+        pad_id=0,
+    )
+
+    def run():
+        out = sample(params, config, tokens, mask, jax.random.key(1), **kw)
+        jax.block_until_ready(out.response_tokens)
+        return out
+
+    start = time.perf_counter()
+    out = run()
+    print(f"# ours: first call (compile + run) {time.perf_counter() - start:.1f} s")
+    assert int(np.asarray(out.lengths).min()) == NEW, "a row stopped early"
+    # Where a call's time goes: the prefill program vs the decode loop.
+    from novarl_jax.rollout import sampler as S
+
+    settings = S.make_settings(**kw)
+    static, dyn = settings.static(), settings.dynamic(config.vocab_size)
+    split = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        cache, *first = S._prefill(params, tokens, mask, jax.random.key(1), dyn, config=config,
+                                   static=static, mesh=None)  # fmt: skip
+        jax.block_until_ready(cache)
+        t1 = time.perf_counter()
+        jax.block_until_ready(S._decode(params, cache, tuple(first), jax.random.key(1), dyn,
+                                        config=config, static=static, mesh=None))  # fmt: skip
+        split.append((t1 - t0, (time.perf_counter() - t1) / (NEW - 1)))
+    prefill, step = min(s[0] for s in split), min(s[1] for s in split)
+    print(f"# ours: prefill {prefill * 1e3:.0f} ms, decode {step * 1e3:.2f} ms/step (best)")
+    dropped = 0.0
+    if args.eval_capacity_factor is not None:
+        full = jnp.concatenate([out.prompt_mask, out.response_mask], 1)
+        _, _, aux = forward(params, out.tokens[:, :-1], config, attention_mask=full[:, :-1],
+                            train=False)  # fmt: skip
+        dropped = float(aux["dropped_fraction"])
+    return _time(run, args.repeats), dropped
+
+
+def bench_transformers(args, prompts) -> list[float] | None:
+    try:
+        import torch
+        from transformers import MixtralConfig, MixtralForCausalLM
+    except ImportError as err:
+        print(f"# transformers reference skipped: {err}")
+        return None
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        **CONFIG,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    model = MixtralForCausalLM(config).eval()
+    input_ids = torch.as_tensor(prompts, dtype=torch.long)
+    attention_mask = torch.ones_like(input_ids)
+    gen = dict(
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        do_sample=bool(args.sample),
+        eos_token_id=None,
+        pad_token_id=0,
+        use_cache=True,
+    )
+    if args.sample:
+        gen.update(temperature=1.0, top_k=0, top_p=1.0)
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen)
+        assert out.shape == (BATCH, PROMPT + NEW), out.shape
+        return out
+
+    run()  # warm-up
+    return _time(run, args.repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--sample", action="store_true", help="temperature-1 sampling, not greedy")
+    parser.add_argument("--eval-capacity-factor", type=float, default=None)
+    parser.add_argument("--skip-reference", action="store_true")
+    args = parser.parse_args()
+
+    import numpy as np
+
+    prompts = np.random.default_rng(0).integers(3, CONFIG["vocab_size"], size=(BATCH, PROMPT))
+    tokens = BATCH * NEW
+    mode = "sampling" if args.sample else "greedy"
+    print(f"# batch {BATCH}, prompt {PROMPT}, new {NEW}, {mode}, threads {args.threads}")
+
+    ref = None if args.skip_reference else bench_transformers(args, prompts)
+    ours, dropped = bench_ours(args, prompts)
+    factor = "dropless" if args.eval_capacity_factor is None else args.eval_capacity_factor
+    print(f"# ours: eval capacity factor {factor}, dropped fraction {dropped:.4f}")
+    ours_best, ours_med = tokens / min(ours), tokens / statistics.median(ours)
+    print(f"# ours: {[round(t, 3) for t in ours]} s per call")
+    if ref is not None:
+        ref_best, ref_med = tokens / min(ref), tokens / statistics.median(ref)
+        print(f"# transformers: {[round(t, 3) for t in ref]} s per call")
+        print(f"RESULT generate_transformers_tok_per_s {ref_best:.0f} tok/s")
+        print(f"RESULT generate_transformers_tok_per_s_median {ref_med:.0f} tok/s")
+        print(f"RESULT generate_speedup_vs_transformers {ours_best / ref_best:.2f} x")
+    print(f"RESULT generate_novarl_tok_per_s_median {ours_med:.0f} tok/s")
+    print(f"RESULT generate_novarl_tok_per_s {ours_best:.0f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
