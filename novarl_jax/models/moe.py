@@ -345,19 +345,20 @@ class _Plan(NamedTuple):
     choice_of_row: jax.Array  # [R] int32, T*K = empty row
     counts: jax.Array  # [E] int32, non-padding choices per expert (before dropping)
     kept: jax.Array  # [] int32, placed choices
-    block_expert: jax.Array | None  # [R / block] int32 (grouped dense layout)
-    group_sizes: jax.Array | None  # [E] int32 (grouped ragged layout)
+    first_row: jax.Array | None  # [E] int32, first buffer row of each expert (grouped)
+    num_blocks: jax.Array | None  # [E] int32, blocks of each expert (grouped dense)
+    group_sizes: jax.Array | None  # [E] int32, rows of each expert (grouped ragged)
 
 
 def _block_size(rows: int, num_experts: int) -> int:
-    """Rows per block of the grouped dense layout.
+    """Rows per block of the grouped dense layout (dropless routing).
 
-    Blocks of about half an expert's mean load waste on average a quarter of the mean load
-    per expert, while staying large enough (>= 64 rows) for the matmuls to run near peak.
+    Each expert's rows are padded to a whole number of blocks (half a block wasted per
+    expert on average) and run in power-of-two chunks of blocks, so small blocks cost little:
+    a sixteenth of the mean load per expert keeps the padding near 3%.
     """
-    target = max(rows // (2 * num_experts), 1)
-    block = 1 << (target.bit_length() - 1)
-    return int(min(max(block, 64), 512))
+    target = max(rows // (16 * num_experts), 1)
+    return int(min(max(1 << (target.bit_length() - 1), 8), 64))
 
 
 def _route_plan(
@@ -404,7 +405,7 @@ def _route_plan(
     placed = (sorted_e < e) & (rank < capacity)
     safe_e = jnp.minimum(sorted_e, e - 1)
 
-    block_expert = group_sizes = None
+    first_row = num_blocks = group_sizes = None
     if layout == "capacity":
         rows = e * capacity
         row_sorted = safe_e * capacity + rank
@@ -413,32 +414,26 @@ def _route_plan(
         occupied = slot[None, :] < kept_e[:, None]
         choice_of_row = jnp.where(occupied, order[jnp.minimum(src, n - 1)], n).reshape(rows)
     else:
-        bound = min(n, e * capacity)  # the most choices that can be placed
-        if layout == "blocks":
-            num_blocks = (bound + e * (block - 1)) // block
-            padded = (kept_e + block - 1) // block * block
-        else:
-            num_blocks, block = bound, 1
-            padded = kept_e
-        rows = num_blocks * block
+        # Experts one after another, each padded to whole blocks ('ragged': blocks of 1).
+        block = block if layout == "blocks" else 1
+        rows = min(n, e * capacity) + e * (block - 1)
+        padded = (kept_e + block - 1) // block * block
         ends = jnp.cumsum(padded).astype(jnp.int32)
-        first_row = ends - padded  # first buffer row of each expert
+        first_row = ends - padded
         row_sorted = first_row[safe_e] + rank
-        # Which expert owns each row: the first expert whose padded range ends after it.
         row = lax.iota(jnp.int32, rows)
-        if layout == "blocks":
-            block_expert = jnp.searchsorted(ends // block, jnp.arange(num_blocks), side="right")
-            block_expert = jnp.minimum(block_expert, e - 1).astype(jnp.int32)
-            row_expert = jnp.repeat(block_expert, block, total_repeat_length=rows)
-        else:
-            row_expert = jnp.minimum(jnp.searchsorted(ends, row, side="right"), e - 1)
-            # Rows past the last group join the last expert: their input is zero, so they
-            # output zero and add nothing to any gradient.
-            group_sizes = kept_e.at[e - 1].add(rows - ends[e - 1])
+        # The expert owning each row: the first whose range ends after it.
+        row_expert = jnp.minimum(jnp.searchsorted(ends, row, side="right"), e - 1)
         offset = row - first_row[row_expert]
-        occupied = (offset >= 0) & (offset < kept_e[row_expert])
+        occupied = offset < kept_e[row_expert]
         src = jnp.clip(starts[row_expert] + offset, 0, n - 1)
         choice_of_row = jnp.where(occupied, order[src], n)
+        if layout == "blocks":
+            num_blocks = padded // block
+        else:
+            # Rows past the last expert join it: their input is zero, so they output zero
+            # and add nothing to any gradient.
+            group_sizes = kept_e.at[e - 1].add(rows - ends[e - 1])
 
     row_sorted = jnp.where(placed, row_sorted, rows).astype(jnp.int32)
     row_of_choice = jnp.zeros((n,), jnp.int32).at[order].set(row_sorted, unique_indices=True)
@@ -447,7 +442,8 @@ def _route_plan(
         choice_of_row=choice_of_row.astype(jnp.int32),
         counts=counts,
         kept=jnp.sum(kept_e),
-        block_expert=block_expert,
+        first_row=first_row,
+        num_blocks=num_blocks,
         group_sizes=group_sizes,
     )
 
@@ -461,10 +457,212 @@ def _swiglu(h: jax.Array) -> jax.Array:
     return jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
 
 
-def _experts_batched(buf: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """SwiGLU experts on slabs: buf [E, C, D] -> [E, C, D] (one fused gate+up einsum)."""
-    h = jnp.einsum("ecd,edgf->ecgf", buf, w_gate_up)
-    return jnp.einsum("ecf,efd->ecd", _swiglu(h), w_down)
+def _swiglu_with_derivatives(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """SwiGLU of ``h [b, 2, F]`` and its derivatives w.r.t. (gate, up), stacked [b, 2, F].
+
+    ``d/dgate = up * s * (1 + gate * (1 - s))`` with ``s = sigmoid(gate)``; ``d/dup = silu``.
+    Computing them next to the activation (one pass, one exp) keeps the backward pass to a
+    single multiply.
+    """
+    gate, up = h[:, 0], h[:, 1]
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    return silu * up, jnp.stack([up * sig * (1 + gate * (1 - sig)), silu], axis=1)
+
+
+def _zeros(shape: tuple[int, ...], dtype: Any, *refs: jax.Array) -> jax.Array:
+    """Zeros that vary over every mesh axis any of ``refs`` varies over.
+
+    Inside ``shard_map`` a loop carry must keep one type, and the loop bodies mix values that
+    vary over the data, expert and tensor axes; plain zeros would be replicated. ``full_like``
+    of a scalar slice carries its source's axes, and adding the scalars joins them.
+    """
+    seed = sum(lax.full_like(ref, 0, dtype, shape=()) for ref in refs)
+    return jnp.broadcast_to(seed, shape)
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    aval = jax.typeof(x)
+    axes = getattr(aval, "vma", None)
+    if axes is None:  # jax 0.10 keeps them on the manual axis type
+        axes = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
+    return frozenset(axes)
+
+
+def _join_varying(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """Casts every array to vary over the union of the mesh axes any of them varies over.
+
+    A custom VJP must return cotangents typed like its inputs. Casting before the call puts
+    the reductions a replicated input's gradient needs (a ``psum`` over the axes it was cast
+    along, e.g. ``tp`` for the tokens and the data axes for the expert weights) in the
+    transpose of the cast, where JAX inserts them.
+    """
+    union = frozenset().union(*(_varying_axes(a) for a in arrays))
+    out = []
+    for a in arrays:
+        missing = tuple(sorted(union - _varying_axes(a)))
+        out.append(lax.pcast(a, missing, to="varying") if missing else a)
+    return tuple(out)
+
+
+# A full chunk holds about this many [rows, F] elements (and at least this many rows).
+_CHUNK_ELEMENTS = 2**19
+_MIN_CHUNK_ROWS = 128
+
+
+def _chunk_blocks(block: int, max_blocks: int, hidden: int) -> int:
+    """Blocks per full chunk: a power of two, at most ``max_blocks``.
+
+    Chunks bound the per-chunk temporaries (the [rows, 2F] gate/up product) so that an
+    expert's load, however large, never needs a buffer bigger than a balanced one.
+    """
+    rows = max(_CHUNK_ELEMENTS // hidden, _MIN_CHUNK_ROWS)
+    blocks = max(rows // block, 1)
+    return min(1 << (blocks.bit_length() - 1), 1 << (max(max_blocks, 1).bit_length() - 1))
+
+
+def _expert_ffn_loop(buf, w_gate_up, w_down, first_row, num_blocks, block, max_blocks, residuals):
+    """Forward of :func:`_grouped_ffn`; with ``residuals`` also the activations and their
+    derivatives for the VJP."""
+    rows, d = buf.shape
+    f = w_gate_up.shape[-1]
+    refs = (buf, w_gate_up, w_down)
+
+    def chunk(carry, start, size, wg, wd):
+        xb = lax.dynamic_slice_in_dim(buf, start, size)
+        h = jnp.dot(xb, wg).reshape(size, 2, f)
+        if residuals:
+            act, dact = _swiglu_with_derivatives(h)
+        else:
+            act = _swiglu(h)
+        out = jnp.dot(act, wd).astype(buf.dtype)
+        new = (lax.dynamic_update_slice_in_dim(carry[0], out, start, 0),)
+        if residuals:
+            new += (
+                lax.dynamic_update_slice_in_dim(carry[1], act.astype(buf.dtype), start, 0),
+                lax.dynamic_update_slice_in_dim(carry[2], dact.astype(buf.dtype), start, 0),
+            )
+        return new
+
+    def expert(e, carry):
+        wg, wd = w_gate_up[e].reshape(d, 2 * f), w_down[e]
+        count = None if num_blocks is None else num_blocks[e]
+        return _over_chunks(chunk, carry, first_row[e], count, block, max_blocks, f, wg, wd)
+
+    init = (_zeros((rows, d), buf.dtype, *refs),)
+    if residuals:
+        init += (_zeros((rows, f), buf.dtype, *refs), _zeros((rows, 2, f), buf.dtype, *refs))
+    return lax.fori_loop(0, w_gate_up.shape[0], expert, init)
+
+
+def _over_chunks(fn, carry, start, count, block, max_blocks, hidden, *args):
+    """Runs ``fn(carry, start, size, *args)`` over an expert's rows in chunks.
+
+    The expert owns ``count`` blocks of ``block`` rows from row ``start`` (``count=None``:
+    exactly one block, a capacity slab). Full chunks of :func:`_chunk_blocks` blocks run in a
+    loop; the remainder is split into its binary digits, one conditional chunk each, so an
+    expert costs a few large matmuls whatever its load and padding stays under a block.
+    """
+    if count is None:  # a static slab: full chunks, then one static remainder
+        step = min(_chunk_blocks(1, block, hidden), block)
+        full, rest = divmod(block, step)
+
+        def full_chunk(i, carry):
+            return fn(carry, start + i * step, step, *args)
+
+        carry = lax.fori_loop(0, full, full_chunk, carry) if full > 1 else (
+            fn(carry, start, step, *args))  # fmt: skip
+        return fn(carry, start + full * step, rest, *args) if rest else carry
+
+    big = _chunk_blocks(block, max_blocks, hidden)
+
+    def full_chunk(i, carry):
+        return fn(carry, start + i * (big * block), big * block, *args)
+
+    carry = lax.fori_loop(0, count // big, full_chunk, carry)
+    start = start + count // big * (big * block)
+    for blocks in (1 << k for k in reversed(range(big.bit_length() - 1))):
+        size = blocks * block
+        run = (count & blocks) != 0
+        carry = lax.cond(
+            run,
+            lambda c, start=start, size=size: fn(c, start, size, *args),
+            lambda c: c,
+            carry,
+        )  # fmt: skip
+        start = start + jnp.where(run, size, 0)
+    return carry
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _grouped_ffn(buf, w_gate_up, w_down, first_row, num_blocks, block, max_blocks):
+    """SwiGLU experts over expert-sorted rows: buf [R, D] -> [R, D].
+
+    Expert ``e`` owns rows ``[first_row[e], first_row[e] + num_blocks[e] * block)``
+    (``num_blocks=None``: exactly ``block`` rows); rows owned by no expert are not computed
+    and output zeros. Each chunk is two plain 2D matmuls (gate and up fused in one), which XLA
+    runs near the machine's matmul peak; the VJP is a second loop of four matmuls per chunk
+    that accumulates the expert's weight gradients in a local slab.
+    """
+    out = _expert_ffn_loop(buf, w_gate_up, w_down, first_row, num_blocks, block, max_blocks, False)
+    return out[0]
+
+
+def _grouped_ffn_fwd(buf, w_gate_up, w_down, first_row, num_blocks, block, max_blocks):
+    out, act, dact = _expert_ffn_loop(
+        buf, w_gate_up, w_down, first_row, num_blocks, block, max_blocks, True
+    )
+    return out, (buf, w_gate_up, w_down, first_row, num_blocks, act, dact)
+
+
+def _grouped_ffn_bwd(block, max_blocks, res, dout):
+    buf, w_gate_up, w_down, first_row, num_blocks, act, dact = res
+    d = buf.shape[1]
+    f = w_gate_up.shape[-1]
+    acc = jnp.promote_types(w_gate_up.dtype, jnp.float32)  # accumulate weight grads in f32
+    refs = (buf, dout, w_gate_up, w_down)
+
+    def chunk(carry, start, size, wg, wd):
+        dbuf, dwg, dwd = carry
+        xb = lax.dynamic_slice_in_dim(buf, start, size)
+        a = lax.dynamic_slice_in_dim(act, start, size)
+        da_dh = lax.dynamic_slice_in_dim(dact, start, size)
+        do = lax.dynamic_slice_in_dim(dout, start, size)
+        dwd = dwd + jnp.dot(a.T, do, preferred_element_type=acc)
+        da = jnp.dot(do, wd.T)
+        dh = (da[:, None, :] * da_dh).reshape(size, 2 * f)
+        dwg = dwg + jnp.dot(xb.T, dh, preferred_element_type=acc)
+        dx = jnp.dot(dh, wg.T).astype(dbuf.dtype)
+        return lax.dynamic_update_slice_in_dim(dbuf, dx, start, 0), dwg, dwd
+
+    def expert(e, carry):
+        dbuf, dw_gate_up, dw_down = carry
+        wg, wd = w_gate_up[e].reshape(d, 2 * f), w_down[e]
+        local = (dbuf, _zeros((d, 2 * f), acc, *refs), _zeros((f, d), acc, *refs))
+        count = None if num_blocks is None else num_blocks[e]
+        dbuf, dwg, dwd = _over_chunks(
+            chunk, local, first_row[e], count, block, max_blocks, f, wg, wd
+        )
+        dw_gate_up = lax.dynamic_update_index_in_dim(dw_gate_up, dwg.reshape(d, 2, f), e, 0)
+        dw_down = lax.dynamic_update_index_in_dim(dw_down, dwd, e, 0)
+        return dbuf, dw_gate_up, dw_down
+
+    init = (
+        _zeros(buf.shape, buf.dtype, *refs),
+        _zeros(w_gate_up.shape, acc, *refs),
+        _zeros(w_down.shape, acc, *refs),
+    )
+    dbuf, dw_gate_up, dw_down = lax.fori_loop(0, w_gate_up.shape[0], expert, init)
+    return (
+        dbuf,
+        dw_gate_up.astype(w_gate_up.dtype),
+        dw_down.astype(w_down.dtype),
+        None,
+        None,
+    )
+
+
+_grouped_ffn.defvjp(_grouped_ffn_fwd, _grouped_ffn_bwd)
 
 
 def _experts_ragged(
@@ -592,25 +790,33 @@ def _moe_group(params, x, token_mask, routing, *, router, train, impl, axes: _Me
     token_of_row = plan.choice_of_row // k  # sentinel T*K -> T (a zero row)
     buf = _dispatch(xt, token_of_row, plan.row_of_choice)  # [R, D]
     w_gate_up, w_down = params["w_gate_up"], params["w_down"]
-    if layout == "capacity":
-        buf = buf.reshape(e, capacity, d)
+    if layout == "ragged":
+        out = _experts_ragged(buf, w_gate_up, w_down, plan.group_sizes)
+    elif layout == "blocks":
+        buf, w_gate_up, w_down = _join_varying(buf, w_gate_up, w_down)
+        out = _grouped_ffn(
+            buf, w_gate_up, w_down, plan.first_row, plan.num_blocks, block,
+            -(-capacity // block),
+        )  # fmt: skip
+    else:
         if axes.expert_size > 1:
             # Slab j of every shard goes to shard j, which owns experts [j*E/ep, (j+1)*E/ep).
+            buf = buf.reshape(e, capacity, d)
             buf = lax.all_to_all(buf, _axis_arg(axes.expert), 0, 1, tiled=True)
-        out = _experts_batched(buf, w_gate_up, w_down)
+            buf = buf.reshape(-1, d)  # [E/ep * ep*C, D]: ep*C rows per local expert
+        local = w_gate_up.shape[0]
+        slab = buf.shape[0] // local
+        buf, w_gate_up, w_down = _join_varying(buf, w_gate_up, w_down)
+        first_row = jnp.arange(local, dtype=jnp.int32) * slab
+        out = _grouped_ffn(buf, w_gate_up, w_down, first_row, None, slab, 1)
         if axes.expert_size > 1:
+            out = out.reshape(local, -1, d)
             out = lax.all_to_all(out, _axis_arg(axes.expert), 1, 0, tiled=True)
-        out = out.reshape(e * capacity, d)
-    elif layout == "blocks":
-        nb = plan.block_expert.shape[0]
-        wg = jnp.take(w_gate_up, plan.block_expert, axis=0)
-        wd = jnp.take(w_down, plan.block_expert, axis=0)
-        out = _experts_batched(buf.reshape(nb, -1, d), wg, wd).reshape(-1, d)
-    else:
-        out = _experts_ragged(buf, w_gate_up, w_down, plan.group_sizes)
+            out = out.reshape(e * capacity, d)
 
     choices = _collect(out, plan.row_of_choice, plan.choice_of_row)  # [T, K, D]
-    y = jnp.einsum("tkd,tk->td", choices, gates.astype(choices.dtype))
+    # A multiply-and-sum, not an einsum: XLA would make the latter T tiny matmuls.
+    y = jnp.sum(choices * gates.astype(choices.dtype)[..., None], axis=1)
     if axes.tensor:
         # Each tp shard holds F / tp hidden units: the down projection is a partial sum.
         y = lax.psum(y, _axis_arg(axes.tensor))
