@@ -26,6 +26,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Validate the config, print the checklist and exit without training."
+)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs."
 )
@@ -191,6 +194,12 @@ def main(argv: list[str]) -> None:
         print_checklist(spec, mesh)
     workdir = _WORKDIR.value or os.path.join("runs", _config_name())
     try:
+        if _DRY_RUN.value:
+            from novarl_jax.trainer.build import build_run
+
+            build_run(spec)
+            print("dry run: the config is valid; nothing was trained")
+            return
         train(_CONFIG.value, workdir, spec=spec, mesh=mesh)
     except ConfigError as e:
         _fail(str(e))

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def _rows(stdout):
 
 @pytest.mark.parametrize("overrides", [[], QUICKSTART, ["--config.experiment.algorithm=grpo"]])
 def test_checklist_on_fake_devices(overrides, tmp_path):
-    result = _run("--config=configs/moe.py", f"--workdir={tmp_path}", *overrides)
+    result = _run("--config=configs/moe.py", f"--workdir={tmp_path}", "--dry_run", *overrides)
     rows = _rows(result.stdout)
     assert rows["world size"] == "8", result.stdout + result.stderr
     assert (rows["DP (data parallel)"], rows["TP (tensor parallel)"]) == ("1", "2")
@@ -53,7 +54,8 @@ def test_checklist_on_fake_devices(overrides, tmp_path):
 
 def test_overrides_change_the_plan():
     result = _run(
-        "--config=configs/moe.py", "experiment.world_size=16", "experiment.algorithm=ppo",
+        "--config=configs/moe.py", "--dry_run", "experiment.world_size=16",
+        "experiment.algorithm=ppo",
         "experiment.capacity_factor=None",
     )  # fmt: skip
     rows = _rows(result.stdout)
@@ -64,7 +66,7 @@ def test_overrides_change_the_plan():
 
 
 def test_config_file_runs_from_another_directory(tmp_path):
-    result = _run(f"--config={ROOT / 'configs' / 'moe.py'}", cwd=tmp_path)
+    result = _run(f"--config={ROOT / 'configs' / 'moe.py'}", "--dry_run", cwd=tmp_path)
     assert _rows(result.stdout).get("world size") == "8", result.stderr
 
 
@@ -72,7 +74,10 @@ def test_config_file_runs_from_another_directory(tmp_path):
     "args,message",
     [
         (["experiment.foo=1"], "experiment.foo: unknown key; valid keys under 'experiment'"),
-        (["nosection.key=1"], "nosection: unknown key; valid sections: experiment"),
+        (
+            ["nosection.key=1"],
+            "nosection: unknown key; valid sections: checkpoint, dapo, experiment",
+        ),
         (["experiment.world_size=abc"], "--config.experiment.world_size=abc"),
         (["experiment.world_size=6"], "experiment.world_size: total_world_size=6 is not divisible"),
         (["experiment.algorithm=dqn"], "experiment.algorithm: 'dqn' is not one of"),
@@ -93,3 +98,41 @@ def test_missing_config_flag():
     result = _run()
     assert result.returncode == 2
     assert "--config is required" in result.stderr
+
+
+QUICKSTART_PP1 = [
+    a.replace("pipeline_parallel_size=2", "pipeline_parallel_size=1") for a in QUICKSTART
+]
+
+
+@pytest.mark.slow
+def test_quickstart_command_trains_end_to_end(tmp_path):
+    result = _run(
+        "--config=configs/moe.py", f"--workdir={tmp_path}", *QUICKSTART_PP1,
+        "experiment.steps=2", "checkpoint.interval=1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _rows(result.stdout)
+    assert rows["mesh"] == "(dp=2, pp=1, ep=2, tp=2) on 8 cpu devices"
+    assert "step 2/2" in result.stdout and "done: 2 steps" in result.stdout
+    import json
+
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for name in (
+        "critic/score/mean",
+        "actor/pg_loss",
+        "actor/entropy",
+        "actor/grad_norm",
+        "moe/dropped_fraction",
+        "moe/expert_load_max",
+        "perf/throughput",
+    ):
+        assert all(np.isfinite(m[name]) for m in metrics), name
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+    assert (tmp_path / "plots" / "training.png").stat().st_size > 1000
+
+    again = _run("--config=configs/moe.py", f"--workdir={tmp_path}", *QUICKSTART_PP1,
+                 "experiment.steps=3")  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "step 3/3" in again.stdout

@@ -120,8 +120,8 @@ def default_config() -> ml_collections.ConfigDict:
     # --- Optimisation -------------------------------------------------------------------------
     config.train = ml_collections.ConfigDict()
     train = config.train
-    train.epochs = 1  # passes over each rollout batch (PPO epochs)
-    train.minibatches = 1  # optimizer steps per epoch
+    train.epochs = 2  # passes over each rollout batch (PPO epochs)
+    train.minibatches = 2  # optimizer steps per epoch
     train.micro_batches = 1  # gradient-accumulation splits of each minibatch
     train.router_replay = False  # train MoE layers on the experts the rollout chose
     train.max_consecutive_skips = 3  # stop after this many non-finite updates in a row
