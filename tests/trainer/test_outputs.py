@@ -1,0 +1,159 @@
+"""Run outputs: metrics.jsonl names, TensorBoard and offline W&B writers, plots, DAPO options."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import base
+from novarl_jax.trainer.config import validate_config
+from novarl_jax.trainer.loop import train
+from novarl_jax.trainer.metrics import MetricsWriter, read_metrics
+
+
+def _tiny(steps=2, **sections):
+    c = base.get_config()
+    c.experiment.steps = steps
+    c.rollout.prompts_per_step = 2
+    c.rollout.max_new_tokens = 4
+    c.logging.progress = False
+    for path, value in sections.items():
+        section, key = path.split("__")
+        c[section][key] = value
+    return c
+
+
+def _train(config, workdir):
+    spec = validate_config(config)
+    mesh = spec.layout.make_mesh(jax.devices()[: spec.layout.world_size])
+    lines = []
+    out = train(config, str(workdir), spec=spec, mesh=mesh, log=lines.append)
+    return out, lines
+
+
+VERL_NAMES = (
+    "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy", "actor/grad_norm",
+    "critic/score/mean", "critic/score/std", "response_length/mean", "timing_s/gen",
+    "timing_s/update", "perf/throughput",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_metrics_jsonl_has_verl_names(tmp_path, algorithm):
+    _, lines = _train(_tiny(experiment__algorithm=algorithm), tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    for name in VERL_NAMES:
+        assert all(np.isfinite(r[name]) for r in rows), name
+    if algorithm == "ppo":
+        assert all(np.isfinite(r["critic/vf_loss"]) for r in rows)
+        assert all(r["actor/reward_kl"] >= 0 for r in rows)
+    else:
+        assert all(np.isfinite(r["actor/kl_loss"]) for r in rows)
+    assert any(line.startswith("done: 2 steps") for line in lines)
+    assert (tmp_path / "plots" / "training.png").stat().st_size > 1000
+
+
+def test_plot_command(tmp_path):
+    writer = MetricsWriter(str(tmp_path))
+    for step in range(1, 4):
+        writer.write(step, {"critic/score/mean": 0.1 * step, "actor/entropy": 1.0 / step})
+    writer.close()
+    out = subprocess.run(
+        [sys.executable, "-m", "novarl_jax.plot", str(tmp_path)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "plots" / "training.png").stat().st_size > 1000
+    missing = subprocess.run(
+        [sys.executable, "-m", "novarl_jax.plot", str(tmp_path / "nope")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "metrics.jsonl" in missing.stderr
+
+
+def test_truncate_after_keeps_earlier_rows(tmp_path):
+    writer = MetricsWriter(str(tmp_path))
+    for step in range(1, 6):
+        writer.write(step, {"x": float(step), "bad": float("nan")})
+    writer.close()
+    MetricsWriter(str(tmp_path)).truncate_after(3)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["bad"] == "nan"  # non-finite values stay valid JSON
+
+
+def test_tensorboard_writer(tmp_path):
+    pytest.importorskip("tensorboardX")
+    writer = MetricsWriter(str(tmp_path), tensorboard=True)
+    writer.write(1, {"critic/score/mean": 0.5})
+    writer.close()
+    events = [f for f in os.listdir(tmp_path / "tensorboard") if "tfevents" in f]
+    assert events and os.path.getsize(tmp_path / "tensorboard" / events[0]) > 0
+
+
+def test_wandb_offline_writer(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    writer = MetricsWriter(str(tmp_path / "run"), wandb=True, run_config={"seed": 0})
+    writer.write(1, {"critic/score/mean": 0.5})
+    writer.close()
+    offline = [d for d in os.listdir(tmp_path / "run" / "wandb") if d.startswith("offline-run")]
+    assert offline
+
+
+def test_missing_extra_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    with pytest.raises(RuntimeError, match=r"logging.tensorboard=True needs the tensorboard extra"):
+        MetricsWriter(str(tmp_path), tensorboard=True)
+
+
+@pytest.mark.slow
+def test_dapo_options_and_router_replay(tmp_path):
+    config = _tiny(
+        steps=2, experiment__num_experts=4, dapo__dynamic_sampling=True,
+        dapo__overlong_buffer=2, dapo__mask_truncated=True, train__router_replay=True,
+    )  # fmt: skip
+    _train(config, tmp_path)
+    rows = read_metrics(tmp_path)
+    for row in rows:
+        assert 0 <= row["dapo/extra_batches"] <= config.dapo.max_extra_batches
+        assert 0 <= row["dapo/kept_groups"] <= config.rollout.prompts_per_step
+        # Overlong shaping only lowers rewards.
+        assert row["critic/rewards/mean"] <= row["critic/score/mean"] + 1e-6
+        assert np.isfinite(row["moe/dropped_fraction"])
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_overlong_shaping_matches_numpy():
+    import jax.numpy as jnp
+
+    from novarl_jax.trainer.steps import shaped_rewards
+
+    rewards = np.array([1.0, 1.0, 0.5, 0.0, 1.0], np.float32)
+    lengths = np.array([0, 5, 6, 7, 8])
+    mask = (np.arange(8)[None, :] < lengths[:, None]).astype(np.int32)
+
+    def reference(r, n, max_new=8, buffer=3, penalty=0.5):
+        start = max_new - buffer
+        return r + (min((start - n) / buffer, 0.0) * penalty)
+
+    got = np.asarray(
+        jax.jit(
+            lambda r, m: shaped_rewards(
+                r, m, max_new_tokens=8, overlong_buffer=3, overlong_penalty=0.5
+            )
+        )(jnp.asarray(rewards), jnp.asarray(mask))
+    )
+    expected = [reference(float(r), int(n)) for r, n in zip(rewards, lengths, strict=True)]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert got[-1] == pytest.approx(0.5)  # full length: the whole penalty
+    unshaped = shaped_rewards(
+        jnp.asarray(rewards), jnp.asarray(mask), max_new_tokens=8, overlong_buffer=0,
+        overlong_penalty=0.5,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(unshaped), rewards)
