@@ -82,7 +82,7 @@ from novarl_jax.core.distributed import MoERouterConfig
 PARAM_NAMES: tuple[str, ...] = ("router", "w_gate_up", "w_down")
 IMPLS: tuple[str, ...] = ("dense", "ragged")
 AUX_KEYS: tuple[str, ...] = (
-    "aux_loss", "z_loss", "dropped_fraction", "expert_load", "routing",
+    "aux_loss", "z_loss", "dropped_fraction", "expert_load", "routing", "sums",
 )  # fmt: skip
 
 # Initial weights: normal(0, 0.02), Hugging Face's default ``initializer_range``.
@@ -528,7 +528,7 @@ def _expert_ffn_loop(buf, w_gate_up, w_down, first_row, num_blocks, block, max_b
     f = w_gate_up.shape[-1]
     refs = (buf, w_gate_up, w_down)
 
-    def chunk(carry, start, size, wg, wd):
+    def chunk(carry, start, size, e, wg, wd):
         xb = lax.dynamic_slice_in_dim(buf, start, size)
         h = jnp.dot(xb, wg).reshape(size, 2, f)
         if residuals:
@@ -547,7 +547,7 @@ def _expert_ffn_loop(buf, w_gate_up, w_down, first_row, num_blocks, block, max_b
     def expert(e, carry):
         wg, wd = w_gate_up[e].reshape(d, 2 * f), w_down[e]
         count = None if num_blocks is None else num_blocks[e]
-        return _over_chunks(chunk, carry, first_row[e], count, block, max_blocks, f, wg, wd)
+        return _over_chunks(chunk, carry, first_row[e], count, block, max_blocks, f, e, wg, wd)
 
     init = (_zeros((rows, d), buf.dtype, *refs),)
     if residuals:
@@ -622,40 +622,36 @@ def _grouped_ffn_bwd(block, max_blocks, res, dout):
     acc = jnp.promote_types(w_gate_up.dtype, jnp.float32)  # accumulate weight grads in f32
     refs = (buf, dout, w_gate_up, w_down)
 
-    def chunk(carry, start, size, wg, wd):
-        dbuf, dwg, dwd = carry
+    def chunk(carry, start, size, e, wg, wd):
+        dbuf, dw_gate_up, dw_down = carry
         xb = lax.dynamic_slice_in_dim(buf, start, size)
         a = lax.dynamic_slice_in_dim(act, start, size)
         da_dh = lax.dynamic_slice_in_dim(dact, start, size)
         do = lax.dynamic_slice_in_dim(dout, start, size)
-        dwd = dwd + jnp.dot(a.T, do, preferred_element_type=acc)
+        # Weight gradients go straight into the expert's slab (read-modify-write in place).
+        dwd = jnp.dot(a.T, do, preferred_element_type=acc)
+        dw_down = dw_down.at[e].add(dwd)
         da = jnp.dot(do, wd.T)
         dh = (da[:, None, :] * da_dh).reshape(size, 2 * f)
-        dwg = dwg + jnp.dot(xb.T, dh, preferred_element_type=acc)
+        dwg = jnp.dot(xb.T, dh, preferred_element_type=acc)
+        dw_gate_up = dw_gate_up.at[e].add(dwg)
         dx = jnp.dot(dh, wg.T).astype(dbuf.dtype)
-        return lax.dynamic_update_slice_in_dim(dbuf, dx, start, 0), dwg, dwd
+        return lax.dynamic_update_slice_in_dim(dbuf, dx, start, 0), dw_gate_up, dw_down
 
     def expert(e, carry):
-        dbuf, dw_gate_up, dw_down = carry
         wg, wd = w_gate_up[e].reshape(d, 2 * f), w_down[e]
-        local = (dbuf, _zeros((d, 2 * f), acc, *refs), _zeros((f, d), acc, *refs))
         count = None if num_blocks is None else num_blocks[e]
-        dbuf, dwg, dwd = _over_chunks(
-            chunk, local, first_row[e], count, block, max_blocks, f, wg, wd
-        )
-        dw_gate_up = lax.dynamic_update_index_in_dim(dw_gate_up, dwg.reshape(d, 2, f), e, 0)
-        dw_down = lax.dynamic_update_index_in_dim(dw_down, dwd, e, 0)
-        return dbuf, dw_gate_up, dw_down
+        return _over_chunks(chunk, carry, first_row[e], count, block, max_blocks, f, e, wg, wd)
 
     init = (
         _zeros(buf.shape, buf.dtype, *refs),
-        _zeros(w_gate_up.shape, acc, *refs),
+        _zeros((w_gate_up.shape[0], d, 2 * f), acc, *refs),
         _zeros(w_down.shape, acc, *refs),
     )
     dbuf, dw_gate_up, dw_down = lax.fori_loop(0, w_gate_up.shape[0], expert, init)
     return (
         dbuf,
-        dw_gate_up.astype(w_gate_up.dtype),
+        dw_gate_up.reshape(w_gate_up.shape).astype(w_gate_up.dtype),
         dw_down.astype(w_down.dtype),
         None,
         None,
@@ -843,6 +839,9 @@ def _moe_group(params, x, token_mask, routing, *, router, train, impl, axes: _Me
         "dropped_fraction": (sums["tokens"] * k - sums["kept"]) / choices_total,
         "expert_load": sums["counts"] / choices_total,
         "routing": experts.reshape(b, s, k),
+        # The numerators and denominators, so callers that split a batch (pipeline
+        # microbatches) can combine statistics exactly by adding them.
+        "sums": sums,
     }
     return y, aux
 
@@ -940,8 +939,11 @@ def moe_forward(
     Returns:
         ``(y, aux)``: y [B, S, D] of x's dtype; aux with 'aux_loss', 'z_loss',
         'dropped_fraction' (of non-padding choices) float32 scalars, 'expert_load' [E]
-        float32 (fraction of non-padding choices per expert, before dropping) and 'routing'
-        [B, S, K] int32 (the chosen experts).
+        float32 (fraction of non-padding choices per expert, before dropping), 'routing'
+        [B, S, K] int32 (the chosen experts) and 'sums', the float32 sums the statistics are
+        ratios of: 'tokens' (non-padding tokens), 'probs' [E] (their router probabilities),
+        'z' (their squared logsumexp), 'counts' [E] (their choices per expert) and 'kept'
+        (choices not dropped).
 
     Raises:
         ValueError: bad shapes, an unknown ``impl``, or a mesh the batch or experts do not
@@ -1001,7 +1003,7 @@ def moe_forward(
     body = functools.partial(_moe_group, router=router, train=train, impl=impl, axes=axes)
     aux_specs = {
         "aux_loss": P(), "z_loss": P(), "dropped_fraction": P(), "expert_load": P(),
-        "routing": row_spec,
+        "routing": row_spec, "sums": P(),
     }  # fmt: skip
     fn = jax.shard_map(
         body,
