@@ -577,3 +577,71 @@ def test_small_chunks_split_experts_and_slabs(factor, monkeypatch):
     if factor is None:
         _, g_ref = jax.value_and_grad(ref, argnums=(0, 1), has_aux=True)(params, x)
         assert_tree_close(g, g_ref)
+
+
+def test_moe_forward_local_inside_a_user_shard_map(devices):
+    mesh = ParallelLayout(dp=2, ep=2, tp=2).make_mesh(devices)
+    router = router_cfg(capacity_factor=1.0)
+    params, x = make_params(), make_x()
+    specs = {"router": P(), "w_gate_up": P("ep", None, None, "tp"), "w_down": P("ep", "tp")}
+    body = functools.partial(
+        moe.moe_forward_local, router=router, data_axes=("dp", "ep"), expert_axes=("ep",),
+        tensor_axes=("tp",),
+    )  # fmt: skip
+    local = jax.shard_map(
+        lambda p, x: body(p, x),
+        mesh=mesh,
+        in_specs=(specs, P(("dp", "ep"))),
+        out_specs=(P(("dp", "ep")), {k: P(("dp", "ep")) if k == "routing" else P()
+                                     for k in moe.AUX_KEYS}),
+    )  # fmt: skip
+    y, aux = jax.jit(local)(params, x)
+    y_mesh, aux_mesh = jax.jit(lambda p, x: moe.moe_forward(p, x, router, mesh=mesh))(params, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_mesh), rtol=1e-6, atol=1e-6)
+    assert_tree_close(aux, aux_mesh, rtol=1e-6)
+
+
+def test_ragged_impl_under_tensor_parallel_mesh(devices):
+    mesh = ParallelLayout(dp=4, tp=2).make_mesh(devices)
+    router = router_cfg()
+    params, x = make_params(), make_x()
+    ours, ref = loss_fns(router, mesh=mesh, impl="ragged")
+    (_, (y, _)), g = jax.jit(jax.value_and_grad(ours, argnums=(0, 1), has_aux=True))(params, x)
+    (_, y_ref), g_ref = jax.value_and_grad(ref, argnums=(0, 1), has_aux=True)(params, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
+    assert_tree_close(g, g_ref)
+
+
+def test_bfloat16_activations_and_params():
+    router = router_cfg(capacity_factor=1.0)
+    params, x = make_params(), make_x()
+    p16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
+    x16 = x.astype(jnp.bfloat16)
+    fwd = jax.jit(jax.value_and_grad(
+        lambda p, x: jnp.sum(moe.moe_forward(p, x, router)[0].astype(jnp.float32)), (0, 1)
+    ))  # fmt: skip
+    _, (g, gx) = fwd(p16, x16)
+    y16, _ = moe.moe_forward(p16, x16, router)
+    assert y16.dtype == jnp.bfloat16 and gx.dtype == jnp.bfloat16
+    assert all(w.dtype == jnp.bfloat16 for w in g.values())
+    y32, _ = moe.moe_forward(jax.tree.map(lambda w: w.astype(jnp.float32), p16),
+                             x16.astype(jnp.float32), router)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), rtol=0.05,
+                               atol=0.05 * float(jnp.abs(y32).max()))  # fmt: skip
+
+
+def test_aux_sums_combine_split_batches_exactly():
+    # Pipeline microbatches add the sums of their parts and divide once.
+    router = router_cfg()
+    params, x = make_params(), make_x()
+    mask = jnp.asarray(np.random.default_rng(6).random((B, S)) > 0.3, jnp.int32)
+    fwd = jax.jit(lambda p, x, m: moe.moe_forward(p, x, router, token_mask=m)[1])
+    whole = fwd(params, x, mask)
+    parts = [fwd(params, x[i : i + B // 2], mask[i : i + B // 2]) for i in (0, B // 2)]
+    sums = jax.tree.map(lambda a, b: a + b, parts[0]["sums"], parts[1]["sums"])
+    assert_tree_close(sums, whole["sums"], rtol=1e-6)
+    np.testing.assert_allclose(float(sums["tokens"]), float(jnp.sum(mask)))
+    n = float(sums["tokens"])
+    aux_loss = E * float(jnp.sum(sums["counts"] / n * sums["probs"] / n))
+    np.testing.assert_allclose(aux_loss, float(whole["aux_loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(sums["z"]) / n, float(whole["z_loss"]), rtol=1e-5)
