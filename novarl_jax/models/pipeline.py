@@ -56,6 +56,7 @@ __all__ = [
     "bubble_fraction",
     "context_mesh",
     "from_stages",
+    "num_stages",
     "num_ticks",
     "pipeline_apply",
     "schedule_table",
@@ -247,6 +248,18 @@ def bubble_fraction(num_stages: int, num_microbatches: int, num_repeats: int = 1
 
 # --------------------------------------------------------------------------------------------
 # Meshes inside a stage
+
+
+def num_stages(mesh: Any) -> int:
+    """pp, the size of the mesh's ``pp`` axis: 1 for ``mesh=None`` or a mesh without one.
+
+    Example:
+        >>> num_stages(ParallelLayout(pp=2, dp=4).make_mesh()), num_stages(None)
+        (2, 1)
+    """
+    if mesh is None:
+        return 1
+    return int(dict(mesh.shape).get(PP, 1))
 
 
 def context_mesh(mesh: Any) -> Any:

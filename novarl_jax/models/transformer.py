@@ -3,8 +3,10 @@
 Each decoder layer is pre-norm: ``x += attn(rms_norm(x)); x += mlp(rms_norm(x))``, where
 ``mlp`` is a SwiGLU MLP (dense models) or a Mixture-of-Experts block
 (:mod:`novarl_jax.models.moe`). The layers' weights are stacked along a leading [L] axis and
-run as one ``jax.lax.scan``, so a model compiles one layer however deep it is (and pipeline
-stages can later reshape the stack to [pp, L / pp, ...]).
+run as one ``jax.lax.scan``, so a model compiles one layer however deep it is. On a mesh with
+``pp > 1`` the stack is split over ``pp`` in contiguous blocks of ``L / pp`` layers, and the
+training forward runs them as pipeline stages (:mod:`novarl_jax.models.pipeline`); see
+:func:`forward`.
 
 Parameters (``D`` model width, ``V`` vocab, ``N`` / ``N_kv`` heads, ``Dh`` head width, ``F``
 MLP width, ``L`` layers)::
@@ -35,10 +37,12 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from novarl_jax.core import sharding as shd
 from novarl_jax.models import moe as moe_lib
+from novarl_jax.models import pipeline
 from novarl_jax.models.config import ModelConfig
 from novarl_jax.models.layers import (
     DEFAULT_INIT,
@@ -235,12 +239,42 @@ def init_params(config: ModelConfig, key: jax.Array) -> dict[str, Any]:
     return _init_params_jit(config, key)
 
 
-def param_logical_axes(config: ModelConfig) -> dict[str, Any]:
+def _check_pipeline_layers(config: ModelConfig, pp: int) -> None:
+    """Raises ValueError unless ``pp`` pipeline stages split the decoder layers evenly."""
+    if config.num_hidden_layers % pp:
+        valid = [d for d in range(1, config.num_hidden_layers + 1)
+                 if config.num_hidden_layers % d == 0]  # fmt: skip
+        raise ValueError(
+            f"num_hidden_layers={config.num_hidden_layers} is not divisible by "
+            f"pipeline_parallel_size={pp}; valid pipeline_parallel_size: {valid}"
+        )
+
+
+def param_logical_axes(config: ModelConfig, *, pp: int = 1) -> dict[str, Any]:
     """Logical axis names of every parameter: a tree with exactly the structure of params.
 
     Each leaf is a tuple with one :mod:`novarl_jax.core.sharding` name (or None) per
-    dimension; stacked layer weights start with ``LAYERS``.
+    dimension. Stacked layer weights start with ``LAYERS`` (replicated) when ``pp == 1`` and
+    with ``STAGE`` (split over the ``pp`` mesh axis in ``pp`` contiguous blocks) when
+    ``pp > 1``: device group ``pp = s`` then holds exactly stage ``s``'s layers, so
+    :func:`~novarl_jax.models.pipeline.to_stages` is a local reshape, and the parameter tree
+    (and so every checkpoint) keeps the same ``[L, ...]`` shapes whatever ``pp`` is.
+
+    Args:
+        config: the model.
+        pp: pipeline stages (the mesh's ``pp`` size); must divide ``num_hidden_layers``.
+
+    Raises:
+        ValueError: ``num_hidden_layers`` is not divisible by ``pp``.
+
+    Example:
+        >>> param_logical_axes(config, pp=2)["layers"]["input_norm"]["scale"]
+        ('stage', 'embed')
     """
+    if isinstance(pp, bool) or not isinstance(pp, int | np.integer) or pp < 1:
+        raise ValueError(f"pp must be an integer >= 1, got {pp!r}")
+    _check_pipeline_layers(config, pp)
+    layer_axis = shd.STAGE if pp > 1 else shd.LAYERS
     layer_axes: dict[str, Any] = {
         "input_norm": {"scale": (shd.EMBED,)},
         "attn": {
@@ -261,7 +295,7 @@ def param_logical_axes(config: ModelConfig) -> dict[str, Any]:
         }
     axes: dict[str, Any] = {
         "embed_tokens": {"embedding": (shd.VOCAB, shd.EMBED)},
-        "layers": jax.tree.map(lambda names: (shd.LAYERS, *names), layer_axes, is_leaf=_is_names),
+        "layers": jax.tree.map(lambda names: (layer_axis, *names), layer_axes, is_leaf=_is_names),
         "final_norm": {"scale": (shd.EMBED,)},
     }
     if not config.tie_word_embeddings:
@@ -278,6 +312,9 @@ def _is_names(x: Any) -> bool:
 def param_shardings(config: ModelConfig, mesh: Any, params: Any = None) -> Any:
     """``NamedSharding`` of every parameter on ``mesh`` (a tree shaped like params).
 
+    The layer axis is split over ``pp`` when the mesh has ``pp > 1`` (see
+    :func:`param_logical_axes`).
+
     Args:
         config: the model.
         mesh: the device mesh.
@@ -287,11 +324,17 @@ def param_shardings(config: ModelConfig, mesh: Any, params: Any = None) -> Any:
     """
     if params is None:
         params = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
-    return shd.tree_shardings(param_logical_axes(config), mesh, params)
+    axes = param_logical_axes(config, pp=pipeline.num_stages(mesh))
+    return shd.tree_shardings(axes, mesh, params)
 
 
 def shard_params(params: Any, config: ModelConfig, mesh: Any) -> Any:
     """Places ``params`` on ``mesh`` by the logical-axis rule table.
+
+    With ``pp > 1`` in the mesh, stage ``s``'s layers land on the devices of ``pp = s``.
+
+    Raises:
+        ValueError: the mesh's ``pp`` does not divide ``num_hidden_layers``.
 
     Example:
         >>> mesh = ParallelLayout(dp=2, tp=2, ep=2).make_mesh()
@@ -330,6 +373,149 @@ def _check_inputs(
             raise ValueError(f"{tokens.shape[1]} tokens do not fit a cache of {s} slots")
 
 
+# --------------------------------------------------------------------------------------------
+# The decoder layers: one scan (any layout, and every cached call), or a pipeline over 'pp'
+
+# Per-layer MoE statistics as sums over real (non-padding) tokens, so that the statistics of
+# several microbatches combine exactly by addition: 'tokens' [] routed tokens, 'counts' [E]
+# choices per expert before dropping, 'kept' [] choices placed, 'probs' [E] summed router
+# probabilities, 'z' [] summed squared router logsumexp.
+_STAT_KEYS = ("tokens", "counts", "kept", "probs", "z")
+
+
+def _layer_stats(moe_aux: dict[str, Any]) -> dict[str, jax.Array]:
+    """One MoE layer's statistics as sums (see ``_STAT_KEYS``) over this call's tokens."""
+    return {key: moe_aux["sums"][key].astype(jnp.float32) for key in _STAT_KEYS}
+
+
+def _finish_stats(stats: dict[str, jax.Array] | None, config: ModelConfig) -> dict:
+    """Turns per-layer sums [L, ...] into forward's aux entries (means over layers).
+
+    Per layer, with N the routed tokens and K experts per token (the MoE block's formulas):
+    ``aux_loss = E * sum_e (counts_e / N) * (probs_e / N)``, ``z_loss = z / N``,
+    ``dropped_fraction = (N * K - kept) / (N * K)``, ``expert_load = counts / (N * K)``.
+    """
+    if stats is None:
+        zero = jnp.zeros((), jnp.float32)
+        return {
+            "moe_aux_loss": zero,
+            "moe_z_loss": zero,
+            "dropped_fraction": zero,
+            "expert_load": jnp.zeros((config.num_hidden_layers, 0), jnp.float32),
+        }
+    k, e = config.num_experts_per_tok, config.num_local_experts
+    tokens = jnp.maximum(stats["tokens"], 1.0)  # [L]
+    choices = jnp.maximum(stats["tokens"] * k, 1.0)
+    frac = stats["counts"] / tokens[:, None]
+    mean_probs = stats["probs"] / tokens[:, None]
+    return {
+        "moe_aux_loss": jnp.mean(e * jnp.sum(frac * mean_probs, axis=-1)),
+        "moe_z_loss": jnp.mean(stats["z"] / tokens),
+        "dropped_fraction": jnp.mean((stats["tokens"] * k - stats["kept"]) / choices),
+        "expert_load": stats["counts"] / choices[:, None],
+    }
+
+
+def _scan_layers(
+    layers, x, cos, sin, mask, token_mask, kv, first_slot, routing, *, config, mesh, train,
+    return_routing,
+):  # fmt: skip
+    """Runs stacked layers [L', ...] as one ``lax.scan``.
+
+    Returns (x [B, T, D], new (k, v) [L', ...] or None, stats {key: [L', ...]} or None for
+    dense models, routing [L', B, T, K] or None).
+    """
+    layer = DecoderLayer(config, mesh, train)
+
+    def body(x, xs):
+        layer_params, layer_kv, layer_routing = xs
+        x, new_kv, moe_aux = layer.apply(
+            {"params": layer_params},
+            x,
+            cos,
+            sin,
+            mask,
+            token_mask,
+            layer_kv,
+            first_slot,
+            layer_routing,
+        )
+        stats = chosen = None
+        if moe_aux is not None:
+            stats = _layer_stats(moe_aux)
+            if return_routing:
+                chosen = moe_aux["routing"]
+        return x, (new_kv, stats, chosen)
+
+    x, (new_kv, stats, chosen) = jax.lax.scan(body, x, (layers, kv, routing))
+    return x, new_kv, stats, chosen
+
+
+def _pipelined_layers(
+    layers, x, cos, sin, mask, token_mask, routing, *, config, mesh, train, return_routing,
+    num_microbatches,
+):  # fmt: skip
+    """Runs the layers as ``pp`` pipeline stages of ``L / pp`` layers (GPipe schedule).
+
+    Every stage scans its layers over one microbatch per tick
+    (:func:`~novarl_jax.models.pipeline.pipeline_apply`). MoE statistics come back as sums
+    over each stage's microbatches, so they equal the whole batch's (``_finish_stats``).
+    Expert choices are returned through the same summed aux: each microbatch writes its
+    rows into an otherwise zero [L / pp, B, T, K] array.
+
+    Returns (x [B, T, D] replicated over 'pp', stats {key: [L, ...]} or None, routing
+    [L, B, T, K] or None).
+    """
+    pp = pipeline.num_stages(mesh)
+    b = x.shape[0]
+    stages = pipeline.to_stages(layers, pp)
+    layer_extra = None if routing is None else pipeline.to_stages(routing, pp)
+    rows = jnp.arange(b, dtype=jnp.int32)
+
+    def stage_fn(stage_params, h, extra, layer_extra=None):
+        cos_j, sin_j, mask_j, token_mask_j, rows_j = extra
+        # Inside the schedule 'pp' is a manual axis: sharding constraints and the MoE
+        # block's own shard_map must be built on the context's abstract mesh.
+        h, _, stats, chosen = _scan_layers(
+            stage_params, h, cos_j, sin_j, mask_j, token_mask_j, None, 0, layer_extra,
+            config=config, mesh=pipeline.context_mesh(mesh), train=train,
+            return_routing=return_routing,
+        )  # fmt: skip
+        aux = {} if stats is None else {"stats": stats}
+        if chosen is not None:
+            full = jnp.zeros(chosen.shape[:1] + (b,) + chosen.shape[2:], chosen.dtype)
+            aux["routing"] = full.at[:, rows_j].set(chosen)
+        return h, aux
+
+    y, aux = pipeline.pipeline_apply(
+        stage_fn,
+        stages,
+        x,
+        mesh=mesh,
+        num_microbatches=num_microbatches,
+        extra=(cos, sin, mask, token_mask, rows),
+        layer_extra=layer_extra,
+        has_aux=True,
+    )
+    aux = pipeline.from_stages(aux)
+    return y, aux.get("stats"), aux.get("routing")
+
+
+def _check_num_microbatches(num_microbatches: Any, batch: int, pp: int, cached: bool) -> None:
+    if (
+        isinstance(num_microbatches, bool)
+        or not isinstance(num_microbatches, int | np.integer)
+        or num_microbatches < 1
+    ):
+        raise ValueError(f"num_microbatches must be an integer >= 1, got {num_microbatches!r}")
+    if pp > 1 and not cached and batch % num_microbatches:
+        divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+        raise ValueError(
+            f"num_microbatches={num_microbatches} does not divide the batch size B={batch}; "
+            f"valid num_microbatches: {divisors}"
+        )
+
+
 def forward(
     params: Any,
     tokens: ArrayLike,
@@ -342,6 +528,7 @@ def forward(
     routing: Any = None,
     return_routing: bool = False,
     train: bool = True,
+    num_microbatches: int = 1,
 ) -> tuple[jax.Array, KVCache | None, dict[str, Any]]:
     """Runs the decoder: next-token logits for every position, and the updated cache.
 
@@ -351,6 +538,21 @@ def forward(
     each new token attends to slots ``<= its own slot`` with ``key_mask == 1``. A left-padded
     prefill (positions ``max(cumsum(mask) - 1, 0)``) followed by single-token steps (position
     = last + 1) therefore reproduces the full forward exactly.
+
+    Pipeline parallelism: when ``mesh`` has ``pp > 1`` and there is no cache (training and
+    scoring forwards), the decoder layers run as ``pp`` stages of ``L / pp`` consecutive
+    layers under a GPipe schedule over ``num_microbatches`` microbatches
+    (:func:`~novarl_jax.models.pipeline.pipeline_apply`; bubble
+    ``(pp - 1) / (num_microbatches + pp - 1)``). The embedding, final norm, LM head and value
+    head run outside the pipeline, replicated over ``pp``. MoE statistics are combined from
+    per-microbatch sums, so every aux entry equals the unpipelined one; with a capacity factor
+    the routing groups are the microbatches' shards, so which choices are dropped can
+    depend on ``num_microbatches`` (dropless routing does not). With a cache (prefill and
+    decode steps of the sampler) the layers run as one scan whatever ``pp`` is: XLA
+    all-gathers the layer stack over ``pp`` before the scan, so every ``pp`` group holds all
+    layers' weights while it decodes (memory ``pp`` times the stage's share). That is
+    simpler than pipelining one-token steps, exact, and costs nothing at this scale; the
+    cache itself is not split over ``pp``.
 
     Args:
         params: from :func:`init_params` (or :func:`~novarl_jax.models.hf.load_hf_model`).
@@ -367,6 +569,9 @@ def forward(
             ``aux['routing']`` (MoE only); gate weights come from the current router.
         return_routing: put the expert choices of this call in ``aux['routing']``.
         train: MoE capacity factor: ``capacity_factor`` (True) or ``eval_capacity_factor``.
+        num_microbatches: M, pipeline microbatches (used when the mesh has ``pp > 1`` and
+            there is no cache; must then divide B). More microbatches shrink the pipeline
+            bubble; the result does not depend on M.
 
     Returns:
         (logits [B, T, V] float32, the updated cache or None, aux) where aux has
@@ -374,6 +579,11 @@ def forward(
         layers; 0 for dense models), 'expert_load' [L, E] float32 ([L, 0] dense),
         'values' [B, T] float32 when ``config.value_head``, and 'routing' [L, B, T, K]
         int32 when ``return_routing``.
+
+    Raises:
+        ValueError: bad shapes; ``routing`` for a dense model; a mesh whose ``pp`` does not
+            divide ``num_hidden_layers``; ``num_microbatches`` not a positive integer or (when
+            the pipeline runs) not dividing B.
 
     Example:
         >>> cache = init_cache(config, batch_size=1, max_length=8)
@@ -391,6 +601,10 @@ def forward(
         positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
     positions = jnp.asarray(positions, jnp.int32)
     _check_inputs(tokens, positions, attention_mask, cache, config)
+    pp = pipeline.num_stages(mesh)
+    if pp > 1:
+        _check_pipeline_layers(config, pp)
+    _check_num_microbatches(num_microbatches, b, pp, cache is not None)
     if routing is not None and not config.is_moe:
         raise ValueError("routing= was given but the model is dense (num_local_experts=0)")
 
@@ -409,31 +623,18 @@ def forward(
     # through the masked attention weights into real tokens).
     x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0, mode="clip")
     x = constrain(x, _ACT, mesh)
-    layer = DecoderLayer(config, mesh, train)
-
-    def body(x, xs):
-        layer_params, layer_kv, layer_routing = xs
-        x, new_kv, moe_aux = layer.apply(
-            {"params": layer_params},
-            x,
-            cos,
-            sin,
-            mask,
-            attention_mask,
-            layer_kv,
-            first_slot,
-            layer_routing,
-        )
-        summary = None
-        if moe_aux is not None:
-            summary = {
-                k: moe_aux[k] for k in ("aux_loss", "z_loss", "dropped_fraction", "expert_load")
-            }
-            if return_routing:
-                summary["routing"] = moe_aux["routing"]
-        return x, (new_kv, summary)
-
-    x, (new_kv, layer_aux) = jax.lax.scan(body, x, (params["layers"], kv, routing))
+    run = dict(config=config, train=train, return_routing=return_routing)
+    if pp > 1 and cache is None:
+        x, stats, routing_out = _pipelined_layers(
+            params["layers"], x, cos, sin, mask, attention_mask, routing,
+            mesh=mesh, num_microbatches=num_microbatches, **run,
+        )  # fmt: skip
+        new_kv = None
+    else:
+        x, new_kv, stats, routing_out = _scan_layers(
+            params["layers"], x, cos, sin, mask, attention_mask, kv, first_slot, routing,
+            mesh=mesh, **run,
+        )  # fmt: skip
 
     h = rms_norm(x, params["final_norm"]["scale"], config.rms_norm_eps)
     if config.tie_word_embeddings:
@@ -450,23 +651,9 @@ def forward(
     logits = constrain(logits.astype(jnp.float32), (shd.BATCH, shd.LENGTH, shd.VOCAB), mesh)
 
     aux: dict[str, Any] = {}
-    if layer_aux is None:
-        zero = jnp.zeros((), jnp.float32)
-        aux.update(
-            moe_aux_loss=zero,
-            moe_z_loss=zero,
-            dropped_fraction=zero,
-            expert_load=jnp.zeros((config.num_hidden_layers, 0), jnp.float32),
-        )
-    else:
-        aux.update(
-            moe_aux_loss=jnp.mean(layer_aux["aux_loss"].astype(jnp.float32)),
-            moe_z_loss=jnp.mean(layer_aux["z_loss"].astype(jnp.float32)),
-            dropped_fraction=jnp.mean(layer_aux["dropped_fraction"].astype(jnp.float32)),
-            expert_load=layer_aux["expert_load"].astype(jnp.float32),
-        )
-        if return_routing:
-            aux["routing"] = layer_aux["routing"]
+    aux.update(_finish_stats(stats, config))
+    if return_routing and routing_out is not None:
+        aux["routing"] = routing_out
     if config.value_head:
         vh = params["value_head"]
         values = jnp.einsum(

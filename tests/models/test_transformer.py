@@ -552,3 +552,113 @@ def test_sharded_kv_cache_decode_equals_single_device_forward(devices):
             attention_mask=mask[:, i : i + 1], cache=cache,
         )  # fmt: skip
         np.testing.assert_allclose(step[:, 0], logits[:, i], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Pipeline parallelism (pp > 1): the layers run as stages over microbatches
+
+
+def _pp_loss(params, toks, mask, config, mesh, num_microbatches):
+    logits, _, aux = forward(
+        params, toks, config, positions=jnp.maximum(jnp.cumsum(mask, 1) - 1, 0),
+        attention_mask=mask, mesh=mesh, return_routing=True, num_microbatches=num_microbatches,
+    )  # fmt: skip
+    logp = jax.nn.log_softmax(logits[:, :-1])
+    nll = -jnp.take_along_axis(logp, toks[:, 1:, None], -1)[..., 0]
+    loss = jnp.sum(nll * mask[:, 1:]) / jnp.sum(mask[:, 1:]) + 0.1 * jnp.mean(aux["values"] ** 2)
+    loss = loss + 0.01 * aux["moe_aux_loss"] + 0.01 * aux["moe_z_loss"]
+    return loss, (logits, aux)
+
+
+_pp_value_and_grad = jax.jit(jax.value_and_grad(_pp_loss, has_aux=True), static_argnums=(3, 4, 5))
+
+
+@pytest.mark.parametrize(
+    "layout,num_microbatches",
+    [(ParallelLayout(pp=2, tp=2, ep=2), 4), (ParallelLayout(pp=2, dp=4), 2)],
+    ids=["pp2-tp2-ep2-m4", "pp2-dp4-m2"],
+)
+def test_pipelined_forward_and_grads_equal_single_device(layout, num_microbatches, devices):
+    params, toks, mask, *_ = _single_device_reference()
+    (loss, (logits, aux)), grads = _pp_value_and_grad(params, toks, mask, MESH_CONFIG, None, 1)
+    mesh = layout.make_mesh(devices)
+    sharded = shard_params(params, MESH_CONFIG, mesh)
+    # The layer axis is split over 'pp' (stage s holds layers [s L/pp, (s+1) L/pp)), while the
+    # tree keeps its [L, ...] shapes: checkpoints do not depend on pp.
+    q = sharded["layers"]["attn"]["q_proj"]
+    assert q.shape == params["layers"]["attn"]["q_proj"].shape
+    assert q.sharding.spec[0] == "pp"
+    batch = NamedSharding(mesh, shd.batch_spec(2, mesh, batch_size=8))
+    (s_loss, (s_logits, s_aux)), s_grads = _pp_value_and_grad(
+        sharded, jax.device_put(toks, batch), jax.device_put(mask, batch), MESH_CONFIG, mesh,
+        num_microbatches,
+    )  # fmt: skip
+    np.testing.assert_allclose(s_loss, loss, rtol=1e-5)
+    np.testing.assert_allclose(s_logits, logits, atol=1e-5, rtol=1e-5)
+    # MoE statistics are combined from per-microbatch sums: exactly the whole batch's.
+    for key in ("moe_aux_loss", "moe_z_loss", "dropped_fraction", "expert_load", "values"):
+        np.testing.assert_allclose(s_aux[key], aux[key], atol=1e-5, rtol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(s_aux["routing"], aux["routing"])
+    assert s_aux["routing"].shape == (2, 8, 8, 2)
+    flat, _ = jax.tree_util.tree_flatten_with_path(grads)
+    for (path, g), s in zip(flat, jax.tree.leaves(s_grads), strict=True):
+        np.testing.assert_allclose(s, g, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+    # Back onto one device (a pp=2 layout restored as pp=1): the same values.
+    leaves = zip(jax.tree.leaves(jax.device_get(sharded)), jax.tree.leaves(params), strict=True)
+    for got, want in leaves:
+        np.testing.assert_array_equal(got, want)
+
+
+def test_pipelined_router_replay_equals_single_device(devices):
+    params, toks, mask, *_ = _single_device_reference()
+    # Replay choices that are not the router's own (shifted experts), so replay matters.
+    routing = jax.random.randint(jax.random.key(3), (2, 8, 8, 2), 0, 8)
+    routing = routing.at[..., 1].set((routing[..., 0] + 1 + routing[..., 1] % 7) % 8)
+    run = jax.jit(
+        lambda p, t, m, r, mesh, n: forward(
+            p, t, MESH_CONFIG, attention_mask=m, routing=r, mesh=mesh, num_microbatches=n,
+            return_routing=True,
+        ),
+        static_argnums=(4, 5),
+    )  # fmt: skip
+    logits, _, aux = run(params, toks, mask, routing, None, 1)
+    np.testing.assert_array_equal(aux["routing"], routing)
+    mesh = ParallelLayout(pp=2, dp=4).make_mesh(devices)
+    p_logits, _, p_aux = run(shard_params(params, MESH_CONFIG, mesh), toks, mask, routing, mesh, 2)
+    np.testing.assert_allclose(p_logits, logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(p_aux["routing"], routing)
+    np.testing.assert_allclose(p_aux["moe_aux_loss"], aux["moe_aux_loss"], rtol=1e-5)
+
+
+def test_param_logical_axes_name_the_stage_axis_when_pipelined():
+    axes = param_logical_axes(MESH_CONFIG, pp=2)
+    assert axes["layers"]["attn"]["q_proj"] == (shd.STAGE, shd.EMBED, shd.HEADS, shd.HEAD_DIM)
+    assert axes["layers"]["moe"]["w_down"] == (shd.STAGE, shd.EXPERT, shd.MLP, shd.EMBED)
+    assert axes["embed_tokens"] == param_logical_axes(MESH_CONFIG)["embed_tokens"]
+    assert param_logical_axes(MESH_CONFIG)["layers"]["input_norm"]["scale"][0] == shd.LAYERS
+
+
+def test_pipeline_errors(devices):
+    params, toks, mask, *_ = _single_device_reference()
+    pp4 = ParallelLayout(pp=4, ep=2).make_mesh(devices)
+    pp2 = ParallelLayout(pp=2, dp=4).make_mesh(devices)
+    layers = r"num_hidden_layers=2 is not divisible by pipeline_parallel_size=4; valid .*\[1, 2\]"
+    with pytest.raises(ValueError, match=layers):
+        forward(params, toks, MESH_CONFIG, mesh=pp4)
+    with pytest.raises(ValueError, match=layers):
+        shard_params(params, MESH_CONFIG, pp4)
+    with pytest.raises(ValueError, match=layers):
+        param_logical_axes(MESH_CONFIG, pp=4)
+    with pytest.raises(ValueError, match="pp must be an integer >= 1, got 0"):
+        param_logical_axes(MESH_CONFIG, pp=0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="num_microbatches must be an integer >= 1, got"):
+            forward(params, toks, MESH_CONFIG, mesh=pp2, num_microbatches=bad)
+    with pytest.raises(
+        ValueError,
+        match=r"num_microbatches=3 does not divide the batch size B=8; valid num_microbatches: "
+        r"\[1, 2, 4, 8\]",
+    ):
+        forward(params, toks, MESH_CONFIG, mesh=pp2, num_microbatches=3)
+    # Without a pipeline (pp = 1, or a KV cache) the microbatch count is not used.
+    forward(params, toks[:, :1], MESH_CONFIG, num_microbatches=3)
