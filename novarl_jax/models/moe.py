@@ -19,23 +19,25 @@ Padding tokens (``token_mask`` 0) are never routed, take no capacity and output 
 
 Dispatch is sort based and costs O(T * K * D) memory: the T*K choices are sorted by
 (expert, priority) with one ``lax.sort``; a choice's slot in its expert is its rank in the
-sorted order minus the expert's first rank. Tokens are gathered into an expert-major buffer,
-the experts run as batched matmuls (gate and up projections fused in one), and outputs are
-gathered back per choice and summed with the gate weights. Both gathers have custom VJPs that
-are gathers too (a token -> slot map is a partial bijection), so the backward pass has no
-scatter.
+sorted order minus the expert's first rank. Tokens are gathered into an expert-sorted buffer,
+the experts run over it, and outputs are gathered back per choice and summed with the gate
+weights. Both gathers have custom VJPs that are gathers too (a token -> row map is a partial
+bijection), so the backward pass has no scatter.
 
-Two buffer layouts:
+The experts (``impl='dense'``) run in a loop over experts; each expert's rows go through in a
+few large chunks of two plain 2D matmuls each (gate and up fused in one), which XLA runs near
+its matmul peak on CPU, and a custom VJP runs the four backward matmuls per chunk and adds the
+weight gradients into the expert's slab in place. Two buffer layouts:
 
-* ``[E, C, D]`` (capacity layout): one slab of C rows per expert, one batched einsum. Used
-  with a capacity factor, and always when experts are split over an ``ep`` mesh axis (the
-  ``all_to_all`` needs fixed slabs; dropless routing then takes the worst case C = tokens of
-  the group).
-* grouped layout: rows sorted by expert, each expert padded to a multiple of a block size; the
-  blocks run as one batched einsum against their experts' weights (``impl='dense'``), or
-  unpadded through :func:`jax.lax.ragged_dot` (``impl='ragged'``, for GPU/TPU; on CPU it is
-  about ten times slower than the batched einsum). Used for dropless routing without expert
-  parallelism, so dropless costs little padding.
+* capacity slabs ``[E, C, D]``: C rows per expert. Used with a capacity factor, and always
+  when experts are split over an ``ep`` mesh axis (the ``all_to_all`` needs fixed slabs;
+  dropless routing then takes the worst case C = tokens of the group).
+* grouped rows: experts one after another, each padded to a whole number of small blocks and
+  run as power-of-two chunks of blocks. Used for dropless routing without expert parallelism,
+  so dropless costs a few percent of padding rather than a worst-case capacity.
+
+``impl='ragged'`` runs the grouped rows unpadded through :func:`jax.lax.ragged_dot` (grouped
+matmul kernels on GPU/TPU; on CPU it is about ten times slower than the dense loop).
 
 Parameters (all stacked over experts)::
 
@@ -56,8 +58,9 @@ shard with matching gate and up columns. :func:`moe_params_from_per_expert`,
 With a mesh, :func:`moe_forward` runs :func:`moe_forward_local` inside :func:`jax.shard_map`:
 every shard of the batch (sharded over ``('dp', 'ep')``) routes its own tokens, an
 ``all_to_all`` over ``ep`` sends each expert's slab to the shard that holds the expert, the
-``E / ep`` local experts run as one batched matmul with F sharded over ``tp`` (a ``psum`` over
-``tp`` completes the down projection), and a second ``all_to_all`` brings the outputs back.
+``E / ep`` local experts run over their ``ep * C`` rows with F sharded over ``tp``, a second
+``all_to_all`` brings the outputs back, and a ``psum`` over ``tp`` of the combined [T, D]
+output completes the down projection.
 ``pp`` (and any other axis) is treated as replicated. Auxiliary statistics are summed over the
 data axes, so they are the same as on a single device.
 """
@@ -737,13 +740,22 @@ def moe_forward_local(
         token_mask: [B, S], 1 = a real token; None = all real.
         routing: [B, S, K] int32 experts to replay instead of the router's top-k.
         train: use ``capacity_factor`` (True) or ``eval_capacity_factor``.
-        impl: 'dense' or 'ragged' (grouped layout only; see the module docstring).
+        impl: 'dense' or 'ragged' (as :func:`moe_forward`).
         data_axes: mesh axes the batch is split over (statistics are summed over them).
         expert_axes: mesh axes the experts are split over (``all_to_all``).
         tensor_axes: mesh axes F is split over (``psum``).
 
     Returns:
-        ``(y [B, S, D], aux)`` as :func:`moe_forward`.
+        ``(y [B, S, D], aux)`` as :func:`moe_forward`; aux statistics are global (summed
+        over ``data_axes``).
+
+    Example:
+        Inside a ``shard_map`` over a ``(dp, pp, ep, tp)`` mesh, with ``in_specs`` that split
+        the batch over ``('dp', 'ep')``, the experts over ``'ep'`` and F over ``'tp'``:
+
+        >>> y, aux = moe_forward_local(
+        ...     local_params, local_x, router, data_axes=("dp", "ep"), expert_axes=("ep",),
+        ...     tensor_axes=("tp",))
     """
     data_axes, expert_axes, tensor_axes = tuple(data_axes), tuple(expert_axes), tuple(tensor_axes)
     ep = 1
@@ -926,15 +938,17 @@ def moe_forward(
         x: [B, S, D] activations.
         router: routing settings (experts, top-k, capacity factor, drop policy).
         mesh: a mesh with the axes of :class:`~novarl_jax.core.distributed.ParallelLayout`;
-            None runs on one device. The batch must split over ``('dp', 'ep')`` and the
-            experts over ``ep``.
+            None runs on one device. The experts must split over ``ep``; a batch that
+            ``('dp', 'ep')`` does not divide is padded with padding tokens.
         token_mask: [B, S], 1 = a real token, 0 = padding (not routed, output 0); None = all
             real.
-        routing: [B, S, K] int expert indices to replay (``aux['routing']`` of an earlier
-            call); gate weights are recomputed from the current router at those experts.
+        routing: [B, S, K] int expert indices in [0, E) to replay (``aux['routing']`` of an
+            earlier call); gate weights are recomputed from the current router at those
+            experts. Capacity and drops are decided afresh.
         train: capacity from ``capacity_factor`` (True) or ``eval_capacity_factor`` (False).
-        impl: 'dense' (batched einsums; fastest on CPU) or 'ragged' (``lax.ragged_dot`` for
-            dropless routing without expert parallelism; for GPU/TPU).
+        impl: 'dense' (a loop of plain matmuls over padded expert chunks; fastest on CPU) or
+            'ragged' (``lax.ragged_dot`` over the unpadded expert-sorted rows, for GPU/TPU;
+            used without expert parallelism, else 'dense').
 
     Returns:
         ``(y, aux)``: y [B, S, D] of x's dtype; aux with 'aux_loss', 'z_loss',
@@ -946,8 +960,8 @@ def moe_forward(
         (choices not dropped).
 
     Raises:
-        ValueError: bad shapes, an unknown ``impl``, or a mesh the batch or experts do not
-            split over.
+        ValueError: bad shapes, an unknown ``impl``, a routing array that is not an integer
+            [B, S, K], or a mesh whose ``ep`` does not divide the experts.
 
     Example:
         >>> router = MoERouterConfig(num_experts=4, top_k=2, capacity_factor=None)
