@@ -6,7 +6,10 @@ tokens, no early stop (no stop tokens on our side, ``eos_token_id=None`` and
 ``min_new_tokens=128`` on the transformers side). Both sides decode greedily by default
 (``--sample`` switches both to temperature-1 sampling). The figure is generated tokens per
 second (32 * 128 / wall time of one whole generate call, prefill included), measured after
-compilation / warm-up, best and median of ``--repeats`` calls.
+compilation / warm-up, in interleaved rounds (one call of each side per round, so both see
+the same load): best and median wall time of ``--repeats`` calls, and the best
+per-call CPU time of this process (the machine is shared: other work inflates wall time more
+than CPU time).
 
 Our MoE routing is dropless by default, like transformers' (``--eval-capacity-factor`` sets
 a capacity factor for sampling; the dropped fraction is then printed).
@@ -15,7 +18,7 @@ The transformers reference runs in the same process when torch and transformers 
 installed (the ``bench`` extra); otherwise only our figure is printed.
 
 Usage:
-    python benchmarks/generate.py [--repeats 3] [--threads 2] [--sample]
+    python benchmarks/generate.py [--repeats 5] [--threads 2] [--sample]
         [--eval-capacity-factor 2.0] [--skip-reference]
 
 Prints ``RESULT <name> <value> <unit>`` lines, ours last.
@@ -42,16 +45,22 @@ CONFIG = dict(
 )
 
 
-def _time(fn, repeats: int) -> list[float]:
+def _time(fn, repeats: int) -> list[tuple[float, float]]:
+    """(wall seconds, this process's CPU seconds) of each of ``repeats`` calls."""
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - wall, time.process_time() - cpu))
     return times
 
 
-def bench_ours(args, prompts) -> tuple[list[float], float]:
+def make_ours(args, prompts):
+    """Our sampler on the workload: returns (run, report) after compiling.
+
+    ``run()`` is one timed call; ``report()`` prints where a call's time goes and returns the
+    dropped fraction of the MoE routing.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -79,33 +88,37 @@ def bench_ours(args, prompts) -> tuple[list[float], float]:
     out = run()
     print(f"# ours: first call (compile + run) {time.perf_counter() - start:.1f} s")
     assert int(np.asarray(out.lengths).min()) == NEW, "a row stopped early"
-    # Where a call's time goes: the prefill program vs the decode loop.
-    from novarl_jax.rollout import sampler as S
 
-    settings = S.make_settings(**kw)
-    static, dyn = settings.static(), settings.dynamic(config.vocab_size)
-    split = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        cache, *first = S._prefill(params, tokens, mask, jax.random.key(1), dyn, config=config,
-                                   static=static, mesh=None)  # fmt: skip
-        jax.block_until_ready(cache)
-        t1 = time.perf_counter()
-        jax.block_until_ready(S._decode(params, cache, tuple(first), jax.random.key(1), dyn,
-                                        config=config, static=static, mesh=None))  # fmt: skip
-        split.append((t1 - t0, (time.perf_counter() - t1) / (NEW - 1)))
-    prefill, step = min(s[0] for s in split), min(s[1] for s in split)
-    print(f"# ours: prefill {prefill * 1e3:.0f} ms, decode {step * 1e3:.2f} ms/step (best)")
-    dropped = 0.0
-    if args.eval_capacity_factor is not None:
+    def report() -> float:
+        # Where a call's time goes: the prefill program vs the decode loop.
+        from novarl_jax.rollout import sampler as S
+
+        settings = S.make_settings(**kw)
+        static, dyn = settings.static(), settings.dynamic(config.vocab_size)
+        split = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            cache, *first = S._prefill(params, tokens, mask, jax.random.key(1), dyn,
+                                       config=config, static=static, mesh=None)  # fmt: skip
+            jax.block_until_ready(cache)
+            t1 = time.perf_counter()
+            jax.block_until_ready(S._decode(params, cache, tuple(first), jax.random.key(1), dyn,
+                                            config=config, static=static, mesh=None))  # fmt: skip
+            split.append((t1 - t0, (time.perf_counter() - t1) / (NEW - 1)))
+        prefill, step = min(s[0] for s in split), min(s[1] for s in split)
+        print(f"# ours: prefill {prefill * 1e3:.0f} ms, decode {step * 1e3:.2f} ms/step (best)")
+        if args.eval_capacity_factor is None:
+            return 0.0
         full = jnp.concatenate([out.prompt_mask, out.response_mask], 1)
         _, _, aux = forward(params, out.tokens[:, :-1], config, attention_mask=full[:, :-1],
                             train=False)  # fmt: skip
-        dropped = float(aux["dropped_fraction"])
-    return _time(run, args.repeats), dropped
+        return float(aux["dropped_fraction"])
+
+    return run, report
 
 
-def bench_transformers(args, prompts) -> list[float] | None:
+def make_transformers(args, prompts):
+    """transformers ``generate`` on the same workload: returns run() after a warm-up, or None."""
     try:
         import torch
         from transformers import MixtralConfig, MixtralForCausalLM
@@ -144,12 +157,12 @@ def bench_transformers(args, prompts) -> list[float] | None:
         return out
 
     run()  # warm-up
-    return _time(run, args.repeats)
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--sample", action="store_true", help="temperature-1 sampling, not greedy")
     parser.add_argument("--eval-capacity-factor", type=float, default=None)
@@ -163,18 +176,35 @@ def main() -> None:
     mode = "sampling" if args.sample else "greedy"
     print(f"# batch {BATCH}, prompt {PROMPT}, new {NEW}, {mode}, threads {args.threads}")
 
-    ref = None if args.skip_reference else bench_transformers(args, prompts)
-    ours, dropped = bench_ours(args, prompts)
+    ref_run = None if args.skip_reference else make_transformers(args, prompts)
+    ours_run, report = make_ours(args, prompts)
+    # Interleaved rounds, so both sides see the same load from other work on the machine.
+    ours, ref = [], None if ref_run is None else []
+    for _ in range(args.repeats):
+        ours += _time(ours_run, 1)
+        if ref_run is not None:
+            ref += _time(ref_run, 1)
+    dropped = report()
     factor = "dropless" if args.eval_capacity_factor is None else args.eval_capacity_factor
     print(f"# ours: eval capacity factor {factor}, dropped fraction {dropped:.4f}")
-    ours_best, ours_med = tokens / min(ours), tokens / statistics.median(ours)
-    print(f"# ours: {[round(t, 3) for t in ours]} s per call")
+
+    def rates(times):
+        walls, cpus = [t[0] for t in times], [t[1] for t in times]
+        wall_s, cpu_s = [round(w, 3) for w in walls], [round(c, 3) for c in cpus]
+        print(f"#   wall s per call {wall_s}, CPU s per call {cpu_s}")
+        return tokens / min(walls), tokens / statistics.median(walls), tokens / min(cpus)
+
+    print("# ours:")
+    ours_best, ours_med, ours_cpu = rates(ours)
     if ref is not None:
-        ref_best, ref_med = tokens / min(ref), tokens / statistics.median(ref)
-        print(f"# transformers: {[round(t, 3) for t in ref]} s per call")
+        print("# transformers:")
+        ref_best, ref_med, ref_cpu = rates(ref)
         print(f"RESULT generate_transformers_tok_per_s {ref_best:.0f} tok/s")
         print(f"RESULT generate_transformers_tok_per_s_median {ref_med:.0f} tok/s")
+        print(f"RESULT generate_transformers_tok_per_cpu_s {ref_cpu:.0f} tok/s")
         print(f"RESULT generate_speedup_vs_transformers {ours_best / ref_best:.2f} x")
+        print(f"RESULT generate_speedup_vs_transformers_cpu {ours_cpu / ref_cpu:.2f} x")
+    print(f"RESULT generate_novarl_tok_per_cpu_s {ours_cpu:.0f} tok/s")
     print(f"RESULT generate_novarl_tok_per_s_median {ours_med:.0f} tok/s")
     print(f"RESULT generate_novarl_tok_per_s {ours_best:.0f} tok/s")
 
