@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from novarl_jax.rollout.sampler import make_settings, sample
-from novarl_jax.rollout.tasks.base import Task, check_batch_size
+from novarl_jax.rollout.tasks.base import Task, check_batch_size, rewards_to_array
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,8 @@ class RolloutEngine:
         rows_prompts = [p for p in prompts for _ in range(group)]
         rows_meta = [m for m in metadata for _ in range(group)]
         rewards, sample_info = self.task.score(rows_prompts, completions, rows_meta)
-        rewards = np.asarray(rewards, np.float32)
+        name = getattr(self.task, "name", type(self.task).__name__)
+        rewards = rewards_to_array(rewards, len(rows_prompts), f"task {name!r} score()")
         finite = np.isfinite(rewards)
         invalid = np.flatnonzero(~finite).tolist()
         for row in invalid:

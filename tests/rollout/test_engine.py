@@ -181,3 +181,23 @@ def test_engine_errors(setup):
         engine.rollout(params, jax.random.key(0), policy_version="v1", batch_size=2)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         engine.rollout(params, jax.random.key(0), policy_version=0, batch_size=0)
+
+    class ShortScores:
+        """A task outside BaseTask whose score() returns too few rewards."""
+
+        name = "short"
+
+        def sample_prompts(self, key, batch_size):
+            return ["1+1="] * batch_size, [{"answer": 2}] * batch_size
+
+        def score(self, prompts, completions, metadata):
+            return np.zeros(1, np.float32), []
+
+        def get_state(self):
+            return {}
+
+    engine = RolloutEngine(
+        model_config=config, tokenizer=tok, task=ShortScores(), sampling=SAMPLING
+    )
+    with pytest.raises(ValueError, match=r"task 'short' score\(\) returned \(1,\) rewards for 8"):
+        engine.rollout(params, jax.random.key(0), policy_version=0, batch_size=BATCH)
