@@ -104,6 +104,10 @@ def top_k_mask(logits: ArrayLike, k: int) -> jax.Array:
 
     Returns:
         [..., V] bool, True = kept.
+
+    Example:
+        >>> top_k_mask(jnp.array([3.0, 1.0, 3.0, 2.0]), 2).tolist()
+        [True, False, True, False]
     """
     logits = jnp.asarray(logits)
     vocab = logits.shape[-1]
@@ -127,6 +131,10 @@ def top_p_mask(logits: ArrayLike, p: float) -> jax.Array:
 
     Returns:
         [..., V] bool, True = kept.
+
+    Example:
+        >>> top_p_mask(jnp.log(jnp.array([0.5, 0.3, 0.2])), 0.7).tolist()
+        [True, True, False]
     """
     logits = jnp.asarray(logits, jnp.float32)
     if not isinstance(p, jax.core.Tracer) and p >= 1.0:
