@@ -152,13 +152,6 @@ def build_run(spec: RunSpec) -> Run:
     """
     config = spec.config
     exp = config.experiment
-    if spec.layout.pp > 1:
-        raise ConfigError(
-            "experiment.pipeline_parallel_size",
-            f"{spec.layout.pp}: pipeline-parallel training is not available yet; use 1 "
-            f"(e.g. experiment.pipeline_parallel_size=1 experiment.world_size="
-            f"{spec.layout.world_size // spec.layout.pp})",
-        )
     algorithm = exp.algorithm
     task = _task(config)
     tokenizer = _tokenizer(config, task)
@@ -180,6 +173,7 @@ def build_run(spec: RunSpec) -> Run:
         critic=critic,
         prompt_length=ro.max_prompt_length,
         router_replay=bool(config.train.router_replay and policy.num_local_experts),
+        num_microbatches=exp.num_microbatches if spec.layout.pp > 1 else 1,
     )
     loss_config, loss_fn = _loss(config, algorithm, policy)
     group = samples_per_prompt(config)
@@ -222,6 +216,14 @@ def build_run(spec: RunSpec) -> Run:
             "train.micro_batches",
             f"{train.micro_batches} does not divide the minibatch of "
             f"{rows // train.minibatches} rollouts",
+        )
+    micro_rows = rows // train.minibatches // train.micro_batches
+    if spec.layout.pp > 1 and micro_rows % exp.num_microbatches:
+        raise ConfigError(
+            "experiment.num_microbatches",
+            f"{exp.num_microbatches} pipeline microbatches do not divide the {micro_rows} "
+            f"rollouts of each update's micro-batch (rollouts per step / train.minibatches / "
+            f"train.micro_batches)",
         )
     sampling = built(
         "rollout",

@@ -34,6 +34,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Per-expert capacity = ceil(tokens_per_group * top_k * capacity_factor / num_experts);
     # set to None for dropless routing.
     exp.capacity_factor = config_dict.FieldReference(1.25, field_type=float)
+    # Pipeline microbatches per forward when pipeline_parallel_size > 1 (GPipe bubble:
+    # (pp - 1) / (num_microbatches + pp - 1)); must divide every forward's batch.
+    exp.num_microbatches = 4
     exp.algorithm = "grpo"  # 'ppo' or 'grpo'
     exp.grpo_group_size = 4  # completions sampled per prompt (GRPO's relative baseline window)
     exp.weight_sync_interval = 1  # async runs: broadcast every this many updates
@@ -327,7 +330,7 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
             "experiment.grpo_group_size",
             f"must be >= 2 for grpo (the baseline is the group's mean), got {exp.grpo_group_size}",
         )
-    _positive(flat, "experiment.grpo_group_size")
+    _positive(flat, "experiment.grpo_group_size", "experiment.num_microbatches")
     try:
         layout = ParallelLayout.from_world_size(
             total_world_size=exp.world_size,

@@ -51,12 +51,14 @@ class ModelSpec:
         critic: a separate critic's ModelConfig (with a value head), or None.
         prompt_length: P, the padded prompt length; response token t sits at P + t.
         router_replay: feed the rollout's expert choices into the training forward.
+        num_microbatches: pipeline microbatches of each forward (used when pp > 1).
     """
 
     policy: Any
     critic: Any = None
     prompt_length: int = 0
     router_replay: bool = False
+    num_microbatches: int = 1
 
 
 def model_inputs(trajectory: Any) -> dict[str, jax.Array]:

@@ -1,0 +1,538 @@
+"""Asynchronous PPO/GRPO: rollout workers sample while the trainer learns.
+
+Rollout workers sample with the latest parameters they have received and push rollouts into a
+bounded queue; the trainer takes one rollout batch per step, trains on it exactly as the
+synchronous loop does (:meth:`Trainer.iteration`: scoring, advantages, epochs x minibatches
+of updates), and after every step asks a :class:`~novarl_jax.sync.WeightSyncController`
+whether to broadcast its parameters (a copy, published to a :class:`~novarl_jax.sync.ParamStore`
+under the train state's ``policy_version``).
+
+Staleness bound. A rollout row records the version that sampled it. When the trainer, at
+version ``v``, takes a batch sampled by version ``s``, its staleness is ``v - s``; a batch
+with any row staler than ``experiment.weight_sync_max_staleness`` is *dropped* (counted in
+``sync/dropped_samples``) and the trainer takes the next one. Waiting cannot make a queued
+batch fresher, and dropping keeps every step's batch shape static. Broadcasts bound how stale
+a *new* rollout starts: after every poll fewer than ``max_staleness`` updates are unbroadcast
+while a worker lags, so a rollout started after the trainer's last poll is always admissible
+and the loop cannot starve.
+
+``queue_size`` rollouts at most are sampled ahead of the trainer (queued or in progress;
+default: one per worker). Two schedules run the same loop:
+
+- threaded (default): ``num_workers`` threads. A worker reserves a place in the queue before
+  it samples, so each rollout uses the parameters current when a place frees up (with one
+  worker, one place and a broadcast every step, every batch is exactly one step behind and
+  none is dropped). Worker errors are raised in the caller; the threads are stopped and
+  joined on return or error.
+- ``synchronous=True``: no threads. Before each step the workers, in turn, top the queue up to
+  ``queue_size`` rollouts, each sampling with the latest broadcast. Results do not depend on
+  timing (pass ``clock`` too when ``timeout_s > 0``). With ``queue_size=1`` every rollout is
+  sampled right after the previous step's poll, so with ``weight_sync_interval=1`` (every
+  update is broadcast) rollout ``i`` uses the trainer's current parameters and the key of
+  iteration ``i``: the run is the synchronous loop's, bit for bit.
+
+Rollout ``j`` uses the key ``split(fold_in(run key, j))[0]``, as iteration ``j`` of the
+synchronous loop. Checkpoints hold the train state, the task's position after the last
+trained batch and the next rollout index; on resume the queue starts empty and the first
+broadcast is forced (reason ``'resume'``). Resume is exact in the synchronous schedule with
+``queue_size=1``; otherwise the rollouts that were queued are sampled again by the restored
+parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from novarl_jax.sync import controller as wsc
+from novarl_jax.sync.controller import WeightSyncController, admissible, staleness
+from novarl_jax.sync.versioned import ParamStore, VersionedParams
+from novarl_jax.trainer.build import build_run
+from novarl_jax.trainer.checkpoint import Checkpointer, abstract_like
+from novarl_jax.trainer.config import RunSpec, validate_config
+from novarl_jax.trainer.loop import Trainer, TrainingError, _Progress, _progress_line
+from novarl_jax.trainer.metrics import MetricsWriter
+from novarl_jax.trainer.state import TrainState
+
+WORKER_THREAD_PREFIX = "novarl-rollout-"
+
+# The published parameters must outlive the train state: the update step donates its buffers.
+_copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
+class Rollout(NamedTuple):
+    """One rollout batch as a worker produced it.
+
+    Attributes:
+        index: j, the rollout's position in the run (its key is that of iteration j).
+        worker: the worker that sampled it.
+        version: the policy version that sampled it (every row of ``trajectory`` records it).
+        trajectory: the :class:`~novarl_jax.rollout.engine.Trajectory`, R rows.
+        info: its :class:`~novarl_jax.rollout.engine.RolloutInfo`.
+        stats: the rollout's own metrics (DAPO dynamic sampling).
+        gen_s: seconds the worker spent sampling it.
+    """
+
+    index: int
+    worker: int
+    version: int
+    trajectory: Any
+    info: Any
+    stats: dict
+    gen_s: float
+
+
+class _PolicyView(NamedTuple):
+    # What the synchronous rollout reads from a train state.
+    params: dict
+    policy_version: int
+
+
+class AsyncTrainer(Trainer):
+    """A :class:`Trainer` whose iterations train on rollouts sampled elsewhere.
+
+    :meth:`sample` (any thread) is the synchronous loop's rollout, run with received
+    parameters; :meth:`learn` (the trainer's thread) is the synchronous loop's iteration, run
+    on a given rollout.
+    """
+
+    def __init__(self, run, workdir: str, mesh: Any = None):
+        super().__init__(run, workdir, mesh=mesh)
+        self._given: Rollout | None = None
+
+    def sample(self, params: VersionedParams, key_data: jax.Array, index: int, worker: int = 0):
+        """Rollout ``index`` sampled with ``params``.
+
+        Args:
+            params: the policy parameters a worker received, with their version.
+            key_data: the run's raw key (``TrainState.key``).
+            index: j; the rollout uses iteration j's rollout key.
+            worker: recorded in the result.
+
+        Returns:
+            A :class:`Rollout`.
+        """
+        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), index)
+        k_rollout, _ = jax.random.split(key)
+        start = time.perf_counter()
+        view = _PolicyView(params={"policy": params.params}, policy_version=params.version)
+        traj, info, stats = Trainer._rollout(self, view, k_rollout)
+        jax.block_until_ready(traj.response_tokens)
+        return Rollout(
+            index, worker, params.version, traj, info, stats, time.perf_counter() - start
+        )
+
+    def learn(
+        self, state: TrainState, reference: Any, rollout: Rollout, step: int
+    ) -> tuple[TrainState, dict, Any]:
+        """Trains iteration ``step`` on ``rollout``: ``(state, metrics, rollout info)``."""
+        self._given = rollout
+        try:
+            state, metrics, info = self.iteration(state, reference, step)
+        finally:
+            self._given = None
+        metrics["timing_s/gen"] = rollout.gen_s
+        return state, metrics, info
+
+    def _rollout(self, state, key):
+        del state, key  # the rollout was sampled by a worker, with its own key
+        if self._given is None:
+            raise RuntimeError(
+                "AsyncTrainer trains on given rollouts: call learn(), not iteration()"
+            )
+        return self._given.trajectory, self._given.info, self._given.stats
+
+
+class _SerializedTask:
+    """A task called by one thread at a time (tasks need not be thread-safe)."""
+
+    def __init__(self, task: Any):
+        self._task = task
+        self._lock = threading.Lock()
+        self.name = getattr(task, "name", "task")
+
+    def sample_prompts(self, key, batch_size):
+        with self._lock:
+            return self._task.sample_prompts(key, batch_size)
+
+    def score(self, prompts, completions, metadata):
+        with self._lock:
+            return self._task.score(prompts, completions, metadata)
+
+    def get_state(self) -> dict:
+        with self._lock:
+            return self._task.get_state()
+
+    def set_state(self, state: dict) -> None:
+        with self._lock:
+            self._task.set_state(state)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
+
+
+ProduceFn = Callable[[int, int], Rollout]  # (worker, index) -> rollout
+
+
+class _InlineFeed:
+    """The deterministic schedule: before each take, the workers in turn top the queue up."""
+
+    def __init__(self, produce: ProduceFn, *, queue_size: int, num_workers: int, first_index: int):
+        self._produce = produce
+        self._size = queue_size
+        self._workers = num_workers
+        self._index = first_index
+        self._queue: list[Rollout] = []
+
+    def start(self) -> None:
+        pass
+
+    def get(self, on_wait: Callable[[], Any]) -> Rollout:
+        del on_wait  # nothing is ever waited for
+        while len(self._queue) < self._size:
+            self._queue.append(self._produce(self._index % self._workers, self._index))
+            self._index += 1
+        return self._queue.pop(0)
+
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def close(self) -> None:
+        pass
+
+
+class _ThreadedFeed:
+    """Worker threads sampling ahead of the trainer, at most ``queue_size`` rollouts ahead.
+
+    A worker reserves a place before it samples (not after), so a rollout is sampled with the
+    parameters current when a place frees up, and rollouts queued plus in progress never
+    exceed ``queue_size``. A worker's exception stops all workers and is raised by the next
+    :meth:`get`. Blocking waits wake up every ``tick_s`` to notice a stop, so :meth:`close`
+    joins as soon as the rollouts in progress finish.
+    """
+
+    def __init__(
+        self,
+        produce: ProduceFn,
+        *,
+        queue_size: int,
+        num_workers: int,
+        first_index: int,
+        retire: Callable[[int], Any],
+        tick_s: float = 0.05,
+        join_timeout_s: float = 300.0,
+    ):
+        self._produce = produce
+        self._retire = retire
+        self._places = threading.Semaphore(queue_size)
+        self._queue: queue.SimpleQueue[Rollout] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._index = first_index
+        self._errors: list[tuple[int, BaseException]] = []
+        self._tick = tick_s
+        self._join_timeout = join_timeout_s
+        self._threads = [
+            threading.Thread(
+                target=self._work, args=(w,), name=f"{WORKER_THREAD_PREFIX}{w}", daemon=True
+            )
+            for w in range(num_workers)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def _next_index(self) -> int:
+        with self._lock:
+            index = self._index
+            self._index += 1
+            return index
+
+    def _work(self, worker: int) -> None:
+        try:
+            while not self._stop.is_set():
+                if self._places.acquire(timeout=self._tick):
+                    self._queue.put(self._produce(worker, self._next_index()))
+        except BaseException as error:  # noqa: BLE001 - handed to the trainer's thread
+            with self._lock:
+                self._errors.append((worker, error))
+            self._stop.set()
+        finally:
+            self._retire(worker)
+
+    def _raise_worker_error(self) -> None:
+        with self._lock:
+            failed = self._errors[:1]
+        if failed:
+            worker, error = failed[0]
+            error.add_note(f"raised in rollout worker {worker} ({WORKER_THREAD_PREFIX}{worker})")
+            raise error
+
+    def get(self, on_wait: Callable[[], Any]) -> Rollout:
+        while True:
+            self._raise_worker_error()
+            try:
+                rollout = self._queue.get(timeout=self._tick)
+            except queue.Empty:
+                on_wait()
+                continue
+            self._places.release()
+            return rollout
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        self._stop.set()
+        deadline = time.monotonic() + self._join_timeout
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join(timeout=max(deadline - time.monotonic(), 0.0))
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        if stuck:
+            warnings.warn(
+                f"rollout workers {stuck} did not stop within {self._join_timeout:.0f} s "
+                "(a rollout is still running); they are daemon threads",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
+class _Broadcaster:
+    """Publishes copies of the trainer's policy when the controller says so; tallies metrics."""
+
+    def __init__(self, controller: WeightSyncController, store: ParamStore):
+        self.controller = controller
+        self.store = store
+        self._reported = controller.counts()
+
+    def poll(self, state: TrainState) -> str | None:
+        def publish(version: int) -> None:
+            self.store.publish(version, _copy_tree(state.params["policy"]))
+
+        return self.controller.maybe_broadcast(
+            int(state.policy_version), self.store.worker_versions(), publish
+        )
+
+    def step_metrics(self) -> dict:
+        """Broadcasts since the previous call, by reason."""
+        counts = self.controller.counts()
+        new = {reason: counts[reason] - self._reported[reason] for reason in wsc.REASONS}
+        self._reported = counts
+        metrics = {f"sync/broadcasts/{reason}": float(n) for reason, n in new.items()}
+        metrics["sync/broadcasts"] = float(sum(new.values()))
+        metrics["sync/broadcast_version"] = float(self.controller.state.last_version)
+        return metrics
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def train_async(
+    config,
+    workdir: str,
+    *,
+    spec: RunSpec | None = None,
+    mesh: Any = None,
+    log: Callable[[str], Any] | None = None,
+    num_workers: int = 1,
+    queue_size: int | None = None,
+    synchronous: bool = False,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict:
+    """Trains to ``experiment.steps`` steps with asynchronous rollouts, resuming from
+    ``workdir`` if it has a checkpoint. Writes what :func:`~novarl_jax.trainer.loop.train`
+    writes, plus ``sync/*`` metrics per step: ``staleness_max``/``staleness_mean`` (trainer
+    version minus sample version over the trained rows), ``dropped_samples`` (rows dropped as
+    too stale before this step), ``broadcasts`` and ``broadcasts/<reason>`` (since the previous
+    step), ``broadcast_version``, ``queue_depth``; and ``timing_s/wait`` (trainer idle time).
+
+    Weight-sync cadence comes from ``experiment.weight_sync_interval``,
+    ``experiment.weight_sync_max_staleness`` and ``experiment.weight_sync_timeout_s``.
+
+    Args:
+        config: the run's ConfigDict.
+        workdir: output directory (created if missing).
+        spec: an already validated spec (validated here otherwise).
+        mesh: the device mesh; default: the layout's mesh over the first world_size devices.
+        log: a callable taking one line of text (default: print on process 0).
+        num_workers: rollout workers (threads, or turns in the synchronous schedule).
+        queue_size: rollouts sampled ahead of the trainer at most (queued or in progress);
+            None = ``num_workers``.
+        synchronous: run the deterministic schedule, without threads.
+        clock: seconds, for ``weight_sync_timeout_s``.
+
+    Returns:
+        The last step's metrics, plus ``'resumed_from'`` (a step or None) and ``'state'``.
+
+    Raises:
+        ValueError: a bad argument, naming it.
+        ConfigError: a bad config value (before anything compiles).
+        TrainingError: too many consecutive non-finite updates.
+        Exception: whatever a rollout worker raised (with a note naming the worker).
+
+    Example:
+        >>> from configs import ppo_async
+        >>> train_async(ppo_async.get_config(), "/tmp/ppo_async", num_workers=2)  # doctest: +SKIP
+    """
+    num_workers = _check_positive_int("num_workers", num_workers)
+    queue_size = _check_positive_int(
+        "queue_size", num_workers if queue_size is None else queue_size
+    )
+    spec = spec or validate_config(config)
+    if not synchronous and jax.process_count() > 1:
+        raise ValueError(
+            "synchronous must be True in a multi-process run: every process must issue the "
+            "same rollout programs in the same order"
+        )
+    run = build_run(spec)
+    if num_workers > 1 and not synchronous:
+        run = dataclasses.replace(run, task=_SerializedTask(run.task))
+    if mesh is None:  # the first world_size devices (all of them when the sizes agree)
+        devices = jax.devices()
+        mesh = spec.layout.make_mesh(devices[: spec.layout.world_size] or devices)
+    main_process = jax.process_index() == 0
+    if log is None:
+        log = (lambda line: print(line, flush=True)) if main_process else (lambda line: None)
+    os.makedirs(workdir, exist_ok=True)
+    trainer = AsyncTrainer(run, workdir, mesh=mesh)
+    state, reference = trainer.initial_state()
+    ckpt_cfg = config.checkpoint
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        interval=ckpt_cfg.interval,
+        keep=ckpt_cfg.keep,
+        async_save=ckpt_cfg.async_save,
+    )
+    start = 0
+    resumed_from = checkpointer.latest_step()
+    writer = (
+        MetricsWriter(
+            workdir,
+            tensorboard=config.logging.tensorboard,
+            wandb=config.logging.wandb,
+            wandb_project=config.logging.wandb_project,
+            run_config=config.to_dict(),
+        )
+        if main_process
+        else None
+    )
+    next_index = 0
+    if resumed_from is not None:
+        state, host = checkpointer.restore(abstract_like(state))
+        run.task.set_state(host["task_state"])
+        start = int(host["iteration"])
+        next_index = int(host.get("rollout_index", start))  # synchronous checkpoints lack it
+        if writer is not None:
+            writer.truncate_after(start)
+        log(f"resumed from {checkpointer.directory} at step {start}")
+    controller = WeightSyncController.from_config(
+        config, clock=clock, reason=wsc.INITIAL if resumed_from is None else wsc.RESUME
+    )
+    store = ParamStore()
+    broadcaster = _Broadcaster(controller, store)
+    broadcaster.poll(state)  # the forced first broadcast
+    key_data = np.asarray(state.key)  # a host copy: the update step donates the state's buffers
+
+    def produce(worker: int, index: int) -> Rollout:
+        return trainer.sample(store.acquire(worker), key_data, index, worker)
+
+    feed_args = dict(queue_size=queue_size, num_workers=num_workers, first_index=next_index)
+    if synchronous:
+        feed = _InlineFeed(produce, **feed_args)
+    else:
+        feed = _ThreadedFeed(produce, retire=store.release, **feed_args)
+    total = config.experiment.steps
+    skips = 0
+    metrics: dict = {}
+    dropped_total = 0
+    interactive = config.logging.progress and sys.stdout.isatty() and main_process
+    progress = _Progress(total, start) if interactive else None
+    try:
+        feed.start()
+        for i in range(start, total):
+            version = int(state.policy_version)
+            dropped = 0
+            wait_start = time.perf_counter()
+            while True:
+                rollout = feed.get(on_wait=lambda state=state: broadcaster.poll(state))
+                versions = np.asarray(rollout.trajectory.policy_version)
+                if admissible(version, versions, controller.max_staleness):
+                    break
+                dropped += versions.size
+            wait_s = time.perf_counter() - wait_start
+            lag = staleness(version, versions)
+            state, metrics, info = trainer.learn(state, reference, rollout, i)
+            broadcaster.poll(state)
+            dropped_total += dropped
+            next_index = max(next_index, rollout.index + 1)
+            metrics.update(broadcaster.step_metrics())
+            metrics.update(
+                {
+                    "sync/staleness_max": float(lag.max()),
+                    "sync/staleness_mean": float(lag.mean()),
+                    "sync/dropped_samples": float(dropped),
+                    "sync/queue_depth": float(feed.depth()),
+                    "timing_s/wait": wait_s,
+                }
+            )
+            skipped = int(metrics["train/skipped"])
+            skips = skips + skipped if skipped else 0
+            if writer is not None:
+                writer.write(i + 1, metrics)
+            if skipped:
+                bad = [k for k in ("train/loss", "actor/grad_norm") if not np.isfinite(metrics[k])]
+                log(f"step {i + 1}: skipped {skipped} update(s) with non-finite {', '.join(bad)}")
+            if skips >= config.train.max_consecutive_skips:
+                raise TrainingError(
+                    f"stopped at step {i + 1}: {skips} consecutive non-finite updates "
+                    f"(train.max_consecutive_skips={config.train.max_consecutive_skips}); the "
+                    f"last checkpoint in {checkpointer.directory} is intact"
+                )
+            host = {"iteration": i + 1, "task_state": info.task_state, "rollout_index": next_index}
+            checkpointer.save(i + 1, state, host, force=(i + 1 == total))
+            if progress is not None:
+                progress.update(i + 1, metrics)
+            elif config.logging.progress:
+                log(_progress_line(i + 1, total, metrics))
+    finally:
+        feed.close()
+        if progress is not None:
+            progress.close()
+        checkpointer.close()
+        if writer is not None:
+            writer.close()
+    if metrics:
+        log(
+            f"done: {total} steps, score {metrics['critic/score/mean']:.3f}, "
+            f"policy version {int(state.policy_version)}, "
+            f"{controller.state.broadcasts} broadcasts, {dropped_total} stale samples dropped, "
+            f"workdir {os.path.abspath(workdir)}"
+        )
+    if (
+        main_process
+        and config.logging.plot
+        and os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+    ):
+        try:
+            from novarl_jax.plot import plot_training
+
+            log(f"plot: {plot_training(workdir)}")
+        except ImportError:
+            log("plot: skipped (matplotlib is not installed; pip install -e '.[plot]')")
+    return {**metrics, "resumed_from": resumed_from, "state": state}
