@@ -1,0 +1,286 @@
+"""The asynchronous loop: the deterministic schedule against the synchronous loop and against
+hand-computed staleness/broadcast tables; the threaded schedule's bound, shutdown and errors.
+
+Tiny runs: GRPO, 2 prompts x 4 samples = 8 rows per step, 1 epoch x 2 minibatches = 2
+updates per step (so versions advance by 2 per step).
+"""
+
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base, ppo_async
+from novarl_jax.rollout.engine import RolloutEngine
+from novarl_jax.sync import REASONS, WeightSyncController
+from novarl_jax.trainer import async_loop
+from novarl_jax.trainer.async_loop import WORKER_THREAD_PREFIX, train_async
+from novarl_jax.trainer.config import validate_config
+from novarl_jax.trainer.loop import train
+from novarl_jax.trainer.metrics import read_metrics
+
+ROWS, UPDATES = 8, 2
+VOLATILE = ("timing_s/", "perf/")
+
+
+def _config(steps, interval=1, max_staleness=1, timeout_s=0.0, world_size=1):
+    c = base.get_config()
+    c.experiment.steps = steps
+    c.experiment.world_size = world_size
+    c.experiment.weight_sync_interval = interval
+    c.experiment.weight_sync_max_staleness = max_staleness
+    c.experiment.weight_sync_timeout_s = timeout_s
+    c.rollout.prompts_per_step = 2
+    c.rollout.max_new_tokens = 4
+    c.train.epochs = 1
+    c.train.minibatches = 2
+    c.checkpoint.interval = 2
+    c.checkpoint.async_save = False
+    c.logging.plot = False
+    c.logging.progress = False
+    return c
+
+
+def _mesh(config):
+    return validate_config(config).layout.make_mesh(jax.devices()[: config.experiment.world_size])
+
+
+def _run_async(config, workdir, **kwargs):
+    lines = []
+    out = train_async(config, str(workdir), mesh=_mesh(config), log=lines.append, **kwargs)
+    return out, read_metrics(workdir), lines
+
+
+def _stable(rows, drop_sync=True):
+    return [
+        {
+            k: v
+            for k, v in r.items()
+            if not k.startswith(VOLATILE) and not (drop_sync and k.startswith("sync/"))
+        }
+        for r in rows
+    ]
+
+
+def _worker_threads():
+    return [t for t in threading.enumerate() if t.name.startswith(WORKER_THREAD_PREFIX)]
+
+
+def _assert_same_params(a, b):
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def sync_reference(tmp_path_factory):
+    """The synchronous loop, 4 steps: metrics rows and final state."""
+    config = _config(4)
+    workdir = tmp_path_factory.mktemp("sync")
+    out = train(config, str(workdir), mesh=_mesh(config), log=lambda line: None)
+    return read_metrics(workdir), out["state"]
+
+
+def test_synchronous_schedule_reproduces_the_sync_loop(tmp_path, sync_reference):
+    """Holds by construction: with queue_size=1 each rollout is sampled right after the
+    previous step's broadcast (interval=1 broadcasts every update), so rollout i uses the
+    trainer's parameters and the key of iteration i, and iteration i's training code is the
+    synchronous loop's own."""
+    rows, state = sync_reference
+    out, async_rows, _ = _run_async(_config(4), tmp_path, synchronous=True)
+    assert _stable(async_rows) == _stable(rows)
+    _assert_same_params(out["state"], state)
+    assert [r["sync/staleness_max"] for r in async_rows] == [0.0] * 4
+    assert [r["sync/broadcasts"] for r in async_rows] == [2.0, 1.0, 1.0, 1.0]
+    assert [r["sync/broadcast_version"] for r in async_rows] == [2.0, 4.0, 6.0, 8.0]
+    assert async_rows[0]["sync/broadcasts/initial"] == 1.0
+    assert sum(r["sync/broadcasts/interval"] for r in async_rows) == 4.0
+    # Every key of the synchronous loop is there, with the sync/ keys added.
+    assert set(rows[0]) < set(async_rows[0])
+
+
+def test_resume_is_exact_and_forces_a_broadcast(tmp_path, sync_reference):
+    rows, state = sync_reference
+    first, _, _ = _run_async(_config(2), tmp_path, synchronous=True)
+    assert first["resumed_from"] is None
+    second, async_rows, lines = _run_async(_config(4), tmp_path, synchronous=True)
+    assert second["resumed_from"] == 2
+    assert any(line.startswith("resumed from") for line in lines)
+    assert [r["step"] for r in async_rows] == [1, 2, 3, 4]
+    assert _stable(async_rows) == _stable(rows)
+    _assert_same_params(second["state"], state)
+    # The resumed run's first broadcast is forced, with reason 'resume', at version 4.
+    assert async_rows[2]["sync/broadcasts/resume"] == 1.0
+    assert async_rows[2]["sync/broadcasts/initial"] == 0.0
+
+
+def _clock():
+    now = [0.0]
+
+    def tick():
+        now[0] += 1.0
+        return now[0]
+
+    return tick
+
+
+# Hand-computed schedules (U = 2 updates per step). With queue_size=2 the queue holds one
+# rollout beyond the one taken, sampled before the previous step's update:
+# (a) interval 2: every step is broadcast; rollouts after the first are one step (2
+#     versions) old, within max_staleness=2.
+# (b) interval 3, max_staleness 1: the worker lags by 2 after each step -> 'staleness'
+#     broadcast; the queued rollout (2 versions old) is dropped (8 rows) and the next one,
+#     sampled with the new broadcast, is trained fresh.
+# (c) queue 1, a clock advancing 1 s per reading, timeout 1 s: every step's poll times out.
+SCHEDULES = {
+    "interval": (
+        dict(interval=2, max_staleness=2),
+        dict(queue_size=2),
+        dict(
+            staleness=[0, 2, 2],
+            dropped=[0, 0, 0],
+            reasons=dict(initial=[1, 0, 0], interval=[1, 1, 1]),
+        ),
+    ),
+    "staleness": (
+        dict(interval=3, max_staleness=1),
+        dict(queue_size=2),
+        dict(
+            staleness=[0, 0, 0],
+            dropped=[0, ROWS, ROWS],
+            reasons=dict(initial=[1, 0, 0], staleness=[1, 1, 1]),
+        ),
+    ),
+    "timeout": (
+        dict(interval=100, max_staleness=100, timeout_s=1.0),
+        dict(queue_size=1, clock=_clock),
+        dict(
+            staleness=[0, 0, 0],
+            dropped=[0, 0, 0],
+            reasons=dict(initial=[1, 0, 0], timeout=[1, 1, 1]),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_synchronous_schedule_by_hand(tmp_path, name):
+    cadence, kwargs, expected = SCHEDULES[name]
+    kwargs = {k: v() if k == "clock" else v for k, v in kwargs.items()}
+    out, rows, lines = _run_async(_config(3, **cadence), tmp_path, synchronous=True, **kwargs)
+    column = lambda key: [r[key] for r in rows]
+    assert column("sync/staleness_max") == expected["staleness"]
+    assert column("sync/staleness_mean") == expected["staleness"]
+    assert column("sync/dropped_samples") == expected["dropped"]
+    for reason in REASONS:
+        assert column(f"sync/broadcasts/{reason}") == expected["reasons"].get(reason, [0, 0, 0])
+    assert column("sync/broadcasts") == [
+        sum(x) for x in zip(*(column(f"sync/broadcasts/{r}") for r in REASONS), strict=True)
+    ]
+    assert column("sync/broadcast_version") == [2, 4, 6]
+    assert column("train/policy_version") == [2, 4, 6]
+    assert int(out["state"].policy_version) == 6
+    dropped = sum(expected["dropped"])
+    assert lines[-1].startswith("done: 3 steps") and f"{dropped} stale samples dropped" in lines[-1]
+
+
+def test_threaded_one_worker_is_one_step_behind(tmp_path):
+    """One worker, one place: a rollout is sampled when the trainer takes the previous one,
+    so it is exactly one step (U versions) old when trained, whatever the timing."""
+    config = _config(5, interval=1, max_staleness=UPDATES)
+    out, rows, _ = _run_async(config, tmp_path)
+    assert [r["sync/staleness_max"] for r in rows] == [0.0] + [float(UPDATES)] * 4
+    assert [r["sync/dropped_samples"] for r in rows] == [0.0] * 5
+    assert int(out["state"].policy_version) == 5 * UPDATES
+    assert all(np.isfinite(r["actor/pg_loss"]) for r in rows)
+    assert _worker_threads() == []
+
+
+def test_threaded_bound_holds_with_two_workers(tmp_path, monkeypatch):
+    """Two workers, two places, max_staleness = U, and a trainer slower than the workers:
+    a rollout sampled while the trainer is two steps behind is two steps (2U) old when
+    taken, and must be dropped, never trained (which rollouts these are depends on timing)."""
+    original = async_loop.AsyncTrainer.learn
+
+    def slow(self, *args):
+        time.sleep(0.1)
+        return original(self, *args)
+
+    monkeypatch.setattr(async_loop.AsyncTrainer, "learn", slow)
+    config = _config(6, interval=1, max_staleness=UPDATES, world_size=2)
+    out, rows, lines = _run_async(config, tmp_path, num_workers=2)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(0 <= r["sync/staleness_max"] <= UPDATES for r in rows)
+    dropped = sum(r["sync/dropped_samples"] for r in rows)
+    assert dropped % ROWS == 0 and f"{dropped:.0f} stale samples dropped" in lines[-1]
+    assert all(r["sync/queue_depth"] <= 2 for r in rows)
+    assert int(out["state"].policy_version) == 6 * UPDATES
+    assert _worker_threads() == []
+
+
+def test_worker_error_reaches_the_caller_and_threads_stop(tmp_path, monkeypatch):
+    calls = []
+    original = RolloutEngine.rollout
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("reward server unreachable")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RolloutEngine, "rollout", failing)
+    with pytest.raises(ValueError, match="reward server unreachable") as excinfo:
+        _run_async(_config(6, max_staleness=UPDATES), tmp_path)
+    assert "raised in rollout worker 0" in "".join(excinfo.value.__notes__)
+    assert _worker_threads() == []
+    # Rollouts 0 and 1 were trained; rollout 2 failed while step 2 trained.
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_trainer_error_stops_the_workers(tmp_path, monkeypatch):
+    original = async_loop.AsyncTrainer.learn
+
+    def failing(self, state, reference, rollout, step):
+        if step == 1:
+            raise RuntimeError("trainer failed")
+        return original(self, state, reference, rollout, step)
+
+    monkeypatch.setattr(async_loop.AsyncTrainer, "learn", failing)
+    with pytest.raises(RuntimeError, match="trainer failed"):
+        _run_async(_config(4), tmp_path, num_workers=2)
+    assert _worker_threads() == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_workers=0), "num_workers must be an integer >= 1, got 0"),
+        (dict(num_workers=True), "num_workers must be an integer >= 1, got True"),
+        (dict(queue_size=0), "queue_size must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_arguments_name_themselves(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train_async(_config(1), str(tmp_path), **kwargs)
+
+
+def test_published_copy_survives_donation_and_keeps_sharding(devices):
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(8), ("dp",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("dp"))
+    params = {"w": jax.device_put(jnp.arange(16.0), sharding)}
+    copy = async_loop._copy_tree(params)
+    jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p), donate_argnums=0)(params)
+    assert params["w"].is_deleted()
+    assert copy["w"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(copy["w"]), np.arange(16.0))
+
+
+def test_ppo_async_config_has_the_quickstart_cadence():
+    config = ppo_async.get_config()
+    validate_config(config)
+    assert config.experiment.algorithm == "ppo"
+    assert WeightSyncController.from_config(config).state[:3] == (4, 6, 30.0)
+    # 2 epochs x 2 minibatches: a batch one step behind (4 versions) is within the bound.
+    assert config.train.epochs * config.train.minibatches == 4
