@@ -187,7 +187,10 @@ class Trainer:
         if dapo.mask_truncated:
             keep = jnp.asarray(~truncated, jnp.int32)[:, None]
             batch["response_mask"] = batch["response_mask"] * keep
-        batch["behavior_logprobs"] = traj.behavior_logprobs
+        # Truncated importance sampling corrects for the sampler computing the policy
+        # differently from the trainer (kernels, staleness), so it compares the sampler's
+        # untempered log-probs with the trainer's: the tempered ones are 0 when greedy.
+        batch["behavior_logprobs"] = traj.policy_logprobs
         if traj.routing is not None and run.model.router_replay:
             batch["routing"] = _routing_rows_first(traj.routing)
         batch = self._place_rows(batch)
