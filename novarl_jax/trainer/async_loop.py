@@ -111,12 +111,14 @@ class AsyncTrainer(Trainer):
         super().__init__(run, workdir, mesh=mesh)
         self._given: Rollout | None = None
 
-    def sample(self, params: VersionedParams, key_data: jax.Array, index: int, worker: int = 0):
+    def sample(
+        self, params: VersionedParams, key_data: jax.typing.ArrayLike, index: int, worker: int = 0
+    ) -> Rollout:
         """Rollout ``index`` sampled with ``params``.
 
         Args:
             params: the policy parameters a worker received, with their version.
-            key_data: the run's raw key (``TrainState.key``).
+            key_data: the run's raw key data (``TrainState.key``), uint32.
             index: j; the rollout uses iteration j's rollout key.
             worker: recorded in the result.
 
@@ -464,7 +466,8 @@ def train_async(
     interactive = config.logging.progress and sys.stdout.isatty() and main_process
     progress = _Progress(total, start) if interactive else None
     try:
-        feed.start()
+        if start < total:
+            feed.start()
         for i in range(start, total):
             version = int(state.policy_version)
             dropped = 0
