@@ -339,6 +339,17 @@ class _Broadcaster:
         return metrics
 
 
+def _take_fresh(feed, version: int, max_staleness: int, on_wait) -> tuple[Rollout, int]:
+    """The next rollout no staler than ``max_staleness``, and the rows dropped before it."""
+    dropped = 0
+    while True:
+        rollout = feed.get(on_wait)
+        versions = np.asarray(rollout.trajectory.policy_version)
+        if admissible(version, versions, max_staleness):
+            return rollout, dropped
+        dropped += versions.size
+
+
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -470,16 +481,12 @@ def train_async(
             feed.start()
         for i in range(start, total):
             version = int(state.policy_version)
-            dropped = 0
             wait_start = time.perf_counter()
-            while True:
-                rollout = feed.get(on_wait=lambda state=state: broadcaster.poll(state))
-                versions = np.asarray(rollout.trajectory.policy_version)
-                if admissible(version, versions, controller.max_staleness):
-                    break
-                dropped += versions.size
+            rollout, dropped = _take_fresh(
+                feed, version, controller.max_staleness, lambda state=state: broadcaster.poll(state)
+            )
             wait_s = time.perf_counter() - wait_start
-            lag = staleness(version, versions)
+            lag = staleness(version, rollout.trajectory.policy_version)
             state, metrics, info = trainer.learn(state, reference, rollout, i)
             broadcaster.poll(state)
             dropped_total += dropped
