@@ -5,16 +5,21 @@ with ``StandardSave``; restored onto the *current* mesh's shardings, so a checkp
 under one layout restores under another) and ``host`` (JSON: dataset position, metrics
 history length, the config it was written with). orbax writes each step into a temporary
 directory and renames it when complete, so a process killed mid-save leaves the previous
-checkpoint restorable.
+checkpoint restorable. Old checkpoints are removed the same way: orbax first renames a
+step directory into ``todelete/`` (atomic), and its files are deleted from there, so a
+process killed while deleting never leaves a half-deleted step that looks complete.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+TRASH = "todelete"
 
 
 class Checkpointer:
@@ -31,15 +36,24 @@ class Checkpointer:
         self, directory: str, *, interval: int = 10, keep: int = 3, async_save: bool = True
     ):
         self.directory = os.path.abspath(directory)
+        self._trash = os.path.join(self.directory, TRASH)
+        self._empty_trash()
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(interval, 1),
             max_to_keep=keep,
             create=True,
             enable_async_checkpointing=async_save,
+            todelete_subdir=TRASH,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "host")
         )
+
+    def _empty_trash(self) -> None:
+        # Steps in the trash were renamed there whole: deleting them loses nothing.
+        if os.path.isdir(self._trash):
+            for name in os.listdir(self._trash):
+                shutil.rmtree(os.path.join(self._trash, name), ignore_errors=True)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -49,6 +63,7 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, host: dict, *, force: bool = False) -> bool:
         """Saves (asynchronously when enabled); returns whether a save was started."""
+        self._empty_trash()
         return self._manager.save(
             step,
             args=ocp.args.Composite(
