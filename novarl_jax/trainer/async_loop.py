@@ -42,9 +42,7 @@ parameters.
 from __future__ import annotations
 
 import dataclasses
-import os
 import queue
-import sys
 import threading
 import time
 import warnings
@@ -59,10 +57,8 @@ from novarl_jax.sync import controller as wsc
 from novarl_jax.sync.controller import WeightSyncController, admissible, staleness
 from novarl_jax.sync.versioned import ParamStore, VersionedParams
 from novarl_jax.trainer.build import build_run
-from novarl_jax.trainer.checkpoint import Checkpointer, abstract_like
 from novarl_jax.trainer.config import RunSpec, validate_config
-from novarl_jax.trainer.loop import Trainer, TrainingError, _Progress, _progress_line
-from novarl_jax.trainer.metrics import MetricsWriter
+from novarl_jax.trainer.loop import Session, Trainer
 from novarl_jax.trainer.state import TrainState
 
 WORKER_THREAD_PREFIX = "novarl-rollout-"
@@ -416,133 +412,63 @@ def train_async(
     run = build_run(spec)
     if num_workers > 1 and not synchronous:
         run = dataclasses.replace(run, task=_SerializedTask(run.task))
-    if mesh is None:  # the first world_size devices (all of them when the sizes agree)
-        devices = jax.devices()
-        mesh = spec.layout.make_mesh(devices[: spec.layout.world_size] or devices)
-    main_process = jax.process_index() == 0
-    if log is None:
-        log = (lambda line: print(line, flush=True)) if main_process else (lambda line: None)
-    os.makedirs(workdir, exist_ok=True)
-    trainer = AsyncTrainer(run, workdir, mesh=mesh)
-    state, reference = trainer.initial_state()
-    ckpt_cfg = config.checkpoint
-    checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        interval=ckpt_cfg.interval,
-        keep=ckpt_cfg.keep,
-        async_save=ckpt_cfg.async_save,
-    )
-    start = 0
-    resumed_from = checkpointer.latest_step()
-    writer = (
-        MetricsWriter(
-            workdir,
-            tensorboard=config.logging.tensorboard,
-            wandb=config.logging.wandb,
-            wandb_project=config.logging.wandb_project,
-            run_config=config.to_dict(),
-        )
-        if main_process
-        else None
-    )
-    next_index = 0
-    if resumed_from is not None:
-        state, host = checkpointer.restore(abstract_like(state))
-        run.task.set_state(host["task_state"])
-        start = int(host["iteration"])
-        next_index = int(host.get("rollout_index", start))  # synchronous checkpoints lack it
-        if writer is not None:
-            writer.truncate_after(start)
-        log(f"resumed from {checkpointer.directory} at step {start}")
-    controller = WeightSyncController.from_config(
-        config, clock=clock, reason=wsc.INITIAL if resumed_from is None else wsc.RESUME
-    )
-    store = ParamStore()
-    broadcaster = _Broadcaster(controller, store)
-    broadcaster.poll(state)  # the forced first broadcast
-    key_data = np.asarray(state.key)  # a host copy: the update step donates the state's buffers
-
-    def produce(worker: int, index: int) -> Rollout:
-        return trainer.sample(store.acquire(worker), key_data, index, worker)
-
-    feed_args = dict(queue_size=queue_size, num_workers=num_workers, first_index=next_index)
-    if synchronous:
-        feed = _InlineFeed(produce, **feed_args)
-    else:
-        feed = _ThreadedFeed(produce, retire=store.release, **feed_args)
-    total = config.experiment.steps
-    skips = 0
     metrics: dict = {}
     dropped_total = 0
-    interactive = config.logging.progress and sys.stdout.isatty() and main_process
-    progress = _Progress(total, start) if interactive else None
-    try:
-        if start < total:
-            feed.start()
-        for i in range(start, total):
-            version = int(state.policy_version)
-            wait_start = time.perf_counter()
-            rollout, dropped = _take_fresh(
-                feed, version, controller.max_staleness, lambda state=state: broadcaster.poll(state)
-            )
-            wait_s = time.perf_counter() - wait_start
-            lag = staleness(version, rollout.trajectory.policy_version)
-            state, metrics, info = trainer.learn(state, reference, rollout, i)
-            broadcaster.poll(state)
-            dropped_total += dropped
-            next_index = max(next_index, rollout.index + 1)
-            metrics.update(broadcaster.step_metrics())
-            metrics.update(
-                {
-                    "sync/staleness_max": float(lag.max()),
-                    "sync/staleness_mean": float(lag.mean()),
-                    "sync/dropped_samples": float(dropped),
-                    "sync/queue_depth": float(feed.depth()),
-                    "timing_s/wait": wait_s,
-                }
-            )
-            skipped = int(metrics["train/skipped"])
-            skips = skips + skipped if skipped else 0
-            if writer is not None:
-                writer.write(i + 1, metrics)
-            if skipped:
-                bad = [k for k in ("train/loss", "actor/grad_norm") if not np.isfinite(metrics[k])]
-                log(f"step {i + 1}: skipped {skipped} update(s) with non-finite {', '.join(bad)}")
-            if skips >= config.train.max_consecutive_skips:
-                raise TrainingError(
-                    f"stopped at step {i + 1}: {skips} consecutive non-finite updates "
-                    f"(train.max_consecutive_skips={config.train.max_consecutive_skips}); the "
-                    f"last checkpoint in {checkpointer.directory} is intact"
-                )
-            host = {"iteration": i + 1, "task_state": info.task_state, "rollout_index": next_index}
-            checkpointer.save(i + 1, state, host, force=(i + 1 == total))
-            if progress is not None:
-                progress.update(i + 1, metrics)
-            elif config.logging.progress:
-                log(_progress_line(i + 1, total, metrics))
-    finally:
-        feed.close()
-        if progress is not None:
-            progress.close()
-        checkpointer.close()
-        if writer is not None:
-            writer.close()
-    if metrics:
-        log(
-            f"done: {total} steps, score {metrics['critic/score/mean']:.3f}, "
-            f"policy version {int(state.policy_version)}, "
-            f"{controller.state.broadcasts} broadcasts, {dropped_total} stale samples dropped, "
-            f"workdir {os.path.abspath(workdir)}"
+    with Session(
+        config, workdir, spec=spec, mesh=mesh, log=log, run=run, trainer_cls=AsyncTrainer
+    ) as session:
+        trainer, state = session.trainer, session.state
+        # Synchronous-loop checkpoints have no rollout index: rollout j trains step j there.
+        next_index = int(session.host.get("rollout_index", session.start))
+        controller = WeightSyncController.from_config(
+            config,
+            clock=clock,
+            reason=wsc.INITIAL if session.resumed_from is None else wsc.RESUME,
         )
-    if (
-        main_process
-        and config.logging.plot
-        and os.path.exists(os.path.join(workdir, "metrics.jsonl"))
-    ):
-        try:
-            from novarl_jax.plot import plot_training
+        store = ParamStore()
+        broadcaster = _Broadcaster(controller, store)
+        broadcaster.poll(state)  # the forced first broadcast
+        key_data = np.asarray(state.key)  # a host copy: updates donate the state's buffers
 
-            log(f"plot: {plot_training(workdir)}")
-        except ImportError:
-            log("plot: skipped (matplotlib is not installed; pip install -e '.[plot]')")
-    return {**metrics, "resumed_from": resumed_from, "state": state}
+        def produce(worker: int, index: int) -> Rollout:
+            return trainer.sample(store.acquire(worker), key_data, index, worker)
+
+        feed_args = dict(queue_size=queue_size, num_workers=num_workers, first_index=next_index)
+        if synchronous:
+            feed = _InlineFeed(produce, **feed_args)
+        else:
+            feed = _ThreadedFeed(produce, retire=store.release, **feed_args)
+        try:
+            if session.start < session.total:
+                feed.start()
+            for i in range(session.start, session.total):
+                version = int(state.policy_version)
+                wait_start = time.perf_counter()
+                rollout, dropped = _take_fresh(
+                    feed,
+                    version,
+                    controller.max_staleness,
+                    lambda state=state: broadcaster.poll(state),
+                )
+                wait_s = time.perf_counter() - wait_start
+                lag = staleness(version, rollout.trajectory.policy_version)
+                state, metrics, info = trainer.learn(state, session.reference, rollout, i)
+                broadcaster.poll(state)
+                dropped_total += dropped
+                next_index = max(next_index, rollout.index + 1)
+                metrics.update(broadcaster.step_metrics())
+                metrics.update(
+                    {
+                        "sync/staleness_max": float(lag.max()),
+                        "sync/staleness_mean": float(lag.mean()),
+                        "sync/dropped_samples": float(dropped),
+                        "sync/queue_depth": float(feed.depth()),
+                        "timing_s/wait": wait_s,
+                    }
+                )
+                host = {"task_state": info.task_state, "rollout_index": next_index}
+                session.record(i, state, metrics, host)
+        finally:
+            feed.close()
+    summary = f"{controller.state.broadcasts} broadcasts, {dropped_total} stale samples dropped, "
+    return session.finish(state, metrics, summary)

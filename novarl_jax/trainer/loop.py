@@ -299,6 +299,139 @@ def _progress_line(step: int, total: int, metrics: dict) -> str:
     )
 
 
+class Session:
+    """The side-effecting shell of one run, shared by the synchronous and asynchronous loops.
+
+    Opening a session builds the run's objects and its :class:`Trainer` (or a subclass),
+    places the initial state on the mesh, restores the latest checkpoint of ``workdir`` when
+    there is one (``start``, ``host`` and ``resumed_from`` say where), and opens the metrics
+    writers. :meth:`record` logs, checks and checkpoints each finished step; :meth:`finish`
+    prints the summary and draws the plot. Use it as a context manager so checkpoints and
+    writers are closed on every exit.
+    """
+
+    def __init__(
+        self,
+        config,
+        workdir: str,
+        *,
+        spec: RunSpec | None = None,
+        mesh: Any = None,
+        log=None,
+        run: Run | None = None,
+        trainer_cls: type = Trainer,
+    ):
+        self.config = config
+        self.workdir = workdir
+        spec = spec or validate_config(config)
+        self.run = run or build_run(spec)
+        if mesh is None:  # the first world_size devices (all of them when the sizes agree)
+            devices = jax.devices()
+            mesh = spec.layout.make_mesh(devices[: spec.layout.world_size] or devices)
+        self.main_process = jax.process_index() == 0
+        if log is None:
+            log = (lambda line: print(line, flush=True)) if self.main_process else (lambda _: None)
+        self.log = log
+        os.makedirs(workdir, exist_ok=True)
+        self.trainer = trainer_cls(self.run, workdir, mesh=mesh)
+        self.state, self.reference = self.trainer.initial_state()
+        ckpt = config.checkpoint
+        self.checkpointer = Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            interval=ckpt.interval,
+            keep=ckpt.keep,
+            async_save=ckpt.async_save,
+        )
+        self.writer = None
+        if self.main_process:
+            self.writer = MetricsWriter(
+                workdir,
+                tensorboard=config.logging.tensorboard,
+                wandb=config.logging.wandb,
+                wandb_project=config.logging.wandb_project,
+                run_config=config.to_dict(),
+            )
+        self.start, self.host = 0, {}
+        self.resumed_from = self.checkpointer.latest_step()
+        if self.resumed_from is not None:
+            self.state, self.host = self.checkpointer.restore(abstract_like(self.state))
+            self.run.task.set_state(self.host["task_state"])
+            self.start = int(self.host["iteration"])
+            if self.writer is not None:
+                self.writer.truncate_after(self.start)
+            log(f"resumed from {self.checkpointer.directory} at step {self.start}")
+        self.total = config.experiment.steps
+        self._skips = 0
+        interactive = config.logging.progress and sys.stdout.isatty() and self.main_process
+        self._progress = _Progress(self.total, self.start) if interactive else None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def record(self, i: int, state: TrainState, metrics: dict, host: dict) -> None:
+        """Writes step ``i + 1``'s metrics, stops on too many skipped updates, checkpoints.
+
+        Args:
+            i: the finished iteration (0-based).
+            state: the state after it.
+            metrics: its metrics.
+            host: JSON-able host state to checkpoint beside ``state`` (the task's position,
+                ...); ``iteration`` is added.
+
+        Raises:
+            TrainingError: ``train.max_consecutive_skips`` non-finite updates in a row.
+        """
+        config, step = self.config, i + 1
+        skipped = int(metrics["train/skipped"])
+        self._skips = self._skips + skipped if skipped else 0
+        if self.writer is not None:
+            self.writer.write(step, metrics)
+        if skipped:
+            bad = [k for k in ("train/loss", "actor/grad_norm") if not np.isfinite(metrics[k])]
+            self.log(f"step {step}: skipped {skipped} update(s) with non-finite {', '.join(bad)}")
+        if self._skips >= config.train.max_consecutive_skips:
+            raise TrainingError(
+                f"stopped at step {step}: {self._skips} consecutive non-finite updates "
+                f"(train.max_consecutive_skips={config.train.max_consecutive_skips}); the "
+                f"last checkpoint in {self.checkpointer.directory} is intact"
+            )
+        host = {**host, "iteration": step}
+        self.checkpointer.save(step, state, host, force=(step == self.total))
+        if self._progress is not None:
+            self._progress.update(step, metrics)
+        elif config.logging.progress:
+            self.log(_progress_line(step, self.total, metrics))
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self.checkpointer.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    def finish(self, state: TrainState, metrics: dict, summary: str = "") -> dict:
+        """Prints the one-line summary, draws the plot; returns the result of the run."""
+        if metrics:
+            self.log(
+                f"done: {self.total} steps, score {metrics['critic/score/mean']:.3f}, "
+                f"policy version {int(state.policy_version)}, {summary}"
+                f"workdir {os.path.abspath(self.workdir)}"
+            )
+        plot = self.config.logging.plot and self.main_process
+        if plot and os.path.exists(os.path.join(self.workdir, "metrics.jsonl")):
+            try:
+                from novarl_jax.plot import plot_training
+
+                self.log(f"plot: {plot_training(self.workdir)}")
+            except ImportError:
+                self.log("plot: skipped (matplotlib is not installed; pip install -e '.[plot]')")
+        return {**metrics, "resumed_from": self.resumed_from, "state": state}
+
+
 def train(config, workdir: str, *, spec: RunSpec | None = None, mesh: Any = None, log=None) -> dict:
     """Trains to ``experiment.steps`` iterations, resuming from ``workdir`` if it has a
     checkpoint. Writes ``metrics.jsonl``, checkpoints and ``plots/training.png`` there.
@@ -311,100 +444,19 @@ def train(config, workdir: str, *, spec: RunSpec | None = None, mesh: Any = None
         log: a callable taking one line of text (default: print on process 0).
 
     Returns:
-        The last step's metrics, plus ``'resumed_from'`` (a step or None).
+        The last step's metrics, plus ``'resumed_from'`` (a step or None) and ``'state'``.
 
     Raises:
         ConfigError: a bad config value (before anything compiles).
         TrainingError: too many consecutive non-finite updates.
     """
-    spec = spec or validate_config(config)
-    run = build_run(spec)
-    if mesh is None:  # the first world_size devices (all of them when the sizes agree)
-        devices = jax.devices()
-        mesh = spec.layout.make_mesh(devices[: spec.layout.world_size] or devices)
-    main_process = jax.process_index() == 0
-    if log is None:
-        log = (lambda line: print(line, flush=True)) if main_process else (lambda line: None)
-    os.makedirs(workdir, exist_ok=True)
-    trainer = Trainer(run, workdir, mesh=mesh)
-    state, reference = trainer.initial_state()
-    ckpt_cfg = config.checkpoint
-    checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        interval=ckpt_cfg.interval,
-        keep=ckpt_cfg.keep,
-        async_save=ckpt_cfg.async_save,
-    )
-    start = 0
-    resumed_from = checkpointer.latest_step()
-    writer = (
-        MetricsWriter(
-            workdir,
-            tensorboard=config.logging.tensorboard,
-            wandb=config.logging.wandb,
-            wandb_project=config.logging.wandb_project,
-            run_config=config.to_dict(),
-        )
-        if main_process
-        else None
-    )
-    if resumed_from is not None:
-        state, host = checkpointer.restore(abstract_like(state))
-        run.task.set_state(host["task_state"])
-        start = int(host["iteration"])
-        if writer is not None:
-            writer.truncate_after(start)
-        log(f"resumed from {checkpointer.directory} at step {start}")
-    total = config.experiment.steps
-    skips = 0
     metrics: dict = {}
-    interactive = config.logging.progress and sys.stdout.isatty() and main_process
-    progress = _Progress(total, start) if interactive else None
-    try:
-        for i in range(start, total):
-            state, metrics, info = trainer.iteration(state, reference, i)
-            skipped = int(metrics["train/skipped"])
-            skips = skips + skipped if skipped else 0
-            if writer is not None:
-                writer.write(i + 1, metrics)
-            if skipped:
-                bad = [k for k in ("train/loss", "actor/grad_norm") if not np.isfinite(metrics[k])]
-                log(f"step {i + 1}: skipped {skipped} update(s) with non-finite {', '.join(bad)}")
-            if skips >= config.train.max_consecutive_skips:
-                raise TrainingError(
-                    f"stopped at step {i + 1}: {skips} consecutive non-finite updates "
-                    f"(train.max_consecutive_skips={config.train.max_consecutive_skips}); the "
-                    f"last checkpoint in {checkpointer.directory} is intact"
-                )
-            host = {"iteration": i + 1, "task_state": info.task_state}
-            checkpointer.save(i + 1, state, host, force=(i + 1 == total))
-            if progress is not None:
-                progress.update(i + 1, metrics)
-            elif config.logging.progress:
-                log(_progress_line(i + 1, total, metrics))
-    finally:
-        if progress is not None:
-            progress.close()
-        checkpointer.close()
-        if writer is not None:
-            writer.close()
-    if metrics:
-        log(
-            f"done: {total} steps, score {metrics['critic/score/mean']:.3f}, "
-            f"policy version {int(state.policy_version)}, workdir {os.path.abspath(workdir)}"
-        )
-    if (
-        main_process
-        and config.logging.plot
-        and os.path.exists(os.path.join(workdir, "metrics.jsonl"))
-    ):
-        try:
-            from novarl_jax.plot import plot_training
-
-            log(f"plot: {plot_training(workdir)}")
-        except ImportError:
-            log("plot: skipped (matplotlib is not installed; pip install -e '.[plot]')")
-    return {**metrics, "resumed_from": resumed_from, "state": state}
+    with Session(config, workdir, spec=spec, mesh=mesh, log=log) as session:
+        state = session.state
+        for i in range(session.start, session.total):
+            state, metrics, info = session.trainer.iteration(state, session.reference, i)
+            session.record(i, state, metrics, {"task_state": info.task_state})
+    return session.finish(state, metrics)
 
 
 class _Progress:
