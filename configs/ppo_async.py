@@ -8,10 +8,8 @@ trainer takes it; staler batches are dropped (``sync/dropped_samples``). With PP
 (staleness 4) is trained and one sampled two steps behind (staleness 8) is dropped. See
 docs/async.md.
 
-Run:
+Run (two rollout workers: append ``experiment.rollout_workers=2``):
     python -m novarl_jax.train --config=configs/ppo_async.py --workdir=/tmp/ppo_async
-    python -c "from configs import ppo_async; from novarl_jax.trainer.async_loop import \\
-        train_async; train_async(ppo_async.get_config(), '/tmp/ppo_async', num_workers=2)"
 """
 
 from configs import ppo
@@ -20,6 +18,7 @@ from configs import ppo
 def get_config():
     config = ppo.get_config()
     exp = config.experiment
+    exp.async_rollouts = True
     exp.weight_sync_interval = 4  # broadcast every 4 optimizer updates...
     exp.weight_sync_max_staleness = 6  # ...or when a worker lags by 6 versions (also the bound)
     exp.weight_sync_timeout_s = 30.0  # ...or at least every 30 s while updates are pending

@@ -200,7 +200,22 @@ def main(argv: list[str]) -> None:
             build_run(spec)
             print("dry run: the config is valid; nothing was trained")
             return
-        train(_CONFIG.value, workdir, spec=spec, mesh=mesh)
+        exp = spec.config.experiment
+        if exp.async_rollouts:
+            from novarl_jax.trainer.async_loop import train_async
+
+            train_async(
+                _CONFIG.value,
+                workdir,
+                spec=spec,
+                mesh=mesh,
+                num_workers=exp.rollout_workers,
+                queue_size=exp.rollout_queue_size or None,
+                # Several processes must issue the same programs in the same order: no threads.
+                synchronous=(_NUM_PROCESSES.value or 1) > 1,
+            )
+        else:
+            train(_CONFIG.value, workdir, spec=spec, mesh=mesh)
     except ConfigError as e:
         _fail(str(e))
     except TrainingError as e:

@@ -42,6 +42,11 @@ def default_config() -> ml_collections.ConfigDict:
     exp.weight_sync_interval = 1  # async runs: broadcast every this many updates
     exp.weight_sync_max_staleness = 1  # async runs: broadcast when a worker lags this much
     exp.weight_sync_timeout_s = 0.0  # async runs: broadcast pending updates after this; 0 = off
+    # Asynchronous rollouts (docs/async.md): workers sample with broadcast weights while the
+    # trainer learns; the three weight_sync_* keys above set the cadence and staleness bound.
+    exp.async_rollouts = False
+    exp.rollout_workers = 1  # rollout worker threads (async runs)
+    exp.rollout_queue_size = 0  # rollouts sampled ahead of the trainer; 0 = one per worker
     exp.steps = 20  # training iterations (one rollout batch + its updates each)
     exp.seed = 0  # the only source of randomness: split into model, rollout and data keys
 
@@ -320,7 +325,8 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
         "experiment.weight_sync_interval",
         "experiment.weight_sync_max_staleness",
     )
-    _positive(flat, "experiment.weight_sync_timeout_s", minimum=0)
+    _positive(flat, "experiment.weight_sync_timeout_s", "experiment.rollout_queue_size", minimum=0)
+    _positive(flat, "experiment.rollout_workers")
     if exp.num_experts < 0:
         raise ConfigError(
             "experiment.num_experts", f"must be >= 0 (0 = dense), got {exp.num_experts}"

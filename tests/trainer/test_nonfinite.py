@@ -79,6 +79,7 @@ def test_run_stops_after_consecutive_skips(tmp_path, monkeypatch):
     config.rollout.prompts_per_step = 2
     config.rollout.max_new_tokens = 4
     config.train.max_consecutive_skips = 2
+    config.train.epochs = config.train.minibatches = 1  # one update per step
     config.checkpoint.interval = 1
     config.logging.plot = False
 
