@@ -9,7 +9,7 @@ gradients: jitted forward; transformers under ``torch.no_grad``); forward+backwa
 
 In the same run:
 - the machine's float32 matmul rate (``jnp.dot`` on 2048 x 2048 x 2048; torch's ``mm`` too);
-- transformers' ``MixtralSparseMoeBlock`` (eager experts, torch threads = CPU cores) on the
+- transformers' ``MixtralSparseMoeBlock`` (eager experts, ``--threads`` torch threads) on the
   same weights, converted with ``moe_params_to_fused``; the largest output difference is
   printed as a cross-check;
 - how our forward+backward time grows with E = 8, 16, 32, 64 experts at top-2 (same tokens:
@@ -21,7 +21,13 @@ once per round, rounds interleave the cases (the machine is shared), and each fi
 best round (the median is printed too).
 
 Usage:
-    python benchmarks/moe_block.py [--rounds 7] [--skip-reference] [--skip-scaling]
+    python benchmarks/moe_block.py [--rounds 7] [--threads N] [--skip-reference]
+        [--skip-scaling]
+
+``--threads N`` gives both sides N threads (XLA through ``XLA_FLAGS``, torch through
+``set_num_threads``); the default is every core. On a shared, loaded machine ``--threads 1``
+is the steadier comparison: multi-threaded operators stall whenever another process takes one
+of their cores, and the two runtimes stall by different amounts.
 
 Prints ``RESULT <name> <value> <unit>`` lines; the headline (our dropless forward+backward
 tokens/s) comes last.
@@ -105,7 +111,7 @@ def build_ours(timer: Timer, num_experts: int, factors: dict, prefix: str, forwa
     return params, x, c, dropped
 
 
-def build_reference(timer: Timer, params, x, c) -> float | None:
+def build_reference(timer: Timer, params, x, c, threads: int) -> float | None:
     """transformers' block on our weights; returns max |y_ours - y_hf| (None if unavailable)."""
     try:
         import torch
@@ -119,7 +125,7 @@ def build_reference(timer: Timer, params, x, c) -> float | None:
     from novarl_jax.core.distributed import MoERouterConfig
     from novarl_jax.models.moe import moe_forward, moe_params_to_fused
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     config = MixtralConfig(
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
@@ -161,21 +167,27 @@ def build_reference(timer: Timer, params, x, c) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
     args = parser.parse_args()
+    if args.threads < (os.cpu_count() or 1):  # must be set before jax is imported
+        flags = f"--xla_cpu_multi_thread_eigen={str(args.threads > 1).lower()} "
+        flags += f"intra_op_parallelism_threads={args.threads}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
 
     import jax
     import jax.numpy as jnp
 
-    print(f"# jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
+    print(f"# jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores, "
+          f"{args.threads} threads per side")  # fmt: skip
     print(f"# {TOKENS} tokens, D={HIDDEN}, F={INTERMEDIATE}, E={EXPERTS}, top-{TOP_K}, float32")
     timer = Timer()
     a = jax.random.normal(jax.random.key(3), (MATMUL_N, MATMUL_N), jnp.float32)
     dot = jax.jit(jnp.dot)
     timer.add("jnp_dot", lambda: jax.block_until_ready(dot(a, a)))
     params, x, c, dropped = build_ours(timer, EXPERTS, FACTORS, "moe_", forward=True)
-    max_diff = None if args.skip_reference else build_reference(timer, params, x, c)
+    max_diff = None if args.skip_reference else build_reference(timer, params, x, c, args.threads)
     scaling_dropped = {}
     if not args.skip_scaling:
         for e in SCALING_EXPERTS:
