@@ -25,6 +25,7 @@ The measured maximum relative differences are printed as a table by the last tes
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 
 import jax
@@ -219,13 +220,14 @@ def _update_fn(name: str, mesh, micro_batches: int, microbatches: int, moe: bool
     spec = steps.ModelSpec(
         policy=CONFIG, prompt_length=PROMPT_LEN, router_replay=ALGORITHMS[name]["router_replay"]
     )
-    inner = steps.make_apply_fn(spec, mesh)
+    if "num_microbatches" in inspect.signature(steps.make_apply_fn).parameters:
+        inner = steps.make_apply_fn(spec, mesh, num_microbatches=microbatches)
+    else:
+        inner = _with_pipeline_microbatches(steps.make_apply_fn(spec, mesh), microbatches)
 
     def apply_fn(params, batch):
         return inner(params, {**batch, "routing": jnp.moveaxis(batch["routing"], 0, 1)})
 
-    if microbatches > 1:
-        apply_fn = _with_pipeline_microbatches(apply_fn, microbatches)
     update = steps.make_update_step(
         _loss_fn(name, moe=moe), apply_fn, OPTIMIZER, micro_batches=micro_batches, mesh=mesh
     )
@@ -235,9 +237,11 @@ def _update_fn(name: str, mesh, micro_batches: int, microbatches: int, moe: bool
 def _with_pipeline_microbatches(apply_fn, microbatches: int):
     """``apply_fn`` whose model forward runs ``microbatches`` pipeline microbatches.
 
-    ``make_apply_fn`` calls ``steps.forward``; it is swapped for the duration of the call
-    (which is when jit traces it).
+    For a ``make_apply_fn`` without a ``num_microbatches`` argument: it calls
+    ``steps.forward``, which is swapped for the duration of the call (when jit traces it).
     """
+    if microbatches == 1:
+        return apply_fn
 
     def wrapped(params, batch):
         original = steps.forward
