@@ -305,6 +305,13 @@ def test_docstring_examples_run():
     assert result.attempted >= 5 and result.failed == 0, result
 
 
+def test_num_stages_reads_the_pp_axis(devices):
+    assert pipeline.num_stages(None) == 1
+    assert pipeline.num_stages(ParallelLayout(pp=4, dp=2).make_mesh()) == 4
+    assert pipeline.num_stages(ParallelLayout(tp=8).make_mesh()) == 1
+    assert pipeline.num_stages(jax.sharding.Mesh(np.array(devices), ("data",))) == 1
+
+
 def test_context_mesh_outside_any_shard_map_is_the_given_mesh():
     mesh = ParallelLayout(pp=2, dp=4).make_mesh()
     assert context_mesh(mesh) is mesh
