@@ -6,7 +6,8 @@ n="$1"; devices="$2"; shift 2
 port="${PORT:-12355}"
 pids=()
 for ((i = 0; i < n; i++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" JAX_PLATFORMS=cpu \
+  XLA_FLAGS="--xla_force_host_platform_device_count=${devices} --xla_cpu_enable_concurrency_optimized_scheduler=false" \
+    JAX_PLATFORMS=cpu \
     python -m novarl_jax.train "$@" \
       --coordinator_address="127.0.0.1:${port}" --num_processes="$n" --process_id="$i" \
       --cpu_collectives=gloo &

@@ -40,7 +40,6 @@ _CPU_COLLECTIVES = flags.DEFINE_string(
 
 # `experiment.world_size=8` (Hydra style) -> `--config.experiment.world_size=8`.
 _HYDRA_OVERRIDE = re.compile(r"^\+?([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+)=(.*)$", re.DOTALL)
-_DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
 
 
 _NONE_WORDS = ("None", "none", "null", "~")
@@ -142,15 +141,9 @@ def ensure_cpu_devices(world_size: int) -> None:
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms not in ("", "cpu") or (platforms == "" and _accelerator_installed()):
         return
-    xla_flags = os.environ.get("XLA_FLAGS", "")
-    match = _DEVICE_COUNT_FLAG.search(xla_flags)
-    if match and int(match.group(1)) >= world_size:
-        return
-    xla_flags = _DEVICE_COUNT_FLAG.sub("", xla_flags).strip()
-    if world_size > 1:
-        os.environ["XLA_FLAGS"] = (
-            f"{xla_flags} --xla_force_host_platform_device_count={world_size}".strip()
-        )
+    from novarl_jax.core.distributed import cpu_xla_flags
+
+    os.environ["XLA_FLAGS"] = cpu_xla_flags(world_size, os.environ.get("XLA_FLAGS", ""))
 
 
 def main(argv: list[str]) -> None:

@@ -2,9 +2,9 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from novarl_jax.core.distributed import cpu_xla_flags  # imports no JAX
+
+os.environ["XLA_FLAGS"] = cpu_xla_flags(8, os.environ.get("XLA_FLAGS", ""))
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
@@ -19,11 +19,13 @@ def devices():
     assert len(devs) == 8, f"expected 8 fake CPU devices, got {len(devs)}"
     return devs
 
+
 # Compile each distinct program once per machine: tests build many identical tiny models.
 jax.config.update(
     "jax_compilation_cache_dir",
-    os.environ.get("NOVARL_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
-                                                     "novarl_jax_tests")),
+    os.environ.get(
+        "NOVARL_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "novarl_jax_tests")
+    ),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

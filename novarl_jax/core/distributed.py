@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -364,6 +365,38 @@ class MegatronAdapterConfig:
 
 def _fmt(value: float) -> str:
     return repr(float(value))
+
+
+# XLA:CPU's concurrency-optimized scheduler can let the device threads of one program enter
+# independent collectives (say a tp psum and a dp gradient all-reduce) in different orders;
+# with fake devices sharing a few cores the rendezvous then deadlocks and aborts after 40 s.
+_CPU_SAFE_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
+_DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
+
+
+def cpu_xla_flags(device_count: int, existing: str = "") -> str:
+    """``XLA_FLAGS`` for ``device_count`` fake CPU devices, on top of ``existing`` flags.
+
+    Sets ``--xla_force_host_platform_device_count`` (replacing a smaller count) and the
+    flags that keep collectives between fake devices deadlock-free. Set the result as the
+    ``XLA_FLAGS`` environment variable before JAX starts its CPU backend.
+
+    Example:
+        >>> cpu_xla_flags(8).split()[-1]
+        '--xla_force_host_platform_device_count=8'
+    """
+    flags = existing.split()
+    match = _DEVICE_COUNT_FLAG.search(existing)
+    if match and int(match.group(1)) >= device_count:
+        device_count = int(match.group(1))
+    flags = [f for f in flags if not _DEVICE_COUNT_FLAG.fullmatch(f)]
+    for flag in _CPU_SAFE_FLAGS:
+        name = flag.split("=")[0]
+        if not any(f.split("=")[0] == name for f in flags):
+            flags.append(flag)
+    if device_count > 1:
+        flags.append(f"--xla_force_host_platform_device_count={device_count}")
+    return " ".join(flags)
 
 
 def initialize_multihost(

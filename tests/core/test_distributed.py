@@ -262,3 +262,19 @@ def test_deepspeed_dropless_eval_and_probs_policy():
     assert (ds["capacity_factor"], ds["eval_capacity_factor"]) == (1.25, 2.0)
     with pytest.raises(ValueError, match="drop_policy='probs' has no DeepSpeed-MoE equivalent"):
         MoERouterConfig(num_experts=4, drop_policy="probs").to_deepspeed(layout)
+
+
+def test_cpu_xla_flags():
+    from novarl_jax.core.distributed import cpu_xla_flags
+
+    flags = cpu_xla_flags(8).split()
+    assert "--xla_force_host_platform_device_count=8" in flags
+    assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in flags
+    # A larger existing count is kept, a smaller one replaced; other flags survive once.
+    kept = cpu_xla_flags(4, "--xla_force_host_platform_device_count=16 --foo=1").split()
+    assert kept.count("--xla_force_host_platform_device_count=16") == 1 and "--foo=1" in kept
+    raised = cpu_xla_flags(8, "--xla_force_host_platform_device_count=2").split()
+    assert "--xla_force_host_platform_device_count=2" not in raised
+    assert "--xla_force_host_platform_device_count=8" in raised
+    mine = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+    assert cpu_xla_flags(1, mine).split() == [mine]  # an explicit choice is respected
