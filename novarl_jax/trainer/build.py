@@ -76,12 +76,27 @@ def _task(config) -> Any:
 
 
 def _tokenizer(config, task) -> Any:
-    path = config.model.tokenizer
-    if path:
+    m = config.model
+    if m.tokenizer:
         try:
-            return HFTokenizer.from_file(path)
-        except (OSError, ValueError, Exception) as e:  # noqa: BLE001 - tokenizers raises its own
-            raise ConfigError("model.tokenizer", f"cannot load {path!r}: {e}") from None
+            return HFTokenizer.from_file(
+                m.tokenizer,
+                pad_token=m.pad_token,
+                eos_token=m.eos_token,
+                bos_token=m.bos_token or None,
+            )
+        except ValueError as e:
+            key = next(
+                (
+                    f"model.{k}"
+                    for k in ("pad_token", "eos_token", "bos_token")
+                    if str(e).startswith(k)
+                ),
+                "model.tokenizer",
+            )
+            raise ConfigError(key, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own types
+            raise ConfigError("model.tokenizer", f"cannot load {m.tokenizer!r}: {e}") from None
     alphabet = getattr(task, "alphabet", None)
     return CharTokenizer(alphabet) if alphabet else ByteTokenizer()
 
@@ -235,6 +250,7 @@ def build_run(spec: RunSpec) -> Run:
         top_p=ro.top_p,
         num_samples=group,
         return_routing=model.router_replay,
+        stop_token_ids=tuple(ro.stop_token_ids) or None,
     )
 
     def make_params(key: jax.Array) -> dict:

@@ -67,8 +67,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Start from a Hugging Face checkpoint directory (config.json + *.safetensors) instead
     # of random weights; '' = random init. Its architecture replaces the sizes above.
     model.init_from = ""
-    # Tokenizer: '' = a character tokenizer over the task's alphabet; or a tokenizer.json.
+    # Tokenizer: '' = a character tokenizer over the task's alphabet; or a tokenizer.json,
+    # whose special tokens are named by the three strings below ('' = no BOS).
     model.tokenizer = ""
+    model.pad_token = "<pad>"
+    model.eos_token = "</s>"
+    model.bos_token = ""
 
     # --- Rollouts ---------------------------------------------------------------------------
     config.rollout = ml_collections.ConfigDict()
@@ -79,6 +83,8 @@ def default_config() -> ml_collections.ConfigDict:
     rollout.temperature = 1.0
     rollout.top_k = 0  # 0 = off
     rollout.top_p = 1.0  # 1.0 = off
+    # Token ids that end a completion; () = the tokenizer's end-of-sequence token.
+    rollout.stop_token_ids = ()
 
     # --- Task: prompts and verifiable rewards ---------------------------------------------
     config.task = ml_collections.ConfigDict()
