@@ -25,7 +25,6 @@ The measured maximum relative differences are printed as a table by the last tes
 from __future__ import annotations
 
 import functools
-import inspect
 import types
 
 import jax
@@ -34,7 +33,6 @@ import numpy as np
 import optax
 import pytest
 
-from novarl_jax import models
 from novarl_jax.algorithms.registry import make_loss_fn
 from novarl_jax.core.distributed import ParallelLayout
 from novarl_jax.core.sharding import batch_spec
@@ -218,12 +216,12 @@ def _batch(name: str, params, sampled, key) -> dict:
 @functools.cache
 def _update_fn(name: str, mesh, micro_batches: int, microbatches: int, moe: bool):
     spec = steps.ModelSpec(
-        policy=CONFIG, prompt_length=PROMPT_LEN, router_replay=ALGORITHMS[name]["router_replay"]
+        policy=CONFIG,
+        prompt_length=PROMPT_LEN,
+        router_replay=ALGORITHMS[name]["router_replay"],
+        num_microbatches=microbatches,
     )
-    if "num_microbatches" in inspect.signature(steps.make_apply_fn).parameters:
-        inner = steps.make_apply_fn(spec, mesh, num_microbatches=microbatches)
-    else:
-        inner = _with_pipeline_microbatches(steps.make_apply_fn(spec, mesh), microbatches)
+    inner = steps.make_apply_fn(spec, mesh)
 
     def apply_fn(params, batch):
         return inner(params, {**batch, "routing": jnp.moveaxis(batch["routing"], 0, 1)})
@@ -232,26 +230,6 @@ def _update_fn(name: str, mesh, micro_batches: int, microbatches: int, moe: bool
         _loss_fn(name, moe=moe), apply_fn, OPTIMIZER, micro_batches=micro_batches, mesh=mesh
     )
     return jax.jit(update)
-
-
-def _with_pipeline_microbatches(apply_fn, microbatches: int):
-    """``apply_fn`` whose model forward runs ``microbatches`` pipeline microbatches.
-
-    For a ``make_apply_fn`` without a ``num_microbatches`` argument: it calls
-    ``steps.forward``, which is swapped for the duration of the call (when jit traces it).
-    """
-    if microbatches == 1:
-        return apply_fn
-
-    def wrapped(params, batch):
-        original = steps.forward
-        steps.forward = functools.partial(models.forward, num_microbatches=microbatches)
-        try:
-            return apply_fn(params, batch)
-        finally:
-            steps.forward = original
-
-    return wrapped
 
 
 def _update(name, params, batch, *, mesh, micro_batches, microbatches, moe=True):
