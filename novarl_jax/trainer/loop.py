@@ -242,13 +242,7 @@ class Trainer:
     def _place_rows(self, batch: dict) -> dict:
         if self.mesh is None:
             return batch
-        from novarl_jax.core.sharding import batch_spec
-
-        def put(x):
-            spec = batch_spec(x.ndim, self.mesh, batch_size=x.shape[0])
-            return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
-
-        return jax.tree.map(put, batch)
+        return jax.tree.map(lambda x: jax.device_put(x, steps.row_sharding(x, self.mesh)), batch)
 
     def iteration(self, state, reference, i: int) -> tuple[TrainState, dict, Any]:
         """Runs iteration ``i``; returns the new state, its metrics and the rollout info."""

@@ -171,16 +171,20 @@ def reward_kl_token_rewards(batch: dict, *, kl_coef: float, kind: str) -> jax.Ar
     )
 
 
+def row_sharding(x: Any, mesh: Any) -> jax.sharding.NamedSharding:
+    """Sharding of an array whose leading (row) dimension is split over ('dp', 'ep')."""
+    return jax.sharding.NamedSharding(mesh, batch_spec(x.ndim, mesh, batch_size=x.shape[0]))
+
+
 def constrain_rows(tree: Any, mesh: Any) -> Any:
-    """Shards every array's leading (row) dimension over ('dp', 'ep')."""
+    """Shards every array's leading (row) dimension over ('dp', 'ep'), inside jit."""
     if mesh is None:
         return tree
 
     def put(x):
         if x.ndim == 0:  # per-micro-batch scalars (the global loss denominators)
             return x
-        spec = batch_spec(x.ndim, mesh, batch_size=x.shape[0])
-        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+        return jax.lax.with_sharding_constraint(x, row_sharding(x, mesh))
 
     return jax.tree.map(put, tree)
 
