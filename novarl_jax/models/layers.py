@@ -145,6 +145,34 @@ def attention_mask_for(
     return causal[None] & (jnp.asarray(key_mask)[:, None, :] > 0)
 
 
+def cached_attention_mask(
+    attention_mask: ArrayLike, key_mask: ArrayLike, first_slot: ArrayLike
+) -> jax.Array:
+    """Which keys each of T new tokens sees in a cached call: cached slots, then new tokens.
+
+    The T new tokens are written at slots ``[first_slot, first_slot + T)``. Query t sees
+    cached slot s when ``s < first_slot`` and ``key_mask[b, s] == 1``, and new token t' when
+    ``t' <= t`` and ``attention_mask[b, t'] == 1``: exactly the slots ``<= first_slot + t``
+    holding real tokens once the new ones are written (:func:`attention_mask_for`).
+
+    Args:
+        attention_mask: [B, T] (1 = a real new token).
+        key_mask: [B, S] the cache's slot mask before this call (1 = a real token).
+        first_slot: int32 scalar, the slot of the first new token.
+
+    Returns:
+        [B, T, S + T] bool.
+    """
+    attention_mask = jnp.asarray(attention_mask)
+    t = attention_mask.shape[1]
+    s = jnp.asarray(key_mask).shape[1]
+    before = jnp.arange(s, dtype=jnp.int32) < first_slot  # [S]
+    cached = (before[None, :] & (jnp.asarray(key_mask) > 0))[:, None, :]  # [B, 1, S]
+    cached = jnp.broadcast_to(cached, (attention_mask.shape[0], t, s))
+    new = attention_mask_for(attention_mask, attention_mask, 0)  # [B, T, T]
+    return jnp.concatenate([cached, new], axis=-1)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings and an optional KV cache.
 
@@ -171,12 +199,16 @@ class Attention(nn.Module):
         sin: jax.Array,
         mask: jax.Array,
         kv_cache: tuple[jax.Array, jax.Array] | None = None,
-        first_slot: jax.Array | int = 0,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Args: x [B, T, D]; cos, sin [B, T, Dh]; mask [B, T, S] bool; kv_cache (k, v)
-        [B, S, N_kv, Dh] or None (then S = T); first_slot: slot of the first new token.
+        """Args: x [B, T, D]; cos, sin [B, T, Dh]; kv_cache (k, v) [B, N_kv, S, Dh] (read
+        only) or None; mask [B, T, S + T] bool with a cache (which cached slots, then which
+        of the T new tokens, each query sees; see :func:`cached_attention_mask`), [B, T, T]
+        without.
 
-        Returns: ([B, T, D], the updated (k, v) cache or None).
+        Returns: ([B, T, D], the new tokens' (k, v) [B, N_kv, T, Dh], head-major as the cache
+        stores them, or None without a cache). The cache itself is not written here: the
+        caller writes every layer's new keys and values into it at once, so a decode step
+        moves only the new tokens' bytes instead of rewriting each layer's cache.
         """
         d = x.shape[-1]
         n, nkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
@@ -192,25 +224,33 @@ class Attention(nn.Module):
         v = constrain(jnp.einsum("btd,dnh->btnh", x, wv), kv_names, self.mesh)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        new_cache = None
-        if kv_cache is not None:
-            k_cache, v_cache = kv_cache
-            start = (0, first_slot, 0, 0)
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-            k = constrain(k, kv_names, self.mesh)
-            v = constrain(v, kv_names, self.mesh)
-            new_cache = (k, v)
         b, t = q.shape[:2]
         q = q.reshape(b, t, nkv, n // nkv, dh)
+        scale = dh**-0.5
         scores = jnp.einsum(
             "btkgh,bskh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
-        ) * (dh**-0.5)
-        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
+        )
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            cached = jnp.einsum(
+                "btkgh,bksh->bkgts", q, k_cache.astype(q.dtype), preferred_element_type=jnp.float32
+            )
+            scores = jnp.concatenate([cached, scores], axis=-1)
+        scores = jnp.where(mask[:, None, None, :, :], scores * scale, _MASKED_SCORE)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(x.dtype)).reshape(b, t, n, dh)
-        out = constrain(out, q_names, self.mesh)
-        return jnp.einsum("btnh,nhd->btd", out, wo), new_cache
+        if kv_cache is None:
+            out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(x.dtype))
+        else:
+            s = k_cache.shape[2]
+            out = jnp.einsum(
+                "bkgts,bksh->btkgh", probs[..., :s], v_cache.astype(x.dtype)
+            ) + jnp.einsum("bkgts,bskh->btkgh", probs[..., s:], v.astype(x.dtype))
+        out = constrain(out.reshape(b, t, n, dh), q_names, self.mesh)
+        new_kv = None
+        if kv_cache is not None:
+            cache_names = (shd.BATCH, shd.KV_HEADS, shd.LENGTH, shd.HEAD_DIM)
+            new_kv = tuple(constrain(jnp.swapaxes(a, 1, 2), cache_names, self.mesh) for a in (k, v))
+        return jnp.einsum("btnh,nhd->btd", out, wo), new_kv
 
 
 class SwiGLU(nn.Module):

@@ -50,6 +50,7 @@ from novarl_jax.models.layers import (
     RMSNorm,
     SwiGLU,
     attention_mask_for,
+    cached_attention_mask,
     constrain,
     rms_norm,
     rotary_cos_sin,
@@ -62,8 +63,9 @@ class KVCache(NamedTuple):
     """Keys and values of every layer for incremental decoding.
 
     Attributes:
-        k: [L, B, S, N_kv, Dh] keys (rotary already applied), S = slots.
-        v: [L, B, S, N_kv, Dh] values.
+        k: [L, B, N_kv, S, Dh] keys (rotary already applied), S = slots. Head-major, so a
+            decode step's attention reads each head's keys contiguously with no transpose.
+        v: [L, B, N_kv, S, Dh] values.
         key_mask: [B, S] int32, 1 = the slot holds a real token.
         index: int32 scalar, the next slot to write.
     """
@@ -90,8 +92,8 @@ def init_cache(
 
     Example:
         >>> cache = init_cache(config, batch_size=2, max_length=16)
-        >>> cache.k.shape  # [L, B, S, N_kv, Dh]
-        (2, 2, 16, 4, 8)
+        >>> cache.k.shape  # [L, B, N_kv, S, Dh]
+        (2, 2, 4, 16, 8)
     """
     if batch_size < 1 or max_length < 1:
         raise ValueError(
@@ -100,8 +102,8 @@ def init_cache(
     shape = (
         config.num_hidden_layers,
         batch_size,
-        max_length,
         config.num_key_value_heads,
+        max_length,
         config.head_dim,
     )
     return KVCache(
@@ -115,7 +117,7 @@ def init_cache(
 def cache_logical_axes(config: ModelConfig) -> KVCache:
     """Logical axis names of a :class:`KVCache` (a KVCache of name tuples)."""
     del config  # the names do not depend on the sizes
-    kv = (shd.LAYERS, shd.BATCH, shd.LENGTH, shd.KV_HEADS, shd.HEAD_DIM)
+    kv = (shd.LAYERS, shd.BATCH, shd.KV_HEADS, shd.LENGTH, shd.HEAD_DIM)
     return KVCache(k=kv, v=kv, key_mask=(shd.BATCH, shd.LENGTH), index=())
 
 
@@ -141,14 +143,15 @@ class DecoderLayer(nn.Module):
         mask: jax.Array,
         token_mask: jax.Array,
         kv_cache: tuple[jax.Array, jax.Array] | None = None,
-        first_slot: jax.Array | int = 0,
         routing: Any = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, dict[str, Any] | None]:
-        """Args: x [B, T, D]; cos/sin [B, T, Dh]; mask [B, T, S] bool; token_mask [B, T]
-        (1 = real token); kv_cache (k, v) [B, S, N_kv, Dh] or None; first_slot; routing:
-        this layer's expert choices to replay (MoE) or None.
+        """Args: x [B, T, D]; cos/sin [B, T, Dh]; mask [B, T, S + T] bool with a cache,
+        [B, T, T] without (see :class:`~novarl_jax.models.layers.Attention`); token_mask
+        [B, T] (1 = real token); kv_cache (k, v) [B, N_kv, S, Dh] (read only) or None;
+        routing: this layer's expert choices to replay (MoE) or None.
 
-        Returns: (x [B, T, D], updated (k, v) or None, the MoE block's aux or None).
+        Returns: (x [B, T, D], the new tokens' (k, v) [B, N_kv, T, Dh] or None without a
+        cache, the MoE block's aux or None).
         """
         cfg = self.config
         dt = cfg.param_dtype
@@ -160,7 +163,7 @@ class DecoderLayer(nn.Module):
             dt,
             self.mesh,
             name="attn",
-        )(h, cos, sin, mask, kv_cache, first_slot)
+        )(h, cos, sin, mask, kv_cache)
         x = constrain(x + h, _ACT, self.mesh)
         h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attn_norm")(x)
         aux = None
@@ -358,19 +361,24 @@ def _check_inputs(
                 f"{name} must have the shape of tokens {tokens.shape}, got {arr.shape}"
             )
     if cache is not None:
-        layers, b, s = cache.k.shape[:3]
         want = (config.num_hidden_layers, tokens.shape[0])
-        if (layers, b) != want or cache.k.shape[3:] != (
-            config.num_key_value_heads,
-            config.head_dim,
+        shape = cache.k.shape
+        if (
+            len(shape) != 5
+            or shape[:2] != want
+            or (shape[2], shape[4])
+            != (
+                config.num_key_value_heads,
+                config.head_dim,
+            )
         ):
             raise ValueError(
-                f"cache k has shape {cache.k.shape}, expected [L, B, S, N_kv, Dh] with "
+                f"cache k has shape {cache.k.shape}, expected [L, B, N_kv, S, Dh] with "
                 f"L, B = {want} and N_kv, Dh = "
                 f"{(config.num_key_value_heads, config.head_dim)}"
             )
-        if tokens.shape[1] > s:
-            raise ValueError(f"{tokens.shape[1]} tokens do not fit a cache of {s} slots")
+        if tokens.shape[1] > shape[3]:
+            raise ValueError(f"{tokens.shape[1]} tokens do not fit a cache of {shape[3]} slots")
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,13 +425,15 @@ def _finish_stats(stats: dict[str, jax.Array] | None, config: ModelConfig) -> di
 
 
 def _scan_layers(
-    layers, x, cos, sin, mask, token_mask, kv, first_slot, routing, *, config, mesh, train,
+    layers, x, cos, sin, mask, token_mask, kv, routing, *, config, mesh, train,
     return_routing,
 ):  # fmt: skip
     """Runs stacked layers [L', ...] as one ``lax.scan``.
 
-    Returns (x [B, T, D], new (k, v) [L', ...] or None, stats {key: [L', ...]} or None for
-    dense models, routing [L', B, T, K] or None).
+    ``kv``: the cache's (k, v) [L', B, N_kv, S, Dh], read by the layers and not written.
+
+    Returns (x [B, T, D], the new tokens' (k, v) [L', B, N_kv, T, Dh] or None (no ``kv``),
+    stats {key: [L', ...]} or None for dense models, routing [L', B, T, K] or None).
     """
     layer = DecoderLayer(config, mesh, train)
 
@@ -437,7 +447,6 @@ def _scan_layers(
             mask,
             token_mask,
             layer_kv,
-            first_slot,
             layer_routing,
         )
         stats = chosen = None
@@ -477,7 +486,7 @@ def _pipelined_layers(
         # Inside the schedule 'pp' is a manual axis: sharding constraints and the MoE
         # block's own shard_map must be built on the context's abstract mesh.
         h, _, stats, chosen = _scan_layers(
-            stage_params, h, cos_j, sin_j, mask_j, token_mask_j, None, 0, layer_extra,
+            stage_params, h, cos_j, sin_j, mask_j, token_mask_j, None, layer_extra,
             config=config, mesh=pipeline.context_mesh(mesh), train=train,
             return_routing=return_routing,
         )  # fmt: skip
@@ -609,14 +618,15 @@ def forward(
         raise ValueError("routing= was given but the model is dense (num_local_experts=0)")
 
     if cache is None:
-        key_mask, first_slot, kv = attention_mask, jnp.zeros((), jnp.int32), None
+        kv = None
+        mask = attention_mask_for(attention_mask, attention_mask, jnp.zeros((), jnp.int32))
     else:
         first_slot = jnp.asarray(cache.index, jnp.int32)
+        mask = cached_attention_mask(attention_mask, cache.key_mask, first_slot)
         key_mask = jax.lax.dynamic_update_slice(
             cache.key_mask, attention_mask.astype(cache.key_mask.dtype), (0, first_slot)
         )
         kv = (cache.k, cache.v)
-    mask = attention_mask_for(attention_mask, key_mask, first_slot)
     cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
 
     # Clipped lookup: an out-of-range padding id must not become NaN (0 * NaN would leak
@@ -632,7 +642,7 @@ def forward(
         new_kv = None
     else:
         x, new_kv, stats, routing_out = _scan_layers(
-            params["layers"], x, cos, sin, mask, attention_mask, kv, first_slot, routing,
+            params["layers"], x, cos, sin, mask, attention_mask, kv, routing,
             mesh=mesh, **run,
         )  # fmt: skip
 
@@ -667,5 +677,16 @@ def forward(
 
     new_cache = None
     if cache is not None:
-        new_cache = KVCache(k=new_kv[0], v=new_kv[1], key_mask=key_mask, index=first_slot + t)
+        # Every layer's new keys/values land in the cache in one in-place update (the cache
+        # is donated by the sampler): [L, B, N_kv, T, Dh] at slot first_slot.
+        start = (0, 0, 0, first_slot, 0)
+        k, v = (
+            constrain(
+                jax.lax.dynamic_update_slice(old, new.astype(old.dtype), start),
+                cache_logical_axes(config).k,
+                mesh,
+            )
+            for old, new in zip((cache.k, cache.v), new_kv, strict=True)
+        )
+        new_cache = KVCache(k=k, v=v, key_mask=key_mask, index=first_slot + t)
     return logits, new_cache, aux

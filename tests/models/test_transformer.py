@@ -27,6 +27,7 @@ from novarl_jax.models.layers import (
     Attention,
     apply_rotary,
     attention_mask_for,
+    cached_attention_mask,
     rms_norm,
     rotary_cos_sin,
 )
@@ -276,6 +277,29 @@ def test_attention_matches_numpy(use_jit):
     assert np.isfinite(np.asarray(got)).all()  # padding rows see no key but stay finite
 
 
+@pytest.mark.parametrize("first_slot", [0, 3, 6])
+def test_cached_attention_mask_matches_the_written_cache(first_slot):
+    # Seeing cached slots < first_slot and the new tokens causally must be the same as
+    # writing the new tokens' mask into the cache and applying the full causal slot mask.
+    rng = np.random.default_rng(first_slot)
+    b, t, s = 3, 2, 8
+    key_mask = rng.integers(0, 2, size=(b, s)).astype(np.int32)
+    new = rng.integers(0, 2, size=(b, t)).astype(np.int32)
+    got = np.asarray(jax.jit(cached_attention_mask)(new, key_mask, first_slot))
+    assert got.shape == (b, t, s + t)
+    written = key_mask.copy()
+    written[:, first_slot : first_slot + t] = new
+    want = np.zeros((b, t, s), bool)
+    for bi in range(b):
+        for ti in range(t):
+            for si in range(s):
+                want[bi, ti, si] = si <= first_slot + ti and written[bi, si] == 1
+    # Cached part: slots before first_slot; new part: the slots the new tokens are written to.
+    np.testing.assert_array_equal(got[:, :, :first_slot], want[:, :, :first_slot])
+    np.testing.assert_array_equal(got[:, :, first_slot:s], False)
+    np.testing.assert_array_equal(got[:, :, s:], want[:, :, first_slot : first_slot + t])
+
+
 # ------------------------------------------------------------------------------------------
 # Parameters
 
@@ -331,7 +355,8 @@ def test_forward_input_errors():
         forward(params, toks, DENSE, positions=jnp.zeros((1, 3), jnp.int32))
     with pytest.raises(ValueError, match="routing= was given but the model is dense"):
         forward(params, toks, DENSE, routing=jnp.zeros((2, 2, 3, 2), jnp.int32))
-    with pytest.raises(ValueError, match=r"cache k has shape \(2, 3, 8, 2, 8\), expected"):
+    bad_cache = r"cache k has shape \(2, 3, 2, 8, 8\), expected \[L, B, N_kv, S, Dh\]"
+    with pytest.raises(ValueError, match=bad_cache):
         forward(params, toks, DENSE, cache=init_cache(DENSE, 3, 8))
     with pytest.raises(ValueError, match="3 tokens do not fit a cache of 2 slots"):
         forward(params, toks, DENSE, cache=init_cache(DENSE, 2, 2))
@@ -422,7 +447,7 @@ def test_kv_cache_decode_equals_full_forward(config, side):
         if config.value_head:
             np.testing.assert_allclose(aux["values"][:, 0], full_aux["values"][:, i], atol=2e-5)
     assert int(cache.index) == p + n
-    assert cache.k.shape == (2, b, p + n + 2, 2, 8)
+    assert cache.k.shape == (2, b, 2, p + n + 2, 8)  # [L, B, N_kv, S, Dh]
     np.testing.assert_array_equal(cache.key_mask[:, p + n :], 0)
     # The logits really depend on the cached context (a test that can fail).
     fresh, _, _ = jit_forward(params, toks[:, -1:], config=config, positions=positions[:, -1:])
@@ -438,7 +463,7 @@ def test_default_positions_continue_from_cache():
     rest, cache, _ = forward(params, toks[:, 3:], DENSE, cache=cache)
     np.testing.assert_allclose(rest, full[:, 3:], atol=1e-5)
     names = cache_logical_axes(DENSE)
-    assert names.k == (shd.LAYERS, shd.BATCH, shd.LENGTH, shd.KV_HEADS, shd.HEAD_DIM)
+    assert names.k == (shd.LAYERS, shd.BATCH, shd.KV_HEADS, shd.LENGTH, shd.HEAD_DIM)
 
 
 def test_out_of_range_padding_ids_stay_finite():
