@@ -38,6 +38,23 @@ def _routing_rows_first(routing: Any) -> Any:
     return None if routing is None else jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), routing)
 
 
+def takes_old_logprobs_from_update(config: Any, run: Run) -> bool:
+    """Whether the loss's own forward gives the old log-probs (no policy scoring forward).
+
+    True when each rollout batch gets one optimizer step (``train.epochs == 1`` and
+    ``train.minibatches == 1``) and nothing else needs the policy's scores before the update:
+    no critic values for GAE and no KL-in-reward (which reads the old log-probs). See
+    :func:`~novarl_jax.trainer.steps.on_policy_loss`.
+    """
+    return (
+        config.train.epochs == 1
+        and config.train.minibatches == 1
+        and run.model.critic is None
+        and not run.model.policy.value_head
+        and run.reward_kl[0] == 0
+    )
+
+
 class Trainer:
     """Holds the compiled steps of one run; :meth:`run` trains to ``experiment.steps``."""
 
@@ -63,12 +80,18 @@ class Trainer:
                 return inner(params, {**batch, "routing": routing})
 
         self.apply_fn = apply_fn
+        self.on_policy = takes_old_logprobs_from_update(config, run)
+        loss_fn = run.loss_fn
+        if self.on_policy:
+            loss_fn = steps.on_policy_loss(loss_fn, micro_batches=config.train.micro_batches)
         self._score = jax.jit(
-            lambda p, r, b: steps.score_batch(apply_fn, p, r, b, need_ref=run.needs_reference)
+            lambda p, r, b: steps.score_batch(
+                apply_fn, p, r, b, need_ref=run.needs_reference, need_policy=not self.on_policy
+            )
         )
         self._advantages = jax.jit(run.estimator)
         update = steps.make_update_step(
-            run.loss_fn,
+            loss_fn,
             apply_fn,
             run.optimizer,
             micro_batches=config.train.micro_batches,
@@ -195,7 +218,8 @@ class Trainer:
             batch["routing"] = _routing_rows_first(traj.routing)
         batch = self._place_rows(batch)
         scored = self._score(state.params, reference, batch)
-        batch["old_logprobs"] = scored["old_logprobs"]
+        if not self.on_policy:
+            batch["old_logprobs"] = scored["old_logprobs"]
         if run.needs_reference:
             batch["ref_logprobs"] = scored["ref_logprobs"]
         est = {"response_mask": batch["response_mask"], "scores": scores}
@@ -223,17 +247,13 @@ class Trainer:
             "response_length/mean": float(lengths.mean()),
             "response_length/clip_ratio": float(truncated.mean()),
             "rollout/invalid_samples": float(len(np.flatnonzero(np.asarray(traj.valid) == 0))),
-            "actor/entropy_rollout": float(
-                (np.asarray(scored["entropy"]) * mask).sum() / max(mask.sum(), 1)
-            ),
         }
+        if "entropy" in scored:
+            entropy = np.asarray(scored["entropy"])
+            stats["actor/entropy_rollout"] = float((entropy * mask).sum() / max(mask.sum(), 1))
         if "moe_dropped_fraction" in scored:
-            load = np.asarray(scored["moe_expert_load"])
-            stats["moe/dropped_fraction"] = float(scored["moe_dropped_fraction"])
-            stats["moe/expert_load_max"] = float(load.max())
-            stats["moe/expert_load_min"] = float(load.min())
-            for layer, row in enumerate(load.reshape(load.shape[0], -1)):
-                stats[f"moe/layer{layer}/load_max"] = float(row.max())
+            moe = steps.moe_stats(scored["moe_dropped_fraction"], scored["moe_expert_load"])
+            stats.update({name: float(value) for name, value in moe.items()})
         if run.reward_kl[0] > 0:
             kl = -np.asarray(est["token_rewards"]).sum(1).mean() / run.reward_kl[0]
             stats["actor/reward_kl"] = float(kl)
@@ -270,6 +290,9 @@ class Trainer:
         }
         metrics["train/skipped"] = float(sum(m["train/skipped"] for m in update_metrics))
         tokens = int(np.asarray(batch["attention_mask"]).sum())
+        if self.on_policy and "actor/entropy" in metrics:
+            # The update's forward ran on the same parameters as scoring would have.
+            metrics["actor/entropy_rollout"] = metrics["actor/entropy"]
         metrics.update(stats)
         metrics.update(batch_stats)
         metrics.update(

@@ -121,21 +121,89 @@ def make_apply_fn(spec: ModelSpec, mesh: Any = None) -> Callable[[Any, Mapping],
     return apply_fn
 
 
-def score_batch(apply_fn, params, ref_params, batch: dict, *, need_ref: bool) -> dict:
+def score_batch(
+    apply_fn, params, ref_params, batch: dict, *, need_ref: bool, need_policy: bool = True
+) -> dict:
     """Old log-probs (and values) under ``params``, reference log-probs under ``ref_params``.
 
-    Pure; jit it with ``apply_fn`` closed over. Gradients are stopped.
+    Pure; jit it with ``apply_fn`` closed over. Gradients are stopped. With
+    ``need_policy=False`` only the reference is scored (the loss takes its old log-probs
+    from its own forward: :func:`on_policy_loss`).
     """
-    out = apply_fn(jax.lax.stop_gradient(params), batch)
-    scored = {"old_logprobs": out["logprobs"], "entropy": out["entropy"]}
-    if "values" in out:
-        scored["old_values"] = out["values"]
+    scored = {}
+    if need_policy:
+        out = apply_fn(jax.lax.stop_gradient(params), batch)
+        scored = {"old_logprobs": out["logprobs"], "entropy": out["entropy"]}
+        if "values" in out:
+            scored["old_values"] = out["values"]
+        for name in ("moe_dropped_fraction", "moe_expert_load"):
+            if name in out:
+                scored[name] = out[name]
     if need_ref:
         scored["ref_logprobs"] = apply_fn(jax.lax.stop_gradient(ref_params), batch)["logprobs"]
-    for name in ("moe_dropped_fraction", "moe_expert_load"):
-        if name in out:
-            scored[name] = out[name]
     return scored
+
+
+def moe_stats(dropped_fraction: jax.Array, expert_load: jax.Array) -> dict[str, jax.Array]:
+    """Logged MoE routing statistics of one forward: dropped fraction and expert loads.
+
+    Args:
+        dropped_fraction: float32 scalar, the forward's mean dropped fraction over layers.
+        expert_load: [L, E] float32, each layer's share of the routed choices per expert.
+
+    Returns:
+        ``moe/dropped_fraction``, ``moe/expert_load_max``, ``moe/expert_load_min`` and
+        ``moe/layer{l}/load_max`` for every layer, float32 scalars.
+    """
+    load = jnp.asarray(expert_load, jnp.float32)
+    load = load.reshape(load.shape[0], -1)
+    stats = {
+        "moe/dropped_fraction": jnp.asarray(dropped_fraction, jnp.float32),
+        "moe/expert_load_max": jnp.max(load),
+        "moe/expert_load_min": jnp.min(load),
+    }
+    for layer in range(load.shape[0]):
+        stats[f"moe/layer{layer}/load_max"] = jnp.max(load[layer])
+    return stats
+
+
+def on_policy_loss(loss_fn: Callable, *, micro_batches: int) -> Callable:
+    """``loss_fn`` with the old log-probs taken from its own forward, gradient stopped.
+
+    When each rollout batch gets exactly one optimizer step (one epoch, one minibatch), the
+    parameters that would score the batch are the ones being differentiated, so
+    ``old_logprobs = stop_gradient(logprobs)`` is exactly the recomputed value: the ratio is
+    1 in the forward and its gradient is the policy gradient. This saves one forward of the
+    policy over the batch per step (TRL's GRPO does the same when it takes one step per
+    generation batch). The MoE routing statistics that scoring would have logged come from
+    this forward instead: ``moe/dropped_fraction`` as the mean over the ``micro_batches``
+    micro-batches (each carries ``1 / micro_batches`` of it, and micro-batch metrics are
+    summed), loads as the maximum / minimum over them.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch, apply_fn) -> (loss, metrics)`` reading
+            ``batch['old_logprobs']`` (the PPO and GRPO losses).
+        micro_batches: micro-batches per optimizer step.
+
+    Returns:
+        A loss with the same signature that ignores ``batch['old_logprobs']``.
+    """
+
+    def loss(params, batch, apply_fn):
+        out = apply_fn(params, batch)
+        batch = {**batch, "old_logprobs": jax.lax.stop_gradient(out["logprobs"])}
+        value, metrics = loss_fn(params, batch, lambda p, b: out)
+        metrics = dict(metrics)
+        if "moe_dropped_fraction" in out:
+            stats = moe_stats(
+                jax.lax.stop_gradient(out["moe_dropped_fraction"]),
+                jax.lax.stop_gradient(out["moe_expert_load"]),
+            )
+            stats["moe/dropped_fraction"] = stats["moe/dropped_fraction"] / micro_batches
+            metrics.update(stats)
+        return value, metrics
+
+    return loss
 
 
 def shaped_rewards(
