@@ -136,6 +136,9 @@ def default_config() -> ml_collections.ConfigDict:
     train = config.train
     train.epochs = 2  # passes over each rollout batch (PPO epochs)
     train.minibatches = 2  # optimizer steps per epoch
+    # With epochs = minibatches = 1 (one step per rollout batch) and no critic or
+    # KL-in-reward, the old log-probs come from the update's own forward (exact; no separate
+    # scoring forward under the policy).
     train.micro_batches = 1  # gradient-accumulation splits of each minibatch
     train.router_replay = False  # train MoE layers on the experts the rollout chose
     train.max_consecutive_skips = 3  # stop after this many non-finite updates in a row
