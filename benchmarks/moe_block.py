@@ -20,9 +20,20 @@ times that for forward+backward; the router and dispatch are not counted. Every 
 once per round, rounds interleave the cases (the machine is shared), and each figure is the
 best round (the median is printed too).
 
+``--decode`` measures the block at decoding size instead: T = 32 tokens (a batch of 32
+sequences, one new token each), the same D, F, E and top-2, float32, dropless and at capacity
+factors 1.25 and 4 (C = T = 32). Each figure is the time per call of a jitted ``fori_loop``
+of 64 calls on 64 different inputs (so no call can be hoisted). References in the same run:
+the floor, one gate/up + down matmul pair over the 64 useful rows (one expert's weights), and
+8 experts of exactly 8 rows each as one batched matmul pair (perfectly balanced routing, no
+dispatch); and the block forced onto the layouts it uses for large groups (grouped rows
+dropless, capacity slabs otherwise), which is what decoding ran before small groups got their
+own path.
+
 Usage:
     python benchmarks/moe_block.py [--rounds 7] [--threads N] [--skip-reference]
         [--skip-scaling]
+    python benchmarks/moe_block.py --decode [--rounds 15]
 
 ``--threads N`` gives both sides N threads (XLA through ``XLA_FLAGS``, torch through
 ``set_num_threads``); the default is every core. On a shared, loaded machine ``--threads 1``
@@ -36,6 +47,7 @@ tokens/s) comes last.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -164,12 +176,102 @@ def build_reference(timer: Timer, params, x, c, threads: int) -> float | None:
     return float(np.abs(y_ours - y_hf).max())
 
 
+DECODE_TOKENS, DECODE_CALLS = 32, 64
+# Capacity factor 4 gives C = T = 32: the slabs every expert-parallel mesh used to run.
+DECODE_FACTORS = {"dropless": None, "cf1.25": 1.25, "cf4.0": 4.0}
+
+
+def run_decode(rounds: int) -> None:
+    """Per-call time of the block at decoding size (see the module docstring)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from novarl_jax.core.distributed import MoERouterConfig
+    from novarl_jax.models import moe
+
+    t, n, d, f, e = DECODE_TOKENS, DECODE_CALLS, HIDDEN, INTERMEDIATE, EXPERTS
+    print(f"# decode: T={t} tokens per call, D={d}, F={f}, E={e}, top-{TOP_K}, float32; "
+          f"{n} calls per jitted fori_loop")  # fmt: skip
+    params = moe.init_moe_params(jax.random.key(0), d, f, e)
+    xs = jax.random.normal(jax.random.key(1), (n, t, 1, d), jnp.float32)
+    timer = Timer()
+
+    def calls(fn, inputs, shape):
+        @jax.jit
+        def run(params, inputs):
+            def body(i, acc):
+                return acc + fn(params, inputs[i])
+
+            return lax.fori_loop(0, n, body, jnp.zeros(shape, jnp.float32))
+
+        return lambda: jax.block_until_ready(run(params, inputs))
+
+    dropped = {}
+    for tag, factor in DECODE_FACTORS.items():
+        router = MoERouterConfig(num_experts=e, top_k=TOP_K, capacity_factor=factor)
+        aux = [moe.moe_forward(params, xs[i], router)[1] for i in range(n)]
+        dropped[tag] = float(sum(a["dropped_fraction"] for a in aux) / n)
+        block = functools.partial(moe.moe_forward, router=router)
+        timer.add(f"decode_{tag}", calls(lambda p, x, b=block: b(p, x)[0], xs, (t, 1, d)))
+        # The layouts of large groups, forced (the threshold is read when tracing).
+        saved = moe._SLOT_MAX_CHOICES
+        moe._SLOT_MAX_CHOICES = 0
+        try:
+            timer.add(f"decode_{tag}_large_group_path",
+                      calls(lambda p, x, b=block: b(p, x)[0], xs, (t, 1, d)))  # fmt: skip
+        finally:
+            moe._SLOT_MAX_CHOICES = saved
+
+    rows = t * TOP_K
+    x_rows = jax.random.normal(jax.random.key(2), (n, rows, d), jnp.float32)
+
+    def pair(p, x):
+        h = x @ p["w_gate_up"][0].reshape(d, 2 * f)
+        return (jax.nn.silu(h[:, :f]) * h[:, f:]) @ p["w_down"][0]
+
+    timer.add("floor_pair", calls(pair, x_rows, (rows, d)))
+    x_slabs = x_rows.reshape(n, e, rows // e, d)
+
+    def balanced(p, x):
+        h = jnp.einsum("ecd,edg->ecg", x, p["w_gate_up"].reshape(e, d, 2 * f))
+        return jnp.einsum("ecf,efd->ecd", jax.nn.silu(h[..., :f]) * h[..., f:], p["w_down"])
+
+    timer.add("balanced_experts", calls(balanced, x_slabs, (e, rows // e, d)))
+    timer.run(rounds)
+
+    def per_call(name: str) -> float:
+        return timer.best(name) / n * 1e3
+
+    def show(name: str, tag: str) -> None:
+        print(f"# {name}: best {per_call(name):.3f} ms/call, median "
+              f"{timer.median(name) / n * 1e3:.3f} over {rounds} rounds ({tag})")  # fmt: skip
+
+    show("floor_pair", f"one expert's matmul pair over the {rows} useful rows")
+    show("balanced_experts", f"{e} experts x {rows // e} rows, one batched matmul pair")
+    result("decode_floor_pair_ms", per_call("floor_pair"), "ms/call")
+    result("decode_balanced_experts_ms", per_call("balanced_experts"), "ms/call")
+    for tag in DECODE_FACTORS:
+        for name in (f"decode_{tag}_large_group_path", f"decode_{tag}"):
+            show(name, f"dropped {dropped[tag]:.4f}")
+            result(f"{name}_ms", per_call(name), "ms/call")
+        result(f"decode_{tag}_vs_floor_pair", per_call(f"decode_{tag}") / per_call("floor_pair"),
+               "x")  # fmt: skip
+        result(
+            f"decode_{tag}_speedup_vs_large_group_path",
+            per_call(f"decode_{tag}_large_group_path") / per_call(f"decode_{tag}"),
+            "x",
+        )
+    result("decode_dropless_ms", per_call("decode_dropless"), "ms/call")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--decode", action="store_true", help="the block at decoding size")
     args = parser.parse_args()
     if args.threads < (os.cpu_count() or 1):  # must be set before jax is imported
         flags = f"--xla_cpu_multi_thread_eigen={str(args.threads > 1).lower()} "
@@ -181,6 +283,9 @@ def main() -> None:
 
     print(f"# jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores, "
           f"{args.threads} threads per side")  # fmt: skip
+    if args.decode:
+        run_decode(args.rounds)
+        return
     print(f"# {TOKENS} tokens, D={HIDDEN}, F={INTERMEDIATE}, E={EXPERTS}, top-{TOP_K}, float32")
     timer = Timer()
     a = jax.random.normal(jax.random.key(3), (MATMUL_N, MATMUL_N), jnp.float32)

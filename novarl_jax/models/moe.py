@@ -36,6 +36,13 @@ weight gradients into the expert's slab in place. Two buffer layouts:
   run as power-of-two chunks of blocks. Used for dropless routing without expert parallelism,
   so dropless costs a few percent of padding rather than a worst-case capacity.
 
+Small routing groups (at most ``_SLOT_MAX_CHOICES`` choices T*K, e.g. decoding one token per
+sequence) take neither: with a handful of rows per expert, copying each expert's weight slices
+for its own matmuls costs more than the matmuls. They use capacity slots cut to ``[E, c, D]``,
+c the smallest of a few sizes that holds the busiest expert's load (a ``lax.switch`` over the
+sizes), and run all experts as one batched matmul pair. Routing, drops and statistics are the
+capacity layout's, so the results are the same as the other layouts'.
+
 ``impl='ragged'`` runs the grouped rows unpadded through :func:`jax.lax.ragged_dot` (grouped
 matmul kernels on GPU/TPU; on CPU it is about ten times slower than the dense loop).
 
@@ -400,7 +407,11 @@ def _route_plan(
         neg_p = -choice_probs.reshape(n).astype(jnp.float32)
         sorted_e, _, order = lax.sort((keys, neg_p, iota), num_keys=2, is_stable=True)
     # starts[j]: first sorted index of expert j; starts[E] = number of non-padding choices.
-    starts = jnp.searchsorted(sorted_e, jnp.arange(e + 1, dtype=jnp.int32), side="left")
+    # (A scan's while loop costs more than comparing all pairs when there are few choices.)
+    method = "compare_all" if n * (e + 1) <= 2**14 else "scan"
+    starts = jnp.searchsorted(
+        sorted_e, jnp.arange(e + 1, dtype=jnp.int32), side="left", method=method
+    )
     starts = starts.astype(jnp.int32)
     counts = starts[1:] - starts[:-1]
     rank = iota - starts[sorted_e]  # rank of each sorted choice within its expert
@@ -674,6 +685,167 @@ def _experts_ragged(
 
 
 # ----------------------------------------------------------------------------------------------
+# Small routing groups (decoding): batched experts over slabs sized to the real loads
+
+# Groups of at most this many choices (T * K) take the slot path. Decoding routes one token
+# per sequence, so its groups are a few dozen tokens with a handful of choices per expert.
+_SLOT_MAX_CHOICES = 256
+
+
+def _slot_sizes(capacity: int, steps: tuple[int, ...] = (4, 5, 6, 7)) -> tuple[int, ...]:
+    """Slab sizes the slot path picks from, the capacity C last.
+
+    By default 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ... <= C: steps of a quarter of a power
+    of two keep the rows computed within 25% of the busiest expert's load (the slab must hold
+    it). Below 8 rows the experts' weights, not their rows, bound the time, so smaller slabs
+    would not be faster. ``steps=(4,)`` gives powers of two, for the backward pass: each size is
+    a branch to compile, and a backward branch costs about three forward ones.
+    """
+    sizes = []
+    power = 8
+    while power < capacity:
+        sizes += [power * q // 4 for q in steps]
+        power *= 2
+    return tuple(sorted({min(size, capacity) for size in sizes} | {capacity}))
+
+
+def _slot_index(sizes: tuple[int, ...], load: jax.Array) -> jax.Array:
+    """Index of the smallest size >= load (the last one if none)."""
+    return jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < load, dtype=jnp.int32)
+
+
+def _slot_experts(xt, w_gate_up, w_down, plan, *, capacity, top_k, axes):
+    """Experts over ``[E, c, D]`` slabs, c the smallest slot size that holds every kept load.
+
+    The routing plan is the capacity layout's (``[E, C]`` slots, C the true capacity, so
+    drops are the same); only the slabs shrink from C to ``c`` rows. Each size is a branch of
+    one ``lax.switch`` running two batched matmuls over all experts at once: a single XLA
+    batched dot reads each expert's weights where they lie, whereas a loop over experts
+    copies each expert's weight slices, which at a few rows per expert costs more than the
+    matmuls. With experts split over a mesh, every shard takes the same branch (the load is
+    a maximum over the data axes), so the ``all_to_all`` inside it has the same shape on all.
+
+    Returns:
+        [T, K, D] each choice's expert output (zeros where not placed).
+    """
+    load = jnp.max(jnp.minimum(plan.counts, capacity))
+    if axes.expert_size > 1:
+        load = lax.pmax(load, _axis_arg(axes.data))
+    # Mesh-varying casts before the custom VJP: their transposes are the gradients' psums.
+    xt, w_gate_up, w_down = _join_varying(xt, w_gate_up, w_down)
+    expert_axes = axes.expert if axes.expert_size > 1 else ()
+    # Gate and up as one 2F axis: a dot contracting two axes gets its operand transposed.
+    w_gate_up = w_gate_up.reshape(*w_gate_up.shape[:2], -1)
+    return _slot_ffn(
+        xt, w_gate_up, w_down, plan.row_of_choice, plan.choice_of_row, load, capacity, top_k,
+        expert_axes,
+    )  # fmt: skip
+
+
+class _SlotMaps(NamedTuple):
+    """Row maps of one slab size c: the capacity layout's maps with C rows per expert cut to c."""
+
+    row_of_choice: jax.Array  # [T, K] int32, E*c = not placed
+    choice_of_row: jax.Array  # [E*c] int32, T*K = empty slot
+    token_of_row: jax.Array  # [E*c] int32, T = empty slot
+
+
+def _slot_maps(c, row_of_choice, choice_of_row, capacity, top_k) -> _SlotMaps:
+    e = choice_of_row.shape[0] // capacity
+    placed = row_of_choice < e * capacity
+    rows = (row_of_choice // capacity) * c + row_of_choice % capacity
+    cut = choice_of_row.reshape(e, capacity)[:, :c].reshape(e * c)
+    return _SlotMaps(jnp.where(placed, rows, e * c), cut, cut // top_k)
+
+
+def _slot_hidden(c, xt, w_gate_up, maps: _SlotMaps, expert_axes):
+    """Slab size c: the gathered slabs [E_local, R, D] and their gate/up product."""
+    e = maps.choice_of_row.shape[0] // c
+    buf = _take_rows(xt, maps.token_of_row).reshape(e, c, xt.shape[1])
+    if expert_axes:
+        # Slab j of every shard goes to shard j, which owns experts [j*E/ep, (j+1)*E/ep).
+        buf = lax.all_to_all(buf, _axis_arg(expert_axes), 0, 1, tiled=True)
+    return buf, jnp.einsum("ecd,edg->ecg", buf, w_gate_up)
+
+
+def _slot_back(out, maps: _SlotMaps, expert_axes):
+    """Local expert outputs [E_local, R, D] -> per-choice rows [T, K, D]."""
+    if expert_axes:
+        out = lax.all_to_all(out, _axis_arg(expert_axes), 1, 0, tiled=True)
+    return _take_rows(out.reshape(-1, out.shape[-1]), maps.row_of_choice)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _slot_ffn(xt, w_gate_up, w_down, row_of_choice, choice_of_row, load, capacity, top_k,
+              expert_axes):  # fmt: skip
+    """SwiGLU experts over ``[E, c, D]`` slabs, c a slot size >= load: xt [T, D] -> [T, K, D].
+
+    ``w_gate_up`` is [E, D, 2F] (gate and up on one axis); ``row_of_choice`` [T, K] and
+    ``choice_of_row`` [E*C] are the capacity layout's maps, C = ``capacity``; ``load`` is the
+    most choices any expert keeps. The VJP keeps only the inputs and recomputes the slab's
+    forward in a second switch (over fewer sizes) before the four gradient matmuls: had JAX
+    differentiated the switch, its residuals would be every branch's, zero-filled for the
+    branches not taken.
+    """
+    sizes = _slot_sizes(capacity)
+
+    def branch(c, xt, w_gate_up, w_down):
+        maps = _slot_maps(c, row_of_choice, choice_of_row, capacity, top_k)
+        buf, h = _slot_hidden(c, xt, w_gate_up, maps, expert_axes)
+        act = _swiglu(h.reshape(*h.shape[:2], 2, -1))
+        out = jnp.einsum("ecf,efd->ecd", act, w_down).astype(xt.dtype)
+        return _slot_back(out, maps, expert_axes)
+
+    branches = [functools.partial(branch, c) for c in sizes]
+    return lax.switch(_slot_index(sizes, load), branches, xt, w_gate_up, w_down)
+
+
+def _slot_ffn_fwd(xt, w_gate_up, w_down, row_of_choice, choice_of_row, load, capacity, top_k,
+                  expert_axes):  # fmt: skip
+    out = _slot_ffn(
+        xt, w_gate_up, w_down, row_of_choice, choice_of_row, load, capacity, top_k, expert_axes
+    )
+    return out, (xt, w_gate_up, w_down, row_of_choice, choice_of_row, load)
+
+
+def _slot_ffn_bwd(capacity, top_k, expert_axes, res, dchoices):
+    xt, w_gate_up, w_down, row_of_choice, choice_of_row, load = res
+    sizes = _slot_sizes(capacity, steps=(4,))
+    acc = jnp.promote_types(w_gate_up.dtype, jnp.float32)  # accumulate weight grads in f32
+
+    def branch(c, xt, w_gate_up, w_down, dchoices):
+        maps = _slot_maps(c, row_of_choice, choice_of_row, capacity, top_k)
+        buf, h = _slot_hidden(c, xt, w_gate_up, maps, expert_axes)
+        local, rows, d = buf.shape
+        act, dact = _swiglu_with_derivatives(h.reshape(local * rows, 2, -1))
+        act = act.reshape(local, rows, -1).astype(xt.dtype)
+        dact = dact.reshape(local, rows, 2, -1).astype(xt.dtype)
+        # The transpose of _slot_back: gather each slot's choice gradient, send it home.
+        flat = dchoices.reshape(-1, d)
+        dout = _take_rows(flat, maps.choice_of_row).reshape(-1, c, d)
+        if expert_axes:
+            dout = lax.all_to_all(dout, _axis_arg(expert_axes), 0, 1, tiled=True)
+        dw_down = jnp.einsum("ecf,ecd->efd", act, dout, preferred_element_type=acc)
+        da = jnp.einsum("ecd,efd->ecf", dout, w_down)
+        dh = (da[:, :, None, :] * dact).astype(xt.dtype).reshape(local, rows, -1)
+        dw_gate_up = jnp.einsum("ecd,ecg->edg", buf, dh, preferred_element_type=acc)
+        dbuf = jnp.einsum("ecg,edg->ecd", dh, w_gate_up).astype(xt.dtype)
+        if expert_axes:
+            dbuf = lax.all_to_all(dbuf, _axis_arg(expert_axes), 1, 0, tiled=True)
+        # The transpose of the gather: each token sums its K slots' gradients.
+        dxt = _take_rows(dbuf.reshape(-1, d), maps.row_of_choice).sum(axis=1)
+        return dxt, dw_gate_up.astype(w_gate_up.dtype), dw_down.astype(w_down.dtype)
+
+    branches = [functools.partial(branch, c) for c in sizes]
+    index = _slot_index(sizes, load)
+    dxt, dw_gate_up, dw_down = lax.switch(index, branches, xt, w_gate_up, w_down, dchoices)
+    return dxt, dw_gate_up, dw_down, None, None, None
+
+
+_slot_ffn.defvjp(_slot_ffn_fwd, _slot_ffn_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
 # The block
 
 
@@ -767,37 +939,16 @@ def moe_forward_local(
     )
 
 
-def _moe_group(params, x, token_mask, routing, *, router, train, impl, axes: _MeshAxes):
-    b, s, d = x.shape
-    t, k, e = b * s, router.top_k, router.num_experts
-    xt = x.reshape(t, d)
-    valid = jnp.ones((t,), bool) if token_mask is None else token_mask.reshape(t) > 0
-    experts, gates, probs, lse = _router_outputs(
-        params, xt, router, None if routing is None else routing.reshape(t, k)
-    )
+def _experts_in_layout(xt, w_gate_up, w_down, plan, *, layout, capacity, block, top_k, axes):
+    """Experts over the grouped ('blocks', 'ragged') or capacity-slab buffer of ``plan``.
 
-    factor = router.capacity_factor
-    if not train and router.eval_capacity_factor is not None:
-        factor = router.eval_capacity_factor
-    # No expert takes more than t choices (a token picks an expert at most once).
-    capacity = min(router.capacity(t, train=train), t)
-    if axes.expert_size > 1:
-        layout = "capacity"  # all_to_all needs fixed [E, C, D] slabs
-    elif impl == "ragged":
-        layout = "ragged"
-    else:
-        layout = "blocks" if factor is None else "capacity"
-    block = _block_size(min(t * k, e * capacity), e)
-    choice_probs = jnp.take_along_axis(probs, experts, axis=-1)
-    plan = _route_plan(
-        experts, valid, lax.stop_gradient(choice_probs),
-        num_experts=e, capacity=capacity, drop_policy=router.drop_policy,
-        layout=layout, block=block,
-    )  # fmt: skip
-
-    token_of_row = plan.choice_of_row // k  # sentinel T*K -> T (a zero row)
+    Returns:
+        [T, K, D] each choice's expert output (zeros where not placed).
+    """
+    e = plan.counts.shape[0]
+    d = xt.shape[1]
+    token_of_row = plan.choice_of_row // top_k  # sentinel T*K -> T (a zero row)
     buf = _dispatch(xt, token_of_row, plan.row_of_choice)  # [R, D]
-    w_gate_up, w_down = params["w_gate_up"], params["w_down"]
     if layout == "ragged":
         out = _experts_ragged(buf, w_gate_up, w_down, plan.group_sizes)
     elif layout == "blocks":
@@ -822,7 +973,46 @@ def _moe_group(params, x, token_mask, routing, *, router, train, impl, axes: _Me
             out = lax.all_to_all(out, _axis_arg(axes.expert), 1, 0, tiled=True)
             out = out.reshape(e * capacity, d)
 
-    choices = _collect(out, plan.row_of_choice, plan.choice_of_row)  # [T, K, D]
+    return _collect(out, plan.row_of_choice, plan.choice_of_row)  # [T, K, D]
+
+
+def _moe_group(params, x, token_mask, routing, *, router, train, impl, axes: _MeshAxes):
+    b, s, d = x.shape
+    t, k, e = b * s, router.top_k, router.num_experts
+    xt = x.reshape(t, d)
+    valid = jnp.ones((t,), bool) if token_mask is None else token_mask.reshape(t) > 0
+    experts, gates, probs, lse = _router_outputs(
+        params, xt, router, None if routing is None else routing.reshape(t, k)
+    )
+
+    factor = router.capacity_factor
+    if not train and router.eval_capacity_factor is not None:
+        factor = router.eval_capacity_factor
+    # No expert takes more than t choices (a token picks an expert at most once).
+    capacity = min(router.capacity(t, train=train), t)
+    slots = impl == "dense" and t * k <= _SLOT_MAX_CHOICES
+    if axes.expert_size > 1 or slots:
+        layout = "capacity"  # all_to_all needs fixed [E, C, D] slabs; slots shrink them
+    elif impl == "ragged":
+        layout = "ragged"
+    else:
+        layout = "blocks" if factor is None else "capacity"
+    block = _block_size(min(t * k, e * capacity), e)
+    choice_probs = jnp.take_along_axis(probs, experts, axis=-1)
+    plan = _route_plan(
+        experts, valid, lax.stop_gradient(choice_probs),
+        num_experts=e, capacity=capacity, drop_policy=router.drop_policy,
+        layout=layout, block=block,
+    )  # fmt: skip
+
+    w_gate_up, w_down = params["w_gate_up"], params["w_down"]
+    if slots:
+        choices = _slot_experts(xt, w_gate_up, w_down, plan, capacity=capacity, top_k=k, axes=axes)
+    else:
+        choices = _experts_in_layout(
+            xt, w_gate_up, w_down, plan, layout=layout, capacity=capacity, block=block,
+            top_k=k, axes=axes,
+        )  # fmt: skip
     # A multiply-and-sum, not an einsum: XLA would make the latter T tiny matmuls.
     y = jnp.sum(choices * gates.astype(choices.dtype)[..., None], axis=1)
     if axes.tensor:
@@ -946,9 +1136,11 @@ def moe_forward(
             earlier call); gate weights are recomputed from the current router at those
             experts. Capacity and drops are decided afresh.
         train: capacity from ``capacity_factor`` (True) or ``eval_capacity_factor`` (False).
-        impl: 'dense' (a loop of plain matmuls over padded expert chunks; fastest on CPU) or
-            'ragged' (``lax.ragged_dot`` over the unpadded expert-sorted rows, for GPU/TPU;
-            used without expert parallelism, else 'dense').
+        impl: 'dense' (a loop of plain matmuls over padded expert chunks; small routing
+            groups such as decoding steps run all experts as one batched matmul over slabs
+            sized to the loads; fastest on CPU) or 'ragged' (``lax.ragged_dot`` over the
+            unpadded expert-sorted rows, for GPU/TPU; used without expert parallelism, else
+            'dense').
 
     Returns:
         ``(y, aux)``: y [B, S, D] of x's dtype; aux with 'aux_loss', 'z_loss',

@@ -2,6 +2,10 @@
 
 The oracles: ``moe_reference`` (a per-expert loop with no capacity) for dropless routing, and
 ``np_moe`` below, a NumPy float64 loop that applies the capacity/drop rule choice by choice.
+
+The test batches (64 tokens, 128 choices) are small routing groups, which take the block's
+small-group path (slabs sized to the real loads); tests that take the ``large_groups``
+fixture force the layouts of large groups (grouped rows, capacity slabs) on the same inputs.
 """
 
 import functools
@@ -30,6 +34,12 @@ def make_params(key=0, num_experts=E, scale=20.0):
 
 def make_x(key=1, batch=B, seq=S):
     return jax.random.normal(jax.random.key(key), (batch, seq, D), jnp.float32)
+
+
+@pytest.fixture
+def large_groups(monkeypatch):
+    """Routes every group as a large one (grouped rows dropless, capacity slabs otherwise)."""
+    monkeypatch.setattr(moe, "_SLOT_MAX_CHOICES", 0)
 
 
 def router_cfg(**kw):
@@ -259,9 +269,15 @@ def test_conversion_errors():
 # Dropless routing equals the per-expert loop
 
 
-@pytest.mark.parametrize("impl", ["dense", "ragged"])
-@pytest.mark.parametrize("use_jit", [True, False])
-def test_dropless_matches_reference_values_and_grads(impl, use_jit):
+@pytest.mark.parametrize(
+    ("impl", "use_jit"),
+    [("dense", True), ("dense", False), ("ragged", True), ("ragged", False),
+     ("dense-large-groups", True)],
+)  # fmt: skip
+def test_dropless_matches_reference_values_and_grads(impl, use_jit, monkeypatch):
+    if impl == "dense-large-groups":
+        monkeypatch.setattr(moe, "_SLOT_MAX_CHOICES", 0)
+        impl = "dense"
     router = router_cfg()
     params, x = make_params(), make_x()
     ours, ref = loss_fns(router, impl=impl)
@@ -306,6 +322,14 @@ LAYOUTS = [(1, 2, 1), (2, 1, 1), (2, 2, 1), (4, 1, 1), (4, 2, 1), (8, 1, 1), (2,
 
 @pytest.mark.parametrize(("ep", "tp", "pp"), LAYOUTS, ids=lambda v: str(v))
 def test_mesh_dropless_matches_reference_and_single_device(ep, tp, pp, devices):
+    check_mesh_dropless(ep, tp, pp, devices)
+
+
+def test_mesh_dropless_large_groups(devices, large_groups):
+    check_mesh_dropless(2, 2, 1, devices)
+
+
+def check_mesh_dropless(ep, tp, pp, devices):
     layout = ParallelLayout(dp=8 // (ep * tp * pp), ep=ep, tp=tp, pp=pp)
     mesh = layout.make_mesh(devices)
     router = router_cfg()
@@ -322,11 +346,100 @@ def test_mesh_dropless_matches_reference_and_single_device(ep, tp, pp, devices):
 
 
 # ----------------------------------------------------------------------------------------------
+# Small routing groups: slabs sized to the busiest expert
+
+
+def test_slot_sizes_step_by_at_most_a_quarter_up_to_the_capacity():
+    assert moe._slot_sizes(32) == (8, 10, 12, 14, 16, 20, 24, 28, 32)
+    assert moe._slot_sizes(20) == (8, 10, 12, 14, 16, 20)
+    assert moe._slot_sizes(8) == (8,)
+    assert moe._slot_sizes(5) == (5,)
+    assert moe._slot_sizes(40, steps=(4,)) == (8, 16, 32, 40)  # the backward pass's sizes
+    for capacity in range(1, 300):
+        sizes = moe._slot_sizes(capacity)
+        assert sizes[-1] == capacity and list(sizes) == sorted(set(sizes))
+        assert all(b <= 1.25 * a for a, b in zip(sizes, sizes[1:], strict=False))
+
+
+def spread_routing(tokens, crowded=0):
+    """[tokens, K] choices spread evenly over the experts, the first ``crowded`` on 0 and 1."""
+    t = np.arange(tokens)
+    routing = np.stack([t % E, (t + 1) % E], axis=-1)
+    routing[:crowded] = [0, 1]
+    return routing
+
+
+def grad_fn(router, mesh=None):
+    """A fresh jitted value-and-grad of <y, c> (fresh, so that it traces the current path).
+
+    Called as ``fn(params, x, c, mask, routing)``: arrays as arguments, so that test cases of
+    the same shapes share one compiled program.
+    """
+
+    def loss(params, x, c, mask, routing):
+        y, aux = moe.moe_forward(params, x, router, mesh=mesh, token_mask=mask, routing=routing)
+        return jnp.sum(y * c), (y, aux)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+@pytest.mark.parametrize("factor", [None, 0.75])
+@pytest.mark.parametrize("crowded", [0, B * S // 2, B * S], ids=["even", "half", "all"])
+def test_small_groups_match_numpy_and_the_large_group_path(factor, crowded, monkeypatch):
+    # Loads from even (16 choices per expert: a 16-row slab) to every token on experts 0 and 1
+    # (the largest slab, C rows); a slab smaller than the busiest expert would drop choices.
+    router = router_cfg(capacity_factor=factor)
+    params, x = make_params(), make_x()
+    mask = jnp.asarray(np.random.default_rng(8).random((B, S)) > 0.2, jnp.int32)
+    routing = jnp.asarray(spread_routing(B * S, crowded).reshape(B, S, K), jnp.int32)
+    args = (params, x, jax.random.normal(jax.random.key(7), x.shape), mask, routing)
+    (_, (y, aux)), g = grad_fn(router)(*args)
+    monkeypatch.setattr(moe, "_SLOT_MAX_CHOICES", 0)
+    (_, (y_large, aux_large)), g_large = grad_fn(router)(*args)
+    y_np, aux_np, _ = np_moe(params, x, router, mask=mask, routing=routing)
+    np.testing.assert_allclose(np.asarray(y), y_np, rtol=1e-4, atol=1e-4)
+    assert_aux_close(aux, aux_np)
+    if factor is not None and crowded:
+        assert aux_np["dropped_fraction"] > 0.1
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_large), rtol=1e-5, atol=1e-6)
+    assert_tree_close(g, g_large)
+    for key in ("aux_loss", "z_loss", "dropped_fraction", "expert_load", "routing"):
+        np.testing.assert_array_equal(np.asarray(aux[key]), np.asarray(aux_large[key]))
+
+
+@pytest.mark.parametrize("factor", [None, 2.5])
+def test_decode_sized_groups_under_an_expert_parallel_mesh(factor, devices, monkeypatch):
+    # One token per sequence, 16 per routing group (4 data shards), C = 16 dropless or 10.
+    # The first shard crowds experts 0 and 1 (a C-row slab), the others spread (8 rows): all
+    # shards must run the same slab size, or the all_to_all between them would not match.
+    mesh = ParallelLayout(dp=2, ep=2, tp=2).make_mesh(devices)
+    router = router_cfg(capacity_factor=factor)
+    params, x = make_params(), make_x(batch=64, seq=1)
+    routing = jnp.asarray(spread_routing(64, crowded=16).reshape(64, 1, K), jnp.int32)
+    mask = jnp.ones(x.shape[:2], jnp.int32)
+    args = (params, x, jax.random.normal(jax.random.key(7), x.shape), mask, routing)
+    (_, (y, aux)), g = grad_fn(router, mesh)(*args)
+    monkeypatch.setattr(moe, "_SLOT_MAX_CHOICES", 0)
+    (_, (y_large, aux_large)), g_large = grad_fn(router, mesh)(*args)
+    y_np, aux_np, _ = np_moe(params, x, router, groups=4, routing=routing)
+    if factor is not None:
+        assert aux_np["dropped_fraction"] > 0.05
+    np.testing.assert_allclose(np.asarray(y), y_np, rtol=1e-4, atol=1e-4)
+    assert_aux_close(aux, aux_np)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_large), rtol=1e-5, atol=1e-6)
+    assert_tree_close(g, g_large)
+
+
+# ----------------------------------------------------------------------------------------------
 # Capacity and the drop rule
 
 
-@pytest.mark.parametrize("policy", ["position", "probs"])
-def test_drop_rule_matches_numpy(policy):
+@pytest.mark.parametrize(
+    ("policy", "groups"), [("position", "small"), ("probs", "small"), ("position", "large")]
+)
+def test_drop_rule_matches_numpy(policy, groups, monkeypatch):
+    if groups == "large":
+        monkeypatch.setattr(moe, "_SLOT_MAX_CHOICES", 0)
     router = router_cfg(capacity_factor=0.5, drop_policy=policy)
     params, x = make_params(), make_x()
     y, aux = jax.jit(functools.partial(moe.moe_forward, router=router))(params, x)
@@ -371,8 +484,12 @@ def test_probs_policy_keeps_the_most_probable_choices():
             assert p_choice[sel & kp].min() >= p_choice[sel & ~kp].max()
 
 
-@pytest.mark.parametrize("policy", ["position", "probs"])
-def test_mesh_capacity_routes_per_shard_and_stats_are_global(policy, devices):
+@pytest.mark.parametrize(
+    ("policy", "groups"), [("position", "small"), ("probs", "small"), ("position", "large")]
+)
+def test_mesh_capacity_routes_per_shard_and_stats_are_global(policy, groups, devices, monkeypatch):
+    if groups == "large":
+        monkeypatch.setattr(moe, "_SLOT_MAX_CHOICES", 0)
     mesh = ParallelLayout(dp=2, ep=2, tp=2).make_mesh(devices)
     router = router_cfg(capacity_factor=0.75, drop_policy=policy)
     params, x = make_params(), make_x()
@@ -562,7 +679,7 @@ def test_mesh_pads_a_batch_the_data_axes_do_not_divide(devices):
 
 
 @pytest.mark.parametrize("factor", [None, 1.25])
-def test_small_chunks_split_experts_and_slabs(factor, monkeypatch):
+def test_small_chunks_split_experts_and_slabs(factor, monkeypatch, large_groups):
     # Chunks of 16 rows: dropless experts run as full chunks in a loop plus binary-digit
     # remainders, and capacity slabs (C = 20) as a 16-row chunk plus a 4-row remainder.
     monkeypatch.setattr(moe, "_CHUNK_ELEMENTS", 16 * F)
