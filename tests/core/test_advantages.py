@@ -154,7 +154,7 @@ def test_gae_matches_numpy_double_loop(batch, num_tokens, gamma, lam, seed, hole
 @pytest.mark.parametrize("num_tokens", [31, 32, 70])
 @pytest.mark.parametrize("lam", [0.0, 0.9, 1.0])
 def test_gae_both_paths_over_several_blocks(num_tokens, lam):
-    """Blocked path (contiguous masks, right- and left-padded) and scan path (holes)."""
+    """Matmul path (contiguous masks, right- and left-padded) and scan path (holes)."""
     rng = np.random.default_rng(num_tokens)
     rewards, values, _ = random_inputs(num_tokens, 6, num_tokens)
     starts = rng.integers(0, num_tokens, size=6)
@@ -167,7 +167,7 @@ def test_gae_both_paths_over_several_blocks(num_tokens, lam):
     valid = jnp.asarray(contiguous != 0)
     gamma, gamma_lam = jnp.float32(0.97), jnp.float32(0.97 * lam)
     want_adv, _ = np_gae(rewards, values, contiguous, 0.97, lam)
-    blocked = jax.jit(adv._gae_blocked)(rewards, values, valid, gamma, gamma_lam)
+    blocked = jax.jit(adv._gae_contiguous)(rewards, values, valid, gamma, gamma_lam)
     np.testing.assert_allclose(blocked, want_adv, rtol=2e-5, atol=2e-5)
     scanned = jax.jit(adv._gae_scan)(rewards, values, valid, gamma, gamma_lam)
     np.testing.assert_allclose(scanned, want_adv, rtol=2e-5, atol=2e-5)
