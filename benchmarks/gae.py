@@ -21,6 +21,12 @@ What is compared, all measured in this one run, on the same random right-padded 
   elementwise kernel that reads and writes exactly the bytes ``gae`` does (the speed of the
   cache level a [256, 1024] working set lives in, a stricter floor).
 
+``--breakdown`` also times, in the same interleaved rounds, the pieces of ``gae`` on the
+right-padded batch: ``check`` (the pass over the mask that picks the path), ``matmul_path``
+(the contiguous-mask path and the returns, without the check and the cond) and ``scan_path``
+(the reverse scan and the returns alone, i.e. a single path that would serve every mask with
+no check). These call private helpers of the advantages module and are diagnostics only.
+
 Every function is timed in interleaved rounds (``--rounds`` x ``--iters`` calls); the script
 prints the median and best per-call time in ms (wall clock) and the process CPU time per call,
 which other load on a shared machine inflates less.
@@ -39,6 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from novarl_jax.core.utils import advantages  # noqa: E402
 from novarl_jax.core.utils.advantages import gae  # noqa: E402
 
 try:
@@ -57,6 +64,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
     parser.add_argument("--copy-mib", type=int, default=256, help="size of the bandwidth probe")
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also time the mask check and each path alone"
+    )
     args = parser.parse_args()
     if args.quick:
         args.batch, args.tokens, args.iters, args.rounds, args.copy_mib = 32, 128, 5, 3, 16
@@ -90,6 +100,34 @@ def numpy_gae_f64_rows(rewards, values, mask, gamma, lam, rows):
                 next_value = float(values[b, t])
                 out[i, t] = next_adv
     return out
+
+
+def _breakdown(r, v, m, rows, want):
+    """Jitted pieces of `gae` for --breakdown, each checked against the float64 rows."""
+    gamma_lam = GAMMA * LAM
+
+    def with_returns(path):
+        def fn(r, v, m):
+            valid = m != 0
+            adv = path(r, v, valid, GAMMA, gamma_lam)
+            return adv, jnp.where(valid, adv + v, 0.0)
+
+        return jax.jit(fn)
+
+    pieces = {
+        "check": jax.jit(advantages._valid_runs_are_contiguous),
+        "matmul_path": with_returns(advantages._gae_contiguous),
+        "scan_path": with_returns(advantages._gae_scan),
+    }
+    assert bool(pieces["check"](m))
+    for name in ("matmul_path", "scan_path"):
+        got = np.asarray(pieces[name](r, v, m)[0])[rows]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+    return {
+        "check": lambda: pieces["check"](m),
+        "matmul_path": lambda: pieces["matmul_path"](r, v, m),
+        "scan_path": lambda: pieces["scan_path"](r, v, m),
+    }
 
 
 def time_interleaved(fns, iters, rounds):
@@ -152,6 +190,8 @@ def main() -> None:
         fns["rlax"] = lambda: rlax_jit(r, v)
     else:
         print("rlax is not installed: skipping the rlax reference (pip install rlax)")
+    if args.breakdown:
+        fns.update(_breakdown(r, v, m, rows, want))
 
     # DRAM bandwidth: an in-place (donated) update of a large array reads and writes it once.
     probe = jnp.zeros((args.copy_mib * 2**20 // 4,), jnp.float32)
@@ -206,6 +246,10 @@ def main() -> None:
     print(f"RESULT gae_over_floor_dram {best('gae') / floor_dram:.2f} x")
     print(f"RESULT gae_floor_stream_ms {best('stream'):.3f} ms")
     print(f"RESULT gae_over_floor_stream {best('gae') / best('stream'):.2f} x")
+    for name in ("check", "matmul_path", "scan_path"):
+        if name in fns:
+            print(f"RESULT gae_breakdown_{name}_ms {ms(wall[name]):.3f} ms")
+            print(f"RESULT gae_breakdown_{name}_best_ms {best(name):.3f} ms")
 
 
 if __name__ == "__main__":

@@ -146,8 +146,8 @@ def gae(
     carries (:func:`_discounted_suffix_sums`). Masks with holes (tool output inside a
     multi-turn response) take a reverse :func:`jax.lax.scan` over time-major copies of the
     inputs that carries each row's next valid value and advantage; that scan alone, serving
-    both cases with no check, measured 2-3x slower than check plus matmul path on a 2-core CPU
-    at ``B = 256, T = 1024`` (``benchmarks/RESULTS.md``).
+    both cases with no check, measured 2-3x slower than the check plus the matmul path on a
+    2-core CPU at ``B = 256, T = 1024`` (``benchmarks/RESULTS.md``).
 
     Args:
         rewards: ``[B, T]`` token rewards (any float dtype; computed in float32).
@@ -194,7 +194,8 @@ def gae(
         mask,
     )
     # Returns outside the cond, from the batch-major advantages: inside the scan branch XLA
-    # fused them into a strided read of the scan's time-major output (that path ran 40% slower).
+    # fused them into a strided read of the scan's time-major output (that path ran 25-40%
+    # slower).
     returns = jnp.where(_valid(mask), advantages + values, 0.0)
     return advantages, returns
 
