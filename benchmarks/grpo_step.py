@@ -51,12 +51,13 @@ shared by their 8 samples) plus the 63 decode steps of the 64 rows (the 64th tok
 forward). The step's model FLOPs divided by our step time is compared with the machine's
 float32 matmul rate measured in the same run (``jnp.dot`` on 2048^3): on wall time (best of
 each), and on CPU time (FLOPs per CPU-second of the step vs of the matmul), which the other
-load on the machine distorts less. Our trainer also runs a scoring forward under the policy
-(old log-probs) that is not part of the model FLOPs; its count is printed separately.
+load on the machine distorts less. With one optimizer step per rollout batch, our trainer
+takes the old log-probs from the update's own forward (``trainer.steps.on_policy_loss``), so
+it runs no scoring forward under the policy; TRL does the same in this setting.
 
 Unless ``--no-breakdown``, our step's pieces are also timed on their own at the end:
-the rollout (``engine.rollout``), the scoring (``_training_batch``: policy and reference
-forwards, advantages and host-side statistics) and the update (``_update``).
+the rollout (``engine.rollout``), the scoring (``_training_batch``: the reference forward,
+advantages and host-side statistics) and the update (``_update``).
 
 Usage:
     python benchmarks/grpo_step.py [--steps 3] [--threads 2] [--trl-threads 1]
@@ -130,7 +131,6 @@ def step_flops() -> dict[str, float]:
         "train_fwd_bwd": 3 * forward,
         "reference_fwd": forward,
         "generation": prefill + decode,
-        "policy_scoring_fwd": forward,  # executed by ours, not counted in the model FLOPs
     }
 
 
