@@ -26,14 +26,19 @@ factors 1.25 and 4 (C = T = 32). Each figure is the time per call of a jitted ``
 of 64 calls on 64 different inputs (so no call can be hoisted). References in the same run:
 the floor, one gate/up + down matmul pair over the 64 useful rows (one expert's weights), and
 8 experts of exactly 8 rows each as one batched matmul pair (perfectly balanced routing, no
-dispatch); and the block forced onto the layouts it uses for large groups (grouped rows
-dropless, capacity slabs otherwise), which is what decoding ran before small groups got their
+dispatch); and the block forced onto the layout it uses for large groups (grouped rows; with
+expert parallelism, capacity slabs), which is what decoding ran before small groups got their
 own path.
+
+The run first calls ``novarl_jax.models.moe.reuse_host_memory`` (glibc keeps freed memory
+for the next call instead of handing back pages the kernel must zero-fill again), as a training
+process should; ``--keep-malloc`` measures with glibc's defaults. The transformers reference
+runs in the same process, so it gets the same allocator either way.
 
 Usage:
     python benchmarks/moe_block.py [--rounds 7] [--threads N] [--skip-reference]
-        [--skip-scaling]
-    python benchmarks/moe_block.py --decode [--rounds 15]
+        [--skip-scaling] [--keep-malloc]
+    python benchmarks/moe_block.py --decode [--rounds 15] [--keep-malloc]
 
 ``--threads N`` gives both sides N threads (XLA through ``XLA_FLAGS``, torch through
 ``set_num_threads``); the default is every core. On a shared, loaded machine ``--threads 1``
@@ -272,17 +277,26 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--decode", action="store_true", help="the block at decoding size")
+    parser.add_argument(
+        "--keep-malloc", action="store_true", help="glibc's malloc defaults (no reuse_host_memory)"
+    )
     args = parser.parse_args()
     if args.threads < (os.cpu_count() or 1):  # must be set before jax is imported
         flags = f"--xla_cpu_multi_thread_eigen={str(args.threads > 1).lower()} "
         flags += f"intra_op_parallelism_threads={args.threads}"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+    # Before JAX's first computation (its threads pick their heaps then); importing is fine.
+    from novarl_jax.models.moe import reuse_host_memory
+
+    reused = False if args.keep_malloc else reuse_host_memory()
 
     import jax
     import jax.numpy as jnp
 
     print(f"# jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores, "
           f"{args.threads} threads per side")  # fmt: skip
+    memory = "reused across calls (reuse_host_memory)" if reused else "glibc malloc defaults"
+    print(f"# host memory: {memory}")
     if args.decode:
         run_decode(args.rounds)
         return

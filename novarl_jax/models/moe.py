@@ -29,12 +29,13 @@ few large chunks of two plain 2D matmuls each (gate and up fused in one), which 
 its matmul peak on CPU, and a custom VJP runs the four backward matmuls per chunk and adds the
 weight gradients into the expert's slab in place. Two buffer layouts:
 
-* capacity slabs ``[E, C, D]``: C rows per expert. Used with a capacity factor, and always
-  when experts are split over an ``ep`` mesh axis (the ``all_to_all`` needs fixed slabs;
-  dropless routing then takes the worst case C = tokens of the group).
+* capacity slabs ``[E, C, D]``: C rows per expert. Used when experts are split over an ``ep``
+  mesh axis (the ``all_to_all`` needs fixed slabs; dropless routing then takes the worst case
+  C = tokens of the group).
 * grouped rows: experts one after another, each padded to a whole number of small blocks and
-  run as power-of-two chunks of blocks. Used for dropless routing without expert parallelism,
-  so dropless costs a few percent of padding rather than a worst-case capacity.
+  run as power-of-two chunks of blocks. Used without expert parallelism, dropless or not, so
+  only the kept choices are computed plus a few percent of padding, rather than a worst-case
+  capacity (dropless) or every expert's full C rows (capacity 1.25 computes 25% padding).
 
 Small routing groups (at most ``_SLOT_MAX_CHOICES`` choices T*K, e.g. decoding one token per
 sequence) take neither: with a handful of rows per expert, copying each expert's weight slices
@@ -74,6 +75,7 @@ data axes, so they are the same as on a single device.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
@@ -985,9 +987,6 @@ def _moe_group(params, x, token_mask, routing, *, router, train, impl, axes: _Me
         params, xt, router, None if routing is None else routing.reshape(t, k)
     )
 
-    factor = router.capacity_factor
-    if not train and router.eval_capacity_factor is not None:
-        factor = router.eval_capacity_factor
     # No expert takes more than t choices (a token picks an expert at most once).
     capacity = min(router.capacity(t, train=train), t)
     slots = impl == "dense" and t * k <= _SLOT_MAX_CHOICES
@@ -996,7 +995,7 @@ def _moe_group(params, x, token_mask, routing, *, router, train, impl, axes: _Me
     elif impl == "ragged":
         layout = "ragged"
     else:
-        layout = "blocks" if factor is None else "capacity"
+        layout = "blocks"
     block = _block_size(min(t * k, e * capacity), e)
     choice_probs = jnp.take_along_axis(probs, experts, axis=-1)
     plan = _route_plan(
@@ -1221,6 +1220,51 @@ def moe_forward(
     if pad:
         y, aux = y[:b], {**aux, "routing": aux["routing"][:b]}
     return y, aux
+
+
+# ----------------------------------------------------------------------------------------------
+# Host memory
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def reuse_host_memory() -> bool:
+    """Makes glibc keep freed host memory for reuse instead of handing it back to the OS.
+
+    XLA:CPU mallocs every buffer of every call (an MoE block's residuals, weight-gradient slabs
+    and outputs run to 100+ MiB a call at 4096 tokens). By default glibc serves requests above
+    32 MiB with fresh ``mmap`` pages, returns freed memory at the top of its heap to the OS, and
+    gives each thread its own heap, so such buffers come back as fresh pages on every call, and
+    the kernel zero-fills fresh pages one page fault at a time: a 64 MiB gradient buffer cost
+    ~18 ms of page faults per call on a 2-core VM, against ~4 ms to fill reused memory. This
+    sets ``M_MMAP_MAX`` to 0 (every request from the heap), ``M_TRIM_THRESHOLD`` to 2 GiB (no
+    shrinking) and ``M_ARENA_MAX`` to 1 (one heap for all threads, so memory XLA's worker
+    threads free is reused by the next call). The costs: the process keeps its peak host
+    memory until it exits, and threads that allocate at the same time share one lock.
+    Process-wide; a no-op (False) without glibc.
+
+    Call it once at start-up, before JAX runs its first computation: threads that already hold
+    a heap of their own keep it (``benchmarks/moe_block.py`` calls it first thing unless given
+    ``--keep-malloc``).
+
+    Returns:
+        True if glibc accepted the settings.
+
+    Example:
+        First thing in a training script, before any JAX computation::
+
+            from novarl_jax.models.moe import reuse_host_memory
+
+            reuse_host_memory()
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):  # not glibc-like (macOS, Windows)
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1))
+    return all(mallopt(option, value) == 1 for option, value in settings)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def make_x(key=1, batch=B, seq=S):
 
 @pytest.fixture
 def large_groups(monkeypatch):
-    """Routes every group as a large one (grouped rows dropless, capacity slabs otherwise)."""
+    """Routes every group as a large one (grouped rows; capacity slabs under expert parallelism)."""
     monkeypatch.setattr(moe, "_SLOT_MAX_CHOICES", 0)
 
 
@@ -680,8 +680,9 @@ def test_mesh_pads_a_batch_the_data_axes_do_not_divide(devices):
 
 @pytest.mark.parametrize("factor", [None, 1.25])
 def test_small_chunks_split_experts_and_slabs(factor, monkeypatch, large_groups):
-    # Chunks of 16 rows: dropless experts run as full chunks in a loop plus binary-digit
-    # remainders, and capacity slabs (C = 20) as a 16-row chunk plus a 4-row remainder.
+    # Chunks of 16 rows: each expert's rows (dropless, or capped at C = 20) run as full chunks
+    # in a loop plus binary-digit remainders. (Capacity slabs, used with expert parallelism,
+    # split into a full chunk and a remainder in the mesh tests.)
     monkeypatch.setattr(moe, "_CHUNK_ELEMENTS", 16 * F)
     monkeypatch.setattr(moe, "_MIN_CHUNK_ROWS", 1)
     router = router_cfg(capacity_factor=factor)
@@ -762,3 +763,40 @@ def test_aux_sums_combine_split_batches_exactly():
     aux_loss = E * float(jnp.sum(sums["counts"] / n * sums["probs"] / n))
     np.testing.assert_allclose(aux_loss, float(whole["aux_loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(sums["z"]) / n, float(whole["z_loss"]), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host memory
+
+
+class FakeLibc:
+    """Records mallopt calls; ``accept`` is what mallopt returns (glibc: 1 = accepted)."""
+
+    def __init__(self, accept=1):
+        self.calls = []
+
+        def mallopt(option, value):  # a function, so that ctypes' argtypes can be set on it
+            self.calls.append((option, value))
+            return accept
+
+        self.mallopt = mallopt
+
+
+@pytest.mark.parametrize("accept", [1, 0])
+def test_reuse_host_memory_sets_glibc_mallopt(accept, monkeypatch):
+    libc = FakeLibc(accept)
+    monkeypatch.setattr(moe.ctypes, "CDLL", lambda name: libc)
+    assert moe.reuse_host_memory() is bool(accept)
+    # M_MMAP_MAX = 0 (no mmap), M_TRIM_THRESHOLD = 2 GiB - 1 (no trimming), M_ARENA_MAX = 1.
+    expected = [(-4, 0), (-1, 2**31 - 1), (-8, 1)]
+    assert libc.calls == (expected if accept else expected[:1])
+
+
+def test_reuse_host_memory_is_a_no_op_without_glibc(monkeypatch):
+    def no_libc(name):
+        raise OSError("no C library here")
+
+    monkeypatch.setattr(moe.ctypes, "CDLL", no_libc)
+    assert moe.reuse_host_memory() is False
+    monkeypatch.setattr(moe.ctypes, "CDLL", lambda name: object())  # no mallopt symbol
+    assert moe.reuse_host_memory() is False
