@@ -426,12 +426,21 @@ def main() -> None:
     parser.add_argument("--trl-threads", type=int, nargs="*", default=[], help="extra counts")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--no-breakdown", action="store_true")
+    parser.add_argument(
+        "--keep-malloc", action="store_true", help="glibc's malloc defaults (no reuse_host_memory)"
+    )
     args = parser.parse_args()
+    # As the training command line does on CPU, before JAX's first computation. It is
+    # process-wide, so the TRL reference in this process runs with it too.
+    from novarl_jax.models.moe import reuse_host_memory
+
+    reused = False if args.keep_malloc else reuse_host_memory()
 
     import jax
     import numpy as np
 
     print(f"# jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
+    print(f"# host memory reused across calls (reuse_host_memory): {reused}")
     print(
         f"# {PROMPTS} prompts x {GROUP} samples, prompt {PROMPT_LEN}, completion {NEW}, "
         f"beta {BETA}, bench-tiny Mixtral, float32, dropless"

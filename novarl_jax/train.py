@@ -164,6 +164,12 @@ def main(argv: list[str]) -> None:
             f"--num_processes={processes}"
         )
     ensure_cpu_devices(spec.layout.world_size // processes)
+    if not _accelerator_installed():
+        # XLA:CPU allocates every buffer of every call: keep freed host memory for reuse
+        # instead of page-faulting fresh pages each step (before JAX starts its threads).
+        from novarl_jax.models.moe import reuse_host_memory
+
+        reuse_host_memory()
     if processes > 1 or _COORDINATOR.value:
         from novarl_jax.core.distributed import initialize_multihost
 
