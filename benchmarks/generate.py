@@ -31,18 +31,10 @@ import os
 import statistics
 import time
 
+from bench_tiny import BENCH_TINY, MAX_POSITIONS
+
 BATCH, PROMPT, NEW = 32, 64, 128
-CONFIG = dict(
-    vocab_size=512,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    max_position_embeddings=512,
-)
+CONFIG = dict(**BENCH_TINY, max_position_embeddings=MAX_POSITIONS)
 
 
 def _time(fn, repeats: int) -> list[tuple[float, float]]:

@@ -75,19 +75,10 @@ import statistics
 import tempfile
 import time
 
+from bench_tiny import BENCH_TINY, MAX_POSITIONS
+
 PROMPTS, GROUP, PROMPT_LEN, NEW = 8, 8, 32, 64
 BETA = 0.04
-SIZES = dict(
-    vocab_size=512,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-)
-MAX_POSITIONS = 512
 # 503 CJK characters + the 6 of "copy :" = a 509-character alphabet; with pad, BOS and EOS
 # the task's character tokenizer has exactly 512 ids. "copy " + 25 characters + ":" + BOS
 # = 32 prompt tokens.
@@ -104,12 +95,12 @@ def result(name: str, value: float, unit: str) -> None:
 def forward_flops(tokens_at: list[tuple[int, int]]) -> float:
     """Forward FLOPs of the policy over ``(rows, context)`` pairs: ``rows`` tokens that each
     attend to ``context`` tokens (their position + 1)."""
-    d, f, v = SIZES["hidden_size"], SIZES["intermediate_size"], SIZES["vocab_size"]
-    n, kv = SIZES["num_attention_heads"], SIZES["num_key_value_heads"]
+    d, f, v = BENCH_TINY["hidden_size"], BENCH_TINY["intermediate_size"], BENCH_TINY["vocab_size"]
+    n, kv = BENCH_TINY["num_attention_heads"], BENCH_TINY["num_key_value_heads"]
     e, k, layers = (
-        SIZES["num_local_experts"],
-        SIZES["num_experts_per_tok"],
-        SIZES["num_hidden_layers"],
+        BENCH_TINY["num_local_experts"],
+        BENCH_TINY["num_experts_per_tok"],
+        BENCH_TINY["num_hidden_layers"],
     )
     hd = d // n
     per_layer = d * n * hd + 2 * d * kv * hd + n * hd * d + d * e + k * 3 * d * f
@@ -159,16 +150,16 @@ def our_config():
 
     config = default_config()
     exp = config.experiment
-    exp.num_experts = SIZES["num_local_experts"]
-    exp.top_k = SIZES["num_experts_per_tok"]
+    exp.num_experts = BENCH_TINY["num_local_experts"]
+    exp.top_k = BENCH_TINY["num_experts_per_tok"]
     exp.capacity_factor = None  # dropless, like transformers
     exp.grpo_group_size = GROUP
     model = config.model
-    model.hidden_size = SIZES["hidden_size"]
-    model.intermediate_size = SIZES["intermediate_size"]
-    model.num_hidden_layers = SIZES["num_hidden_layers"]
-    model.num_attention_heads = SIZES["num_attention_heads"]
-    model.num_key_value_heads = SIZES["num_key_value_heads"]
+    model.hidden_size = BENCH_TINY["hidden_size"]
+    model.intermediate_size = BENCH_TINY["intermediate_size"]
+    model.num_hidden_layers = BENCH_TINY["num_hidden_layers"]
+    model.num_attention_heads = BENCH_TINY["num_attention_heads"]
+    model.num_key_value_heads = BENCH_TINY["num_key_value_heads"]
     model.max_position_embeddings = MAX_POSITIONS
     rollout = config.rollout
     rollout.prompts_per_step = PROMPTS
@@ -202,7 +193,7 @@ class Ours:
         run = dataclasses.replace(
             run, sampling=dataclasses.replace(run.sampling, stop_token_ids=())
         )
-        assert run.model.policy.vocab_size == SIZES["vocab_size"], run.model.policy.vocab_size
+        assert run.model.policy.vocab_size == BENCH_TINY["vocab_size"], run.model.policy.vocab_size
         self.run = run
         self.trainer = Trainer(run, workdir, mesh=spec.layout.make_mesh(jax.devices()[:1]))
         self.state, self.reference = self.trainer.initial_state()
@@ -371,7 +362,7 @@ def save_hf_model(model_dir: str, hf_tok) -> None:
 
     torch.manual_seed(0)
     config = MixtralConfig(
-        **SIZES,
+        **BENCH_TINY,
         max_position_embeddings=MAX_POSITIONS,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
