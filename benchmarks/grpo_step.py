@@ -423,7 +423,7 @@ def main() -> None:
     args = parser.parse_args()
     # As the training command line does on CPU, before JAX's first computation. It is
     # process-wide, so the TRL reference in this process runs with it too.
-    from novarl_jax.models.moe import reuse_host_memory
+    from novarl_jax.core.distributed import reuse_host_memory
 
     reused = False if args.keep_malloc else reuse_host_memory()
 

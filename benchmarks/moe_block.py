@@ -30,7 +30,7 @@ dispatch); and the block forced onto the layout it uses for large groups (groupe
 expert parallelism, capacity slabs), which is what decoding ran before small groups got their
 own path.
 
-The run first calls ``novarl_jax.models.moe.reuse_host_memory`` (glibc keeps freed memory
+The run first calls ``novarl_jax.core.distributed.reuse_host_memory`` (glibc keeps freed memory
 for the next call instead of handing back pages the kernel must zero-fill again), as a training
 process should; ``--keep-malloc`` measures with glibc's defaults. The transformers reference
 runs in the same process, so it gets the same allocator either way.
@@ -286,7 +286,7 @@ def main() -> None:
         flags += f"intra_op_parallelism_threads={args.threads}"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
     # Before JAX's first computation (its threads pick their heaps then); importing is fine.
-    from novarl_jax.models.moe import reuse_host_memory
+    from novarl_jax.core.distributed import reuse_host_memory
 
     reused = False if args.keep_malloc else reuse_host_memory()
 

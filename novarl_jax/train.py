@@ -167,7 +167,7 @@ def main(argv: list[str]) -> None:
     if not _accelerator_installed():
         # XLA:CPU allocates every buffer of every call: keep freed host memory for reuse
         # instead of page-faulting fresh pages each step (before JAX starts its threads).
-        from novarl_jax.models.moe import reuse_host_memory
+        from novarl_jax.core.distributed import reuse_host_memory
 
         reuse_host_memory()
     if processes > 1 or _COORDINATOR.value:

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from novarl_jax.core import distributed
 from novarl_jax.core.distributed import (
     MESH_AXES,
     MegatronAdapterConfig,
@@ -278,3 +279,36 @@ def test_cpu_xla_flags():
     assert "--xla_force_host_platform_device_count=8" in raised
     mine = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
     assert cpu_xla_flags(1, mine).split() == [mine]  # an explicit choice is respected
+
+
+class FakeLibc:
+    """Records mallopt calls; ``accept`` is what mallopt returns (glibc: 1 = accepted)."""
+
+    def __init__(self, accept=1):
+        self.calls = []
+
+        def mallopt(option, value):  # a function, so that ctypes' argtypes can be set on it
+            self.calls.append((option, value))
+            return accept
+
+        self.mallopt = mallopt
+
+
+@pytest.mark.parametrize("accept", [1, 0])
+def test_reuse_host_memory_sets_glibc_mallopt(accept, monkeypatch):
+    libc = FakeLibc(accept)
+    monkeypatch.setattr(distributed.ctypes, "CDLL", lambda name: libc)
+    assert distributed.reuse_host_memory() is bool(accept)
+    # M_MMAP_MAX = 0 (no mmap), M_TRIM_THRESHOLD = 2 GiB - 1 (no trimming), M_ARENA_MAX = 1.
+    expected = [(-4, 0), (-1, 2**31 - 1), (-8, 1)]
+    assert libc.calls == (expected if accept else expected[:1])
+
+
+def test_reuse_host_memory_is_a_no_op_without_glibc(monkeypatch):
+    def no_libc(name):
+        raise OSError("no C library here")
+
+    monkeypatch.setattr(distributed.ctypes, "CDLL", no_libc)
+    assert distributed.reuse_host_memory() is False
+    monkeypatch.setattr(distributed.ctypes, "CDLL", lambda name: object())  # no mallopt symbol
+    assert distributed.reuse_host_memory() is False
