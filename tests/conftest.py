@@ -1,5 +1,6 @@
 """Test set-up: 8 fake CPU devices, set before jax is imported anywhere."""
 
+import gc
 import os
 
 from novarl_jax.core.distributed import cpu_xla_flags  # imports no JAX
@@ -36,3 +37,17 @@ jax.config.update(
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops every compiled program when a test module ends.
+
+    Each loaded XLA:CPU executable keeps memory mappings; a test worker that held every
+    program of its share of the suite reached the kernel's limit of mappings per process
+    (``vm.max_map_count``, 65530 by default) and crashed loading the next one. Programs
+    a later module needs again come back from the compilation cache.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
