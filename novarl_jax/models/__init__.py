@@ -5,6 +5,7 @@ The public API is exactly what this module re-exports.
 
 from novarl_jax.models.config import ModelConfig
 from novarl_jax.models.hf import load_hf_model, save_hf_model
+from novarl_jax.models.shared_prompt import forward_shared_prompt
 from novarl_jax.models.transformer import (
     KVCache,
     cache_logical_axes,
@@ -21,6 +22,7 @@ __all__ = [
     "ModelConfig",
     "cache_logical_axes",
     "forward",
+    "forward_shared_prompt",
     "init_cache",
     "init_params",
     "load_hf_model",

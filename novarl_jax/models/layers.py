@@ -201,6 +201,7 @@ class Attention(nn.Module):
     head_dim: int
     param_dtype: Any = jnp.float32
     mesh: Any = None
+    return_kv: bool = False
 
     @nn.compact
     def __call__(
@@ -217,9 +218,10 @@ class Attention(nn.Module):
         without.
 
         Returns: ([B, T, D], the new tokens' (k, v) [B, N_kv, T, Dh], head-major as the cache
-        stores them, or None without a cache). The cache itself is not written here: the
-        caller writes every layer's new keys and values into it at once, so a decode step
-        moves only the new tokens' bytes instead of rewriting each layer's cache.
+        stores them, or None without a cache unless ``return_kv``). The cache itself is not
+        written here: the caller writes every layer's new keys and values into it at once,
+        so a decode step moves only the new tokens' bytes instead of rewriting each layer's
+        cache.
         """
         d = x.shape[-1]
         n, nkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
@@ -261,7 +263,7 @@ class Attention(nn.Module):
         out = jnp.transpose(out.reshape(b, nkv, g, t, dh), (0, 3, 1, 2, 4)).reshape(b, t, n, dh)
         out = constrain(out.astype(x.dtype), q_names, self.mesh)
         new_kv = None
-        if kv_cache is not None:
+        if kv_cache is not None or self.return_kv:
             cache_names = (shd.BATCH, shd.KV_HEADS, shd.LENGTH, shd.HEAD_DIM)
             new_kv = tuple(constrain(a, cache_names, self.mesh) for a in (k_new, v_new))
         return jnp.einsum("btnh,nhd->btd", out, wo), new_kv

@@ -128,11 +128,13 @@ class DecoderLayer(nn.Module):
         config: the model.
         mesh: the device mesh (None = no sharding constraints, no shard_map).
         train: MoE capacity: ``capacity_factor`` when True, ``eval_capacity_factor`` else.
+        return_kv: return the tokens' keys and values also when there is no cache.
     """
 
     config: ModelConfig
     mesh: Any = None
     train: bool = True
+    return_kv: bool = False
 
     @nn.compact
     def __call__(
@@ -151,7 +153,7 @@ class DecoderLayer(nn.Module):
         routing: this layer's expert choices to replay (MoE) or None.
 
         Returns: (x [B, T, D], the new tokens' (k, v) [B, N_kv, T, Dh] or None without a
-        cache, the MoE block's aux or None).
+        cache (unless ``return_kv``), the MoE block's aux or None).
         """
         cfg = self.config
         dt = cfg.param_dtype
@@ -162,6 +164,7 @@ class DecoderLayer(nn.Module):
             cfg.head_dim,
             dt,
             self.mesh,
+            self.return_kv,
             name="attn",
         )(h, cos, sin, mask, kv_cache)
         x = constrain(x + h, _ACT, self.mesh)
@@ -525,6 +528,35 @@ def _check_num_microbatches(num_microbatches: Any, batch: int, pp: int, cached: 
         )
 
 
+def output_heads(
+    params: Any, x: jax.Array, config: ModelConfig, mesh: Any = None
+) -> tuple[jax.Array, jax.Array | None]:
+    """The final norm and the heads on the last layer's output ``x`` [B, T, D].
+
+    Returns (logits [B, T, V] float32, values [B, T] float32 when ``config.value_head``, else
+    None).
+    """
+    h = rms_norm(x, params["final_norm"]["scale"], config.rms_norm_eps)
+    if config.tie_word_embeddings:
+        logits = jnp.einsum(
+            "btd,vd->btv",
+            h,
+            params["embed_tokens"]["embedding"],
+            preferred_element_type=jnp.float32,
+        )
+    else:
+        logits = jnp.einsum(
+            "btd,dv->btv", h, params["lm_head"]["kernel"], preferred_element_type=jnp.float32
+        )
+    logits = constrain(logits.astype(jnp.float32), (shd.BATCH, shd.LENGTH, shd.VOCAB), mesh)
+    if not config.value_head:
+        return logits, None
+    vh = params["value_head"]
+    values = jnp.einsum("btd,do->bto", h.astype(jnp.float32), vh["kernel"].astype(jnp.float32))
+    values = values[..., 0] + vh["bias"].astype(jnp.float32)[0]
+    return logits, constrain(values, (shd.BATCH, shd.LENGTH), mesh)
+
+
 def forward(
     params: Any,
     tokens: ArrayLike,
@@ -646,34 +678,13 @@ def forward(
             mesh=mesh, **run,
         )  # fmt: skip
 
-    h = rms_norm(x, params["final_norm"]["scale"], config.rms_norm_eps)
-    if config.tie_word_embeddings:
-        logits = jnp.einsum(
-            "btd,vd->btv",
-            h,
-            params["embed_tokens"]["embedding"],
-            preferred_element_type=jnp.float32,
-        )
-    else:
-        logits = jnp.einsum(
-            "btd,dv->btv", h, params["lm_head"]["kernel"], preferred_element_type=jnp.float32
-        )
-    logits = constrain(logits.astype(jnp.float32), (shd.BATCH, shd.LENGTH, shd.VOCAB), mesh)
-
+    logits, values = output_heads(params, x, config, mesh)
     aux: dict[str, Any] = {}
     aux.update(_finish_stats(stats, config))
     if return_routing and routing_out is not None:
         aux["routing"] = routing_out
-    if config.value_head:
-        vh = params["value_head"]
-        values = jnp.einsum(
-            "btd,do->bto",
-            h.astype(jnp.float32),
-            vh["kernel"].astype(jnp.float32),
-        )
-        aux["values"] = constrain(
-            values[..., 0] + vh["bias"].astype(jnp.float32)[0], (shd.BATCH, shd.LENGTH), mesh
-        )
+    if values is not None:
+        aux["values"] = values
 
     new_cache = None
     if cache is not None:
