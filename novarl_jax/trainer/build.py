@@ -19,7 +19,12 @@ from novarl_jax.models import ModelConfig, init_params
 from novarl_jax.rollout.engine import SamplingConfig
 from novarl_jax.rollout.tasks import make_task
 from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer
-from novarl_jax.trainer.config import ConfigError, RunSpec, samples_per_prompt
+from novarl_jax.trainer.config import (
+    ConfigError,
+    RunSpec,
+    samples_per_prompt,
+    shared_prompt_group,
+)
 from novarl_jax.trainer.state import SCHEDULES, make_optimizer
 from novarl_jax.trainer.steps import ModelSpec
 
@@ -240,6 +245,7 @@ def build_run(spec: RunSpec) -> Run:
             f"rollouts of each update's micro-batch (rollouts per step / train.minibatches / "
             f"train.micro_batches)",
         )
+    model = dataclasses.replace(model, prompt_group=shared_prompt_group(config, spec.layout.pp))
     sampling = built(
         "rollout",
         SamplingConfig,

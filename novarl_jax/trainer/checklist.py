@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from novarl_jax.trainer.config import RunSpec, samples_per_prompt
+from novarl_jax.trainer.config import (
+    RunSpec,
+    samples_per_prompt,
+    shared_prompt_group,
+    updates_share_prompts,
+)
 
 
 def tokens_per_group(spec: RunSpec) -> int:
@@ -66,10 +71,20 @@ def checklist_rows(spec: RunSpec, mesh: Any = None) -> list[tuple[str, str, str]
             "prompt / completion tokens",
             f"{ro.max_prompt_length} / {ro.max_new_tokens}",
         ),
+        ("algorithm", "shared-prompt forward", _shared_prompts(spec)),
         ("algorithm", "steps", str(exp.steps)),
         ("algorithm", "seed", str(exp.seed)),
     ]
     return rows
+
+
+def _shared_prompts(spec: RunSpec) -> str:
+    group = shared_prompt_group(spec.config, spec.layout.pp)
+    if group > 1:
+        shared_updates = updates_share_prompts(spec.config, spec.layout.pp)
+        where = "scoring and update" if shared_updates else "scoring"
+        return f"on in {where} (each prompt runs once for its {group} samples)"
+    return "off" if spec.config.train.share_prompts else "off (train.share_prompts=False)"
 
 
 def print_checklist(spec: RunSpec, mesh: Any = None, console: Any = None) -> None:

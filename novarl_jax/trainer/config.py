@@ -141,6 +141,11 @@ def default_config() -> ml_collections.ConfigDict:
     # scoring forward under the policy).
     train.micro_batches = 1  # gradient-accumulation splits of each minibatch
     train.router_replay = False  # train MoE layers on the experts the rollout chose
+    # Run each prompt once per group of samples in the scoring and training forwards (its
+    # completions attend to its keys and values; same numbers, fewer FLOPs). Used when
+    # grpo_group_size > 1 and pp = 1; the update's forward also needs minibatches = 1 and
+    # micro-batches of whole groups.
+    train.share_prompts = True
     train.max_consecutive_skips = 3  # stop after this many non-finite updates in a row
 
     config.optim = ml_collections.ConfigDict()
@@ -311,6 +316,34 @@ class RunSpec:
     config: ml_collections.ConfigDict
     layout: Any  # ParallelLayout
     router: Any  # MoERouterConfig, or None for a dense policy
+
+
+def shared_prompt_group(config: Any, pp: int) -> int:
+    """Samples per prompt when the forwards run each prompt once for its group, else 1.
+
+    On when ``train.share_prompts`` is set, each prompt has several samples and the layers
+    are not pipelined (``pp = 1``). The scoring forwards (whole batches) then always share;
+    the update's forward too when :func:`updates_share_prompts`. See
+    :func:`~novarl_jax.models.shared_prompt.forward_shared_prompt`.
+    """
+    group = samples_per_prompt(config)
+    if not config.train.share_prompts or group < 2 or pp > 1:
+        return 1
+    return group
+
+
+def updates_share_prompts(config: Any, pp: int) -> bool:
+    """Whether the update's forward shares prompts too: its rows must keep their groups.
+
+    True when :func:`shared_prompt_group` is > 1, each epoch is one minibatch (its rows stay
+    in rollout order; with several minibatches the rows are shuffled across them) and every
+    micro-batch holds whole groups.
+    """
+    group = shared_prompt_group(config, pp)
+    train = config.train
+    rows = config.rollout.prompts_per_step * samples_per_prompt(config)
+    micro_rows = rows // train.minibatches // train.micro_batches
+    return group > 1 and train.minibatches == 1 and micro_rows % group == 0
 
 
 def validate_config(config: ml_collections.ConfigDict) -> RunSpec:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -20,7 +21,7 @@ from novarl_jax.rollout.engine import RolloutEngine
 from novarl_jax.trainer import steps
 from novarl_jax.trainer.build import Run, build_run
 from novarl_jax.trainer.checkpoint import Checkpointer, abstract_like
-from novarl_jax.trainer.config import RunSpec, validate_config
+from novarl_jax.trainer.config import RunSpec, updates_share_prompts, validate_config
 from novarl_jax.trainer.metrics import MetricsWriter
 from novarl_jax.trainer.state import TrainState, init_train_state
 
@@ -55,6 +56,37 @@ def takes_old_logprobs_from_update(config: Any, run: Run) -> bool:
     )
 
 
+def minibatch_order(key: jax.Array, rows: int, minibatches: int) -> jax.Array:
+    """The rows of an epoch in minibatch order: a random permutation of the rows, or the
+    rollout order when the epoch is one minibatch (its micro-batches then hold whole groups
+    of samples, which the shared-prompt forward needs; the summed gradient is the same).
+    """
+    if minibatches == 1:
+        return jnp.arange(rows)
+    return jax.random.permutation(key, rows)
+
+
+def check_shared_prompts(batch: Mapping[str, Any], prompt_length: int, group: int) -> None:
+    """Raises RuntimeError unless every group of ``group`` consecutive rows has one prompt.
+
+    The shared-prompt forward reads only each group's first row of the prompt, so a batch
+    whose groups differ there would be trained on the wrong prompts.
+    """
+    if group == 1:
+        return
+    for name in ("tokens", "attention_mask", "positions"):
+        prompt = np.asarray(batch[name])[:, :prompt_length]
+        grouped = prompt.reshape(-1, group, prompt_length)
+        if not (grouped == grouped[:, :1]).all():
+            bad = int(np.flatnonzero((grouped != grouped[:, :1]).any(axis=(1, 2)))[0])
+            raise RuntimeError(
+                f"rows {bad * group}..{(bad + 1) * group - 1} of the training batch are one "
+                f"group but their prompt {name} differ; the shared-prompt forward needs each "
+                "group's samples to share one prompt (set train.share_prompts=False to run "
+                "every row's prompt)"
+            )
+
+
 class Trainer:
     """Holds the compiled steps of one run; :meth:`run` trains to ``experiment.steps``."""
 
@@ -71,14 +103,22 @@ class Trainer:
             sampling=run.sampling,
             mesh=mesh,
         )
-        apply_fn = steps.make_apply_fn(run.model, mesh)
-        if run.model.router_replay:
-            inner = apply_fn
 
-            def apply_fn(params, batch):  # routing travels rows-first, the model wants L first
+        def make_apply_fn(share_prompts: bool):
+            apply_fn = steps.make_apply_fn(run.model, mesh, share_prompts=share_prompts)
+            if not run.model.router_replay:
+                return apply_fn
+
+            def replaying(params, batch):  # routing travels rows-first, the model wants L first
                 routing = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), batch["routing"])
-                return inner(params, {**batch, "routing": routing})
+                return apply_fn(params, {**batch, "routing": routing})
 
+            return replaying
+
+        # Scoring sees whole batches, whose rows keep their groups; the update's minibatch
+        # rows keep them only with one minibatch per epoch.
+        apply_fn = make_apply_fn(True)
+        update_apply_fn = make_apply_fn(updates_share_prompts(config, run.spec.layout.pp))
         self.apply_fn = apply_fn
         self.on_policy = takes_old_logprobs_from_update(config, run)
         loss_fn = run.loss_fn
@@ -92,7 +132,7 @@ class Trainer:
         self._advantages = jax.jit(run.estimator)
         update = steps.make_update_step(
             loss_fn,
-            apply_fn,
+            update_apply_fn,
             run.optimizer,
             micro_batches=config.train.micro_batches,
             mesh=mesh,
@@ -214,6 +254,7 @@ class Trainer:
         # differently from the trainer (kernels, staleness), so it compares the sampler's
         # untempered log-probs with the trainer's: the tempered ones are 0 when greedy.
         batch["behavior_logprobs"] = traj.policy_logprobs
+        check_shared_prompts(batch, run.model.prompt_length, run.model.prompt_group)
         if traj.routing is not None and run.model.router_replay:
             batch["routing"] = _routing_rows_first(traj.routing)
         batch = self._place_rows(batch)
@@ -278,7 +319,7 @@ class Trainer:
         per_minibatch = rows // cfg.train.minibatches
         update_metrics = []
         for epoch in range(cfg.train.epochs):
-            order = jax.random.permutation(jax.random.fold_in(k_perm, epoch), rows)
+            order = minibatch_order(jax.random.fold_in(k_perm, epoch), rows, cfg.train.minibatches)
             for m in range(cfg.train.minibatches):
                 index = order[m * per_minibatch : (m + 1) * per_minibatch]
                 state, metrics = self._update(state, batch, index)

@@ -23,7 +23,7 @@ from novarl_jax.algorithms.aggregation import combine_micro_batch_metrics, split
 from novarl_jax.algorithms.kl import kl_penalty_token_rewards
 from novarl_jax.algorithms.logprobs import token_logprobs_and_entropy
 from novarl_jax.core.sharding import batch_spec
-from novarl_jax.models import forward
+from novarl_jax.models import forward, forward_shared_prompt
 from novarl_jax.trainer.state import TrainState
 
 # Keys of a training batch that are per-row arrays (sliced into minibatches).
@@ -52,6 +52,10 @@ class ModelSpec:
         prompt_length: P, the padded prompt length; response token t sits at P + t.
         router_replay: feed the rollout's expert choices into the training forward.
         num_microbatches: pipeline microbatches of each forward (used when pp > 1).
+        prompt_group: > 1 when rows come in groups of this many samples of one prompt and
+            the scoring forwards run each prompt once
+            (:func:`~novarl_jax.models.shared_prompt.forward_shared_prompt`; see
+            :func:`~novarl_jax.trainer.config.shared_prompt_group`).
     """
 
     policy: Any
@@ -59,6 +63,7 @@ class ModelSpec:
     prompt_length: int = 0
     router_replay: bool = False
     num_microbatches: int = 1
+    prompt_group: int = 1
 
 
 def model_inputs(trajectory: Any) -> dict[str, jax.Array]:
@@ -83,16 +88,26 @@ def model_inputs(trajectory: Any) -> dict[str, jax.Array]:
     }
 
 
-def make_apply_fn(spec: ModelSpec, mesh: Any = None) -> Callable[[Any, Mapping], dict]:
+def make_apply_fn(
+    spec: ModelSpec, mesh: Any = None, *, share_prompts: bool = True
+) -> Callable[[Any, Mapping], dict]:
     """``apply_fn(params, batch) -> {'logprobs', 'entropy', ['values'], 'moe_*'}``.
 
     Position ``t`` of every output is response token ``t``: the logits at prompt position
     ``P - 1 + t`` predict it, and the value is the critic's estimate at that same state.
+    With ``share_prompts`` and ``spec.prompt_group > 1`` the batch's rows must come in
+    groups of ``prompt_group`` samples of one prompt, and each prompt runs once
+    (:func:`~novarl_jax.models.shared_prompt.forward_shared_prompt`).
     """
     p = spec.prompt_length
 
+    shared = {}
+    fwd = forward
+    if share_prompts and spec.prompt_group > 1:
+        fwd, shared = forward_shared_prompt, {"prompt_length": p, "group_size": spec.prompt_group}
+
     def run(params, config, batch):
-        logits, _, aux = forward(
+        logits, _, aux = fwd(
             params,
             batch["tokens"],
             config,
@@ -100,6 +115,7 @@ def make_apply_fn(spec: ModelSpec, mesh: Any = None) -> Callable[[Any, Mapping],
             attention_mask=batch["attention_mask"],
             mesh=mesh,
             routing=batch.get("routing") if spec.router_replay else None,
+            **shared,
         )
         return logits[:, p - 1 : -1], aux
 
