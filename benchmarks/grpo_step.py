@@ -42,13 +42,19 @@ the CPU cores); ``--trl-threads`` adds more thread counts for the reference (on 
 machine torch with 2 threads spends much CPU time waiting for its other thread, so 1 thread
 can be faster there).
 
-Model FLOPs of one step (the useful work of the workload, counted for the active experts
-only: top-2 of 8): per token, 2 x (attention projections + router + 2 experts' SwiGLU +
-LM head) multiply-adds, plus 4 * N * head_dim * c for the attention scores and values over
-the c tokens it attends to (causal). Training forward+backward = 3 x the forward of the 64 x
-96 tokens; the reference forward = 1 x; generation = the 8 prompts' prefill (32 tokens each,
-shared by their 8 samples) plus the 63 decode steps of the 64 rows (the 64th token needs no
-forward). The step's model FLOPs divided by our step time is compared with the machine's
+The trainer's scoring and training forwards run each prompt once for its 8 samples
+(``train.share_prompts``, on by default: the completions attend to their prompt's keys and
+values, same numbers as running every row's prompt); ``--no-share-prompts`` turns it off, to
+measure what it saves.
+
+Model FLOPs of one step (the work our step does, counted for the active experts only: top-2
+of 8): per token, 2 x (attention projections + router + 2 experts' SwiGLU + LM head)
+multiply-adds, plus 4 * N * head_dim * c for the attention scores and values over the c
+tokens it attends to (causal). Training forward+backward = 3 x the forward, the reference
+forward = 1 x, over the 8 prompts (32 tokens each) and the 64 x 64 completion tokens (over
+the 64 x 96 tokens of the full rows with ``--no-share-prompts``); generation = the 8 prompts'
+prefill (shared by their 8 samples) plus the 63 decode steps of the 64 rows (the 64th token
+needs no forward). The step's model FLOPs divided by our step time is compared with the machine's
 float32 matmul rate measured in the same run (``jnp.dot`` on 2048^3): on wall time (best of
 each), and on CPU time (FLOPs per CPU-second of the step vs of the matmul), which the other
 load on the machine distorts less. With one optimizer step per rollout batch, our trainer
@@ -111,10 +117,14 @@ def forward_flops(tokens_at: list[tuple[int, int]]) -> float:
     return total
 
 
-def step_flops() -> dict[str, float]:
+def step_flops(share_prompts: bool = True) -> dict[str, float]:
     """Model FLOPs of one step, by part (see the module docstring)."""
     rows, length = PROMPTS * GROUP, PROMPT_LEN + NEW
-    sequence = [(rows, t + 1) for t in range(length)]
+    if share_prompts:  # each group's prompt once, its completions once per row
+        sequence = [(PROMPTS, t + 1) for t in range(PROMPT_LEN)]
+        sequence += [(rows, t + 1) for t in range(PROMPT_LEN, length)]
+    else:
+        sequence = [(rows, t + 1) for t in range(length)]
     forward = forward_flops(sequence)
     prefill = forward_flops([(PROMPTS, t + 1) for t in range(PROMPT_LEN)])
     decode = forward_flops([(rows, PROMPT_LEN + t + 1) for t in range(NEW - 1)])
@@ -144,7 +154,7 @@ def matmul_rate(repeats: int = 7) -> tuple[float, float]:
     return flops / min(t[0] for t in times) / 1e9, flops / min(t[1] for t in times) / 1e9
 
 
-def our_config():
+def our_config(share_prompts: bool = True):
     """The run's ConfigDict: base config with the workload's keys overridden."""
     from novarl_jax.trainer.config import default_config
 
@@ -169,6 +179,7 @@ def our_config():
     config.train.epochs = 1
     config.train.minibatches = 1
     config.train.micro_batches = 1
+    config.train.share_prompts = share_prompts
     config.optim.learning_rate = LEARNING_RATE
     config.task.name = "copy"
     config.task.options.symbols = SYMBOLS
@@ -180,14 +191,14 @@ def our_config():
 class Ours:
     """The trainer on the workload: built and compiled once, then stepped in timed blocks."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, share_prompts: bool = True):
         import jax
 
         from novarl_jax.trainer.build import build_run
         from novarl_jax.trainer.config import validate_config
         from novarl_jax.trainer.loop import Trainer
 
-        spec = validate_config(our_config())
+        spec = validate_config(our_config(share_prompts))
         run = build_run(spec)
         # Completions run to max_new_tokens: no stop token (see the module docstring).
         run = dataclasses.replace(
@@ -420,6 +431,12 @@ def main() -> None:
     parser.add_argument(
         "--keep-malloc", action="store_true", help="glibc's malloc defaults (no reuse_host_memory)"
     )
+    parser.add_argument(
+        "--no-share-prompts",
+        action="store_true",
+        help="train.share_prompts=False: run every row's prompt in the training and "
+        "reference forwards",
+    )
     args = parser.parse_args()
     # As the training command line does on CPU, before JAX's first computation. It is
     # process-wide, so the TRL reference in this process runs with it too.
@@ -436,7 +453,9 @@ def main() -> None:
         f"# {PROMPTS} prompts x {GROUP} samples, prompt {PROMPT_LEN}, completion {NEW}, "
         f"beta {BETA}, bench-tiny Mixtral, float32, dropless"
     )
-    flops = step_flops()
+    share = not args.no_share_prompts
+    print(f"# shared-prompt forward (train.share_prompts): {share}")
+    flops = step_flops(share)
     model_flops = flops["train_fwd_bwd"] + flops["reference_fwd"] + flops["generation"]
     for part, value in flops.items():
         print(f"# model FLOPs, {part}: {value / 1e9:.1f} G")
@@ -444,7 +463,7 @@ def main() -> None:
 
     refs = {}
     with tempfile.TemporaryDirectory() as workdir:
-        ours = Ours(workdir)
+        ours = Ours(workdir, share)
         ours.steps(args.steps)
         if not args.skip_reference:
             refs = run_references(args, ours)
