@@ -15,7 +15,7 @@ import jax
 
 from novarl_jax.algorithms.registry import make_loss_config, make_loss_fn
 from novarl_jax.core.utils.advantages import make_advantage_estimator
-from novarl_jax.models import ModelConfig, init_params
+from novarl_jax.models import ModelConfig, init_params, load_hf_model
 from novarl_jax.rollout.engine import SamplingConfig
 from novarl_jax.rollout.tasks import make_task
 from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer
@@ -130,6 +130,50 @@ def _model_config(config, tokenizer, *, value_head: bool) -> ModelConfig:
     )
 
 
+def _load_policy(config, tokenizer, *, value_head: bool) -> tuple[ModelConfig, Any]:
+    """The policy's config and weights from the checkpoint directory ``model.init_from``.
+
+    The checkpoint fixes the architecture; the run's config keeps the training settings
+    (capacity factor, router loss weights, value head). A value head the checkpoint lacks
+    starts at zero. The experts, the prompt and completion lengths and the tokenizer must
+    fit the checkpoint.
+    """
+    m, exp, ro = config.model, config.experiment, config.rollout
+    try:
+        policy, params = load_hf_model(
+            m.init_from,
+            capacity_factor=exp.capacity_factor,
+            router_aux_loss_coef=m.router_aux_loss_coef,
+            router_z_loss_coef=m.router_z_loss_coef,
+            value_head=value_head,
+        )
+    except (ValueError, OSError) as e:
+        raise ConfigError("model.init_from", f"cannot load {m.init_from!r}: {e}") from None
+    checks = [("experiment.num_experts", exp.num_experts, "num_local_experts")]
+    if policy.num_local_experts:
+        checks.append(("experiment.top_k", exp.top_k, "num_experts_per_tok"))
+    for key, ours, name in checks:
+        if ours != getattr(policy, name):
+            raise ConfigError(
+                key,
+                f"is {ours} but the checkpoint model.init_from has {name}={getattr(policy, name)}",
+            )
+    if tokenizer.vocab_size > policy.vocab_size:
+        raise ConfigError(
+            "model.tokenizer",
+            f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint model.init_from "
+            f"has vocab_size={policy.vocab_size}",
+        )
+    length = ro.max_prompt_length + ro.max_new_tokens
+    if length > policy.max_position_embeddings:
+        raise ConfigError(
+            "rollout.max_new_tokens",
+            f"max_prompt_length + max_new_tokens = {length} exceeds the checkpoint's "
+            f"max_position_embeddings={policy.max_position_embeddings} (model.init_from)",
+        )
+    return policy, params
+
+
 def _loss(config, algorithm: str, policy: ModelConfig):
     section = config[algorithm]
     moe = dict(
@@ -175,17 +219,15 @@ def build_run(spec: RunSpec) -> Run:
     algorithm = exp.algorithm
     task = _task(config)
     tokenizer = _tokenizer(config, task)
-    if config.model.init_from:
-        raise ConfigError(
-            "model.init_from",
-            "loading Hugging Face weights for training is "
-            "not wired into the trainer yet; leave it empty",
-        )
     critic_kind = config.ppo.critic
     if critic_kind not in CRITICS:
         raise ConfigError("ppo.critic", f"{critic_kind!r} is not one of {list(CRITICS)}")
     separate = algorithm == "ppo" and critic_kind == "separate"
-    policy = _model_config(config, tokenizer, value_head=algorithm == "ppo" and not separate)
+    value_head = algorithm == "ppo" and not separate
+    if config.model.init_from:
+        policy, loaded = _load_policy(config, tokenizer, value_head=value_head)
+    else:
+        policy, loaded = _model_config(config, tokenizer, value_head=value_head), None
     critic = dataclasses.replace(policy, value_head=True, num_local_experts=0) if separate else None
     ro = config.rollout
     model = ModelSpec(
@@ -261,7 +303,7 @@ def build_run(spec: RunSpec) -> Run:
 
     def make_params(key: jax.Array) -> dict:
         k_policy, k_critic = jax.random.split(key)
-        params = {"policy": init_params(policy, k_policy)}
+        params = {"policy": init_params(policy, k_policy) if loaded is None else loaded}
         if critic is not None:
             params["critic"] = init_params(critic, k_critic)
         return params

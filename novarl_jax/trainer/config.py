@@ -64,8 +64,12 @@ def default_config() -> ml_collections.ConfigDict:
     model.tie_word_embeddings = False
     model.router_aux_loss_coef = 0.01  # weight of the MoE load-balancing loss
     model.router_z_loss_coef = 0.001  # weight of the MoE router z-loss
-    # Start from a Hugging Face checkpoint directory (config.json + *.safetensors) instead
-    # of random weights; '' = random init. Its architecture replaces the sizes above.
+    # Start from a Hugging Face checkpoint directory (config.json + *.safetensors: Mixtral,
+    # Mistral, Llama) instead of random weights; '' = random init. Its architecture replaces
+    # the sizes above (experiment.num_experts and top_k must match it, the tokenizer must fit
+    # its vocabulary); the router loss weights above, the capacity factor and a value head
+    # (zero-initialised when the checkpoint has none) come from this config. The reference
+    # policy starts from the same weights; a separate PPO critic starts from random ones.
     model.init_from = ""
     # Tokenizer: '' = a character tokenizer over the task's alphabet; or a tokenizer.json,
     # whose special tokens are named by the three strings below ('' = no BOS).
@@ -443,7 +447,10 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
     _positive(flat, "rollout.temperature", "rollout.top_k", minimum=0)
     if not 0 < ro.top_p <= 1:
         raise ConfigError("rollout.top_p", f"must be in (0, 1], got {ro.top_p}")
-    if ro.max_prompt_length + ro.max_new_tokens > model.max_position_embeddings:
+    # With model.init_from the checkpoint's own limit applies (checked when it is loaded).
+    if not model.init_from and ro.max_prompt_length + ro.max_new_tokens > (
+        model.max_position_embeddings
+    ):
         raise ConfigError(
             "rollout.max_new_tokens",
             f"max_prompt_length + max_new_tokens = {ro.max_prompt_length + ro.max_new_tokens} "

@@ -1,0 +1,88 @@
+"""Training from a Hugging Face checkpoint directory (``model.init_from``)."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import copy
+from novarl_jax.models import load_hf_model
+from novarl_jax.trainer.build import build_run
+from novarl_jax.trainer.config import ConfigError, validate_config
+from novarl_jax.trainer.loop import Trainer
+
+HF = "tests/data/hf"
+
+
+def _config(path, algorithm="grpo", num_experts=4):
+    c = copy.get_config()
+    c.model.init_from = path
+    c.experiment.algorithm = algorithm
+    c.experiment.num_experts = num_experts
+    c.experiment.top_k = 2
+    c.experiment.steps = 1
+    c.rollout.prompts_per_step = 2
+    c.logging.progress = False
+    return c
+
+
+def _one_step(config):
+    spec = validate_config(config)
+    run = build_run(spec)
+    trainer = Trainer(run, "unused", mesh=spec.layout.make_mesh(jax.devices()[:1]))
+    state, reference = trainer.initial_state()
+    start = jax.device_get(state.params)
+    state, metrics, _ = trainer.iteration(state, reference, 0)
+    return run, start, jax.device_get(state.params), metrics
+
+
+def test_grpo_starts_from_the_mixtral_checkpoint():
+    run, start, end, metrics = _one_step(_config(f"{HF}/mixtral"))
+    want_config, want = load_hf_model(f"{HF}/mixtral")
+    policy = run.model.policy
+    assert (policy.hidden_size, policy.num_local_experts, policy.vocab_size) == (32, 4, 64)
+    # Training settings come from the run's config, not the checkpoint.
+    assert policy.capacity_factor == 1.25 and policy.router_aux_loss_coef == 0.01
+    assert want_config.router_aux_loss_coef == 0.001
+    for a, b in zip(jax.tree.leaves(start["policy"]), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert np.isfinite(metrics["actor/grad_norm"]) and metrics["actor/grad_norm"] > 0
+    moved = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(jax.tree.leaves(end["policy"]), jax.tree.leaves(want), strict=True)
+    )
+    assert moved > 1e-4
+
+
+def test_ppo_adds_a_zero_value_head_to_the_dense_llama_checkpoint():
+    run, start, _, metrics = _one_step(_config(f"{HF}/llama", algorithm="ppo", num_experts=0))
+    policy = run.model.policy
+    assert policy.num_local_experts == 0 and policy.tie_word_embeddings and policy.value_head
+    np.testing.assert_array_equal(start["policy"]["value_head"]["kernel"], 0.0)
+    _, want = load_hf_model(f"{HF}/llama")
+    np.testing.assert_array_equal(
+        start["policy"]["embed_tokens"]["embedding"], want["embed_tokens"]["embedding"]
+    )
+    assert np.isfinite(metrics["critic/vf_loss"])
+
+
+@pytest.mark.parametrize(
+    "change,key,match",
+    [
+        (dict(path=f"{HF}/missing"), "model.init_from", "not a directory"),
+        (dict(num_experts=8), "experiment.num_experts", "has num_local_experts=4"),
+        (dict(top_k=1), "experiment.top_k", "has num_experts_per_tok=2"),
+        (dict(max_new_tokens=60), "rollout.max_new_tokens", "max_position_embeddings=64"),
+        (dict(symbols=[chr(65 + i) for i in range(60)]), "model.tokenizer", "vocab_size=64"),
+    ],
+)
+def test_checkpoint_mismatches_name_the_key(change, key, match):
+    config = _config(change.get("path", f"{HF}/mixtral"), num_experts=change.get("num_experts", 4))
+    if "top_k" in change:
+        config.experiment.top_k = change["top_k"]
+    if "max_new_tokens" in change:
+        config.rollout.max_new_tokens = change["max_new_tokens"]
+    if "symbols" in change:
+        config.task.options.symbols = "".join(change["symbols"])
+    with pytest.raises(ConfigError, match=match) as info:
+        build_run(validate_config(config))
+    assert info.value.key == key
