@@ -37,9 +37,10 @@ from novarl_jax.models.transformer import (
     _ACT,
     _STAT_KEYS,
     DecoderLayer,
-    _check_inputs,
-    _finish_stats,
     _layer_stats,
+    checked_inputs,
+    embed,
+    forward_aux,
     output_heads,
 )
 
@@ -125,15 +126,8 @@ def forward_shared_prompt(
         >>> logits, _, aux = forward_shared_prompt(
         ...     params, rows, config, prompt_length=prompts.shape[1], group_size=4)
     """
-    tokens = jnp.asarray(tokens, jnp.int32)
-    b, s = tokens.shape if tokens.ndim == 2 else (0, 0)
-    if attention_mask is None:
-        attention_mask = jnp.ones((b, s), jnp.int32)
-    attention_mask = jnp.asarray(attention_mask).astype(jnp.int32)
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    positions = jnp.asarray(positions, jnp.int32)
-    _check_inputs(tokens, positions, attention_mask, None, config)
+    tokens, positions, attention_mask = checked_inputs(tokens, positions, attention_mask, config)
+    b, s = tokens.shape
     _check_groups(b, s, prompt_length, group_size)
     if pipeline.num_stages(mesh) > 1:
         raise ValueError(
@@ -163,7 +157,7 @@ def forward_shared_prompt(
     # prompts' ids (`tokens[::n]`), or taking `x[::n]`, made XLA's sharded backward add
     # gradient into the wrong embedding rows when there are fewer prompts than batch shards
     # (CPU devices, jax 0.10.2); `_first_of_groups` (a reshape and an index) does not.
-    x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0, mode="clip")
+    x = embed(params, tokens)
     x_prompt = constrain(_first_of_groups(x[:, :p], n), _ACT, mesh)
     x_completion = constrain(x[:, p:], _ACT, mesh)
     layer_prompt = DecoderLayer(config, mesh, train, return_kv=True)
@@ -209,9 +203,8 @@ def forward_shared_prompt(
     logits_p, values_p = output_heads(params, x_prompt, config, mesh)
     logits_c, values_c = output_heads(params, x_completion, config, mesh)
     logits = jnp.concatenate([_repeat_rows(logits_p, n), logits_c], axis=1)
-    aux: dict[str, Any] = dict(_finish_stats(stats, config))
-    if return_routing and routing_out is not None:
-        aux["routing"] = routing_out
+    values = None
     if values_p is not None:
-        aux["values"] = jnp.concatenate([_repeat_rows(values_p, n), values_c], axis=1)
+        values = jnp.concatenate([_repeat_rows(values_p, n), values_c], axis=1)
+    aux = forward_aux(stats, config, values, routing_out if return_routing else None)
     return logits, None, aux

@@ -528,6 +528,56 @@ def _check_num_microbatches(num_microbatches: Any, batch: int, pp: int, cached: 
         )
 
 
+def checked_inputs(
+    tokens: ArrayLike,
+    positions: ArrayLike | None,
+    attention_mask: ArrayLike | None,
+    config: ModelConfig,
+    *,
+    cache: KVCache | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(tokens, positions, attention_mask)`` as checked int32 [B, T] arrays.
+
+    The mask defaults to all ones and the positions to ``arange(T)`` (after ``cache.index``
+    with a cache).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    b, t = tokens.shape if tokens.ndim == 2 else (0, 0)
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, t), jnp.int32)
+    attention_mask = jnp.asarray(attention_mask).astype(jnp.int32)
+    if positions is None:
+        start = 0 if cache is None else cache.index
+        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = jnp.asarray(positions, jnp.int32)
+    _check_inputs(tokens, positions, attention_mask, cache, config)
+    return tokens, positions, attention_mask
+
+
+def embed(params: Any, tokens: jax.Array) -> jax.Array:
+    """The token embeddings [B, T, D] of ``tokens`` [B, T].
+
+    Clipped lookup: an out-of-range padding id must not become NaN (0 * NaN would leak
+    through the masked attention weights into real tokens).
+    """
+    return jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0, mode="clip")
+
+
+def forward_aux(
+    stats: dict[str, jax.Array] | None,
+    config: ModelConfig,
+    values: jax.Array | None,
+    routing: jax.Array | None,
+) -> dict[str, Any]:
+    """The aux dict :func:`forward` returns: MoE statistics, and values / routing if given."""
+    aux: dict[str, Any] = dict(_finish_stats(stats, config))
+    if routing is not None:
+        aux["routing"] = routing
+    if values is not None:
+        aux["values"] = values
+    return aux
+
+
 def output_heads(
     params: Any, x: jax.Array, config: ModelConfig, mesh: Any = None
 ) -> tuple[jax.Array, jax.Array | None]:
@@ -632,16 +682,10 @@ def forward(
         >>> nxt = jnp.argmax(logits[:, -1:], -1)
         >>> logits, cache, _ = forward(params, nxt, config, cache=cache)  # one step
     """
-    tokens = jnp.asarray(tokens, jnp.int32)
-    b, t = tokens.shape if tokens.ndim == 2 else (0, 0)
-    if attention_mask is None:
-        attention_mask = jnp.ones((b, t), jnp.int32)
-    attention_mask = jnp.asarray(attention_mask).astype(jnp.int32)
-    if positions is None:
-        start = 0 if cache is None else cache.index
-        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-    positions = jnp.asarray(positions, jnp.int32)
-    _check_inputs(tokens, positions, attention_mask, cache, config)
+    tokens, positions, attention_mask = checked_inputs(
+        tokens, positions, attention_mask, config, cache=cache
+    )
+    b, t = tokens.shape
     pp = pipeline.num_stages(mesh)
     if pp > 1:
         _check_pipeline_layers(config, pp)
@@ -661,10 +705,7 @@ def forward(
         kv = (cache.k, cache.v)
     cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
 
-    # Clipped lookup: an out-of-range padding id must not become NaN (0 * NaN would leak
-    # through the masked attention weights into real tokens).
-    x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0, mode="clip")
-    x = constrain(x, _ACT, mesh)
+    x = constrain(embed(params, tokens), _ACT, mesh)
     run = dict(config=config, train=train, return_routing=return_routing)
     if pp > 1 and cache is None:
         x, stats, routing_out = _pipelined_layers(
@@ -679,12 +720,7 @@ def forward(
         )  # fmt: skip
 
     logits, values = output_heads(params, x, config, mesh)
-    aux: dict[str, Any] = {}
-    aux.update(_finish_stats(stats, config))
-    if return_routing and routing_out is not None:
-        aux["routing"] = routing_out
-    if values is not None:
-        aux["values"] = values
+    aux = forward_aux(stats, config, values, routing_out if return_routing else None)
 
     new_cache = None
     if cache is not None:
