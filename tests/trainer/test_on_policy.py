@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_grpo import tiny_grpo_config
 
-from configs import base
 from novarl_jax.algorithms.grpo import GRPOLossConfig, grpo_loss
 from novarl_jax.algorithms.ppo import PPOLossConfig, ppo_loss
 from novarl_jax.trainer import loop
@@ -89,21 +89,7 @@ def test_moe_stats_match_numpy():
 
 
 def _grpo_config():
-    c = base.get_config()
-    c.experiment.algorithm = "grpo"
-    c.experiment.num_experts = 4
-    c.experiment.top_k = 2
-    # Dropless: with a capacity, which choices drop depends on the forward's batch (scoring
-    # sees the whole batch, the update its micro-batches), so the two paths would differ.
-    c.experiment.capacity_factor = None
-    c.experiment.steps = 1
-    c.rollout.prompts_per_step = 2
-    c.rollout.max_new_tokens = 4
-    c.train.epochs = 1
-    c.train.minibatches = 1
-    c.train.micro_batches = 2
-    c.logging.progress = False
-    return c
+    return tiny_grpo_config(prompts_per_step=2, micro_batches=2)
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2])

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_grpo import tiny_grpo_config
 
-from configs import base
 from novarl_jax.trainer import loop
 from novarl_jax.trainer.build import build_run
 from novarl_jax.trainer.checklist import checklist_rows
@@ -17,22 +17,9 @@ from novarl_jax.trainer.config import (
 
 
 def _grpo_config(minibatches=1, micro_batches=2):
-    c = base.get_config()
-    c.experiment.algorithm = "grpo"
-    c.experiment.num_experts = 4
-    c.experiment.top_k = 2
-    # Dropless: with a capacity, the routing groups (and so the drops) differ between the
-    # shared forward (prompts, then completions) and the full one (whole rows).
-    c.experiment.capacity_factor = None
-    c.experiment.grpo_group_size = 4
-    c.experiment.steps = 1
-    c.rollout.prompts_per_step = 4
-    c.rollout.max_new_tokens = 4
-    c.train.epochs = 1
-    c.train.minibatches = minibatches
-    c.train.micro_batches = micro_batches
-    c.logging.progress = False
-    return c
+    return tiny_grpo_config(
+        prompts_per_step=4, minibatches=minibatches, micro_batches=micro_batches
+    )
 
 
 def test_prompts_are_shared_only_where_rows_keep_their_groups():
