@@ -14,6 +14,7 @@ from novarl_jax.models.transformer import (
     init_params,
     param_logical_axes,
     param_shardings,
+    prefill,
     shard_params,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "load_hf_model",
     "param_logical_axes",
     "param_shardings",
+    "prefill",
     "save_hf_model",
     "shard_params",
 ]

@@ -47,6 +47,7 @@ from novarl_jax.models.config import ModelConfig
 from novarl_jax.models.layers import (
     DEFAULT_INIT,
     Attention,
+    LayerKV,
     RMSNorm,
     SwiGLU,
     attention_mask_for,
@@ -63,15 +64,17 @@ class KVCache(NamedTuple):
     """Keys and values of every layer for incremental decoding.
 
     Attributes:
-        k: [L, B, N_kv, S, Dh] keys (rotary already applied), S = slots. Head-major, so a
-            decode step's attention reads each head's keys contiguously with no transpose.
-        v: [L, B, N_kv, S, Dh] values.
+        k: L arrays [B, N_kv, S, Dh], one per layer: keys (rotary already applied), S = slots.
+            Head-major, so a decode step's attention reads each head's keys contiguously with
+            no transpose; one buffer per layer, so it reads them in place (see
+            :class:`~novarl_jax.models.layers.LayerKV`).
+        v: L arrays [B, N_kv, S, Dh], values.
         key_mask: [B, S] int32, 1 = the slot holds a real token.
         index: int32 scalar, the next slot to write.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     key_mask: jax.Array
     index: jax.Array
 
@@ -92,23 +95,18 @@ def init_cache(
 
     Example:
         >>> cache = init_cache(config, batch_size=2, max_length=16)
-        >>> cache.k.shape  # [L, B, N_kv, S, Dh]
-        (2, 2, 4, 16, 8)
+        >>> len(cache.k), cache.k[0].shape  # L, [B, N_kv, S, Dh]
+        (2, (2, 4, 16, 8))
     """
     if batch_size < 1 or max_length < 1:
         raise ValueError(
             f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}"
         )
-    shape = (
-        config.num_hidden_layers,
-        batch_size,
-        config.num_key_value_heads,
-        max_length,
-        config.head_dim,
-    )
+    shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+    layers = range(config.num_hidden_layers)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+        v=tuple(jnp.zeros(shape, dtype) for _ in layers),
         key_mask=jnp.zeros((batch_size, max_length), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
@@ -116,8 +114,7 @@ def init_cache(
 
 def cache_logical_axes(config: ModelConfig) -> KVCache:
     """Logical axis names of a :class:`KVCache` (a KVCache of name tuples)."""
-    del config  # the names do not depend on the sizes
-    kv = (shd.LAYERS, shd.BATCH, shd.KV_HEADS, shd.LENGTH, shd.HEAD_DIM)
+    kv = ((shd.BATCH, shd.KV_HEADS, shd.LENGTH, shd.HEAD_DIM),) * config.num_hidden_layers
     return KVCache(k=kv, v=kv, key_mask=(shd.BATCH, shd.LENGTH), index=())
 
 
@@ -364,24 +361,24 @@ def _check_inputs(
                 f"{name} must have the shape of tokens {tokens.shape}, got {arr.shape}"
             )
     if cache is not None:
-        want = (config.num_hidden_layers, tokens.shape[0])
-        shape = cache.k.shape
+        layers = config.num_hidden_layers
+        want = (tokens.shape[0], config.num_key_value_heads, None, config.head_dim)
+        shapes = [tuple(a.shape) for a in (*cache.k, *cache.v)]
         if (
-            len(shape) != 5
-            or shape[:2] != want
-            or (shape[2], shape[4])
-            != (
-                config.num_key_value_heads,
-                config.head_dim,
-            )
+            len(cache.k) != layers
+            or len(cache.v) != layers
+            or len(set(shapes)) != 1
+            or len(shapes[0]) != 4
+            or shapes[0][:2] + shapes[0][3:] != want[:2] + want[3:]
         ):
             raise ValueError(
-                f"cache k has shape {cache.k.shape}, expected [L, B, N_kv, S, Dh] with "
-                f"L, B = {want} and N_kv, Dh = "
-                f"{(config.num_key_value_heads, config.head_dim)}"
+                f"cache must hold L = {layers} key and {layers} value arrays [B, N_kv, S, Dh] "
+                f"of one shape with B, N_kv, Dh = {(want[0], want[1], want[3])}; got "
+                f"{len(cache.k)} key arrays of shapes {sorted({a.shape for a in cache.k})} and "
+                f"{len(cache.v)} value arrays of shapes {sorted({a.shape for a in cache.v})}"
             )
-        if tokens.shape[1] > shape[3]:
-            raise ValueError(f"{tokens.shape[1]} tokens do not fit a cache of {shape[3]} slots")
+        if tokens.shape[1] > shapes[0][2]:
+            raise ValueError(f"{tokens.shape[1]} tokens do not fit a cache of {shapes[0][2]} slots")
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,19 +426,22 @@ def _finish_stats(stats: dict[str, jax.Array] | None, config: ModelConfig) -> di
 
 def _scan_layers(
     layers, x, cos, sin, mask, token_mask, kv, routing, *, config, mesh, train,
-    return_routing,
+    return_routing, return_kv=False,
 ):  # fmt: skip
     """Runs stacked layers [L', ...] as one ``lax.scan``.
 
-    ``kv``: the cache's (k, v) [L', B, N_kv, S, Dh], read by the layers and not written.
+    ``kv``: the cache's (k, v), each L' arrays [B, N_kv, S, Dh], read by the layers (layer i
+    reads the i-th buffers, see :class:`~novarl_jax.models.layers.LayerKV`) and not written.
 
-    Returns (x [B, T, D], the new tokens' (k, v) [L', B, N_kv, T, Dh] or None (no ``kv``),
+    Returns (x [B, T, D], the new tokens' (k, v) [L', B, N_kv, T, Dh] or None (no ``kv`` and
+    not ``return_kv``),
     stats {key: [L', ...]} or None for dense models, routing [L', B, T, K] or None).
     """
-    layer = DecoderLayer(config, mesh, train)
+    layer = DecoderLayer(config, mesh, train, return_kv=return_kv)
 
     def body(x, xs):
-        layer_params, layer_kv, layer_routing = xs
+        layer_params, index, layer_routing = xs
+        layer_kv = None if kv is None else LayerKV(kv[0], kv[1], index)
         x, new_kv, moe_aux = layer.apply(
             {"params": layer_params},
             x,
@@ -459,7 +459,9 @@ def _scan_layers(
                 chosen = moe_aux["routing"]
         return x, (new_kv, stats, chosen)
 
-    x, (new_kv, stats, chosen) = jax.lax.scan(body, x, (layers, kv, routing))
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    xs = (layers, jnp.arange(num_layers, dtype=jnp.int32), routing)
+    x, (new_kv, stats, chosen) = jax.lax.scan(body, x, xs)
     return x, new_kv, stats, chosen
 
 
@@ -682,6 +684,63 @@ def forward(
         >>> nxt = jnp.argmax(logits[:, -1:], -1)
         >>> logits, cache, _ = forward(params, nxt, config, cache=cache)  # one step
     """
+    return _forward(
+        params, tokens, config, positions=positions, attention_mask=attention_mask,
+        cache=cache, fresh_cache=False, mesh=mesh, routing=routing,
+        return_routing=return_routing, train=train, num_microbatches=num_microbatches,
+    )  # fmt: skip
+
+
+def prefill(
+    params: Any,
+    tokens: ArrayLike,
+    config: ModelConfig,
+    *,
+    max_length: int,
+    positions: ArrayLike | None = None,
+    attention_mask: ArrayLike | None = None,
+    mesh: Any = None,
+    return_routing: bool = False,
+    train: bool = False,
+    dtype: Any = jnp.float32,
+) -> tuple[jax.Array, KVCache, dict[str, Any]]:
+    """A prompt's forward into a fresh cache of ``max_length`` slots.
+
+    Returns what ``forward(params, tokens, config, cache=init_cache(config, B, max_length,
+    dtype), ...)`` returns, but its attention runs over the T prompt tokens only, as the
+    uncached forward's, instead of also scoring the ``max_length`` empty slots of the fresh
+    cache (1.7x faster at B=32, T=64, ``max_length``=192 on a 2-core CPU). Like the cached
+    forward, it runs the layers as one scan also when the mesh has ``pp > 1``.
+
+    Args:
+        params, tokens, config, positions, attention_mask, mesh, return_routing, train: as
+            :func:`forward` (``train`` defaults to False here: a prefill samples).
+        max_length: S, the slots of the cache, at least T.
+        dtype: dtype of the cache's keys and values.
+
+    Returns:
+        (logits [B, T, V], the cache holding the T tokens at slots ``[0, T)`` with
+        ``index = T``, aux) as :func:`forward`.
+
+    Raises:
+        ValueError: as :func:`forward`, or T larger than ``max_length``.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    batch = tokens.shape[0] if tokens.ndim == 2 else 1
+    cache = init_cache(config, batch, max_length, dtype)
+    return _forward(
+        params, tokens, config, positions=positions, attention_mask=attention_mask,
+        cache=cache, fresh_cache=True, mesh=mesh, routing=None,
+        return_routing=return_routing, train=train, num_microbatches=1,
+    )  # fmt: skip
+
+
+def _forward(
+    params, tokens, config, *, positions, attention_mask, cache, fresh_cache, mesh, routing,
+    return_routing, train, num_microbatches,
+):  # fmt: skip
+    """:func:`forward`; with ``fresh_cache`` (an empty ``cache`` at index 0) the attention
+    skips the cache's slots and the layers return the tokens' keys and values to write."""
     tokens, positions, attention_mask = checked_inputs(
         tokens, positions, attention_mask, config, cache=cache
     )
@@ -693,16 +752,17 @@ def forward(
     if routing is not None and not config.is_moe:
         raise ValueError("routing= was given but the model is dense (num_local_experts=0)")
 
-    if cache is None:
-        kv = None
+    kv = None
+    if cache is None or fresh_cache:
         mask = attention_mask_for(attention_mask, attention_mask, jnp.zeros((), jnp.int32))
     else:
+        mask = cached_attention_mask(attention_mask, cache.key_mask, cache.index)
+        kv = (cache.k, cache.v)
+    if cache is not None:
         first_slot = jnp.asarray(cache.index, jnp.int32)
-        mask = cached_attention_mask(attention_mask, cache.key_mask, first_slot)
         key_mask = jax.lax.dynamic_update_slice(
             cache.key_mask, attention_mask.astype(cache.key_mask.dtype), (0, first_slot)
         )
-        kv = (cache.k, cache.v)
     cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
 
     x = constrain(embed(params, tokens), _ACT, mesh)
@@ -716,7 +776,7 @@ def forward(
     else:
         x, new_kv, stats, routing_out = _scan_layers(
             params["layers"], x, cos, sin, mask, attention_mask, kv, routing,
-            mesh=mesh, **run,
+            mesh=mesh, return_kv=fresh_cache, **run,
         )  # fmt: skip
 
     logits, values = output_heads(params, x, config, mesh)
@@ -724,16 +784,18 @@ def forward(
 
     new_cache = None
     if cache is not None:
-        # Every layer's new keys/values land in the cache in one in-place update (the cache
-        # is donated by the sampler): [L, B, N_kv, T, Dh] at slot first_slot.
-        start = (0, 0, 0, first_slot, 0)
+        # Each layer's new keys/values land in its buffer in place (the cache is donated by
+        # the sampler): [B, N_kv, T, Dh] at slot first_slot.
+        start = (0, 0, first_slot, 0)
+        names = cache_logical_axes(config).k[0]
         k, v = (
-            constrain(
-                jax.lax.dynamic_update_slice(old, new.astype(old.dtype), start),
-                cache_logical_axes(config).k,
-                mesh,
+            tuple(
+                constrain(
+                    jax.lax.dynamic_update_slice(old, new[i].astype(old.dtype), start), names, mesh
+                )
+                for i, old in enumerate(olds)
             )
-            for old, new in zip((cache.k, cache.v), new_kv, strict=True)
+            for olds, new in zip((cache.k, cache.v), new_kv, strict=True)
         )
         new_cache = KVCache(k=k, v=v, key_mask=key_mask, index=first_slot + t)
     return logits, new_cache, aux

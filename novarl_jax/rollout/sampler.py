@@ -296,12 +296,12 @@ def _constrain_batch(x: jax.Array, mesh: Any) -> jax.Array:
 
 
 def _repeat_cache(cache: Any, n: int) -> Any:
-    """Repeats a KVCache n times along its batch axis (k, v: axis 1; key_mask: axis 0)."""
+    """Repeats a KVCache n times along its batch axis (axis 0 of every array)."""
     if n == 1:
         return cache
     return cache._replace(
-        k=jnp.repeat(cache.k, n, axis=1),
-        v=jnp.repeat(cache.v, n, axis=1),
+        k=tuple(jnp.repeat(k, n, axis=0) for k in cache.k),
+        v=tuple(jnp.repeat(v, n, axis=0) for v in cache.v),
         key_mask=jnp.repeat(cache.key_mask, n, axis=0),
     )
 
@@ -321,16 +321,15 @@ def _prefill(params, prompt_tokens, prompt_mask, key, dyn, *, config, static: _S
     """Prompt forward into a fresh cache, repeated G times; samples the first token."""
     models = _model()
     s = static
-    batch, prompt_len = prompt_tokens.shape
+    prompt_len = prompt_tokens.shape[1]
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-    cache = models.init_cache(config, batch, prompt_len + s.max_new_tokens)
-    logits, cache, aux = models.forward(
+    logits, cache, aux = models.prefill(
         params,
         prompt_tokens,
         config,
+        max_length=prompt_len + s.max_new_tokens,
         positions=positions,
         attention_mask=prompt_mask,
-        cache=cache,
         mesh=mesh,
         return_routing=s.return_routing,
         train=False,

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding
+from tiny_models import DENSE, MESH_CONFIG, MOE, TINY, padded_batch, scaled
 
 from novarl_jax.core import sharding as shd
 from novarl_jax.core.distributed import ParallelLayout
@@ -32,23 +33,7 @@ from novarl_jax.models.layers import (
     rotary_cos_sin,
 )
 
-TINY = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
-DENSE = ModelConfig(**TINY, tie_word_embeddings=True)
-MOE = ModelConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, value_head=True)
-
 jit_forward = jax.jit(forward, static_argnames=("config", "mesh", "return_routing", "train"))
-
-
-def _scaled(params, factor=5.0):
-    """Weights with std 0.1 instead of 0.02, so logits and routing depend clearly on input."""
-    return jax.tree.map(lambda x: x * factor if x.ndim >= 2 else x, params)
 
 
 # ------------------------------------------------------------------------------------------
@@ -355,9 +340,16 @@ def test_forward_input_errors():
         forward(params, toks, DENSE, positions=jnp.zeros((1, 3), jnp.int32))
     with pytest.raises(ValueError, match="routing= was given but the model is dense"):
         forward(params, toks, DENSE, routing=jnp.zeros((2, 2, 3, 2), jnp.int32))
-    bad_cache = r"cache k has shape \(2, 3, 2, 8, 8\), expected \[L, B, N_kv, S, Dh\]"
+    bad_cache = (
+        r"cache must hold L = 2 key and 2 value arrays \[B, N_kv, S, Dh\] of one shape with "
+        r"B, N_kv, Dh = \(2, 2, 8\); got 2 key arrays of shapes \[\(3, 2, 8, 8\)\]"
+    )
     with pytest.raises(ValueError, match=bad_cache):
         forward(params, toks, DENSE, cache=init_cache(DENSE, 3, 8))
+    one_layer = init_cache(DENSE, 2, 8)
+    one_layer = one_layer._replace(k=one_layer.k[:1])
+    with pytest.raises(ValueError, match=r"got 1 key arrays of shapes \[\(2, 2, 8, 8\)\]"):
+        forward(params, toks, DENSE, cache=one_layer)
     with pytest.raises(ValueError, match="3 tokens do not fit a cache of 2 slots"):
         forward(params, toks, DENSE, cache=init_cache(DENSE, 2, 2))
     with pytest.raises(ValueError, match="batch_size and max_length must be >= 1"):
@@ -365,7 +357,7 @@ def test_forward_input_errors():
 
 
 def test_value_head_and_aux():
-    params = _scaled(init_params(MOE, jax.random.key(3)))
+    params = scaled(init_params(MOE, jax.random.key(3)))
     toks = jax.random.randint(jax.random.key(4), (2, 5), 0, 64)
     logits, cache, aux = jit_forward(params, toks, config=MOE)
     assert cache is None and logits.shape == (2, 5, 64) and logits.dtype == jnp.float32
@@ -386,7 +378,7 @@ def test_value_head_and_aux():
 
 def test_router_replay_and_capacity():
     config = MOE.replace(capacity_factor=0.5, eval_capacity_factor=4.0)
-    params = _scaled(init_params(MOE, jax.random.key(5)))
+    params = scaled(init_params(MOE, jax.random.key(5)))
     toks = jax.random.randint(jax.random.key(6), (2, 8), 0, 64)
     fwd = functools.partial(jit_forward, config=config, return_routing=True)
     logits, _, aux = fwd(params, toks)
@@ -408,24 +400,11 @@ def test_router_replay_and_capacity():
 # KV cache
 
 
-def _padded_batch(key, b, p, n, pads, side):
-    toks = jax.random.randint(key, (b, p + n), 1, 64)
-    mask = np.ones((b, p + n), np.int32)
-    for i, pad in enumerate(pads):
-        if side == "left":
-            mask[i, :pad] = 0
-        else:
-            mask[i, p - pad : p] = 0
-    toks = jnp.where(mask > 0, toks, 0)
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    return toks, jnp.asarray(mask), jnp.asarray(positions)
-
-
 @pytest.mark.parametrize("config,side", [(DENSE, "left"), (MOE, "left"), (MOE, "right")])
 def test_kv_cache_decode_equals_full_forward(config, side):
     b, p, n = 3, 6, 4
-    params = _scaled(init_params(config, jax.random.key(1)))
-    toks, mask, positions = _padded_batch(jax.random.key(2), b, p, n, (0, 2, 4), side)
+    params = scaled(init_params(config, jax.random.key(1)))
+    toks, mask, positions = padded_batch(jax.random.key(2), b, p, n, (0, 2, 4), side)
     full, _, full_aux = jit_forward(
         params, toks, config=config, positions=positions, attention_mask=mask
     )
@@ -447,7 +426,7 @@ def test_kv_cache_decode_equals_full_forward(config, side):
         if config.value_head:
             np.testing.assert_allclose(aux["values"][:, 0], full_aux["values"][:, i], atol=2e-5)
     assert int(cache.index) == p + n
-    assert cache.k.shape == (2, b, 2, p + n + 2, 8)  # [L, B, N_kv, S, Dh]
+    assert [k.shape for k in cache.k] == [(b, 2, p + n + 2, 8)] * 2  # L x [B, N_kv, S, Dh]
     np.testing.assert_array_equal(cache.key_mask[:, p + n :], 0)
     # The logits really depend on the cached context (a test that can fail).
     fresh, _, _ = jit_forward(params, toks[:, -1:], config=config, positions=positions[:, -1:])
@@ -463,7 +442,9 @@ def test_default_positions_continue_from_cache():
     rest, cache, _ = forward(params, toks[:, 3:], DENSE, cache=cache)
     np.testing.assert_allclose(rest, full[:, 3:], atol=1e-5)
     names = cache_logical_axes(DENSE)
-    assert names.k == (shd.LAYERS, shd.BATCH, shd.KV_HEADS, shd.LENGTH, shd.HEAD_DIM)
+    assert (
+        names.k == ((shd.BATCH, shd.KV_HEADS, shd.LENGTH, shd.HEAD_DIM),) * DENSE.num_hidden_layers
+    )
 
 
 def test_out_of_range_padding_ids_stay_finite():
@@ -475,7 +456,7 @@ def test_out_of_range_padding_ids_stay_finite():
 
 
 def test_padding_and_batch_invariance():
-    params = _scaled(init_params(MOE, jax.random.key(7)))
+    params = scaled(init_params(MOE, jax.random.key(7)))
     toks = jax.random.randint(jax.random.key(8), (1, 6), 1, 64)
     alone, _, _ = jit_forward(params, toks, config=MOE)
     padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), toks], axis=1)
@@ -493,11 +474,6 @@ def test_padding_and_batch_invariance():
 # ------------------------------------------------------------------------------------------
 # Sharded == single device
 
-MESH_CONFIG = ModelConfig(
-    vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-    num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
-    num_experts_per_tok=2, value_head=True,
-)  # fmt: skip
 LAYOUTS = {
     "dp8": ParallelLayout(dp=8),
     "tp2-ep2-dp2": ParallelLayout(dp=2, tp=2, ep=2),
@@ -522,7 +498,7 @@ def _loss(params, toks, mask, config, mesh):
 
 @functools.cache
 def _single_device_reference():
-    params = _scaled(init_params(MESH_CONFIG, jax.random.key(11)))
+    params = scaled(init_params(MESH_CONFIG, jax.random.key(11)))
     toks = jax.random.randint(jax.random.key(12), (8, 8), 1, 64)
     mask = jnp.ones((8, 8), jnp.int32).at[1, :3].set(0).at[5, :5].set(0)
     toks = jnp.where(mask > 0, toks, 0)
@@ -561,7 +537,7 @@ def test_sharded_kv_cache_decode_equals_single_device_forward(devices):
     sharded = shard_params(params, MESH_CONFIG, mesh)
     cache = init_cache(MESH_CONFIG, 8, 8)
     cache = jax.device_put(cache, shd.tree_shardings(cache_logical_axes(MESH_CONFIG), mesh, cache))
-    assert tuple(cache.k.sharding.spec)[1] == ("dp", "ep")
+    assert all(tuple(k.sharding.spec)[0] == ("dp", "ep") for k in cache.k)
     positions = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
     run = functools.partial(jit_forward, config=MESH_CONFIG, mesh=mesh)
     prefill, cache, _ = run(

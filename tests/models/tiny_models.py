@@ -1,0 +1,43 @@
+"""Tiny decoder configs and inputs shared by the model tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from novarl_jax.models import ModelConfig
+
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+DENSE = ModelConfig(**TINY, tie_word_embeddings=True)
+MOE = ModelConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, value_head=True)
+
+MESH_CONFIG = ModelConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+    num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
+    num_experts_per_tok=2, value_head=True,
+)  # fmt: skip
+
+
+def scaled(params, factor=5.0):
+    """Weights with std 0.1 instead of 0.02, so logits and routing depend clearly on input."""
+    return jax.tree.map(lambda x: x * factor if x.ndim >= 2 else x, params)
+
+
+def padded_batch(key, b, p, n, pads, side):
+    """b rows of p prompt + n tokens; row i has pads[i] padding tokens on the prompt's side."""
+    toks = jax.random.randint(key, (b, p + n), 1, 64)
+    mask = np.ones((b, p + n), np.int32)
+    for i, pad in enumerate(pads):
+        if side == "left":
+            mask[i, :pad] = 0
+        else:
+            mask[i, p - pad : p] = 0
+    toks = jnp.where(mask > 0, toks, 0)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    return toks, jnp.asarray(mask), jnp.asarray(positions)
