@@ -174,21 +174,12 @@ def cached_attention_mask(
     return jnp.concatenate([cached, new], axis=-1)
 
 
-def _head_matmul(lhs: jax.Array, rhs: jax.Array, *, contract_rhs: int) -> jax.Array:
-    """Batched over (B, N_kv): ``lhs`` [B, N_kv, R, C] times ``rhs`` [B, N_kv, ., .].
-
-    ``contract_rhs=3``: rhs is [B, N_kv, S, C] and the result [B, N_kv, R, S] (scores);
-    ``contract_rhs=2``: rhs is [B, N_kv, C, H] and the result [B, N_kv, R, H] (weighted sum).
-    Float32 accumulation.
-    """
-    dims = (((3,), (contract_rhs,)), ((0, 1), (0, 1)))
-    return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
-
-
 class LayerKV(NamedTuple):
     """A per-layer KV cache as one layer of a scan sees it: every layer's buffers and its index.
 
-    ``k``, ``v``: tuples of L arrays [B, N_kv, S, Dh]; ``index``: int32 scalar, this layer.
+    ``k``: a tuple of L arrays [B, N_kv, Dh, S] (keys stored transposed, so a step's scores
+    are a plain ``[G*T, Dh] x [Dh, S]`` matmul, as its weighted sum ``[G*T, S] x [S, Dh]``
+    is); ``v``: L arrays [B, N_kv, S, Dh]; ``index``: int32 scalar, this layer.
     :class:`Attention` reads layer ``index`` inside a :func:`jax.lax.switch` over the layers, so
     each branch reads its own buffer in place. A dynamically indexed slice of one stacked
     ``[L, ...]`` cache is copied by XLA:CPU before every matmul instead (0.3 ms per layer and
@@ -211,26 +202,30 @@ def _head_matmul(lhs: jax.Array, rhs: jax.Array, *, contract_rhs: int) -> jax.Ar
     return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
 
 
-def _attend(rows, k_new, v_new, mask, k_cache, v_cache, *, group: int, dtype: Any):
+def _attend(
+    rows, k_new, v_new, mask, k_cache, v_cache, *, group: int, dtype: Any, keys_transposed=False
+):  # fmt: skip
     """``softmax(q k^T / sqrt(Dh) + mask) v`` on head-major operands.
 
     ``rows`` [B, N_kv, G*T, Dh] (each key/value head's G query heads, T tokens each), the new
     tokens' ``k_new`` / ``v_new`` [B, N_kv, T, Dh], and the cached ``k_cache`` / ``v_cache``
-    [B, N_kv, S, Dh] or None; ``mask`` [B, T, S + T] (cached slots, then new tokens) or
-    [B, T, T]. Returns [B, N_kv, G*T, Dh].
+    [B, N_kv, S, Dh] (``k_cache`` [B, N_kv, Dh, S] when ``keys_transposed``) or None;
+    ``mask`` [B, T, S + T] (cached slots, then new tokens) or [B, T, T]. Returns
+    [B, N_kv, G*T, Dh].
     """
     b, nkv, gt, dh = rows.shape
     t = gt // group
     scores = _head_matmul(rows, k_new.astype(rows.dtype), contract_rhs=3)
     if k_cache is not None:
-        cached = _head_matmul(rows, k_cache.astype(rows.dtype), contract_rhs=3)
+        contract = 2 if keys_transposed else 3
+        cached = _head_matmul(rows, k_cache.astype(rows.dtype), contract_rhs=contract)
         scores = jnp.concatenate([cached, scores], axis=-1)
     scores = scores.reshape(b, nkv, group, t, -1) * (dh**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, nkv, gt, -1)
     if k_cache is None:
         return _head_matmul(probs, v_new.astype(dtype), contract_rhs=2)
-    s = k_cache.shape[2]
+    s = v_cache.shape[2]
     out = _head_matmul(probs[..., :s], v_cache.astype(dtype), contract_rhs=2)
     return out + _head_matmul(probs[..., s:], v_new.astype(dtype), contract_rhs=2)
 
@@ -300,7 +295,7 @@ class Attention(nn.Module):
         attend = functools.partial(_attend, group=g, dtype=x.dtype)
         if isinstance(kv_cache, LayerKV):
             branches = [
-                functools.partial(attend, k_cache=k_layer, v_cache=v_layer)
+                functools.partial(attend, k_cache=k_layer, v_cache=v_layer, keys_transposed=True)
                 for k_layer, v_layer in zip(kv_cache.k, kv_cache.v, strict=True)
             ]
             out = jax.lax.switch(kv_cache.index, branches, rows, k_new, v_new, mask)

@@ -64,11 +64,12 @@ class KVCache(NamedTuple):
     """Keys and values of every layer for incremental decoding.
 
     Attributes:
-        k: L arrays [B, N_kv, S, Dh], one per layer: keys (rotary already applied), S = slots.
-            Head-major, so a decode step's attention reads each head's keys contiguously with
-            no transpose; one buffer per layer, so it reads them in place (see
-            :class:`~novarl_jax.models.layers.LayerKV`).
-        v: L arrays [B, N_kv, S, Dh], values.
+        k: L arrays [B, N_kv, Dh, S], one per layer: keys (rotary already applied), S =
+            slots, stored transposed, so a decode step's scores are a plain
+            ``[G*T, Dh] x [Dh, S]`` matmul per key/value head (an ``[S, Dh]`` operand made
+            XLA:CPU's matmul 2.4x slower at decode sizes). One buffer per layer, so the
+            attention reads it in place (see :class:`~novarl_jax.models.layers.LayerKV`).
+        v: L arrays [B, N_kv, S, Dh], values, head-major.
         key_mask: [B, S] int32, 1 = the slot holds a real token.
         index: int32 scalar, the next slot to write.
     """
@@ -95,27 +96,35 @@ def init_cache(
 
     Example:
         >>> cache = init_cache(config, batch_size=2, max_length=16)
-        >>> len(cache.k), cache.k[0].shape  # L, [B, N_kv, S, Dh]
-        (2, (2, 4, 16, 8))
+        >>> cache.k[0].shape, cache.v[0].shape  # [B, N_kv, Dh, S], [B, N_kv, S, Dh], L of each
+        ((2, 4, 8, 16), (2, 4, 16, 8))
     """
     if batch_size < 1 or max_length < 1:
         raise ValueError(
             f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}"
         )
-    shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+    k_shape, v_shape = _cache_shapes(config, batch_size, max_length)
     layers = range(config.num_hidden_layers)
     return KVCache(
-        k=tuple(jnp.zeros(shape, dtype) for _ in layers),
-        v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+        k=tuple(jnp.zeros(k_shape, dtype) for _ in layers),
+        v=tuple(jnp.zeros(v_shape, dtype) for _ in layers),
         key_mask=jnp.zeros((batch_size, max_length), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
 
 
+def _cache_shapes(config: ModelConfig, batch_size: int, slots: int):
+    """Shapes of one layer's keys [B, N_kv, Dh, S] and values [B, N_kv, S, Dh]."""
+    nkv, dh = config.num_key_value_heads, config.head_dim
+    return (batch_size, nkv, dh, slots), (batch_size, nkv, slots, dh)
+
+
 def cache_logical_axes(config: ModelConfig) -> KVCache:
     """Logical axis names of a :class:`KVCache` (a KVCache of name tuples)."""
-    kv = ((shd.BATCH, shd.KV_HEADS, shd.LENGTH, shd.HEAD_DIM),) * config.num_hidden_layers
-    return KVCache(k=kv, v=kv, key_mask=(shd.BATCH, shd.LENGTH), index=())
+    layers = config.num_hidden_layers
+    k = ((shd.BATCH, shd.KV_HEADS, shd.HEAD_DIM, shd.LENGTH),) * layers
+    v = ((shd.BATCH, shd.KV_HEADS, shd.LENGTH, shd.HEAD_DIM),) * layers
+    return KVCache(k=k, v=v, key_mask=(shd.BATCH, shd.LENGTH), index=())
 
 
 class DecoderLayer(nn.Module):
@@ -361,24 +370,24 @@ def _check_inputs(
                 f"{name} must have the shape of tokens {tokens.shape}, got {arr.shape}"
             )
     if cache is not None:
-        layers = config.num_hidden_layers
-        want = (tokens.shape[0], config.num_key_value_heads, None, config.head_dim)
-        shapes = [tuple(a.shape) for a in (*cache.k, *cache.v)]
+        layers, b = config.num_hidden_layers, tokens.shape[0]
+        slots = cache.v[0].shape[2] if cache.v and cache.v[0].ndim == 4 else 0
+        k_shape, v_shape = _cache_shapes(config, b, slots)
         if (
             len(cache.k) != layers
             or len(cache.v) != layers
-            or len(set(shapes)) != 1
-            or len(shapes[0]) != 4
-            or shapes[0][:2] + shapes[0][3:] != want[:2] + want[3:]
+            or any(a.shape != k_shape for a in cache.k)
+            or any(a.shape != v_shape for a in cache.v)
         ):
             raise ValueError(
-                f"cache must hold L = {layers} key and {layers} value arrays [B, N_kv, S, Dh] "
-                f"of one shape with B, N_kv, Dh = {(want[0], want[1], want[3])}; got "
+                f"cache must hold L = {layers} key arrays [B, N_kv, Dh, S] and {layers} value "
+                f"arrays [B, N_kv, S, Dh] with B, N_kv, Dh = "
+                f"{(b, config.num_key_value_heads, config.head_dim)} and one S; got "
                 f"{len(cache.k)} key arrays of shapes {sorted({a.shape for a in cache.k})} and "
                 f"{len(cache.v)} value arrays of shapes {sorted({a.shape for a in cache.v})}"
             )
-        if tokens.shape[1] > shapes[0][2]:
-            raise ValueError(f"{tokens.shape[1]} tokens do not fit a cache of {shapes[0][2]} slots")
+        if tokens.shape[1] > slots:
+            raise ValueError(f"{tokens.shape[1]} tokens do not fit a cache of {slots} slots")
 
 
 # --------------------------------------------------------------------------------------------
@@ -784,18 +793,18 @@ def _forward(
 
     new_cache = None
     if cache is not None:
-        # Each layer's new keys/values land in its buffer in place (the cache is donated by
-        # the sampler): [B, N_kv, T, Dh] at slot first_slot.
-        start = (0, 0, first_slot, 0)
-        names = cache_logical_axes(config).k[0]
-        k, v = (
-            tuple(
-                constrain(
-                    jax.lax.dynamic_update_slice(old, new[i].astype(old.dtype), start), names, mesh
-                )
-                for i, old in enumerate(olds)
+        # Each layer's new keys [B, N_kv, Dh, T] and values [B, N_kv, T, Dh] land in its
+        # buffers in place (the cache is donated by the sampler) at slot first_slot.
+        names = cache_logical_axes(config)
+        new_k, new_v = new_kv
+
+        def write(olds, news, start, names):
+            return tuple(
+                constrain(jax.lax.dynamic_update_slice(old, new.astype(old.dtype), start), n, mesh)
+                for old, new, n in zip(olds, news, names, strict=True)
             )
-            for olds, new in zip((cache.k, cache.v), new_kv, strict=True)
-        )
+
+        k = write(cache.k, jnp.swapaxes(new_k, -1, -2), (0, 0, 0, first_slot), names.k)
+        v = write(cache.v, new_v, (0, 0, first_slot, 0), names.v)
         new_cache = KVCache(k=k, v=v, key_mask=key_mask, index=first_slot + t)
     return logits, new_cache, aux

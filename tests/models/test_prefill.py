@@ -29,9 +29,11 @@ def _assert_same_cache(got: KVCache, want: KVCache) -> None:
     np.testing.assert_array_equal(got.key_mask, want.key_mask)
     seen = np.asarray(want.key_mask).astype(bool)
     assert len(got.k) == len(want.k) and len(got.v) == len(want.v)
-    for g, w in zip((*got.k, *got.v), (*want.k, *want.v), strict=True):
+    keys = [(g, w, -1) for g, w in zip(got.k, want.k, strict=True)]  # [B, N_kv, Dh, S]
+    values = [(g, w, 2) for g, w in zip(got.v, want.v, strict=True)]  # [B, N_kv, S, Dh]
+    for g, w, slot_axis in keys + values:
         assert g.shape == w.shape and g.dtype == w.dtype
-        g, w = np.swapaxes(np.asarray(g), 1, 2), np.swapaxes(np.asarray(w), 1, 2)  # [B, S, ...]
+        g, w = (np.moveaxis(np.asarray(a), slot_axis, 1) for a in (g, w))  # [B, S, ...]
         np.testing.assert_allclose(g[seen], w[seen], atol=1e-5, rtol=1e-5)
         np.testing.assert_array_equal(g[:, int(want.index) :], 0.0)
 
@@ -86,7 +88,9 @@ def test_prefill_errors():
         prefill(params, jnp.ones((5,), jnp.int32), DENSE, max_length=8)
 
 
-@pytest.mark.parametrize("layout", [ParallelLayout(dp=2, tp=2, ep=2), ParallelLayout(dp=2, pp=2, ep=2)])
+@pytest.mark.parametrize(
+    "layout", [ParallelLayout(dp=2, tp=2, ep=2), ParallelLayout(dp=2, pp=2, ep=2)]
+)
 def test_sharded_prefill_equals_single_device(layout, devices):
     """On a mesh (also with pp > 1: the layers run as one scan) the cache decodes on."""
     config = MESH_CONFIG

@@ -341,8 +341,9 @@ def test_forward_input_errors():
     with pytest.raises(ValueError, match="routing= was given but the model is dense"):
         forward(params, toks, DENSE, routing=jnp.zeros((2, 2, 3, 2), jnp.int32))
     bad_cache = (
-        r"cache must hold L = 2 key and 2 value arrays \[B, N_kv, S, Dh\] of one shape with "
-        r"B, N_kv, Dh = \(2, 2, 8\); got 2 key arrays of shapes \[\(3, 2, 8, 8\)\]"
+        r"cache must hold L = 2 key arrays \[B, N_kv, Dh, S\] and 2 value arrays "
+        r"\[B, N_kv, S, Dh\] with B, N_kv, Dh = \(2, 2, 8\) and one S; got 2 key arrays of "
+        r"shapes \[\(3, 2, 8, 8\)\]"
     )
     with pytest.raises(ValueError, match=bad_cache):
         forward(params, toks, DENSE, cache=init_cache(DENSE, 3, 8))
@@ -426,7 +427,8 @@ def test_kv_cache_decode_equals_full_forward(config, side):
         if config.value_head:
             np.testing.assert_allclose(aux["values"][:, 0], full_aux["values"][:, i], atol=2e-5)
     assert int(cache.index) == p + n
-    assert [k.shape for k in cache.k] == [(b, 2, p + n + 2, 8)] * 2  # L x [B, N_kv, S, Dh]
+    assert [k.shape for k in cache.k] == [(b, 2, 8, p + n + 2)] * 2  # L x [B, N_kv, Dh, S]
+    assert [v.shape for v in cache.v] == [(b, 2, p + n + 2, 8)] * 2  # L x [B, N_kv, S, Dh]
     np.testing.assert_array_equal(cache.key_mask[:, p + n :], 0)
     # The logits really depend on the cached context (a test that can fail).
     fresh, _, _ = jit_forward(params, toks[:, -1:], config=config, positions=positions[:, -1:])
@@ -442,9 +444,9 @@ def test_default_positions_continue_from_cache():
     rest, cache, _ = forward(params, toks[:, 3:], DENSE, cache=cache)
     np.testing.assert_allclose(rest, full[:, 3:], atol=1e-5)
     names = cache_logical_axes(DENSE)
-    assert (
-        names.k == ((shd.BATCH, shd.KV_HEADS, shd.LENGTH, shd.HEAD_DIM),) * DENSE.num_hidden_layers
-    )
+    layers = DENSE.num_hidden_layers
+    assert names.k == ((shd.BATCH, shd.KV_HEADS, shd.HEAD_DIM, shd.LENGTH),) * layers
+    assert names.v == ((shd.BATCH, shd.KV_HEADS, shd.LENGTH, shd.HEAD_DIM),) * layers
 
 
 def test_out_of_range_padding_ids_stay_finite():
