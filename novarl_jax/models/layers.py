@@ -215,19 +215,28 @@ def _attend(
     """
     b, nkv, gt, dh = rows.shape
     t = gt // group
-    scores = _head_matmul(rows, k_new.astype(rows.dtype), contract_rhs=3)
-    if k_cache is not None:
-        contract = 2 if keys_transposed else 3
-        cached = _head_matmul(rows, k_cache.astype(rows.dtype), contract_rhs=contract)
-        scores = jnp.concatenate([cached, scores], axis=-1)
-    scores = scores.reshape(b, nkv, group, t, -1) * (dh**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, nkv, gt, -1)
+
+    def masked_scores(keys, contract, key_mask):
+        scores = _head_matmul(rows, keys.astype(rows.dtype), contract_rhs=contract)
+        scores = scores.reshape(b, nkv, group, t, -1) * (dh**-0.5)
+        return jnp.where(key_mask[:, None, None, :, :], scores, _MASKED_SCORE)
+
+    def weighted(probs, values):
+        probs = probs.astype(dtype).reshape(b, nkv, gt, -1)
+        return _head_matmul(probs, values.astype(dtype), contract_rhs=2)
+
     if k_cache is None:
-        return _head_matmul(probs, v_new.astype(dtype), contract_rhs=2)
+        return weighted(jax.nn.softmax(masked_scores(k_new, 3, mask), axis=-1), v_new)
+    # The softmax over the cached slots and the new tokens, taken in two parts rather than
+    # over their concatenation: at decode sizes XLA:CPU took ~90 us per layer and step for the
+    # concatenation and its fused max-and-exp over [S + T] = 193 slots, ~55 us for the parts.
     s = v_cache.shape[2]
-    out = _head_matmul(probs[..., :s], v_cache.astype(dtype), contract_rhs=2)
-    return out + _head_matmul(probs[..., s:], v_new.astype(dtype), contract_rhs=2)
+    cached = masked_scores(k_cache, 2 if keys_transposed else 3, mask[..., :s])
+    new = masked_scores(k_new, 3, mask[..., s:])
+    top = jnp.maximum(jnp.max(cached, -1, keepdims=True), jnp.max(new, -1, keepdims=True))
+    cached, new = jnp.exp(cached - top), jnp.exp(new - top)
+    total = jnp.sum(cached, -1, keepdims=True) + jnp.sum(new, -1, keepdims=True)
+    return weighted(cached / total, v_cache) + weighted(new / total, v_new)
 
 
 class Attention(nn.Module):
