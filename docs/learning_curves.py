@@ -9,7 +9,7 @@ import sys
 
 RUNS = {
     "GRPO copy": ["--config=configs/copy.py"],
-    "PPO copy": ["--config=configs/copy.py", "experiment.algorithm=ppo", "experiment.steps=80",
+    "PPO copy": ["--config=configs/copy.py", "experiment.algorithm=ppo", "experiment.steps=120",
                  "rollout.prompts_per_step=16"],
     "GRPO addition": ["--config=configs/addition.py"],
     "PPO addition": ["--config=configs/addition.py", "experiment.algorithm=ppo",
@@ -40,6 +40,9 @@ def main(root: str) -> None:
         smooth = [sum(scores[max(0, i - 4) : i + 1]) / len(scores[max(0, i - 4) : i + 1])
                   for i in range(len(scores))]  # fmt: skip
         ax.plot(steps, smooth, label=f"{name} (final {sum(scores[-10:]) / 10:.2f})")
+        windows = [sum(scores[i : i + 10]) / 10 for i in range(len(scores) - 9)]
+        print(f"{name}: first 10 steps {windows[0]:.2f}, best 10 steps {max(windows):.2f}, "
+              f"last 10 steps {windows[-1]:.2f}")  # fmt: skip
     ax.set_xlabel("training step")
     ax.set_ylabel("mean task reward (5-step moving average)")
     ax.set_title("Tiny policies learning built-in tasks on CPU (seed 0)")

@@ -239,6 +239,61 @@ def _attend(
     return weighted(cached / total, v_cache) + weighted(new / total, v_new)
 
 
+def _materialized_swap(x: jax.Array) -> jax.Array:
+    """``x`` with its last two axes swapped, written out as a new array.
+
+    The barrier keeps XLA from folding the transpose into the matmul that reads it: a matmul
+    contracting its left operand's row axis ran on XLA:CPU's slow generic path.
+    """
+    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _softmax_attention(rows, keys, values, mask, group: int, dtype: Any):
+    """``softmax(rows keys^T / sqrt(Dh) + mask) values``: rows [B, N_kv, G*T, Dh], keys and
+    values [B, N_kv, S, Dh], mask [B, T, S] bool -> [B, N_kv, G*T, Dh]."""
+    return _softmax_attention_fwd(rows, keys, values, mask, group, dtype)[0]
+
+
+def _attention_probs(rows, keys, mask, group):
+    b, nkv, gt, dh = rows.shape
+    scores = _head_matmul(rows, keys.astype(rows.dtype), contract_rhs=3)
+    scores = scores.reshape(b, nkv, group, gt // group, -1) * (dh**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
+    return jax.nn.softmax(scores, axis=-1).reshape(b, nkv, gt, -1)
+
+
+def _softmax_attention_fwd(rows, keys, values, mask, group, dtype):
+    probs = _attention_probs(rows, keys, mask, group).astype(dtype)
+    out = _head_matmul(probs, values.astype(dtype), contract_rhs=2)
+    return out, (rows, keys, values, mask, probs)
+
+
+def _softmax_attention_bwd(group, dtype, res, dout):
+    # Every matmul is a plain row-major product: the two that contract over the query rows
+    # read explicit transposes of their left operands.
+    rows, keys, values, mask, probs = res
+    dh = rows.shape[-1]
+    dout = dout.astype(dtype)
+    dprobs = _head_matmul(dout, values.astype(dtype), contract_rhs=3)  # [.., G*T, S]
+    dvalues = _head_matmul(_materialized_swap(probs), dout, contract_rhs=2)  # [.., S, Dh]
+    p = probs.astype(jnp.float32)
+    dscores = p * (dprobs - jnp.sum(dprobs * p, axis=-1, keepdims=True)) * (dh**-0.5)
+    dscores = dscores.astype(rows.dtype)
+    drows = _head_matmul(dscores, keys.astype(rows.dtype), contract_rhs=2)
+    dkeys = _head_matmul(_materialized_swap(dscores), rows, contract_rhs=2)  # [.., S, Dh]
+    return (
+        drows.astype(rows.dtype),
+        dkeys.astype(keys.dtype),
+        dvalues.astype(values.dtype),
+        None,
+    )
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings and an optional KV cache.
 
@@ -309,8 +364,11 @@ class Attention(nn.Module):
             ]
             out = jax.lax.switch(kv_cache.index, branches, rows, k_new, v_new, mask)
         else:
-            k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
-            out = attend(rows, k_new, v_new, mask, k_cache, v_cache)
+            keys, values = k_new, v_new
+            if kv_cache is not None:
+                keys = jnp.concatenate([kv_cache[0].astype(k_new.dtype), k_new], axis=2)
+                values = jnp.concatenate([kv_cache[1].astype(v_new.dtype), v_new], axis=2)
+            out = _softmax_attention(rows, keys, values, mask, g, x.dtype)
         out = jnp.transpose(out.reshape(b, nkv, g, t, dh), (0, 3, 1, 2, 4)).reshape(b, t, n, dh)
         out = constrain(out.astype(x.dtype), q_names, self.mesh)
         new_kv = None
