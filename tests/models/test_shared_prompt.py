@@ -7,27 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
+from tiny_models import DENSE, MESH_CONFIG, MOE, scaled
 
 from novarl_jax.core import sharding as shd
 from novarl_jax.core.distributed import ParallelLayout
-from novarl_jax.models import ModelConfig, forward, forward_shared_prompt, init_params, shard_params
+from novarl_jax.models import forward, forward_shared_prompt, init_params, shard_params
 
-TINY = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
-DENSE = ModelConfig(**TINY, tie_word_embeddings=True)
-MOE = ModelConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, value_head=True)
 GROUPS, GROUP, PROMPT, COMPLETION = 3, 4, 5, 6
-
-
-def _scaled(params, factor=5.0):
-    """Weights with std 0.1, so logits and routing depend clearly on the input."""
-    return jax.tree.map(lambda x: x * factor if x.ndim >= 2 else x, params)
 
 
 def _rows(seed=0, groups=GROUPS, group=GROUP):
@@ -57,7 +43,7 @@ def _run(fn, params, config, tokens, mask, positions, **kw):
 @pytest.mark.parametrize("config", [DENSE, MOE], ids=["dense", "moe"])
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_outputs_equal_the_full_forward(config, use_jit):
-    params = _scaled(init_params(config, jax.random.key(1)))
+    params = scaled(init_params(config, jax.random.key(1)))
     tokens, mask, positions = _rows()
     run = functools.partial(_run, config=config, return_routing=config.is_moe)
     if use_jit:
@@ -114,7 +100,7 @@ def _loss(fn, params, config, tokens, mask, positions, routing=None, mesh=None):
     "config,replay", [(DENSE, False), (MOE, False), (MOE, True)], ids=["dense", "moe", "replay"]
 )
 def test_gradients_equal_the_full_forward(config, replay):
-    params = _scaled(init_params(config, jax.random.key(2)))
+    params = scaled(init_params(config, jax.random.key(2)))
     tokens, mask, positions = _rows(seed=3)
     routing = None
     if replay:  # replay choices that differ from what this router would pick
@@ -143,13 +129,8 @@ def test_gradients_equal_the_full_forward(config, replay):
     ids=["dp8", "ep8", "tp8", "dp2-tp2-ep2"],
 )
 def test_sharded_equals_single_device(layout, devices):
-    config = ModelConfig(
-        **{**TINY, "num_attention_heads": 8, "num_key_value_heads": 4},
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        value_head=True,
-    )
-    params = _scaled(init_params(config, jax.random.key(5)))
+    config = MESH_CONFIG
+    params = scaled(init_params(config, jax.random.key(5)))
     # 2 groups of 4: fewer prompts than batch shards, so the prompts' rows are padded there.
     tokens, mask, positions = _rows(seed=6, groups=2)
     grad = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=(0, 2, 7))
