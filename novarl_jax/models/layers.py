@@ -202,37 +202,36 @@ def _head_matmul(lhs: jax.Array, rhs: jax.Array, *, contract_rhs: int) -> jax.Ar
     return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
 
 
-def _attend(
-    rows, k_new, v_new, mask, k_cache, v_cache, *, group: int, dtype: Any, keys_transposed=False
-):  # fmt: skip
-    """``softmax(q k^T / sqrt(Dh) + mask) v`` on head-major operands.
+def _masked_scores(rows, keys, mask, group: int, *, keys_transposed: bool = False):
+    """Scaled, masked scores [B, N_kv, G, T, S] of ``rows`` [B, N_kv, G*T, Dh] against
+    ``keys`` [B, N_kv, S, Dh] ([B, N_kv, Dh, S] when ``keys_transposed``); mask [B, T, S]."""
+    b, nkv, gt, dh = rows.shape
+    contract = 2 if keys_transposed else 3
+    scores = _head_matmul(rows, keys.astype(rows.dtype), contract_rhs=contract)
+    scores = scores.reshape(b, nkv, group, gt // group, -1) * (dh**-0.5)
+    return jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
+
+
+def _attend_cached(rows, k_new, v_new, mask, k_cache, v_cache, *, group: int, dtype: Any):
+    """``softmax(q k^T / sqrt(Dh) + mask) v`` over one layer's cached slots and the new tokens.
 
     ``rows`` [B, N_kv, G*T, Dh] (each key/value head's G query heads, T tokens each), the new
-    tokens' ``k_new`` / ``v_new`` [B, N_kv, T, Dh], and the cached ``k_cache`` / ``v_cache``
-    [B, N_kv, S, Dh] (``k_cache`` [B, N_kv, Dh, S] when ``keys_transposed``) or None;
-    ``mask`` [B, T, S + T] (cached slots, then new tokens) or [B, T, T]. Returns
-    [B, N_kv, G*T, Dh].
+    tokens' ``k_new`` / ``v_new`` [B, N_kv, T, Dh], the cache's ``k_cache`` [B, N_kv, Dh, S]
+    (keys transposed, as :class:`LayerKV` holds them) and ``v_cache`` [B, N_kv, S, Dh];
+    ``mask`` [B, T, S + T] (cached slots, then new tokens). Returns [B, N_kv, G*T, Dh].
     """
-    b, nkv, gt, dh = rows.shape
-    t = gt // group
-
-    def masked_scores(keys, contract, key_mask):
-        scores = _head_matmul(rows, keys.astype(rows.dtype), contract_rhs=contract)
-        scores = scores.reshape(b, nkv, group, t, -1) * (dh**-0.5)
-        return jnp.where(key_mask[:, None, None, :, :], scores, _MASKED_SCORE)
+    b, nkv, gt, _ = rows.shape
 
     def weighted(probs, values):
         probs = probs.astype(dtype).reshape(b, nkv, gt, -1)
         return _head_matmul(probs, values.astype(dtype), contract_rhs=2)
 
-    if k_cache is None:
-        return weighted(jax.nn.softmax(masked_scores(k_new, 3, mask), axis=-1), v_new)
     # The softmax over the cached slots and the new tokens, taken in two parts rather than
     # over their concatenation: at decode sizes XLA:CPU took ~90 us per layer and step for the
     # concatenation and its fused max-and-exp over [S + T] = 193 slots, ~55 us for the parts.
     s = v_cache.shape[2]
-    cached = masked_scores(k_cache, 2 if keys_transposed else 3, mask[..., :s])
-    new = masked_scores(k_new, 3, mask[..., s:])
+    cached = _masked_scores(rows, k_cache, mask[..., :s], group, keys_transposed=True)
+    new = _masked_scores(rows, k_new, mask[..., s:], group)
     top = jnp.maximum(jnp.max(cached, -1, keepdims=True), jnp.max(new, -1, keepdims=True))
     cached, new = jnp.exp(cached - top), jnp.exp(new - top)
     total = jnp.sum(cached, -1, keepdims=True) + jnp.sum(new, -1, keepdims=True)
@@ -255,24 +254,17 @@ def _softmax_attention(rows, keys, values, mask, group: int, dtype: Any):
     return _softmax_attention_fwd(rows, keys, values, mask, group, dtype)[0]
 
 
-def _attention_probs(rows, keys, mask, group):
-    b, nkv, gt, dh = rows.shape
-    scores = _head_matmul(rows, keys.astype(rows.dtype), contract_rhs=3)
-    scores = scores.reshape(b, nkv, group, gt // group, -1) * (dh**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
-    return jax.nn.softmax(scores, axis=-1).reshape(b, nkv, gt, -1)
-
-
 def _softmax_attention_fwd(rows, keys, values, mask, group, dtype):
-    probs = _attention_probs(rows, keys, mask, group).astype(dtype)
+    probs = jax.nn.softmax(_masked_scores(rows, keys, mask, group), axis=-1)
+    probs = probs.astype(dtype).reshape(*rows.shape[:3], -1)
     out = _head_matmul(probs, values.astype(dtype), contract_rhs=2)
-    return out, (rows, keys, values, mask, probs)
+    return out, (rows, keys, values, probs)
 
 
 def _softmax_attention_bwd(group, dtype, res, dout):
     # Every matmul is a plain row-major product: the two that contract over the query rows
     # read explicit transposes of their left operands.
-    rows, keys, values, mask, probs = res
+    rows, keys, values, probs = res
     dh = rows.shape[-1]
     dout = dout.astype(dtype)
     dprobs = _head_matmul(dout, values.astype(dtype), contract_rhs=3)  # [.., G*T, S]
@@ -291,7 +283,6 @@ def _softmax_attention_bwd(group, dtype, res, dout):
 
 
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
-
 
 
 class Attention(nn.Module):
@@ -356,10 +347,11 @@ class Attention(nn.Module):
             b, nkv, g * t, dh
         )
         k_new, v_new = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, N_kv, T, Dh]
-        attend = functools.partial(_attend, group=g, dtype=x.dtype)
         if isinstance(kv_cache, LayerKV):
             branches = [
-                functools.partial(attend, k_cache=k_layer, v_cache=v_layer, keys_transposed=True)
+                functools.partial(
+                    _attend_cached, k_cache=k_layer, v_cache=v_layer, group=g, dtype=x.dtype
+                )
                 for k_layer, v_layer in zip(kv_cache.k, kv_cache.v, strict=True)
             ]
             out = jax.lax.switch(kv_cache.index, branches, rows, k_new, v_new, mask)

@@ -439,8 +439,9 @@ def _scan_layers(
 ):  # fmt: skip
     """Runs stacked layers [L', ...] as one ``lax.scan``.
 
-    ``kv``: the cache's (k, v), each L' arrays [B, N_kv, S, Dh], read by the layers (layer i
-    reads the i-th buffers, see :class:`~novarl_jax.models.layers.LayerKV`) and not written.
+    ``kv``: the cache's (k, v), L' arrays each (keys [B, N_kv, Dh, S], values
+    [B, N_kv, S, Dh]), read by the layers (layer i reads the i-th buffers, see
+    :class:`~novarl_jax.models.layers.LayerKV`) and not written.
 
     Returns (x [B, T, D], the new tokens' (k, v) [L', B, N_kv, T, Dh] or None (no ``kv`` and
     not ``return_kv``),
