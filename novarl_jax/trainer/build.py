@@ -22,6 +22,7 @@ from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer, HFTokeni
 from novarl_jax.trainer.config import (
     ConfigError,
     RunSpec,
+    micro_batch_rows,
     samples_per_prompt,
     shared_prompt_group,
 )
@@ -279,7 +280,7 @@ def build_run(spec: RunSpec) -> Run:
             f"{train.micro_batches} does not divide the minibatch of "
             f"{rows // train.minibatches} rollouts",
         )
-    micro_rows = rows // train.minibatches // train.micro_batches
+    micro_rows = micro_batch_rows(config)
     if spec.layout.pp > 1 and micro_rows % exp.num_microbatches:
         raise ConfigError(
             "experiment.num_microbatches",

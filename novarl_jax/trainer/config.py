@@ -344,10 +344,13 @@ def updates_share_prompts(config: Any, pp: int) -> bool:
     micro-batch holds whole groups.
     """
     group = shared_prompt_group(config, pp)
-    train = config.train
+    return group > 1 and config.train.minibatches == 1 and micro_batch_rows(config) % group == 0
+
+
+def micro_batch_rows(config: Any) -> int:
+    """Rollouts in each update's micro-batch: rollouts per step / minibatches / micro-batches."""
     rows = config.rollout.prompts_per_step * samples_per_prompt(config)
-    micro_rows = rows // train.minibatches // train.micro_batches
-    return group > 1 and train.minibatches == 1 and micro_rows % group == 0
+    return rows // config.train.minibatches // config.train.micro_batches
 
 
 def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
