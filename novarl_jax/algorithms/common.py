@@ -5,7 +5,8 @@ The ``apply_fn`` contract (what the loss functions call): ``apply_fn(params, bat
 with ``'logprobs'`` ``[B, T]`` float32 (position ``t`` is the log-prob of the response token at
 ``t``, see :mod:`novarl_jax.algorithms.logprobs`), and optionally ``'entropy'`` ``[B, T]``,
 ``'values'`` ``[B, T]`` (PPO's critic), ``'moe_aux_loss'`` and ``'moe_z_loss'`` (unweighted
-scalars from the MoE router).
+scalars from the policy's MoE routers), and ``'critic_moe_aux_loss'`` / ``'critic_moe_z_loss'``
+(the same for a separate MoE critic; they take the same coefficients).
 
 The batch: a mapping with ``'response_mask'`` ``[B, T]`` (1 = a real generated token),
 ``'old_logprobs'`` ``[B, T]`` (the policy that collected the data, recomputed by the trainer),
@@ -270,13 +271,15 @@ def auxiliary_terms(
         total = total + kl_coef * kl_loss
         metrics["actor/kl_loss"] = jax.lax.stop_gradient(kl_loss)
     share = jnp.sum(mask != 0, dtype=jnp.float32) / jnp.maximum(denominators.num_tokens, 1.0)
-    for key, coef in (
-        ("moe_aux_loss", config.moe_aux_loss_coef),
-        ("moe_z_loss", config.moe_z_loss_coef),
+    for key, metric, coef in (
+        ("moe_aux_loss", "actor/moe_aux_loss", config.moe_aux_loss_coef),
+        ("moe_z_loss", "actor/moe_z_loss", config.moe_z_loss_coef),
+        ("critic_moe_aux_loss", "critic/moe_aux_loss", config.moe_aux_loss_coef),
+        ("critic_moe_z_loss", "critic/moe_z_loss", config.moe_z_loss_coef),
     ):
         if key in out:
             value = share * jnp.asarray(out[key], jnp.float32)
-            metrics[f"actor/{key}"] = jax.lax.stop_gradient(value)
+            metrics[metric] = jax.lax.stop_gradient(value)
             if coef:
                 total = total + coef * value
     return total, metrics

@@ -80,8 +80,8 @@ class PPOLossConfig:
         tis_cap: truncated importance-sampling cap against the sampler's log-probs, or None
             (verl ``tis_imp_ratio_cap``); needs ``batch['behavior_logprobs']``.
         moe_aux_loss_coef: weight of the router load-balancing loss (set it from the model's
-            ``router_aux_loss_coef``).
-        moe_z_loss_coef: weight of the router z-loss.
+            ``router_aux_loss_coef``); a separate MoE critic's routers take it too.
+        moe_z_loss_coef: weight of the router z-loss (the critic's too).
     """
 
     clip_ratio_low: float = 0.2
@@ -297,13 +297,14 @@ def ppo_loss(
             ``behavior_logprobs`` when ``tis_cap`` is set; optional ``loss_denominators``.
         config: :class:`PPOLossConfig`.
         apply_fn: ``apply_fn(params, batch) -> {'logprobs', ['values', 'entropy',
-            'moe_aux_loss', 'moe_z_loss']}``.
+            'moe_aux_loss', 'moe_z_loss', 'critic_moe_aux_loss', 'critic_moe_z_loss']}``.
 
     Returns:
         ``(loss, metrics)``: float32 scalar and a dict of float32 scalars (the policy metrics of
         :func:`ppo_policy_loss`, the critic metrics of :func:`value_loss`, ``actor/entropy``,
-        ``actor/kl_loss``, ``actor/moe_aux_loss``, ``actor/moe_z_loss`` when present, and
-        ``actor/loss``, the total).
+        ``actor/kl_loss``, ``actor/moe_aux_loss``, ``actor/moe_z_loss``,
+        ``critic/moe_aux_loss``, ``critic/moe_z_loss`` when present, and ``actor/loss``, the
+        total).
 
     Raises:
         ValueError: a missing batch key or ``apply_fn`` output the config needs, or token

@@ -12,10 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from novarl_jax.algorithms.registry import make_loss_config, make_loss_fn
 from novarl_jax.core.utils.advantages import make_advantage_estimator
 from novarl_jax.models import ModelConfig, init_params, load_hf_model
+from novarl_jax.models.layers import DEFAULT_INIT
 from novarl_jax.rollout.engine import SamplingConfig
 from novarl_jax.rollout.tasks import make_task
 from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer
@@ -175,6 +177,28 @@ def _load_policy(config, tokenizer, *, value_head: bool) -> tuple[ModelConfig, A
     return policy, params
 
 
+def critic_params(policy_params: Any, critic: ModelConfig, key: jax.Array | None) -> dict:
+    """A separate critic's initial weights: a copy of the policy's plus a value head.
+
+    Args:
+        policy_params: the policy's initial parameters (no value head).
+        critic: the critic's ModelConfig (the policy's with ``value_head=True``).
+        key: draws the value head's kernel as :func:`~novarl_jax.models.init_params` does
+            (normal, std 0.02); None = a zero kernel. The bias starts at zero.
+
+    Returns:
+        A new parameter tree: the copies are the critic's own buffers, so updating (and
+        donating) one model's weights never touches the other's.
+    """
+    dt, d = critic.param_dtype, critic.hidden_size
+    kernel = jnp.zeros((d, 1), dt) if key is None else DEFAULT_INIT(key, (d, 1), dt)
+    trunk = {name: value for name, value in policy_params.items() if name != "value_head"}
+    return {
+        **jax.tree.map(jnp.copy, trunk),
+        "value_head": {"kernel": kernel, "bias": jnp.zeros((1,), dt)},
+    }
+
+
 def _loss(config, algorithm: str, policy: ModelConfig):
     section = config[algorithm]
     moe = dict(
@@ -229,7 +253,9 @@ def build_run(spec: RunSpec) -> Run:
         policy, loaded = _load_policy(config, tokenizer, value_head=value_head)
     else:
         policy, loaded = _model_config(config, tokenizer, value_head=value_head), None
-    critic = dataclasses.replace(policy, value_head=True, num_local_experts=0) if separate else None
+    # A separate critic is the policy's architecture with a value head (as verl's critic is
+    # the actor's model class with a value head); it starts from the policy's initial weights.
+    critic = dataclasses.replace(policy, value_head=True) if separate else None
     ro = config.rollout
     model = ModelSpec(
         policy=policy,
@@ -306,7 +332,9 @@ def build_run(spec: RunSpec) -> Run:
         k_policy, k_critic = jax.random.split(key)
         params = {"policy": init_params(policy, k_policy) if loaded is None else loaded}
         if critic is not None:
-            params["critic"] = init_params(critic, k_critic)
+            # A checkpoint's value head starts at zero, as the shared critic's does.
+            head_key = k_critic if loaded is None else None
+            params["critic"] = critic_params(params["policy"], critic, head_key)
         return params
 
     return Run(

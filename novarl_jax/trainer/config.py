@@ -69,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     # the sizes above (experiment.num_experts and top_k must match it, the tokenizer must fit
     # its vocabulary); the router loss weights above, the capacity factor and a value head
     # (zero-initialised when the checkpoint has none) come from this config. The reference
-    # policy starts from the same weights; a separate PPO critic starts from random ones.
+    # policy and a separate PPO critic start from the same weights.
     model.init_from = ""
     # Tokenizer: '' = a character tokenizer over the task's alphabet; or a tokenizer.json,
     # whose special tokens are named by the three strings below ('' = no BOS).
@@ -117,7 +117,11 @@ def default_config() -> ml_collections.ConfigDict:
     ppo.reward_kl_kind = "k1"  # k1 | k2 | k3 | abs
     ppo.kl_coef = 0.0  # KL-to-reference as a loss term instead; 0 = off
     ppo.kl_kind = "low_var_kl"
-    ppo.critic = "shared"  # 'shared': value head on the policy trunk; 'separate': own model
+    # 'shared': a value head on the policy's trunk. 'separate': a second model of the policy's
+    # architecture (MoE included) with a value head, starting from the policy's initial
+    # weights; its routers route their own tokens (router replay is the policy's) and take
+    # the router loss weights above.
+    ppo.critic = "shared"
     ppo.tis_cap = config_dict.placeholder(float)  # truncated IS cap vs sampler; None = off
 
     # --- GRPO (experiment.algorithm='grpo') -------------------------------------------------

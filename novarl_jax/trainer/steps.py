@@ -106,7 +106,7 @@ def make_apply_fn(
     if share_prompts and spec.prompt_group > 1:
         fwd, shared = forward_shared_prompt, {"prompt_length": p, "group_size": spec.prompt_group}
 
-    def run(params, config, batch):
+    def run(params, config, batch, routing=None):
         logits, _, aux = fwd(
             params,
             batch["tokens"],
@@ -114,13 +114,14 @@ def make_apply_fn(
             positions=batch["positions"],
             attention_mask=batch["attention_mask"],
             mesh=mesh,
-            routing=batch.get("routing") if spec.router_replay else None,
+            routing=routing,
             **shared,
         )
         return logits[:, p - 1 : -1], aux
 
     def apply_fn(params, batch):
-        logits, aux = run(params["policy"], spec.policy, batch)
+        replay = batch.get("routing") if spec.router_replay else None
+        logits, aux = run(params["policy"], spec.policy, batch, replay)
         logprobs, entropy = token_logprobs_and_entropy(logits, batch["response_tokens"])
         out = {"logprobs": logprobs, "entropy": entropy}
         if spec.policy.num_local_experts:
@@ -129,7 +130,13 @@ def make_apply_fn(
             out["moe_dropped_fraction"] = aux["dropped_fraction"]
             out["moe_expert_load"] = aux["expert_load"]
         if spec.critic is not None:
-            out["values"] = run(params["critic"], spec.critic, batch)[1]["values"][:, p - 1 : -1]
+            # The critic routes its tokens itself: replayed choices are the policy's. Its
+            # logits are unused, so XLA drops its LM head from the program.
+            _, critic_aux = run(params["critic"], spec.critic, batch)
+            out["values"] = critic_aux["values"][:, p - 1 : -1]
+            if spec.critic.num_local_experts:
+                out["critic_moe_aux_loss"] = critic_aux["moe_aux_loss"]
+                out["critic_moe_z_loss"] = critic_aux["moe_z_loss"]
         elif spec.policy.value_head:
             out["values"] = aux["values"][:, p - 1 : -1]
         return out

@@ -170,6 +170,36 @@ def test_ppo_loss_is_the_sum_of_its_terms():
     assert all(np.all(np.isfinite(g)) and np.any(g != 0) for g in jax.tree.leaves(grads))
 
 
+def test_ppo_loss_adds_a_separate_critics_router_losses():
+    """A separate MoE critic's router losses take the policy's coefficients and own metrics."""
+    params = tiny_params()
+    batch = tiny_rollout_batch(params, seed=5)
+    critic_aux = lambda p: jnp.mean(jnp.abs(p["v"]))  # noqa: E731
+    critic_z = lambda p: jnp.mean(p["v"] ** 4)  # noqa: E731
+
+    def with_critic_routers(p, b):
+        return {**tiny_apply_fn(p, b), "critic_moe_aux_loss": critic_aux(p),
+                "critic_moe_z_loss": critic_z(p)}  # fmt: skip
+
+    config = PPOLossConfig(vf_coef=0.3, moe_aux_loss_coef=0.01, moe_z_loss_coef=0.001)
+    loss, metrics = ppo_loss(params, batch, config, with_critic_routers)
+    base, base_metrics = ppo_loss(params, batch, config, tiny_apply_fn)
+    want = 0.01 * critic_aux(params) + 0.001 * critic_z(params)
+    np.testing.assert_allclose(loss - base, want, rtol=1e-5)
+    np.testing.assert_allclose(metrics["critic/moe_aux_loss"], critic_aux(params), rtol=1e-6)
+    np.testing.assert_allclose(metrics["critic/moe_z_loss"], critic_z(params), rtol=1e-6)
+    assert metrics["actor/moe_aux_loss"] == base_metrics["actor/moe_aux_loss"]
+    assert "critic/moe_aux_loss" not in base_metrics
+    # Their gradient is the critic routers' own: with every other term off it is exactly it.
+    off = PPOLossConfig(vf_coef=0.0, moe_aux_loss_coef=0.01, moe_z_loss_coef=0.0)
+    grads = jax.grad(lambda p: ppo_loss(p, batch, off, with_critic_routers)[0])(params)
+    only_pg = jax.grad(lambda p: ppo_loss(p, batch, off, tiny_apply_fn)[0])(params)
+    np.testing.assert_allclose(
+        grads["v"] - only_pg["v"], jax.grad(lambda p: 0.01 * critic_aux(p))(params)["v"],
+        rtol=1e-5, atol=1e-8,
+    )  # fmt: skip
+
+
 def test_ppo_loss_accepts_a_namedtuple_batch():
     from typing import NamedTuple
 

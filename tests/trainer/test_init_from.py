@@ -65,6 +65,24 @@ def test_ppo_adds_a_zero_value_head_to_the_dense_llama_checkpoint():
     assert np.isfinite(metrics["critic/vf_loss"])
 
 
+def test_ppo_separate_critic_starts_from_the_mixtral_checkpoint():
+    config = _config(f"{HF}/mixtral", algorithm="ppo")
+    config.ppo.critic = "separate"
+    run, start, end, metrics = _one_step(config)
+    assert run.model.critic.num_local_experts == 4 and run.model.critic.value_head
+    _, want = load_hf_model(f"{HF}/mixtral")
+    critic = dict(start["critic"])
+    head = critic.pop("value_head")
+    for a, b in zip(jax.tree.leaves(critic), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(head["kernel"], 0.0)  # as the shared critic's head starts
+    for name in ("critic/vf_loss", "critic/moe_aux_loss", "critic/moe_z_loss"):
+        assert np.isfinite(metrics[name]), name
+    # Its routers train (their load-balancing and z-losses).
+    router = np.asarray(end["critic"]["layers"]["moe"]["router"])
+    assert np.abs(router - want["layers"]["moe"]["router"]).max() > 0
+
+
 @pytest.mark.parametrize(
     "change,key,match",
     [
