@@ -56,13 +56,14 @@ def test_overrides_change_the_plan():
     result = _run(
         "--config=configs/moe.py", "--dry_run", "experiment.world_size=16",
         "experiment.algorithm=ppo",
-        "experiment.capacity_factor=None",
+        "experiment.capacity_factor=None", "ppo.critic=separate",
     )  # fmt: skip
     rows = _rows(result.stdout)
     assert rows["DP (data parallel)"] == "2", result.stderr
     assert rows["mesh"] == "(dp=2, pp=2, ep=2, tp=2) on 16 cpu devices"
     assert rows["capacity factor"] == "dropless"
     assert rows["algorithm"] == "ppo"
+    assert rows["critic"] == "separate model (the policy's + value head)"
 
 
 def test_config_file_runs_from_another_directory(tmp_path):

@@ -72,6 +72,13 @@ def checklist_rows(spec: RunSpec, mesh: Any = None) -> list[tuple[str, str, str]
             f"{ro.max_prompt_length} / {ro.max_new_tokens}",
         ),
         ("algorithm", "shared-prompt forward", _shared_prompts(spec)),
+    ]
+    if exp.algorithm == "ppo":
+        critic = "value head on policy"
+        if spec.config.ppo.critic == "separate":
+            critic = "separate model (the policy's + value head)"
+        rows.append(("algorithm", "critic", critic))
+    rows += [
         ("algorithm", "steps", str(exp.steps)),
         ("algorithm", "seed", str(exp.seed)),
     ]
