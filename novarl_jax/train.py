@@ -29,6 +29,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Validate the config, print the checklist and exit without training."
 )
+_EXPORT = flags.DEFINE_string(
+    "export",
+    None,
+    "Instead of training, write the policy of the --workdir's latest checkpoint to this "
+    "directory as a Hugging Face model (config.json + safetensors).",
+)
+_EXPORT_STEP = flags.DEFINE_integer(
+    "export_step", None, "With --export: the checkpoint step to export (default: the latest)."
+)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs."
 )
@@ -153,6 +162,8 @@ def main(argv: list[str]) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     from novarl_jax.trainer.config import ConfigError, validate_config
 
+    if _EXPORT_STEP.value is not None and not _EXPORT.value:
+        _fail("--export_step needs --export=DIR")
     try:
         spec = validate_config(_CONFIG.value)
     except ConfigError as e:
@@ -181,6 +192,7 @@ def main(argv: list[str]) -> None:
         )
 
     from novarl_jax.trainer.checklist import print_checklist
+    from novarl_jax.trainer.checkpoint import CheckpointMismatchError
     from novarl_jax.trainer.loop import TrainingError, train
 
     try:
@@ -189,9 +201,12 @@ def main(argv: list[str]) -> None:
         _fail(f"experiment.world_size: {e}")
     import jax
 
+    workdir = _WORKDIR.value or os.path.join("runs", _config_name())
+    if _EXPORT.value:
+        _export(spec, workdir, mesh)
+        return
     if jax.process_index() == 0:
         print_checklist(spec, mesh)
-    workdir = _WORKDIR.value or os.path.join("runs", _config_name())
     try:
         if _DRY_RUN.value:
             from novarl_jax.trainer.build import build_run
@@ -215,10 +230,24 @@ def main(argv: list[str]) -> None:
             )
         else:
             train(_CONFIG.value, workdir, spec=spec, mesh=mesh)
-    except ConfigError as e:
+    except (ConfigError, TrainingError) as e:
         _fail(str(e))
-    except TrainingError as e:
+    except CheckpointMismatchError as e:
+        _fail(f"{e}; resume with the run's own config, or train in a new --workdir")
+
+
+def _export(spec, workdir: str, mesh) -> None:
+    from novarl_jax.trainer.config import ConfigError
+    from novarl_jax.trainer.export import ExportError, export_policy
+
+    try:
+        written = export_policy(
+            _CONFIG.value, workdir, _EXPORT.value, step=_EXPORT_STEP.value, spec=spec, mesh=mesh
+        )
+    except (ConfigError, ExportError) as e:
         _fail(str(e))
+    critic = f"; critic: {written['critic']}" if written["critic"] else ""
+    print(f"exported step {written['step']} of {workdir}: policy: {written['policy']}{critic}")
 
 
 def _config_name() -> str:

@@ -66,6 +66,12 @@ def test_overrides_change_the_plan():
     assert rows["critic"] == "separate model (the policy's + value head)"
 
 
+def test_export_step_needs_export():
+    result = _run("--config=configs/copy.py", "--export_step=3")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "novarl_jax.train: error: --export_step needs --export=DIR"
+
+
 def test_config_file_runs_from_another_directory(tmp_path):
     result = _run(f"--config={ROOT / 'configs' / 'moe.py'}", "--dry_run", cwd=tmp_path)
     assert _rows(result.stdout).get("world size") == "8", result.stderr

@@ -2,8 +2,10 @@
 
 A checkpoint step directory holds two items: ``state`` (the :class:`TrainState` pytree, saved
 with ``StandardSave``; restored onto the *current* mesh's shardings, so a checkpoint written
-under one layout restores under another) and ``host`` (JSON: dataset position, metrics
-history length, the config it was written with). orbax writes each step into a temporary
+under one layout restores under another) and ``host`` (JSON: the task's dataset position and
+the finished iteration). Before restoring, the stored arrays' names and shapes are compared
+with the run's state, and a checkpoint of another model or setup is refused with the first
+arrays that differ (:class:`CheckpointMismatchError`). orbax writes each step into a temporary
 directory and renames it when complete, so a process killed mid-save leaves the previous
 checkpoint restorable. Old checkpoints are removed the same way: orbax first renames a
 step directory into ``todelete/`` (atomic), and its files are deleted from there, so a
@@ -18,6 +20,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 TRASH = "todelete"
 
@@ -81,6 +84,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        self._check_shapes(abstract_state, step)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -89,6 +93,40 @@ class Checkpointer:
         )
         return restored["state"], dict(restored["host"])
 
+    def _check_shapes(self, abstract_state: Any, step: int) -> None:
+        """Raises CheckpointMismatchError unless ``step`` holds ``abstract_state``'s arrays."""
+        path = os.path.join(self.directory, str(step), "state")
+        try:
+            metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
+        except (OSError, ValueError):  # another step layout: let the restore itself report
+            return
+        stored = {
+            _path_name(p): tuple(leaf.shape)
+            for p, leaf in jax.tree_util.tree_leaves_with_path(metadata)
+        }
+        wanted, keys = {}, set()
+        for p, leaf in jax.tree_util.tree_leaves_with_path(abstract_state):
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.extended):
+                keys.add(_path_name(p))  # PRNG keys: stored as their raw data
+            else:
+                wanted[_path_name(p)] = tuple(leaf.shape)
+        problems = [
+            f"{name}: the checkpoint has {stored[name]}, this run {shape}"
+            for name, shape in wanted.items()
+            if name in stored and stored[name] != shape
+        ]
+        problems += [f"{name}: not in the checkpoint" for name in wanted if name not in stored]
+        problems += [
+            f"{name}: not in this run" for name in stored if name not in wanted and name not in keys
+        ]
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise CheckpointMismatchError(
+                f"{path} was written for another model or run setup: "
+                + "; ".join(problems[:3])
+                + more
+            )
+
     def wait(self) -> None:
         """Blocks until a pending asynchronous save is on disk."""
         self._manager.wait_until_finished()
@@ -96,6 +134,21 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's arrays do not fit the state of the run restoring it."""
+
+
+def _path_name(path: tuple) -> str:
+    """``params/policy/layers/attn/q_proj`` for a pytree key path (dict keys, attributes)."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    return "/".join(parts)
 
 
 def abstract_like(tree: Any) -> Any:

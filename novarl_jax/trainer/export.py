@@ -1,0 +1,110 @@
+"""A run's trained policy as a Hugging Face model directory.
+
+``python -m novarl_jax.train --config=... --workdir=W --export=OUT [overrides]`` (the run's own
+command plus ``--export``) restores a checkpoint of ``W`` and writes its policy to ``OUT`` with
+:func:`~novarl_jax.models.save_hf_model`: ``config.json`` and safetensors that
+``transformers`` loads (``MixtralForCausalLM``, or ``LlamaForCausalLM`` for dense policies),
+plus ``tokenizer.json`` when the run used one. A shared critic's value head is written beside
+the weights as ``value_head.weight`` / ``value_head.bias`` (``transformers`` ignores it); a
+separate critic is written to ``OUT/critic``. Nothing is trained; the checkpoints are only read.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import jax
+
+from novarl_jax.models import save_hf_model
+from novarl_jax.rollout.tokenizers import HFTokenizer
+from novarl_jax.trainer.build import build_run
+from novarl_jax.trainer.checkpoint import Checkpointer, CheckpointMismatchError, abstract_like
+from novarl_jax.trainer.config import RunSpec, validate_config
+from novarl_jax.trainer.loop import Trainer
+
+TOKENIZER_FILE = "tokenizer.json"
+HF_MODEL_FILES = ("config.json", "model.safetensors.index.json")
+
+
+class ExportError(Exception):
+    """The workdir has no checkpoint to export, or not one of this config's model."""
+
+
+def export_policy(
+    config: Any,
+    workdir: str,
+    out: str,
+    *,
+    step: int | None = None,
+    spec: RunSpec | None = None,
+    mesh: Any = None,
+) -> dict[str, Any]:
+    """Writes the policy of ``workdir``'s checkpoint ``step`` (default: the latest) to ``out``.
+
+    The checkpoint is restored exactly as a resumed run restores it (the config must describe
+    the same model), onto ``mesh`` (default: the config's layout on the first devices).
+
+    Args:
+        config: the run's config (as given to :func:`~novarl_jax.trainer.loop.train`).
+        workdir: the run's ``--workdir``.
+        out: the output directory; it must not hold a model already.
+        step: which checkpoint (a finished step); None = the latest.
+        spec: ``validate_config(config)``, if already computed.
+        mesh: where to restore; None = the config's layout.
+
+    Returns:
+        ``{'step': the exported step, 'policy': out, 'critic': out/critic or None}``.
+
+    Raises:
+        ExportError: no checkpoint (or not ``step``) in ``workdir``, a checkpoint of another
+            model, or ``out`` already holding a model.
+        ConfigError: an invalid config (naming the key).
+    """
+    spec = spec or validate_config(config)
+    run = build_run(spec)
+    targets = [out] + ([os.path.join(out, "critic")] if run.model.critic is not None else [])
+    for target in targets:
+        held = [n for n in HF_MODEL_FILES if os.path.exists(os.path.join(target, n))]
+        if held or glob.glob(os.path.join(target, "*.safetensors")):
+            raise ExportError(
+                f"{target}: already holds a model ({(held or ['*.safetensors'])[0]}); "
+                f"export into a new directory"
+            )
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise ExportError(f"{workdir}: no checkpoints directory; was the run trained there?")
+    checkpointer = Checkpointer(directory, async_save=False)
+    try:
+        steps = checkpointer.all_steps()
+        if not steps:
+            raise ExportError(f"{directory}: no finished checkpoint to export")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise ExportError(f"{directory}: no checkpoint of step {step}; it has {sorted(steps)}")
+        if mesh is None:
+            devices = jax.devices()
+            mesh = spec.layout.make_mesh(devices[: spec.layout.world_size] or devices)
+        state, _ = Trainer(run, workdir, mesh=mesh).initial_state()
+        try:
+            state, _ = checkpointer.restore(abstract_like(state), step)
+        except CheckpointMismatchError as e:
+            raise ExportError(f"{e}; pass the run's own config and overrides") from None
+    finally:
+        checkpointer.close()
+
+    params = jax.device_get(state.params)
+    written = {"step": step, "policy": out, "critic": None}
+    try:
+        save_hf_model(out, run.model.policy, params["policy"])
+        if run.model.critic is not None:
+            written["critic"] = os.path.join(out, "critic")
+            save_hf_model(written["critic"], run.model.critic, params["critic"])
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    if isinstance(run.tokenizer, HFTokenizer):
+        with open(os.path.join(out, TOKENIZER_FILE), "w") as f:
+            f.write(run.tokenizer.to_json())
+    return written

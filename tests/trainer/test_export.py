@@ -1,0 +1,107 @@
+"""Exporting a run's policy as a Hugging Face model, and checkpoints of another model."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_build import _tokenizer_file
+from tiny_grpo import tiny_grpo_config
+
+from novarl_jax.models import load_hf_model
+from novarl_jax.trainer.checkpoint import Checkpointer, CheckpointMismatchError
+from novarl_jax.trainer.config import validate_config
+from novarl_jax.trainer.export import ExportError, export_policy
+from novarl_jax.trainer.loop import train
+
+
+def _config(steps=2, **ppo):
+    c = tiny_grpo_config(prompts_per_step=2)
+    c.experiment.steps = steps
+    c.checkpoint.interval = 1
+    c.checkpoint.async_save = False
+    c.logging.plot = False
+    if ppo:
+        c.experiment.algorithm = "ppo"
+        c.ppo.update(ppo)
+    return c
+
+
+def _train(config, workdir):
+    spec = validate_config(config)
+    mesh = spec.layout.make_mesh(jax.devices()[:1])
+    return train(config, str(workdir), spec=spec, mesh=mesh, log=lambda line: None)
+
+
+def _assert_same(params, want):
+    assert jax.tree.structure(params) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_export_writes_the_checkpointed_policy(tmp_path):
+    config = _config()
+    tokenizer = _tokenizer_file(tmp_path)
+    config.model.tokenizer = str(tokenizer)
+    run = _train(config, tmp_path / "run")
+    out = tmp_path / "hf"
+    written = export_policy(config, str(tmp_path / "run"), str(out))
+    assert written == {"step": 2, "policy": str(out), "critic": None}
+    hf_config, params = load_hf_model(out)
+    assert hf_config.num_local_experts == 4 and hf_config.hidden_size == 32
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    _assert_same(params, run["state"].params["policy"])
+    assert json.loads((out / "tokenizer.json").read_text()) == json.loads(tokenizer.read_text())
+
+    # An earlier step, and the errors that name what is wrong.
+    first = export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf1"), step=1)
+    assert first["step"] == 1
+    earlier = jax.tree.leaves(load_hf_model(tmp_path / "hf1")[1])
+    moved = [
+        np.abs(np.asarray(a) - np.asarray(b)).max()
+        for a, b in zip(earlier, jax.tree.leaves(params), strict=True)
+    ]
+    assert max(moved) > 0
+    with pytest.raises(ExportError, match="no checkpoint of step 7; it has \\[1, 2\\]"):
+        export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf7"), step=7)
+    with pytest.raises(ExportError, match="already holds a model \\(config.json\\)"):
+        export_policy(config, str(tmp_path / "run"), str(out))
+    with pytest.raises(ExportError, match="no checkpoints directory"):
+        export_policy(config, str(tmp_path / "elsewhere"), str(tmp_path / "hf2"))
+    other = config.copy_and_resolve_references()
+    other.model.hidden_size = 64
+    with pytest.raises(
+        ExportError,
+        match="params/policy/embed_tokens/embedding: the checkpoint has \\(\\d+, 32\\), this "
+        "run \\(\\d+, 64\\)",
+    ):
+        export_policy(other, str(tmp_path / "run"), str(tmp_path / "hf3"))
+    assert not (tmp_path / "hf3").exists()
+
+
+def test_export_writes_a_separate_critic_beside_the_policy(tmp_path):
+    config = _config(steps=1, critic="separate")
+    run = _train(config, tmp_path / "run")
+    written = export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf"))
+    assert written["critic"] == str(tmp_path / "hf" / "critic")
+    critic_config, critic = load_hf_model(written["critic"])
+    assert critic_config.value_head and critic_config.num_local_experts == 4
+    _assert_same(critic, run["state"].params["critic"])
+    policy_config, policy = load_hf_model(written["policy"])
+    assert not policy_config.value_head
+    _assert_same(policy, run["state"].params["policy"])
+
+
+def test_restoring_another_models_checkpoint_names_the_arrays(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(1, {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}, {"iteration": 1}, force=True)
+    ckpt.wait()
+    shape = jax.ShapeDtypeStruct
+    with pytest.raises(CheckpointMismatchError, match="w: the checkpoint has \\(3, 2\\), this run"):
+        ckpt.restore({"w": shape((4, 2), jnp.float32), "b": shape((2,), jnp.float32)})
+    with pytest.raises(CheckpointMismatchError, match="c: not in the checkpoint; b: not in this"):
+        ckpt.restore({"w": shape((3, 2), jnp.float32), "c": shape((2,), jnp.float32)})
+    state, host = ckpt.restore({"w": shape((3, 2), jnp.float32), "b": shape((2,), jnp.float32)})
+    assert state["w"].shape == (3, 2) and host == {"iteration": 1}
+    ckpt.close()
