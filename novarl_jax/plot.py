@@ -11,13 +11,26 @@ import sys
 
 # (title, candidate metric names; the first present is drawn)
 PANELS = (
-    ("reward", ("reward/mean",)),
+    ("reward", ("critic/score/mean",)),
+    ("validation score", ("val/score/mean",)),
     ("KL to reference", ("actor/kl_loss", "actor/reward_kl", "actor/ppo_kl")),
     ("entropy", ("actor/entropy",)),
     ("policy loss", ("actor/pg_loss",)),
     ("value loss", ("critic/vf_loss",)),
     ("dropped fraction", ("moe/dropped_fraction",)),
 )
+
+
+def choose_panels(rows: list[dict]) -> list[tuple[str, str]]:
+    """(title, metric) of each panel to draw: the first candidate of each that ``rows`` log."""
+    panels = []
+    for title, names in PANELS:
+        name = next(
+            (n for n in names if any(isinstance(r.get(n), int | float) for r in rows)), None
+        )
+        if name is not None:
+            panels.append((title, name))
+    return panels
 
 
 def plot_training(workdir: str) -> str:
@@ -32,13 +45,7 @@ def plot_training(workdir: str) -> str:
     rows = read_metrics(workdir)
     if not rows:
         raise ValueError(f"{os.path.join(workdir, 'metrics.jsonl')} has no rows to plot")
-    panels = []
-    for title, names in PANELS:
-        name = next(
-            (n for n in names if any(isinstance(r.get(n), int | float) for r in rows)), None
-        )
-        if name is not None:
-            panels.append((title, name))
+    panels = choose_panels(rows)
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (title, name) in zip(axes[0], panels, strict=True):
         points = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), int | float)]

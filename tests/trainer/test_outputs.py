@@ -75,6 +75,24 @@ def test_plot_command(tmp_path):
     assert missing.returncode == 2 and "metrics.jsonl" in missing.stderr
 
 
+def test_plot_panels_follow_the_logged_metric_names():
+    from novarl_jax.plot import choose_panels
+
+    names = ("critic/score/mean", "actor/kl_loss", "actor/entropy", "actor/pg_loss",
+             "critic/vf_loss", "moe/dropped_fraction")  # fmt: skip
+    rows = [{"step": 1, **dict.fromkeys(names, 0.5)}, {"step": 2, "val/score/mean": 0.25}]
+    assert choose_panels(rows) == [
+        ("reward", "critic/score/mean"),
+        ("validation score", "val/score/mean"),
+        ("KL to reference", "actor/kl_loss"),
+        ("entropy", "actor/entropy"),
+        ("policy loss", "actor/pg_loss"),
+        ("value loss", "critic/vf_loss"),
+        ("dropped fraction", "moe/dropped_fraction"),
+    ]
+    assert choose_panels([{"step": 1, "actor/entropy": 1.0}]) == [("entropy", "actor/entropy")]
+
+
 def test_truncate_after_keeps_earlier_rows(tmp_path):
     writer = MetricsWriter(str(tmp_path))
     for step in range(1, 6):
