@@ -83,7 +83,7 @@ def test_config_file_runs_from_another_directory(tmp_path):
         (["experiment.foo=1"], "experiment.foo: unknown key; valid keys under 'experiment'"),
         (
             ["nosection.key=1"],
-            "nosection: unknown key; valid sections: checkpoint, dapo, experiment",
+            "nosection: unknown key; valid sections: checkpoint, dapo, eval, experiment",
         ),
         (["experiment.world_size=abc"], "--config.experiment.world_size=abc"),
         (["experiment.world_size=6"], "experiment.world_size: total_world_size=6 is not divisible"),

@@ -61,14 +61,24 @@ class Run:
     sampling: SamplingConfig
     needs_reference: bool
     reward_kl: tuple[float, str]  # PPO's (reward_kl_coef, kind); coef 0 = off
+    # Validation (eval.interval > 0): its task (held-out prompts) and sampling, else None.
+    eval_task: Any = None
+    eval_sampling: SamplingConfig | None = None
 
 
-def _task(config) -> Any:
+def _task(config, *, held_out: bool = False) -> Any:
+    """The run's task; ``held_out``: the validation task (eval.path's file, in file order)."""
     t = config.task
     options = dict(t.options)
     if t.reward_fn:
         options["reward" if t.name == "jsonl" else "reward_fn"] = t.reward_fn
     if t.name == "jsonl":
+        if held_out:
+            options.update(path=config.eval.path, shuffle=False)
+            try:
+                return make_task("jsonl", **options)
+            except (ValueError, TypeError) as e:
+                raise ConfigError("eval.path", f"cannot read held-out prompts: {e}") from None
         if not t.path:
             raise ConfigError("task.path", "the 'jsonl' task needs the path of a JSONL file")
         return built("task.options", make_task, "jsonl", path=t.path, **options)
@@ -328,6 +338,21 @@ def build_run(spec: RunSpec) -> Run:
         stop_token_ids=tuple(ro.stop_token_ids) or None,
     )
 
+    eval_task = eval_sampling = None
+    if config.eval.interval:
+        eval_task = _task(config, held_out=True)
+        eval_sampling = built(
+            "eval",
+            SamplingConfig,
+            max_prompt_length=ro.max_prompt_length,
+            max_new_tokens=ro.max_new_tokens,
+            temperature=config.eval.temperature,
+            top_k=ro.top_k,
+            top_p=ro.top_p,
+            num_samples=config.eval.samples,
+            stop_token_ids=tuple(ro.stop_token_ids) or None,
+        )
+
     def make_params(key: jax.Array) -> dict:
         k_policy, k_critic = jax.random.split(key)
         params = {"policy": init_params(policy, k_policy) if loaded is None else loaded}
@@ -350,4 +375,6 @@ def build_run(spec: RunSpec) -> Run:
         sampling=sampling,
         needs_reference=needs_reference,
         reward_kl=reward_kl,
+        eval_task=eval_task,
+        eval_sampling=eval_sampling,
     )

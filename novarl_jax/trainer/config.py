@@ -178,6 +178,17 @@ def default_config() -> ml_collections.ConfigDict:
     dapo.overlong_penalty = 1.0  # reward penalty at max_new_tokens (linear in the buffer)
     dapo.mask_truncated = False  # no loss on completions that hit max_new_tokens
 
+    # --- Validation on held-out prompts ----------------------------------------------------
+    config.eval = ml_collections.ConfigDict()
+    ev = config.eval
+    ev.interval = 0  # evaluate every this many steps and after the last one; 0 = off
+    ev.prompts = 16  # held-out prompts per evaluation: the same ones every time
+    ev.samples = 1  # completions per prompt (val/score/best_of_n/mean when > 1)
+    ev.temperature = 0.0  # sampling temperature of the evaluation; 0 = greedy
+    # The held-out prompts of the 'jsonl' task: another JSONL file, read from its start in
+    # file order. The built-in tasks draw theirs from a key of their own ('' here).
+    ev.path = ""
+
     # --- Checkpoints and logging ----------------------------------------------------------
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.interval = 10  # save every this many steps (and at the end)
@@ -357,6 +368,23 @@ def micro_batch_rows(config: Any) -> int:
     return rows // config.train.minibatches // config.train.micro_batches
 
 
+def _check_eval(config: ml_collections.ConfigDict, flat: dict) -> None:
+    _positive(flat, "eval.interval", "eval.temperature", minimum=0)
+    if not config.eval.interval:
+        return
+    _positive(flat, "eval.prompts", "eval.samples")
+    if config.task.name == "jsonl" and not config.eval.path:
+        raise ConfigError(
+            "eval.path", "the 'jsonl' task evaluates on a JSONL file of held-out prompts; set it"
+        )
+    if config.task.name != "jsonl" and config.eval.path:
+        raise ConfigError(
+            "eval.path",
+            f"only the 'jsonl' task reads held-out prompts from a file; task "
+            f"{config.task.name!r} draws them from a key of their own (leave it '')",
+        )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
     """Checks a whole config before anything compiles.
 
@@ -390,6 +418,7 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
             f"must be >= 2 for grpo (the baseline is the group's mean), got {exp.grpo_group_size}",
         )
     _positive(flat, "experiment.grpo_group_size", "experiment.num_microbatches")
+    _check_eval(config, flat)
     try:
         layout = ParallelLayout.from_world_size(
             total_world_size=exp.world_size,

@@ -22,6 +22,7 @@ from novarl_jax.trainer import steps
 from novarl_jax.trainer.build import Run, build_run
 from novarl_jax.trainer.checkpoint import Checkpointer, abstract_like
 from novarl_jax.trainer.config import RunSpec, updates_share_prompts, validate_config
+from novarl_jax.trainer.evaluate import Evaluator
 from novarl_jax.trainer.metrics import MetricsWriter
 from novarl_jax.trainer.state import TrainState, init_train_state
 
@@ -354,6 +355,7 @@ def _progress_line(step: int, total: int, metrics: dict) -> str:
         f"step {step}/{total}  score {metrics['critic/score/mean']:.3f}  kl {kl:.4f}  "
         f"entropy {metrics.get('actor/entropy', float('nan')):.3f}  "
         f"tok/s {metrics['perf/throughput']:.0f}"
+        + (f"  val {metrics['val/score/mean']:.3f}" if "val/score/mean" in metrics else "")
     )
 
 
@@ -400,6 +402,7 @@ class Session:
             keep=ckpt.keep,
             async_save=ckpt.async_save,
         )
+        self.evaluator = Evaluator(self.run, mesh) if self.run.eval_task is not None else None
         self.writer = None
         if self.main_process:
             self.writer = MetricsWriter(
@@ -445,6 +448,11 @@ class Session:
         config, step = self.config, i + 1
         skipped = int(metrics["train/skipped"])
         self._skips = self._skips + skipped if skipped else 0
+        if self.evaluator is not None and self.evaluator.due(step):
+            metrics = {
+                **metrics,
+                **self.evaluator(state.params["policy"], int(state.policy_version)),
+            }
         if self.writer is not None:
             self.writer.write(step, metrics)
         if skipped:

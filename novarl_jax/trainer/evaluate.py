@@ -1,0 +1,84 @@
+"""Validation: the policy's score on held-out prompts, every ``eval.interval`` steps.
+
+Every evaluation samples the same prompts with the same key, so its figures move only with
+the policy. The built-in tasks draw the prompts from a key of their own (the training stream
+never uses it); the ``jsonl`` task reads them from ``eval.path`` in file order. Nothing here
+touches the training task, its position or the training keys: a run trains the same with
+validation on or off.
+
+Metrics (verl calls them ``val-core/...``): ``val/score/mean`` and ``val/score/std`` over the
+samples, ``val/response_length/mean`` in tokens, and with ``eval.samples > 1``
+``val/score/best_of_n/mean``, the mean over prompts of their best sample's score (pass@n for
+0/1 rewards). Samples whose reward is not finite are reported by the rollout engine and left
+out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from novarl_jax.rollout.engine import RolloutEngine
+
+# Folded into the run's seed for the evaluation key ("eval" in ASCII).
+EVAL_KEY_TAG = 0x6576616C
+
+
+class Evaluator:
+    """Scores a policy on the run's held-out prompts.
+
+    Args:
+        run: a :class:`~novarl_jax.trainer.build.Run` built with ``eval.interval > 0``.
+        mesh: where the policy's parameters live (as the training rollouts').
+    """
+
+    def __init__(self, run: Any, mesh: Any = None):
+        config = run.spec.config
+        if run.eval_task is None:
+            raise ValueError("the run has no validation: set eval.interval > 0")
+        self.interval = int(config.eval.interval)
+        self.prompts = int(config.eval.prompts)
+        self.samples = int(config.eval.samples)
+        self.total = int(config.experiment.steps)
+        self.engine = RolloutEngine(
+            model_config=run.model.policy,
+            tokenizer=run.tokenizer,
+            task=run.eval_task,
+            sampling=run.eval_sampling,
+            mesh=mesh,
+        )
+        self.key = jax.random.fold_in(jax.random.key(config.experiment.seed), EVAL_KEY_TAG)
+        self._start = run.eval_task.get_state()
+
+    def due(self, step: int) -> bool:
+        """Whether step ``step`` (1-based, finished) is evaluated."""
+        return step % self.interval == 0 or step == self.total
+
+    def sample(self, policy_params: Any, policy_version: int = 0) -> tuple[Any, Any]:
+        """The held-out rollouts of ``policy_params``: ``(trajectory, info)`` as
+        :meth:`~novarl_jax.rollout.engine.RolloutEngine.rollout` returns them."""
+        self.engine.task.set_state(self._start)
+        return self.engine.rollout(
+            policy_params, self.key, int(policy_version), self.prompts, self.samples
+        )
+
+    def __call__(self, policy_params: Any, policy_version: int = 0) -> dict[str, float]:
+        """The validation metrics of ``policy_params`` (the policy's parameter tree)."""
+        traj, _ = self.sample(policy_params, policy_version)
+        valid = np.asarray(traj.valid) > 0
+        scores = np.asarray(traj.rewards, np.float64)
+        lengths = np.asarray(traj.response_mask).sum(axis=1)
+        kept = scores[valid]
+        metrics = {
+            "val/score/mean": float(kept.mean()) if kept.size else float("nan"),
+            "val/score/std": float(kept.std()) if kept.size else float("nan"),
+            "val/response_length/mean": float(lengths[valid].mean()) if kept.size else 0.0,
+        }
+        if self.samples > 1:
+            per_prompt = np.where(valid, scores, -np.inf).reshape(self.prompts, self.samples)
+            best = per_prompt.max(axis=1)
+            best = best[np.isfinite(best)]
+            metrics["val/score/best_of_n/mean"] = float(best.mean()) if best.size else float("nan")
+        return metrics

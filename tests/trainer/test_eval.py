@@ -1,0 +1,99 @@
+"""Validation on held-out prompts (``eval.*``): metrics, prompts, no effect on training."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import copy, jsonl
+from novarl_jax.trainer.build import build_run
+from novarl_jax.trainer.config import ConfigError, validate_config
+from novarl_jax.trainer.evaluate import Evaluator
+from novarl_jax.trainer.loop import train
+from novarl_jax.trainer.metrics import read_metrics
+
+VOLATILE = ("timing_s/", "perf/")
+
+
+def _config(src=copy, steps=3, **eval_keys):
+    c = src.get_config()
+    c.experiment.steps = steps
+    c.rollout.prompts_per_step = 4
+    c.checkpoint.interval = 100
+    c.logging.plot = False
+    c.logging.progress = False
+    c.eval.update(eval_keys)
+    return c
+
+
+def _train(config, workdir):
+    spec = validate_config(config)
+    mesh = spec.layout.make_mesh(jax.devices()[:1])
+    return train(config, str(workdir), spec=spec, mesh=mesh, log=lambda line: None)
+
+
+def test_validation_is_logged_and_leaves_training_unchanged(tmp_path):
+    with_eval = _train(_config(interval=2, prompts=6, samples=2), tmp_path / "on")
+    without = _train(_config(), tmp_path / "off")
+    for a, b in zip(
+        jax.tree.leaves(with_eval["state"].params), jax.tree.leaves(without["state"].params),
+        strict=True,
+    ):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    rows_on, rows_off = read_metrics(tmp_path / "on"), read_metrics(tmp_path / "off")
+    assert [r["step"] for r in rows_on if "val/score/mean" in r] == [2, 3]  # interval, last
+    for on, off in zip(rows_on, rows_off, strict=True):
+        stripped = {k: v for k, v in on.items() if not k.startswith(("val/", *VOLATILE))}
+        assert stripped == {k: v for k, v in off.items() if not k.startswith(VOLATILE)}
+    row = rows_on[1]
+    assert 0.0 <= row["val/score/mean"] <= 1.0 and row["val/score/std"] >= 0.0
+    assert row["val/score/best_of_n/mean"] >= row["val/score/mean"]
+    assert 1.0 <= row["val/response_length/mean"] <= 3.0  # copy.py: at most 3 new tokens
+
+
+def test_an_evaluation_scores_the_same_prompts_every_time():
+    config = _config(interval=1, prompts=8)
+    run = build_run(validate_config(config))
+    evaluator = Evaluator(run)
+    params = run.init_params(jax.random.key(0))["policy"]
+    first = evaluator(params)
+    assert evaluator(params) == first  # greedy on the same prompts
+    # The scores are the task's own, on the prompts of the evaluation key.
+    _, info = evaluator.sample(params)
+    rewards, _ = run.eval_task.score(info.prompts, info.completions, info.metadata)
+    assert first["val/score/mean"] == pytest.approx(float(np.mean(rewards)))
+    training_prompts, _ = run.task.sample_prompts(jax.random.key(0), 8)
+    assert info.prompts != training_prompts
+    assert "val/score/best_of_n/mean" not in first  # one sample per prompt
+
+
+def test_jsonl_validation_reads_its_own_file_from_the_start(tmp_path):
+    lines = [f'{{"prompt": "{a} + 1 =", "answer": "{a + 1}"}}' for a in range(5)]
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("\n".join(lines) + "\n")
+    config = _config(jsonl, steps=2, interval=1, prompts=3, path=str(held_out))
+    config.task.path = "tests/data/prompts_tiny.jsonl"
+    run = build_run(validate_config(config))
+    evaluator = Evaluator(run)
+    params = run.init_params(jax.random.key(0))["policy"]
+    evaluator(params)
+    evaluator(params)
+    _, info = evaluator.sample(params)
+    assert info.prompts == ["0 + 1 =", "1 + 1 =", "2 + 1 ="]  # file order, from the start
+    assert run.task.get_state() == {"epoch": 0, "index": 0, "seed": 0}  # training's untouched
+
+
+@pytest.mark.parametrize(
+    "src,keys,key,match",
+    [
+        (jsonl, dict(interval=5), "eval.path", "JSONL file of held-out prompts"),
+        (copy, dict(interval=5, path="x.jsonl"), "eval.path", "only the 'jsonl' task"),
+        (copy, dict(interval=-1), "eval.interval", "must be >= 0"),
+        (copy, dict(interval=2, samples=0), "eval.samples", "must be >= 1"),
+        (copy, dict(interval=2, temperature=-0.5), "eval.temperature", "must be >= 0"),
+    ],
+)
+def test_bad_eval_keys_are_named(src, keys, key, match):
+    config = _config(src, **keys)
+    with pytest.raises(ConfigError, match=match) as info:
+        validate_config(config)
+    assert info.value.key == key
