@@ -341,16 +341,14 @@ def build_run(spec: RunSpec) -> Run:
     eval_task = eval_sampling = None
     if config.eval.interval:
         eval_task = _task(config, held_out=True)
+        # The rollouts' sampling, with the evaluation's temperature and samples per prompt.
         eval_sampling = built(
             "eval",
-            SamplingConfig,
-            max_prompt_length=ro.max_prompt_length,
-            max_new_tokens=ro.max_new_tokens,
+            dataclasses.replace,
+            sampling,
             temperature=config.eval.temperature,
-            top_k=ro.top_k,
-            top_p=ro.top_p,
             num_samples=config.eval.samples,
-            stop_token_ids=tuple(ro.stop_token_ids) or None,
+            return_routing=False,
         )
 
     def make_params(key: jax.Array) -> dict:
