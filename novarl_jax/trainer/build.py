@@ -18,7 +18,7 @@ from novarl_jax.algorithms.registry import make_loss_config, make_loss_fn
 from novarl_jax.core.utils.advantages import make_advantage_estimator
 from novarl_jax.models import ModelConfig, init_params, load_hf_model
 from novarl_jax.models.layers import DEFAULT_INIT
-from novarl_jax.rollout.engine import SamplingConfig
+from novarl_jax.rollout.engine import RolloutEngine, SamplingConfig
 from novarl_jax.rollout.tasks import make_task
 from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer
 from novarl_jax.trainer.config import (
@@ -64,6 +64,19 @@ class Run:
     # Validation (eval.interval > 0): its task (held-out prompts) and sampling, else None.
     eval_task: Any = None
     eval_sampling: SamplingConfig | None = None
+
+    def rollout_engine(self, mesh: Any = None, *, held_out: bool = False) -> RolloutEngine:
+        """The engine of the run's training rollouts, or of its validation (``held_out``)."""
+        task, sampling = (
+            (self.eval_task, self.eval_sampling) if held_out else (self.task, self.sampling)
+        )
+        return RolloutEngine(
+            model_config=self.model.policy,
+            tokenizer=self.tokenizer,
+            task=task,
+            sampling=sampling,
+            mesh=mesh,
+        )
 
 
 def _task(config, *, held_out: bool = False) -> Any:

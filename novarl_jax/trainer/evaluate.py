@@ -20,8 +20,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from novarl_jax.rollout.engine import RolloutEngine
-
 # Folded into the run's seed for the evaluation key ("eval" in ASCII).
 EVAL_KEY_TAG = 0x6576616C
 
@@ -42,13 +40,7 @@ class Evaluator:
         self.prompts = int(config.eval.prompts)
         self.samples = int(config.eval.samples)
         self.total = int(config.experiment.steps)
-        self.engine = RolloutEngine(
-            model_config=run.model.policy,
-            tokenizer=run.tokenizer,
-            task=run.eval_task,
-            sampling=run.eval_sampling,
-            mesh=mesh,
-        )
+        self.engine = run.rollout_engine(mesh, held_out=True)
         self.key = jax.random.fold_in(jax.random.key(config.experiment.seed), EVAL_KEY_TAG)
         self._start = run.eval_task.get_state()
 

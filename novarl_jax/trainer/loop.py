@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from novarl_jax.rollout.engine import RolloutEngine
 from novarl_jax.trainer import steps
 from novarl_jax.trainer.build import Run, build_run
 from novarl_jax.trainer.checkpoint import Checkpointer, abstract_like
@@ -97,13 +96,7 @@ class Trainer:
         self.mesh = mesh
         config = run.spec.config
         self.config = config
-        self.engine = RolloutEngine(
-            model_config=run.model.policy,
-            tokenizer=run.tokenizer,
-            task=run.task,
-            sampling=run.sampling,
-            mesh=mesh,
-        )
+        self.engine = run.rollout_engine(mesh)
 
         def make_apply_fn(share_prompts: bool):
             apply_fn = steps.make_apply_fn(run.model, mesh, share_prompts=share_prompts)

@@ -3,12 +3,12 @@
 import jax
 import numpy as np
 import pytest
+from quiet_train import train_quietly
 
 from configs import copy, jsonl
 from novarl_jax.trainer.build import build_run
 from novarl_jax.trainer.config import ConfigError, validate_config
 from novarl_jax.trainer.evaluate import Evaluator
-from novarl_jax.trainer.loop import train
 from novarl_jax.trainer.metrics import read_metrics
 
 VOLATILE = ("timing_s/", "perf/")
@@ -25,15 +25,9 @@ def _config(src=copy, steps=3, **eval_keys):
     return c
 
 
-def _train(config, workdir):
-    spec = validate_config(config)
-    mesh = spec.layout.make_mesh(jax.devices()[:1])
-    return train(config, str(workdir), spec=spec, mesh=mesh, log=lambda line: None)
-
-
 def test_validation_is_logged_and_leaves_training_unchanged(tmp_path):
-    with_eval = _train(_config(interval=2, prompts=6, samples=2), tmp_path / "on")
-    without = _train(_config(), tmp_path / "off")
+    with_eval = train_quietly(_config(interval=2, prompts=6, samples=2), tmp_path / "on")
+    without = train_quietly(_config(), tmp_path / "off")
     for a, b in zip(
         jax.tree.leaves(with_eval["state"].params), jax.tree.leaves(without["state"].params),
         strict=True,

@@ -6,14 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from quiet_train import train_quietly
 from test_build import _tokenizer_file
 from tiny_grpo import tiny_grpo_config
 
 from novarl_jax.models import load_hf_model
 from novarl_jax.trainer.checkpoint import Checkpointer, CheckpointMismatchError
-from novarl_jax.trainer.config import validate_config
 from novarl_jax.trainer.export import ExportError, export_policy
-from novarl_jax.trainer.loop import train
 
 
 def _config(steps=2, **ppo):
@@ -28,12 +27,6 @@ def _config(steps=2, **ppo):
     return c
 
 
-def _train(config, workdir):
-    spec = validate_config(config)
-    mesh = spec.layout.make_mesh(jax.devices()[:1])
-    return train(config, str(workdir), spec=spec, mesh=mesh, log=lambda line: None)
-
-
 def _assert_same(params, want):
     assert jax.tree.structure(params) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
@@ -44,7 +37,7 @@ def test_export_writes_the_checkpointed_policy(tmp_path):
     config = _config()
     tokenizer = _tokenizer_file(tmp_path)
     config.model.tokenizer = str(tokenizer)
-    run = _train(config, tmp_path / "run")
+    run = train_quietly(config, tmp_path / "run")
     out = tmp_path / "hf"
     written = export_policy(config, str(tmp_path / "run"), str(out))
     assert written == {"step": 2, "policy": str(out), "critic": None}
@@ -82,7 +75,7 @@ def test_export_writes_the_checkpointed_policy(tmp_path):
 
 def test_export_writes_a_separate_critic_beside_the_policy(tmp_path):
     config = _config(steps=1, critic="separate")
-    run = _train(config, tmp_path / "run")
+    run = train_quietly(config, tmp_path / "run")
     written = export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf"))
     assert written["critic"] == str(tmp_path / "hf" / "critic")
     critic_config, critic = load_hf_model(written["critic"])

@@ -3,13 +3,14 @@
 import jax
 import numpy as np
 import pytest
+from quiet_train import train_quietly
 
 from configs import base
 from novarl_jax.core.distributed import ParallelLayout
 from novarl_jax.trainer.build import build_run
 from novarl_jax.trainer.checkpoint import Checkpointer, abstract_like
 from novarl_jax.trainer.config import validate_config
-from novarl_jax.trainer.loop import Trainer, train
+from novarl_jax.trainer.loop import Trainer
 from novarl_jax.trainer.metrics import read_metrics
 
 VOLATILE = ("timing_s/", "perf/")
@@ -33,19 +34,13 @@ def _stable(rows):
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
 
 
-def _train(config, workdir, mesh=None):
-    spec = validate_config(config)
-    mesh = mesh or spec.layout.make_mesh(jax.devices()[: spec.layout.world_size])
-    return train(config, str(workdir), spec=spec, mesh=mesh, log=lambda line: None)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
 def test_resume_is_bit_exact(tmp_path, algorithm):
-    full = _train(_config(4, algorithm=algorithm), tmp_path / "full")
-    first = _train(_config(2, algorithm=algorithm), tmp_path / "split")
+    full = train_quietly(_config(4, algorithm=algorithm), tmp_path / "full")
+    first = train_quietly(_config(2, algorithm=algorithm), tmp_path / "split")
     assert first["resumed_from"] is None
-    second = _train(_config(4, algorithm=algorithm), tmp_path / "split")
+    second = train_quietly(_config(4, algorithm=algorithm), tmp_path / "split")
     assert second["resumed_from"] == 2
     leaves_full = jax.tree.leaves(full["state"].params)
     leaves_split = jax.tree.leaves(second["state"].params)
@@ -78,8 +73,8 @@ def test_resume_onto_another_layout(tmp_path):
         c.optim.eps = 1e-3
         return c
 
-    reference = _train(config(4), tmp_path / "dp8")
-    saved = _train(config(2), tmp_path / "switch")["state"]
+    reference = train_quietly(config(4), tmp_path / "dp8")
+    saved = train_quietly(config(2), tmp_path / "switch")["state"]
 
     switched = config(4, tensor_parallel_size=2, expert_parallel_size=2)
     spec = validate_config(switched)
@@ -99,7 +94,7 @@ def test_resume_onto_another_layout(tmp_path):
     assert expert_weights.sharding.spec[1] == "ep"
     assert expert_weights.sharding.mesh.devices.shape == ParallelLayout(dp=2, tp=2, ep=2).mesh_shape
 
-    resumed = _train(switched, tmp_path / "switch", mesh=mesh)
+    resumed = train_quietly(switched, tmp_path / "switch", mesh=mesh)
     assert resumed["resumed_from"] == 2
     ref_rows = _stable(read_metrics(tmp_path / "dp8"))
     new_rows = _stable(read_metrics(tmp_path / "switch"))
