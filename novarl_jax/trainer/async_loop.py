@@ -467,7 +467,7 @@ def train_async(
                     }
                 )
                 host = {"task_state": info.task_state, "rollout_index": next_index}
-                session.record(i, state, metrics, host)
+                metrics = session.record(i, state, metrics, host)
         finally:
             feed.close()
     summary = f"{controller.state.broadcasts} broadcasts, {dropped_total} stale samples dropped, "

@@ -96,10 +96,13 @@ class Checkpointer:
     def _check_shapes(self, abstract_state: Any, step: int) -> None:
         """Raises CheckpointMismatchError unless ``step`` holds ``abstract_state``'s arrays."""
         path = os.path.join(self.directory, str(step), "state")
+        handler = ocp.StandardCheckpointHandler()
         try:
-            metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
-        except (OSError, ValueError):  # another step layout: let the restore itself report
+            metadata = handler.metadata(epath.Path(path))
+        except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself reports
             return
+        finally:
+            handler.close()
         stored = {
             _path_name(p): tuple(leaf.shape)
             for p, leaf in jax.tree_util.tree_leaves_with_path(metadata)

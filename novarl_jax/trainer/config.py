@@ -183,10 +183,12 @@ def default_config() -> ml_collections.ConfigDict:
     ev = config.eval
     ev.interval = 0  # evaluate every this many steps and after the last one; 0 = off
     ev.prompts = 16  # held-out prompts per evaluation: the same ones every time
-    ev.samples = 1  # completions per prompt (val/score/best_of_n/mean when > 1)
+    ev.samples = 1  # completions per prompt (> 1: set a temperature; adds best_of_n/mean)
     ev.temperature = 0.0  # sampling temperature of the evaluation; 0 = greedy
-    # The held-out prompts of the 'jsonl' task: another JSONL file, read from its start in
-    # file order. The built-in tasks draw theirs from a key of their own ('' here).
+    # The evaluation prompts of the 'jsonl' task: another JSONL file, read from its start in
+    # file order (at least eval.prompts lines). The built-in tasks draw a fixed set with a
+    # key the training stream does not use ('' here); small synthetic tasks can repeat
+    # training prompts.
     ev.path = ""
 
     # --- Checkpoints and logging ----------------------------------------------------------
@@ -369,19 +371,26 @@ def micro_batch_rows(config: Any) -> int:
 
 
 def _check_eval(config: ml_collections.ConfigDict, flat: dict) -> None:
+    ev = config.eval
     _positive(flat, "eval.interval", "eval.temperature", minimum=0)
-    if not config.eval.interval:
-        return
-    _positive(flat, "eval.prompts", "eval.samples")
-    if config.task.name == "jsonl" and not config.eval.path:
-        raise ConfigError(
-            "eval.path", "the 'jsonl' task evaluates on a JSONL file of held-out prompts; set it"
-        )
-    if config.task.name != "jsonl" and config.eval.path:
+    if config.task.name != "jsonl" and ev.path:
         raise ConfigError(
             "eval.path",
             f"only the 'jsonl' task reads held-out prompts from a file; task "
             f"{config.task.name!r} draws them from a key of their own (leave it '')",
+        )
+    if not ev.interval:
+        return
+    _positive(flat, "eval.prompts", "eval.samples")
+    if ev.samples > 1 and ev.temperature == 0:
+        raise ConfigError(
+            "eval.samples",
+            f"{ev.samples} greedy completions of a prompt are identical; set eval.temperature "
+            f"> 0 or eval.samples=1",
+        )
+    if config.task.name == "jsonl" and not ev.path:
+        raise ConfigError(
+            "eval.path", "the 'jsonl' task evaluates on a JSONL file of held-out prompts; set it"
         )
 
 

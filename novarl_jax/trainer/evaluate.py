@@ -1,10 +1,12 @@
 """Validation: the policy's score on held-out prompts, every ``eval.interval`` steps.
 
 Every evaluation samples the same prompts with the same key, so its figures move only with
-the policy. The built-in tasks draw the prompts from a key of their own (the training stream
-never uses it); the ``jsonl`` task reads them from ``eval.path`` in file order. Nothing here
-touches the training task, its position or the training keys: a run trains the same with
-validation on or off.
+the policy. The built-in tasks draw the prompts with a key of their own (the training stream
+never uses it; a small synthetic task can still repeat training prompts); the ``jsonl`` task
+reads them from ``eval.path`` in file order. Nothing here touches the training task, its
+position or the training keys: the synchronous loop trains the same with validation on or
+off. (In threaded asynchronous runs an evaluation pauses the trainer while the rollout
+workers go on, which changes how stale their samples get, as any pause of the trainer does.)
 
 Metrics (verl calls them ``val-core/...``): ``val/score/mean`` and ``val/score/std`` over the
 samples, ``val/response_length/mean`` in tokens, and with ``eval.samples > 1``
@@ -19,6 +21,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from novarl_jax.trainer.config import ConfigError
 
 # Folded into the run's seed for the evaluation key ("eval" in ASCII).
 EVAL_KEY_TAG = 0x6576616C
@@ -43,6 +47,26 @@ class Evaluator:
         self.engine = run.rollout_engine(mesh, held_out=True)
         self.key = jax.random.fold_in(jax.random.key(config.experiment.seed), EVAL_KEY_TAG)
         self._start = run.eval_task.get_state()
+        self._check_prompts(config)
+
+    def _check_prompts(self, config: Any) -> None:
+        """Fails now, naming the key, on prompts the first evaluation could not run."""
+        jsonl = config.task.name == "jsonl"
+        if jsonl and len(self.engine.task) < self.prompts:
+            raise ConfigError(
+                "eval.prompts",
+                f"{self.prompts} prompts asked but {config.eval.path} has {len(self.engine.task)}",
+            )
+        prompt_key, _ = jax.random.split(self.key)  # as RolloutEngine.rollout splits it
+        prompts, _ = self.engine.task.sample_prompts(prompt_key, self.prompts)
+        self.engine.task.set_state(self._start)
+        try:
+            self.engine.tokenizer.encode_batch(
+                prompts, max_length=self.engine.sampling.max_prompt_length, padding_side="left"
+            )
+        except ValueError as e:
+            key = "eval.path" if jsonl else "rollout.max_prompt_length"
+            raise ConfigError(key, f"an evaluation prompt does not fit: {e}") from None
 
     def due(self, step: int) -> bool:
         """Whether step ``step`` (1-based, finished) is evaluated."""

@@ -4,14 +4,17 @@
 command plus ``--export``) restores a checkpoint of ``W`` and writes its policy to ``OUT`` with
 :func:`~novarl_jax.models.save_hf_model`: ``config.json`` and safetensors that
 ``transformers`` loads (``MixtralForCausalLM``, or ``LlamaForCausalLM`` for dense policies),
-plus ``tokenizer.json`` when the run used one. A shared critic's value head is written beside
-the weights as ``value_head.weight`` / ``value_head.bias`` (``transformers`` ignores it); a
-separate critic is written to ``OUT/critic``. Nothing is trained; the checkpoints are only read.
+with the run's EOS, padding and BOS ids in ``config.json`` and ``generation_config.json``, plus
+``tokenizer.json`` and ``tokenizer_config.json`` when the run used a tokenizer.json. A shared
+critic's value head is written beside the weights as ``value_head.weight`` /
+``value_head.bias`` (``transformers`` ignores it); a separate critic is written to
+``OUT/critic``. Nothing is trained; the checkpoints are only read.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 from typing import Any
 
@@ -62,6 +65,11 @@ def export_policy(
             model, or ``out`` already holding a model.
         ConfigError: an invalid config (naming the key).
     """
+    if jax.process_count() > 1:
+        raise ExportError(
+            "--export runs in one process; a checkpoint restores onto any layout, so set "
+            "experiment.world_size and the parallel sizes to this host's devices instead"
+        )
     spec = spec or validate_config(config)
     run = build_run(spec)
     targets = [out] + ([os.path.join(out, "critic")] if run.model.critic is not None else [])
@@ -104,7 +112,35 @@ def export_policy(
             save_hf_model(written["critic"], run.model.critic, params["critic"])
     except ValueError as e:
         raise ExportError(str(e)) from None
-    if isinstance(run.tokenizer, HFTokenizer):
-        with open(os.path.join(out, TOKENIZER_FILE), "w") as f:
-            f.write(run.tokenizer.to_json())
+    for target in filter(None, (written["policy"], written["critic"])):
+        _write_special_tokens(target, run.tokenizer, spec.config.model)
     return written
+
+
+def _write_special_tokens(directory: str, tokenizer: Any, model: Any) -> None:
+    """The run's special token ids in config.json and generation_config.json, so that
+    ``generate`` stops at the run's EOS; with a tokenizer.json, the tokenizer files too."""
+    ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    if tokenizer.bos_id is not None:
+        ids["bos_token_id"] = tokenizer.bos_id
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        hf_config = json.load(f)
+    hf_config.update(ids)
+    _write_json(path, hf_config)
+    _write_json(os.path.join(directory, "generation_config.json"), ids)
+    if isinstance(tokenizer, HFTokenizer):
+        with open(os.path.join(directory, TOKENIZER_FILE), "w") as f:
+            f.write(tokenizer.to_json())
+        special = {"eos_token": model.eos_token, "pad_token": model.pad_token}
+        if model.bos_token:
+            special["bos_token"] = model.bos_token
+        _write_json(
+            os.path.join(directory, "tokenizer_config.json"),
+            {"tokenizer_class": "PreTrainedTokenizerFast", **special},
+        )
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps(value, indent=2, sort_keys=True) + "\n")

@@ -150,7 +150,10 @@ class Trainer:
         params = self.run_.init_params(k_params)
         params = self._place_params(params)
         state = jax.jit(lambda p: init_train_state(p, self.run_.optimizer, k_loop))(params)
-        reference = jax.tree.map(jnp.copy, params) if self.run_.needs_reference else None
+        # The reference is the initial policy; a separate critic has no part in it.
+        reference = None
+        if self.run_.needs_reference:
+            reference = {"policy": jax.tree.map(jnp.copy, params["policy"])}
         return state, reference
 
     def _place_params(self, params: dict) -> dict:
@@ -425,7 +428,7 @@ class Session:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def record(self, i: int, state: TrainState, metrics: dict, host: dict) -> None:
+    def record(self, i: int, state: TrainState, metrics: dict, host: dict) -> dict:
         """Writes step ``i + 1``'s metrics, stops on too many skipped updates, checkpoints.
 
         Args:
@@ -434,6 +437,9 @@ class Session:
             metrics: its metrics.
             host: JSON-able host state to checkpoint beside ``state`` (the task's position,
                 ...); ``iteration`` is added.
+
+        Returns:
+            The step's metrics with its validation metrics, when it was evaluated.
 
         Raises:
             TrainingError: ``train.max_consecutive_skips`` non-finite updates in a row.
@@ -463,6 +469,7 @@ class Session:
             self._progress.update(step, metrics)
         elif config.logging.progress:
             self.log(_progress_line(step, self.total, metrics))
+        return metrics
 
     def close(self) -> None:
         if self._progress is not None:
@@ -514,7 +521,7 @@ def train(config, workdir: str, *, spec: RunSpec | None = None, mesh: Any = None
         state = session.state
         for i in range(session.start, session.total):
             state, metrics, info = session.trainer.iteration(state, session.reference, i)
-            session.record(i, state, metrics, {"task_state": info.task_state})
+            metrics = session.record(i, state, metrics, {"task_state": info.task_state})
     return session.finish(state, metrics)
 
 

@@ -129,9 +129,10 @@ def make_apply_fn(
             out["moe_z_loss"] = aux["moe_z_loss"]
             out["moe_dropped_fraction"] = aux["dropped_fraction"]
             out["moe_expert_load"] = aux["expert_load"]
-        if spec.critic is not None:
-            # The critic routes its tokens itself: replayed choices are the policy's. Its
-            # logits are unused, so XLA drops its LM head from the program.
+        if spec.critic is not None and "critic" in params:
+            # (The reference policy's tree has no critic.) The critic routes its tokens
+            # itself: replayed choices are the policy's. Its logits are unused, so XLA drops
+            # its LM head from the program.
             _, critic_aux = run(params["critic"], spec.critic, batch)
             out["values"] = critic_aux["values"][:, p - 1 : -1]
             if spec.critic.num_local_experts:

@@ -26,7 +26,8 @@ def _config(src=copy, steps=3, **eval_keys):
 
 
 def test_validation_is_logged_and_leaves_training_unchanged(tmp_path):
-    with_eval = train_quietly(_config(interval=2, prompts=6, samples=2), tmp_path / "on")
+    config = _config(interval=2, prompts=6, samples=2, temperature=1.0)
+    with_eval = train_quietly(config, tmp_path / "on")
     without = train_quietly(_config(), tmp_path / "off")
     for a, b in zip(
         jax.tree.leaves(with_eval["state"].params), jax.tree.leaves(without["state"].params),
@@ -42,6 +43,8 @@ def test_validation_is_logged_and_leaves_training_unchanged(tmp_path):
     assert 0.0 <= row["val/score/mean"] <= 1.0 and row["val/score/std"] >= 0.0
     assert row["val/score/best_of_n/mean"] >= row["val/score/mean"]
     assert 1.0 <= row["val/response_length/mean"] <= 3.0  # copy.py: at most 3 new tokens
+    # train() hands back the last step's metrics with its evaluation.
+    assert with_eval["val/score/mean"] == rows_on[-1]["val/score/mean"]
 
 
 def test_an_evaluation_scores_the_same_prompts_every_time():
@@ -84,10 +87,31 @@ def test_jsonl_validation_reads_its_own_file_from_the_start(tmp_path):
         (copy, dict(interval=-1), "eval.interval", "must be >= 0"),
         (copy, dict(interval=2, samples=0), "eval.samples", "must be >= 1"),
         (copy, dict(interval=2, temperature=-0.5), "eval.temperature", "must be >= 0"),
+        (copy, dict(interval=2, samples=4), "eval.samples", "greedy completions"),
+        (copy, dict(interval=0, path="x.jsonl"), "eval.path", "only the 'jsonl' task"),
     ],
 )
 def test_bad_eval_keys_are_named(src, keys, key, match):
     config = _config(src, **keys)
     with pytest.raises(ConfigError, match=match) as info:
         validate_config(config)
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    "lines,prompts,key,match",
+    [
+        (2, 3, "eval.prompts", "3 prompts asked but .* has 2"),
+        (3, 3, "eval.path", "an evaluation prompt does not fit"),
+    ],
+)
+def test_evaluation_prompts_that_cannot_run_fail_at_start(tmp_path, lines, prompts, key, match):
+    text = [f'{{"prompt": "{i} + 1 =", "answer": "{i + 1}"}}' for i in range(lines - 1)]
+    text.append('{"prompt": "' + "9" * 100 + ' + 1 =", "answer": "0"}')  # > 48 prompt tokens
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("\n".join(text) + "\n")
+    config = _config(jsonl, interval=1, prompts=prompts, path=str(held_out))
+    run = build_run(validate_config(config))
+    with pytest.raises(ConfigError, match=match) as info:
+        Evaluator(run)
     assert info.value.key == key

@@ -46,6 +46,12 @@ def test_export_writes_the_checkpointed_policy(tmp_path):
     assert json.loads((out / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
     _assert_same(params, run["state"].params["policy"])
     assert json.loads((out / "tokenizer.json").read_text()) == json.loads(tokenizer.read_text())
+    # The run's special tokens travel with the model (eos 1, pad 0 in this tokenizer).
+    ids = {"eos_token_id": 1, "pad_token_id": 0}
+    assert json.loads((out / "generation_config.json").read_text()) == ids
+    assert ids.items() <= json.loads((out / "config.json").read_text()).items()
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert (tokenizer_config["eos_token"], tokenizer_config["pad_token"]) == ("</s>", "<pad>")
 
     # An earlier step, and the errors that name what is wrong.
     first = export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf1"), step=1)
