@@ -256,7 +256,8 @@ class RolloutEngine:
         for row in invalid:
             message = (
                 f"reward {rewards[row]} of sample {row} (prompt index {row // group}: "
-                f"{rows_prompts[row][:60]!r}) is not finite; the sample is excluded from training"
+                f"{rows_prompts[row][:60]!r}) is not finite; the sample is excluded (from the "
+                f"loss, and from validation scores)"
             )
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             logger.warning(message)
