@@ -61,14 +61,14 @@ class Run:
     sampling: SamplingConfig
     needs_reference: bool
     reward_kl: tuple[float, str]  # PPO's (reward_kl_coef, kind); coef 0 = off
-    # Validation (eval.interval > 0): its task (held-out prompts) and sampling, else None.
+    # Validation (eval.interval > 0): its task (evaluation prompts) and sampling, else None.
     eval_task: Any = None
     eval_sampling: SamplingConfig | None = None
 
-    def rollout_engine(self, mesh: Any = None, *, held_out: bool = False) -> RolloutEngine:
-        """The engine of the run's training rollouts, or of its validation (``held_out``)."""
+    def rollout_engine(self, mesh: Any = None, *, validation: bool = False) -> RolloutEngine:
+        """The engine of the run's training rollouts, or of its validation (``validation``)."""
         task, sampling = (
-            (self.eval_task, self.eval_sampling) if held_out else (self.task, self.sampling)
+            (self.eval_task, self.eval_sampling) if validation else (self.task, self.sampling)
         )
         return RolloutEngine(
             model_config=self.model.policy,
@@ -79,19 +79,19 @@ class Run:
         )
 
 
-def _task(config, *, held_out: bool = False) -> Any:
-    """The run's task; ``held_out``: the validation task (eval.path's file, in file order)."""
+def _task(config, *, validation: bool = False) -> Any:
+    """The run's task; ``validation``: the validation task (eval.path's file, in file order)."""
     t = config.task
     options = dict(t.options)
     if t.reward_fn:
         options["reward" if t.name == "jsonl" else "reward_fn"] = t.reward_fn
     if t.name == "jsonl":
-        if held_out:
+        if validation:
             options.update(path=config.eval.path, shuffle=False)
             try:
                 return make_task("jsonl", **options)
             except (ValueError, TypeError) as e:
-                raise ConfigError("eval.path", f"cannot read held-out prompts: {e}") from None
+                raise ConfigError("eval.path", f"cannot read the evaluation prompts: {e}") from None
         if not t.path:
             raise ConfigError("task.path", "the 'jsonl' task needs the path of a JSONL file")
         return built("task.options", make_task, "jsonl", path=t.path, **options)
@@ -353,7 +353,7 @@ def build_run(spec: RunSpec) -> Run:
 
     eval_task = eval_sampling = None
     if config.eval.interval:
-        eval_task = _task(config, held_out=True)
+        eval_task = _task(config, validation=True)
         # The rollouts' sampling, with the evaluation's temperature and samples per prompt.
         eval_sampling = built(
             "eval",

@@ -178,11 +178,11 @@ def default_config() -> ml_collections.ConfigDict:
     dapo.overlong_penalty = 1.0  # reward penalty at max_new_tokens (linear in the buffer)
     dapo.mask_truncated = False  # no loss on completions that hit max_new_tokens
 
-    # --- Validation on held-out prompts ----------------------------------------------------
+    # --- Validation on fixed evaluation prompts --------------------------------------------
     config.eval = ml_collections.ConfigDict()
     ev = config.eval
     ev.interval = 0  # evaluate every this many steps and after the last one; 0 = off
-    ev.prompts = 16  # held-out prompts per evaluation: the same ones every time
+    ev.prompts = 16  # prompts per evaluation: the same ones every time
     ev.samples = 1  # completions per prompt (> 1: set a temperature; adds best_of_n/mean)
     ev.temperature = 0.0  # sampling temperature of the evaluation; 0 = greedy
     # The evaluation prompts of the 'jsonl' task: another JSONL file, read from its start in
@@ -376,7 +376,7 @@ def _check_eval(config: ml_collections.ConfigDict, flat: dict) -> None:
     if config.task.name != "jsonl" and ev.path:
         raise ConfigError(
             "eval.path",
-            f"only the 'jsonl' task reads held-out prompts from a file; task "
+            f"only the 'jsonl' task reads evaluation prompts from a file; task "
             f"{config.task.name!r} draws them from a key of their own (leave it '')",
         )
     if not ev.interval:

@@ -1,4 +1,4 @@
-"""Validation: the policy's score on held-out prompts, every ``eval.interval`` steps.
+"""Validation: the policy's score on fixed evaluation prompts, every ``eval.interval`` steps.
 
 Every evaluation samples the same prompts with the same key, so its figures move only with
 the policy. The built-in tasks draw the prompts with a key of their own (the training stream
@@ -29,7 +29,7 @@ EVAL_KEY_TAG = 0x6576616C
 
 
 class Evaluator:
-    """Scores a policy on the run's held-out prompts.
+    """Scores a policy on the run's evaluation prompts (the same ones every time).
 
     Args:
         run: a :class:`~novarl_jax.trainer.build.Run` built with ``eval.interval > 0``.
@@ -44,7 +44,7 @@ class Evaluator:
         self.prompts = int(config.eval.prompts)
         self.samples = int(config.eval.samples)
         self.total = int(config.experiment.steps)
-        self.engine = run.rollout_engine(mesh, held_out=True)
+        self.engine = run.rollout_engine(mesh, validation=True)
         self.key = jax.random.fold_in(jax.random.key(config.experiment.seed), EVAL_KEY_TAG)
         self._start = run.eval_task.get_state()
         self._check_prompts(config)
@@ -73,7 +73,7 @@ class Evaluator:
         return step % self.interval == 0 or step == self.total
 
     def sample(self, policy_params: Any, policy_version: int = 0) -> tuple[Any, Any]:
-        """The held-out rollouts of ``policy_params``: ``(trajectory, info)`` as
+        """The evaluation rollouts of ``policy_params``: ``(trajectory, info)`` as
         :meth:`~novarl_jax.rollout.engine.RolloutEngine.rollout` returns them."""
         self.engine.task.set_state(self._start)
         return self.engine.rollout(
