@@ -42,6 +42,7 @@ from novarl_jax.models.transformer import param_shardings
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_FILE = "model.safetensors"
 # Extra tensors for the optional value head (Hugging Face has no such module; transformers
 # ignores unknown keys when loading, and load_hf_model reads them back).
@@ -331,6 +332,14 @@ def params_to_hf_tensors(config: ModelConfig, params: Any) -> dict[str, np.ndarr
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
+def checkpoint_files(path: str | os.PathLike) -> list[pathlib.Path]:
+    """The files of a Hugging Face checkpoint in directory ``path``: config.json, the
+    safetensors index and the safetensors files that exist there (none: no checkpoint)."""
+    directory = pathlib.Path(path)
+    files = [directory / CONFIG_FILE, directory / INDEX_FILE, *directory.glob("*.safetensors")]
+    return [p for p in files if p.exists()]
+
+
 def save_hf_model(
     path: str | os.PathLike,
     config: ModelConfig,
@@ -339,6 +348,7 @@ def save_hf_model(
     model_type: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
+    token_ids: Mapping[str, int] | None = None,
 ) -> None:
     """Writes ``config.json`` and safetensors that ``transformers`` loads directly.
 
@@ -355,6 +365,9 @@ def save_hf_model(
         max_shard_bytes: largest file size before splitting.
         overwrite: replace an existing checkpoint in ``path`` (its config.json and
             safetensors/index files are removed first); otherwise that raises.
+        token_ids: special token ids (``eos_token_id``, ``pad_token_id``, ``bos_token_id``)
+            to write into config.json and a generation_config.json, so that ``generate``
+            stops at the model's own EOS.
 
     Raises:
         ValueError: ``path`` already holds a checkpoint and ``overwrite`` is False, or a
@@ -366,10 +379,9 @@ def save_hf_model(
     """
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
-    hf_config = config.to_hf_config(model_type)
+    hf_config = {**config.to_hf_config(model_type), **(token_ids or {})}
     directory = pathlib.Path(path)
-    existing = [directory / CONFIG_FILE, directory / INDEX_FILE, *directory.glob("*.safetensors")]
-    existing = [p for p in existing if p.exists()]
+    existing = checkpoint_files(directory)
     if existing and not overwrite:
         raise ValueError(
             f"{directory}: already holds a checkpoint ({existing[0].name}); pass "
@@ -404,3 +416,6 @@ def save_hf_model(
         }
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if token_ids:
+        text = json.dumps(dict(token_ids), indent=2, sort_keys=True) + "\n"
+        (directory / GENERATION_CONFIG_FILE).write_text(text)

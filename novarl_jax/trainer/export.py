@@ -13,7 +13,6 @@ critic's value head is written beside the weights as ``value_head.weight`` /
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Any
@@ -21,14 +20,14 @@ from typing import Any
 import jax
 
 from novarl_jax.models import save_hf_model
+from novarl_jax.models.hf import checkpoint_files
 from novarl_jax.rollout.tokenizers import HFTokenizer
 from novarl_jax.trainer.build import build_run
 from novarl_jax.trainer.checkpoint import Checkpointer, CheckpointMismatchError, abstract_like
 from novarl_jax.trainer.config import RunSpec, validate_config
-from novarl_jax.trainer.loop import Trainer
+from novarl_jax.trainer.loop import Trainer, default_mesh
 
 TOKENIZER_FILE = "tokenizer.json"
-HF_MODEL_FILES = ("config.json", "model.safetensors.index.json")
 
 
 class ExportError(Exception):
@@ -72,13 +71,15 @@ def export_policy(
         )
     spec = spec or validate_config(config)
     run = build_run(spec)
-    targets = [out] + ([os.path.join(out, "critic")] if run.model.critic is not None else [])
-    for target in targets:
-        held = [n for n in HF_MODEL_FILES if os.path.exists(os.path.join(target, n))]
-        if held or glob.glob(os.path.join(target, "*.safetensors")):
+    # Where each model goes; refused before the restore when one already holds a model.
+    targets = {"policy": (out, run.model.policy)}
+    if run.model.critic is not None:
+        targets["critic"] = (os.path.join(out, "critic"), run.model.critic)
+    for target, _ in targets.values():
+        held = checkpoint_files(target)
+        if held:
             raise ExportError(
-                f"{target}: already holds a model ({(held or ['*.safetensors'])[0]}); "
-                f"export into a new directory"
+                f"{target}: already holds a model ({held[0].name}); export into a new directory"
             )
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
@@ -92,9 +93,7 @@ def export_policy(
             step = max(steps)
         elif step not in steps:
             raise ExportError(f"{directory}: no checkpoint of step {step}; it has {sorted(steps)}")
-        if mesh is None:
-            devices = jax.devices()
-            mesh = spec.layout.make_mesh(devices[: spec.layout.world_size] or devices)
+        mesh = default_mesh(spec) if mesh is None else mesh
         state, _ = Trainer(run, workdir, mesh=mesh).initial_state()
         try:
             state, _ = checkpointer.restore(abstract_like(state), step)
@@ -104,41 +103,33 @@ def export_policy(
         checkpointer.close()
 
     params = jax.device_get(state.params)
-    written = {"step": step, "policy": out, "critic": None}
+    tok = run.tokenizer
+    token_ids = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    if tok.bos_id is not None:
+        token_ids["bos_token_id"] = tok.bos_id
     try:
-        save_hf_model(out, run.model.policy, params["policy"])
-        if run.model.critic is not None:
-            written["critic"] = os.path.join(out, "critic")
-            save_hf_model(written["critic"], run.model.critic, params["critic"])
+        for name, (target, model) in targets.items():
+            save_hf_model(target, model, params[name], token_ids=token_ids)
+            _write_tokenizer(target, tok, spec.config.model)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    for target in filter(None, (written["policy"], written["critic"])):
-        _write_special_tokens(target, run.tokenizer, spec.config.model)
-    return written
+    critic = targets.get("critic")
+    return {"step": step, "policy": out, "critic": critic[0] if critic else None}
 
 
-def _write_special_tokens(directory: str, tokenizer: Any, model: Any) -> None:
-    """The run's special token ids in config.json and generation_config.json, so that
-    ``generate`` stops at the run's EOS; with a tokenizer.json, the tokenizer files too."""
-    ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    if tokenizer.bos_id is not None:
-        ids["bos_token_id"] = tokenizer.bos_id
-    path = os.path.join(directory, "config.json")
-    with open(path) as f:
-        hf_config = json.load(f)
-    hf_config.update(ids)
-    _write_json(path, hf_config)
-    _write_json(os.path.join(directory, "generation_config.json"), ids)
-    if isinstance(tokenizer, HFTokenizer):
-        with open(os.path.join(directory, TOKENIZER_FILE), "w") as f:
-            f.write(tokenizer.to_json())
-        special = {"eos_token": model.eos_token, "pad_token": model.pad_token}
-        if model.bos_token:
-            special["bos_token"] = model.bos_token
-        _write_json(
-            os.path.join(directory, "tokenizer_config.json"),
-            {"tokenizer_class": "PreTrainedTokenizerFast", **special},
-        )
+def _write_tokenizer(directory: str, tokenizer: Any, model: Any) -> None:
+    """With a tokenizer.json, the tokenizer files transformers loads with its special tokens."""
+    if not isinstance(tokenizer, HFTokenizer):
+        return
+    with open(os.path.join(directory, TOKENIZER_FILE), "w") as f:
+        f.write(tokenizer.to_json())
+    special = {"eos_token": model.eos_token, "pad_token": model.pad_token}
+    if model.bos_token:
+        special["bos_token"] = model.bos_token
+    _write_json(
+        os.path.join(directory, "tokenizer_config.json"),
+        {"tokenizer_class": "PreTrainedTokenizerFast", **special},
+    )
 
 
 def _write_json(path: str, value: dict) -> None:

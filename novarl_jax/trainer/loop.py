@@ -355,6 +355,13 @@ def _progress_line(step: int, total: int, metrics: dict) -> str:
     )
 
 
+def default_mesh(spec: RunSpec) -> Any:
+    """The layout's mesh over the first ``world_size`` devices (all of them when the sizes
+    agree; too few devices fail with the layout's own message)."""
+    devices = jax.devices()
+    return spec.layout.make_mesh(devices[: spec.layout.world_size] or devices)
+
+
 class Session:
     """The side-effecting shell of one run, shared by the synchronous and asynchronous loops.
 
@@ -381,9 +388,7 @@ class Session:
         self.workdir = workdir
         spec = spec or validate_config(config)
         self.run = run or build_run(spec)
-        if mesh is None:  # the first world_size devices (all of them when the sizes agree)
-            devices = jax.devices()
-            mesh = spec.layout.make_mesh(devices[: spec.layout.world_size] or devices)
+        mesh = default_mesh(spec) if mesh is None else mesh
         self.main_process = jax.process_index() == 0
         if log is None:
             log = (lambda line: print(line, flush=True)) if self.main_process else (lambda _: None)
