@@ -188,6 +188,33 @@ class RolloutEngine:
         self.mesh = mesh
         self.stop_token_ids: tuple[int, ...] = tuple(int(s) for s in stops)
 
+    def encode_prompts(
+        self, key: jax.Array, batch_size: int
+    ) -> tuple[list[str], list[dict], np.ndarray, np.ndarray]:
+        """The prompts a :meth:`rollout` with ``key`` samples, without sampling completions.
+
+        Returns:
+            ``(prompts, metadata, tokens, mask)``: B strings, B dicts, and the left-padded
+            ``[B, max_prompt_length]`` token ids and mask.
+
+        Raises:
+            ValueError: a prompt longer than ``sampling.max_prompt_length`` (unless the
+                tokenizer truncates), or a task returning the wrong number of prompts.
+        """
+        return self._encode_prompts(jax.random.split(key)[0], check_batch_size(batch_size))
+
+    def _encode_prompts(self, prompt_key: jax.Array, batch_size: int):
+        prompts, metadata = self.task.sample_prompts(prompt_key, batch_size)
+        if len(prompts) != batch_size or len(metadata) != batch_size:
+            raise ValueError(
+                f"task {getattr(self.task, 'name', self.task)!r} returned {len(prompts)} prompts "
+                f"and {len(metadata)} metadata for batch_size={batch_size}"
+            )
+        tokens, mask = self.tokenizer.encode_batch(
+            prompts, max_length=self.sampling.max_prompt_length, padding_side="left"
+        )
+        return prompts, metadata, tokens, mask
+
     def rollout(
         self,
         params: Any,
@@ -217,15 +244,7 @@ class RolloutEngine:
         if isinstance(policy_version, bool) or not isinstance(policy_version, (int, np.integer)):
             raise ValueError(f"policy_version must be an integer, got {policy_version!r}")
         prompt_key, sample_key = jax.random.split(key)
-        prompts, metadata = self.task.sample_prompts(prompt_key, batch_size)
-        if len(prompts) != batch_size or len(metadata) != batch_size:
-            raise ValueError(
-                f"task {getattr(self.task, 'name', self.task)!r} returned {len(prompts)} prompts "
-                f"and {len(metadata)} metadata for batch_size={batch_size}"
-            )
-        tokens, mask = self.tokenizer.encode_batch(
-            prompts, max_length=s.max_prompt_length, padding_side="left"
-        )
+        prompts, metadata, tokens, mask = self._encode_prompts(prompt_key, batch_size)
         out = sample(
             params,
             self.model_config,

@@ -57,16 +57,13 @@ class Evaluator:
                 "eval.prompts",
                 f"{self.prompts} prompts asked but {config.eval.path} has {len(self.engine.task)}",
             )
-        prompt_key, _ = jax.random.split(self.key)  # as RolloutEngine.rollout splits it
-        prompts, _ = self.engine.task.sample_prompts(prompt_key, self.prompts)
-        self.engine.task.set_state(self._start)
         try:
-            self.engine.tokenizer.encode_batch(
-                prompts, max_length=self.engine.sampling.max_prompt_length, padding_side="left"
-            )
+            self.engine.encode_prompts(self.key, self.prompts)
         except ValueError as e:
             key = "eval.path" if jsonl else "rollout.max_prompt_length"
             raise ConfigError(key, f"an evaluation prompt does not fit: {e}") from None
+        finally:
+            self.engine.task.set_state(self._start)
 
     def due(self, step: int) -> bool:
         """Whether step ``step`` (1-based, finished) is evaluated."""
