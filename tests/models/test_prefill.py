@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_models import DENSE, MESH_CONFIG, MOE, padded_batch, scaled
+from tiny_models import DENSE, MESH_CONFIG, MOE, decode_steps, padded_batch, scaled
 
 from novarl_jax.core import sharding as shd
 from novarl_jax.core.distributed import ParallelLayout
@@ -68,11 +68,9 @@ def test_prefill_equals_forward_into_a_fresh_cache(config, side, use_jit):
         )
     # Decoding on from the prefilled cache gives the full forward's logits.
     full, _, _ = jit_forward(params, toks, config=config, positions=positions, attention_mask=mask)
-    for i in range(p, p + n):
-        step, cache, _ = jit_forward(
-            params, toks[:, i : i + 1], config=config, positions=positions[:, i : i + 1],
-            attention_mask=mask[:, i : i + 1], cache=cache,
-        )  # fmt: skip
+    run = functools.partial(jit_forward, config=config)
+    steps, cache = decode_steps(run, params, toks, positions, mask, cache, range(p, p + n))
+    for i, step, _ in steps:
         np.testing.assert_allclose(step[:, 0], full[:, i], atol=2e-5, rtol=1e-5)
     # The cache holds real context: dropping it changes the last logits (a test that can fail).
     alone, _, _ = jit_forward(params, toks[:, -1:], config=config, positions=positions[:, -1:])
@@ -110,9 +108,6 @@ def test_sharded_prefill_equals_single_device(layout, devices):
     np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(full[:, :6])[real], atol=1e-5)
     batch_axes = shd.logical_to_spec((shd.BATCH,), mesh)[0]
     assert all(tuple(k.sharding.spec)[0] == batch_axes for k in cache.k)
-    for i in (6, 7):
-        step, cache, _ = run(
-            sharded, toks[:, i : i + 1], positions=positions[:, i : i + 1],
-            attention_mask=mask[:, i : i + 1], cache=cache,
-        )  # fmt: skip
+    steps, cache = decode_steps(run, sharded, toks, positions, mask, cache, (6, 7))
+    for i, step, _ in steps:
         np.testing.assert_allclose(step[:, 0], full[:, i], atol=2e-5, rtol=1e-5)

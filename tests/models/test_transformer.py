@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding
-from tiny_models import DENSE, MESH_CONFIG, MOE, TINY, padded_batch, scaled
+from tiny_models import DENSE, MESH_CONFIG, MOE, TINY, decode_steps, padded_batch, scaled
 
 from novarl_jax.core import sharding as shd
 from novarl_jax.core.distributed import ParallelLayout
@@ -476,11 +476,9 @@ def test_kv_cache_decode_equals_full_forward(config, side):
     np.testing.assert_array_equal(cache.key_mask[:, :p], mask[:, :p])
     real = np.asarray(mask[:, :p]).astype(bool)
     np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(full[:, :p])[real], atol=2e-5)
-    for i in range(p, p + n):
-        step, cache, aux = jit_forward(
-            params, toks[:, i : i + 1], config=config, positions=positions[:, i : i + 1],
-            attention_mask=mask[:, i : i + 1], cache=cache,
-        )  # fmt: skip
+    run = functools.partial(jit_forward, config=config)
+    steps, cache = decode_steps(run, params, toks, positions, mask, cache, range(p, p + n))
+    for i, step, aux in steps:
         np.testing.assert_allclose(step[:, 0], full[:, i], atol=2e-5, rtol=1e-5)
         if config.value_head:
             np.testing.assert_allclose(aux["values"][:, 0], full_aux["values"][:, i], atol=2e-5)
@@ -607,11 +605,8 @@ def test_sharded_kv_cache_decode_equals_single_device_forward(devices):
     np.testing.assert_allclose(
         np.asarray(prefill)[real], np.asarray(logits[:, :6])[real], atol=1e-5
     )
-    for i in (6, 7):
-        step, cache, _ = run(
-            sharded, toks[:, i : i + 1], positions=positions[:, i : i + 1],
-            attention_mask=mask[:, i : i + 1], cache=cache,
-        )  # fmt: skip
+    steps, cache = decode_steps(run, sharded, toks, positions, mask, cache, (6, 7))
+    for i, step, _ in steps:
         np.testing.assert_allclose(step[:, 0], logits[:, i], atol=1e-5, rtol=1e-5)
 
 

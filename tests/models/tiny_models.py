@@ -41,3 +41,20 @@ def padded_batch(key, b, p, n, pads, side):
     toks = jnp.where(mask > 0, toks, 0)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     return toks, jnp.asarray(mask), jnp.asarray(positions)
+
+
+def decode_steps(run, params, toks, positions, mask, cache, steps):
+    """Feeds the tokens at ``steps`` one at a time through the cached forward ``run(params,
+    tokens, positions=, attention_mask=, cache=)``.
+
+    Returns:
+        ``([(i, logits [B, 1, V], aux) per step], the final cache)``.
+    """
+    outputs = []
+    for i in steps:
+        logits, cache, aux = run(
+            params, toks[:, i : i + 1], positions=positions[:, i : i + 1],
+            attention_mask=mask[:, i : i + 1], cache=cache,
+        )  # fmt: skip
+        outputs.append((i, logits, aux))
+    return outputs, cache
