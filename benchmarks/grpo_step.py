@@ -217,7 +217,7 @@ class Ours:
         print(f"# ours: first step (compile + run) {wall:.1f} s")
 
     def _step(self) -> dict:
-        self.state, metrics, info = self.trainer.iteration(self.state, self.reference, self.i)
+        self.state, metrics, (_, info) = self.trainer.iteration(self.state, self.reference, self.i)
         self.i += 1
         tok = self.run.tokenizer
         self.prompt_tokens = len(tok.encode(info.prompts[0])) + int(tok.add_bos)

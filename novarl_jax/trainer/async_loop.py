@@ -134,14 +134,15 @@ class AsyncTrainer(Trainer):
     def learn(
         self, state: TrainState, reference: Any, rollout: Rollout, step: int
     ) -> tuple[TrainState, dict, Any]:
-        """Trains iteration ``step`` on ``rollout``: ``(state, metrics, rollout info)``."""
+        """Trains iteration ``step`` on ``rollout``: ``(state, metrics, (trajectory, info))``
+        as :meth:`Trainer.iteration` returns them."""
         self._given = rollout
         try:
-            state, metrics, info = self.iteration(state, reference, step)
+            state, metrics, trained = self.iteration(state, reference, step)
         finally:
             self._given = None
         metrics["timing_s/gen"] = rollout.gen_s
-        return state, metrics, info
+        return state, metrics, trained
 
     def _rollout(self, state, key):
         del state, key  # the rollout was sampled by a worker, with its own key
@@ -452,7 +453,7 @@ def train_async(
                 )
                 wait_s = time.perf_counter() - wait_start
                 lag = staleness(version, rollout.trajectory.policy_version)
-                state, metrics, info = trainer.learn(state, session.reference, rollout, i)
+                state, metrics, trained = trainer.learn(state, session.reference, rollout, i)
                 broadcaster.poll(state)
                 dropped_total += dropped
                 next_index = max(next_index, rollout.index + 1)
@@ -466,8 +467,8 @@ def train_async(
                         "timing_s/wait": wait_s,
                     }
                 )
-                host = {"task_state": info.task_state, "rollout_index": next_index}
-                metrics = session.record(i, state, metrics, host)
+                host = {"task_state": trained[1].task_state, "rollout_index": next_index}
+                metrics = session.record(i, state, metrics, host, trained)
         finally:
             feed.close()
     summary = f"{controller.state.broadcasts} broadcasts, {dropped_total} stale samples dropped, "

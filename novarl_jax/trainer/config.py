@@ -203,6 +203,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.logging.wandb_project = "novarl_jax"
     config.logging.plot = True  # write plots/training.png at the end (needs matplotlib)
     config.logging.progress = True  # progress bar (a line per step when not a terminal)
+    # Rollout samples appended to samples.jsonl: the first N rows of every step (prompt,
+    # completion, score, length) and of every evaluation; 0 = none.
+    config.logging.samples = 0
 
     return config
 
@@ -417,6 +420,7 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
     )
     _positive(flat, "experiment.weight_sync_timeout_s", "experiment.rollout_queue_size", minimum=0)
     _positive(flat, "experiment.rollout_workers")
+    _positive(flat, "logging.samples", minimum=0)
     if exp.num_experts < 0:
         raise ConfigError(
             "experiment.num_experts", f"must be >= 0 (0 = dense), got {exp.num_experts}"

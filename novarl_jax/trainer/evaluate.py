@@ -79,7 +79,10 @@ class Evaluator:
 
     def __call__(self, policy_params: Any, policy_version: int = 0) -> dict[str, float]:
         """The validation metrics of ``policy_params`` (the policy's parameter tree)."""
-        traj, _ = self.sample(policy_params, policy_version)
+        return self.metrics(self.sample(policy_params, policy_version)[0])
+
+    def metrics(self, traj: Any) -> dict[str, float]:
+        """The validation metrics of an evaluation's trajectory (from :meth:`sample`)."""
         valid = np.asarray(traj.valid) > 0
         scores = np.asarray(traj.rewards, np.float64)
         lengths = np.asarray(traj.response_mask).sum(axis=1)

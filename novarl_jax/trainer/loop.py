@@ -17,12 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from novarl_jax.rollout.engine import RolloutInfo
 from novarl_jax.trainer import steps
 from novarl_jax.trainer.build import Run, build_run
 from novarl_jax.trainer.checkpoint import Checkpointer, abstract_like
 from novarl_jax.trainer.config import RunSpec, updates_share_prompts, validate_config
 from novarl_jax.trainer.evaluate import Evaluator
-from novarl_jax.trainer.metrics import MetricsWriter
+from novarl_jax.trainer.metrics import JsonLines, MetricsWriter
+from novarl_jax.trainer.samples import FILE_NAME as SAMPLES_FILE
+from novarl_jax.trainer.samples import sample_rows
 from novarl_jax.trainer.state import TrainState, init_train_state
 
 
@@ -189,30 +192,33 @@ class Trainer:
             v = np.asarray(t.valid).reshape(-1, group)
             return (r.max(1) > r.min(1)) & (v.min(1) > 0)
 
-        pool = [(traj, informative(traj))]
+        pool = [(traj, info, informative(traj))]
         extra = 0
-        while sum(int(m.sum()) for _, m in pool) < prompts and extra < cfg.dapo.max_extra_batches:
+        while sum(int(m.sum()) for *_, m in pool) < prompts and extra < cfg.dapo.max_extra_batches:
             extra += 1
-            t, _ = self.engine.rollout(
+            t, t_info = self.engine.rollout(
                 state.params["policy"], jax.random.fold_in(key, 1000 + extra), version, prompts
             )
-            pool.append((t, informative(t)))
+            pool.append((t, t_info, informative(t)))
         # Informative groups first, then (if still short) the rest, to keep static shapes.
-        chosen = [(i, g) for i, (_, m) in enumerate(pool) for g in np.flatnonzero(m)]
-        chosen += [(i, g) for i, (_, m) in enumerate(pool) for g in np.flatnonzero(~m)]
+        chosen = [(i, g) for i, (*_, m) in enumerate(pool) for g in np.flatnonzero(m)]
+        chosen += [(i, g) for i, (*_, m) in enumerate(pool) for g in np.flatnonzero(~m)]
         chosen = chosen[:prompts]
-        kept = sum(1 for i, g in chosen if pool[i][1][g])
-        parts = []
+        kept = sum(1 for i, g in chosen if pool[i][2][g])
+        parts, info_parts = [], []
         for i, g in chosen:
             rows = np.arange(g * group, (g + 1) * group)
             parts.append(_rows(pool[i][0]._replace(routing=None), rows))
+            info_parts.append((pool[i][1], rows))
         merged = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
         merged = merged._replace(
             group_ids=jnp.asarray(np.repeat(np.arange(prompts, dtype=np.int32), group)),
             routing=self._merge_routing(pool, chosen, group),
         )
+        # The task has moved past every batch sampled here: that is where a resume goes on.
+        merged_info = _take_info(info_parts, task_state=pool[-1][1].task_state)
         stats = {"dapo/extra_batches": float(extra), "dapo/kept_groups": float(kept)}
-        return merged, info, stats
+        return merged, merged_info, stats
 
     @staticmethod
     def _merge_routing(pool, chosen, group):
@@ -303,7 +309,10 @@ class Trainer:
         return jax.tree.map(lambda x: jax.device_put(x, steps.row_sharding(x, self.mesh)), batch)
 
     def iteration(self, state, reference, i: int) -> tuple[TrainState, dict, Any]:
-        """Runs iteration ``i``; returns the new state, its metrics and the rollout info."""
+        """Runs iteration ``i``; returns the new state, its metrics and the rollout it trained
+        on, ``(trajectory, info)`` (:class:`~novarl_jax.rollout.engine.Trajectory`,
+        :class:`~novarl_jax.rollout.engine.RolloutInfo`; with DAPO's dynamic sampling, the
+        rows kept from all the batches sampled)."""
         cfg = self.config
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), i)
         k_rollout, k_perm = jax.random.split(key)
@@ -342,7 +351,19 @@ class Trainer:
                 "train/optimizer_step": int(state.step),
             }
         )
-        return state, metrics, info
+        return state, metrics, (traj, info)
+
+
+def _take_info(parts: list[tuple[RolloutInfo, np.ndarray]], task_state: dict) -> RolloutInfo:
+    """The :class:`RolloutInfo` of rows taken from several rollouts, in ``parts`` order."""
+    fields = ("prompts", "completions", "metadata", "sample_info")
+    taken = {name: [getattr(i, name)[r] for i, rows in parts for r in rows] for name in fields}
+    invalid, offset = [], 0
+    for info, rows in parts:
+        bad = set(info.invalid)
+        invalid += [offset + k for k, r in enumerate(rows) if int(r) in bad]
+        offset += len(rows)
+    return RolloutInfo(**taken, invalid=invalid, task_state=task_state)
 
 
 def _progress_line(step: int, total: int, metrics: dict) -> str:
@@ -404,7 +425,9 @@ class Session:
             async_save=ckpt.async_save,
         )
         self.evaluator = Evaluator(self.run, mesh) if self.run.eval_task is not None else None
-        self.writer = None
+        self.writer = self.samples = None
+        if self.main_process and config.logging.samples > 0:
+            self.samples = JsonLines(os.path.join(workdir, SAMPLES_FILE))
         if self.main_process:
             self.writer = MetricsWriter(
                 workdir,
@@ -419,8 +442,9 @@ class Session:
             self.state, self.host = self.checkpointer.restore(abstract_like(self.state))
             self.run.task.set_state(self.host["task_state"])
             self.start = int(self.host["iteration"])
-            if self.writer is not None:
-                self.writer.truncate_after(self.start)
+            for lines in (self.writer, self.samples):
+                if lines is not None:
+                    lines.truncate_after(self.start)
             log(f"resumed from {self.checkpointer.directory} at step {self.start}")
         self.total = config.experiment.steps
         self._skips = 0
@@ -433,8 +457,11 @@ class Session:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def record(self, i: int, state: TrainState, metrics: dict, host: dict) -> dict:
-        """Writes step ``i + 1``'s metrics, stops on too many skipped updates, checkpoints.
+    def record(
+        self, i: int, state: TrainState, metrics: dict, host: dict, rollout: Any = None
+    ) -> dict:
+        """Writes step ``i + 1``'s metrics (and samples), stops on too many skipped updates,
+        checkpoints.
 
         Args:
             i: the finished iteration (0-based).
@@ -442,6 +469,7 @@ class Session:
             metrics: its metrics.
             host: JSON-able host state to checkpoint beside ``state`` (the task's position,
                 ...); ``iteration`` is added.
+            rollout: ``(trajectory, info)`` it trained on, for ``samples.jsonl``.
 
         Returns:
             The step's metrics with its validation metrics, when it was evaluated.
@@ -452,13 +480,17 @@ class Session:
         config, step = self.config, i + 1
         skipped = int(metrics["train/skipped"])
         self._skips = self._skips + skipped if skipped else 0
+        samples = []
+        if rollout is not None:
+            samples += self._sample_rows(rollout, step, "train")
         if self.evaluator is not None and self.evaluator.due(step):
-            metrics = {
-                **metrics,
-                **self.evaluator(state.params["policy"], int(state.policy_version)),
-            }
+            val_rollout = self.evaluator.sample(state.params["policy"], int(state.policy_version))
+            metrics = {**metrics, **self.evaluator.metrics(val_rollout[0])}
+            samples += self._sample_rows(val_rollout, step, "val")
         if self.writer is not None:
             self.writer.write(step, metrics)
+        if self.samples is not None:
+            self.samples.write(samples)
         if skipped:
             bad = [k for k in ("train/loss", "actor/grad_norm") if not np.isfinite(metrics[k])]
             self.log(f"step {step}: skipped {skipped} update(s) with non-finite {', '.join(bad)}")
@@ -476,13 +508,22 @@ class Session:
             self.log(_progress_line(step, self.total, metrics))
         return metrics
 
+    def _sample_rows(self, rollout: Any, step: int, split: str) -> list[dict]:
+        if self.samples is None:
+            return []
+        trajectory, info = rollout
+        stop = self.trainer.engine.stop_token_ids
+        count = self.config.logging.samples
+        return sample_rows(trajectory, info, count, step=step, split=split, stop_token_ids=stop)
+
     def close(self) -> None:
         if self._progress is not None:
             self._progress.close()
             self._progress = None
         self.checkpointer.close()
-        if self.writer is not None:
-            self.writer.close()
+        for lines in (self.writer, self.samples):
+            if lines is not None:
+                lines.close()
 
     def finish(self, state: TrainState, metrics: dict, summary: str = "") -> dict:
         """Prints the one-line summary, draws the plot; returns the result of the run."""
@@ -525,8 +566,9 @@ def train(config, workdir: str, *, spec: RunSpec | None = None, mesh: Any = None
     with Session(config, workdir, spec=spec, mesh=mesh, log=log) as session:
         state = session.state
         for i in range(session.start, session.total):
-            state, metrics, info = session.trainer.iteration(state, session.reference, i)
-            metrics = session.record(i, state, metrics, {"task_state": info.task_state})
+            state, metrics, rollout = session.trainer.iteration(state, session.reference, i)
+            host = {"task_state": rollout[1].task_state}
+            metrics = session.record(i, state, metrics, host, rollout)
     return session.finish(state, metrics)
 
 

@@ -1,4 +1,4 @@
-"""Metric writers: a flushed JSONL line per step, plus TensorBoard and W&B when enabled."""
+"""Run logs: a flushed JSONL line per step, plus TensorBoard and W&B when enabled."""
 
 from __future__ import annotations
 
@@ -19,6 +19,46 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class JsonLines:
+    """An append-only ``.jsonl`` file of rows keyed by ``step``, flushed after every write.
+
+    :meth:`truncate_after` drops the rows of steps after a restored checkpoint, so a resumed
+    run's file matches what an uninterrupted run writes.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drops rows whose step is greater than ``step`` (used when resuming)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) == len(lines):
+            return
+        # A new file moved into place: a crash here leaves the old file or the new, whole.
+        partial = self.path + ".truncating"
+        with open(partial, "w") as f:
+            f.writelines(kept)
+        os.replace(partial, self.path)
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Appends ``rows`` (JSON-able dicts; other values are written as strings)."""
+        if self._file is None:
+            self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run
+        for row in rows:
+            self._file.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class MetricsWriter:
     """Writes ``metrics.jsonl`` under ``workdir`` and forwards to optional backends.
 
@@ -36,8 +76,8 @@ class MetricsWriter:
         run_config: dict | None = None,
     ):
         os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._file = None
+        self._lines = JsonLines(os.path.join(workdir, "metrics.jsonl"))
+        self.path = self._lines.path
         self._tb = None
         self._wandb = None
         if tensorboard:
@@ -65,21 +105,12 @@ class MetricsWriter:
             )
 
     def truncate_after(self, step: int) -> None:
-        """Drops lines whose step is greater than ``step`` (used when resuming)."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        """Drops lines for steps after ``step`` (used when resuming)."""
+        self._lines.truncate_after(step)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        if self._file is None:
-            self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run
-        self._file.write(json.dumps(row, sort_keys=True) + "\n")
-        self._file.flush()
+        self._lines.write([row])
         numeric = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
         if self._tb is not None:
             for name, value in numeric.items():
@@ -89,9 +120,7 @@ class MetricsWriter:
             self._wandb.log(numeric, step=step)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._lines.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
