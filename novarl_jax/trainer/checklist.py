@@ -6,22 +6,39 @@ from typing import Any
 
 from novarl_jax.trainer.config import (
     RunSpec,
+    micro_batch_rows,
     samples_per_prompt,
     shared_prompt_group,
     updates_share_prompts,
 )
 
 
-def tokens_per_group(spec: RunSpec) -> int:
-    """Tokens one expert-parallel shard routes per training forward of a whole step's batch."""
-    ro = spec.config.rollout
-    samples = ro.prompts_per_step * samples_per_prompt(spec.config)
-    tokens = samples * (ro.max_prompt_length + ro.max_new_tokens)
-    return tokens // spec.layout.dense_data_parallel_size
+def update_routing_groups(spec: RunSpec) -> list[int]:
+    """Tokens one batch shard routes as one group in the update's forward.
+
+    A MoE layer routes each batch shard's tokens (``dp x ep`` shards) as one group, whose
+    capacity is ``router.capacity(tokens)``. The update's forward sees one micro-batch
+    (``rollout.prompts_per_step`` x samples / ``train.minibatches`` / ``train.micro_batches``
+    rows), and with ``pp > 1`` each of its ``experiment.num_microbatches`` pipeline
+    microbatches is a group. Returns one size, or two when the forward shares prompts: each
+    group's prompt once, then the completions (see
+    :func:`~novarl_jax.models.shared_prompt.forward_shared_prompt`).
+    """
+    config, layout = spec.config, spec.layout
+    ro = config.rollout
+    rows = micro_batch_rows(config)
+    if layout.pp > 1:
+        rows //= config.experiment.num_microbatches
+    shards = layout.dense_data_parallel_size
+    if updates_share_prompts(config, layout.pp):
+        prompts = rows // shared_prompt_group(config, layout.pp)
+        return [prompts * ro.max_prompt_length // shards, rows * ro.max_new_tokens // shards]
+    return [rows * (ro.max_prompt_length + ro.max_new_tokens) // shards]
 
 
-def checklist_rows(spec: RunSpec, mesh: Any = None) -> list[tuple[str, str, str]]:
-    """(section, item, value) rows describing the run."""
+def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tuple[str, str, str]]:
+    """(section, item, value) rows describing the run (``run``: its built objects, whose
+    policy's router is the one trained, with a checkpoint's experts under model.init_from)."""
     layout, exp, ro = spec.layout, spec.config.experiment, spec.config.rollout
     rows = [
         ("layout", "world size", str(layout.world_size)),
@@ -35,11 +52,11 @@ def checklist_rows(spec: RunSpec, mesh: Any = None) -> list[tuple[str, str, str]
         shape = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
         platform = mesh.devices.flat[0].platform
         rows.append(("layout", "mesh", f"({shape}) on {mesh.devices.size} {platform} devices"))
-    router = spec.router
+    router = spec.router if run is None else run.model.policy.router
     if router is None:
         rows.append(("router", "experts", "dense MLP (no MoE)"))
     else:
-        group = tokens_per_group(spec)
+        groups = update_routing_groups(spec)
         cf = "dropless" if router.capacity_factor is None else f"{router.capacity_factor:g}"
         rows += [
             ("router", "experts (E)", str(router.num_experts)),
@@ -56,8 +73,17 @@ def checklist_rows(spec: RunSpec, mesh: Any = None) -> list[tuple[str, str, str]
                 "aux / z loss coef",
                 f"{router.aux_loss_coef:g} / {router.z_loss_coef:g}",
             ),
-            ("router", "tokens per group", str(group)),
-            ("router", "capacity per expert (C)", str(router.capacity(group))),
+            (
+                "router",
+                "tokens per group (update)"
+                + (", prompts / completions" if len(groups) > 1 else ""),
+                " / ".join(str(g) for g in groups),
+            ),
+            (
+                "router",
+                "capacity per expert (C)",
+                " / ".join(str(router.capacity(g)) for g in groups),
+            ),
         ]
     rows += [
         ("algorithm", "algorithm", exp.algorithm),
@@ -94,7 +120,7 @@ def _shared_prompts(spec: RunSpec) -> str:
     return "off" if spec.config.train.share_prompts else "off (train.share_prompts=False)"
 
 
-def print_checklist(spec: RunSpec, mesh: Any = None, console: Any = None) -> None:
+def print_checklist(spec: RunSpec, mesh: Any = None, console: Any = None, run: Any = None) -> None:
     """Prints the checklist as a table (plain text when stdout is not a terminal)."""
     from rich.console import Console
     from rich.table import Table
@@ -104,7 +130,7 @@ def print_checklist(spec: RunSpec, mesh: Any = None, console: Any = None) -> Non
     for column in ("section", "item", "value"):
         table.add_column(column)
     previous = None
-    for section, item, value in checklist_rows(spec, mesh):
+    for section, item, value in checklist_rows(spec, mesh, run):
         table.add_row(section if section != previous else "", item, value)
         previous = section
     console.print(table)

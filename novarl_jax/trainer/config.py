@@ -48,7 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
     exp.rollout_workers = 1  # rollout worker threads (async runs)
     exp.rollout_queue_size = 0  # rollouts sampled ahead of the trainer; 0 = one per worker
     exp.steps = 20  # training iterations (one rollout batch + its updates each)
-    exp.seed = 0  # the only source of randomness: split into model, rollout and data keys
+    # Split into the model's, the rollouts' and the synthetic tasks' keys (a jsonl task
+    # shuffles its file with task.options.seed instead, default 0).
+    exp.seed = 0
 
     # --- Policy model (Hugging Face MixtralConfig names) ---------------------------------
     config.model = ml_collections.ConfigDict()
@@ -71,8 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
     # (zero-initialised when the checkpoint has none) come from this config. The reference
     # policy and a separate PPO critic start from the same weights.
     model.init_from = ""
-    # Tokenizer: '' = a character tokenizer over the task's alphabet; or a tokenizer.json,
-    # whose special tokens are named by the three strings below ('' = no BOS).
+    # Tokenizer: '' = a character tokenizer over a built-in task's alphabet (bytes for the
+    # jsonl task); or a tokenizer.json, whose special tokens are named by the three strings
+    # below ('' = no BOS).
     model.tokenizer = ""
     model.pad_token = "<pad>"
     model.eos_token = "</s>"
@@ -154,7 +157,8 @@ def default_config() -> ml_collections.ConfigDict:
     # grpo_group_size > 1 and pp = 1; the update's forward also needs minibatches = 1 and
     # micro-batches of whole groups.
     train.share_prompts = True
-    train.max_consecutive_skips = 3  # stop after this many non-finite updates in a row
+    # Stop after this many non-finite (skipped) updates in a row, counted across steps.
+    train.max_consecutive_skips = 3
 
     config.optim = ml_collections.ConfigDict()
     optim = config.optim
@@ -172,7 +176,7 @@ def default_config() -> ml_collections.ConfigDict:
     # --- DAPO options ---------------------------------------------------------------------
     config.dapo = ml_collections.ConfigDict()
     dapo = config.dapo
-    dapo.dynamic_sampling = False  # drop groups whose rewards all agree and sample more
+    dapo.dynamic_sampling = False  # GRPO: drop groups whose rewards all agree, sample more
     dapo.max_extra_batches = 2  # extra rollout batches per step for dynamic sampling
     dapo.overlong_buffer = 0  # tokens before max_new_tokens where a length penalty starts
     dapo.overlong_penalty = 1.0  # reward penalty at max_new_tokens (linear in the buffer)
@@ -323,6 +327,8 @@ _LAYOUT_ARGS = {
     "num_experts": "experiment.num_experts",
     "top_k": "experiment.top_k",
     "capacity_factor": "experiment.capacity_factor",
+    "aux_loss_coef": "model.router_aux_loss_coef",
+    "z_loss_coef": "model.router_z_loss_coef",
 }
 
 
@@ -421,6 +427,12 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
     _positive(flat, "experiment.weight_sync_timeout_s", "experiment.rollout_queue_size", minimum=0)
     _positive(flat, "experiment.rollout_workers")
     _positive(flat, "logging.samples", minimum=0)
+    if config.dapo.dynamic_sampling and exp.algorithm != "grpo":
+        raise ConfigError(
+            "dapo.dynamic_sampling",
+            f"filters GRPO groups of samples per prompt; experiment.algorithm is "
+            f"{exp.algorithm!r} (set experiment.algorithm=grpo or dapo.dynamic_sampling=False)",
+        )
     if exp.num_experts < 0:
         raise ConfigError(
             "experiment.num_experts", f"must be >= 0 (0 = dense), got {exp.num_experts}"
@@ -455,6 +467,8 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
                 num_experts=exp.num_experts,
                 top_k=exp.top_k,
                 capacity_factor=exp.capacity_factor,
+                aux_loss_coef=config.model.router_aux_loss_coef,
+                z_loss_coef=config.model.router_z_loss_coef,
             )
         except ValueError as e:
             raise _translate(e, _LAYOUT_ARGS) from None

@@ -49,6 +49,10 @@ def _with(**overrides):
          "rollout.prompts_per_step", "do not split over dp"),
         (dict(rollout__max_new_tokens=500), "rollout.max_new_tokens", "max_position_embeddings"),
         (dict(experiment__seed=None), "experiment.seed", "must not be None"),
+        (dict(experiment__algorithm="ppo", dapo__dynamic_sampling=True),
+         "dapo.dynamic_sampling", "filters GRPO groups"),
+        (dict(model__router_z_loss_coef=-1.0), "model.router_z_loss_coef", ">= 0"),
+        (dict(logging__samples=-2), "logging.samples", ">= 0"),
     ],
 )  # fmt: skip
 def test_validation_names_the_key(overrides, key, match):
