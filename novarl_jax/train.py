@@ -1,8 +1,10 @@
 """Command line: ``python -m novarl_jax.train --config=configs/moe.py [overrides]``.
 
 Overrides come as ``--config.experiment.algorithm=ppo`` or in the NovaRL quickstart's
-Hydra style, ``experiment.algorithm=ppo``. The whole config is validated before JAX starts;
-a bad key or value exits with status 2 and one line naming the key. On a CPU-only machine,
+Hydra style, ``experiment.algorithm=ppo``. The whole config is validated before anything
+compiles (keys, types and layout before JAX starts, then what the run's objects check: task,
+tokenizer, checkpoint, batch splits); a bad key or value exits with status 2 and one line
+naming the key. On a CPU-only machine,
 when ``experiment.world_size`` exceeds the visible devices, fake XLA CPU devices are created
 so the layout runs on a laptop.
 """
@@ -45,6 +47,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, N).")
 _CPU_COLLECTIVES = flags.DEFINE_string(
     "cpu_collectives", None, "Collectives for multi-process CPU runs, e.g. 'gloo'."
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Start jax.distributed with the settings JAX reads from the cluster (a Cloud TPU VM "
+    "slice, a SLURM job): coordinator, process count and index. The launch/ scripts pass it.",
 )
 
 # `experiment.world_size=8` (Hydra style) -> `--config.experiment.world_size=8`.
@@ -169,6 +177,8 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         _fail(str(e))
     processes = _NUM_PROCESSES.value or 1
+    if _DISTRIBUTED.value and _NUM_PROCESSES.value is None:
+        processes = 1  # unknown until JAX reads the cluster; the mesh checks the devices
     if spec.layout.world_size % processes:
         _fail(
             f"experiment.world_size: {spec.layout.world_size} devices do not split over "
@@ -181,15 +191,27 @@ def main(argv: list[str]) -> None:
         from novarl_jax.core.distributed import reuse_host_memory
 
         reuse_host_memory()
-    if processes > 1 or _COORDINATOR.value:
+    if processes > 1 or _COORDINATOR.value or _DISTRIBUTED.value:
         from novarl_jax.core.distributed import initialize_multihost
 
-        initialize_multihost(
-            _COORDINATOR.value,
-            _NUM_PROCESSES.value,
-            _PROCESS_ID.value,
-            cpu_collectives=_CPU_COLLECTIVES.value,
-        )
+        try:
+            initialize_multihost(
+                _COORDINATOR.value,
+                _NUM_PROCESSES.value,
+                _PROCESS_ID.value,
+                cpu_collectives=_CPU_COLLECTIVES.value,
+            )
+        except (ValueError, RuntimeError) as e:
+            first = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
+            where = (
+                "--distributed: JAX found no cluster to read (a Cloud TPU VM slice or a SLURM job)"
+                if _DISTRIBUTED.value and not _COORDINATOR.value
+                else "jax.distributed.initialize"
+            )
+            _fail(
+                f"{where}: {first}; elsewhere pass --coordinator_address, --num_processes and "
+                "--process_id"
+            )
 
     from novarl_jax.trainer.checklist import print_checklist
     from novarl_jax.trainer.checkpoint import CheckpointMismatchError
@@ -205,15 +227,19 @@ def main(argv: list[str]) -> None:
     if _EXPORT.value:
         _export(spec, workdir, mesh)
         return
-    if jax.process_index() == 0:
-        print_checklist(spec, mesh)
-    try:
-        if _DRY_RUN.value:
-            from novarl_jax.trainer.build import build_run
+    from novarl_jax.trainer.build import build_run
 
-            build_run(spec)
-            print("dry run: the config is valid; nothing was trained")
-            return
+    try:
+        # The run's own checks (task, tokenizer, checkpoint, batch splits) before the table.
+        run = build_run(spec)
+    except ConfigError as e:
+        _fail(str(e))
+    if jax.process_index() == 0:
+        print_checklist(spec, mesh, run=run)
+    if _DRY_RUN.value:
+        print("dry run: the config is valid; nothing was trained")
+        return
+    try:
         exp = spec.config.experiment
         if exp.async_rollouts:
             from novarl_jax.trainer.async_loop import train_async
@@ -223,13 +249,14 @@ def main(argv: list[str]) -> None:
                 workdir,
                 spec=spec,
                 mesh=mesh,
+                run=run,
                 num_workers=exp.rollout_workers,
                 queue_size=exp.rollout_queue_size or None,
                 # Several processes must issue the same programs in the same order: no threads.
-                synchronous=(_NUM_PROCESSES.value or 1) > 1,
+                synchronous=jax.process_count() > 1,
             )
         else:
-            train(_CONFIG.value, workdir, spec=spec, mesh=mesh)
+            train(_CONFIG.value, workdir, spec=spec, mesh=mesh, run=run)
     except (ConfigError, TrainingError) as e:
         _fail(str(e))
     except CheckpointMismatchError as e:

@@ -19,8 +19,8 @@ QUICKSTART = [
 ]
 
 
-def _run(*args, cwd=ROOT):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+def _run(*args, cwd=ROOT, env=None):
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in ("XLA_FLAGS",)}
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run(
         [sys.executable, "-m", "novarl_jax.train", *args],
@@ -46,9 +46,11 @@ def test_checklist_on_fake_devices(overrides, tmp_path):
     assert (rows["PP (pipeline parallel)"], rows["EP (expert parallel)"]) == ("2", "2")
     assert rows["mesh"] == "(dp=1, pp=2, ep=2, tp=2) on 8 cpu devices"
     assert rows["experts (E)"] == "4" and rows["top-k (K)"] == "2"
-    # 8 prompts x 4 samples x 24 tokens over dp*ep = 2 shards = 384 tokens per group;
-    # capacity = ceil(384 * 2 * 1.25 / 4) = 240.
-    assert rows["tokens per group"] == "384" and rows["capacity per expert (C)"] == "240"
+    # The update routes one pipeline microbatch at a time: 8 prompts x 4 samples / 2
+    # minibatches / 4 microbatches = 4 rows x 24 tokens over dp*ep = 2 shards = 48 tokens
+    # per group; capacity = ceil(48 * 2 * 1.25 / 4) = 30.
+    assert rows["tokens per group (update)"] == "48" and rows["capacity per expert (C)"] == "30"
+    assert rows["aux / z loss coef"] == "0.01 / 0.001"
     assert rows["algorithm"] == "grpo"
 
 
@@ -57,11 +59,13 @@ def test_overrides_change_the_plan():
         "--config=configs/moe.py", "--dry_run", "experiment.world_size=16",
         "experiment.algorithm=ppo",
         "experiment.capacity_factor=None", "ppo.critic=separate",
+        "model.router_aux_loss_coef=0.5", "model.router_z_loss_coef=0",
     )  # fmt: skip
     rows = _rows(result.stdout)
     assert rows["DP (data parallel)"] == "2", result.stderr
     assert rows["mesh"] == "(dp=2, pp=2, ep=2, tp=2) on 16 cpu devices"
     assert rows["capacity factor"] == "dropless"
+    assert rows["aux / z loss coef"] == "0.5 / 0"
     assert rows["algorithm"] == "ppo"
     assert rows["critic"] == "separate model (the policy's + value head)"
 
@@ -91,6 +95,9 @@ def test_config_file_runs_from_another_directory(tmp_path):
         (["experiment.seed=None"], "experiment.seed: must not be None"),
         (["experiment.num_experts=5"], "experiment.num_experts: 5 experts do not split"),
         (["stray"], "unexpected arguments ['stray']"),
+        # Checked when the run's objects are built: still before the checklist.
+        (["experiment.algorithm=ppo", "ppo.critic=bogus"], "ppo.critic: 'bogus' is not one of"),
+        (["train.micro_batches=3"], "train.micro_batches"),
     ],
 )
 def test_errors_are_one_line_naming_the_key(args, message):
@@ -99,6 +106,24 @@ def test_errors_are_one_line_naming_the_key(args, message):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert message in lines[0]
+    assert not result.stdout.strip()  # no checklist for a config that cannot run
+
+
+def test_distributed_reads_the_cluster():
+    # Outside a cluster: one line, naming what to pass instead.
+    result = _run("--config=configs/copy.py", "--dry_run", "--distributed")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--distributed: JAX found no cluster" in lines[0], result.stderr
+    assert "--coordinator_address" in lines[0]
+    # A one-task SLURM job: JAX reads the coordinator and the process index from it.
+    slurm = dict(
+        SLURM_JOB_ID="7", SLURM_NTASKS="1", SLURM_STEP_NUM_TASKS="1", SLURM_PROCID="0",
+        SLURM_LOCALID="0", SLURM_NODELIST="localhost", SLURM_STEP_NODELIST="localhost",
+    )  # fmt: skip
+    result = _run("--config=configs/copy.py", "--dry_run", "--distributed", env=slurm)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dry run: the config is valid" in result.stdout
 
 
 def test_missing_config_flag():

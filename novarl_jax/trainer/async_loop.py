@@ -360,6 +360,7 @@ def train_async(
     spec: RunSpec | None = None,
     mesh: Any = None,
     log: Callable[[str], Any] | None = None,
+    run: Any = None,
     num_workers: int = 1,
     queue_size: int | None = None,
     synchronous: bool = False,
@@ -381,6 +382,7 @@ def train_async(
         spec: an already validated spec (validated here otherwise).
         mesh: the device mesh; default: the layout's mesh over the first world_size devices.
         log: a callable taking one line of text (default: print on process 0).
+        run: the run's objects already built from ``spec`` (built here otherwise).
         num_workers: rollout workers (threads, or turns in the synchronous schedule).
         queue_size: rollouts sampled ahead of the trainer at most (queued or in progress);
             None = ``num_workers``.
@@ -410,7 +412,7 @@ def train_async(
             "synchronous must be True in a multi-process run: every process must issue the "
             "same rollout programs in the same order"
         )
-    run = build_run(spec)
+    run = run or build_run(spec)
     if num_workers > 1 and not synchronous:
         run = dataclasses.replace(run, task=_SerializedTask(run.task))
     metrics: dict = {}

@@ -2,8 +2,9 @@
 
 A checkpoint step directory holds two items: ``state`` (the :class:`TrainState` pytree, saved
 with ``StandardSave``; restored onto the *current* mesh's shardings, so a checkpoint written
-under one layout restores under another) and ``host`` (JSON: the task's dataset position and
-the finished iteration). Before restoring, the stored arrays' names and shapes are compared
+under one layout restores under another) and ``host`` (JSON: the task's dataset position, the
+finished iteration, the count of non-finite updates in a row and, in asynchronous runs, the
+next rollout's index). Before restoring, the stored arrays' names and shapes are compared
 with the run's state, and a checkpoint of another model or setup is refused with the first
 arrays that differ (:class:`CheckpointMismatchError`). orbax writes each step into a temporary
 directory and renames it when complete, so a process killed mid-save leaves the previous

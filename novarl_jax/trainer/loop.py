@@ -1,8 +1,9 @@
 """The synchronous training loop: rollout -> score -> advantages -> updates -> log/save.
 
-All randomness of iteration ``i`` comes from ``fold_in(key(seed), i)``, the task's position
-is checkpointed, and every step is a deterministic jitted program, so a run of 2N steps and a
-run of N steps + restart + N steps give the same parameters and metrics.
+All randomness of iteration ``i`` comes from ``fold_in(state.key, i)`` (the state's key is
+split from ``key(experiment.seed)`` at the start), the task's position is checkpointed, and
+every step is a deterministic jitted program, so a run of 2N steps and a run of N steps +
+restart + N steps give the same parameters and metrics.
 """
 
 from __future__ import annotations
@@ -335,7 +336,9 @@ class Trainer:
         metrics = {
             name: float(np.mean([m[name] for m in update_metrics])) for name in update_metrics[0]
         }
-        metrics["train/skipped"] = float(sum(m["train/skipped"] for m in update_metrics))
+        skipped = [bool(m["train/skipped"]) for m in update_metrics]
+        metrics["train/skipped"] = float(sum(skipped))
+        metrics["train/skipped_trailing"] = float(trailing_skips(skipped))
         tokens = int(np.asarray(batch["attention_mask"]).sum())
         if self.on_policy and "actor/entropy" in metrics:
             # The update's forward ran on the same parameters as scoring would have.
@@ -352,6 +355,20 @@ class Trainer:
             }
         )
         return state, metrics, (traj, info)
+
+
+def trailing_skips(skipped: list[bool]) -> int:
+    """How many of a step's updates, in order, were skipped in a row at its end."""
+    run = 0
+    for flag in skipped:
+        run = run + 1 if flag else 0
+    return run
+
+
+def skip_streak(previous: int, trailing: int, updates: int) -> int:
+    """Non-finite updates in a row after a step of ``updates`` updates whose last
+    ``trailing`` were skipped, when ``previous`` were skipped in a row before it."""
+    return previous + trailing if trailing == updates else trailing
 
 
 def _take_info(parts: list[tuple[RolloutInfo, np.ndarray]], task_state: dict) -> RolloutInfo:
@@ -447,7 +464,7 @@ class Session:
                     lines.truncate_after(self.start)
             log(f"resumed from {self.checkpointer.directory} at step {self.start}")
         self.total = config.experiment.steps
-        self._skips = 0
+        self._skips = int(self.host.get("skip_streak", 0))  # a streak goes on across a resume
         interactive = config.logging.progress and sys.stdout.isatty() and self.main_process
         self._progress = _Progress(self.total, self.start) if interactive else None
 
@@ -479,7 +496,8 @@ class Session:
         """
         config, step = self.config, i + 1
         skipped = int(metrics["train/skipped"])
-        self._skips = self._skips + skipped if skipped else 0
+        updates = config.train.epochs * config.train.minibatches
+        self._skips = skip_streak(self._skips, int(metrics["train/skipped_trailing"]), updates)
         samples = []
         if rollout is not None:
             samples += self._sample_rows(rollout, step, "train")
@@ -500,7 +518,7 @@ class Session:
                 f"(train.max_consecutive_skips={config.train.max_consecutive_skips}); the "
                 f"last checkpoint in {self.checkpointer.directory} is intact"
             )
-        host = {**host, "iteration": step}
+        host = {**host, "iteration": step, "skip_streak": self._skips}
         self.checkpointer.save(step, state, host, force=(step == self.total))
         if self._progress is not None:
             self._progress.update(step, metrics)
@@ -544,7 +562,15 @@ class Session:
         return {**metrics, "resumed_from": self.resumed_from, "state": state}
 
 
-def train(config, workdir: str, *, spec: RunSpec | None = None, mesh: Any = None, log=None) -> dict:
+def train(
+    config,
+    workdir: str,
+    *,
+    spec: RunSpec | None = None,
+    mesh: Any = None,
+    log=None,
+    run: Run | None = None,
+) -> dict:
     """Trains to ``experiment.steps`` iterations, resuming from ``workdir`` if it has a
     checkpoint. Writes ``metrics.jsonl``, checkpoints and ``plots/training.png`` there.
 
@@ -554,6 +580,7 @@ def train(config, workdir: str, *, spec: RunSpec | None = None, mesh: Any = None
         spec: an already validated spec (validated here otherwise).
         mesh: the device mesh; default: the layout's mesh over the first world_size devices.
         log: a callable taking one line of text (default: print on process 0).
+        run: the run's objects already built from ``spec`` (built here otherwise).
 
     Returns:
         The last step's metrics, plus ``'resumed_from'`` (a step or None) and ``'state'``.
@@ -563,7 +590,7 @@ def train(config, workdir: str, *, spec: RunSpec | None = None, mesh: Any = None
         TrainingError: too many consecutive non-finite updates.
     """
     metrics: dict = {}
-    with Session(config, workdir, spec=spec, mesh=mesh, log=log) as session:
+    with Session(config, workdir, spec=spec, mesh=mesh, log=log, run=run) as session:
         state = session.state
         for i in range(session.start, session.total):
             state, metrics, rollout = session.trainer.iteration(state, session.reference, i)

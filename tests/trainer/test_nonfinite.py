@@ -109,6 +109,20 @@ def test_run_stops_after_consecutive_skips(tmp_path, monkeypatch):
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
     )
     assert host["iteration"] == 1
+    assert host["skip_streak"] == 1  # a resumed run goes on counting from here
     for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(restored.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(restored.policy_version) == 0
+
+
+def test_skip_streak_counts_updates_in_a_row_across_steps():
+    assert loop.trailing_skips([]) == 0
+    assert loop.trailing_skips([True, False]) == 0
+    assert loop.trailing_skips([False, True, True]) == 2
+    assert loop.trailing_skips([True, True]) == 2
+    # A finite update inside a step ends the streak: skip, ok, skip is one in a row.
+    assert loop.skip_streak(1, loop.trailing_skips([False, True]), updates=2) == 1
+    assert loop.skip_streak(2, loop.trailing_skips([True, False]), updates=2) == 0
+    # A step whose every update was skipped carries the streak on.
+    assert loop.skip_streak(1, loop.trailing_skips([True, True]), updates=2) == 3
+    assert loop.skip_streak(0, 0, updates=1) == 0
