@@ -17,7 +17,8 @@ class TrainState:
     """Everything that changes during training, as one pytree (what checkpoints hold).
 
     Attributes:
-        params: policy parameters (with the value head when the critic shares the trunk).
+        params: ``{'policy': ...}`` (with the value head when the critic shares the trunk),
+            plus ``'critic'`` for a separate PPO critic.
         opt_state: optax state of ``params``.
         step: optimizer updates applied so far (skipped non-finite updates not counted).
         policy_version: version of ``params`` that rollouts record; bumped by every update.
