@@ -98,6 +98,12 @@ def test_config_file_runs_from_another_directory(tmp_path):
         # Checked when the run's objects are built: still before the checklist.
         (["experiment.algorithm=ppo", "ppo.critic=bogus"], "ppo.critic: 'bogus' is not one of"),
         (["train.micro_batches=3"], "train.micro_batches"),
+        # Misspellings that ml_collections answers with a "Did you mean" hint.
+        (["experiment.stepz=3"], "experiment.stepz: unknown key; valid keys under 'experiment'"),
+        (["experimnt.steps=3"], "experimnt: unknown key; valid sections: checkpoint, dapo"),
+        (["experiment.steps.foo=3"], "experiment.steps: is a value, not a section"),
+        # task.options are the task constructor's keywords: it rejects one it does not take.
+        (["task.options.bogus=1"], "task.options: task 'reverse'"),
     ],
 )
 def test_errors_are_one_line_naming_the_key(args, message):
@@ -107,6 +113,43 @@ def test_errors_are_one_line_naming_the_key(args, message):
     assert len(lines) == 1, result.stderr
     assert message in lines[0]
     assert not result.stdout.strip()  # no checklist for a config that cannot run
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--config", "--config: configs/nonexist.py: no such file"),
+        ("--workdir", "--workdir: {file} is a file, not a directory"),
+        ("--export", "--export: {file} is a file, not a directory"),
+    ],
+)
+def test_bad_paths_are_one_line(flag, message, tmp_path):
+    file = tmp_path / "a_file"
+    file.write_text("")
+    args = ["--config=configs/copy.py", f"--workdir={tmp_path}", "--dry_run"]
+    if flag == "--config":
+        args[0] = "--config=configs/nonexist.py"
+    else:
+        args.append(f"{flag}={file}")
+    result = _run(*args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"novarl_jax.train: error: {message.format(file=file)}"], result.stderr
+    assert not result.stdout.strip()
+
+
+def test_task_options_take_names_the_config_file_does_not_set():
+    # configs/base.py sets no task.options: both override forms add the constructor's keywords.
+    result = _run(
+        "--config=configs/base.py", "--dry_run", "task.name=copy", "task.options.max_length=3",
+        "--config.task.options.symbols=ab",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dry run: the config is valid" in result.stdout
+    # The values reach the task: a bad one is the task's error, naming task.options.
+    result = _run("--config=configs/base.py", "--dry_run", "task.options.max_length=abc")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("novarl_jax.train: error: task.options: max_length")
 
 
 def test_distributed_reads_the_cluster():

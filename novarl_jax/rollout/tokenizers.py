@@ -27,6 +27,21 @@ PADDING_SIDES = ("left", "right")
 TRUNCATION_MODES = ("error", "left", "right")
 
 
+class TextTooLongError(ValueError):
+    """A text has more tokens than ``max_length`` and the tokenizer does not truncate.
+
+    Attributes: ``index`` (of the text in the batch), ``text``, ``length`` (tokens, BOS
+    included) and ``max_length``.
+    """
+
+    def __init__(self, index: int, text: str, length: int, max_length: int):
+        super().__init__(
+            f"text {index} has {length} tokens, more than max_length={max_length}; shorten "
+            f"it, raise max_length, or build the tokenizer with truncation='left' or 'right'"
+        )
+        self.index, self.text, self.length, self.max_length = index, text, length, max_length
+
+
 @runtime_checkable
 class Tokenizer(Protocol):
     """What the rollout engine needs from a tokenizer."""
@@ -137,11 +152,7 @@ class _BaseTokenizer:
             ids = ([self.bos_id] if use_bos else []) + self.encode(text)
             if max_length is not None and len(ids) > max_length:
                 if self.truncation == "error":
-                    raise ValueError(
-                        f"text {index} has {len(ids)} tokens, more than max_length="
-                        f"{max_length}; shorten it, raise max_length, or build the "
-                        f"tokenizer with truncation='left' or 'right'"
-                    )
+                    raise TextTooLongError(index, text, len(ids), max_length)
                 if self.truncation == "left":
                     # Keep the BOS token (when used) and the last tokens of the text.
                     head = ids[:1] if use_bos else []

@@ -365,6 +365,7 @@ def train_async(
     queue_size: int | None = None,
     synchronous: bool = False,
     clock: Callable[[], float] = time.monotonic,
+    allow_config_change: bool = False,
 ) -> dict:
     """Trains to ``experiment.steps`` steps with asynchronous rollouts, resuming from
     ``workdir`` if it has a checkpoint. Writes what :func:`~novarl_jax.trainer.loop.train`
@@ -388,6 +389,7 @@ def train_async(
             None = ``num_workers``.
         synchronous: run the deterministic schedule, without threads.
         clock: seconds, for ``weight_sync_timeout_s``.
+        allow_config_change: as :func:`~novarl_jax.trainer.loop.train`.
 
     Returns:
         The last step's metrics, plus ``'resumed_from'`` (a step or None) and ``'state'``.
@@ -418,7 +420,14 @@ def train_async(
     metrics: dict = {}
     dropped_total = 0
     with Session(
-        config, workdir, spec=spec, mesh=mesh, log=log, run=run, trainer_cls=AsyncTrainer
+        config,
+        workdir,
+        spec=spec,
+        mesh=mesh,
+        log=log,
+        run=run,
+        trainer_cls=AsyncTrainer,
+        allow_config_change=allow_config_change,
     ) as session:
         trainer, state = session.trainer, session.state
         # Synchronous-loop checkpoints have no rollout index: rollout j trains step j there.

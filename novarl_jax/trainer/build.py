@@ -8,6 +8,7 @@ name, which maps to the key).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -94,24 +95,47 @@ def _task(config, *, validation: bool = False) -> Any:
                 raise ConfigError("eval.path", f"cannot read the evaluation prompts: {e}") from None
         if not t.path:
             raise ConfigError("task.path", "the 'jsonl' task needs the path of a JSONL file")
-        return built("task.options", make_task, "jsonl", path=t.path, **options)
-    if t.path:
+        options["path"] = t.path
+    elif t.path:
         raise ConfigError("task.path", f"only the 'jsonl' task reads a file; task {t.name!r}")
     try:
         return make_task(t.name, **options)
     except TypeError as e:
         raise ConfigError("task.options", f"task {t.name!r}: {e}") from None
-    except ValueError as e:
-        key = "task.name" if str(e).startswith("unknown task") else "task.options"
-        raise ConfigError(key, str(e)) from None
+    except (ValueError, OSError) as e:
+        raise ConfigError(_task_error_key(str(e), t), str(e)) from None
+
+
+def _task_error_key(message: str, t: Any) -> str:
+    """The config key a task constructor's error is about."""
+    if message.startswith("unknown task"):
+        return "task.name"
+    if message.startswith("reward function") and t.reward_fn:
+        return "task.reward_fn"
+    if t.path and (t.path in message or message.startswith("JSONL")):
+        return "task.path"
+    return "task.options"
+
+
+def tokenizer_path(config) -> str:
+    """The tokenizer.json a run uses: ``model.tokenizer``, else the one beside the
+    ``model.init_from`` checkpoint when it has one, else '' (a built-in tokenizer)."""
+    m = config.model
+    if m.tokenizer:
+        return m.tokenizer
+    beside = os.path.join(m.init_from, "tokenizer.json") if m.init_from else ""
+    return beside if beside and os.path.isfile(beside) else ""
 
 
 def _tokenizer(config, task) -> Any:
     m = config.model
-    if m.tokenizer:
+    path = tokenizer_path(config)
+    if path:
+        key = "model.tokenizer" if m.tokenizer else "model.init_from"
         try:
             return HFTokenizer.from_file(
-                m.tokenizer,
+                path,
+                truncation=config.rollout.prompt_truncation,
                 pad_token=m.pad_token,
                 eos_token=m.eos_token,
                 bos_token=m.bos_token or None,
@@ -123,13 +147,16 @@ def _tokenizer(config, task) -> Any:
                     for k in ("pad_token", "eos_token", "bos_token")
                     if str(e).startswith(k)
                 ),
-                "model.tokenizer",
+                key,
             )
             raise ConfigError(key, str(e)) from None
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own types
-            raise ConfigError("model.tokenizer", f"cannot load {m.tokenizer!r}: {e}") from None
+            raise ConfigError(key, f"cannot load {path!r}: {e}") from None
     alphabet = getattr(task, "alphabet", None)
-    return CharTokenizer(alphabet) if alphabet else ByteTokenizer()
+    truncation = config.rollout.prompt_truncation
+    if alphabet:
+        return CharTokenizer(alphabet, truncation=truncation)
+    return ByteTokenizer(truncation=truncation)
 
 
 def _model_config(config, tokenizer, *, value_head: bool) -> ModelConfig:
@@ -143,6 +170,7 @@ def _model_config(config, tokenizer, *, value_head: bool) -> ModelConfig:
         num_hidden_layers=m.num_hidden_layers,
         num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_key_value_heads,
+        head_dim=m.head_dim,
         num_local_experts=exp.num_experts,
         num_experts_per_tok=exp.top_k,
         rope_theta=m.rope_theta,
@@ -256,6 +284,10 @@ def _loss(config, algorithm: str, policy: ModelConfig):
     return loss_config, make_loss_fn(algorithm, loss_config)
 
 
+def _rollouts(n: int) -> str:
+    return f"{n} rollout" if n == 1 else f"{n} rollouts"
+
+
 def build_run(spec: RunSpec) -> Run:
     """Builds every object of the run described by ``spec`` (no compilation).
 
@@ -321,21 +353,22 @@ def build_run(spec: RunSpec) -> Run:
     rows = ro.prompts_per_step * group
     if rows % train.minibatches:
         raise ConfigError(
-            "train.minibatches", f"{train.minibatches} does not divide the {rows} rollouts per step"
+            "train.minibatches",
+            f"{train.minibatches} does not divide the {_rollouts(rows)} per step",
         )
     if (rows // train.minibatches) % train.micro_batches:
         raise ConfigError(
             "train.micro_batches",
             f"{train.micro_batches} does not divide the minibatch of "
-            f"{rows // train.minibatches} rollouts",
+            f"{_rollouts(rows // train.minibatches)}",
         )
     micro_rows = micro_batch_rows(config)
     if spec.layout.pp > 1 and micro_rows % exp.num_microbatches:
         raise ConfigError(
             "experiment.num_microbatches",
-            f"{exp.num_microbatches} pipeline microbatches do not divide the {micro_rows} "
-            f"rollouts of each update's micro-batch (rollouts per step / train.minibatches / "
-            f"train.micro_batches)",
+            f"{exp.num_microbatches} pipeline microbatches do not divide the "
+            f"{_rollouts(micro_rows)} of each update's micro-batch (rollouts per step / "
+            f"train.minibatches / train.micro_batches)",
         )
     model = dataclasses.replace(model, prompt_group=shared_prompt_group(config, spec.layout.pp))
     sampling = built(
@@ -350,6 +383,13 @@ def build_run(spec: RunSpec) -> Run:
         return_routing=model.router_replay,
         stop_token_ids=tuple(ro.stop_token_ids) or None,
     )
+    vocab = model.policy.vocab_size
+    for token in ro.stop_token_ids:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            raise ConfigError(
+                "rollout.stop_token_ids",
+                f"{token!r} is not a token id of the policy's vocabulary [0, {vocab})",
+            )
 
     eval_task = eval_sampling = None
     if config.eval.interval:

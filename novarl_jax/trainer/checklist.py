@@ -51,7 +51,10 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
     if mesh is not None:
         shape = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
         platform = mesh.devices.flat[0].platform
-        rows.append(("layout", "mesh", f"({shape}) on {mesh.devices.size} {platform} devices"))
+        devices = f"{mesh.devices.size} {platform} device" + ("s" if mesh.devices.size > 1 else "")
+        rows.append(("layout", "mesh", f"({shape}) on {devices}"))
+    if run is not None:
+        rows += _model_rows(spec, run)
     router = spec.router if run is None else run.model.policy.router
     if router is None:
         rows.append(("router", "experts", "dense MLP (no MoE)"))
@@ -67,7 +70,11 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
             ),
             ("router", "top-k (K)", str(router.top_k)),
             ("router", "capacity factor", cf),
-            ("router", "drop policy", router.drop_policy),
+            (
+                "router",
+                "drop policy",
+                router.drop_policy if router.capacity_factor is not None else "none (dropless)",
+            ),
             (
                 "router",
                 "aux / z loss coef",
@@ -109,6 +116,46 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
         ("algorithm", "seed", str(exp.seed)),
     ]
     return rows
+
+
+def _model_rows(spec: RunSpec, run: Any) -> list[tuple[str, str, str]]:
+    """What the policy is, where its weights come from, and how text becomes its ids."""
+    import jax
+    import numpy as np
+
+    from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer
+    from novarl_jax.trainer.build import tokenizer_path
+
+    policy, config = run.model.policy, spec.config
+    mlp = (
+        f"{policy.num_local_experts} experts, top-{policy.num_experts_per_tok}"
+        if policy.num_local_experts
+        else "dense MLP"
+    )
+    shapes = jax.eval_shape(run.init_params, jax.random.key(0))["policy"]
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    weights = config.model.init_from or f"random (experiment.seed={config.experiment.seed})"
+    tok = run.tokenizer
+    vocab = tok.vocab_size
+    if isinstance(tok, CharTokenizer):
+        words = f"characters of the task ({vocab} ids)"
+    elif isinstance(tok, ByteTokenizer):
+        words = f"bytes ({vocab} ids)"
+    else:
+        words = f"{tokenizer_path(config)} ({vocab} ids)"
+    if vocab < policy.vocab_size and not tokenizer_path(config):
+        words += f"; the policy's ids {vocab}-{policy.vocab_size - 1} decode to nothing"
+    return [
+        (
+            "model",
+            "architecture",
+            f"{policy.num_hidden_layers} layers, hidden {policy.hidden_size}, "
+            f"{policy.num_attention_heads} heads ({policy.num_key_value_heads} KV), {mlp}",
+        ),
+        ("model", "parameters (policy)", f"{count:,}"),
+        ("model", "initial weights", weights),
+        ("model", "tokenizer", words),
+    ]
 
 
 def _shared_prompts(spec: RunSpec) -> str:

@@ -40,6 +40,7 @@ class Checkpointer:
         self, directory: str, *, interval: int = 10, keep: int = 3, async_save: bool = True
     ):
         self.directory = os.path.abspath(directory)
+        self.interval = max(interval, 1)
         self._trash = os.path.join(self.directory, TRASH)
         self._empty_trash()
         options = ocp.CheckpointManagerOptions(
@@ -66,14 +67,17 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, host: dict, *, force: bool = False) -> bool:
-        """Saves (asynchronously when enabled); returns whether a save was started."""
+        """Saves when ``step % interval == 0`` or ``force`` (asynchronously when enabled);
+        returns whether a save was started."""
+        if step % self.interval and not force:
+            return False  # orbax would also save a first step off the interval
         self._empty_trash()
         return self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host)
             ),
-            force=force,
+            force=True,
         )
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:

@@ -12,6 +12,7 @@ This module does not import JAX: the command line validates a config before JAX 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any
 
 import ml_collections
@@ -60,6 +61,8 @@ def default_config() -> ml_collections.ConfigDict:
     model.num_hidden_layers = 2
     model.num_attention_heads = 4
     model.num_key_value_heads = 2
+    # Per-head width; None = hidden_size / num_attention_heads (Hugging Face's head_dim).
+    model.head_dim = config_dict.placeholder(int)
     model.rope_theta = 10000.0
     model.rms_norm_eps = 1e-5
     model.max_position_embeddings = 256
@@ -92,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
     rollout.top_p = 1.0  # 1.0 = off
     # Token ids that end a completion; () = the tokenizer's end-of-sequence token.
     rollout.stop_token_ids = ()
+    # A prompt with more tokens than max_prompt_length: 'error' stops the run naming it;
+    # 'left' keeps its last tokens (the question usually ends a prompt), 'right' its first.
+    rollout.prompt_truncation = "error"
 
     # --- Task: prompts and verifiable rewards ---------------------------------------------
     config.task = ml_collections.ConfigDict()
@@ -218,6 +224,7 @@ def default_config() -> ml_collections.ConfigDict:
 NULLABLE_KEYS = frozenset(
     {
         "experiment.capacity_factor",
+        "model.head_dim",
         "ppo.dual_clip_c",
         "ppo.value_clip_range",
         "ppo.tis_cap",
@@ -237,6 +244,18 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
         self.key = key
+
+
+def prompt_too_long(
+    error: Any, key: str = "rollout.max_prompt_length", what: str = "a prompt"
+) -> ConfigError:
+    """The ConfigError for a tokenizer's TextTooLongError about a prompt of the run."""
+    return ConfigError(
+        key,
+        f"{what} has {error.length} tokens (BOS included), more than "
+        f"rollout.max_prompt_length={error.max_length}: {error.text[:60]!r}; raise "
+        "rollout.max_prompt_length or set rollout.prompt_truncation='left' or 'right'",
+    )
 
 
 def _flatten(cfg, prefix: str = "") -> dict:
@@ -427,6 +446,12 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
     _positive(flat, "experiment.weight_sync_timeout_s", "experiment.rollout_queue_size", minimum=0)
     _positive(flat, "experiment.rollout_workers")
     _positive(flat, "logging.samples", minimum=0)
+    for key, module, extra in (("tensorboard", "tensorboardX", "tensorboard"), ("wandb",) * 3):
+        if config.logging[key] and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"logging.{key}",
+                f'needs the {extra} extra ({module} is not installed): pip install -e ".[{extra}]"',
+            )
     if config.dapo.dynamic_sampling and exp.algorithm != "grpo":
         raise ConfigError(
             "dapo.dynamic_sampling",
@@ -510,6 +535,11 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
     _positive(flat, "rollout.temperature", "rollout.top_k", minimum=0)
     if not 0 < ro.top_p <= 1:
         raise ConfigError("rollout.top_p", f"must be in (0, 1], got {ro.top_p}")
+    if ro.prompt_truncation not in ("error", "left", "right"):
+        raise ConfigError(
+            "rollout.prompt_truncation",
+            f"{ro.prompt_truncation!r} is not one of ['error', 'left', 'right']",
+        )
     # With model.init_from the checkpoint's own limit applies (checked when it is loaded).
     if not model.init_from and ro.max_prompt_length + ro.max_new_tokens > (
         model.max_position_embeddings

@@ -22,7 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from novarl_jax.trainer.config import ConfigError
+from novarl_jax.rollout.tokenizers import TextTooLongError
+from novarl_jax.trainer.config import ConfigError, prompt_too_long
 
 # Folded into the run's seed for the evaluation key ("eval" in ASCII).
 EVAL_KEY_TAG = 0x6576616C
@@ -57,10 +58,12 @@ class Evaluator:
                 "eval.prompts",
                 f"{self.prompts} prompts asked but {config.eval.path} has {len(self.engine.task)}",
             )
+        key = "eval.path" if jsonl else "rollout.max_prompt_length"
         try:
             self.engine.encode_prompts(self.key, self.prompts)
+        except TextTooLongError as e:
+            raise prompt_too_long(e, key, "an evaluation prompt") from None
         except ValueError as e:
-            key = "eval.path" if jsonl else "rollout.max_prompt_length"
             raise ConfigError(key, f"an evaluation prompt does not fit: {e}") from None
         finally:
             self.engine.task.set_state(self._start)

@@ -19,14 +19,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from novarl_jax.rollout.engine import RolloutInfo
+from novarl_jax.rollout.tokenizers import TextTooLongError
 from novarl_jax.trainer import steps
 from novarl_jax.trainer.build import Run, build_run
 from novarl_jax.trainer.checkpoint import Checkpointer, abstract_like
-from novarl_jax.trainer.config import RunSpec, updates_share_prompts, validate_config
+from novarl_jax.trainer.config import (
+    RunSpec,
+    prompt_too_long,
+    updates_share_prompts,
+    validate_config,
+)
 from novarl_jax.trainer.evaluate import Evaluator
 from novarl_jax.trainer.metrics import JsonLines, MetricsWriter
 from novarl_jax.trainer.samples import FILE_NAME as SAMPLES_FILE
 from novarl_jax.trainer.samples import sample_rows
+from novarl_jax.trainer.saved_config import check_resume_config, write_config
 from novarl_jax.trainer.state import TrainState, init_train_state
 
 
@@ -172,14 +179,34 @@ class Trainer:
 
     # -- one iteration ---------------------------------------------------------------------
 
+    def rollout_key(self, i: int) -> jax.Array:
+        """The key of iteration ``i``'s rollout (its prompts and samples)."""
+        loop_key = jax.random.split(jax.random.key(self.config.experiment.seed))[1]
+        return jax.random.split(jax.random.fold_in(loop_key, i))[0]
+
+    def check_prompts(self, i: int = 0) -> None:
+        """Fails now, naming the key, when iteration ``i``'s prompts do not fit
+        ``rollout.max_prompt_length`` (the task's position is left where it was)."""
+        task = self.engine.task
+        start = task.get_state()
+        try:
+            self.engine.encode_prompts(self.rollout_key(i), self.config.rollout.prompts_per_step)
+        except TextTooLongError as e:
+            raise prompt_too_long(e) from None
+        finally:
+            task.set_state(start)
+
     def _rollout(self, state: TrainState, key: jax.Array) -> tuple[Any, Any, dict]:
         cfg, exp = self.config, self.config.experiment
         version = int(state.policy_version)
         prompts = cfg.rollout.prompts_per_step
-        traj, info = self.engine.rollout(state.params["policy"], key, version, prompts)
-        stats = {"dapo/extra_batches": 0.0}
-        if cfg.dapo.dynamic_sampling and exp.algorithm == "grpo":
-            traj, info, stats = self._dynamic_sampling(state, key, traj, info, version)
+        try:
+            traj, info = self.engine.rollout(state.params["policy"], key, version, prompts)
+            stats = {"dapo/extra_batches": 0.0}
+            if cfg.dapo.dynamic_sampling and exp.algorithm == "grpo":
+                traj, info, stats = self._dynamic_sampling(state, key, traj, info, version)
+        except TextTooLongError as e:
+            raise prompt_too_long(e) from None
         return traj, info, stats
 
     def _dynamic_sampling(self, state, key, traj, info, version):
@@ -278,14 +305,20 @@ class Trainer:
         if returns is not None:
             batch["returns"] = returns
         mask = np.asarray(batch["response_mask"])
+        valid = np.asarray(traj.valid) > 0
+        # verl's critic/rewards: each sequence's summed token rewards (the shaped score plus
+        # the KL penalty when it is in the reward), against critic/score, the task's reward.
+        rewards = np.asarray(scores, np.float64)
+        if run.reward_kl[0] > 0:
+            rewards = rewards + np.asarray(est["token_rewards"], np.float64).sum(1)
+
+        def valid_mean(x, stat=np.mean):
+            return float(stat(np.asarray(x)[valid])) if valid.any() else float("nan")
+
         stats = {
-            "critic/score/mean": float(
-                np.mean(np.asarray(traj.rewards)[np.asarray(traj.valid) > 0])
-            )
-            if np.asarray(traj.valid).any()
-            else float("nan"),
-            "critic/score/std": float(np.std(np.asarray(traj.rewards))),
-            "critic/rewards/mean": float(np.mean(np.asarray(scores))),
+            "critic/score/mean": valid_mean(traj.rewards),
+            "critic/score/std": valid_mean(traj.rewards, np.std),
+            "critic/rewards/mean": valid_mean(rewards),
             "critic/advantages/mean": float(np.asarray(advantages)[mask > 0].mean())
             if mask.any()
             else 0.0,
@@ -384,13 +417,26 @@ def _take_info(parts: list[tuple[RolloutInfo, np.ndarray]], task_state: dict) ->
 
 
 def _progress_line(step: int, total: int, metrics: dict) -> str:
-    kl = metrics.get("actor/kl_loss", metrics.get("actor/reward_kl", float("nan")))
+    kl = metrics.get("actor/kl_loss", metrics.get("actor/reward_kl"))
     return (
-        f"step {step}/{total}  score {metrics['critic/score/mean']:.3f}  kl {kl:.4f}  "
-        f"entropy {metrics.get('actor/entropy', float('nan')):.3f}  "
+        f"step {step}/{total}  score {metrics['critic/score/mean']:.3f}  "
+        + (f"kl {kl:.4f}  " if kl is not None else "")
+        + f"entropy {metrics.get('actor/entropy', float('nan')):.3f}  "
         f"tok/s {metrics['perf/throughput']:.0f}"
         + (f"  val {metrics['val/score/mean']:.3f}" if "val/score/mean" in metrics else "")
     )
+
+
+def check_startup(run: Run, mesh: Any = None) -> None:
+    """The checks a run makes before its first step, without training: the first step's
+    prompts and the evaluation prompts fit ``rollout.max_prompt_length``.
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    Trainer(run, "", mesh=mesh).check_prompts(0)
+    if run.eval_task is not None:
+        Evaluator(run, mesh)
 
 
 def default_mesh(spec: RunSpec) -> Any:
@@ -421,6 +467,7 @@ class Session:
         log=None,
         run: Run | None = None,
         trainer_cls: type = Trainer,
+        allow_config_change: bool = False,
     ):
         self.config = config
         self.workdir = workdir
@@ -432,8 +479,6 @@ class Session:
             log = (lambda line: print(line, flush=True)) if self.main_process else (lambda _: None)
         self.log = log
         os.makedirs(workdir, exist_ok=True)
-        self.trainer = trainer_cls(self.run, workdir, mesh=mesh)
-        self.state, self.reference = self.trainer.initial_state()
         ckpt = config.checkpoint
         self.checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"),
@@ -441,6 +486,13 @@ class Session:
             keep=ckpt.keep,
             async_save=ckpt.async_save,
         )
+        self.resumed_from = self.checkpointer.latest_step()
+        if self.resumed_from is not None:
+            check_resume_config(workdir, config, allow_change=allow_config_change, log=log)
+        if self.main_process:
+            write_config(workdir, config)
+        self.trainer = trainer_cls(self.run, workdir, mesh=mesh)
+        self.state, self.reference = self.trainer.initial_state()
         self.evaluator = Evaluator(self.run, mesh) if self.run.eval_task is not None else None
         self.writer = self.samples = None
         if self.main_process and config.logging.samples > 0:
@@ -454,7 +506,6 @@ class Session:
                 run_config=config.to_dict(),
             )
         self.start, self.host = 0, {}
-        self.resumed_from = self.checkpointer.latest_step()
         if self.resumed_from is not None:
             self.state, self.host = self.checkpointer.restore(abstract_like(self.state))
             self.run.task.set_state(self.host["task_state"])
@@ -464,6 +515,13 @@ class Session:
                     lines.truncate_after(self.start)
             log(f"resumed from {self.checkpointer.directory} at step {self.start}")
         self.total = config.experiment.steps
+        if self.start < self.total:
+            self.trainer.check_prompts(self.start)
+        if self.start >= self.total:
+            log(
+                f"nothing to train: the checkpoint is at step {self.start} and "
+                f"experiment.steps={self.total}; raise experiment.steps to train on"
+            )
         self._skips = int(self.host.get("skip_streak", 0))  # a streak goes on across a resume
         interactive = config.logging.progress and sys.stdout.isatty() and self.main_process
         self._progress = _Progress(self.total, self.start) if interactive else None
@@ -513,10 +571,16 @@ class Session:
             bad = [k for k in ("train/loss", "actor/grad_norm") if not np.isfinite(metrics[k])]
             self.log(f"step {step}: skipped {skipped} update(s) with non-finite {', '.join(bad)}")
         if self._skips >= config.train.max_consecutive_skips:
+            self.checkpointer.wait()
+            last = self.checkpointer.latest_step()
+            kept = (
+                f"the last checkpoint (step {last}) in {self.checkpointer.directory} is intact"
+                if last is not None
+                else "no checkpoint was written before it"
+            )
             raise TrainingError(
                 f"stopped at step {step}: {self._skips} consecutive non-finite updates "
-                f"(train.max_consecutive_skips={config.train.max_consecutive_skips}); the "
-                f"last checkpoint in {self.checkpointer.directory} is intact"
+                f"(train.max_consecutive_skips={config.train.max_consecutive_skips}); {kept}"
             )
         host = {**host, "iteration": step, "skip_streak": self._skips}
         self.checkpointer.save(step, state, host, force=(step == self.total))
@@ -547,7 +611,8 @@ class Session:
         """Prints the one-line summary, draws the plot; returns the result of the run."""
         if metrics:
             self.log(
-                f"done: {self.total} steps, score {metrics['critic/score/mean']:.3f}, "
+                f"done: {self.total} step{'s' if self.total != 1 else ''}, "
+                f"score {metrics['critic/score/mean']:.3f}, "
                 f"policy version {int(state.policy_version)}, {summary}"
                 f"workdir {os.path.abspath(self.workdir)}"
             )
@@ -570,6 +635,7 @@ def train(
     mesh: Any = None,
     log=None,
     run: Run | None = None,
+    allow_config_change: bool = False,
 ) -> dict:
     """Trains to ``experiment.steps`` iterations, resuming from ``workdir`` if it has a
     checkpoint. Writes ``metrics.jsonl``, checkpoints and ``plots/training.png`` there.
@@ -581,16 +647,28 @@ def train(
         mesh: the device mesh; default: the layout's mesh over the first world_size devices.
         log: a callable taking one line of text (default: print on process 0).
         run: the run's objects already built from ``spec`` (built here otherwise).
+        allow_config_change: resume even when ``config`` differs from the workdir's
+            ``config.json`` in keys that change the run (see
+            :mod:`~novarl_jax.trainer.saved_config`).
 
     Returns:
         The last step's metrics, plus ``'resumed_from'`` (a step or None) and ``'state'``.
 
     Raises:
-        ConfigError: a bad config value (before anything compiles).
+        ConfigError: a bad config value (before anything compiles), or a resume whose
+            config changes the run (``ConfigChangedError``).
         TrainingError: too many consecutive non-finite updates.
     """
     metrics: dict = {}
-    with Session(config, workdir, spec=spec, mesh=mesh, log=log, run=run) as session:
+    with Session(
+        config,
+        workdir,
+        spec=spec,
+        mesh=mesh,
+        log=log,
+        run=run,
+        allow_config_change=allow_config_change,
+    ) as session:
         state = session.state
         for i in range(session.start, session.total):
             state, metrics, rollout = session.trainer.iteration(state, session.reference, i)

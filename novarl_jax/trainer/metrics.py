@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 from typing import Any
 
 
@@ -101,7 +103,7 @@ class MetricsWriter:
                 dir=workdir,
                 config=run_config,
                 resume="allow",
-                id=os.path.basename(os.path.abspath(workdir)),
+                id=wandb_run_id(workdir),
             )
 
     def truncate_after(self, step: int) -> None:
@@ -125,6 +127,16 @@ class MetricsWriter:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def wandb_run_id(workdir: str) -> str:
+    """The W&B run of ``workdir``: its name plus a hash of its absolute path, so a resumed
+    run logs to the same W&B run and two workdirs of one name (``a/copy``, ``b/copy``) do
+    not."""
+    path = os.path.abspath(workdir)
+    digest = hashlib.sha1(path.encode()).hexdigest()[:8]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(path))[:48]
+    return f"{name}-{digest}"
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

@@ -61,6 +61,8 @@ def test_tokenizer_errors_name_the_key(tmp_path, key, value, match):
         ("grpo", "advantage_estimator", "gae", "grpo.advantage_estimator: 'gae' is not one of"),
         ("grpo", "clip_ratio_low", 1.5, "grpo.clip_ratio_low"),
         ("train", "minibatches", 3, "train.minibatches: 3 does not divide the 32 rollouts"),
+        ("rollout", "stop_token_ids", (2, 200), r"rollout.stop_token_ids: 200 is not a token id"),
+        ("model", "head_dim", 3, "model.head_dim: head_dim=3 must be an even integer"),
     ],
 )
 def test_build_errors_name_the_key(section, key, value, match):
@@ -68,3 +70,44 @@ def test_build_errors_name_the_key(section, key, value, match):
     config[section][key] = value
     with pytest.raises(ConfigError, match=match):
         build_run(validate_config(config))
+
+
+def test_jsonl_task_errors_name_the_key(tmp_path):
+    from configs import jsonl
+
+    def error(**task):
+        config = jsonl.get_config()
+        config.task.update(task)
+        with pytest.raises(ConfigError) as info:
+            build_run(validate_config(config))
+        return str(info.value)
+
+    assert error(path=str(tmp_path)).startswith("task.path: JSONL file")  # a directory
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "p"}\n')
+    assert error(path=str(tmp_path / "bad.jsonl")).startswith("task.path: ")
+    assert "missing field 'answer'" in error(path=str(tmp_path / "bad.jsonl"))
+    assert error(reward_fn="nomodule:fn").startswith("task.reward_fn: reward function")
+
+
+def test_head_dim_sets_the_heads_width():
+    config = base.get_config()
+    config.model.num_attention_heads, config.model.num_key_value_heads = 3, 1
+    with pytest.raises(ConfigError, match=r"^model.head_dim: head_dim=None needs hidden_size"):
+        build_run(validate_config(config))
+    config.model.head_dim = 8
+    assert build_run(validate_config(config)).model.policy.head_dim == 8
+
+
+def test_prompts_that_do_not_fit_are_refused_before_training_unless_truncated():
+    from novarl_jax.trainer.loop import check_startup
+
+    config = base.get_config()
+    config.rollout.max_prompt_length = 4
+    run = build_run(validate_config(config))
+    with pytest.raises(ConfigError, match=r"^rollout.max_prompt_length: a prompt has \d+ tokens"):
+        check_startup(run)
+    config.rollout.prompt_truncation = "left"
+    run = build_run(validate_config(config))
+    check_startup(run)
+    tokens, mask = run.tokenizer.encode_batch(["reverse abc:"], max_length=4)
+    assert run.tokenizer.decode(tokens[0]) == "bc:"  # BOS, then the prompt's last tokens

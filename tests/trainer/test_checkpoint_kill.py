@@ -72,3 +72,13 @@ def test_sigkill_during_save_keeps_last_checkpoint(tmp_path, delay):
         restored, _ = ckpt.restore(_state_like(), step=step)
         assert int(restored["step"]) == step
     ckpt.close()
+
+
+def test_saves_follow_the_interval_from_the_first_step(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), interval=3, keep=5, async_save=False)
+    state = {"w": jnp.ones(2)}
+    saved = [ckpt.save(step, state, {"iteration": step}) for step in (1, 2, 3, 4)]
+    assert saved == [False, False, True, False]  # no save off the interval, the first included
+    assert ckpt.save(5, state, {"iteration": 5}, force=True)  # the last step of a run
+    assert ckpt.all_steps() == [3, 5]
+    ckpt.close()

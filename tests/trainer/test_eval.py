@@ -102,7 +102,7 @@ def test_bad_eval_keys_are_named(src, keys, key, match):
     "lines,prompts,key,match",
     [
         (2, 3, "eval.prompts", "3 prompts asked but .* has 2"),
-        (3, 3, "eval.path", "an evaluation prompt does not fit"),
+        (3, 3, "eval.path", "an evaluation prompt has 107 tokens .*prompt_truncation"),
     ],
 )
 def test_evaluation_prompts_that_cannot_run_fail_at_start(tmp_path, lines, prompts, key, match):

@@ -104,3 +104,34 @@ def test_checkpoint_mismatches_name_the_key(change, key, match):
     with pytest.raises(ConfigError, match=match) as info:
         build_run(validate_config(config))
     assert info.value.key == key
+
+
+def test_the_checkpoints_own_tokenizer_is_used_and_shown(tmp_path):
+    import shutil
+
+    from test_build import _tokenizer_file
+
+    from novarl_jax.rollout.tokenizers import HFTokenizer
+    from novarl_jax.trainer.checklist import checklist_rows
+
+    spec, run = _spec_and_run(f"{HF}/llama")
+    rows = dict(((s, i), v) for s, i, v in checklist_rows(spec, None, run))
+    # Without one, the task's characters: the checklist says what that leaves out.
+    assert rows[("model", "tokenizer")] == (
+        "characters of the task (11 ids); the policy's ids 11-63 decode to nothing"
+    )
+    assert rows[("model", "initial weights")] == f"{HF}/llama"
+    model = tmp_path / "llama"
+    shutil.copytree(f"{HF}/llama", model)
+    tokenizer = _tokenizer_file(model)  # model/tokenizer.json
+    spec, run = _spec_and_run(str(model))
+    assert isinstance(run.tokenizer, HFTokenizer)
+    assert run.tokenizer.vocab_size == 12 and run.model.policy.vocab_size == 64
+    rows = dict(((s, i), v) for s, i, v in checklist_rows(spec, None, run))
+    assert rows[("model", "tokenizer")] == f"{tokenizer} (12 ids)"
+    assert rows[("model", "architecture")] == "2 layers, hidden 32, 4 heads (2 KV), dense MLP"
+
+
+def _spec_and_run(path):
+    spec = validate_config(_config(path, num_experts=0))
+    return spec, build_run(spec)

@@ -1,5 +1,6 @@
 """Run outputs: metrics.jsonl names, TensorBoard and offline W&B writers, plots, DAPO options."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +12,9 @@ import pytest
 from quiet_train import train_quietly
 
 from configs import base
-from novarl_jax.trainer.metrics import MetricsWriter, read_metrics
+from novarl_jax.trainer import loop
+from novarl_jax.trainer.config import ConfigError, validate_config
+from novarl_jax.trainer.metrics import MetricsWriter, read_metrics, wandb_run_id
 
 
 def _tiny(steps=2, **sections):
@@ -48,6 +51,13 @@ def test_metrics_jsonl_has_verl_names(tmp_path, algorithm):
     if algorithm == "ppo":
         assert all(np.isfinite(r["critic/vf_loss"]) for r in rows)
         assert all(r["actor/reward_kl"] >= 0 for r in rows)
+        # verl's critic/rewards: the score plus the KL penalty in the token rewards.
+        coef = _tiny().ppo.reward_kl_coef
+        for r in rows:
+            want = r["critic/score/mean"] - coef * r["actor/reward_kl"]
+            assert r["critic/rewards/mean"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+        assert rows[-1]["actor/reward_kl"] > 0  # so the two differ
+        assert all(" kl " in line for line in lines if line.startswith("step "))
     else:
         assert all(np.isfinite(r["actor/kl_loss"]) for r in rows)
     assert any(line.startswith("done: 2 steps") for line in lines)
@@ -124,6 +134,25 @@ def test_missing_extra_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
     with pytest.raises(RuntimeError, match=r"logging.tensorboard=True needs the tensorboard extra"):
         MetricsWriter(str(tmp_path), tensorboard=True)
+    # The config check names the key before anything is built.
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r'^logging.wandb: needs the wandb extra .*".\[wandb\]"'):
+        validate_config(_tiny(logging__wandb=True))
+
+
+def test_wandb_run_id_is_one_per_workdir(tmp_path):
+    a, b = wandb_run_id(str(tmp_path / "a" / "copy")), wandb_run_id(str(tmp_path / "b" / "copy"))
+    assert a.startswith("copy-") and b.startswith("copy-") and a != b
+    assert wandb_run_id(str(tmp_path / "a" / "copy")) == a  # a resume finds its run
+
+
+def test_progress_line_shows_kl_only_when_logged():
+    metrics = {"critic/score/mean": 0.5, "perf/throughput": 10.0, "actor/entropy": 1.0}
+    assert " kl " not in loop._progress_line(1, 2, metrics)
+    assert " kl 0.0100 " in loop._progress_line(1, 2, {**metrics, "actor/kl_loss": 0.01})
 
 
 @pytest.mark.slow

@@ -158,9 +158,15 @@ class JSONLTask(BaseTask):
 def _read_jsonl(path: str, prompt_field: str, answer_field: str) -> list[tuple[str, Any]]:
     if not os.path.exists(path):
         raise ValueError(f"JSONL file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"JSONL file {path!r} is not a file")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError:
+            raise ValueError(f"JSONL file {path!r} is not UTF-8 text") from None
+        for lineno, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:

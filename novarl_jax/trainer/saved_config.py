@@ -1,0 +1,134 @@
+"""The config a workdir's run started with (``WORKDIR/config.json``), checked on resume.
+
+Rerunning a command resumes from the workdir's last checkpoint. A resume with a config that
+trains something else (another task, learning rate or algorithm) would mix two runs in one
+set of checkpoints and metrics without a trace, so the first start writes its config to
+``config.json`` and a resume compares against it. Keys that only say how far, where or how
+the same run goes on may change: ``experiment.steps``, the parallel layout (a checkpoint
+restores onto another mesh), rollout worker threads, gradient-accumulation splits,
+checkpointing, logging and validation (:data:`MAY_CHANGE`). Any other difference stops the
+run before anything compiles, naming the keys, unless the change is allowed explicitly
+(``--allow_config_change``); then the changes are logged and ``config.json`` is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from novarl_jax.trainer.config import ConfigError
+
+FILE_NAME = "config.json"
+
+# Keys (or sections, ending in '.') a resumed run may change without being told to.
+MAY_CHANGE = (
+    "experiment.steps",
+    "experiment.world_size",
+    "experiment.tensor_parallel_size",
+    "experiment.pipeline_parallel_size",
+    "experiment.expert_parallel_size",
+    "experiment.num_microbatches",
+    "experiment.rollout_workers",
+    "experiment.rollout_queue_size",
+    "train.micro_batches",
+    "checkpoint.",
+    "logging.",
+    "eval.",
+)
+
+
+class ConfigChangedError(ConfigError):
+    """A resumed run's config differs from the workdir's in keys that change the run."""
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    """The config as the JSON file holds it (tuples as lists, other objects as strings)."""
+    tree = config.to_dict() if hasattr(config, "to_dict") else config
+    return json.loads(json.dumps(tree, default=str, sort_keys=True))
+
+
+def config_changes(saved: dict, config: Any) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, new value)`` for every key that differs (missing = None)."""
+    old, new = _flat(saved), _flat(_plain(config))
+    return [
+        (key, old.get(key), new.get(key))
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether ``workdir`` holds a finished checkpoint step (a rerun resumes from it)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return False
+    return any(
+        name.isdigit() and os.path.isdir(os.path.join(directory, name))
+        for name in os.listdir(directory)
+    )
+
+
+def may_change(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
+
+
+def write_config(workdir: str, config: Any) -> str:
+    """Writes ``config`` to ``workdir/config.json`` (atomically); returns the path."""
+    path = os.path.join(workdir, FILE_NAME)
+    partial = path + ".writing"
+    with open(partial, "w") as f:
+        json.dump(_plain(config), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(partial, path)
+    return path
+
+
+def check_resume_config(
+    workdir: str,
+    config: Any,
+    *,
+    allow_change: bool = False,
+    log: Callable[[str], Any] = print,
+) -> list[tuple[str, Any, Any]]:
+    """Compares a resumed run's ``config`` with ``workdir/config.json``.
+
+    Returns the changed keys (those in :data:`MAY_CHANGE` included; empty when the workdir
+    has no config.json, as written before it existed).
+
+    Raises:
+        ConfigChangedError: keys outside :data:`MAY_CHANGE` differ and ``allow_change`` is
+            False; the message names them with both values.
+    """
+    path = os.path.join(workdir, FILE_NAME)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        saved = json.load(f)
+    changes = config_changes(saved, config)
+    blocking = [c for c in changes if not may_change(c[0])]
+    if blocking and not allow_change:
+        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in blocking[:4])
+        more = f" (and {len(blocking) - 4} more)" if len(blocking) > 4 else ""
+        raise ConfigChangedError(
+            blocking[0][0],
+            f"the run in {workdir} started with another config: {listed}{more} (its config: "
+            f"{path}); resume with that config, train in a new --workdir, or pass "
+            "--allow_config_change",
+        )
+    if blocking:
+        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in blocking)
+        log(f"resuming with a changed config: {listed}")
+    return changes

@@ -1,0 +1,76 @@
+"""A resumed run's config is checked against the one its workdir started with."""
+
+import json
+
+import pytest
+from quiet_train import train_quietly
+
+from configs import base, copy
+from novarl_jax.trainer.loop import train
+from novarl_jax.trainer.saved_config import (
+    ConfigChangedError,
+    check_resume_config,
+    config_changes,
+    may_change,
+    write_config,
+)
+
+
+def test_changes_are_listed_and_only_run_changing_keys_block(tmp_path):
+    config = copy.get_config()
+    write_config(str(tmp_path), config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert config_changes(saved, config) == []
+    assert saved["task"]["options"]["max_length"] == 1  # free-form sections as written
+    config.experiment.steps += 5
+    config.experiment.tensor_parallel_size = 2
+    config.logging.progress = False
+    changes = check_resume_config(str(tmp_path), config)  # nothing that changes the run
+    assert [key for key, *_ in changes] == [
+        "experiment.steps", "experiment.tensor_parallel_size", "logging.progress",
+    ]  # fmt: skip
+    config.optim.learning_rate = 0.5
+    config.task.options.max_length = 2
+    with pytest.raises(ConfigChangedError) as info:
+        check_resume_config(str(tmp_path), config)
+    assert info.value.key == "optim.learning_rate"
+    assert "optim.learning_rate 0.003 -> 0.5, task.options.max_length 1 -> 2" in str(info.value)
+    assert "--allow_config_change" in str(info.value)
+    lines = []
+    check_resume_config(str(tmp_path), config, allow_change=True, log=lines.append)
+    assert lines == [
+        "resuming with a changed config: optim.learning_rate 0.003 -> 0.5, "
+        "task.options.max_length 1 -> 2"
+    ]
+    assert may_change("checkpoint.keep") and not may_change("experiment.seed")
+    assert check_resume_config(str(tmp_path / "elsewhere"), config) == []  # no config.json
+
+
+def _config(steps, **experiment):
+    c = base.get_config()
+    c.experiment.steps = steps
+    c.experiment.update(experiment)
+    c.rollout.prompts_per_step = 2
+    c.rollout.max_new_tokens = 4
+    c.checkpoint.interval = 1
+    c.logging.plot = False
+    c.logging.progress = False
+    return c
+
+
+@pytest.mark.slow
+def test_a_resume_that_changes_the_run_is_refused_unless_allowed(tmp_path):
+    train_quietly(_config(1), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["experiment"]["steps"] == 1
+    with pytest.raises(ConfigChangedError, match=r"^experiment\.algorithm: the run in "):
+        train_quietly(_config(2, algorithm="ppo"), tmp_path)
+    lines = []
+    result = train(_config(2, seed=3), str(tmp_path), log=lines.append, allow_config_change=True)
+    assert result["resumed_from"] == 1
+    assert "resuming with a changed config: experiment.seed 0 -> 3" in lines
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["experiment"]["steps"], saved["experiment"]["seed"]) == (2, 3)
+    # Nothing left to train: said so, not silently done.
+    lines = []
+    train(_config(2, seed=3), str(tmp_path), log=lines.append)
+    assert any(line.startswith("nothing to train: the checkpoint is at step 2") for line in lines)
