@@ -1,0 +1,189 @@
+"""Command-line overrides of a config: Hydra-style arguments, ``key=None``, free-form task
+options, and one-line messages for the errors ml_collections' config flags raise.
+
+Pure helpers of :mod:`novarl_jax.train`; nothing here reads flags or exits.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import sys
+from typing import Any
+
+# `experiment.world_size=8` (Hydra style) -> `--config.experiment.world_size=8`.
+HYDRA_OVERRIDE = re.compile(r"^\+?([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+)=(.*)$", re.DOTALL)
+CONFIG_OVERRIDE = re.compile(r"^--config\.([\w.]+)=(.*)$", re.DOTALL)
+NONE_WORDS = ("None", "none", "null", "~")
+# The free-form section whose keys are the task constructor's keyword arguments.
+TASK_OPTIONS = "task.options"
+# config_flags: `Attribute <class 'int'>.foo does not exist ...` (a key under a value).
+_UNDER_A_VALUE = re.compile(r"Attribute <class '[\w.]+'>\.(\w+) does not exist")
+_QUOTED_NAME = re.compile(r"""['"]([A-Za-z_]\w*)['"]""")
+
+
+class OverrideError(ValueError):
+    """An override that cannot apply; the message is the one line to print."""
+
+
+def translate_argv(argv: list[str]) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Rewrites Hydra-style ``a.b=v`` arguments as ``--config.a.b=v`` flags (placed last).
+
+    Returns the new argv, the keys set to None (``key=None``), which config_flags cannot
+    parse for typed fields, and the ``task.options.<name>=<value>`` overrides as (name,
+    value) pairs, which config_flags cannot add when the config file does not set the name;
+    both are applied after parsing instead (:func:`apply_none_keys`,
+    :func:`apply_task_options`).
+    """
+    flags_part, overrides, none_keys, task_options = [argv[0]], [], [], []
+    for arg in argv[1:]:
+        match = HYDRA_OVERRIDE.match(arg)
+        if match and not arg.startswith("-"):
+            arg = f"--config.{match.group(1)}={match.group(2)}"
+        override = CONFIG_OVERRIDE.match(arg)
+        if override and override.group(1).startswith(TASK_OPTIONS + "."):
+            task_options.append((override.group(1)[len(TASK_OPTIONS) + 1 :], override.group(2)))
+        elif override and override.group(2) in NONE_WORDS:
+            none_keys.append(override.group(1))
+        elif override:
+            overrides.append(arg)
+        else:
+            flags_part.append(arg)
+    # Config files may import their siblings (`from configs import base`): make the folder
+    # that holds the config's package importable.
+    for arg in flags_part:
+        if arg.startswith("--config="):
+            path = os.path.abspath(arg.split("=", 1)[1])
+            sys.path.insert(0, os.path.dirname(os.path.dirname(path)))
+    return flags_part + overrides, none_keys, task_options
+
+
+def _unknown_override(argv: list[str], name: str, none_keys: list[str]) -> str | None:
+    """The (prefix of the) override key that has the missing part ``name``, for messages."""
+    keys = [m.group(1) for a in argv if (m := CONFIG_OVERRIDE.match(a))] + none_keys
+    for key in keys:
+        parts = key.split(".")
+        if name in parts:
+            return ".".join(parts[: parts.index(name) + 1])
+    return None
+
+
+def missing_key_message(argv: list[str], error: Exception, none_keys: list[str]) -> str:
+    """One line for config_flags' error on an override of a key the config does not have.
+
+    ml_collections wraps the KeyError in an AttributeError and appends a "Did you mean"
+    hint, so the missing name is the first quoted identifier of the innermost message.
+    """
+    from novarl_jax.trainer.config import unknown_key_error
+
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    under_value = _UNDER_A_VALUE.search(text)
+    match = under_value or _QUOTED_NAME.search(text)
+    key = _unknown_override(argv, match.group(1), none_keys) if match else None
+    if key and under_value:
+        value_key = key.rpartition(".")[0]
+        return f"{value_key}: is a value, not a section; it has no key {match.group(1)!r}"
+    if key:
+        return str(unknown_key_error(key))
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def config_path(argv: list[str]) -> str | None:
+    """The file of the last ``--config=PATH[:ARGS]`` (or ``--config PATH``) in argv, if any."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1].split(":", 1)[0]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1].split(":", 1)[0]
+    return path
+
+
+def config_file_problem(argv: list[str]) -> str | None:
+    """One line when --config names no file (config_flags defers that error), else None."""
+    path = config_path(argv)
+    if path is None or os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        return f"--config: {path}: is a directory, not a config file"
+    return f"--config: {path}: no such file"
+
+
+def _option_value(text: str, current: Any) -> Any:
+    """A ``task.options`` override's value: a Python literal when it parses as one."""
+    if text in NONE_WORDS:
+        return None
+    if isinstance(current, str):
+        return text  # a string option stays a string (e.g. symbols=123)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def apply_task_options(config: Any, overrides: list[tuple[str, str]]) -> None:
+    """Sets ``task.options.<name>=<value>`` overrides, adding names the file does not set.
+
+    Raises:
+        OverrideError: the config has no task.options section, or a name is not a keyword.
+    """
+    import ml_collections
+
+    if not overrides:
+        return
+    try:
+        options = config.task.options
+        if not isinstance(options, ml_collections.ConfigDict):
+            raise AttributeError(TASK_OPTIONS)
+    except (AttributeError, KeyError):
+        raise OverrideError(
+            f"{TASK_OPTIONS}: the config has no such section; start from configs/base.py"
+        ) from None
+    for name, text in overrides:
+        if not re.fullmatch(r"[A-Za-z_]\w*", name):
+            raise OverrideError(
+                f"{TASK_OPTIONS}.{name}: task options are keyword arguments; set "
+                f"{TASK_OPTIONS}.<name>=<value>"
+            )
+        value = _option_value(text, options.get(name))
+        with options.unlocked():
+            if name in options:
+                del options[name]  # free-form: the new value may have another type
+            options[name] = value
+
+
+def apply_none_keys(config: Any, keys: list[str]) -> None:
+    """Sets each ``key=None`` override.
+
+    Raises:
+        OverrideError: an unknown key, or one that must not be None (the message names it).
+    """
+    from novarl_jax.trainer.config import ConfigError, unknown_key_error
+
+    for key in keys:
+        node, _, leaf = key.rpartition(".")
+        try:
+            parent = config
+            for part in filter(None, node.split(".")):
+                parent = getattr(parent, part)
+            if leaf not in parent:
+                raise AttributeError(leaf)
+            parent[leaf] = None
+        except (AttributeError, KeyError):
+            raise OverrideError(str(unknown_key_error(key))) from None
+        except ConfigError as e:
+            raise OverrideError(str(e)) from None
+
+
+def file_in_the_way(path: str) -> str | None:
+    """``path`` or the ancestor of it that exists and is not a directory, else None."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return None if os.path.isdir(path) else path
