@@ -211,30 +211,21 @@ def main(argv: list[str]) -> None:
         return
     try:
         exp = spec.config.experiment
+        common = dict(spec=spec, mesh=mesh, run=run, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
         if exp.async_rollouts:
             from novarl_jax.trainer.async_loop import train_async
 
             train_async(
                 _CONFIG.value,
                 workdir,
-                spec=spec,
-                mesh=mesh,
-                run=run,
+                **common,
                 num_workers=exp.rollout_workers,
                 queue_size=exp.rollout_queue_size or None,
                 # Several processes must issue the same programs in the same order: no threads.
                 synchronous=jax.process_count() > 1,
-                allow_config_change=_ALLOW_CONFIG_CHANGE.value,
             )
         else:
-            train(
-                _CONFIG.value,
-                workdir,
-                spec=spec,
-                mesh=mesh,
-                run=run,
-                allow_config_change=_ALLOW_CONFIG_CHANGE.value,
-            )
+            train(_CONFIG.value, workdir, **common)
     except (ConfigError, TrainingError) as e:
         _fail(str(e))
     except CheckpointMismatchError as e:
