@@ -149,7 +149,9 @@ def aggregate(
     loss_mat = jnp.asarray(loss_mat, jnp.float32)
     mask = jnp.asarray(mask)
     _check_pair(loss_mat, mask)
-    if loss_scale_factor is not None and not loss_scale_factor > 0:
+    if loss_scale_factor is not None and (
+        isinstance(loss_scale_factor, (bool, str)) or not loss_scale_factor > 0
+    ):
         raise ValueError(f"loss_scale_factor must be > 0 or None, got {loss_scale_factor!r}")
     if denominators is None:
         denominators = loss_denominators(mask)
@@ -269,6 +271,13 @@ def combine_micro_batch_metrics(
     else:
         if not metrics:
             raise ValueError("metrics must hold at least one micro-batch")
+        names = set(metrics[0])
+        for index, m in enumerate(metrics):
+            if set(m) != names:
+                raise ValueError(
+                    f"micro-batch {index}'s metrics have keys {sorted(m)}, micro-batch 0's "
+                    f"{sorted(names)}; every micro-batch must report the same metrics"
+                )
         stacked = {k: jnp.stack([jnp.asarray(m[k]) for m in metrics]) for k in metrics[0]}
     out = {}
     for name, values in stacked.items():

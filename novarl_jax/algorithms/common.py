@@ -18,11 +18,13 @@ global counts, see :mod:`novarl_jax.algorithms.aggregation`).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from novarl_jax.algorithms.aggregation import (
@@ -42,6 +44,29 @@ __all__ = [
 
 # exp() of a log-ratio beyond this is clamped, as verl does, so one stale token cannot overflow.
 _LOG_RATIO_CLAMP = 20.0
+
+
+def zero_masked(x: ArrayLike, mask: ArrayLike) -> jax.Array:
+    """``x`` as float32 with its masked-out entries set to 0.
+
+    Applied to a loss's inputs before any arithmetic, so whatever padding holds (even NaN or
+    inf) reaches neither the loss nor its gradient: masking only the result would keep the
+    value finite but pass ``0 * NaN`` back through the masked entries' derivatives.
+    """
+    return jnp.where(jnp.asarray(mask) != 0, jnp.asarray(x, jnp.float32), 0.0)
+
+
+def check_clip_args(
+    clip_ratio_low: Any, clip_ratio_high: Any, dual_clip_c: Any, *, prefix: str = ""
+) -> None:
+    """Raises ValueError unless the clip ranges are valid (skipped for traced values)."""
+    values = (clip_ratio_low, clip_ratio_high, dual_clip_c)
+    if any(isinstance(v, jax.core.Tracer) for v in values):
+        return
+    if not (is_number(clip_ratio_low) and 0 <= clip_ratio_low < 1):
+        raise ValueError(f"{prefix}clip_ratio_low must be in [0, 1), got {clip_ratio_low!r}")
+    check_non_negative(f"{prefix}clip_ratio_high", clip_ratio_high)
+    check_positive_or_none(f"{prefix}dual_clip_c", dual_clip_c, bound=1.0)
 
 
 def clipped_surrogate_loss(
@@ -91,9 +116,10 @@ def clipped_surrogate_loss(
         (fraction where dual-clip is active), ``actor/ppo_kl`` (mean of ``-log_ratio``, an
         estimate of ``KL(pi_old || pi)``), ``actor/ratio_mean`` and ``actor/ratio_max``.
     """
-    log_ratio = jnp.clip(jnp.asarray(log_ratio, jnp.float32), -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    advantages = jnp.asarray(advantages, jnp.float32)
+    check_clip_args(clip_ratio_low, clip_ratio_high, dual_clip_c)
     mask = jnp.asarray(response_mask)
+    log_ratio = jnp.clip(zero_masked(log_ratio, mask), -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    advantages = zero_masked(advantages, mask)
     if denominators is None:
         denominators = loss_denominators(mask)
     ratio = jnp.exp(log_ratio)
@@ -108,7 +134,7 @@ def clipped_surrogate_loss(
     else:
         dual_active = jnp.zeros_like(clip_active)
     if token_weights is not None:
-        loss_mat = loss_mat * jax.lax.stop_gradient(jnp.asarray(token_weights, jnp.float32))
+        loss_mat = loss_mat * jax.lax.stop_gradient(zero_masked(token_weights, mask))
     loss = aggregate(
         loss_mat,
         mask,
@@ -210,6 +236,12 @@ def run_policy(
     token_arrays = {k: mapping[k] for k in needed} | {k: out[k] for k in ("logprobs",) + needed_out}
     check_token_arrays("response_mask", token_arrays)
     mask = jnp.asarray(mapping["response_mask"])
+    for key in ("moe_aux_loss", "moe_z_loss", "critic_moe_aux_loss", "critic_moe_z_loss"):
+        if key in out and jnp.ndim(out[key]) != 0:
+            raise ValueError(
+                f"apply_fn's {key!r} must be a scalar (the forward's mean), got shape "
+                f"{jnp.shape(out[key])}"
+            )
     return mapping, out, mask, batch_denominators(mapping, mask)
 
 
@@ -218,7 +250,14 @@ def batch_denominators(batch: Mapping[str, Any], mask: jax.Array) -> LossDenomin
     denominators = batch.get("loss_denominators")
     if denominators is None:
         return loss_denominators(mask)
-    return LossDenominators(*denominators)
+    denominators = LossDenominators(*denominators)
+    if any(jnp.ndim(d) != 0 for d in denominators):
+        raise ValueError(
+            "batch['loss_denominators'] must hold scalars (one micro-batch's view of the "
+            f"mini-batch's counts), got shapes {[jnp.shape(d) for d in denominators]}; index "
+            "split_micro_batches' stacked denominators per micro-batch"
+        )
+    return denominators
 
 
 def auxiliary_terms(
@@ -253,7 +292,7 @@ def auxiliary_terms(
         )
 
     if "entropy" in out:
-        entropy = jnp.asarray(out["entropy"], jnp.float32)
+        entropy = zero_masked(out["entropy"], mask)
         metrics["actor/entropy"] = masked_mean(
             jax.lax.stop_gradient(entropy), mask, denominators=denominators
         )
@@ -266,7 +305,9 @@ def auxiliary_terms(
         )
     if kl_coef:
         require_keys(batch, ("ref_logprobs",), "batch", f"the KL loss is on: kl_coef={kl_coef}")
-        kl = kl_penalty(out["logprobs"], batch["ref_logprobs"], kl_kind)
+        kl = kl_penalty(
+            zero_masked(out["logprobs"], mask), zero_masked(batch["ref_logprobs"], mask), kl_kind
+        )
         kl_loss = agg(kl)
         total = total + kl_coef * kl_loss
         metrics["actor/kl_loss"] = jax.lax.stop_gradient(kl_loss)
@@ -290,26 +331,28 @@ def auxiliary_terms(
 
 def check_non_negative(name: str, value: Any) -> None:
     """Raises ValueError unless ``value`` is a real number >= 0."""
-    if not (_is_number(value) and value >= 0):
+    if not (is_number(value) and value >= 0):
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
 
 
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float))
+def is_number(value: Any) -> bool:
+    """A real number: Python, NumPy or a concrete 0-d array (not a bool)."""
+    if isinstance(value, (bool, np.bool_, str)) or isinstance(value, jax.core.Tracer):
+        return False
+    if isinstance(value, numbers.Real):
+        return True
+    return hasattr(value, "dtype") and np.ndim(value) == 0 and np.issubdtype(value.dtype, np.number)
 
 
 def check_positive_or_none(name: str, value: Any, bound: float = 0.0) -> None:
     """Raises ValueError unless ``value`` is None or a real number > ``bound``."""
-    if value is not None and not (_is_number(value) and value > bound):
+    if value is not None and not (is_number(value) and value > bound):
         raise ValueError(f"{name} must be > {bound:g} or None, got {value!r}")
 
 
 def check_policy_fields(config: Any) -> None:
     """Validates the fields PPOLossConfig and GRPOLossConfig share."""
-    if not (_is_number(config.clip_ratio_low) and 0 <= config.clip_ratio_low < 1):
-        raise ValueError(f"clip_ratio_low must be in [0, 1), got {config.clip_ratio_low!r}")
-    check_non_negative("clip_ratio_high", config.clip_ratio_high)
-    check_positive_or_none("dual_clip_c", config.dual_clip_c, bound=1.0)
+    check_clip_args(config.clip_ratio_low, config.clip_ratio_high, config.dual_clip_c)
     check_loss_agg_mode(config.loss_agg_mode)
     check_positive_or_none("loss_scale_factor", config.loss_scale_factor)
     check_non_negative("entropy_coef", config.entropy_coef)

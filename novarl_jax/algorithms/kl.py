@@ -26,8 +26,12 @@ al., 2022; :func:`kl_penalty_token_rewards`) or a loss term (GRPO, Shao et al., 
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 __all__ = [
@@ -130,8 +134,7 @@ def kl_penalty_token_rewards(
     Raises:
         ValueError: a negative ``kl_coef``, an unknown kind or mismatched shapes.
     """
-    if isinstance(kl_coef, (int, float)) and not kl_coef >= 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef!r}")
+    _check_number("kl_coef", kl_coef, minimum=0.0)
     kl = jax.lax.stop_gradient(kl_penalty(logprobs, ref_logprobs, kind))
     mask = jnp.asarray(response_mask)
     if mask.shape != kl.shape:
@@ -157,19 +160,35 @@ def adaptive_kl_coef(
     Args:
         kl_coef: current coefficient (scalar).
         observed_kl: mean per-token KL of the latest batch (scalar).
-        num_steps: samples (or steps) since the last update, as in the paper.
+        num_steps: samples (or steps) since the last update, as in the paper, >= 0.
         target_kl: the KL to hold, > 0.
         horizon: how many samples a full correction takes, > 0.
 
     Returns:
-        The new coefficient, a float32 scalar.
+        The new coefficient, a float32 scalar (never below 0: a step whose correction
+        ``error * num_steps / horizon`` is below -1 gives 0).
 
     Raises:
         ValueError: ``target_kl`` or ``horizon`` is not positive.
     """
-    if not target_kl > 0:
-        raise ValueError(f"target_kl must be > 0, got {target_kl!r}")
-    if not horizon > 0:
-        raise ValueError(f"horizon must be > 0, got {horizon!r}")
+    _check_number("target_kl", target_kl, minimum=0.0, strict=True)
+    _check_number("horizon", horizon, minimum=0.0, strict=True)
+    _check_number("num_steps", num_steps, minimum=0.0)
     error = jnp.clip(jnp.asarray(observed_kl, jnp.float32) / target_kl - 1.0, -0.2, 0.2)
-    return jnp.asarray(kl_coef, jnp.float32) * (1.0 + error * num_steps / horizon)
+    # A correction larger than the coefficient itself stops at 0, never below.
+    factor = jnp.maximum(1.0 + error * num_steps / horizon, 0.0)
+    return jnp.asarray(kl_coef, jnp.float32) * factor
+
+
+def _check_number(name: str, value: Any, *, minimum: float, strict: bool = False) -> None:
+    """Raises ValueError unless ``value`` is a real number (Python, NumPy or a concrete 0-d
+    array) >= ``minimum`` (> with ``strict``); traced values are not checked."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    real = isinstance(value, numbers.Real) or (
+        hasattr(value, "dtype") and np.ndim(value) == 0 and np.issubdtype(value.dtype, np.number)
+    )
+    if isinstance(value, (bool, np.bool_)) or not real:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not (value > minimum if strict else value >= minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value!r}")

@@ -41,8 +41,10 @@ from novarl_jax.algorithms.common import (
     check_policy_fields,
     check_token_arrays,
     clipped_surrogate_loss,
+    is_number,
     run_policy,
     tis_weights_and_metrics,
+    zero_masked,
 )
 
 __all__ = ["PPOLossConfig", "ppo_loss", "ppo_policy_loss", "value_loss"]
@@ -242,12 +244,12 @@ def value_loss(
             "response_mask": response_mask,
         },
     )
-    if clip_range is not None and not clip_range >= 0:
-        raise ValueError(f"clip_range must be >= 0 or None, got {clip_range!r}")
-    values = jnp.asarray(values, jnp.float32)
-    old_values = jnp.asarray(old_values, jnp.float32)
-    returns = jnp.asarray(returns, jnp.float32)
+    if clip_range is not None and not (is_number(clip_range) and clip_range >= 0):
+        raise ValueError(f"clip_range must be a number >= 0 or None, got {clip_range!r}")
     mask = jnp.asarray(response_mask)
+    values = zero_masked(values, mask)
+    old_values = zero_masked(old_values, mask)
+    returns = zero_masked(returns, mask)
     loss_mat = jnp.square(values - returns)
     if clip_range is not None:
         clipped_values = old_values + jnp.clip(values - old_values, -clip_range, clip_range)

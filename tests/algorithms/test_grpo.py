@@ -15,6 +15,7 @@ from novarl_jax.algorithms import (
     ppo_loss,
     ppo_policy_loss,
     sequence_log_ratio,
+    value_loss,
 )
 
 
@@ -125,3 +126,72 @@ def test_grpo_errors():
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GRPOLossConfig(**kwargs)
+
+
+@pytest.mark.parametrize("field", ["advantages", "old_logprobs", "ref_logprobs", "behavior"])
+@pytest.mark.parametrize("kl_kind", ["k1", "k2", "k3"])
+def test_padding_holding_nan_reaches_neither_the_loss_nor_its_gradient(field, kl_kind):
+    mask = jnp.array([[1.0, 1.0, 0.0]])
+    clean = {
+        "response_mask": mask,
+        "old_logprobs": jnp.full((1, 3), -1.1),
+        "advantages": jnp.array([[1.0, -0.5, 0.3]]),
+        "ref_logprobs": jnp.full((1, 3), -0.9),
+        "behavior_logprobs": jnp.full((1, 3), -1.2),
+    }
+    key = "behavior_logprobs" if field == "behavior" else field
+    dirty = {**clean, key: clean[key].at[0, 2].set(jnp.nan)}
+    if kl_kind == "k2":
+        dirty["ref_logprobs"] = dirty["ref_logprobs"].at[0, 2].set(-jnp.inf)
+    config = GRPOLossConfig(beta=0.1, kl_kind=kl_kind, tis_cap=2.0)
+    params = jnp.full((1, 3), -1.0)
+
+    def loss(p, batch):
+        return grpo_loss(p, batch, config, logprob_apply_fn)[0]
+
+    want_loss, want_grad = jax.value_and_grad(loss)(params, clean)
+    got_loss, got_grad = jax.value_and_grad(loss)(params, dirty)
+    assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-6)
+    np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), rtol=1e-6)
+    assert np.asarray(got_grad)[0, 2] == 0.0
+
+
+def test_value_loss_gradient_ignores_nan_padding():
+    mask = jnp.array([[1.0, 0.0]])
+    returns = jnp.array([[1.0, jnp.nan]])
+    old = jnp.array([[0.4, jnp.nan]])
+    grad = jax.grad(lambda v: value_loss(v, old, returns, mask, clip_range=0.2)[0])(
+        jnp.array([[0.5, 0.5]])
+    )
+    np.testing.assert_allclose(np.asarray(grad), [[-0.5, 0.0]])
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(clip_ratio_low=-0.5), r"clip_ratio_low must be in \[0, 1\)"),
+        (dict(clip_ratio_low=None), r"clip_ratio_low must be in \[0, 1\)"),
+        (dict(clip_ratio_high=-1.0), "clip_ratio_high must be a number >= 0"),
+        (dict(dual_clip_c=0.5), "dual_clip_c must be > 1 or None"),
+    ],
+)
+def test_policy_loss_checks_its_clip_arguments(kwargs, message):
+    ones = jnp.ones((1, 2))
+    with pytest.raises(ValueError, match=message):
+        ppo_policy_loss(ones, ones, ones, ones, **kwargs)
+    # NumPy scalars are numbers too.
+    ppo_policy_loss(ones, ones, ones, ones, clip_ratio_low=np.float32(0.2))
+
+
+def test_router_losses_and_denominators_must_be_scalars():
+    batch = {
+        "response_mask": jnp.ones((1, 2)),
+        "old_logprobs": jnp.zeros((1, 2)),
+        "advantages": jnp.ones((1, 2)),
+    }
+    vector_aux = lambda p, b: {"logprobs": p, "moe_aux_loss": jnp.ones(2)}  # noqa: E731
+    with pytest.raises(ValueError, match="'moe_aux_loss' must be a scalar"):
+        grpo_loss(jnp.zeros((1, 2)), batch, GRPOLossConfig(beta=0.0), vector_aux)
+    stacked = {**batch, "loss_denominators": (jnp.ones(2), jnp.ones(2))}
+    with pytest.raises(ValueError, match="loss_denominators'\\] must hold scalars"):
+        grpo_loss(jnp.zeros((1, 2)), stacked, GRPOLossConfig(beta=0.0), logprob_apply_fn)

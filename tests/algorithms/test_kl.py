@@ -118,3 +118,14 @@ def test_errors():
         adaptive_kl_coef(0.1, 0.1, 1, target_kl=0.0, horizon=1.0)
     with pytest.raises(ValueError, match="horizon must be > 0"):
         adaptive_kl_coef(0.1, 0.1, 1, target_kl=0.1, horizon=0.0)
+
+
+def test_kl_coefficients_are_checked_numbers():
+    ones = jnp.zeros((1, 2))
+    for coef in (None, "0.1", np.float32(-1.0), jnp.float32(-1.0)):
+        with pytest.raises(ValueError, match="kl_coef must be"):
+            kl_penalty_token_rewards(ones, ones, jnp.ones((1, 2)), kl_coef=coef)
+    with pytest.raises(ValueError, match="horizon must be a number"):
+        adaptive_kl_coef(0.1, 0.2, 10, target_kl=0.1, horizon=None)
+    # A correction past -100% stops the coefficient at 0.
+    assert float(adaptive_kl_coef(0.1, 0.0, 1000, target_kl=0.1, horizon=10)) == 0.0

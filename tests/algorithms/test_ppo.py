@@ -137,7 +137,7 @@ def test_value_loss_hand_computed():
     assert float(loss) == pytest.approx(0.5 * (4.0 + 0.9025) / 2)
     assert float(m["critic/vf_clipfrac"]) == pytest.approx(0.5)
     assert float(m["critic/vpred_mean"]) == pytest.approx(1.05)
-    with pytest.raises(ValueError, match="clip_range must be >= 0"):
+    with pytest.raises(ValueError, match="clip_range must be a number >= 0"):
         value_loss(values, old, returns, mask, clip_range=-1.0)
 
 

@@ -496,3 +496,37 @@ def test_estimator_errors():
         )
     with pytest.raises(ValueError, match="must share one shape"):
         adv._token_rewards({"token_rewards": np.zeros((2, 4))}, jnp.ones((2, 3)))
+
+
+def test_equal_scores_give_zero_advantage_even_without_eps():
+    got = make_advantage_estimator("grpo", group_size=2, eps=0.0)(
+        {"scores": jnp.array([1.0, 1.0, 0.0, 2.0]), "response_mask": jnp.ones((4, 2))}
+    )[0]
+    np.testing.assert_allclose(np.asarray(got)[:, 0], [0.0, 0.0, -0.70710677, 0.70710677])
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        normalize_advantages(jnp.ones((1, 2)), jnp.ones((1, 2)), eps=0.0)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        group_relative_advantages(jnp.ones(2), 2, eps=-1e-3)
+
+
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda: GAEAdvantageEstimator(gamma="1.5"), "gamma must be a number in"),
+        (lambda: GAEAdvantageEstimator(lam=np.float32(2.0)), r"lam must be in \[0, 1\]"),
+        (lambda: GAEAdvantageEstimator(normalize="no"), "normalize must be True or False"),
+        (lambda: GRPOAdvantageEstimator(group_size=2, scale_by_std="false"), "scale_by_std"),
+        (lambda: GRPOAdvantageEstimator(group_size=2, eps=None), "eps must be a number"),
+        (lambda: ReinforcePlusPlusAdvantageEstimator(gamma="abc"), "gamma must be a number"),
+    ],
+)
+def test_estimator_fields_are_checked(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_numpy_numbers_are_accepted_and_stored_hashable():
+    estimator = GAEAdvantageEstimator(gamma=jnp.float32(0.5), lam=np.float64(1.0))
+    assert estimator.gamma == 0.5 and isinstance(estimator.gamma, float)
+    hash(estimator)  # a static argument of jit
+    assert GRPOAdvantageEstimator(group_size=np.int64(4)).group_size == 4

@@ -86,15 +86,44 @@ def _check_same_shape(**arrays: jax.Array) -> None:
 
 
 def _check_unit_interval(name: str, value: Any) -> None:
-    # Traced values (vmapping over gamma) cannot be checked; Python numbers can.
-    if isinstance(value, bool):
+    # Traced values (vmapping over gamma) cannot be checked; numbers and concrete arrays can.
+    if isinstance(value, jax.core.Tracer):
+        return
+    if isinstance(value, (bool, np.bool_, str)) or not (
+        isinstance(value, numbers.Real) or (hasattr(value, "shape") and np.ndim(value) == 0)
+    ):
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    if isinstance(value, numbers.Real) and not 0.0 <= float(value) <= 1.0:
+    if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
 
 
+def _as_python_floats(estimator: Any, *names: str) -> None:
+    """Stores concrete numbers (numpy or JAX scalars) of a frozen estimator as Python floats,
+    so the estimator stays hashable (a static argument of ``jit``)."""
+    for name in names:
+        value = getattr(estimator, name)
+        if not isinstance(value, jax.core.Tracer):
+            object.__setattr__(estimator, name, float(value))
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_eps(name: str, value: Any, *, positive: bool = False) -> None:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not (value > 0 if positive else value >= 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
 def _check_group_size(group_size: Any, batch_size: int | None = None) -> None:
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, numbers.Integral)
+        or group_size < 2
+    ):
         raise ValueError(
             f"group_size must be an integer >= 2 (samples per prompt; a baseline needs at least "
             f"two samples), got {group_size!r}"
@@ -334,7 +363,7 @@ def normalize_advantages(
     Args:
         advantages: ``[B, T]`` (or any shape matching ``mask``).
         mask: same shape; nonzero = a valid token.
-        eps: added to the variance before the square root.
+        eps: added to the variance before the square root, > 0.
         shift_mean: subtract the mean (True) or only divide by the standard deviation (False,
             which keeps the sign of every advantage).
 
@@ -344,6 +373,8 @@ def normalize_advantages(
     Raises:
         ValueError: shapes differ.
     """
+    _check_eps("eps", eps, positive=True)
+    _check_bool("shift_mean", shift_mean)
     advantages = jnp.asarray(advantages, jnp.float32)
     mask = jnp.asarray(mask)
     if advantages.shape != mask.shape:
@@ -380,7 +411,8 @@ def group_relative_advantages(
         scores: ``[B]`` sequence scores, ``B = num_groups * group_size``.
         group_size: G >= 2, samples per prompt.
         scale_by_std: divide by the group's standard deviation (GRPO) or not (Dr. GRPO).
-        eps: added to the standard deviation.
+        eps: added to the standard deviation, >= 0 (with 0, a group whose scores all agree
+            still gets 0, not 0 / 0).
 
     Returns:
         ``[B]`` float32 advantages.
@@ -396,11 +428,14 @@ def group_relative_advantages(
     if scores.ndim != 1:
         raise ValueError(f"scores must have shape [B] (rank 1), got shape {scores.shape}")
     _check_group_size(group_size, scores.shape[0])
+    _check_bool("scale_by_std", scale_by_std)
+    _check_eps("eps", eps)
     grouped = scores.reshape(-1, group_size)
     centred = grouped - jnp.mean(grouped, axis=1, keepdims=True)
     if scale_by_std:
         std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / (group_size - 1))
-        centred = centred / (std + eps)
+        scale = std + eps
+        centred = jnp.where(scale > 0, centred / jnp.where(scale > 0, scale, 1.0), 0.0)
     return centred.reshape(-1)
 
 
@@ -573,6 +608,8 @@ class GAEAdvantageEstimator:
     def __post_init__(self) -> None:
         _check_unit_interval("gamma", self.gamma)
         _check_unit_interval("lam", self.lam)
+        _check_bool("normalize", self.normalize)
+        _as_python_floats(self, "gamma", "lam")
 
     def __call__(self, batch: Mapping[str, ArrayLike]) -> tuple[jax.Array, jax.Array]:
         """Computes ``(advantages, returns)``, both ``[B, T]`` float32."""
@@ -610,8 +647,8 @@ class GRPOAdvantageEstimator:
 
     def __post_init__(self) -> None:
         _check_group_size(self.group_size)
-        if not self.eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
+        _check_bool("scale_by_std", self.scale_by_std)
+        _check_eps("eps", self.eps)
 
     def __call__(self, batch: Mapping[str, ArrayLike]) -> tuple[jax.Array, None]:
         """Computes ``(advantages [B, T] float32, None)``."""
@@ -674,6 +711,8 @@ class ReinforcePlusPlusAdvantageEstimator:
 
     def __post_init__(self) -> None:
         _check_unit_interval("gamma", self.gamma)
+        _check_bool("baseline", self.baseline)
+        _as_python_floats(self, "gamma")
         if self.baseline:
             if self.group_size is None:
                 raise ValueError(
