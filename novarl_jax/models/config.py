@@ -15,8 +15,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from novarl_jax.core.distributed import DROP_POLICIES, MoERouterConfig
 
@@ -46,8 +49,25 @@ _HF_FIELDS = (
 )
 
 
+# Fields that must be real bools (``"false"`` or 1 would silently mean True).
+_BOOL_FIELDS = ("tie_word_embeddings", "value_head")
+# Real-valued fields: (name, may be None).
+_FLOAT_FIELDS = (
+    ("rope_theta", False),
+    ("rms_norm_eps", False),
+    ("router_aux_loss_coef", False),
+    ("router_z_loss_coef", False),
+    ("capacity_factor", True),
+    ("eval_capacity_factor", True),
+)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,7 +76,10 @@ class ModelConfig:
 
     ``head_dim`` and ``num_key_value_heads`` given as None are resolved at construction
     (to ``hidden_size // num_attention_heads`` and ``num_attention_heads``), so after
-    ``__post_init__`` both are always integers.
+    ``__post_init__`` both are always integers. Every field is checked at construction: a
+    value of the wrong type (a string or None for a number, anything but True/False for a
+    flag) or out of range raises ValueError naming the field. NumPy scalars are accepted and
+    stored as the equivalent Python values.
 
     Attributes:
         vocab_size: V, tokens in the vocabulary.
@@ -106,6 +129,25 @@ class ModelConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, np.generic):  # NumPy scalars as plain Python values
+                object.__setattr__(self, field.name, value.item())
+        if isinstance(self.dtype, np.dtype):
+            object.__setattr__(self, "dtype", self.dtype.name)
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
+        for name, optional in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not (_is_number(value) or (optional and value is None)):
+                kind = "an int or float, or None" if optional else "an int or float"
+                raise ValueError(
+                    f"{name} must be {kind}, got {value!r} of type {type(value).__name__}"
+                )
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
         for name in (
             "vocab_size",
             "hidden_size",
@@ -223,9 +265,11 @@ class ModelConfig:
             **overrides: ModelConfig fields that replace what the file says.
 
         Raises:
-            ValueError: an unknown ``model_type``, or a feature this model does not
-                implement (non-SiLU activation, biases, scaled/rescaled rotary, sliding-window
-                attention shorter than ``max_position_embeddings``), named by its key.
+            TypeError: ``hf_config`` is not a mapping.
+            ValueError: an unknown ``model_type``, a value of the wrong type, or a feature
+                this model does not implement (non-SiLU activation, biases, scaled/rescaled
+                rotary, sliding-window attention shorter than ``max_position_embeddings``),
+                named by its key.
 
         Example:
             >>> cfg = ModelConfig.from_hf_config({"model_type": "llama", "vocab_size": 64,
@@ -235,8 +279,13 @@ class ModelConfig:
             >>> cfg.rope_theta, cfg.num_key_value_heads
             (500000.0, 4)
         """
+        if not isinstance(hf_config, Mapping):
+            raise TypeError(
+                f"hf_config must be a mapping (the parsed config.json object), got "
+                f"{type(hf_config).__name__}"
+            )
         model_type = hf_config.get("model_type")
-        if model_type not in HF_ARCHITECTURES:
+        if not isinstance(model_type, str) or model_type not in HF_ARCHITECTURES:
             raise ValueError(
                 f"config model_type={model_type!r} is not supported; supported: "
                 f"{sorted(HF_ARCHITECTURES)}"
@@ -245,12 +294,17 @@ class ModelConfig:
         if act != "silu":
             raise ValueError(f"config hidden_act={act!r} is not supported; only 'silu'")
         for key in ("attention_bias", "mlp_bias"):
-            if hf_config.get(key):
+            flag = hf_config.get(key)
+            if flag is not None and not isinstance(flag, bool):
+                raise ValueError(f"config {key} must be true, false or null, got {flag!r}")
+            if flag:
                 raise ValueError(f"config {key}=true is not supported (no biases in this model)")
         rope_theta = _hf_rope_theta(hf_config, _HF_DEFAULT_THETA[model_type])
         max_pos = hf_config.get("max_position_embeddings", 4096)
         window = hf_config.get("sliding_window")
-        if window is not None and window < max_pos:
+        if window is not None and not _is_int(window):
+            raise ValueError(f"config sliding_window must be an integer or null, got {window!r}")
+        if window is not None and _is_int(max_pos) and window < max_pos:
             raise ValueError(
                 f"config sliding_window={window} < max_position_embeddings={max_pos}: "
                 f"sliding-window attention is not implemented; if sequences never exceed "
@@ -331,5 +385,9 @@ def _hf_rope_theta(hf_config: Mapping[str, Any], default: float) -> float:
                 f"embeddings are implemented"
             )
     if isinstance(params, Mapping) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(hf_config.get("rope_theta", default))
+        key, theta = "rope_parameters.rope_theta", params["rope_theta"]
+    else:
+        key, theta = "rope_theta", hf_config.get("rope_theta", default)
+    if not _is_number(theta):
+        raise ValueError(f"config {key} must be a number, got {theta!r}")
+    return float(theta)

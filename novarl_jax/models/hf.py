@@ -27,18 +27,20 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from novarl_jax.models import moe as moe_lib
 from novarl_jax.models.config import ModelConfig
-from novarl_jax.models.transformer import param_shardings
+from novarl_jax.models.transformer import init_params, param_shardings
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -48,6 +50,18 @@ SINGLE_FILE = "model.safetensors"
 # ignores unknown keys when loading, and load_hf_model reads them back).
 VALUE_HEAD_WEIGHT = "value_head.weight"
 VALUE_HEAD_BIAS = "value_head.bias"
+# The special token ids save_hf_model writes (config.json and generation_config.json).
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Non-weight buffers some transformers releases saved; loading ignores them.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _open(file: pathlib.Path) -> Any:
+    """``safe_open(file)``; a corrupt or truncated file raises ValueError naming it."""
+    try:
+        return safe_open(file, framework="np")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
 class _Tensors:
@@ -75,10 +89,11 @@ class _Tensors:
                     f"not read; convert them to safetensors)"
                 )
             for file in self.files:
-                with safe_open(file, framework="np") as f:
+                with _open(file) as f:
                     for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
                         self.where[key] = file
         self._handles: dict[pathlib.Path, Any] = {}
+        self.read: set[str] = set()  # the keys looked up so far
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
@@ -89,7 +104,8 @@ class _Tensors:
             names = ", ".join(f.name for f in self.files)
             raise ValueError(f"{self.directory}: tensor {key!r} not found in {names}")
         if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="np")
+            self._handles[file] = _open(file)
+        self.read.add(key)
         try:
             return self._handles[file].get_tensor(key)
         except Exception as e:  # the index may name a key its file lacks
@@ -109,9 +125,27 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
     if not path.exists():
         raise ValueError(f"{path}: not found (a checkpoint directory needs {CONFIG_FILE})")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        hf_config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got a {type(hf_config).__name__}")
+    return hf_config
+
+
+def _unexpected_tensors(tensors: _Tensors, config: ModelConfig) -> list[str]:
+    """The tensors the checkpoint holds that loading did not read, except those legitimately
+    ignored: rotary ``inv_freq`` buffers, a value head the config has none of, and
+    ``lm_head.weight`` when the embeddings are tied (transformers ties it the same way)."""
+    ignored = set()
+    if not config.value_head:
+        ignored |= {VALUE_HEAD_WEIGHT, VALUE_HEAD_BIAS}
+    if config.tie_word_embeddings:
+        ignored.add("lm_head.weight")
+    return sorted(
+        k for k in tensors.keys()
+        if k not in tensors.read and k not in ignored and not k.endswith(_IGNORED_SUFFIXES)
+    )  # fmt: skip
 
 
 def _prefix(tensors: Any) -> str:
@@ -244,8 +278,11 @@ def load_hf_model(
         (config, params), params in ``config.dtype`` (default float32).
 
     Raises:
-        ValueError: missing config.json or safetensors, an unsupported model_type/feature,
-            or a missing/misshapen tensor; the message names the file and the key.
+        ValueError: missing or malformed config.json, missing or unreadable safetensors, an
+            unsupported model_type/feature, a missing/misshapen tensor, or a tensor the
+            config does not use (e.g. a layer beyond ``num_hidden_layers`` or a bias; rotary
+            ``inv_freq`` buffers, a tied ``lm_head.weight`` and a value head the config
+            lacks are ignored); the message names the file and the key.
 
     Example:
         >>> config, params = load_hf_model("tests/data/hf/mixtral", capacity_factor=1.25)
@@ -271,6 +308,15 @@ def load_hf_model(
         put = lambda p, x: jax.device_put(x, flat[p])  # noqa: E731
     try:
         params = params_from_hf_tensors(config, tensors, put=put)
+        unexpected = _unexpected_tensors(tensors, config)
+        if unexpected:
+            first = unexpected[0]
+            raise ValueError(
+                f"{directory}: unexpected tensor {first!r} in {tensors.where[first].name}: "
+                f"not a weight of this config (num_hidden_layers={config.num_hidden_layers}, "
+                f"num_local_experts={config.num_local_experts}, no biases); "
+                f"{len(unexpected)} unexpected tensor(s) in all"
+            )
     except ValueError as e:
         if str(e).startswith(str(directory)):
             raise
@@ -357,40 +403,54 @@ def save_hf_model(
     a ``model.safetensors.index.json``.
 
     Args:
-        path: output directory (created).
+        path: output directory (created). Everything is checked before anything is
+            written, and the files are written into a temporary sibling directory that is
+            then moved into place, so a failure never leaves a half-written checkpoint.
         config: the model.
-        params: its parameters (host or device arrays, sharded or not).
+        params: its parameters (host or device arrays, sharded or not): exactly the tree,
+            shapes and dtype (``config.dtype``) of ``init_params(config, key)``.
         model_type: 'mixtral', 'llama' or 'mistral' (default: mixtral for MoE, llama for
             dense).
         max_shard_bytes: largest file size before splitting.
-        overwrite: replace an existing checkpoint in ``path`` (its config.json and
-            safetensors/index files are removed first); otherwise that raises.
-        token_ids: special token ids (``eos_token_id``, ``pad_token_id``, ``bos_token_id``)
-            to write into config.json and a generation_config.json, so that ``generate``
-            stops at the model's own EOS.
+        overwrite: replace an existing checkpoint in ``path`` (its config.json,
+            safetensors/index files and generation_config.json are replaced; other files
+            stay); otherwise that raises.
+        token_ids: special token ids (``eos_token_id``, ``pad_token_id``, ``bos_token_id``
+            only; integers in ``[0, vocab_size)``) to write into config.json and a
+            generation_config.json, so that ``generate`` stops at the model's own EOS.
 
     Raises:
-        ValueError: ``path`` already holds a checkpoint and ``overwrite`` is False, or a
-            bad ``model_type``.
+        ValueError: ``path`` already holds a checkpoint and ``overwrite`` is False, a bad
+            ``model_type``, params that do not match ``config`` (the message names the
+            parameter), or bad ``token_ids``.
+        TypeError: ``config``, ``token_ids`` or ``overwrite`` of the wrong type.
 
     Example:
         >>> save_hf_model("/tmp/policy", config, params)
         >>> # transformers.AutoModelForCausalLM.from_pretrained("/tmp/policy")
     """
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int | np.integer):
+        raise ValueError(f"max_shard_bytes must be an integer >= 1, got {max_shard_bytes!r}")
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
-    hf_config = {**config.to_hf_config(model_type), **(token_ids or {})}
+    if not isinstance(overwrite, bool | np.bool_):
+        raise TypeError(f"overwrite must be a bool (True or False), got {overwrite!r}")
+    # Everything is checked and serialised before the first byte is written.
+    ids = _checked_token_ids(token_ids, config.vocab_size)
+    hf_config = {**config.to_hf_config(model_type), **ids}
     directory = pathlib.Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory}: exists and is not a directory")
     existing = checkpoint_files(directory)
     if existing and not overwrite:
         raise ValueError(
             f"{directory}: already holds a checkpoint ({existing[0].name}); pass "
             f"overwrite=True to replace it"
         )
+    _check_params_fit(config, params)
     tensors = params_to_hf_tensors(config, params)
-    directory.mkdir(parents=True, exist_ok=True)
-    for p in existing:
-        p.unlink()
 
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -401,21 +461,104 @@ def save_hf_model(
             size = 0
         shards[-1][key] = tensors[key]
         size += nbytes
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], directory / SINGLE_FILE, metadata=metadata)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, directory / name, metadata=metadata)
-            weight_map.update(dict.fromkeys(shard, name))
+    texts = {CONFIG_FILE: _json_text(hf_config)}
+    if ids:
+        texts[GENERATION_CONFIG_FILE] = _json_text(ids)
+    names = [SINGLE_FILE]
+    if len(shards) > 1:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {key: name for name, shard in zip(names, shards, strict=True) for key in shard}
         index = {
             "metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
             "weight_map": weight_map,
         }
-        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    if token_ids:
-        text = json.dumps(dict(token_ids), indent=2, sort_keys=True) + "\n"
-        (directory / GENERATION_CONFIG_FILE).write_text(text)
+        texts[INDEX_FILE] = _json_text(index)
+
+    # Written into a fresh sibling directory, then moved into place: a failure part way
+    # leaves ``path`` as it was.
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.parent / f".{directory.name}.{uuid.uuid4().hex[:12]}.partial"
+    staging.mkdir()
+    try:
+        for name, shard in zip(names, shards, strict=True):
+            save_file(shard, staging / name, metadata={"format": "pt"})
+        for name, text in texts.items():
+            (staging / name).write_text(text)
+        if not directory.exists():
+            os.rename(staging, directory)
+            return
+        # An existing directory keeps its other files (a tokenizer, a critic/ ...); the old
+        # checkpoint files, a stale generation_config.json included, are replaced.
+        stale = [*checkpoint_files(directory), directory / GENERATION_CONFIG_FILE]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        # config.json last: until it lands there is none, so a half-moved directory is
+        # never loaded.
+        for p in sorted(staging.iterdir(), key=lambda p: p.name == CONFIG_FILE):
+            os.replace(p, directory / p.name)
+        staging.rmdir()
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def _checked_token_ids(token_ids: Any, vocab_size: int) -> dict[str, int]:
+    """``token_ids`` as plain ints, keys among :data:`TOKEN_ID_KEYS`, values in [0, V)."""
+    if token_ids is None:
+        return {}
+    if not isinstance(token_ids, Mapping):
+        raise TypeError(
+            f"token_ids must be a mapping like {{'eos_token_id': 2}}, got "
+            f"{type(token_ids).__name__}"
+        )
+    out: dict[str, int] = {}
+    for key, value in token_ids.items():
+        if key not in TOKEN_ID_KEYS:
+            raise ValueError(
+                f"token_ids key {key!r} is not one of {list(TOKEN_ID_KEYS)} (the other "
+                f"config.json entries come from config)"
+            )
+        if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+            raise ValueError(f"token_ids[{key!r}] must be an integer id, got {value!r}")
+        if not 0 <= value < vocab_size:
+            raise ValueError(
+                f"token_ids[{key!r}]={int(value)} is not an id of the model: it must be in "
+                f"[0, vocab_size={vocab_size})"
+            )
+        out[key] = int(value)
+    return out
+
+
+def _check_params_fit(config: ModelConfig, params: Any) -> None:
+    """Raises ValueError naming the first parameter that is missing, extra, misshapen, or
+    not of ``config.dtype``: what is written must be exactly ``config``'s model."""
+    expected = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
+    want = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    what = (
+        f"num_hidden_layers={config.num_hidden_layers}, num_local_experts="
+        f"{config.num_local_experts}, tie_word_embeddings={config.tie_word_embeddings}, "
+        f"value_head={config.value_head}"
+    )
+    for name in want:
+        if name not in got:
+            raise ValueError(f"params{name} is missing: config ({what}) has it")
+    for name in got:
+        if name not in want:
+            raise ValueError(f"params{name} is not a parameter of config ({what})")
+    for name, spec in want.items():
+        shape, dtype = np.shape(got[name]), getattr(got[name], "dtype", None)
+        if shape != spec.shape:
+            raise ValueError(
+                f"params{name} has shape {shape}, but config ({what}, hidden_size="
+                f"{config.hidden_size}, vocab_size={config.vocab_size}) needs {spec.shape}"
+            )
+        if dtype != spec.dtype:
+            raise ValueError(
+                f"params{name} has dtype {dtype}, but config.dtype={config.dtype!r}; cast the "
+                f"params to {config.dtype} or save with config.replace(dtype=...)"
+            )

@@ -1098,6 +1098,19 @@ def _mesh_axes(mesh: Any, x_shape: tuple[int, ...], param_shapes: dict) -> tuple
     return _MeshAxes(data, expert, tensor, ep), specs
 
 
+def check_routing_values(routing: jax.Array, num_experts: int) -> None:
+    """Out-of-range experts would silently give NaN or zero outputs: when the values are known
+    here (not traced under ``jit``, held by this process) each must be in ``[0, E)``."""
+    if isinstance(routing, jax.core.Tracer) or not routing.is_fully_addressable:
+        return
+    values = np.asarray(routing)
+    bad = values[(values < 0) | (values >= num_experts)]
+    if bad.size:
+        raise ValueError(
+            f"routing values must be in [0, num_experts={num_experts}), got {int(bad.flat[0])}"
+        )
+
+
 def moe_forward(
     params: Mapping[str, ArrayLike],
     x: ArrayLike,
@@ -1150,8 +1163,10 @@ def moe_forward(
         (choices not dropped).
 
     Raises:
-        ValueError: bad shapes, an unknown ``impl``, a routing array that is not an integer
-            [B, S, K], or a mesh whose ``ep`` does not divide the experts.
+        TypeError: a non-bool ``train``.
+        ValueError: bad shapes (B or S = 0 included), an unknown ``impl``, a routing array
+            that is not an integer [B, S, K] (or, when not traced, holds values outside
+            ``[0, E)``), or a mesh whose ``ep`` does not divide the experts.
 
     Example:
         >>> router = MoERouterConfig(num_experts=4, top_k=2, capacity_factor=None)
@@ -1165,11 +1180,15 @@ def moe_forward(
         raise ValueError(f"router must be a MoERouterConfig, got {type(router).__name__}")
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {list(IMPLS)}")
+    if not isinstance(train, bool | np.bool_):
+        raise TypeError(f"train must be a bool (True or False), got {train!r}")
     d, _ = _check_params(params, router)
     x = jnp.asarray(x)
     if x.ndim != 3 or x.shape[-1] != d:
         raise ValueError(f"x must be [B, S, D] with D={d} (the router's width), got {x.shape}")
     b, s, _ = x.shape
+    if not b or not s:
+        raise ValueError(f"x must be [B, S, D] with B >= 1 and S >= 1, got {x.shape}")
     if token_mask is not None:
         token_mask = jnp.asarray(token_mask)
         if token_mask.shape != (b, s):
@@ -1181,6 +1200,7 @@ def moe_forward(
                 f"routing must be an integer array [B, S, K] = {(b, s, router.top_k)}, got "
                 f"{routing.dtype}{list(routing.shape)}"
             )
+        check_routing_values(routing, router.num_experts)
     params = {name: jnp.asarray(params[name]) for name in PARAM_NAMES}
 
     if mesh is None or all(size == 1 for size in dict(mesh.shape).values()):

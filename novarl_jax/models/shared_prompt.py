@@ -38,6 +38,9 @@ from novarl_jax.models.transformer import (
     _STAT_KEYS,
     DecoderLayer,
     _layer_stats,
+    check_flag,
+    check_params,
+    check_routing,
     checked_inputs,
     embed,
     forward_aux,
@@ -108,7 +111,7 @@ def forward_shared_prompt(
         prompt_length: P, the shared (padded) prompt length.
         group_size: n, consecutive rows per prompt; must divide B.
         positions: [B, S] rotary positions; default ``arange(S)``.
-        attention_mask: [B, S], 1 = a real token; default all ones.
+        attention_mask: [B, S], nonzero = a real token; default all ones.
         mesh: device mesh (``pp`` must be 1: the pipelined forward does not share prompts).
         routing: [L, B, S, K] expert choices to replay (MoE), or None.
         return_routing: put the expert choices in ``aux['routing']`` ([L, B, S, K]).
@@ -126,7 +129,10 @@ def forward_shared_prompt(
         >>> logits, _, aux = forward_shared_prompt(
         ...     params, rows, config, prompt_length=prompts.shape[1], group_size=4)
     """
+    check_flag("train", train)
+    check_flag("return_routing", return_routing)
     tokens, positions, attention_mask = checked_inputs(tokens, positions, attention_mask, config)
+    check_params(params, config)
     b, s = tokens.shape
     _check_groups(b, s, prompt_length, group_size)
     if pipeline.num_stages(mesh) > 1:
@@ -134,8 +140,8 @@ def forward_shared_prompt(
             "forward_shared_prompt runs the layers as one scan; on a mesh with pp > 1 use "
             "forward (the pipelined forward)"
         )
-    if routing is not None and not config.is_moe:
-        raise ValueError("routing= was given but the model is dense (num_local_experts=0)")
+    if routing is not None:
+        routing = check_routing(routing, config, b, s)
     n, p = group_size, prompt_length
 
     # The prompts: the first row of every group.

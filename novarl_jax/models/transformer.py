@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -99,6 +100,10 @@ def init_cache(
         >>> cache.k[0].shape, cache.v[0].shape  # [B, N_kv, Dh, S], [B, N_kv, S, Dh], L of each
         ((2, 4, 8, 16), (2, 4, 16, 8))
     """
+    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+        if not _is_int(value):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    batch_size, max_length = int(batch_size), int(max_length)
     if batch_size < 1 or max_length < 1:
         raise ValueError(
             f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}"
@@ -111,6 +116,21 @@ def init_cache(
         key_mask=jnp.zeros((batch_size, max_length), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
+
+
+def _is_int(value: Any) -> bool:
+    """A Python or NumPy integer (not a bool)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def _host_value(x: Any) -> np.ndarray | None:
+    """``x`` as a NumPy array when its value is known here: not traced (under ``jit``) and
+    wholly held by this process; else None (checks of values are then skipped)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    return np.asarray(x)
 
 
 def _cache_shapes(config: ModelConfig, batch_size: int, slots: int):
@@ -364,6 +384,8 @@ def _check_inputs(
 ) -> None:
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    if 0 in tokens.shape:
+        raise ValueError(f"tokens must be [B, T] with B >= 1 and T >= 1, got shape {tokens.shape}")
     for name, arr in (("positions", positions), ("attention_mask", attention_mask)):
         if arr.shape != tokens.shape:
             raise ValueError(
@@ -386,8 +408,118 @@ def _check_inputs(
                 f"{len(cache.k)} key arrays of shapes {sorted({a.shape for a in cache.k})} and "
                 f"{len(cache.v)} value arrays of shapes {sorted({a.shape for a in cache.v})}"
             )
-        if tokens.shape[1] > slots:
-            raise ValueError(f"{tokens.shape[1]} tokens do not fit a cache of {slots} slots")
+        t = tokens.shape[1]
+        if t > slots:
+            raise ValueError(f"{t} tokens do not fit a cache of {slots} slots")
+        if jnp.shape(cache.index) != ():
+            raise ValueError(f"cache.index must be a scalar, got shape {jnp.shape(cache.index)}")
+        index = _host_value(cache.index)
+        if index is not None:
+            if not np.issubdtype(index.dtype, np.integer):
+                raise ValueError(f"cache.index must be an integer, got {index.dtype} {index}")
+            if index < 0 or index + t > slots:
+                raise ValueError(
+                    f"cache.index {int(index)} + {t} new tokens exceed the cache's {slots} "
+                    f"slots (the index must be in [0, {slots - t}])"
+                )
+    _check_token_ids(tokens, attention_mask, config)
+
+
+def _check_token_ids(tokens: jax.Array, attention_mask: jax.Array, config: ModelConfig) -> None:
+    """When the values are known (not under ``jit``), every real token (``attention_mask !=
+    0``) must be an id in ``[0, vocab_size)``; padding may hold any id."""
+    ids, mask = _host_value(tokens), _host_value(attention_mask)
+    if ids is None or mask is None:
+        return
+    bad = np.argwhere((mask != 0) & ((ids < 0) | (ids >= config.vocab_size)))
+    if len(bad):
+        row, col = (int(i) for i in bad[0])
+        raise ValueError(
+            f"tokens must be ids in [0, vocab_size={config.vocab_size}), got {int(ids[row, col])} "
+            f"at [{row}, {col}] ({len(bad)} real token(s) out of range; padding is not checked)"
+        )
+
+
+def _array(name: str, value: Any, *, integer: bool, what: str) -> jax.Array:
+    """``value`` as an array; ``integer`` requires an integer dtype (no silent truncation)."""
+    if not isinstance(value, jax.Array):  # tracers are jax.Arrays too
+        try:
+            value = np.asarray(value)
+        except (TypeError, ValueError, OverflowError):
+            raise TypeError(
+                f"{name} must be an array of {what}, got {type(value).__name__}"
+            ) from None
+        if not (jnp.issubdtype(value.dtype, jnp.number) or value.dtype == np.bool_):
+            raise TypeError(f"{name} must be a numeric array of {what}, got dtype {value.dtype}")
+    arr = jnp.asarray(value)
+    if integer and not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array of {what}, got dtype {arr.dtype}")
+    return arr
+
+
+def check_params(params: Any, config: ModelConfig) -> None:
+    """Raises a clear error when ``params`` cannot be the parameters of ``config``: a missing
+    top-level entry, an embedding / LM head not ``[V, D]`` / ``[D, V]`` of the config, or a
+    layer stack of another depth. (Shapes only: works on traced params too.)"""
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"params must be a mapping (from init_params or load_hf_model), got "
+            f"{type(params).__name__}"
+        )
+    v, d, layers = config.vocab_size, config.hidden_size, config.num_hidden_layers
+    expect = {("embed_tokens", "embedding"): (v, d)}
+    if not config.tie_word_embeddings:
+        expect[("lm_head", "kernel")] = (d, v)
+    for keys, shape in expect.items():
+        name = "params" + "".join(f"[{k!r}]" for k in keys)
+        try:
+            got = jnp.shape(params[keys[0]][keys[1]])
+        except (KeyError, TypeError, IndexError):
+            raise ValueError(
+                f"{name} is missing (config tie_word_embeddings={config.tie_word_embeddings})"
+            ) from None
+        if got != shape:
+            raise ValueError(
+                f"{name} has shape {got}, but config vocab_size={v}, hidden_size={d} need "
+                f"{shape}; were the params made for another config?"
+            )
+    for key in ("layers", "final_norm", *(("value_head",) if config.value_head else ())):
+        if key not in params:
+            raise ValueError(f"params[{key!r}] is missing (config value_head={config.value_head})")
+    block = "moe" if config.is_moe else "mlp"
+    if not isinstance(params["layers"], Mapping) or block not in params["layers"]:
+        raise ValueError(
+            f"params['layers'][{block!r}] is missing: config num_local_experts="
+            f"{config.num_local_experts} is a {'MoE' if config.is_moe else 'dense'} model"
+        )
+    depths = {jnp.shape(x)[:1] for x in jax.tree.leaves(params["layers"])}
+    if depths != {(layers,)}:
+        raise ValueError(
+            f"params['layers'] must be stacked over num_hidden_layers={layers} layers, got "
+            f"leading sizes {sorted(depths)}"
+        )
+
+
+def check_routing(routing: Any, config: ModelConfig, batch: int, length: int) -> jax.Array:
+    """``routing`` as an integer [L, B, T, K] array; when its values are known (not under
+    ``jit``) they must be experts in ``[0, num_local_experts)``."""
+    if not config.is_moe:
+        raise ValueError("routing= was given but the model is dense (num_local_experts=0)")
+    want = (config.num_hidden_layers, batch, length, config.num_experts_per_tok)
+    routing = _array("routing", routing, integer=True, what="expert indices [L, B, T, K]")
+    if routing.shape != want:
+        raise ValueError(
+            f"routing must be [L, B, T, K] = {want} (as aux['routing'] returns it), got shape "
+            f"{routing.shape}"
+        )
+    moe_lib.check_routing_values(routing, config.num_local_experts)
+    return routing
+
+
+def check_flag(name: str, value: Any) -> None:
+    """Raises TypeError unless ``value`` is a real bool (NumPy bools too)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,17 +683,34 @@ def checked_inputs(
     """``(tokens, positions, attention_mask)`` as checked int32 [B, T] arrays.
 
     The mask defaults to all ones and the positions to ``arange(T)`` (after ``cache.index``
-    with a cache).
+    with a cache). Token ids and positions must have an integer dtype (floats are refused,
+    not truncated); the mask is 1 where it is nonzero. Values known here (not traced under
+    ``jit``) are checked too: real tokens' ids in ``[0, vocab_size)`` and, with a cache,
+    ``cache.index + T <= S``.
+
+    Raises:
+        TypeError: a non-integer tokens/positions dtype, or a cache that is not a KVCache.
+        ValueError: bad shapes (B or T = 0 included), ids out of range, or a cache overflow.
     """
-    tokens = jnp.asarray(tokens, jnp.int32)
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(
+            f"cache must be a KVCache (from init_cache or prefill) or None, got "
+            f"{type(cache).__name__}"
+        )
+    tokens = _array("tokens", tokens, integer=True, what="token ids [B, T]").astype(jnp.int32)
     b, t = tokens.shape if tokens.ndim == 2 else (0, 0)
     if attention_mask is None:
         attention_mask = jnp.ones((b, t), jnp.int32)
-    attention_mask = jnp.asarray(attention_mask).astype(jnp.int32)
+    # Nonzero = a real token, as everywhere in the library (0.5 is real, not padding).
+    attention_mask = _array(
+        "attention_mask", attention_mask, integer=False, what="[B, T] (nonzero = real token)"
+    )
+    attention_mask = (attention_mask != 0).astype(jnp.int32)
     if positions is None:
         start = 0 if cache is None else cache.index
         positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-    positions = jnp.asarray(positions, jnp.int32)
+    positions = _array("positions", positions, integer=True, what="rotary positions [B, T]")
+    positions = positions.astype(jnp.int32)
     _check_inputs(tokens, positions, attention_mask, cache, config)
     return tokens, positions, attention_mask
 
@@ -635,12 +784,13 @@ def forward(
 ) -> tuple[jax.Array, KVCache | None, dict[str, Any]]:
     """Runs the decoder: next-token logits for every position, and the updated cache.
 
-    Without a cache, token t attends to tokens ``<= t`` whose ``attention_mask`` is 1. With a
-    cache, the T new tokens' keys/values are written at slots ``[index, index + T)`` (the
-    caller keeps ``index + T <= S``), ``key_mask`` there is set from ``attention_mask``, and
-    each new token attends to slots ``<= its own slot`` with ``key_mask == 1``. A left-padded
-    prefill (positions ``max(cumsum(mask) - 1, 0)``) followed by single-token steps (position
-    = last + 1) therefore reproduces the full forward exactly.
+    Without a cache, token t attends to tokens ``<= t`` whose ``attention_mask`` is nonzero.
+    With a cache, the T new tokens' keys/values are written at slots ``[index, index + T)``
+    (``index + T <= S``: checked when ``cache.index`` is concrete, the caller's duty under
+    ``jit``), ``key_mask`` there is set from ``attention_mask``, and each new token attends to
+    slots ``<= its own slot`` with ``key_mask == 1``. A left-padded prefill (positions
+    ``max(cumsum(mask) - 1, 0)``) followed by single-token steps (position = last + 1)
+    therefore reproduces the full forward exactly.
 
     Pipeline parallelism: when ``mesh`` has ``pp > 1`` and there is no cache (training and
     scoring forwards), the decoder layers run as ``pp`` stages of ``L / pp`` consecutive
@@ -659,17 +809,20 @@ def forward(
 
     Args:
         params: from :func:`init_params` (or :func:`~novarl_jax.models.hf.load_hf_model`).
-        tokens: [B, T] int32 token ids.
+        tokens: [B, T] integer token ids, B and T >= 1; real tokens' ids in
+            ``[0, vocab_size)`` (checked when not traced; padding ids are not read).
         config: the model (static under jit).
-        positions: [B, T] int32 rotary positions; default ``arange(T)`` (plus
+        positions: [B, T] integer rotary positions; default ``arange(T)`` (plus
             ``cache.index`` when a cache is given).
-        attention_mask: [B, T], 1 = a real token, 0 = padding; default all ones. Padding
-            tokens are neither attended to nor routed to experts.
-        cache: a :class:`KVCache` to read and extend, or None.
+        attention_mask: [B, T], nonzero = a real token, 0 = padding; default all ones.
+            Padding tokens are neither attended to nor routed to experts.
+        cache: a :class:`KVCache` (from :func:`init_cache` or :func:`prefill`) to read and
+            extend, or None.
         mesh: device mesh; shards activations by the logical rules and runs MoE blocks with
             expert parallelism. None = no constraints.
         routing: [L, B, T, K] int32 expert choices to replay, as returned in
-            ``aux['routing']`` (MoE only); gate weights come from the current router.
+            ``aux['routing']`` (MoE only), values in ``[0, num_local_experts)`` (checked when
+            not traced); gate weights come from the current router.
         return_routing: put the expert choices of this call in ``aux['routing']``.
         train: MoE capacity factor: ``capacity_factor`` (True) or ``eval_capacity_factor``.
         num_microbatches: M, pipeline microbatches (used when the mesh has ``pp > 1`` and
@@ -684,9 +837,12 @@ def forward(
         int32 when ``return_routing``.
 
     Raises:
-        ValueError: bad shapes; ``routing`` for a dense model; a mesh whose ``pp`` does not
-            divide ``num_hidden_layers``; ``num_microbatches`` not a positive integer or (when
-            the pipeline runs) not dividing B.
+        TypeError: non-integer tokens/positions/routing, a cache that is not a KVCache, or a
+            non-bool ``train`` / ``return_routing``.
+        ValueError: bad shapes; token ids or routing values out of range; a cache overflow;
+            params that do not fit ``config``; ``routing`` for a dense model; a mesh whose
+            ``pp`` does not divide ``num_hidden_layers``; ``num_microbatches`` not a positive
+            integer or (when the pipeline runs) not dividing B.
 
     Example:
         >>> cache = init_cache(config, batch_size=1, max_length=8)
@@ -735,8 +891,8 @@ def prefill(
     Raises:
         ValueError: as :func:`forward`, or T larger than ``max_length``.
     """
-    tokens = jnp.asarray(tokens, jnp.int32)
-    batch = tokens.shape[0] if tokens.ndim == 2 else 1
+    tokens = _array("tokens", tokens, integer=True, what="token ids [B, T]")
+    batch = tokens.shape[0] if tokens.ndim == 2 and tokens.shape[0] else 1
     cache = init_cache(config, batch, max_length, dtype)
     return _forward(
         params, tokens, config, positions=positions, attention_mask=attention_mask,
@@ -751,16 +907,19 @@ def _forward(
 ):  # fmt: skip
     """:func:`forward`; with ``fresh_cache`` (an empty ``cache`` at index 0) the attention
     skips the cache's slots and the layers return the tokens' keys and values to write."""
+    check_flag("train", train)
+    check_flag("return_routing", return_routing)
     tokens, positions, attention_mask = checked_inputs(
         tokens, positions, attention_mask, config, cache=cache
     )
+    check_params(params, config)
     b, t = tokens.shape
     pp = pipeline.num_stages(mesh)
     if pp > 1:
         _check_pipeline_layers(config, pp)
     _check_num_microbatches(num_microbatches, b, pp, cache is not None)
-    if routing is not None and not config.is_moe:
-        raise ValueError("routing= was given but the model is dense (num_local_experts=0)")
+    if routing is not None:
+        routing = check_routing(routing, config, b, t)
 
     kv = None
     if cache is None or fresh_cache:

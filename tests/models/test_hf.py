@@ -14,9 +14,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+from tiny_models import DENSE, MOE
 
 from novarl_jax.core.distributed import ParallelLayout
 from novarl_jax.models import ModelConfig, forward, init_params
+from novarl_jax.models import hf as hf_module
 from novarl_jax.models.hf import (
     load_hf_model,
     params_from_hf_tensors,
@@ -229,3 +231,137 @@ def test_bfloat16_checkpoint_reads_without_torch(tmp_path):
         np.asarray(params["final_norm"]["scale"]),
         tensors["model.norm.weight"].astype(ml_dtypes.bfloat16),
     )
+
+
+def test_load_names_corrupt_files_and_non_object_configs(tmp_path):
+    d = _copy("llama", tmp_path / "garbage")
+    (d / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(
+        ValueError,
+        match=r"garbage/llama/model\.safetensors: not a readable safetensors file \(.*too small",
+    ):
+        load_hf_model(d)
+    d = _copy("llama", tmp_path / "truncated")
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"truncated/llama/model\.safetensors: not a readable"):
+        load_hf_model(d)
+    d = _copy("llama", tmp_path / "listed")
+    (d / "config.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"config\.json: must hold a JSON object, got a list"):
+        load_hf_model(d)
+    cfg = json.loads((DATA / "llama" / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": "false"}))
+    with pytest.raises(ValueError, match=r"config\.json: tie_word_embeddings must be a bool"):
+        load_hf_model(d)
+    (d / "config.json").write_text(json.dumps({**cfg, "rope_parameters": None, "rope_theta": None}))
+    with pytest.raises(ValueError, match=r"config\.json: config rope_theta must be a number"):
+        load_hf_model(d)
+
+
+def test_load_refuses_tensors_the_config_does_not_use(tmp_path):
+    original = load_file(DATA / "llama" / "model.safetensors")
+    extras = {
+        "model.layers.5.mlp.up_proj.weight": np.zeros((48, 32), np.float32),  # layer 5 of 2
+        "model.layers.0.self_attn.q_proj.bias": np.ones(32, np.float32),
+    }
+    for key, value in extras.items():
+        d = _copy("llama", tmp_path / key)
+        save_file({**original, key: value}, d / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(
+            ValueError,
+            match=rf"llama: unexpected tensor '{key}' in model\.safetensors: not a weight of this "
+            r"config \(num_hidden_layers=2, .*1 unexpected tensor\(s\) in all",
+        ):
+            load_hf_model(d)
+    # Kept accepting: rotary inv_freq buffers (older transformers), lm_head.weight of a tied
+    # model, and a value head when the config asks for none.
+    d = _copy("llama", tmp_path / "ignored")
+    ignored = {
+        "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32),
+        "lm_head.weight": original["model.embed_tokens.weight"],
+        "value_head.weight": np.ones((1, 32), np.float32),
+        "value_head.bias": np.ones(1, np.float32),
+    }
+    save_file({**original, **ignored}, d / "model.safetensors", metadata={"format": "pt"})
+    config, params = load_hf_model(d, value_head=False)
+    _equal_trees(params, load_hf_model(DATA / "llama")[1])
+
+
+def test_save_refuses_params_that_do_not_match_the_config(tmp_path):
+    params = init_params(DENSE, jax.random.key(0))
+    out = tmp_path / "out"
+    cases = [
+        (DENSE.replace(dtype="bfloat16"), params,
+         r"params\['embed_tokens'\]\['embedding'\] has dtype float32, but config.dtype='bfloat16'"),
+        (DENSE, jax.tree.map(lambda x: x.astype(jnp.int32), params),
+         r"has dtype int32, but config.dtype='float32'"),
+        (MOE, params, r"params\['layers'\]\['moe'\]\['router'\] is missing: config "),
+        (DENSE.replace(hidden_size=64, head_dim=None), params,
+         r"params\['embed_tokens'\]\['embedding'\] has shape \(64, 32\), but config .* needs "
+         r"\(64, 64\)"),
+        (DENSE, {**params, "lm_head": {"kernel": jnp.zeros((32, 64))}},
+         r"params\['lm_head'\]\['kernel'\] is not a parameter of config .*tie_word_embeddings"),
+    ]  # fmt: skip
+    for config, bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            save_hf_model(out, config, bad)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no staging directory left
+
+
+def test_save_checks_token_ids_and_writes_them_as_json_ints(tmp_path):
+    params = init_params(DENSE, jax.random.key(0))
+    out = tmp_path / "out"
+    for token_ids, match in [
+        ({"model_type": "mixtral"}, r"token_ids key 'model_type' is not one of \['bos_token_id'"),
+        ({"vocab_size": 7}, "token_ids key 'vocab_size' is not one of"),
+        ({"eos_token_id": 64}, r"token_ids\['eos_token_id'\]=64 is not an id of the model: it "
+                               r"must be in \[0, vocab_size=64\)"),
+        ({"pad_token_id": -1}, r"token_ids\['pad_token_id'\]=-1 is not an id"),
+        ({"eos_token_id": "2"}, r"token_ids\['eos_token_id'\] must be an integer id, got '2'"),
+        ({"bos_token_id": True}, r"token_ids\['bos_token_id'\] must be an integer id, got True"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            save_hf_model(out, DENSE, params, token_ids=token_ids)
+    with pytest.raises(TypeError, match=r"token_ids must be a mapping like"):
+        save_hf_model(out, DENSE, params, token_ids=[("eos_token_id", 1)])
+    assert list(tmp_path.iterdir()) == []
+    # NumPy ints used to fail in json.dumps after model.safetensors was written.
+    save_hf_model(out, DENSE, params, token_ids={"eos_token_id": np.int64(3), "pad_token_id": 0})
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation == {"eos_token_id": 3, "pad_token_id": 0}
+    hf = json.loads((out / "config.json").read_text())
+    assert (hf["eos_token_id"], hf["model_type"], hf["vocab_size"]) == (3, "llama", 64)
+    # Overwriting without token ids leaves no stale generation_config.json; other files stay.
+    (out / "tokenizer.json").write_text("{}")
+    save_hf_model(out, DENSE, params, overwrite=True)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
+    params = init_params(DENSE, jax.random.key(0))
+    out = tmp_path / "out"
+    written = []
+
+    def failing_save_file(tensors, filename, metadata=None):
+        written.append(filename)
+        if len(written) == 2:
+            raise OSError("No space left on device")
+        save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(hf_module, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="No space left"):
+        save_hf_model(out, DENSE, params, max_shard_bytes=10_000)
+    assert list(tmp_path.iterdir()) == []  # a retry is not refused
+    monkeypatch.undo()
+    save_hf_model(out, DENSE, params)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(hf_module, "save_file", failing_save_file)
+    written.clear()
+    other = init_params(DENSE, jax.random.key(1))
+    with pytest.raises(OSError, match="No space left"):
+        save_hf_model(out, DENSE, other, overwrite=True, max_shard_bytes=10_000)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old one, intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

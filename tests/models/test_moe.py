@@ -647,10 +647,22 @@ def _bad_inputs():
         ({"token_mask": jnp.ones((B,))}, r"token_mask must be \[B, S\] = \(8, 8\)"),
         ({"routing": jnp.zeros((B, S, 3), jnp.int32)}, r"routing must be an integer array"),
         ({"routing": jnp.zeros((B, S, K))}, r"routing must be an integer array"),
+        # Out-of-range experts gave all-NaN (>= E) or zero (< 0) outputs.
+        ({"routing": jnp.full((B, S, K), E, jnp.int32)},
+         r"routing values must be in \[0, num_experts=8\), got 8"),
+        ({"routing": jnp.full((B, S, K), -1, jnp.int32)},
+         r"routing values must be in \[0, num_experts=8\), got -1"),
+        ({"x": x[:, :0]}, r"x must be \[B, S, D\] with B >= 1 and S >= 1, got \(8, 0, 16\)"),
+        ({"x": x[:0]}, r"with B >= 1 and S >= 1, got \(0, 8, 16\)"),
     ], params, x, router  # fmt: skip
 
 
-@pytest.mark.parametrize("case", range(11))
+def test_train_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"train must be a bool \(True or False\), got 'no'"):
+        moe.moe_forward(make_params(), make_x(), router_cfg(), train="no")
+
+
+@pytest.mark.parametrize("case", range(15))
 def test_validation_errors(case):
     cases, params, x, router = _bad_inputs()
     overrides, match = cases[case]

@@ -84,6 +84,10 @@ def test_prefill_errors():
         prefill(params, toks, DENSE, max_length=4)
     with pytest.raises(ValueError, match=r"tokens must be \[B, T\]"):
         prefill(params, jnp.ones((5,), jnp.int32), DENSE, max_length=8)
+    with pytest.raises(TypeError, match=r"tokens must be an integer array .* dtype float32"):
+        prefill(params, jnp.full((2, 3), 1.7), DENSE, max_length=8)  # was truncated to 1
+    with pytest.raises(ValueError, match="max_length must be an integer >= 1, got 4.5"):
+        prefill(params, toks, DENSE, max_length=4.5)
 
 
 @pytest.mark.parametrize(

@@ -163,3 +163,19 @@ def test_input_errors(devices):
         call(prompt_length=PROMPT, group_size=GROUP, mesh=mesh)
     with pytest.raises(ValueError, match=r"routing= was given but the model is dense"):
         call(prompt_length=PROMPT, group_size=GROUP, routing=jnp.zeros((2, 12, 11, 2), int))
+    with pytest.raises(TypeError, match=r"train must be a bool \(True or False\), got 'no'"):
+        call(prompt_length=PROMPT, group_size=GROUP, train="no")
+    moe_params = init_params(MOE, jax.random.key(0))
+    moe_call = functools.partial(
+        forward_shared_prompt, moe_params, tokens, MOE, positions=positions,
+        attention_mask=mask, prompt_length=PROMPT, group_size=GROUP,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"routing must be \[L, B, T, K\] = \(2, 12, 11, 2\)"):
+        moe_call(routing=jnp.zeros((12, 11, 2), jnp.int32))
+    with pytest.raises(ValueError, match=r"routing values must be in \[0, num_experts=4\)"):
+        moe_call(routing=jnp.full((2, 12, 11, 2), 4, jnp.int32))
+    with pytest.raises(ValueError, match=r"params\['embed_tokens'\]\['embedding'\] has shape"):
+        forward_shared_prompt(
+            params, tokens, DENSE.replace(vocab_size=128), positions=positions,
+            attention_mask=mask, prompt_length=PROMPT, group_size=GROUP,
+        )  # fmt: skip

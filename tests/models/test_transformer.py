@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import json
 from unittest import mock
 
 import jax
@@ -69,6 +70,42 @@ def test_config_validation(changes, match):
         ModelConfig(**{**TINY, **changes})
 
 
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        # A truthy string must not mean True.
+        (dict(tie_word_embeddings="false"), "tie_word_embeddings must be a bool .* got 'false'"),
+        (dict(value_head="no"), r"value_head must be a bool \(True or False\), got 'no'"),
+        (dict(value_head=1), "value_head must be a bool"),
+        # Wrong types name the field and the expected type (no bare comparison TypeError).
+        (dict(rope_theta="1e4"), "rope_theta must be an int or float, got '1e4' of type str"),
+        (dict(rope_theta=None), "rope_theta must be an int or float, got None"),
+        (dict(rms_norm_eps="1e-5"), "rms_norm_eps must be an int or float"),
+        (dict(router_aux_loss_coef=None), "router_aux_loss_coef must be an int or float"),
+        (dict(capacity_factor="1.25"), "capacity_factor must be an int or float, or None"),
+        (dict(eval_capacity_factor=True), "eval_capacity_factor must be an int or float"),
+        (dict(rope_theta=float("inf")), "rope_theta must be finite, got inf"),
+        (dict(capacity_factor=float("nan")), "capacity_factor must be finite, got nan"),
+    ],
+)
+def test_config_field_types(changes, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**{**TINY, **changes})
+
+
+def test_config_accepts_numpy_scalars_as_python_values():
+    cfg = ModelConfig(
+        **{**TINY, "vocab_size": np.int64(64)}, tie_word_embeddings=np.bool_(True),
+        rope_theta=np.float32(500.0), capacity_factor=np.float64(1.5), dtype=np.dtype("float32"),
+    )  # fmt: skip
+    assert cfg == ModelConfig(
+        **TINY, tie_word_embeddings=True, rope_theta=500.0, capacity_factor=1.5
+    )
+    assert type(cfg.vocab_size) is int and cfg.tie_word_embeddings is True
+    assert type(cfg.rope_theta) is float and cfg.dtype == "float32"
+    json.dumps(cfg.to_hf_config())  # plain values: config.json can be written
+
+
 def test_config_resolves_defaults_and_router():
     cfg = ModelConfig(
         vocab_size=8, hidden_size=12, intermediate_size=8, num_hidden_layers=1,
@@ -121,12 +158,32 @@ def test_from_hf_config_rope_conventions_and_round_trip():
         (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling.rope_type='linear'"),
         (dict(sliding_window=16, max_position_embeddings=64), "sliding_window=16 < max_position"),
         (dict(vocab_size=None), "vocab_size must be an integer >= 1, got None"),
+        (dict(model_type=["llama"]), r"model_type=\['llama'\] is not supported"),
+        (dict(attention_bias="false"), "attention_bias must be true, false or null, got 'false'"),
+        (dict(tie_word_embeddings="false"), "tie_word_embeddings must be a bool .* 'false'"),
+        (dict(rope_theta=None), "config rope_theta must be a number, got None"),
+        (dict(rope_theta="1e4"), "config rope_theta must be a number, got '1e4'"),
+        (
+            dict(rope_parameters={"rope_theta": None, "rope_type": "default"}),
+            "config rope_parameters.rope_theta must be a number, got None",
+        ),
+        (dict(sliding_window="4096"), "sliding_window must be an integer or null, got '4096'"),
+        (
+            dict(sliding_window=16, max_position_embeddings=None),
+            "max_position_embeddings must be an integer >= 1, got None",
+        ),
     ],
 )
 def test_from_hf_config_errors(changes, match):
     hf = {"model_type": "llama", **TINY, **changes}
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_hf_config(hf)
+
+
+@pytest.mark.parametrize("hf_config", [[1, 2], None, '{"model_type": "llama"}'])
+def test_from_hf_config_needs_a_mapping(hf_config):
+    with pytest.raises(TypeError, match="hf_config must be a mapping .* got "):
+        ModelConfig.from_hf_config(hf_config)
 
 
 def test_from_hf_config_missing_key():
@@ -415,6 +472,102 @@ def test_forward_input_errors():
         init_cache(DENSE, 0, 4)
 
 
+def test_forward_refuses_inputs_it_would_reinterpret():
+    params = init_params(DENSE, jax.random.key(0))
+    toks = jnp.array([[1, 2, 3, 4]], jnp.int32)
+    with pytest.raises(TypeError, match=r"tokens must be an integer array .* got dtype float32"):
+        forward(params, toks.astype(jnp.float32), DENSE)
+    with pytest.raises(TypeError, match=r"tokens must be an integer array .* got dtype bool"):
+        forward(params, toks > 2, DENSE)
+    with pytest.raises(TypeError, match=r"tokens must be a numeric array of token ids .* <U1"):
+        forward(params, [["a", "b"]], DENSE)
+    with pytest.raises(TypeError, match=r"tokens must be an array of token ids \[B, T\], got list"):
+        forward(params, [[1, 2], [3]], DENSE)
+    with pytest.raises(TypeError, match=r"attention_mask must be a numeric array of \[B, T\]"):
+        forward(params, toks, DENSE, attention_mask=[["x"] * 4])
+    with pytest.raises(TypeError, match=r"positions must be an integer array .* dtype float32"):
+        forward(params, toks, DENSE, positions=jnp.array([[0.5, 1.5, 2.5, 3.5]]))
+    in_range = r"tokens must be ids in \[0, vocab_size=64\), got "
+    with pytest.raises(ValueError, match=in_range + r"64 at \[0, 1\]"):
+        forward(params, jnp.array([[1, 64]]), DENSE)
+    with pytest.raises(ValueError, match=in_range + r"-5 at \[0, 1\]"):
+        forward(params, jnp.array([[1, -5]]), DENSE)
+    with pytest.raises(ValueError, match=r"B >= 1 and T >= 1, got shape \(1, 0\)"):
+        forward(params, jnp.ones((1, 0), jnp.int32), DENSE)
+    with pytest.raises(ValueError, match=r"B >= 1 and T >= 1, got shape \(0, 3\)"):
+        forward(params, jnp.ones((0, 3), jnp.int32), DENSE)
+    with pytest.raises(TypeError, match=r"train must be a bool \(True or False\), got 'no'"):
+        forward(params, toks, DENSE, train="no")
+    with pytest.raises(TypeError, match="return_routing must be a bool"):
+        forward(params, toks, DENSE, return_routing=1)
+    # Params of another vocabulary would give logits of the wrong width.
+    small = init_params(DENSE.replace(vocab_size=32), jax.random.key(0))
+    with pytest.raises(
+        ValueError,
+        match=r"params\['embed_tokens'\]\['embedding'\] has shape \(32, 32\), but config "
+        r"vocab_size=64, hidden_size=32 need \(64, 32\)",
+    ):
+        forward(small, toks, DENSE)
+    with pytest.raises(ValueError, match=r"params\['lm_head'\]\['kernel'\] is missing"):
+        forward(params, toks, DENSE.replace(tie_word_embeddings=False))
+    with pytest.raises(ValueError, match=r"params\['layers'\]\['moe'\] is missing"):
+        forward(params, toks, MOE.replace(tie_word_embeddings=True, value_head=False))
+    # numpy bools are bools; the checks do not stop a traced forward.
+    assert forward(params, toks, DENSE, train=np.bool_(False))[0].shape == (1, 4, 64)
+    assert jit_forward(params, toks, config=DENSE)[0].shape == (1, 4, 64)
+
+
+def test_attention_mask_nonzero_means_a_real_token():
+    params = scaled(init_params(DENSE, jax.random.key(0)))
+    toks = jnp.array([[5, 6, 7, 8]], jnp.int32)
+    want, _, _ = forward(params, toks, DENSE, attention_mask=jnp.array([[0, 1, 1, 1]]))
+    for mask in ([[0, 0.5, 2, 1]], [[False, True, True, True]], [[0.0, -1.0, 1.0, 3.0]]):
+        got, _, _ = forward(params, toks, DENSE, attention_mask=jnp.asarray(mask))
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    padded, _, _ = forward(params, toks, DENSE, attention_mask=jnp.array([[0, 0, 1, 1]]))
+    assert np.abs(np.asarray(padded[0, 3]) - np.asarray(want[0, 3])).max() > 1e-3
+
+
+def test_cache_overflow_and_non_caches_are_refused():
+    params = init_params(DENSE, jax.random.key(0))
+    toks = jnp.array([[1, 2, 3, 4]], jnp.int32)
+    cache = init_cache(DENSE, 1, 6)
+    _, cache4, _ = forward(params, toks, DENSE, cache=cache)
+    overflow = r"cache.index 4 \+ 4 new tokens exceed the cache's 6 slots"
+    with pytest.raises(ValueError, match=overflow):
+        forward(params, jnp.array([[5, 6, 7, 8]]), DENSE, cache=cache4)
+    _, full, _ = forward(params, jnp.array([[5, 6]]), DENSE, cache=cache4)  # exactly full: fine
+    assert int(full.index) == 6
+    with pytest.raises(ValueError, match=r"cache.index 6 \+ 1 new tokens exceed"):
+        forward(params, jnp.array([[7]]), DENSE, cache=full)
+    with pytest.raises(ValueError, match=r"cache.index -3 \+ 4 new tokens exceed"):
+        forward(params, toks, DENSE, cache=cache._replace(index=jnp.int32(-3)))
+    for bad in [(1, 2), {"k": 1}]:
+        with pytest.raises(TypeError, match=r"cache must be a KVCache \(from init_cache or"):
+            forward(params, toks, DENSE, cache=bad)
+    with pytest.raises(ValueError, match="max_length must be an integer >= 1, got 4.5"):
+        init_cache(DENSE, 1, 4.5)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got None"):
+        init_cache(DENSE, None, 4)
+    assert init_cache(DENSE, np.int64(1), np.int32(4)).key_mask.shape == (1, 4)
+
+
+def test_routing_shape_and_values_are_checked():
+    params = init_params(MOE, jax.random.key(0))
+    toks = jnp.array([[1, 2, 3, 4]], jnp.int32)
+    with pytest.raises(
+        ValueError, match=r"routing must be \[L, B, T, K\] = \(2, 1, 4, 2\) .* shape \(1, 4, 2\)"
+    ):
+        forward(params, toks, MOE, routing=jnp.zeros((1, 4, 2), jnp.int32))
+    for value in (4, -1):
+        with pytest.raises(
+            ValueError, match=rf"routing values must be in \[0, num_experts=4\), got {value}"
+        ):
+            forward(params, toks, MOE, routing=jnp.full((2, 1, 4, 2), value, jnp.int32))
+    with pytest.raises(TypeError, match="routing must be an integer array"):
+        forward(params, toks, MOE, routing=jnp.zeros((2, 1, 4, 2)))
+
+
 def test_value_head_and_aux():
     params = scaled(init_params(MOE, jax.random.key(3)))
     toks = jax.random.randint(jax.random.key(4), (2, 5), 0, 64)
@@ -422,9 +575,10 @@ def test_value_head_and_aux():
     assert cache is None and logits.shape == (2, 5, 64) and logits.dtype == jnp.float32
     assert aux["values"].shape == (2, 5)
     # The value head reads the final normalised hidden state: recompute it from the logits'
-    # input by replacing the LM head with the value head.
+    # input by replacing the LM head's first column with the value head.
     vh = params["value_head"]
-    swapped = {**params, "lm_head": {"kernel": vh["kernel"]}}
+    kernel = jnp.zeros_like(params["lm_head"]["kernel"]).at[:, :1].set(vh["kernel"])
+    swapped = {**params, "lm_head": {"kernel": kernel}}
     v_logits, _, _ = jit_forward(swapped, toks, config=MOE)
     np.testing.assert_allclose(aux["values"], v_logits[..., 0] + vh["bias"][0], atol=1e-6)
     assert aux["expert_load"].shape == (2, 4)

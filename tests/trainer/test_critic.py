@@ -66,7 +66,7 @@ def test_router_replay_drives_the_policy_and_not_the_critic():
     )  # fmt: skip
     rng = np.random.default_rng(0)
     rows, p, t = 4, spec.prompt_length, 4
-    tokens = jnp.asarray(rng.integers(3, 20, size=(rows, p + t)), jnp.int32)
+    tokens = jnp.asarray(rng.integers(3, spec.policy.vocab_size, size=(rows, p + t)), jnp.int32)
     inputs = dict(
         positions=jnp.broadcast_to(jnp.arange(p + t, dtype=jnp.int32), tokens.shape),
         attention_mask=jnp.ones_like(tokens),
