@@ -23,6 +23,7 @@ from novarl_jax.rollout.rewards import (
     positional_match_reward,
 )
 from novarl_jax.rollout.sampler import (
+    MIN_TEMPERATURE,
     SampleOutput,
     apply_temperature,
     left_pad,
@@ -49,6 +50,7 @@ __all__ = [
     "CopyTask",
     "HFTokenizer",
     "JSONLTask",
+    "MIN_TEMPERATURE",
     "ReverseTask",
     "RolloutEngine",
     "RolloutInfo",

@@ -27,6 +27,9 @@ from novarl_jax.rollout.tasks.base import Task, check_batch_size, rewards_to_arr
 
 logger = logging.getLogger(__name__)
 
+# Trajectory.policy_version is int32.
+_MAX_VERSION = 2**31
+
 
 class Trajectory(NamedTuple):
     """One batch of rollouts (a pytree of arrays). R = B*G rows, prompt-major: row
@@ -91,11 +94,13 @@ class SamplingConfig:
         max_prompt_length: P, prompts are left-padded to this many tokens (static shapes);
             longer prompts follow the tokenizer's truncation setting (error by default).
         max_new_tokens: T, generated tokens per sample at most.
-        temperature: >= 0 (0 = greedy).
+        temperature: 0 = greedy, else a finite float >=
+            :data:`~novarl_jax.rollout.sampler.MIN_TEMPERATURE` (1e-4).
         top_k: keep the k most likely tokens (0 = off).
         top_p: nucleus mass in (0, 1] (1 = off).
         num_samples: G, completions per prompt (the GRPO group size; 1 for PPO).
-        stop_token_ids: tokens that end a completion; None = the tokenizer's ``eos_id``.
+        stop_token_ids: tokens that end a completion (a sequence, or one int); None = the
+            tokenizer's ``eos_id``.
         return_routing: also record MoE expert choices (router replay).
     """
 
@@ -117,7 +122,18 @@ class SamplingConfig:
             raise ValueError(
                 f"max_prompt_length must be an integer >= 1, got {self.max_prompt_length!r}"
             )
-        if self.stop_token_ids is not None:
+        if isinstance(self.stop_token_ids, (int, np.integer)) and not isinstance(
+            self.stop_token_ids, bool
+        ):
+            object.__setattr__(self, "stop_token_ids", (self.stop_token_ids,))
+        elif self.stop_token_ids is not None:
+            if isinstance(self.stop_token_ids, (str, bytes)) or not hasattr(
+                self.stop_token_ids, "__iter__"
+            ):
+                raise ValueError(
+                    f"stop_token_ids must be a sequence of token ids, one int, or None, got "
+                    f"{self.stop_token_ids!r}"
+                )
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         # The sampler's checks name the same fields.
         make_settings(
@@ -144,8 +160,9 @@ class RolloutEngine:
         mesh: the device mesh the parameters live on, or None.
 
     Raises:
-        ValueError: the tokenizer's vocabulary is larger than the model's, or a stop token is
-            outside the model's vocabulary.
+        ValueError: the tokenizer's vocabulary is larger than the model's, a stop token is
+            outside the model's vocabulary, or ``max_prompt_length + max_new_tokens`` exceeds
+            the model's ``max_position_embeddings``.
 
     Example:
         >>> task = AdditionTask()
@@ -180,6 +197,14 @@ class RolloutEngine:
         if bad:
             raise ValueError(
                 f"stop_token_ids {bad} are outside the model's vocabulary [0, {vocab})"
+            )
+        total = sampling.max_prompt_length + sampling.max_new_tokens
+        max_pos = getattr(model_config, "max_position_embeddings", None)
+        if max_pos is not None and total > max_pos:
+            raise ValueError(
+                f"sampling.max_prompt_length {sampling.max_prompt_length} + max_new_tokens "
+                f"{sampling.max_new_tokens} = {total} exceeds the model's "
+                f"max_position_embeddings={max_pos}; shorten one of them"
             )
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -228,7 +253,8 @@ class RolloutEngine:
         Args:
             params: the policy parameters (on ``mesh`` when one was given).
             key: a ``jax.random`` key; split into the prompt key and the sampling key.
-            policy_version: the version of ``params`` (recorded in every row).
+            policy_version: the version of ``params`` (recorded in every row as int32), an
+                integer in ``[0, 2**31)``.
             batch_size: B, prompts.
             num_samples: G, samples per prompt; None = ``sampling.num_samples``.
 
@@ -239,10 +265,18 @@ class RolloutEngine:
         batch_size = check_batch_size(batch_size)
         s = self.sampling
         group = s.num_samples if num_samples is None else num_samples
-        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {group!r}")
-        if isinstance(policy_version, bool) or not isinstance(policy_version, (int, np.integer)):
-            raise ValueError(f"policy_version must be an integer, got {policy_version!r}")
+        group = int(group)
+        if (
+            isinstance(policy_version, bool)
+            or not isinstance(policy_version, (int, np.integer))
+            or not 0 <= policy_version < _MAX_VERSION
+        ):
+            raise ValueError(
+                f"policy_version must be an integer in [0, 2**31) (it is stored as int32), got "
+                f"{policy_version!r}"
+            )
         prompt_key, sample_key = jax.random.split(key)
         prompts, metadata, tokens, mask = self._encode_prompts(prompt_key, batch_size)
         out = sample(

@@ -17,7 +17,8 @@ How it runs:
    a stop token (or after ``max_new_tokens``). Shapes are static throughout.
 
 Sampling at step ``t`` uses ``jax.random.fold_in(key, t)``, so a key fixes the result.
-Temperature 0 is greedy (argmax of the raw logits).
+Temperature 0 is greedy (argmax of the raw logits); a positive temperature must be at least
+:data:`MIN_TEMPERATURE`.
 """
 
 from __future__ import annotations
@@ -72,6 +73,36 @@ class SampleOutput(NamedTuple):
 _ROUTING_BATCH_AXIS = 1
 _ROUTING_TOKEN_AXIS = 2
 
+# The smallest positive temperature :func:`sample` accepts (0 = greedy). ``logits / T`` is
+# computed in float32, and XLA may fuse it differently into the max and the sum of the
+# log-softmax; once ``|logit| / T`` nears 1e9 their rounding no longer agrees and the
+# log-probs come out -inf, +inf or NaN (seen at T = 1e-10 for logits ~0.1, at T = 1e-8 for
+# logits ~30). At 1e-4, logits up to 1e3 stay below 1e7 (a margin of 100), and sampling is
+# already greedy in all but near-exact ties.
+MIN_TEMPERATURE = 1e-4
+
+
+def _real(value: Any) -> float | None:
+    """``float(value)`` for a concrete real number (Python, NumPy or a 0-d array), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if (
+        isinstance(value, (np.ndarray, jax.Array))
+        and not isinstance(value, jax.core.Tracer)
+        and value.shape == ()
+        and (jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating))
+    ):
+        return float(value)
+    return None
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
 
 # --------------------------------------------------------------------------------------------
 # Sampling distributions (pure functions of logits).
@@ -95,23 +126,27 @@ def apply_temperature(logits: ArrayLike, temperature: float) -> jax.Array:
 def top_k_mask(logits: ArrayLike, k: int) -> jax.Array:
     """Which tokens top-k sampling keeps: those with a logit >= the k-th largest.
 
-    Ties at the k-th value are all kept (so more than k tokens may survive). ``k <= 0`` or
+    Ties at the k-th value are all kept (so more than k tokens may survive). ``k == 0`` or
     ``k >= V`` keeps everything.
 
     Args:
         logits: [..., V] float.
-        k: number of tokens to keep.
+        k: number of tokens to keep, an integer >= 0 (0 = all).
 
     Returns:
         [..., V] bool, True = kept.
+
+    Raises:
+        ValueError: ``k`` is not an integer >= 0.
 
     Example:
         >>> top_k_mask(jnp.array([3.0, 1.0, 3.0, 2.0]), 2).tolist()
         [True, False, True, False]
     """
+    k = _check_int("top_k_mask k", k, 0)
     logits = jnp.asarray(logits)
     vocab = logits.shape[-1]
-    if k <= 0 or k >= vocab:
+    if k == 0 or k >= vocab:
         return jnp.ones(logits.shape, bool)
     kth = jax.lax.top_k(logits, k)[0][..., -1:]
     return logits >= kth
@@ -123,22 +158,30 @@ def top_p_mask(logits: ArrayLike, p: float) -> jax.Array:
     Sort the probabilities ``pi = softmax(logits)`` descending; keep the shortest prefix whose
     mass reaches ``p``: sorted token ``j`` is kept when ``sum_{i<j} pi_(i) < p``. Every token
     whose probability equals the smallest kept one is kept too (ties are not broken by
-    sort order). The most likely token is always kept. ``p >= 1`` keeps everything.
+    sort order). The most likely token is always kept. ``p == 1`` keeps everything.
 
     Args:
         logits: [..., V] float (may contain -inf for tokens already excluded).
-        p: the nucleus mass, in (0, 1] (a float, or a traced scalar under jit).
+        p: the nucleus mass, in (0, 1] (a float, or a traced scalar under jit, which is not
+            checked).
 
     Returns:
         [..., V] bool, True = kept.
+
+    Raises:
+        ValueError: a concrete ``p`` outside (0, 1].
 
     Example:
         >>> top_p_mask(jnp.log(jnp.array([0.5, 0.3, 0.2])), 0.7).tolist()
         [True, True, False]
     """
     logits = jnp.asarray(logits, jnp.float32)
-    if not isinstance(p, jax.core.Tracer) and p >= 1.0:
-        return jnp.ones(logits.shape, bool)
+    if not isinstance(p, jax.core.Tracer):
+        value = _real(p)
+        if value is None or not 0 < value <= 1:
+            raise ValueError(f"top_p_mask p must be a float in (0, 1], got {p!r}")
+        if value == 1:
+            return jnp.ones(logits.shape, bool)
     probs = jax.nn.softmax(logits, axis=-1)
     sorted_probs = -jnp.sort(-probs, axis=-1)
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
@@ -210,6 +253,8 @@ class Settings:
         bad = [t for t in self.stop_token_ids if t >= vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
+        if self.pad_id >= vocab_size:
+            raise ValueError(f"pad_id={self.pad_id} is outside the vocabulary [0, {vocab_size})")
         stop_mask = np.zeros((vocab_size,), bool)
         stop_mask[list(self.stop_token_ids)] = True
         return _Dynamic(
@@ -275,13 +320,27 @@ def left_pad(tokens: ArrayLike, mask: ArrayLike, pad_id: int) -> tuple[jax.Array
     Args:
         tokens: [B, P] int.
         mask: [B, P], nonzero = a real token.
-        pad_id: written into every padding slot.
+        pad_id: written into every padding slot, an integer.
 
     Returns:
         ``(tokens, mask)``, int32 [B, P], left-padded.
+
+    Raises:
+        ValueError: ``tokens`` is not [B, P], ``mask`` has another shape, or ``pad_id`` is
+            not an integer.
     """
-    tokens = jnp.asarray(tokens, jnp.int32)
-    mask = (jnp.asarray(mask) != 0).astype(jnp.int32)
+    tokens = jnp.asarray(tokens)
+    mask = jnp.asarray(mask)
+    if tokens.ndim != 2:
+        raise ValueError(f"left_pad tokens must have shape [B, P], got {tokens.shape}")
+    if mask.shape != tokens.shape:
+        raise ValueError(f"left_pad mask shape {mask.shape} != tokens shape {tokens.shape}")
+    if not isinstance(pad_id, jax.core.Tracer) and (
+        isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer))
+    ):
+        raise ValueError(f"left_pad pad_id must be an integer, got {pad_id!r}")
+    tokens = tokens.astype(jnp.int32)
+    mask = (mask != 0).astype(jnp.int32)
     order = jnp.argsort(mask, axis=1, stable=True)
     tokens = jnp.take_along_axis(tokens, order, axis=1)
     mask = jnp.take_along_axis(mask, order, axis=1)
@@ -438,12 +497,6 @@ def _decode(params, cache, first, key, dyn, *, config, static: _Static, mesh):
 # Public entry point.
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def make_settings(
     *,
     max_new_tokens: int,
@@ -460,24 +513,23 @@ def make_settings(
     _check_int("top_k", top_k, 0)
     _check_int("num_samples", num_samples, 1)
     _check_int("pad_id", pad_id, 0)
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not (np.isfinite(temperature) and temperature >= 0)
-    ):
+    temp = _real(temperature)
+    if temp is None or not (temp == 0 or MIN_TEMPERATURE <= temp < np.inf):
         raise ValueError(
-            f"temperature must be a finite float >= 0 (0 = greedy), got {temperature!r}"
+            f"temperature must be 0 (greedy) or a finite float >= {MIN_TEMPERATURE:g} (smaller "
+            f"ones overflow float32 and give NaN/inf log-probs), got {temperature!r}"
         )
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    top_p_value = _real(top_p)
+    if top_p_value is None or not 0 < top_p_value <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(stop_token_ids, (int, np.integer)):
         stop_token_ids = (stop_token_ids,)
     stops = tuple(_check_int("stop_token_ids entry", t, 0) for t in stop_token_ids)
     return Settings(
         max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature),
+        temperature=temp,
         top_k=int(top_k),
-        top_p=float(top_p),
+        top_p=top_p_value,
         stop_token_ids=stops,
         pad_id=int(pad_id),
         num_samples=int(num_samples),
@@ -512,15 +564,16 @@ def sample(
     Args:
         params: model parameters (sharded on ``mesh`` when one is given).
         model_config: the ``ModelConfig``.
-        prompt_tokens: [B, P] int, left- or right-padded (any mask layout works).
+        prompt_tokens: [B, P] int, left- or right-padded (any mask layout works); real tokens
+            must be in ``[0, vocab_size)`` (checked unless traced).
         prompt_mask: [B, P], 1 = a real token; every row needs at least one.
         key: a ``jax.random`` key.
         max_new_tokens: T, generated tokens per row at most (also the output width).
-        temperature: >= 0; 0 = greedy.
+        temperature: 0 = greedy, else a finite float >= :data:`MIN_TEMPERATURE` (1e-4).
         top_k: keep the k most likely tokens (0 = off).
         top_p: nucleus mass in (0, 1] (1 = off).
         stop_token_ids: tokens that end a row (kept in the response, mask 1).
-        pad_id: written after a row ends and into prompt padding.
+        pad_id: written after a row ends and into prompt padding; in ``[0, vocab_size)``.
         mesh: a mesh from ``ParallelLayout.make_mesh()``; the batch is sharded over
             ('dp', 'ep') when B*G divides evenly, and the model shards the rest.
         num_samples: G, samples per prompt (a GRPO group); the prompt is prefilled once and
@@ -531,8 +584,9 @@ def sample(
         :class:`SampleOutput` with B*G rows, prompt-major.
 
     Raises:
-        ValueError: bad shapes or settings, an empty prompt row, or ``P + max_new_tokens``
-            above ``max_position_embeddings``.
+        ValueError: bad shapes or settings, an empty prompt row, a prompt, stop or pad id
+            outside the vocabulary, or ``P + max_new_tokens`` above
+            ``max_position_embeddings``.
 
     Example:
         >>> out = sample(params, config, tokens, mask, jax.random.key(0), max_new_tokens=16,
@@ -569,18 +623,30 @@ def sample(
             f"prompt length {prompt_tokens.shape[1]} + max_new_tokens "
             f"{settings.max_new_tokens} = {total} exceeds max_position_embeddings={max_pos}"
         )
+    vocab = model_config.vocab_size
+    static, dyn = settings.static(), settings.dynamic(vocab)
     if not isinstance(prompt_mask, jax.core.Tracer):
-        empty = np.flatnonzero(np.asarray(prompt_mask != 0).sum(axis=1) == 0)
+        real = np.asarray(prompt_mask != 0)
+        empty = np.flatnonzero(real.sum(axis=1) == 0)
         if empty.size:
             raise ValueError(
                 f"prompt rows {empty.tolist()} have no real token (prompt_mask all 0); "
                 f"every prompt needs at least one token (e.g. BOS)"
             )
+        if not isinstance(prompt_tokens, jax.core.Tracer):
+            ids = np.asarray(prompt_tokens)
+            outside = np.argwhere(real & ((ids < 0) | (ids >= vocab)))
+            if outside.size:
+                row, col = outside[0].tolist()
+                raise ValueError(
+                    f"prompt_tokens has {len(outside)} real (prompt_mask != 0) ids outside the "
+                    f"vocabulary [0, {vocab}); the first is {int(ids[row, col])} at row {row}, "
+                    f"column {col}"
+                )
     tokens, mask = left_pad(prompt_tokens, prompt_mask, settings.pad_id)
     if mesh is not None:
         sharding = jax.sharding.NamedSharding(mesh, batch_spec(2, mesh, tokens.shape[0]))
         tokens, mask = jax.device_put(tokens, sharding), jax.device_put(mask, sharding)
-    static, dyn = settings.static(), settings.dynamic(model_config.vocab_size)
     cache, token0, logp0, policy0, pos0, prompt_routing = _prefill(
         params, tokens, mask, key, dyn, config=model_config, static=static, mesh=mesh
     )

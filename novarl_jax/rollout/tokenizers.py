@@ -134,8 +134,8 @@ class _BaseTokenizer:
             (padding positions hold ``pad_id``).
 
         Raises:
-            ValueError: bad ``padding_side``/``max_length``, or a text longer than
-                ``max_length`` with ``truncation='error'``.
+            ValueError: bad ``padding_side``/``max_length``, a text that is not a str, or a
+                text longer than ``max_length`` with ``truncation='error'``.
         """
         _check_choice("padding_side", padding_side, PADDING_SIDES)
         if isinstance(texts, str):
@@ -149,6 +149,11 @@ class _BaseTokenizer:
             raise ValueError("add_bos=True but this tokenizer has no bos_id")
         rows = []
         for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"texts must be strings, but texts[{index}] is {type(text).__name__}: "
+                    f"{text!r:.60}"
+                )
             ids = ([self.bos_id] if use_bos else []) + self.encode(text)
             if max_length is not None and len(ids) > max_length:
                 if self.truncation == "error":
@@ -291,7 +296,8 @@ class HFTokenizer(_BaseTokenizer):
         truncation: 'error' (default), 'left' or 'right' for texts over ``max_length``.
 
     Raises:
-        ValueError: a special token is not in the vocabulary, or a bad ``truncation``.
+        ValueError: the path is missing, a directory or not a loadable tokenizer.json, a
+            special token is not in the vocabulary, or a bad ``truncation``.
 
     Example:
         >>> tok = HFTokenizer("tokenizer.json", pad_token="<pad>", eos_token="</s>",
@@ -313,9 +319,22 @@ class HFTokenizer(_BaseTokenizer):
 
         _check_choice("truncation", truncation, TRUNCATION_MODES)
         if isinstance(tokenizer, (str, os.PathLike)):
-            if not os.path.exists(tokenizer):
-                raise ValueError(f"tokenizer file {str(tokenizer)!r} does not exist")
-            tokenizer = _HFTok.from_file(str(tokenizer))
+            path = os.fspath(tokenizer)
+            if not os.path.exists(path):
+                raise ValueError(f"tokenizer file {path!r} does not exist")
+            if os.path.isdir(path):
+                raise ValueError(
+                    f"tokenizer file {path!r} is a directory; pass the tokenizer.json file in "
+                    f"it (e.g. {os.path.join(path, 'tokenizer.json')!r})"
+                )
+            try:
+                tokenizer = _HFTok.from_file(path)
+            except Exception as err:  # tokenizers raises a bare Exception
+                first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+                raise ValueError(
+                    f"could not load tokenizer file {path!r} as a Hugging Face tokenizer.json: "
+                    f"{first}"
+                ) from err
         if not isinstance(tokenizer, _HFTok):
             raise ValueError(
                 f"tokenizer must be a tokenizers.Tokenizer or a path to tokenizer.json, "
@@ -332,7 +351,10 @@ class HFTokenizer(_BaseTokenizer):
         self.pad_id = token_id("pad_token", pad_token)
         self.eos_id = token_id("eos_token", eos_token)
         self.bos_id = None if bos_token is None else token_id("bos_token", bos_token)
-        self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
+        # Ids need not be contiguous: the embedding must hold the largest one.
+        ids = tokenizer.get_vocab(with_added_tokens=True).values()
+        count = int(tokenizer.get_vocab_size(with_added_tokens=True))
+        self.vocab_size = max(count, max(ids, default=-1) + 1)
         self.add_bos = (self.bos_id is not None) if add_bos is None else add_bos
         self.truncation = truncation
 

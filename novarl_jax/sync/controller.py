@@ -197,22 +197,76 @@ def record_broadcast(state: SyncState, now: float, version: int) -> SyncState:
     )
 
 
+def _check_version_scalar(name: str, value: Any) -> int:
+    """An integer >= 0; NumPy integers and 0-d integer arrays (NumPy or JAX) are accepted."""
+    if (
+        hasattr(value, "dtype")
+        and getattr(value, "shape", None) == ()
+        and np.issubdtype(value.dtype, np.integer)
+    ):
+        value = int(value)
+    return _check_int(name, value, 0)
+
+
+def _sample_versions(sample_versions: Any, trainer_version: int) -> np.ndarray:
+    """``sample_versions`` as flat int64 after checking they are integers in [0, trainer]."""
+    if isinstance(sample_versions, (str, bytes, Mapping)):
+        raise ValueError(
+            f"sample_versions must be an array or sequence of integer versions, got "
+            f"{sample_versions!r:.80}"
+        )
+    try:
+        versions = np.asarray(sample_versions)
+    except ValueError:  # a ragged nesting
+        raise ValueError(
+            f"sample_versions must be an array of integers, got a ragged "
+            f"{type(sample_versions).__name__}"
+        ) from None
+    if versions.size == 0:
+        return np.zeros((0,), np.int64)
+    if versions.dtype.kind not in "iu":
+        raise ValueError(
+            f"sample_versions must be integers (e.g. Trajectory.policy_version), got dtype "
+            f"{versions.dtype} (first values {versions.reshape(-1)[:4].tolist()})"
+        )
+    versions = versions.astype(np.int64).reshape(-1)
+    if versions.min() < 0:
+        raise ValueError(f"sample_versions must be >= 0, got {int(versions.min())}")
+    if versions.max() > trainer_version:
+        raise ValueError(
+            f"sample_versions include {int(versions.max())}, newer than "
+            f"trainer_version={trainer_version}; a sample cannot be newer than the trainer "
+            f"that takes it"
+        )
+    return versions
+
+
 def staleness(trainer_version: int, sample_versions: Any) -> np.ndarray:
     """Per-row staleness ``trainer_version - sample_version``.
 
     Args:
-        trainer_version: the trainer's version as it takes the batch.
+        trainer_version: the trainer's version as it takes the batch, an integer >= 0.
         sample_versions: [R] int, the version that sampled each row
-            (``Trajectory.policy_version``).
+            (``Trajectory.policy_version``; any integer array or sequence).
 
     Returns:
-        [R] int64.
+        [R] int64, every entry >= 0.
+
+    Raises:
+        ValueError: a version is not an integer >= 0, or a sample version is newer than
+            ``trainer_version``.
     """
-    return int(trainer_version) - np.asarray(sample_versions, np.int64).reshape(-1)
+    trainer_version = _check_version_scalar("trainer_version", trainer_version)
+    return trainer_version - _sample_versions(sample_versions, trainer_version)
 
 
 def admissible(trainer_version: int, sample_versions: Any, max_staleness: int) -> bool:
-    """True when no row is staler than ``max_staleness`` (the batch may be trained)."""
+    """True when no row is staler than ``max_staleness`` (the batch may be trained).
+
+    Raises:
+        ValueError: as :func:`staleness`, or ``max_staleness`` is not an integer >= 0.
+    """
+    max_staleness = _check_version_scalar("max_staleness", max_staleness)
     lag = staleness(trainer_version, sample_versions)
     return bool(lag.size == 0 or lag.max() <= max_staleness)
 

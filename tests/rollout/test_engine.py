@@ -170,6 +170,24 @@ def test_engine_errors(setup):
         RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=bad_stop)
     with pytest.raises(ValueError, match="sampling must be a SamplingConfig"):
         RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling={"max_new_tokens": 4})
+    # Prompt + completion longer than the model's positions fails here, not at the first rollout.
+    too_long = SamplingConfig(max_prompt_length=40, max_new_tokens=30)
+    with pytest.raises(
+        ValueError,
+        match=r"40 \+ max_new_tokens 30 = 70 exceeds the model's max_position_embeddings=64",
+    ):
+        RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=too_long)
+    # One stop token may be given as a bare int, as sample() accepts it.
+    assert SamplingConfig(
+        max_prompt_length=8, max_new_tokens=4, stop_token_ids=2
+    ).stop_token_ids == (2,)
+    assert SamplingConfig(
+        max_prompt_length=8, max_new_tokens=4, stop_token_ids=np.int64(2)
+    ).stop_token_ids == (2,)
+    with pytest.raises(ValueError, match="stop_token_ids must be a sequence of token ids, one int"):
+        SamplingConfig(max_prompt_length=8, max_new_tokens=4, stop_token_ids="2")
+    with pytest.raises(ValueError, match=r"temperature must be 0 \(greedy\) or a finite float >="):
+        SamplingConfig(max_prompt_length=8, max_new_tokens=4, temperature=1e-30)
     short = SamplingConfig(max_prompt_length=3, max_new_tokens=4)
     engine = RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=short)
     with pytest.raises(ValueError, match="more than max_length=3"):
@@ -179,6 +197,12 @@ def test_engine_errors(setup):
         engine.rollout(params, jax.random.key(0), policy_version=0, batch_size=2, num_samples=0)
     with pytest.raises(ValueError, match="policy_version must be an integer"):
         engine.rollout(params, jax.random.key(0), policy_version="v1", batch_size=2)
+    # Trajectory.policy_version is int32: negative or >= 2**31 versions are refused, not wrapped.
+    for version in (-1, 2**31, 2**40):
+        with pytest.raises(
+            ValueError, match=r"policy_version must be an integer in \[0, 2\*\*31\)"
+        ):
+            engine.rollout(params, jax.random.key(0), policy_version=version, batch_size=2)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         engine.rollout(params, jax.random.key(0), policy_version=0, batch_size=0)
 

@@ -495,7 +495,10 @@ def test_argument_errors(dense):
     kw = dict(max_new_tokens=4, pad_id=PAD)
     cases = [
         (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
-        (dict(temperature=-1.0), "temperature must be a finite float >= 0"),
+        (dict(temperature=-1.0), r"temperature must be 0 \(greedy\) or a finite float >= 0.0001"),
+        (dict(temperature=1e-30), r"temperature must be 0 \(greedy\) or a finite float >= 0.0001"),
+        (dict(temperature=1e-45), "temperature must be 0"),
+        (dict(temperature=float("nan")), "temperature must be 0"),
         (dict(top_k=-1), "top_k must be an integer >= 0"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(num_samples=0), "num_samples must be an integer >= 1"),
@@ -503,6 +506,7 @@ def test_argument_errors(dense):
         (dict(return_routing=True), "return_routing=True needs an MoE model"),
         (dict(max_new_tokens=60), r"= 65 exceeds max_position_embeddings=64"),
         (dict(stop_token_ids=(2, 40)), r"stop_token_ids \[40\] are outside the vocabulary"),
+        (dict(pad_id=VOCAB), rf"pad_id={VOCAB} is outside the vocabulary \[0, {VOCAB}\)"),
     ]
     for extra, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -519,3 +523,54 @@ def test_argument_errors(dense):
         S.sample(params, config, tokens, bad, jax.random.key(0), **kw)
     with pytest.raises(ValueError, match="temperature must be > 0 here"):
         S.apply_temperature(np.zeros(3), 0.0)
+    # Real prompt ids outside the vocabulary are named; padding may hold anything.
+    for bad_id in (VOCAB, -3):
+        wrong = tokens.copy()
+        wrong[1, 2:] = 999  # padding: never read
+        wrong[2, 3] = bad_id
+        with pytest.raises(
+            ValueError,
+            match=rf"1 real \(prompt_mask != 0\) ids outside the vocabulary \[0, {VOCAB}\); "
+            rf"the first is {bad_id} at row 2, column 3",
+        ):
+            S.sample(params, config, wrong, mask, jax.random.key(0), **kw)
+
+
+def test_temperature_floor_and_numpy_scalars(dense):
+    config, params = dense
+    tokens, mask = _prompts()
+    kw = dict(max_new_tokens=3, pad_id=PAD)
+    # The smallest accepted temperature gives finite log-probs (below it they were NaN/inf).
+    out = S.sample(
+        params, config, tokens, mask, jax.random.key(0), temperature=S.MIN_TEMPERATURE, **kw
+    )
+    assert np.isfinite(np.asarray(out.logprobs)).all()
+    # NumPy / 0-d JAX scalars are numbers like any other.
+    ref = S.sample(
+        params, config, tokens, mask, jax.random.key(0), temperature=0.7, top_p=0.9, **kw
+    )
+    for temperature, top_p in ((np.float32(0.7), np.float64(0.9)), (jnp.float32(0.7), 0.9)):
+        got = S.sample(
+            params, config, tokens, mask, jax.random.key(0), temperature=temperature,
+            top_p=top_p, **kw,
+        )  # fmt: skip
+        np.testing.assert_array_equal(got.response_tokens, ref.response_tokens)
+
+
+def test_mask_and_padding_helpers_validate_their_arguments():
+    logits = jnp.array([3.0, 1.0, 2.0])
+    for k in (1.5, -1, True, "2"):
+        with pytest.raises(ValueError, match="top_k_mask k must be an integer >= 0"):
+            S.top_k_mask(logits, k)
+    assert S.top_k_mask(logits, np.int64(1)).tolist() == [True, False, False]
+    for p in (0.0, -1.0, 1.5, float("nan"), None):
+        with pytest.raises(ValueError, match=r"top_p_mask p must be a float in \(0, 1\]"):
+            S.top_p_mask(logits, p)
+    assert S.top_p_mask(logits, 1).tolist() == [True, True, True]
+    assert S.top_p_mask(logits, 1e-9).tolist() == [True, False, False]  # the top one is kept
+    with pytest.raises(ValueError, match=r"left_pad mask shape \(1, 2\) != tokens shape \(1, 3\)"):
+        S.left_pad(jnp.array([[1, 2, 0]]), jnp.array([[1, 1]]), 0)
+    with pytest.raises(ValueError, match=r"left_pad tokens must have shape \[B, P\]"):
+        S.left_pad(jnp.array([1, 2, 0]), jnp.array([1, 1, 0]), 0)
+    with pytest.raises(ValueError, match="left_pad pad_id must be an integer, got 0.5"):
+        S.left_pad(jnp.array([[1, 2, 0]]), jnp.array([[1, 1, 0]]), 0.5)

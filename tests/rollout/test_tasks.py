@@ -75,6 +75,14 @@ def test_task_constructor_errors():
         CopyTask(min_length=2, max_length=1)
     with pytest.raises(ValueError, match="max_operand must be an integer >= 1"):
         AdditionTask(max_operand=0)
+    with pytest.raises(ValueError, match=r"max_operand must be at most 2\*\*63 - 2"):
+        AdditionTask(max_operand=2**70)
+    big = AdditionTask(max_operand=2**63 - 2)
+    assert all(
+        0 <= a <= 2**63 - 2
+        for m in big.sample_prompts(jax.random.key(0), 4)[1]
+        for a in m["operands"]
+    )
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         CopyTask().sample_prompts(jax.random.key(0), 0)
     with pytest.raises(ValueError, match="unknown task 'chess'; valid tasks"):
@@ -215,6 +223,22 @@ def test_jsonl_task_errors(tmp_path):
         JSONLTask(DATA, reward="fuzzy")
     with pytest.raises(ValueError, match="must contain '{prompt}'"):
         JSONLTask(DATA, prompt_template="no field")
+    with pytest.raises(ValueError, match="must contain '{prompt}'"):
+        JSONLTask(DATA, prompt_template="{{prompt}}")  # literal text, no field
+    # Bad templates fail at construction (they used to fail at the first sample_prompts).
+    cases = [
+        ("Q: {prompt}. Answer in \\boxed{}", r"field\(s\) {}; .* braces doubled"),
+        ("{prompt} {answer}", r"field\(s\) {answer}; the only field allowed is {prompt}"),
+        ("{prompt", "is not a valid format string"),
+        ("{prompt:d}", "cannot be formatted with a prompt"),
+        (None, "prompt_template must be a str"),
+    ]
+    for template, match in cases:
+        with pytest.raises(ValueError, match=match):
+            JSONLTask(DATA, prompt_template=template)
+    boxed = JSONLTask(DATA, shuffle=False, prompt_template="Q: {prompt} \\boxed{{}}")
+    prompt = boxed.sample_prompts(None, 1)[0][0]
+    assert prompt.startswith("Q: ") and prompt.endswith(" \\boxed{}")
     task = JSONLTask(DATA)
     with pytest.raises(ValueError, match="keys \\['epoch', 'index', 'seed'\\]"):
         task.set_state({"epoch": 0})

@@ -1,5 +1,7 @@
 """Tokenizers: round trips, padding sides, truncation, special tokens, HF wrapper."""
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -81,6 +83,10 @@ def test_encode_batch_argument_errors():
         tok.encode_batch(["a"], max_length=0)
     with pytest.raises(ValueError, match="texts must be a sequence of strings"):
         tok.encode_batch("ab")
+    with pytest.raises(ValueError, match=r"texts must be strings, but texts\[1\] is int: 123"):
+        tok.encode_batch(["a", 123])
+    with pytest.raises(ValueError, match=r"texts\[0\] is NoneType"):
+        ByteTokenizer().encode_batch([None])
     with pytest.raises(ValueError, match=r"mask shape \(1, 2\) != tokens shape \(1, 3\)"):
         tok.decode_batch(np.zeros((1, 3), np.int32), np.zeros((1, 2), np.int32))
 
@@ -114,6 +120,20 @@ def test_hf_tokenizer_from_file(hf_tokenizer):
     assert isinstance(tok, Tokenizer)
 
 
+def test_hf_tokenizer_vocab_size_covers_ids_with_gaps(tmp_path):
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    # Ids 0-2 and 5-6: four entries, but the embedding needs rows up to id 6.
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "a": 5, "b": 6}
+    rust = RustTokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    rust.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    rust.save(str(tmp_path / "tokenizer.json"))
+    tok = HFTokenizer.from_file(tmp_path / "tokenizer.json", pad_token="<pad>", eos_token="</s>")
+    assert tok.vocab_size == 7
+    assert max(tok.encode("ab")) < tok.vocab_size
+
+
 def test_hf_tokenizer_truncation_and_errors(hf_tokenizer):
     tok = HFTokenizer(str(hf_tokenizer), pad_token="<pad>", eos_token="</s>", truncation="left")
     assert tok.bos_id is None and not tok.add_bos
@@ -123,5 +143,12 @@ def test_hf_tokenizer_truncation_and_errors(hf_tokenizer):
         HFTokenizer(hf_tokenizer, pad_token="<pad>", eos_token="<eos>")
     with pytest.raises(ValueError, match="does not exist"):
         HFTokenizer("/nonexistent/tokenizer.json", pad_token="<pad>", eos_token="</s>")
+    folder = str(hf_tokenizer.parent)
+    with pytest.raises(ValueError, match=re.escape(f"tokenizer file '{folder}' is a directory")):
+        HFTokenizer(folder, pad_token="<pad>", eos_token="</s>")
+    garbage = hf_tokenizer.parent / "garbage.json"
+    garbage.write_text("{}")
+    with pytest.raises(ValueError, match=re.escape(f"could not load tokenizer file '{garbage}'")):
+        HFTokenizer(garbage, pad_token="<pad>", eos_token="</s>")
     with pytest.raises(ValueError, match="add_bos=True but this tokenizer has no bos_id"):
         tok.encode_batch(["one"], add_bos=True)

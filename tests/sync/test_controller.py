@@ -187,6 +187,34 @@ def test_staleness_and_admissible():
     assert admissible(7, [7, 5, 1], 6)
     assert not admissible(7, [7, 5, 0], 6)
     assert admissible(7, [], 0)
+    # NumPy integers and (JAX) int32 arrays, as Trajectory.policy_version is, are fine.
+    assert admissible(np.int64(7), np.array([7, 5], np.int32), np.int64(2))
+    assert admissible(7, 5, 2)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((3, [5], 0), r"sample_versions include 5, newer than trainer_version=3"),
+        ((3, [3], -1), "max_staleness must be an integer >= 0, got -1"),
+        ((3, [3], None), "max_staleness must be an integer >= 0, got None"),
+        ((3, [3], 1.5), "max_staleness must be an integer >= 0, got 1.5"),
+        ((3, [1.9], 1), "sample_versions must be integers .* got dtype float64"),
+        ((3, [1, None], 1), "sample_versions must be integers .* got dtype object"),
+        ((3, [True], 1), "sample_versions must be integers .* got dtype bool"),
+        ((3, "12", 1), "sample_versions must be an array or sequence of integer versions"),
+        ((3, [[1], [2, 3]], 1), "sample_versions must be an array of integers, got a ragged"),
+        ((3, [-1], 1), "sample_versions must be >= 0, got -1"),
+        ((3.9, [2], 1), "trainer_version must be an integer >= 0, got 3.9"),
+        ((-1, [0], 1), "trainer_version must be an integer >= 0, got -1"),
+    ],
+)
+def test_admissible_and_staleness_validate_versions(args, message):
+    with pytest.raises(ValueError, match=message):
+        admissible(*args)
+    if "max_staleness" not in message:
+        with pytest.raises(ValueError, match=message):
+            staleness(*args[:2])
 
 
 # -- Invariants over random event sequences ------------------------------------------------

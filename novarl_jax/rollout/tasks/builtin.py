@@ -26,6 +26,9 @@ from novarl_jax.rollout.rewards import (
 )
 from novarl_jax.rollout.tasks.base import BaseTask, check_batch_size, numpy_rng
 
+# NumPy draws the operands as int64 from [0, max_operand + 1).
+_MAX_OPERAND = 2**63 - 2
+
 
 def _check_int(name: str, value: object, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -155,7 +158,8 @@ class AdditionTask(BaseTask):
     integer, 0 otherwise (:func:`~novarl_jax.rollout.rewards.integer_closeness_reward`).
 
     Args:
-        max_operand: operands are drawn from ``0..max_operand`` (default 9).
+        max_operand: operands are drawn from ``0..max_operand`` (default 9), an integer in
+            ``[1, 2**63 - 2]``.
         reward_fn: optional override, callable or ``"module.path:function"``.
 
     Example:
@@ -170,6 +174,11 @@ class AdditionTask(BaseTask):
     def __init__(self, *, max_operand: int = 9, reward_fn: str | RewardFn | None = None):
         super().__init__(reward_fn)
         self.max_operand = _check_int("max_operand", max_operand, 1)
+        if max_operand > _MAX_OPERAND:
+            raise ValueError(
+                f"max_operand must be at most 2**63 - 2 (operands are drawn as int64), got "
+                f"{max_operand!r}"
+            )
         self.alphabet = "+0123456789="
 
     def sample_prompts(self, key: jax.Array, batch_size: int) -> tuple[list[str], list[dict]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,13 +39,15 @@ class JSONLTask(BaseTask):
             ``"module.path:function"``. Both built-ins read the answer from the last
             ``\boxed{}`` when the completion has one.
         prompt_field, answer_field: the JSON keys of the prompt and the answer.
-        prompt_template: format string applied to the prompt, with ``{prompt}``.
+        prompt_template: ``str.format`` template applied to the prompt: ``{prompt}`` is the
+            only field allowed (at least once); literal braces are doubled, as in
+            ``"Q: {prompt} Put the answer in \\boxed{{}}."``.
         shuffle: visit the examples in a seeded random order per epoch (else file order).
         seed: the shuffle seed (part of the state).
 
     Raises:
-        ValueError: the file is missing or empty, a line is not a JSON object, or a line lacks
-            a field (the message names the line number).
+        ValueError: the file is missing or empty, a line is not a JSON object, a line lacks
+            a field (the message names the line number), or a bad ``prompt_template``.
 
     Example:
         >>> task = JSONLTask("prompts.jsonl", reward="numeric")  # doctest: +SKIP
@@ -72,8 +75,7 @@ class JSONLTask(BaseTask):
             )
         reward_fn = BUILTIN_REWARDS.get(reward, reward) if isinstance(reward, str) else reward
         super().__init__(reward_fn)
-        if "{prompt}" not in prompt_template:
-            raise ValueError(f"prompt_template={prompt_template!r} must contain '{{prompt}}'")
+        _check_template(prompt_template)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         self.path = os.fspath(path)
@@ -153,6 +155,38 @@ class JSONLTask(BaseTask):
             )
         self._epoch, self._index, self._seed = values["epoch"], values["index"], values["seed"]
         self._order = self._epoch_order(self._epoch)
+
+
+_BRACES_HINT = "write literal braces doubled ('{{' and '}}'), e.g. \\boxed{{}} for \\boxed{}"
+
+
+def _check_template(template: Any) -> None:
+    """Raises ValueError unless ``template.format(prompt=...)`` works and uses the prompt."""
+    if not isinstance(template, str):
+        raise ValueError(f"prompt_template must be a str with {{prompt}}, got {template!r}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        raise ValueError(
+            f"prompt_template={template!r} is not a valid format string ({err}); {_BRACES_HINT}"
+        ) from None
+    other = sorted({"{" + f + "}" for f in fields if f != "prompt"})
+    if other:
+        raise ValueError(
+            f"prompt_template={template!r} has the replacement field(s) {', '.join(other)}; "
+            f"the only field allowed is {{prompt}}: {_BRACES_HINT}"
+        )
+    if not fields:
+        raise ValueError(
+            f"prompt_template={template!r} must contain '{{prompt}}' (doubled braces are "
+            f"literal text)"
+        )
+    try:
+        template.format(prompt="")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise ValueError(
+            f"prompt_template={template!r} cannot be formatted with a prompt ({err})"
+        ) from None
 
 
 def _read_jsonl(path: str, prompt_field: str, answer_field: str) -> list[tuple[str, Any]]:
