@@ -21,12 +21,16 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 # Mesh axis names. They appear only here and in the rule table of `sharding.py`.
 DP = "dp"
@@ -38,9 +42,34 @@ MESH_AXES: tuple[str, ...] = (DP, PP, EP, TP)
 DROP_POLICIES = ("position", "probs")
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    """``int(value)`` for an integer >= ``minimum`` (NumPy integers too), else ValueError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    return _check_int(name, value, 1)
+
+
+def _check_real(name: str, value: Any, condition: str) -> float:
+    """``float(value)`` for a finite real number (NumPy scalars too), else ValueError."""
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+    ):
+        raise ValueError(f"{name} must be {condition} and a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_layout(layout: Any) -> ParallelLayout:
+    if not isinstance(layout, ParallelLayout):
+        raise TypeError(f"layout must be a ParallelLayout, got {type(layout).__name__}")
+    return layout
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,7 +91,8 @@ class ParallelLayout:
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "ep"):
-            _check_positive_int(name, getattr(self, name))
+            # NumPy integers are stored as Python ints (hashable, JSON-able, exact equality).
+            object.__setattr__(self, name, _check_positive_int(name, getattr(self, name)))
 
     @classmethod
     def from_world_size(
@@ -75,13 +105,15 @@ class ParallelLayout:
         """Derives ``dp = total_world_size / (tp * pp * ep)``.
 
         Raises:
-            ValueError: a size is not a positive integer, or the world size is not divisible
-                by ``tp * pp * ep``.
+            ValueError: a size is not a positive integer (NumPy integers are accepted), or the
+                world size is not divisible by ``tp * pp * ep``.
         """
-        _check_positive_int("total_world_size", total_world_size)
-        _check_positive_int("tensor_parallel_size", tensor_parallel_size)
-        _check_positive_int("pipeline_parallel_size", pipeline_parallel_size)
-        _check_positive_int("expert_parallel_size", expert_parallel_size)
+        total_world_size = _check_positive_int("total_world_size", total_world_size)
+        tensor_parallel_size = _check_positive_int("tensor_parallel_size", tensor_parallel_size)
+        pipeline_parallel_size = _check_positive_int(
+            "pipeline_parallel_size", pipeline_parallel_size
+        )
+        expert_parallel_size = _check_positive_int("expert_parallel_size", expert_parallel_size)
         model_parallel = tensor_parallel_size * pipeline_parallel_size * expert_parallel_size
         if total_world_size % model_parallel:
             raise ValueError(
@@ -130,15 +162,32 @@ class ParallelLayout:
         on the closest devices.
 
         Args:
-            devices: the devices to use; defaults to all of ``jax.devices()``.
+            devices: the distinct ``jax.Device`` objects to use; defaults to all of
+                ``jax.devices()``.
 
         Raises:
-            ValueError: the number of devices differs from ``world_size``.
+            TypeError: an entry of ``devices`` is not a ``jax.Device``.
+            ValueError: a device is listed twice, or the number of devices differs from
+                ``world_size``.
         """
         import jax
         from jax.experimental import mesh_utils
 
+        if isinstance(devices, (str, bytes)):
+            raise TypeError(f"devices must be a sequence of jax.Device objects, got {devices!r}")
         devices = list(jax.devices() if devices is None else devices)
+        for index, device in enumerate(devices):
+            if not isinstance(device, jax.Device):
+                raise TypeError(
+                    f"devices[{index}] must be a jax.Device (e.g. from jax.devices()), got "
+                    f"{type(device).__name__} {device!r}"
+                )
+        repeated = sorted(str(d) for d, n in collections.Counter(devices).items() if n > 1)
+        if repeated:
+            raise ValueError(
+                f"devices lists {', '.join(repeated)} more than once; a mesh needs "
+                f"{self.world_size} distinct devices"
+            )
         if len(devices) != self.world_size:
             raise ValueError(
                 f"layout {self.describe()} needs world_size={self.world_size} devices, but "
@@ -194,7 +243,10 @@ class MoERouterConfig:
         aux_loss_coef: weight of the load-balancing loss.
         z_loss_coef: weight of the router z-loss.
         normalize_top_k: renormalise the gate weights over the chosen K (Mixtral's softmax
-            over the selected logits); False keeps the full-softmax probabilities.
+            over the selected logits); False keeps the full-softmax probabilities. A bool.
+
+    Raises:
+        ValueError: a field of the wrong type or out of range (the message names it).
     """
 
     num_experts: int
@@ -208,28 +260,41 @@ class MoERouterConfig:
     normalize_top_k: bool = True
 
     def __post_init__(self) -> None:
-        _check_positive_int("num_experts", self.num_experts)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+        def store(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        store("num_experts", _check_positive_int("num_experts", self.num_experts))
+        if isinstance(self.top_k, (bool, np.bool_)) or not isinstance(
+            self.top_k, (int, np.integer)
+        ):
             raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
+        store("top_k", int(self.top_k))
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not value > 0):
-                raise ValueError(f"{name} must be > 0 or None (dropless), got {value!r}")
-        if (
-            isinstance(self.min_capacity, bool)
-            or not isinstance(self.min_capacity, int)
-            or (self.min_capacity < 0)
-        ):
-            raise ValueError(f"min_capacity must be an integer >= 0, got {self.min_capacity!r}")
-        if self.drop_policy not in DROP_POLICIES:
+            if value is None:
+                continue
+            if (
+                isinstance(value, (bool, np.bool_))
+                or not isinstance(value, numbers.Real)
+                or not (value > 0 and math.isfinite(value))
+            ):
+                raise ValueError(
+                    f"{name} must be > 0 or None (dropless), and a finite number, got {value!r}"
+                )
+        store("min_capacity", _check_int("min_capacity", self.min_capacity, 0))
+        if not isinstance(self.drop_policy, str) or self.drop_policy not in DROP_POLICIES:
             raise ValueError(
                 f"drop_policy={self.drop_policy!r} is not one of {list(DROP_POLICIES)}"
             )
         for name in ("aux_loss_coef", "z_loss_coef"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if _check_real(name, value, ">= 0") < 0:
+                raise ValueError(f"{name} must be >= 0 and a finite number, got {value!r}")
+        if not isinstance(self.normalize_top_k, (bool, np.bool_)):
+            raise ValueError(f"normalize_top_k must be a bool, got {self.normalize_top_k!r}")
+        store("normalize_top_k", bool(self.normalize_top_k))
 
     @property
     def dropless(self) -> bool:
@@ -240,7 +305,15 @@ class MoERouterConfig:
 
         ``C = max(ceil(num_tokens * top_k * capacity_factor / num_experts), min_capacity)``;
         dropless routing returns ``num_tokens`` (every token could pick the same expert).
+
+        Args:
+            num_tokens: tokens in the routing group, an integer >= 0 (NumPy integers too).
+            train: use ``capacity_factor`` (True) or ``eval_capacity_factor`` (False).
+
+        Raises:
+            ValueError: ``num_tokens`` is not an integer >= 0.
         """
+        num_tokens = _check_int("num_tokens", num_tokens, 0)
         factor = (
             self.capacity_factor
             if train
@@ -251,13 +324,19 @@ class MoERouterConfig:
             )
         )
         if factor is None:
-            return max(int(num_tokens), self.min_capacity)
+            return max(num_tokens, self.min_capacity)
         # Round the product before ceil so 8 * 2 * 1.2 / 4 is 4.8 -> 5, not 5.000000001 -> 6.
         raw = round(num_tokens * self.top_k * factor / self.num_experts, 9)
         return max(math.ceil(raw), self.min_capacity)
 
     def validate_layout(self, layout: ParallelLayout) -> None:
-        """Raises ValueError when ``num_experts`` does not split evenly over ``layout.ep``."""
+        """Raises ValueError when ``num_experts`` does not split evenly over ``layout.ep``.
+
+        Raises:
+            TypeError: ``layout`` is not a :class:`ParallelLayout`.
+            ValueError: ``num_experts`` is not divisible by ``layout.ep``.
+        """
+        _check_layout(layout)
         if self.num_experts % layout.ep:
             raise ValueError(
                 f"num_experts={self.num_experts} is not divisible by expert_parallel_size="
@@ -272,6 +351,10 @@ class MoERouterConfig:
         has no ``min_capacity`` or evaluation capacity factor; those are not emitted. Megatron
         requires sequence parallelism when MoE is combined with tensor parallelism, so
         ``--sequence-parallel`` is added for ``tp > 1``.
+
+        Raises:
+            TypeError: ``layout`` is not a :class:`ParallelLayout`.
+            ValueError: experts not divisible by ``ep``.
         """
         self.validate_layout(layout)
         args = layout.to_megatron_args() + [
@@ -305,14 +388,33 @@ class MoERouterConfig:
         ``drop_policy='probs'`` raises. ``capacity_factor=None`` maps to ``drop_tokens=False``.
         ``enable_expert_tensor_parallelism`` follows ``tp > 1``.
 
+        DeepSpeed has no switch for the gate weights: its top-1 gate weights the expert by its
+        full-softmax probability (``normalize_top_k=False``), and its top-2 and top-k gates
+        renormalise the weights over the chosen experts (``normalize_top_k=True``); any other
+        combination raises rather than change the router's semantics.
+
         Raises:
-            ValueError: ``drop_policy='probs'`` or experts not divisible by ``ep``.
+            TypeError: ``layout`` is not a :class:`ParallelLayout`.
+            ValueError: ``drop_policy='probs'``, experts not divisible by ``ep``, or a
+                ``normalize_top_k`` DeepSpeed does not implement for this ``top_k``.
         """
         self.validate_layout(layout)
         if self.drop_policy != "position":
             raise ValueError(
                 f"drop_policy={self.drop_policy!r} has no DeepSpeed-MoE equivalent; "
                 f"use drop_policy='position'"
+            )
+        deepspeed_normalizes = self.top_k > 1
+        if self.normalize_top_k != deepspeed_normalizes:
+            what = (
+                "renormalises the gate weights over the chosen top_k >= 2 experts"
+                if deepspeed_normalizes
+                else "weights the top-1 expert by its full-softmax probability (no renormalising)"
+            )
+            raise ValueError(
+                f"normalize_top_k={self.normalize_top_k} with top_k={self.top_k} has no "
+                f"DeepSpeed-MoE equivalent: DeepSpeed's gate always {what}; use "
+                f"normalize_top_k={deepspeed_normalizes}"
             )
         train_factor = 1.0 if self.capacity_factor is None else float(self.capacity_factor)
         eval_factor = (
@@ -355,6 +457,10 @@ class MegatronAdapterConfig:
                 f"parallel_layout must be a ParallelLayout, got {type(self.parallel_layout)!r}"
             )
         if self.router is not None:
+            if not isinstance(self.router, MoERouterConfig):
+                raise TypeError(
+                    f"router must be a MoERouterConfig or None, got {type(self.router).__name__}"
+                )
             self.router.validate_layout(self.parallel_layout)
 
     def to_args(self) -> list[str]:

@@ -64,6 +64,15 @@ def test_layout_direct_validation():
         ParallelLayout(tp=True)
 
 
+def test_layout_accepts_numpy_integers_as_ints():
+    layout = ParallelLayout(dp=np.int64(2), ep=np.int32(2))
+    assert layout == ParallelLayout(dp=2, ep=2) and type(layout.dp) is int
+    derived = ParallelLayout.from_world_size(np.int64(8), np.int64(2))
+    assert derived == ParallelLayout(dp=4, tp=2) and type(derived.dp) is int
+    with pytest.raises(ValueError, match="dp must be an integer >= 1, got np.int64\\(0\\)"):
+        ParallelLayout(dp=np.int64(0))
+
+
 @pytest.mark.parametrize(
     "dp,pp,ep,tp",
     [(8, 1, 1, 1), (1, 1, 1, 8), (1, 1, 8, 1), (2, 1, 2, 2), (1, 2, 2, 2), (4, 2, 1, 1)],
@@ -93,6 +102,17 @@ def test_make_mesh_device_count_error(devices):
 def test_make_mesh_subset_of_devices(devices):
     mesh = ParallelLayout(tp=2, ep=2).make_mesh(devices[:4])
     assert mesh.devices.size == 4
+
+
+def test_make_mesh_rejects_repeated_and_non_devices(devices):
+    with pytest.raises(ValueError, match="more than once; a mesh needs 4 distinct devices"):
+        ParallelLayout(dp=4).make_mesh(devices[:2] * 2)
+    with pytest.raises(TypeError, match=r"devices\[0\] must be a jax.Device .* got str 'cpu0'"):
+        ParallelLayout().make_mesh(["cpu0"])
+    with pytest.raises(TypeError, match=r"devices\[1\] must be a jax.Device .* got int 0"):
+        ParallelLayout(dp=2).make_mesh([devices[0], 0])
+    with pytest.raises(TypeError, match="devices must be a sequence of jax.Device objects"):
+        ParallelLayout().make_mesh("cpu0")
 
 
 # --- router -----------------------------------------------------------------------------
@@ -131,6 +151,18 @@ def test_capacity_exact_decimal_products():
     assert MoERouterConfig(num_experts=2, capacity_factor=1.1).capacity(10) == 11
 
 
+def test_capacity_validates_num_tokens():
+    router = MoERouterConfig(num_experts=4)
+    dropless = MoERouterConfig(num_experts=4, capacity_factor=None)
+    for bad in (-5, 8.5, "8", None, True):
+        for r in (router, dropless):
+            with pytest.raises(ValueError, match="num_tokens must be an integer >= 0"):
+                r.capacity(bad)
+    assert router.capacity(np.int64(8)) == router.capacity(8) == 5
+    # A NumPy integer no longer overflows in the product (it was silently 0).
+    assert router.capacity(np.int64(2**62)) == 2**62 * 2 * 5 // 16
+
+
 def test_eval_capacity_factor():
     router = MoERouterConfig(num_experts=4, capacity_factor=1.0, eval_capacity_factor=2.0)
     assert router.capacity(16) == 8
@@ -154,11 +186,49 @@ def test_eval_capacity_factor():
          r"drop_policy='random' is not one of \['position', 'probs'\]"),
         (dict(num_experts=4, aux_loss_coef=-0.1), "aux_loss_coef must be >= 0"),
         (dict(num_experts=4, z_loss_coef=float("nan")), "z_loss_coef must be >= 0"),
+        (dict(num_experts=4, capacity_factor=float("inf")),
+         "capacity_factor must be > 0 or None .* finite"),
+        (dict(num_experts=4, eval_capacity_factor=float("inf")),
+         "eval_capacity_factor must be > 0 or None .* finite"),
+        (dict(num_experts=4, capacity_factor="1.0"),
+         "capacity_factor must be > 0 or None .*got '1.0'"),
+        (dict(num_experts=4, aux_loss_coef=None),
+         "aux_loss_coef must be >= 0 and a finite number, got None"),
+        (dict(num_experts=4, z_loss_coef="x"), "z_loss_coef must be >= 0 and a finite number"),
+        (dict(num_experts=4, aux_loss_coef=float("inf")),
+         "aux_loss_coef must be >= 0 and a finite number, got inf"),
+        (dict(num_experts=4, normalize_top_k="no"), "normalize_top_k must be a bool, got 'no'"),
+        (dict(num_experts=4, normalize_top_k=1), "normalize_top_k must be a bool, got 1"),
+        (dict(num_experts=4, min_capacity=2.0), "min_capacity must be an integer >= 0"),
     ],
 )  # fmt: skip
 def test_router_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MoERouterConfig(**kwargs)
+
+
+def test_router_accepts_numpy_numbers():
+    router = MoERouterConfig(
+        num_experts=np.int64(8), top_k=np.int32(2), min_capacity=np.int64(1),
+        capacity_factor=np.float32(1.5), aux_loss_coef=np.float64(0.1),
+        normalize_top_k=np.bool_(True),
+    )  # fmt: skip
+    assert (type(router.num_experts), type(router.top_k), type(router.min_capacity)) == (
+        int,
+        int,
+        int,
+    )
+    assert router.normalize_top_k is True and router.capacity(8) == 3
+
+
+def test_layout_arguments_must_be_layouts():
+    router = MoERouterConfig(num_experts=4)
+    for call in (router.validate_layout, router.to_deepspeed, router.to_megatron):
+        for bad in (None, {"ep": 2}):
+            with pytest.raises(TypeError, match="layout must be a ParallelLayout, got"):
+                call(bad)
+    with pytest.raises(TypeError, match="router must be a MoERouterConfig or None, got dict"):
+        MegatronAdapterConfig(parallel_layout=ParallelLayout(), router={"num_experts": 4})
 
 
 def test_num_experts_not_divisible_by_ep():
@@ -263,6 +333,28 @@ def test_deepspeed_dropless_eval_and_probs_policy():
     assert (ds["capacity_factor"], ds["eval_capacity_factor"]) == (1.25, 2.0)
     with pytest.raises(ValueError, match="drop_policy='probs' has no DeepSpeed-MoE equivalent"):
         MoERouterConfig(num_experts=4, drop_policy="probs").to_deepspeed(layout)
+
+
+def test_deepspeed_gate_normalisation_must_match():
+    # DeepSpeed's top-2 / top-k gates renormalise over the chosen experts; its top-1 gate keeps
+    # the full-softmax probability. Other combinations would change the router silently.
+    layout = ParallelLayout()
+    assert MoERouterConfig(num_experts=4, top_k=2).to_deepspeed(layout)["k"] == 2
+    assert MoERouterConfig(num_experts=4, top_k=3).to_deepspeed(layout)["k"] == 3
+    top1 = MoERouterConfig(num_experts=4, top_k=1, normalize_top_k=False)
+    assert top1.to_deepspeed(layout)["k"] == 1
+    with pytest.raises(
+        ValueError,
+        match="normalize_top_k=False with top_k=2 has no DeepSpeed-MoE equivalent: DeepSpeed's "
+        "gate always renormalises .* use normalize_top_k=True",
+    ):
+        MoERouterConfig(num_experts=4, top_k=2, normalize_top_k=False).to_deepspeed(layout)
+    with pytest.raises(
+        ValueError,
+        match="normalize_top_k=True with top_k=1 has no DeepSpeed-MoE equivalent: .* full-softmax "
+        "probability .* use normalize_top_k=False",
+    ):
+        MoERouterConfig(num_experts=4, top_k=1).to_deepspeed(layout)
 
 
 def test_cpu_xla_flags():
