@@ -126,9 +126,9 @@ def test_the_checkpoints_own_tokenizer_is_used_and_shown(tmp_path):
     tokenizer = _tokenizer_file(model)  # model/tokenizer.json
     spec, run = _spec_and_run(str(model))
     assert isinstance(run.tokenizer, HFTokenizer)
-    assert run.tokenizer.vocab_size == 12 and run.model.policy.vocab_size == 64
+    assert run.tokenizer.vocab_size == 13 and run.model.policy.vocab_size == 64
     rows = dict(((s, i), v) for s, i, v in checklist_rows(spec, None, run))
-    assert rows[("model", "tokenizer")] == f"{tokenizer} (12 ids)"
+    assert rows[("model", "tokenizer")] == f"{tokenizer} (13 ids)"
     assert rows[("model", "architecture")] == "2 layers, hidden 32, 4 heads (2 KV), dense MLP"
 
 
