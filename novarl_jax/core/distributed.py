@@ -548,6 +548,24 @@ def reuse_host_memory() -> bool:
     return all(mallopt(option, value) == 1 for option, value in settings)
 
 
+def host_array(x: Any) -> Any:
+    """``x`` as a NumPy array holding all of its values, on every process.
+
+    A ``jax.Array`` spread over several processes' devices (a multi-process run) is gathered
+    from all of them (every process must call this for the same arrays in the same order);
+    anything else is read locally. Host-side work (decoding, rewards, logged statistics) reads
+    device arrays through this.
+    """
+    import jax
+    import numpy as np
+
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def initialize_multihost(
     coordinator_address: str | None = None,
     num_processes: int | None = None,

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from novarl_jax.core.distributed import host_array
 from novarl_jax.rollout.sampler import make_settings, sample
 from novarl_jax.rollout.tasks.base import Task, check_batch_size, rewards_to_array
 
@@ -295,8 +296,8 @@ class RolloutEngine:
             num_samples=group,
             return_routing=s.return_routing,
         )
-        response = np.asarray(out.response_tokens)
-        response_mask = np.asarray(out.response_mask)
+        response = host_array(out.response_tokens)
+        response_mask = host_array(out.response_mask)
         text_mask = response_mask * ~np.isin(response, self.stop_token_ids)
         completions = self.tokenizer.decode_batch(response, text_mask)
         rows_prompts = [p for p in prompts for _ in range(group)]

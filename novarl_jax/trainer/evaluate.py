@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from novarl_jax.core.distributed import host_array
 from novarl_jax.rollout.tokenizers import TextTooLongError
 from novarl_jax.trainer.config import ConfigError, prompt_too_long
 
@@ -86,9 +87,9 @@ class Evaluator:
 
     def metrics(self, traj: Any) -> dict[str, float]:
         """The validation metrics of an evaluation's trajectory (from :meth:`sample`)."""
-        valid = np.asarray(traj.valid) > 0
-        scores = np.asarray(traj.rewards, np.float64)
-        lengths = np.asarray(traj.response_mask).sum(axis=1)
+        valid = host_array(traj.valid) > 0
+        scores = host_array(traj.rewards).astype(np.float64)
+        lengths = host_array(traj.response_mask).sum(axis=1)
         kept = scores[valid]
         metrics = {
             "val/score/mean": float(kept.mean()) if kept.size else float("nan"),

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from novarl_jax.core.distributed import host_array
 from novarl_jax.rollout.engine import RolloutInfo
 from novarl_jax.rollout.tokenizers import TextTooLongError
 from novarl_jax.trainer import steps
@@ -86,7 +87,7 @@ def check_shared_prompts(batch: Mapping[str, Any], prompt_length: int, group: in
     if group == 1:
         return
     for name in ("tokens", "attention_mask", "positions"):
-        prompt = np.asarray(batch[name])[:, :prompt_length]
+        prompt = host_array(batch[name])[:, :prompt_length]
         grouped = prompt.reshape(-1, group, prompt_length)
         if not (grouped == grouped[:, :1]).all():
             bad = int(np.flatnonzero((grouped != grouped[:, :1]).any(axis=(1, 2)))[0])
@@ -216,8 +217,8 @@ class Trainer:
         prompts = cfg.rollout.prompts_per_step
 
         def informative(t):
-            r = np.asarray(t.rewards).reshape(-1, group)
-            v = np.asarray(t.valid).reshape(-1, group)
+            r = host_array(t.rewards).reshape(-1, group)
+            v = host_array(t.valid).reshape(-1, group)
             return (r.max(1) > r.min(1)) & (v.min(1) > 0)
 
         pool = [(traj, info, informative(traj))]
@@ -262,10 +263,10 @@ class Trainer:
         cfg, run = self.config, self.run_
         batch = steps.model_inputs(traj)
         ro, dapo = cfg.rollout, cfg.dapo
-        lengths = np.asarray(traj.response_mask).sum(1)
-        stopped = np.asarray(
-            np.isin(np.asarray(traj.response_tokens), self.engine.stop_token_ids)
-            & (np.asarray(traj.response_mask) > 0)
+        lengths = host_array(traj.response_mask).sum(1)
+        stopped = host_array(
+            np.isin(host_array(traj.response_tokens), self.engine.stop_token_ids)
+            & (host_array(traj.response_mask) > 0)
         ).any(1)
         truncated = ~stopped
         scores = (
@@ -304,36 +305,36 @@ class Trainer:
         batch["advantages"] = advantages
         if returns is not None:
             batch["returns"] = returns
-        mask = np.asarray(batch["response_mask"])
-        valid = np.asarray(traj.valid) > 0
+        mask = host_array(batch["response_mask"])
+        valid = host_array(traj.valid) > 0
         # verl's critic/rewards: each sequence's summed token rewards (the shaped score plus
         # the KL penalty when it is in the reward), against critic/score, the task's reward.
-        rewards = np.asarray(scores, np.float64)
+        rewards = host_array(scores).astype(np.float64)
         if run.reward_kl[0] > 0:
-            rewards = rewards + np.asarray(est["token_rewards"], np.float64).sum(1)
+            rewards = rewards + host_array(est["token_rewards"]).astype(np.float64).sum(1)
 
         def valid_mean(x, stat=np.mean):
-            return float(stat(np.asarray(x)[valid])) if valid.any() else float("nan")
+            return float(stat(host_array(x)[valid])) if valid.any() else float("nan")
 
         stats = {
             "critic/score/mean": valid_mean(traj.rewards),
             "critic/score/std": valid_mean(traj.rewards, np.std),
             "critic/rewards/mean": valid_mean(rewards),
-            "critic/advantages/mean": float(np.asarray(advantages)[mask > 0].mean())
+            "critic/advantages/mean": float(host_array(advantages)[mask > 0].mean())
             if mask.any()
             else 0.0,
             "response_length/mean": float(lengths.mean()),
             "response_length/clip_ratio": float(truncated.mean()),
-            "rollout/invalid_samples": float(len(np.flatnonzero(np.asarray(traj.valid) == 0))),
+            "rollout/invalid_samples": float(len(np.flatnonzero(host_array(traj.valid) == 0))),
         }
         if "entropy" in scored:
-            entropy = np.asarray(scored["entropy"])
+            entropy = host_array(scored["entropy"])
             stats["actor/entropy_rollout"] = float((entropy * mask).sum() / max(mask.sum(), 1))
         if "moe_dropped_fraction" in scored:
             moe = steps.moe_stats(scored["moe_dropped_fraction"], scored["moe_expert_load"])
             stats.update({name: float(value) for name, value in moe.items()})
         if run.reward_kl[0] > 0:
-            kl = -np.asarray(est["token_rewards"]).sum(1).mean() / run.reward_kl[0]
+            kl = -host_array(est["token_rewards"]).sum(1).mean() / run.reward_kl[0]
             stats["actor/reward_kl"] = float(kl)
         return batch, stats
 
@@ -372,7 +373,7 @@ class Trainer:
         skipped = [bool(m["train/skipped"]) for m in update_metrics]
         metrics["train/skipped"] = float(sum(skipped))
         metrics["train/skipped_trailing"] = float(trailing_skips(skipped))
-        tokens = int(np.asarray(batch["attention_mask"]).sum())
+        tokens = int(host_array(batch["attention_mask"]).sum())
         if self.on_policy and "actor/entropy" in metrics:
             # The update's forward ran on the same parameters as scoring would have.
             metrics["actor/entropy_rollout"] = metrics["actor/entropy"]
@@ -591,7 +592,9 @@ class Session:
         return metrics
 
     def _sample_rows(self, rollout: Any, step: int, split: str) -> list[dict]:
-        if self.samples is None:
+        # Every process builds the rows (gathering a multi-process rollout is collective);
+        # process 0 writes them.
+        if self.config.logging.samples <= 0:
             return []
         trajectory, info = rollout
         stop = self.trainer.engine.stop_token_ids

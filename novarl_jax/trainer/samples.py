@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from novarl_jax.core.distributed import host_array
+
 FILE_NAME = "samples.jsonl"
 
 
@@ -51,13 +53,13 @@ def sample_rows(
     if n <= 0:
         return []
     take = slice(0, n)
-    valid = np.asarray(trajectory.valid[take]) > 0
-    rewards = np.asarray(trajectory.rewards[take], np.float64)
-    mask = np.asarray(trajectory.response_mask[take]) > 0
-    tokens = np.asarray(trajectory.response_tokens[take])
+    valid = host_array(trajectory.valid)[take] > 0
+    rewards = host_array(trajectory.rewards)[take].astype(np.float64)
+    mask = host_array(trajectory.response_mask)[take] > 0
+    tokens = host_array(trajectory.response_tokens)[take]
     stopped = (np.isin(tokens, np.asarray(stop_token_ids)) & mask).any(axis=1)
-    groups = np.asarray(trajectory.group_ids[take])
-    versions = np.asarray(trajectory.policy_version[take])
+    groups = host_array(trajectory.group_ids)[take]
+    versions = host_array(trajectory.policy_version)[take]
     return [
         {
             "step": int(step),

@@ -1,0 +1,67 @@
+"""Two processes with 4 fake CPU devices each train as one 8-device job (the local launcher,
+jax.distributed over gloo) and give what one process with 8 devices gives."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+
+import pytest
+from quiet_train import train_quietly
+
+from configs import moe
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+OVERRIDES = {
+    "experiment.steps": 2,
+    "experiment.pipeline_parallel_size": 1,
+    "logging.plot": False,
+    "logging.samples": 2,
+    "eval.interval": 2,
+    "eval.prompts": 4,
+}
+VOLATILE = ("timing_s/", "perf/")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_job(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PORT"] = str(_free_port())
+    args = [f"{k}={v}" for k, v in OVERRIDES.items()]
+    result = subprocess.run(
+        ["bash", "launch/local_processes.sh", "2", "4", "--config=configs/moe.py",
+         f"--workdir={tmp_path / 'two'}", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done: 2 steps" in result.stdout
+
+    config = moe.get_config()
+    for key, value in OVERRIDES.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    train_quietly(config, tmp_path / "one")
+
+    two, one = (_rows(tmp_path / d / "metrics.jsonl") for d in ("two", "one"))
+    assert [r["step"] for r in two] == [1, 2] and "val/score/mean" in two[-1]
+    for a, b in zip(two, one, strict=True):
+        assert set(a) == set(b)
+        for name, value in a.items():
+            if name.startswith(VOLATILE) or not isinstance(value, float):
+                continue
+            assert value == pytest.approx(b[name], rel=1e-4, abs=1e-6), name
+    # The same prompts, completions and scores, written once.
+    samples = [_rows(tmp_path / d / "samples.jsonl") for d in ("two", "one")]
+    assert samples[0] == samples[1] and len(samples[0]) == 2 * 2 + 2  # 2 steps, 1 evaluation
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["2"]
