@@ -3,7 +3,7 @@
 The file's position is checkpointed, so a resumed run continues with the next prompt.
 Rewards: exact match of the (``\\boxed{}``-extracted) answer; ``task.options.reward='numeric'``
 compares numbers instead. A byte-level tokenizer is used unless ``model.tokenizer`` points to
-a ``tokenizer.json``.
+a ``tokenizer.json`` (or a ``model.init_from`` checkpoint has one).
 
 Run:
     python -m novarl_jax.train --config=configs/jsonl.py task.path=prompts.jsonl

@@ -1,4 +1,4 @@
-"""The start-up checklist: the run's parallel layout, router and batch, as one table."""
+"""The start-up checklist: the run's parallel layout, model, router and batch, as one table."""
 
 from __future__ import annotations
 

@@ -76,9 +76,9 @@ def default_config() -> ml_collections.ConfigDict:
     # (zero-initialised when the checkpoint has none) come from this config. The reference
     # policy and a separate PPO critic start from the same weights.
     model.init_from = ""
-    # Tokenizer: '' = a character tokenizer over a built-in task's alphabet (bytes for the
-    # jsonl task); or a tokenizer.json, whose special tokens are named by the three strings
-    # below ('' = no BOS).
+    # Tokenizer: a tokenizer.json, whose special tokens are named by the three strings below
+    # ('' = no BOS); '' = the model.init_from checkpoint's tokenizer.json when it has one, else
+    # a character tokenizer over a built-in task's alphabet (bytes for the jsonl task).
     model.tokenizer = ""
     model.pad_token = "<pad>"
     model.eos_token = "</s>"
@@ -88,7 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.rollout = ml_collections.ConfigDict()
     rollout = config.rollout
     rollout.prompts_per_step = 8  # prompts per iteration; samples = prompts * grpo_group_size
-    rollout.max_prompt_length = 16  # tokens; longer prompts are an error
+    rollout.max_prompt_length = 16  # tokens; see prompt_truncation for longer ones
     rollout.max_new_tokens = 8  # completion budget per sample
     rollout.temperature = 1.0
     rollout.top_k = 0  # 0 = off

@@ -75,6 +75,11 @@ def export_policy(
     targets = {"policy": (out, run.model.policy)}
     if run.model.critic is not None:
         targets["critic"] = (os.path.join(out, "critic"), run.model.critic)
+    if os.path.abspath(out) == os.path.abspath(workdir):
+        raise ExportError(
+            f"{out}: is the run's own workdir (checkpoints, metrics, config.json); export into "
+            "a new directory"
+        )
     for target, _ in targets.values():
         held = checkpoint_files(target)
         if held:

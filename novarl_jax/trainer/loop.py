@@ -641,7 +641,8 @@ def train(
     allow_config_change: bool = False,
 ) -> dict:
     """Trains to ``experiment.steps`` iterations, resuming from ``workdir`` if it has a
-    checkpoint. Writes ``metrics.jsonl``, checkpoints and ``plots/training.png`` there.
+    checkpoint. Writes ``config.json``, ``metrics.jsonl``, checkpoints, ``plots/training.png``
+    and, with ``logging.samples``, ``samples.jsonl`` there.
 
     Args:
         config: the run's ConfigDict.

@@ -1,7 +1,8 @@
 """Logged rollout samples: what the policy wrote and how it scored, in ``samples.jsonl``.
 
 With ``logging.samples = N`` each training step appends its first N rollout rows (with GRPO,
-the first prompts' whole groups) to ``WORKDIR/samples.jsonl``, and each evaluation its first N
+whole groups of the first prompts when N is a multiple of the group size) to
+``WORKDIR/samples.jsonl``, and each evaluation its first N
 rows with ``"split": "val"``. One JSON object per line::
 
     {"step": 3, "split": "train", "row": 0, "prompt_index": 0, "prompt": "...",

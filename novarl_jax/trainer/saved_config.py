@@ -1,14 +1,17 @@
-"""The config a workdir's run started with (``WORKDIR/config.json``), checked on resume.
+"""The config a workdir's checkpoints were trained with (``WORKDIR/config.json``).
 
 Rerunning a command resumes from the workdir's last checkpoint. A resume with a config that
 trains something else (another task, learning rate or algorithm) would mix two runs in one
-set of checkpoints and metrics without a trace, so the first start writes its config to
-``config.json`` and a resume compares against it. Keys that only say how far, where or how
-the same run goes on may change: ``experiment.steps``, the parallel layout (a checkpoint
-restores onto another mesh), rollout worker threads, gradient-accumulation splits,
-checkpointing, logging and validation (:data:`MAY_CHANGE`). Any other difference stops the
-run before anything compiles, naming the keys, unless the change is allowed explicitly
-(``--allow_config_change``); then the changes are logged and ``config.json`` is replaced.
+set of checkpoints and metrics without a trace, so every start writes its config to
+``config.json`` and a resume first compares against the one the previous start wrote. Keys
+that say how far, where or how the same run goes on may change: ``experiment.steps``, the
+parallel layout (a checkpoint restores onto another mesh), rollout worker threads,
+gradient-accumulation splits, checkpointing, logging and validation (:data:`MAY_CHANGE`).
+For an MoE policy the layout and the splits still move the numbers a little: routing groups
+(and so capacity drops) and the router losses' per-forward means follow how the batch is
+split (``docs/layout_invariance.md``). Any other difference stops the run before anything
+compiles, naming the keys, unless the change is allowed explicitly (``--allow_config_change``).
+Every change is logged when the run resumes.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def check_resume_config(
             f"{path}); resume with that config, train in a new --workdir, or pass "
             "--allow_config_change",
         )
-    if blocking:
-        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in blocking)
+    if changes:
+        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)
         log(f"resuming with a changed config: {listed}")
     return changes

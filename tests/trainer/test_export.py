@@ -38,6 +38,8 @@ def test_export_writes_the_checkpointed_policy(tmp_path):
     tokenizer = _tokenizer_file(tmp_path)
     config.model.tokenizer = str(tokenizer)
     run = train_quietly(config, tmp_path / "run")
+    with pytest.raises(ExportError, match="is the run's own workdir"):
+        export_policy(config, str(tmp_path / "run"), str(tmp_path / "run"))
     out = tmp_path / "hf"
     written = export_policy(config, str(tmp_path / "run"), str(out))
     assert written == {"step": 2, "policy": str(out), "critic": None}

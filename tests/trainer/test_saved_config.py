@@ -25,10 +25,15 @@ def test_changes_are_listed_and_only_run_changing_keys_block(tmp_path):
     config.experiment.steps += 5
     config.experiment.tensor_parallel_size = 2
     config.logging.progress = False
-    changes = check_resume_config(str(tmp_path), config)  # nothing that changes the run
+    lines = []
+    changes = check_resume_config(str(tmp_path), config, log=lines.append)  # all allowed
     assert [key for key, *_ in changes] == [
         "experiment.steps", "experiment.tensor_parallel_size", "logging.progress",
     ]  # fmt: skip
+    assert lines == [
+        "resuming with a changed config: experiment.steps 60 -> 65, "
+        "experiment.tensor_parallel_size 1 -> 2, logging.progress True -> False"
+    ]
     config.optim.learning_rate = 0.5
     config.task.options.max_length = 2
     with pytest.raises(ConfigChangedError) as info:
@@ -38,10 +43,10 @@ def test_changes_are_listed_and_only_run_changing_keys_block(tmp_path):
     assert "--allow_config_change" in str(info.value)
     lines = []
     check_resume_config(str(tmp_path), config, allow_change=True, log=lines.append)
-    assert lines == [
-        "resuming with a changed config: optim.learning_rate 0.003 -> 0.5, "
+    assert len(lines) == 1 and lines[0].endswith(
+        "logging.progress True -> False, optim.learning_rate 0.003 -> 0.5, "
         "task.options.max_length 1 -> 2"
-    ]
+    )
     assert may_change("checkpoint.keep") and not may_change("experiment.seed")
     assert check_resume_config(str(tmp_path / "elsewhere"), config) == []  # no config.json
 
@@ -67,7 +72,8 @@ def test_a_resume_that_changes_the_run_is_refused_unless_allowed(tmp_path):
     lines = []
     result = train(_config(2, seed=3), str(tmp_path), log=lines.append, allow_config_change=True)
     assert result["resumed_from"] == 1
-    assert "resuming with a changed config: experiment.seed 0 -> 3" in lines
+    changed = "resuming with a changed config: experiment.seed 0 -> 3, experiment.steps 1 -> 2"
+    assert changed in lines
     saved = json.loads((tmp_path / "config.json").read_text())
     assert (saved["experiment"]["steps"], saved["experiment"]["seed"]) == (2, 3)
     # Nothing left to train: said so, not silently done.
