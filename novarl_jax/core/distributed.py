@@ -352,11 +352,22 @@ class MoERouterConfig:
         requires sequence parallelism when MoE is combined with tensor parallelism, so
         ``--sequence-parallel`` is added for ``tp > 1``.
 
+        Megatron's default softmax over the chosen K is ``normalize_top_k=True``, and
+        ``--moe-router-pre-softmax`` is ``normalize_top_k=False``. For ``top_k=1`` Megatron
+        accepts only the second (a softmax over one logit has no gradient), so a top-1 router
+        with ``normalize_top_k=True`` (gate weight 1) raises instead of changing meaning.
+
         Raises:
             TypeError: ``layout`` is not a :class:`ParallelLayout`.
-            ValueError: experts not divisible by ``ep``.
+            ValueError: experts not divisible by ``ep``, or a top-1 router that renormalises.
         """
         self.validate_layout(layout)
+        if self.top_k == 1 and self.normalize_top_k:
+            raise ValueError(
+                "normalize_top_k=True with top_k=1 (gate weight 1) has no Megatron-LM "
+                "equivalent: Megatron needs --moe-router-pre-softmax for top-1 routing, which "
+                "weights the expert by its softmax probability; use normalize_top_k=False"
+            )
         args = layout.to_megatron_args() + [
             "--num-experts", str(self.num_experts),
             "--moe-router-topk", str(self.top_k),

@@ -295,6 +295,16 @@ def test_megatron_dropless_and_pre_softmax():
     assert "--sequence-parallel" not in args  # tp = 1
 
 
+def test_megatron_top1_needs_the_pre_softmax_weights():
+    # Megatron refuses top-1 routing without --moe-router-pre-softmax.
+    with pytest.raises(ValueError, match="normalize_top_k=True with top_k=1"):
+        MoERouterConfig(num_experts=4, top_k=1).to_megatron(ParallelLayout())
+    args = MoERouterConfig(num_experts=4, top_k=1, normalize_top_k=False).to_megatron(
+        ParallelLayout()
+    )
+    assert "--moe-router-pre-softmax" in args
+
+
 def test_megatron_adapter_config():
     layout = ParallelLayout(tp=2, pp=2, ep=2)
     router = MoERouterConfig(num_experts=4)
