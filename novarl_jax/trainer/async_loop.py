@@ -58,7 +58,7 @@ from novarl_jax.sync.controller import WeightSyncController, admissible, stalene
 from novarl_jax.sync.versioned import ParamStore, VersionedParams
 from novarl_jax.trainer.build import build_run
 from novarl_jax.trainer.config import RunSpec, validate_config
-from novarl_jax.trainer.loop import Session, Trainer
+from novarl_jax.trainer.loop import Session, Trainer, iteration_keys
 from novarl_jax.trainer.state import TrainState
 
 WORKER_THREAD_PREFIX = "novarl-rollout-"
@@ -121,8 +121,7 @@ class AsyncTrainer(Trainer):
         Returns:
             A :class:`Rollout`.
         """
-        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), index)
-        k_rollout, _ = jax.random.split(key)
+        k_rollout, _ = iteration_keys(jax.random.wrap_key_data(key_data), index)
         start = time.perf_counter()
         view = _PolicyView(params={"policy": params.params}, policy_version=params.version)
         traj, info, stats = Trainer._rollout(self, view, k_rollout)

@@ -68,6 +68,18 @@ def takes_old_logprobs_from_update(config: Any, run: Run) -> bool:
     )
 
 
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """``(params key, loop key)`` of a run: the loop key becomes ``TrainState.key``."""
+    k_params, k_loop = jax.random.split(jax.random.key(seed))
+    return k_params, k_loop
+
+
+def iteration_keys(loop_key: jax.Array, i: int) -> tuple[jax.Array, jax.Array]:
+    """``(rollout key, minibatch-order key)`` of iteration ``i``."""
+    k_rollout, k_perm = jax.random.split(jax.random.fold_in(loop_key, i))
+    return k_rollout, k_perm
+
+
 def minibatch_order(key: jax.Array, rows: int, minibatches: int) -> jax.Array:
     """The rows of an epoch in minibatch order: a random permutation of the rows, or the
     rollout order when the epoch is one minibatch (its micro-batches then hold whole groups
@@ -156,9 +168,7 @@ class Trainer:
 
     def initial_state(self) -> tuple[TrainState, Any]:
         """(train state, reference params), both placed on the mesh."""
-        seed = self.config.experiment.seed
-        key = jax.random.key(seed)
-        k_params, k_loop = jax.random.split(key)
+        k_params, k_loop = seed_keys(self.config.experiment.seed)
         params = self.run_.init_params(k_params)
         params = self._place_params(params)
         state = jax.jit(lambda p: init_train_state(p, self.run_.optimizer, k_loop))(params)
@@ -182,8 +192,7 @@ class Trainer:
 
     def rollout_key(self, i: int) -> jax.Array:
         """The key of iteration ``i``'s rollout (its prompts and samples)."""
-        loop_key = jax.random.split(jax.random.key(self.config.experiment.seed))[1]
-        return jax.random.split(jax.random.fold_in(loop_key, i))[0]
+        return iteration_keys(seed_keys(self.config.experiment.seed)[1], i)[0]
 
     def check_prompts(self, i: int = 0) -> None:
         """Fails now, naming the key, when iteration ``i``'s prompts do not fit
@@ -263,10 +272,13 @@ class Trainer:
         cfg, run = self.config, self.run_
         batch = steps.model_inputs(traj)
         ro, dapo = cfg.rollout, cfg.dapo
-        lengths = host_array(traj.response_mask).sum(1)
-        stopped = host_array(
+        # Each array gathered once (in a multi-process run every read is a collective).
+        response_mask = host_array(traj.response_mask)
+        valid = host_array(traj.valid) > 0
+        lengths = response_mask.sum(1)
+        stopped = (
             np.isin(host_array(traj.response_tokens), self.engine.stop_token_ids)
-            & (host_array(traj.response_mask) > 0)
+            & (response_mask > 0)
         ).any(1)
         truncated = ~stopped
         scores = (
@@ -306,26 +318,28 @@ class Trainer:
         if returns is not None:
             batch["returns"] = returns
         mask = host_array(batch["response_mask"])
-        valid = host_array(traj.valid) > 0
+        task_scores = host_array(traj.rewards)
         # verl's critic/rewards: each sequence's summed token rewards (the shaped score plus
         # the KL penalty when it is in the reward), against critic/score, the task's reward.
         rewards = host_array(scores).astype(np.float64)
+        token_kl = None
         if run.reward_kl[0] > 0:
-            rewards = rewards + host_array(est["token_rewards"]).astype(np.float64).sum(1)
+            token_kl = host_array(est["token_rewards"])
+            rewards = rewards + token_kl.astype(np.float64).sum(1)
 
         def valid_mean(x, stat=np.mean):
-            return float(stat(host_array(x)[valid])) if valid.any() else float("nan")
+            return float(stat(x[valid])) if valid.any() else float("nan")
 
         stats = {
-            "critic/score/mean": valid_mean(traj.rewards),
-            "critic/score/std": valid_mean(traj.rewards, np.std),
+            "critic/score/mean": valid_mean(task_scores),
+            "critic/score/std": valid_mean(task_scores, np.std),
             "critic/rewards/mean": valid_mean(rewards),
             "critic/advantages/mean": float(host_array(advantages)[mask > 0].mean())
             if mask.any()
             else 0.0,
             "response_length/mean": float(lengths.mean()),
             "response_length/clip_ratio": float(truncated.mean()),
-            "rollout/invalid_samples": float(len(np.flatnonzero(host_array(traj.valid) == 0))),
+            "rollout/invalid_samples": float(np.count_nonzero(~valid)),
         }
         if "entropy" in scored:
             entropy = host_array(scored["entropy"])
@@ -333,9 +347,8 @@ class Trainer:
         if "moe_dropped_fraction" in scored:
             moe = steps.moe_stats(scored["moe_dropped_fraction"], scored["moe_expert_load"])
             stats.update({name: float(value) for name, value in moe.items()})
-        if run.reward_kl[0] > 0:
-            kl = -host_array(est["token_rewards"]).sum(1).mean() / run.reward_kl[0]
-            stats["actor/reward_kl"] = float(kl)
+        if token_kl is not None:
+            stats["actor/reward_kl"] = float(-token_kl.sum(1).mean() / run.reward_kl[0])
         return batch, stats
 
     def _place_rows(self, batch: dict) -> dict:
@@ -349,8 +362,7 @@ class Trainer:
         :class:`~novarl_jax.rollout.engine.RolloutInfo`; with DAPO's dynamic sampling, the
         rows kept from all the batches sampled)."""
         cfg = self.config
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), i)
-        k_rollout, k_perm = jax.random.split(key)
+        k_rollout, k_perm = iteration_keys(jax.random.wrap_key_data(state.key), i)
         t0 = time.perf_counter()
         traj, info, stats = self._rollout(state, k_rollout)
         jax.block_until_ready(traj.response_tokens)
@@ -518,7 +530,7 @@ class Session:
         self.total = config.experiment.steps
         if self.start < self.total:
             self.trainer.check_prompts(self.start)
-        if self.start >= self.total:
+        else:
             log(
                 f"nothing to train: the checkpoint is at step {self.start} and "
                 f"experiment.steps={self.total}; raise experiment.steps to train on"
