@@ -18,13 +18,11 @@ global counts, see :mod:`novarl_jax.algorithms.aggregation`).
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from novarl_jax.algorithms.aggregation import (
@@ -36,6 +34,7 @@ from novarl_jax.algorithms.aggregation import (
     masked_mean,
 )
 from novarl_jax.algorithms.kl import KL_KINDS, kl_penalty
+from novarl_jax.core.checks import real_value
 
 __all__ = [
     "clipped_surrogate_loss",
@@ -336,12 +335,8 @@ def check_non_negative(name: str, value: Any) -> None:
 
 
 def is_number(value: Any) -> bool:
-    """A real number: Python, NumPy or a concrete 0-d array (not a bool)."""
-    if isinstance(value, (bool, np.bool_, str)) or isinstance(value, jax.core.Tracer):
-        return False
-    if isinstance(value, numbers.Real):
-        return True
-    return hasattr(value, "dtype") and np.ndim(value) == 0 and np.issubdtype(value.dtype, np.number)
+    """A concrete real number: Python, NumPy or a 0-d array (not a bool, not traced)."""
+    return real_value(value) is not None
 
 
 def check_positive_or_none(name: str, value: Any, bound: float = 0.0) -> None:

@@ -26,13 +26,13 @@ al., 2022; :func:`kl_penalty_token_rewards`) or a loss term (GRPO, Shao et al., 
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
+
+from novarl_jax.core.checks import real_value
 
 __all__ = [
     "KL_KINDS",
@@ -185,10 +185,7 @@ def _check_number(name: str, value: Any, *, minimum: float, strict: bool = False
     array) >= ``minimum`` (> with ``strict``); traced values are not checked."""
     if isinstance(value, jax.core.Tracer):
         return
-    real = isinstance(value, numbers.Real) or (
-        hasattr(value, "dtype") and np.ndim(value) == 0 and np.issubdtype(value.dtype, np.number)
-    )
-    if isinstance(value, (bool, np.bool_)) or not real:
+    if real_value(value) is None:
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not (value > minimum if strict else value >= minimum):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value!r}")

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from novarl_jax.core.checks import check_int
+
 # Mesh axis names. They appear only here and in the rule table of `sharding.py`.
 DP = "dp"
 PP = "pp"
@@ -42,17 +44,8 @@ MESH_AXES: tuple[str, ...] = (DP, PP, EP, TP)
 DROP_POLICIES = ("position", "probs")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    """``int(value)`` for an integer >= ``minimum`` (NumPy integers too), else ValueError."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_positive_int(name: str, value: Any) -> int:
-    return _check_int(name, value, 1)
+    return check_int(name, value, 1)
 
 
 def _check_real(name: str, value: Any, condition: str) -> float:
@@ -283,7 +276,7 @@ class MoERouterConfig:
                 raise ValueError(
                     f"{name} must be > 0 or None (dropless), and a finite number, got {value!r}"
                 )
-        store("min_capacity", _check_int("min_capacity", self.min_capacity, 0))
+        store("min_capacity", check_int("min_capacity", self.min_capacity, 0))
         if not isinstance(self.drop_policy, str) or self.drop_policy not in DROP_POLICIES:
             raise ValueError(
                 f"drop_policy={self.drop_policy!r} is not one of {list(DROP_POLICIES)}"
@@ -313,7 +306,7 @@ class MoERouterConfig:
         Raises:
             ValueError: ``num_tokens`` is not an integer >= 0.
         """
-        num_tokens = _check_int("num_tokens", num_tokens, 0)
+        num_tokens = check_int("num_tokens", num_tokens, 0)
         factor = (
             self.capacity_factor
             if train

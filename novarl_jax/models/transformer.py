@@ -42,6 +42,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from novarl_jax.core import sharding as shd
+from novarl_jax.core.checks import is_integer
 from novarl_jax.models import moe as moe_lib
 from novarl_jax.models import pipeline
 from novarl_jax.models.config import ModelConfig
@@ -101,7 +102,7 @@ def init_cache(
         ((2, 4, 8, 16), (2, 4, 16, 8))
     """
     for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-        if not _is_int(value):
+        if not is_integer(value):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     batch_size, max_length = int(batch_size), int(max_length)
     if batch_size < 1 or max_length < 1:
@@ -116,11 +117,6 @@ def init_cache(
         key_mask=jnp.zeros((batch_size, max_length), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
-
-
-def _is_int(value: Any) -> bool:
-    """A Python or NumPy integer (not a bool)."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
 
 def _host_value(x: Any) -> np.ndarray | None:

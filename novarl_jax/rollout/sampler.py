@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from novarl_jax.core.checks import check_int, real_value
 from novarl_jax.core.sharding import batch_spec
 
 
@@ -82,28 +83,6 @@ _ROUTING_TOKEN_AXIS = 2
 MIN_TEMPERATURE = 1e-4
 
 
-def _real(value: Any) -> float | None:
-    """``float(value)`` for a concrete real number (Python, NumPy or a 0-d array), else None."""
-    if isinstance(value, (bool, np.bool_)):
-        return None
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return float(value)
-    if (
-        isinstance(value, (np.ndarray, jax.Array))
-        and not isinstance(value, jax.core.Tracer)
-        and value.shape == ()
-        and (jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating))
-    ):
-        return float(value)
-    return None
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 # --------------------------------------------------------------------------------------------
 # Sampling distributions (pure functions of logits).
 
@@ -143,7 +122,7 @@ def top_k_mask(logits: ArrayLike, k: int) -> jax.Array:
         >>> top_k_mask(jnp.array([3.0, 1.0, 3.0, 2.0]), 2).tolist()
         [True, False, True, False]
     """
-    k = _check_int("top_k_mask k", k, 0)
+    k = check_int("top_k_mask k", k, 0)
     logits = jnp.asarray(logits)
     vocab = logits.shape[-1]
     if k == 0 or k >= vocab:
@@ -177,7 +156,7 @@ def top_p_mask(logits: ArrayLike, p: float) -> jax.Array:
     """
     logits = jnp.asarray(logits, jnp.float32)
     if not isinstance(p, jax.core.Tracer):
-        value = _real(p)
+        value = real_value(p)
         if value is None or not 0 < value <= 1:
             raise ValueError(f"top_p_mask p must be a float in (0, 1], got {p!r}")
         if value == 1:
@@ -509,22 +488,22 @@ def make_settings(
     return_routing: bool = False,
 ) -> Settings:
     """Validates sampling arguments (raising ValueError naming the bad one) into settings."""
-    _check_int("max_new_tokens", max_new_tokens, 1)
-    _check_int("top_k", top_k, 0)
-    _check_int("num_samples", num_samples, 1)
-    _check_int("pad_id", pad_id, 0)
-    temp = _real(temperature)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("top_k", top_k, 0)
+    check_int("num_samples", num_samples, 1)
+    check_int("pad_id", pad_id, 0)
+    temp = real_value(temperature)
     if temp is None or not (temp == 0 or MIN_TEMPERATURE <= temp < np.inf):
         raise ValueError(
             f"temperature must be 0 (greedy) or a finite float >= {MIN_TEMPERATURE:g} (smaller "
             f"ones overflow float32 and give NaN/inf log-probs), got {temperature!r}"
         )
-    top_p_value = _real(top_p)
+    top_p_value = real_value(top_p)
     if top_p_value is None or not 0 < top_p_value <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(stop_token_ids, (int, np.integer)):
         stop_token_ids = (stop_token_ids,)
-    stops = tuple(_check_int("stop_token_ids entry", t, 0) for t in stop_token_ids)
+    stops = tuple(check_int("stop_token_ids entry", t, 0) for t in stop_token_ids)
     return Settings(
         max_new_tokens=int(max_new_tokens),
         temperature=temp,

@@ -36,6 +36,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from novarl_jax.core.checks import check_int
+
 INITIAL = "initial"
 RESUME = "resume"
 WORKER_RESTART = "worker_restart"
@@ -73,12 +75,6 @@ class SyncState(NamedTuple):
     broadcasts: int = 0
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_forced(reason: Any) -> str:
     if reason not in FORCED_REASONS:
         raise ValueError(f"reason must be one of {list(FORCED_REASONS)}, got {reason!r}")
@@ -100,8 +96,8 @@ def init(interval: int, max_staleness: int, timeout_s: float = 0.0, *, reason: s
     Raises:
         ValueError: naming the bad argument.
     """
-    interval = _check_int("interval", interval, 1)
-    max_staleness = _check_int("max_staleness", max_staleness, 1)
+    interval = check_int("interval", interval, 1)
+    max_staleness = check_int("max_staleness", max_staleness, 1)
     if (
         isinstance(timeout_s, bool)
         or not isinstance(timeout_s, int | float | np.integer | np.floating)
@@ -128,7 +124,7 @@ def request_broadcast(state: SyncState, reason: str) -> SyncState:
 
 def _versions(worker_versions: Mapping[Any, int] | Iterable[int]) -> list[int]:
     values = worker_versions.values() if isinstance(worker_versions, Mapping) else worker_versions
-    return [_check_int("worker_versions", v, 0) for v in values]
+    return [check_int("worker_versions", v, 0) for v in values]
 
 
 def should_broadcast(
@@ -153,7 +149,7 @@ def should_broadcast(
         ValueError: a version is not an integer >= 0, the trainer is behind the last
             broadcast, or a worker is ahead of the trainer.
     """
-    trainer_version = _check_int("trainer_version", trainer_version, 0)
+    trainer_version = check_int("trainer_version", trainer_version, 0)
     held = _versions(worker_versions)
     if held and max(held) > trainer_version:
         raise ValueError(
@@ -187,7 +183,7 @@ def record_broadcast(state: SyncState, now: float, version: int) -> SyncState:
     Raises:
         ValueError: ``version`` is not greater than the last broadcast version.
     """
-    version = _check_int("version", version, 0)
+    version = check_int("version", version, 0)
     if state.last_version is not None and version <= state.last_version:
         raise ValueError(
             f"version must increase: got {version} after the broadcast of {state.last_version}"
@@ -205,7 +201,7 @@ def _check_version_scalar(name: str, value: Any) -> int:
         and np.issubdtype(value.dtype, np.integer)
     ):
         value = int(value)
-    return _check_int(name, value, 0)
+    return check_int(name, value, 0)
 
 
 def _sample_versions(sample_versions: Any, trainer_version: int) -> np.ndarray:

@@ -47,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from novarl_jax.core.checks import real_value
+
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AdvantageEstimator",
@@ -89,11 +91,10 @@ def _check_unit_interval(name: str, value: Any) -> None:
     # Traced values (vmapping over gamma) cannot be checked; numbers and concrete arrays can.
     if isinstance(value, jax.core.Tracer):
         return
-    if isinstance(value, (bool, np.bool_, str)) or not (
-        isinstance(value, numbers.Real) or (hasattr(value, "shape") and np.ndim(value) == 0)
-    ):
+    number = real_value(value)
+    if number is None:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    if not 0.0 <= float(value) <= 1.0:
+    if not 0.0 <= number <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
 
 

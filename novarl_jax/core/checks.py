@@ -1,0 +1,54 @@
+"""Argument checks shared by the library: integers and real numbers, NumPy's included.
+
+Imports no JAX at module level (the command line validates before JAX starts); a value that
+might be a JAX array is inspected only when it is one.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+__all__ = ["check_int", "is_integer", "real_value"]
+
+
+def is_integer(value: Any) -> bool:
+    """A Python or NumPy integer (not a bool)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``int(value)`` for an integer >= ``minimum`` (NumPy integers too).
+
+    Raises:
+        ValueError: ``"{name} must be an integer >= {minimum}, got {value!r}"``.
+    """
+    if not is_integer(value) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def real_value(value: Any) -> float | None:
+    """``float(value)`` for a concrete real number, else None.
+
+    Real numbers are Python and NumPy integers and floats and 0-d NumPy or JAX arrays of an
+    integer or floating dtype that are not traced under ``jit``; bools, strings, complex
+    numbers and tracers are not.
+    """
+    if isinstance(value, bool | np.bool_ | str):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return None
+    import jax
+    import jax.numpy as jnp
+
+    if isinstance(value, jax.core.Tracer) or np.ndim(value) != 0:
+        return None
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        return None
+    return float(value)
