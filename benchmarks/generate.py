@@ -31,6 +31,7 @@ import os
 import statistics
 import time
 
+import torch_side
 from bench_tiny import BENCH_TINY, MAX_POSITIONS
 
 BATCH, PROMPT, NEW = 32, 64, 128
@@ -118,6 +119,7 @@ def make_transformers(args, prompts):
         print(f"# transformers reference skipped: {err}")
         return None
     torch.set_num_threads(args.threads)
+    torch_side.prepare(args.torch_device)
     torch.manual_seed(0)
     config = MixtralConfig(
         **CONFIG,
@@ -128,8 +130,8 @@ def make_transformers(args, prompts):
         bos_token_id=None,
         eos_token_id=None,
     )
-    model = MixtralForCausalLM(config).eval()
-    input_ids = torch.as_tensor(prompts, dtype=torch.long)
+    model = MixtralForCausalLM(config).eval().to(args.torch_device)
+    input_ids = torch.as_tensor(prompts, dtype=torch.long, device=args.torch_device)
     attention_mask = torch.ones_like(input_ids)
     gen = dict(
         max_new_tokens=NEW,
@@ -145,6 +147,7 @@ def make_transformers(args, prompts):
     def run():
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen)
+        torch_side.sync(args.torch_device)
         assert out.shape == (BATCH, PROMPT + NEW), out.shape
         return out
 
@@ -159,6 +162,7 @@ def main() -> None:
     parser.add_argument("--sample", action="store_true", help="temperature-1 sampling, not greedy")
     parser.add_argument("--eval-capacity-factor", type=float, default=None)
     parser.add_argument("--skip-reference", action="store_true")
+    torch_side.add_argument(parser)
     args = parser.parse_args()
 
     import numpy as np

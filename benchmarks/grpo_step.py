@@ -81,6 +81,7 @@ import statistics
 import tempfile
 import time
 
+import torch_side
 from bench_tiny import BENCH_TINY, MAX_POSITIONS
 
 PROMPTS, GROUP, PROMPT_LEN, NEW = 8, 8, 32, 64
@@ -296,7 +297,9 @@ def _hf_tokenizer():
     return hf, task
 
 
-def bench_trl(steps: int, threads: int, checkpointing: bool, model_dir: str, hf_tok, task):
+def bench_trl(
+    steps: int, threads: int, checkpointing: bool, model_dir: str, hf_tok, task, device: str = "cpu"
+):
     """Per-step (wall, CPU) seconds of TRL's GRPOTrainer after one warm-up step."""
     import jax
     import numpy as np
@@ -322,9 +325,11 @@ def bench_trl(steps: int, threads: int, checkpointing: bool, model_dir: str, hf_
             self.samples, self.start = [], None
 
         def on_step_begin(self, args, state, control, **kwargs):
+            torch_side.sync(device)
             self.start = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, args, state, control, **kwargs):
+            torch_side.sync(device)
             wall, cpu = self.start
             self.samples.append((time.perf_counter() - wall, time.process_time() - cpu))
 
@@ -338,7 +343,7 @@ def bench_trl(steps: int, threads: int, checkpointing: bool, model_dir: str, hf_
             beta=BETA,
             gradient_checkpointing=checkpointing,
             bf16=False,
-            use_cpu=True,
+            use_cpu=device == "cpu",
             max_steps=steps + 1,
             learning_rate=LEARNING_RATE,
             logging_steps=1,
@@ -398,6 +403,7 @@ def run_references(args, ours: Ours) -> dict:
         return {}
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, "
           f"trl {trl.__version__}")  # fmt: skip
+    torch_side.prepare(args.torch_device)
     hf_tok, task = _hf_tokenizer()
     refs = {}
     with tempfile.TemporaryDirectory() as model_dir:
@@ -405,7 +411,9 @@ def run_references(args, ours: Ours) -> dict:
         for threads in [args.threads, *args.trl_threads]:
             for checkpointing in (True, False):
                 tag = f"trl_{'gc' if checkpointing else 'nogc'}_t{threads}"
-                refs[tag] = bench_trl(args.steps, threads, checkpointing, model_dir, hf_tok, task)
+                refs[tag] = bench_trl(
+                    args.steps, threads, checkpointing, model_dir, hf_tok, task, args.torch_device
+                )
                 print(f"# {tag}: {refs[tag]['info']}, mean completion length "
                       f"{refs[tag]['length']:.1f}", flush=True)  # fmt: skip
                 ours.steps(args.steps)
@@ -428,6 +436,7 @@ def main() -> None:
     parser.add_argument("--trl-threads", type=int, nargs="*", default=[], help="extra counts")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--no-breakdown", action="store_true")
+    torch_side.add_argument(parser)
     parser.add_argument(
         "--keep-malloc", action="store_true", help="glibc's malloc defaults (no reuse_host_memory)"
     )

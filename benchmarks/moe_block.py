@@ -57,6 +57,8 @@ import os
 import statistics
 import time
 
+import torch_side
+
 BATCH, SEQ = 8, 512
 TOKENS = BATCH * SEQ
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 256, 512, 8, 2
@@ -128,7 +130,7 @@ def build_ours(timer: Timer, num_experts: int, factors: dict, prefix: str, forwa
     return params, x, c, dropped
 
 
-def build_reference(timer: Timer, params, x, c, threads: int) -> float | None:
+def build_reference(timer: Timer, params, x, c, threads: int, device: str = "cpu") -> float | None:
     """transformers' block on our weights; returns max |y_ours - y_hf| (None if unavailable)."""
     try:
         import torch
@@ -143,6 +145,7 @@ def build_reference(timer: Timer, params, x, c, threads: int) -> float | None:
     from novarl_jax.models.moe import moe_forward, moe_params_to_fused
 
     torch.set_num_threads(threads)
+    torch_side.prepare(device)
     config = MixtralConfig(
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
@@ -156,26 +159,33 @@ def build_reference(timer: Timer, params, x, c, threads: int) -> float | None:
         block.gate.weight.copy_(torch.from_numpy(router))
         block.experts.gate_up_proj.copy_(torch.from_numpy(gate_up))
         block.experts.down_proj.copy_(torch.from_numpy(down))
-    xt = torch.from_numpy(np.asarray(x)).clone()
-    ct = torch.from_numpy(np.asarray(c)).clone()
+    block.to(device)
+    xt = torch.from_numpy(np.asarray(x)).clone().to(device)
+    ct = torch.from_numpy(np.asarray(c)).clone().to(device)
     xg = xt.clone().requires_grad_(True)
 
     def forward():
         with torch.no_grad():
             block(xt)
+        torch_side.sync(device)
 
     def forward_backward():
         block.zero_grad(set_to_none=True)
         xg.grad = None
         (block(xg) * ct).sum().backward()
+        torch_side.sync(device)
+
+    def matmul():
+        torch.mm(a, a)
+        torch_side.sync(device)
 
     block.train()
     timer.add("hf_fwd", forward)
     timer.add("hf_fwd_bwd", forward_backward)
-    a = torch.randn(MATMUL_N, MATMUL_N)
-    timer.add("torch_mm", lambda: torch.mm(a, a))
+    a = torch.randn(MATMUL_N, MATMUL_N, device=device)
+    timer.add("torch_mm", matmul)
     with torch.no_grad():
-        y_hf = block(xt).numpy()
+        y_hf = block(xt).cpu().numpy()
     dropless = MoERouterConfig(num_experts=EXPERTS, top_k=TOP_K, capacity_factor=None)
     y_ours = np.asarray(moe_forward(params, x, dropless)[0])
     return float(np.abs(y_ours - y_hf).max())
@@ -277,6 +287,7 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--decode", action="store_true", help="the block at decoding size")
+    torch_side.add_argument(parser)
     parser.add_argument(
         "--keep-malloc", action="store_true", help="glibc's malloc defaults (no reuse_host_memory)"
     )
@@ -306,7 +317,9 @@ def main() -> None:
     dot = jax.jit(jnp.dot)
     timer.add("jnp_dot", lambda: jax.block_until_ready(dot(a, a)))
     params, x, c, dropped = build_ours(timer, EXPERTS, FACTORS, "moe_", forward=True)
-    max_diff = None if args.skip_reference else build_reference(timer, params, x, c, args.threads)
+    max_diff = None
+    if not args.skip_reference:
+        max_diff = build_reference(timer, params, x, c, args.threads, args.torch_device)
     scaling_dropped = {}
     if not args.skip_scaling:
         for e in SCALING_EXPERTS:
