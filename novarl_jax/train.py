@@ -61,6 +61,14 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "Start jax.distributed with the settings JAX reads from the cluster (a Cloud TPU VM "
     "slice, a SLURM job): coordinator, process count and index. The launch/ scripts pass it.",
 )
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    None,
+    "Directory of JAX's persistent compilation cache: a rerun or a resume of the same run "
+    "loads its compiled programs instead of compiling them again. Default: "
+    "$JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/novarl_jax/xla; an empty value turns "
+    "the cache off.",
+)
 
 
 def _fail(message: str) -> None:
@@ -149,6 +157,7 @@ def main(argv: list[str]) -> None:
             f"--num_processes={processes}"
         )
     ensure_cpu_devices(spec.layout.world_size // processes)
+    _use_compilation_cache(_COMPILATION_CACHE.value)
     if not _accelerator_installed():
         # XLA:CPU allocates every buffer of every call: keep freed host memory for reuse
         # instead of page-faulting fresh pages each step (before JAX starts its threads).
@@ -230,6 +239,27 @@ def main(argv: list[str]) -> None:
         _fail(str(e))
     except CheckpointMismatchError as e:
         _fail(f"{e}; resume with the run's own config, or train in a new --workdir")
+
+
+def compilation_cache_dir(flag: str | None) -> str | None:
+    """The persistent compilation cache's directory for the ``--compilation_cache`` value."""
+    if flag is None:
+        flag = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+            "~", ".cache", "novarl_jax", "xla"
+        )
+    return os.path.abspath(os.path.expanduser(flag)) if flag else None
+
+
+def _use_compilation_cache(flag: str | None) -> None:
+    path = compilation_cache_dir(flag)
+    if path and (blocker := cli.file_in_the_way(path)):
+        _fail(f"--compilation_cache: {blocker} is a file, not a directory")
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    if path:
+        # Every program the run compiles for longer than a second is kept (JAX's defaults).
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _export(spec, workdir: str, mesh) -> None:

@@ -29,12 +29,12 @@ def devices():
 
 
 # Compile each distinct program once per machine: tests build many identical tiny models.
-jax.config.update(
-    "jax_compilation_cache_dir",
-    os.environ.get(
-        "NOVARL_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "novarl_jax_tests")
-    ),
+_CACHE = os.environ.get(
+    "NOVARL_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "novarl_jax_tests")
 )
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+# The command lines the tests start use it too (their --compilation_cache default).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

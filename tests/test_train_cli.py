@@ -121,6 +121,7 @@ def test_errors_are_one_line_naming_the_key(args, message):
         ("--config", "--config: configs/nonexist.py: no such file"),
         ("--workdir", "--workdir: {file} is a file, not a directory"),
         ("--export", "--export: {file} is a file, not a directory"),
+        ("--compilation_cache", "--compilation_cache: {file} is a file, not a directory"),
     ],
 )
 def test_bad_paths_are_one_line(flag, message, tmp_path):
@@ -182,11 +183,13 @@ QUICKSTART_PP1 = [
 
 @pytest.mark.slow
 def test_quickstart_command_trains_end_to_end(tmp_path):
+    cache = tmp_path.parent / f"{tmp_path.name}_xla"
     result = _run(
         "--config=configs/moe.py", f"--workdir={tmp_path}", *QUICKSTART_PP1,
-        "experiment.steps=2", "checkpoint.interval=1",
+        "experiment.steps=2", "checkpoint.interval=1", f"--compilation_cache={cache}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(cache.iterdir())) >= 2  # the rollout's and the update's programs at least
     rows = _rows(result.stdout)
     assert rows["mesh"] == "(dp=2, pp=1, ep=2, tp=2) on 8 cpu devices"
     assert "step 2/2" in result.stdout and "done: 2 steps" in result.stdout
@@ -206,3 +209,17 @@ def test_quickstart_command_trains_end_to_end(tmp_path):
         assert all(np.isfinite(m[name]) for m in metrics), name
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
     assert (tmp_path / "plots" / "training.png").stat().st_size > 1000
+
+
+def test_compilation_cache_dir(monkeypatch):
+    from novarl_jax.train import compilation_cache_dir
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    home = os.path.expanduser("~")
+    assert compilation_cache_dir(None) == os.path.join(home, ".cache", "novarl_jax", "xla")
+    assert compilation_cache_dir("") is None  # turned off
+    assert compilation_cache_dir("~/c") == os.path.join(home, "c")
+    assert compilation_cache_dir("rel") == os.path.abspath("rel")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/tmp/from_env")
+    assert compilation_cache_dir(None) == "/tmp/from_env"
+    assert compilation_cache_dir("") is None
