@@ -186,6 +186,8 @@ def main(argv: list[str]) -> None:
                 "--process_id"
             )
 
+    import jax
+
     from novarl_jax.trainer.checklist import print_checklist
     from novarl_jax.trainer.checkpoint import CheckpointMismatchError
     from novarl_jax.trainer.loop import TrainingError, train
@@ -193,8 +195,13 @@ def main(argv: list[str]) -> None:
     try:
         mesh = spec.layout.make_mesh()
     except ValueError as e:
-        _fail(f"experiment.world_size: {e}")
-    import jax
+        hint = ""
+        if jax.default_backend() != "cpu" and jax.process_count() == 1:
+            hint = (
+                f"; or run this layout on {spec.layout.world_size} fake CPU devices with "
+                "JAX_PLATFORMS=cpu"
+            )
+        _fail(f"experiment.world_size: {e}{hint}")
 
     workdir = _WORKDIR.value or os.path.join("runs", _config_name())
     if _EXPORT.value:
