@@ -345,6 +345,11 @@ class MoERouterConfig:
         requires sequence parallelism when MoE is combined with tensor parallelism, so
         ``--sequence-parallel`` is added for ``tp > 1``.
 
+        Megatron normalises its load-balancing loss differently: its ``f_e`` is the fraction
+        of the T*K choices (summing to 1), where ours counts tokens (summing to K), so its loss
+        is ours divided by K; ``--moe-aux-loss-coeff`` is therefore ``aux_loss_coef * top_k``,
+        which gives the same gradient. The z-loss is the same in both.
+
         Megatron's default softmax over the chosen K is ``normalize_top_k=True``, and
         ``--moe-router-pre-softmax`` is ``normalize_top_k=False``. For ``top_k=1`` Megatron
         accepts only the second (a softmax over one logit has no gradient), so a top-1 router
@@ -365,7 +370,7 @@ class MoERouterConfig:
             "--num-experts", str(self.num_experts),
             "--moe-router-topk", str(self.top_k),
             "--moe-router-load-balancing-type", "aux_loss",
-            "--moe-aux-loss-coeff", _fmt(self.aux_loss_coef),
+            "--moe-aux-loss-coeff", _fmt(self.aux_loss_coef * self.top_k),
             "--moe-z-loss-coeff", _fmt(self.z_loss_coef),
             "--moe-token-dispatcher-type", "alltoall",
         ]  # fmt: skip
@@ -387,15 +392,25 @@ class MoERouterConfig:
         Use as ``MoE(hidden_size, expert, **router.to_deepspeed(layout))``. DeepSpeed's
         training JSON has no MoE section: MoE is configured through this layer's constructor
         (plus ``ep_size`` groups created by the engine), and this dict is exactly those
-        constructor arguments. DeepSpeed keeps the first tokens by position when an expert is
-        full (``use_rts=False``); it has no probability-ordered policy, so
-        ``drop_policy='probs'`` raises. ``capacity_factor=None`` maps to ``drop_tokens=False``.
+        constructor arguments. ``capacity_factor=None`` maps to ``drop_tokens=False``;
         ``enable_expert_tensor_parallelism`` follows ``tp > 1``.
 
         DeepSpeed has no switch for the gate weights: its top-1 gate weights the expert by its
         full-softmax probability (``normalize_top_k=False``), and its top-2 and top-k gates
-        renormalise the weights over the chosen experts (``normalize_top_k=True``); any other
-        combination raises rather than change the router's semantics.
+        renormalise the weights over the chosen experts (``normalize_top_k=True``); the other
+        combinations raise.
+
+        The layer then routes exactly like this router as long as no expert overflows (always,
+        with ``capacity_factor=None``). When one does, the two differ except at top-1:
+        DeepSpeed's top-1 gate keeps the earliest tokens (``use_rts=False``), as
+        ``drop_policy='position'`` does; its top-2 gate serves every token's first choice
+        before any token's second choice, where ours keeps the earliest tokens' choices; its
+        top-k gate (k >= 3) keeps the choices with the largest router logits; and for k >= 2 it
+        renormalises the gate weights a token keeps, where ours leaves them as they were
+        (a dropped choice contributes nothing). DeepSpeed's constructor has no drop-policy
+        switch, so ``drop_policy='probs'`` raises. DeepSpeed returns its load-balancing loss
+        for the caller to weight (its top-2 form counts first choices only), so
+        ``aux_loss_coef`` and ``z_loss_coef`` have no DeepSpeed argument.
 
         Raises:
             TypeError: ``layout`` is not a :class:`ParallelLayout`.
@@ -475,7 +490,8 @@ class MegatronAdapterConfig:
 
 
 def _fmt(value: float) -> str:
-    return repr(float(value))
+    # 12 significant digits: 0.01 * 3 is written 0.03, not 0.030000000000000002.
+    return repr(float(f"{float(value):.12g}"))
 
 
 # XLA:CPU's concurrency-optimized scheduler can let the device threads of one program enter

@@ -277,13 +277,40 @@ def test_megatron_router_args():
         "--num-experts": "8",
         "--moe-router-topk": "2",
         "--moe-router-load-balancing-type": "aux_loss",
-        "--moe-aux-loss-coeff": "0.01",
+        "--moe-aux-loss-coeff": "0.02",  # 0.01 x top_k: Megatron's loss is ours / top_k
         "--moe-z-loss-coeff": "0.001",
         "--moe-token-dispatcher-type": "alltoall",
         "--moe-expert-capacity-factor": "1.2",
         "--moe-token-drop-policy": "probs",
         "--sequence-parallel": True,
     }
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_megatron_aux_loss_coeff_gives_our_weighted_loss(top_k):
+    # Megatron-Core's switch load-balancing loss, written out in float64 from its definition:
+    # coeff * E / (K * T^2) * sum_e (sum_t p_te) * (choices of e), on our block's own routing.
+    import jax
+    import numpy as np
+
+    from novarl_jax.models.moe import init_moe_params, moe_forward
+
+    e, t, d = 6, 40, 8
+    router = MoERouterConfig(
+        num_experts=e, top_k=top_k, capacity_factor=None, aux_loss_coef=0.03,
+        normalize_top_k=top_k > 1,
+    )  # fmt: skip
+    params = init_moe_params(jax.random.key(0), d, 4, e)
+    x = jax.random.normal(jax.random.key(1), (1, t, d))
+    _, aux = moe_forward(params, x, router)
+    logits = np.asarray(x[0], np.float64) @ np.asarray(params["router"], np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    chosen = np.argsort(-probs, axis=1)[:, :top_k]
+    tokens_per_expert = np.bincount(chosen.ravel(), minlength=e)
+    coeff = float(_argv_to_dict(router.to_megatron(ParallelLayout()))["--moe-aux-loss-coeff"])
+    megatron = coeff * e / (top_k * t * t) * np.sum(probs.sum(0) * tokens_per_expert)
+    np.testing.assert_allclose(megatron, router.aux_loss_coef * float(aux["aux_loss"]), rtol=1e-5)
 
 
 def test_megatron_dropless_and_pre_softmax():
