@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from novarl_jax.algorithms.kl import KL_KINDS
 from novarl_jax.algorithms.registry import make_loss_config, make_loss_fn
 from novarl_jax.core.utils.advantages import make_advantage_estimator
 from novarl_jax.models import ModelConfig, init_params, load_hf_model
@@ -332,6 +333,10 @@ def build_run(spec: RunSpec) -> Run:
         )
         needs_reference = config.ppo.reward_kl_coef > 0 or config.ppo.kl_coef > 0
         reward_kl = (float(config.ppo.reward_kl_coef), config.ppo.reward_kl_kind)
+        if reward_kl[1] not in KL_KINDS:
+            raise ConfigError(
+                "ppo.reward_kl_kind", f"{reward_kl[1]!r} is not one of {list(KL_KINDS)}"
+            )
     else:
         name = config.grpo.advantage_estimator
         if name not in ("grpo", "dr_grpo", "rloo"):

@@ -422,6 +422,36 @@ def _check_eval(config: ml_collections.ConfigDict, flat: dict) -> None:
         )
 
 
+def _check_numbers(config: ml_collections.ConfigDict, flat: dict) -> None:
+    """Ranges of the checkpoint, optimizer, DAPO and reward-KL numbers (the other sections'
+    numbers are checked by the objects built from them)."""
+    _positive(flat, "checkpoint.interval", "checkpoint.keep")
+    _positive(
+        flat,
+        "optim.learning_rate",
+        "optim.warmup_steps",
+        "optim.decay_steps",
+        "optim.end_learning_rate",
+        "optim.weight_decay",
+        "optim.max_grad_norm",
+        "optim.eps",
+        "dapo.max_extra_batches",
+        "dapo.overlong_buffer",
+        "dapo.overlong_penalty",
+        "ppo.reward_kl_coef",
+        minimum=0,
+    )
+    for key in ("optim.b1", "optim.b2"):
+        if not 0 <= flat[key] < 1:
+            raise ConfigError(key, f"must be in [0, 1), got {flat[key]!r}")
+    if config.dapo.overlong_buffer > config.rollout.max_new_tokens:
+        raise ConfigError(
+            "dapo.overlong_buffer",
+            f"{config.dapo.overlong_buffer} tokens exceed rollout.max_new_tokens="
+            f"{config.rollout.max_new_tokens} (the buffer ends at max_new_tokens)",
+        )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
     """Checks a whole config before anything compiles.
 
@@ -549,6 +579,7 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
             f"max_prompt_length + max_new_tokens = {ro.max_prompt_length + ro.max_new_tokens} "
             f"exceeds model.max_position_embeddings={model.max_position_embeddings}",
         )
+    _check_numbers(config, flat)
     samples = ro.prompts_per_step * samples_per_prompt(config)
     if samples % layout.dense_data_parallel_size:
         raise ConfigError(

@@ -63,10 +63,13 @@ def test_tokenizer_errors_name_the_key(tmp_path, key, value, match):
         ("train", "minibatches", 3, "train.minibatches: 3 does not divide the 32 rollouts"),
         ("rollout", "stop_token_ids", (2, 200), r"rollout.stop_token_ids: 200 is not a token id"),
         ("model", "head_dim", 3, "model.head_dim: head_dim=3 must be an even integer"),
+        ("ppo", "reward_kl_kind", "bogus", r"ppo.reward_kl_kind: 'bogus' is not one of \['k1'"),
     ],
 )
 def test_build_errors_name_the_key(section, key, value, match):
     config = base.get_config()
+    if section == "ppo":
+        config.experiment.algorithm = "ppo"
     config[section][key] = value
     with pytest.raises(ConfigError, match=match):
         build_run(validate_config(config))

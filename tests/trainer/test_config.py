@@ -53,6 +53,20 @@ def _with(**overrides):
          "dapo.dynamic_sampling", "filters GRPO groups"),
         (dict(model__router_z_loss_coef=-1.0), "model.router_z_loss_coef", ">= 0"),
         (dict(logging__samples=-2), "logging.samples", ">= 0"),
+        # keep=0 would delete every checkpoint a run writes.
+        (dict(checkpoint__keep=0), "checkpoint.keep", ">= 1"),
+        (dict(checkpoint__interval=0), "checkpoint.interval", ">= 1"),
+        (dict(optim__learning_rate=-1e-3), "optim.learning_rate", ">= 0"),
+        (dict(optim__max_grad_norm=-1.0), "optim.max_grad_norm", ">= 0"),
+        (dict(optim__warmup_steps=-1), "optim.warmup_steps", ">= 0"),
+        (dict(optim__eps=-1e-8), "optim.eps", ">= 0"),
+        (dict(optim__b1=1.5), "optim.b1", r"in \[0, 1\)"),
+        (dict(optim__b2=1.0), "optim.b2", r"in \[0, 1\)"),
+        (dict(dapo__overlong_buffer=-1), "dapo.overlong_buffer", ">= 0"),
+        (dict(dapo__overlong_buffer=99), "dapo.overlong_buffer", "exceed rollout.max_new_tokens"),
+        (dict(dapo__overlong_penalty=-1.0), "dapo.overlong_penalty", ">= 0"),
+        (dict(dapo__max_extra_batches=-1), "dapo.max_extra_batches", ">= 0"),
+        (dict(ppo__reward_kl_coef=-0.1), "ppo.reward_kl_coef", ">= 0"),
     ],
 )  # fmt: skip
 def test_validation_names_the_key(overrides, key, match):
