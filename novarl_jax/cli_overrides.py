@@ -52,10 +52,9 @@ def translate_argv(argv: list[str]) -> tuple[list[str], list[str], list[tuple[st
             flags_part.append(arg)
     # Config files may import their siblings (`from configs import base`): make the folder
     # that holds the config's package importable.
-    for arg in flags_part:
-        if arg.startswith("--config="):
-            path = os.path.abspath(arg.split("=", 1)[1])
-            sys.path.insert(0, os.path.dirname(os.path.dirname(path)))
+    path = config_path(flags_part)
+    if path:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
     return flags_part + overrides, none_keys, task_options
 
 

@@ -284,7 +284,7 @@ def _export(spec, workdir: str, mesh) -> None:
 
 
 def _config_name() -> str:
-    path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "run")
+    path = cli.config_path(sys.argv) or "run"
     return os.path.splitext(os.path.basename(path))[0]
 
 

@@ -76,9 +76,22 @@ def test_export_step_needs_export():
     assert result.stderr.strip() == "novarl_jax.train: error: --export_step needs --export=DIR"
 
 
-def test_config_file_runs_from_another_directory(tmp_path):
-    result = _run(f"--config={ROOT / 'configs' / 'moe.py'}", "--dry_run", cwd=tmp_path)
+@pytest.mark.parametrize("form", ["--config=PATH", "--config PATH"])
+def test_config_file_runs_from_another_directory(form, tmp_path):
+    path = str(ROOT / "configs" / "moe.py")
+    args = [f"--config={path}"] if form == "--config=PATH" else ["--config", path]
+    result = _run(*args, "--dry_run", cwd=tmp_path)
     assert _rows(result.stdout).get("world size") == "8", result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv", [["--config=configs/moe.py"], ["--config", "configs/moe.py:arg"], ["--dry_run"]]
+)
+def test_default_workdir_is_named_after_the_config(argv, monkeypatch):
+    from novarl_jax import train
+
+    monkeypatch.setattr(sys, "argv", ["novarl_jax.train", *argv])
+    assert train._config_name() == ("run" if argv == ["--dry_run"] else "moe")
 
 
 @pytest.mark.parametrize(

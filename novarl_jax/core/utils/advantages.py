@@ -582,7 +582,7 @@ class GAEAdvantageEstimator:
     """PPO's estimator: GAE over token rewards with a learned critic.
 
     Token rewards are ``token_rewards`` (for example the per-token KL penalty of
-    :func:`novarl_jax.algorithms.kl.kl_penalized_token_rewards`) plus the sequence ``scores``
+    :func:`novarl_jax.algorithms.kl.kl_penalty_token_rewards`) plus the sequence ``scores``
     placed on the last valid token; :func:`gae` turns them and ``values`` into advantages and
     lambda-returns; the advantages are then whitened over the batch's valid tokens
     (:func:`normalize_advantages`) when ``normalize``. Returns are never whitened: they are the
