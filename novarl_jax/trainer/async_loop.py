@@ -35,8 +35,9 @@ Rollout ``j`` uses the key ``split(fold_in(run key, j))[0]``, as iteration ``j``
 synchronous loop. Checkpoints hold the train state, the task's position after the last
 trained batch and the next rollout index; on resume the queue starts empty and the first
 broadcast is forced (reason ``'resume'``). Resume is exact in the synchronous schedule with
-``queue_size=1``; otherwise the rollouts that were queued are sampled again by the restored
-parameters.
+``queue_size=1`` and ``weight_sync_interval=1``; otherwise the rollouts that were queued are
+sampled again by the restored parameters (and, with a longer interval, the controller's
+count of unbroadcast updates starts again at 0).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from novarl_jax.sync import controller as wsc
 from novarl_jax.sync.controller import WeightSyncController, admissible, staleness
 from novarl_jax.sync.versioned import ParamStore, VersionedParams
 from novarl_jax.trainer.build import build_run
-from novarl_jax.trainer.config import RunSpec, validate_config
+from novarl_jax.trainer.config import ConfigError, RunSpec, validate_config
 from novarl_jax.trainer.loop import Session, Trainer, iteration_keys
 from novarl_jax.trainer.state import TrainState
 
@@ -335,6 +336,14 @@ class _Broadcaster:
         return metrics
 
 
+def _least_lag(config: Any, queue_size: int, synchronous: bool) -> int:
+    """Versions every rollout sampled ahead of the trainer lags by when trained (when no
+    update is skipped): the threaded schedule samples it during the previous step's U
+    updates, the deterministic one ``queue_size - 1`` steps before."""
+    updates = config.train.epochs * config.train.minibatches
+    return (queue_size - 1) * updates if synchronous else updates
+
+
 def _take_fresh(feed, version: int, max_staleness: int, on_wait) -> tuple[Rollout, int]:
     """The next rollout no staler than ``max_staleness``, and the rows dropped before it."""
     dropped = 0
@@ -413,8 +422,18 @@ def train_async(
             "synchronous must be True in a multi-process run: every process must issue the "
             "same rollout programs in the same order"
         )
+    exp = spec.config.experiment
+    if jax.process_count() > 1 and exp.weight_sync_timeout_s > 0:
+        raise ConfigError(
+            "experiment.weight_sync_timeout_s",
+            f"{exp.weight_sync_timeout_s} s: a timeout broadcast follows each process's own "
+            "clock, so the processes of a multi-process run could sample with different "
+            "versions; set it to 0 there (weight_sync_interval and weight_sync_max_staleness "
+            "decide the same way everywhere)",
+        )
     run = run or build_run(spec)
-    if num_workers > 1 and not synchronous:
+    shared_task = num_workers > 1 and not synchronous
+    if shared_task:
         run = dataclasses.replace(run, task=_SerializedTask(run.task))
     metrics: dict = {}
     dropped_total = 0
@@ -429,6 +448,16 @@ def train_async(
         allow_config_change=allow_config_change,
     ) as session:
         trainer, state = session.trainer, session.state
+        least_lag = _least_lag(spec.config, queue_size, synchronous)
+        if exp.weight_sync_max_staleness < least_lag:
+            ahead = "queue_size - 1 steps" if synchronous else "one step"
+            session.log(
+                f"warning: experiment.weight_sync_max_staleness={exp.weight_sync_max_staleness}"
+                f" is below the {least_lag} versions every rollout sampled ahead of the trainer "
+                f"lags by ({ahead} of train.epochs x train.minibatches updates): such rollouts "
+                f"will be dropped and sampled again; set it >= {least_lag} to overlap sampling "
+                "with training (docs/async.md)"
+            )
         # Synchronous-loop checkpoints have no rollout index: rollout j trains step j there.
         next_index = int(session.host.get("rollout_index", session.start))
         controller = WeightSyncController.from_config(
@@ -477,7 +506,11 @@ def train_async(
                         "timing_s/wait": wait_s,
                     }
                 )
-                host = {"task_state": trained[1].task_state, "rollout_index": next_index}
+                # Threaded workers finish out of order, so the trained batch's position can lie
+                # behind an earlier one's; the task's own position never moves back (it also
+                # covers the prompts of rollouts not trained yet, skipped on resume).
+                task_state = session.run.task.get_state() if shared_task else trained[1].task_state
+                host = {"task_state": task_state, "rollout_index": next_index}
                 metrics = session.record(i, state, metrics, host, trained)
         finally:
             feed.close()

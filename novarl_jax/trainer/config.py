@@ -41,7 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
     exp.algorithm = "grpo"  # 'ppo' or 'grpo'
     exp.grpo_group_size = 4  # completions sampled per prompt (GRPO's relative baseline window)
     exp.weight_sync_interval = 1  # async runs: broadcast every this many updates
-    exp.weight_sync_max_staleness = 1  # async runs: broadcast when a worker lags this much
+    # async runs: broadcast when a worker lags this much; also the most a trained batch may
+    # lag. A rollout sampled ahead lags by a step's updates (train.epochs x minibatches = 4).
+    exp.weight_sync_max_staleness = 4
     exp.weight_sync_timeout_s = 0.0  # async runs: broadcast pending updates after this; 0 = off
     # Asynchronous rollouts (docs/async.md): workers sample with broadcast weights while the
     # trainer learns; the three weight_sync_* keys above set the cadence and staleness bound.

@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base, ppo_async
+from configs import base, jsonl, ppo_async
 from novarl_jax.rollout.engine import RolloutEngine
 from novarl_jax.sync import REASONS, WeightSyncController
 from novarl_jax.trainer import async_loop
 from novarl_jax.trainer.async_loop import WORKER_THREAD_PREFIX, train_async
-from novarl_jax.trainer.config import validate_config
+from novarl_jax.trainer.config import ConfigError, validate_config
 from novarl_jax.trainer.loop import train
 from novarl_jax.trainer.metrics import read_metrics
 
@@ -184,6 +184,9 @@ def test_synchronous_schedule_by_hand(tmp_path, name):
     assert int(out["state"].policy_version) == 6
     dropped = sum(expected["dropped"])
     assert lines[-1].startswith("done: 3 steps") and f"{dropped} stale samples dropped" in lines[-1]
+    # (b)'s bound is below the U = 2 versions every queued rollout lags by: the run says so.
+    warned = [line for line in lines if line.startswith("warning: experiment.weight_sync_max")]
+    assert len(warned) == (name == "staleness")
 
 
 def test_threaded_one_worker_is_one_step_behind(tmp_path):
@@ -284,3 +287,57 @@ def test_ppo_async_config_has_the_quickstart_cadence():
     assert WeightSyncController.from_config(config).state[:3] == (4, 6, 30.0)
     # 2 epochs x 2 minibatches: a batch one step behind (4 versions) is within the bound.
     assert config.train.epochs * config.train.minibatches == 4
+
+
+def test_a_timeout_is_refused_in_a_multi_process_run(tmp_path, monkeypatch):
+    # Each process would read its own clock: the processes could sample different versions.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ConfigError, match="experiment.weight_sync_timeout_s: 1.0 s: a timeout"):
+        train_async(_config(1, timeout_s=1.0), str(tmp_path), synchronous=True)
+
+
+def test_resume_after_out_of_order_workers_trains_no_prompt_twice(tmp_path, monkeypatch):
+    """Two threaded workers on a JSONL task; the batch whose prompts were drawn first is
+    trained second. The checkpointed position must not move back to it, or a resumed run
+    would train the other batch's prompts again."""
+    first_drawn, other_done, first_queued = (threading.Event() for _ in range(3))
+    original_sample, original_learn = async_loop.AsyncTrainer.sample, async_loop.AsyncTrainer.learn
+    trained = []
+
+    def sample(self, params, key_data, index, worker=0):
+        if worker == 0 and not first_drawn.is_set():  # draws first, is queued second
+            rollout = original_sample(self, params, key_data, index, worker)
+            first_drawn.set()
+            assert other_done.wait(60)
+            time.sleep(0.2)  # worker 1's rollout reaches the queue first
+            first_queued.set()
+            return rollout
+        if worker == 1 and not other_done.is_set():
+            assert first_drawn.wait(60)
+            rollout = original_sample(self, params, key_data, index, worker)
+            other_done.set()
+            return rollout
+        assert first_queued.wait(60)
+        time.sleep(0.2)  # worker 0's first rollout is queued before any later one
+        return original_sample(self, params, key_data, index, worker)
+
+    def learn(self, state, reference, rollout, step):
+        trained.append({m["example_index"] for m in rollout.info.metadata})
+        return original_learn(self, state, reference, rollout, step)
+
+    monkeypatch.setattr(async_loop.AsyncTrainer, "sample", sample)
+    monkeypatch.setattr(async_loop.AsyncTrainer, "learn", learn)
+
+    def config(steps):
+        c = _config(steps, max_staleness=100)
+        c.task = jsonl.get_config().task
+        c.rollout.max_prompt_length, c.rollout.max_new_tokens = 48, 4
+        c.model.max_position_embeddings = 64
+        c.checkpoint.interval = 1
+        return c
+
+    _run_async(config(2), tmp_path, num_workers=2, queue_size=2)
+    assert len(trained) == 2 and not trained[0] & trained[1]
+    _run_async(config(3), tmp_path, synchronous=True)  # resumes at step 3
+    assert len(trained) == 3
+    assert not trained[2] & (trained[0] | trained[1]), trained
