@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs N processes on this machine, each with DEVICES fake CPU devices, as one JAX job.
 # Usage: launch/local_processes.sh N DEVICES --config=configs/moe.py [overrides...]
+# PYTHON (default: python) is the interpreter; PORT (default: 12355) the coordinator's port.
 set -euo pipefail
 n="$1"; devices="$2"; shift 2
 port="${PORT:-12355}"
@@ -8,7 +9,7 @@ pids=()
 for ((i = 0; i < n; i++)); do
   XLA_FLAGS="--xla_force_host_platform_device_count=${devices} --xla_cpu_enable_concurrency_optimized_scheduler=false" \
     JAX_PLATFORMS=cpu \
-    python -m novarl_jax.train "$@" \
+    "${PYTHON:-python}" -m novarl_jax.train "$@" \
       --coordinator_address="127.0.0.1:${port}" --num_processes="$n" --process_id="$i" \
       --cpu_collectives=gloo &
   pids+=("$!")

@@ -303,3 +303,13 @@ def test_logprob_errors():
         token_logprobs_and_entropy(jnp.zeros((2, 3, 4)), jnp.zeros((2, 2), jnp.int32))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         entropy_from_logits(jnp.zeros((2, 4)), temperature=0.0)
+
+
+def test_log_ratio_is_clamped_at_20():
+    # A log-ratio of 100 would overflow exp; the clamp at 20 keeps loss and metrics finite.
+    one = jnp.ones((1, 1))
+    loss, metrics = ppo_policy_loss(100.0 * one, 0.0 * one, 0.0 * one, one)
+    assert float(loss) == 0.0
+    np.testing.assert_allclose(float(metrics["actor/ratio_max"]), np.exp(20.0), rtol=1e-6)
+    loss, _ = ppo_policy_loss(100.0 * one, 0.0 * one, -one, one)
+    np.testing.assert_allclose(float(loss), np.exp(20.0), rtol=1e-6)

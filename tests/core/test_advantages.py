@@ -530,3 +530,13 @@ def test_numpy_numbers_are_accepted_and_stored_hashable():
     assert estimator.gamma == 0.5 and isinstance(estimator.gamma, float)
     hash(estimator)  # a static argument of jit
     assert GRPOAdvantageEstimator(group_size=np.int64(4)).group_size == 4
+
+
+def test_constant_advantages_whiten_to_zero():
+    # Zero variance (every response failed alike): eps keeps the result 0, not NaN.
+    np.testing.assert_array_equal(
+        np.asarray(normalize_advantages(jnp.ones((2, 3)), jnp.ones((2, 3)))), np.zeros((2, 3))
+    )
+    batch = {"scores": jnp.zeros(4), "response_mask": jnp.ones((4, 3))}
+    advantages, _ = ReinforcePlusPlusAdvantageEstimator()(batch)
+    np.testing.assert_array_equal(np.asarray(advantages), np.zeros((4, 3)))

@@ -574,3 +574,15 @@ def test_mask_and_padding_helpers_validate_their_arguments():
         S.left_pad(jnp.array([1, 2, 0]), jnp.array([1, 1, 0]), 0)
     with pytest.raises(ValueError, match="left_pad pad_id must be an integer, got 0.5"):
         S.left_pad(jnp.array([[1, 2, 0]]), jnp.array([[1, 1, 0]]), 0.5)
+
+
+def test_top_p_stops_where_the_mass_reaches_p_exactly():
+    # Powers of two: the cumulative masses are exact in float32.
+    x = jnp.log(jnp.array([0.5, 0.25, 0.125, 0.125]))
+    assert np.asarray(S.top_p_mask(x, 0.5)).tolist() == [True, False, False, False]
+    assert np.asarray(S.top_p_mask(x, 0.75)).tolist() == [True, True, False, False]
+
+
+def test_top_k_1_keeps_only_the_argmax():
+    logits = S.sampling_logits(jnp.array([[3.0, 1.0, 2.0]]), temperature=1.0, top_k=1)
+    np.testing.assert_array_equal(np.asarray(jax.nn.log_softmax(logits)), [[0.0, -np.inf, -np.inf]])

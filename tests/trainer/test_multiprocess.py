@@ -6,6 +6,7 @@ import os
 import pathlib
 import socket
 import subprocess
+import sys
 
 import pytest
 from quiet_train import train_quietly
@@ -38,6 +39,7 @@ def _rows(path):
 def test_two_processes_train_as_one_job(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PORT"] = str(_free_port())
+    env["PYTHON"] = sys.executable  # the interpreter running the tests, whatever PATH says
     args = [f"{k}={v}" for k, v in OVERRIDES.items()]
     result = subprocess.run(
         ["bash", "launch/local_processes.sh", "2", "4", "--config=configs/moe.py",
