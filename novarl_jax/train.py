@@ -265,8 +265,14 @@ def _use_compilation_cache(flag: str | None) -> None:
 
     jax.config.update("jax_compilation_cache_dir", path)
     if path:
-        # Every program the run compiles for longer than a second is kept (JAX's defaults).
+        # Every program the run compiles for longer than a second is kept (JAX's default);
+        # past 4 GiB the least recently used entries go (unless JAX was told a size itself).
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        if (
+            jax.config.jax_compilation_cache_max_size == -1
+            and importlib.util.find_spec("filelock") is not None
+        ):
+            jax.config.update("jax_compilation_cache_max_size", 4 << 30)
 
 
 def _export(spec, workdir: str, mesh) -> None:
