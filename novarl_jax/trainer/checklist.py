@@ -115,7 +115,36 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
         ("algorithm", "steps", str(exp.steps)),
         ("algorithm", "seed", str(exp.seed)),
     ]
-    return rows
+    return rows + _sync_rows(spec)
+
+
+def _sync_rows(spec: RunSpec) -> list[tuple[str, str, str]]:
+    """How rollouts get the trainer's weights: the synchronous loop, or the async cadence."""
+    exp, train = spec.config.experiment, spec.config.train
+    if not exp.async_rollouts:
+        return [("weight sync", "rollouts", "synchronous (each step samples, then trains)")]
+    workers = exp.rollout_workers
+    queue = exp.rollout_queue_size or workers
+    timeout = f", or after {exp.weight_sync_timeout_s:g} s" if exp.weight_sync_timeout_s else ""
+    return [
+        (
+            "weight sync",
+            "rollouts",
+            f"asynchronous: {workers} worker{'s' if workers > 1 else ''}, {queue} sampled ahead",
+        ),
+        (
+            "weight sync",
+            "broadcast",
+            f"every {exp.weight_sync_interval} update(s), when a worker lags "
+            f"{exp.weight_sync_max_staleness}{timeout}",
+        ),
+        (
+            "weight sync",
+            "staleness bound",
+            f"{exp.weight_sync_max_staleness} versions (a step is "
+            f"{train.epochs * train.minibatches} updates)",
+        ),
+    ]
 
 
 def _model_rows(spec: RunSpec, run: Any) -> list[tuple[str, str, str]]:

@@ -341,3 +341,20 @@ def test_resume_after_out_of_order_workers_trains_no_prompt_twice(tmp_path, monk
     _run_async(config(3), tmp_path, synchronous=True)  # resumes at step 3
     assert len(trained) == 3
     assert not trained[2] & (trained[0] | trained[1]), trained
+
+
+def test_checklist_shows_the_weight_sync_cadence():
+    from novarl_jax.trainer.checklist import checklist_rows
+
+    def rows(config):
+        return {(s, i): v for s, i, v in checklist_rows(validate_config(config))}
+
+    assert rows(base.get_config())[("weight sync", "rollouts")].startswith("synchronous")
+    config = ppo_async.get_config()
+    config.experiment.rollout_workers = 2
+    got = rows(config)
+    assert got[("weight sync", "rollouts")] == "asynchronous: 2 workers, 2 sampled ahead"
+    assert got[("weight sync", "broadcast")] == (
+        "every 4 update(s), when a worker lags 6, or after 30 s"
+    )
+    assert got[("weight sync", "staleness bound")] == "6 versions (a step is 4 updates)"
