@@ -365,3 +365,24 @@ def test_a_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
         save_hf_model(out, DENSE, other, overwrite=True, max_shard_bytes=10_000)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old one, intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_sharded_save_keeps_each_multi_tensor_shard_within_the_limit(tmp_path):
+    import json
+
+    from safetensors.numpy import load_file
+
+    from novarl_jax.models import ModelConfig, init_params
+    from novarl_jax.models.hf import save_hf_model
+
+    config = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=2,
+                         num_attention_heads=2)  # fmt: skip
+    shapes = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
+    save_hf_model(tmp_path, config, params, max_shard_bytes=600)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    for name in sorted(set(index["weight_map"].values())):
+        shard = load_file(tmp_path / name)
+        total = sum(a.nbytes for a in shard.values())
+        assert len(shard) == 1 or total <= 600, (name, total, len(shard))

@@ -225,3 +225,29 @@ def test_engine_errors(setup):
     )
     with pytest.raises(ValueError, match=r"task 'short' score\(\) returned \(1,\) rewards for 8"):
         engine.rollout(params, jax.random.key(0), policy_version=0, batch_size=BATCH)
+
+
+def test_rollout_metadata_is_repeated_per_sample_like_the_prompts():
+    from novarl_jax.models import ModelConfig, init_params
+    from novarl_jax.rollout.engine import RolloutEngine, SamplingConfig
+    from novarl_jax.rollout.tasks import AdditionTask
+    from novarl_jax.rollout.tokenizers import CharTokenizer
+
+    task = AdditionTask()
+    tok = CharTokenizer(task.alphabet)
+    config = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64)  # fmt: skip
+    params = init_params(config, jax.random.key(0))
+    sampling = SamplingConfig(max_prompt_length=8, max_new_tokens=4, num_samples=2)
+    engine = RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=sampling)
+    traj, info = engine.rollout(params, jax.random.key(5), policy_version=0, batch_size=4)
+    prompts, meta = task.sample_prompts(jax.random.split(jax.random.key(5))[0], 4)
+    assert len({m["answer"] for m in meta}) > 1  # distinct answers make the check bite
+    want_meta = [m for m in meta for _ in range(2)]
+    assert info.metadata == want_meta
+    for prompt, m in zip(info.prompts, info.metadata, strict=True):
+        a, b = m["operands"]
+        assert prompt == f"{a}+{b}="
+    expected, _ = task.score(info.prompts, info.completions, want_meta)
+    np.testing.assert_array_equal(traj.rewards, expected)

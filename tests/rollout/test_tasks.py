@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import jax
 import numpy as np
@@ -248,3 +249,31 @@ def test_jsonl_task_errors(tmp_path):
         task.set_state({"epoch": -1, "index": 0, "seed": 0})
     with pytest.raises(ValueError, match="has no state"):
         CopyTask().set_state({"epoch": 0})
+
+
+JSONL_DATA = str(pathlib.Path(__file__).resolve().parents[1] / "data" / "prompts_tiny.jsonl")
+
+
+def test_parse_number_reads_the_last_fraction():
+    from novarl_jax.rollout import rewards as R
+
+    assert R.parse_number(r"first \frac{1}{2}, finally \frac{3}{4}") == 0.75
+    assert R.numeric_reward([""], [r"\frac{1}{2} no: \frac{3}{4}"], [{"answer": 0.75}]) == [1.0]
+
+
+# -- JSONLTask.set_state must rebuild the order of the state's epoch (J2) -----------------------
+def test_jsonl_set_state_in_a_later_epoch_resumes_exactly():
+    from novarl_jax.rollout.tasks import JSONLTask
+
+    task = JSONLTask(JSONL_DATA, seed=7)  # 12 examples
+    task.sample_prompts(None, 15)  # into epoch 1, index 3
+    state = task.get_state()
+    assert state == {"epoch": 1, "index": 3, "seed": 7}
+    want = task.sample_prompts(None, 5)
+    resumed = JSONLTask(JSONL_DATA, seed=7)  # its order is epoch 0's until set_state
+    resumed.set_state(state)
+    assert resumed.sample_prompts(None, 5) == want
+    # A state whose seed differs from the constructor's is honoured as well.
+    other = JSONLTask(JSONL_DATA, seed=0)
+    other.set_state(state)
+    assert other.sample_prompts(None, 5) == want

@@ -152,3 +152,10 @@ def test_hf_tokenizer_truncation_and_errors(hf_tokenizer):
         HFTokenizer(garbage, pad_token="<pad>", eos_token="</s>")
     with pytest.raises(ValueError, match="add_bos=True but this tokenizer has no bos_id"):
         tok.encode_batch(["one"], add_bos=True)
+
+
+def test_decode_batch_skips_positions_the_mask_hides():
+    from novarl_jax.rollout.tokenizers import CharTokenizer
+
+    tok = CharTokenizer("abc")  # a=3, b=4, c=5
+    assert tok.decode_batch(np.array([[3, 4, 5]]), np.array([[1, 0, 1]])) == ["ac"]

@@ -126,3 +126,25 @@ def test_skip_streak_counts_updates_in_a_row_across_steps():
     # A step whose every update was skipped carries the streak on.
     assert loop.skip_streak(1, loop.trailing_skips([True, True]), updates=2) == 3
     assert loop.skip_streak(0, 0, updates=1) == 0
+
+
+def _sqrt_loss(params, batch, apply_fn):
+    del apply_fn
+    # Loss 0 at w = 0 (finite), gradient 0.5 / sqrt(0) = inf.
+    loss = jnp.sum(jnp.sqrt(params["w"]) * batch["response_mask"])
+    return loss, {"actor/pg_loss": loss}
+
+
+def test_update_skips_a_non_finite_gradient_with_a_finite_loss():
+    from novarl_jax.trainer.state import init_train_state
+    from novarl_jax.trainer.steps import make_update_step
+
+    optimizer = optax.sgd(0.1)
+    state = init_train_state({"w": jnp.zeros((3,))}, optimizer, jax.random.key(0))
+    update = jax.jit(make_update_step(_sqrt_loss, None, optimizer, micro_batches=2))
+    new, metrics = update(state, {"response_mask": jnp.ones((4, 3))})
+    assert np.isfinite(float(metrics["train/loss"]))
+    assert not np.isfinite(float(metrics["actor/grad_norm"]))
+    assert float(metrics["train/skipped"]) == 1.0
+    np.testing.assert_array_equal(np.asarray(new.params["w"]), 0.0)
+    assert int(new.step) == 0 and int(new.policy_version) == 0

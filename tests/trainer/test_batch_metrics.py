@@ -1,0 +1,69 @@
+"""The step's rollout metrics (verl names) against NumPy on a hand-made trajectory: scores over
+valid rows, lengths and truncation, token means over real tokens only."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def trained_batch():
+    from configs import base
+    from novarl_jax.trainer import loop
+    from novarl_jax.trainer.build import build_run
+    from novarl_jax.trainer.config import validate_config
+
+    c = base.get_config()
+    c.experiment.steps = 1
+    c.rollout.prompts_per_step = 2  # 2 prompts x 4 samples = 8 rows
+    c.rollout.max_new_tokens = 4
+    c.logging.progress = False
+    trainer = loop.Trainer(build_run(validate_config(c)), "unused", mesh=None)
+    state, reference = trainer.initial_state()
+    traj, _, _ = trainer._rollout(state, trainer.rollout_key(0))
+    stop = trainer.engine.stop_token_ids[0]
+    other = next(i for i in range(3, 20) if i not in trainer.engine.stop_token_ids)
+    lengths = np.array([4, 2, 3, 1, 4, 0, 2, 3])  # row 5 invalid (mask zeroed)
+    ends_with_stop = np.array([0, 1, 1, 1, 0, 0, 1, 1], bool)
+    tokens = np.zeros((8, 4), np.int32)
+    mask = np.zeros((8, 4), np.int32)
+    for r, n in enumerate(lengths):
+        tokens[r, :n] = other
+        mask[r, :n] = 1
+        if ends_with_stop[r]:
+            tokens[r, n - 1] = stop
+    rewards = np.array([1.0, 0.5, 0.0, 0.25, 0.75, 0.0, 1.0, 0.0], np.float32)
+    valid = np.array([1, 1, 1, 1, 1, 0, 1, 1], np.float32)
+    traj = traj._replace(
+        response_tokens=jnp.asarray(tokens), response_mask=jnp.asarray(mask),
+        rewards=jnp.asarray(rewards), valid=jnp.asarray(valid),
+    )  # fmt: skip
+    batch, stats = trainer._training_batch(state, reference, traj)
+    entropy = np.asarray(trainer.apply_fn(state.params, batch)["entropy"])
+    return dict(batch=batch, stats=stats, entropy=entropy, lengths=lengths, rewards=rewards,
+                valid=valid.astype(bool), ends_with_stop=ends_with_stop)  # fmt: skip
+
+
+def test_score_metrics_average_valid_rows_only(trained_batch):
+    s, r, v = trained_batch["stats"], trained_batch["rewards"], trained_batch["valid"]
+    assert s["critic/score/mean"] == pytest.approx(r[v].mean())  # 0.5, not 3.5 / 8
+    assert s["critic/score/std"] == pytest.approx(r[v].std())
+    assert s["rollout/invalid_samples"] == 1.0
+
+
+def test_response_length_and_clip_ratio(trained_batch):
+    s = trained_batch["stats"]
+    assert s["response_length/mean"] == pytest.approx(trained_batch["lengths"].mean())  # 19/8
+    # Truncated = no stop token among the real tokens: rows 0, 4 and the invalid row 5.
+    assert s["response_length/clip_ratio"] == pytest.approx(3 / 8)
+
+
+def test_token_means_exclude_padding(trained_batch):
+    s, batch = trained_batch["stats"], trained_batch["batch"]
+    mask = np.asarray(batch["response_mask"]) > 0
+    adv = np.asarray(batch["advantages"])
+    assert not np.isclose(adv[mask].mean(), adv.mean())  # padding would change the mean
+    assert s["critic/advantages/mean"] == pytest.approx(adv[mask].mean(), rel=1e-6)
+    ent = trained_batch["entropy"]
+    assert not np.isclose(ent[mask].mean(), ent.mean())
+    assert s["actor/entropy_rollout"] == pytest.approx(ent[mask].mean(), rel=1e-5)

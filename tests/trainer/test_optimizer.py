@@ -1,0 +1,51 @@
+"""The optimizer chain and learning-rate schedules built from the ``optim`` config section."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from novarl_jax.trainer.state import make_optimizer, make_schedule
+
+
+def _optim(**kw):
+    base = dict(learning_rate=1.0, schedule="constant", warmup_steps=0, decay_steps=0,
+                end_learning_rate=0.0, weight_decay=0.0, max_grad_norm=0.0,
+                b1=0.9, b2=0.999, eps=1e-8)  # fmt: skip
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def test_warmup_reaches_the_learning_rate_after_warmup_steps():
+    sched = make_schedule(_optim(warmup_steps=4))
+    got = [float(sched(i)) for i in range(6)]
+    np.testing.assert_allclose(got, [0.0, 0.25, 0.5, 0.75, 1.0, 1.0], rtol=1e-6)
+
+
+def test_cosine_decays_to_end_learning_rate_over_decay_steps():
+    sched = make_schedule(_optim(learning_rate=2.0, schedule="cosine", decay_steps=10,
+                                 end_learning_rate=0.5), default_decay_steps=100)  # fmt: skip
+    np.testing.assert_allclose(float(sched(0)), 2.0, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(5)), 0.5 + 1.5 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(10)), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(50)), 0.5, rtol=1e-6)
+
+
+def test_linear_decay_uses_the_configured_decay_steps():
+    sched = make_schedule(_optim(schedule="linear", decay_steps=4), default_decay_steps=100)
+    got = [float(sched(i)) for i in (0, 2, 4, 8)]
+    np.testing.assert_allclose(got, [1.0, 0.5, 0.0, 0.0], atol=1e-7)
+    # decay_steps = 0: the run's number of updates.
+    sched = make_schedule(_optim(schedule="linear"), default_decay_steps=10)
+    np.testing.assert_allclose(float(sched(5)), 0.5, rtol=1e-6)
+
+
+def test_weight_decay_skips_vectors():
+    opt = make_optimizer(_optim(learning_rate=0.1, weight_decay=0.5))
+    params = {"w": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(zeros, opt.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(np.asarray(new["w"]), 1.0 - 0.1 * 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(new["scale"]), 1.0)
