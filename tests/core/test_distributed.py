@@ -145,9 +145,10 @@ def test_capacity_formula(tokens, k, cf, e, min_cap):
 
 
 def test_capacity_exact_decimal_products():
-    # 8 tokens * 2 * 1.2 / 4 = 4.8 -> 5 (a float product 4.800000000000001 must not give 6).
+    # 8 tokens * 2 * 1.2 / 4 = 4.8 -> 5.
     assert MoERouterConfig(num_experts=4, capacity_factor=1.2).capacity(8) == 5
-    # 10 * 2 * 1.1 / 2 = 11 exactly, though 10 * 2 * 1.1 is 22.000000000000004 in floats.
+    # 10 * 2 * 1.1 / 2 = 11. (Products whose float value lands just above an integer, which
+    # the rounding is for, are in test_capacity_rounds_away_float_error_above_an_integer.)
     assert MoERouterConfig(num_experts=2, capacity_factor=1.1).capacity(10) == 11
 
 
@@ -441,3 +442,35 @@ def test_reuse_host_memory_is_a_no_op_without_glibc(monkeypatch):
     assert distributed.reuse_host_memory() is False
     monkeypatch.setattr(distributed.ctypes, "CDLL", lambda name: object())  # no mallopt symbol
     assert distributed.reuse_host_memory() is False
+
+
+def test_make_mesh_keeps_the_given_device_order(devices):
+    mesh = ParallelLayout(dp=4, tp=2).make_mesh(devices[::-1])
+    assert [d.id for d in mesh.devices.flat] == [7, 6, 5, 4, 3, 2, 1, 0]
+    mesh = ParallelLayout(dp=2, tp=2).make_mesh(devices[::-1][2:6])
+    assert [d.id for d in mesh.devices.flat] == [5, 4, 3, 2]
+
+
+def test_capacity_rounds_away_float_error_above_an_integer():
+    # 25 * 2 * 2.2 / 2 is 55.00000000000001 in floats: the capacity is 55, not 56.
+    assert MoERouterConfig(num_experts=2, top_k=2, capacity_factor=2.2).capacity(25) == 55
+    # 25 * 1 * 2.2 / 1 is 55.00000000000001 as well.
+    assert MoERouterConfig(num_experts=1, top_k=1, capacity_factor=2.2).capacity(25) == 55
+
+
+def test_megatron_expert_parallel_size_is_ep_not_dp_times_ep():
+    args = ParallelLayout(dp=2, tp=1, pp=1, ep=2).to_megatron_args()
+    assert args == [
+        "--tensor-model-parallel-size", "1",
+        "--pipeline-model-parallel-size", "1",
+        "--expert-model-parallel-size", "2",
+    ]  # fmt: skip
+    args = ParallelLayout(dp=4, tp=2, pp=1, ep=1).to_megatron_args()
+    assert args[args.index("--expert-model-parallel-size") + 1] == "1"
+
+
+def test_deepspeed_min_capacity_is_passed_through():
+    kwargs = MoERouterConfig(num_experts=4, top_k=2, min_capacity=3).to_deepspeed(
+        ParallelLayout(ep=2)
+    )
+    assert kwargs["min_capacity"] == 3

@@ -1,5 +1,7 @@
 """Validation on held-out prompts (``eval.*``): metrics, prompts, no effect on training."""
 
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -115,3 +117,38 @@ def test_evaluation_prompts_that_cannot_run_fail_at_start(tmp_path, lines, promp
     with pytest.raises(ConfigError, match=match) as info:
         Evaluator(run)
     assert info.value.key == key
+
+
+def _evaluator(prompts, samples):
+    ev = object.__new__(Evaluator)  # metrics() needs only these two fields
+    ev.prompts, ev.samples = prompts, samples
+    return ev
+
+
+def _traj(valid, rewards, lengths, width=4):
+    mask = np.zeros((len(lengths), width), np.int32)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return types.SimpleNamespace(
+        valid=np.asarray(valid, np.float32),
+        rewards=np.asarray(rewards, np.float32),
+        response_mask=mask,
+    )
+
+
+def test_validation_metrics_values():
+    # 2 prompts x 2 samples, prompt-major rows; the last sample's reward was not finite.
+    traj = _traj(valid=[1, 1, 1, 0], rewards=[0.0, 1.0, -1.0, 5.0], lengths=[1, 2, 3, 4])
+    m = _evaluator(2, 2).metrics(traj)
+    assert m["val/score/mean"] == pytest.approx(0.0)
+    assert m["val/score/std"] == pytest.approx(np.sqrt(2 / 3))  # population std (ddof=0)
+    assert m["val/response_length/mean"] == pytest.approx(2.0)  # valid rows only
+    # best of prompt 0 is 1.0, of prompt 1 (its one valid sample) -1.0
+    assert m["val/score/best_of_n/mean"] == pytest.approx(0.0)
+
+
+def test_best_of_n_skips_prompts_without_a_valid_sample():
+    traj = _traj(valid=[1, 1, 0, 0], rewards=[0.0, 1.0, 3.0, 3.0], lengths=[1, 2, 3, 4])
+    m = _evaluator(2, 2).metrics(traj)
+    assert m["val/score/best_of_n/mean"] == pytest.approx(1.0)
+    assert m["val/score/mean"] == pytest.approx(0.5)

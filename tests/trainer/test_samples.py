@@ -137,3 +137,30 @@ def test_samples_are_logged_and_resume_is_exact_with_dapo_refills(tmp_path):
     )
     np.testing.assert_array_equal(rewards, [r["score"] for r in samples])
     assert all(1 <= r["response_length"] <= 4 for r in samples)
+
+
+STOP = 9
+
+
+def test_sample_rows_stop_token_outside_the_mask_and_per_row_versions():
+    traj = Trajectory(
+        prompt_tokens=jnp.zeros((3, 2), jnp.int32),
+        prompt_mask=jnp.ones((3, 2), jnp.int32),
+        # row 1 is padded with the stop id after a completion that ran out of budget
+        response_tokens=jnp.asarray([[4, STOP, 0, 0], [6, 6, STOP, STOP], [5, 5, 5, 5]], jnp.int32),
+        response_mask=jnp.asarray([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]], jnp.int32),
+        behavior_logprobs=jnp.zeros((3, 4)),
+        policy_logprobs=jnp.zeros((3, 4)),
+        rewards=jnp.asarray([1.0, 0.0, 0.5]),
+        valid=jnp.asarray([1.0, 1.0, 1.0]),
+        group_ids=jnp.asarray([0, 0, 1], jnp.int32),
+        policy_version=jnp.asarray([3, 4, 5], jnp.int32),
+    )
+    info = RolloutInfo(
+        prompts=["a", "a", "b"], completions=["x", "yy", "zzzz"],
+        metadata=[{}, {}, {}], sample_info=[{}, {}, {}], invalid=[], task_state={},
+    )  # fmt: skip
+    rows = sample_rows(traj, info, 3, step=1, split="train", stop_token_ids=(STOP,))
+    assert [r["stopped"] for r in rows] == [True, False, False]
+    assert [r["policy_version"] for r in rows] == [3, 4, 5]
+    assert [r["prompt_index"] for r in rows] == [0, 0, 1]

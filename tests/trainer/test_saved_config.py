@@ -6,6 +6,7 @@ import pytest
 from quiet_train import train_quietly
 
 from configs import base, copy
+from novarl_jax.trainer import saved_config
 from novarl_jax.trainer.loop import train
 from novarl_jax.trainer.saved_config import (
     ConfigChangedError,
@@ -80,3 +81,30 @@ def test_a_resume_that_changes_the_run_is_refused_unless_allowed(tmp_path):
     lines = []
     train(_config(2, seed=3), str(tmp_path), log=lines.append)
     assert any(line.startswith("nothing to train: the checkpoint is at step 2") for line in lines)
+
+
+def test_may_change_covers_every_documented_key_and_nothing_else():
+    allowed = [
+        "experiment.steps", "experiment.world_size", "experiment.tensor_parallel_size",
+        "experiment.pipeline_parallel_size", "experiment.expert_parallel_size",
+        "experiment.num_microbatches", "experiment.rollout_workers",
+        "experiment.rollout_queue_size", "train.micro_batches", "checkpoint.keep",
+        "logging.samples", "eval.prompts",
+    ]  # fmt: skip
+    assert [k for k in allowed if not saved_config.may_change(k)] == []
+    blocked = [
+        "experiment.seed", "experiment.algorithm", "ppo.kl_coef", "optim.learning_rate",
+        "rollout.temperature", "rollout.max_new_tokens", "train.epochs", "train.minibatches",
+        "experiment.steps_extra", "evaluation.x",
+    ]  # fmt: skip
+    assert [k for k in blocked if saved_config.may_change(k)] == []
+
+
+def test_config_changes_lists_keys_only_in_the_saved_config():
+    from configs import copy
+
+    config = copy.get_config()
+    saved = saved_config._plain(config)
+    saved["optim"]["old_option"] = 1
+    changes = saved_config.config_changes(saved, config)
+    assert changes == [("optim.old_option", 1, None)]
