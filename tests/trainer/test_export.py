@@ -108,44 +108,13 @@ def test_restoring_another_models_checkpoint_names_the_arrays(tmp_path):
     ckpt.close()
 
 
-def _tokenizer_with_bos(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "</s>", "<s>", *"reve :abcd"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    path = tmp_path / "tokenizer.json"
-    tok.save(str(path))
-    return path
-
-
 def test_export_writes_bos_id_and_the_critics_tokenizer(tmp_path):
-    import json
-
-    from configs import base
-    from novarl_jax.trainer.export import export_policy
-    from novarl_jax.trainer.loop import train
-
-    c = base.get_config()
-    c.experiment.algorithm = "ppo"
-    c.ppo.critic = "separate"
-    c.experiment.num_experts = 4
-    c.experiment.top_k = 2
-    c.experiment.capacity_factor = None
-    c.experiment.steps = 1
-    c.rollout.prompts_per_step = 2
-    c.rollout.max_new_tokens = 4
-    c.train.epochs = 1
-    c.train.minibatches = 1
-    c.checkpoint.interval = 1
-    c.checkpoint.async_save = False
-    c.logging.plot = False
-    c.logging.progress = False
-    c.model.tokenizer = str(_tokenizer_with_bos(tmp_path))
-    c.model.bos_token = "<s>"
-    train(c, str(tmp_path / "run"), log=lambda line: None)
+    config = _config(steps=1, critic="separate")
+    config.model.tokenizer = str(_tokenizer_file(tmp_path))  # has <s>
+    config.model.bos_token = "<s>"
+    train_quietly(config, tmp_path / "run")
     out = tmp_path / "hf"
-    written = export_policy(c, str(tmp_path / "run"), str(out))
+    written = export_policy(config, str(tmp_path / "run"), str(out))
     ids = {"eos_token_id": 1, "pad_token_id": 0, "bos_token_id": 2}
     assert json.loads((out / "generation_config.json").read_text()) == ids
     critic = tmp_path / "hf" / "critic"
