@@ -58,7 +58,7 @@ from novarl_jax.sync import controller as wsc
 from novarl_jax.sync.controller import WeightSyncController, admissible, staleness
 from novarl_jax.sync.versioned import ParamStore, VersionedParams
 from novarl_jax.trainer.build import build_run
-from novarl_jax.trainer.config import ConfigError, RunSpec, validate_config
+from novarl_jax.trainer.config import ConfigError, RunSpec, updates_per_step, validate_config
 from novarl_jax.trainer.loop import Session, Trainer, iteration_keys
 from novarl_jax.trainer.state import TrainState
 
@@ -340,7 +340,7 @@ def _least_lag(config: Any, queue_size: int, synchronous: bool) -> int:
     """Versions every rollout sampled ahead of the trainer lags by when trained (when no
     update is skipped): the threaded schedule samples it during the previous step's U
     updates, the deterministic one ``queue_size - 1`` steps before."""
-    updates = config.train.epochs * config.train.minibatches
+    updates = updates_per_step(config)
     return (queue_size - 1) * updates if synchronous else updates
 
 
@@ -509,7 +509,7 @@ def train_async(
                 # Threaded workers finish out of order, so the trained batch's position can lie
                 # behind an earlier one's; the task's own position never moves back (it also
                 # covers the prompts of rollouts not trained yet, skipped on resume).
-                task_state = session.run.task.get_state() if shared_task else trained[1].task_state
+                task_state = run.task.get_state() if shared_task else trained[1].task_state
                 host = {"task_state": task_state, "rollout_index": next_index}
                 metrics = session.record(i, state, metrics, host, trained)
         finally:

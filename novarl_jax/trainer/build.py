@@ -29,6 +29,7 @@ from novarl_jax.trainer.config import (
     micro_batch_rows,
     samples_per_prompt,
     shared_prompt_group,
+    updates_per_step,
 )
 from novarl_jax.trainer.state import SCHEDULES, make_optimizer
 from novarl_jax.trainer.steps import ModelSpec
@@ -349,7 +350,7 @@ def build_run(spec: RunSpec) -> Run:
     optim = config.optim
     if optim.schedule not in SCHEDULES:
         raise ConfigError("optim.schedule", f"{optim.schedule!r} is not one of {list(SCHEDULES)}")
-    updates = exp.steps * config.train.epochs * config.train.minibatches
+    updates = exp.steps * updates_per_step(config)
     optimizer = make_optimizer(optim, default_decay_steps=updates)
     train = config.train
     for key in ("epochs", "minibatches", "micro_batches", "max_consecutive_skips"):

@@ -9,6 +9,7 @@ from novarl_jax.trainer.config import (
     micro_batch_rows,
     samples_per_prompt,
     shared_prompt_group,
+    updates_per_step,
     updates_share_prompts,
 )
 
@@ -120,7 +121,7 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
 
 def _sync_rows(spec: RunSpec) -> list[tuple[str, str, str]]:
     """How rollouts get the trainer's weights: the synchronous loop, or the async cadence."""
-    exp, train = spec.config.experiment, spec.config.train
+    exp = spec.config.experiment
     if not exp.async_rollouts:
         return [("weight sync", "rollouts", "synchronous (each step samples, then trains)")]
     workers = exp.rollout_workers
@@ -142,7 +143,7 @@ def _sync_rows(spec: RunSpec) -> list[tuple[str, str, str]]:
             "weight sync",
             "staleness bound",
             f"{exp.weight_sync_max_staleness} versions (a step is "
-            f"{train.epochs * train.minibatches} updates)",
+            f"{updates_per_step(spec.config)} updates)",
         ),
     ]
 

@@ -394,6 +394,11 @@ def updates_share_prompts(config: Any, pp: int) -> bool:
     return group > 1 and config.train.minibatches == 1 and micro_batch_rows(config) % group == 0
 
 
+def updates_per_step(config: Any) -> int:
+    """U, the optimizer updates of one training step: ``train.epochs x train.minibatches``."""
+    return config.train.epochs * config.train.minibatches
+
+
 def micro_batch_rows(config: Any) -> int:
     """Rollouts in each update's micro-batch: rollouts per step / minibatches / micro-batches."""
     rows = config.rollout.prompts_per_step * samples_per_prompt(config)

@@ -27,6 +27,7 @@ from novarl_jax.trainer.checkpoint import Checkpointer, abstract_like
 from novarl_jax.trainer.config import (
     RunSpec,
     prompt_too_long,
+    updates_per_step,
     updates_share_prompts,
     validate_config,
 )
@@ -567,8 +568,8 @@ class Session:
         """
         config, step = self.config, i + 1
         skipped = int(metrics["train/skipped"])
-        updates = config.train.epochs * config.train.minibatches
-        self._skips = skip_streak(self._skips, int(metrics["train/skipped_trailing"]), updates)
+        trailing = int(metrics["train/skipped_trailing"])
+        self._skips = skip_streak(self._skips, trailing, updates_per_step(config))
         samples = []
         if rollout is not None:
             samples += self._sample_rows(rollout, step, "train")
