@@ -1,6 +1,7 @@
 """Copy one character (``"copy b:"`` -> ``"b"``): a tiny policy learns it in ~60 GRPO steps.
 
-Run (PPO instead: append ``experiment.algorithm=ppo rollout.prompts_per_step=16``):
+Run (PPO instead: append ``experiment.algorithm=ppo experiment.steps=120
+rollout.prompts_per_step=16``; PPO needs about twice the steps, see docs/learning.md):
     python -m novarl_jax.train --config=configs/copy.py --workdir=/tmp/copy
 """
 

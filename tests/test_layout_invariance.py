@@ -157,7 +157,7 @@ def _reference():
     key = jax.random.key(0)
     k_params, k_prompt, k_len, k_sample, k_noise = jax.random.split(key, 5)
     params = init_params(CONFIG, k_params)
-    # Weights with std 0.1 rather than 0.02: logits, routing and values clearly depend on
+    # Weights with std 0.05 rather than 0.02: logits, routing and values clearly depend on
     # the input, so every layer's gradient is far above float32 noise.
     params = jax.tree.map(lambda x: x * SCALE if x.ndim >= 2 else x, params)
     prompts = jax.random.randint(k_prompt, (PROMPTS, PROMPT_LEN), 2, CONFIG.vocab_size)

@@ -297,7 +297,8 @@ class MoERouterConfig:
         """Per-expert capacity C for a routing group of ``num_tokens`` tokens.
 
         ``C = max(ceil(num_tokens * top_k * capacity_factor / num_experts), min_capacity)``;
-        dropless routing returns ``num_tokens`` (every token could pick the same expert).
+        dropless routing returns ``max(num_tokens, min_capacity)`` (every token could pick the
+        same expert).
 
         Args:
             num_tokens: tokens in the routing group, an integer >= 0 (NumPy integers too).

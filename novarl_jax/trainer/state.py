@@ -21,7 +21,8 @@ class TrainState:
             plus ``'critic'`` for a separate PPO critic.
         opt_state: optax state of ``params``.
         step: optimizer updates applied so far (skipped non-finite updates not counted).
-        policy_version: version of ``params`` that rollouts record; bumped by every update.
+        policy_version: version of ``params`` that rollouts record; bumped by every applied
+            update (not by a skipped non-finite one).
         key: raw PRNG key data (uint32), the source of all later randomness.
     """
 
