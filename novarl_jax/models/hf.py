@@ -64,6 +64,10 @@ def _open(file: pathlib.Path) -> Any:
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
+# The dtypes weights are read from (cast to ``config.dtype``).
+_WEIGHT_DTYPES = tuple(np.dtype(d) for d in (np.float64, np.float32, np.float16, jnp.bfloat16))
+
+
 class _Tensors:
     """Lazy key -> NumPy array view of the safetensors files of one checkpoint."""
 
@@ -72,7 +76,11 @@ class _Tensors:
         index = directory / INDEX_FILE
         self.where: dict[str, pathlib.Path] = {}
         if index.exists():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            try:
+                weight_map = json.loads(index.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{index}: not valid JSON ({e})") from e
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
             if not isinstance(weight_map, Mapping):
                 raise ValueError(f"{index}: no 'weight_map' object")
             for key, name in weight_map.items():
@@ -91,6 +99,13 @@ class _Tensors:
             for file in self.files:
                 with _open(file) as f:
                     for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                        if key in self.where:
+                            # With no index to say which copy is meant, either could be.
+                            raise ValueError(
+                                f"{directory}: tensor {key!r} is in both "
+                                f"{self.where[key].name} and {file.name}, and there is no "
+                                f"{INDEX_FILE} to say which to read; remove the stray file"
+                            )
                         self.where[key] = file
         self._handles: dict[pathlib.Path, Any] = {}
         self.read: set[str] = set()  # the keys looked up so far
@@ -194,6 +209,12 @@ def params_from_hf_tensors(
         arr = np.asarray(tensors[key])
         if arr.shape != shape:
             raise ValueError(f"tensor {key!r} has shape {arr.shape}, expected {shape}")
+        if arr.dtype not in _WEIGHT_DTYPES:
+            # A quantised or corrupted checkpoint: casting its integers would load garbage.
+            raise ValueError(
+                f"tensor {key!r} has dtype {arr.dtype}; only float weights (float32, float16, "
+                f"bfloat16, float64) are read (quantised checkpoints are not supported)"
+            )
         return arr.astype(dt, copy=False)
 
     layers: list[dict[str, Any]] = []
@@ -404,8 +425,9 @@ def save_hf_model(
 
     Args:
         path: output directory (created). Everything is checked before anything is
-            written, and the files are written into a temporary sibling directory that is
-            then moved into place, so a failure never leaves a half-written checkpoint.
+            written, and the files are written into a temporary directory on the same file
+            system (inside ``path`` when it exists) that is then moved into place, so a
+            failure never leaves a half-written checkpoint.
         config: the model.
         params: its parameters (host or device arrays, sharded or not): exactly the tree,
             shapes and dtype (``config.dtype``) of ``init_params(config, key)``.
@@ -474,10 +496,16 @@ def save_hf_model(
         }
         texts[INDEX_FILE] = _json_text(index)
 
-    # Written into a fresh sibling directory, then moved into place: a failure part way
-    # leaves ``path`` as it was.
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.parent / f".{directory.name}.{uuid.uuid4().hex[:12]}.partial"
+    # Written into a fresh staging directory, then moved into place: a failure part way
+    # leaves ``path`` as it was. The staging directory lies on the target's own file system
+    # (inside an existing target, which may be a mount point or a link to another disk;
+    # else beside it), so the moves are renames that cannot fail for crossing devices.
+    tag = uuid.uuid4().hex[:12]
+    if directory.is_dir():
+        staging = directory / f".partial-{tag}"
+    else:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = directory.parent / f".{directory.name}.{tag}.partial"
     staging.mkdir()
     try:
         for name, shard in zip(names, shards, strict=True):

@@ -5,6 +5,7 @@ transformers; these tests only read them (no torch here).
 """
 
 import json
+import os
 import pathlib
 import shutil
 
@@ -217,6 +218,33 @@ def test_missing_or_misshapen_tensor_names_file_and_key(tmp_path):
         load_hf_model(d)
 
 
+def test_ambiguous_duplicates_bad_indexes_and_integer_weights_are_refused(tmp_path):
+    # A stray second file holding the same key, and no index: which copy is meant is unknown.
+    d = _copy("llama", tmp_path / "dup")
+    tensors = load_file(d / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    save_file({key: np.zeros_like(tensors[key])}, d / "z_finetuned.safetensors")
+    match = (
+        rf"tensor '{key}' is in both model\.safetensors and z_finetuned\.safetensors, and "
+        r"there is no model\.safetensors\.index"
+    )
+    with pytest.raises(ValueError, match=match):
+        load_hf_model(d)
+    d = _copy("llama", tmp_path / "index")
+    (d / "model.safetensors.index.json").write_text('{"weight_map": ')
+    with pytest.raises(ValueError, match=r"index/llama/model\.safetensors\.index\.json: not valid "
+                       r"JSON"):  # fmt: skip
+        load_hf_model(d)
+    (d / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"index\.json: no 'weight_map' object"):
+        load_hf_model(d)
+    d = _copy("llama", tmp_path / "int8")
+    tensors[key] = tensors[key].astype(np.int8)
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor '{key}' has dtype int8; only float weights"):
+        load_hf_model(d)
+
+
 def test_bfloat16_checkpoint_reads_without_torch(tmp_path):
     d = _copy("llama", tmp_path)
     tensors = load_file(d / "model.safetensors")
@@ -365,6 +393,35 @@ def test_a_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
         save_hf_model(out, DENSE, other, overwrite=True, max_shard_bytes=10_000)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old one, intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_overwrite_stages_on_the_target_file_system(tmp_path, monkeypatch):
+    """An existing target may be a mount point or a link to another disk: a rename from a
+    staging directory beside it would cross devices, fail, and lose the old checkpoint."""
+    import errno
+
+    params = init_params(DENSE, jax.random.key(0))
+    out = tmp_path / "out"
+    save_hf_model(out, DENSE, params)
+    real_replace, real_rename = os.replace, os.rename
+
+    def same_device_only(real):
+        def move(src, dst):
+            # Stands in for a mount point at `out`: only renames within it succeed.
+            if pathlib.Path(dst).parent == out and pathlib.Path(src).parent.parent != out:
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            return real(src, dst)
+
+        return move
+
+    monkeypatch.setattr(hf_module.os, "replace", same_device_only(real_replace))
+    monkeypatch.setattr(hf_module.os, "rename", same_device_only(real_rename))
+    other = init_params(DENSE, jax.random.key(1))
+    save_hf_model(out, DENSE, other, overwrite=True, max_shard_bytes=10_000)
+    monkeypatch.undo()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left
+    _, loaded = load_hf_model(out)
+    _equal_trees(loaded, other)
 
 
 def test_sharded_save_keeps_each_multi_tensor_shard_within_the_limit(tmp_path):
