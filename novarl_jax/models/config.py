@@ -31,8 +31,17 @@ HF_ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "llama": "LlamaForCausalLM",
 }
-# Each architecture's own rope_theta default (used when config.json names none).
-_HF_DEFAULT_THETA = {"mixtral": 1e6, "mistral": 10000.0, "llama": 10000.0}
+# Each architecture's own defaults in transformers, used for keys config.json leaves out
+# (``num_key_value_heads`` None: one KV head per attention head). Mistral's sliding window
+# is on by default; it only matters past ``sliding_window`` tokens.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mixtral": {"rope_theta": 1e6, "rms_norm_eps": 1e-5, "num_key_value_heads": 8,
+                "max_position_embeddings": 131072, "sliding_window": None},
+    "mistral": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "num_key_value_heads": 8,
+                "max_position_embeddings": 131072, "sliding_window": 4096},
+    "llama": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "num_key_value_heads": None,
+              "max_position_embeddings": 2048, "sliding_window": None},
+}  # fmt: skip
 
 # The ModelConfig fields that are copied from/to config.json as they are.
 _HF_FIELDS = (
@@ -299,9 +308,10 @@ class ModelConfig:
                 raise ValueError(f"config {key} must be true, false or null, got {flag!r}")
             if flag:
                 raise ValueError(f"config {key}=true is not supported (no biases in this model)")
-        rope_theta = _hf_rope_theta(hf_config, _HF_DEFAULT_THETA[model_type])
-        max_pos = hf_config.get("max_position_embeddings", 4096)
-        window = hf_config.get("sliding_window")
+        defaults = _HF_DEFAULTS[model_type]
+        rope_theta = _hf_rope_theta(hf_config, defaults["rope_theta"])
+        max_pos = hf_config.get("max_position_embeddings", defaults["max_position_embeddings"])
+        window = hf_config.get("sliding_window", defaults["sliding_window"])
         if window is not None and not _is_int(window):
             raise ValueError(f"config sliding_window must be an integer or null, got {window!r}")
         if window is not None and _is_int(max_pos) and window < max_pos:
@@ -313,7 +323,11 @@ class ModelConfig:
         missing = [k for k in _HF_FIELDS[:5] if k not in hf_config]
         if missing:
             raise ValueError(f"config is missing required key(s) {missing}")
-        kwargs: dict[str, Any] = {k: hf_config[k] for k in _HF_FIELDS if k in hf_config}
+        kwargs: dict[str, Any] = {
+            k: hf_config[k] if k in hf_config else defaults[k]
+            for k in _HF_FIELDS
+            if k in hf_config or k in defaults
+        }
         kwargs["rope_theta"] = float(rope_theta)
         if model_type == "mixtral":
             kwargs["num_local_experts"] = hf_config.get(

@@ -145,6 +145,31 @@ def test_from_hf_config_rope_conventions_and_round_trip():
     assert DENSE.to_hf_config("mistral")["architectures"] == ["MistralForCausalLM"]
 
 
+def test_from_hf_config_fills_missing_keys_with_each_architectures_own_defaults():
+    # transformers' LlamaConfig / MistralConfig / MixtralConfig defaults (5.x): a hand-written
+    # config.json that leaves these keys out means them, not this package's own defaults.
+    needed = {k: TINY[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                   "num_hidden_layers")}  # fmt: skip
+    needed["num_attention_heads"] = 16
+    llama = ModelConfig.from_hf_config({"model_type": "llama", **needed})
+    assert (llama.rms_norm_eps, llama.num_key_value_heads, llama.rope_theta) == (1e-6, 16, 1e4)
+    assert llama.max_position_embeddings == 2048
+    mixtral = ModelConfig.from_hf_config({"model_type": "mixtral", **needed})
+    assert (mixtral.rms_norm_eps, mixtral.num_key_value_heads, mixtral.rope_theta) == (
+        1e-5, 8, 1e6)  # fmt: skip
+    assert (mixtral.num_local_experts, mixtral.max_position_embeddings) == (8, 131072)
+    # Mistral's sliding window (4096) is on unless config.json turns it off.
+    with pytest.raises(ValueError, match="sliding_window=4096 < max_position_embeddings=131072"):
+        ModelConfig.from_hf_config({"model_type": "mistral", **needed})
+    mistral = ModelConfig.from_hf_config(
+        {"model_type": "mistral", **needed, "sliding_window": None}
+    )
+    assert (mistral.rms_norm_eps, mistral.num_key_value_heads) == (1e-6, 8)
+    # Keys that are present win.
+    given = ModelConfig.from_hf_config({"model_type": "llama", **needed, "rms_norm_eps": 1e-5})
+    assert given.rms_norm_eps == 1e-5
+
+
 @pytest.mark.parametrize(
     "changes,match",
     [
