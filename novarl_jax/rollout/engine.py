@@ -8,7 +8,9 @@ need (``group_ids`` for GRPO baselines, ``behavior_logprobs`` for importance rat
 
 Rewards that are NaN or infinite are reported (a ``RuntimeWarning`` and a log line naming the
 sample and prompt index) and excluded: the sample's ``valid`` flag is 0, its
-``response_mask`` is zeroed and its reward set to 0, so no loss term touches it.
+``response_mask`` is zeroed and its reward set to 0, so no loss term touches it, and the
+trainer passes ``valid`` to the advantage estimator as ``sample_mask``, so the sample is out
+of its group's baseline too.
 """
 
 from __future__ import annotations
@@ -311,7 +313,7 @@ class RolloutEngine:
             message = (
                 f"reward {rewards[row]} of sample {row} (prompt index {row // group}: "
                 f"{rows_prompts[row][:60]!r}) is not finite; the sample is excluded (from the "
-                f"loss, and from validation scores)"
+                f"loss, its group's baseline and validation scores)"
             )
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             logger.warning(message)

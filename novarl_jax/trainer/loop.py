@@ -308,7 +308,9 @@ class Trainer:
             batch["old_logprobs"] = scored["old_logprobs"]
         if run.needs_reference:
             batch["ref_logprobs"] = scored["ref_logprobs"]
-        est = {"response_mask": batch["response_mask"], "scores": scores}
+        # A sample whose reward was not finite is out of the loss (its mask row is zero) and
+        # out of its group's baseline (sample_mask), not a fake reward of 0 there.
+        est = {"response_mask": batch["response_mask"], "scores": scores, "sample_mask": traj.valid}
         if "old_values" in scored:
             batch["old_values"] = scored["old_values"]
             est["values"] = scored["old_values"]

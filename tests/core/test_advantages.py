@@ -57,25 +57,33 @@ def np_whiten(x, mask, eps=1e-8):
     return np.where(mask, (np.asarray(x, np.float64) - mean) / np.sqrt(var + eps), 0.0)
 
 
-def np_grpo(scores, group_size, scale_by_std=True, eps=1e-6):
+def np_grpo(scores, group_size, scale_by_std=True, eps=1e-6, sample_mask=None):
+    """Over the samples that count (all, without a mask); others and groups of one get 0."""
+    keep = np.ones(len(scores), bool) if sample_mask is None else np.asarray(sample_mask) != 0
     out = np.zeros(len(scores))
     for start in range(0, len(scores), group_size):
-        group = np.asarray(scores[start : start + group_size], np.float64)
-        for i in range(group_size):
-            a = group[i] - group.mean()
+        members = [start + i for i in range(group_size) if keep[start + i]]
+        if len(members) < 2:
+            continue
+        group = np.asarray([scores[j] for j in members], np.float64)
+        for j, score in zip(members, group, strict=True):
+            a = score - group.mean()
             if scale_by_std:
                 a /= group.std(ddof=1) + eps
-            out[start + i] = a
+            out[j] = a
     return out
 
 
-def np_rloo(scores, group_size):
+def np_rloo(scores, group_size, sample_mask=None):
+    keep = np.ones(len(scores), bool) if sample_mask is None else np.asarray(sample_mask) != 0
     out = np.zeros(len(scores))
     for start in range(0, len(scores), group_size):
-        group = np.asarray(scores[start : start + group_size], np.float64)
-        for i in range(group_size):
-            others = [group[j] for j in range(group_size) if j != i]
-            out[start + i] = group[i] - sum(others) / len(others)
+        members = [start + i for i in range(group_size) if keep[start + i]]
+        if len(members) < 2:
+            continue
+        for i in members:
+            others = [np.float64(scores[j]) for j in members if j != i]
+            out[i] = np.float64(scores[i]) - sum(others) / len(others)
     return out
 
 
@@ -370,6 +378,79 @@ def test_group_advantages_sharded_equal_unsharded(mesh):
     np.testing.assert_allclose(got, want, rtol=1e-6)
     np.testing.assert_allclose(
         want, np.where(mask != 0, np_grpo(scores, 4)[:, None], 0.0), rtol=1e-5, atol=1e-6
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    group_size=st.integers(2, 5),
+    seed=st.integers(0, 2**16),
+    scale_by_std=st.booleans(),
+)
+def test_excluded_samples_leave_their_groups_statistics(group_size, seed, scale_by_std):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 3, size=4 * group_size).astype(np.float32)
+    keep = rng.random(4 * group_size) < 0.7
+    keep[:group_size] = True  # one full group, one with a single sample left
+    keep[group_size : 2 * group_size] = False
+    keep[group_size] = True
+    bad = np.where(keep, scores, np.nan).astype(np.float32)  # what excluded rows may hold
+    want = np_grpo(scores, group_size, scale_by_std, sample_mask=keep)
+
+    def grpo(s, m):
+        return group_relative_advantages(s, group_size, scale_by_std=scale_by_std, sample_mask=m)
+
+    np.testing.assert_allclose(grpo(bad, keep), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(grpo)(bad, keep), want, rtol=1e-5, atol=1e-5)
+    got_rloo = rloo_advantages(bad, group_size, sample_mask=keep.astype(np.int32))
+    np.testing.assert_allclose(got_rloo, np_rloo(scores, group_size, keep), rtol=1e-5, atol=1e-5)
+    # All kept: the same numbers as no mask at all.
+    full = np.ones_like(keep)
+    np.testing.assert_allclose(
+        group_relative_advantages(scores, group_size, sample_mask=full),
+        group_relative_advantages(scores, group_size),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+
+
+def test_a_nan_reward_does_not_shape_its_siblings_advantages():
+    # The loop zeroes a non-finite reward and its mask row: the group [x, 1, 1, 1] must then
+    # look like three equal scores (advantage 0), not like a 0 beside three 1s.
+    mask = np.array([[0, 0], [1, 1], [1, 1], [1, 1]])
+    batch = {"scores": np.array([0.0, 1.0, 1.0, 1.0]), "response_mask": mask,
+             "sample_mask": np.array([0, 1, 1, 1])}  # fmt: skip
+    for name in ("grpo", "dr_grpo", "rloo"):
+        advantages, _ = make_advantage_estimator(name, group_size=4)(batch)
+        np.testing.assert_array_equal(advantages, 0.0, err_msg=name)
+        without = make_advantage_estimator(name, group_size=4)(
+            {k: v for k, v in batch.items() if k != "sample_mask"}
+        )[0]
+        assert np.all(np.asarray(without)[1:] > 0), name  # the bias the mask removes
+    rpp = make_advantage_estimator("reinforce_plus_plus_baseline", group_size=4)
+    _, returns = rpp(batch)
+    np.testing.assert_array_equal(returns, 0.0)
+    with pytest.raises(ValueError, match=r"sample_mask must have shape \[B\]=\(4,\) like the"):
+        group_relative_advantages(np.zeros(4), 2, sample_mask=np.ones(3))
+
+
+def test_masked_group_advantages_sharded_equal_unsharded(mesh):
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=16).astype(np.float32)
+    keep = (rng.random(16) < 0.75).astype(np.float32)
+    mask = right_padded_mask(np.arange(16) % 5 + 1, 6)
+    rloo = make_advantage_estimator("rloo", group_size=4)
+    for estimator in (GRPOAdvantageEstimator(group_size=4), rloo):
+
+        def fn(s, m, k, e=estimator):
+            return e({"scores": s, "response_mask": m, "sample_mask": k})[0]
+
+        fn = jax.jit(fn)
+        want = fn(scores, mask, keep)
+        got = fn(*shard_rows(mesh, scores, mask, keep))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        want, np.where(mask != 0, np_rloo(scores, 4, keep)[:, None], 0.0), rtol=1e-5, atol=1e-6
     )
 
 

@@ -67,3 +67,12 @@ def test_token_means_exclude_padding(trained_batch):
     ent = trained_batch["entropy"]
     assert not np.isclose(ent[mask].mean(), ent.mean())
     assert s["actor/entropy_rollout"] == pytest.approx(ent[mask].mean(), rel=1e-5)
+
+
+def test_an_invalid_sample_is_left_out_of_its_groups_baseline(trained_batch):
+    # Group 2 is rows 4-7 with row 5 invalid: GRPO over the three valid scores only.
+    adv = np.asarray(trained_batch["batch"]["advantages"])[:, 0]
+    group = trained_batch["rewards"][[4, 6, 7]].astype(np.float64)
+    want = (group - group.mean()) / (group.std(ddof=1) + 1e-6)
+    np.testing.assert_allclose(adv[[4, 6, 7]], want, rtol=1e-5)
+    assert adv[5] == 0.0

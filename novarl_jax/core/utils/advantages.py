@@ -20,7 +20,10 @@ Conventions shared by everything here:
   (:func:`sequence_scores`).
 * Arrays are right-padded in the usual case; left padding and masks with holes are exact too.
 * Group estimators (GRPO, RLOO, REINFORCE++-baseline) expect ``B = num_groups * group_size``
-  with the ``group_size`` samples of one prompt in consecutive rows.
+  with the ``group_size`` samples of one prompt in consecutive rows. An optional
+  ``sample_mask`` ``[B]`` in the batch (0 = excluded, e.g. a reward that came back NaN) keeps
+  a sample out of its group's statistics; a zero ``response_mask`` row does not (an empty
+  response is still a scored member of its group).
 * All statistics (means and variances for whitening) are global over the batch. Under ``jit``
   with the batch sharded over a mesh, ``jnp.sum`` reduces over every shard, so the result equals
   the unsharded computation; nothing here reduces per shard.
@@ -398,6 +401,7 @@ def group_relative_advantages(
     *,
     scale_by_std: bool = True,
     eps: float = 1e-6,
+    sample_mask: ArrayLike | None = None,
 ) -> jax.Array:
     """GRPO's group-relative advantage of every sample.
 
@@ -414,12 +418,17 @@ def group_relative_advantages(
         scale_by_std: divide by the group's standard deviation (GRPO) or not (Dr. GRPO).
         eps: added to the standard deviation, >= 0 (with 0, a group whose scores all agree
             still gets 0, not 0 / 0).
+        sample_mask: optional ``[B]``, nonzero = the sample counts. Excluded samples (a reward
+            that could not be computed) take no part in their group's mean and standard
+            deviation, which are then over the ``n`` samples that count (``n - 1`` in the
+            standard deviation), and get advantage 0; so does a group with fewer than two.
 
     Returns:
         ``[B]`` float32 advantages.
 
     Raises:
-        ValueError: ``scores`` is not rank 1, ``group_size`` < 2, or B is not a multiple of it.
+        ValueError: ``scores`` is not rank 1, ``group_size`` < 2, B is not a multiple of it,
+            or ``sample_mask`` is not ``[B]``.
 
     Example:
         >>> group_relative_advantages(jnp.array([1.0, 0.0, 2.0, 2.0]), 2).round(3).tolist()
@@ -432,15 +441,37 @@ def group_relative_advantages(
     _check_bool("scale_by_std", scale_by_std)
     _check_eps("eps", eps)
     grouped = scores.reshape(-1, group_size)
-    centred = grouped - jnp.mean(grouped, axis=1, keepdims=True)
+    if sample_mask is None:
+        centred = grouped - jnp.mean(grouped, axis=1, keepdims=True)
+        dof = jnp.float32(group_size - 1)
+    else:
+        counts = _grouped_sample_mask(sample_mask, scores.shape[0], group_size)
+        n = jnp.sum(counts, axis=1, keepdims=True)
+        grouped = jnp.where(counts > 0, grouped, 0.0)  # an excluded score may be NaN
+        mean = jnp.sum(grouped, axis=1, keepdims=True) / jnp.maximum(n, 1.0)
+        # A group of one has nothing to compare against: its sample gets 0 too.
+        centred = jnp.where((counts > 0) & (n >= 2), grouped - mean, 0.0)
+        dof = jnp.maximum(n - 1, 1.0)
     if scale_by_std:
-        std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / (group_size - 1))
+        std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / dof)
         scale = std + eps
         centred = jnp.where(scale > 0, centred / jnp.where(scale > 0, scale, 1.0), 0.0)
     return centred.reshape(-1)
 
 
-def rloo_advantages(scores: ArrayLike, group_size: int) -> jax.Array:
+def _grouped_sample_mask(sample_mask: ArrayLike, batch: int, group_size: int) -> jax.Array:
+    """``sample_mask [B]`` as ``[B / G, G]`` float32 ones (counts) and zeros."""
+    mask = jnp.asarray(sample_mask)
+    if mask.shape != (batch,):
+        raise ValueError(
+            f"sample_mask must have shape [B]=({batch},) like the scores, got {mask.shape}"
+        )
+    return (mask != 0).astype(jnp.float32).reshape(-1, group_size)
+
+
+def rloo_advantages(
+    scores: ArrayLike, group_size: int, *, sample_mask: ArrayLike | None = None
+) -> jax.Array:
     """REINFORCE leave-one-out advantages.
 
     RLOO (Kool et al., 2019; Ahmadian et al., 2024, "Back to Basics: Revisiting
@@ -452,15 +483,25 @@ def rloo_advantages(scores: ArrayLike, group_size: int) -> jax.Array:
     Args:
         scores: ``[B]`` sequence scores, ``B = num_groups * group_size``.
         group_size: G >= 2, samples per prompt.
+        sample_mask: optional ``[B]``, nonzero = the sample counts; the baseline is then the
+            mean of the other samples that count (``n / (n - 1) * (r_i - mean)`` over the
+            group's ``n``), and excluded samples, or a group with fewer than two, get 0.
 
     Returns:
         ``[B]`` float32 advantages.
 
     Raises:
-        ValueError: ``scores`` is not rank 1, ``group_size`` < 2, or B is not a multiple of it.
+        ValueError: ``scores`` is not rank 1, ``group_size`` < 2, B is not a multiple of it,
+            or ``sample_mask`` is not ``[B]``.
     """
-    centred = group_relative_advantages(scores, group_size, scale_by_std=False)
-    return centred * (group_size / (group_size - 1))
+    centred = group_relative_advantages(
+        scores, group_size, scale_by_std=False, sample_mask=sample_mask
+    )
+    if sample_mask is None:
+        return centred * (group_size / (group_size - 1))
+    n = jnp.sum(_grouped_sample_mask(sample_mask, centred.shape[0], group_size), axis=1)
+    factor = jnp.repeat(n / jnp.maximum(n - 1, 1.0), group_size)
+    return centred * factor
 
 
 def scores_to_token_rewards(scores: ArrayLike, response_mask: ArrayLike) -> jax.Array:
@@ -567,9 +608,11 @@ class AdvantageEstimator(Protocol):
     """One rollout batch in, token-level advantages (and returns, or None) out.
 
     ``batch`` holds ``response_mask`` [B, T], ``scores`` [B] and/or ``token_rewards`` [B, T],
-    and ``values`` [B, T] for estimators with a critic. The result is ``(advantages [B, T]
-    float32, returns [B, T] float32 or None)``, 0 on masked-out positions. Estimators are
-    frozen dataclasses, hashable, so they can be passed to ``jax.jit`` as static arguments.
+    ``values`` [B, T] for estimators with a critic, and optionally ``sample_mask`` [B]
+    (0 = a sample left out of its group's statistics, for the group estimators). The result
+    is ``(advantages [B, T] float32, returns [B, T] float32 or None)``, 0 on masked-out
+    positions. Estimators are frozen dataclasses, hashable, so they can be passed to
+    ``jax.jit`` as static arguments.
     """
 
     def __call__(self, batch: Mapping[str, ArrayLike]) -> tuple[jax.Array, jax.Array | None]:
@@ -656,7 +699,11 @@ class GRPOAdvantageEstimator:
         mask = _batch_mask(batch)
         scores = sequence_scores(batch)
         advantages = group_relative_advantages(
-            scores, self.group_size, scale_by_std=self.scale_by_std, eps=self.eps
+            scores,
+            self.group_size,
+            scale_by_std=self.scale_by_std,
+            eps=self.eps,
+            sample_mask=batch.get("sample_mask"),
         )
         return _broadcast_to_tokens(advantages, mask), None
 
@@ -680,7 +727,9 @@ class RLOOAdvantageEstimator:
     def __call__(self, batch: Mapping[str, ArrayLike]) -> tuple[jax.Array, None]:
         """Computes ``(advantages [B, T] float32, None)``."""
         mask = _batch_mask(batch)
-        advantages = rloo_advantages(sequence_scores(batch), self.group_size)
+        advantages = rloo_advantages(
+            sequence_scores(batch), self.group_size, sample_mask=batch.get("sample_mask")
+        )
         return _broadcast_to_tokens(advantages, mask), None
 
 
@@ -736,7 +785,10 @@ class ReinforcePlusPlusAdvantageEstimator:
                 )
             assert self.group_size is not None
             centred = group_relative_advantages(
-                batch["scores"], self.group_size, scale_by_std=False
+                batch["scores"],
+                self.group_size,
+                scale_by_std=False,
+                sample_mask=batch.get("sample_mask"),
             )
             batch = {**batch, "scores": centred}
         rewards = _token_rewards(batch, mask)
