@@ -109,6 +109,10 @@ def clipped_surrogate_loss(
         denominators: the mini-batch's global counts; None counts this batch.
         loss_scale_factor: ``S`` of ``'seq-mean-token-sum-norm'``.
 
+    Raises:
+        ValueError: bad clip arguments, or a token array whose shape is not the mask's
+            ``[B, T]`` (a ``[B]`` advantage would otherwise broadcast silently along T).
+
     Returns:
         ``(loss, metrics)``: a float32 scalar and ``actor/pg_loss``, ``actor/pg_clipfrac``
         (fraction of tokens where the clipped term is active), ``actor/pg_clipfrac_lower``
@@ -116,6 +120,10 @@ def clipped_surrogate_loss(
         estimate of ``KL(pi_old || pi)``), ``actor/ratio_mean`` and ``actor/ratio_max``.
     """
     check_clip_args(clip_ratio_low, clip_ratio_high, dual_clip_c)
+    arrays = {"response_mask": response_mask, "log_ratio": log_ratio, "advantages": advantages}
+    if token_weights is not None:
+        arrays["token_weights"] = token_weights
+    check_token_arrays("response_mask", arrays)
     mask = jnp.asarray(response_mask)
     log_ratio = jnp.clip(zero_masked(log_ratio, mask), -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     advantages = zero_masked(advantages, mask)
@@ -175,9 +183,15 @@ def truncated_importance_weights(
 
     Returns:
         ``[B, T]`` float32 weights in [0, C].
+
+    Raises:
+        ValueError: ``tis_cap <= 0``, or the two arrays are not of one ``[B, T]`` shape.
     """
     if not tis_cap > 0:
         raise ValueError(f"tis_cap must be > 0, got {tis_cap!r}")
+    check_token_arrays(
+        "old_logprobs", {"old_logprobs": old_logprobs, "behavior_logprobs": behavior_logprobs}
+    )
     log_w = jnp.asarray(old_logprobs, jnp.float32) - jnp.asarray(behavior_logprobs, jnp.float32)
     log_w = jnp.clip(log_w, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w), tis_cap))

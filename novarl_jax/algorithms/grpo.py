@@ -39,6 +39,7 @@ from novarl_jax.algorithms.common import (
     auxiliary_terms,
     check_non_negative,
     check_policy_fields,
+    check_token_arrays,
     clipped_surrogate_loss,
     run_policy,
     tis_weights_and_metrics,
@@ -121,7 +122,14 @@ def sequence_log_ratio(
 
     Returns:
         ``[B, T]`` float32.
+
+    Raises:
+        ValueError: the three arrays are not of one ``[B, T]`` shape.
     """
+    check_token_arrays(
+        "response_mask",
+        {"response_mask": response_mask, "logprobs": logprobs, "old_logprobs": old_logprobs},
+    )
     valid = jnp.asarray(response_mask) != 0
     diff = jnp.where(
         valid, jnp.asarray(logprobs, jnp.float32) - jnp.asarray(old_logprobs, jnp.float32), 0.0

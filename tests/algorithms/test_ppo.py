@@ -313,3 +313,22 @@ def test_log_ratio_is_clamped_at_20():
     np.testing.assert_allclose(float(metrics["actor/ratio_max"]), np.exp(20.0), rtol=1e-6)
     loss, _ = ppo_policy_loss(100.0 * one, 0.0 * one, -one, one)
     np.testing.assert_allclose(float(loss), np.exp(20.0), rtol=1e-6)
+
+
+def test_public_helpers_refuse_token_arrays_of_another_shape():
+    # A per-sequence [B] advantage with B == T used to broadcast along T without a word.
+    from novarl_jax.algorithms.common import clipped_surrogate_loss, truncated_importance_weights
+    from novarl_jax.algorithms.grpo import sequence_log_ratio
+
+    mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    zeros = np.zeros((3, 3))
+    with pytest.raises(ValueError, match=r"advantages has shape \(3,\); every token array must"):
+        clipped_surrogate_loss(zeros, np.array([1.0, -2.0, 3.0]), mask)
+    with pytest.raises(ValueError, match=r"token_weights has shape \(3, 1\)"):
+        clipped_surrogate_loss(zeros, zeros, mask, token_weights=np.ones((3, 1)))
+    with pytest.raises(ValueError, match=r"behavior_logprobs has shape \(3,\)"):
+        truncated_importance_weights(np.zeros((2, 3)), np.zeros(3), 2.0)
+    with pytest.raises(ValueError, match=r"old_logprobs has shape \(3, 2\)"):
+        sequence_log_ratio(zeros, np.zeros((3, 2)), mask)
+    loss, _ = clipped_surrogate_loss(zeros, np.ones((3, 3)), mask)
+    assert loss == -1.0  # ratio 1, advantage 1 on every valid token
