@@ -982,6 +982,9 @@ def _moe_group(params, x, token_mask, routing, *, router, train, impl, axes: _Me
     t, k, e = b * s, router.top_k, router.num_experts
     xt = x.reshape(t, d)
     valid = jnp.ones((t,), bool) if token_mask is None else token_mask.reshape(t) > 0
+    if token_mask is not None:
+        # Padding may hold anything (NaN): it must not reach the statistics or gradients.
+        xt = jnp.where(valid[:, None], xt, jnp.zeros((), xt.dtype))
     experts, gates, probs, lse = _router_outputs(
         params, xt, router, None if routing is None else routing.reshape(t, k)
     )
@@ -1099,8 +1102,10 @@ def _mesh_axes(mesh: Any, x_shape: tuple[int, ...], param_shapes: dict) -> tuple
 
 
 def check_routing_values(routing: jax.Array, num_experts: int) -> None:
-    """Out-of-range experts would silently give NaN or zero outputs: when the values are known
-    here (not traced under ``jit``, held by this process) each must be in ``[0, E)``."""
+    """Out-of-range experts would silently give NaN or zero outputs, and an expert named twice
+    for one token would overflow the capacity (sized for K distinct experts per token): when
+    the values are known here (not traced under ``jit``, held by this process) each must be
+    in ``[0, E)`` and each token's K experts distinct."""
     if isinstance(routing, jax.core.Tracer) or not routing.is_fully_addressable:
         return
     values = np.asarray(routing)
@@ -1108,6 +1113,14 @@ def check_routing_values(routing: jax.Array, num_experts: int) -> None:
     if bad.size:
         raise ValueError(
             f"routing values must be in [0, num_experts={num_experts}), got {int(bad.flat[0])}"
+        )
+    ordered = np.sort(values, axis=-1)
+    twice = np.argwhere(np.any(ordered[..., 1:] == ordered[..., :-1], axis=-1))
+    if twice.size:
+        where = tuple(int(i) for i in twice[0])
+        raise ValueError(
+            f"routing{list(where)} names an expert twice ({values[where].tolist()}); each "
+            f"token's top_k experts must be distinct"
         )
 
 
@@ -1141,11 +1154,11 @@ def moe_forward(
         mesh: a mesh with the axes of :class:`~novarl_jax.core.distributed.ParallelLayout`;
             None runs on one device. The experts must split over ``ep``; a batch that
             ``('dp', 'ep')`` does not divide is padded with padding tokens.
-        token_mask: [B, S], 1 = a real token, 0 = padding (not routed, output 0); None = all
-            real.
+        token_mask: [B, S], 1 = a real token, 0 = padding (not routed, output 0, gradient
+            0, whatever it holds, NaN included); None = all real.
         routing: [B, S, K] int expert indices in [0, E) to replay (``aux['routing']`` of an
-            earlier call); gate weights are recomputed from the current router at those
-            experts. Capacity and drops are decided afresh.
+            earlier call), K distinct experts per token; gate weights are recomputed from the
+            current router at those experts. Capacity and drops are decided afresh.
         train: capacity from ``capacity_factor`` (True) or ``eval_capacity_factor`` (False).
         impl: 'dense' (a loop of plain matmuls over padded expert chunks; small routing
             groups such as decoding steps run all experts as one batched matmul over slabs
@@ -1157,16 +1170,17 @@ def moe_forward(
         ``(y, aux)``: y [B, S, D] of x's dtype; aux with 'aux_loss', 'z_loss',
         'dropped_fraction' (of non-padding choices) float32 scalars, 'expert_load' [E]
         float32 (fraction of non-padding choices per expert, before dropping), 'routing'
-        [B, S, K] int32 (the chosen experts) and 'sums', the float32 sums the statistics are
-        ratios of: 'tokens' (non-padding tokens), 'probs' [E] (their router probabilities),
-        'z' (their squared logsumexp), 'counts' [E] (their choices per expert) and 'kept'
-        (choices not dropped).
+        [B, S, K] int32 (the chosen experts; at padding, those of an all-zero token) and
+        'sums', the float32 sums the statistics are ratios of: 'tokens' (non-padding
+        tokens), 'probs' [E] (their router probabilities), 'z' (their squared logsumexp),
+        'counts' [E] (their choices per expert) and 'kept' (choices not dropped).
 
     Raises:
         TypeError: a non-bool ``train``.
         ValueError: bad shapes (B or S = 0 included), an unknown ``impl``, a routing array
             that is not an integer [B, S, K] (or, when not traced, holds values outside
-            ``[0, E)``), or a mesh whose ``ep`` does not divide the experts.
+            ``[0, E)`` or an expert twice for one token), or a mesh whose ``ep`` does not
+            divide the experts.
 
     Example:
         >>> router = MoERouterConfig(num_experts=4, top_k=2, capacity_factor=None)

@@ -66,6 +66,7 @@ def np_moe(params, x, router, *, mask=None, groups=1, routing=None, train=True):
     t = b * s
     xt = x.reshape(t, -1)
     valid = np.ones(t, bool) if mask is None else np.asarray(mask).reshape(t) > 0
+    xt = np.where(valid[:, None], xt, 0.0)  # padding is read as a zero token
     logits = xt @ p["router"]
     lse = np.log(np.sum(np.exp(logits - logits.max(1, keepdims=True)), 1)) + logits.max(1)
     probs = np.exp(logits - lse[:, None])
@@ -566,6 +567,32 @@ def test_padding_tokens_output_zero_take_no_capacity_and_are_not_counted():
         np.testing.assert_array_equal(np.asarray(aux2[key]), np.asarray(aux[key]))
 
 
+@pytest.mark.parametrize("impl", ["dense", "ragged"])
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_nan_in_padding_reaches_no_output_statistic_or_gradient(impl, capacity_factor):
+    router = router_cfg(capacity_factor=capacity_factor)
+    params, x = make_params(), make_x()
+    mask = jnp.asarray(np.arange(S)[None, :] < np.array([8, 5, 3, 8, 1, 6, 7, 2])[:, None])
+    poisoned = jnp.where(mask[..., None], x, jnp.nan)
+
+    def loss(p, x):
+        y, aux = moe.moe_forward(p, x, router, token_mask=mask, impl=impl)
+        return jnp.sum(jnp.where(mask[..., None], y, 0.0) ** 2) + aux["aux_loss"] + aux["z_loss"]
+
+    fwd = jax.jit(lambda p, x: moe.moe_forward(p, x, router, token_mask=mask, impl=impl))
+    (y, aux), (y2, aux2) = fwd(params, x), fwd(params, poisoned)
+    np.testing.assert_array_equal(np.asarray(y2), np.asarray(y))
+    assert np.all(np.asarray(y2)[~np.asarray(mask)] == 0.0)
+    for key in ("aux_loss", "z_loss", "dropped_fraction", "expert_load"):
+        np.testing.assert_array_equal(np.asarray(aux2[key]), np.asarray(aux[key]))
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    (gp, gx), (gp2, gx2) = grads(params, x), grads(params, poisoned)
+    np.testing.assert_allclose(np.asarray(gx2), np.asarray(gx), rtol=1e-6, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(gp2), jax.tree.leaves(gp), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert np.all(np.asarray(gx2)[~np.asarray(mask)] == 0.0)
+
+
 def test_padded_tokens_match_the_unpadded_batch_when_dropless():
     router = router_cfg()
     params, x = make_params(), make_x()
@@ -652,6 +679,9 @@ def _bad_inputs():
          r"routing values must be in \[0, num_experts=8\), got 8"),
         ({"routing": jnp.full((B, S, K), -1, jnp.int32)},
          r"routing values must be in \[0, num_experts=8\), got -1"),
+        # The same expert twice for a token overflowed the capacity sized for distinct ones.
+        ({"routing": jnp.zeros((B, S, K), jnp.int32).at[..., 1].set(1).at[2, 5].set(3)},
+         r"routing\[2, 5\] names an expert twice \(\[3, 3\]\); each token's top_k experts"),
         ({"x": x[:, :0]}, r"x must be \[B, S, D\] with B >= 1 and S >= 1, got \(8, 0, 16\)"),
         ({"x": x[:0]}, r"with B >= 1 and S >= 1, got \(0, 8, 16\)"),
     ], params, x, router  # fmt: skip
@@ -662,9 +692,13 @@ def test_train_must_be_a_bool():
         moe.moe_forward(make_params(), make_x(), router_cfg(), train="no")
 
 
-@pytest.mark.parametrize("case", range(15))
+_NUM_BAD_INPUTS = 16
+
+
+@pytest.mark.parametrize("case", range(_NUM_BAD_INPUTS))
 def test_validation_errors(case):
     cases, params, x, router = _bad_inputs()
+    assert len(cases) == _NUM_BAD_INPUTS  # every case runs
     overrides, match = cases[case]
     kwargs = {"params": params, "x": x, "router": router} | overrides
     with pytest.raises(ValueError, match=match):
