@@ -189,7 +189,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from novarl_jax.trainer.checklist import print_checklist
-    from novarl_jax.trainer.checkpoint import CheckpointMismatchError
+    from novarl_jax.trainer.checkpoint import CheckpointMismatchError, CheckpointUnreadableError
     from novarl_jax.trainer.loop import TrainingError, train
 
     try:
@@ -246,6 +246,8 @@ def main(argv: list[str]) -> None:
         _fail(str(e))
     except CheckpointMismatchError as e:
         _fail(f"{e}; resume with the run's own config, or train in a new --workdir")
+    except CheckpointUnreadableError as e:
+        _fail(str(e))
 
 
 def compilation_cache_dir(flag: str | None) -> str | None:

@@ -31,20 +31,34 @@ class Checkpointer:
 
     Args:
         directory: where step directories go (created if missing).
-        interval: save when ``step % interval == 0`` (and on ``force``).
-        keep: how many recent checkpoints to keep.
+        interval: save when ``step % interval == 0`` (and on ``force``), an integer >= 1.
+        keep: how many recent checkpoints to keep, an integer >= 1 (None: all of them).
         async_save: write in a background thread while training goes on.
+
+    Raises:
+        ValueError: ``interval`` or ``keep`` below 1 (``keep=0`` would delete every
+            checkpoint it writes).
     """
 
     def __init__(
-        self, directory: str, *, interval: int = 10, keep: int = 3, async_save: bool = True
+        self,
+        directory: str,
+        *,
+        interval: int = 10,
+        keep: int | None = 3,
+        async_save: bool = True,
     ):
+        for name, value in (("interval", interval), ("keep", keep)):
+            if value is None and name == "keep":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.directory = os.path.abspath(directory)
-        self.interval = max(interval, 1)
+        self.interval = interval
         self._trash = os.path.join(self.directory, TRASH)
         self._empty_trash()
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(interval, 1),
+            save_interval_steps=interval,
             max_to_keep=keep,
             create=True,
             enable_async_checkpointing=async_save,
@@ -90,12 +104,26 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         self._check_shapes(abstract_state, step)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()
-            ),
-        )
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - orbax, tensorstore and JSON errors alike
+            older = [s for s in self.all_steps() if s < step]
+            advice = (
+                f"move {os.path.join(self.directory, str(step))} out of {self.directory} to "
+                f"resume from step {older[-1]} (older checkpoints: {older})"
+                if older
+                else "no older checkpoint is kept; train in a new --workdir"
+            )
+            raise CheckpointUnreadableError(
+                f"{os.path.join(self.directory, str(step))}: checkpoint could not be read "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it may be "
+                f"damaged: {advice}"
+            ) from e
         return restored["state"], dict(restored["host"])
 
     def _check_shapes(self, abstract_state: Any, step: int) -> None:
@@ -142,6 +170,10 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+class CheckpointUnreadableError(ValueError):
+    """A checkpoint step directory is there but cannot be read (damaged or incomplete)."""
 
 
 class CheckpointMismatchError(ValueError):

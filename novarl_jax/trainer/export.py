@@ -23,7 +23,12 @@ from novarl_jax.models import save_hf_model
 from novarl_jax.models.hf import checkpoint_files
 from novarl_jax.rollout.tokenizers import HFTokenizer
 from novarl_jax.trainer.build import build_run
-from novarl_jax.trainer.checkpoint import Checkpointer, CheckpointMismatchError, abstract_like
+from novarl_jax.trainer.checkpoint import (
+    Checkpointer,
+    CheckpointMismatchError,
+    CheckpointUnreadableError,
+    abstract_like,
+)
 from novarl_jax.trainer.config import RunSpec, validate_config
 from novarl_jax.trainer.loop import Trainer, default_mesh
 
@@ -104,6 +109,8 @@ def export_policy(
             state, _ = checkpointer.restore(abstract_like(state), step)
         except CheckpointMismatchError as e:
             raise ExportError(f"{e}; pass the run's own config and overrides") from None
+        except CheckpointUnreadableError as e:
+            raise ExportError(str(e)) from None
     finally:
         checkpointer.close()
 

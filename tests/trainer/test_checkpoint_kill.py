@@ -82,3 +82,40 @@ def test_saves_follow_the_interval_from_the_first_step(tmp_path):
     assert ckpt.save(5, state, {"iteration": 5}, force=True)  # the last step of a run
     assert ckpt.all_steps() == [3, 5]
     ckpt.close()
+
+
+def test_a_damaged_checkpoint_is_named_with_the_way_back_to_an_older_one(tmp_path):
+    from novarl_jax.trainer.checkpoint import CheckpointUnreadableError
+
+    ckpt = Checkpointer(str(tmp_path), interval=1, keep=3, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, {"w": jnp.full(4, float(step))}, {"iteration": step})
+    ckpt.close()
+    like = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    # Damage the latest step from outside (a disk error, a stray rm): its host record.
+    host = next((tmp_path / "2" / "host").iterdir())
+    host.write_text("{not json")
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    match = (
+        rf"{tmp_path}/2: checkpoint could not be read \(.*\); it may be damaged: move "
+        rf"{tmp_path}/2 out of {tmp_path} to resume from step 1 \(older checkpoints: \[1\]\)"
+    )
+    with pytest.raises(CheckpointUnreadableError, match=match):
+        ckpt.restore(like)
+    state, host_state = ckpt.restore(like, step=1)  # the older one is intact
+    assert host_state == {"iteration": 1} and float(state["w"][0]) == 1.0
+    ckpt.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(keep=0), r"keep must be an integer >= 1, got 0"),
+        (dict(interval=0), r"interval must be an integer >= 1, got 0"),
+        (dict(keep=2.5), r"keep must be an integer >= 1, got 2.5"),
+    ],
+)
+def test_checkpointer_refuses_settings_that_would_lose_checkpoints(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Checkpointer(str(tmp_path), **kwargs)
+    Checkpointer(str(tmp_path), keep=None, async_save=False).close()  # keep them all
