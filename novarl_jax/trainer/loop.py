@@ -505,8 +505,6 @@ class Session:
         self.resumed_from = self.checkpointer.latest_step()
         if self.resumed_from is not None:
             check_resume_config(workdir, config, allow_change=allow_config_change, log=log)
-        if self.main_process:
-            write_config(workdir, config)
         self.trainer = trainer_cls(self.run, workdir, mesh=mesh)
         self.state, self.reference = self.trainer.initial_state()
         self.evaluator = Evaluator(self.run, mesh) if self.run.eval_task is not None else None
@@ -530,6 +528,10 @@ class Session:
                 if lines is not None:
                     lines.truncate_after(self.start)
             log(f"resumed from {self.checkpointer.directory} at step {self.start}")
+        if self.main_process:
+            # Only once the checkpoint has restored: a config it refuses (another model) must
+            # not replace the record of the one it was trained with.
+            write_config(workdir, config)
         self.total = config.experiment.steps
         if self.start < self.total:
             self.trainer.check_prompts(self.start)

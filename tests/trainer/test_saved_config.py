@@ -7,6 +7,7 @@ from quiet_train import train_quietly
 
 from configs import base, copy
 from novarl_jax.trainer import saved_config
+from novarl_jax.trainer.checkpoint import CheckpointMismatchError
 from novarl_jax.trainer.loop import train
 from novarl_jax.trainer.saved_config import (
     ConfigChangedError,
@@ -81,6 +82,13 @@ def test_a_resume_that_changes_the_run_is_refused_unless_allowed(tmp_path):
     lines = []
     train(_config(2, seed=3), str(tmp_path), log=lines.append)
     assert any(line.startswith("nothing to train: the checkpoint is at step 2") for line in lines)
+    # An allowed change that the checkpoint itself refuses (another model) leaves the record
+    # of the config it was trained with, so that config still resumes.
+    bigger = _config(3, seed=3)
+    bigger.model.hidden_size *= 2
+    with pytest.raises(CheckpointMismatchError):
+        train(bigger, str(tmp_path), log=lambda _: None, allow_config_change=True)
+    assert json.loads((tmp_path / "config.json").read_text()) == saved
 
 
 def test_may_change_covers_every_documented_key_and_nothing_else():
