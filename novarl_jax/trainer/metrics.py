@@ -33,13 +33,26 @@ class JsonLines:
         self._file = None
 
     def truncate_after(self, step: int) -> None:
-        """Drops rows whose step is greater than ``step`` (used when resuming)."""
+        """Drops rows whose step is greater than ``step`` (used when resuming), and a last line
+        cut off part way (a process killed while writing it: it is past the checkpoint)."""
         if not os.path.exists(self.path):
             return
         with open(self.path) as f:
             lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-        if len(kept) == len(lines):
+        kept = []
+        for n, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines) - 1:
+                    continue  # the torn last line
+                kept.append(line)  # damage elsewhere is not this writer's to remove
+                continue
+            if not isinstance(row, dict) or row.get("step", 0) <= step:
+                kept.append(line)
+        # A whole last row whose newline was cut off would run into the next row written.
+        kept = [line if line.endswith("\n") else line + "\n" for line in kept]
+        if kept == lines:
             return
         # A new file moved into place: a crash here leaves the old file or the new, whole.
         partial = self.path + ".truncating"
@@ -140,6 +153,21 @@ def wandb_run_id(workdir: str) -> str:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The rows of ``workdir/metrics.jsonl`` in order."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of ``workdir/metrics.jsonl`` in order (a last line cut off part way, by a
+    process killed while writing it, is left out).
+
+    Raises:
+        ValueError: a line before the last is not JSON (naming the file and line).
+    """
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path) as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{n}: not a JSON row ({e})") from None
+    return rows

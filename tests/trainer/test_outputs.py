@@ -110,6 +110,31 @@ def test_truncate_after_keeps_earlier_rows(tmp_path):
     assert rows[0]["bad"] == "nan"  # non-finite values stay valid JSON
 
 
+def test_a_row_cut_off_by_a_killed_process_is_dropped_on_resume(tmp_path):
+    writer = MetricsWriter(str(tmp_path))
+    for step in range(1, 4):
+        writer.write(step, {"x": float(step)})
+    writer.close()
+    path = tmp_path / "metrics.jsonl"
+    whole = path.read_text()
+    with open(path, "a") as f:
+        f.write('{"step": 4, "actor/gr')  # killed mid-write
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]  # the plot reads on
+    writer = MetricsWriter(str(tmp_path))
+    writer.truncate_after(3)
+    assert path.read_text() == whole
+    # A whole last row whose newline was cut off: kept, and the next row starts a new line.
+    path.write_text(whole.rstrip("\n"))
+    writer.truncate_after(3)
+    writer.write(4, {"x": 4.0})
+    writer.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    # Damage before the last line is reported, not dropped.
+    path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON row"):
+        read_metrics(tmp_path)
+
+
 def test_tensorboard_writer(tmp_path):
     pytest.importorskip("tensorboardX")
     writer = MetricsWriter(str(tmp_path), tensorboard=True)
