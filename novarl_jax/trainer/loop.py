@@ -340,8 +340,9 @@ class Trainer:
             "critic/advantages/mean": float(host_array(advantages)[mask > 0].mean())
             if mask.any()
             else 0.0,
-            "response_length/mean": float(lengths.mean()),
-            "response_length/clip_ratio": float(truncated.mean()),
+            # Over valid rows: an excluded sample's mask is zeroed, not its response empty.
+            "response_length/mean": valid_mean(lengths),
+            "response_length/clip_ratio": valid_mean(truncated),
             "rollout/invalid_samples": float(np.count_nonzero(~valid)),
         }
         if "entropy" in scored:

@@ -53,9 +53,10 @@ def test_score_metrics_average_valid_rows_only(trained_batch):
 
 def test_response_length_and_clip_ratio(trained_batch):
     s = trained_batch["stats"]
-    assert s["response_length/mean"] == pytest.approx(trained_batch["lengths"].mean())  # 19/8
-    # Truncated = no stop token among the real tokens: rows 0, 4 and the invalid row 5.
-    assert s["response_length/clip_ratio"] == pytest.approx(3 / 8)
+    # Over the 7 valid rows: the invalid row 5's zeroed mask is not an empty response.
+    assert s["response_length/mean"] == pytest.approx(19 / 7)
+    # Truncated = no stop token among the real tokens: rows 0 and 4.
+    assert s["response_length/clip_ratio"] == pytest.approx(2 / 7)
 
 
 def test_token_means_exclude_padding(trained_batch):
