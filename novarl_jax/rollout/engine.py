@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from novarl_jax.core.distributed import host_array
+from novarl_jax.rollout.rewards import RewardFunctionError
 from novarl_jax.rollout.sampler import make_settings, sample
 from novarl_jax.rollout.tasks.base import Task, check_batch_size, rewards_to_array
 
@@ -304,8 +305,15 @@ class RolloutEngine:
         completions = self.tokenizer.decode_batch(response, text_mask)
         rows_prompts = [p for p in prompts for _ in range(group)]
         rows_meta = [m for m in metadata for _ in range(group)]
-        rewards, sample_info = self.task.score(rows_prompts, completions, rows_meta)
         name = getattr(self.task, "name", type(self.task).__name__)
+        try:
+            rewards, sample_info = self.task.score(rows_prompts, completions, rows_meta)
+        except RewardFunctionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a task's own score(): named, cause chained
+            raise RewardFunctionError(
+                f"task {name!r} score() raised {type(e).__name__}: {e}"
+            ) from e
         rewards = rewards_to_array(rewards, len(rows_prompts), f"task {name!r} score()")
         finite = np.isfinite(rewards)
         invalid = np.flatnonzero(~finite).tolist()

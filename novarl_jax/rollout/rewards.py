@@ -23,6 +23,12 @@ from typing import Any
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[dict]], Sequence[float]]
 
+
+class RewardFunctionError(ValueError):
+    """A reward function (or a task's ``score``) raised, or did not return one float per
+    completion; the message names the function and the task."""
+
+
 _NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 

@@ -226,6 +226,19 @@ def test_engine_errors(setup):
     with pytest.raises(ValueError, match=r"task 'short' score\(\) returned \(1,\) rewards for 8"):
         engine.rollout(params, jax.random.key(0), policy_version=0, batch_size=BATCH)
 
+    class Raising(ShortScores):
+        name = "raising"
+
+        def score(self, prompts, completions, metadata):
+            raise ConnectionError("reward server down")
+
+    engine = RolloutEngine(model_config=config, tokenizer=tok, task=Raising(), sampling=SAMPLING)
+    from novarl_jax.rollout.rewards import RewardFunctionError
+
+    with pytest.raises(RewardFunctionError, match=r"^task 'raising' score\(\) raised "
+                       r"ConnectionError: reward server down$"):  # fmt: skip
+        engine.rollout(params, jax.random.key(0), policy_version=0, batch_size=BATCH)
+
 
 def test_rollout_metadata_is_repeated_per_sample_like_the_prompts():
     from novarl_jax.models import ModelConfig, init_params

@@ -126,6 +126,31 @@ def test_bad_reward_fn_output_is_rejected():
         CopyTask().score(["a"], ["a", "b"], [{"answer": "a"}])
 
 
+def test_a_reward_function_that_raises_is_named_with_its_task():
+    def boom(prompts, completions, metadata):
+        raise KeyError("answer")
+
+    with pytest.raises(R.RewardFunctionError) as info:
+        CopyTask(reward_fn=boom).score(["a"], ["a"], [{}])
+    assert str(info.value) == (
+        "reward function 'test_a_reward_function_that_raises_is_named_with_its_task.<locals>"
+        ".boom' of task 'copy' raised KeyError: 'answer'"
+    )
+    assert isinstance(info.value.__cause__, KeyError)
+    spec = "novarl_jax.rollout.rewards:numeric_reward"  # needs metadata['answer']
+    with pytest.raises(R.RewardFunctionError, match=rf"reward function '{spec}' of task 'copy' "
+                       r"raised ValueError: metadata\[0\] has no 'answer'"):  # fmt: skip
+        CopyTask(reward_fn=spec).score(["a"], ["1"], [{}])
+
+    class Short(CopyTask):
+        def default_reward(self, prompts, completions, metadata):
+            return [1.0]
+
+    with pytest.raises(R.RewardFunctionError, match=r"^the default reward function of task "
+                       r"'copy' returned \(1,\) rewards for 2"):  # fmt: skip
+        Short().score(["a", "b"], ["a", "b"], [{"answer": "a"}] * 2)
+
+
 def test_boxed_extraction_and_numbers():
     assert R.extract_boxed(r"x \boxed{12} and \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
     assert R.extract_boxed(r"\boxed {a{b}c}") == "a{b}c"

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import numpy as np
 
-from novarl_jax.rollout.rewards import RewardFn, load_reward_fn
+from novarl_jax.rollout.rewards import RewardFn, RewardFunctionError, load_reward_fn
 
 
 @runtime_checkable
@@ -72,14 +72,15 @@ def rewards_to_array(values: Any, batch_size: int, source: str) -> np.ndarray:
     Non-finite values pass through (the rollout engine reports and excludes them).
 
     Raises:
-        ValueError: not a sequence of B real numbers.
+        RewardFunctionError: not a sequence of B real numbers.
     """
     try:
         rewards = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{source} must return a list of floats, got {values!r}") from err
+        shown = repr(values) if len(repr(values)) <= 200 else repr(values)[:200] + "..."
+        raise RewardFunctionError(f"{source} must return a list of floats, got {shown}") from err
     if rewards.shape != (batch_size,):
-        raise ValueError(
+        raise RewardFunctionError(
             f"{source} returned {rewards.shape} rewards for {batch_size} completions; "
             f"it must return one float per completion"
         )
@@ -99,6 +100,11 @@ class BaseTask:
 
     def __init__(self, reward_fn: str | RewardFn | None = None):
         self._reward_fn = None if reward_fn is None else load_reward_fn(reward_fn)
+        self._reward_name = (
+            reward_fn
+            if isinstance(reward_fn, str) or reward_fn is None
+            else getattr(reward_fn, "__qualname__", repr(reward_fn))
+        )
 
     def default_reward(
         self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict]
@@ -118,10 +124,15 @@ class BaseTask:
                 f"{len(prompts)}, {len(completions)}, {len(metadata)}"
             )
         fn = self._reward_fn or self.default_reward
-        source = f"reward function of task {self.name!r}"
-        rewards = rewards_to_array(
-            fn(list(prompts), list(completions), list(metadata)), len(prompts), source
-        )
+        if self._reward_fn is None:
+            source = f"the default reward function of task {self.name!r}"
+        else:
+            source = f"reward function {self._reward_name!r} of task {self.name!r}"
+        try:
+            values = fn(list(prompts), list(completions), list(metadata))
+        except Exception as e:  # noqa: BLE001 - named, with the cause chained
+            raise RewardFunctionError(f"{source} raised {type(e).__name__}: {e}") from e
+        rewards = rewards_to_array(values, len(prompts), source)
         info = [
             {"reward": float(r), "answer": m.get("answer"), "completion": c}
             for r, m, c in zip(rewards, metadata, completions, strict=True)
