@@ -197,7 +197,8 @@ class Trainer:
 
     def check_prompts(self, i: int = 0) -> None:
         """Fails now, naming the key, when iteration ``i``'s prompts do not fit
-        ``rollout.max_prompt_length`` (the task's position is left where it was)."""
+        ``rollout.max_prompt_length`` (the task's position is left where it was); so does any
+        prompt of a task that can list them all (a JSONL file: the message gives its line)."""
         task = self.engine.task
         start = task.get_state()
         try:
@@ -206,6 +207,17 @@ class Trainer:
             raise prompt_too_long(e) from None
         finally:
             task.set_state(start)
+        listed = getattr(task, "all_prompts", None)
+        if listed is None or self.config.rollout.prompt_truncation != "error":
+            return
+        prompts = listed()
+        limit = self.engine.sampling.max_prompt_length  # what each rollout encodes with
+        for begin in range(0, len(prompts), 1024):
+            chunk = prompts[begin : begin + 1024]
+            try:
+                self.engine.tokenizer.encode_batch([text for _, text in chunk], max_length=limit)
+            except TextTooLongError as e:
+                raise prompt_too_long(e, what=f"the prompt at {chunk[e.index][0]}") from None
 
     def _rollout(self, state: TrainState, key: jax.Array) -> tuple[Any, Any, dict]:
         cfg, exp = self.config, self.config.experiment

@@ -114,3 +114,22 @@ def test_prompts_that_do_not_fit_are_refused_before_training_unless_truncated():
     check_startup(run)
     tokens, mask = run.tokenizer.encode_batch(["reverse abc:"], max_length=4)
     assert run.tokenizer.decode(tokens[0]) == "bc:"  # BOS, then the prompt's last tokens
+
+
+def test_every_jsonl_prompt_is_checked_before_training_with_its_line(tmp_path):
+    from configs import jsonl
+    from novarl_jax.trainer.loop import check_startup
+
+    path = tmp_path / "long.jsonl"
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(40)]
+    rows.insert(30, {"prompt": "x" * 200, "answer": "0"})  # far past the first step's prompts
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = jsonl.get_config()
+    config.task.path = str(path)
+    config.task.options.shuffle = False
+    run = build_run(validate_config(config))
+    match = rf"^rollout\.max_prompt_length: the prompt at {path}:31 has \d+ tokens"
+    with pytest.raises(ConfigError, match=match):
+        check_startup(run)
+    config.rollout.prompt_truncation = "left"
+    check_startup(build_run(validate_config(config)))  # truncated when it comes up

@@ -81,7 +81,7 @@ class JSONLTask(BaseTask):
         self.path = os.fspath(path)
         self.prompt_template = prompt_template
         self.shuffle = bool(shuffle)
-        self.examples = _read_jsonl(self.path, prompt_field, answer_field)
+        self.examples, self._line_numbers = _read_jsonl(self.path, prompt_field, answer_field)
         self._seed = seed
         self._epoch = 0
         self._index = 0
@@ -122,6 +122,14 @@ class JSONLTask(BaseTask):
         self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict]
     ) -> list[float]:
         return exact_match_reward(prompts, completions, metadata)
+
+    def all_prompts(self) -> list[tuple[str, str]]:
+        """Every prompt of the file as ``(where, prompt text)``, ``where`` = ``'path:line'``,
+        so a run can check them all before it starts (not only when each one comes up)."""
+        return [
+            (f"{self.path}:{line}", self.prompt_template.format(prompt=prompt))
+            for (prompt, _), line in zip(self.examples, self._line_numbers, strict=True)
+        ]
 
     def get_state(self) -> dict:
         """The iteration position ``{'epoch', 'index', 'seed'}`` (ints; JSON-able)."""
@@ -189,12 +197,15 @@ def _check_template(template: Any) -> None:
         ) from None
 
 
-def _read_jsonl(path: str, prompt_field: str, answer_field: str) -> list[tuple[str, Any]]:
+def _read_jsonl(
+    path: str, prompt_field: str, answer_field: str
+) -> tuple[list[tuple[str, Any]], list[int]]:
+    """The file's ``(prompt, answer)`` examples and the line number of each."""
     if not os.path.exists(path):
         raise ValueError(f"JSONL file {path!r} does not exist")
     if not os.path.isfile(path):
         raise ValueError(f"JSONL file {path!r} is not a file")
-    examples = []
+    examples, line_numbers = [], []
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
             lines = list(f)
@@ -217,6 +228,7 @@ def _read_jsonl(path: str, prompt_field: str, answer_field: str) -> list[tuple[s
                         f"{path}:{lineno}: missing field {field!r} (fields: {sorted(row)})"
                     )
             examples.append((str(row[prompt_field]), row[answer_field]))
+            line_numbers.append(lineno)
     if not examples:
         raise ValueError(f"JSONL file {path!r} has no examples")
-    return examples
+    return examples, line_numbers
