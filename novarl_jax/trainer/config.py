@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from typing import Any
 
 import ml_collections
@@ -326,6 +327,9 @@ def _check_keys_and_types(config: ml_collections.ConfigDict) -> dict:
                 key,
                 f"expected {expected.__name__}, got {type(value).__name__} {value!r}",
             )
+        if expected is float and not math.isfinite(value):
+            # inf or nan would pass every range check below and poison the first update.
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
     for key in defaults:
         if key not in flat:
             raise ConfigError(key, "missing; start from configs/base.py and override keys")

@@ -67,6 +67,10 @@ def _with(**overrides):
         (dict(dapo__overlong_penalty=-1.0), "dapo.overlong_penalty", ">= 0"),
         (dict(dapo__max_extra_batches=-1), "dapo.max_extra_batches", ">= 0"),
         (dict(ppo__reward_kl_coef=-0.1), "ppo.reward_kl_coef", ">= 0"),
+        # inf passed every range check and turned the first update's weights to NaN.
+        (dict(optim__learning_rate=float("inf")), "optim.learning_rate", "finite number, got inf"),
+        (dict(grpo__beta=float("nan")), "grpo.beta", "must be a finite number, got nan"),
+        (dict(experiment__capacity_factor=float("inf")), "experiment.capacity_factor", "finite"),
     ],
 )  # fmt: skip
 def test_validation_names_the_key(overrides, key, match):
