@@ -9,8 +9,11 @@ parallel layout (a checkpoint restores onto another mesh), rollout worker thread
 gradient-accumulation splits, checkpointing, logging and validation (:data:`MAY_CHANGE`).
 For an MoE policy the layout and the splits still move the numbers a little: routing groups
 (and so capacity drops) and the router losses' per-forward means follow how the batch is
-split (``docs/layout_invariance.md``). Any other difference stops the run before anything
-compiles, naming the keys, unless the change is allowed explicitly (``--allow_config_change``).
+split (``docs/layout_invariance.md``). A decaying learning rate with ``optim.decay_steps=0``
+lasts the whole run, so there a new ``experiment.steps`` would change the schedule: that is
+refused as a change of ``optim.decay_steps`` (whose old length the message gives). Any other
+difference stops the run before anything compiles, naming the keys, unless the change is
+allowed explicitly (``--allow_config_change``).
 Every change is logged when the run resumes.
 """
 
@@ -73,6 +76,17 @@ def config_changes(saved: dict, config: Any) -> list[tuple[str, Any, Any]]:
     ]
 
 
+def _decay_length(flat: dict[str, Any]) -> int | None:
+    """The learning-rate decay's length in updates of a flat config (None if unknown)."""
+    try:
+        if flat["optim.decay_steps"]:
+            return int(flat["optim.decay_steps"])
+        updates = int(flat["train.epochs"]) * int(flat["train.minibatches"])
+        return int(flat["experiment.steps"]) * updates
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def has_checkpoint(workdir: str) -> bool:
     """Whether ``workdir`` holds a finished checkpoint step (a rerun resumes from it)."""
     directory = os.path.join(workdir, "checkpoints")
@@ -122,13 +136,30 @@ def check_resume_config(
         saved = json.load(f)
     changes = config_changes(saved, config)
     blocking = [c for c in changes if not may_change(c[0])]
+    hint = ""
+    plain = _flat(_plain(config))
+    if plain.get("optim.schedule") != "constant":
+        # With optim.decay_steps=0 the decay lasts the whole run, so experiment.steps moves
+        # it; an explicit decay_steps equal to the old length keeps the same schedule.
+        old_length, new_length = _decay_length(_flat(saved)), _decay_length(plain)
+        blocking = [c for c in blocking if c[0] != "optim.decay_steps"]
+        if old_length != new_length:
+            blocking.insert(0, ("optim.decay_steps", f"{old_length} updates",
+                                f"{new_length} updates"))  # fmt: skip
+            if old_length is not None:
+                hint = (
+                    f"; with optim.decay_steps=0 the learning rate decays over the whole run, "
+                    f"so changing its length changes the schedule: set "
+                    f"optim.decay_steps={old_length} to keep the one the checkpoint was "
+                    f"trained on"
+                )
     if blocking and not allow_change:
         listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in blocking[:4])
         more = f" (and {len(blocking) - 4} more)" if len(blocking) > 4 else ""
         raise ConfigChangedError(
             blocking[0][0],
             f"the run in {workdir} started with another config: {listed}{more} (its config: "
-            f"{path}); resume with that config, train in a new --workdir, or pass "
+            f"{path}){hint}; resume with that config, train in a new --workdir, or pass "
             "--allow_config_change",
         )
     if changes:

@@ -53,6 +53,30 @@ def test_changes_are_listed_and_only_run_changing_keys_block(tmp_path):
     assert check_resume_config(str(tmp_path / "elsewhere"), config) == []  # no config.json
 
 
+def test_more_steps_may_not_silently_stretch_a_decaying_learning_rate(tmp_path):
+    config = copy.get_config()
+    config.optim.schedule = "cosine"  # decay_steps=0: the whole run, 60 steps x 4 updates
+    write_config(str(tmp_path), config)
+    config.experiment.steps = 120
+    with pytest.raises(ConfigChangedError) as info:
+        check_resume_config(str(tmp_path), config)
+    assert info.value.key == "optim.decay_steps"
+    assert "optim.decay_steps '240 updates' -> '480 updates'" in str(info.value)
+    assert "set optim.decay_steps=240 to keep the one the checkpoint" in str(info.value)
+    config.optim.decay_steps = 240  # the same schedule, written out
+    lines = []
+    check_resume_config(str(tmp_path), config, log=lines.append)
+    assert "optim.decay_steps 0 -> 240" in lines[0] and "experiment.steps 60 -> 120" in lines[0]
+    config.optim.decay_steps = 300  # a different one
+    with pytest.raises(ConfigChangedError, match="'240 updates' -> '300 updates'"):
+        check_resume_config(str(tmp_path), config)
+    # A constant learning rate has nothing to stretch.
+    config = copy.get_config()
+    write_config(str(tmp_path), config)
+    config.experiment.steps = 120
+    assert [k for k, *_ in check_resume_config(str(tmp_path), config)] == ["experiment.steps"]
+
+
 def _config(steps, **experiment):
     c = base.get_config()
     c.experiment.steps = steps
