@@ -31,7 +31,7 @@ from novarl_jax.trainer.config import (
     shared_prompt_group,
     updates_per_step,
 )
-from novarl_jax.trainer.state import SCHEDULES, make_optimizer
+from novarl_jax.trainer.state import SCHEDULES, make_optimizer, make_schedule
 from novarl_jax.trainer.steps import ModelSpec
 
 CRITICS = ("shared", "separate")
@@ -64,6 +64,8 @@ class Run:
     sampling: SamplingConfig
     needs_reference: bool
     reward_kl: tuple[float, str]  # PPO's (reward_kl_coef, kind); coef 0 = off
+    # The optimizer's learning rate by applied update (0-based), for the logs.
+    schedule: Callable[[int], Any] = lambda count: 0.0
     # Validation (eval.interval > 0): its task (evaluation prompts) and sampling, else None.
     eval_task: Any = None
     eval_sampling: SamplingConfig | None = None
@@ -352,6 +354,7 @@ def build_run(spec: RunSpec) -> Run:
         raise ConfigError("optim.schedule", f"{optim.schedule!r} is not one of {list(SCHEDULES)}")
     updates = exp.steps * updates_per_step(config)
     optimizer = make_optimizer(optim, default_decay_steps=updates)
+    schedule = make_schedule(optim, default_decay_steps=updates)
     train = config.train
     for key in ("epochs", "minibatches", "micro_batches", "max_consecutive_skips"):
         if train[key] < 1:
@@ -429,6 +432,7 @@ def build_run(spec: RunSpec) -> Run:
         loss_config=loss_config,
         estimator=estimator,
         optimizer=optimizer,
+        schedule=schedule,
         sampling=sampling,
         needs_reference=needs_reference,
         reward_kl=reward_kl,

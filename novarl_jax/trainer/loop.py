@@ -414,6 +414,8 @@ class Trainer:
                 "perf/throughput": tokens / max(t2 - t0, 1e-9),
                 "train/policy_version": int(state.policy_version),
                 "train/optimizer_step": int(state.step),
+                # The rate of the step's last applied update (update k uses schedule(k)).
+                "actor/lr": float(self.run_.schedule(max(int(state.step) - 1, 0))),
             }
         )
         return state, metrics, (traj, info)

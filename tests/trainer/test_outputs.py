@@ -37,8 +37,20 @@ def _train(config, workdir):
 VERL_NAMES = (
     "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy", "actor/grad_norm",
     "critic/score/mean", "critic/score/std", "response_length/mean", "timing_s/gen",
-    "timing_s/update", "perf/throughput",
+    "timing_s/update", "perf/throughput", "actor/lr",
 )  # fmt: skip
+
+
+def test_the_learning_rate_is_logged_as_the_schedule_reaches_it(tmp_path):
+    config = _tiny(steps=2, optim__schedule="linear", optim__warmup_steps=0,
+                   optim__learning_rate=1e-3, optim__end_learning_rate=0.0)  # fmt: skip
+    train_quietly(config, tmp_path, log=lambda _: None)
+    rows = read_metrics(tmp_path)
+    total = 2 * config.train.epochs * config.train.minibatches  # the decay: the whole run
+    for r in rows:
+        last = r["train/optimizer_step"] - 1  # update k runs at lr * (1 - k / total)
+        assert r["actor/lr"] == pytest.approx(1e-3 * (1 - last / total), rel=1e-5)
+    assert rows[1]["actor/lr"] < rows[0]["actor/lr"]
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
