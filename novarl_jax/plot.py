@@ -13,7 +13,9 @@ import sys
 PANELS = (
     ("reward", ("critic/score/mean",)),
     ("validation score", ("val/score/mean",)),
-    ("KL to reference", ("actor/kl_loss", "actor/reward_kl", "actor/ppo_kl")),
+    ("KL to reference", ("actor/kl_loss", "actor/reward_kl")),
+    # Not a KL to the reference: how far each update moved the policy from the sampling one.
+    ("KL to the sampling policy", ("actor/ppo_kl",)),
     ("entropy", ("actor/entropy",)),
     ("policy loss", ("actor/pg_loss",)),
     ("value loss", ("critic/vf_loss",)),

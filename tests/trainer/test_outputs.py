@@ -97,18 +97,23 @@ def test_plot_panels_follow_the_logged_metric_names():
     from novarl_jax.plot import choose_panels
 
     names = ("critic/score/mean", "actor/kl_loss", "actor/entropy", "actor/pg_loss",
-             "critic/vf_loss", "moe/dropped_fraction")  # fmt: skip
+             "critic/vf_loss", "moe/dropped_fraction", "actor/ppo_kl")  # fmt: skip
     rows = [{"step": 1, **dict.fromkeys(names, 0.5)}, {"step": 2, "val/score/mean": 0.25}]
     assert choose_panels(rows) == [
         ("reward", "critic/score/mean"),
         ("validation score", "val/score/mean"),
         ("KL to reference", "actor/kl_loss"),
+        ("KL to the sampling policy", "actor/ppo_kl"),
         ("entropy", "actor/entropy"),
         ("policy loss", "actor/pg_loss"),
         ("value loss", "critic/vf_loss"),
         ("dropped fraction", "moe/dropped_fraction"),
     ]
     assert choose_panels([{"step": 1, "actor/entropy": 1.0}]) == [("entropy", "actor/entropy")]
+    # Without a reference (grpo.beta=0) no panel calls the update's KL a KL to the reference.
+    assert choose_panels([{"step": 1, "actor/ppo_kl": 0.1}]) == [
+        ("KL to the sampling policy", "actor/ppo_kl")
+    ]
 
 
 def test_truncate_after_keeps_earlier_rows(tmp_path):
