@@ -6,8 +6,8 @@ with the KV-cache sampler (one prefill per prompt), decodes and scores them, and
 The same trajectory feeds PPO and GRPO: the advantage estimator and the loss take what they
 need (``group_ids`` for GRPO baselines, ``behavior_logprobs`` for importance ratios).
 
-Rewards that are NaN or infinite are reported (a ``RuntimeWarning`` and a log line naming the
-sample and prompt index) and excluded: the sample's ``valid`` flag is 0, its
+Rewards that are NaN or infinite are reported (one ``RuntimeWarning`` per rollout naming the
+samples and prompt indices) and excluded: the sample's ``valid`` flag is 0, its
 ``response_mask`` is zeroed and its reward set to 0, so no loss term touches it, and the
 trainer passes ``valid`` to the advantage estimator as ``sample_mask``, so the sample is out
 of its group's baseline too.
@@ -16,7 +16,6 @@ of its group's baseline too.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import warnings
 from typing import Any, NamedTuple
 
@@ -29,7 +28,8 @@ from novarl_jax.rollout.rewards import RewardFunctionError
 from novarl_jax.rollout.sampler import make_settings, sample
 from novarl_jax.rollout.tasks.base import Task, check_batch_size, rewards_to_array
 
-logger = logging.getLogger(__name__)
+# Non-finite rewards named in a rollout's warning (the rest are counted).
+_SHOWN_INVALID = 3
 
 # Trajectory.policy_version is int32.
 _MAX_VERSION = 2**31
@@ -317,14 +317,25 @@ class RolloutEngine:
         rewards = rewards_to_array(rewards, len(rows_prompts), f"task {name!r} score()")
         finite = np.isfinite(rewards)
         invalid = np.flatnonzero(~finite).tolist()
-        for row in invalid:
-            message = (
+        if invalid:
+            # One warning per rollout (not per sample), naming the first few samples.
+            shown = "; ".join(
                 f"reward {rewards[row]} of sample {row} (prompt index {row // group}: "
-                f"{rows_prompts[row][:60]!r}) is not finite; the sample is excluded (from the "
-                f"loss, its group's baseline and validation scores)"
+                f"{rows_prompts[row][:60]!r})"
+                for row in invalid[:_SHOWN_INVALID]
             )
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-            logger.warning(message)
+            more = (
+                f"; and {len(invalid) - _SHOWN_INVALID} more"
+                if len(invalid) > _SHOWN_INVALID
+                else ""
+            )
+            warnings.warn(
+                f"{len(invalid)} of {len(rewards)} rewards are not finite: {shown}{more}; those "
+                f"samples are excluded (from the loss, their groups' baselines and validation "
+                f"scores)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         rewards = np.where(finite, rewards, 0.0).astype(np.float32)
         valid = finite.astype(np.float32)
         rows = batch_size * group

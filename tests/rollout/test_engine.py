@@ -111,9 +111,12 @@ def test_nan_rewards_are_reported_and_excluded(setup):
     with pytest.warns(RuntimeWarning) as rec:
         traj, info = engine.rollout(params, jax.random.key(5), policy_version=0, batch_size=BATCH)
     messages = [str(w.message) for w in rec]
-    assert len(messages) == 2
-    assert re.match(r"reward nan of sample 3 \(prompt index 1: '.*'\) is not finite", messages[0])
-    assert re.match(r"reward inf of sample 6 \(prompt index 3: '.*'\) is not finite", messages[1])
+    assert len(messages) == 1  # one per rollout, not one per sample
+    assert re.match(
+        r"2 of 8 rewards are not finite: reward nan of sample 3 \(prompt index 1: '.*'\); "
+        r"reward inf of sample 6 \(prompt index 3: '.*'\); those samples are excluded",
+        messages[0],
+    )
     assert info.invalid == [3, 6]
     np.testing.assert_array_equal(traj.valid, [1, 1, 1, 0, 1, 1, 0, 1])
     np.testing.assert_array_equal(traj.rewards, [0.5, 0.5, 0.5, 0, 0.5, 0.5, 0, 0.5])
