@@ -11,6 +11,12 @@ directory and renames it when complete, so a process killed mid-save leaves the 
 checkpoint restorable. Old checkpoints are removed the same way: orbax first renames a
 step directory into ``todelete/`` (atomic), and its files are deleted from there, so a
 process killed while deleting never leaves a half-deleted step that looks complete.
+
+A save that cannot be written (the directory is gone or a file, no permission, a full disk
+or quota) raises :class:`CheckpointWriteError` from :meth:`Checkpointer.save`,
+:meth:`~Checkpointer.wait` or :meth:`~Checkpointer.close` (whichever first sees it, for an
+asynchronous save), naming the directory, the step and the cause; the checkpoints written
+before it are left as they were.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class Checkpointer:
     Raises:
         ValueError: ``interval`` or ``keep`` below 1 (``keep=0`` would delete every
             checkpoint it writes).
+        CheckpointWriteError: ``directory`` is a file, or cannot be created.
     """
 
     def __init__(
@@ -55,6 +62,11 @@ class Checkpointer:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.directory = os.path.abspath(directory)
         self.interval = interval
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointWriteError(
+                f"{self.directory}: is a file, not a directory, so no checkpoint can be "
+                "written there; move it away or train in a new --workdir"
+            )
         self._trash = os.path.join(self.directory, TRASH)
         self._empty_trash()
         options = ocp.CheckpointManagerOptions(
@@ -63,10 +75,23 @@ class Checkpointer:
             create=True,
             enable_async_checkpointing=async_save,
             todelete_subdir=TRASH,
+            # A save's directories are made before save() returns, so a directory that cannot
+            # be made fails there. Made in the background (orbax's default), a failure leaves
+            # the save's other writer threads waiting for a "directory created" signal that
+            # never comes; they are not daemon threads, so the process cannot exit until
+            # orbax's coordination timeout (300 s) runs out.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "host")
-        )
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "host")
+            )
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"{self.directory}: the checkpoint directory cannot be created ({_cause(e)})"
+            ) from e
+        self._pending: int | None = None  # the step of a save not yet known to be on disk
+        self._failure: CheckpointWriteError | None = None  # the failed save, once raised
 
     def _empty_trash(self) -> None:
         # Steps in the trash were renamed there whole: deleting them loses nothing.
@@ -82,17 +107,27 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, host: dict, *, force: bool = False) -> bool:
         """Saves when ``step % interval == 0`` or ``force`` (asynchronously when enabled);
-        returns whether a save was started."""
+        returns whether a save was started.
+
+        Raises:
+            CheckpointWriteError: this save, or the asynchronous one before it, failed.
+        """
         if step % self.interval and not force:
             return False  # orbax would also save a first step off the interval
+        self.wait()  # orbax waits for the previous save too: name its failure as its own
         self._empty_trash()
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host)
-            ),
-            force=True,
-        )
+        self._pending = step
+        try:
+            started = self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host)
+                ),
+                force=True,
+            )
+        except Exception as e:  # noqa: BLE001 - OSError, tensorstore and orbax errors alike
+            raise self._write_error(e) from e
+        return started
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores ``step`` (default: latest) onto the shardings of ``abstract_state``.
@@ -164,12 +199,53 @@ class Checkpointer:
             )
 
     def wait(self) -> None:
-        """Blocks until a pending asynchronous save is on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until a pending asynchronous save is on disk.
+
+        Raises:
+            CheckpointWriteError: the save failed (again on each call: the checkpointer
+                writes nothing more after a failed save).
+        """
+        if self._failure is not None:
+            raise self._failure
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - OSError, tensorstore and orbax errors alike
+            raise self._write_error(e) from e
+        self._pending = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for a pending save, then releases orbax's resources.
+
+        Raises:
+            CheckpointWriteError: the pending save failed (not raised again when ``save`` or
+                ``wait`` has raised it already).
+        """
+        reported = self._failure is not None
+        try:
+            self.wait()
+        except CheckpointWriteError:
+            if not reported:
+                raise
+            return  # orbax's close would wait on the failed save and raise it again
         self._manager.close()
+
+    def _write_error(self, error: BaseException) -> CheckpointWriteError:
+        """The one-line error for a failed save of ``self._pending``, remembered."""
+        try:  # the steps orbax still lists: a failed save's step is not among them
+            earlier = [s for s in self.all_steps() if self._pending is None or s < self._pending]
+        except Exception:  # noqa: BLE001 - the message is all that is wanted here
+            earlier = []
+        step = "" if self._pending is None else f" of step {self._pending}"
+        kept = (
+            f"the last checkpoint (step {earlier[-1]}) in {self.directory} is intact"
+            if earlier
+            else "no earlier checkpoint was written"
+        )
+        self._failure = CheckpointWriteError(
+            f"{self.directory}: the checkpoint{step} could not be written ({_cause(error)}); {kept}"
+        )
+        self._pending = None
+        return self._failure
 
 
 class CheckpointUnreadableError(ValueError):
@@ -178,6 +254,25 @@ class CheckpointUnreadableError(ValueError):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's arrays do not fit the state of the run restoring it."""
+
+
+class CheckpointWriteError(ValueError):
+    """A checkpoint cannot be written: its directory is a file or cannot be made, or a save
+    failed (no permission, a full disk or quota)."""
+
+
+def _cause(error: BaseException) -> str:
+    """``OSError: [Errno 28] No space left on device: '...'``: the first OS error in the chain
+    that ``error`` was raised from (orbax wraps them), else ``error``; one line."""
+    seen, inner = set(), error
+    while inner is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        if isinstance(inner, OSError):
+            error = inner
+            break
+        inner = inner.__cause__ or inner.__context__
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _path_name(path: tuple) -> str:

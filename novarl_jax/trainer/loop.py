@@ -637,10 +637,12 @@ class Session:
         if self._progress is not None:
             self._progress.close()
             self._progress = None
-        self.checkpointer.close()
-        for lines in (self.writer, self.samples):
-            if lines is not None:
-                lines.close()
+        try:
+            self.checkpointer.close()  # raises a pending save's failure
+        finally:
+            for lines in (self.writer, self.samples):
+                if lines is not None:
+                    lines.close()
 
     def finish(self, state: TrainState, metrics: dict, summary: str = "") -> dict:
         """Prints the one-line summary, draws the plot; returns the result of the run."""
