@@ -92,13 +92,54 @@ def missing_key_message(argv: list[str], error: Exception, none_keys: list[str])
 
 def config_path(argv: list[str]) -> str | None:
     """The file of the last ``--config=PATH[:ARGS]`` (or ``--config PATH``) in argv, if any."""
-    path = None
+    value = config_value(argv)
+    return None if value is None else value.split(":", 1)[0]
+
+
+def config_value(argv: list[str]) -> str | None:
+    """The value of the last ``--config=PATH[:ARGS]`` (or ``--config PATH``) in argv, if any."""
+    value = None
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
-            path = arg.split("=", 1)[1].split(":", 1)[0]
+            value = arg.split("=", 1)[1]
         elif arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1].split(":", 1)[0]
-    return path
+            value = argv[i + 1]
+    return value
+
+
+# A frame line of a traceback, and ``get_config`` called with an argument it does not take.
+_FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+)')
+_NO_ARGUMENT = re.compile(r"get_config\(\) takes 0 positional arguments but 1 was given")
+
+
+def flag_error_message(argv: list[str], text: str) -> str:
+    """One line for absl's error on a flag's value.
+
+    config_flags reports an error of the config file as "Error whilst parsing config
+    file:" followed by the traceback: the line names the error (the traceback's last line)
+    and where it was raised in the config file, or, for ``--config=PATH:ARG`` with a
+    ``get_config()`` that takes no argument, says so.
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "invalid flag value"
+    if "Error whilst parsing config file" not in lines[0] or len(lines) < 2:
+        return lines[0]
+    value = config_value(argv) or ""
+    path, colon, arg = value.partition(":")
+    error = lines[-1].strip()
+    if colon and _NO_ARGUMENT.search(error):
+        return (
+            f"--config={value}: the config takes no ':' argument (the get_config() of {path} "
+            f"takes none); drop ':{arg}' and set values with overrides such as "
+            "experiment.steps=10"
+        )
+    where = path
+    for line in lines:
+        frame = _FRAME.match(line)
+        if frame and path and os.path.abspath(frame.group(1)) == os.path.abspath(path):
+            where = f"{path}:{frame.group(2)}"
+    return f"--config: {where}: {error}"
 
 
 def config_file_problem(argv: list[str]) -> str | None:

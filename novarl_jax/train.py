@@ -6,12 +6,12 @@ compiles (keys, types and layout before JAX starts, then what the run's objects 
 tokenizer, checkpoint, batch splits); a bad key or value exits with status 2 and one line
 naming the key. On a CPU-only machine,
 when ``experiment.world_size`` exceeds the visible devices, fake XLA CPU devices are created
-so the layout runs on a laptop.
+so the layout runs on a laptop. Ctrl-C stops a run with one line naming the last step it
+finished and its last checkpoint (exit status 130).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
@@ -21,6 +21,13 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from novarl_jax import cli_overrides as cli
+from novarl_jax.cli_messages import (
+    accelerator_installed,
+    backend_error_message,
+    interrupted_message,
+    training_mark,
+)
+from novarl_jax.compilation_cache import use_compilation_cache
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -87,7 +94,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
-        _fail(str(e).splitlines()[0])
+        _fail(cli.flag_error_message(argv, str(e)))
     except (AttributeError, KeyError) as e:  # config_flags: an override of a missing key
         _fail(cli.missing_key_message(argv, e, _NONE_KEYS))
     except Exception as e:  # noqa: BLE001 - config files can raise anything; report one line
@@ -108,11 +115,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
-def _accelerator_installed() -> bool:
-    return any(
-        importlib.util.find_spec(m) is not None
-        for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
-    )
+def _start_backend() -> None:
+    """Starts JAX's backend; a failure exits with one line (see backend_error_message)."""
+    import jax
+
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as e:
+        platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+        _fail(backend_error_message(platforms, e))
 
 
 def ensure_cpu_devices(world_size: int) -> None:
@@ -124,7 +135,7 @@ def ensure_cpu_devices(world_size: int) -> None:
     if "jax" in sys.modules:
         return
     platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms not in ("", "cpu") or (platforms == "" and _accelerator_installed()):
+    if platforms not in ("", "cpu") or (platforms == "" and accelerator_installed()):
         return
     from novarl_jax.core.distributed import cpu_xla_flags
 
@@ -157,8 +168,11 @@ def main(argv: list[str]) -> None:
             f"--num_processes={processes}"
         )
     ensure_cpu_devices(spec.layout.world_size // processes)
-    _use_compilation_cache(_COMPILATION_CACHE.value)
-    if not _accelerator_installed():
+    try:
+        use_compilation_cache(_COMPILATION_CACHE.value)
+    except ValueError as e:
+        _fail(f"--compilation_cache: {e}")
+    if not accelerator_installed():
         # XLA:CPU allocates every buffer of every call: keep freed host memory for reuse
         # instead of page-faulting fresh pages each step (before JAX starts its threads).
         from novarl_jax.core.distributed import reuse_host_memory
@@ -188,8 +202,14 @@ def main(argv: list[str]) -> None:
 
     import jax
 
+    _start_backend()
+    from novarl_jax.rollout.rewards import RewardFunctionError
     from novarl_jax.trainer.checklist import print_checklist
-    from novarl_jax.trainer.checkpoint import CheckpointMismatchError, CheckpointUnreadableError
+    from novarl_jax.trainer.checkpoint import (
+        CheckpointMismatchError,
+        CheckpointUnreadableError,
+        CheckpointWriteError,
+    )
     from novarl_jax.trainer.loop import TrainingError, train
 
     try:
@@ -216,8 +236,15 @@ def main(argv: list[str]) -> None:
         # a resume's config) before the table.
         run = build_run(spec)
         check_startup(run, mesh)
-        if has_checkpoint(workdir) and not _ALLOW_CONFIG_CHANGE.value:
-            check_resume_config(workdir, _CONFIG.value)
+        if has_checkpoint(workdir):
+            # A real run's session lists the changes when it resumes; a dry run lists them here.
+            show = _DRY_RUN.value and jax.process_index() == 0
+            check_resume_config(
+                workdir,
+                _CONFIG.value,
+                allow_change=_ALLOW_CONFIG_CHANGE.value,
+                log=print if show else (lambda _: None),
+            )
     except ConfigError as e:
         _fail(str(e))
     if jax.process_index() == 0:
@@ -225,6 +252,7 @@ def main(argv: list[str]) -> None:
     if _DRY_RUN.value:
         print("dry run: the config is valid; nothing was trained")
         return
+    before = training_mark(workdir) if jax.process_index() == 0 else None
     try:
         exp = spec.config.experiment
         common = dict(spec=spec, mesh=mesh, run=run, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
@@ -242,39 +270,18 @@ def main(argv: list[str]) -> None:
             )
         else:
             train(_CONFIG.value, workdir, **common)
+    except KeyboardInterrupt:
+        print(f"novarl_jax.train: {interrupted_message(workdir, before)}", file=sys.stderr)
+        sys.exit(130)
     except (ConfigError, TrainingError) as e:
         _fail(str(e))
     except CheckpointMismatchError as e:
         _fail(f"{e}; resume with the run's own config, or train in a new --workdir")
-    except CheckpointUnreadableError as e:
+    except (CheckpointUnreadableError, CheckpointWriteError) as e:
         _fail(str(e))
-
-
-def compilation_cache_dir(flag: str | None) -> str | None:
-    """The persistent compilation cache's directory for the ``--compilation_cache`` value."""
-    if flag is None:
-        flag = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
-            "~", ".cache", "novarl_jax", "xla"
-        )
-    return os.path.abspath(os.path.expanduser(flag)) if flag else None
-
-
-def _use_compilation_cache(flag: str | None) -> None:
-    path = compilation_cache_dir(flag)
-    if path and (blocker := cli.file_in_the_way(path)):
-        _fail(f"--compilation_cache: {blocker} is a file, not a directory")
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", path)
-    if path:
-        # Every program the run compiles for longer than a second is kept (JAX's default);
-        # past 4 GiB the least recently used entries go (unless JAX was told a size itself).
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-        if (
-            jax.config.jax_compilation_cache_max_size == -1
-            and importlib.util.find_spec("filelock") is not None
-        ):
-            jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+    except RewardFunctionError as e:
+        key = "task.reward_fn: " if spec.config.task.reward_fn else ""
+        _fail(f"{key}{e}")
 
 
 def _export(spec, workdir: str, mesh) -> None:
@@ -302,7 +309,11 @@ def run() -> None:
     sys.argv, none_keys, task_options = cli.translate_argv(sys.argv)
     _NONE_KEYS[:] = none_keys
     _TASK_OPTION_OVERRIDES[:] = task_options
-    app.run(main, flags_parser=_parse_flags)
+    try:
+        app.run(main, flags_parser=_parse_flags)
+    except KeyboardInterrupt:  # during training main says where the run stopped
+        print("novarl_jax.train: interrupted before training started", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -225,7 +225,7 @@ def test_quickstart_command_trains_end_to_end(tmp_path):
 
 
 def test_compilation_cache_dir(monkeypatch):
-    from novarl_jax.train import compilation_cache_dir
+    from novarl_jax.compilation_cache import compilation_cache_dir
 
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     home = os.path.expanduser("~")

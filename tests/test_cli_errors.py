@@ -1,0 +1,319 @@
+"""The command line's answers to what goes wrong around a run: a compilation cache left by
+plain JAX, Ctrl-C, a backend JAX cannot start, a config file's own error.
+
+Most tests call the command line's functions in this process (``main`` runs in well under a
+second on the 8 fake devices when ``train`` is replaced); one starts it as a subprocess.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import zlib
+
+import jax
+import pytest
+from absl import flags
+
+from novarl_jax import cli_messages, compilation_cache
+from novarl_jax import cli_overrides as cli
+from novarl_jax import train as cli_train
+from novarl_jax.core import distributed
+from novarl_jax.trainer import loop
+from novarl_jax.trainer.saved_config import check_resume_config, write_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COPY_ON_8 = ["--config=configs/copy.py", "experiment.world_size=8"]
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Runs the command line in this process: returns (exit status, stdout, stderr)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # translate_argv adds the configs' root
+    # Process-wide settings a real run makes: leave this test process's own.
+    monkeypatch.setattr(cli_train, "use_compilation_cache", lambda flag: None)
+    monkeypatch.setattr(distributed, "reuse_host_memory", lambda: False)
+
+    def call(*args):
+        argv, none_keys, task_options = cli.translate_argv(["novarl_jax.train", *args])
+        monkeypatch.setattr(sys, "argv", argv)
+        monkeypatch.setattr(cli_train, "_NONE_KEYS", none_keys)
+        monkeypatch.setattr(cli_train, "_TASK_OPTION_OVERRIDES", task_options)
+        code = 0
+        try:
+            cli_train._parse_flags(argv)
+            cli_train.main(argv[:1])
+        except SystemExit as e:
+            code = e.code
+        except KeyboardInterrupt:
+            pytest.fail("KeyboardInterrupt went through the command line")
+        finally:
+            # config_flags defines a flag per override while parsing: drop them with the values.
+            for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+                delattr(flags.FLAGS, name)
+            flags.FLAGS.unparse_flags()
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
+# --- the persistent compilation cache ------------------------------------------------------
+
+
+@pytest.fixture
+def restore_cache_config():
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_compilation_cache_max_size",
+    )
+    saved = {name: getattr(jax.config, name) for name in names}
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+def test_cache_entries_without_atime_are_repaired(tmp_path, restore_cache_config):
+    from jax._src.lru_cache import LRUCache
+
+    cache = tmp_path / "xla"
+    cache.mkdir()
+    entry = zlib.compress(b"\0\0\0\1" + os.urandom(1000))  # an executable and its time
+    (cache / "plain-cache").write_bytes(entry)  # written by JAX without a size limit
+    os.utime(cache / "plain-cache", ns=(1_000_000_000, 2_000_000_000))
+    (cache / "cut-cache").write_bytes(entry[:20])  # a write cut off part way
+    (cache / "k-cache").write_text("x\n")  # not JAX's: kept
+    (cache / "kept-cache").write_bytes(entry)
+    (cache / "kept-atime").write_bytes((5).to_bytes(8, "little"))
+
+    compilation_cache.use_compilation_cache(str(cache))
+
+    assert jax.config.jax_compilation_cache_dir == str(cache)
+    assert jax.config.jax_compilation_cache_max_size == 4 << 30
+    # JAX's size-limited cache writes (it read each entry's -atime file to pick what to
+    # evict), evicting the least recently used entry.
+    lru = LRUCache(str(cache), max_size=len(entry) * 2 + 10)
+    lru.put("new", entry)
+    assert lru.get("new") == entry
+    names = sorted(p.name for p in cache.iterdir() if p.name != ".lockfile")
+    assert names == ["k-atime", "k-cache", "new-atime", "new-cache", "plain-atime", "plain-cache"]
+    # JAX's format: the last use in ns as 8 little-endian bytes (here the entry's mtime).
+    assert int.from_bytes((cache / "plain-atime").read_bytes(), "little") == 2_000_000_000
+    assert lru.get("plain") == entry
+    assert compilation_cache.repair_compilation_cache(str(cache)) == (0, 0)  # nothing left to do
+
+
+def test_cache_repair_leaves_a_locked_cache_alone(tmp_path):
+    import filelock
+
+    (tmp_path / "a-cache").write_bytes(zlib.compress(b"x" * 10))
+    with filelock.FileLock(str(tmp_path / ".lockfile")):
+        assert compilation_cache.repair_compilation_cache(str(tmp_path), lock_timeout_s=0.01) == (
+            0,
+            0,
+        )
+    assert compilation_cache.repair_compilation_cache(str(tmp_path / "missing")) == (0, 0)
+    assert compilation_cache.repair_compilation_cache(str(tmp_path)) == (1, 0)
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------
+
+
+def _rows(workdir, steps):
+    with open(workdir / "metrics.jsonl", "a") as f:
+        for step in steps:
+            f.write(json.dumps({"step": step, "critic/score/mean": 0.5}) + "\n")
+
+
+def _interrupting_train(trained, checkpoints):
+    """A train() that finishes the ``trained`` steps, checkpoints some, then gets Ctrl-C."""
+
+    def fake_train(config, workdir, **kwargs):
+        workdir = pathlib.Path(workdir)
+        _rows(workdir, trained)
+        for step in checkpoints:
+            (workdir / "checkpoints" / str(step)).mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    return fake_train
+
+
+def test_ctrl_c_says_where_the_run_stopped(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "train", _interrupting_train([1, 2, 3], [2]))
+    code, out, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}")
+    assert code == 130
+    assert err.strip() == (
+        f"novarl_jax.train: interrupted after step 3; the last checkpoint is step 2 in "
+        f"{tmp_path}; rerun the same command to resume from it"
+    )
+    assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_ctrl_c_before_a_step_finished(run_cli, tmp_path, monkeypatch, resumed):
+    # A rerun after a run stopped at step 5 with its last checkpoint at step 4: step 5 of
+    # the metrics file is not this run's, before or after the resume drops it.
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+    _rows(tmp_path, [1, 2, 3, 4, 5])
+    fake_train = _interrupting_train([], [])
+
+    def resuming_train(config, workdir, **kwargs):
+        (tmp_path / "metrics.jsonl").unlink()
+        _rows(tmp_path, [1, 2, 3, 4])
+        fake_train(config, workdir, **kwargs)
+
+    monkeypatch.setattr(loop, "train", resuming_train if resumed else fake_train)
+    code, _, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}")
+    assert code == 130
+    assert err.strip() == (
+        "novarl_jax.train: interrupted before this run finished a step; the last checkpoint "
+        f"is step 4 in {tmp_path}; rerun the same command to resume from it"
+    )
+    # Nothing saved at all.
+    message = cli_messages.interrupted_message(str(tmp_path / "new"), (None, 0))
+    assert message == (
+        "interrupted before this run finished a step; no checkpoint in "
+        f"{tmp_path / 'new'} yet; rerun the same command to start again"
+    )
+
+
+@pytest.mark.parametrize("reward_fn", ["", "novarl_jax.rollout.rewards:exact_match_reward"])
+def test_errors_raised_while_training_are_one_line(run_cli, tmp_path, monkeypatch, reward_fn):
+    from novarl_jax.rollout.rewards import RewardFunctionError
+    from novarl_jax.trainer.checkpoint import CheckpointWriteError
+
+    for error, want in [
+        (RewardFunctionError("reward function 'x' of task 'copy' raised KeyError: 'a'"),
+         ("task.reward_fn: " if reward_fn else "") + "reward function 'x' of task 'copy'"),
+        (CheckpointWriteError("/w/checkpoints: the checkpoint of step 2 could not be written"),
+         "/w/checkpoints: the checkpoint of step 2 could not be written"),
+    ]:  # fmt: skip
+
+        def failing_train(config, workdir, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(loop, "train", failing_train)
+        extra = [f"task.reward_fn={reward_fn}"] if reward_fn else []
+        code, out, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}", *extra)
+        assert code == 2, err
+        assert err.strip().startswith(f"novarl_jax.train: error: {want}"), err
+        assert "Traceback" not in out + err
+
+
+def test_ctrl_c_before_training(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["novarl_jax.train", *COPY_ON_8])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(cli_train.app, "run", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        try:
+            cli_train.run()
+        except KeyboardInterrupt:
+            pytest.fail("KeyboardInterrupt went through the command line")
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "novarl_jax.train: interrupted before training started\n"
+
+
+def test_resume_lists_a_changed_config_once(run_cli, tmp_path, monkeypatch):
+    import ml_collections
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from configs import copy as copy_config
+
+    saved = copy_config.get_config()
+    saved.experiment.world_size, saved.experiment.steps = 8, 1
+    write_config(str(tmp_path), saved)
+    (tmp_path / "checkpoints" / "1").mkdir(parents=True)
+    changed = "resuming with a changed config: experiment.steps 1 -> 3"
+
+    def session_train(config, workdir, *, allow_config_change, **kwargs):
+        # What the run's Session logs when it resumes.
+        assert isinstance(config, ml_collections.ConfigDict)
+        check_resume_config(workdir, config, allow_change=allow_config_change, log=print)
+
+    monkeypatch.setattr(loop, "train", session_train)
+    for extra in ([], ["--allow_config_change"]):
+        code, out, err = run_cli(*COPY_ON_8, "experiment.steps=3", f"--workdir={tmp_path}", *extra)
+        assert code == 0, err
+        assert out.count("resuming with a changed config") == 1, out
+        assert changed in out
+    # A dry run trains nothing: the command line lists the changes itself.
+    code, out, _ = run_cli(*COPY_ON_8, "experiment.steps=3", f"--workdir={tmp_path}", "--dry_run")
+    assert code == 0 and out.count(changed) == 1
+
+
+# --- a backend JAX cannot start --------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    cli_messages.accelerator_installed() or cli_messages.nvidia_gpu_visible(),
+    reason="JAX_PLATFORMS=cuda may start here",
+)
+def test_jax_platforms_without_its_backend_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cuda"
+    result = subprocess.run(
+        [sys.executable, "-m", "novarl_jax.train", "--config=configs/copy.py",
+         f"--workdir={tmp_path}", "--dry_run", "--compilation_cache="],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [
+        "novarl_jax.train: error: JAX_PLATFORMS=cuda: JAX could not start 'cuda' (no NVIDIA "
+        "GPU is visible); installed: cpu only (no jax_cuda12_plugin, jax_cuda13_plugin or "
+        "libtpu); unset JAX_PLATFORMS or set it to an installed backend (pip install -e "
+        "'.[cuda12]' or '.[tpu]' adds one)"
+    ]
+
+
+def test_backend_error_names_the_backend_and_why(monkeypatch):
+    monkeypatch.setattr(cli_messages.importlib.util, "find_spec", lambda name: None)
+    error = RuntimeError(
+        "Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: no such file "
+        "(set JAX_PLATFORMS='' to automatically choose an available backend)"
+    )
+    message = cli_messages.backend_error_message("tpu", error)
+    assert message.startswith(
+        "JAX_PLATFORMS=tpu: JAX could not start 'tpu' (INTERNAL: Failed to open libtpu.so: no "
+        "such file); installed: cpu only"
+    )
+    monkeypatch.setattr(
+        cli_messages.importlib.util, "find_spec", lambda name: name == "jax_cuda12_plugin" or None
+    )
+    error = RuntimeError(
+        "Unable to initialize backend 'cuda': no driver (you may need to uninstall the failing "
+        "plugin package, or set JAX_PLATFORMS=cpu to skip this backend.)"
+    )
+    assert cli_messages.backend_error_message("", error) == (
+        "JAX could not start its backend 'cuda' (no driver); installed: cpu, cuda "
+        "(jax_cuda12_plugin); set JAX_PLATFORMS=cpu to run on the CPU"
+    )
+
+
+# --- errors of the config file ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [":foo", ":"])
+def test_config_takes_no_argument(run_cli, suffix):
+    code, out, err = run_cli(f"--config=configs/copy.py{suffix}", "--dry_run")
+    assert code == 2 and not out
+    assert err.splitlines() == [
+        f"novarl_jax.train: error: --config=configs/copy.py{suffix}: the config takes no ':' "
+        f"argument (the get_config() of configs/copy.py takes none); drop '{suffix}' and set "
+        "values with overrides such as experiment.steps=10"
+    ]
+
+
+def test_config_file_error_names_the_line(run_cli, tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text("def get_config():\n    raise ValueError('no such model size')\n")
+    code, out, err = run_cli(f"--config={path}", "--dry_run")
+    assert code == 2 and not out
+    assert err.splitlines() == [
+        f"novarl_jax.train: error: --config: {path}:2: ValueError: no such model size"
+    ]
