@@ -8,6 +8,7 @@ name, which maps to the key).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from novarl_jax.core.utils.advantages import make_advantage_estimator
 from novarl_jax.models import ModelConfig, init_params, load_hf_model
 from novarl_jax.models.layers import DEFAULT_INIT
 from novarl_jax.rollout.engine import RolloutEngine, SamplingConfig
-from novarl_jax.rollout.tasks import make_task
+from novarl_jax.rollout.tasks import TASKS, make_task
 from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer
 from novarl_jax.trainer.config import (
     ConfigError,
@@ -102,12 +103,33 @@ def _task(config, *, validation: bool = False) -> Any:
         options["path"] = t.path
     elif t.path:
         raise ConfigError("task.path", f"only the 'jsonl' task reads a file; task {t.name!r}")
+    unknown = sorted(set(t.options) - set(task_options(t.name)))
+    if t.name in TASKS and unknown:
+        raise ConfigError(
+            f"task.options.{unknown[0]}",
+            f"task {t.name!r} has no option {unknown[0]!r}; its options: "
+            f"{', '.join(task_options(t.name)) or 'none'}",
+        )
     try:
         return make_task(t.name, **options)
     except TypeError as e:
         raise ConfigError("task.options", f"task {t.name!r}: {e}") from None
     except (ValueError, OSError) as e:
         raise ConfigError(_task_error_key(str(e), t), str(e)) from None
+
+
+def task_options(name: str) -> list[str]:
+    """The options (keyword arguments) a task takes under ``task.options``: those of its
+    constructor, less what other keys set (``task.path``, ``task.reward_fn``)."""
+    if name not in TASKS:
+        return []
+    taken = {"self", "path", "reward_fn"}
+    params = inspect.signature(TASKS[name].__init__).parameters.values()
+    return [
+        p.name
+        for p in params
+        if p.name not in taken and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
 
 
 def _task_error_key(message: str, t: Any) -> str:

@@ -133,3 +133,22 @@ def test_every_jsonl_prompt_is_checked_before_training_with_its_line(tmp_path):
         check_startup(run)
     config.rollout.prompt_truncation = "left"
     check_startup(build_run(validate_config(config)))  # truncated when it comes up
+
+
+def test_an_unknown_task_option_is_named_with_the_valid_ones():
+    from configs import addition, jsonl
+
+    config = addition.get_config()
+    config.task.options.bogus = 3
+    with pytest.raises(ConfigError) as info:
+        build_run(validate_config(config))
+    assert str(info.value) == (
+        "task.options.bogus: task 'addition' has no option 'bogus'; its options: max_operand"
+    )
+    config = jsonl.get_config()
+    config.task.options.reward = "numeric"  # the JSONL task's own reward option is fine
+    build_run(validate_config(config))
+    config.task.options.shuffel = False
+    with pytest.raises(ConfigError, match=r"^task.options.shuffel: .*its options: reward, "
+                       r"prompt_field, answer_field, prompt_template, shuffle, seed$"):  # fmt: skip
+        build_run(validate_config(config))
