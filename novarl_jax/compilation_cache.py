@@ -34,10 +34,13 @@ def use_compilation_cache(flag: str | None) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     if path:
         # Every program the run compiles for longer than a second is kept (JAX's default);
-        # past 4 GiB the least recently used entries go (unless JAX was told a size itself).
+        # past 4 GiB the least recently used entries go, unless a size was given
+        # (JAX_COMPILATION_CACHE_MAX_SIZE; -1 = no bound: JAX's bounded cache reads every
+        # entry's size and time on each write, slow for a cache of many small programs).
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
         if (
-            jax.config.jax_compilation_cache_max_size == -1
+            "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ
+            and jax.config.jax_compilation_cache_max_size == -1
             and importlib.util.find_spec("filelock") is not None
         ):
             jax.config.update("jax_compilation_cache_max_size", 4 << 30)

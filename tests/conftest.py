@@ -33,8 +33,10 @@ _CACHE = os.environ.get(
     "NOVARL_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "novarl_jax_tests")
 )
 jax.config.update("jax_compilation_cache_dir", _CACHE)
-# The command lines the tests start use it too (their --compilation_cache default).
+# The command lines the tests start use it too (their --compilation_cache default), unbounded
+# like this process's: JAX's bounded cache reads all of its thousands of entries per write.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

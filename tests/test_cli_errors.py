@@ -76,7 +76,17 @@ def restore_cache_config():
         jax.config.update(name, value)
 
 
-def test_cache_entries_without_atime_are_repaired(tmp_path, restore_cache_config):
+def test_a_given_cache_size_is_kept(tmp_path, restore_cache_config, monkeypatch):
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")  # no bound, as asked
+    compilation_cache.use_compilation_cache(str(tmp_path))
+    assert jax.config.jax_compilation_cache_max_size == -1
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE")
+    compilation_cache.use_compilation_cache(str(tmp_path))
+    assert jax.config.jax_compilation_cache_max_size == 4 << 30
+
+
+def test_cache_entries_without_atime_are_repaired(tmp_path, restore_cache_config, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
     from jax._src.lru_cache import LRUCache
 
     cache = tmp_path / "xla"

@@ -115,8 +115,13 @@ def test_default_workdir_is_named_after_the_config(argv, monkeypatch):
         (["experiment.stepz=3"], "experiment.stepz: unknown key; valid keys under 'experiment'"),
         (["experimnt.steps=3"], "experimnt: unknown key; valid sections: checkpoint, dapo"),
         (["experiment.steps.foo=3"], "experiment.steps: is a value, not a section"),
-        # task.options are the task constructor's keywords: it rejects one it does not take.
-        (["task.options.bogus=1"], "task.options: task 'reverse'"),
+        # task.options are the task constructor's keywords: one it does not take is named
+        # with the ones it does.
+        (
+            ["task.options.bogus=1"],
+            "task.options.bogus: task 'reverse' has no option 'bogus'; "
+            "its options: symbols, min_length, max_length",
+        ),
     ],
 )
 def test_errors_are_one_line_naming_the_key(args, message):
