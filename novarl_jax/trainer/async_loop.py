@@ -514,5 +514,10 @@ def train_async(
                 metrics = session.record(i, state, metrics, host, trained)
         finally:
             feed.close()
-    summary = f"{controller.state.broadcasts} broadcasts, {dropped_total} stale samples dropped, "
+    # Counted by this process from its start: after a resume, not the whole run's.
+    since = "" if session.resumed_from is None else f" since the resume at step {session.start}"
+    summary = (
+        f"{controller.state.broadcasts} broadcasts and {dropped_total} stale samples dropped"
+        f"{since}, "
+    )
     return session.finish(state, metrics, summary)

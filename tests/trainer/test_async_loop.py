@@ -114,6 +114,8 @@ def test_resume_is_exact_and_forces_a_broadcast(tmp_path, sync_reference):
     # The resumed run's first broadcast is forced, with reason 'resume', at version 4.
     assert async_rows[2]["sync/broadcasts/resume"] == 1.0
     assert async_rows[2]["sync/broadcasts/initial"] == 0.0
+    # The end line's counts are this start's, and say so.
+    assert "stale samples dropped since the resume at step 2, " in lines[-1]
 
 
 def _clock():
