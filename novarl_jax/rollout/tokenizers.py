@@ -286,7 +286,8 @@ class HFTokenizer(_BaseTokenizer):
 
     Special tokens are given by their strings and must exist in the vocabulary. ``encode``
     adds no special tokens (the tokenizer's post-processor is bypassed); BOS is added by
-    ``encode_batch`` when ``add_bos``.
+    ``encode_batch`` when ``add_bos``. Truncation and padding settings saved in the
+    tokenizer.json are ignored: lengths follow ``max_length`` and ``truncation`` here.
 
     Args:
         tokenizer: a ``tokenizers.Tokenizer``, or a path to a tokenizer.json file.
@@ -340,6 +341,13 @@ class HFTokenizer(_BaseTokenizer):
                 f"tokenizer must be a tokenizers.Tokenizer or a path to tokenizer.json, "
                 f"got {type(tokenizer)!r}"
             )
+        if tokenizer.truncation is not None or tokenizer.padding is not None:
+            # A tokenizer.json saved after use can carry its own truncation or fixed-length
+            # padding: it would cut prompts silently or make pads real prompt tokens. Lengths
+            # are this class's (max_length, truncation); a copy keeps the caller's object.
+            tokenizer = _HFTok.from_str(tokenizer.to_str())
+            tokenizer.no_truncation()
+            tokenizer.no_padding()
         self._tok = tokenizer
 
         def token_id(field: str, token: str) -> int:

@@ -120,6 +120,24 @@ def test_hf_tokenizer_from_file(hf_tokenizer):
     assert isinstance(tok, Tokenizer)
 
 
+def test_truncation_and_padding_saved_in_tokenizer_json_are_ignored(hf_tokenizer, tmp_path):
+    from tokenizers import Tokenizer as RustTokenizer
+
+    rust = RustTokenizer.from_file(str(hf_tokenizer))
+    rust.enable_truncation(max_length=2)  # as a tokenizer.json saved after use can carry
+    rust.enable_padding(pad_id=0, pad_token="<pad>", length=6)
+    path = tmp_path / "tokenizer.json"
+    rust.save(str(path))
+    for source in (path, rust):
+        tok = HFTokenizer(source, pad_token="<pad>", eos_token="</s>")
+        assert len(tok.encode("one plus two")) == 3  # not cut to 2, not padded to 6
+        with pytest.raises(ValueError, match="text 0 has 3 tokens, more than max_length=2"):
+            tok.encode_batch(["one plus two"], max_length=2)
+        tokens, mask = tok.encode_batch(["five"], max_length=4)
+        np.testing.assert_array_equal(mask, [[0, 0, 0, 1]])  # pads are not prompt tokens
+    assert rust.truncation is not None  # the caller's object is left as it was
+
+
 def test_hf_tokenizer_vocab_size_covers_ids_with_gaps(tmp_path):
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import models, pre_tokenizers
