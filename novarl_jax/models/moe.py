@@ -871,10 +871,12 @@ def _router_outputs(params, xt, router: MoERouterConfig, routing):
         params["router"].astype(jnp.float32),
         precision=lax.Precision.HIGHEST,
     )
-    if routing is None:
-        _, experts = lax.top_k(logits, router.top_k)
-    else:
-        experts = routing
+    _, experts = lax.top_k(logits, router.top_k)
+    if routing is not None:
+        # A token whose replayed experts are -1 had none chosen (never fed to the sampling
+        # model): it takes the router's own choice.
+        replayed = jnp.all(routing >= 0, axis=-1, keepdims=True)
+        experts = jnp.where(replayed, routing.astype(experts.dtype), experts)
     experts = experts.astype(jnp.int32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     probs = jnp.exp(logits - lse[:, None])
@@ -1109,13 +1111,15 @@ def check_routing_values(routing: jax.Array, num_experts: int) -> None:
     if isinstance(routing, jax.core.Tracer) or not routing.is_fully_addressable:
         return
     values = np.asarray(routing)
-    bad = values[(values < 0) | (values >= num_experts)]
+    unset = np.all(values == -1, axis=-1, keepdims=True)  # "choose as usual"
+    bad = values[((values < 0) | (values >= num_experts)) & ~unset]
     if bad.size:
         raise ValueError(
-            f"routing values must be in [0, num_experts={num_experts}), got {int(bad.flat[0])}"
+            f"routing values must be in [0, num_experts={num_experts}) (or -1 for all of a "
+            f"token's top_k: its own choice), got {int(bad.flat[0])}"
         )
     ordered = np.sort(values, axis=-1)
-    twice = np.argwhere(np.any(ordered[..., 1:] == ordered[..., :-1], axis=-1))
+    twice = np.argwhere(np.any(ordered[..., 1:] == ordered[..., :-1], axis=-1) & ~unset[..., 0])
     if twice.size:
         where = tuple(int(i) for i in twice[0])
         raise ValueError(
@@ -1157,8 +1161,9 @@ def moe_forward(
         token_mask: [B, S], 1 = a real token, 0 = padding (not routed, output 0, gradient
             0, whatever it holds, NaN included); None = all real.
         routing: [B, S, K] int expert indices in [0, E) to replay (``aux['routing']`` of an
-            earlier call), K distinct experts per token; gate weights are recomputed from the
-            current router at those experts. Capacity and drops are decided afresh.
+            earlier call), K distinct experts per token, or -1 for all K of a token that was
+            never routed (it takes the router's own choice); gate weights are recomputed from
+            the current router at those experts. Capacity and drops are decided afresh.
         train: capacity from ``capacity_factor`` (True) or ``eval_capacity_factor`` (False).
         impl: 'dense' (a loop of plain matmuls over padded expert chunks; small routing
             groups such as decoding steps run all experts as one batched matmul over slabs

@@ -56,7 +56,9 @@ class SampleOutput(NamedTuple):
             ``log_softmax(logits)``; 0 where the mask is 0.
         lengths: [B*G] int32, generated tokens per row (``response_mask.sum(-1)``).
         routing: expert choices made while sampling, laid out like the model's routing for a
-            training forward on ``tokens`` (for router replay), or None.
+            training forward on ``tokens`` (for router replay), or None. Tokens the model was
+            never fed (each row's last generated token, and the padding after a stop) hold
+            -1, which a replaying forward reads as "choose as usual".
     """
 
     tokens: jax.Array
@@ -412,9 +414,10 @@ def _decode(params, cache, first, key, dyn, *, config, static: _Static, mesh):
     routing_buf = None
     if s.return_routing:
         # One slot per generated token; the last generated token is never fed to the model,
-        # so its slot (and the slots after an early stop) stay zero.
+        # so its slot (and the slots after an early stop) keep -1: "no choice was made", which
+        # a replay fills with the training forward's own choice.
         routing_buf = jax.tree.map(
-            lambda r: jnp.zeros(r.shape[:2] + (steps,) + r.shape[3:], r.dtype),
+            lambda r: jnp.full(r.shape[:2] + (steps,) + r.shape[3:], -1, r.dtype),
             prompt_routing,
         )
 
@@ -450,13 +453,16 @@ def _decode(params, cache, first, key, dyn, *, config, static: _Static, mesh):
             for buf, u in zip((tok_buf, mask_buf, logp_buf, pol_buf), updates, strict=True)
         )
         if s.return_routing:
+            # A row that had already stopped fed padding: no choice there either.
+            fed = (fed_mask > 0)[None, :, :, None]  # [1, R, 1, 1] against [L, R, 1, K]
             routing_buf = jax.tree.map(
                 lambda buf, r: jax.lax.dynamic_update_slice_in_dim(
-                    buf, r.astype(buf.dtype), step - 1, axis=_ROUTING_TOKEN_AXIS
+                    buf, jnp.where(fed, r, -1).astype(buf.dtype), step - 1,
+                    axis=_ROUTING_TOKEN_AXIS,
                 ),
                 routing_buf,
                 aux["routing"],
-            )
+            )  # fmt: skip
         done = done | _is_stop(token, dyn.stop_mask)
         return step + 1, cache, new_buffers, routing_buf, done, token, pos + 1
 

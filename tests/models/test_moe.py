@@ -676,9 +676,12 @@ def _bad_inputs():
         ({"routing": jnp.zeros((B, S, K))}, r"routing must be an integer array"),
         # Out-of-range experts gave all-NaN (>= E) or zero (< 0) outputs.
         ({"routing": jnp.full((B, S, K), E, jnp.int32)},
-         r"routing values must be in \[0, num_experts=8\), got 8"),
-        ({"routing": jnp.full((B, S, K), -1, jnp.int32)},
-         r"routing values must be in \[0, num_experts=8\), got -1"),
+         r"routing values must be in \[0, num_experts=8\) \(or -1 for all of a token's top_k"
+         r": its own choice\), got 8"),
+        ({"routing": jnp.full((B, S, K), -2, jnp.int32)},
+         r"routing values must be in \[0, num_experts=8\) .*, got -2"),
+        ({"routing": jnp.zeros((B, S, K), jnp.int32).at[..., 1].set(1).at[0, 0, 0].set(-1)},
+         r"routing values must be in \[0, num_experts=8\) .*, got -1"),  # -1 for one of K
         # The same expert twice for a token overflowed the capacity sized for distinct ones.
         ({"routing": jnp.zeros((B, S, K), jnp.int32).at[..., 1].set(1).at[2, 5].set(3)},
          r"routing\[2, 5\] names an expert twice \(\[3, 3\]\); each token's top_k experts"),
@@ -692,7 +695,7 @@ def test_train_must_be_a_bool():
         moe.moe_forward(make_params(), make_x(), router_cfg(), train="no")
 
 
-_NUM_BAD_INPUTS = 16
+_NUM_BAD_INPUTS = 17
 
 
 @pytest.mark.parametrize("case", range(_NUM_BAD_INPUTS))

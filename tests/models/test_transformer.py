@@ -584,9 +584,9 @@ def test_routing_shape_and_values_are_checked():
         ValueError, match=r"routing must be \[L, B, T, K\] = \(2, 1, 4, 2\) .* shape \(1, 4, 2\)"
     ):
         forward(params, toks, MOE, routing=jnp.zeros((1, 4, 2), jnp.int32))
-    for value in (4, -1):
+    for value in (4, -2):
         with pytest.raises(
-            ValueError, match=rf"routing values must be in \[0, num_experts=4\), got {value}"
+            ValueError, match=rf"routing values must be in \[0, num_experts=4\) .*, got {value}"
         ):
             forward(params, toks, MOE, routing=jnp.full((2, 1, 4, 2), value, jnp.int32))
     with pytest.raises(TypeError, match="routing must be an integer array"):

@@ -380,12 +380,23 @@ def routing_matches_training_forward(params, config, out, mesh=None):
     for r, n in enumerate(np.asarray(out.lengths)):
         fed[r, p + n - 1] = False
     np.testing.assert_array_equal(np.sort(got, -1)[:, fed], np.sort(want, -1)[:, fed])
-    # Replaying the choices reproduces the sampler's log-probs.
+    # The tokens never fed to the sampling model (the last generated one, the padding after a
+    # stop) hold -1, "no choice": a replay routes them as usual, so the MoE statistics of a
+    # replayed forward equal the model's own.
+    unset = (got == -1).all(-1)  # [L, B, T]
+    assert not unset[:, fed].any()
+    assert unset.any()  # the last token of a row that ran to max_new_tokens, at least
+    same = (np.sort(got, -1) == np.sort(want, -1)).all(-1)
+    assert np.all(unset | same | ~np.asarray(mask, bool)[None])
     replay = jax.jit(
         lambda p_, t, m, pos, rt: forward(
             p_, t, config, positions=pos, attention_mask=m, routing=rt, mesh=mesh
-        )[0]  # fmt: skip
+        )  # fmt: skip
     )(params, out.tokens, mask, positions, out.routing)
+    for key in ("expert_load", "moe_aux_loss", "dropped_fraction"):
+        np.testing.assert_allclose(replay[2][key], aux[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    # Replaying the choices reproduces the sampler's log-probs.
+    replay = replay[0]
     logp = (
         jnp.take_along_axis(
             jax.nn.log_softmax(replay[:, p - 1 : -1], -1), out.response_tokens[..., None], -1
