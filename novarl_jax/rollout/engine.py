@@ -48,7 +48,9 @@ class Trajectory(NamedTuple):
         behavior_logprobs: [R, T] float32, log-probs under the distribution the tokens were
             sampled from (temperature/top-k/top-p applied; 0 for greedy).
         policy_logprobs: [R, T] float32, log-probs under the untempered policy that sampled
-            them (equal to a training forward's log-probs for the same tokens).
+            them (equal to a training forward's log-probs for the same tokens; for an MoE
+            policy with a capacity factor, only where no routing group drops them: see
+            :mod:`novarl_jax.rollout.sampler`).
         rewards: [R] float32 (0 for invalid samples).
         valid: [R] float32, 1 = the reward is finite and the sample may be trained on.
         group_ids: [R] int32, the prompt index b of each row (GRPO groups).

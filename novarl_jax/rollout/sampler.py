@@ -3,7 +3,13 @@
 The sampler turns prompts into completions and records, for every generated token, the
 log-probability under the distribution it was drawn from and under the untempered policy.
 The untempered log-probs equal what a training forward (no cache) gives for the same
-sequence, so a trainer can use them as the behaviour policy's log-probs directly.
+sequence, so a trainer can use them as the behaviour policy's log-probs directly; for an MoE
+policy this holds with dropless routing (``capacity_factor=None``, or one large enough that
+nothing is dropped). With a capacity factor the routing groups differ: the prefill routes the
+prompts, each decode step only that step's tokens, the training forward whole sequences, so
+different tokens can be dropped and the log-probs differ where they are (router replay does
+not change that: capacity is decided afresh). ``ppo.tis_cap`` or ``grpo.tis_cap`` corrects
+for the difference.
 
 How it runs:
 
