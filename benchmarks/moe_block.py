@@ -40,10 +40,9 @@ Usage:
         [--skip-scaling] [--keep-malloc]
     python benchmarks/moe_block.py --decode [--rounds 15] [--keep-malloc]
 
-``--threads N`` gives both sides N threads (XLA through ``XLA_FLAGS``, torch through
-``set_num_threads``); the default is every core. On a shared, loaded machine ``--threads 1``
-is the steadier comparison: multi-threaded operators stall whenever another process takes one
-of their cores, and the two runtimes stall by different amounts.
+``--threads N`` runs the whole process on N cores (its CPU affinity, which bounds XLA:CPU's
+threads: the XLA flags that used to set its thread count no longer do) and gives torch N
+threads (``set_num_threads``); the default is every core.
 
 Prints ``RESULT <name> <value> <unit>`` lines; the headline (our dropless forward+backward
 tokens/s) comes last.
@@ -292,10 +291,8 @@ def main() -> None:
         "--keep-malloc", action="store_true", help="glibc's malloc defaults (no reuse_host_memory)"
     )
     args = parser.parse_args()
-    if args.threads < (os.cpu_count() or 1):  # must be set before jax is imported
-        flags = f"--xla_cpu_multi_thread_eigen={str(args.threads > 1).lower()} "
-        flags += f"intra_op_parallelism_threads={args.threads}"
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+    if args.threads < (os.cpu_count() or 1):  # before jax starts its threads
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
     # Before JAX's first computation (its threads pick their heaps then); importing is fine.
     from novarl_jax.core.distributed import reuse_host_memory
 
