@@ -432,6 +432,8 @@ def test_a_nan_reward_does_not_shape_its_siblings_advantages():
     np.testing.assert_array_equal(returns, 0.0)
     with pytest.raises(ValueError, match=r"sample_mask must have shape \[B\]=\(4,\) like the"):
         group_relative_advantages(np.zeros(4), 2, sample_mask=np.ones(3))
+    with pytest.raises(ValueError, match=r"sample_mask must have shape \[B\]=\(4,\) .* \(4, 1\)"):
+        rloo_advantages(np.zeros(4), 2, sample_mask=np.ones((4, 1)))
 
 
 def test_masked_group_advantages_sharded_equal_unsharded(mesh):

@@ -654,6 +654,36 @@ def test_routing_replay_reproduces_and_pins_the_choices():
     np.testing.assert_allclose(np.asarray(y_pinned), y_np, rtol=1e-4, atol=1e-4)
 
 
+def test_unset_routing_takes_the_routers_own_choice_eagerly_and_under_jit():
+    router = router_cfg(capacity_factor=1.0)
+    params, x = make_params(), make_x()
+    y, aux = moe.moe_forward(params, x, router)
+    unset = jnp.full((B, S, K), -1, jnp.int32)
+    for fwd in (moe.moe_forward, jax.jit(moe.moe_forward, static_argnums=2)):
+        y2, aux2 = fwd(params, x, router, routing=unset)  # not refused as a duplicate
+        np.testing.assert_array_equal(np.asarray(aux2["routing"]), np.asarray(aux["routing"]))
+        np.testing.assert_allclose(np.asarray(y2), np.asarray(y), rtol=1e-5, atol=1e-6)
+    # Some tokens unset, the rest pinned to other experts.
+    pinned = unset.at[:4].set(jnp.asarray([3, 5], jnp.int32))
+    _, aux3 = moe.moe_forward(params, x, router, routing=pinned)
+    got = np.asarray(aux3["routing"])
+    assert np.all(got[:4] == [3, 5])
+    np.testing.assert_array_equal(got[4:], np.asarray(aux["routing"])[4:])
+
+
+def test_a_duplicate_expert_is_found_wherever_it_sits_among_top_k():
+    router = router_cfg(top_k=3)
+    routing = (
+        jnp.tile(jnp.asarray([1, 2, 3], jnp.int32), (B, S, 1))
+        .at[1, 2]
+        .set(jnp.asarray([4, 6, 4], jnp.int32))
+    )  # not side by side
+    with pytest.raises(ValueError, match=r"routing\[1, 2\] names an expert twice \(\[4, 6, 4\]\)"):
+        moe.moe_forward(make_params(), make_x(), router, routing=routing)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
 # ----------------------------------------------------------------------------------------------
 # Validation
 

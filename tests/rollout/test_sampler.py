@@ -385,6 +385,9 @@ def routing_matches_training_forward(params, config, out, mesh=None):
     # replayed forward equal the model's own.
     unset = (got == -1).all(-1)  # [L, B, T]
     assert not unset[:, fed].any()
+    generated = np.zeros_like(fed)
+    generated[:, p:] = True
+    assert unset[:, generated & ~np.asarray(mask, bool)].all()  # the padding after a stop
     assert unset.any()  # the last token of a row that ran to max_new_tokens, at least
     same = (np.sort(got, -1) == np.sort(want, -1)).all(-1)
     assert np.all(unset | same | ~np.asarray(mask, bool)[None])

@@ -136,6 +136,9 @@ def test_truncation_and_padding_saved_in_tokenizer_json_are_ignored(hf_tokenizer
         tokens, mask = tok.encode_batch(["five"], max_length=4)
         np.testing.assert_array_equal(mask, [[0, 0, 0, 1]])  # pads are not prompt tokens
     assert rust.truncation is not None  # the caller's object is left as it was
+    rust.no_truncation()  # fixed-length padding alone
+    tok = HFTokenizer(rust, pad_token="<pad>", eos_token="</s>")
+    assert len(tok.encode("five")) == 1
 
 
 def test_hf_tokenizer_vocab_size_covers_ids_with_gaps(tmp_path):

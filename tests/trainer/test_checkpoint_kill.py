@@ -88,22 +88,22 @@ def test_a_damaged_checkpoint_is_named_with_the_way_back_to_an_older_one(tmp_pat
     from novarl_jax.trainer.checkpoint import CheckpointUnreadableError
 
     ckpt = Checkpointer(str(tmp_path), interval=1, keep=3, async_save=False)
-    for step in (1, 2):
+    for step in (1, 2, 3):
         ckpt.save(step, {"w": jnp.full(4, float(step))}, {"iteration": step})
     ckpt.close()
     like = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
     # Damage the latest step from outside (a disk error, a stray rm): its host record.
-    host = next((tmp_path / "2" / "host").iterdir())
+    host = next((tmp_path / "3" / "host").iterdir())
     host.write_text("{not json")
     ckpt = Checkpointer(str(tmp_path), async_save=False)
     match = (
-        rf"{tmp_path}/2: checkpoint could not be read \(.*\); it may be damaged: move "
-        rf"{tmp_path}/2 out of {tmp_path} to resume from step 1 \(older checkpoints: \[1\]\)"
+        rf"{tmp_path}/3: checkpoint could not be read \(.*\); it may be damaged: move "
+        rf"{tmp_path}/3 out of {tmp_path} to resume from step 2 \(older checkpoints: \[1, 2\]\)"
     )
     with pytest.raises(CheckpointUnreadableError, match=match):
         ckpt.restore(like)
-    state, host_state = ckpt.restore(like, step=1)  # the older one is intact
-    assert host_state == {"iteration": 1} and float(state["w"][0]) == 1.0
+    state, host_state = ckpt.restore(like, step=2)  # the older ones are intact
+    assert host_state == {"iteration": 2} and float(state["w"][0]) == 2.0
     ckpt.close()
 
 

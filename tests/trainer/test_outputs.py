@@ -147,9 +147,11 @@ def test_a_row_cut_off_by_a_killed_process_is_dropped_on_resume(tmp_path):
     writer.close()
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
     # Damage before the last line is reported, not dropped.
-    path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')
+    path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON row"):
         read_metrics(tmp_path)
+    MetricsWriter(str(tmp_path)).truncate_after(2)
+    assert path.read_text() == '{"step": 1}\n{"ste\n{"step": 2}\n'
 
 
 def test_tensorboard_writer(tmp_path):

@@ -70,6 +70,14 @@ def test_more_steps_may_not_silently_stretch_a_decaying_learning_rate(tmp_path):
     config.optim.decay_steps = 300  # a different one
     with pytest.raises(ConfigChangedError, match="'240 updates' -> '300 updates'"):
         check_resume_config(str(tmp_path), config)
+    # A saved config that does not say its decay length (written before these keys existed)
+    # cannot be assumed to match.
+    config.optim.decay_steps = 0
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["optim"]["decay_steps"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigChangedError, match=r"'None updates' -> '480 updates'"):
+        check_resume_config(str(tmp_path), config, allow_change=False)
     # A constant learning rate has nothing to stretch.
     config = copy.get_config()
     write_config(str(tmp_path), config)
