@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 __all__ = ["entropy_from_logits", "token_logprobs_and_entropy"]
@@ -73,7 +74,10 @@ def token_logprobs_and_entropy(
         ``(logprobs [B, T] float32, entropy [B, T] float32)``.
 
     Raises:
-        ValueError: ``targets`` does not match the leading dimensions of ``logits``.
+        ValueError: ``targets`` does not match the leading dimensions of ``logits``, or (when
+            its values are known here, not traced under ``jit``) holds an id outside
+            ``[0, V)``: -1 would read the last entry and ids past V give NaN. Under ``jit``
+            nothing checks them: mask such positions out (padding ids must be real ids).
 
     Example:
         >>> logp, ent = token_logprobs_and_entropy(jnp.zeros((1, 1, 4)), jnp.array([[2]]))
@@ -86,6 +90,14 @@ def token_logprobs_and_entropy(
         raise ValueError(
             f"targets {targets.shape} must match the leading dimensions of logits {z.shape}"
         )
+    if not isinstance(targets, jax.core.Tracer) and targets.is_fully_addressable:
+        ids = np.asarray(targets)
+        bad = ids[(ids < 0) | (ids >= z.shape[-1])]
+        if bad.size:
+            raise ValueError(
+                f"targets must be token ids in [0, vocab_size={z.shape[-1]}), got "
+                f"{int(bad.flat[0])}"
+            )
     shifted, lse = _shifted(z)
     picked = jnp.take_along_axis(shifted, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return picked - lse, _entropy(shifted, lse)

@@ -332,3 +332,12 @@ def test_public_helpers_refuse_token_arrays_of_another_shape():
         sequence_log_ratio(zeros, np.zeros((3, 2)), mask)
     loss, _ = clipped_surrogate_loss(zeros, np.ones((3, 3)), mask)
     assert loss == -1.0  # ratio 1, advantage 1 on every valid token
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_when_known():
+    logits = jnp.zeros((1, 2, 4))
+    for bad in (-1, 4, -100):
+        with pytest.raises(ValueError, match=rf"token ids in \[0, vocab_size=4\), got {bad}"):
+            token_logprobs_and_entropy(logits, jnp.array([[0, bad]]))
+    logp, _ = jax.jit(token_logprobs_and_entropy)(logits, jnp.array([[0, 3]]))
+    np.testing.assert_allclose(logp, np.log(0.25), rtol=1e-6)
