@@ -65,8 +65,7 @@ class Run:
     sampling: SamplingConfig
     needs_reference: bool
     reward_kl: tuple[float, str]  # PPO's (reward_kl_coef, kind); coef 0 = off
-    # The optimizer's learning rate by applied update (0-based), for the logs.
-    schedule: Callable[[int], Any] = lambda count: 0.0
+    schedule: Callable[[int], Any]  # the optimizer's learning rate by applied update (0-based)
     # Validation (eval.interval > 0): its task (evaluation prompts) and sampling, else None.
     eval_task: Any = None
     eval_sampling: SamplingConfig | None = None
@@ -375,8 +374,9 @@ def build_run(spec: RunSpec) -> Run:
     if optim.schedule not in SCHEDULES:
         raise ConfigError("optim.schedule", f"{optim.schedule!r} is not one of {list(SCHEDULES)}")
     updates = exp.steps * updates_per_step(config)
-    optimizer = make_optimizer(optim, default_decay_steps=updates)
+    # One schedule: the optimizer's, which the logs read too.
     schedule = make_schedule(optim, default_decay_steps=updates)
+    optimizer = make_optimizer(optim, schedule=schedule)
     train = config.train
     for key in ("epochs", "minibatches", "micro_batches", "max_consecutive_skips"):
         if train[key] < 1:

@@ -59,10 +59,14 @@ def make_schedule(optim, *, default_decay_steps: int = 1) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [optim.warmup_steps])
 
 
-def make_optimizer(optim, *, default_decay_steps: int = 1) -> optax.GradientTransformation:
+def make_optimizer(
+    optim, *, default_decay_steps: int = 1, schedule: optax.Schedule | None = None
+) -> optax.GradientTransformation:
     """Global-norm gradient clipping followed by AdamW on the configured schedule.
 
     Weight decay skips vectors (norm scales, biases): only weights of rank >= 2 decay.
+    ``schedule``: the learning rate by update, when the caller has built it already
+    (default: :func:`make_schedule` of ``optim`` and ``default_decay_steps``).
     """
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     parts = []
@@ -70,7 +74,7 @@ def make_optimizer(optim, *, default_decay_steps: int = 1) -> optax.GradientTran
         parts.append(optax.clip_by_global_norm(optim.max_grad_norm))
     parts.append(
         optax.adamw(
-            make_schedule(optim, default_decay_steps=default_decay_steps),
+            schedule or make_schedule(optim, default_decay_steps=default_decay_steps),
             b1=optim.b1,
             b2=optim.b2,
             eps=optim.eps,
