@@ -8,6 +8,10 @@ import json
 import os
 import re
 
+# Neither imports JAX: this module is loaded before JAX may start.
+from novarl_jax.trainer.metrics import METRICS_FILE
+from novarl_jax.trainer.saved_config import checkpoint_steps
+
 # The packages that give JAX a backend besides the CPU, and the platform of each.
 _PLUGINS = (("jax_cuda12_plugin", "cuda"), ("jax_cuda13_plugin", "cuda"), ("libtpu", "tpu"))
 
@@ -64,9 +68,6 @@ def backend_error_message(platforms: str, error: BaseException) -> str:
     )
 
 
-METRICS_FILE = "metrics.jsonl"  # written by process 0, a row per finished step
-
-
 def _file_mark(path: str) -> tuple[int, int] | None:
     """What tells whether ``path`` changed since: its modification time and size."""
     try:
@@ -91,18 +92,6 @@ def _last_row_step(path: str) -> int | None:
             continue
         return step if isinstance(step, int) else None
     return None
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-    """The finished checkpoint steps in ``workdir`` (a step's directory gets its name when
-    it is complete), in increasing order."""
-    directory = os.path.join(workdir, "checkpoints")
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    steps = (int(n) for n in names if n.isdigit())
-    return sorted(s for s in steps if os.path.isdir(os.path.join(directory, str(s))))
 
 
 def training_mark(workdir: str) -> tuple[tuple[int, int] | None, int]:

@@ -32,7 +32,7 @@ from novarl_jax.trainer.config import (
     validate_config,
 )
 from novarl_jax.trainer.evaluate import Evaluator
-from novarl_jax.trainer.metrics import JsonLines, MetricsWriter
+from novarl_jax.trainer.metrics import METRICS_FILE, JsonLines, MetricsWriter
 from novarl_jax.trainer.samples import FILE_NAME as SAMPLES_FILE
 from novarl_jax.trainer.samples import sample_rows
 from novarl_jax.trainer.saved_config import check_resume_config, write_config
@@ -654,7 +654,7 @@ class Session:
                 f"workdir {os.path.abspath(self.workdir)}"
             )
         plot = self.config.logging.plot and self.main_process
-        if plot and os.path.exists(os.path.join(self.workdir, "metrics.jsonl")):
+        if plot and os.path.exists(os.path.join(self.workdir, METRICS_FILE)):
             try:
                 from novarl_jax.plot import plot_training
 

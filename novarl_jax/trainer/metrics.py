@@ -21,6 +21,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
+METRICS_FILE = "metrics.jsonl"  # under the workdir: a row per finished step
+
+
 class JsonLines:
     """An append-only ``.jsonl`` file of rows keyed by ``step``, flushed after every write.
 
@@ -91,7 +94,7 @@ class MetricsWriter:
         run_config: dict | None = None,
     ):
         os.makedirs(workdir, exist_ok=True)
-        self._lines = JsonLines(os.path.join(workdir, "metrics.jsonl"))
+        self._lines = JsonLines(os.path.join(workdir, METRICS_FILE))
         self.path = self._lines.path
         self._tb = None
         self._wandb = None
@@ -159,7 +162,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     Raises:
         ValueError: a line before the last is not JSON (naming the file and line).
     """
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = os.path.join(workdir, METRICS_FILE)
     with open(path) as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     rows = []

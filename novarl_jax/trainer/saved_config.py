@@ -87,15 +87,22 @@ def _decay_length(flat: dict[str, Any]) -> int | None:
         return None
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The finished checkpoint steps in ``workdir``, in increasing order (orbax names a step's
+    directory when it is complete). Reads directory names only, without JAX or orbax."""
+    directory = os.path.join(workdir, "checkpoints")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(
+        int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n))
+    )
+
+
 def has_checkpoint(workdir: str) -> bool:
     """Whether ``workdir`` holds a finished checkpoint step (a rerun resumes from it)."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        return False
-    return any(
-        name.isdigit() and os.path.isdir(os.path.join(directory, name))
-        for name in os.listdir(directory)
-    )
+    return bool(checkpoint_steps(workdir))
 
 
 def may_change(key: str) -> bool:
