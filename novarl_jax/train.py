@@ -273,11 +273,9 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:
         print(f"novarl_jax.train: {interrupted_message(workdir, before)}", file=sys.stderr)
         sys.exit(130)
-    except (ConfigError, TrainingError) as e:
-        _fail(str(e))
     except CheckpointMismatchError as e:
         _fail(f"{e}; resume with the run's own config, or train in a new --workdir")
-    except (CheckpointUnreadableError, CheckpointWriteError) as e:
+    except (ConfigError, TrainingError, CheckpointUnreadableError, CheckpointWriteError) as e:
         _fail(str(e))
     except RewardFunctionError as e:
         key = "task.reward_fn: " if spec.config.task.reward_fn else ""
