@@ -842,3 +842,36 @@ def test_aux_sums_combine_split_batches_exactly():
     aux_loss = E * float(jnp.sum(sums["counts"] / n * sums["probs"] / n))
     np.testing.assert_allclose(aux_loss, float(whole["aux_loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(sums["z"]) / n, float(whole["z_loss"]), rtol=1e-5)
+
+
+def test_a_rounded_up_chunk_overruns_into_the_next_expert_but_not_the_buffer(monkeypatch):
+    # Top-1 over 2 experts with 17 tokens each: blocks of 8 rows, each expert owns 3 blocks
+    # (24 rows, 7 of them padding) of a 48-row buffer, and full chunks are 4 blocks. Expert 0
+    # runs its 3 blocks as one chunk of 4, whose last 8 rows are expert 1's (they must add
+    # nothing to expert 0's gradients); expert 1's chunk of 4 would pass the buffer's end, so
+    # it runs as 2 + 1.
+    monkeypatch.setattr(moe, "_SLOT_MAX_CHOICES", 0)
+    router = MoERouterConfig(num_experts=2, top_k=1, capacity_factor=None)
+    params = make_params(num_experts=2)
+    direction = np.zeros((D, 2), np.float32)
+    direction[0] = [1.0, -1.0]  # logits (x0, -x0): expert 0 exactly where x0 > 0
+    params["router"] = jnp.asarray(direction)
+    x = np.array(make_x(batch=1, seq=34))
+    x[0, :, 0] = np.abs(x[0, :, 0]) + 0.5
+    x[0, 1::2, 0] *= -1  # alternate experts along the sequence
+    x = jnp.asarray(x)
+    assert moe._block_size(34, 2) == 8
+    assert moe._chunk_blocks(8, -(-34 // 8), F) == 4
+    c = jax.random.normal(jax.random.key(7), x.shape)
+
+    def ours(params, x):
+        y, aux = moe.moe_forward(params, x, router)
+        return jnp.sum(y * c), aux
+
+    def ref(params, x):
+        return jnp.sum(moe.moe_reference(params, x, router) * c)
+
+    (_, aux), g = jax.jit(jax.value_and_grad(ours, argnums=(0, 1), has_aux=True))(params, x)
+    _, g_ref = jax.value_and_grad(ref, argnums=(0, 1))(params, x)
+    np.testing.assert_array_equal(np.asarray(aux["expert_load"]), [0.5, 0.5])
+    assert_tree_close(g, g_ref)
