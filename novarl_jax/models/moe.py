@@ -14,7 +14,7 @@ Transformer, Fedus et al., 2021): within a routing group (the tokens of one expe
 shard) each expert accepts at most ``C = router.capacity(tokens_per_group)`` choices; the rest
 are dropped and contribute zeros (the residual stream carries the token). ``drop_policy``
 decides who loses: ``'position'`` keeps the earliest tokens of the group, ``'probs'`` keeps
-the choices with the highest router probability ``softmax(logits_t)[e]`` (ties by position).
+the choices with the largest gate weight ``g_tk`` (ties by position), as Megatron-LM does.
 Padding tokens (``token_mask`` 0) are never routed, take no capacity and output zeros.
 
 Dispatch is sort based and costs O(T * K * D) memory: the T*K choices are sorted by
@@ -375,7 +375,7 @@ def _block_size(rows: int, num_experts: int) -> int:
 def _route_plan(
     experts: jax.Array,
     valid: jax.Array,
-    choice_probs: jax.Array,
+    gates: jax.Array,
     *,
     num_experts: int,
     capacity: int,
@@ -388,7 +388,7 @@ def _route_plan(
     Args:
         experts: [T, K] int32 chosen experts.
         valid: [T] bool, 1 = a real token.
-        choice_probs: [T, K] float32 router probability of each choice ('probs' policy).
+        gates: [T, K] float32 gate weight of each choice ('probs' policy).
         num_experts: E.
         capacity: C, the most choices an expert keeps.
         drop_policy: 'position' or 'probs'.
@@ -405,7 +405,7 @@ def _route_plan(
     if drop_policy == "position":
         sorted_e, order = lax.sort((keys, iota), num_keys=1, is_stable=True)
     else:
-        neg_p = -choice_probs.reshape(n).astype(jnp.float32)
+        neg_p = -gates.reshape(n).astype(jnp.float32)
         sorted_e, _, order = lax.sort((keys, neg_p, iota), num_keys=2, is_stable=True)
     # starts[j]: first sorted index of expert j; starts[E] = number of non-padding choices.
     # (A scan's while loop costs more than comparing all pairs when there are few choices.)
@@ -1023,9 +1023,8 @@ def _moe_group(params, x, token_mask, routing, *, router, train, impl, axes: _Me
     else:
         layout = "blocks"
     block = _block_size(min(t * k, e * capacity), e)
-    choice_probs = jnp.take_along_axis(probs, experts, axis=-1)
     plan = _route_plan(
-        experts, valid, lax.stop_gradient(choice_probs),
+        experts, valid, lax.stop_gradient(gates),
         num_experts=e, capacity=capacity, drop_policy=router.drop_policy,
         layout=layout, block=block,
     )  # fmt: skip

@@ -90,7 +90,7 @@ def np_moe(params, x, router, *, mask=None, groups=1, routing=None, train=True):
             cands = [(tok, j) for tok in tokens for j in range(k)
                      if valid[tok] and experts[tok, j] == ex]  # fmt: skip
             if router.drop_policy == "probs":
-                cands.sort(key=lambda c: (-probs[c[0], ex], c[0]))
+                cands.sort(key=lambda c: (-gates[c[0], c[1]], c[0]))
             for tok, j in cands[:capacity]:
                 keep[tok, j] = True
 
@@ -466,23 +466,34 @@ def test_drop_rule_matches_numpy(policy, groups, monkeypatch):
     assert_tree_close(g, g_ref)
 
 
-def test_probs_policy_keeps_the_most_probable_choices():
-    router_pos = router_cfg(capacity_factor=0.5, drop_policy="position")
-    router_probs = router_cfg(capacity_factor=0.5, drop_policy="probs")
+@pytest.mark.parametrize("normalize_top_k", [True, False])
+def test_probs_policy_keeps_the_largest_gate_weights(normalize_top_k):
+    # Megatron-LM's 'probs' policy: an expert keeps the choices with the largest gate weight
+    # (after the softmax over the chosen K when it renormalises, else the full softmax).
+    kw = dict(capacity_factor=0.5, normalize_top_k=normalize_top_k)
+    router_pos = router_cfg(drop_policy="position", **kw)
+    router_probs = router_cfg(drop_policy="probs", **kw)
     params, x = make_params(), make_x()
     _, aux, keep_pos = np_moe(params, x, router_pos)
     _, _, keep_probs = np_moe(params, x, router_probs)
     assert (keep_pos != keep_probs).any()  # the two policies differ on this input
     logits = np.asarray(x, np.float64).reshape(B * S, D) @ np.asarray(params["router"])
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
     experts = aux["routing"].reshape(B * S, K)
-    p_choice = np.take_along_axis(probs, experts, 1)
+    chosen = np.take_along_axis(logits, experts, 1)
+    full = np.exp(logits - logits.max(1, keepdims=True))
+    full /= full.sum(1, keepdims=True)
+    top = np.exp(chosen - chosen.max(1, keepdims=True))
+    top /= top.sum(1, keepdims=True)
+    weight = top if normalize_top_k else np.take_along_axis(full, experts, 1)
     kp = keep_probs.reshape(B * S, K)
     for ex in range(E):
         sel = experts == ex
         if kp[sel].any() and (~kp[sel]).any():
-            assert p_choice[sel & kp].min() >= p_choice[sel & ~kp].max()
+            assert weight[sel & kp].min() >= weight[sel & ~kp].max()
+    # Our block keeps the same choices as the NumPy oracle.
+    y, _ = jax.jit(functools.partial(moe.moe_forward, router=router_probs))(params, x)
+    y_np, _, _ = np_moe(params, x, router_probs)
+    np.testing.assert_allclose(np.asarray(y), y_np, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
