@@ -1,5 +1,6 @@
 """The README's two commands are the ones CI runs, and its quickstart example is true."""
 
+import os
 import pathlib
 import re
 import subprocess
@@ -34,3 +35,19 @@ def test_quickstart_example_prints_its_dict():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "{'dp': 1, 'tp': 2, 'pp': 2, 'ep': 2, 'world': 8}"
+
+
+def test_readme_python_example_runs_as_written():
+    # On a machine with one CPU device and no XLA_FLAGS: the example sets up its own devices.
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) == 1
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run(
+        [sys.executable, "-c", blocks[0]], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "{'dp': 1, 'tp': 2, 'pp': 2, 'ep': 2, 'world': 8}"
+    assert "'ep_size': 2" in lines[1] and "'--moe-aux-loss-coeff', '0.000625'" in lines[2]

@@ -152,7 +152,8 @@ class ParallelLayout:
 
         Devices are arranged by :func:`jax.experimental.mesh_utils.create_device_mesh`, which
         follows the physical topology of TPU slices and GPU hosts, so ``tp`` (innermost) lands
-        on the closest devices.
+        on the closest devices; a shape that cannot keep each axis within whole physical axes
+        of a TPU slice gets one that splits them.
 
         Args:
             devices: the distinct ``jax.Device`` objects to use; defaults to all of
@@ -188,7 +189,14 @@ class ParallelLayout:
                 f"{len(devices)} (on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count="
                 f"{self.world_size} before importing jax)"
             )
-        grid = mesh_utils.create_device_mesh(self.mesh_shape, devices=devices)
+        try:
+            grid = mesh_utils.create_device_mesh(self.mesh_shape, devices=devices)
+        except (NotImplementedError, ValueError):
+            # Some shapes cannot keep every axis within whole physical axes of a TPU slice
+            # (e.g. (2, 2, 2, 2) on a 4x4 v5e); splitting physical axes still gives a mesh.
+            grid = mesh_utils.create_device_mesh(
+                self.mesh_shape, devices=devices, allow_split_physical_axes=True
+            )
         return jax.sharding.Mesh(grid, MESH_AXES)
 
     def to_megatron_args(self) -> list[str]:
@@ -196,7 +204,9 @@ class ParallelLayout:
 
         Megatron derives its data-parallel size as ``world / (tp * pp)``, which equals our
         ``dp * ep``: in Megatron the expert-parallel group is carved out of the data-parallel
-        group, exactly as our ``ep`` axis carries data outside expert layers.
+        group, exactly as our ``ep`` axis carries data outside expert layers. With ``ep > 1``
+        Megatron also needs the MoE flags: use :meth:`MoERouterConfig.to_megatron`, which
+        includes these.
         """
         args = [
             "--tensor-model-parallel-size", str(self.tp),
@@ -232,7 +242,7 @@ class MoERouterConfig:
             ``capacity_factor``.
         min_capacity: lower bound on the per-expert capacity.
         drop_policy: which choices lose when an expert is full: 'position' (later tokens in
-            the group) or 'probs' (lowest router probability).
+            the group) or 'probs' (lowest gate weight, as Megatron-LM ranks them).
         aux_loss_coef: weight of the load-balancing loss.
         z_loss_coef: weight of the router z-loss.
         normalize_top_k: renormalise the gate weights over the chosen K (Mixtral's softmax
@@ -276,6 +286,7 @@ class MoERouterConfig:
                 raise ValueError(
                     f"{name} must be > 0 or None (dropless), and a finite number, got {value!r}"
                 )
+            store(name, float(value))  # a NumPy float32 would make capacity() round in float32
         store("min_capacity", check_int("min_capacity", self.min_capacity, 0))
         if not isinstance(self.drop_policy, str) or self.drop_policy not in DROP_POLICIES:
             raise ValueError(
@@ -285,6 +296,7 @@ class MoERouterConfig:
             value = getattr(self, name)
             if _check_real(name, value, ">= 0") < 0:
                 raise ValueError(f"{name} must be >= 0 and a finite number, got {value!r}")
+            store(name, float(value))
         if not isinstance(self.normalize_top_k, (bool, np.bool_)):
             raise ValueError(f"normalize_top_k must be a bool, got {self.normalize_top_k!r}")
         store("normalize_top_k", bool(self.normalize_top_k))
@@ -319,9 +331,13 @@ class MoERouterConfig:
         )
         if factor is None:
             return max(num_tokens, self.min_capacity)
-        # Round the product before ceil so 8 * 2 * 1.2 / 4 is 4.8 -> 5, not 5.000000001 -> 6.
-        raw = round(num_tokens * self.top_k * factor / self.num_experts, 9)
-        return max(math.ceil(raw), self.min_capacity)
+        # Round the product before ceil so 8 * 2 * 1.2 / 4 is 4.8 -> 5, not 5.000000001 -> 6
+        # (Megatron-LM and DeepSpeed take the ceil of the float product, so where the exact
+        # product is a whole number they can give one more, e.g. 100 tokens, top-1, 2 experts,
+        # factor 1.1: 55 here, 56 in Megatron-LM). A positive product never rounds to 0.
+        exact = num_tokens * self.top_k * factor / self.num_experts
+        capacity = math.ceil(round(exact, 9)) if exact >= 1 else math.ceil(exact)
+        return max(capacity, self.min_capacity)
 
     def validate_layout(self, layout: ParallelLayout) -> None:
         """Raises ValueError when ``num_experts`` does not split evenly over ``layout.ep``.
@@ -338,29 +354,51 @@ class MoERouterConfig:
                 f"{self.num_experts}"
             )
 
-    def to_megatron(self, layout: ParallelLayout) -> list[str]:
+    def to_megatron(self, layout: ParallelLayout, *, num_moe_layers: int = 1) -> list[str]:
         """Megatron-LM (Megatron-Core MoE) flags for this router on ``layout``, as argv.
 
         Includes the layout's parallel sizes, so the list can be passed on its own. Megatron
-        has no ``min_capacity`` or evaluation capacity factor; those are not emitted. Megatron
         requires sequence parallelism when MoE is combined with tensor parallelism, so
-        ``--sequence-parallel`` is added for ``tp > 1``.
+        ``--sequence-parallel`` is added for ``tp > 1``. ``drop_policy`` maps to
+        ``--moe-token-drop-policy`` (both rank by the gate weight for 'probs').
 
-        Megatron normalises its load-balancing loss differently: its ``f_e`` is the fraction
-        of the T*K choices (summing to 1), where ours counts tokens (summing to K), so its loss
-        is ours divided by K; ``--moe-aux-loss-coeff`` is therefore ``aux_loss_coef * top_k``,
-        which gives the same gradient. The z-loss is the same in both.
+        Loss weights: Megatron normalises its load-balancing loss differently (its ``f_e`` is
+        the fraction of the T*K choices, summing to 1, where ours counts tokens, summing to K,
+        so its loss is ours divided by K), and it adds every MoE layer's losses where our model
+        takes their mean over the ``num_moe_layers`` layers. ``--moe-aux-loss-coeff`` is
+        therefore ``aux_loss_coef * top_k / num_moe_layers`` and ``--moe-z-loss-coeff``
+        ``z_loss_coef / num_moe_layers``, which give the same gradients; pass the model's
+        number of MoE layers (its ``num_hidden_layers``).
 
         Megatron's default softmax over the chosen K is ``normalize_top_k=True``, and
         ``--moe-router-pre-softmax`` is ``normalize_top_k=False``. For ``top_k=1`` Megatron
         accepts only the second (a softmax over one logit has no gradient), so a top-1 router
         with ``normalize_top_k=True`` (gate weight 1) raises instead of changing meaning.
 
+        Megatron has no minimum capacity and no evaluation capacity factor, so a
+        ``min_capacity`` that can raise the capacity, or an ``eval_capacity_factor`` other than
+        ``capacity_factor``, raises instead of being left out.
+
         Raises:
             TypeError: ``layout`` is not a :class:`ParallelLayout`.
-            ValueError: experts not divisible by ``ep``, or a top-1 router that renormalises.
+            ValueError: experts not divisible by ``ep``, a top-1 router that renormalises, a
+                ``min_capacity`` or ``eval_capacity_factor`` Megatron cannot express, or
+                ``num_moe_layers`` not an integer >= 1.
         """
         self.validate_layout(layout)
+        num_moe_layers = check_int("num_moe_layers", num_moe_layers, 1)
+        if self.min_capacity > 0 and self.capacity_factor is not None:
+            raise ValueError(
+                f"min_capacity={self.min_capacity} has no Megatron-LM equivalent (Megatron "
+                f"takes the capacity from --moe-expert-capacity-factor alone); use "
+                f"min_capacity=0"
+            )
+        if self.eval_capacity_factor not in (None, self.capacity_factor):
+            raise ValueError(
+                f"eval_capacity_factor={self.eval_capacity_factor} has no Megatron-LM "
+                f"equivalent (Megatron evaluates with its training capacity factor); use "
+                f"eval_capacity_factor=None"
+            )
         if self.top_k == 1 and self.normalize_top_k:
             raise ValueError(
                 "normalize_top_k=True with top_k=1 (gate weight 1) has no Megatron-LM "
@@ -371,8 +409,8 @@ class MoERouterConfig:
             "--num-experts", str(self.num_experts),
             "--moe-router-topk", str(self.top_k),
             "--moe-router-load-balancing-type", "aux_loss",
-            "--moe-aux-loss-coeff", _fmt(self.aux_loss_coef * self.top_k),
-            "--moe-z-loss-coeff", _fmt(self.z_loss_coef),
+            "--moe-aux-loss-coeff", _fmt(self.aux_loss_coef * self.top_k / num_moe_layers),
+            "--moe-z-loss-coeff", _fmt(self.z_loss_coef / num_moe_layers),
             "--moe-token-dispatcher-type", "alltoall",
         ]  # fmt: skip
         if self.capacity_factor is not None:
@@ -402,23 +440,32 @@ class MoERouterConfig:
         combinations raise.
 
         The layer then routes exactly like this router as long as no expert overflows (always,
-        with ``capacity_factor=None``). When one does, the two differ except at top-1:
-        DeepSpeed's top-1 gate keeps the earliest tokens (``use_rts=False``), as
-        ``drop_policy='position'`` does; its top-2 gate serves every token's first choice
-        before any token's second choice, where ours keeps the earliest tokens' choices; its
-        top-k gate (k >= 3) keeps the choices with the largest router logits; and for k >= 2 it
-        renormalises the gate weights a token keeps, where ours leaves them as they were
-        (a dropped choice contributes nothing). DeepSpeed's constructor has no drop-policy
-        switch, so ``drop_policy='probs'`` raises. DeepSpeed returns its load-balancing loss
-        for the caller to weight (its top-2 form counts first choices only), so
-        ``aux_loss_coef`` and ``z_loss_coef`` have no DeepSpeed argument.
+        with ``capacity_factor=None``). When one does, the two differ: DeepSpeed's top-1 gate
+        (``use_rts=False``) picks a full expert's tokens with ``torch.topk`` over a 0/1 mask,
+        whose order among equal entries is unspecified, where ``drop_policy='position'`` keeps
+        the earliest; its top-2 gate serves every token's first choice before any token's
+        second choice, where ours keeps the earliest tokens' choices; its top-k gate (k >= 3)
+        keeps the choices with the largest router logits; and for k >= 2 it renormalises the
+        gate weights a token keeps, where ours leaves them as they were (a dropped choice
+        contributes nothing). DeepSpeed's ``drop_tokens`` holds in training and evaluation
+        alike, so dropless training with a capped ``eval_capacity_factor`` raises. DeepSpeed's
+        constructor has no drop-policy switch, so ``drop_policy='probs'`` raises. DeepSpeed
+        returns its load-balancing loss for the caller to weight (its top-2 form counts first
+        choices only), so ``aux_loss_coef`` and ``z_loss_coef`` have no DeepSpeed argument.
 
         Raises:
             TypeError: ``layout`` is not a :class:`ParallelLayout`.
-            ValueError: ``drop_policy='probs'``, experts not divisible by ``ep``, or a
-                ``normalize_top_k`` DeepSpeed does not implement for this ``top_k``.
+            ValueError: ``drop_policy='probs'``, experts not divisible by ``ep``, a
+                ``normalize_top_k`` DeepSpeed does not implement for this ``top_k``, or
+                dropless training with an ``eval_capacity_factor``.
         """
         self.validate_layout(layout)
+        if self.capacity_factor is None and self.eval_capacity_factor is not None:
+            raise ValueError(
+                f"capacity_factor=None with eval_capacity_factor={self.eval_capacity_factor} "
+                f"has no DeepSpeed-MoE equivalent: DeepSpeed's drop_tokens applies in training "
+                f"and evaluation alike; set eval_capacity_factor=None or a capacity_factor"
+            )
         if self.drop_policy != "position":
             raise ValueError(
                 f"drop_policy={self.drop_policy!r} has no DeepSpeed-MoE equivalent; "
@@ -462,32 +509,43 @@ class MoERouterConfig:
 class MegatronAdapterConfig:
     """The layout (and optional router) a Megatron-LM launch should use, as one object.
 
+    A dense model (no router) may not use expert parallelism: Megatron-LM refuses
+    ``--expert-model-parallel-size`` above 1 without ``--num-experts``. ``num_moe_layers``
+    scales the router's loss weights (see :meth:`MoERouterConfig.to_megatron`).
+
     Example:
-        >>> adapter = MegatronAdapterConfig(parallel_layout=ParallelLayout(tp=2, ep=2))
+        >>> adapter = MegatronAdapterConfig(parallel_layout=ParallelLayout(tp=2, pp=2))
         >>> adapter.to_args()[:2]
         ['--tensor-model-parallel-size', '2']
     """
 
     parallel_layout: ParallelLayout
     router: MoERouterConfig | None = None
+    num_moe_layers: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.parallel_layout, ParallelLayout):
-            raise ValueError(
-                f"parallel_layout must be a ParallelLayout, got {type(self.parallel_layout)!r}"
-            )
-        if self.router is not None:
-            if not isinstance(self.router, MoERouterConfig):
-                raise TypeError(
-                    f"router must be a MoERouterConfig or None, got {type(self.router).__name__}"
+        _check_layout(self.parallel_layout)
+        object.__setattr__(
+            self, "num_moe_layers", check_int("num_moe_layers", self.num_moe_layers, 1)
+        )
+        if self.router is None:
+            if self.parallel_layout.ep > 1:
+                raise ValueError(
+                    f"expert_parallel_size={self.parallel_layout.ep} needs a router (Megatron-LM "
+                    f"refuses expert parallelism without --num-experts); pass router= or use ep=1"
                 )
-            self.router.validate_layout(self.parallel_layout)
+            return
+        if not isinstance(self.router, MoERouterConfig):
+            raise TypeError(
+                f"router must be a MoERouterConfig or None, got {type(self.router).__name__}"
+            )
+        self.router.validate_layout(self.parallel_layout)
 
     def to_args(self) -> list[str]:
         """Megatron-LM argv for the layout, plus the MoE flags when a router is set."""
         if self.router is None:
             return self.parallel_layout.to_megatron_args()
-        return self.router.to_megatron(self.parallel_layout)
+        return self.router.to_megatron(self.parallel_layout, num_moe_layers=self.num_moe_layers)
 
 
 def _fmt(value: float) -> str:

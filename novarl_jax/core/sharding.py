@@ -5,9 +5,10 @@ Weights and activations are annotated with *logical* axis names (``embed``, ``he
 :mod:`novarl_jax.core.distributed`; every other module asks it for a ``PartitionSpec`` or a
 ``NamedSharding``.
 
-A dimension is sharded over its mesh axes only when their combined size divides it; otherwise
-the dimension stays replicated (for example 2 KV heads on ``tp=8``). A mesh axis is never
-used twice in one spec.
+A dimension is sharded over those of its mesh axes, in the rule's order, whose sizes keep
+dividing it; an axis that would not divide it is skipped (a batch of 4 on ``dp=4, ep=2`` is
+sharded over ``dp`` alone; 2 KV heads on ``tp=8`` stay replicated). A mesh axis is never used
+twice in one spec.
 """
 
 from __future__ import annotations

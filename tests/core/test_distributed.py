@@ -314,6 +314,51 @@ def test_megatron_aux_loss_coeff_gives_our_weighted_loss(top_k):
     np.testing.assert_allclose(megatron, router.aux_loss_coef * float(aux["aux_loss"]), rtol=1e-5)
 
 
+def test_megatron_loss_coefficients_for_several_layers_give_our_model_loss():
+    # Megatron adds each MoE layer's aux and z losses; our model averages them over layers.
+    import jax.numpy as jnp
+
+    from novarl_jax.models import ModelConfig
+    from novarl_jax.models.transformer import _finish_stats
+
+    layers, e, k = 3, 4, 2
+    config = ModelConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=e,
+        num_experts_per_tok=k, capacity_factor=None, router_aux_loss_coef=0.03,
+        router_z_loss_coef=0.002,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    tokens = np.array([10.0, 12.0, 9.0])
+    counts = np.stack([rng.multinomial(int(n) * k, np.ones(e) / e) for n in tokens]).astype(float)
+    probs = rng.dirichlet(np.ones(e), size=layers) * tokens[:, None]
+    z = rng.uniform(1.0, 3.0, layers) * tokens
+    stats = {"tokens": tokens, "counts": counts, "kept": tokens * k, "probs": probs, "z": z}
+    aux = _finish_stats({key: jnp.asarray(v, jnp.float32) for key, v in stats.items()}, config)
+    ours = 0.03 * float(aux["moe_aux_loss"]) + 0.002 * float(aux["moe_z_loss"])
+    # Per layer, Megatron's load-balancing loss is ours / top_k (see the test above).
+    aux_per_layer = e * np.sum(counts / tokens[:, None] * probs / tokens[:, None], axis=1)
+    z_per_layer = z / tokens
+    args = _argv_to_dict(config.router.to_megatron(ParallelLayout(), num_moe_layers=layers))
+    megatron = float(args["--moe-aux-loss-coeff"]) * np.sum(aux_per_layer / k) + float(
+        args["--moe-z-loss-coeff"]
+    ) * np.sum(z_per_layer)
+    np.testing.assert_allclose(megatron, ours, rtol=1e-6)
+    with pytest.raises(ValueError, match="num_moe_layers must be an integer >= 1"):
+        config.router.to_megatron(ParallelLayout(), num_moe_layers=0)
+
+
+def test_megatron_refuses_what_it_cannot_express():
+    layout = ParallelLayout()
+    with pytest.raises(ValueError, match="min_capacity=2 has no Megatron-LM equivalent"):
+        MoERouterConfig(num_experts=4, min_capacity=2).to_megatron(layout)
+    # Dropless: a minimum capacity changes nothing.
+    MoERouterConfig(num_experts=4, min_capacity=2, capacity_factor=None).to_megatron(layout)
+    with pytest.raises(ValueError, match="eval_capacity_factor=2.0 has no Megatron-LM"):
+        MoERouterConfig(num_experts=4, eval_capacity_factor=2.0).to_megatron(layout)
+    MoERouterConfig(num_experts=4, eval_capacity_factor=1.25).to_megatron(layout)
+
+
 def test_megatron_dropless_and_pre_softmax():
     router = MoERouterConfig(num_experts=4, capacity_factor=None, normalize_top_k=False)
     args = _argv_to_dict(router.to_megatron(ParallelLayout(ep=2)))
@@ -336,12 +381,20 @@ def test_megatron_top1_needs_the_pre_softmax_weights():
 def test_megatron_adapter_config():
     layout = ParallelLayout(tp=2, pp=2, ep=2)
     router = MoERouterConfig(num_experts=4)
-    assert MegatronAdapterConfig(parallel_layout=layout).to_args() == layout.to_megatron_args()
+    dense = ParallelLayout(tp=2, pp=2)
+    assert MegatronAdapterConfig(parallel_layout=dense).to_args() == dense.to_megatron_args()
     assert MegatronAdapterConfig(parallel_layout=layout, router=router).to_args() == (
         router.to_megatron(layout)
     )
-    with pytest.raises(ValueError, match="parallel_layout must be a ParallelLayout"):
+    assert MegatronAdapterConfig(parallel_layout=layout, router=router, num_moe_layers=4).to_args(
+    ) == router.to_megatron(layout, num_moe_layers=4)  # fmt: skip
+    with pytest.raises(TypeError, match="layout must be a ParallelLayout"):
         MegatronAdapterConfig(parallel_layout={"tp": 2})
+    # Megatron-LM asserts "num_experts must be non None to use expert model parallelism".
+    with pytest.raises(ValueError, match="expert_parallel_size=2 needs a router"):
+        MegatronAdapterConfig(parallel_layout=layout)
+    with pytest.raises(ValueError, match="num_moe_layers must be an integer >= 1, got 0"):
+        MegatronAdapterConfig(parallel_layout=layout, router=router, num_moe_layers=0)
 
 
 def test_deepspeed_kwargs():
@@ -369,6 +422,11 @@ def test_deepspeed_dropless_eval_and_probs_policy():
     assert ds["drop_tokens"] is False and ds["enable_expert_tensor_parallelism"] is False
     ds = MoERouterConfig(num_experts=4, eval_capacity_factor=2.0).to_deepspeed(layout)
     assert (ds["capacity_factor"], ds["eval_capacity_factor"]) == (1.25, 2.0)
+    # DeepSpeed's drop_tokens=False would make evaluation dropless too.
+    with pytest.raises(ValueError, match="capacity_factor=None with eval_capacity_factor=2.0"):
+        MoERouterConfig(num_experts=4, capacity_factor=None, eval_capacity_factor=2.0).to_deepspeed(
+            layout
+        )
     with pytest.raises(ValueError, match="drop_policy='probs' has no DeepSpeed-MoE equivalent"):
         MoERouterConfig(num_experts=4, drop_policy="probs").to_deepspeed(layout)
 
@@ -456,6 +514,37 @@ def test_capacity_rounds_away_float_error_above_an_integer():
     assert MoERouterConfig(num_experts=2, top_k=2, capacity_factor=2.2).capacity(25) == 55
     # 25 * 1 * 2.2 / 1 is 55.00000000000001 as well.
     assert MoERouterConfig(num_experts=1, top_k=1, capacity_factor=2.2).capacity(25) == 55
+
+
+def test_capacity_of_a_tiny_positive_product_is_one_and_factors_are_python_floats():
+    router = MoERouterConfig(num_experts=2, top_k=1, capacity_factor=1e-12)
+    assert router.capacity(5) == 1 and router.capacity(0) == 0
+    # A float32 factor is kept as a Python float, so the capacity is not rounded in float32
+    # (16777217 * 1.0 in float32 is 16777216: a token would be dropped at factor 1).
+    router = MoERouterConfig(num_experts=1, top_k=1, capacity_factor=np.float32(1.0),
+                             eval_capacity_factor=np.float32(2.0))  # fmt: skip
+    assert type(router.capacity_factor) is float and type(router.eval_capacity_factor) is float
+    assert router.capacity(16777217) == 16777217
+    assert (
+        type(MoERouterConfig(num_experts=2, aux_loss_coef=np.float32(0.5)).aux_loss_coef) is float
+    )
+
+
+def test_make_mesh_splits_physical_axes_when_the_topology_needs_it(devices, monkeypatch):
+    from jax.experimental import mesh_utils
+
+    calls = []
+    real = mesh_utils.create_device_mesh
+
+    def tpu_like(shape, devices=None, **kw):
+        calls.append(kw.get("allow_split_physical_axes", False))
+        if not kw.get("allow_split_physical_axes"):
+            raise NotImplementedError("Failed to find assignment for logical_axis_index 1")
+        return real(shape, devices=devices, **kw)
+
+    monkeypatch.setattr(mesh_utils, "create_device_mesh", tpu_like)
+    mesh = ParallelLayout(dp=2, pp=2, ep=2).make_mesh(devices)
+    assert calls == [False, True] and mesh.devices.shape == (2, 2, 2, 1)
 
 
 def test_megatron_expert_parallel_size_is_ep_not_dp_times_ep():
