@@ -8,8 +8,12 @@ trainer takes it; staler batches are dropped (``sync/dropped_samples``). With PP
 (staleness 4) is trained and one sampled two steps behind (staleness 8) is dropped. See
 docs/async.md.
 
-Run (two rollout workers: append ``experiment.rollout_workers=2``):
+Run:
     python -m novarl_jax.train --config=configs/ppo_async.py --workdir=/tmp/ppo_async
+
+With two rollout workers (two rollouts sampled ahead, so a batch can be two steps, 8
+versions, behind), append ``experiment.rollout_workers=2 experiment.weight_sync_max_staleness=8``;
+with the bound left at 6 such batches are dropped (the run warns at start).
 """
 
 from configs import ppo

@@ -236,6 +236,10 @@ def main(argv: list[str]) -> None:
         # a resume's config) before the table.
         run = build_run(spec)
         check_startup(run, mesh)
+        if spec.config.experiment.async_rollouts:
+            from novarl_jax.trainer.async_loop import check_async_startup
+
+            check_async_startup(spec)
         if has_checkpoint(workdir):
             # A real run's session lists the changes when it resumes; a dry run lists them here.
             show = _DRY_RUN.value and jax.process_index() == 0

@@ -185,30 +185,43 @@ ProduceFn = Callable[[int, int], Rollout]  # (worker, index) -> rollout
 
 
 class _InlineFeed:
-    """The deterministic schedule: before each take, the workers in turn top the queue up."""
+    """The deterministic schedule: before each take, the workers in turn top the queue up.
 
-    def __init__(self, produce: ProduceFn, *, queue_size: int, num_workers: int, first_index: int):
+    No rollout at or past ``limit`` is sampled (the run needs no more); :meth:`extend` raises
+    the limit when a rollout is dropped.
+    """
+
+    def __init__(
+        self, produce: ProduceFn, *, queue_size: int, num_workers: int, first_index: int,
+        limit: int,
+    ):  # fmt: skip
         self._produce = produce
         self._size = queue_size
         self._workers = num_workers
         self._index = first_index
+        self._limit = limit
         self._queue: list[Rollout] = []
 
     def start(self) -> None:
         pass
 
+    def extend(self, count: int) -> None:
+        self._limit += count
+
     def get(self, on_wait: Callable[[], Any]) -> Rollout:
         del on_wait  # nothing is ever waited for
-        while len(self._queue) < self._size:
+        while len(self._queue) < self._size and self._index < self._limit:
             self._queue.append(self._produce(self._index % self._workers, self._index))
             self._index += 1
+        if not self._queue:
+            raise RuntimeError(f"no rollout left to take: rollout {self._limit} is past the run")
         return self._queue.pop(0)
 
     def depth(self) -> int:
         return len(self._queue)
 
-    def close(self) -> None:
-        pass
+    def close(self, *, join: bool = True, raise_errors: bool = False) -> None:
+        del join, raise_errors  # nothing runs in the background
 
 
 class _ThreadedFeed:
@@ -216,9 +229,11 @@ class _ThreadedFeed:
 
     A worker reserves a place before it samples (not after), so a rollout is sampled with the
     parameters current when a place frees up, and rollouts queued plus in progress never
-    exceed ``queue_size``. A worker's exception stops all workers and is raised by the next
-    :meth:`get`. Blocking waits wake up every ``tick_s`` to notice a stop, so :meth:`close`
-    joins as soon as the rollouts in progress finish.
+    exceed ``queue_size``. No rollout at or past ``limit`` is started (the run needs no more;
+    :meth:`extend` raises the limit when a rollout is dropped), so every rollout started is
+    one the trainer takes. A worker's exception stops all workers and is raised by the next
+    :meth:`get` (or by :meth:`close`). Blocking waits wake up every ``tick_s`` to notice a
+    stop, so :meth:`close` joins as soon as the rollouts in progress finish.
     """
 
     def __init__(
@@ -228,6 +243,7 @@ class _ThreadedFeed:
         queue_size: int,
         num_workers: int,
         first_index: int,
+        limit: int,
         retire: Callable[[int], Any],
         tick_s: float = 0.05,
         join_timeout_s: float = 300.0,
@@ -239,6 +255,7 @@ class _ThreadedFeed:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._index = first_index
+        self._limit = limit
         self._errors: list[tuple[int, BaseException]] = []
         self._tick = tick_s
         self._join_timeout = join_timeout_s
@@ -253,8 +270,14 @@ class _ThreadedFeed:
         for thread in self._threads:
             thread.start()
 
-    def _next_index(self) -> int:
+    def extend(self, count: int) -> None:
         with self._lock:
+            self._limit += count
+
+    def _next_index(self) -> int | None:
+        with self._lock:
+            if self._index >= self._limit:
+                return None
             index = self._index
             self._index += 1
             return index
@@ -263,7 +286,12 @@ class _ThreadedFeed:
         try:
             while not self._stop.is_set():
                 if self._places.acquire(timeout=self._tick):
-                    self._queue.put(self._produce(worker, self._next_index()))
+                    index = self._next_index()
+                    if index is None:  # nothing more to sample unless a rollout is dropped
+                        self._places.release()
+                        self._stop.wait(self._tick)
+                        continue
+                    self._queue.put(self._produce(worker, index))
         except BaseException as error:  # noqa: BLE001 - handed to the trainer's thread
             with self._lock:
                 self._errors.append((worker, error))
@@ -293,8 +321,13 @@ class _ThreadedFeed:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def close(self) -> None:
+    def close(self, *, join: bool = True, raise_errors: bool = False) -> None:
+        """Stops the workers; ``join`` waits for the rollouts in progress (not on Ctrl-C:
+        the threads are daemons), and ``raise_errors`` raises a worker's exception that no
+        :meth:`get` raised."""
         self._stop.set()
+        if not join:
+            return
         deadline = time.monotonic() + self._join_timeout
         for thread in self._threads:
             if thread.ident is not None:
@@ -307,6 +340,8 @@ class _ThreadedFeed:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        if raise_errors:
+            self._raise_worker_error()
 
 
 class _Broadcaster:
@@ -336,16 +371,26 @@ class _Broadcaster:
         return metrics
 
 
-def _least_lag(config: Any, queue_size: int, synchronous: bool) -> int:
-    """Versions every rollout sampled ahead of the trainer lags by when trained (when no
-    update is skipped): the threaded schedule samples it during the previous step's U
-    updates, the deterministic one ``queue_size - 1`` steps before."""
+def _lags(config: Any, queue_size: int, synchronous: bool) -> tuple[int, int]:
+    """Versions a rollout sampled ahead of the trainer lags by when trained, when no update
+    is skipped: (every such rollout at least, a rollout at most with one worker).
+
+    The threaded schedule samples a rollout while the trainer runs the previous step's U
+    updates, or up to ``queue_size`` steps ahead; the deterministic one ``queue_size - 1``
+    steps ahead. A poll can leave ``p`` updates unbroadcast: the whole steps below
+    ``weight_sync_interval``.
+    """
     updates = updates_per_step(config)
-    return (queue_size - 1) * updates if synchronous else updates
+    interval = config.experiment.weight_sync_interval
+    pending = updates * (-(-interval // updates) - 1)
+    if synchronous:
+        return (queue_size - 1) * updates, (queue_size - 1) * updates + pending
+    return updates, queue_size * updates + pending
 
 
 def _take_fresh(feed, version: int, max_staleness: int, on_wait) -> tuple[Rollout, int]:
-    """The next rollout no staler than ``max_staleness``, and the rows dropped before it."""
+    """The next rollout no staler than ``max_staleness``, and the rows dropped before it (a
+    dropped rollout lets the feed sample one more)."""
     dropped = 0
     while True:
         rollout = feed.get(on_wait)
@@ -353,12 +398,30 @@ def _take_fresh(feed, version: int, max_staleness: int, on_wait) -> tuple[Rollou
         if admissible(version, versions, max_staleness):
             return rollout, dropped
         dropped += versions.size
+        feed.extend(1)
 
 
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return value
+
+
+def check_async_startup(spec: RunSpec) -> None:
+    """What an asynchronous run refuses before it starts, beyond the config's own checks.
+
+    Raises:
+        ConfigError: ``experiment.weight_sync_timeout_s`` > 0 in a multi-process run.
+    """
+    exp = spec.config.experiment
+    if jax.process_count() > 1 and exp.weight_sync_timeout_s > 0:
+        raise ConfigError(
+            "experiment.weight_sync_timeout_s",
+            f"{exp.weight_sync_timeout_s} s: a timeout broadcast follows each process's own "
+            "clock, so the processes of a multi-process run could sample with different "
+            "versions; set it to 0 there (weight_sync_interval and weight_sync_max_staleness "
+            "decide the same way everywhere)",
+        )
 
 
 def train_async(
@@ -423,14 +486,7 @@ def train_async(
             "same rollout programs in the same order"
         )
     exp = spec.config.experiment
-    if jax.process_count() > 1 and exp.weight_sync_timeout_s > 0:
-        raise ConfigError(
-            "experiment.weight_sync_timeout_s",
-            f"{exp.weight_sync_timeout_s} s: a timeout broadcast follows each process's own "
-            "clock, so the processes of a multi-process run could sample with different "
-            "versions; set it to 0 there (weight_sync_interval and weight_sync_max_staleness "
-            "decide the same way everywhere)",
-        )
+    check_async_startup(spec)
     run = run or build_run(spec)
     shared_task = num_workers > 1 and not synchronous
     if shared_task:
@@ -448,15 +504,26 @@ def train_async(
         allow_config_change=allow_config_change,
     ) as session:
         trainer, state = session.trainer, session.state
-        least_lag = _least_lag(spec.config, queue_size, synchronous)
-        if exp.weight_sync_max_staleness < least_lag:
+        least_lag, most_lag = _lags(spec.config, queue_size, synchronous)
+        bound = exp.weight_sync_max_staleness
+        if bound < least_lag:
             ahead = "queue_size - 1 steps" if synchronous else "one step"
             session.log(
-                f"warning: experiment.weight_sync_max_staleness={exp.weight_sync_max_staleness}"
-                f" is below the {least_lag} versions every rollout sampled ahead of the trainer "
-                f"lags by ({ahead} of train.epochs x train.minibatches updates): such rollouts "
-                f"will be dropped and sampled again; set it >= {least_lag} to overlap sampling "
-                "with training (docs/async.md)"
+                f"warning: experiment.weight_sync_max_staleness={bound} is below the "
+                f"{least_lag} versions every rollout sampled ahead of the trainer lags by "
+                f"({ahead} of train.epochs x train.minibatches updates): such rollouts will be "
+                f"dropped and sampled again; set it >= {least_lag} to overlap sampling with "
+                "training (docs/async.md)"
+            )
+        elif bound < most_lag:
+            ahead = queue_size - 1 if synchronous else queue_size
+            session.log(
+                f"warning: experiment.weight_sync_max_staleness={bound} is below the "
+                f"{most_lag} versions a rollout sampled {ahead} step(s) ahead of the trainer "
+                f"can lag by ({queue_size} sampled ahead, train.epochs x train.minibatches "
+                f"updates per step, broadcasts every weight_sync_interval updates): such "
+                f"rollouts will be dropped and sampled again; set it >= {most_lag} to drop "
+                "none (docs/async.md)"
             )
         # Synchronous-loop checkpoints have no rollout index: rollout j trains step j there.
         next_index = int(session.host.get("rollout_index", session.start))
@@ -473,11 +540,18 @@ def train_async(
         def produce(worker: int, index: int) -> Rollout:
             return trainer.sample(store.acquire(worker), key_data, index, worker)
 
-        feed_args = dict(queue_size=queue_size, num_workers=num_workers, first_index=next_index)
+        # Rollouts the remaining steps need (a dropped one adds one): none is sampled in vain.
+        feed_args = dict(
+            queue_size=queue_size,
+            num_workers=num_workers,
+            first_index=next_index,
+            limit=next_index + session.total - session.start,
+        )
         if synchronous:
             feed = _InlineFeed(produce, **feed_args)
         else:
             feed = _ThreadedFeed(produce, retire=store.release, **feed_args)
+        interrupted = finished = False
         try:
             if session.start < session.total:
                 feed.start()
@@ -492,7 +566,13 @@ def train_async(
                 )
                 wait_s = time.perf_counter() - wait_start
                 lag = staleness(version, rollout.trajectory.policy_version)
+                learn_start = time.perf_counter()
                 state, metrics, trained = trainer.learn(state, session.reference, rollout, i)
+                # Tokens per second of the step's wall time (the wait for the rollout and the
+                # training), as the synchronous loop's covers its sampling and training.
+                step_s = wait_s + time.perf_counter() - learn_start
+                metrics["timing_s/step"] = step_s
+                metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / max(step_s, 1e-9)
                 broadcaster.poll(state)
                 dropped_total += dropped
                 next_index = max(next_index, rollout.index + 1)
@@ -512,8 +592,12 @@ def train_async(
                 task_state = run.task.get_state() if shared_task else trained[1].task_state
                 host = {"task_state": task_state, "rollout_index": next_index}
                 metrics = session.record(i, state, metrics, host, trained)
+            finished = True
+        except KeyboardInterrupt:
+            interrupted = True  # do not wait for the rollouts in progress
+            raise
         finally:
-            feed.close()
+            feed.close(join=not interrupted, raise_errors=finished)
     # Counted by this process from its start: after a resume, not the whole run's.
     since = "" if session.resumed_from is None else f" since the resume at step {session.start}"
     summary = (

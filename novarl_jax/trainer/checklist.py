@@ -127,6 +127,8 @@ def _sync_rows(spec: RunSpec) -> list[tuple[str, str, str]]:
     workers = exp.rollout_workers
     queue = exp.rollout_queue_size or workers
     timeout = f", or after {exp.weight_sync_timeout_s:g} s" if exp.weight_sync_timeout_s else ""
+    updates = updates_per_step(spec.config)
+    steps = -(-exp.weight_sync_interval // updates)  # checked after every step of U updates
     return [
         (
             "weight sync",
@@ -136,8 +138,8 @@ def _sync_rows(spec: RunSpec) -> list[tuple[str, str, str]]:
         (
             "weight sync",
             "broadcast",
-            f"every {exp.weight_sync_interval} update(s), when a worker lags "
-            f"{exp.weight_sync_max_staleness}{timeout}",
+            f"every {steps} step(s) ({exp.weight_sync_interval} update(s) asked, {updates} "
+            f"per step), when a worker lags {exp.weight_sync_max_staleness}{timeout}",
         ),
         (
             "weight sync",

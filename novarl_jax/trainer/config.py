@@ -41,7 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
     exp.num_microbatches = 4
     exp.algorithm = "grpo"  # 'ppo' or 'grpo'
     exp.grpo_group_size = 4  # completions sampled per prompt (GRPO's relative baseline window)
-    exp.weight_sync_interval = 1  # async runs: broadcast every this many updates
+    # Async runs: broadcast once this many updates are unbroadcast (checked after every step
+    # of train.epochs x train.minibatches updates, so a value up to that is every step).
+    exp.weight_sync_interval = 1
     # async runs: broadcast when a worker lags this much; also the most a trained batch may
     # lag. A rollout sampled ahead lags by a step's updates (train.epochs x minibatches = 4).
     exp.weight_sync_max_staleness = 4

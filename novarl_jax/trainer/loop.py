@@ -411,6 +411,8 @@ class Trainer:
             {
                 "timing_s/gen": t1 - t0,
                 "timing_s/update": t2 - t1,
+                "timing_s/step": t2 - t0,
+                "perf/total_num_tokens": float(tokens),
                 "perf/throughput": tokens / max(t2 - t0, 1e-9),
                 "train/policy_version": int(state.policy_version),
                 "train/optimizer_step": int(state.step),

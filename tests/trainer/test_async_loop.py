@@ -195,12 +195,87 @@ def test_threaded_one_worker_is_one_step_behind(tmp_path):
     """One worker, one place: a rollout is sampled when the trainer takes the previous one,
     so it is exactly one step (U versions) old when trained, whatever the timing."""
     config = _config(5, interval=1, max_staleness=UPDATES)
-    out, rows, _ = _run_async(config, tmp_path)
+    out, rows, lines = _run_async(config, tmp_path)
     assert [r["sync/staleness_max"] for r in rows] == [0.0] + [float(UPDATES)] * 4
     assert [r["sync/dropped_samples"] for r in rows] == [0.0] * 5
     assert int(out["state"].policy_version) == 5 * UPDATES
     assert all(np.isfinite(r["actor/pg_loss"]) for r in rows)
     assert _worker_threads() == []
+    assert not [line for line in lines if line.startswith("warning:")]
+    # Throughput is over the step's wall time, the wait for the rollout included.
+    for r in rows:
+        assert r["timing_s/step"] >= r["timing_s/wait"] + r["timing_s/update"]
+        assert r["perf/throughput"] == pytest.approx(
+            r["perf/total_num_tokens"] / r["timing_s/step"]
+        )
+        assert r["perf/total_num_tokens"] > 0
+
+
+def test_threaded_workers_sample_no_rollout_the_run_does_not_train(tmp_path, monkeypatch):
+    calls = []
+    original = RolloutEngine.rollout
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RolloutEngine, "rollout", counted)
+    config = _config(4, interval=1, max_staleness=100, world_size=2)
+    _, rows, _ = _run_async(config, tmp_path, num_workers=2)
+    assert [r["sync/dropped_samples"] for r in rows] == [0.0] * 4
+    assert len(calls) == 4  # not 4 + one per worker sampled past the last step
+
+
+def test_a_worker_error_no_take_raised_is_raised_on_close():
+    taken = threading.Event()
+
+    def produce(worker, index):
+        if index == 1:
+            taken.wait(10)  # fails after the trainer took rollout 0
+            raise ValueError("reward server unreachable")
+        return async_loop.Rollout(index, worker, 0, None, None, {}, 0.0)
+
+    feed = async_loop._ThreadedFeed(
+        produce, queue_size=2, num_workers=1, first_index=0, limit=2, retire=lambda w: None
+    )
+    feed.start()
+    assert feed.get(lambda: None).index == 0
+    taken.set()
+    feed._threads[0].join(timeout=10)
+    with pytest.raises(ValueError, match="reward server unreachable") as excinfo:
+        feed.close(raise_errors=True)
+    assert "raised in rollout worker 0" in "".join(excinfo.value.__notes__)
+
+
+def test_closing_without_join_does_not_wait_for_a_rollout_in_progress():
+    started, release = threading.Event(), threading.Event()
+
+    def produce(worker, index):
+        started.set()
+        release.wait(30)
+        return async_loop.Rollout(index, worker, 0, None, None, {}, 0.0)
+
+    feed = async_loop._ThreadedFeed(
+        produce, queue_size=1, num_workers=1, first_index=0, limit=5, retire=lambda w: None
+    )
+    feed.start()
+    assert started.wait(10)
+    begin = time.monotonic()
+    feed.close(join=False)
+    assert time.monotonic() - begin < 1.0
+    release.set()
+    feed._threads[0].join(timeout=10)
+    assert not feed._threads[0].is_alive()  # stopped after its rollout, without another
+
+
+def test_the_lags_that_decide_the_start_up_warnings():
+    config = _config(1, interval=1)  # U = 2
+    assert async_loop._lags(config, 1, synchronous=False) == (2, 2)
+    assert async_loop._lags(config, 2, synchronous=False) == (2, 4)
+    assert async_loop._lags(config, 3, synchronous=True) == (4, 4)
+    config = _config(1, interval=5)  # a poll can leave 2 steps (4 updates) unbroadcast
+    assert async_loop._lags(config, 1, synchronous=False) == (2, 6)
+    assert async_loop._lags(config, 1, synchronous=True) == (0, 4)
 
 
 def test_threaded_bound_holds_with_two_workers(tmp_path, monkeypatch):
@@ -216,6 +291,8 @@ def test_threaded_bound_holds_with_two_workers(tmp_path, monkeypatch):
     monkeypatch.setattr(async_loop.AsyncTrainer, "learn", slow)
     config = _config(6, interval=1, max_staleness=UPDATES, world_size=2)
     out, rows, lines = _run_async(config, tmp_path, num_workers=2)
+    # Rollouts sampled two steps ahead lag by 2U > the bound: the run says so at start.
+    assert any("below the 4 versions a rollout sampled 2 step(s) ahead" in line for line in lines)
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert all(0 <= r["sync/staleness_max"] <= UPDATES for r in rows)
     dropped = sum(r["sync/dropped_samples"] for r in rows)
@@ -357,6 +434,8 @@ def test_checklist_shows_the_weight_sync_cadence():
     got = rows(config)
     assert got[("weight sync", "rollouts")] == "asynchronous: 2 workers, 2 sampled ahead"
     assert got[("weight sync", "broadcast")] == (
-        "every 4 update(s), when a worker lags 6, or after 30 s"
+        "every 1 step(s) (4 update(s) asked, 4 per step), when a worker lags 6, or after 30 s"
     )
+    config.experiment.weight_sync_interval = 5  # the trainer asks after every step
+    assert rows(config)[("weight sync", "broadcast")].startswith("every 2 step(s) (5 update(s)")
     assert got[("weight sync", "staleness bound")] == "6 versions (a step is 4 updates)"

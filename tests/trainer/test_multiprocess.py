@@ -67,3 +67,19 @@ def test_two_processes_train_as_one_job(tmp_path):
     samples = [_rows(tmp_path / d / "samples.jsonl") for d in ("two", "one")]
     assert samples[0] == samples[1] and len(samples[0]) == 2 * 2 + 2  # 2 steps, 1 evaluation
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["2"]
+
+
+def test_dry_run_refuses_what_the_multi_process_run_refuses(tmp_path):
+    # A timeout broadcast would follow each process's own clock: refused before any training,
+    # by the dry run too.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PORT"] = str(_free_port())
+    env["PYTHON"] = sys.executable
+    result = subprocess.run(
+        ["bash", "launch/local_processes.sh", "2", "1", "--config=configs/ppo_async.py",
+         f"--workdir={tmp_path}", "experiment.world_size=2", "--dry_run"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "experiment.weight_sync_timeout_s: 30.0 s: a timeout broadcast" in result.stderr
+    assert "dry run: the config is valid" not in result.stdout
