@@ -252,7 +252,14 @@ def value_loss(
     returns = zero_masked(returns, mask)
     loss_mat = jnp.square(values - returns)
     if clip_range is not None:
-        clipped_values = old_values + jnp.clip(values - old_values, -clip_range, clip_range)
+        delta = values - old_values
+        # Values inside the range are used as they are: old + (v - old) can round away from v,
+        # and that rounding would count as clipping (and move with the layout).
+        clipped_values = jnp.where(
+            jnp.abs(delta) > clip_range,
+            old_values + jnp.clip(delta, -clip_range, clip_range),
+            values,
+        )
         clipped_mat = jnp.square(clipped_values - returns)
         clip_active = clipped_mat > loss_mat
         loss_mat = jnp.maximum(loss_mat, clipped_mat)

@@ -141,6 +141,21 @@ def test_value_loss_hand_computed():
         value_loss(values, old, returns, mask, clip_range=-1.0)
 
 
+def test_values_inside_the_clip_range_count_as_unclipped():
+    # old + (v - old) rounds away from v for some values; that is not clipping, and the loss
+    # must be the unclipped one exactly (else it moves with how a batch is split).
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.0, 0.01, (4, 64)).astype(np.float32)
+    old = (values + rng.normal(0.0, 0.01, (4, 64))).astype(np.float32)
+    returns = rng.normal(0.0, 1.0, (4, 64)).astype(np.float32)
+    mask = np.ones((4, 64), np.float32)
+    assert np.abs(values - old).max() < 0.2
+    assert ((old + (values - old)) != values).any()  # the rounding this is about
+    clipped, m = value_loss(values, old, returns, mask, clip_range=0.2)
+    assert float(m["critic/vf_clipfrac"]) == 0.0
+    assert float(clipped) == float(value_loss(values, old, returns, mask)[0])
+
+
 def test_ppo_loss_is_the_sum_of_its_terms():
     params = tiny_params()
     batch = tiny_rollout_batch(params, seed=3)
