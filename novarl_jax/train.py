@@ -292,12 +292,24 @@ def _export(spec, workdir: str, mesh) -> None:
 
     try:
         written = export_policy(
-            _CONFIG.value, workdir, _EXPORT.value, step=_EXPORT_STEP.value, spec=spec, mesh=mesh
+            _CONFIG.value,
+            workdir,
+            _EXPORT.value,
+            step=_EXPORT_STEP.value,
+            spec=spec,
+            mesh=mesh,
+            allow_config_change=_ALLOW_CONFIG_CHANGE.value,
         )
     except (ConfigError, ExportError) as e:
         _fail(str(e))
     critic = f"; critic: {written['critic']}" if written["critic"] else ""
     print(f"exported step {written['step']} of {workdir}: policy: {written['policy']}{critic}")
+    if written["capacity_factor"] is not None:
+        print(
+            f"note: the policy was trained with capacity_factor={written['capacity_factor']:g} "
+            "(choices past an expert's capacity dropped); transformers' Mixtral drops none, so "
+            "its outputs differ from the run's wherever the run dropped a choice"
+        )
 
 
 def _config_name() -> str:

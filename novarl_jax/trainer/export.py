@@ -31,6 +31,7 @@ from novarl_jax.trainer.checkpoint import (
 )
 from novarl_jax.trainer.config import RunSpec, validate_config
 from novarl_jax.trainer.loop import Trainer, default_mesh
+from novarl_jax.trainer.saved_config import check_resume_config
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -47,11 +48,14 @@ def export_policy(
     step: int | None = None,
     spec: RunSpec | None = None,
     mesh: Any = None,
+    allow_config_change: bool = False,
 ) -> dict[str, Any]:
     """Writes the policy of ``workdir``'s checkpoint ``step`` (default: the latest) to ``out``.
 
-    The checkpoint is restored exactly as a resumed run restores it (the config must describe
-    the same model), onto ``mesh`` (default: the config's layout on the first devices).
+    The checkpoint is restored exactly as a resumed run restores it: the config must be the
+    run's (``workdir/config.json``, compared as a resume compares it, so that settings the
+    checkpoint's shapes do not show, such as ``model.rope_theta`` or the special tokens, are
+    the trained ones), onto ``mesh`` (default: the config's layout on the first devices).
 
     Args:
         config: the run's config (as given to :func:`~novarl_jax.trainer.loop.train`).
@@ -60,14 +64,16 @@ def export_policy(
         step: which checkpoint (a finished step); None = the latest.
         spec: ``validate_config(config)``, if already computed.
         mesh: where to restore; None = the config's layout.
+        allow_config_change: export although the config differs from the run's.
 
     Returns:
-        ``{'step': the exported step, 'policy': out, 'critic': out/critic or None}``.
+        ``{'step': the exported step, 'policy': out, 'critic': out/critic or None,
+        'capacity_factor': the policy's training capacity factor (None: dropless, or dense)}``.
 
     Raises:
         ExportError: no checkpoint (or not ``step``) in ``workdir``, a checkpoint of another
             model, or ``out`` already holding a model.
-        ConfigError: an invalid config (naming the key).
+        ConfigError: an invalid config, or one that differs from the run's (naming the key).
     """
     if jax.process_count() > 1:
         raise ExportError(
@@ -94,6 +100,13 @@ def export_policy(
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise ExportError(f"{workdir}: no checkpoints directory; was the run trained there?")
+    check_resume_config(
+        workdir,
+        config,
+        allow_change=allow_config_change,
+        log=lambda _: None,
+        advice="export with the run's own config and overrides, or pass --allow_config_change",
+    )
     checkpointer = Checkpointer(directory, async_save=False)
     try:
         steps = checkpointer.all_steps()
@@ -126,15 +139,34 @@ def export_policy(
     except ValueError as e:
         raise ExportError(str(e)) from None
     critic = targets.get("critic")
-    return {"step": step, "policy": out, "critic": critic[0] if critic else None}
+    policy = run.model.policy
+    return {
+        "step": step,
+        "policy": out,
+        "critic": critic[0] if critic else None,
+        "capacity_factor": policy.capacity_factor if policy.num_local_experts else None,
+    }
 
 
 def _write_tokenizer(directory: str, tokenizer: Any, model: Any) -> None:
     """With a tokenizer.json, the tokenizer files transformers loads with its special tokens."""
     if not isinstance(tokenizer, HFTokenizer):
         return
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    # Training bypasses the file's post-processor and prepends BOS when the run has one:
+    # the exported tokenizer adds exactly that (a BOS template, or nothing).
+    exported = Tokenizer.from_str(tokenizer.to_json())
+    if tokenizer.add_bos:
+        bos = model.bos_token
+        exported.post_processor = TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)]
+        )
+    else:
+        exported.post_processor = None
     with open(os.path.join(directory, TOKENIZER_FILE), "w") as f:
-        f.write(tokenizer.to_json())
+        f.write(exported.to_str())
     special = {"eos_token": model.eos_token, "pad_token": model.pad_token}
     if model.bos_token:
         special["bos_token"] = model.bos_token

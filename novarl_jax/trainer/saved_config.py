@@ -126,11 +126,14 @@ def check_resume_config(
     *,
     allow_change: bool = False,
     log: Callable[[str], Any] = print,
+    advice: str = (
+        "resume with that config, train in a new --workdir, or pass --allow_config_change"
+    ),
 ) -> list[tuple[str, Any, Any]]:
     """Compares a resumed run's ``config`` with ``workdir/config.json``.
 
     Returns the changed keys (those in :data:`MAY_CHANGE` included; empty when the workdir
-    has no config.json, as written before it existed).
+    has no config.json, as written before it existed). ``advice`` ends the error message.
 
     Raises:
         ConfigChangedError: keys outside :data:`MAY_CHANGE` differ and ``allow_change`` is
@@ -166,8 +169,7 @@ def check_resume_config(
         raise ConfigChangedError(
             blocking[0][0],
             f"the run in {workdir} started with another config: {listed}{more} (its config: "
-            f"{path}){hint}; resume with that config, train in a new --workdir, or pass "
-            "--allow_config_change",
+            f"{path}){hint}; {advice}",
         )
     if changes:
         listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)

@@ -11,7 +11,9 @@ from test_build import _tokenizer_file
 from tiny_grpo import tiny_grpo_config
 
 from novarl_jax.models import load_hf_model
+from novarl_jax.trainer.build import build_run
 from novarl_jax.trainer.checkpoint import Checkpointer, CheckpointMismatchError
+from novarl_jax.trainer.config import ConfigError, validate_config
 from novarl_jax.trainer.export import ExportError, export_policy
 
 
@@ -42,7 +44,7 @@ def test_export_writes_the_checkpointed_policy(tmp_path):
         export_policy(config, str(tmp_path / "run"), str(tmp_path / "run"))
     out = tmp_path / "hf"
     written = export_policy(config, str(tmp_path / "run"), str(out))
-    assert written == {"step": 2, "policy": str(out), "critic": None}
+    assert written == {"step": 2, "policy": str(out), "critic": None, "capacity_factor": None}
     hf_config, params = load_hf_model(out)
     assert hf_config.num_local_experts == 4 and hf_config.hidden_size == 32
     assert json.loads((out / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
@@ -72,13 +74,21 @@ def test_export_writes_the_checkpointed_policy(tmp_path):
         export_policy(config, str(tmp_path / "elsewhere"), str(tmp_path / "hf2"))
     other = config.copy_and_resolve_references()
     other.model.hidden_size = 64
+    with pytest.raises(ConfigError, match="model.hidden_size: the run in .* 32 -> 64"):
+        export_policy(other, str(tmp_path / "run"), str(tmp_path / "hf3"))
     with pytest.raises(
         ExportError,
         match="params/policy/embed_tokens/embedding: the checkpoint has \\(\\d+, 32\\), this "
         "run \\(\\d+, 64\\)",
     ):
-        export_policy(other, str(tmp_path / "run"), str(tmp_path / "hf3"))
+        export_policy(other, str(tmp_path / "run"), str(tmp_path / "hf3"), allow_config_change=True)
     assert not (tmp_path / "hf3").exists()
+    # A change the checkpoint's shapes do not show is refused too: the export would carry it.
+    other = config.copy_and_resolve_references()
+    other.model.rope_theta = 500000.0
+    with pytest.raises(ConfigError, match="model.rope_theta: .*export with the run's own config"):
+        export_policy(other, str(tmp_path / "run"), str(tmp_path / "hf4"))
+    assert not (tmp_path / "hf4").exists()
 
 
 def test_export_writes_a_separate_critic_beside_the_policy(tmp_path):
@@ -124,3 +134,29 @@ def test_export_writes_bos_id_and_the_critics_tokenizer(tmp_path):
     tokenizer_config = json.loads((critic / "tokenizer_config.json").read_text())
     assert (tokenizer_config["eos_token"], tokenizer_config["pad_token"]) == ("</s>", "<pad>")
     assert tokenizer_config["bos_token"] == "<s>"
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_the_exported_tokenizer_adds_bos_exactly_as_training_did(tmp_path, bos):
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    # Training ignores the file's post-processor: with bos_token it prepends BOS, without it
+    # nothing. The file here adds BOS (a post-processor) when the run does not, and the other
+    # way round; the exported file must encode as training did.
+    path = _tokenizer_file(tmp_path)
+    if not bos:
+        tok = Tokenizer.from_file(str(path))
+        tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+        tok.save(str(path))
+    config = _config(steps=1)
+    config.model.tokenizer = str(path)
+    config.model.bos_token = "<s>" if bos else ""
+    train_quietly(config, tmp_path / "run")
+    export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf"))
+    exported = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    text = "reverse: abc"
+    tokens, mask = build_run(validate_config(config)).tokenizer.encode_batch([text], max_length=32)
+    trained = [int(t) for t, m in zip(tokens[0], mask[0], strict=True) if m]
+    assert trained[0] == 2 if bos else trained[0] != 2
+    assert exported.encode(text).ids == trained
