@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Runs N processes on this machine, each with DEVICES fake CPU devices, as one JAX job.
 # Usage: launch/local_processes.sh N DEVICES --config=configs/moe.py [overrides...]
+# experiment.world_size must be N x DEVICES (a smaller DEVICES is raised to world_size / N).
 # PYTHON (default: python) is the interpreter; PORT (default: 12355) the coordinator's port.
 set -euo pipefail
+if [[ $# -lt 2 || ! "$1" =~ ^[0-9]+$ || ! "$2" =~ ^[0-9]+$ ]]; then
+  echo "usage: $0 N DEVICES --config=CONFIG [overrides...]  (N processes, DEVICES CPU devices each)" >&2
+  exit 2
+fi
 n="$1"; devices="$2"; shift 2
 port="${PORT:-12355}"
 pids=()

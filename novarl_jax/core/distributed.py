@@ -183,11 +183,14 @@ class ParallelLayout:
                 f"{self.world_size} distinct devices"
             )
         if len(devices) != self.world_size:
+            processes = jax.process_count()
+            per_process = self.world_size // processes if processes > 1 else self.world_size
+            where = f" in each of the {processes} processes" if processes > 1 else ""
             raise ValueError(
                 f"layout {self.describe()} needs world_size={self.world_size} devices, but "
                 f"{len(devices)} devices were given; choose sizes whose product is "
                 f"{len(devices)} (on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count="
-                f"{self.world_size} before importing jax)"
+                f"{per_process}{where} before importing jax)"
             )
         try:
             grid = mesh_utils.create_device_mesh(self.mesh_shape, devices=devices)

@@ -99,6 +99,14 @@ def test_make_mesh_device_count_error(devices):
         ParallelLayout(dp=8).make_mesh(devices[:2])
 
 
+def test_make_mesh_device_count_hint_is_per_process(devices, monkeypatch):
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"device_count=4 in each of the 2 processes"):
+        ParallelLayout(dp=8).make_mesh(devices[:4])
+
+
 def test_make_mesh_subset_of_devices(devices):
     mesh = ParallelLayout(tp=2, ep=2).make_mesh(devices[:4])
     assert mesh.devices.size == 4

@@ -83,3 +83,11 @@ def test_dry_run_refuses_what_the_multi_process_run_refuses(tmp_path):
     assert result.returncode != 0
     assert "experiment.weight_sync_timeout_s: 30.0 s: a timeout broadcast" in result.stderr
     assert "dry run: the config is valid" not in result.stdout
+
+
+def test_the_launcher_prints_its_usage():
+    for args in ([], ["--help"], ["2"]):
+        result = subprocess.run(
+            ["bash", "launch/local_processes.sh", *args], cwd=ROOT, capture_output=True, text=True
+        )
+        assert result.returncode == 2 and result.stderr.startswith("usage: "), args
