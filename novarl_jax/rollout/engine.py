@@ -47,8 +47,9 @@ class Trajectory(NamedTuple):
             valid sample; all 0 for invalid samples.
         behavior_logprobs: [R, T] float32, log-probs under the distribution the tokens were
             sampled from (temperature/top-k/top-p applied; 0 for greedy).
-        policy_logprobs: [R, T] float32, log-probs under the untempered policy that sampled
-            them (equal to a training forward's log-probs for the same tokens; for an MoE
+        policy_logprobs: [R, T] float32, log-probs under the policy that sampled them, at the
+            sampling temperature without top-k / top-p (equal to a training forward's
+            log-probs at that temperature for the same tokens; for an MoE
             policy with a capacity factor, only where no routing group drops them: see
             :mod:`novarl_jax.rollout.sampler`).
         rewards: [R] float32 (0 for invalid samples).

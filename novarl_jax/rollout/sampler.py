@@ -1,9 +1,11 @@
 """Autoregressive sampling with a preallocated KV cache: one jitted prefill, one jitted decode.
 
 The sampler turns prompts into completions and records, for every generated token, the
-log-probability under the distribution it was drawn from and under the untempered policy.
-The untempered log-probs equal what a training forward (no cache) gives for the same
-sequence, so a trainer can use them as the behaviour policy's log-probs directly; for an MoE
+log-probability under the distribution it was drawn from and under the policy at the
+sampling temperature without top-k / top-p, ``log_softmax(logits / temperature)`` (the raw
+policy for greedy decoding). The latter equal what a training forward (no cache) gives for
+the same sequence at that temperature (the trainer scores rollouts at the rollout's
+temperature), so a trainer can use them as the behaviour policy's log-probs; for an MoE
 policy this holds with dropless routing (``capacity_factor=None``, or one large enough that
 nothing is dropped). With a capacity factor the routing groups differ: the prefill routes the
 prompts, each decode step only that step's tokens, the training forward whole sequences, so
@@ -58,8 +60,9 @@ class SampleOutput(NamedTuple):
         logprobs: [B*G, T] float32, log-prob of each token under the distribution it was
             sampled from (after temperature, top-k and top-p); 0 where the mask is 0 and for
             greedy decoding (a point mass).
-        policy_logprobs: [B*G, T] float32, log-prob under the untempered policy,
-            ``log_softmax(logits)``; 0 where the mask is 0.
+        policy_logprobs: [B*G, T] float32, log-prob under the policy at the sampling
+            temperature, ``log_softmax(logits / temperature)`` (no top-k / top-p;
+            ``log_softmax(logits)`` when greedy); 0 where the mask is 0.
         lengths: [B*G] int32, generated tokens per row (``response_mask.sum(-1)``).
         routing: expert choices made while sampling, laid out like the model's routing for a
             training forward on ``tokens`` (for router replay), or None. Tokens the model was
@@ -275,7 +278,8 @@ class _Dynamic(NamedTuple):
 def _choose(logits: jax.Array, key: jax.Array, st: _Static, dyn: _Dynamic):
     """Samples one token per row. Returns (tokens [B] int32, sampled logp [B], policy logp [B])."""
     logits = logits.astype(jnp.float32)
-    policy_logp = jax.nn.log_softmax(logits, axis=-1)
+    # The policy at the sampling temperature (1 when greedy), without top-k / top-p.
+    policy_logp = jax.nn.log_softmax(logits / dyn.temperature, axis=-1)
     if st.greedy:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         sampled_logp = jnp.zeros(tokens.shape, jnp.float32)

@@ -343,6 +343,7 @@ def build_run(spec: RunSpec) -> Run:
         prompt_length=ro.max_prompt_length,
         router_replay=bool(config.train.router_replay and policy.num_local_experts),
         num_microbatches=exp.num_microbatches if spec.layout.pp > 1 else 1,
+        temperature=float(ro.temperature) if ro.temperature > 0 else 1.0,
     )
     loss_config, loss_fn = _loss(config, algorithm, policy)
     group = samples_per_prompt(config)

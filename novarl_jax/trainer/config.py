@@ -95,6 +95,8 @@ def default_config() -> ml_collections.ConfigDict:
     rollout.prompts_per_step = 8  # prompts per iteration; samples = prompts * grpo_group_size
     rollout.max_prompt_length = 16  # tokens; see prompt_truncation for longer ones
     rollout.max_new_tokens = 8  # completion budget per sample
+    # Sampling temperature (0 = greedy); the trainer's log-probs, ratios, KL and entropy are
+    # those of softmax(logits / temperature) too (as in verl and TRL), 1 for greedy.
     rollout.temperature = 1.0
     rollout.top_k = 0  # 0 = off
     rollout.top_p = 1.0  # 1.0 = off

@@ -308,8 +308,9 @@ class Trainer:
             keep = jnp.asarray(~truncated, jnp.int32)[:, None]
             batch["response_mask"] = batch["response_mask"] * keep
         # Truncated importance sampling corrects for the sampler computing the policy
-        # differently from the trainer (kernels, staleness), so it compares the sampler's
-        # untempered log-probs with the trainer's: the tempered ones are 0 when greedy.
+        # differently from the trainer (kernels, staleness), so it compares log-probs of the
+        # same distribution: the policy at the rollout temperature, without top-k / top-p
+        # (the sampled distribution's log-probs are 0 when greedy).
         batch["behavior_logprobs"] = traj.policy_logprobs
         check_shared_prompts(batch, run.model.prompt_length, run.model.prompt_group)
         if traj.routing is not None and run.model.router_replay:

@@ -56,6 +56,9 @@ class ModelSpec:
             the scoring forwards run each prompt once
             (:func:`~novarl_jax.models.shared_prompt.forward_shared_prompt`; see
             :func:`~novarl_jax.trainer.config.shared_prompt_group`).
+        temperature: the log-probs and entropy are those of ``softmax(logits /
+            temperature)``, the policy the rollouts sample from (as in verl and TRL): the
+            rollout's temperature, or 1 for greedy rollouts.
     """
 
     policy: Any
@@ -64,6 +67,7 @@ class ModelSpec:
     router_replay: bool = False
     num_microbatches: int = 1
     prompt_group: int = 1
+    temperature: float = 1.0
 
 
 def model_inputs(trajectory: Any) -> dict[str, jax.Array]:
@@ -122,6 +126,8 @@ def make_apply_fn(
     def apply_fn(params, batch):
         replay = batch.get("routing") if spec.router_replay else None
         logits, aux = run(params["policy"], spec.policy, batch, replay)
+        if spec.temperature != 1.0:
+            logits = logits.astype(jnp.float32) / spec.temperature
         logprobs, entropy = token_logprobs_and_entropy(logits, batch["response_tokens"])
         out = {"logprobs": logprobs, "entropy": entropy}
         if spec.policy.num_local_experts:

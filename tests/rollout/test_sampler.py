@@ -203,8 +203,9 @@ def _train_logits(params, tokens, mask, *, config, train=True):
     return forward(params, tokens, config, positions=positions, attention_mask=mask, train=train)[0]
 
 
-def training_logprobs(params, config, out, mesh=None):
-    """The training forward's log-probs of the sampled response tokens (no cache)."""
+def training_logprobs(params, config, out, mesh=None, temperature=1.0):
+    """The training forward's log-probs of the sampled response tokens (no cache), at
+    ``temperature``; and the untempered logits."""
     mask = jnp.concatenate([out.prompt_mask, out.response_mask], axis=1)
     if mesh is None:
         logits = _train_logits(params, out.tokens, mask, config=config)
@@ -221,7 +222,8 @@ def training_logprobs(params, config, out, mesh=None):
         )(params, out.tokens, mask)
     p = out.prompt_tokens.shape[1]
     logits = logits[:, p - 1 : -1]
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), out.response_tokens[..., None], -1)
+    logp = jax.nn.log_softmax(logits / temperature, -1)
+    logp = jnp.take_along_axis(logp, out.response_tokens[..., None], -1)
     return np.asarray(logp[..., 0] * out.response_mask), np.asarray(logits)
 
 
@@ -281,7 +283,8 @@ def sampled(model):
 def test_sampler_logprobs_equal_training_forward(model, sampled):
     config, params = model
     out, _ = sampled
-    ref, logits = training_logprobs(params, config, out)
+    # The policy at the sampling temperature: what the trainer scores the rollout with.
+    ref, logits = training_logprobs(params, config, out, temperature=SETTINGS["temperature"])
     np.testing.assert_allclose(out.policy_logprobs, ref, rtol=1e-5, atol=1e-6)
     # The sampled distribution's log-probs against the NumPy reference of the same logits.
     sampled_ref = np_sampling_logprobs(logits, SETTINGS["temperature"], SETTINGS["top_k"],
@@ -400,10 +403,11 @@ def routing_matches_training_forward(params, config, out, mesh=None):
         np.testing.assert_allclose(replay[2][key], aux[key], rtol=1e-6, atol=1e-7, err_msg=key)
     # Replaying the choices reproduces the sampler's log-probs.
     replay = replay[0]
+    tempered = replay[:, p - 1 : -1] / SETTINGS["temperature"]
     logp = (
-        jnp.take_along_axis(
-            jax.nn.log_softmax(replay[:, p - 1 : -1], -1), out.response_tokens[..., None], -1
-        )[..., 0]
+        jnp.take_along_axis(jax.nn.log_softmax(tempered, -1), out.response_tokens[..., None], -1)[
+            ..., 0
+        ]
         * out.response_mask
     )
     np.testing.assert_allclose(out.policy_logprobs, logp, rtol=1e-5, atol=1e-6)
@@ -441,7 +445,7 @@ def test_sharded_sampling_equals_single_device_and_training(moe_on_mesh):
     np.testing.assert_array_equal(out.response_tokens, single.response_tokens)
     np.testing.assert_array_equal(out.response_mask, single.response_mask)
     np.testing.assert_allclose(out.policy_logprobs, single.policy_logprobs, rtol=1e-5, atol=1e-6)
-    ref, _ = training_logprobs(sharded, config, out, mesh=mesh)
+    ref, _ = training_logprobs(sharded, config, out, mesh=mesh, temperature=SETTINGS["temperature"])
     np.testing.assert_allclose(out.policy_logprobs, ref, rtol=1e-5, atol=1e-6)
     routing_matches_training_forward(sharded, config, out, mesh=mesh)
 

@@ -1,5 +1,7 @@
 """One update per rollout batch: the loss's own forward gives the old log-probs exactly."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,3 +140,31 @@ def test_on_policy_is_chosen_only_for_one_update_per_batch():
     ppo = _grpo_config()
     ppo.experiment.algorithm = "ppo"
     assert not loop.takes_old_logprobs_from_update(ppo, build_run(validate_config(ppo)))
+
+
+def test_the_trainer_scores_rollouts_at_the_rollout_temperature():
+    # verl and TRL divide the logits by the rollout temperature before the log-probs: the loss
+    # then optimises the policy the rollouts came from, and the sampler's behaviour log-probs
+    # (the policy at that temperature, without top-k / top-p) equal the trainer's.
+    from novarl_jax.trainer.steps import make_apply_fn, model_inputs
+
+    c = tiny_grpo_config()
+    c.rollout.temperature = 0.6
+    run = build_run(validate_config(c))
+    assert run.model.temperature == 0.6
+    trainer = loop.Trainer(run, "unused", mesh=None)
+    state, _ = trainer.initial_state()
+    traj, _, _ = trainer._rollout(state, trainer.rollout_key(0))
+    batch = model_inputs(traj)
+    mask = np.asarray(batch["response_mask"], bool)
+    scored = np.asarray(make_apply_fn(run.model)(state.params, batch)["logprobs"])
+    behaviour = np.asarray(traj.policy_logprobs)
+    np.testing.assert_allclose(scored[mask], behaviour[mask], rtol=1e-5, atol=1e-6)
+    untempered = make_apply_fn(dataclasses.replace(run.model, temperature=1.0))
+    assert (
+        np.abs(np.asarray(untempered(state.params, batch)["logprobs"])[mask] - scored[mask]).max()
+        > 0.01
+    )
+    # Greedy rollouts are scored by the policy itself.
+    c.rollout.temperature = 0.0
+    assert build_run(validate_config(c)).model.temperature == 1.0
