@@ -121,7 +121,8 @@ def default_config() -> ml_collections.ConfigDict:
     ppo = config.ppo
     ppo.clip_ratio_low = 0.2  # ratio clip below 1 (PPO epsilon)
     ppo.clip_ratio_high = 0.2  # ratio clip above 1 (> low = DAPO's clip-higher)
-    ppo.dual_clip_c = config_dict.placeholder(float)  # dual-clip bound c > 1, None = off
+    # Dual-clip bound c > 1 on negative-advantage tokens; None = off (verl's default is 3.0).
+    ppo.dual_clip_c = config_dict.placeholder(float)
     ppo.loss_agg_mode = "token-mean"  # see novarl_jax.algorithms.aggregation
     ppo.vf_coef = 0.5  # value-loss weight
     ppo.value_clip_range = config_dict.FieldReference(0.2, field_type=float)  # None = off
@@ -146,8 +147,13 @@ def default_config() -> ml_collections.ConfigDict:
     grpo.clip_ratio_low = 0.2
     grpo.clip_ratio_high = 0.2  # DAPO uses 0.28
     grpo.dual_clip_c = config_dict.placeholder(float)
-    grpo.importance_sampling_level = "token"  # 'token' (GRPO) or 'sequence' (GSPO)
-    grpo.loss_agg_mode = "token-mean"  # 'seq-mean-token-mean' = the GRPO paper's
+    # 'token' (GRPO) or 'sequence' (GSPO: the sequence's geometric-mean ratio; its paper and
+    # verl's 'gspo' pair it with clip ranges of 3e-4 / 4e-4 and 'seq-mean-token-mean').
+    grpo.importance_sampling_level = "token"
+    # 'seq-mean-token-mean' = the GRPO paper's. The seq-mean modes count the sequences that
+    # have a valid token (verl and TRL count every row), so rows masked out entirely
+    # (dapo.mask_truncated, failed rewards) change their denominator.
+    grpo.loss_agg_mode = "token-mean"
     grpo.loss_scale_factor = config_dict.placeholder(float)  # Dr. GRPO's constant length
     grpo.beta = 0.04  # KL-to-reference loss weight; 0 = no reference model
     grpo.kl_kind = "k3"
@@ -190,7 +196,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.dapo = ml_collections.ConfigDict()
     dapo = config.dapo
     dapo.dynamic_sampling = False  # GRPO: drop groups whose rewards all agree, sample more
-    dapo.max_extra_batches = 2  # extra rollout batches per step for dynamic sampling
+    # Rollout batches beyond the first that dynamic sampling may draw per step (0 = none).
+    # When they run out, the step trains on the groups it has plus groups whose rewards agree
+    # (advantage 0; counted in dapo/kept_groups), where verl's DAPO stops with an error.
+    dapo.max_extra_batches = 2
     dapo.overlong_buffer = 0  # tokens before max_new_tokens where a length penalty starts
     dapo.overlong_penalty = 1.0  # reward penalty at max_new_tokens (linear in the buffer)
     dapo.mask_truncated = False  # no loss on completions that hit max_new_tokens

@@ -239,9 +239,7 @@ class Trainer:
         prompts = cfg.rollout.prompts_per_step
 
         def informative(t):
-            r = host_array(t.rewards).reshape(-1, group)
-            v = host_array(t.valid).reshape(-1, group)
-            return (r.max(1) > r.min(1)) & (v.min(1) > 0)
+            return informative_groups(host_array(t.rewards), host_array(t.valid), group)
 
         pool = [(traj, info, informative(traj))]
         extra = 0
@@ -422,6 +420,18 @@ class Trainer:
             }
         )
         return state, metrics, (traj, info)
+
+
+def informative_groups(rewards: np.ndarray, valid: np.ndarray, group: int) -> np.ndarray:
+    """Which groups of ``group`` consecutive samples teach GRPO something: at least two valid
+    samples whose rewards differ (an invalid sample, whose reward failed, is left out of its
+    group's baseline and so out of this test too). ``[B]`` rewards and valid flags -> ``[B /
+    group]`` bool."""
+    r = np.asarray(rewards, np.float64).reshape(-1, group)
+    v = np.asarray(valid).reshape(-1, group) > 0
+    high = np.where(v, r, -np.inf).max(1)
+    low = np.where(v, r, np.inf).min(1)
+    return (v.sum(1) >= 2) & (high > low)
 
 
 def trailing_skips(skipped: list[bool]) -> int:

@@ -74,3 +74,19 @@ def test_steps_on_the_8_device_mesh(devices):
     length = np.asarray(traj.response_mask).sum(1)
     expected = np.linspace(0.0, 1.0, 8) + np.minimum((2 - length) / 2, 0.0)
     np.testing.assert_allclose(np.asarray(shaped), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_informative_groups_for_dynamic_sampling():
+    from novarl_jax.trainer.loop import informative_groups
+
+    rewards = np.array([1.0, 1.0, 1.0, 0.0, 0.5, 0.5, 0.0, 1.0, np.nan, 0.0, 1.0, 1.0])
+    valid = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 0, 1])
+    got = informative_groups(rewards, valid, 4)
+    # [1, 1, 1, 0] differ; [0.5, 0.5, 0, 1] differ; [nan (invalid), 0, 1 (invalid), 1]: the
+    # valid ones (0, 1) differ, the invalid ones do not count.
+    np.testing.assert_array_equal(got, [True, True, True])
+    valid = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1])  # valid 1.0, 1.0: agree
+    np.testing.assert_array_equal(informative_groups(rewards, valid, 4), [True, True, False])
+    valid = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1])  # one valid sample: no spread
+    rewards = np.array([1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(informative_groups(rewards, valid, 4), [False, False, False])

@@ -359,10 +359,11 @@ def normalize_advantages(
 
     ``mean = sum(m * A) / N`` and ``var = sum(m * (A - mean)**2) / N`` (population variance)
     with ``N = sum(m)`` the number of valid tokens in the whole batch; padding stays 0. This is
-    the advantage normalisation of PPO implementations (OpenAI baselines, verl's
-    ``masked_whiten``, TRL, OpenRLHF). Under ``jit`` with a sharded batch the sums are global,
-    so the statistics are those of the full batch, never per shard. A batch without valid
-    tokens returns zeros.
+    the advantage normalisation of PPO implementations (OpenAI baselines, OpenRLHF; verl's
+    ``masked_whiten`` and TRL divide the variance by ``N - 1`` instead, a factor
+    ``sqrt(N / (N - 1))`` on the result, negligible over a batch's tokens). Under ``jit`` with
+    a sharded batch the sums are global, so the statistics are those of the full batch, never
+    per shard. A batch without valid tokens returns zeros.
 
     Args:
         advantages: ``[B, T]`` (or any shape matching ``mask``).
@@ -743,9 +744,11 @@ class ReinforcePlusPlusAdvantageEstimator:
     ``G_t = r_t + gamma * G_{t+1}`` (:func:`discounted_returns`), and the advantage is ``G``
     whitened over every valid token of the batch (global, not per prompt, normalisation).
 
-    With ``baseline=True`` (REINFORCE++-baseline) each sample's score first has its group's mean
-    score subtracted (``scores - mean_g(scores)``; token rewards such as KL penalties are not
-    baselined), then the same reward-to-go and global whitening follow.
+    With ``baseline=True`` (REINFORCE++-baseline, as OpenRLHF computes it) each sample's score
+    first has its group's mean score subtracted (``scores - mean_g(scores)``; token rewards
+    such as KL penalties are not baselined), then the same reward-to-go and global whitening
+    follow. verl's version instead baselines each row's summed token rewards (KL included) and
+    gives every token that value, without reward-to-go.
 
     Attributes:
         gamma: discount (1.0 in the paper's outcome-reward setting).
