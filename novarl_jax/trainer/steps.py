@@ -105,7 +105,8 @@ def make_apply_fn(
     """
     p = spec.prompt_length
 
-    shared = {}
+    # Pipeline microbatches for pp > 1 (the shared-prompt forward runs with pp = 1 only).
+    shared = {"num_microbatches": spec.num_microbatches}
     fwd = forward
     if share_prompts and spec.prompt_group > 1:
         fwd, shared = forward_shared_prompt, {"prompt_length": p, "group_size": spec.prompt_group}

@@ -50,3 +50,32 @@ def test_num_microbatches_must_divide_the_update_batch():
     config.experiment.num_microbatches = 3
     with pytest.raises(ConfigError, match="experiment.num_microbatches: 3 pipeline microbatches"):
         build_run(validate_config(config))
+
+
+def test_training_forwards_run_the_configured_pipeline_microbatches(monkeypatch):
+    # experiment.num_microbatches reaches the pipeline schedule of the scoring and update
+    # forwards (with 1 the bubble would be half the time at pp = 2, and the routing groups
+    # would not be the ones the checklist shows).
+    from novarl_jax.models import pipeline
+    from novarl_jax.trainer.build import build_run
+    from novarl_jax.trainer.loop import Trainer
+    from novarl_jax.trainer.steps import make_apply_fn, model_inputs
+
+    seen = []
+    real = pipeline.pipeline_apply
+
+    def spy(*args, num_microbatches, **kwargs):
+        seen.append(num_microbatches)
+        return real(*args, num_microbatches=num_microbatches, **kwargs)
+
+    monkeypatch.setattr(pipeline, "pipeline_apply", spy)
+    config = _config(2)
+    spec = validate_config(config)
+    mesh = spec.layout.make_mesh(jax.devices()[: spec.layout.world_size])
+    run = build_run(spec)
+    trainer = Trainer(run, "unused", mesh=mesh)
+    state, _ = trainer.initial_state()
+    traj, _, _ = trainer._rollout(state, trainer.rollout_key(0))
+    seen.clear()  # the rollout's own (cached) forwards do not pipeline microbatches
+    make_apply_fn(run.model, mesh)(state.params, model_inputs(traj))
+    assert seen == [2]
