@@ -90,7 +90,8 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
             (
                 "router",
                 "capacity per expert (C)",
-                " / ".join(str(router.capacity(g)) for g in groups),
+                # The block caps C at the group's tokens (a token picks an expert once).
+                " / ".join(str(min(router.capacity(g), g)) for g in groups),
             ),
         ]
     rows += [

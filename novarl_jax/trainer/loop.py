@@ -394,9 +394,7 @@ class Trainer:
                 update_metrics.append(metrics)
         update_metrics = jax.device_get(update_metrics)
         t2 = time.perf_counter()
-        metrics = {
-            name: float(np.mean([m[name] for m in update_metrics])) for name in update_metrics[0]
-        }
+        metrics = combine_update_metrics(update_metrics)
         skipped = [bool(m["train/skipped"]) for m in update_metrics]
         metrics["train/skipped"] = float(sum(skipped))
         metrics["train/skipped_trailing"] = float(trailing_skips(skipped))
@@ -420,6 +418,16 @@ class Trainer:
             }
         )
         return state, metrics, (traj, info)
+
+
+def combine_update_metrics(update_metrics: list[dict]) -> dict[str, float]:
+    """One step's metrics from its updates': the max of ``*_max`` names, the min of ``*_min``
+    names, the mean of the rest."""
+    combine = {"_max": np.max, "_min": np.min}
+    return {
+        name: float(combine.get(name[-4:], np.mean)([m[name] for m in update_metrics]))
+        for name in update_metrics[0]
+    }
 
 
 def informative_groups(rewards: np.ndarray, valid: np.ndarray, group: int) -> np.ndarray:
@@ -674,6 +682,9 @@ class Session:
                 self.log(f"plot: {plot_training(self.workdir)}")
             except ImportError:
                 self.log("plot: skipped (matplotlib is not installed; pip install -e '.[plot]')")
+            except (OSError, ValueError) as e:
+                # The run itself succeeded: a plot that cannot be drawn does not fail it.
+                self.log(f"plot: skipped ({e})")
         return {**metrics, "resumed_from": self.resumed_from, "state": state}
 
 

@@ -152,3 +152,18 @@ def test_an_unknown_task_option_is_named_with_the_valid_ones():
     with pytest.raises(ConfigError, match=r"^task.options.shuffel: .*its options: reward, "
                        r"prompt_field, answer_field, prompt_template, shuffle, seed$"):  # fmt: skip
         build_run(validate_config(config))
+
+
+def test_checklist_capacity_is_capped_at_the_group_tokens():
+    # The MoE block never gives an expert more slots than the group has tokens.
+    from configs import moe
+    from novarl_jax.trainer.checklist import checklist_rows
+
+    config = moe.get_config()
+    config.experiment.update(world_size=2, tensor_parallel_size=1, pipeline_parallel_size=1,
+                             expert_parallel_size=1, capacity_factor=3.0)  # fmt: skip
+    config.train.update(minibatches=1, epochs=1)
+    rows = {item: value for _, item, value in checklist_rows(validate_config(config))}
+    groups = [int(g) for g in rows["tokens per group (update), prompts / completions"].split(" / ")]
+    capacities = [int(c) for c in rows["capacity per expert (C)"].split(" / ")]
+    assert capacities == groups  # factor 3 x top-2 / 4 experts = 1.5 x tokens, capped

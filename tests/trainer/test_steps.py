@@ -90,3 +90,17 @@ def test_informative_groups_for_dynamic_sampling():
     valid = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1])  # one valid sample: no spread
     rewards = np.array([1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
     np.testing.assert_array_equal(informative_groups(rewards, valid, 4), [False, False, False])
+
+
+def test_a_steps_metrics_combine_its_updates_max_min_and_mean():
+    from novarl_jax.trainer.loop import combine_update_metrics
+
+    updates = [
+        {"actor/ratio_max": 1.0, "moe/expert_load_min": 0.2, "actor/pg_loss": 1.0},
+        {"actor/ratio_max": 1.5, "moe/expert_load_min": 0.1, "actor/pg_loss": 3.0},
+    ]
+    assert combine_update_metrics(updates) == {
+        "actor/ratio_max": 1.5,
+        "moe/expert_load_min": 0.1,
+        "actor/pg_loss": 2.0,
+    }
