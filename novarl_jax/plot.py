@@ -48,6 +48,11 @@ def plot_training(workdir: str) -> str:
     if not rows:
         raise ValueError(f"{os.path.join(workdir, 'metrics.jsonl')} has no rows to plot")
     panels = choose_panels(rows)
+    if not panels:
+        raise ValueError(
+            f"{os.path.join(workdir, 'metrics.jsonl')} has no finite value of any plotted "
+            "metric (score, KL, entropy, losses)"
+        )
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (title, name) in zip(axes[0], panels, strict=True):
         points = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), int | float)]
@@ -70,6 +75,12 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         print(plot_training(argv[1]))
+    except ImportError:
+        print(
+            "novarl_jax.plot: error: matplotlib is not installed; pip install -e '.[plot]'",
+            file=sys.stderr,
+        )
+        return 2
     except (FileNotFoundError, ValueError) as e:
         print(f"novarl_jax.plot: error: {e}", file=sys.stderr)
         return 2

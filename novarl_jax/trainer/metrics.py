@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 import re
 from typing import Any
+
+from novarl_jax.core.checks import real_value
 
 
 def _plain(value: Any) -> Any:
@@ -97,6 +100,8 @@ class MetricsWriter:
         self._lines = JsonLines(os.path.join(workdir, METRICS_FILE))
         self.path = self._lines.path
         self._tb = None
+        self._tb_open: Any = None
+        self._tb_purge: int | None = None
         self._wandb = None
         if tensorboard:
             try:
@@ -106,7 +111,8 @@ class MetricsWriter:
                     "logging.tensorboard=True needs the tensorboard extra: "
                     'pip install -e ".[tensorboard]"'
                 ) from e
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # Opened at the first write, so that a resume's purge step is in its first event.
+            self._tb_open = functools.partial(SummaryWriter, os.path.join(workdir, "tensorboard"))
         if wandb:
             try:
                 import wandb as wandb_lib
@@ -123,13 +129,20 @@ class MetricsWriter:
             )
 
     def truncate_after(self, step: int) -> None:
-        """Drops lines for steps after ``step`` (used when resuming)."""
+        """Drops lines for steps after ``step`` (used when resuming); TensorBoard is told to
+        discard them too (W&B keeps its own history)."""
         self._lines.truncate_after(step)
+        self._tb_purge = step + 1
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         self._lines.write([row])
-        numeric = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
+        # From the values themselves: the JSON row spells NaN and inf as strings, and a
+        # skipped update's non-finite loss must reach TensorBoard and W&B as well.
+        numeric = {k: real_value(v) for k, v in metrics.items()}
+        numeric = {k: v for k, v in numeric.items() if v is not None}
+        if self._tb is None and self._tb_open is not None:
+            self._tb = self._tb_open(purge_step=self._tb_purge)
         if self._tb is not None:
             for name, value in numeric.items():
                 self._tb.add_scalar(name, value, step)

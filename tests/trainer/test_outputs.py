@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -161,6 +162,71 @@ def test_tensorboard_writer(tmp_path):
     writer.close()
     events = [f for f in os.listdir(tmp_path / "tensorboard") if "tfevents" in f]
     assert events and os.path.getsize(tmp_path / "tensorboard" / events[0]) > 0
+
+
+def _tensorboard_scalars(directory, tag):
+    """``(step, value)`` of ``tag`` as TensorBoard reads the event files: in file order, a
+    SessionLog START at step s discards the points read before it at steps >= s."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    points = []
+    for name in sorted(os.listdir(directory)):
+        data, i = (directory / name).read_bytes(), 0
+        while i < len(data):  # TFRecord: length, its CRC, the record, its CRC
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                points = [p for p in points if p[0] < event.step]
+            points += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+    return points
+
+
+def test_tensorboard_gets_non_finite_values_and_forgets_steps_a_resume_redoes(tmp_path):
+    pytest.importorskip("tensorboardX")
+    writer = MetricsWriter(str(tmp_path), tensorboard=True)
+    for step in (1, 2, 3):
+        writer.write(step, {"train/loss": float("nan") if step == 2 else float(step)})
+    writer.close()
+    got = _tensorboard_scalars(tmp_path / "tensorboard", "train/loss")
+    assert [s for s, _ in got] == [1, 2, 3] and np.isnan(got[1][1])
+    # A resume from step 2's checkpoint redoes step 3: TensorBoard keeps the new value only.
+    time.sleep(1.1)  # a later process: event files are named by the second they start
+    writer = MetricsWriter(str(tmp_path), tensorboard=True)
+    writer.truncate_after(2)
+    writer.write(3, {"train/loss": 30.0})
+    writer.close()
+    got = _tensorboard_scalars(tmp_path / "tensorboard", "train/loss")
+    assert [s for s, _ in got] == [1, 2, 3] and got[2] == (3, 30.0)
+
+
+def test_plot_errors_are_one_line(tmp_path, monkeypatch):
+    from novarl_jax import plot
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "timing_s/gen": 0.1}\n')
+    assert plot.main(["plot", str(tmp_path)]) == 2  # no panel to draw
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert plot.main(["plot", str(tmp_path)]) == 2
+
+
+def test_a_plot_that_cannot_be_drawn_does_not_fail_the_run(tmp_path, capsys):
+    config = _tiny(steps=1)
+    config.logging.plot = True
+    lines = []
+    import novarl_jax.plot as plot
+
+    def broken(workdir):
+        raise ValueError("metrics.jsonl:2: not a JSON row")
+
+    original = plot.plot_training
+    plot.plot_training = broken
+    try:
+        loop.train(config, str(tmp_path), log=lines.append)
+    finally:
+        plot.plot_training = original
+    assert "plot: skipped (metrics.jsonl:2: not a JSON row)" in lines
 
 
 def test_wandb_offline_writer(tmp_path, monkeypatch):
