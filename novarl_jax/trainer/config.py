@@ -170,7 +170,9 @@ def default_config() -> ml_collections.ConfigDict:
     # KL-in-reward, the old log-probs come from the update's own forward (exact; no separate
     # scoring forward under the policy).
     train.micro_batches = 1  # gradient-accumulation splits of each minibatch
-    train.router_replay = False  # train MoE layers on the experts the rollout chose
+    # Train MoE layers on the experts the rollout chose (the scoring forwards replay them too,
+    # the reference model's included, so its KL compares the two under the same routing).
+    train.router_replay = False
     # Run each prompt once per group of samples in the scoring and training forwards (its
     # completions attend to its keys and values; same numbers, fewer FLOPs). Used when
     # grpo_group_size > 1 and pp = 1; the update's forward also needs minibatches = 1 and
