@@ -377,12 +377,14 @@ def _lags(config: Any, queue_size: int, synchronous: bool) -> tuple[int, int]:
 
     The threaded schedule samples a rollout while the trainer runs the previous step's U
     updates, or up to ``queue_size`` steps ahead; the deterministic one ``queue_size - 1``
-    steps ahead. A poll can leave ``p`` updates unbroadcast: the whole steps below
-    ``weight_sync_interval``.
+    steps ahead. A poll can leave ``p`` updates unbroadcast: whole steps of U updates, fewer
+    than ``weight_sync_interval`` and than ``weight_sync_max_staleness`` (a worker lagging by
+    the bound gets a broadcast).
     """
     updates = updates_per_step(config)
-    interval = config.experiment.weight_sync_interval
-    pending = updates * (-(-interval // updates) - 1)
+    exp = config.experiment
+    below = min(exp.weight_sync_interval, exp.weight_sync_max_staleness)
+    pending = updates * (-(-below // updates) - 1)
     if synchronous:
         return (queue_size - 1) * updates, (queue_size - 1) * updates + pending
     return updates, queue_size * updates + pending

@@ -273,9 +273,21 @@ def test_the_lags_that_decide_the_start_up_warnings():
     assert async_loop._lags(config, 1, synchronous=False) == (2, 2)
     assert async_loop._lags(config, 2, synchronous=False) == (2, 4)
     assert async_loop._lags(config, 3, synchronous=True) == (4, 4)
-    config = _config(1, interval=5)  # a poll can leave 2 steps (4 updates) unbroadcast
+    config = _config(1, interval=5, max_staleness=100)  # a poll can leave 2 steps unbroadcast
     assert async_loop._lags(config, 1, synchronous=False) == (2, 6)
     assert async_loop._lags(config, 1, synchronous=True) == (0, 4)
+    # A worker lagging by the bound gets a broadcast: no more than 1 step (< 3) is left.
+    config = _config(1, interval=5, max_staleness=3)
+    assert async_loop._lags(config, 1, synchronous=False) == (2, 4)
+    assert async_loop._lags(config, 1, synchronous=True) == (0, 2)
+
+
+def test_no_warning_where_the_staleness_broadcast_keeps_every_rollout(tmp_path):
+    out, rows, lines = _run_async(
+        _config(4, interval=5, max_staleness=3), tmp_path, synchronous=True, queue_size=1
+    )
+    assert not [line for line in lines if line.startswith("warning:")]
+    assert [r["sync/dropped_samples"] for r in rows] == [0.0] * 4
 
 
 def test_threaded_bound_holds_with_two_workers(tmp_path, monkeypatch):
