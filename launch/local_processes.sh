@@ -4,7 +4,7 @@
 # experiment.world_size must be N x DEVICES (a smaller DEVICES is raised to world_size / N).
 # PYTHON (default: python) is the interpreter; PORT (default: 12355) the coordinator's port.
 set -euo pipefail
-if [[ $# -lt 2 || ! "$1" =~ ^[0-9]+$ || ! "$2" =~ ^[0-9]+$ ]]; then
+if [[ $# -lt 2 || ! "$1" =~ ^[1-9][0-9]*$ || ! "$2" =~ ^[1-9][0-9]*$ ]]; then
   echo "usage: $0 N DEVICES --config=CONFIG [overrides...]  (N processes, DEVICES CPU devices each)" >&2
   exit 2
 fi

@@ -152,6 +152,9 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._lines.close()
+        if self._tb is None and self._tb_open is not None and self._tb_purge is not None:
+            # A resume that wrote no step still tells TensorBoard to forget the later ones.
+            self._tb = self._tb_open(purge_step=self._tb_purge)
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:

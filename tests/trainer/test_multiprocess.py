@@ -86,7 +86,7 @@ def test_dry_run_refuses_what_the_multi_process_run_refuses(tmp_path):
 
 
 def test_the_launcher_prints_its_usage():
-    for args in ([], ["--help"], ["2"]):
+    for args in ([], ["--help"], ["2"], ["0", "4", "--config=configs/copy.py"]):
         result = subprocess.run(
             ["bash", "launch/local_processes.sh", *args], cwd=ROOT, capture_output=True, text=True
         )

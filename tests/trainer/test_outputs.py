@@ -200,15 +200,26 @@ def test_tensorboard_gets_non_finite_values_and_forgets_steps_a_resume_redoes(tm
     writer.close()
     got = _tensorboard_scalars(tmp_path / "tensorboard", "train/loss")
     assert [s for s, _ in got] == [1, 2, 3] and got[2] == (3, 30.0)
+    # A resume that writes no step (the checkpoint is already at experiment.steps) still
+    # forgets the later steps.
+    time.sleep(1.1)
+    writer = MetricsWriter(str(tmp_path), tensorboard=True)
+    writer.truncate_after(1)
+    writer.close()
+    assert [s for s, _ in _tensorboard_scalars(tmp_path / "tensorboard", "train/loss")] == [1]
 
 
-def test_plot_errors_are_one_line(tmp_path, monkeypatch):
+def test_plot_errors_are_one_line(tmp_path, monkeypatch, capsys):
     from novarl_jax import plot
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "timing_s/gen": 0.1}\n')
     assert plot.main(["plot", str(tmp_path)]) == 2  # no panel to draw
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no finite value of any plotted metric" in err
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert plot.main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matplotlib is not installed" in err
 
 
 def test_a_plot_that_cannot_be_drawn_does_not_fail_the_run(tmp_path, capsys):
