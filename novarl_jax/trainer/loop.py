@@ -560,10 +560,12 @@ class Session:
             self.state, self.host = self.checkpointer.restore(abstract_like(self.state))
             self.run.task.set_state(self.host["task_state"])
             self.start = int(self.host["iteration"])
-            for lines in (self.writer, self.samples):
-                if lines is not None:
-                    lines.truncate_after(self.start)
             log(f"resumed from {self.checkpointer.directory} at step {self.start}")
+        # Rows past the restored step (all of them on a fresh start: a run that stopped before
+        # its first checkpoint) are redone, so they go.
+        for lines in (self.writer, self.samples):
+            if lines is not None:
+                lines.truncate_after(self.start)
         if self.main_process:
             # Only once the checkpoint has restored: a config it refuses (another model) must
             # not replace the record of the one it was trained with.

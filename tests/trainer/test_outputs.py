@@ -321,3 +321,15 @@ def test_overlong_shaping_matches_numpy():
         overlong_penalty=0.5,
     )  # fmt: skip
     np.testing.assert_array_equal(np.asarray(unshaped), rewards)
+
+
+def test_a_fresh_start_replaces_the_rows_of_a_run_that_left_no_checkpoint(tmp_path):
+    # The earlier run stopped before its first checkpoint: its steps are redone from 0.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    (tmp_path / "samples.jsonl").write_text('{"step": 1}\n')
+    config = _tiny(steps=1, logging__samples=1, logging__plot=False)
+    _train(config, tmp_path)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+    assert "critic/score/mean" in read_metrics(tmp_path)[0]
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 1 and "completion" in samples[0]
