@@ -289,6 +289,8 @@ class _ThreadedFeed:
                     index = self._next_index()
                     if index is None:  # nothing more to sample unless a rollout is dropped
                         self._places.release()
+                        # Holding no parameters, it asks for no staleness broadcast.
+                        self._retire(worker)
                         self._stop.wait(self._tick)
                         continue
                     self._queue.put(self._produce(worker, index))

@@ -247,6 +247,18 @@ def test_a_worker_error_no_take_raised_is_raised_on_close():
     assert "raised in rollout worker 0" in "".join(excinfo.value.__notes__)
 
 
+def test_a_worker_with_nothing_left_to_sample_holds_no_parameters():
+    retired = threading.Event()
+    feed = async_loop._ThreadedFeed(
+        lambda worker, index: async_loop.Rollout(index, worker, 0, None, None, {}, 0.0),
+        queue_size=1, num_workers=1, first_index=0, limit=1, retire=lambda w: retired.set(),
+    )  # fmt: skip
+    feed.start()
+    assert feed.get(lambda: None).index == 0
+    assert retired.wait(10)  # before the run ends: no staleness broadcast on its account
+    feed.close()
+
+
 def test_closing_without_join_does_not_wait_for_a_rollout_in_progress():
     started, release = threading.Event(), threading.Event()
 
