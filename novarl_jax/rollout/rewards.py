@@ -16,8 +16,11 @@ A config names a reward function as ``"module.path:function"``, loaded by
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,11 +59,21 @@ def load_reward_fn(spec: str | RewardFn) -> RewardFn:
     module_name, attr = spec.split(":")
     if not module_name or not attr:
         raise ValueError(f"reward function {spec!r} must look like 'module.path:function'")
+    # Modules in the working directory import as they do under `python -m` (the
+    # `novarl-train` script does not put it on the path).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(
             f"reward function {spec!r}: cannot import {module_name!r} ({err})"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - the module's own code failed while importing
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(
+            f"reward function {spec!r}: importing {module_name!r} raised "
+            f"{type(err).__name__}: {first}"
         ) from err
     fn = module
     for part in attr.split("."):
@@ -69,67 +82,142 @@ def load_reward_fn(spec: str | RewardFn) -> RewardFn:
         fn = getattr(fn, part)
     if not callable(fn):
         raise ValueError(f"reward function {spec!r} is not callable")
+    try:
+        inspect.signature(fn).bind([], [], [])
+    except TypeError as err:
+        raise ValueError(
+            f"reward function {spec!r} cannot be called as fn(prompts, completions, metadata) "
+            f"({err}); it is called once per batch and returns one float per completion"
+        ) from None
+    except ValueError:  # no signature to inspect (a builtin): found out when called
+        pass
     return fn
 
 
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
 def extract_boxed(text: str) -> str | None:
-    r"""Contents of the last ``\boxed{...}`` in ``text`` (nested braces allowed), or None.
+    r"""Contents of the last ``\boxed{...}`` (or ``\fbox{...}``, or ``\boxed x`` without
+    braces) in ``text``, nested braces allowed; None when there is none or the last one is not
+    closed (a truncated final answer is no answer).
 
     Example:
         >>> extract_boxed(r"so \boxed{\frac{1}{2}} done")
         '\\frac{1}{2}'
     """
-    start = text.rfind("\\boxed")
-    while start != -1:
-        i = start + len("\\boxed")
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                if text[j] == "{":
-                    depth += 1
-                elif text[j] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1 : j]
-        # Unclosed or malformed: look for an earlier one.
-        start = text.rfind("\\boxed", 0, start)
+    start = max(text.rfind(command) for command in _BOX_COMMANDS)
+    if start == -1:
+        return None
+    command = next(c for c in _BOX_COMMANDS if text.startswith(c, start))
+    rest = text[start + len(command) :]
+    if rest.startswith(" ") and not rest.lstrip(" ").startswith("{"):
+        # "\boxed 5": the token after the space (as written without braces).
+        token = rest.split()[0] if rest.split() else ""
+        return token.rstrip("$.") or None
+    j = start + len(command)
+    while j < len(text) and text[j] == " ":
+        j += 1
+    if j >= len(text) or text[j] != "{":
+        return None
+    depth = 0
+    for k in range(j, len(text)):
+        if text[k] == "{":
+            depth += 1
+        elif text[k] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[j + 1 : k]
     return None
+
+
+# LaTeX that does not change a final answer, removed before comparing (as verl's math reward
+# does): sizing, spacing, display-fraction commands, degrees, percent and dollar signs.
+_NOISE = (
+    ("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
+    ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""),
+    ("\\%", ""), ("\\$", ""), ("$", ""), ("\u2212", "-"),
+)  # fmt: skip
+_TRAILING_UNIT = re.compile(r"\s*\\(?:text|mbox|mathrm)\{[^{}]*\}\s*$")
+_SHORT_FRAC = re.compile(r"\\frac(\d)(\d)")  # \frac12 -> \frac{1}{2}
+_VARIABLE_PREFIX = re.compile(r"^[A-Za-z]\s*=\s*(?=\S)")  # "x = 5" -> "5"
 
 
 def normalize_answer(text: str) -> str:
-    """Strips, collapses whitespace and removes a trailing period (for exact-match)."""
+    r"""An answer as compared by the exact-match reward.
+
+    Collapses whitespace and drops it around symbols (``x + 1`` = ``x+1``; words keep their
+    spaces), removes a trailing period, LaTeX that does not change the value (``\left``,
+    ``\right``, spacing, ``\dfrac``/``\tfrac`` -> ``\frac``, degrees, ``\%``, dollar signs), a
+    trailing ``\text{unit}``, a one-letter ``x =`` prefix, and writes ``\frac12`` as
+    ``\frac{1}{2}``.
+    """
     text = " ".join(str(text).strip().split())
-    return text[:-1].rstrip() if text.endswith(".") else text
+    for old, new in _NOISE:
+        text = text.replace(old, new)
+    text = _TRAILING_UNIT.sub("", text)
+    text = _SHORT_FRAC.sub(r"\\frac{\1}{\2}", text)
+    text = _VARIABLE_PREFIX.sub("", text.strip())
+    text = re.sub(r"\s*([^\w\s\\])\s*", r"\1", text)
+    text = text[:-1].rstrip() if text.endswith(".") else text
+    return text.strip()
 
 
-def parse_number(text: str) -> float | None:
-    r"""The last number in ``text`` as a float (``1,234`` -> 1234; ``\frac{a}{b}`` and ``a/b``
-    -> a/b), or None when there is none."""
-    text = str(text)
-    frac = re.findall(r"\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}", text)
-    if frac:
-        num, den = (parse_number(x) for x in frac[-1])
-        if num is not None and den not in (None, 0.0):
-            return num / den
-    ratio = re.findall(r"([-+]?\d+(?:\.\d+)?)\s*/\s*([-+]?\d+(?:\.\d+)?)\s*$", text.strip())
-    if ratio:
-        num, den = float(ratio[-1][0]), float(ratio[-1][1])
-        if den != 0:
-            return num / den
-    matches = _NUMBER.findall(text)
-    for candidate in reversed(matches):
-        try:
-            return float(candidate.replace(",", ""))
-        except ValueError:
-            continue
+_PLAIN = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_FRAC = re.compile(r"([-+]?)\\frac\{([^{}]+)\}\{([^{}]+)\}")
+_RATIO = re.compile(r"([-+]?\d+(?:\.\d+)?)/([-+]?\d+(?:\.\d+)?)")
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
+
+
+def parse_number(text: Any) -> float | None:
+    r"""``text`` as one number, or None when it is anything else.
+
+    Accepts ``42``, ``-3.5``, ``.5``, ``1e3``, ``1,234`` (commas only between thousands),
+    ``3/4``, ``\frac{3}{4}`` and ``-\frac{1}{2}``, after :func:`normalize_answer` (so ``$5``,
+    ``50\%``, ``90^\circ``, ``x = 5`` and ``5 \text{cm}`` are numbers too). ``x \neq 5``,
+    ``2^{10}``, ``(1,2)`` or ``3, 5`` are not: a number inside a larger expression is not
+    the answer. JSON numbers (int, float) are returned as they are.
+    """
+    if isinstance(text, bool):
+        return None
+    if isinstance(text, int | float):
+        return float(text)
+    text = normalize_answer(text)
+    if not text or len(text) > 100:
+        return None
+    match = _FRAC.fullmatch(text)
+    if match:
+        num, den = parse_number(match.group(2)), parse_number(match.group(3))
+        if num is None or den in (None, 0.0):
+            return None
+        return -num / den if match.group(1) == "-" else num / den
+    match = _RATIO.fullmatch(text)
+    if match:
+        den = float(match.group(2))
+        return float(match.group(1)) / den if den != 0 else None
+    if _PLAIN.fullmatch(text) and any(c.isdigit() for c in text):
+        return float(text.replace(",", ""))
     return None
 
 
-def _answer_text(completion: str) -> str:
-    boxed = extract_boxed(completion)
-    return completion if boxed is None else boxed
+def last_number(text: str) -> float | None:
+    """The last number written in free text (GSM8K-style answers with no ``\\boxed{}``): the
+    last token that :func:`parse_number` reads, else the last number in the text."""
+    tail = str(text)[-400:]
+    for token in reversed(tail.split()):
+        value = parse_number(token.rstrip(".,;:!?)").lstrip("("))
+        if value is not None:
+            return value
+    matches = _NUMBER.findall(tail)
+    return float(matches[-1].replace(",", "")) if matches else None
+
+
+def _answer_text(completion: str) -> str | None:
+    """The completion's final answer: its last box; the whole completion when it has no box;
+    None when its last box is not closed."""
+    if not any(command in completion for command in _BOX_COMMANDS):
+        return completion
+    return extract_boxed(completion)
 
 
 def _check_lengths(prompts: Sequence, completions: Sequence, metadata: Sequence) -> None:
@@ -157,8 +245,9 @@ def exact_match_reward(
     _check_lengths(prompts, completions, metadata)
     out = []
     for i, (completion, meta) in enumerate(zip(completions, metadata, strict=True)):
-        target = normalize_answer(_answer_text(str(_answer(meta, i))))
-        out.append(float(normalize_answer(_answer_text(completion)) == target))
+        target = normalize_answer(_answer_text(answer_text(_answer(meta, i))) or "")
+        answer = _answer_text(completion)
+        out.append(float(answer is not None and normalize_answer(answer) == target))
     return out
 
 
@@ -172,20 +261,41 @@ def numeric_reward(
 ) -> list[float]:
     r"""1.0 when the completion's number equals the numeric answer, else 0.0.
 
-    The number is read from the last ``\boxed{}`` when present, else it is the last number in
-    the completion (:func:`parse_number`). Equal means ``math.isclose(pred, answer, rel_tol,
+    The number is the whole content of the last ``\boxed{}`` (:func:`parse_number`: a box
+    holding anything but one number scores 0), or, with no box, the last number of the
+    completion (:func:`last_number`). Equal means ``math.isclose(pred, answer, rel_tol,
     abs_tol)``. A reference answer that is not a number raises ValueError naming the index.
     """
     _check_lengths(prompts, completions, metadata)
     out = []
     for i, (completion, meta) in enumerate(zip(completions, metadata, strict=True)):
-        target = parse_number(_answer_text(str(_answer(meta, i))))
+        target = numeric_answer(_answer(meta, i))
         if target is None:
             raise ValueError(f"metadata[{i}]['answer']={meta['answer']!r} is not a number")
-        pred = parse_number(_answer_text(completion))
+        if any(command in completion for command in _BOX_COMMANDS):
+            boxed = extract_boxed(completion)
+            pred = None if boxed is None else parse_number(boxed)
+        else:
+            pred = last_number(completion)
         ok = pred is not None and math.isclose(pred, target, rel_tol=rel_tol, abs_tol=abs_tol)
         out.append(float(ok))
     return out
+
+
+def numeric_answer(answer: Any) -> float | None:
+    """A reference answer as a number (a JSON number, or text :func:`parse_number` reads,
+    boxed or not), or None."""
+    if isinstance(answer, str):
+        boxed = _answer_text(answer)
+        return None if boxed is None else parse_number(boxed)
+    return parse_number(answer)
+
+
+def answer_text(answer: Any) -> str:
+    """A reference answer as text: JSON numbers without a spurious ``.0`` (``5.0`` -> ``5``)."""
+    if isinstance(answer, float) and answer.is_integer() and abs(answer) < 1e16:
+        return str(int(answer))
+    return str(answer)
 
 
 def positional_match(completion: str, target: str) -> float:

@@ -3,6 +3,8 @@
 import json
 import os
 import pathlib
+import sys
+import time
 
 import jax
 import numpy as np
@@ -122,6 +124,14 @@ def test_bad_reward_fn_output_is_rejected():
     task = CopyTask(reward_fn=lambda p, c, m: ["x", "y"])
     with pytest.raises(ValueError, match="must return a list of floats"):
         task.score(["a", "b"], ["a", "b"], [{"answer": "a"}] * 2)
+    task = CopyTask(reward_fn=lambda p, c, m: ["1", "0"])  # text, even if it reads as numbers
+    with pytest.raises(ValueError, match="must return a list of floats, got text"):
+        task.score(["a", "b"], ["a", "b"], [{"answer": "a"}] * 2)
+    for value in (None, 1.0):  # a per-sample function, or none at all
+        task = CopyTask(reward_fn=lambda p, c, m, value=value: value)
+        with pytest.raises(ValueError, match=r"not a list; it is called once per batch and must "
+                           r"return 2 floats"):  # fmt: skip
+            task.score(["a", "b"], ["a", "b"], [{"answer": "a"}] * 2)
     with pytest.raises(ValueError, match="same length"):
         CopyTask().score(["a"], ["a", "b"], [{"answer": "a"}])
 
@@ -156,12 +166,56 @@ def test_boxed_extraction_and_numbers():
     assert R.extract_boxed(r"\boxed {a{b}c}") == "a{b}c"
     assert R.extract_boxed(r"no box") is None
     assert R.extract_boxed(r"\boxed{unclosed") is None
-    assert R.extract_boxed(r"\boxed{7} then \boxed{oops") == "7"
-    assert R.parse_number("total: 1,234.5 apples") == 1234.5
+    # A truncated last box is no answer (an earlier box does not stand in for it).
+    assert R.extract_boxed(r"\boxed{7} then \boxed{oops") is None
+    assert R.extract_boxed(r"\fbox{5}") == "5" and R.extract_boxed(r"so \boxed 5$.") == "5"
+    assert R.last_number("total: 1,234.5 apples") == 1234.5
+    assert R.parse_number("total: 1,234.5 apples") is None  # not one number
     assert R.parse_number(r"\frac{3}{4}") == 0.75
     assert R.parse_number("3/4") == 0.75
     assert R.parse_number("-2e3") == -2000.0
     assert R.parse_number("none") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        (r"-\frac{1}{2}", -0.5), (r"\frac12", 0.5), (r"\dfrac{3}{4}", 0.75), ("\u22125", -5.0),
+        (r"\$1,000", 1000.0), (r"50\%", 50.0), (r"90^\circ", 90.0), ("x = 5", 5.0),
+        (r"5 \text{cm}", 5.0), (".5", 0.5), ("+7", 7.0), ("12,345,678", 12345678.0),
+        # Not one number: a number inside a larger expression is not the answer.
+        (r"x \neq 5", None), (r"2^{10}", None), ("(1,2)", None), ("1,2", None), ("3, 5", None),
+        (r"\sqrt{2}", None), (r"2\frac{1}{2}", None), ("1/0", None), ("", None),
+    ],
+)  # fmt: skip
+def test_parse_number_reads_one_whole_number(text, value):
+    assert R.parse_number(text) == value
+
+
+def test_numeric_reward_gives_no_credit_for_a_number_inside_an_expression():
+    boxes = [r"\boxed{x \neq 5}", r"\boxed{2^{10}}", r"\boxed{3, 5}", r"\boxed{-\frac{1}{2}}",
+             r"\boxed{5} and then \boxed{"]  # fmt: skip
+    answers = ["5", "10", "5", "1/2", "5"]
+    meta = [{"answer": a} for a in answers]
+    assert R.numeric_reward([""] * 5, boxes, meta) == [0.0] * 5
+    assert R.numeric_reward([""], [r"\boxed{-\frac{1}{2}}"], [{"answer": "-0.5"}]) == [1.0]
+    # Long digit runs take linear time (a quadratic regex took ~1 s per 8,000 digits).
+    start = time.perf_counter()
+    assert R.numeric_reward([""], ["1" * 20000 + "x"], [{"answer": "5"}]) == [0.0]
+    assert time.perf_counter() - start < 0.5
+
+
+def test_exact_match_normalises_latex_that_does_not_change_the_answer():
+    pairs = [(r"\boxed{x + 1}", "x+1"), (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}"),
+             (r"\boxed{\left(1,2\right)}", "(1,2)"), (r"\boxed{10\%}", "10"),
+             (r"\boxed{90^\circ}", "90"), (r"\boxed{x=5}", "5"), (r"\fbox{5}", "5"),
+             ("New York", "New York")]  # fmt: skip
+    completions, answers = zip(*pairs, strict=True)
+    meta = [{"answer": a} for a in answers]
+    assert R.exact_match_reward([""] * len(pairs), list(completions), meta) == [1.0] * len(pairs)
+    # Words keep their spaces; a JSON number answer is compared as written (5.0 -> "5").
+    meta = [{"answer": "New York"}, {"answer": 5.0}]
+    assert R.exact_match_reward(["", ""], ["NewYork", "5"], meta) == [0.0, 1.0]
 
 
 def test_exact_and_numeric_rewards_hand_made():
@@ -279,10 +333,10 @@ def test_jsonl_task_errors(tmp_path):
 JSONL_DATA = str(pathlib.Path(__file__).resolve().parents[1] / "data" / "prompts_tiny.jsonl")
 
 
-def test_parse_number_reads_the_last_fraction():
+def test_last_number_reads_the_last_fraction():
     from novarl_jax.rollout import rewards as R
 
-    assert R.parse_number(r"first \frac{1}{2}, finally \frac{3}{4}") == 0.75
+    assert R.last_number(r"first \frac{1}{2}, finally \frac{3}{4}") == 0.75
     assert R.numeric_reward([""], [r"\frac{1}{2} no: \frac{3}{4}"], [{"answer": 0.75}]) == [1.0]
 
 
@@ -302,3 +356,43 @@ def test_jsonl_set_state_in_a_later_epoch_resumes_exactly():
     other = JSONLTask(JSONL_DATA, seed=0)
     other.set_state(state)
     assert other.sample_prompts(None, 5) == want
+
+
+def test_jsonl_rows_must_hold_a_text_prompt_and_a_string_or_number_answer(tmp_path):
+    bad = {
+        '{"prompt": [{"role": "user", "content": "2+3?"}], "answer": "5"}': "'prompt' must be a "
+        "string",
+        '{"prompt": "2+3?", "answer": null}': "'answer' must be a string or a number, got NoneType",
+        '{"prompt": "2+3?", "answer": ["5", "five"]}': "'answer' must be a string or a number",
+        '{"prompt": "2+3?", "answer": true}': "'answer' must be a string or a number, got bool",
+    }
+    for line, message in bad.items():
+        path = tmp_path / "bad.jsonl"
+        path.write_text('{"prompt": "1+1?", "answer": "2"}\n' + line + "\n")
+        with pytest.raises(ValueError, match=rf"bad.jsonl:2: field {message}"):
+            JSONLTask(str(path))
+    # With reward='numeric' every answer must be a number, checked when the file is read.
+    path.write_text('{"prompt": "1+1?", "answer": 2}\n{"prompt": "Capital?", "answer": "Paris"}\n')
+    JSONLTask(str(path))  # exact match: fine
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: answer 'Paris' is not a number"):
+        JSONLTask(str(path), reward="numeric")
+    with pytest.raises(ValueError, match=r"shuffle must be True or False, got 'false'"):
+        JSONLTask(str(path), shuffle="false")
+
+
+def test_reward_fn_modules_are_checked_when_loaded(tmp_path, monkeypatch):
+    (tmp_path / "user_rewards.py").write_text(
+        "def two_args(prompts, completions):\n    return [0.0] * len(prompts)\n"
+        "def good(prompts, completions, metadata):\n    return [1.0] * len(prompts)\n"
+    )
+    (tmp_path / "broken_rewards.py").write_text("raise RuntimeError('no GPU here')\n")
+    # The working directory, as `novarl-train` runs (its script puts no '' on the path).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert R.load_reward_fn("user_rewards:good")(["q"], ["c"], [{}]) == [1.0]
+    with pytest.raises(ValueError, match=r"'user_rewards:two_args' cannot be called as "
+                       r"fn\(prompts, completions, metadata\)"):  # fmt: skip
+        R.load_reward_fn("user_rewards:two_args")
+    with pytest.raises(ValueError, match=r"^reward function 'broken_rewards:f': importing "
+                       r"'broken_rewards' raised RuntimeError: no GPU here$"):  # fmt: skip
+        R.load_reward_fn("broken_rewards:f")
