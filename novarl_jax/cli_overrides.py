@@ -158,6 +158,8 @@ def _option_value(text: str, current: Any) -> Any:
         return None
     if isinstance(current, str):
         return text  # a string option stays a string (e.g. symbols=123)
+    if text.lower() in ("true", "false"):  # as the config's own bool flags take them
+        return text.lower() == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):

@@ -327,3 +327,13 @@ def test_config_file_error_names_the_line(run_cli, tmp_path):
     assert err.splitlines() == [
         f"novarl_jax.train: error: --config: {path}:2: ValueError: no such model size"
     ]
+
+
+def test_task_option_words_true_and_false_are_bools():
+    from novarl_jax import cli_overrides
+
+    for text, value in (("false", False), ("False", False), ("TRUE", True), ("3", 3)):
+        assert cli_overrides._option_value(text, None) is value or (
+            cli_overrides._option_value(text, None) == value
+        )
+    assert cli_overrides._option_value("false", "abc") == "false"  # a string option stays one

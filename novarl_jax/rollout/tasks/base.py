@@ -74,6 +74,15 @@ def rewards_to_array(values: Any, batch_size: int, source: str) -> np.ndarray:
     Raises:
         RewardFunctionError: not a sequence of B real numbers.
     """
+    if values is None or np.ndim(values) == 0:
+        raise RewardFunctionError(
+            f"{source} returned {values!r:.60}, not a list; it is called once per batch and "
+            f"must return {batch_size} floats, one per completion"
+        )
+    if any(isinstance(v, str | bytes) for v in values):
+        raise RewardFunctionError(
+            f"{source} must return a list of floats, got text among them: {list(values)!r:.80}"
+        )
     try:
         rewards = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as err:

@@ -23,7 +23,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from novarl_jax.rollout.rewards import RewardFn, exact_match_reward, numeric_reward
+from novarl_jax.rollout.rewards import (
+    RewardFn,
+    exact_match_reward,
+    numeric_answer,
+    numeric_reward,
+)
 from novarl_jax.rollout.tasks.base import BaseTask, check_batch_size
 
 BUILTIN_REWARDS = {"exact": exact_match_reward, "numeric": numeric_reward}
@@ -37,8 +42,10 @@ class JSONLTask(BaseTask):
         reward: 'exact' (:func:`~novarl_jax.rollout.rewards.exact_match_reward`), 'numeric'
             (:func:`~novarl_jax.rollout.rewards.numeric_reward`), a callable, or
             ``"module.path:function"``. Both built-ins read the answer from the last
-            ``\boxed{}`` when the completion has one.
-        prompt_field, answer_field: the JSON keys of the prompt and the answer.
+            ``\boxed{}`` when the completion has one (a last box left open is no answer);
+            'numeric' needs every answer to be a number, checked when the file is read.
+        prompt_field, answer_field: the JSON keys of the prompt (a string) and the answer (a
+            string or a number).
         prompt_template: ``str.format`` template applied to the prompt: ``{prompt}`` is the
             only field allowed (at least once); literal braces are doubled, as in
             ``"Q: {prompt} Put the answer in \\boxed{{}}."``.
@@ -80,8 +87,17 @@ class JSONLTask(BaseTask):
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         self.path = os.fspath(path)
         self.prompt_template = prompt_template
+        if not isinstance(shuffle, bool | np.bool_):
+            raise ValueError(f"shuffle must be True or False, got {shuffle!r}")
         self.shuffle = bool(shuffle)
         self.examples, self._line_numbers = _read_jsonl(self.path, prompt_field, answer_field)
+        if reward_fn is numeric_reward:
+            for (_, answer), lineno in zip(self.examples, self._line_numbers, strict=True):
+                if numeric_answer(answer) is None:
+                    raise ValueError(
+                        f"{self.path}:{lineno}: answer {answer!r:.60} is not a number, which "
+                        f"reward='numeric' needs; use reward='exact' for text answers"
+                    )
         self._seed = seed
         self._epoch = 0
         self._index = 0
@@ -227,7 +243,18 @@ def _read_jsonl(
                     raise ValueError(
                         f"{path}:{lineno}: missing field {field!r} (fields: {sorted(row)})"
                     )
-            examples.append((str(row[prompt_field]), row[answer_field]))
+            prompt, answer = row[prompt_field], row[answer_field]
+            if not isinstance(prompt, str):
+                raise ValueError(
+                    f"{path}:{lineno}: field {prompt_field!r} must be a string (the prompt's "
+                    f"text), got {type(prompt).__name__} {str(prompt)[:60]!r}"
+                )
+            if isinstance(answer, bool) or not isinstance(answer, str | int | float):
+                raise ValueError(
+                    f"{path}:{lineno}: field {answer_field!r} must be a string or a number, got "
+                    f"{type(answer).__name__} {answer!r:.60}"
+                )
+            examples.append((prompt, answer))
             line_numbers.append(lineno)
     if not examples:
         raise ValueError(f"JSONL file {path!r} has no examples")
