@@ -243,6 +243,13 @@ def _load_policy(config, tokenizer, *, value_head: bool) -> tuple[ModelConfig, A
             f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint model.init_from "
             f"has vocab_size={policy.vocab_size}",
         )
+    pp = exp.pipeline_parallel_size
+    if policy.num_hidden_layers % pp:
+        raise ConfigError(
+            "experiment.pipeline_parallel_size",
+            f"{pp} pipeline stages do not split the checkpoint model.init_from's "
+            f"num_hidden_layers={policy.num_hidden_layers}; use a divisor of it",
+        )
     length = ro.max_prompt_length + ro.max_new_tokens
     if length > policy.max_position_embeddings:
         raise ConfigError(

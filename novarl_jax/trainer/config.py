@@ -575,7 +575,8 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
             f"{model.num_key_value_heads} does not divide num_attention_heads="
             f"{model.num_attention_heads}",
         )
-    if model.num_hidden_layers % layout.pp:
+    # (With model.init_from the checkpoint's layer count decides: checked when it is read.)
+    if model.num_hidden_layers % layout.pp and not model.init_from:
         raise ConfigError(
             "experiment.pipeline_parallel_size",
             f"{layout.pp} pipeline stages do not split model.num_hidden_layers="

@@ -135,3 +135,16 @@ def test_the_checkpoints_own_tokenizer_is_used_and_shown(tmp_path):
 def _spec_and_run(path):
     spec = validate_config(_config(path, num_experts=0))
     return spec, build_run(spec)
+
+
+def test_pipeline_stages_must_split_the_checkpoints_layers_not_the_configs():
+    # The checkpoint (2 layers) fixes the depth: model.num_hidden_layers is not used.
+    config = _config(f"{HF}/mixtral")
+    config.model.num_hidden_layers = 3
+    config.experiment.update(world_size=2, pipeline_parallel_size=2)
+    build_run(validate_config(config))  # 2 stages of 1 layer
+    config.experiment.update(world_size=4, pipeline_parallel_size=4, num_microbatches=1)
+    with pytest.raises(ConfigError, match="4 pipeline stages do not split the checkpoint "
+                       "model.init_from's num_hidden_layers=2") as info:  # fmt: skip
+        build_run(validate_config(config))
+    assert info.value.key == "experiment.pipeline_parallel_size"
