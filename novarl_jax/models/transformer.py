@@ -823,7 +823,8 @@ def forward(
         train: MoE capacity factor: ``capacity_factor`` (True) or ``eval_capacity_factor``.
         num_microbatches: M, pipeline microbatches (used when the mesh has ``pp > 1`` and
             there is no cache; must then divide B). More microbatches shrink the pipeline
-            bubble; the result does not depend on M.
+            bubble; with dropless routing the result does not depend on M (with a capacity
+            factor each microbatch is a routing group, so drops do).
 
     Returns:
         (logits [B, T, V] float32, the updated cache or None, aux) where aux has

@@ -21,8 +21,9 @@ def update_routing_groups(spec: RunSpec) -> list[int]:
     capacity is ``router.capacity(tokens)``. The update's forward sees one micro-batch
     (``rollout.prompts_per_step`` x samples / ``train.minibatches`` / ``train.micro_batches``
     rows), and with ``pp > 1`` each of its ``experiment.num_microbatches`` pipeline
-    microbatches is a group. Returns one size, or two when the forward shares prompts: each
-    group's prompt once, then the completions (see
+    microbatches is a group; rows that do not split evenly over the shards are padded, so a
+    shard routes the rounded-up share. Returns one size, or two when the forward shares
+    prompts: each group's prompt once, then the completions (see
     :func:`~novarl_jax.models.shared_prompt.forward_shared_prompt`).
     """
     config, layout = spec.config, spec.layout
@@ -31,10 +32,14 @@ def update_routing_groups(spec: RunSpec) -> list[int]:
     if layout.pp > 1:
         rows //= config.experiment.num_microbatches
     shards = layout.dense_data_parallel_size
+
+    def per_shard(n: int) -> int:  # the MoE block pads a batch the shards do not divide
+        return -(-n // shards)
+
     if updates_share_prompts(config, layout.pp):
         prompts = rows // shared_prompt_group(config, layout.pp)
-        return [prompts * ro.max_prompt_length // shards, rows * ro.max_new_tokens // shards]
-    return [rows * (ro.max_prompt_length + ro.max_new_tokens) // shards]
+        return [per_shard(prompts) * ro.max_prompt_length, per_shard(rows) * ro.max_new_tokens]
+    return [per_shard(rows) * (ro.max_prompt_length + ro.max_new_tokens)]
 
 
 def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tuple[str, str, str]]:

@@ -167,3 +167,17 @@ def test_checklist_capacity_is_capped_at_the_group_tokens():
     groups = [int(g) for g in rows["tokens per group (update), prompts / completions"].split(" / ")]
     capacities = [int(c) for c in rows["capacity per expert (C)"].split(" / ")]
     assert capacities == groups  # factor 3 x top-2 / 4 experts = 1.5 x tokens, capped
+
+
+@pytest.mark.parametrize("microbatches", [8, 16])
+def test_checklist_routing_group_of_a_microbatch_the_shards_do_not_divide(microbatches):
+    # configs/moe.py (tp2 pp2 ep2: 2 data shards): 16 update rows of 24 tokens. 16 pipeline
+    # microbatches of one row each are padded to a row per shard: 24 tokens, not 12.
+    from configs import moe
+    from novarl_jax.trainer.checklist import checklist_rows
+
+    config = moe.get_config()
+    config.experiment.num_microbatches = microbatches
+    rows = {item: value for _, item, value in checklist_rows(validate_config(config))}
+    assert rows["tokens per group (update)"] == "24"
+    assert rows["capacity per expert (C)"] == "15"
