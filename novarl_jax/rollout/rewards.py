@@ -61,8 +61,12 @@ def load_reward_fn(spec: str | RewardFn) -> RewardFn:
         raise ValueError(f"reward function {spec!r} must look like 'module.path:function'")
     # Modules in the working directory import as they do under `python -m` (the
     # `novarl-train` script does not put it on the path).
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the working directory was removed
+        cwd = None
+    if cwd is not None and cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -138,7 +142,8 @@ _NOISE = (
     ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""),
     ("\\%", ""), ("\\$", ""), ("$", ""), ("\u2212", "-"),
 )  # fmt: skip
-_TRAILING_UNIT = re.compile(r"\s*\\(?:text|mbox|mathrm)\{[^{}]*\}\s*$")
+_WHOLE_TEXT = re.compile(r"^\\(?:text|mbox|mathrm)\{([^{}]*)\}$")  # \text{east} -> east
+_TRAILING_UNIT = re.compile(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}\s*$")  # 5 \text{cm}
 _SHORT_FRAC = re.compile(r"\\frac(\d)(\d)")  # \frac12 -> \frac{1}{2}
 _VARIABLE_PREFIX = re.compile(r"^[A-Za-z]\s*=\s*(?=\S)")  # "x = 5" -> "5"
 
@@ -155,6 +160,7 @@ def normalize_answer(text: str) -> str:
     text = " ".join(str(text).strip().split())
     for old, new in _NOISE:
         text = text.replace(old, new)
+    text = _WHOLE_TEXT.sub(r"\1", text.strip())
     text = _TRAILING_UNIT.sub("", text)
     text = _SHORT_FRAC.sub(r"\\frac{\1}{\2}", text)
     text = _VARIABLE_PREFIX.sub("", text.strip())
@@ -163,7 +169,7 @@ def normalize_answer(text: str) -> str:
     return text.strip()
 
 
-_PLAIN = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_PLAIN = re.compile(r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")
 _FRAC = re.compile(r"([-+]?)\\frac\{([^{}]+)\}\{([^{}]+)\}")
 _RATIO = re.compile(r"([-+]?\d+(?:\.\d+)?)/([-+]?\d+(?:\.\d+)?)")
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
@@ -181,7 +187,10 @@ def parse_number(text: Any) -> float | None:
     if isinstance(text, bool):
         return None
     if isinstance(text, int | float):
-        return float(text)
+        try:
+            return float(text)
+        except OverflowError:
+            return None
     text = normalize_answer(text)
     if not text or len(text) > 100:
         return None
@@ -195,21 +204,33 @@ def parse_number(text: Any) -> float | None:
     if match:
         den = float(match.group(2))
         return float(match.group(1)) / den if den != 0 else None
-    if _PLAIN.fullmatch(text) and any(c.isdigit() for c in text):
-        return float(text.replace(",", ""))
+    if _PLAIN.fullmatch(text):
+        value = float(text.replace(",", ""))
+        return value if math.isfinite(value) else None
     return None
 
 
 def last_number(text: str) -> float | None:
-    """The last number written in free text (GSM8K-style answers with no ``\\boxed{}``): the
-    last token that :func:`parse_number` reads, else the last number in the text."""
-    tail = str(text)[-400:]
-    for token in reversed(tail.split()):
-        value = parse_number(token.rstrip(".,;:!?)").lstrip("("))
-        if value is not None:
-            return value
-    matches = _NUMBER.findall(tail)
-    return float(matches[-1].replace(",", "")) if matches else None
+    """The last number written in free text (GSM8K-style answers with no ``\\boxed{}``).
+
+    The whitespace-separated word holding the text's last number counts as a whole when
+    :func:`parse_number` reads it (``3/4``, ``\\frac{3}{4}``, ``$1,000``); otherwise that last
+    number alone (``=8``, ``**42**``, ``42km``).
+    """
+    text = str(text)
+    matches = list(_NUMBER.finditer(text))
+    if not matches:
+        return None
+    last = matches[-1]
+    begin = max(text.rfind(c, 0, last.start()) for c in " \t\n") + 1
+    end = min(
+        (i for i in (text.find(c, last.end()) for c in " \t\n") if i != -1), default=len(text)
+    )
+    word = parse_number(text[begin:end].rstrip(".,;:!?)").lstrip("("))
+    if word is not None:
+        return word
+    value = float(last.group().replace(",", ""))
+    return value if math.isfinite(value) else None
 
 
 def _answer_text(completion: str) -> str | None:

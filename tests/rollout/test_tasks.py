@@ -396,3 +396,27 @@ def test_reward_fn_modules_are_checked_when_loaded(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"^reward function 'broken_rewards:f': importing "
                        r"'broken_rewards' raised RuntimeError: no GPU here$"):  # fmt: skip
         R.load_reward_fn("broken_rewards:f")
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer"),
+    [
+        ("The best move is e4.", 4), ("She has 16 eggs and eats 3. So 9*2=$18", 18),
+        ("We have 5 and 3. Total: 5+3=8", 8), ("Step 1: 3 apples. Answer: **42**", 42),
+        ("There are 2 cases. The answer is 42km", 42), ("2 of them; answer [42]", 42),
+        ("The answer is 42. " + "Let me check this reasoning once more. " * 20, 42),
+        ("so -5.", -5), ("total 1,234 apples", 1234),
+        (r"first \frac{1}{2}, then \frac{3}{4}", 0.75),
+    ],
+)  # fmt: skip
+def test_free_text_answers_are_the_last_number_written(completion, answer):
+    assert R.numeric_reward([""], [completion], [{"answer": answer}]) == [1.0]
+
+
+def test_text_answers_in_latex_and_odd_numbers():
+    pairs = [(r"\boxed{\text{(A)}}", r"\text{(C)}", 0.0), (r"\boxed{}", r"\text{east}", 0.0),
+             (r"\boxed{\text{yes}}", "yes", 1.0), (r"\boxed{5 \text{cm}}", "5", 1.0)]  # fmt: skip
+    for completion, answer, want in pairs:
+        assert R.exact_match_reward([""], [completion], [{"answer": answer}]) == [want], completion
+    assert R.parse_number("e5") is None and R.parse_number(10**400) is None
+    assert R.parse_number(str(10**400)) is None

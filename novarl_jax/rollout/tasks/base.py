@@ -74,7 +74,11 @@ def rewards_to_array(values: Any, batch_size: int, source: str) -> np.ndarray:
     Raises:
         RewardFunctionError: not a sequence of B real numbers.
     """
-    if values is None or np.ndim(values) == 0:
+    try:
+        scalar = values is None or np.ndim(values) == 0
+    except ValueError:  # ragged
+        scalar = False
+    if scalar:
         raise RewardFunctionError(
             f"{source} returned {values!r:.60}, not a list; it is called once per batch and "
             f"must return {batch_size} floats, one per completion"

@@ -87,7 +87,7 @@ class JSONLTask(BaseTask):
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         self.path = os.fspath(path)
         self.prompt_template = prompt_template
-        if not isinstance(shuffle, bool | np.bool_):
+        if not isinstance(shuffle, bool | np.bool_) and shuffle not in (0, 1):
             raise ValueError(f"shuffle must be True or False, got {shuffle!r}")
         self.shuffle = bool(shuffle)
         self.examples, self._line_numbers = _read_jsonl(self.path, prompt_field, answer_field)
