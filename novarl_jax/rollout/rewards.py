@@ -140,7 +140,7 @@ def extract_boxed(text: str) -> str | None:
 _NOISE = (
     ("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
     ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""),
-    ("\\%", ""), ("\\$", ""), ("$", ""), ("\u2212", "-"),
+    ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""), ("\u2212", "-"),
 )  # fmt: skip
 _WHOLE_TEXT = re.compile(r"^\\(?:text|mbox|mathrm)\{([^{}]*)\}$")  # \text{east} -> east
 _TRAILING_UNIT = re.compile(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}\s*$")  # 5 \text{cm}
@@ -153,9 +153,9 @@ def normalize_answer(text: str) -> str:
 
     Collapses whitespace and drops it around symbols (``x + 1`` = ``x+1``; words keep their
     spaces), removes a trailing period, LaTeX that does not change the value (``\left``,
-    ``\right``, spacing, ``\dfrac``/``\tfrac`` -> ``\frac``, degrees, ``\%``, dollar signs), a
-    trailing ``\text{unit}``, a one-letter ``x =`` prefix, and writes ``\frac12`` as
-    ``\frac{1}{2}``.
+    ``\right``, spacing, ``\dfrac``/``\tfrac`` -> ``\frac``, degrees, percent and dollar
+    signs), a trailing ``\text{unit}`` (a whole-answer ``\text{X}`` is ``X``), a one-letter
+    ``x =`` prefix, and writes ``\frac12`` as ``\frac{1}{2}``.
     """
     text = " ".join(str(text).strip().split())
     for old, new in _NOISE:
