@@ -279,7 +279,7 @@ def _choose(logits: jax.Array, key: jax.Array, st: _Static, dyn: _Dynamic):
     """Samples one token per row. Returns (tokens [B] int32, sampled logp [B], policy logp [B])."""
     logits = logits.astype(jnp.float32)
     # The policy at the sampling temperature (1 when greedy), without top-k / top-p.
-    policy_logp = jax.nn.log_softmax(logits / dyn.temperature, axis=-1)
+    policy_logp = jax.nn.log_softmax(apply_temperature(logits, dyn.temperature), axis=-1)
     if st.greedy:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         sampled_logp = jnp.zeros(tokens.shape, jnp.float32)

@@ -127,9 +127,9 @@ def make_apply_fn(
     def apply_fn(params, batch):
         replay = batch.get("routing") if spec.router_replay else None
         logits, aux = run(params["policy"], spec.policy, batch, replay)
-        if spec.temperature != 1.0:
-            logits = logits.astype(jnp.float32) / spec.temperature
-        logprobs, entropy = token_logprobs_and_entropy(logits, batch["response_tokens"])
+        logprobs, entropy = token_logprobs_and_entropy(
+            logits, batch["response_tokens"], temperature=spec.temperature
+        )
         out = {"logprobs": logprobs, "entropy": entropy}
         if spec.policy.num_local_experts:
             out["moe_aux_loss"] = aux["moe_aux_loss"]
