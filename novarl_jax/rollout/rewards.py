@@ -32,9 +32,6 @@ class RewardFunctionError(ValueError):
     completion; the message names the function and the task."""
 
 
-_NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
-
-
 def load_reward_fn(spec: str | RewardFn) -> RewardFn:
     """Resolves ``"module.path:function"`` (or a callable, returned as is) to a reward function.
 
@@ -99,6 +96,10 @@ def load_reward_fn(spec: str | RewardFn) -> RewardFn:
 
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+def _has_box(text: str) -> bool:
+    return any(command in text for command in _BOX_COMMANDS)
 
 
 def extract_boxed(text: str) -> str | None:
@@ -236,7 +237,7 @@ def last_number(text: str) -> float | None:
 def _answer_text(completion: str) -> str | None:
     """The completion's final answer: its last box; the whole completion when it has no box;
     None when its last box is not closed."""
-    if not any(command in completion for command in _BOX_COMMANDS):
+    if not _has_box(completion):
         return completion
     return extract_boxed(completion)
 
@@ -293,7 +294,7 @@ def numeric_reward(
         target = numeric_answer(_answer(meta, i))
         if target is None:
             raise ValueError(f"metadata[{i}]['answer']={meta['answer']!r} is not a number")
-        if any(command in completion for command in _BOX_COMMANDS):
+        if _has_box(completion):
             boxed = extract_boxed(completion)
             pred = None if boxed is None else parse_number(boxed)
         else:
