@@ -184,7 +184,7 @@ class ParallelLayout:
             )
         if len(devices) != self.world_size:
             processes = jax.process_count()
-            per_process = self.world_size // processes if processes > 1 else self.world_size
+            per_process = self.world_size // processes
             where = f" in each of the {processes} processes" if processes > 1 else ""
             raise ValueError(
                 f"layout {self.describe()} needs world_size={self.world_size} devices, but "

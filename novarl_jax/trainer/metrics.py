@@ -134,6 +134,10 @@ class MetricsWriter:
         self._lines.truncate_after(step)
         self._tb_purge = step + 1
 
+    def _open_tensorboard(self) -> None:
+        if self._tb is None and self._tb_open is not None:
+            self._tb = self._tb_open(purge_step=self._tb_purge)
+
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         self._lines.write([row])
@@ -141,8 +145,7 @@ class MetricsWriter:
         # skipped update's non-finite loss must reach TensorBoard and W&B as well.
         numeric = {k: real_value(v) for k, v in metrics.items()}
         numeric = {k: v for k, v in numeric.items() if v is not None}
-        if self._tb is None and self._tb_open is not None:
-            self._tb = self._tb_open(purge_step=self._tb_purge)
+        self._open_tensorboard()
         if self._tb is not None:
             for name, value in numeric.items():
                 self._tb.add_scalar(name, value, step)
@@ -152,9 +155,9 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._lines.close()
-        if self._tb is None and self._tb_open is not None and self._tb_purge is not None:
+        if self._tb_purge is not None:
             # A resume that wrote no step still tells TensorBoard to forget the later ones.
-            self._tb = self._tb_open(purge_step=self._tb_purge)
+            self._open_tensorboard()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
