@@ -33,8 +33,8 @@ batch needs nothing extra; micro-batches need the global denominators passed in,
 
 Metrics follow the same contract: every metric of the loss functions is a per-token mean over
 the global ``N_tok`` (or the aggregated loss), so a full mini-batch's metric is the *sum* of its
-micro-batches' metrics, except names ending in ``_max`` (combine with ``max``);
-:func:`combine_micro_batch_metrics` does that.
+micro-batches' metrics, except names ending in ``_max`` or ``_min`` (combine with ``max`` or
+``min``, :func:`extreme_of`); :func:`combine_micro_batch_metrics` does that.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ __all__ = [
     "aggregate",
     "check_loss_agg_mode",
     "combine_micro_batch_metrics",
+    "extreme_of",
     "loss_denominators",
     "masked_max",
     "masked_mean",
@@ -250,6 +251,15 @@ def split_micro_batches(
     return out
 
 
+def extreme_of(name: str) -> str | None:
+    """``'max'`` or ``'min'`` for a metric name ending in ``_max`` or ``_min``: such metrics
+    combine across micro-batches, updates or steps by that extreme; others by a sum or mean."""
+    for extreme in ("max", "min"):
+        if name.endswith("_" + extreme):
+            return extreme
+    return None
+
+
 def combine_micro_batch_metrics(
     metrics: Sequence[Mapping[str, ArrayLike]] | Mapping[str, ArrayLike],
 ) -> dict[str, jax.Array]:
@@ -279,12 +289,5 @@ def combine_micro_batch_metrics(
                     f"{sorted(names)}; every micro-batch must report the same metrics"
                 )
         stacked = {k: jnp.stack([jnp.asarray(m[k]) for m in metrics]) for k in metrics[0]}
-    out = {}
-    for name, values in stacked.items():
-        if name.endswith("_max"):
-            out[name] = jnp.max(values)
-        elif name.endswith("_min"):
-            out[name] = jnp.min(values)
-        else:
-            out[name] = jnp.sum(values)
-    return out
+    reduce = {"max": jnp.max, "min": jnp.min, None: jnp.sum}
+    return {name: reduce[extreme_of(name)](values) for name, values in stacked.items()}

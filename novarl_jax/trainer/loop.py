@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from novarl_jax.algorithms.aggregation import extreme_of
 from novarl_jax.core.distributed import host_array
 from novarl_jax.rollout.engine import RolloutInfo
 from novarl_jax.rollout.tokenizers import TextTooLongError
@@ -423,9 +424,9 @@ class Trainer:
 def combine_update_metrics(update_metrics: list[dict]) -> dict[str, float]:
     """One step's metrics from its updates': the max of ``*_max`` names, the min of ``*_min``
     names, the mean of the rest."""
-    combine = {"_max": np.max, "_min": np.min}
+    reduce = {"max": np.max, "min": np.min, None: np.mean}
     return {
-        name: float(combine.get(name[-4:], np.mean)([m[name] for m in update_metrics]))
+        name: float(reduce[extreme_of(name)]([m[name] for m in update_metrics]))
         for name in update_metrics[0]
     }
 
