@@ -43,19 +43,14 @@ class JsonLines:
         cut off part way (a process killed while writing it: it is past the checkpoint)."""
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            lines = [line for line in f if line.strip()]
-        kept = []
-        for n, line in enumerate(lines):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                if n == len(lines) - 1:
-                    continue  # the torn last line
-                kept.append(line)  # damage elsewhere is not this writer's to remove
-                continue
-            if not isinstance(row, dict) or row.get("step", 0) <= step:
-                kept.append(line)
+        lines = _read_lines(self.path)
+        kept = [
+            line
+            for _, line, row in _parse_lines(lines)
+            # Damage before the last line is not this writer's to remove.
+            if isinstance(row, Exception) or not isinstance(row, dict) or row.get("step", 0) <= step
+        ]
+        lines = [line for _, line in lines]
         # A whole last row whose newline was cut off would run into the next row written.
         kept = [line if line.endswith("\n") else line + "\n" for line in kept]
         if kept == lines:
@@ -182,14 +177,30 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         ValueError: a line before the last is not JSON (naming the file and line).
     """
     path = os.path.join(workdir, METRICS_FILE)
-    with open(path) as f:
-        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     rows = []
+    for n, _, row in _parse_lines(_read_lines(path)):
+        if isinstance(row, Exception):
+            raise ValueError(f"{path}:{n}: not a JSON row ({row})") from None
+        rows.append(row)
+    return rows
+
+
+def _read_lines(path: str) -> list[tuple[int, str]]:
+    """The non-blank lines of a file with their 1-based numbers."""
+    with open(path) as f:
+        return [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+
+
+def _parse_lines(lines: list[tuple[int, str]]) -> list[tuple[int, str, Any]]:
+    """``(number, line, row)`` for each line, ``row`` the parsed JSON or the decoding error; a
+    last line that is not JSON is left out: a process killed while writing it cut it off."""
+    parsed = []
     for i, (n, line) in enumerate(lines):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}:{n}: not a JSON row ({e})") from None
-    return rows
+            row = e
+        parsed.append((n, line, row))
+    return parsed
