@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from novarl_jax.core.checks import check_int
 from novarl_jax.core.distributed import host_array
 from novarl_jax.rollout.rewards import RewardFunctionError
 from novarl_jax.rollout.sampler import make_settings, sample
@@ -121,14 +122,8 @@ class SamplingConfig:
     return_routing: bool = False
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.max_prompt_length, bool)
-            or not isinstance(self.max_prompt_length, int)
-            or self.max_prompt_length < 1
-        ):
-            raise ValueError(
-                f"max_prompt_length must be an integer >= 1, got {self.max_prompt_length!r}"
-            )
+        length = check_int("max_prompt_length", self.max_prompt_length, 1)
+        object.__setattr__(self, "max_prompt_length", length)
         if isinstance(self.stop_token_ids, (int, np.integer)) and not isinstance(
             self.stop_token_ids, bool
         ):
@@ -225,6 +220,9 @@ class RolloutEngine:
     ) -> tuple[list[str], list[dict], np.ndarray, np.ndarray]:
         """The prompts a :meth:`rollout` with ``key`` samples, without sampling completions.
 
+        The task's position (a JSONL file's) is left where it was, so the next rollout with
+        ``key`` samples these prompts.
+
         Returns:
             ``(prompts, metadata, tokens, mask)``: B strings, B dicts, and the left-padded
             ``[B, max_prompt_length]`` token ids and mask.
@@ -233,7 +231,11 @@ class RolloutEngine:
             ValueError: a prompt longer than ``sampling.max_prompt_length`` (unless the
                 tokenizer truncates), or a task returning the wrong number of prompts.
         """
-        return self._encode_prompts(jax.random.split(key)[0], check_batch_size(batch_size))
+        start = self.task.get_state()
+        try:
+            return self._encode_prompts(jax.random.split(key)[0], check_batch_size(batch_size))
+        finally:
+            self.task.set_state(start)
 
     def _encode_prompts(self, prompt_key: jax.Array, batch_size: int):
         prompts, metadata = self.task.sample_prompts(prompt_key, batch_size)
@@ -305,7 +307,9 @@ class RolloutEngine:
         response = host_array(out.response_tokens)
         response_mask = host_array(out.response_mask)
         text_mask = response_mask * ~np.isin(response, self.stop_token_ids)
-        completions = self.tokenizer.decode_batch(response, text_mask)
+        # The text is exactly the trained tokens less the stops: an EOS that is not a stop token
+        # was sampled and trained on like any other token, so it must not cut the text short.
+        completions = self.tokenizer.decode_batch(response, text_mask, stop_at_eos=False)
         rows_prompts = [p for p in prompts for _ in range(group)]
         rows_meta = [m for m in metadata for _ in range(group)]
         name = getattr(self.task, "name", type(self.task).__name__)

@@ -66,8 +66,6 @@ class Evaluator:
             raise prompt_too_long(e, key, "an evaluation prompt") from None
         except ValueError as e:
             raise ConfigError(key, f"an evaluation prompt does not fit: {e}") from None
-        finally:
-            self.engine.task.set_state(self._start)
 
     def due(self, step: int) -> bool:
         """Whether step ``step`` (1-based, finished) is evaluated."""

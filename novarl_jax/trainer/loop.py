@@ -201,13 +201,10 @@ class Trainer:
         ``rollout.max_prompt_length`` (the task's position is left where it was); so does any
         prompt of a task that can list them all (a JSONL file: the message gives its line)."""
         task = self.engine.task
-        start = task.get_state()
         try:
             self.engine.encode_prompts(self.rollout_key(i), self.config.rollout.prompts_per_step)
         except TextTooLongError as e:
             raise prompt_too_long(e) from None
-        finally:
-            task.set_state(start)
         listed = getattr(task, "all_prompts", None)
         if listed is None or self.config.rollout.prompt_truncation != "error":
             return

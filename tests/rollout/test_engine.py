@@ -267,3 +267,45 @@ def test_rollout_metadata_is_repeated_per_sample_like_the_prompts():
         assert prompt == f"{a}+{b}="
     expected, _ = task.score(info.prompts, info.completions, want_meta)
     np.testing.assert_array_equal(traj.rewards, expected)
+
+
+def test_completions_are_the_trained_tokens_when_eos_is_not_a_stop(setup):
+    """With stops that leave EOS out, an EOS is sampled and trained like any other token, so
+    the text the reward scores must go on past it (only the stop tokens are dropped)."""
+    config, _, task, tok = setup
+    params = jax.tree.map(jnp.zeros_like, init_params(config, jax.random.key(0)))  # uniform
+    eq = tok.encode("=")[0]
+    sampling = SamplingConfig(
+        max_prompt_length=8, max_new_tokens=8, num_samples=4, stop_token_ids=(eq,)
+    )
+    engine = RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=sampling)
+    traj, info = engine.rollout(params, jax.random.key(0), policy_version=0, batch_size=4)
+    tokens, mask = np.asarray(traj.response_tokens), np.asarray(traj.response_mask)
+    inner_eos = 0
+    for b in range(tokens.shape[0]):
+        ids = tokens[b][mask[b] != 0].tolist()
+        inner_eos += tok.eos_id in ids[:-1]
+        kept = [i for i in ids if i not in (eq, tok.eos_id)]
+        assert info.completions[b] == tok.decode(kept), b
+    assert inner_eos > 0  # some row has text after an EOS, so the check bites
+
+
+def test_encode_prompts_leaves_the_task_position_alone(setup, tmp_path):
+    config, _, _, _ = setup
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(f'{{"prompt": "{i}+1=", "answer": "{i + 1}"}}\n' for i in range(5)))
+    task = JSONLTask(path, reward="numeric", shuffle=False)
+    tok = CharTokenizer(AdditionTask().alphabet)
+    engine = RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=SAMPLING)
+    prompts, _, _, _ = engine.encode_prompts(jax.random.key(3), BATCH)
+    assert task.get_state() == {"epoch": 0, "index": 0, "seed": 0}
+    params = init_params(config, jax.random.key(0))
+    _, info = engine.rollout(params, jax.random.key(3), policy_version=0, batch_size=BATCH)
+    assert info.prompts[::GROUP] == prompts == ["0+1=", "1+1=", "2+1=", "3+1="]
+
+
+def test_sampling_config_accepts_numpy_integers():
+    sampling = SamplingConfig(max_prompt_length=np.int64(8), max_new_tokens=np.int32(4))
+    assert type(sampling.max_prompt_length) is int and sampling.max_prompt_length == 8
+    with pytest.raises(ValueError, match="max_prompt_length must be an integer >= 1, got 0"):
+        SamplingConfig(max_prompt_length=0, max_new_tokens=4)
