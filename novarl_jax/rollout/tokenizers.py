@@ -23,6 +23,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from novarl_jax.core.checks import is_integer
+
 PADDING_SIDES = ("left", "right")
 TRUNCATION_MODES = ("error", "left", "right")
 
@@ -100,11 +102,16 @@ class _BaseTokenizer:
     def decode(self, ids: Sequence[int], *, stop_at_eos: bool = True) -> str:
         """Text of ``ids``, cut at the first ``eos_id`` (when ``stop_at_eos``).
 
-        Padding, BOS and EOS ids are dropped from the text.
+        Padding, BOS and EOS ids are dropped from the text. A first id equal to ``bos_id`` is
+        read as BOS, not as the end, also where BOS and EOS share one id (GPT-2's
+        ``<|endoftext|>``), so an encoded prompt decodes to its text.
         """
         out: list[int] = []
         special = self._special_ids()
-        for i in np.asarray(ids).reshape(-1).tolist():
+        ids = np.asarray(ids).reshape(-1).tolist()
+        if ids and self.bos_id is not None and ids[0] == self.bos_id:
+            ids = ids[1:]
+        for i in ids:
             if stop_at_eos and i == self.eos_id:
                 break
             if i not in special:
@@ -140,10 +147,10 @@ class _BaseTokenizer:
         _check_choice("padding_side", padding_side, PADDING_SIDES)
         if isinstance(texts, str):
             raise ValueError("texts must be a sequence of strings, got a single str")
-        if max_length is not None and (
-            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
-        ):
-            raise ValueError(f"max_length must be an integer >= 1 or None, got {max_length!r}")
+        if max_length is not None:
+            if not is_integer(max_length) or max_length < 1:
+                raise ValueError(f"max_length must be an integer >= 1 or None, got {max_length!r}")
+            max_length = int(max_length)
         use_bos = self.add_bos if add_bos is None else add_bos
         if use_bos and self.bos_id is None:
             raise ValueError("add_bos=True but this tokenizer has no bos_id")

@@ -180,3 +180,32 @@ def test_decode_batch_skips_positions_the_mask_hides():
 
     tok = CharTokenizer("abc")  # a=3, b=4, c=5
     assert tok.decode_batch(np.array([[3, 4, 5]]), np.array([[1, 0, 1]])) == ["ac"]
+
+
+def test_prompts_decode_where_bos_and_eos_share_an_id(tmp_path):
+    """GPT-2-style vocabularies use one <|endoftext|> as BOS, EOS and (often) padding: a
+    prompt's leading BOS must not read as the end of its text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<|endoftext|>", "<unk>"])
+    tok.train_from_iterator(["one plus two", "three"], trainer)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    end = "<|endoftext|>"
+    hf = HFTokenizer.from_file(path, pad_token=end, eos_token=end, bos_token=end)
+    assert hf.pad_id == hf.bos_id == hf.eos_id
+    tokens, mask = hf.encode_batch(["one plus two", "three"], max_length=5)
+    assert tokens[1, 3] == hf.bos_id
+    assert hf.decode_batch(tokens, mask) == ["one plus two", "three"]
+    assert hf.decode(tokens[1][mask[1] != 0]) == "three"
+    ids = hf.encode("one plus")
+    assert hf.decode([hf.bos_id, *ids, hf.eos_id, *ids]) == "one plus"  # a later one ends it
+    assert hf.decode([hf.eos_id]) == ""
+
+
+def test_encode_batch_accepts_numpy_integer_lengths():
+    tok = CharTokenizer("ab")
+    tokens, _ = tok.encode_batch(["ab"], max_length=np.int64(4))
+    assert tokens.shape == (1, 4)
