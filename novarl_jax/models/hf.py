@@ -74,8 +74,12 @@ class _Tensors:
     def __init__(self, directory: pathlib.Path):
         self.directory = directory
         index = directory / INDEX_FILE
+        single = directory / SINGLE_FILE
         self.where: dict[str, pathlib.Path] = {}
-        if index.exists():
+        # transformers' order: one model.safetensors wins over an index (re-saving a sharded
+        # model unsharded leaves the old index and shards behind), then the index, and only
+        # here, without either, every *.safetensors file.
+        if not single.exists() and index.exists():
             try:
                 weight_map = json.loads(index.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -90,7 +94,7 @@ class _Tensors:
                 if not file.exists():
                     raise ValueError(f"{index}: names {file.name}, which does not exist")
         else:
-            self.files = sorted(directory.glob("*.safetensors"))
+            self.files = [single] if single.exists() else sorted(directory.glob("*.safetensors"))
             if not self.files:
                 raise ValueError(
                     f"{directory}: no *.safetensors files (pickled .bin/.pt checkpoints are "
@@ -151,11 +155,22 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
 def _unexpected_tensors(tensors: _Tensors, config: ModelConfig) -> list[str]:
     """The tensors the checkpoint holds that loading did not read, except those legitimately
     ignored: rotary ``inv_freq`` buffers, a value head the config has none of, and
-    ``lm_head.weight`` when the embeddings are tied (transformers ties it the same way)."""
+    ``lm_head.weight`` when the embeddings are tied and it equals them (a copy written with
+    the tied weights)."""
     ignored = set()
     if not config.value_head:
         ignored |= {VALUE_HEAD_WEIGHT, VALUE_HEAD_BIAS}
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and "lm_head.weight" in tensors:
+        head = tensors["lm_head.weight"]
+        embed = tensors[_prefix(tensors) + "embed_tokens.weight"]
+        if head.shape != embed.shape or not np.array_equal(head, embed):
+            # transformers keeps such a head untied and uses it: tying it here would give
+            # other logits.
+            raise ValueError(
+                f"{tensors.directory}: config.json sets tie_word_embeddings=true but "
+                f"lm_head.weight differs from the embeddings; set tie_word_embeddings to "
+                f"false in config.json to load the head as trained"
+            )
         ignored.add("lm_head.weight")
     return sorted(
         k for k in tensors.keys()
@@ -438,8 +453,10 @@ def save_hf_model(
             safetensors/index files and generation_config.json are replaced; other files
             stay); otherwise that raises.
         token_ids: special token ids (``eos_token_id``, ``pad_token_id``, ``bos_token_id``
-            only; integers in ``[0, vocab_size)``) to write into config.json and a
-            generation_config.json, so that ``generate`` stops at the model's own EOS.
+            only; integers in ``[0, vocab_size)``, ``eos_token_id`` also a list of them) to
+            write into config.json and a generation_config.json, so that ``generate`` stops
+            where the model learned to stop. :func:`load_hf_model` does not return them:
+            pass them again when re-saving a loaded checkpoint.
 
     Raises:
         ValueError: ``path`` already holds a checkpoint and ``overwrite`` is False, a bad
@@ -534,8 +551,9 @@ def _json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
 
-def _checked_token_ids(token_ids: Any, vocab_size: int) -> dict[str, int]:
-    """``token_ids`` as plain ints, keys among :data:`TOKEN_ID_KEYS`, values in [0, V)."""
+def _checked_token_ids(token_ids: Any, vocab_size: int) -> dict[str, int | list[int]]:
+    """``token_ids`` as plain ints, keys among :data:`TOKEN_ID_KEYS`, values in [0, V);
+    ``eos_token_id`` may be a list (every id ``generate`` stops at)."""
     if token_ids is None:
         return {}
     if not isinstance(token_ids, Mapping):
@@ -543,21 +561,32 @@ def _checked_token_ids(token_ids: Any, vocab_size: int) -> dict[str, int]:
             f"token_ids must be a mapping like {{'eos_token_id': 2}}, got "
             f"{type(token_ids).__name__}"
         )
-    out: dict[str, int] = {}
+    out: dict[str, int | list[int]] = {}
     for key, value in token_ids.items():
         if key not in TOKEN_ID_KEYS:
             raise ValueError(
                 f"token_ids key {key!r} is not one of {list(TOKEN_ID_KEYS)} (the other "
                 f"config.json entries come from config)"
             )
-        if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-            raise ValueError(f"token_ids[{key!r}] must be an integer id, got {value!r}")
-        if not 0 <= value < vocab_size:
-            raise ValueError(
-                f"token_ids[{key!r}]={int(value)} is not an id of the model: it must be in "
-                f"[0, vocab_size={vocab_size})"
-            )
-        out[key] = int(value)
+        many = key == "eos_token_id" and isinstance(value, list | tuple)
+        if many and not value:
+            raise ValueError("token_ids['eos_token_id'] must be an id or a non-empty list of ids")
+        ids = []
+        for item in value if many else [value]:
+            if isinstance(item, bool | np.bool_) or not isinstance(item, int | np.integer):
+                what = "an integer id or a list of them" if key == "eos_token_id" else "an id"
+                raise ValueError(f"token_ids[{key!r}] must be {what}, got {value!r}")
+            if not 0 <= item < vocab_size:
+                where = (
+                    f"token_ids[{key!r}] holds {int(item)}, which"
+                    if many
+                    else (f"token_ids[{key!r}]={int(item)}")
+                )
+                raise ValueError(
+                    f"{where} is not an id of the model: it must be in [0, vocab_size={vocab_size})"
+                )
+            ids.append(int(item))
+        out[key] = ids if many else ids[0]
     return out
 
 

@@ -207,10 +207,12 @@ def test_missing_or_misshapen_tensor_names_file_and_key(tmp_path):
 
     # An index naming a key its file lacks: the message names the file and the key.
     d = _copy("llama", tmp_path / "indexed")
-    index = {"weight_map": {k: "model.safetensors" for k in load_file(d / "model.safetensors")}}
-    index["weight_map"]["lm_head.weight"] = "model.safetensors"
+    shard = "model-00001-of-00001.safetensors"
+    (d / "model.safetensors").rename(d / shard)
+    index = {"weight_map": {k: shard for k in load_file(d / shard)}}
+    index["weight_map"]["lm_head.weight"] = shard
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'lm_head\.weight' could"):
+    with pytest.raises(ValueError, match=r"00001\.safetensors: tensor 'lm_head\.weight' could"):
         load_hf_model(d, tie_word_embeddings=False)
     index["weight_map"]["extra"] = "model-00002-of-00002.safetensors"
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -222,15 +224,17 @@ def test_ambiguous_duplicates_bad_indexes_and_integer_weights_are_refused(tmp_pa
     # A stray second file holding the same key, and no index: which copy is meant is unknown.
     d = _copy("llama", tmp_path / "dup")
     tensors = load_file(d / "model.safetensors")
+    (d / "model.safetensors").rename(d / "weights.safetensors")
     key = "model.layers.0.self_attn.q_proj.weight"
     save_file({key: np.zeros_like(tensors[key])}, d / "z_finetuned.safetensors")
     match = (
-        rf"tensor '{key}' is in both model\.safetensors and z_finetuned\.safetensors, and "
+        rf"tensor '{key}' is in both weights\.safetensors and z_finetuned\.safetensors, and "
         r"there is no model\.safetensors\.index"
     )
     with pytest.raises(ValueError, match=match):
         load_hf_model(d)
     d = _copy("llama", tmp_path / "index")
+    (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
     (d / "model.safetensors.index.json").write_text('{"weight_map": ')
     with pytest.raises(ValueError, match=r"index/llama/model\.safetensors\.index\.json: not valid "
                        r"JSON"):  # fmt: skip
@@ -314,6 +318,26 @@ def test_load_refuses_tensors_the_config_does_not_use(tmp_path):
     save_file({**original, **ignored}, d / "model.safetensors", metadata={"format": "pt"})
     config, params = load_hf_model(d, value_head=False)
     _equal_trees(params, load_hf_model(DATA / "llama")[1])
+    # A tied config whose file holds another head: transformers would use that head untied,
+    # so tying it here would give other logits.
+    ignored["lm_head.weight"] = original["model.embed_tokens.weight"] + 1.0
+    save_file({**original, **ignored}, d / "model.safetensors", metadata={"format": "pt"})
+    match = "tie_word_embeddings=true but lm_head.weight differs from the embeddings; set"
+    with pytest.raises(ValueError, match=match):
+        load_hf_model(d, value_head=False)
+
+
+def test_one_model_safetensors_wins_over_a_stale_index_like_transformers(tmp_path):
+    """Re-saving a sharded model as one file leaves the old index and shards behind;
+    transformers then reads model.safetensors, and so must we."""
+    d = _copy("llama", tmp_path)
+    stale = {k: np.zeros_like(v) for k, v in load_file(d / "model.safetensors").items()}
+    save_file(stale, d / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+    index = {"weight_map": {k: "model-00001-of-00001.safetensors" for k in stale}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    _equal_trees(load_hf_model(d)[1], load_hf_model(DATA / "llama")[1])
+    (d / "model.safetensors").unlink()  # without it, the index is read
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(load_hf_model(d)[1]))
 
 
 def test_save_refuses_params_that_do_not_match_the_config(tmp_path):
@@ -346,8 +370,12 @@ def test_save_checks_token_ids_and_writes_them_as_json_ints(tmp_path):
         ({"eos_token_id": 64}, r"token_ids\['eos_token_id'\]=64 is not an id of the model: it "
                                r"must be in \[0, vocab_size=64\)"),
         ({"pad_token_id": -1}, r"token_ids\['pad_token_id'\]=-1 is not an id"),
-        ({"eos_token_id": "2"}, r"token_ids\['eos_token_id'\] must be an integer id, got '2'"),
-        ({"bos_token_id": True}, r"token_ids\['bos_token_id'\] must be an integer id, got True"),
+        ({"eos_token_id": "2"}, r"token_ids\['eos_token_id'\] must be an integer id or a list "
+                                r"of them, got '2'"),
+        ({"bos_token_id": True}, r"token_ids\['bos_token_id'\] must be an id, got True"),
+        ({"eos_token_id": [3, 64]}, r"token_ids\['eos_token_id'\] holds 64, which is not an id"),
+        ({"eos_token_id": []}, r"must be an id or a non-empty list of ids"),
+        ({"pad_token_id": [1]}, r"token_ids\['pad_token_id'\] must be an id, got \[1\]"),
     ]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             save_hf_model(out, DENSE, params, token_ids=token_ids)
@@ -360,6 +388,10 @@ def test_save_checks_token_ids_and_writes_them_as_json_ints(tmp_path):
     assert generation == {"eos_token_id": 3, "pad_token_id": 0}
     hf = json.loads((out / "config.json").read_text())
     assert (hf["eos_token_id"], hf["model_type"], hf["vocab_size"]) == (3, "llama", 64)
+    # Several end ids (a run's stop tokens) go into both files as a list.
+    save_hf_model(out, DENSE, params, overwrite=True, token_ids={"eos_token_id": (3, np.int32(5))})
+    assert json.loads((out / "generation_config.json").read_text()) == {"eos_token_id": [3, 5]}
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == [3, 5]
     # Overwriting without token ids leaves no stale generation_config.json; other files stay.
     (out / "tokenizer.json").write_text("{}")
     save_hf_model(out, DENSE, params, overwrite=True)
