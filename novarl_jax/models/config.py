@@ -398,8 +398,11 @@ def _hf_rope_theta(hf_config: Mapping[str, Any], default: float) -> float:
                 f"config {key}.rope_type={rope_type!r} is not supported; only 'default' rotary "
                 f"embeddings are implemented"
             )
-    if isinstance(params, Mapping) and "rope_theta" in params:
-        key, theta = "rope_parameters.rope_theta", params["rope_theta"]
+    # transformers' order: a (legacy) non-empty rope_scaling block replaces rope_parameters,
+    # and the block's rope_theta wins over the top-level key.
+    key, block = ("rope_scaling", scaling) if scaling else ("rope_parameters", params)
+    if isinstance(block, Mapping) and "rope_theta" in block:
+        key, theta = f"{key}.rope_theta", block["rope_theta"]
     else:
         key, theta = "rope_theta", hf_config.get("rope_theta", default)
     if not _is_number(theta):

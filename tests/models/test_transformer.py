@@ -132,6 +132,16 @@ def test_from_hf_config_rope_conventions_and_round_trip():
     )
     assert old == new and old.rope_theta == 1234.0 and old.head_dim == 8
     assert ModelConfig.from_hf_config(base).rope_theta == 1e6  # Mixtral's own default
+    # transformers' order: a legacy rope_scaling block replaces rope_parameters, and a block's
+    # rope_theta wins over the top-level key.
+    both = {
+        **base, "rope_theta": 7.0, "rope_parameters": {"rope_theta": 1234.0, "rope_type": "default"}
+    }  # fmt: skip
+    assert ModelConfig.from_hf_config(both).rope_theta == 1234.0
+    both["rope_scaling"] = {"rope_theta": 500.0, "rope_type": "default"}
+    assert ModelConfig.from_hf_config(both).rope_theta == 500.0
+    both["rope_scaling"] = {"rope_type": "default"}
+    assert ModelConfig.from_hf_config(both).rope_theta == 7.0
     assert ModelConfig.from_hf_config({**base, "model_type": "llama", "num_local_experts": 0})
     hf = old.to_hf_config()
     assert hf["architectures"] == ["MixtralForCausalLM"]
