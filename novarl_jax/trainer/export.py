@@ -4,7 +4,8 @@
 command plus ``--export``) restores a checkpoint of ``W`` and writes its policy to ``OUT`` with
 :func:`~novarl_jax.models.save_hf_model`: ``config.json`` and safetensors that
 ``transformers`` loads (``MixtralForCausalLM``, or ``LlamaForCausalLM`` for dense policies),
-with the run's EOS, padding and BOS ids in ``config.json`` and ``generation_config.json``, plus
+with the run's end ids (``rollout.stop_token_ids`` when set, else EOS), padding and BOS ids in
+``config.json`` and ``generation_config.json``, plus
 ``tokenizer.json`` and ``tokenizer_config.json`` when the run used a tokenizer.json. A shared
 critic's value head is written beside the weights as ``value_head.weight`` /
 ``value_head.bias`` (``transformers`` ignores it); a separate critic is written to
@@ -129,7 +130,11 @@ def export_policy(
 
     params = jax.device_get(state.params)
     tok = run.tokenizer
-    token_ids = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    # generate() should stop where training stopped: at the run's stop tokens when it set
+    # any (they replace EOS as the end of a completion), else at EOS.
+    stops = [int(t) for t in spec.config.rollout.stop_token_ids]
+    eos = (stops[0] if len(stops) == 1 else stops) if stops else tok.eos_id
+    token_ids = {"eos_token_id": eos, "pad_token_id": tok.pad_id}
     if tok.bos_id is not None:
         token_ids["bos_token_id"] = tok.bos_id
     try:

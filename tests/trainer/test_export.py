@@ -122,10 +122,12 @@ def test_export_writes_bos_id_and_the_critics_tokenizer(tmp_path):
     config = _config(steps=1, critic="separate")
     config.model.tokenizer = str(_tokenizer_file(tmp_path))  # has <s>
     config.model.bos_token = "<s>"
+    # Stop tokens replace EOS as the end of a completion, so generate() must stop at them.
+    config.rollout.stop_token_ids = (1, 3)
     train_quietly(config, tmp_path / "run")
     out = tmp_path / "hf"
     written = export_policy(config, str(tmp_path / "run"), str(out))
-    ids = {"eos_token_id": 1, "pad_token_id": 0, "bos_token_id": 2}
+    ids = {"eos_token_id": [1, 3], "pad_token_id": 0, "bos_token_id": 2}
     assert json.loads((out / "generation_config.json").read_text()) == ids
     critic = tmp_path / "hf" / "critic"
     assert written["critic"] == str(critic)
