@@ -248,6 +248,7 @@ def main(argv: list[str]) -> None:
                 _CONFIG.value,
                 allow_change=_ALLOW_CONFIG_CHANGE.value,
                 log=print if show else (lambda _: None),
+                model=run.model.policy,
             )
     except ConfigError as e:
         _fail(str(e))

@@ -107,6 +107,7 @@ def export_policy(
         allow_change=allow_config_change,
         log=lambda _: None,
         advice="export with the run's own config and overrides, or pass --allow_config_change",
+        model=run.model.policy,
     )
     checkpointer = Checkpointer(directory, async_save=False)
     try:

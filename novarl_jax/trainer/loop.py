@@ -538,7 +538,13 @@ class Session:
         )
         self.resumed_from = self.checkpointer.latest_step()
         if self.resumed_from is not None:
-            check_resume_config(workdir, config, allow_change=allow_config_change, log=log)
+            check_resume_config(
+                workdir,
+                config,
+                allow_change=allow_config_change,
+                log=log,
+                model=self.run.model.policy,
+            )
         self.trainer = trainer_cls(self.run, workdir, mesh=mesh)
         self.state, self.reference = self.trainer.initial_state()
         self.evaluator = Evaluator(self.run, mesh) if self.run.eval_task is not None else None
@@ -567,7 +573,7 @@ class Session:
         if self.main_process:
             # Only once the checkpoint has restored: a config it refuses (another model) must
             # not replace the record of the one it was trained with.
-            write_config(workdir, config)
+            write_config(workdir, config, self.run.model.policy)
         self.total = config.experiment.steps
         if self.start < self.total:
             self.trainer.check_prompts(self.start)

@@ -15,6 +15,12 @@ refused as a change of ``optim.decay_steps`` (whose old length the message gives
 difference stops the run before anything compiles, naming the keys, unless the change is
 allowed explicitly (``--allow_config_change``).
 Every change is logged when the run resumes.
+
+The policy's architecture is recorded beside it (``WORKDIR/model_config.json``, in
+``config.json`` form for transformers) and compared the same way: with ``model.init_from``
+the architecture comes from that checkpoint's own ``config.json``, which the run's config only
+names, so an edit there (a new ``rope_theta``) would otherwise resume or export the trained
+weights under another model without a word.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 from novarl_jax.trainer.config import ConfigError
 
 FILE_NAME = "config.json"
+MODEL_FILE = "model_config.json"  # the policy's architecture (ModelConfig.to_hf_config())
 
 # Keys (or sections, ending in '.') a resumed run may change without being told to.
 MAY_CHANGE = (
@@ -109,15 +116,31 @@ def may_change(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
 
 
-def write_config(workdir: str, config: Any) -> str:
-    """Writes ``config`` to ``workdir/config.json`` (atomically); returns the path."""
-    path = os.path.join(workdir, FILE_NAME)
+def write_config(workdir: str, config: Any, model: Any = None) -> str:
+    """Writes ``config`` to ``workdir/config.json`` and, when given, the policy's ModelConfig
+    ``model`` to ``workdir/model_config.json`` (each atomically); returns the first path."""
+    if model is not None:
+        _write_json(os.path.join(workdir, MODEL_FILE), model.to_hf_config())
+    return _write_json(os.path.join(workdir, FILE_NAME), config)
+
+
+def _write_json(path: str, tree: Any) -> str:
     partial = path + ".writing"
     with open(partial, "w") as f:
-        json.dump(_plain(config), f, indent=2, sort_keys=True)
+        json.dump(_plain(tree), f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(partial, path)
     return path
+
+
+def _model_changes(workdir: str, model: Any) -> list[tuple[str, Any, Any]]:
+    """``(field, recorded, now)`` where the policy's architecture differs from the record."""
+    path = os.path.join(workdir, MODEL_FILE)
+    if model is None or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        saved = json.load(f)
+    return config_changes(saved, model.to_hf_config())
 
 
 def check_resume_config(
@@ -129,15 +152,17 @@ def check_resume_config(
     advice: str = (
         "resume with that config, train in a new --workdir, or pass --allow_config_change"
     ),
+    model: Any = None,
 ) -> list[tuple[str, Any, Any]]:
-    """Compares a resumed run's ``config`` with ``workdir/config.json``.
+    """Compares a resumed run's ``config`` with ``workdir/config.json``, and its policy's
+    ModelConfig ``model`` (when given) with ``workdir/model_config.json``.
 
     Returns the changed keys (those in :data:`MAY_CHANGE` included; empty when the workdir
     has no config.json, as written before it existed). ``advice`` ends the error message.
 
     Raises:
-        ConfigChangedError: keys outside :data:`MAY_CHANGE` differ and ``allow_change`` is
-            False; the message names them with both values.
+        ConfigChangedError: keys outside :data:`MAY_CHANGE` differ, or the architecture does,
+            and ``allow_change`` is False; the message names them with both values.
     """
     path = os.path.join(workdir, FILE_NAME)
     if not os.path.exists(path):
@@ -170,6 +195,22 @@ def check_resume_config(
             blocking[0][0],
             f"the run in {workdir} started with another config: {listed}{more} (its config: "
             f"{path}){hint}; {advice}",
+        )
+    # After the config's own keys, which name what changed where the config changed it.
+    arch = _model_changes(workdir, model)
+    if arch and not allow_change:
+        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in arch[:4])
+        more = f" (and {len(arch) - 4} more)" if len(arch) > 4 else ""
+        init_from = plain.get("model.init_from")
+        cause = f"; {init_from}/config.json changed since the run started" if init_from else ""
+        raise ConfigChangedError(
+            "model.init_from" if init_from else "model",
+            f"the policy differs from the one the run in {workdir} trained: {listed}{more} "
+            f"(its record: {os.path.join(workdir, MODEL_FILE)}){cause}; {advice}",
+        )
+    if arch:
+        log(
+            "resuming with a changed model: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in arch)
         )
     if changes:
         listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)

@@ -148,3 +148,36 @@ def test_pipeline_stages_must_split_the_checkpoints_layers_not_the_configs():
                        "model.init_from's num_hidden_layers=2") as info:  # fmt: skip
         build_run(validate_config(config))
     assert info.value.key == "experiment.pipeline_parallel_size"
+
+
+def test_an_edited_init_from_config_is_refused_on_resume_and_export(tmp_path):
+    """The architecture of an init_from run lives in the checkpoint directory's config.json,
+    which the run's config only names: an edit there must not resume or export silently."""
+    import json
+    import shutil
+
+    from novarl_jax.trainer.export import export_policy
+    from novarl_jax.trainer.saved_config import ConfigChangedError
+    from quiet_train import train_quietly
+
+    source = tmp_path / "mixtral"
+    shutil.copytree(f"{HF}/mixtral", source)
+    config = _config(str(source))
+    config.checkpoint.async_save = False
+    train_quietly(config, tmp_path / "run")
+    recorded = json.loads((tmp_path / "run" / "model_config.json").read_text())
+    assert recorded["rope_theta"] == load_hf_model(source)[0].rope_theta
+
+    hf = json.loads((source / "config.json").read_text())
+    hf["rope_parameters"]["rope_theta"] = 1234.0
+    (source / "config.json").write_text(json.dumps(hf))
+    config.experiment.steps = 2
+    match = r"rope_theta .* -> 1234\.0 .*mixtral/config\.json changed since the run started"
+    with pytest.raises(ConfigChangedError, match=match) as error:
+        train_quietly(config, tmp_path / "run")
+    assert error.value.key == "model.init_from"
+    config.experiment.steps = 1
+    with pytest.raises(ConfigChangedError, match=match):
+        export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf"))
+    export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf"), allow_config_change=True)
+    assert load_hf_model(tmp_path / "hf")[0].rope_theta == 1234.0  # as explicitly allowed
