@@ -298,7 +298,7 @@ def _moe_from_hf(config: ModelConfig, tensors: Any, lp: str, get: Callable) -> A
 
 
 def load_hf_model(
-    path: str | os.PathLike, *, mesh: Any = None, **config_overrides: Any
+    path: str | os.PathLike, *, mesh: Any = None, host: bool = False, **config_overrides: Any
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """Reads a Hugging Face Mixtral / Mistral / Llama checkpoint directory.
 
@@ -306,6 +306,9 @@ def load_hf_model(
         path: directory with ``config.json`` and safetensors file(s).
         mesh: when given, each parameter goes straight to its sharding on this mesh
             (:func:`~novarl_jax.models.param_shardings`), never whole on one device.
+        host: keep the weights as NumPy arrays in host memory, to be placed later (e.g. by
+            :func:`~novarl_jax.models.shard_params`, which then moves only each device's
+            part); by default they go to the default device.
         **config_overrides: ModelConfig fields not stored in config.json (``dtype``,
             ``capacity_factor``, ``value_head`` ...). ``value_head`` defaults to whether the
             checkpoint has ``value_head.weight``.
@@ -334,7 +337,9 @@ def load_hf_model(
         config = ModelConfig.from_hf_config(hf_config, **config_overrides)
     except ValueError as e:
         raise ValueError(f"{directory / CONFIG_FILE}: {e}") from e
-    put = None
+    if host and mesh is not None:
+        raise ValueError("pass mesh= (place the weights on it) or host=True (keep them), not both")
+    put = (lambda p, x: x) if host else None  # noqa: E731
     if mesh is not None:
         shardings = param_shardings(config, mesh)
         flat = {

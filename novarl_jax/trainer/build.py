@@ -219,8 +219,10 @@ def _load_policy(config, tokenizer, *, value_head: bool) -> tuple[ModelConfig, A
     """
     m, exp, ro = config.model, config.experiment, config.rollout
     try:
+        # Kept in host memory: the trainer moves each device only its part of the weights.
         policy, params = load_hf_model(
             m.init_from,
+            host=True,
             capacity_factor=exp.capacity_factor,
             router_aux_loss_coef=m.router_aux_loss_coef,
             router_z_loss_coef=m.router_z_loss_coef,
@@ -277,7 +279,8 @@ def critic_params(policy_params: Any, critic: ModelConfig, key: jax.Array | None
     kernel = jnp.zeros((d, 1), dt) if key is None else DEFAULT_INIT(key, (d, 1), dt)
     trunk = {name: value for name, value in policy_params.items() if name != "value_head"}
     return {
-        **jax.tree.map(jnp.copy, trunk),
+        # NumPy weights (a checkpoint's, in host memory) stay NumPy copies.
+        **jax.tree.map(lambda x: x.copy(), trunk),
         "value_head": {"kernel": kernel, "bias": jnp.zeros((1,), dt)},
     }
 

@@ -156,9 +156,10 @@ def test_an_edited_init_from_config_is_refused_on_resume_and_export(tmp_path):
     import json
     import shutil
 
+    from quiet_train import train_quietly
+
     from novarl_jax.trainer.export import export_policy
     from novarl_jax.trainer.saved_config import ConfigChangedError
-    from quiet_train import train_quietly
 
     source = tmp_path / "mixtral"
     shutil.copytree(f"{HF}/mixtral", source)
@@ -181,3 +182,29 @@ def test_an_edited_init_from_config_is_refused_on_resume_and_export(tmp_path):
         export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf"))
     export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf"), allow_config_change=True)
     assert load_hf_model(tmp_path / "hf")[0].rope_theta == 1234.0  # as explicitly allowed
+
+
+def test_checkpoint_weights_wait_in_host_memory_and_go_to_the_mesh_in_parts(devices):
+    """A model that fits only when split must not land whole on one device first: the
+    checkpoint's weights stay NumPy until the trainer shards them."""
+    from jax.sharding import NamedSharding
+
+    config = _config(f"{HF}/mixtral", algorithm="ppo")
+    config.ppo.critic = "separate"
+    config.experiment.update(world_size=4, tensor_parallel_size=2, expert_parallel_size=2)
+    spec = validate_config(config)
+    run = build_run(spec)
+    initial = run.init_params(jax.random.key(0))
+    for name in ("policy", "critic"):
+        trunk = {k: v for k, v in initial[name].items() if k != "value_head"}
+        assert all(type(x) is np.ndarray for x in jax.tree.leaves(trunk)), name
+    trainer = Trainer(run, "unused", mesh=spec.layout.make_mesh(devices[:4]))
+    state, _ = trainer.initial_state()
+    w = state.params["policy"]["layers"]["moe"]["w_gate_up"]
+    assert isinstance(w.sharding, NamedSharding) and len(w.sharding.device_set) == 4
+    assert not w.sharding.is_fully_replicated
+    _, want = load_hf_model(f"{HF}/mixtral")
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(state.params["policy"])), jax.tree.leaves(want), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
