@@ -171,6 +171,8 @@ def _copy(name, tmp_path):
 def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         load_hf_model(tmp_path / "nope")
+    with pytest.raises(ValueError, match=r"pass mesh= \(place the weights on it\) or host=True"):
+        load_hf_model(DATA / "llama", mesh=object(), host=True)
     d = _copy("llama", tmp_path)
     (d / "config.json").unlink()
     with pytest.raises(ValueError, match=r"config\.json: not found"):
