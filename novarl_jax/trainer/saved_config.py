@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -70,7 +71,17 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 def _plain(config: Any) -> dict[str, Any]:
     """The config as the JSON file holds it (tuples as lists, other objects as strings)."""
     tree = config.to_dict() if hasattr(config, "to_dict") else config
-    return json.loads(json.dumps(tree, default=str, sort_keys=True))
+    return json.loads(json.dumps(tree, default=_describe, sort_keys=True))
+
+
+def _describe(value: Any) -> str:
+    """A JSON string for a config value JSON has no type for, the same in every process: a
+    function as ``module:name`` (as a reward is named in a config), another object as its
+    text less any memory address (``<... at 0x7f...>`` differs between runs)."""
+    module, name = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if callable(value) and module and name:
+        return f"{module}:{name}"
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(value))
 
 
 def config_changes(saved: dict, config: Any) -> list[tuple[str, Any, Any]]:

@@ -148,3 +148,27 @@ def test_config_changes_lists_keys_only_in_the_saved_config():
     saved["optim"]["old_option"] = 1
     changes = saved_config.config_changes(saved, config)
     assert changes == [("optim.old_option", 1, None)]
+
+
+def _reward_a(prompts, completions, metadata):
+    return [0.0] * len(prompts)
+
+
+def _reward_b(prompts, completions, metadata):
+    return [1.0] * len(prompts)
+
+
+def test_a_function_in_the_config_is_recorded_by_name_not_by_address(tmp_path):
+    """A reward given as a function object: its text holds a memory address that differs in
+    every process, which made every resume look like a config change."""
+    config = copy.get_config()
+    config.task.options.reward = _reward_a
+    write_config(str(tmp_path), config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    name = f"{__name__}:_reward_a"
+    assert saved["task"]["options"]["reward"] == name
+    # What another process sees: the same name, whatever the address.
+    assert config_changes(saved, config) == []
+    config.task.options.reward = _reward_b
+    assert config_changes(saved, config) == [("task.options.reward", name, f"{__name__}:_reward_b")]
+    assert saved_config._describe(object()) == "<object object>"
