@@ -16,13 +16,18 @@ A save that cannot be written (the directory is gone or a file, no permission, a
 or quota) raises :class:`CheckpointWriteError` from :meth:`Checkpointer.save`,
 :meth:`~Checkpointer.wait` or :meth:`~Checkpointer.close` (whichever first sees it, for an
 asynchronous save), naming the directory, the step and the cause; the checkpoints written
-before it are left as they were.
+before it are left as they were. Ctrl-C while a save is being started takes effect once it
+has started (so closing waits for it and keeps it), not part way through.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -118,13 +123,14 @@ class Checkpointer:
         self._empty_trash()
         self._pending = step
         try:
-            started = self._manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host)
-                ),
-                force=True,
-            )
+            with _interrupts_deferred():
+                started = self._manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host)
+                    ),
+                    force=True,
+                )
         except Exception as e:  # noqa: BLE001 - OSError, tensorstore and orbax errors alike
             raise self._write_error(e) from e
         return started
@@ -228,6 +234,7 @@ class Checkpointer:
                 raise
             return  # orbax's close would wait on the failed save and raise it again
         self._manager.close()
+        self._empty_trash()  # the step the last save replaced
 
     def _write_error(self, error: BaseException) -> CheckpointWriteError:
         """The one-line error for a failed save of ``self._pending``, remembered."""
@@ -284,6 +291,27 @@ def _path_name(path: tuple) -> str:
                 parts.append(str(getattr(entry, attr)))
                 break
     return "/".join(parts)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Holds back SIGINT (Ctrl-C) inside the block and delivers it after: a save interrupted
+    while orbax starts it (copying the state off the devices, making its directories,
+    starting its threads) would be abandoned half-made, losing the steps since the last."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 
 def abstract_like(tree: Any) -> Any:

@@ -122,3 +122,30 @@ def test_close_raises_the_failure_of_a_pending_save_once(tmp_path, monkeypatch):
     ):
         ckpt.close()
     ckpt.close()
+
+
+def test_ctrl_c_while_a_save_starts_keeps_that_save(tmp_path):
+    """SIGINT arriving while orbax starts a save is delivered once the save has started, so
+    closing waits for it: before, it abandoned the save half-made."""
+    import signal
+
+    ckpt = Checkpointer(str(tmp_path), interval=1, keep=1, async_save=True)
+    ckpt.save(1, {"w": jnp.ones(2)}, {"iteration": 1})
+    manager_save = ckpt._manager.save
+
+    def interrupted_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # lands in the middle of starting the save
+        return manager_save(*args, **kwargs)
+
+    ckpt._manager.save = interrupted_save
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(2, {"w": jnp.full(2, 2.0)}, {"iteration": 2})
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ckpt.close()
+    assert ckpt.all_steps() == [2]
+    # The step the last save replaced is gone from the trash too, not left for the next run.
+    assert os.listdir(tmp_path / "todelete") == []
+    state, host = Checkpointer(str(tmp_path)).restore(
+        {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    )
+    assert host == {"iteration": 2} and float(state["w"][0]) == 2.0
