@@ -26,6 +26,7 @@ from novarl_jax.trainer import steps
 from novarl_jax.trainer.build import Run, build_run
 from novarl_jax.trainer.checkpoint import Checkpointer, abstract_like
 from novarl_jax.trainer.config import (
+    ConfigError,
     RunSpec,
     prompt_too_long,
     updates_per_step,
@@ -562,7 +563,11 @@ class Session:
         self.start, self.host = 0, {}
         if self.resumed_from is not None:
             self.state, self.host = self.checkpointer.restore(abstract_like(self.state))
-            self.run.task.set_state(self.host["task_state"])
+            try:
+                self.run.task.set_state(self.host["task_state"])
+            except ValueError as e:  # e.g. a JSONL file edited since the checkpoint
+                key = "task.path" if config.task.name == "jsonl" else "task.name"
+                raise ConfigError(key, f"cannot resume the task's position: {e}") from None
             self.start = int(self.host["iteration"])
             log(f"resumed from {self.checkpointer.directory} at step {self.start}")
         # Rows past the restored step (all of them on a fresh start: a run that stopped before

@@ -134,10 +134,10 @@ def test_jsonl_task_state_flows_through_info(setup, tmp_path):
     engine = RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=SAMPLING)
     _, info = engine.rollout(params, jax.random.key(0), policy_version=1, batch_size=BATCH)
     assert info.prompts[::GROUP] == ["0+1=", "1+1=", "2+1=", "3+1="]
-    assert info.task_state == {"epoch": 0, "index": 4, "seed": 0}
+    assert info.task_state.items() >= {"epoch": 0, "index": 4, "seed": 0}.items()
     _, info = engine.rollout(params, jax.random.key(1), policy_version=1, batch_size=BATCH)
     assert info.prompts[::GROUP] == ["4+1=", "0+1=", "1+1=", "2+1="]
-    assert info.task_state == {"epoch": 1, "index": 3, "seed": 0}
+    assert info.task_state.items() >= {"epoch": 1, "index": 3, "seed": 0}.items()
 
 
 def test_engine_under_the_8_device_mesh(setup, rolled, devices):
@@ -298,7 +298,7 @@ def test_encode_prompts_leaves_the_task_position_alone(setup, tmp_path):
     tok = CharTokenizer(AdditionTask().alphabet)
     engine = RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=SAMPLING)
     prompts, _, _, _ = engine.encode_prompts(jax.random.key(3), BATCH)
-    assert task.get_state() == {"epoch": 0, "index": 0, "seed": 0}
+    assert task.get_state().items() >= {"epoch": 0, "index": 0, "seed": 0}.items()
     params = init_params(config, jax.random.key(0))
     _, info = engine.rollout(params, jax.random.key(3), policy_version=0, batch_size=BATCH)
     assert info.prompts[::GROUP] == prompts == ["0+1=", "1+1=", "2+1=", "3+1="]

@@ -253,7 +253,7 @@ def test_jsonl_task_resumes_exactly():
     assert len(task) == 12
     first, _ = task.sample_prompts(None, 5)
     state = task.get_state()
-    assert state == {"epoch": 0, "index": 5, "seed": 7}
+    assert state.items() >= {"epoch": 0, "index": 5, "seed": 7}.items()
     json.dumps(state)  # a small JSON-able state
     # The original continues across the epoch boundary (5 + 10 > 12).
     expected = [task.sample_prompts(jax.random.key(i), 5) for i in range(3)]
@@ -261,7 +261,11 @@ def test_jsonl_task_resumes_exactly():
     resumed.set_state(state)
     got = [resumed.sample_prompts(jax.random.key(100 + i), 5) for i in range(3)]
     assert got == expected
-    assert resumed.get_state() == task.get_state() == {"epoch": 1, "index": 8, "seed": 7}
+    assert resumed.get_state() == task.get_state()
+    assert task.get_state().items() >= {"epoch": 1, "index": 8, "seed": 7}.items()
+    # A position saved before the state named its examples is taken as it is.
+    resumed.set_state({"epoch": 1, "index": 8, "seed": 7})
+    assert resumed.get_state() == task.get_state()
     # Each epoch visits every example once; epochs differ in order.
     fresh = JSONLTask(DATA, seed=7)
     e0 = [m["example_index"] for m in fresh.sample_prompts(None, 12)[1]]
@@ -330,6 +334,27 @@ def test_jsonl_task_errors(tmp_path):
         CopyTask().set_state({"epoch": 0})
 
 
+def test_a_jsonl_position_saved_for_other_examples_is_refused(tmp_path):
+    """A file edited between a run's starts: its saved position (and its epoch's shuffle
+    order) belong to other data, so resuming would skip or repeat examples silently."""
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(12)]
+    path.write_text("\n".join(lines) + "\n")
+    task = JSONLTask(path, reward="numeric")
+    task.sample_prompts(None, 5)
+    state = task.get_state()
+    assert state["examples"] == 12
+    for edited in (lines + [lines[0]], lines[:6], [lines[1], lines[0], *lines[2:]]):
+        path.write_text("\n".join(edited) + "\n")
+        with pytest.raises(ValueError, match=r"data\.jsonl has changed since this position in "
+                           r"it was saved \(12 examples then, \d+ now\)"):  # fmt: skip
+            JSONLTask(path, reward="numeric").set_state(state)
+    path.write_text("\n".join(lines) + "\n")  # the same examples again
+    same = JSONLTask(path, reward="numeric")
+    same.set_state(state)
+    assert same.get_state() == state
+
+
 JSONL_DATA = str(pathlib.Path(__file__).resolve().parents[1] / "data" / "prompts_tiny.jsonl")
 
 
@@ -347,7 +372,7 @@ def test_jsonl_set_state_in_a_later_epoch_resumes_exactly():
     task = JSONLTask(JSONL_DATA, seed=7)  # 12 examples
     task.sample_prompts(None, 15)  # into epoch 1, index 3
     state = task.get_state()
-    assert state == {"epoch": 1, "index": 3, "seed": 7}
+    assert state.items() >= {"epoch": 1, "index": 3, "seed": 7}.items()
     want = task.sample_prompts(None, 5)
     resumed = JSONLTask(JSONL_DATA, seed=7)  # its order is epoch 0's until set_state
     resumed.set_state(state)

@@ -78,7 +78,9 @@ def test_jsonl_validation_reads_its_own_file_from_the_start(tmp_path):
     evaluator(params)
     _, info = evaluator.sample(params)
     assert info.prompts == ["0 + 1 =", "1 + 1 =", "2 + 1 ="]  # file order, from the start
-    assert run.task.get_state() == {"epoch": 0, "index": 0, "seed": 0}  # training's untouched
+    assert (
+        run.task.get_state().items() >= {"epoch": 0, "index": 0, "seed": 0}.items()
+    )  # training's untouched
 
 
 @pytest.mark.parametrize(

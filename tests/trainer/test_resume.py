@@ -108,3 +108,23 @@ def test_resume_onto_another_layout(tmp_path):
         strict=True,
     ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_a_resume_onto_an_edited_jsonl_file_stops_naming_task_path(tmp_path):
+    import shutil
+
+    from configs import jsonl
+    from novarl_jax.trainer.config import ConfigError
+
+    data = tmp_path / "prompts.jsonl"
+    shutil.copy(jsonl.get_config().task.path, data)
+    config = _config(1)
+    config.task, config.rollout.max_prompt_length = jsonl.get_config().task, 48
+    config.task.path = str(data)
+    train_quietly(config, tmp_path / "run")
+    data.write_text(data.read_text() + data.read_text().splitlines(keepends=True)[0])
+    config.experiment.steps = 2
+    with pytest.raises(ConfigError, match=r"cannot resume the task's position: .*prompts\.jsonl "
+                       r"has changed since this position") as info:  # fmt: skip
+        train_quietly(config, tmp_path / "run")
+    assert info.value.key == "task.path"

@@ -14,6 +14,7 @@ depends only on the seed and the position, so a resumed run does not depend on k
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import string
@@ -91,6 +92,10 @@ class JSONLTask(BaseTask):
             raise ValueError(f"shuffle must be True or False, got {shuffle!r}")
         self.shuffle = bool(shuffle)
         self.examples, self._line_numbers = _read_jsonl(self.path, prompt_field, answer_field)
+        # Identifies the examples in a saved position: a file edited between a run's starts
+        # would resume at a position (and a shuffle order) of other data.
+        text = json.dumps(self.examples, ensure_ascii=False).encode()
+        self._digest = hashlib.sha256(text).hexdigest()[:16]
         if reward_fn is numeric_reward:
             for (_, answer), lineno in zip(self.examples, self._line_numbers, strict=True):
                 if numeric_answer(answer) is None:
@@ -148,19 +153,37 @@ class JSONLTask(BaseTask):
         ]
 
     def get_state(self) -> dict:
-        """The iteration position ``{'epoch', 'index', 'seed'}`` (ints; JSON-able)."""
-        return {"epoch": self._epoch, "index": self._index, "seed": self._seed}
+        """The iteration position ``{'epoch', 'index', 'seed'}`` (ints) and the examples it
+        is a position in, ``'examples'`` (their count) and ``'digest'`` (of their content);
+        JSON-able."""
+        return {
+            "epoch": self._epoch,
+            "index": self._index,
+            "seed": self._seed,
+            "examples": len(self.examples),
+            "digest": self._digest,
+        }
 
     def set_state(self, state: dict) -> None:
-        """Resumes at a position returned by :meth:`get_state`.
+        """Resumes at a position returned by :meth:`get_state` (one without ``'examples'``
+        and ``'digest'``, as saved before they existed, is taken as it is).
 
         Raises:
-            ValueError: missing/extra keys, negative values, or an index past the dataset.
+            ValueError: missing/extra keys, negative values, an index past the dataset, or
+                a position saved for other examples (the file has changed).
         """
-        if not isinstance(state, dict) or set(state) != {"epoch", "index", "seed"}:
+        keys = {"epoch", "index", "seed"}
+        if not isinstance(state, dict) or not keys <= set(state) <= keys | {"examples", "digest"}:
             raise ValueError(
-                f"JSONLTask state must be a dict with keys ['epoch', 'index', 'seed'], "
-                f"got {state!r}"
+                f"JSONLTask state must be a dict with keys ['epoch', 'index', 'seed'] (and "
+                f"'examples', 'digest'), got {state!r}"
+            )
+        if state.get("digest", self._digest) != self._digest:
+            count = state.get("examples", "?")
+            raise ValueError(
+                f"{self.path} has changed since this position in it was saved ({count} "
+                f"examples then, {len(self.examples)} now): resuming would skip or repeat "
+                f"examples; restore the file, or train on the new one in a new --workdir"
             )
         values = {}
         for name in ("epoch", "index", "seed"):
