@@ -101,6 +101,20 @@ def training_mark(workdir: str) -> tuple[tuple[int, int] | None, int]:
     return _file_mark(os.path.join(workdir, METRICS_FILE)), steps[-1] if steps else 0
 
 
+def write_failed_message(error: OSError, workdir: str) -> str:
+    """The line for a run stopped by a file it could not write (a full disk, a workdir made
+    read-only): the file, the cause and the checkpoint a rerun resumes from."""
+    what = f"{error.filename}: {error.strerror}" if error.filename else str(error)
+    steps = checkpoint_steps(workdir)
+    workdir = os.path.abspath(workdir)
+    kept = (
+        f"the last checkpoint is step {steps[-1]} in {workdir}"
+        if steps
+        else f"no checkpoint in {workdir} yet"
+    )
+    return f"cannot write {what}; {kept}; free the space or fix the permissions and rerun"
+
+
 def interrupted_message(workdir: str, before: tuple | None) -> str:
     """The line for a run stopped by Ctrl-C: the last step it finished, its last checkpoint.
 

@@ -26,6 +26,7 @@ from novarl_jax.cli_messages import (
     backend_error_message,
     interrupted_message,
     training_mark,
+    write_failed_message,
 )
 from novarl_jax.compilation_cache import use_compilation_cache
 
@@ -285,6 +286,8 @@ def main(argv: list[str]) -> None:
     except RewardFunctionError as e:
         key = "task.reward_fn: " if spec.config.task.reward_fn else ""
         _fail(f"{key}{e}")
+    except OSError as e:  # metrics, samples, config.json or plots that cannot be written
+        _fail(write_failed_message(e, workdir))
 
 
 def _export(spec, workdir: str, mesh) -> None:

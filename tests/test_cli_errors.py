@@ -337,3 +337,54 @@ def test_task_option_words_true_and_false_are_bools():
             cli_overrides._option_value(text, None) == value
         )
     assert cli_overrides._option_value("false", "abc") == "false"  # a string option stays one
+
+
+def test_a_file_that_cannot_be_written_is_one_line(run_cli, tmp_path, monkeypatch):
+    """A full disk or a workdir made read-only while training: one line naming the file, the
+    cause and the checkpoint a rerun resumes from, not chained tracebacks."""
+    import errno
+
+    def full_disk(config, workdir, **kwargs):
+        (pathlib.Path(workdir) / "checkpoints" / "2").mkdir(parents=True)
+        path = str(pathlib.Path(workdir) / "metrics.jsonl")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(loop, "train", full_disk)
+    code, out, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}")
+    assert code == 2
+    assert err.strip() == (
+        f"novarl_jax.train: error: cannot write {tmp_path}/metrics.jsonl: No space left on "
+        f"device; the last checkpoint is step 2 in {tmp_path}; free the space or fix the "
+        "permissions and rerun"
+    )
+    assert "Traceback" not in out + err
+
+
+def test_a_failed_metrics_write_is_dropped_and_closing_does_not_fail_again(tmp_path):
+    from novarl_jax.trainer.metrics import JsonLines
+
+    lines = JsonLines(str(tmp_path / "rows.jsonl"))
+    lines.write([{"step": 1}])
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, text):
+            self.file.write(text)  # buffered: the flush is what fails
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            self.file.close()
+            raise OSError(28, "No space left on device")
+
+    lines._file = FullDisk(lines._file)
+    with pytest.raises(OSError, match="No space left"):
+        lines.write([{"step": 2}])
+    lines.close()  # nothing pending: no second error
+    lines.write([{"step": 3}])  # space again: appends
+    lines.close()
+    rows = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert rows[0] == {"step": 1} and rows[-1] == {"step": 3}

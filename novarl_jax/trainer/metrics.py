@@ -65,9 +65,22 @@ class JsonLines:
         """Appends ``rows`` (JSON-able dicts; other values are written as strings)."""
         if self._file is None:
             self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run
-        for row in rows:
-            self._file.write(json.dumps(row, sort_keys=True, default=str) + "\n")
-        self._file.flush()
+        try:
+            for row in rows:
+                self._file.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+            self._file.flush()
+        except OSError:
+            # What did not reach the file is dropped, so closing does not fail on it again.
+            # A resume truncates the file to its checkpoint (a torn last line included).
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        file, self._file = self._file, None
+        try:
+            file.close()
+        except OSError:
+            pass
 
     def close(self) -> None:
         if self._file is not None:
