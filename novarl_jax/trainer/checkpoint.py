@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import threading
@@ -271,13 +272,24 @@ class CheckpointWriteError(ValueError):
 def _cause(error: BaseException) -> str:
     """``OSError: [Errno 28] No space left on device: '...'``: the first OS error in the chain
     that ``error`` was raised from (orbax wraps them), else ``error``; one line."""
-    seen, inner = set(), error
-    while inner is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        if isinstance(inner, OSError):
-            error = inner
-            break
+    chain, inner = [], error
+    while inner is not None and all(inner is not e for e in chain):
+        chain.append(inner)
         inner = inner.__cause__ or inner.__context__
+    for inner in chain:
+        if isinstance(inner, OSError):
+            return _one_line(inner)
+    for inner in chain:
+        # tensorstore reports an OS error inside a long message that ends in
+        # [os_error_code='28']: the OS's own words say it in one line.
+        code = re.search(r"\[os_error_code='?(\d+)'?\]", str(inner))
+        if code:
+            number = int(code.group(1))
+            return f"OSError: [Errno {number}] {os.strerror(number)} (from {type(error).__name__})"
+    return _one_line(error)
+
+
+def _one_line(error: BaseException) -> str:
     text = str(error).splitlines()[0] if str(error) else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 

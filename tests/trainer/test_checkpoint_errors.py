@@ -149,3 +149,23 @@ def test_ctrl_c_while_a_save_starts_keeps_that_save(tmp_path):
         {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
     )
     assert host == {"iteration": 2} and float(state["w"][0]) == 2.0
+
+
+def test_an_os_error_inside_a_tensorstore_message_is_named_in_the_os_words():
+    from novarl_jax.trainer.checkpoint import _cause
+
+    long = (
+        'RESOURCE_EXHAUSTED: Error writing "opt_state.mu" in OCDBT database at local file '
+        '"/ckpt/4.orbax-checkpoint-tmp/": Failed to write 3089 bytes to file 6: No space left '
+        "on device [os_error_code='28']"
+    )
+    try:
+        try:
+            raise ValueError(long)
+        except ValueError as inner:
+            raise RuntimeError("save failed") from inner
+    except RuntimeError as e:
+        assert _cause(e) == "OSError: [Errno 28] No space left on device (from RuntimeError)"
+    assert (
+        _cause(OSError(13, "Permission denied")) == "PermissionError: [Errno 13] Permission denied"
+    )
