@@ -143,10 +143,18 @@ def ensure_cpu_devices(world_size: int) -> None:
     os.environ["XLA_FLAGS"] = cpu_xla_flags(world_size, os.environ.get("XLA_FLAGS", ""))
 
 
+def not_a_checkpoint_thread_error(record: logging.LogRecord) -> bool:
+    """Drops the errors orbax's save threads log (a full disk gives hundreds of lines of
+    tracebacks): the checkpointer reports a failed save itself, in one line."""
+    from_orbax = f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+    return not (from_orbax and record.levelno == logging.ERROR)
+
+
 def main(argv: list[str]) -> None:
     del argv
     # JAX and orbax log routine events at INFO under absl; keep the console for the run.
     absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").addFilter(not_a_checkpoint_thread_error)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     from novarl_jax.trainer.config import ConfigError, validate_config
 

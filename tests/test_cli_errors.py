@@ -388,3 +388,15 @@ def test_a_failed_metrics_write_is_dropped_and_closing_does_not_fail_again(tmp_p
     lines.close()
     rows = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert rows[0] == {"step": 1} and rows[-1] == {"step": 3}
+
+
+def test_orbax_thread_errors_are_left_to_the_checkpointers_one_line():
+    import logging
+
+    def record(path, level):
+        return logging.LogRecord("absl", level, path, 1, "failed", None, None)
+
+    orbax = os.path.join("site-packages", "orbax", "checkpoint", "future.py")
+    assert not cli_train.not_a_checkpoint_thread_error(record(orbax, logging.ERROR))
+    assert cli_train.not_a_checkpoint_thread_error(record(orbax, logging.WARNING))
+    assert cli_train.not_a_checkpoint_thread_error(record("novarl_jax/x.py", logging.ERROR))
