@@ -115,7 +115,8 @@ def check_shared_prompts(batch: Mapping[str, Any], prompt_length: int, group: in
 
 
 class Trainer:
-    """Holds the compiled steps of one run; :meth:`run` trains to ``experiment.steps``."""
+    """Holds the compiled steps of one run; :meth:`iteration` runs one training iteration
+    (:func:`train` calls it up to ``experiment.steps``)."""
 
     def __init__(self, run: Run, workdir: str, mesh: Any = None):
         self.run_ = run

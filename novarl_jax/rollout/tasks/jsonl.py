@@ -6,10 +6,12 @@ Each line is a JSON object with a prompt and a reference answer (field names con
 
 Iteration goes through the examples in a fixed order per epoch (a permutation seeded by
 ``(seed, epoch)`` when ``shuffle``), wrapping into the next epoch when a batch runs past the
-end. The position is the small state ``{'epoch', 'index', 'seed'}``: ``get_state()`` after any
-number of batches, ``set_state`` on a fresh task, and the next batches are exactly those the
-original would have produced. The key passed to ``sample_prompts`` is not used: the order
-depends only on the seed and the position, so a resumed run does not depend on keys.
+end. The position is the small state ``{'epoch', 'index', 'seed'}`` (with ``'examples'`` and
+``'digest'`` naming the data it is a position in): ``get_state()`` after any number of batches,
+``set_state`` on a fresh task, and the next batches are exactly those the original would have
+produced; a position saved for other data (the file was edited) is refused. The key passed to
+``sample_prompts`` is not used: the order depends only on the seed and the position, so a
+resumed run does not depend on keys.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class JSONLTask(BaseTask):
     Example:
         >>> task = JSONLTask("prompts.jsonl", reward="numeric")  # doctest: +SKIP
         >>> prompts, meta = task.sample_prompts(jax.random.key(0), 4)  # doctest: +SKIP
-        >>> state = task.get_state()  # {'epoch': 0, 'index': 4, 'seed': 0}  # doctest: +SKIP
+        >>> state = task.get_state()  # doctest: +SKIP
+        >>> # {'epoch': 0, 'index': 4, 'seed': 0, 'examples': 12, 'digest': '81c5...'}
     """
 
     name = "jsonl"
