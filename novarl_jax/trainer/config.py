@@ -189,7 +189,9 @@ def default_config() -> ml_collections.ConfigDict:
     optim.decay_steps = 0  # 0 = experiment.steps * epochs * minibatches
     optim.end_learning_rate = 0.0
     optim.weight_decay = 0.0
-    optim.max_grad_norm = 1.0  # global-norm clip; 0 = off
+    # Global-norm gradient clip, of each model on its own (the policy; a separate critic, as
+    # verl's actor.grad_clip and critic.grad_clip); 0 = off.
+    optim.max_grad_norm = 1.0
     optim.b1 = 0.9
     optim.b2 = 0.99
     optim.eps = 1e-8

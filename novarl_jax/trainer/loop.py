@@ -634,7 +634,8 @@ class Session:
         if self.samples is not None:
             self.samples.write(samples)
         if skipped:
-            bad = [k for k in ("train/loss", "actor/grad_norm") if not np.isfinite(metrics[k])]
+            names = ("train/loss", "actor/grad_norm", "critic/grad_norm")
+            bad = [k for k in names if k in metrics and not np.isfinite(metrics[k])]
             self.log(f"step {step}: skipped {skipped} update(s) with non-finite {', '.join(bad)}")
         if self._skips >= config.train.max_consecutive_skips:
             self.checkpointer.wait()

@@ -62,16 +62,20 @@ def make_schedule(optim, *, default_decay_steps: int = 1) -> optax.Schedule:
 def make_optimizer(
     optim, *, default_decay_steps: int = 1, schedule: optax.Schedule | None = None
 ) -> optax.GradientTransformation:
-    """Global-norm gradient clipping followed by AdamW on the configured schedule.
+    """Gradient clipping by each model's global norm, then AdamW on the configured schedule.
 
-    Weight decay skips vectors (norm scales, biases): only weights of rank >= 2 decay.
+    The top-level entries of the parameters (``'policy'``, a separate ``'critic'``) are
+    clipped each by its own norm, as verl clips its actor and critic (``actor.grad_clip``,
+    ``critic.grad_clip``): the critic's value-loss gradient, often far larger, does not
+    shrink the policy's update. Weight decay skips vectors (norm scales, biases): only
+    weights of rank >= 2 decay.
     ``schedule``: the learning rate by update, when the caller has built it already
     (default: :func:`make_schedule` of ``optim`` and ``default_decay_steps``).
     """
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     parts = []
     if optim.max_grad_norm > 0:
-        parts.append(optax.clip_by_global_norm(optim.max_grad_norm))
+        parts.append(clip_each_model(optim.max_grad_norm))
     parts.append(
         optax.adamw(
             schedule or make_schedule(optim, default_decay_steps=default_decay_steps),
@@ -96,3 +100,40 @@ def init_train_state(params, optimizer: optax.GradientTransformation, key: jax.A
         policy_version=jnp.zeros((), jnp.int32),
         key=key,
     )
+
+
+MODELS = ("policy", "critic")  # the top-level entries of a run's parameters
+
+
+def _is_by_model(tree: Any) -> bool:
+    """Whether ``tree`` is a run's ``{'policy': ..., ['critic': ...]}`` (else: one model)."""
+    return isinstance(tree, dict) and bool(tree) and set(tree) <= set(MODELS)
+
+
+def _models(tree: Any) -> dict[str, Any]:
+    return dict(tree) if _is_by_model(tree) else {"policy": tree}
+
+
+def model_grad_norms(grads: Any) -> dict[str, jax.Array]:
+    """The global norm of each model's gradients (``'policy'``, and ``'critic'`` when the
+    tree has a separate critic), by name."""
+    return {name: optax.tree.norm(part) for name, part in _models(grads).items()}
+
+
+def clip_each_model(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` applied to each model's gradients on its own (see
+    :func:`model_grad_norms`); no state, as that transformation has none."""
+
+    def clip(part: Any) -> Any:
+        norm = optax.tree.norm(part)
+        return jax.tree.map(
+            lambda g: jnp.where(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm), part
+        )
+
+    def update(updates, state, params=None):
+        del params
+        if _is_by_model(updates):
+            return {name: clip(part) for name, part in updates.items()}, state
+        return clip(updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

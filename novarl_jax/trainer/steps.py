@@ -24,7 +24,7 @@ from novarl_jax.algorithms.kl import kl_penalty_token_rewards
 from novarl_jax.algorithms.logprobs import token_logprobs_and_entropy
 from novarl_jax.core.sharding import batch_spec
 from novarl_jax.models import forward, forward_shared_prompt
-from novarl_jax.trainer.state import TrainState
+from novarl_jax.trainer.state import TrainState, model_grad_norms
 
 # Keys of a training batch that are per-row arrays (sliced into minibatches).
 ROW_KEYS = (
@@ -320,8 +320,10 @@ def make_update_step(
         grads, (losses, metrics) = jax.lax.scan(body, zeros, micro)
         loss = losses.sum()
         metrics = combine_micro_batch_metrics(metrics)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        norms = model_grad_norms(grads)  # each model's, as it is clipped
+        finite = jnp.isfinite(loss)
+        for norm in norms.values():
+            finite &= jnp.isfinite(norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -333,7 +335,9 @@ def make_update_step(
             policy_version=state.policy_version + step,
         )
         metrics = dict(metrics)
-        metrics["actor/grad_norm"] = grad_norm
+        metrics["actor/grad_norm"] = norms["policy"]
+        if "critic" in norms:
+            metrics["critic/grad_norm"] = norms["critic"]
         metrics["train/skipped"] = 1.0 - finite.astype(jnp.float32)
         metrics["train/loss"] = loss
         return new_state, metrics

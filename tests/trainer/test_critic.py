@@ -103,6 +103,9 @@ def test_a_ppo_step_with_an_moe_critic_and_router_replay_on_a_mesh(devices):
     state, metrics, _ = trainer.iteration(state, reference, 0)
     for name in ("critic/vf_loss", "critic/moe_aux_loss", "critic/moe_z_loss", "actor/pg_loss"):
         assert np.isfinite(metrics[name]), name
+    # Each model's gradient norm on its own (each is clipped by its own, as in verl).
+    assert metrics["actor/grad_norm"] > 0 and metrics["critic/grad_norm"] > 0
+    assert metrics["actor/grad_norm"] != metrics["critic/grad_norm"]
     end = jax.device_get(state.params["critic"])
     # The critic's routers learn (from the value loss and their own router losses).
     for path in (("layers", "moe", "router"), ("value_head", "kernel")):

@@ -49,3 +49,30 @@ def test_weight_decay_skips_vectors():
     new = optax.apply_updates(params, updates)
     np.testing.assert_allclose(np.asarray(new["w"]), 1.0 - 0.1 * 0.5, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(new["scale"]), 1.0)
+
+
+def test_each_model_is_clipped_by_its_own_norm_like_verls_actor_and_critic():
+    """A separate critic's value-loss gradient, often far larger, must not shrink the
+    policy's update: each model's gradients are clipped by their own global norm."""
+    from novarl_jax.trainer.state import clip_each_model, model_grad_norms
+
+    grads = {
+        "policy": {"w": jnp.array([0.3, 0.4])},  # norm 0.5: under the limit, unchanged
+        "critic": {"w": jnp.array([30.0, 40.0]), "b": jnp.zeros(1)},  # norm 50: to 1
+    }
+    clip = clip_each_model(1.0)
+    clipped, _ = clip.update(grads, clip.init(grads))
+    np.testing.assert_allclose(np.asarray(clipped["policy"]["w"]), [0.3, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(clipped["critic"]["w"]), [0.6, 0.8], rtol=1e-6)
+    norms = model_grad_norms(grads)
+    np.testing.assert_allclose([float(norms["policy"]), float(norms["critic"])], [0.5, 50.0])
+    # One model (no separate critic, or any other tree): optax's global clip, bit for bit.
+    for tree in ({"policy": grads["critic"]}, grads["critic"]):
+        want, _ = optax.clip_by_global_norm(1.0).update(tree, optax.EmptyState())
+        got, _ = clip.update(tree, clip.init(tree))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The clip's state is optax's clip's (none): checkpoints written before stay readable.
+    params = jax.tree.map(jnp.zeros_like, grads)
+    state = make_optimizer(_optim(max_grad_norm=1.0)).init(params)
+    assert state[0] == optax.clip_by_global_norm(1.0).init(params) == optax.EmptyState()
