@@ -456,13 +456,11 @@ def _check_numbers(config: ml_collections.ConfigDict, flat: dict) -> None:
     _positive(flat, "checkpoint.interval", "checkpoint.keep")
     _positive(
         flat,
-        "optim.learning_rate",
         "optim.warmup_steps",
         "optim.decay_steps",
         "optim.end_learning_rate",
         "optim.weight_decay",
         "optim.max_grad_norm",
-        "optim.eps",
         "dapo.max_extra_batches",
         "dapo.overlong_buffer",
         "dapo.overlong_penalty",
@@ -472,6 +470,21 @@ def _check_numbers(config: ml_collections.ConfigDict, flat: dict) -> None:
     for key in ("optim.b1", "optim.b2"):
         if not 0 <= flat[key] < 1:
             raise ConfigError(key, f"must be in [0, 1), got {flat[key]!r}")
+    optim = config.optim
+    if not optim.eps > 0:
+        raise ConfigError(
+            "optim.eps",
+            f"must be > 0 (Adam divides by sqrt(v) + eps: 0 gives 0/0 for weights with no "
+            f"gradient), got {optim.eps!r}",
+        )
+    if not optim.learning_rate > 0:
+        raise ConfigError("optim.learning_rate", f"must be > 0, got {optim.learning_rate!r}")
+    if optim.schedule in ("cosine", "linear") and optim.end_learning_rate > optim.learning_rate:
+        raise ConfigError(
+            "optim.end_learning_rate",
+            f"{optim.end_learning_rate} is above optim.learning_rate={optim.learning_rate}: a "
+            f"{optim.schedule} decay would rise to it; lower it or use optim.schedule=constant",
+        )
     if config.dapo.overlong_buffer > config.rollout.max_new_tokens:
         raise ConfigError(
             "dapo.overlong_buffer",
@@ -504,6 +517,10 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
     _positive(flat, "experiment.weight_sync_timeout_s", "experiment.rollout_queue_size", minimum=0)
     _positive(flat, "experiment.rollout_workers")
     _positive(flat, "logging.samples", minimum=0)
+    if not -(2**63) <= exp.seed < 2**63:
+        raise ConfigError(
+            "experiment.seed", f"must be an integer in [-2**63, 2**63), got {exp.seed}"
+        )
     for key, module, extra in (("tensorboard", "tensorboardX", "tensorboard"), ("wandb",) * 3):
         if config.logging[key] and importlib.util.find_spec(module) is None:
             raise ConfigError(
@@ -594,6 +611,14 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
     _positive(flat, "rollout.temperature", "rollout.top_k", minimum=0)
     if not 0 < ro.top_p <= 1:
         raise ConfigError("rollout.top_p", f"must be in (0, 1], got {ro.top_p}")
+    if samples_per_prompt(config) > 1 and (ro.temperature == 0 or ro.top_k == 1):
+        key, value = ("rollout.temperature", 0) if ro.temperature == 0 else ("rollout.top_k", 1)
+        raise ConfigError(
+            key,
+            f"{value} samples greedily, so the {samples_per_prompt(config)} samples of a prompt "
+            f"would be identical and their GRPO advantages all 0; set rollout.temperature > 0 "
+            f"and rollout.top_k != 1",
+        )
     if ro.prompt_truncation not in ("error", "left", "right"):
         raise ConfigError(
             "rollout.prompt_truncation",

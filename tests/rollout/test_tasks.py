@@ -76,6 +76,10 @@ def test_task_constructor_errors():
         CopyTask(symbols="aa")
     with pytest.raises(ValueError, match="max_length=1 must be >= min_length=2"):
         CopyTask(min_length=2, max_length=1)
+    # NumPy failed on lengths like these (int64 overflow, an array too big) with a traceback.
+    for huge in (2**70, 2**63 - 2):
+        with pytest.raises(ValueError, match=r"max_length must be at most 1048576 \(a prompt"):
+            CopyTask(max_length=huge)
     with pytest.raises(ValueError, match="max_operand must be an integer >= 1"):
         AdditionTask(max_operand=0)
     with pytest.raises(ValueError, match=r"max_operand must be at most 2\*\*63 - 2"):

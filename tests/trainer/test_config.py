@@ -56,10 +56,20 @@ def _with(**overrides):
         # keep=0 would delete every checkpoint a run writes.
         (dict(checkpoint__keep=0), "checkpoint.keep", ">= 1"),
         (dict(checkpoint__interval=0), "checkpoint.interval", ">= 1"),
-        (dict(optim__learning_rate=-1e-3), "optim.learning_rate", ">= 0"),
+        (dict(optim__learning_rate=-1e-3), "optim.learning_rate", "must be > 0"),
         (dict(optim__max_grad_norm=-1.0), "optim.max_grad_norm", ">= 0"),
         (dict(optim__warmup_steps=-1), "optim.warmup_steps", ">= 0"),
-        (dict(optim__eps=-1e-8), "optim.eps", ">= 0"),
+        (dict(optim__eps=-1e-8), "optim.eps", "must be > 0"),
+        # Adam's 0/0 for weights with no gradient: every update skipped as non-finite.
+        (dict(optim__eps=0.0), "optim.eps", "must be > 0 .Adam divides"),
+        (dict(optim__learning_rate=0.0), "optim.learning_rate", "must be > 0"),
+        (dict(optim__schedule="cosine", optim__end_learning_rate=1.0),
+         "optim.end_learning_rate", "is above optim.learning_rate=0.003: a cosine decay would"),
+        (dict(experiment__seed=2**64), "experiment.seed", r"in \[-2\*\*63, 2\*\*63\)"),
+        # Greedy GRPO groups are identical: nothing to learn.
+        (dict(rollout__temperature=0.0), "rollout.temperature", "0 samples greedily, so the 4 "
+         "samples of a prompt would be identical"),
+        (dict(rollout__top_k=1), "rollout.top_k", "1 samples greedily"),
         (dict(optim__b1=1.5), "optim.b1", r"in \[0, 1\)"),
         (dict(optim__b2=1.0), "optim.b2", r"in \[0, 1\)"),
         (dict(dapo__overlong_buffer=-1), "dapo.overlong_buffer", ">= 0"),

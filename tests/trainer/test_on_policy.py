@@ -165,6 +165,6 @@ def test_the_trainer_scores_rollouts_at_the_rollout_temperature():
         np.abs(np.asarray(untempered(state.params, batch)["logprobs"])[mask] - scored[mask]).max()
         > 0.01
     )
-    # Greedy rollouts are scored by the policy itself.
-    c.rollout.temperature = 0.0
+    # Greedy rollouts (PPO's: GRPO's groups would be identical) are scored by the policy.
+    c.experiment.algorithm, c.rollout.temperature = "ppo", 0.0
     assert build_run(validate_config(c)).model.temperature == 1.0

@@ -28,6 +28,8 @@ from novarl_jax.rollout.tasks.base import BaseTask, check_batch_size, numpy_rng
 
 # NumPy draws the operands as int64 from [0, max_operand + 1).
 _MAX_OPERAND = 2**63 - 2
+# Far more characters than any prompt holds; bounds what NumPy is asked to draw.
+_MAX_LENGTH = 2**20
 
 
 def _check_int(name: str, value: object, low: int) -> int:
@@ -68,6 +70,11 @@ class _StringTask(BaseTask):
             )
         _check_int("min_length", min_length, 1)
         _check_int("max_length", max_length, 1)
+        if max_length > _MAX_LENGTH:
+            raise ValueError(
+                f"max_length must be at most {_MAX_LENGTH} (a prompt holds the whole string), "
+                f"got {max_length!r}"
+            )
         if max_length < min_length:
             raise ValueError(f"max_length={max_length} must be >= min_length={min_length}")
         self.symbols, self.min_length, self.max_length = symbols, min_length, max_length
