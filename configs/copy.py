@@ -10,11 +10,11 @@ from configs import base
 
 def get_config():
     config = base.get_config()
-    config.experiment.steps = 60
-    config.task.name = "copy"
-    config.task.options.symbols = "abc"
-    config.task.options.min_length = 1
-    config.task.options.max_length = 1
-    config.rollout.max_new_tokens = 3
+    config.experiment.steps = 60  # training iterations
+    config.task.name = "copy"  # novarl_jax.rollout.tasks.CopyTask
+    config.task.options.symbols = "abc"  # the characters strings are drawn from
+    config.task.options.min_length = 1  # string length, from...
+    config.task.options.max_length = 1  # ...to (one character)
+    config.rollout.max_new_tokens = 3  # room for the answer, the end token and a stray one
     config.grpo.beta = 0.0  # no KL to the reference (as DAPO): faster on toy tasks
     return config

@@ -9,6 +9,6 @@ from configs import base
 
 def get_config():
     config = base.get_config()
-    config.experiment.algorithm = "grpo"
+    config.experiment.algorithm = "grpo"  # group-relative advantages, no critic
     config.experiment.grpo_group_size = 4  # completions per prompt: the relative baseline
     return config

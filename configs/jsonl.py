@@ -14,9 +14,9 @@ from configs import base
 
 def get_config():
     config = base.get_config()
-    config.task.name = "jsonl"
-    config.task.path = "tests/data/prompts_tiny.jsonl"
-    config.rollout.max_prompt_length = 48
-    config.rollout.max_new_tokens = 8
-    config.model.max_position_embeddings = 64
+    config.task.name = "jsonl"  # novarl_jax.rollout.tasks.JSONLTask
+    config.task.path = "tests/data/prompts_tiny.jsonl"  # a 12-line example; set your own
+    config.rollout.max_prompt_length = 48  # tokens (bytes, built-in tokenizer) of a prompt
+    config.rollout.max_new_tokens = 8  # completion budget
+    config.model.max_position_embeddings = 64  # >= max_prompt_length + max_new_tokens
     return config

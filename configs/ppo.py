@@ -9,6 +9,6 @@ from configs import base
 
 def get_config():
     config = base.get_config()
-    config.experiment.algorithm = "ppo"
+    config.experiment.algorithm = "ppo"  # value head, GAE, KL penalty in the reward
     config.rollout.prompts_per_step = 16  # one sample per prompt: more prompts per step
     return config

@@ -22,7 +22,7 @@ from configs import ppo
 def get_config():
     config = ppo.get_config()
     exp = config.experiment
-    exp.async_rollouts = True
+    exp.async_rollouts = True  # rollout workers sample while the trainer learns
     exp.weight_sync_interval = 4  # broadcast every 4 optimizer updates...
     exp.weight_sync_max_staleness = 6  # ...or when a worker lags by 6 versions (also the bound)
     exp.weight_sync_timeout_s = 30.0  # ...or at least every 30 s while updates are pending

@@ -9,9 +9,9 @@ from configs import base
 
 def get_config():
     config = base.get_config()
-    config.experiment.steps = 150
-    config.task.name = "sort"
-    config.task.options.symbols = "0123"
-    config.rollout.max_new_tokens = 5
-    config.grpo.beta = 0.0
+    config.experiment.steps = 150  # training iterations
+    config.task.name = "sort"  # novarl_jax.rollout.tasks.SortTask (three digits by default)
+    config.task.options.symbols = "0123"  # the digits strings are drawn from
+    config.rollout.max_new_tokens = 5  # the answer, the end token and some slack
+    config.grpo.beta = 0.0  # no KL to the reference (as DAPO): faster on toy tasks
     return config

@@ -61,17 +61,17 @@ def default_config() -> ml_collections.ConfigDict:
     # --- Policy model (Hugging Face MixtralConfig names) ---------------------------------
     config.model = ml_collections.ConfigDict()
     model = config.model
-    model.hidden_size = 32
-    model.intermediate_size = 64
-    model.num_hidden_layers = 2
-    model.num_attention_heads = 4
-    model.num_key_value_heads = 2
+    model.hidden_size = 32  # width of the residual stream
+    model.intermediate_size = 64  # SwiGLU hidden units (of each expert, for MoE layers)
+    model.num_hidden_layers = 2  # decoder layers
+    model.num_attention_heads = 4  # query heads
+    model.num_key_value_heads = 2  # key/value heads (grouped-query attention; divides the above)
     # Per-head width; None = hidden_size / num_attention_heads (Hugging Face's head_dim).
     model.head_dim = config_dict.placeholder(int)
-    model.rope_theta = 10000.0
-    model.rms_norm_eps = 1e-5
-    model.max_position_embeddings = 256
-    model.tie_word_embeddings = False
+    model.rope_theta = 10000.0  # rotary embedding base
+    model.rms_norm_eps = 1e-5  # RMSNorm's epsilon
+    model.max_position_embeddings = 256  # longest prompt + completion the model takes
+    model.tie_word_embeddings = False  # the LM head reuses the token embeddings
     model.router_aux_loss_coef = 0.01  # weight of the MoE load-balancing loss
     model.router_z_loss_coef = 0.001  # weight of the MoE router z-loss
     # Start from a Hugging Face checkpoint directory (config.json + *.safetensors: Mixtral,
@@ -85,9 +85,9 @@ def default_config() -> ml_collections.ConfigDict:
     # ('' = no BOS); '' = the model.init_from checkpoint's tokenizer.json when it has one, else
     # a character tokenizer over a built-in task's alphabet (bytes for the jsonl task).
     model.tokenizer = ""
-    model.pad_token = "<pad>"
-    model.eos_token = "</s>"
-    model.bos_token = ""
+    model.pad_token = "<pad>"  # padding token of a tokenizer.json
+    model.eos_token = "</s>"  # end-of-sequence token of a tokenizer.json
+    model.bos_token = ""  # beginning-of-sequence token of a tokenizer.json; '' = none
 
     # --- Rollouts ---------------------------------------------------------------------------
     config.rollout = ml_collections.ConfigDict()
@@ -126,14 +126,16 @@ def default_config() -> ml_collections.ConfigDict:
     ppo.loss_agg_mode = "token-mean"  # see novarl_jax.algorithms.aggregation
     ppo.vf_coef = 0.5  # value-loss weight
     ppo.value_clip_range = config_dict.FieldReference(0.2, field_type=float)  # None = off
-    ppo.entropy_coef = 0.0
+    ppo.entropy_coef = 0.0  # entropy bonus: the loss subtracts entropy_coef * entropy
     ppo.gamma = 1.0  # GAE discount
     ppo.lam = 0.95  # GAE lambda
     ppo.normalize_advantages = True  # whiten advantages over the batch's valid tokens
     ppo.reward_kl_coef = 0.02  # InstructGPT KL penalty in the token rewards; 0 = off
-    ppo.reward_kl_kind = "k1"  # k1 | k2 | k3 | abs
+    # k1 | k2 | k3 | abs, or verl's names kl | mse | low_var_kl; a '+' suffix (k3+) takes the
+    # gradient from k2 (straight-through); see novarl_jax.algorithms.kl.
+    ppo.reward_kl_kind = "k1"
     ppo.kl_coef = 0.0  # KL-to-reference as a loss term instead; 0 = off
-    ppo.kl_kind = "low_var_kl"
+    ppo.kl_kind = "low_var_kl"  # estimator of the KL loss term: the kinds of reward_kl_kind
     # 'shared': a value head on the policy's trunk. 'separate': a second model of the policy's
     # architecture (MoE included) with a value head, starting from the policy's initial
     # weights; its routers route their own tokens (router replay is the policy's) and take
@@ -144,9 +146,9 @@ def default_config() -> ml_collections.ConfigDict:
     # --- GRPO (experiment.algorithm='grpo') -------------------------------------------------
     config.grpo = ml_collections.ConfigDict()
     grpo = config.grpo
-    grpo.clip_ratio_low = 0.2
-    grpo.clip_ratio_high = 0.2  # DAPO uses 0.28
-    grpo.dual_clip_c = config_dict.placeholder(float)
+    grpo.clip_ratio_low = 0.2  # ratio clip below 1
+    grpo.clip_ratio_high = 0.2  # ratio clip above 1; DAPO uses 0.28
+    grpo.dual_clip_c = config_dict.placeholder(float)  # as ppo.dual_clip_c; None = off
     # 'token' (GRPO) or 'sequence' (GSPO: the sequence's geometric-mean ratio; its paper and
     # verl's 'gspo' pair it with clip ranges of 3e-4 / 4e-4 and 'seq-mean-token-mean').
     grpo.importance_sampling_level = "token"
@@ -156,10 +158,10 @@ def default_config() -> ml_collections.ConfigDict:
     grpo.loss_agg_mode = "token-mean"
     grpo.loss_scale_factor = config_dict.placeholder(float)  # Dr. GRPO's constant length
     grpo.beta = 0.04  # KL-to-reference loss weight; 0 = no reference model
-    grpo.kl_kind = "k3"
-    grpo.entropy_coef = 0.0
+    grpo.kl_kind = "k3"  # estimator of the KL loss: the kinds of ppo.reward_kl_kind
+    grpo.entropy_coef = 0.0  # entropy bonus: the loss subtracts entropy_coef * entropy
     grpo.advantage_estimator = "grpo"  # grpo | dr_grpo | rloo
-    grpo.tis_cap = config_dict.placeholder(float)
+    grpo.tis_cap = config_dict.placeholder(float)  # truncated IS cap vs sampler; None = off
 
     # --- Optimisation -------------------------------------------------------------------------
     config.train = ml_collections.ConfigDict()
@@ -183,18 +185,18 @@ def default_config() -> ml_collections.ConfigDict:
 
     config.optim = ml_collections.ConfigDict()
     optim = config.optim
-    optim.learning_rate = 3e-3
+    optim.learning_rate = 3e-3  # AdamW's peak learning rate (> 0)
     optim.schedule = "constant"  # constant | cosine | linear (after warmup)
-    optim.warmup_steps = 0
+    optim.warmup_steps = 0  # linear warmup from 0, in optimizer updates (not steps)
     optim.decay_steps = 0  # 0 = experiment.steps * epochs * minibatches
-    optim.end_learning_rate = 0.0
-    optim.weight_decay = 0.0
+    optim.end_learning_rate = 0.0  # where cosine and linear decays end (<= learning_rate)
+    optim.weight_decay = 0.0  # AdamW's decoupled decay, of weights of rank >= 2 only
     # Global-norm gradient clip, of each model on its own (the policy; a separate critic, as
     # verl's actor.grad_clip and critic.grad_clip); 0 = off.
     optim.max_grad_norm = 1.0
-    optim.b1 = 0.9
-    optim.b2 = 0.99
-    optim.eps = 1e-8
+    optim.b1 = 0.9  # Adam's first-moment decay
+    optim.b2 = 0.99  # Adam's second-moment decay
+    optim.eps = 1e-8  # Adam's denominator term (> 0)
 
     # --- DAPO options ---------------------------------------------------------------------
     config.dapo = ml_collections.ConfigDict()
@@ -225,12 +227,12 @@ def default_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.interval = 10  # save every this many steps (and at the end)
     config.checkpoint.keep = 3  # checkpoints kept
-    config.checkpoint.async_save = True
+    config.checkpoint.async_save = True  # write in the background while training goes on
 
     config.logging = ml_collections.ConfigDict()
     config.logging.tensorboard = False  # needs the tensorboard extra
     config.logging.wandb = False  # needs the wandb extra; WANDB_MODE=offline works
-    config.logging.wandb_project = "novarl_jax"
+    config.logging.wandb_project = "novarl_jax"  # the W&B project runs are logged to
     config.logging.plot = True  # write plots/training.png at the end (needs matplotlib)
     config.logging.progress = True  # progress bar (a line per step when not a terminal)
     # Rollout samples appended to samples.jsonl: the first N rows of every step (prompt,
