@@ -68,6 +68,32 @@ def _unknown_override(argv: list[str], name: str, none_keys: list[str]) -> str |
     return None
 
 
+def key_under_a_value(argv: list[str], none_keys: list[str]) -> str | None:
+    """One line for an override that reaches below a value of the config schema
+    (``experiment.steps.x=1``, ``model.head_dim.x=None``), else None.
+
+    config_flags reports those by the value's type, variously (a TypeError on a string, a
+    ValueError on a None field, ...); the schema (:func:`~novarl_jax.trainer.config.
+    default_config`) says which keys are sections.
+    """
+    import ml_collections
+
+    from novarl_jax.trainer.config import default_config
+
+    schema = default_config()
+    keys = [m.group(1) for a in argv if (m := CONFIG_OVERRIDE.match(a))] + none_keys
+    for key in keys:
+        node, parts = schema, key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                break  # an unknown key: its own message comes later
+            node = node[part]
+            if not isinstance(node, ml_collections.ConfigDict):
+                value_key = ".".join(parts[: depth + 1])
+                return f"{value_key}: is a value, not a section; it has no key {parts[depth + 1]!r}"
+    return None
+
+
 def missing_key_message(argv: list[str], error: Exception, none_keys: list[str]) -> str:
     """One line for config_flags' error on an override of a key the config does not have.
 

@@ -89,7 +89,7 @@ _TASK_OPTION_OVERRIDES: list[tuple[str, str]] = []
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    problem = cli.config_file_problem(argv)
+    problem = cli.config_file_problem(argv) or cli.key_under_a_value(argv, _NONE_KEYS)
     if problem:
         _fail(problem)
     try:

@@ -400,3 +400,21 @@ def test_orbax_thread_errors_are_left_to_the_checkpointers_one_line():
     assert not cli_train.not_a_checkpoint_thread_error(record(orbax, logging.ERROR))
     assert cli_train.not_a_checkpoint_thread_error(record(orbax, logging.WARNING))
     assert cli_train.not_a_checkpoint_thread_error(record("novarl_jax/x.py", logging.ERROR))
+
+
+@pytest.mark.parametrize(
+    "override,value_key,name",
+    [
+        ("experiment.steps.foo=None", "experiment.steps", "foo"),  # was a TypeError traceback
+        ("model.head_dim.x=1", "model.head_dim", "x"),  # was config_flags' dataclass message
+        ("experiment.algorithm.x=1", "experiment.algorithm", "x"),  # was a str index error
+        ("rollout.stop_token_ids.x=1", "rollout.stop_token_ids", "x"),  # a tuple index error
+        ("experiment.algorithm.x=None", "experiment.algorithm", "x"),  # named as unknown
+    ],
+)
+def test_an_override_below_a_value_is_one_line(run_cli, override, value_key, name):
+    code, out, err = run_cli("--config=configs/moe.py", "--dry_run", override)
+    assert code == 2
+    assert err.strip() == (
+        f"novarl_jax.train: error: {value_key}: is a value, not a section; it has no key {name!r}"
+    )
