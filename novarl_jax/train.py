@@ -52,8 +52,12 @@ _EXPORT_STEP = flags.DEFINE_integer(
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs."
 )
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, N).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in a multi-process run.", lower_bound=1
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, N).", lower_bound=0
+)
 _CPU_COLLECTIVES = flags.DEFINE_string(
     "cpu_collectives", None, "Collectives for multi-process CPU runs, e.g. 'gloo'."
 )
@@ -160,6 +164,16 @@ def main(argv: list[str]) -> None:
 
     if _EXPORT_STEP.value is not None and not _EXPORT.value:
         _fail("--export_step needs --export=DIR")
+    if _DRY_RUN.value and _EXPORT.value:
+        _fail("--dry_run checks a training run; --export writes a model: pass one of them")
+    if _PROCESS_ID.value is not None:
+        if _NUM_PROCESSES.value is None:
+            _fail("--process_id needs --num_processes=N (the processes of a multi-process run)")
+        if _PROCESS_ID.value >= _NUM_PROCESSES.value:
+            _fail(
+                f"--process_id={_PROCESS_ID.value}: must be below --num_processes="
+                f"{_NUM_PROCESSES.value}"
+            )
     for flag, path in (("--workdir", _WORKDIR.value), ("--export", _EXPORT.value)):
         if path and (blocker := cli.file_in_the_way(path)):
             what = path if blocker == os.path.abspath(path) else f"{path}: {blocker}"

@@ -418,3 +418,20 @@ def test_an_override_below_a_value_is_one_line(run_cli, override, value_key, nam
     assert err.strip() == (
         f"novarl_jax.train: error: {value_key}: is a value, not a section; it has no key {name!r}"
     )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        # -1 blamed experiment.world_size; 0 and a lone --process_id were ignored.
+        (["--num_processes=-1"], "flag --num_processes=-1: -1 is not a positive integer"),
+        (["--num_processes=0"], "flag --num_processes=0: 0 is not a positive integer"),
+        (["--process_id=5"], "--process_id needs --num_processes=N"),
+        (["--num_processes=2", "--process_id=2"], "--process_id=2: must be below --num_pro"),
+        # --dry_run used to export all the same.
+        (["--export=/nonexistent/out"], "--dry_run checks a training run; --export writes"),
+    ],
+)
+def test_process_and_mode_flags_are_checked(run_cli, args, message):
+    code, _, err = run_cli("--config=configs/copy.py", "--dry_run", *args)
+    assert code == 2 and err.startswith(f"novarl_jax.train: error: {message}"), err
