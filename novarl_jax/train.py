@@ -262,7 +262,9 @@ def main(argv: list[str]) -> None:
         if spec.config.experiment.async_rollouts:
             from novarl_jax.trainer.async_loop import check_async_startup
 
-            check_async_startup(spec)
+            warning = check_async_startup(spec)
+            if warning and _DRY_RUN.value and jax.process_index() == 0:
+                print(f"warning: {warning}")  # a real run gives it as it starts
         if has_checkpoint(workdir):
             # A real run's session lists the changes when it resumes; a dry run lists them here.
             show = _DRY_RUN.value and jax.process_index() == 0

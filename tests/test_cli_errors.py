@@ -435,3 +435,12 @@ def test_an_override_below_a_value_is_one_line(run_cli, override, value_key, nam
 def test_process_and_mode_flags_are_checked(run_cli, args, message):
     code, _, err = run_cli("--config=configs/copy.py", "--dry_run", *args)
     assert code == 2 and err.startswith(f"novarl_jax.train: error: {message}"), err
+
+
+def test_the_dry_run_gives_the_staleness_warning_a_run_would(run_cli):
+    on_8 = ["--config=configs/ppo_async.py", "--dry_run", "experiment.world_size=8"]
+    code, out, err = run_cli(*on_8, "experiment.weight_sync_max_staleness=1")
+    assert code == 0, err
+    assert "warning: experiment.weight_sync_max_staleness=1 is below the 4 versions" in out
+    code, out, _ = run_cli(*on_8)
+    assert code == 0 and "warning" not in out

@@ -392,6 +392,31 @@ def _lags(config: Any, queue_size: int, synchronous: bool) -> tuple[int, int]:
     return updates, queue_size * updates + pending
 
 
+def staleness_warning(config: Any, queue_size: int, synchronous: bool) -> str | None:
+    """Why rollouts sampled ahead will be dropped, when ``weight_sync_max_staleness`` is
+    below the lag they reach (:func:`_lags`); else None."""
+    least_lag, most_lag = _lags(config, queue_size, synchronous)
+    bound = config.experiment.weight_sync_max_staleness
+    if bound < least_lag:
+        ahead = "queue_size - 1 steps" if synchronous else "one step"
+        return (
+            f"experiment.weight_sync_max_staleness={bound} is below the {least_lag} versions "
+            f"every rollout sampled ahead of the trainer lags by ({ahead} of train.epochs x "
+            f"train.minibatches updates): such rollouts will be dropped and sampled again; set "
+            f"it >= {least_lag} to overlap sampling with training (docs/async.md)"
+        )
+    if bound < most_lag:
+        ahead = queue_size - 1 if synchronous else queue_size
+        return (
+            f"experiment.weight_sync_max_staleness={bound} is below the {most_lag} versions a "
+            f"rollout sampled {ahead} step(s) ahead of the trainer can lag by ({queue_size} "
+            f"sampled ahead, train.epochs x train.minibatches updates per step, broadcasts "
+            f"every weight_sync_interval updates): such rollouts will be dropped and sampled "
+            f"again; set it >= {most_lag} to drop none (docs/async.md)"
+        )
+    return None
+
+
 def _take_fresh(feed, version: int, max_staleness: int, on_wait) -> tuple[Rollout, int]:
     """The next rollout no staler than ``max_staleness``, and the rows dropped before it (a
     dropped rollout lets the feed sample one more)."""
@@ -411,8 +436,10 @@ def _check_positive_int(name: str, value: Any) -> int:
     return value
 
 
-def check_async_startup(spec: RunSpec) -> None:
-    """What an asynchronous run refuses before it starts, beyond the config's own checks.
+def check_async_startup(spec: RunSpec) -> str | None:
+    """What an asynchronous run refuses before it starts, beyond the config's own checks;
+    returns the warning it will give at start (:func:`staleness_warning`, for the command
+    line's workers and queue), if any.
 
     Raises:
         ConfigError: ``experiment.weight_sync_timeout_s`` > 0 in a multi-process run.
@@ -426,6 +453,9 @@ def check_async_startup(spec: RunSpec) -> None:
             "versions; set it to 0 there (weight_sync_interval and weight_sync_max_staleness "
             "decide the same way everywhere)",
         )
+    synchronous = jax.process_count() > 1  # as the command line runs it
+    queue_size = exp.rollout_queue_size or exp.rollout_workers
+    return staleness_warning(spec.config, queue_size, synchronous)
 
 
 def train_async(
@@ -489,7 +519,6 @@ def train_async(
             "synchronous must be True in a multi-process run: every process must issue the "
             "same rollout programs in the same order"
         )
-    exp = spec.config.experiment
     check_async_startup(spec)
     run = run or build_run(spec)
     shared_task = num_workers > 1 and not synchronous
@@ -508,27 +537,9 @@ def train_async(
         allow_config_change=allow_config_change,
     ) as session:
         trainer, state = session.trainer, session.state
-        least_lag, most_lag = _lags(spec.config, queue_size, synchronous)
-        bound = exp.weight_sync_max_staleness
-        if bound < least_lag:
-            ahead = "queue_size - 1 steps" if synchronous else "one step"
-            session.log(
-                f"warning: experiment.weight_sync_max_staleness={bound} is below the "
-                f"{least_lag} versions every rollout sampled ahead of the trainer lags by "
-                f"({ahead} of train.epochs x train.minibatches updates): such rollouts will be "
-                f"dropped and sampled again; set it >= {least_lag} to overlap sampling with "
-                "training (docs/async.md)"
-            )
-        elif bound < most_lag:
-            ahead = queue_size - 1 if synchronous else queue_size
-            session.log(
-                f"warning: experiment.weight_sync_max_staleness={bound} is below the "
-                f"{most_lag} versions a rollout sampled {ahead} step(s) ahead of the trainer "
-                f"can lag by ({queue_size} sampled ahead, train.epochs x train.minibatches "
-                f"updates per step, broadcasts every weight_sync_interval updates): such "
-                f"rollouts will be dropped and sampled again; set it >= {most_lag} to drop "
-                "none (docs/async.md)"
-            )
+        warning = staleness_warning(spec.config, queue_size, synchronous)
+        if warning:
+            session.log(f"warning: {warning}")
         # Synchronous-loop checkpoints have no rollout index: rollout j trains step j there.
         next_index = int(session.host.get("rollout_index", session.start))
         controller = WeightSyncController.from_config(
