@@ -319,6 +319,34 @@ def _loss(config, algorithm: str, policy: ModelConfig):
     return loss_config, make_loss_fn(algorithm, loss_config)
 
 
+def _estimator(config, algorithm: str, group: int) -> tuple[Any, bool, tuple[float, str]]:
+    """The advantage estimator of ``algorithm``'s section, whether it needs the reference
+    policy, and the KL-in-reward ``(coefficient, kind)``."""
+    if algorithm == "ppo":
+        ppo = config.ppo
+        estimator = built(
+            "ppo",
+            make_advantage_estimator,
+            "gae",
+            gamma=ppo.gamma,
+            lam=ppo.lam,
+            normalize=ppo.normalize_advantages,
+        )
+        if ppo.reward_kl_kind not in KL_KINDS:
+            raise ConfigError(
+                "ppo.reward_kl_kind", f"{ppo.reward_kl_kind!r} is not one of {list(KL_KINDS)}"
+            )
+        needs_reference = ppo.reward_kl_coef > 0 or ppo.kl_coef > 0
+        return estimator, needs_reference, (float(ppo.reward_kl_coef), ppo.reward_kl_kind)
+    name = config.grpo.advantage_estimator
+    if name not in ("grpo", "dr_grpo", "rloo"):
+        raise ConfigError(
+            "grpo.advantage_estimator", f"{name!r} is not one of ['grpo', 'dr_grpo', 'rloo']"
+        )
+    estimator = built("grpo", make_advantage_estimator, name, group_size=group)
+    return estimator, config.grpo.beta > 0, (0.0, "k1")
+
+
 def _rollouts(n: int) -> str:
     return f"{n} rollout" if n == 1 else f"{n} rollouts"
 
@@ -357,30 +385,12 @@ def build_run(spec: RunSpec) -> Run:
     )
     loss_config, loss_fn = _loss(config, algorithm, policy)
     group = samples_per_prompt(config)
-    if algorithm == "ppo":
-        estimator = built(
-            "ppo",
-            make_advantage_estimator,
-            "gae",
-            gamma=config.ppo.gamma,
-            lam=config.ppo.lam,
-            normalize=config.ppo.normalize_advantages,
-        )
-        needs_reference = config.ppo.reward_kl_coef > 0 or config.ppo.kl_coef > 0
-        reward_kl = (float(config.ppo.reward_kl_coef), config.ppo.reward_kl_kind)
-        if reward_kl[1] not in KL_KINDS:
-            raise ConfigError(
-                "ppo.reward_kl_kind", f"{reward_kl[1]!r} is not one of {list(KL_KINDS)}"
-            )
-    else:
-        name = config.grpo.advantage_estimator
-        if name not in ("grpo", "dr_grpo", "rloo"):
-            raise ConfigError(
-                "grpo.advantage_estimator", f"{name!r} is not one of ['grpo', 'dr_grpo', 'rloo']"
-            )
-        estimator = built("grpo", make_advantage_estimator, name, group_size=group)
-        needs_reference = config.grpo.beta > 0
-        reward_kl = (0.0, "k1")
+    estimator, needs_reference, reward_kl = _estimator(config, algorithm, group)
+    # The other algorithm's section is checked too: a bad value there would be written to
+    # the run's config.json and bite the day the run switches algorithm.
+    other = "grpo" if algorithm == "ppo" else "ppo"
+    _loss(config, other, policy)
+    _estimator(config, other, max(exp.grpo_group_size, 1))
     optim = config.optim
     if optim.schedule not in SCHEDULES:
         raise ConfigError("optim.schedule", f"{optim.schedule!r} is not one of {list(SCHEDULES)}")

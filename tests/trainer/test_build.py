@@ -181,3 +181,24 @@ def test_checklist_routing_group_of_a_microbatch_the_shards_do_not_divide(microb
     rows = {item: value for _, item, value in checklist_rows(validate_config(config))}
     assert rows["tokens per group (update)"] == "24"
     assert rows["capacity per expert (C)"] == "15"
+
+
+@pytest.mark.parametrize(
+    "algorithm,key,value,match",
+    [
+        ("grpo", "ppo.gamma", 5.0, r"gamma must be in \[0, 1\]"),
+        ("grpo", "ppo.reward_kl_kind", "bogus", "'bogus' is not one of"),
+        ("grpo", "ppo.vf_coef", -3.0, "vf_coef must be a number >= 0"),
+        ("ppo", "grpo.clip_ratio_low", 5.0, r"clip_ratio_low must be in \[0, 1\)"),
+        ("ppo", "grpo.advantage_estimator", "bogus", "'bogus' is not one of"),
+    ],
+)
+def test_the_other_algorithms_section_is_checked_too(algorithm, key, value, match):
+    """Its values go into the run's config.json and apply the day it switches algorithm."""
+    config = base.get_config()
+    config.experiment.algorithm = algorithm
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=match) as info:
+        build_run(validate_config(config))
+    assert info.value.key == key
