@@ -150,7 +150,7 @@ def flag_error_message(argv: list[str], text: str) -> str:
     if not lines:
         return "invalid flag value"
     if "Error whilst parsing config file" not in lines[0] or len(lines) < 2:
-        return lines[0]
+        return _override_value_message(lines[0])
     value = config_value(argv) or ""
     path, colon, arg = value.partition(":")
     error = lines[-1].strip()
@@ -166,6 +166,28 @@ def flag_error_message(argv: list[str], text: str) -> str:
         if frame and path and os.path.abspath(frame.group(1)) == os.path.abspath(path):
             where = f"{path}:{frame.group(2)}"
     return f"--config: {where}: {error}"
+
+
+# absl's text for an override whose value does not parse as the key's type.
+_BAD_OVERRIDE_VALUE = re.compile(r"^flag --config\.([\w.]+)=(.*?): (.*)$", re.DOTALL)
+_EXPECTED = (
+    ("for int()", "an integer"),
+    ("to float", "a number"),
+    ("Non-boolean argument", "True or False"),
+)
+
+
+def _override_value_message(line: str) -> str:
+    """``experiment.steps: expected an integer, got '8.0'`` for absl's ``flag
+    --config.experiment.steps=8.0: invalid literal for int() ...``; other lines as they are."""
+    match = _BAD_OVERRIDE_VALUE.match(line)
+    if not match:
+        return line
+    key, value, error = match.groups()
+    for marker, expected in _EXPECTED:
+        if marker in error:
+            return f"{key}: expected {expected}, got {value!r}"
+    return f"{key}: {error}"
 
 
 def config_file_problem(argv: list[str]) -> str | None:

@@ -164,8 +164,6 @@ def main(argv: list[str]) -> None:
 
     if _EXPORT_STEP.value is not None and not _EXPORT.value:
         _fail("--export_step needs --export=DIR")
-    if _DRY_RUN.value and _EXPORT.value:
-        _fail("--dry_run checks a training run; --export writes a model: pass one of them")
     if _PROCESS_ID.value is not None:
         if _NUM_PROCESSES.value is None:
             _fail("--process_id needs --num_processes=N (the processes of a multi-process run)")
@@ -178,6 +176,8 @@ def main(argv: list[str]) -> None:
         if path and (blocker := cli.file_in_the_way(path)):
             what = path if blocker == os.path.abspath(path) else f"{path}: {blocker}"
             _fail(f"{flag}: {what} is a file, not a directory")
+    if _DRY_RUN.value and _EXPORT.value:
+        _fail("--dry_run checks a training run; --export writes a model: pass one of them")
     try:
         spec = validate_config(_CONFIG.value)
     except ConfigError as e:

@@ -444,3 +444,18 @@ def test_the_dry_run_gives_the_staleness_warning_a_run_would(run_cli):
     assert "warning: experiment.weight_sync_max_staleness=1 is below the 4 versions" in out
     code, out, _ = run_cli(*on_8)
     assert code == 0 and "warning" not in out
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("experiment.world_size=abc", "experiment.world_size: expected an integer, got 'abc'"),
+        ("experiment.steps=8.0", "experiment.steps: expected an integer, got '8.0'"),
+        ("optim.learning_rate=abc", "optim.learning_rate: expected a number, got 'abc'"),
+        ("ppo.normalize_advantages=maybe",
+         "ppo.normalize_advantages: expected True or False, got 'maybe'"),
+    ],
+)  # fmt: skip
+def test_a_value_of_the_wrong_type_names_the_key_and_the_type(run_cli, override, message):
+    code, _, err = run_cli("--config=configs/copy.py", "--dry_run", override)
+    assert code == 2 and err.strip() == f"novarl_jax.train: error: {message}"

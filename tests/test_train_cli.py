@@ -102,7 +102,7 @@ def test_default_workdir_is_named_after_the_config(argv, monkeypatch):
             ["nosection.key=1"],
             "nosection: unknown key; valid sections: checkpoint, dapo, eval, experiment",
         ),
-        (["experiment.world_size=abc"], "--config.experiment.world_size=abc"),
+        (["experiment.world_size=abc"], "experiment.world_size: expected an integer, got 'abc'"),
         (["experiment.world_size=6"], "experiment.world_size: total_world_size=6 is not divisible"),
         (["experiment.algorithm=dqn"], "experiment.algorithm: 'dqn' is not one of"),
         (["experiment.seed=None"], "experiment.seed: must not be None"),
