@@ -96,15 +96,24 @@ def _parse_flags(argv: list[str]) -> list[str]:
     problem = cli.config_file_problem(argv) or cli.key_under_a_value(argv, _NONE_KEYS)
     if problem:
         _fail(problem)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # config_flags warns in its own words: we say it here
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
         _fail(cli.flag_error_message(argv, str(e)))
     except (AttributeError, KeyError) as e:  # config_flags: an override of a missing key
+        if "has no attribute 'get_config'" in str(e):
+            _fail(f"--config: {cli.config_path(argv)} defines no get_config()")
         _fail(cli.missing_key_message(argv, e, _NONE_KEYS))
     except Exception as e:  # noqa: BLE001 - config files can raise anything; report one line
         _fail(f"--config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    finally:
+        absl_logger.setLevel(level)
     if flags.FLAGS.config is None:
+        if cli.config_path(argv) is not None:
+            _fail(f"--config: {cli.config_path(argv)}: get_config() returned None (no return?)")
         _fail("--config is required, e.g. --config=configs/moe.py")
     load_error = getattr(flags.FLAGS.config, "_error", None)  # config_flags' _ErrorConfig
     if isinstance(load_error, OSError):

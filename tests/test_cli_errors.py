@@ -459,3 +459,29 @@ def test_the_dry_run_gives_the_staleness_warning_a_run_would(run_cli):
 def test_a_value_of_the_wrong_type_names_the_key_and_the_type(run_cli, override, message):
     code, _, err = run_cli("--config=configs/copy.py", "--dry_run", override)
     assert code == 2 and err.strip() == f"novarl_jax.train: error: {message}"
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ('def get_config():\n    return {"experiment": {}}\n',
+         "--config: get_config() must return an ml_collections.ConfigDict"),
+        ("X = 1\n", "--config: {path} defines no get_config()"),
+        ("def get_config():\n    return None\n",
+         "--config: {path}: get_config() returned None (no return?)"),
+    ],
+)  # fmt: skip
+def test_a_config_file_that_gives_no_config_is_one_line(
+    run_cli, tmp_path, monkeypatch, body, message
+):
+    # config_flags loads every file as the module 'config_config', into the module object
+    # an earlier load in this process left (its get_config included).
+    monkeypatch.delitem(sys.modules, "config_config", raising=False)
+    path = tmp_path / "broken.py"
+    path.write_text(body)
+    code, _, err = run_cli(f"--config={path}", "--dry_run")
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        "novarl_jax.train: error: " + message.format(path=path)
+    ), err

@@ -318,6 +318,12 @@ def unknown_key_error(key: str) -> ConfigError:
 
 def _check_keys_and_types(config: ml_collections.ConfigDict) -> dict:
     """Rejects unknown keys and values of the wrong type; returns the flat config."""
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(
+            "--config",
+            f"get_config() must return an ml_collections.ConfigDict (start from "
+            f"configs/base.py's), got {type(config).__name__}",
+        )
     defaults = _flatten(default_config())
     flat = _flatten(config)
     for key, value in flat.items():
