@@ -24,11 +24,17 @@ def use_compilation_cache(flag: str | None) -> None:
     ``''``), bounded to 4 GiB when JAX can bound it, after :func:`repair_compilation_cache`.
 
     Raises:
-        ValueError: the directory, or a directory above it, is a file.
+        ValueError: the directory, or a directory above it, is a file; or a directory given
+            (by the flag or JAX_COMPILATION_CACHE_DIR) cannot be created or written. The
+            default one is then left off instead: the run goes on without a cache.
     """
     path = compilation_cache_dir(flag)
     if path and (blocker := file_in_the_way(path)):
         raise ValueError(f"{blocker} is a file, not a directory")
+    if path and (problem := _unwritable(path)):
+        if flag is not None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+            raise ValueError(f"{path}: {problem}")
+        path = None  # the default place: compile every time rather than fail
     import jax
 
     jax.config.update("jax_compilation_cache_dir", path)
@@ -46,6 +52,17 @@ def use_compilation_cache(flag: str | None) -> None:
             jax.config.update("jax_compilation_cache_max_size", 4 << 30)
         if jax.config.jax_compilation_cache_max_size not in (-1, 0):
             repair_compilation_cache(path)
+
+
+def _unwritable(path: str) -> str | None:
+    """Why the cache directory ``path`` cannot be used (made if missing), or None."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        return f"cannot be created ({e.strerror})"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "is not writable"
+    return None
 
 
 # JAX's size-limited cache (jax/_src/lru_cache.py): an entry `<key>-cache` (the compressed

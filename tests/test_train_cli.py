@@ -241,3 +241,22 @@ def test_compilation_cache_dir(monkeypatch):
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/tmp/from_env")
     assert compilation_cache_dir(None) == "/tmp/from_env"
     assert compilation_cache_dir("") is None
+
+
+def test_a_cache_directory_that_cannot_be_made_is_refused_or_left_off(monkeypatch):
+    import jax
+
+    from novarl_jax.compilation_cache import use_compilation_cache
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        # Given explicitly: refused (JAX used to warn on every compile and cache nothing).
+        with pytest.raises(ValueError, match=r"^/proc/novarl_cache: cannot be created"):
+            use_compilation_cache("/proc/novarl_cache")
+        # The default place: the run goes on, without a cache.
+        monkeypatch.setenv("HOME", "/proc/novarl_home")
+        use_compilation_cache(None)
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
