@@ -125,13 +125,18 @@ def test_nan_rewards_are_reported_and_excluded(setup):
     assert np.isfinite(np.asarray(traj.rewards)).all()
 
 
-def test_jsonl_task_state_flows_through_info(setup, tmp_path):
-    config, params, _, _ = setup
+def _jsonl_engine(config, tmp_path):
+    """An engine over a 5-line JSONL file of prompts "i+1=", in file order."""
     path = tmp_path / "p.jsonl"
     path.write_text("".join(f'{{"prompt": "{i}+1=", "answer": "{i + 1}"}}\n' for i in range(5)))
     task = JSONLTask(path, reward="numeric", shuffle=False)
     tok = CharTokenizer(AdditionTask().alphabet)
-    engine = RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=SAMPLING)
+    return RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=SAMPLING)
+
+
+def test_jsonl_task_state_flows_through_info(setup, tmp_path):
+    config, params, _, _ = setup
+    engine = _jsonl_engine(config, tmp_path)
     _, info = engine.rollout(params, jax.random.key(0), policy_version=1, batch_size=BATCH)
     assert info.prompts[::GROUP] == ["0+1=", "1+1=", "2+1=", "3+1="]
     assert info.task_state.items() >= {"epoch": 0, "index": 4, "seed": 0}.items()
@@ -292,11 +297,8 @@ def test_completions_are_the_trained_tokens_when_eos_is_not_a_stop(setup):
 
 def test_encode_prompts_leaves_the_task_position_alone(setup, tmp_path):
     config, _, _, _ = setup
-    path = tmp_path / "p.jsonl"
-    path.write_text("".join(f'{{"prompt": "{i}+1=", "answer": "{i + 1}"}}\n' for i in range(5)))
-    task = JSONLTask(path, reward="numeric", shuffle=False)
-    tok = CharTokenizer(AdditionTask().alphabet)
-    engine = RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=SAMPLING)
+    engine = _jsonl_engine(config, tmp_path)
+    task = engine.task
     prompts, _, _, _ = engine.encode_prompts(jax.random.key(3), BATCH)
     assert task.get_state().items() >= {"epoch": 0, "index": 0, "seed": 0}.items()
     params = init_params(config, jax.random.key(0))
