@@ -121,8 +121,21 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
     rows += [
         ("algorithm", "steps", str(exp.steps)),
         ("algorithm", "seed", str(exp.seed)),
+        ("algorithm", "optimizer", _optimizer(spec)),
     ]
     return rows + _sync_rows(spec)
+
+
+def _optimizer(spec: RunSpec) -> str:
+    """AdamW's rate and schedule over the run's updates (and a warmup the run never ends)."""
+    optim = spec.config.optim
+    updates = spec.config.experiment.steps * updates_per_step(spec.config)
+    text = f"AdamW, lr {optim.learning_rate:g} {optim.schedule}, {updates} updates"
+    if optim.warmup_steps:
+        text += f", warmup {optim.warmup_steps}"
+        if optim.warmup_steps >= updates:
+            text += " (longer than the run: the peak rate is never reached)"
+    return text
 
 
 def _sync_rows(spec: RunSpec) -> list[tuple[str, str, str]]:

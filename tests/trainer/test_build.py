@@ -202,3 +202,19 @@ def test_the_other_algorithms_section_is_checked_too(algorithm, key, value, matc
     with pytest.raises(ConfigError, match=match) as info:
         build_run(validate_config(config))
     assert info.value.key == key
+
+
+def test_checklist_names_the_optimizer_and_a_warmup_longer_than_the_run():
+    from novarl_jax.trainer.checklist import checklist_rows
+
+    config = base.get_config()  # 20 steps x 2 epochs x 2 minibatches = 80 updates
+
+    def row():
+        rows = {item: value for _, item, value in checklist_rows(validate_config(config))}
+        return rows["optimizer"]
+
+    assert row() == "AdamW, lr 0.003 constant, 80 updates"
+    config.optim.warmup_steps = 10
+    assert row() == "AdamW, lr 0.003 constant, 80 updates, warmup 10"
+    config.optim.warmup_steps = 1000
+    assert row().endswith("warmup 1000 (longer than the run: the peak rate is never reached)")
