@@ -3,14 +3,14 @@
 A checkpoint step directory holds two items: ``state`` (the :class:`TrainState` pytree, saved
 with ``StandardSave``; restored onto the *current* mesh's shardings, so a checkpoint written
 under one layout restores under another) and ``host`` (JSON: the task's dataset position, the
-finished iteration, the count of non-finite updates in a row and, in asynchronous runs, the
-next rollout's index). Before restoring, the stored arrays' names and shapes are compared
-with the run's state, and a checkpoint of another model or setup is refused with the first
-arrays that differ (:class:`CheckpointMismatchError`). orbax writes each step into a temporary
-directory and renames it when complete, so a process killed mid-save leaves the previous
-checkpoint restorable. Old checkpoints are removed the same way: orbax first renames a
-step directory into ``todelete/`` (atomic), and its files are deleted from there, so a
-process killed while deleting never leaves a half-deleted step that looks complete.
+finished iteration, the count of non-finite updates in a row, the seed the run started with
+and, in asynchronous runs, the next rollout's index). Before restoring, the stored arrays'
+names and shapes are compared with the run's state, and a checkpoint of another model or setup
+is refused with the first arrays that differ (:class:`CheckpointMismatchError`). orbax writes
+each step into a temporary directory and renames it when complete, so a process killed mid-save
+leaves the previous checkpoint restorable. Old checkpoints are removed the same way: orbax
+first renames a step directory into ``todelete/`` (atomic), and its files are deleted from
+there, so a process killed while deleting never leaves a half-deleted step that looks complete.
 
 A save that cannot be written (the directory is gone or a file, no permission, a full disk
 or quota) raises :class:`CheckpointWriteError` from :meth:`Checkpointer.save`,

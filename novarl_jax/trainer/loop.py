@@ -170,9 +170,10 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------
 
-    def initial_state(self) -> tuple[TrainState, Any]:
-        """(train state, reference params), both placed on the mesh."""
-        k_params, k_loop = seed_keys(self.config.experiment.seed)
+    def initial_state(self, seed: int | None = None) -> tuple[TrainState, Any]:
+        """(train state, reference params), both placed on the mesh; ``seed`` replaces
+        ``experiment.seed`` (the seed a resumed run started with)."""
+        k_params, k_loop = seed_keys(self.config.experiment.seed if seed is None else seed)
         params = self.run_.init_params(k_params)
         params = self._place_params(params)
         state = jax.jit(lambda p: init_train_state(p, self.run_.optimizer, k_loop))(params)
@@ -571,6 +572,13 @@ class Session:
                 raise ConfigError(key, f"cannot resume the task's position: {e}") from None
             self.start = int(self.host["iteration"])
             log(f"resumed from {self.checkpointer.directory} at step {self.start}")
+        # The seed the run started with: its random initial policy is the KL reference for
+        # good, also when a resume is allowed another experiment.seed (which then changes
+        # only what is sampled from here on).
+        self.init_seed = int(self.host.get("init_seed", config.experiment.seed))
+        random_init = not config.model.init_from
+        if self.init_seed != config.experiment.seed and random_init and self.reference:
+            _, self.reference = self.trainer.initial_state(seed=self.init_seed)
         # Rows past the restored step (all of them on a fresh start: a run that stopped before
         # its first checkpoint) are redone, so they go.
         for lines in (self.writer, self.samples):
@@ -649,7 +657,7 @@ class Session:
                 f"stopped at step {step}: {self._skips} consecutive non-finite updates "
                 f"(train.max_consecutive_skips={config.train.max_consecutive_skips}); {kept}"
             )
-        host = {**host, "iteration": step, "skip_streak": self._skips}
+        host = {**host, "iteration": step, "skip_streak": self._skips, "init_seed": self.init_seed}
         self.checkpointer.save(step, state, host, force=(step == self.total))
         if self._progress is not None:
             self._progress.update(step, metrics)

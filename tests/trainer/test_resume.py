@@ -128,3 +128,26 @@ def test_a_resume_onto_an_edited_jsonl_file_stops_naming_task_path(tmp_path):
                        r"has changed since this position") as info:  # fmt: skip
         train_quietly(config, tmp_path / "run")
     assert info.value.key == "task.path"
+
+
+def test_a_resume_allowed_a_new_seed_keeps_the_reference_it_started_from(tmp_path):
+    """The KL reference is the initial policy: a seed changed at a resume (allowed
+    explicitly) must not swap it for another random network."""
+    from novarl_jax.trainer.loop import Session
+
+    config = _config(2)
+    config.grpo.beta = 0.1  # a KL loss, so a reference model
+    train_quietly(config, tmp_path / "run")
+    config.experiment.update(seed=1, steps=3)
+    with Session(config, str(tmp_path / "run"), log=lambda _: None, allow_config_change=True) as s:
+        reference = jax.device_get(s.reference)
+        trainer = s.trainer
+        assert s.init_seed == 0
+    want = jax.device_get(trainer.initial_state(seed=0)[1])
+    other = jax.device_get(trainer.initial_state(seed=1)[1])
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(
+        not np.array_equal(b, c)
+        for b, c in zip(jax.tree.leaves(want), jax.tree.leaves(other), strict=True)
+    )
