@@ -24,16 +24,20 @@ def use_compilation_cache(flag: str | None) -> None:
     ``''``), bounded to 4 GiB when JAX can bound it, after :func:`repair_compilation_cache`.
 
     Raises:
-        ValueError: the directory, or a directory above it, is a file; or a directory given
+        ValueError: (naming the flag or the variable that gave the directory) the directory,
+            or a directory above it, is a file; or a directory given
             (by the flag or JAX_COMPILATION_CACHE_DIR) cannot be created or written. The
             default one is then left off instead: the run goes on without a cache.
     """
     path = compilation_cache_dir(flag)
+    # Errors name where the directory came from: the flag, or the environment.
+    given = flag is not None or bool(os.environ.get("JAX_COMPILATION_CACHE_DIR"))
+    source = "--compilation_cache" if flag is not None else "JAX_COMPILATION_CACHE_DIR"
     if path and (blocker := file_in_the_way(path)):
-        raise ValueError(f"{blocker} is a file, not a directory")
+        raise ValueError(f"{source}: {blocker} is a file, not a directory")
     if path and (problem := _unwritable(path)):
-        if flag is not None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-            raise ValueError(f"{path}: {problem}")
+        if given:
+            raise ValueError(f"{source}: {path}: {problem}")
         path = None  # the default place: compile every time rather than fail
     import jax
 

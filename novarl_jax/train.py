@@ -104,7 +104,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         _fail(cli.flag_error_message(argv, str(e)))
     except (AttributeError, KeyError) as e:  # config_flags: an override of a missing key
-        if "has no attribute 'get_config'" in str(e):
+        module = getattr(e, "obj", None)  # the config file is loaded as 'config_config'
+        if getattr(e, "name", None) == "get_config" and getattr(module, "__name__", "") == (
+            "config_config"
+        ):
             _fail(f"--config: {cli.config_path(argv)} defines no get_config()")
         _fail(cli.missing_key_message(argv, e, _NONE_KEYS))
     except Exception as e:  # noqa: BLE001 - config files can raise anything; report one line
@@ -203,7 +206,7 @@ def main(argv: list[str]) -> None:
     try:
         use_compilation_cache(_COMPILATION_CACHE.value)
     except ValueError as e:
-        _fail(f"--compilation_cache: {e}")
+        _fail(str(e))
     if not accelerator_installed():
         # XLA:CPU allocates every buffer of every call: keep freed host memory for reuse
         # instead of page-faulting fresh pages each step (before JAX starts its threads).

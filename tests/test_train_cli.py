@@ -252,8 +252,12 @@ def test_a_cache_directory_that_cannot_be_made_is_refused_or_left_off(monkeypatc
     before = jax.config.jax_compilation_cache_dir
     try:
         # Given explicitly: refused (JAX used to warn on every compile and cache nothing).
-        with pytest.raises(ValueError, match=r"^/proc/novarl_cache: cannot be created"):
-            use_compilation_cache("/proc/novarl_cache")
+        with pytest.raises(ValueError, match=r"^--compilation_cache: /proc/novarl_c: cannot be"):
+            use_compilation_cache("/proc/novarl_c")
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/proc/novarl_env")
+        with pytest.raises(ValueError, match=r"^JAX_COMPILATION_CACHE_DIR: /proc/novarl_env: "):
+            use_compilation_cache(None)
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
         # The default place: the run goes on, without a cache.
         monkeypatch.setenv("HOME", "/proc/novarl_home")
         use_compilation_cache(None)

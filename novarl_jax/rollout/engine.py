@@ -306,10 +306,12 @@ class RolloutEngine:
         )
         response = host_array(out.response_tokens)
         response_mask = host_array(out.response_mask)
-        text_mask = response_mask * ~np.isin(response, self.stop_token_ids)
-        # The text is exactly the trained tokens less the stops: an EOS that is not a stop token
-        # was sampled and trained on like any other token, so it must not cut the text short.
-        completions = self.tokenizer.decode_batch(response, text_mask, stop_at_eos=False)
+        # The text is exactly the trained tokens less the stops and EOS: an EOS that is not a
+        # stop token was sampled and trained on like any other token, so it must not cut the
+        # text short (decode_batch stops at an EOS it sees; as a special token it has no text).
+        hidden = (*self.stop_token_ids, self.tokenizer.eos_id)
+        text_mask = response_mask * ~np.isin(response, hidden)
+        completions = self.tokenizer.decode_batch(response, text_mask)
         rows_prompts = [p for p in prompts for _ in range(group)]
         rows_meta = [m for m in metadata for _ in range(group)]
         name = getattr(self.task, "name", type(self.task).__name__)

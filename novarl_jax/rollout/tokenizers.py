@@ -102,16 +102,13 @@ class _BaseTokenizer:
     def decode(self, ids: Sequence[int], *, stop_at_eos: bool = True) -> str:
         """Text of ``ids``, cut at the first ``eos_id`` (when ``stop_at_eos``).
 
-        Padding, BOS and EOS ids are dropped from the text. A first id equal to ``bos_id`` is
-        read as BOS, not as the end, also where BOS and EOS share one id (GPT-2's
-        ``<|endoftext|>``), so an encoded prompt decodes to its text.
+        Padding, BOS and EOS ids are dropped from the text. Where BOS and EOS share one id
+        (GPT-2's ``<|endoftext|>``), decode encoded prompts with ``stop_at_eos=False``: their
+        leading BOS would otherwise read as the end.
         """
         out: list[int] = []
         special = self._special_ids()
-        ids = np.asarray(ids).reshape(-1).tolist()
-        if ids and self.bos_id is not None and ids[0] == self.bos_id:
-            ids = ids[1:]
-        for i in ids:
+        for i in np.asarray(ids).reshape(-1).tolist():
             if stop_at_eos and i == self.eos_id:
                 break
             if i not in special:

@@ -390,7 +390,7 @@ def build_run(spec: RunSpec) -> Run:
     # the run's config.json and bite the day the run switches algorithm.
     other = "grpo" if algorithm == "ppo" else "ppo"
     _loss(config, other, policy)
-    _estimator(config, other, max(exp.grpo_group_size, 1))
+    _estimator(config, other, max(exp.grpo_group_size, 2))  # a PPO run may leave it at 1
     optim = config.optim
     if optim.schedule not in SCHEDULES:
         raise ConfigError("optim.schedule", f"{optim.schedule!r} is not one of {list(SCHEDULES)}")

@@ -540,14 +540,18 @@ class Session:
             async_save=ckpt.async_save,
         )
         self.resumed_from = self.checkpointer.latest_step()
+        changed: list[str] = []
         if self.resumed_from is not None:
-            check_resume_config(
-                workdir,
-                config,
-                allow_change=allow_config_change,
-                log=log,
-                model=self.run.model.policy,
-            )
+            changed = [
+                key
+                for key, _, _ in check_resume_config(
+                    workdir,
+                    config,
+                    allow_change=allow_config_change,
+                    log=log,
+                    model=self.run.model.policy,
+                )
+            ]
         self.trainer = trainer_cls(self.run, workdir, mesh=mesh)
         self.state, self.reference = self.trainer.initial_state()
         self.evaluator = Evaluator(self.run, mesh) if self.run.eval_task is not None else None
@@ -565,11 +569,14 @@ class Session:
         self.start, self.host = 0, {}
         if self.resumed_from is not None:
             self.state, self.host = self.checkpointer.restore(abstract_like(self.state))
-            try:
-                self.run.task.set_state(self.host["task_state"])
-            except ValueError as e:  # e.g. a JSONL file edited since the checkpoint
-                key = "task.path" if config.task.name == "jsonl" else "task.name"
-                raise ConfigError(key, f"cannot resume the task's position: {e}") from None
+            if "task.path" in changed:  # another file, allowed: read from its beginning
+                log(f"task.path changed: {config.task.path} is read from its first example")
+            else:
+                try:
+                    self.run.task.set_state(self.host["task_state"])
+                except ValueError as e:  # e.g. a JSONL file edited since the checkpoint
+                    key = "task.path" if config.task.name == "jsonl" else "task.name"
+                    raise ConfigError(key, f"cannot resume the task's position: {e}") from None
             self.start = int(self.host["iteration"])
             log(f"resumed from {self.checkpointer.directory} at step {self.start}")
         # The seed the run started with: its random initial policy is the KL reference for

@@ -144,14 +144,29 @@ def _write_json(path: str, tree: Any) -> str:
     return path
 
 
+def _read_json(path: str) -> dict:
+    """A record this module wrote; a damaged one (a crash mid-write on a file system that
+    reorders writes) raises ConfigError naming it."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            path,
+            f"cannot be read ({e}); restore it, or delete it to resume without comparing "
+            f"against it",
+        ) from None
+    if not isinstance(saved, dict):
+        raise ConfigError(path, "does not hold a JSON object; restore it, or delete it")
+    return saved
+
+
 def _model_changes(workdir: str, model: Any) -> list[tuple[str, Any, Any]]:
     """``(field, recorded, now)`` where the policy's architecture differs from the record."""
     path = os.path.join(workdir, MODEL_FILE)
     if model is None or not os.path.exists(path):
         return []
-    with open(path) as f:
-        saved = json.load(f)
-    return config_changes(saved, model.to_hf_config())
+    return config_changes(_read_json(path), model.to_hf_config())
 
 
 def check_resume_config(
@@ -178,8 +193,7 @@ def check_resume_config(
     path = os.path.join(workdir, FILE_NAME)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        saved = json.load(f)
+    saved = _read_json(path)
     changes = config_changes(saved, config)
     blocking = [c for c in changes if not may_change(c[0])]
     hint = ""

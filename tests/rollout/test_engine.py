@@ -311,3 +311,22 @@ def test_sampling_config_accepts_numpy_integers():
     assert type(sampling.max_prompt_length) is int and sampling.max_prompt_length == 8
     with pytest.raises(ValueError, match="max_prompt_length must be an integer >= 1, got 0"):
         SamplingConfig(max_prompt_length=0, max_new_tokens=4)
+
+
+def test_a_tokenizer_with_the_documented_decode_batch_signature_rolls_out(setup, rolled):
+    """RolloutEngine takes any tokenizer with the documented interface, whose decode_batch
+    is ``(tokens, mask=None)``."""
+    config, params, task, tok = setup
+
+    class Plain:
+        vocab_size, pad_id, bos_id, eos_id = tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id
+
+        def encode_batch(self, texts, **kwargs):
+            return tok.encode_batch(texts, **kwargs)
+
+        def decode_batch(self, tokens, mask=None):
+            return tok.decode_batch(tokens, mask)
+
+    engine = RolloutEngine(model_config=config, tokenizer=Plain(), task=task, sampling=SAMPLING)
+    _, info = engine.rollout(params, jax.random.key(5), policy_version=7, batch_size=BATCH)
+    assert info.completions == rolled[2].completions

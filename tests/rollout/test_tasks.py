@@ -353,6 +353,9 @@ def test_a_jsonl_position_saved_for_other_examples_is_refused(tmp_path):
         with pytest.raises(ValueError, match=r"data\.jsonl has changed since this position in "
                            r"it was saved \(12 examples then, \d+ now\)"):  # fmt: skip
             JSONLTask(path, reward="numeric").set_state(state)
+    surrogate = tmp_path / "surrogate.jsonl"  # valid JSON: half of an emoji's pair
+    surrogate.write_text('{"prompt": "p", "answer": "2 \\ud83d"}\n')
+    assert len(JSONLTask(surrogate).get_state()["digest"]) == 16
     path.write_text("\n".join(lines) + "\n")  # the same examples again
     same = JSONLTask(path, reward="numeric")
     same.set_state(state)

@@ -218,3 +218,9 @@ def test_checklist_names_the_optimizer_and_a_warmup_longer_than_the_run():
     assert row() == "AdamW, lr 0.003 constant, 80 updates, warmup 10"
     config.optim.warmup_steps = 1000
     assert row().endswith("warmup 1000 (longer than the run: the peak rate is never reached)")
+
+
+def test_ppo_may_leave_grpo_group_size_at_one():
+    config = base.get_config()
+    config.experiment.update(algorithm="ppo", grpo_group_size=1)
+    build_run(validate_config(config))  # GRPO's own checks need a group of 2; PPO has none

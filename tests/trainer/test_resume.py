@@ -128,6 +128,13 @@ def test_a_resume_onto_an_edited_jsonl_file_stops_naming_task_path(tmp_path):
                        r"has changed since this position") as info:  # fmt: skip
         train_quietly(config, tmp_path / "run")
     assert info.value.key == "task.path"
+    # Another file, allowed explicitly: it is read from its first example.
+    other = tmp_path / "other.jsonl"
+    other.write_text(data.read_text())
+    config.task.path = str(other)
+    lines = []
+    train_quietly(config, tmp_path / "run", log=lines.append, allow_config_change=True)
+    assert f"task.path changed: {other} is read from its first example" in lines
 
 
 def test_a_resume_allowed_a_new_seed_keeps_the_reference_it_started_from(tmp_path):

@@ -8,6 +8,7 @@ from quiet_train import train_quietly
 from configs import base, copy
 from novarl_jax.trainer import saved_config
 from novarl_jax.trainer.checkpoint import CheckpointMismatchError
+from novarl_jax.trainer.config import ConfigError
 from novarl_jax.trainer.loop import train
 from novarl_jax.trainer.saved_config import (
     ConfigChangedError,
@@ -172,3 +173,18 @@ def test_a_function_in_the_config_is_recorded_by_name_not_by_address(tmp_path):
     config.task.options.reward = _reward_b
     assert config_changes(saved, config) == [("task.options.reward", name, f"{__name__}:_reward_b")]
     assert saved_config._describe(object()) == "<object object>"
+
+
+def test_a_damaged_record_is_named_not_a_traceback(tmp_path):
+    config = copy.get_config()
+    (tmp_path / "config.json").write_text('{"experim')
+    with pytest.raises(ConfigError, match=r"config\.json: cannot be read .*delete it to resume"):
+        check_resume_config(str(tmp_path), config)
+    write_config(str(tmp_path), config)
+    (tmp_path / "model_config.json").write_text("[]")
+    from novarl_jax.trainer.build import build_run
+    from novarl_jax.trainer.config import validate_config
+
+    policy = build_run(validate_config(config)).model.policy
+    with pytest.raises(ConfigError, match=r"model_config\.json: does not hold a JSON object"):
+        check_resume_config(str(tmp_path), config, model=policy)

@@ -97,7 +97,7 @@ class JSONLTask(BaseTask):
         self.examples, self._line_numbers = _read_jsonl(self.path, prompt_field, answer_field)
         # Identifies the examples in a saved position: a file edited between a run's starts
         # would resume at a position (and a shuffle order) of other data.
-        text = json.dumps(self.examples, ensure_ascii=False).encode()
+        text = json.dumps(self.examples, ensure_ascii=False).encode("utf-8", "surrogatepass")
         self._digest = hashlib.sha256(text).hexdigest()[:16]
         if reward_fn is numeric_reward:
             for (_, answer), lineno in zip(self.examples, self._line_numbers, strict=True):
