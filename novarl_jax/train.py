@@ -280,14 +280,22 @@ def main(argv: list[str]) -> None:
         if has_checkpoint(workdir):
             # A real run's session lists the changes when it resumes; a dry run lists them here.
             show = _DRY_RUN.value and jax.process_index() == 0
-            check_resume_config(
+            quiet = print if show else (lambda _: None)
+            changes = check_resume_config(
                 workdir,
                 _CONFIG.value,
                 allow_change=_ALLOW_CONFIG_CHANGE.value,
-                log=print if show else (lambda _: None),
+                log=quiet,
                 model=run.model.policy,
             )
-    except ConfigError as e:
+            if _DRY_RUN.value:  # the position the resume would restore (a real run does it)
+                from novarl_jax.trainer.checkpoint import Checkpointer
+                from novarl_jax.trainer.loop import restore_task_position
+
+                host = Checkpointer(os.path.join(workdir, "checkpoints")).restore_host()
+                changed = [key for key, _, _ in changes]
+                restore_task_position(run.task, host, spec.config, changed, quiet)
+    except (ConfigError, CheckpointUnreadableError) as e:
         _fail(str(e))
     if jax.process_index() == 0:
         print_checklist(spec, mesh, run=run)

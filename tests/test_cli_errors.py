@@ -485,3 +485,23 @@ def test_a_config_file_that_gives_no_config_is_one_line(
     assert len(lines) == 1 and lines[0].startswith(
         "novarl_jax.train: error: " + message.format(path=path)
     ), err
+
+
+def test_the_dry_run_checks_the_dataset_position_a_resume_would_restore(run_cli, tmp_path):
+    """A JSONL file edited since the checkpoint: the dry run says so, as the run would."""
+    import jax.numpy as jnp
+
+    from novarl_jax.trainer.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    position = {"epoch": 0, "index": 4, "seed": 0, "examples": 11, "digest": "0" * 16}
+    ckpt.save(1, {"w": jnp.ones(2)}, {"iteration": 1, "task_state": position}, force=True)
+    ckpt.close()
+    args = ["--config=configs/jsonl.py", "experiment.world_size=8", f"--workdir={tmp_path}"]
+    code, _, err = run_cli(*args, "--dry_run")
+    assert code == 2
+    assert err.startswith(
+        "novarl_jax.train: error: task.path: cannot resume the task's position: "
+        "tests/data/prompts_tiny.jsonl has changed since this position in it was saved "
+        "(11 examples then, 12 now)"
+    ), err

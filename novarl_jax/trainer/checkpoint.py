@@ -168,6 +168,24 @@ class Checkpointer:
             ) from e
         return restored["state"], dict(restored["host"])
 
+    def restore_host(self, step: int | None = None) -> dict:
+        """The JSON record of ``step`` (default: latest) alone, without the arrays.
+
+        Raises:
+            CheckpointUnreadableError: no such step, or its record cannot be read.
+        """
+        step = self.latest_step() if step is None else step
+        where = os.path.join(self.directory, str(step))
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(host=ocp.args.JsonRestore())
+            )
+        except Exception as e:  # noqa: BLE001 - orbax and JSON errors alike
+            raise CheckpointUnreadableError(
+                f"{where}: the checkpoint's record could not be read ({_one_line(e)})"
+            ) from e
+        return dict(restored["host"])
+
     def _check_shapes(self, abstract_state: Any, step: int) -> None:
         """Raises CheckpointMismatchError unless ``step`` holds ``abstract_state``'s arrays."""
         path = os.path.join(self.directory, str(step), "state")

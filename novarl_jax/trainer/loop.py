@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -421,6 +421,26 @@ class Trainer:
         return state, metrics, (traj, info)
 
 
+def restore_task_position(
+    task: Any, host: dict, config: Any, changed: list[str], log: Callable[[str], Any]
+) -> None:
+    """Puts ``task`` at the position a checkpoint's ``host`` record saved; ``changed``: the
+    config keys a resume changed (a new ``task.path``, allowed, is read from its start).
+
+    Raises:
+        ConfigError: the position cannot be restored (a JSONL file edited since), naming
+            ``task.path`` (or ``task.name``).
+    """
+    if "task.path" in changed:
+        log(f"task.path changed: {config.task.path} is read from its first example")
+        return
+    try:
+        task.set_state(host["task_state"])
+    except ValueError as e:
+        key = "task.path" if config.task.name == "jsonl" else "task.name"
+        raise ConfigError(key, f"cannot resume the task's position: {e}") from None
+
+
 def combine_update_metrics(update_metrics: list[dict]) -> dict[str, float]:
     """One step's metrics from its updates': the max of ``*_max`` names, the min of ``*_min``
     names, the mean of the rest."""
@@ -569,14 +589,7 @@ class Session:
         self.start, self.host = 0, {}
         if self.resumed_from is not None:
             self.state, self.host = self.checkpointer.restore(abstract_like(self.state))
-            if "task.path" in changed:  # another file, allowed: read from its beginning
-                log(f"task.path changed: {config.task.path} is read from its first example")
-            else:
-                try:
-                    self.run.task.set_state(self.host["task_state"])
-                except ValueError as e:  # e.g. a JSONL file edited since the checkpoint
-                    key = "task.path" if config.task.name == "jsonl" else "task.name"
-                    raise ConfigError(key, f"cannot resume the task's position: {e}") from None
+            restore_task_position(self.run.task, self.host, config, changed, log)
             self.start = int(self.host["iteration"])
             log(f"resumed from {self.checkpointer.directory} at step {self.start}")
         # The seed the run started with: its random initial policy is the KL reference for
