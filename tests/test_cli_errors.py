@@ -238,7 +238,7 @@ def test_resume_lists_a_changed_config_once(run_cli, tmp_path, monkeypatch):
     saved = copy_config.get_config()
     saved.experiment.world_size, saved.experiment.steps = 8, 1
     write_config(str(tmp_path), saved)
-    (tmp_path / "checkpoints" / "1").mkdir(parents=True)
+    _checkpoint(tmp_path, {"iteration": 1, "task_state": {}})
     changed = "resuming with a changed config: experiment.steps 1 -> 3"
 
     def session_train(config, workdir, *, allow_config_change, **kwargs):
@@ -487,16 +487,21 @@ def test_a_config_file_that_gives_no_config_is_one_line(
     ), err
 
 
-def test_the_dry_run_checks_the_dataset_position_a_resume_would_restore(run_cli, tmp_path):
-    """A JSONL file edited since the checkpoint: the dry run says so, as the run would."""
+def _checkpoint(workdir, host):
+    """A step-1 checkpoint in ``workdir`` with the JSON record ``host`` (and a token array)."""
     import jax.numpy as jnp
 
     from novarl_jax.trainer.checkpoint import Checkpointer
 
-    ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
-    position = {"epoch": 0, "index": 4, "seed": 0, "examples": 11, "digest": "0" * 16}
-    ckpt.save(1, {"w": jnp.ones(2)}, {"iteration": 1, "task_state": position}, force=True)
+    ckpt = Checkpointer(str(workdir / "checkpoints"), async_save=False)
+    ckpt.save(1, {"w": jnp.ones(2)}, host, force=True)
     ckpt.close()
+
+
+def test_the_dry_run_checks_the_dataset_position_a_resume_would_restore(run_cli, tmp_path):
+    """A JSONL file edited since the checkpoint: the dry run says so, as the run would."""
+    position = {"epoch": 0, "index": 4, "seed": 0, "examples": 11, "digest": "0" * 16}
+    _checkpoint(tmp_path, {"iteration": 1, "task_state": position})
     args = ["--config=configs/jsonl.py", "experiment.world_size=8", f"--workdir={tmp_path}"]
     code, _, err = run_cli(*args, "--dry_run")
     assert code == 2
