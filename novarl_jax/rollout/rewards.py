@@ -32,6 +32,47 @@ class RewardFunctionError(ValueError):
     completion; the message names the function and the task."""
 
 
+def load_object(spec: str, what: str, kind: str) -> Any:
+    """The object ``"package.module:name"`` names (``name`` may be dotted: ``Class.method``).
+    Modules in the working directory import as they do under ``python -m``.
+
+    Args:
+        spec: the ``"module.path:name"`` string.
+        what, kind: for messages, e.g. ``"reward function"``, ``"function"``.
+
+    Raises:
+        ValueError: the spec is malformed, the module cannot be imported (or raised while
+            importing), or it has no such attribute; the message names ``spec``.
+    """
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"{what} {spec!r} must be a string 'module.path:{kind}' or a callable")
+    module_name, attr = spec.split(":")
+    if not module_name or not attr:
+        raise ValueError(f"{what} {spec!r} must look like 'module.path:{kind}'")
+    # The `novarl-train` script does not put the working directory on the path.
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the working directory was removed
+        cwd = None
+    if cwd is not None and cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{what} {spec!r}: cannot import {module_name!r} ({err})") from err
+    except Exception as err:  # noqa: BLE001 - the module's own code failed while importing
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(
+            f"{what} {spec!r}: importing {module_name!r} raised {type(err).__name__}: {first}"
+        ) from err
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{what} {spec!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
 def load_reward_fn(spec: str | RewardFn) -> RewardFn:
     """Resolves ``"module.path:function"`` (or a callable, returned as is) to a reward function.
 
@@ -49,38 +90,7 @@ def load_reward_fn(spec: str | RewardFn) -> RewardFn:
     """
     if callable(spec):
         return spec
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ValueError(
-            f"reward function {spec!r} must be a string 'module.path:function' or a callable"
-        )
-    module_name, attr = spec.split(":")
-    if not module_name or not attr:
-        raise ValueError(f"reward function {spec!r} must look like 'module.path:function'")
-    # Modules in the working directory import as they do under `python -m` (the
-    # `novarl-train` script does not put it on the path).
-    try:
-        cwd = os.getcwd()
-    except OSError:  # the working directory was removed
-        cwd = None
-    if cwd is not None and cwd not in sys.path and "" not in sys.path:
-        sys.path.append(cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(
-            f"reward function {spec!r}: cannot import {module_name!r} ({err})"
-        ) from err
-    except Exception as err:  # noqa: BLE001 - the module's own code failed while importing
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise ValueError(
-            f"reward function {spec!r}: importing {module_name!r} raised "
-            f"{type(err).__name__}: {first}"
-        ) from err
-    fn = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise ValueError(f"reward function {spec!r}: {module_name!r} has no attribute {attr!r}")
-        fn = getattr(fn, part)
+    fn = load_object(spec, "reward function", "function")
     if not callable(fn):
         raise ValueError(f"reward function {spec!r} is not callable")
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ from novarl_jax.core.utils.advantages import make_advantage_estimator
 from novarl_jax.models import ModelConfig, init_params, load_hf_model
 from novarl_jax.models.layers import DEFAULT_INIT
 from novarl_jax.rollout.engine import RolloutEngine, SamplingConfig
-from novarl_jax.rollout.tasks import TASKS, make_task
+from novarl_jax.rollout.tasks import TASKS, make_task, task_class
 from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer
 from novarl_jax.trainer.config import (
     ConfigError,
@@ -103,27 +104,47 @@ def _task(config, *, validation: bool = False) -> Any:
     elif t.path:
         raise ConfigError("task.path", f"only the 'jsonl' task reads a file; task {t.name!r}")
     unknown = sorted(set(t.options) - set(task_options(t.name)))
-    if t.name in TASKS and unknown:
+    if unknown and (t.name in TASKS or _takes_no_var_kwargs(t.name)):
         raise ConfigError(
             f"task.options.{unknown[0]}",
             f"task {t.name!r} has no option {unknown[0]!r}; its options: "
             f"{', '.join(task_options(t.name)) or 'none'}",
         )
     try:
-        return make_task(t.name, **options)
+        task = make_task(t.name, **options)
     except TypeError as e:
         raise ConfigError("task.options", f"task {t.name!r}: {e}") from None
     except (ValueError, OSError) as e:
         raise ConfigError(_task_error_key(str(e), t), str(e)) from None
+    try:  # checkpointed as JSON: found out now rather than at the first save
+        json.dumps(task.get_state())
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            "task.name",
+            f"task {t.name!r}: get_state() must return plain JSON values (ints, not NumPy "
+            f"integers), for the checkpoint: {e}",
+        ) from None
+    return task
+
+
+def _takes_no_var_kwargs(name: str) -> bool:
+    """Whether a task class of one's own names all its options (no ``**kwargs``)."""
+    try:
+        params = inspect.signature(task_class(name).__init__).parameters.values()
+    except (ValueError, TypeError):
+        return False
+    return not any(p.kind == p.VAR_KEYWORD for p in params)
 
 
 def task_options(name: str) -> list[str]:
     """The options (keyword arguments) a task takes under ``task.options``: those of its
     constructor, less what other keys set (``task.path``, ``task.reward_fn``)."""
-    if name not in TASKS:
+    try:
+        cls = task_class(name)
+    except ValueError:
         return []
     taken = {"self", "path", "reward_fn"}
-    params = inspect.signature(TASKS[name].__init__).parameters.values()
+    params = inspect.signature(cls.__init__).parameters.values()
     return [
         p.name
         for p in params
@@ -133,7 +154,7 @@ def task_options(name: str) -> list[str]:
 
 def _task_error_key(message: str, t: Any) -> str:
     """The config key a task constructor's error is about."""
-    if message.startswith("unknown task"):
+    if message.startswith(("unknown task", f"task {t.name!r}")):
         return "task.name"
     if message.startswith("reward function") and t.reward_fn:
         return "task.reward_fn"

@@ -108,7 +108,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     # --- Task: prompts and verifiable rewards ---------------------------------------------
     config.task = ml_collections.ConfigDict()
-    config.task.name = "reverse"  # copy | reverse | sort | addition | jsonl
+    # copy | reverse | sort | addition | jsonl, or "module.path:Class" for a task of your own
+    # (novarl_jax.rollout.tasks: task.options are its keyword arguments).
+    config.task.name = "reverse"
     config.task.path = ""  # the JSONL file of the 'jsonl' task (fields: prompt, answer)
     # Reward override "module.path:function", (prompts, completions, metadata) -> list[float];
     # '' = the task's own reward.

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from configs import base
@@ -224,3 +225,80 @@ def test_ppo_may_leave_grpo_group_size_at_one():
     config = base.get_config()
     config.experiment.update(algorithm="ppo", grpo_group_size=1)
     build_run(validate_config(config))  # GRPO's own checks need a group of 2; PPO has none
+
+
+_WORD_TASK = '''
+import numpy as np
+
+from novarl_jax.rollout.tasks import BaseTask, numpy_rng
+
+
+class WordLength(BaseTask):
+    """Answer with the length of a word (1-3 letters)."""
+
+    name = "word_length"
+    alphabet = "abc123:"
+
+    def __init__(self, *, letters="abc", reward_fn=None):
+        super().__init__(reward_fn)
+        self.letters = letters
+
+    def sample_prompts(self, key, batch_size):
+        rng = numpy_rng(key)
+        words = ["".join(rng.choice(list(self.letters), int(rng.integers(1, 4))))
+                 for _ in range(batch_size)]
+        return [w + ":" for w in words], [{"answer": str(len(w))} for w in words]
+
+    def default_reward(self, prompts, completions, metadata):
+        return [float(c.strip() == m["answer"]) for c, m in zip(completions, metadata)]
+
+
+class NoState:
+    def __init__(self):
+        pass
+
+    def sample_prompts(self, key, batch_size):
+        return ["a:"] * batch_size, [{}] * batch_size
+
+    def score(self, prompts, completions, metadata):
+        return np.zeros(len(prompts), np.float32), [{}] * len(prompts)
+
+
+class NumpyState(WordLength):
+    def get_state(self):
+        return {"position": np.int64(3)}
+'''
+
+
+def test_a_task_of_ones_own_runs_by_module_and_class(tmp_path, monkeypatch):
+    from quiet_train import train_quietly
+
+    (tmp_path / "word_tasks.py").write_text(_WORD_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = base.get_config()
+    config.task.name = "word_tasks:WordLength"
+    config.task.options.letters = "ab"
+    config.experiment.steps = 1
+    config.checkpoint.async_save = False
+    config.logging.update(plot=False, progress=False)
+    run = build_run(validate_config(config))
+    assert run.task.letters == "ab" and run.tokenizer.vocab_size == 3 + 7  # its alphabet
+    result = train_quietly(config, tmp_path / "run")
+    assert np.isfinite(result["critic/score/mean"])
+
+    def error(name, **options):
+        import ml_collections
+
+        config.task.name, config.task.options = name, ml_collections.ConfigDict(options)
+        with pytest.raises(ConfigError) as info:
+            build_run(validate_config(config))
+        return info.value
+
+    e = error("word_tasks:WordLength", colour=1)
+    assert e.key == "task.options.colour" and "its options: letters" in str(e)
+    e = error("word_tasks:NoState")
+    assert e.key == "task.name" and "lacks get_state, set_state of the Task protocol" in str(e)
+    e = error("word_tasks:Missing")
+    assert e.key == "task.name" and "has no attribute 'Missing'" in str(e)
+    e = error("word_tasks:NumpyState")
+    assert e.key == "task.name" and "get_state() must return plain JSON values" in str(e)

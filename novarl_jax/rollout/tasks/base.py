@@ -6,9 +6,11 @@ A task is a host-side object (it works on strings)::
     rewards, info = task.score(prompts, completions, metadata)   # float32 [B], B dicts
 
 ``metadata[i]`` carries what scoring needs (the built-in tasks put the reference answer
-under ``'answer'``). Tasks whose prompts come from an iterator (datasets) also expose their
-position as a small JSON-able state, ``get_state()`` / ``set_state(state)``, which the
-trainer checkpoints; key-driven tasks return ``{}``.
+under ``'answer'``). Every task also has ``get_state()`` / ``set_state(state)``: tasks whose
+prompts come from an iterator (datasets) return their position as a small JSON-able state,
+which the trainer checkpoints; key-driven tasks return ``{}`` (:class:`BaseTask` provides
+that). A task of your own runs under the command line as ``task.name="module.path:Class"``
+(see :func:`~novarl_jax.rollout.tasks.make_task`).
 """
 
 from __future__ import annotations
