@@ -150,8 +150,10 @@ def aggregate(
     loss_mat = jnp.asarray(loss_mat, jnp.float32)
     mask = jnp.asarray(mask)
     _check_pair(loss_mat, mask)
-    if loss_scale_factor is not None and (
-        isinstance(loss_scale_factor, (bool, str)) or not loss_scale_factor > 0
+    if (
+        loss_scale_factor is not None
+        and not isinstance(loss_scale_factor, jax.core.Tracer)  # traced: checked by the caller
+        and (isinstance(loss_scale_factor, (bool, str)) or not loss_scale_factor > 0)
     ):
         raise ValueError(f"loss_scale_factor must be > 0 or None, got {loss_scale_factor!r}")
     if denominators is None:
@@ -167,8 +169,8 @@ def aggregate(
     if mode == "seq-mean-token-mean":
         row_counts = jnp.maximum(jnp.sum(valid, axis=1, dtype=jnp.float32), 1.0)
         return jnp.sum(row_sums / row_counts) / num_sequences
-    scale = float(loss_mat.shape[1] if loss_scale_factor is None else loss_scale_factor)
-    return jnp.sum(row_sums) / (num_sequences * scale)
+    scale = loss_mat.shape[1] if loss_scale_factor is None else loss_scale_factor
+    return jnp.sum(row_sums) / (num_sequences * jnp.asarray(scale, jnp.float32))
 
 
 def masked_mean(

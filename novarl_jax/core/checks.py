@@ -20,11 +20,22 @@ def is_integer(value: Any) -> bool:
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
-    """``int(value)`` for an integer >= ``minimum`` (NumPy integers too).
+    """``int(value)`` for an integer >= ``minimum`` (NumPy integers, and 0-d integer arrays
+    such as a train state's ``policy_version``, too).
 
     Raises:
         ValueError: ``"{name} must be an integer >= {minimum}, got {value!r}"``.
     """
+    if (
+        not isinstance(value, np.generic)  # NumPy scalars are checked as they are
+        and getattr(value, "shape", None) == ()
+        and hasattr(value, "dtype")
+        and np.issubdtype(value.dtype, np.integer)
+    ):
+        try:
+            value = int(value)
+        except Exception:  # noqa: BLE001 - traced under jit: not a concrete integer
+            pass
     if not is_integer(value) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)

@@ -189,8 +189,9 @@ class ParallelLayout:
             raise ValueError(
                 f"layout {self.describe()} needs world_size={self.world_size} devices, but "
                 f"{len(devices)} devices were given; choose sizes whose product is "
-                f"{len(devices)} (on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count="
-                f"{per_process}{where} before importing jax)"
+                f"{len(devices)}, pass devices=jax.devices()[:{self.world_size}] to use some of "
+                f"them, or (on CPU) set XLA_FLAGS=--xla_force_host_platform_device_count="
+                f"{per_process}{where} before importing jax"
             )
         try:
             grid = mesh_utils.create_device_mesh(self.mesh_shape, devices=devices)

@@ -187,6 +187,13 @@ class RolloutEngine:
     ):
         if not isinstance(sampling, SamplingConfig):
             raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling)!r}")
+        if not isinstance(task, Task):
+            missing = [m for m in ("sample_prompts", "score", "get_state", "set_state")
+                       if not callable(getattr(task, m, None))]  # fmt: skip
+            raise ValueError(
+                f"task lacks {', '.join(missing)} of the Task protocol "
+                f"(novarl_jax.rollout.tasks.base; subclass BaseTask for the state methods)"
+            )
         vocab = model_config.vocab_size
         if tokenizer.vocab_size > vocab:
             raise ValueError(
@@ -277,11 +284,11 @@ class RolloutEngine:
         if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {group!r}")
         group = int(group)
-        if (
-            isinstance(policy_version, bool)
-            or not isinstance(policy_version, (int, np.integer))
-            or not 0 <= policy_version < _MAX_VERSION
-        ):
+        try:
+            policy_version = check_int("policy_version", policy_version, 0)
+        except ValueError:
+            policy_version = -1  # refused just below, with the range
+        if not 0 <= policy_version < _MAX_VERSION:
             raise ValueError(
                 f"policy_version must be an integer in [0, 2**31) (it is stored as int32), got "
                 f"{policy_version!r}"

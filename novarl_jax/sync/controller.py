@@ -193,17 +193,6 @@ def record_broadcast(state: SyncState, now: float, version: int) -> SyncState:
     )
 
 
-def _check_version_scalar(name: str, value: Any) -> int:
-    """An integer >= 0; NumPy integers and 0-d integer arrays (NumPy or JAX) are accepted."""
-    if (
-        hasattr(value, "dtype")
-        and getattr(value, "shape", None) == ()
-        and np.issubdtype(value.dtype, np.integer)
-    ):
-        value = int(value)
-    return check_int(name, value, 0)
-
-
 def _sample_versions(sample_versions: Any, trainer_version: int) -> np.ndarray:
     """``sample_versions`` as flat int64 after checking they are integers in [0, trainer]."""
     if isinstance(sample_versions, (str, bytes, Mapping)):
@@ -252,7 +241,7 @@ def staleness(trainer_version: int, sample_versions: Any) -> np.ndarray:
         ValueError: a version is not an integer >= 0, or a sample version is newer than
             ``trainer_version``.
     """
-    trainer_version = _check_version_scalar("trainer_version", trainer_version)
+    trainer_version = check_int("trainer_version", trainer_version, 0)
     return trainer_version - _sample_versions(sample_versions, trainer_version)
 
 
@@ -262,7 +251,7 @@ def admissible(trainer_version: int, sample_versions: Any, max_staleness: int) -
     Raises:
         ValueError: as :func:`staleness`, or ``max_staleness`` is not an integer >= 0.
     """
-    max_staleness = _check_version_scalar("max_staleness", max_staleness)
+    max_staleness = check_int("max_staleness", max_staleness, 0)
     lag = staleness(trainer_version, sample_versions)
     return bool(lag.size == 0 or lag.max() <= max_staleness)
 

@@ -13,13 +13,11 @@ import threading
 from collections.abc import Hashable
 from typing import Any
 
-import numpy as np
+from novarl_jax.core.checks import check_int
 
 
 def _check_version(name: str, version: Any) -> int:
-    if isinstance(version, bool) or not isinstance(version, int | np.integer) or version < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {version!r}")
-    return int(version)
+    return check_int(name, version, 0)
 
 
 @dataclasses.dataclass(frozen=True)

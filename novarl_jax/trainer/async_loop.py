@@ -507,7 +507,7 @@ def train_async(
 
     Example:
         >>> from configs import ppo_async
-        >>> train_async(ppo_async.get_config(), "/tmp/ppo_async", num_workers=2)  # doctest: +SKIP
+        >>> train_async(ppo_async.get_config(), "/tmp/ppo_async", num_workers=1)  # doctest: +SKIP
     """
     num_workers = _check_positive_int("num_workers", num_workers)
     queue_size = _check_positive_int(

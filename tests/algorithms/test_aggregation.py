@@ -235,3 +235,11 @@ def test_loss_sharded_over_8_devices_equals_unsharded():
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_a_traced_loss_scale_factor_works_under_jit():
+    loss, mask = jnp.ones((2, 3)), jnp.ones((2, 3))
+    f = jax.jit(lambda c: aggregate(loss, mask, "seq-mean-token-sum-norm", loss_scale_factor=c))
+    assert float(f(3.0)) == float(
+        aggregate(loss, mask, "seq-mean-token-sum-norm", loss_scale_factor=3.0)
+    )

@@ -228,6 +228,9 @@ def test_engine_errors(setup):
         def get_state(self):
             return {}
 
+        def set_state(self, state):
+            pass
+
     engine = RolloutEngine(
         model_config=config, tokenizer=tok, task=ShortScores(), sampling=SAMPLING
     )
@@ -330,3 +333,13 @@ def test_a_tokenizer_with_the_documented_decode_batch_signature_rolls_out(setup,
     engine = RolloutEngine(model_config=config, tokenizer=Plain(), task=task, sampling=SAMPLING)
     _, info = engine.rollout(params, jax.random.key(5), policy_version=7, batch_size=BATCH)
     assert info.completions == rolled[2].completions
+
+
+def test_a_task_missing_part_of_the_protocol_is_refused_at_once(setup):
+    config, _, task, tok = setup
+
+    class NoState:
+        sample_prompts, score = task.sample_prompts, task.score
+
+    with pytest.raises(ValueError, match="task lacks get_state, set_state of the Task protocol"):
+        RolloutEngine(model_config=config, tokenizer=tok, task=NoState(), sampling=SAMPLING)

@@ -452,3 +452,12 @@ def test_text_answers_in_latex_and_odd_numbers():
         assert R.exact_match_reward([""], [completion], [{"answer": answer}]) == [want], completion
     assert R.parse_number("e5") is None and R.parse_number(10**400) is None
     assert R.parse_number(str(10**400)) is None
+
+
+def test_jsonl_task_takes_reward_fn_like_the_other_tasks():
+    from novarl_jax.rollout.tasks import make_task
+
+    task = make_task("jsonl", path=DATA, reward_fn="novarl_jax.rollout.rewards:numeric_reward")
+    assert task.score(["q"], ["\\boxed{5}"], [{"answer": "5"}])[0].tolist() == [1.0]
+    with pytest.raises(ValueError, match="pass reward= or reward_fn=, not both"):
+        JSONLTask(DATA, reward="numeric", reward_fn="novarl_jax.rollout.rewards:numeric_reward")

@@ -54,6 +54,7 @@ class JSONLTask(BaseTask):
             ``"Q: {prompt} Put the answer in \\boxed{{}}."``.
         shuffle: visit the examples in a seeded random order per epoch (else file order).
         seed: the shuffle seed (part of the state).
+        reward_fn: the same as ``reward`` (the other tasks' name for it); give one of them.
 
     Raises:
         ValueError: the file is missing or empty, a line is not a JSON object, a line lacks
@@ -78,7 +79,12 @@ class JSONLTask(BaseTask):
         prompt_template: str = "{prompt}",
         shuffle: bool = True,
         seed: int = 0,
+        reward_fn: str | RewardFn | None = None,
     ):
+        if reward_fn is not None:  # the other tasks' name for it
+            if reward != "exact":
+                raise ValueError("pass reward= or reward_fn=, not both")
+            reward = reward_fn
         if isinstance(reward, str) and reward not in BUILTIN_REWARDS and ":" not in reward:
             raise ValueError(
                 f"reward={reward!r} must be one of {sorted(BUILTIN_REWARDS)}, a callable, or "
