@@ -105,14 +105,19 @@ def write_failed_message(error: OSError, workdir: str) -> str:
     """The line for a run stopped by a file it could not write (a full disk, a workdir made
     read-only): the file, the cause and the checkpoint a rerun resumes from."""
     what = f"{error.filename}: {error.strerror}" if error.filename else str(error)
+    return (
+        f"cannot write {what}; {last_checkpoint(workdir)}; free the space or fix the "
+        "permissions and rerun"
+    )
+
+
+def last_checkpoint(workdir: str) -> str:
+    """``the last checkpoint is step N in WORKDIR`` (or that there is none yet)."""
     steps = checkpoint_steps(workdir)
     workdir = os.path.abspath(workdir)
-    kept = (
-        f"the last checkpoint is step {steps[-1]} in {workdir}"
-        if steps
-        else f"no checkpoint in {workdir} yet"
-    )
-    return f"cannot write {what}; {kept}; free the space or fix the permissions and rerun"
+    if steps:
+        return f"the last checkpoint is step {steps[-1]} in {workdir}"
+    return f"no checkpoint in {workdir} yet"
 
 
 def interrupted_message(workdir: str, before: tuple | None) -> str:

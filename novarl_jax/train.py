@@ -25,6 +25,7 @@ from novarl_jax.cli_messages import (
     accelerator_installed,
     backend_error_message,
     interrupted_message,
+    last_checkpoint,
     training_mark,
     write_failed_message,
 )
@@ -329,7 +330,7 @@ def main(argv: list[str]) -> None:
         _fail(str(e))
     except RewardFunctionError as e:
         key = "task.reward_fn: " if spec.config.task.reward_fn else ""
-        _fail(f"{key}{e}")
+        _fail(f"{key}{e}; {last_checkpoint(workdir)}: fix it and rerun to resume")
     except OSError as e:  # metrics, samples, config.json or plots that cannot be written
         _fail(write_failed_message(e, workdir))
 

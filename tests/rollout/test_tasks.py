@@ -144,11 +144,12 @@ def test_a_reward_function_that_raises_is_named_with_its_task():
     def boom(prompts, completions, metadata):
         raise KeyError("answer")
 
+    line = boom.__code__.co_firstlineno + 1  # where it raised: the user's file and line
     with pytest.raises(R.RewardFunctionError) as info:
         CopyTask(reward_fn=boom).score(["a"], ["a"], [{}])
     assert str(info.value) == (
         "reward function 'test_a_reward_function_that_raises_is_named_with_its_task.<locals>"
-        ".boom' of task 'copy' raised KeyError: 'answer'"
+        f".boom' of task 'copy' raised KeyError: 'answer' (at {__file__}:{line})"
     )
     assert isinstance(info.value.__cause__, KeyError)
     spec = "novarl_jax.rollout.rewards:numeric_reward"  # needs metadata['answer']

@@ -15,6 +15,7 @@ that). A task of your own runs under the command line as ``task.name="module.pat
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -146,7 +147,10 @@ class BaseTask:
         try:
             values = fn(list(prompts), list(completions), list(metadata))
         except Exception as e:  # noqa: BLE001 - named, with the cause chained
-            raise RewardFunctionError(f"{source} raised {type(e).__name__}: {e}") from e
+            frame = traceback.extract_tb(e.__traceback__)[-1]  # where in the user's code
+            raise RewardFunctionError(
+                f"{source} raised {type(e).__name__}: {e} (at {frame.filename}:{frame.lineno})"
+            ) from e
         rewards = rewards_to_array(values, len(prompts), source)
         info = [
             {"reward": float(r), "answer": m.get("answer"), "completion": c}
