@@ -144,10 +144,5 @@ def interrupted_message(workdir: str, before: tuple | None) -> str:
         head = "interrupted before this run finished a step"
     else:
         head = "interrupted"
-    steps = checkpoint_steps(workdir)
-    if steps:
-        return (
-            f"{head}; the last checkpoint is step {steps[-1]} in {workdir}; rerun the same "
-            "command to resume from it"
-        )
-    return f"{head}; no checkpoint in {workdir} yet; rerun the same command to start again"
+    then = "resume from it" if checkpoint_steps(workdir) else "start again"
+    return f"{head}; {last_checkpoint(workdir)}; rerun the same command to {then}"
