@@ -27,7 +27,12 @@ from novarl_jax.core.checks import check_int
 from novarl_jax.core.distributed import host_array
 from novarl_jax.rollout.rewards import RewardFunctionError
 from novarl_jax.rollout.sampler import make_settings, sample
-from novarl_jax.rollout.tasks.base import Task, check_batch_size, rewards_to_array
+from novarl_jax.rollout.tasks.base import (
+    Task,
+    check_batch_size,
+    check_task,
+    rewards_to_array,
+)
 
 # Non-finite rewards named in a rollout's warning (the rest are counted).
 _SHOWN_INVALID = 3
@@ -187,13 +192,7 @@ class RolloutEngine:
     ):
         if not isinstance(sampling, SamplingConfig):
             raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling)!r}")
-        if not isinstance(task, Task):
-            missing = [m for m in ("sample_prompts", "score", "get_state", "set_state")
-                       if not callable(getattr(task, m, None))]  # fmt: skip
-            raise ValueError(
-                f"task lacks {', '.join(missing)} of the Task protocol "
-                f"(novarl_jax.rollout.tasks.base; subclass BaseTask for the state methods)"
-            )
+        check_task(task)
         vocab = model_config.vocab_size
         if tokenizer.vocab_size > vocab:
             raise ValueError(

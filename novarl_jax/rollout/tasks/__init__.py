@@ -13,7 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from novarl_jax.rollout.tasks.base import BaseTask, Task, numpy_rng, rewards_to_array
+from novarl_jax.rollout.tasks.base import (
+    BaseTask,
+    Task,
+    check_task,
+    numpy_rng,
+    rewards_to_array,
+)
 from novarl_jax.rollout.tasks.builtin import AdditionTask, CopyTask, ReverseTask, SortTask
 from novarl_jax.rollout.tasks.jsonl import JSONLTask
 
@@ -42,13 +48,7 @@ def make_task(name: str, **kwargs: Any) -> Task:
         'addition'
     """
     task = task_class(name)(**kwargs)
-    if not isinstance(task, Task):
-        missing = [m for m in ("sample_prompts", "score", "get_state", "set_state")
-                   if not callable(getattr(task, m, None))]  # fmt: skip
-        raise ValueError(
-            f"task {name!r} lacks {', '.join(missing)} of the Task protocol "
-            f"(novarl_jax.rollout.tasks.base; subclass BaseTask for the state methods)"
-        )
+    check_task(task, f"task {name!r}")
     return task
 
 

@@ -46,6 +46,19 @@ class Task(Protocol):
     def set_state(self, state: dict) -> None: ...
 
 
+def check_task(task: Any, what: str = "task") -> None:
+    """Raises ValueError naming what ``task`` lacks of the :class:`Task` protocol, if any;
+    ``what`` begins the message (e.g. ``"task 'module:Class'"``)."""
+    if isinstance(task, Task):
+        return
+    missing = [m for m in ("sample_prompts", "score", "get_state", "set_state")
+               if not callable(getattr(task, m, None))]  # fmt: skip
+    raise ValueError(
+        f"{what} lacks {', '.join(missing)} of the Task protocol "
+        f"(novarl_jax.rollout.tasks.base; subclass BaseTask for the state methods)"
+    )
+
+
 def numpy_rng(key: jax.Array) -> np.random.Generator:
     """A NumPy generator seeded from a JAX key (typed or raw uint32), for host-side sampling."""
     key = jax.numpy.asarray(key) if not isinstance(key, jax.Array) else key
