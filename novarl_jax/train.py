@@ -330,7 +330,8 @@ def main(argv: list[str]) -> None:
         _fail(str(e))
     except RewardFunctionError as e:
         key = "task.reward_fn: " if spec.config.task.reward_fn else ""
-        _fail(f"{key}{e}; {last_checkpoint(workdir)}: fix it and rerun to resume")
+        then = "resume" if has_checkpoint(workdir) else "start again"
+        _fail(f"{key}{e}; {last_checkpoint(workdir)}: fix it and rerun to {then}")
     except OSError as e:  # metrics, samples, config.json or plots that cannot be written
         _fail(write_failed_message(e, workdir))
 

@@ -213,7 +213,7 @@ def test_errors_raised_while_training_are_one_line(run_cli, tmp_path, monkeypatc
         assert "Traceback" not in out + err
         if isinstance(error, RewardFunctionError):  # where to resume from once it is fixed
             assert err.strip().endswith(
-                f"; no checkpoint in {tmp_path} yet: fix it and rerun to resume"
+                f"; no checkpoint in {tmp_path} yet: fix it and rerun to start again"
             ), err
 
 

@@ -29,7 +29,7 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     if (
         not isinstance(value, np.generic)  # NumPy scalars are checked as they are
         and getattr(value, "shape", None) == ()
-        and hasattr(value, "dtype")
+        and isinstance(getattr(value, "dtype", None), np.dtype)  # not a PRNG key's dtype
         and np.issubdtype(value.dtype, np.integer)
     ):
         try:

@@ -283,6 +283,7 @@ class RolloutEngine:
         if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {group!r}")
         group = int(group)
+        given = policy_version
         try:
             policy_version = check_int("policy_version", policy_version, 0)
         except ValueError:
@@ -290,7 +291,7 @@ class RolloutEngine:
         if not 0 <= policy_version < _MAX_VERSION:
             raise ValueError(
                 f"policy_version must be an integer in [0, 2**31) (it is stored as int32), got "
-                f"{policy_version!r}"
+                f"{given!r}"
             )
         prompt_key, sample_key = jax.random.split(key)
         prompts, metadata, tokens, mask = self._encode_prompts(prompt_key, batch_size)

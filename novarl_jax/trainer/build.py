@@ -101,6 +101,18 @@ def _task(config, *, validation: bool = False) -> Any:
         if not t.path:
             raise ConfigError("task.path", "the 'jsonl' task needs the path of a JSONL file")
         options["path"] = t.path
+    elif ":" in t.name:  # a task of one's own: a file and a reward override if it takes them
+        try:
+            task_class(t.name)
+        except ValueError as e:
+            raise ConfigError("task.name", str(e)) from None
+        path = config.eval.path if validation and config.eval.path else t.path
+        checks = (("task.path", "path", path), ("task.reward_fn", "reward_fn", t.reward_fn))
+        for key, name, value in checks:
+            if value and not _task_takes(t.name, name):
+                raise ConfigError(key, f"task {t.name!r} takes no {name}= argument")
+        if path:
+            options["path"] = path
     elif t.path:
         raise ConfigError("task.path", f"only the 'jsonl' task reads a file; task {t.name!r}")
     unknown = sorted(set(t.options) - set(task_options(t.name)))
@@ -125,6 +137,16 @@ def _task(config, *, validation: bool = False) -> Any:
             f"integers), for the checkpoint: {e}",
         ) from None
     return task
+
+
+def _task_takes(name: str, argument: str) -> bool:
+    """Whether a task class's constructor takes ``argument=`` (any, with ``**kwargs``)."""
+    cls = task_class(name)
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (ValueError, TypeError):  # no signature to read: found out when it is built
+        return True
+    return any(p.kind == p.VAR_KEYWORD or p.name == argument for p in params)
 
 
 def _takes_no_var_kwargs(name: str) -> bool:

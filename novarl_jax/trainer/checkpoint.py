@@ -154,19 +154,23 @@ class Checkpointer:
                 ),
             )
         except Exception as e:  # noqa: BLE001 - orbax, tensorstore and JSON errors alike
-            older = [s for s in self.all_steps() if s < step]
-            advice = (
-                f"move {os.path.join(self.directory, str(step))} out of {self.directory} to "
-                f"resume from step {older[-1]} (older checkpoints: {older})"
-                if older
-                else "no older checkpoint is kept; train in a new --workdir"
-            )
-            raise CheckpointUnreadableError(
-                f"{os.path.join(self.directory, str(step))}: checkpoint could not be read "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it may be "
-                f"damaged: {advice}"
-            ) from e
+            raise self._unreadable(step, e) from e
         return restored["state"], dict(restored["host"])
+
+    def _unreadable(self, step: int, error: BaseException) -> CheckpointUnreadableError:
+        """The one-line error for a step that cannot be read, with the way around it."""
+        older = [s for s in self.all_steps() if s < step]
+        advice = (
+            f"move {os.path.join(self.directory, str(step))} out of {self.directory} to "
+            f"resume from step {older[-1]} (older checkpoints: {older})"
+            if older
+            else "no older checkpoint is kept; train in a new --workdir"
+        )
+        text = str(error).splitlines()[0] if str(error) else ""
+        return CheckpointUnreadableError(
+            f"{os.path.join(self.directory, str(step))}: checkpoint could not be read "
+            f"({type(error).__name__}: {text}); it may be damaged: {advice}"
+        )
 
     def restore_host(self, step: int | None = None) -> dict:
         """The JSON record of ``step`` (default: latest) alone, without the arrays.
@@ -175,15 +179,12 @@ class Checkpointer:
             CheckpointUnreadableError: no such step, or its record cannot be read.
         """
         step = self.latest_step() if step is None else step
-        where = os.path.join(self.directory, str(step))
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(host=ocp.args.JsonRestore())
             )
         except Exception as e:  # noqa: BLE001 - orbax and JSON errors alike
-            raise CheckpointUnreadableError(
-                f"{where}: the checkpoint's record could not be read ({_one_line(e)})"
-            ) from e
+            raise self._unreadable(step, e) from e
         return dict(restored["host"])
 
     def _check_shapes(self, abstract_state: Any, step: int) -> None:

@@ -439,7 +439,7 @@ def micro_batch_rows(config: Any) -> int:
 def _check_eval(config: ml_collections.ConfigDict, flat: dict) -> None:
     ev = config.eval
     _positive(flat, "eval.interval", "eval.temperature", minimum=0)
-    if config.task.name != "jsonl" and ev.path:
+    if config.task.name != "jsonl" and ":" not in config.task.name and ev.path:
         raise ConfigError(
             "eval.path",
             f"only the 'jsonl' task reads evaluation prompts from a file; task "

@@ -343,3 +343,11 @@ def test_a_task_missing_part_of_the_protocol_is_refused_at_once(setup):
 
     with pytest.raises(ValueError, match="task lacks get_state, set_state of the Task protocol"):
         RolloutEngine(model_config=config, tokenizer=tok, task=NoState(), sampling=SAMPLING)
+
+
+def test_a_bad_policy_version_is_named_as_given(setup, rolled):
+    _, params, _, _ = setup
+    engine = rolled[0]
+    for bad in (True, 2.5, -3, 2**31):
+        with pytest.raises(ValueError, match=rf"in \[0, 2\*\*31\) .*, got {re.escape(repr(bad))}$"):
+            engine.rollout(params, jax.random.key(0), policy_version=bad, batch_size=BATCH)

@@ -144,6 +144,14 @@ def test_a_reward_function_that_raises_is_named_with_its_task():
     def boom(prompts, completions, metadata):
         raise KeyError("answer")
 
+    def parses(prompts, completions, metadata):
+        import json
+
+        return [json.loads(c) for c in completions]  # raises inside the json module
+
+    with pytest.raises(R.RewardFunctionError) as info:  # the user's line, not json's
+        CopyTask(reward_fn=parses).score(["a"], ["a"], [{}])
+    assert str(info.value).endswith(f"(at {__file__}:{parses.__code__.co_firstlineno + 3})")
     line = boom.__code__.co_firstlineno + 1  # where it raised: the user's file and line
     with pytest.raises(R.RewardFunctionError) as info:
         CopyTask(reward_fn=boom).score(["a"], ["a"], [{}])

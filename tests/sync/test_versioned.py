@@ -30,3 +30,10 @@ def test_a_traced_version_is_refused_with_the_usual_message():
 
     with pytest.raises(ValueError, match="must be an integer >= 0"):
         jax.jit(publish)(jnp.asarray(1))
+
+
+def test_a_prng_key_is_no_version():
+    from novarl_jax.core.checks import check_int
+
+    with pytest.raises(ValueError, match="must be an integer >= 0"):
+        check_int("version", jax.random.key(0), 0)

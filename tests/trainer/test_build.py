@@ -267,6 +267,29 @@ class NoState:
 class NumpyState(WordLength):
     def get_state(self):
         return {"position": np.int64(3)}
+
+
+class FromFile(BaseTask):
+    """Prompts read in order from a file of lines (the task's own dataset)."""
+
+    alphabet = "abc123:"
+
+    def __init__(self, path, reward_fn=None):
+        super().__init__(reward_fn)
+        self.path = path
+        with open(path) as f:
+            self.lines = f.read().split()
+
+    def sample_prompts(self, key, batch_size):
+        return self.lines[:batch_size], [{"answer": "1"}] * batch_size
+
+    def default_reward(self, prompts, completions, metadata):
+        return [0.0] * len(prompts)
+
+
+class NoReward(FromFile):
+    def __init__(self, path):
+        super().__init__(path)
 '''
 
 
@@ -300,5 +323,20 @@ def test_a_task_of_ones_own_runs_by_module_and_class(tmp_path, monkeypatch):
     assert e.key == "task.name" and "lacks get_state, set_state of the Task protocol" in str(e)
     e = error("word_tasks:Missing")
     assert e.key == "task.name" and "has no attribute 'Missing'" in str(e)
+    e = error("word_tasks:WordLength.sample_prompts")
+    assert e.key == "task.name" and "is not a class" in str(e)
+    # A dataset of one's own takes task.path, and eval.path for its validation task.
+    (tmp_path / "train.txt").write_text("a: b: c: a: b: c: a: b:")
+    (tmp_path / "eval.txt").write_text("c: c: c: c:")
+    config.task.name, config.task.path = "word_tasks:FromFile", str(tmp_path / "train.txt")
+    config.task.options = {}
+    config.eval.update(interval=1, path=str(tmp_path / "eval.txt"), prompts=4)
+    run = build_run(validate_config(config))
+    assert run.task.path.endswith("train.txt") and run.eval_task.path.endswith("eval.txt")
+    config.task.reward_fn = "novarl_jax.rollout.rewards:exact_match_reward"
+    e = error("word_tasks:NoReward")
+    assert e.key == "task.reward_fn" and "takes no reward_fn= argument" in str(e)
+    config.task.reward_fn, config.task.path, config.eval.path = "", "", ""
+    config.eval.interval = 0
     e = error("word_tasks:NumpyState")
     assert e.key == "task.name" and "get_state() must return plain JSON values" in str(e)

@@ -11,6 +11,7 @@ set ``model.tokenizer``.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from novarl_jax.rollout.tasks.base import (
@@ -62,7 +63,7 @@ def task_class(name: str) -> type:
         from novarl_jax.rollout.rewards import load_object
 
         cls = load_object(name, "task", "Class")
-        if not callable(cls):
+        if not inspect.isclass(cls):
             raise ValueError(f"task {name!r} is not a class")
         return cls
     if name not in TASKS:

@@ -46,6 +46,18 @@ class Task(Protocol):
     def set_state(self, state: dict) -> None: ...
 
 
+def _where(fn: Any, error: BaseException) -> str:
+    """`` (at FILE:LINE)``: the last line of ``fn``'s own file that ``error`` passed through
+    (its file and line, not a library's it called), or ``''``."""
+    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__func__", None), "__code__", None)
+    if code is None:
+        return ""
+    frames = [
+        f for f in traceback.extract_tb(error.__traceback__) if f.filename == code.co_filename
+    ]
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
 def check_task(task: Any, what: str = "task") -> None:
     """Raises ValueError naming what ``task`` lacks of the :class:`Task` protocol, if any;
     ``what`` begins the message (e.g. ``"task 'module:Class'"``)."""
@@ -160,9 +172,8 @@ class BaseTask:
         try:
             values = fn(list(prompts), list(completions), list(metadata))
         except Exception as e:  # noqa: BLE001 - named, with the cause chained
-            frame = traceback.extract_tb(e.__traceback__)[-1]  # where in the user's code
             raise RewardFunctionError(
-                f"{source} raised {type(e).__name__}: {e} (at {frame.filename}:{frame.lineno})"
+                f"{source} raised {type(e).__name__}: {e}{_where(fn, e)}"
             ) from e
         rewards = rewards_to_array(values, len(prompts), source)
         info = [
