@@ -281,12 +281,12 @@ def main(argv: list[str]) -> None:
         if has_checkpoint(workdir):
             # A real run's session lists the changes when it resumes; a dry run lists them here.
             show = _DRY_RUN.value and jax.process_index() == 0
-            quiet = print if show else (lambda _: None)
+            say = print if show else (lambda _: None)
             changes = check_resume_config(
                 workdir,
                 _CONFIG.value,
                 allow_change=_ALLOW_CONFIG_CHANGE.value,
-                log=quiet,
+                log=say,
                 model=run.model.policy,
             )
             if _DRY_RUN.value:  # the position the resume would restore (a real run does it)
@@ -295,7 +295,7 @@ def main(argv: list[str]) -> None:
 
                 host = Checkpointer(os.path.join(workdir, "checkpoints")).restore_host()
                 changed = [key for key, _, _ in changes]
-                restore_task_position(run.task, host, spec.config, changed, quiet)
+                restore_task_position(run.task, host, spec.config, changed, say)
     except (ConfigError, CheckpointUnreadableError) as e:
         _fail(str(e))
     if jax.process_index() == 0:

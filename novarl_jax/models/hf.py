@@ -38,6 +38,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from novarl_jax.core.checks import is_integer
 from novarl_jax.models import moe as moe_lib
 from novarl_jax.models.config import ModelConfig
 from novarl_jax.models.transformer import init_params, param_shardings
@@ -578,7 +579,7 @@ def _checked_token_ids(token_ids: Any, vocab_size: int) -> dict[str, int | list[
             raise ValueError("token_ids['eos_token_id'] must be an id or a non-empty list of ids")
         ids = []
         for item in value if many else [value]:
-            if isinstance(item, bool | np.bool_) or not isinstance(item, int | np.integer):
+            if not is_integer(item):
                 what = "an integer id or a list of them" if key == "eos_token_id" else "an id"
                 raise ValueError(f"token_ids[{key!r}] must be {what}, got {value!r}")
             if not 0 <= item < vocab_size:

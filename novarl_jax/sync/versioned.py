@@ -16,10 +16,6 @@ from typing import Any
 from novarl_jax.core.checks import check_int
 
 
-def _check_version(name: str, version: Any) -> int:
-    return check_int(name, version, 0)
-
-
 @dataclasses.dataclass(frozen=True)
 class VersionedParams:
     """An immutable (version, parameters) pair: what one weight broadcast carries.
@@ -37,7 +33,7 @@ class VersionedParams:
     params: Any
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "version", _check_version("version", self.version))
+        object.__setattr__(self, "version", check_int("version", self.version, 0))
 
 
 class ParamStore:

@@ -139,37 +139,34 @@ def _task(config, *, validation: bool = False) -> Any:
     return task
 
 
+def _constructor_parameters(name: str) -> list[inspect.Parameter] | None:
+    """The parameters of a task class's constructor; None for an unknown task or one with no
+    signature to read (either is found out when the task is built)."""
+    try:
+        return list(inspect.signature(task_class(name).__init__).parameters.values())
+    except (ValueError, TypeError):
+        return None
+
+
 def _task_takes(name: str, argument: str) -> bool:
     """Whether a task class's constructor takes ``argument=`` (any, with ``**kwargs``)."""
-    cls = task_class(name)
-    try:
-        params = inspect.signature(cls.__init__).parameters.values()
-    except (ValueError, TypeError):  # no signature to read: found out when it is built
-        return True
-    return any(p.kind == p.VAR_KEYWORD or p.name == argument for p in params)
+    params = _constructor_parameters(name)
+    return params is None or any(p.kind == p.VAR_KEYWORD or p.name == argument for p in params)
 
 
 def _takes_no_var_kwargs(name: str) -> bool:
     """Whether a task class of one's own names all its options (no ``**kwargs``)."""
-    try:
-        params = inspect.signature(task_class(name).__init__).parameters.values()
-    except (ValueError, TypeError):
-        return False
-    return not any(p.kind == p.VAR_KEYWORD for p in params)
+    params = _constructor_parameters(name)
+    return params is not None and not any(p.kind == p.VAR_KEYWORD for p in params)
 
 
 def task_options(name: str) -> list[str]:
     """The options (keyword arguments) a task takes under ``task.options``: those of its
     constructor, less what other keys set (``task.path``, ``task.reward_fn``)."""
-    try:
-        cls = task_class(name)
-    except ValueError:
-        return []
     taken = {"self", "path", "reward_fn"}
-    params = inspect.signature(cls.__init__).parameters.values()
     return [
         p.name
-        for p in params
+        for p in _constructor_parameters(name) or []
         if p.name not in taken and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
 

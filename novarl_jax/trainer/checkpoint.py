@@ -166,10 +166,9 @@ class Checkpointer:
             if older
             else "no older checkpoint is kept; train in a new --workdir"
         )
-        text = str(error).splitlines()[0] if str(error) else ""
         return CheckpointUnreadableError(
             f"{os.path.join(self.directory, str(step))}: checkpoint could not be read "
-            f"({type(error).__name__}: {text}); it may be damaged: {advice}"
+            f"({_one_line(error)}); it may be damaged: {advice}"
         )
 
     def restore_host(self, step: int | None = None) -> dict:

@@ -144,6 +144,14 @@ def _write_json(path: str, tree: Any) -> str:
     return path
 
 
+def _listing(changes: list[tuple[str, Any, Any]], limit: int | None = None) -> str:
+    """``key old -> new, ...`` for ``changes``; past ``limit`` of them, ``(and N more)``."""
+    shown = changes if limit is None else changes[:limit]
+    listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in shown)
+    left = len(changes) - len(shown)
+    return f"{listed} (and {left} more)" if left else listed
+
+
 def _read_json(path: str) -> dict:
     """A record this module wrote; a damaged one (a crash mid-write on a file system that
     reorders writes) raises ConfigError naming it."""
@@ -214,30 +222,25 @@ def check_resume_config(
                     f"trained on"
                 )
     if blocking and not allow_change:
-        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in blocking[:4])
-        more = f" (and {len(blocking) - 4} more)" if len(blocking) > 4 else ""
+        listed = _listing(blocking, 4)
         raise ConfigChangedError(
             blocking[0][0],
-            f"the run in {workdir} started with another config: {listed}{more} (its config: "
+            f"the run in {workdir} started with another config: {listed} (its config: "
             f"{path}){hint}; {advice}",
         )
     # After the config's own keys, which name what changed where the config changed it.
     arch = _model_changes(workdir, model)
     if arch and not allow_change:
-        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in arch[:4])
-        more = f" (and {len(arch) - 4} more)" if len(arch) > 4 else ""
+        listed = _listing(arch, 4)
         init_from = plain.get("model.init_from")
         cause = f"; {init_from}/config.json changed since the run started" if init_from else ""
         raise ConfigChangedError(
             "model.init_from" if init_from else "model",
-            f"the policy differs from the one the run in {workdir} trained: {listed}{more} "
+            f"the policy differs from the one the run in {workdir} trained: {listed} "
             f"(its record: {os.path.join(workdir, MODEL_FILE)}){cause}; {advice}",
         )
     if arch:
-        log(
-            "resuming with a changed model: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in arch)
-        )
+        log(f"resuming with a changed model: {_listing(arch)}")
     if changes:
-        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)
-        log(f"resuming with a changed config: {listed}")
+        log(f"resuming with a changed config: {_listing(changes)}")
     return changes

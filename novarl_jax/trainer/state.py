@@ -123,12 +123,10 @@ def model_grad_norms(grads: Any) -> dict[str, jax.Array]:
 def clip_each_model(max_norm: float) -> optax.GradientTransformation:
     """``optax.clip_by_global_norm`` applied to each model's gradients on its own (see
     :func:`model_grad_norms`); no state, as that transformation has none."""
+    global_clip = optax.clip_by_global_norm(max_norm)
 
     def clip(part: Any) -> Any:
-        norm = optax.tree.norm(part)
-        return jax.tree.map(
-            lambda g: jnp.where(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm), part
-        )
+        return global_clip.update(part, optax.EmptyState())[0]
 
     def update(updates, state, params=None):
         del params
@@ -136,4 +134,4 @@ def clip_each_model(max_norm: float) -> optax.GradientTransformation:
             return {name: clip(part) for name, part in updates.items()}, state
         return clip(updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.GradientTransformation(global_clip.init, update)
