@@ -278,11 +278,16 @@ class RolloutEngine:
             :class:`RolloutInfo`.
         """
         batch_size = check_batch_size(batch_size)
-        s = self.sampling
-        group = s.num_samples if num_samples is None else num_samples
+        self._checked_call(policy_version, num_samples)
+        prompt_key, sample_key = jax.random.split(key)
+        encoded = self._encode_prompts(prompt_key, batch_size)
+        return self.complete(params, sample_key, policy_version, encoded, num_samples)
+
+    def _checked_call(self, policy_version: Any, num_samples: Any) -> tuple[int, int]:
+        """``(policy_version, num_samples)`` checked (``num_samples`` None = the config's)."""
+        group = self.sampling.num_samples if num_samples is None else num_samples
         if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {group!r}")
-        group = int(group)
         given = policy_version
         try:
             policy_version = check_int("policy_version", policy_version, 0)
@@ -293,14 +298,43 @@ class RolloutEngine:
                 f"policy_version must be an integer in [0, 2**31) (it is stored as int32), got "
                 f"{given!r}"
             )
-        prompt_key, sample_key = jax.random.split(key)
-        prompts, metadata, tokens, mask = self._encode_prompts(prompt_key, batch_size)
+        return policy_version, int(group)
+
+    def complete(
+        self,
+        params: Any,
+        key: jax.Array,
+        policy_version: int,
+        encoded: tuple[list[str], list[dict], np.ndarray, np.ndarray],
+        num_samples: int | None = None,
+    ) -> tuple[Trajectory, RolloutInfo]:
+        """Samples and scores completions of given prompts: the second half of :meth:`rollout`.
+
+        Args:
+            params, policy_version, num_samples: as for :meth:`rollout`.
+            key: the sampling key (:meth:`rollout` passes the second half of its key's split).
+            encoded: ``(prompts, metadata, tokens, mask)`` as :meth:`encode_prompts` returns
+                them (or rows of it).
+
+        Returns:
+            ``(trajectory, info)`` as :meth:`rollout`; ``info.task_state`` is the task's
+            current state.
+        """
+        policy_version, group = self._checked_call(policy_version, num_samples)
+        prompts, metadata, tokens, mask = encoded
+        batch_size = len(prompts)
+        if not batch_size or not len(metadata) == len(tokens) == len(mask) == batch_size:
+            raise ValueError(
+                f"encoded prompts need as many (>= 1) prompts, metadata, token rows and mask "
+                f"rows, got {len(prompts)}, {len(metadata)}, {len(tokens)} and {len(mask)}"
+            )
+        s = self.sampling
         out = sample(
             params,
             self.model_config,
             tokens,
             mask,
-            sample_key,
+            key,
             max_new_tokens=s.max_new_tokens,
             temperature=s.temperature,
             top_k=s.top_k,

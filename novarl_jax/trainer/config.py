@@ -219,6 +219,8 @@ def default_config() -> ml_collections.ConfigDict:
     ev.prompts = 16  # prompts per evaluation: the same ones every time
     ev.samples = 1  # completions per prompt (> 1: set a temperature; adds best_of_n/mean)
     ev.temperature = 0.0  # sampling temperature of the evaluation; 0 = greedy
+    # Prompts sampled at once (bounds an evaluation's memory); 0 = rollout.prompts_per_step.
+    ev.prompts_per_batch = 0
     # The evaluation prompts of the 'jsonl' task: another JSONL file, read from its start in
     # file order (at least eval.prompts lines). The built-in tasks draw a fixed set with a
     # key the training stream does not use ('' here); small synthetic tasks can repeat
@@ -438,7 +440,7 @@ def micro_batch_rows(config: Any) -> int:
 
 def _check_eval(config: ml_collections.ConfigDict, flat: dict) -> None:
     ev = config.eval
-    _positive(flat, "eval.interval", "eval.temperature", minimum=0)
+    _positive(flat, "eval.interval", "eval.temperature", "eval.prompts_per_batch", minimum=0)
     if config.task.name != "jsonl" and ":" not in config.task.name and ev.path:
         raise ConfigError(
             "eval.path",

@@ -1,12 +1,15 @@
 """Validation: the policy's score on fixed evaluation prompts, every ``eval.interval`` steps.
 
-Every evaluation samples the same prompts with the same key, so its figures move only with
-the policy. The built-in tasks draw the prompts with a key of their own (the training stream
-never uses it; a small synthetic task can still repeat training prompts); the ``jsonl`` task
-reads them from ``eval.path`` in file order. Nothing here touches the training task, its
-position or the training keys: the synchronous loop trains the same with validation on or
-off. (In threaded asynchronous runs an evaluation pauses the trainer while the rollout
-workers go on, which changes how stale their samples get, as any pause of the trainer does.)
+Every evaluation samples the same prompts with the same keys, so its figures move only with
+the policy. The prompts are drawn and tokenized once, when the evaluator is made, and sampled
+in batches of ``eval.prompts_per_batch`` prompts (default: ``rollout.prompts_per_step``), so
+an evaluation's memory is bounded by one batch, not by the set's size. The built-in tasks
+draw the prompts with a key of their own (the training stream never uses it; a small
+synthetic task can still repeat training prompts); the ``jsonl`` task reads them from
+``eval.path`` in file order. Nothing here touches the training task, its position or the
+training keys: the synchronous loop trains the same with validation on or off. (In threaded
+asynchronous runs an evaluation pauses the trainer while the rollout workers go on, which
+changes how stale their samples get, as any pause of the trainer does.)
 
 Metrics (verl calls them ``val-core/...``): ``val/score/mean`` and ``val/score/std`` over the
 samples, ``val/response_length/mean`` in tokens, and with ``eval.samples > 1``
@@ -23,6 +26,7 @@ import jax
 import numpy as np
 
 from novarl_jax.core.distributed import host_array
+from novarl_jax.rollout.engine import RolloutInfo, Trajectory
 from novarl_jax.rollout.tokenizers import TextTooLongError
 from novarl_jax.trainer.config import ConfigError, prompt_too_long
 
@@ -45,14 +49,16 @@ class Evaluator:
         self.interval = int(config.eval.interval)
         self.prompts = int(config.eval.prompts)
         self.samples = int(config.eval.samples)
+        per_batch = int(config.eval.prompts_per_batch) or int(config.rollout.prompts_per_step)
+        self.prompts_per_batch = min(per_batch, self.prompts)
         self.total = int(config.experiment.steps)
         self.engine = run.rollout_engine(mesh, validation=True)
         self.key = jax.random.fold_in(jax.random.key(config.experiment.seed), EVAL_KEY_TAG)
-        self._start = run.eval_task.get_state()
-        self._check_prompts(config)
+        self._encoded = self._encode_prompts(config)
 
-    def _check_prompts(self, config: Any) -> None:
-        """Fails now, naming the key, on prompts the first evaluation could not run."""
+    def _encode_prompts(self, config: Any) -> tuple:
+        """The evaluation's prompts, drawn and tokenized once; fails now, naming the key, on
+        prompts an evaluation could not run."""
         jsonl = config.task.name == "jsonl"
         if jsonl and len(self.engine.task) < self.prompts:
             raise ConfigError(
@@ -61,7 +67,7 @@ class Evaluator:
             )
         key = "eval.path" if jsonl else "rollout.max_prompt_length"
         try:
-            self.engine.encode_prompts(self.key, self.prompts)
+            return self.engine.encode_prompts(self.key, self.prompts)
         except TextTooLongError as e:
             raise prompt_too_long(e, key, "an evaluation prompt") from None
         except ValueError as e:
@@ -73,11 +79,17 @@ class Evaluator:
 
     def sample(self, policy_params: Any, policy_version: int = 0) -> tuple[Any, Any]:
         """The evaluation rollouts of ``policy_params``: ``(trajectory, info)`` as
-        :meth:`~novarl_jax.rollout.engine.RolloutEngine.rollout` returns them."""
-        self.engine.task.set_state(self._start)
-        return self.engine.rollout(
-            policy_params, self.key, int(policy_version), self.prompts, self.samples
-        )
+        :meth:`~novarl_jax.rollout.engine.RolloutEngine.rollout` returns them, over all
+        ``eval.prompts`` prompts (the trajectory's arrays on the host when there were several
+        batches)."""
+        sample_key = jax.random.split(self.key)[1]  # as a rollout with self.key would
+        parts = []
+        for i, start in enumerate(range(0, self.prompts, self.prompts_per_batch)):
+            rows = slice(start, start + self.prompts_per_batch)
+            encoded = tuple(part[rows] for part in self._encoded)
+            key = sample_key if i == 0 else jax.random.fold_in(sample_key, i)
+            parts.append(self.engine.complete(policy_params, key, int(policy_version), encoded))
+        return parts[0] if len(parts) == 1 else _joined(parts, self.prompts_per_batch)
 
     def __call__(self, policy_params: Any, policy_version: int = 0) -> dict[str, float]:
         """The validation metrics of ``policy_params`` (the policy's parameter tree)."""
@@ -100,3 +112,30 @@ class Evaluator:
             best = best[np.isfinite(best)]
             metrics["val/score/best_of_n/mean"] = float(best.mean()) if best.size else float("nan")
         return metrics
+
+
+def _joined(parts: list[tuple[Trajectory, RolloutInfo]], prompts_per_batch: int) -> tuple:
+    """One ``(trajectory, info)`` of batches of ``prompts_per_batch`` prompts, in order: host
+    arrays, prompt (group) ids and invalid rows counted across the batches."""
+    trajectories = [
+        t._replace(group_ids=host_array(t.group_ids) + i * prompts_per_batch)
+        for i, (t, _) in enumerate(parts)
+    ]
+    trajectory = jax.tree.map(
+        lambda *xs: np.concatenate([host_array(x) for x in xs]), *trajectories
+    )
+    infos = [info for _, info in parts]
+    offsets = np.cumsum([0] + [len(info.prompts) for info in infos])
+    info = RolloutInfo(
+        prompts=[p for info in infos for p in info.prompts],
+        completions=[c for info in infos for c in info.completions],
+        metadata=[m for info in infos for m in info.metadata],
+        sample_info=[s for info in infos for s in info.sample_info],
+        invalid=[
+            int(row + offset)
+            for info, offset in zip(infos, offsets[:-1], strict=True)
+            for row in info.invalid
+        ],
+        task_state=infos[-1].task_state,
+    )
+    return trajectory, info

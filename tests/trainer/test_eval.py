@@ -93,6 +93,7 @@ def test_jsonl_validation_reads_its_own_file_from_the_start(tmp_path):
         (copy, dict(interval=2, temperature=-0.5), "eval.temperature", "must be >= 0"),
         (copy, dict(interval=2, samples=4), "eval.samples", "greedy completions"),
         (copy, dict(interval=0, path="x.jsonl"), "eval.path", "only the 'jsonl' task"),
+        (copy, dict(interval=2, prompts_per_batch=-1), "eval.prompts_per_batch", "must be >= 0"),
     ],
 )
 def test_bad_eval_keys_are_named(src, keys, key, match):
@@ -154,3 +155,74 @@ def test_best_of_n_skips_prompts_without_a_valid_sample():
     m = _evaluator(2, 2).metrics(traj)
     assert m["val/score/best_of_n/mean"] == pytest.approx(1.0)
     assert m["val/score/mean"] == pytest.approx(0.5)
+
+
+def test_a_large_evaluation_runs_in_batches_of_the_same_prompts(monkeypatch):
+    # 7 prompts in batches of 3 (3 + 3 + 1) score the prompts a single batch of 7 does; the
+    # engine never samples more than 3 prompts at once; groups count across the batches.
+    config = _config(interval=1, prompts=7, samples=2, temperature=1.0)
+    config.task.name, config.task.options = "addition", {"max_operand": 5}
+    config.rollout.max_new_tokens = 3
+    whole = Evaluator(build_run(validate_config(config)))
+    config.eval.prompts_per_batch = 3
+    run = build_run(validate_config(config))
+    batched = Evaluator(run)
+    assert (whole.prompts_per_batch, batched.prompts_per_batch) == (4, 3)  # 4 = prompts_per_step
+    sizes = []
+    complete = batched.engine.complete
+    monkeypatch.setattr(
+        batched.engine,
+        "complete",
+        lambda p, k, v, encoded: sizes.append(len(encoded[0])) or complete(p, k, v, encoded),
+    )
+    params = run.init_params(jax.random.key(0))["policy"]
+    traj, info = batched.sample(params, 5)
+    assert sizes == [3, 3, 1]
+    assert info.prompts == whole.sample(params)[1].prompts  # the same 7 prompts, in order
+    assert info.prompts == [p for p in whole._encoded[0] for _ in range(2)]
+    np.testing.assert_array_equal(traj.group_ids, np.repeat(np.arange(7), 2))
+    np.testing.assert_array_equal(traj.policy_version, np.full(14, 5))
+    assert traj.response_tokens.shape == (14, 3) and len(info.completions) == 14
+    rewards, _ = run.eval_task.score(info.prompts, info.completions, info.metadata)
+    np.testing.assert_allclose(traj.rewards, rewards, rtol=1e-6)
+    assert batched.sample(params, 5)[1].completions == info.completions  # the same keys
+    metrics = batched.metrics(traj)
+    assert metrics["val/score/mean"] == pytest.approx(float(np.mean(rewards)), rel=1e-6)
+
+
+def test_batched_greedy_evaluation_equals_one_batch():
+    # Greedy on a dense policy: batching changes nothing but memory.
+    config = _config(interval=1, prompts=5, prompts_per_batch=5)
+    run = build_run(validate_config(config))
+    params = run.init_params(jax.random.key(1))["policy"]
+    one = Evaluator(run).sample(params)
+    config.eval.prompts_per_batch = 2
+    batched = Evaluator(build_run(validate_config(config))).sample(params)
+    for a, b in zip(one[0], batched[0], strict=True):
+        if a is not None:
+            np.testing.assert_array_equal(np.asarray(a), b)
+    assert one[1].completions == batched[1].completions
+
+
+def test_joined_batches_count_invalid_rows_and_groups_across_batches():
+    from novarl_jax.rollout.engine import RolloutInfo, Trajectory
+    from novarl_jax.trainer.evaluate import _joined
+
+    def part(rows, invalid, tag):
+        arrays = {f: np.zeros((rows,), np.float32) for f in Trajectory._fields[:-1]}
+        arrays["group_ids"] = np.repeat(np.arange(rows // 2), 2).astype(np.int32)
+        info = RolloutInfo(
+            prompts=[f"{tag}{i // 2}" for i in range(rows)],
+            completions=[""] * rows,
+            metadata=[{}] * rows,
+            sample_info=[{"row": (tag, i)} for i in range(rows)],
+            invalid=invalid,
+            task_state={"tag": tag},
+        )
+        return Trajectory(**arrays), info
+
+    traj, info = _joined([part(4, [1], "a"), part(4, [0, 3], "b"), part(2, [1], "c")], 2)
+    np.testing.assert_array_equal(traj.group_ids, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    assert info.invalid == [1, 4, 7, 9]
+    assert info.prompts[4] == "b0" and info.sample_info[9] == {"row": ("c", 1)}
+    assert info.task_state == {"tag": "c"} and traj.routing is None
