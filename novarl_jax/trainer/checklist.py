@@ -123,7 +123,20 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
         ("algorithm", "seed", str(exp.seed)),
         ("algorithm", "optimizer", _optimizer(spec)),
     ]
+    if spec.config.eval.interval:
+        rows.append(("algorithm", "validation", _validation(spec)))
     return rows + _sync_rows(spec)
+
+
+def _validation(spec: RunSpec) -> str:
+    """When the run is evaluated, on what, and in batches of how many prompts."""
+    ev, per_step = spec.config.eval, spec.config.rollout.prompts_per_step
+    sampling = "greedy" if ev.temperature == 0 else f"temperature {ev.temperature:g}"
+    text = f"every {ev.interval} steps and the last: {ev.prompts} x {ev.samples}, {sampling}"
+    per_batch = min(ev.prompts_per_batch or per_step, ev.prompts)
+    if per_batch < ev.prompts:
+        text += f", in batches of {per_batch} prompts"
+    return text
 
 
 def _optimizer(spec: RunSpec) -> str:

@@ -221,6 +221,25 @@ def test_checklist_names_the_optimizer_and_a_warmup_longer_than_the_run():
     assert row().endswith("warmup 1000 (longer than the run: the peak rate is never reached)")
 
 
+def test_checklist_describes_the_validation():
+    from novarl_jax.trainer.checklist import checklist_rows
+
+    config = base.get_config()  # rollout.prompts_per_step = 8
+
+    def rows():
+        return {item: value for _, item, value in checklist_rows(validate_config(config))}
+
+    assert "validation" not in rows()
+    config.eval.update(interval=5, prompts=8)
+    assert rows()["validation"] == "every 5 steps and the last: 8 x 1, greedy"
+    config.eval.update(prompts=20, samples=4, temperature=0.7)
+    assert rows()["validation"] == (
+        "every 5 steps and the last: 20 x 4, temperature 0.7, in batches of 8 prompts"
+    )
+    config.eval.prompts_per_batch = 32
+    assert rows()["validation"].endswith("20 x 4, temperature 0.7")
+
+
 def test_ppo_may_leave_grpo_group_size_at_one():
     config = base.get_config()
     config.experiment.update(algorithm="ppo", grpo_group_size=1)
