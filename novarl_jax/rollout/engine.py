@@ -411,3 +411,17 @@ class RolloutEngine:
             task_state=self.task.get_state(),
         )
         return trajectory, info
+
+
+def take_info(parts: list[tuple[RolloutInfo, np.ndarray]], task_state: dict) -> RolloutInfo:
+    """The :class:`RolloutInfo` of rows taken from several rollouts, in ``parts`` order:
+    ``parts`` holds ``(info, rows)`` pairs, ``rows`` the row indices taken from ``info``;
+    ``invalid`` is counted in the result's rows."""
+    fields = ("prompts", "completions", "metadata", "sample_info")
+    taken = {name: [getattr(i, name)[r] for i, rows in parts for r in rows] for name in fields}
+    invalid, offset = [], 0
+    for info, rows in parts:
+        bad = set(info.invalid)
+        invalid += [offset + k for k, r in enumerate(rows) if int(r) in bad]
+        offset += len(rows)
+    return RolloutInfo(**taken, invalid=invalid, task_state=task_state)

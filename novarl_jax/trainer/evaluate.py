@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from novarl_jax.core.distributed import host_array
-from novarl_jax.rollout.engine import RolloutInfo, Trajectory
+from novarl_jax.rollout.engine import RolloutInfo, Trajectory, take_info
 from novarl_jax.rollout.tokenizers import TextTooLongError
 from novarl_jax.trainer.config import ConfigError, prompt_too_long
 
@@ -124,18 +124,8 @@ def _joined(parts: list[tuple[Trajectory, RolloutInfo]], prompts_per_batch: int)
     trajectory = jax.tree.map(
         lambda *xs: np.concatenate([host_array(x) for x in xs]), *trajectories
     )
-    infos = [info for _, info in parts]
-    offsets = np.cumsum([0] + [len(info.prompts) for info in infos])
-    info = RolloutInfo(
-        prompts=[p for info in infos for p in info.prompts],
-        completions=[c for info in infos for c in info.completions],
-        metadata=[m for info in infos for m in info.metadata],
-        sample_info=[s for info in infos for s in info.sample_info],
-        invalid=[
-            int(row + offset)
-            for info, offset in zip(infos, offsets[:-1], strict=True)
-            for row in info.invalid
-        ],
-        task_state=infos[-1].task_state,
+    info = take_info(
+        [(info, np.arange(len(info.prompts))) for _, info in parts],
+        task_state=parts[-1][1].task_state,
     )
     return trajectory, info

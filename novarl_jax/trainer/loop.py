@@ -20,7 +20,7 @@ import numpy as np
 
 from novarl_jax.algorithms.aggregation import extreme_of
 from novarl_jax.core.distributed import host_array
-from novarl_jax.rollout.engine import RolloutInfo
+from novarl_jax.rollout.engine import take_info
 from novarl_jax.rollout.tokenizers import TextTooLongError
 from novarl_jax.trainer import steps
 from novarl_jax.trainer.build import Run, build_run
@@ -266,7 +266,7 @@ class Trainer:
             routing=self._merge_routing(pool, chosen, group),
         )
         # The task has moved past every batch sampled here: that is where a resume goes on.
-        merged_info = _take_info(info_parts, task_state=pool[-1][1].task_state)
+        merged_info = take_info(info_parts, task_state=pool[-1][1].task_state)
         stats = {"dapo/extra_batches": float(extra), "dapo/kept_groups": float(kept)}
         return merged, merged_info, stats
 
@@ -475,18 +475,6 @@ def skip_streak(previous: int, trailing: int, updates: int) -> int:
     """Non-finite updates in a row after a step of ``updates`` updates whose last
     ``trailing`` were skipped, when ``previous`` were skipped in a row before it."""
     return previous + trailing if trailing == updates else trailing
-
-
-def _take_info(parts: list[tuple[RolloutInfo, np.ndarray]], task_state: dict) -> RolloutInfo:
-    """The :class:`RolloutInfo` of rows taken from several rollouts, in ``parts`` order."""
-    fields = ("prompts", "completions", "metadata", "sample_info")
-    taken = {name: [getattr(i, name)[r] for i, rows in parts for r in rows] for name in fields}
-    invalid, offset = [], 0
-    for info, rows in parts:
-        bad = set(info.invalid)
-        invalid += [offset + k for k, r in enumerate(rows) if int(r) in bad]
-        offset += len(rows)
-    return RolloutInfo(**taken, invalid=invalid, task_state=task_state)
 
 
 def _progress_line(step: int, total: int, metrics: dict) -> str:
