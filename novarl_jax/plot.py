@@ -13,7 +13,7 @@ import sys
 PANELS = (
     ("reward", ("critic/score/mean",)),
     ("validation score", ("val/score/mean",)),
-    ("KL to reference", ("actor/kl_loss", "actor/reward_kl")),
+    ("KL to reference", ("actor/kl_loss", "actor/reward_kl_penalty")),
     # Not a KL to the reference: how far each update moved the policy from the sampling one.
     ("KL to the sampling policy", ("actor/ppo_kl",)),
     ("entropy", ("actor/entropy",)),

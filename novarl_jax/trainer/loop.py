@@ -364,7 +364,9 @@ class Trainer:
             moe = steps.moe_stats(scored["moe_dropped_fraction"], scored["moe_expert_load"])
             stats.update({name: float(value) for name, value in moe.items()})
         if token_kl is not None:
-            stats["actor/reward_kl"] = float(-token_kl.sum(1).mean() / run.reward_kl[0])
+            coef = run.reward_kl[0]
+            stats["actor/reward_kl_penalty"] = reward_kl_penalty(token_kl, mask, valid, coef)
+            stats["actor/reward_kl_penalty_coeff"] = float(coef)
         return batch, stats
 
     def _place_rows(self, batch: dict) -> dict:
@@ -451,6 +453,19 @@ def combine_update_metrics(update_metrics: list[dict]) -> dict[str, float]:
     }
 
 
+def reward_kl_penalty(
+    token_rewards: np.ndarray, response_mask: np.ndarray, valid: np.ndarray, kl_coef: float
+) -> float:
+    """verl's ``actor/reward_kl_penalty``: the KL estimate PPO puts in its token rewards
+    (``token_rewards = -kl_coef * kl`` on response tokens), averaged over each valid sample's
+    tokens, then over the valid samples (NaN when none is valid)."""
+    kl = -np.asarray(token_rewards, np.float64) / kl_coef
+    mask = np.asarray(response_mask) > 0
+    per_sample = (kl * mask).sum(1) / np.maximum(mask.sum(1), 1)
+    valid = np.asarray(valid) > 0
+    return float(per_sample[valid].mean()) if valid.any() else float("nan")
+
+
 def informative_groups(rewards: np.ndarray, valid: np.ndarray, group: int) -> np.ndarray:
     """Which groups of ``group`` consecutive samples teach GRPO something: at least two valid
     samples whose rewards differ (an invalid sample, whose reward failed, is left out of its
@@ -478,7 +493,7 @@ def skip_streak(previous: int, trailing: int, updates: int) -> int:
 
 
 def _progress_line(step: int, total: int, metrics: dict) -> str:
-    kl = metrics.get("actor/kl_loss", metrics.get("actor/reward_kl"))
+    kl = metrics.get("actor/kl_loss", metrics.get("actor/reward_kl_penalty"))
     return (
         f"step {step}/{total}  score {metrics['critic/score/mean']:.3f}  "
         + (f"kl {kl:.4f}  " if kl is not None else "")

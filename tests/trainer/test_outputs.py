@@ -63,13 +63,12 @@ def test_metrics_jsonl_has_verl_names(tmp_path, algorithm):
         assert all(np.isfinite(r[name]) for r in rows), name
     if algorithm == "ppo":
         assert all(np.isfinite(r["critic/vf_loss"]) for r in rows)
-        assert all(r["actor/reward_kl"] >= 0 for r in rows)
-        # verl's critic/rewards: the score plus the KL penalty in the token rewards.
         coef = _tiny().ppo.reward_kl_coef
-        for r in rows:
-            want = r["critic/score/mean"] - coef * r["actor/reward_kl"]
-            assert r["critic/rewards/mean"] == pytest.approx(want, rel=1e-5, abs=1e-7)
-        assert rows[-1]["actor/reward_kl"] > 0  # so the two differ
+        assert all(r["actor/reward_kl_penalty_coeff"] == pytest.approx(coef) for r in rows)
+        assert all(np.isfinite(r["actor/reward_kl_penalty"]) for r in rows)
+        assert rows[-1]["actor/reward_kl_penalty"] > 0
+        # verl's critic/rewards: the score plus the KL penalty in the token rewards.
+        assert rows[-1]["critic/rewards/mean"] != rows[-1]["critic/score/mean"]
         assert all(" kl " in line for line in lines if line.startswith("step "))
     else:
         assert all(np.isfinite(r["actor/kl_loss"]) for r in rows)
@@ -333,3 +332,13 @@ def test_a_fresh_start_replaces_the_rows_of_a_run_that_left_no_checkpoint(tmp_pa
     assert "critic/score/mean" in read_metrics(tmp_path)[0]
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 1 and "completion" in samples[0]
+
+
+def test_reward_kl_penalty_is_a_per_sample_token_mean_over_valid_samples():
+    coef = 0.5
+    kl = np.array([[0.2, 0.4, 9.0], [1.0, 0.0, 0.0], [5.0, 5.0, 5.0]])
+    mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    token_rewards = -coef * kl * mask
+    value = loop.reward_kl_penalty(token_rewards, mask, np.array([1.0, 1.0, 0.0]), coef)
+    assert value == pytest.approx((0.3 + 1.0) / 2)  # the invalid third sample is left out
+    assert np.isnan(loop.reward_kl_penalty(token_rewards, mask, np.zeros(3), coef))
