@@ -305,22 +305,16 @@ def main(argv: list[str]) -> None:
         return
     before = training_mark(workdir) if jax.process_index() == 0 else None
     try:
-        exp = spec.config.experiment
-        common = dict(spec=spec, mesh=mesh, run=run, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-        if exp.async_rollouts:
-            from novarl_jax.trainer.async_loop import train_async
-
-            train_async(
-                _CONFIG.value,
-                workdir,
-                **common,
-                num_workers=exp.rollout_workers,
-                queue_size=exp.rollout_queue_size or None,
-                # Several processes must issue the same programs in the same order: no threads.
-                synchronous=jax.process_count() > 1,
-            )
-        else:
-            train(_CONFIG.value, workdir, **common)
+        # With experiment.async_rollouts, train() runs train_async (threads unless several
+        # processes, which must issue the same programs in the same order).
+        train(
+            _CONFIG.value,
+            workdir,
+            spec=spec,
+            mesh=mesh,
+            run=run,
+            allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+        )
     except KeyboardInterrupt:
         print(f"novarl_jax.train: {interrupted_message(workdir, before)}", file=sys.stderr)
         sys.exit(130)

@@ -466,7 +466,7 @@ def train_async(
     mesh: Any = None,
     log: Callable[[str], Any] | None = None,
     run: Any = None,
-    num_workers: int = 1,
+    num_workers: int | None = None,
     queue_size: int | None = None,
     synchronous: bool = False,
     clock: Callable[[], float] = time.monotonic,
@@ -489,9 +489,10 @@ def train_async(
         mesh: the device mesh; default: the layout's mesh over the first world_size devices.
         log: a callable taking one line of text (default: print on process 0).
         run: the run's objects already built from ``spec`` (built here otherwise).
-        num_workers: rollout workers (threads, or turns in the synchronous schedule).
+        num_workers: rollout workers (threads, or turns in the synchronous schedule); None =
+            ``experiment.rollout_workers``.
         queue_size: rollouts sampled ahead of the trainer at most (queued or in progress);
-            None = ``num_workers``.
+            None = ``experiment.rollout_queue_size``, or ``num_workers`` when that is 0.
         synchronous: run the deterministic schedule, without threads.
         clock: seconds, for ``weight_sync_timeout_s``.
         allow_config_change: as :func:`~novarl_jax.trainer.loop.train`.
@@ -509,11 +510,14 @@ def train_async(
         >>> from configs import ppo_async
         >>> train_async(ppo_async.get_config(), "/tmp/ppo_async", num_workers=1)  # doctest: +SKIP
     """
+    spec = spec or validate_config(config)
+    exp = spec.config.experiment
+    num_workers = exp.rollout_workers if num_workers is None else num_workers
     num_workers = _check_positive_int("num_workers", num_workers)
+    queue_size = (exp.rollout_queue_size or None) if queue_size is None else queue_size
     queue_size = _check_positive_int(
         "queue_size", num_workers if queue_size is None else queue_size
     )
-    spec = spec or validate_config(config)
     if not synchronous and jax.process_count() > 1:
         raise ValueError(
             "synchronous must be True in a multi-process run: every process must issue the "

@@ -764,7 +764,26 @@ def train(
         ConfigError: a bad config value (before anything compiles), or a resume whose
             config changes the run (``ConfigChangedError``).
         TrainingError: too many consecutive non-finite updates.
+
+    With ``experiment.async_rollouts`` the run is
+    :func:`~novarl_jax.trainer.async_loop.train_async`'s (its workers and queue from the
+    config; its deterministic schedule, without threads, in a multi-process run).
     """
+    spec = spec or validate_config(config)
+    if spec.config.experiment.async_rollouts:
+        from novarl_jax.trainer.async_loop import train_async
+
+        return train_async(
+            config,
+            workdir,
+            spec=spec,
+            mesh=mesh,
+            log=log,
+            run=run,
+            # Several processes must issue the same programs in the same order: no threads.
+            synchronous=jax.process_count() > 1,
+            allow_config_change=allow_config_change,
+        )
     metrics: dict = {}
     with Session(
         config,

@@ -226,6 +226,31 @@ def test_threaded_workers_sample_no_rollout_the_run_does_not_train(tmp_path, mon
     assert len(calls) == 4  # not 4 + one per worker sampled past the last step
 
 
+def test_train_runs_an_async_config_with_its_workers_and_queue(tmp_path, monkeypatch):
+    """loop.train honours experiment.async_rollouts, and train_async's defaults are the
+    config's experiment.rollout_workers and experiment.rollout_queue_size."""
+    feeds = []
+    original = async_loop._ThreadedFeed.__init__
+
+    def recorded(self, produce, **kwargs):
+        feeds.append((kwargs["num_workers"], kwargs["queue_size"]))
+        original(self, produce, **kwargs)
+
+    monkeypatch.setattr(async_loop._ThreadedFeed, "__init__", recorded)
+    config = _config(2, interval=1, max_staleness=100, world_size=2)
+    config.experiment.update(async_rollouts=True, rollout_workers=2, rollout_queue_size=3)
+    train(config, str(tmp_path / "a"), mesh=_mesh(config), log=lambda _: None)
+    rows = read_metrics(tmp_path / "a")
+    assert feeds == [(2, 3)]
+    assert [r["step"] for r in rows] == [1, 2] and all("sync/staleness_max" in r for r in rows)
+    config.experiment.rollout_queue_size = 0  # one per worker
+    train_async(config, str(tmp_path / "b"), mesh=_mesh(config), log=lambda _: None)
+    assert feeds[1] == (2, 2)
+    train_async(config, str(tmp_path / "c"), mesh=_mesh(config), log=lambda _: None,
+                num_workers=1, queue_size=1)  # fmt: skip
+    assert feeds[2] == (1, 1)
+
+
 def test_a_worker_error_no_take_raised_is_raised_on_close():
     taken = threading.Event()
 
