@@ -258,19 +258,24 @@ def _softmax_attention_fwd(rows, keys, values, mask, group, dtype):
     probs = jax.nn.softmax(_masked_scores(rows, keys, mask, group), axis=-1)
     probs = probs.astype(dtype).reshape(*rows.shape[:3], -1)
     out = _head_matmul(probs, values.astype(dtype), contract_rhs=2)
-    return out, (rows, keys, values, probs)
+    return out, (rows, keys, values, probs, mask)
 
 
 def _softmax_attention_bwd(group, dtype, res, dout):
     # Every matmul is a plain row-major product: the two that contract over the query rows
     # read explicit transposes of their left operands.
-    rows, keys, values, probs = res
+    rows, keys, values, probs, mask = res
     dh = rows.shape[-1]
     dout = dout.astype(dtype)
     dprobs = _head_matmul(dout, values.astype(dtype), contract_rhs=3)  # [.., G*T, S]
     dvalues = _head_matmul(_materialized_swap(probs), dout, contract_rhs=2)  # [.., S, Dh]
     p = probs.astype(jnp.float32)
-    dscores = p * (dprobs - jnp.sum(dprobs * p, axis=-1, keepdims=True)) * (dh**-0.5)
+    # Masked scores are a constant: no gradient reaches q or k through them. A row that sees
+    # no key at all (a query at left padding) has uniform probabilities, not zeros, there.
+    b, nkv, gt, s = p.shape
+    live = mask[:, None, None, :, :]  # [B, 1, 1, T, S]
+    p_live = jnp.where(live, p.reshape(b, nkv, group, gt // group, s), 0.0).reshape(p.shape)
+    dscores = p_live * (dprobs - jnp.sum(dprobs * p, axis=-1, keepdims=True)) * (dh**-0.5)
     dscores = dscores.astype(rows.dtype)
     drows = _head_matmul(dscores, keys.astype(rows.dtype), contract_rhs=2)
     dkeys = _head_matmul(_materialized_swap(dscores), rows, contract_rhs=2)  # [.., S, Dh]

@@ -412,6 +412,38 @@ def test_attention_gradients_match_numpy_and_autodiff(use_jit):
     assert all(np.abs(np.asarray(grads[k])).max() > 1e-3 for k in names)
 
 
+def test_attention_gradients_at_queries_that_see_no_key():
+    """A left-padding query sees no key: its output is the mean of the values whatever q and
+    k are, so no gradient may reach q or k from it (JAX's autodiff of the same forward)."""
+    rng = np.random.default_rng(2)
+    b, t, d, n, nkv, dh = 2, 5, 8, 4, 2, 4
+    x = rng.normal(size=(b, t, d)).astype(np.float32)
+    mask = np.ones((b, t), np.int32)
+    mask[1, :2] = 0
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    module = Attention(n, nkv, dh)
+    cos, sin = rotary_cos_sin(positions, dh, 100.0)
+    full = attention_mask_for(mask, mask, 0)
+    assert not np.asarray(full)[1, 0].any()  # the padding query's row is all masked
+    params = module.init(jax.random.key(0), x, cos, sin, full)["params"]
+    weight = rng.normal(size=(b, t, d)).astype(np.float32)  # also at the padding rows
+
+    def loss(params, x):
+        out, _ = module.apply({"params": params}, x, cos, sin, full)
+        return jnp.sum(out * weight)
+
+    grads, dx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+    def plain(rows, keys, values, mask, group, dtype):
+        return layers._softmax_attention_fwd(rows, keys, values, mask, group, dtype)[0]
+
+    with mock.patch.object(layers, "_softmax_attention", plain):
+        want_grads, want_dx = jax.grad(loss, argnums=(0, 1))(params, x)
+    for k in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        np.testing.assert_allclose(grads[k], want_grads[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("first_slot", [0, 3, 6])
 def test_cached_attention_mask_matches_the_written_cache(first_slot):
     # Seeing cached slots < first_slot and the new tokens causally must be the same as
