@@ -202,6 +202,11 @@ class ModelConfig:
                 f"num_experts_per_tok={self.num_experts_per_tok!r} must be an integer in "
                 f"[1, num_local_experts={self.num_local_experts}]"
             )
+        if not (_is_int(self.num_experts_per_tok) and self.num_experts_per_tok >= 1):
+            # Unused by a dense model, but kept in its records and in replace()'s copies.
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok!r} must be an integer >= 1"
+            )
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
         if not self.rms_norm_eps > 0:

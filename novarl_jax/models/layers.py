@@ -323,8 +323,9 @@ class Attention(nn.Module):
         cached slots, then which of the T new tokens, each query sees; see
         :func:`cached_attention_mask`), [B, T, T] without.
 
-        Returns: ([B, T, D], the new tokens' (k, v) [B, N_kv, T, Dh], head-major as the cache
-        stores them, or None without a cache unless ``return_kv``). The cache itself is not
+        Returns: ([B, T, D], the new tokens' (k, v), both [B, N_kv, T, Dh] (a
+        :class:`LayerKV` cache stores the keys transposed), or None without a cache unless
+        ``return_kv``). The cache itself is not
         written here: the caller writes every layer's new keys and values into it at once,
         so a decode step moves only the new tokens' bytes instead of rewriting each layer's
         cache.

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from novarl_jax.core import sharding as shd
+from novarl_jax.core.checks import check_int
 from novarl_jax.models import pipeline
 from novarl_jax.models.config import ModelConfig
 from novarl_jax.models.layers import (
@@ -51,10 +52,10 @@ from novarl_jax.models.transformer import (
 _KV = (shd.BATCH, shd.KV_HEADS, shd.LENGTH, shd.HEAD_DIM)
 
 
-def _check_groups(b: int, s: int, prompt_length: Any, group_size: Any) -> None:
-    for name, value in (("prompt_length", prompt_length), ("group_size", group_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+def _check_groups(b: int, s: int, prompt_length: Any, group_size: Any) -> tuple[int, int]:
+    """``(prompt_length, group_size)`` as ints, checked against the rows [B, S]."""
+    prompt_length = check_int("prompt_length", prompt_length, 1)
+    group_size = check_int("group_size", group_size, 1)
     if prompt_length >= s:
         raise ValueError(
             f"prompt_length={prompt_length} must be shorter than the sequences (T={s}): each "
@@ -66,6 +67,7 @@ def _check_groups(b: int, s: int, prompt_length: Any, group_size: Any) -> None:
             f"group_size={group_size} does not divide the batch size B={b}; rows come in "
             f"groups of consecutive samples of one prompt; valid group sizes: {divisors}"
         )
+    return prompt_length, group_size
 
 
 def _first_of_groups(x: jax.Array, n: int) -> jax.Array:
@@ -106,7 +108,7 @@ def forward_shared_prompt(
 
     Args:
         params: the model's parameters.
-        tokens: [B, S] int32, prompt (``S < prompt_length`` is an error) then completion.
+        tokens: [B, S] int32, prompt then completion (``S <= prompt_length`` is an error).
         config: the model (static under jit).
         prompt_length: P, the shared (padded) prompt length.
         group_size: n, consecutive rows per prompt; must divide B.
@@ -134,7 +136,7 @@ def forward_shared_prompt(
     tokens, positions, attention_mask = checked_inputs(tokens, positions, attention_mask, config)
     check_params(params, config)
     b, s = tokens.shape
-    _check_groups(b, s, prompt_length, group_size)
+    prompt_length, group_size = _check_groups(b, s, prompt_length, group_size)
     if pipeline.num_stages(mesh) > 1:
         raise ValueError(
             "forward_shared_prompt runs the layers as one scan; on a mesh with pp > 1 use "

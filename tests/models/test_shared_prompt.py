@@ -156,6 +156,12 @@ def test_input_errors(devices):
         call(prompt_length=11, group_size=GROUP)
     with pytest.raises(ValueError, match=r"group_size must be an integer >= 1, got 0"):
         call(prompt_length=PROMPT, group_size=0)
+    with pytest.raises(ValueError, match=r"prompt_length must be an integer >= 1, got 2.0"):
+        call(prompt_length=2.0, group_size=GROUP)
+    # NumPy integers are integers.
+    want = call(prompt_length=PROMPT, group_size=GROUP)[0]
+    got = call(prompt_length=np.int64(PROMPT), group_size=np.int32(GROUP))[0]
+    np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match=r"positions must have the shape of tokens"):
         call(prompt_length=PROMPT, group_size=GROUP, positions=positions[:, :3])
     mesh = ParallelLayout(pp=2, dp=4).make_mesh(devices)

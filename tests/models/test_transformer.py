@@ -56,6 +56,8 @@ jit_forward = jax.jit(forward, static_argnames=("config", "mesh", "return_routin
             dict(num_local_experts=4, num_experts_per_tok=5),
             r"num_experts_per_tok=5 must be an integer in \[1, num_local_experts=4\]",
         ),
+        (dict(num_experts_per_tok="two"), "num_experts_per_tok='two' must be an integer >= 1"),
+        (dict(num_experts_per_tok=0), "num_experts_per_tok=0 must be an integer >= 1"),
         (dict(rope_theta=0.0), "rope_theta must be > 0"),
         (dict(rms_norm_eps=0.0), "rms_norm_eps must be > 0"),
         (dict(router_z_loss_coef=-1.0), "router_z_loss_coef must be >= 0"),
