@@ -19,6 +19,19 @@ for ((i = 0; i < n; i++)); do
       --cpu_collectives=gloo &
   pids+=("$!")
 done
+# Ctrl-C or SIGTERM here reaches every process as SIGTERM (background processes of a script
+# ignore SIGINT): they finish the step in progress, checkpoint it and exit with status 143.
+stop() { kill -TERM "${pids[@]}" 2>/dev/null || true; }
+trap stop INT TERM
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for pid in "${pids[@]}"; do
+  while true; do
+    code=0
+    wait "$pid" || code=$?
+    # A trapped signal interrupts wait (status > 128) while the process still runs.
+    if ((code > 128)) && kill -0 "$pid" 2>/dev/null; then continue; fi
+    ((code == 0)) || status=$code
+    break
+  done
+done
 exit "$status"

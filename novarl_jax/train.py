@@ -247,6 +247,7 @@ def main(argv: list[str]) -> None:
         CheckpointWriteError,
     )
     from novarl_jax.trainer.loop import TrainingError, train
+    from novarl_jax.trainer.stop import StopRequested
 
     try:
         mesh = spec.layout.make_mesh()
@@ -318,6 +319,14 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:
         print(f"novarl_jax.train: {interrupted_message(workdir, before)}", file=sys.stderr)
         sys.exit(130)
+    except StopRequested as e:
+        if jax.process_index() == 0:
+            print(
+                f"novarl_jax.train: {e}; {last_checkpoint(workdir)}; rerun the same command to "
+                "resume from it",
+                file=sys.stderr,
+            )
+        sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process
     except CheckpointMismatchError as e:
         _fail(f"{e}; resume with the run's own config, or train in a new --workdir")
     except (ConfigError, TrainingError, CheckpointUnreadableError, CheckpointWriteError) as e:

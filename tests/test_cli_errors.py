@@ -162,6 +162,24 @@ def test_ctrl_c_says_where_the_run_stopped(run_cli, tmp_path, monkeypatch):
     assert "Traceback" not in out + err
 
 
+def test_sigterm_says_where_the_run_stopped(run_cli, tmp_path, monkeypatch):
+    from novarl_jax.trainer.stop import StopRequested
+
+    def stopped_train(config, workdir, **kwargs):
+        _rows(tmp_path, [1, 2, 3])
+        (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+        raise StopRequested(3)
+
+    monkeypatch.setattr(loop, "train", stopped_train)
+    code, out, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}")
+    assert code == 143
+    assert err.strip() == (
+        f"novarl_jax.train: stopped by SIGTERM after step 3; the last checkpoint is step 3 in "
+        f"{tmp_path}; rerun the same command to resume from it"
+    )
+    assert "Traceback" not in out + err
+
+
 @pytest.mark.parametrize("resumed", [False, True])
 def test_ctrl_c_before_a_step_finished(run_cli, tmp_path, monkeypatch, resumed):
     # A rerun after a run stopped at step 5 with its last checkpoint at step 4: step 5 of

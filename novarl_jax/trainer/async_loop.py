@@ -501,6 +501,7 @@ def train_async(
         The last step's metrics, plus ``'resumed_from'`` (a step or None) and ``'state'``.
 
     Raises:
+        StopRequested: SIGTERM asked the run to stop (as :func:`~novarl_jax.trainer.loop.train`).
         ValueError: a bad argument, naming it.
         ConfigError: a bad config value (before anything compiles).
         TrainingError: too many consecutive non-finite updates.

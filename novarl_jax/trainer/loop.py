@@ -39,6 +39,7 @@ from novarl_jax.trainer.samples import FILE_NAME as SAMPLES_FILE
 from novarl_jax.trainer.samples import sample_rows
 from novarl_jax.trainer.saved_config import check_resume_config, write_config
 from novarl_jax.trainer.state import TrainState, init_train_state
+from novarl_jax.trainer.stop import StopRequested, StopWatch
 
 
 class TrainingError(RuntimeError):
@@ -622,6 +623,7 @@ class Session:
         self._skips = int(self.host.get("skip_streak", 0))  # a streak goes on across a resume
         interactive = config.logging.progress and sys.stdout.isatty() and self.main_process
         self._progress = _Progress(self.total, self.start) if interactive else None
+        self._stop = StopWatch().__enter__()  # SIGTERM: checkpoint the step, then stop
 
     def __enter__(self) -> Session:
         return self
@@ -648,6 +650,8 @@ class Session:
 
         Raises:
             TrainingError: ``train.max_consecutive_skips`` non-finite updates in a row.
+            StopRequested: SIGTERM asked the run to stop; this step is checkpointed (see
+                :mod:`~novarl_jax.trainer.stop`).
         """
         config, step = self.config, i + 1
         skipped = int(metrics["train/skipped"])
@@ -681,11 +685,15 @@ class Session:
                 f"(train.max_consecutive_skips={config.train.max_consecutive_skips}); {kept}"
             )
         host = {**host, "iteration": step, "skip_streak": self._skips, "init_seed": self.init_seed}
-        self.checkpointer.save(step, state, host, force=(step == self.total))
+        stop = step < self.total and self._stop.requested(step)
+        self.checkpointer.save(step, state, host, force=(step == self.total or stop))
         if self._progress is not None:
             self._progress.update(step, metrics)
         elif config.logging.progress:
             self.log(_progress_line(step, self.total, metrics))
+        if stop:
+            self.checkpointer.wait()
+            raise StopRequested(step)
         return metrics
 
     def _sample_rows(self, rollout: Any, step: int, split: str) -> list[dict]:
@@ -699,6 +707,7 @@ class Session:
         return sample_rows(trajectory, info, count, step=step, split=split, stop_token_ids=stop)
 
     def close(self) -> None:
+        self._stop.__exit__()
         if self._progress is not None:
             self._progress.close()
             self._progress = None
@@ -764,6 +773,8 @@ def train(
         ConfigError: a bad config value (before anything compiles), or a resume whose
             config changes the run (``ConfigChangedError``).
         TrainingError: too many consecutive non-finite updates.
+        StopRequested: SIGTERM asked the run to stop; the step it finished is checkpointed
+            and the same call resumes there (see :mod:`~novarl_jax.trainer.stop`).
 
     With ``experiment.async_rollouts`` the run is
     :func:`~novarl_jax.trainer.async_loop.train_async`'s (its workers and queue from the

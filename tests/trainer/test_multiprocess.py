@@ -91,3 +91,42 @@ def test_the_launcher_prints_its_usage():
             ["bash", "launch/local_processes.sh", *args], cwd=ROOT, capture_output=True, text=True
         )
         assert result.returncode == 2 and result.stderr.startswith("usage: "), args
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_the_job_at_a_checkpoint(tmp_path):
+    """JAX's preemption service tells every process; all stop after the same step, saved."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PORT"] = str(_free_port())
+    env["PYTHON"] = sys.executable
+    proc = subprocess.Popen(
+        ["bash", "launch/local_processes.sh", "2", "4", "--config=configs/copy.py",
+         f"--workdir={tmp_path}", "experiment.world_size=8", "experiment.steps=1000",
+         "checkpoint.interval=1000", "logging.progress=False", "logging.plot=False"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(_rows(metrics)) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "no step was logged"
+            time.sleep(0.2)
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(children) == 2
+        os.kill(int(children[1]), signal.SIGTERM)  # process 1 only, as a preemption would
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 143, err[-2000:]
+    step = _rows(metrics)[-1]["step"]
+    assert 2 <= step < 1000
+    assert f"stopped by SIGTERM after step {step}; the last checkpoint is step {step}" in err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [str(step)]

@@ -1,0 +1,89 @@
+"""SIGTERM stops a run after the step in progress, checkpointed there; the rerun resumes."""
+
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from quiet_train import train_quietly
+
+from configs import base
+from novarl_jax.trainer import loop
+from novarl_jax.trainer.checkpoint import Checkpointer
+from novarl_jax.trainer.metrics import read_metrics
+from novarl_jax.trainer.stop import StopRequested, StopWatch
+
+
+def _config(steps=4):
+    c = base.get_config()
+    c.experiment.steps = steps
+    c.rollout.prompts_per_step = 2
+    c.rollout.max_new_tokens = 4
+    c.checkpoint.interval = 100  # only the stop and the last step are saved
+    c.checkpoint.async_save = True
+    c.logging.progress = False
+    c.logging.plot = False
+    return c
+
+
+def _sigterm_during(step_to_signal, monkeypatch):
+    iteration = loop.Trainer.iteration
+
+    def signalled(self, state, reference, i):
+        if i + 1 == step_to_signal:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the step
+        return iteration(self, state, reference, i)
+
+    monkeypatch.setattr(loop.Trainer, "iteration", signalled)
+
+
+def test_sigterm_checkpoints_the_step_and_the_rerun_resumes_exactly(tmp_path, monkeypatch):
+    straight = train_quietly(_config(), tmp_path / "straight")
+    previous = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as m:
+        _sigterm_during(2, m)
+        with pytest.raises(StopRequested, match="stopped by SIGTERM after step 2") as info:
+            train_quietly(_config(), tmp_path / "stopped")
+    assert info.value.step == 2
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is gone with the run
+    ckpt = Checkpointer(str(tmp_path / "stopped" / "checkpoints"))
+    assert ckpt.all_steps() == [2]  # off the interval: saved for the stop, complete
+    ckpt.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "stopped")] == [1, 2]
+    resumed = train_quietly(_config(), tmp_path / "stopped")
+    assert resumed["resumed_from"] == 2
+    for a, b in zip(
+        jax.tree.leaves(resumed["state"].params), jax.tree.leaves(straight["state"].params),
+        strict=True,
+    ):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sigterm_during_the_last_step_just_finishes(tmp_path, monkeypatch):
+    _sigterm_during(2, monkeypatch)
+    out = train_quietly(_config(steps=2), tmp_path)
+    assert int(out["state"].policy_version) > 0 and out["resumed_from"] is None
+
+
+def test_a_second_sigterm_ends_the_process_at_once(monkeypatch):
+    ended = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: ended.append(sig))
+    with StopWatch() as watch:
+        assert not watch.requested(1)
+        handler = signal.getsignal(signal.SIGTERM)
+        handler(signal.SIGTERM, None)
+        assert watch.requested(1) and ended == []
+        handler(signal.SIGTERM, None)
+        assert ended == [signal.SIGTERM]  # re-sent with the previous handler back in place
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_an_ignored_sigterm_stays_ignored():
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with StopWatch() as watch:
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            assert not watch.requested(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
