@@ -87,3 +87,24 @@ def test_an_ignored_sigterm_stays_ignored():
             assert not watch.requested(1)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_async_run_stops_and_resumes_too(tmp_path, monkeypatch):
+    from novarl_jax.trainer import async_loop
+
+    learn = async_loop.AsyncTrainer.learn
+
+    def signalled(self, state, reference, rollout, i):
+        if i + 1 == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return learn(self, state, reference, rollout, i)
+
+    config = _config()
+    config.experiment.async_rollouts = True
+    with monkeypatch.context() as m:
+        m.setattr(async_loop.AsyncTrainer, "learn", signalled)
+        with pytest.raises(StopRequested, match="after step 2"):
+            train_quietly(config, tmp_path)  # the worker's rollout in progress is joined
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert train_quietly(config, tmp_path)["resumed_from"] == 2
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
