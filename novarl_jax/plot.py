@@ -69,18 +69,29 @@ def plot_training(workdir: str) -> str:
     return path
 
 
+USAGE = (
+    "usage: python -m novarl_jax.plot WORKDIR\n"
+    "Draws WORKDIR/metrics.jsonl (a training run's directory) into WORKDIR/plots/training.png."
+)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m novarl_jax.plot WORKDIR", file=sys.stderr)
+    if len(argv) == 2 and argv[1] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if len(argv) != 2 or argv[1].startswith("-"):
+        print(USAGE.splitlines()[0], file=sys.stderr)
         return 2
     try:
-        print(plot_training(argv[1]))
+        import matplotlib  # noqa: F401 - only its absence is reported as one line
     except ImportError:
         print(
             "novarl_jax.plot: error: matplotlib is not installed; pip install -e '.[plot]'",
             file=sys.stderr,
         )
         return 2
+    try:
+        print(plot_training(argv[1]))
     except (FileNotFoundError, ValueError) as e:
         print(f"novarl_jax.plot: error: {e}", file=sys.stderr)
         return 2

@@ -226,6 +226,8 @@ def _tokenizer(config, task) -> Any:
 
 def _model_config(config, tokenizer, *, value_head: bool) -> ModelConfig:
     m, exp = config.model, config.experiment
+    # experiment.top_k is ignored by a dense model (its ModelConfig keeps the default).
+    experts = {"num_experts_per_tok": exp.top_k} if exp.num_experts else {}
     return built(
         "model",
         ModelConfig,
@@ -237,7 +239,7 @@ def _model_config(config, tokenizer, *, value_head: bool) -> ModelConfig:
         num_key_value_heads=m.num_key_value_heads,
         head_dim=m.head_dim,
         num_local_experts=exp.num_experts,
-        num_experts_per_tok=exp.top_k,
+        **experts,
         rope_theta=m.rope_theta,
         rms_norm_eps=m.rms_norm_eps,
         max_position_embeddings=m.max_position_embeddings,

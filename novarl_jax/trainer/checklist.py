@@ -6,6 +6,7 @@ from typing import Any
 
 from novarl_jax.trainer.config import (
     RunSpec,
+    eval_prompts_per_batch,
     micro_batch_rows,
     samples_per_prompt,
     shared_prompt_group,
@@ -130,10 +131,10 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
 
 def _validation(spec: RunSpec) -> str:
     """When the run is evaluated, on what, and in batches of how many prompts."""
-    ev, per_step = spec.config.eval, spec.config.rollout.prompts_per_step
+    ev = spec.config.eval
     sampling = "greedy" if ev.temperature == 0 else f"temperature {ev.temperature:g}"
     text = f"every {ev.interval} steps and the last: {ev.prompts} x {ev.samples}, {sampling}"
-    per_batch = min(ev.prompts_per_batch or per_step, ev.prompts)
+    per_batch = eval_prompts_per_batch(spec.config)
     if per_batch < ev.prompts:
         text += f", in batches of {per_batch} prompts"
     return text

@@ -219,7 +219,8 @@ def default_config() -> ml_collections.ConfigDict:
     ev.prompts = 16  # prompts per evaluation: the same ones every time
     ev.samples = 1  # completions per prompt (> 1: set a temperature; adds best_of_n/mean)
     ev.temperature = 0.0  # sampling temperature of the evaluation; 0 = greedy
-    # Prompts sampled at once (bounds an evaluation's memory); 0 = rollout.prompts_per_step.
+    # Prompts sampled at once (bounds an evaluation's memory); 0 = as many as make a training
+    # rollout's rows (rollout.prompts_per_step x samples per prompt) with eval.samples each.
     ev.prompts_per_batch = 0
     # The evaluation prompts of the 'jsonl' task: another JSONL file, read from its start in
     # file order (at least eval.prompts lines). The built-in tasks draw a fixed set with a
@@ -660,3 +661,13 @@ def samples_per_prompt(config) -> int:
     """Completions per prompt: the GRPO group size, or 1 for PPO."""
     exp = config.experiment
     return exp.grpo_group_size if exp.algorithm == "grpo" else 1
+
+
+def eval_prompts_per_batch(config) -> int:
+    """Evaluation prompts sampled at once: ``eval.prompts_per_batch``, by default as many as
+    make a training rollout's rows (``rollout.prompts_per_step`` x samples per prompt) with
+    ``eval.samples`` each; at most ``eval.prompts``."""
+    ev = config.eval
+    rows = config.rollout.prompts_per_step * samples_per_prompt(config)
+    per_batch = ev.prompts_per_batch or max(rows // ev.samples, 1)
+    return min(per_batch, ev.prompts)

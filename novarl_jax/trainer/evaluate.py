@@ -2,8 +2,9 @@
 
 Every evaluation samples the same prompts with the same keys, so its figures move only with
 the policy. The prompts are drawn and tokenized once, when the evaluator is made, and sampled
-in batches of ``eval.prompts_per_batch`` prompts (default: ``rollout.prompts_per_step``), so
-an evaluation's memory is bounded by one batch, not by the set's size. The built-in tasks
+in batches of ``eval.prompts_per_batch`` prompts (by default as many rows as a training
+rollout has), so the device memory an evaluation needs is bounded by one batch, not by the
+set's size. The built-in tasks
 draw the prompts with a key of their own (the training stream never uses it; a small
 synthetic task can still repeat training prompts); the ``jsonl`` task reads them from
 ``eval.path`` in file order. Nothing here touches the training task, its position or the
@@ -28,7 +29,7 @@ import numpy as np
 from novarl_jax.core.distributed import host_array
 from novarl_jax.rollout.engine import RolloutInfo, Trajectory, take_info
 from novarl_jax.rollout.tokenizers import TextTooLongError
-from novarl_jax.trainer.config import ConfigError, prompt_too_long
+from novarl_jax.trainer.config import ConfigError, eval_prompts_per_batch, prompt_too_long
 
 # Folded into the run's seed for the evaluation key ("eval" in ASCII).
 EVAL_KEY_TAG = 0x6576616C
@@ -49,8 +50,7 @@ class Evaluator:
         self.interval = int(config.eval.interval)
         self.prompts = int(config.eval.prompts)
         self.samples = int(config.eval.samples)
-        per_batch = int(config.eval.prompts_per_batch) or int(config.rollout.prompts_per_step)
-        self.prompts_per_batch = min(per_batch, self.prompts)
+        self.prompts_per_batch = eval_prompts_per_batch(config)
         self.total = int(config.experiment.steps)
         self.engine = run.rollout_engine(mesh, validation=True)
         self.key = jax.random.fold_in(jax.random.key(config.experiment.seed), EVAL_KEY_TAG)

@@ -459,12 +459,13 @@ def reward_kl_penalty(
 ) -> float:
     """verl's ``actor/reward_kl_penalty``: the KL estimate PPO puts in its token rewards
     (``token_rewards = -kl_coef * kl`` on response tokens), averaged over each valid sample's
-    tokens, then over the valid samples (NaN when none is valid)."""
+    tokens, then over the valid samples that have tokens in ``response_mask`` (not those
+    ``dapo.mask_truncated`` emptied); NaN when there are none."""
     kl = -np.asarray(token_rewards, np.float64) / kl_coef
     mask = np.asarray(response_mask) > 0
     per_sample = (kl * mask).sum(1) / np.maximum(mask.sum(1), 1)
-    valid = np.asarray(valid) > 0
-    return float(per_sample[valid].mean()) if valid.any() else float("nan")
+    counted = (np.asarray(valid) > 0) & mask.any(1)
+    return float(per_sample[counted].mean()) if counted.any() else float("nan")
 
 
 def informative_groups(rewards: np.ndarray, valid: np.ndarray, group: int) -> np.ndarray:

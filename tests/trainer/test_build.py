@@ -224,7 +224,7 @@ def test_checklist_names_the_optimizer_and_a_warmup_longer_than_the_run():
 def test_checklist_describes_the_validation():
     from novarl_jax.trainer.checklist import checklist_rows
 
-    config = base.get_config()  # rollout.prompts_per_step = 8
+    config = base.get_config()  # 8 prompts x 4 samples per step: batches of 32 rows
 
     def rows():
         return {item: value for _, item, value in checklist_rows(validate_config(config))}
@@ -238,6 +238,13 @@ def test_checklist_describes_the_validation():
     )
     config.eval.prompts_per_batch = 32
     assert rows()["validation"].endswith("20 x 4, temperature 0.7")
+
+
+def test_a_dense_model_ignores_experiment_top_k():
+    config = base.get_config()
+    assert config.experiment.num_experts == 0
+    config.experiment.top_k = 0
+    assert build_run(validate_config(config)).model.policy.num_local_experts == 0
 
 
 def test_ppo_may_leave_grpo_group_size_at_one():

@@ -167,7 +167,8 @@ def test_a_large_evaluation_runs_in_batches_of_the_same_prompts(monkeypatch):
     config.eval.prompts_per_batch = 3
     run = build_run(validate_config(config))
     batched = Evaluator(run)
-    assert (whole.prompts_per_batch, batched.prompts_per_batch) == (4, 3)  # 4 = prompts_per_step
+    # By default a batch has a training rollout's 4 x 4 rows: 8 prompts x 2 samples.
+    assert (whole.prompts_per_batch, batched.prompts_per_batch) == (7, 3)
     sizes = []
     complete = batched.engine.complete
     monkeypatch.setattr(
@@ -188,6 +189,21 @@ def test_a_large_evaluation_runs_in_batches_of_the_same_prompts(monkeypatch):
     assert batched.sample(params, 5)[1].completions == info.completions  # the same keys
     metrics = batched.metrics(traj)
     assert metrics["val/score/mean"] == pytest.approx(float(np.mean(rewards)), rel=1e-6)
+
+
+def test_the_default_batch_holds_a_training_rollouts_rows():
+    from novarl_jax.trainer.config import eval_prompts_per_batch
+
+    config = _config(interval=1, prompts=100)  # GRPO, 4 prompts x 4 samples per step
+    assert eval_prompts_per_batch(config) == 16
+    config.eval.update(samples=3, temperature=1.0)
+    assert eval_prompts_per_batch(config) == 5  # 16 // 3
+    config.eval.samples = 40
+    assert eval_prompts_per_batch(config) == 1
+    config.eval.prompts_per_batch = 30
+    assert eval_prompts_per_batch(config) == 30
+    config.eval.prompts = 20
+    assert eval_prompts_per_batch(config) == 20
 
 
 def test_batched_greedy_evaluation_equals_one_batch():

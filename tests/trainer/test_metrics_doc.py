@@ -99,9 +99,6 @@ def test_documented_relations_hold(logged):
             )
             assert r["actor/ratio_max"] >= r["actor/ratio_mean"] > 0
             assert 0 <= r["actor/pg_clipfrac"] <= 1 and 0 <= r["response_length/clip_ratio"] <= 1
-    for r in logged["grpo"] + logged["ppo"]:
-        assert r["moe/expert_load_min"] <= 0.25 <= r["moe/expert_load_max"]  # 4 experts
-        assert max(r[f"moe/layer{i}/load_max"] for i in range(2)) == r["moe/expert_load_max"]
     for r in logged["ppo"]:
         assert r["actor/reward_kl_penalty_coeff"] == pytest.approx(0.02)
         assert np.isfinite(r["critic/grad_norm"]) and np.isfinite(r["critic/moe_aux_loss"])

@@ -55,7 +55,15 @@ def test_the_learning_rate_is_logged_as_the_schedule_reaches_it(tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
-def test_metrics_jsonl_has_verl_names(tmp_path, algorithm):
+def test_metrics_jsonl_has_verl_names(tmp_path, algorithm, monkeypatch):
+    penalties = []  # each step's (token rewards, response mask, valid) behind the KL metric
+    reward_kl_penalty = loop.reward_kl_penalty
+
+    def recorded(token_rewards, mask, valid, coef):
+        penalties.append((token_rewards, mask, valid))
+        return reward_kl_penalty(token_rewards, mask, valid, coef)
+
+    monkeypatch.setattr(loop, "reward_kl_penalty", recorded)
     _, lines = _train(_tiny(experiment__algorithm=algorithm), tmp_path)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
@@ -65,10 +73,15 @@ def test_metrics_jsonl_has_verl_names(tmp_path, algorithm):
         assert all(np.isfinite(r["critic/vf_loss"]) for r in rows)
         coef = _tiny().ppo.reward_kl_coef
         assert all(r["actor/reward_kl_penalty_coeff"] == pytest.approx(coef) for r in rows)
-        assert all(np.isfinite(r["actor/reward_kl_penalty"]) for r in rows)
-        assert rows[-1]["actor/reward_kl_penalty"] > 0
-        # verl's critic/rewards: the score plus the KL penalty in the token rewards.
-        assert rows[-1]["critic/rewards/mean"] != rows[-1]["critic/score/mean"]
+        assert len(penalties) == 2
+        for r, (token_rewards, mask, valid) in zip(rows, penalties, strict=True):
+            valid = valid > 0
+            kl = -(token_rewards * mask).sum(1) / coef / mask.sum(1)
+            assert r["actor/reward_kl_penalty"] == pytest.approx(kl[valid].mean(), rel=1e-5)
+            # verl's critic/rewards: the score plus the summed KL penalty in the token rewards.
+            want = r["critic/score/mean"] + token_rewards.sum(1)[valid].mean()
+            assert r["critic/rewards/mean"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+        assert np.abs(penalties[-1][0]).max() > 0  # so the two differ
         assert all(" kl " in line for line in lines if line.startswith("step "))
     else:
         assert all(np.isfinite(r["actor/kl_loss"]) for r in rows)
@@ -219,6 +232,12 @@ def test_plot_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert plot.main(["plot", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "matplotlib is not installed" in err
+    for args in (["--help"], ["-h"]):
+        assert plot.main(["plot", *args]) == 0
+        assert capsys.readouterr().out.startswith("usage: python -m novarl_jax.plot WORKDIR\n")
+    for args in ([], ["--verbose"], ["a", "b"]):
+        assert plot.main(["plot", *args]) == 2
+        assert capsys.readouterr().err == "usage: python -m novarl_jax.plot WORKDIR\n"
 
 
 def test_a_plot_that_cannot_be_drawn_does_not_fail_the_run(tmp_path, capsys):
@@ -342,3 +361,7 @@ def test_reward_kl_penalty_is_a_per_sample_token_mean_over_valid_samples():
     value = loop.reward_kl_penalty(token_rewards, mask, np.array([1.0, 1.0, 0.0]), coef)
     assert value == pytest.approx((0.3 + 1.0) / 2)  # the invalid third sample is left out
     assert np.isnan(loop.reward_kl_penalty(token_rewards, mask, np.zeros(3), coef))
+    # A valid sample whose tokens are all masked (dapo.mask_truncated) is not a KL of 0.
+    mask[1] = 0
+    value = loop.reward_kl_penalty(token_rewards * mask, mask, np.ones(3), coef)
+    assert value == pytest.approx((0.3 + 5.0) / 2)
