@@ -19,6 +19,7 @@ RUNS = {
                      "rollout.prompts_per_step=16"],
 }  # fmt: skip
 EVAL = ["eval.interval=10", "eval.prompts=32"]  # greedy, the same 32 prompts each time
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(root: str) -> None:
@@ -31,12 +32,12 @@ def main(root: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, args in RUNS.items():
-        workdir = os.path.join(root, name.replace(" ", "_").lower())
+        workdir = os.path.abspath(os.path.join(root, name.replace(" ", "_").lower()))
         if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
             subprocess.run(
                 [sys.executable, "-m", "novarl_jax.train", *args, f"--workdir={workdir}",
                  "logging.progress=False", "logging.plot=False", *EVAL],
-                check=True,
+                check=True, cwd=ROOT,  # the configs' paths are the repository's
             )  # fmt: skip
         rows = read_metrics(workdir)
         steps = [r["step"] for r in rows]

@@ -300,9 +300,15 @@ def test_jsonl_task_scores_with_boxed_answers():
     assert exact.score(prompts, [r"\boxed{27}", "12"], meta)[0].tolist() == [1.0, 0.0]
 
 
-def test_jsonl_task_errors(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+def test_jsonl_task_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"missing.jsonl' does not exist$"):
         JSONLTask(tmp_path / "missing.jsonl")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=rf"'data/x.jsonl' does not exist \(relative to the working directory {tmp_path}\)",
+    ):
+        JSONLTask("data/x.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:3: missing field 'answer'"):

@@ -250,7 +250,8 @@ def _read_jsonl(
 ) -> tuple[list[tuple[str, Any]], list[int]]:
     """The file's ``(prompt, answer)`` examples and the line number of each."""
     if not os.path.exists(path):
-        raise ValueError(f"JSONL file {path!r} does not exist")
+        where = "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
+        raise ValueError(f"JSONL file {path!r} does not exist{where}")
     if not os.path.isfile(path):
         raise ValueError(f"JSONL file {path!r} is not a file")
     examples, line_numbers = [], []
