@@ -782,30 +782,14 @@ def train(
     config; its deterministic schedule, without threads, in a multi-process run).
     """
     spec = spec or validate_config(config)
+    common = dict(spec=spec, mesh=mesh, log=log, run=run, allow_config_change=allow_config_change)
     if spec.config.experiment.async_rollouts:
         from novarl_jax.trainer.async_loop import train_async
 
-        return train_async(
-            config,
-            workdir,
-            spec=spec,
-            mesh=mesh,
-            log=log,
-            run=run,
-            # Several processes must issue the same programs in the same order: no threads.
-            synchronous=jax.process_count() > 1,
-            allow_config_change=allow_config_change,
-        )
+        # Several processes must issue the same programs in the same order: no threads.
+        return train_async(config, workdir, synchronous=jax.process_count() > 1, **common)
     metrics: dict = {}
-    with Session(
-        config,
-        workdir,
-        spec=spec,
-        mesh=mesh,
-        log=log,
-        run=run,
-        allow_config_change=allow_config_change,
-    ) as session:
+    with Session(config, workdir, **common) as session:
         state = session.state
         for i in range(session.start, session.total):
             state, metrics, rollout = session.trainer.iteration(state, session.reference, i)
