@@ -11,6 +11,12 @@ fi
 n="$1"; devices="$2"; shift 2
 port="${PORT:-12355}"
 pids=()
+# Ctrl-C or SIGTERM here reaches every process as SIGTERM (background processes of a script
+# ignore SIGINT): they finish the step in progress, checkpoint it and exit with status 143.
+trapped=0
+stop() { ((${#pids[@]} == 0)) || kill -TERM "${pids[@]}" 2>/dev/null || true; }
+on_signal() { trapped=1; stop; }
+trap on_signal INT TERM
 for ((i = 0; i < n; i++)); do
   XLA_FLAGS="--xla_force_host_platform_device_count=${devices} --xla_cpu_enable_concurrency_optimized_scheduler=false" \
     JAX_PLATFORMS=cpu \
@@ -19,19 +25,21 @@ for ((i = 0; i < n; i++)); do
       --cpu_collectives=gloo &
   pids+=("$!")
 done
-# Ctrl-C or SIGTERM here reaches every process as SIGTERM (background processes of a script
-# ignore SIGINT): they finish the step in progress, checkpoint it and exit with status 143.
-stop() { kill -TERM "${pids[@]}" 2>/dev/null || true; }
-trap stop INT TERM
 status=0
-for pid in "${pids[@]}"; do
-  while true; do
-    code=0
-    wait "$pid" || code=$?
-    # A trapped signal interrupts wait (status > 128) while the process still runs.
-    if ((code > 128)) && kill -0 "$pid" 2>/dev/null; then continue; fi
-    ((code == 0)) || status=$code
-    break
-  done
+# A process that fails stops the others (they would wait for it in a collective).
+while [[ -n "$(jobs -rp)" ]]; do
+  trapped=0
+  code=0
+  wait -n || code=$?
+  ((trapped == 0)) || continue # the signal interrupted wait; no process has ended
+  if ((code != 0)); then
+    ((status != 0)) || status=$code
+    stop
+  fi
+done
+for pid in "${pids[@]}"; do # statuses not collected above (127: collected already)
+  code=0
+  wait "$pid" 2>/dev/null || code=$?
+  if ((code != 0 && code != 127 && status == 0)); then status=$code; fi
 done
 exit "$status"

@@ -168,6 +168,14 @@ def not_a_checkpoint_thread_error(record: logging.LogRecord) -> bool:
 
 
 def main(argv: list[str]) -> None:
+    from novarl_jax.trainer.stop import StopWatch
+
+    # SIGTERM from here on (start-up and compilation included) stops the run after a step.
+    with StopWatch():
+        _main(argv)
+
+
+def _main(argv: list[str]) -> None:
     del argv
     # JAX and orbax log routine events at INFO under absl; keep the console for the run.
     absl_logging.set_verbosity(absl_logging.WARNING)

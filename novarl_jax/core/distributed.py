@@ -659,7 +659,9 @@ def initialize_multihost(
     """Starts ``jax.distributed`` for a multi-process run (a no-op for one process).
 
     On TPU VMs and SLURM the arguments are discovered by JAX and may be left out. For several
-    CPU processes on one machine, pass ``cpu_collectives='gloo'``.
+    CPU processes on one machine, pass ``cpu_collectives='gloo'``. JAX's preemption service is
+    turned off: its SIGTERM handler would keep the signal from the trainer's, which stops
+    every process after the same step (:mod:`novarl_jax.trainer.stop`).
     """
     import jax
 
@@ -667,6 +669,7 @@ def initialize_multihost(
         return
     if cpu_collectives is not None:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,

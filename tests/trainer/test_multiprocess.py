@@ -93,28 +93,30 @@ def test_the_launcher_prints_its_usage():
         assert result.returncode == 2 and result.stderr.startswith("usage: "), args
 
 
-@pytest.mark.slow
-def test_sigterm_to_one_process_stops_the_job_at_a_checkpoint(tmp_path):
-    """JAX's preemption service tells every process; all stop after the same step, saved."""
-    import signal
-    import time
-
+def _launch(workdir, *overrides):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PORT"] = str(_free_port())
     env["PYTHON"] = sys.executable
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         ["bash", "launch/local_processes.sh", "2", "4", "--config=configs/copy.py",
-         f"--workdir={tmp_path}", "experiment.world_size=8", "experiment.steps=1000",
-         "checkpoint.interval=1000", "logging.progress=False", "logging.plot=False"],
+         f"--workdir={workdir}", "experiment.world_size=8", "experiment.steps=1000",
+         "checkpoint.interval=1000", "logging.progress=False", "logging.plot=False",
+         *overrides],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
-    metrics = tmp_path / "metrics.jsonl"
+
+
+def _sigterm_one_process(proc, when):
+    """SIGTERM to process 1 once ``when()`` holds; the launcher's stderr and status."""
+    import signal
+    import time
+
     try:
         deadline = time.monotonic() + 300
-        while not (metrics.exists() and len(_rows(metrics)) >= 2):
-            assert proc.poll() is None and time.monotonic() < deadline, "no step was logged"
-            time.sleep(0.2)
+        while not when():
+            assert proc.poll() is None and time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.1)
         children = subprocess.run(
             ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
         ).stdout.split()
@@ -125,8 +127,33 @@ def test_sigterm_to_one_process_stops_the_job_at_a_checkpoint(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    assert proc.returncode == 143, err[-2000:]
+    return err, proc.returncode
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_the_job_at_a_checkpoint(tmp_path):
+    """Every process stops after the same step, saved; also when the signal comes while a
+    resumed job starts up (before its first step)."""
+    metrics = tmp_path / "metrics.jsonl"
+    proc = _launch(tmp_path)
+    err, code = _sigterm_one_process(proc, lambda: metrics.exists() and len(_rows(metrics)) >= 2)
+    assert code == 143, err[-2000:]
     step = _rows(metrics)[-1]["step"]
     assert 2 <= step < 1000
     assert f"stopped by SIGTERM after step {step}; the last checkpoint is step {step}" in err
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [str(step)]
+
+    proc = _launch(tmp_path)
+    started = []
+
+    def resumed():  # process 0 says so once it has restored, before compiling the step
+        started.append(proc.stdout.readline())
+        return "resumed from" in started[-1]
+
+    err, code = _sigterm_one_process(proc, resumed)
+    assert code == 143, err[-2000:]
+    assert [r["step"] for r in _rows(metrics)] == list(range(1, step + 2))
+    assert f"stopped by SIGTERM after step {step + 1}" in err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        str(step), str(step + 1)
+    ]  # fmt: skip

@@ -108,3 +108,18 @@ def test_an_async_run_stops_and_resumes_too(tmp_path, monkeypatch):
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     assert train_quietly(config, tmp_path)["resumed_from"] == 2
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_nested_watches_share_one_handler_and_mark(monkeypatch):
+    """The command line's watch holds the handler; a signal before the session opens still
+    stops the session; the next run starts unmarked."""
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopWatch() as outer:
+        handler = signal.getsignal(signal.SIGTERM)
+        handler(signal.SIGTERM, None)  # during start-up
+        with StopWatch() as inner:
+            assert inner.requested(1) and outer.requested(1)
+        assert signal.getsignal(signal.SIGTERM) is handler  # the outer watch still holds it
+    assert signal.getsignal(signal.SIGTERM) is previous
+    with StopWatch() as fresh:
+        assert not fresh.requested(1)
