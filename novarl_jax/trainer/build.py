@@ -90,6 +90,16 @@ def _task(config, *, validation: bool = False) -> Any:
     t = config.task
     options = dict(t.options)
     if t.reward_fn:
+        if t.reward_fn.count(":") != 1:
+            raise ConfigError(
+                "task.reward_fn", f"{t.reward_fn!r} must look like 'module.path:function'"
+            )
+        if t.name == "jsonl" and "reward" in options:
+            raise ConfigError(
+                "task.reward_fn",
+                f"and task.options.reward={options['reward']!r} both choose the 'jsonl' task's "
+                f"reward; set one of them",
+            )
         options["reward" if t.name == "jsonl" else "reward_fn"] = t.reward_fn
     if t.name == "jsonl":
         if validation:

@@ -124,9 +124,26 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
         ("algorithm", "seed", str(exp.seed)),
         ("algorithm", "optimizer", _optimizer(spec)),
     ]
+    dapo = _dapo(spec)
+    if dapo:
+        rows.append(("algorithm", "DAPO", dapo))
     if spec.config.eval.interval:
         rows.append(("algorithm", "validation", _validation(spec)))
     return rows + _sync_rows(spec)
+
+
+def _dapo(spec: RunSpec) -> str:
+    """The DAPO options that are on, or ''."""
+    d = spec.config.dapo
+    parts = []
+    if d.dynamic_sampling:
+        parts.append(f"dynamic sampling (up to {d.max_extra_batches} extra batches)")
+    if d.overlong_buffer:
+        penalty, buffer = d.overlong_penalty, d.overlong_buffer
+        parts.append(f"overlong penalty up to {penalty:g} in the last {buffer} tokens")
+    if d.mask_truncated:
+        parts.append("truncated completions masked")
+    return ", ".join(parts)
 
 
 def _validation(spec: RunSpec) -> str:

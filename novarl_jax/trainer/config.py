@@ -221,6 +221,8 @@ def default_config() -> ml_collections.ConfigDict:
     ev.temperature = 0.0  # sampling temperature of the evaluation; 0 = greedy
     # Prompts sampled at once (bounds an evaluation's memory); 0 = as many as make a training
     # rollout's rows (rollout.prompts_per_step x samples per prompt) with eval.samples each.
+    # Each batch has a key of its own: with eval.temperature > 0, another value draws other
+    # samples (as another seed would); greedy evaluations do not depend on it.
     ev.prompts_per_batch = 0
     # The evaluation prompts of the 'jsonl' task: another JSONL file, read from its start in
     # file order (at least eval.prompts lines). The built-in tasks draw a fixed set with a

@@ -357,6 +357,12 @@ class Trainer:
             "response_length/mean": valid_mean(lengths),
             "response_length/clip_ratio": valid_mean(truncated),
             "rollout/invalid_samples": float(np.count_nonzero(~valid)),
+            # Tokens the loss sees; 0 when every sample is invalid or dapo.mask_truncated
+            # masked them all (the step then trains nothing: Session.record says so).
+            "train/response_tokens": float(mask.sum()),
+            "dapo/masked_samples": float(np.count_nonzero(valid & truncated))
+            if dapo.mask_truncated
+            else 0.0,
         }
         if "entropy" in scored:
             entropy = host_array(scored["entropy"])
@@ -669,6 +675,13 @@ class Session:
             self.writer.write(step, metrics)
         if self.samples is not None:
             self.samples.write(samples)
+        if metrics.get("train/response_tokens", 1) == 0:
+            why = (
+                "dapo.mask_truncated masked every completion (all ran to rollout.max_new_tokens)"
+                if metrics.get("dapo/masked_samples")
+                else "no sample had a finite reward"
+            )
+            self.log(f"step {step}: nothing was trained: {why}")
         if skipped:
             names = ("train/loss", "actor/grad_norm", "critic/grad_norm")
             bad = [k for k in names if k in metrics and not np.isfinite(metrics[k])]

@@ -91,6 +91,13 @@ def test_jsonl_task_errors_name_the_key(tmp_path):
     assert error(path=str(tmp_path / "bad.jsonl")).startswith("task.path: ")
     assert "missing field 'answer'" in error(path=str(tmp_path / "bad.jsonl"))
     assert error(reward_fn="nomodule:fn").startswith("task.reward_fn: reward function")
+    assert error(reward_fn="mod.fn") == (
+        "task.reward_fn: 'mod.fn' must look like 'module.path:function'"
+    )
+    assert error(reward_fn="mod:fn", options={"reward": "numeric"}) == (
+        "task.reward_fn: and task.options.reward='numeric' both choose the 'jsonl' task's "
+        "reward; set one of them"
+    )
 
 
 def test_head_dim_sets_the_heads_width():
@@ -245,6 +252,22 @@ def test_a_dense_model_ignores_experiment_top_k():
     assert config.experiment.num_experts == 0
     config.experiment.top_k = 0
     assert build_run(validate_config(config)).model.policy.num_local_experts == 0
+
+
+def test_checklist_names_the_dapo_options_that_are_on():
+    from novarl_jax.trainer.checklist import checklist_rows
+
+    config = base.get_config()
+
+    def rows():
+        return {item: value for _, item, value in checklist_rows(validate_config(config))}
+
+    assert "DAPO" not in rows()
+    config.dapo.update(dynamic_sampling=True, overlong_buffer=4, mask_truncated=True)
+    assert rows()["DAPO"] == (
+        "dynamic sampling (up to 2 extra batches), overlong penalty up to 1 in the last 4 tokens, "
+        "truncated completions masked"
+    )
 
 
 def test_ppo_may_leave_grpo_group_size_at_one():

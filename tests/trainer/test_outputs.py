@@ -304,11 +304,33 @@ def test_dapo_options_and_router_replay(tmp_path):
     rows = read_metrics(tmp_path)
     for row in rows:
         assert 0 <= row["dapo/extra_batches"] <= config.dapo.max_extra_batches
+        # Masked: the valid samples that ran to max_new_tokens, none of whose tokens train.
+        assert row["dapo/masked_samples"] == 8 * row["response_length/clip_ratio"]
+        assert row["train/response_tokens"] <= 4 * 8 * (1 - row["response_length/clip_ratio"])
         assert 0 <= row["dapo/kept_groups"] <= config.rollout.prompts_per_step
         # Overlong shaping only lowers rewards.
         assert row["critic/rewards/mean"] <= row["critic/score/mean"] + 1e-6
         assert np.isfinite(row["moe/dropped_fraction"])
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_a_step_with_every_completion_masked_says_it_trained_nothing(tmp_path, monkeypatch):
+    # A policy that never stops: every completion runs to max_new_tokens and is masked.
+    init = loop.Trainer.__init__
+
+    def never_stopping(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.engine.stop_token_ids = ()
+
+    monkeypatch.setattr(loop.Trainer, "__init__", never_stopping)
+    _, lines = _train(_tiny(steps=1, dapo__mask_truncated=True), tmp_path)
+    row = read_metrics(tmp_path)[0]
+    assert row["train/response_tokens"] == 0 and row["dapo/masked_samples"] == 8  # 2 x 4
+    assert row["response_length/clip_ratio"] == 1.0
+    assert (
+        "step 1: nothing was trained: dapo.mask_truncated masked every completion (all ran to "
+        "rollout.max_new_tokens)" in lines
+    )
 
 
 def test_overlong_shaping_matches_numpy():
