@@ -267,15 +267,16 @@ def _softmax_attention_bwd(group, dtype, res, dout):
     rows, keys, values, probs, mask = res
     dh = rows.shape[-1]
     dout = dout.astype(dtype)
-    dprobs = _head_matmul(dout, values.astype(dtype), contract_rhs=3)  # [.., G*T, S]
     dvalues = _head_matmul(_materialized_swap(probs), dout, contract_rhs=2)  # [.., S, Dh]
+    # Masked scores are a constant: no gradient reaches q or k through them. A query that sees
+    # no key at all (at left padding) has uniform probabilities, not zeros, so its row's
+    # cotangent is dropped before it reaches the scores (partly masked rows have exact zeros).
+    b, _, gt, _ = dout.shape
+    live = jnp.any(mask, axis=-1)[:, None, None, :]  # [B, 1, 1, T]
+    live = jnp.broadcast_to(live, (b, 1, group, gt // group)).reshape(b, 1, gt, 1)
+    dprobs = _head_matmul(jnp.where(live, dout, 0), values.astype(dtype), contract_rhs=3)
     p = probs.astype(jnp.float32)
-    # Masked scores are a constant: no gradient reaches q or k through them. A row that sees
-    # no key at all (a query at left padding) has uniform probabilities, not zeros, there.
-    b, nkv, gt, s = p.shape
-    live = mask[:, None, None, :, :]  # [B, 1, 1, T, S]
-    p_live = jnp.where(live, p.reshape(b, nkv, group, gt // group, s), 0.0).reshape(p.shape)
-    dscores = p_live * (dprobs - jnp.sum(dprobs * p, axis=-1, keepdims=True)) * (dh**-0.5)
+    dscores = p * (dprobs - jnp.sum(dprobs * p, axis=-1, keepdims=True)) * (dh**-0.5)
     dscores = dscores.astype(rows.dtype)
     drows = _head_matmul(dscores, keys.astype(rows.dtype), contract_rhs=2)
     dkeys = _head_matmul(_materialized_swap(dscores), rows, contract_rhs=2)  # [.., S, Dh]
