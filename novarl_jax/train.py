@@ -248,6 +248,7 @@ def _main(argv: list[str]) -> None:
 
     _start_backend()
     from novarl_jax.rollout.rewards import RewardFunctionError
+    from novarl_jax.rollout.tasks import TaskError
     from novarl_jax.trainer.checklist import print_checklist
     from novarl_jax.trainer.checkpoint import (
         CheckpointMismatchError,
@@ -307,6 +308,8 @@ def _main(argv: list[str]) -> None:
                 restore_task_position(run.task, host, spec.config, changed, say)
     except (ConfigError, CheckpointUnreadableError) as e:
         _fail(str(e))
+    except TaskError as e:  # a task of one's own, drawing the first prompts
+        _fail(f"task.name: {e}")
     if jax.process_index() == 0:
         print_checklist(spec, mesh, run=run)
     if _DRY_RUN.value:
@@ -339,8 +342,9 @@ def _main(argv: list[str]) -> None:
         _fail(f"{e}; resume with the run's own config, or train in a new --workdir")
     except (ConfigError, TrainingError, CheckpointUnreadableError, CheckpointWriteError) as e:
         _fail(str(e))
-    except RewardFunctionError as e:
+    except (RewardFunctionError, TaskError) as e:
         key = "task.reward_fn: " if spec.config.task.reward_fn else ""
+        key = "task.name: " if isinstance(e, TaskError) else key
         then = "resume" if has_checkpoint(workdir) else "start again"
         _fail(f"{key}{e}; {last_checkpoint(workdir)}: fix it and rerun to {then}")
     except OSError as e:  # metrics, samples, config.json or plots that cannot be written

@@ -162,6 +162,45 @@ def test_ctrl_c_says_where_the_run_stopped(run_cli, tmp_path, monkeypatch):
     assert "Traceback" not in out + err
 
 
+_BROKEN_TASK = """
+from novarl_jax.rollout.tasks import CopyTask
+
+
+class Broken(CopyTask):
+    def sample_prompts(self, key, batch_size):
+        table = {}
+        return table["prompts"], []
+"""
+
+
+@pytest.mark.parametrize("when", ["start", "training"])
+def test_a_task_of_ones_own_that_raises_is_one_line(run_cli, tmp_path, monkeypatch, when):
+    (tmp_path / "broken_task.py").write_text(_BROKEN_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if when == "training":  # the start-up check passes; a later rollout raises
+        from novarl_jax.rollout.tasks import TaskError
+
+        def failing_train(config, workdir, **kwargs):
+            raise TaskError("task 'broken_task:Broken' sample_prompts() raised KeyError: 'x'")
+
+        monkeypatch.setattr(loop, "train", failing_train)
+        monkeypatch.setattr(loop, "check_startup", lambda run, mesh=None: None)
+    code, out, err = run_cli(
+        *COPY_ON_8, "task.name=broken_task:Broken", f"--workdir={tmp_path / 'w'}"
+    )
+    assert code == 2 and "Traceback" not in out + err
+    if when == "start":
+        assert err.strip() == (
+            "novarl_jax.train: error: task.name: task 'broken_task:Broken' sample_prompts() "
+            f"raised KeyError: 'prompts' (at {tmp_path / 'broken_task.py'}:8)"
+        )
+    else:
+        assert err.strip().endswith(
+            "task.name: task 'broken_task:Broken' sample_prompts() raised KeyError: 'x'; no "
+            f"checkpoint in {tmp_path / 'w'} yet: fix it and rerun to start again"
+        )
+
+
 def test_sigterm_says_where_the_run_stopped(run_cli, tmp_path, monkeypatch):
     from novarl_jax.trainer.stop import StopRequested
 

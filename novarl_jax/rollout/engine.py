@@ -32,6 +32,8 @@ from novarl_jax.rollout.tasks.base import (
     check_batch_size,
     check_task,
     rewards_to_array,
+    sample_task_prompts,
+    task_label,
 )
 
 # Non-finite rewards named in a rollout's warning (the rest are counted).
@@ -244,10 +246,10 @@ class RolloutEngine:
             self.task.set_state(start)
 
     def _encode_prompts(self, prompt_key: jax.Array, batch_size: int):
-        prompts, metadata = self.task.sample_prompts(prompt_key, batch_size)
+        prompts, metadata = sample_task_prompts(self.task, prompt_key, batch_size)
         if len(prompts) != batch_size or len(metadata) != batch_size:
             raise ValueError(
-                f"task {getattr(self.task, 'name', self.task)!r} returned {len(prompts)} prompts "
+                f"task {task_label(self.task)!r} returned {len(prompts)} prompts "
                 f"and {len(metadata)} metadata for batch_size={batch_size}"
             )
         tokens, mask = self.tokenizer.encode_batch(
@@ -355,7 +357,7 @@ class RolloutEngine:
         completions = self.tokenizer.decode_batch(response, text_mask)
         rows_prompts = [p for p in prompts for _ in range(group)]
         rows_meta = [m for m in metadata for _ in range(group)]
-        name = getattr(self.task, "name", type(self.task).__name__)
+        name = task_label(self.task)
         try:
             rewards, sample_info = self.task.score(rows_prompts, completions, rows_meta)
         except RewardFunctionError:

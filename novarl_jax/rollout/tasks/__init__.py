@@ -17,6 +17,7 @@ from typing import Any
 from novarl_jax.rollout.tasks.base import (
     BaseTask,
     Task,
+    TaskError,
     check_task,
     numpy_rng,
     rewards_to_array,
@@ -83,6 +84,7 @@ __all__ = [
     "SortTask",
     "TASKS",
     "Task",
+    "TaskError",
     "make_task",
     "numpy_rng",
     "rewards_to_array",

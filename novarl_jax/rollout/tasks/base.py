@@ -58,6 +58,39 @@ def _where(fn: Any, error: BaseException) -> str:
     return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
 
 
+def task_label(task: Any) -> str:
+    """How messages name ``task``: its ``name``, unless that is only inherited from a built-in
+    task (a task of one's own subclassing ``CopyTask`` is not ``'copy'``): then, or without a
+    name, ``'module:Class'``."""
+    cls = type(task)
+    owner = next((c for c in cls.__mro__ if "name" in vars(c)), None)
+    own = "name" in getattr(task, "__dict__", {}) or (
+        owner is not None
+        and (
+            cls.__module__.startswith("novarl_jax.")
+            or not owner.__module__.startswith("novarl_jax.")
+        )
+    )
+    return str(task.name) if own else f"{cls.__module__}:{cls.__qualname__}"
+
+
+class TaskError(RuntimeError):
+    """A task's ``sample_prompts`` raised; the message names the task and its line."""
+
+
+def sample_task_prompts(task: Any, key: jax.Array, batch_size: int) -> tuple[list, list]:
+    """``task.sample_prompts(key, batch_size)``, an exception it raises as a
+    :class:`TaskError` that names the task and the line of its own code it came from."""
+    try:
+        return task.sample_prompts(key, batch_size)
+    except Exception as e:  # noqa: BLE001 - any error of the task's own code: named, chained
+        name = task_label(task)
+        where = _where(getattr(type(task), "sample_prompts", None), e)
+        raise TaskError(
+            f"task {name!r} sample_prompts() raised {type(e).__name__}: {e}{where}"
+        ) from e
+
+
 def check_task(task: Any, what: str = "task") -> None:
     """Raises ValueError naming what ``task`` lacks of the :class:`Task` protocol, if any;
     ``what`` begins the message (e.g. ``"task 'module:Class'"``)."""
