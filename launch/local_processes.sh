@@ -13,10 +13,11 @@ port="${PORT:-12355}"
 pids=()
 # Ctrl-C or SIGTERM here reaches every process as SIGTERM (background processes of a script
 # ignore SIGINT): they finish the step in progress, checkpoint it and exit with status 143.
-trapped=0
-stop() { ((${#pids[@]} == 0)) || kill -TERM "${pids[@]}" 2>/dev/null || true; }
-on_signal() { trapped=1; stop; }
-trap on_signal INT TERM
+stop() {
+  local pid
+  for pid in "${pids[@]}"; do [[ -z "$pid" ]] || kill -TERM "$pid" 2>/dev/null || true; done
+}
+trap stop INT TERM
 for ((i = 0; i < n; i++)); do
   XLA_FLAGS="--xla_force_host_platform_device_count=${devices} --xla_cpu_enable_concurrency_optimized_scheduler=false" \
     JAX_PLATFORMS=cpu \
@@ -25,21 +26,31 @@ for ((i = 0; i < n; i++)); do
       --cpu_collectives=gloo &
   pids+=("$!")
 done
+# Poll (no `wait -n`: bash 3.2 lacks it). A process that fails (a status other than 0 and
+# 143, a clean stop) makes the others stop; any still running 30 s later are killed, since a
+# process blocked in a collective with the failed one cannot act on SIGTERM.
 status=0
-# A process that fails stops the others (they would wait for it in a collective).
-while [[ -n "$(jobs -rp)" ]]; do
-  trapped=0
-  code=0
-  wait -n || code=$?
-  ((trapped == 0)) || continue # the signal interrupted wait; no process has ended
-  if ((code != 0)); then
-    ((status != 0)) || status=$code
-    stop
+failed_at=""
+while :; do
+  running=" $(jobs -rp | tr '\n' ' ') "
+  left=0
+  for i in "${!pids[@]}"; do
+    pid="${pids[$i]}"
+    [[ -n "$pid" ]] || continue
+    if [[ "$running" == *" $pid "* ]]; then left=1; continue; fi
+    code=0
+    wait "$pid" 2>/dev/null || code=$?
+    pids[$i]=""
+    ((code != 0 && status == 0)) && status=$code
+    if ((code != 0 && code != 143)) && [[ -z "$failed_at" ]]; then
+      failed_at=$SECONDS
+      stop
+    fi
+  done
+  ((left)) || break
+  if [[ -n "$failed_at" ]] && ((SECONDS - failed_at >= 30)); then
+    for pid in "${pids[@]}"; do [[ -z "$pid" ]] || kill -KILL "$pid" 2>/dev/null || true; done
   fi
-done
-for pid in "${pids[@]}"; do # statuses not collected above (127: collected already)
-  code=0
-  wait "$pid" 2>/dev/null || code=$?
-  if ((code != 0 && code != 127 && status == 0)); then status=$code; fi
+  sleep 0.2
 done
 exit "$status"

@@ -86,6 +86,14 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 
 def _fail(message: str) -> None:
     print(f"novarl_jax.train: error: {message}", file=sys.stderr)
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized():
+        # One process of a multi-process run failing alone: jax.distributed's shutdown at
+        # exit would wait for the others, which wait for it in their next collective. Leaving
+        # at once breaks their collective, so the whole job ends.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     sys.exit(2)
 
 

@@ -157,7 +157,7 @@ class _SerializedTask:
     """A task called by one thread at a time (tasks need not be thread-safe)."""
 
     def __init__(self, task: Any):
-        self._task = task
+        self._task = self.__wrapped__ = task  # messages name the task, not the wrapper
         self._lock = threading.Lock()
         self.name = getattr(task, "name", "task")
 

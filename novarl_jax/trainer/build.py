@@ -94,12 +94,13 @@ def _task(config, *, validation: bool = False) -> Any:
             raise ConfigError(
                 "task.reward_fn", f"{t.reward_fn!r} must look like 'module.path:function'"
             )
-        if t.name == "jsonl" and "reward" in options:
-            raise ConfigError(
-                "task.reward_fn",
-                f"and task.options.reward={options['reward']!r} both choose the 'jsonl' task's "
-                f"reward; set one of them",
-            )
+        for option in ("reward", "reward_fn") if t.name == "jsonl" else ("reward_fn",):
+            if option in options:
+                raise ConfigError(
+                    "task.reward_fn",
+                    f"and task.options.{option}={options[option]!r} both choose the task's "
+                    f"reward; set one of them",
+                )
         options["reward" if t.name == "jsonl" else "reward_fn"] = t.reward_fn
     if t.name == "jsonl":
         if validation:

@@ -676,11 +676,14 @@ class Session:
         if self.samples is not None:
             self.samples.write(samples)
         if metrics.get("train/response_tokens", 1) == 0:
-            why = (
-                "dapo.mask_truncated masked every completion (all ran to rollout.max_new_tokens)"
-                if metrics.get("dapo/masked_samples")
-                else "no sample had a finite reward"
-            )
+            masked = int(metrics.get("dapo/masked_samples", 0))
+            invalid = int(metrics.get("rollout/invalid_samples", 0))
+            why = "no sample had a finite reward"
+            if masked:
+                why = (
+                    f"dapo.mask_truncated masked every completion with a finite reward ({masked} "
+                    f"ran to rollout.max_new_tokens; {invalid} had a reward that was not finite)"
+                )
             self.log(f"step {step}: nothing was trained: {why}")
         if skipped:
             names = ("train/loss", "actor/grad_norm", "critic/grad_norm")

@@ -476,3 +476,40 @@ def test_jsonl_task_takes_reward_fn_like_the_other_tasks():
     assert task.score(["q"], ["\\boxed{5}"], [{"answer": "5"}])[0].tolist() == [1.0]
     with pytest.raises(ValueError, match="pass reward= or reward_fn=, not both"):
         JSONLTask(DATA, reward="numeric", reward_fn="novarl_jax.rollout.rewards:numeric_reward")
+
+
+class _MyCopy(CopyTask):
+    """A task of one's own that inherits the built-in's name."""
+
+    def sample_prompts(self, key, batch_size):
+        return {}["missing"], []
+
+
+class _Named(_MyCopy):
+    name = "mine"
+
+
+class _BadName(_MyCopy):
+    @property
+    def name(self):
+        raise AttributeError("no name")
+
+
+def test_task_errors_name_the_task_and_its_line_through_a_wrapper():
+    from novarl_jax.rollout.tasks import TaskError
+    from novarl_jax.rollout.tasks.base import sample_task_prompts, task_label
+    from novarl_jax.trainer.async_loop import _SerializedTask
+
+    here = f"{__name__}:"
+    assert task_label(CopyTask()) == "copy"
+    assert task_label(_MyCopy()) == here + "_MyCopy"  # not the inherited 'copy'
+    assert task_label(_Named()) == "mine"
+    assert task_label(_BadName()) == here + "_BadName"
+    for task in (_MyCopy(), _SerializedTask(_MyCopy())):  # the threaded runs' lock around it
+        with pytest.raises(TaskError) as info:
+            sample_task_prompts(task, jax.random.key(0), 2)
+        line = _MyCopy.sample_prompts.__code__.co_firstlineno + 1
+        assert str(info.value) == (
+            f"task '{here}_MyCopy' sample_prompts() raised KeyError: 'missing' "
+            f"(at {__file__}:{line})"
+        )

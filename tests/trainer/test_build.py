@@ -95,9 +95,13 @@ def test_jsonl_task_errors_name_the_key(tmp_path):
         "task.reward_fn: 'mod.fn' must look like 'module.path:function'"
     )
     assert error(reward_fn="mod:fn", options={"reward": "numeric"}) == (
-        "task.reward_fn: and task.options.reward='numeric' both choose the 'jsonl' task's "
-        "reward; set one of them"
+        "task.reward_fn: and task.options.reward='numeric' both choose the task's reward; set "
+        "one of them"
     )
+    config = base.get_config()  # the copy task
+    config.task.update(reward_fn="mod:fn", options={"reward_fn": "other:fn"})
+    with pytest.raises(ConfigError, match=r"and task.options.reward_fn='other:fn' both"):
+        build_run(validate_config(config))
 
 
 def test_head_dim_sets_the_heads_width():

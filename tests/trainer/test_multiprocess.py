@@ -117,8 +117,10 @@ def _sigterm_one_process(proc, when):
         while not when():
             assert proc.poll() is None and time.monotonic() < deadline, "the job did not start"
             time.sleep(0.1)
-        children = subprocess.run(
-            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        children = subprocess.run(  # the launcher's processes, not its polling sleep
+            ["pgrep", "-P", str(proc.pid), "-f", "novarl_jax.train"],
+            capture_output=True,
+            text=True,
         ).stdout.split()
         assert len(children) == 2
         os.kill(int(children[1]), signal.SIGTERM)  # process 1 only, as a preemption would
@@ -157,3 +159,42 @@ def test_sigterm_to_one_process_stops_the_job_at_a_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         str(step), str(step + 1)
     ]  # fmt: skip
+
+
+_FAKE_TRAIN = """#!/usr/bin/env bash
+# Stands in for `python -m novarl_jax.train ... --process_id=N`: process 1 fails after a moment
+# (with FAIL set); process 0 trains until SIGTERM, then stops as the trainer does (143).
+for a in "$@"; do [[ "$a" == --process_id=* ]] && id="${a#--process_id=}"; done
+if [[ "$id" == 1 && -n "$FAIL" ]]; then sleep 0.5; exit 2; fi
+if [[ "$id" == 1 ]]; then exec sleep 60; fi  # dies of SIGTERM (143)
+trap 'echo TERM >> "$LOG"; exit 143' TERM
+while :; do sleep 0.05; done
+"""
+
+
+@pytest.mark.parametrize("signalled", [False, True])
+def test_the_launcher_stops_the_job_when_a_process_fails_or_it_is_signalled(tmp_path, signalled):
+    import signal
+    import time
+
+    fake = tmp_path / "fake_train.sh"
+    fake.write_text(_FAKE_TRAIN)
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), LOG=str(tmp_path / "log"))
+    env["FAIL"] = "" if signalled else "1"
+    proc = subprocess.Popen(
+        ["bash", "launch/local_processes.sh", "2", "1", "--config=configs/copy.py"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    if signalled:
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Failing: process 1's status, process 0 stopped with one SIGTERM. Signalled: SIGTERM once
+    # to each, and a clean stop's 143.
+    assert proc.returncode == (143 if signalled else 2)
+    assert (tmp_path / "log").read_text() == "TERM\n"

@@ -328,8 +328,9 @@ def test_a_step_with_every_completion_masked_says_it_trained_nothing(tmp_path, m
     assert row["train/response_tokens"] == 0 and row["dapo/masked_samples"] == 8  # 2 x 4
     assert row["response_length/clip_ratio"] == 1.0
     assert (
-        "step 1: nothing was trained: dapo.mask_truncated masked every completion (all ran to "
-        "rollout.max_new_tokens)" in lines
+        "step 1: nothing was trained: dapo.mask_truncated masked every completion with a "
+        "finite reward (8 ran to rollout.max_new_tokens; 0 had a reward that was not finite)"
+        in lines
     )
 
 

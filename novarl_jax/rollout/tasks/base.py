@@ -58,10 +58,18 @@ def _where(fn: Any, error: BaseException) -> str:
     return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
 
 
+def unwrapped(task: Any) -> Any:
+    """The task a wrapper (one that sets ``__wrapped__``, e.g. a lock around it) holds."""
+    while getattr(task, "__wrapped__", None) is not None:
+        task = task.__wrapped__
+    return task
+
+
 def task_label(task: Any) -> str:
     """How messages name ``task``: its ``name``, unless that is only inherited from a built-in
     task (a task of one's own subclassing ``CopyTask`` is not ``'copy'``): then, or without a
     name, ``'module:Class'``."""
+    task = unwrapped(task)
     cls = type(task)
     owner = next((c for c in cls.__mro__ if "name" in vars(c)), None)
     own = "name" in getattr(task, "__dict__", {}) or (
@@ -71,7 +79,11 @@ def task_label(task: Any) -> str:
             or not owner.__module__.startswith("novarl_jax.")
         )
     )
-    return str(task.name) if own else f"{cls.__module__}:{cls.__qualname__}"
+    label = f"{cls.__module__}:{cls.__qualname__}"
+    try:
+        return str(task.name) if own else label
+    except Exception:  # noqa: BLE001 - a name that cannot be read must not hide the error
+        return label
 
 
 class TaskError(RuntimeError):
@@ -85,7 +97,7 @@ def sample_task_prompts(task: Any, key: jax.Array, batch_size: int) -> tuple[lis
         return task.sample_prompts(key, batch_size)
     except Exception as e:  # noqa: BLE001 - any error of the task's own code: named, chained
         name = task_label(task)
-        where = _where(getattr(type(task), "sample_prompts", None), e)
+        where = _where(getattr(type(unwrapped(task)), "sample_prompts", None), e)
         raise TaskError(
             f"task {name!r} sample_prompts() raised {type(e).__name__}: {e}{where}"
         ) from e
