@@ -13,10 +13,11 @@ port="${PORT:-12355}"
 pids=()
 # Ctrl-C or SIGTERM here reaches every process as SIGTERM (background processes of a script
 # ignore SIGINT): they finish the step in progress, checkpoint it and exit with status 143.
-stop() {
+signal_all() { # SIGNAL: to every process still running (none before the first starts)
   local pid
-  for pid in "${pids[@]}"; do [[ -z "$pid" ]] || kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in ${pids[@]+"${pids[@]}"}; do [[ -z "$pid" ]] || kill "-$1" "$pid" 2>/dev/null || true; done
 }
+stop() { signal_all TERM; }
 trap stop INT TERM
 for ((i = 0; i < n; i++)); do
   XLA_FLAGS="--xla_force_host_platform_device_count=${devices} --xla_cpu_enable_concurrency_optimized_scheduler=false" \
@@ -48,9 +49,7 @@ while :; do
     fi
   done
   ((left)) || break
-  if [[ -n "$failed_at" ]] && ((SECONDS - failed_at >= 30)); then
-    for pid in "${pids[@]}"; do [[ -z "$pid" ]] || kill -KILL "$pid" 2>/dev/null || true; done
-  fi
+  if [[ -n "$failed_at" ]] && ((SECONDS - failed_at >= 30)); then signal_all KILL; fi
   sleep 0.2
 done
 exit "$status"

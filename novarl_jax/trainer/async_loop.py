@@ -159,7 +159,6 @@ class _SerializedTask:
     def __init__(self, task: Any):
         self._task = self.__wrapped__ = task  # messages name the task, not the wrapper
         self._lock = threading.Lock()
-        self.name = getattr(task, "name", "task")
 
     def sample_prompts(self, key, batch_size):
         with self._lock:
@@ -515,10 +514,8 @@ def train_async(
     exp = spec.config.experiment
     num_workers = exp.rollout_workers if num_workers is None else num_workers
     num_workers = _check_positive_int("num_workers", num_workers)
-    queue_size = (exp.rollout_queue_size or None) if queue_size is None else queue_size
-    queue_size = _check_positive_int(
-        "queue_size", num_workers if queue_size is None else queue_size
-    )
+    queue_size = (exp.rollout_queue_size or num_workers) if queue_size is None else queue_size
+    queue_size = _check_positive_int("queue_size", queue_size)
     if not synchronous and jax.process_count() > 1:
         raise ValueError(
             "synchronous must be True in a multi-process run: every process must issue the "

@@ -4,13 +4,12 @@ Every evaluation samples the same prompts with the same keys, so its figures mov
 the policy. The prompts are drawn and tokenized once, when the evaluator is made, and sampled
 in batches of ``eval.prompts_per_batch`` prompts (by default as many rows as a training
 rollout has), so the device memory an evaluation needs is bounded by one batch, not by the
-set's size. The built-in tasks
-draw the prompts with a key of their own (the training stream never uses it; a small
-synthetic task can still repeat training prompts); the ``jsonl`` task reads them from
-``eval.path`` in file order. Nothing here touches the training task, its position or the
-training keys: the synchronous loop trains the same with validation on or off. (In threaded
-asynchronous runs an evaluation pauses the trainer while the rollout workers go on, which
-changes how stale their samples get, as any pause of the trainer does.)
+set's size. The built-in tasks draw the prompts with a key of their own (the training stream
+never uses it; a small synthetic task can still repeat training prompts); the ``jsonl`` task
+reads them from ``eval.path`` in file order. Nothing here touches the training task, its
+position or the training keys: the synchronous loop trains the same with validation on or
+off. (In threaded asynchronous runs an evaluation pauses the trainer while the rollout
+workers go on, which changes how stale their samples get, as any pause of the trainer does.)
 
 Metrics (verl calls them ``val-core/...``): ``val/score/mean`` and ``val/score/std`` over the
 samples, ``val/response_length/mean`` in tokens, and with ``eval.samples > 1``

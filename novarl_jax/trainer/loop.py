@@ -702,7 +702,7 @@ class Session:
                 f"(train.max_consecutive_skips={config.train.max_consecutive_skips}); {kept}"
             )
         host = {**host, "iteration": step, "skip_streak": self._skips, "init_seed": self.init_seed}
-        stop = step < self.total and self._stop.requested(step)
+        stop = step < self.total and self._stop.requested()
         self.checkpointer.save(step, state, host, force=(step == self.total or stop))
         if self._progress is not None:
             self._progress.update(step, metrics)

@@ -81,10 +81,9 @@ class StopWatch:
                     return
                 _state["previous"] = None
 
-    def requested(self, step: int) -> bool:
-        """Whether to stop after ``step``. In a multi-process run this gathers every process's
-        mark, so every process must call it after the same steps."""
-        del step  # the same answer on every process, whichever step it is
+    def requested(self) -> bool:
+        """Whether to stop after the step just finished. In a multi-process run this gathers
+        every process's mark, so every process must call it after the same steps."""
         import jax
 
         received = bool(_state["received"]) and self._installed

@@ -70,10 +70,10 @@ def test_a_second_sigterm_ends_the_process_at_once(monkeypatch):
     ended = []
     monkeypatch.setattr(os, "kill", lambda pid, sig: ended.append(sig))
     with StopWatch() as watch:
-        assert not watch.requested(1)
+        assert not watch.requested()
         handler = signal.getsignal(signal.SIGTERM)
         handler(signal.SIGTERM, None)
-        assert watch.requested(1) and ended == []
+        assert watch.requested() and ended == []
         handler(signal.SIGTERM, None)
         assert ended == [signal.SIGTERM]  # re-sent with the previous handler back in place
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -84,7 +84,7 @@ def test_an_ignored_sigterm_stays_ignored():
     try:
         with StopWatch() as watch:
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-            assert not watch.requested(1)
+            assert not watch.requested()
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -118,8 +118,8 @@ def test_nested_watches_share_one_handler_and_mark(monkeypatch):
         handler = signal.getsignal(signal.SIGTERM)
         handler(signal.SIGTERM, None)  # during start-up
         with StopWatch() as inner:
-            assert inner.requested(1) and outer.requested(1)
+            assert inner.requested() and outer.requested()
         assert signal.getsignal(signal.SIGTERM) is handler  # the outer watch still holds it
     assert signal.getsignal(signal.SIGTERM) is previous
     with StopWatch() as fresh:
-        assert not fresh.requested(1)
+        assert not fresh.requested()
