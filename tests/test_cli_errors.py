@@ -138,15 +138,16 @@ def _rows(workdir, steps):
             f.write(json.dumps({"step": step, "critic/score/mean": 0.5}) + "\n")
 
 
-def _interrupting_train(trained, checkpoints):
-    """A train() that finishes the ``trained`` steps, checkpoints some, then gets Ctrl-C."""
+def _interrupting_train(trained, checkpoints, error=KeyboardInterrupt):
+    """A train() that finishes the ``trained`` steps, checkpoints some, then raises ``error``
+    (default: Ctrl-C)."""
 
     def fake_train(config, workdir, **kwargs):
         workdir = pathlib.Path(workdir)
         _rows(workdir, trained)
         for step in checkpoints:
             (workdir / "checkpoints" / str(step)).mkdir(parents=True)
-        raise KeyboardInterrupt
+        raise error
 
     return fake_train
 
@@ -204,12 +205,7 @@ def test_a_task_of_ones_own_that_raises_is_one_line(run_cli, tmp_path, monkeypat
 def test_sigterm_says_where_the_run_stopped(run_cli, tmp_path, monkeypatch):
     from novarl_jax.trainer.stop import StopRequested
 
-    def stopped_train(config, workdir, **kwargs):
-        _rows(tmp_path, [1, 2, 3])
-        (tmp_path / "checkpoints" / "3").mkdir(parents=True)
-        raise StopRequested(3)
-
-    monkeypatch.setattr(loop, "train", stopped_train)
+    monkeypatch.setattr(loop, "train", _interrupting_train([1, 2, 3], [3], StopRequested(3)))
     code, out, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}")
     assert code == 143
     assert err.strip() == (
