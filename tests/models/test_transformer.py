@@ -358,25 +358,49 @@ def test_attention_matches_numpy(use_jit):
     assert np.isfinite(np.asarray(got)).all()  # padding rows see no key but stay finite
 
 
+_ATTENTION_WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _left_padded_attention(rng):
+    """An Attention layer (4 heads, 2 KV heads) on a batch of 2 x 5 tokens whose second row
+    has 2 left-padding tokens: ``(module, params, x, cos, sin, full_mask, mask, positions)``."""
+    b, t, d, n, nkv, dh = 2, 5, 8, 4, 2, 4
+    x = rng.normal(size=(b, t, d)).astype(np.float32)
+    mask = np.ones((b, t), np.int32)
+    mask[1, :2] = 0
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    module = Attention(n, nkv, dh)
+    cos, sin = rotary_cos_sin(positions, dh, 100.0)
+    full = attention_mask_for(mask, mask, 0)
+    params = module.init(jax.random.key(0), x, cos, sin, full)["params"]
+    return module, params, x, cos, sin, full, mask, positions
+
+
+def _assert_grads_match_autodiff(loss, params, x, grads, dx):
+    """``(grads, dx)`` of ``loss`` against autodiff of the same forward with the attention
+    core's VJP bypassed."""
+
+    def plain(rows, keys, values, mask, group, dtype):
+        return layers._softmax_attention_fwd(rows, keys, values, mask, group, dtype)[0]
+
+    with mock.patch.object(layers, "_softmax_attention", plain):
+        want_grads, want_dx = jax.grad(loss, argnums=(0, 1))(params, x)
+    for k in _ATTENTION_WEIGHTS:
+        np.testing.assert_allclose(grads[k], want_grads[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_attention_gradients_match_numpy_and_autodiff(use_jit):
     """The attention's hand-written VJP against float64 finite differences of the NumPy
     reference (a random direction in every weight and the input) and against JAX's autodiff
     of the same forward."""
     rng = np.random.default_rng(1)
-    b, t, d, n, nkv, dh = 2, 5, 8, 4, 2, 4
-    x = rng.normal(size=(b, t, d)).astype(np.float32)
-    mask = np.ones((b, t), np.int32)
-    mask[1, :2] = 0
-    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    module, params, x, cos, sin, full, mask, positions = _left_padded_attention(rng)
     real = mask.astype(bool)
-    module = Attention(n, nkv, dh)
-    cos, sin = rotary_cos_sin(positions, dh, 100.0)
-    full = attention_mask_for(mask, mask, 0)
-    params = module.init(jax.random.key(0), x, cos, sin, full)["params"]
     params = jax.tree.map(lambda w: w * 10, params)
-    weight = rng.normal(size=(b, t, d)) * real[:, :, None]
-    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    weight = rng.normal(size=x.shape) * real[:, :, None]
+    names = _ATTENTION_WEIGHTS
 
     def loss(params, x):
         out, _ = module.apply({"params": params}, x, cos, sin, full)
@@ -401,16 +425,7 @@ def test_attention_gradients_match_numpy_and_autodiff(use_jit):
     )
     analytic += float(np.sum(np.asarray(dx) * dir_x))
     np.testing.assert_allclose(analytic, numeric, rtol=1e-4)
-
-    # Autodiff of the same forward with the attention core's VJP bypassed.
-    def plain(rows, keys, values, mask, group, dtype):
-        return layers._softmax_attention_fwd(rows, keys, values, mask, group, dtype)[0]
-
-    with mock.patch.object(layers, "_softmax_attention", plain):
-        want_grads, want_dx = jax.grad(loss, argnums=(0, 1))(params, x)
-    for k in names:
-        np.testing.assert_allclose(grads[k], want_grads[k], rtol=1e-5, atol=1e-5, err_msg=k)
-    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+    _assert_grads_match_autodiff(loss, params, x, grads, dx)
     assert all(np.abs(np.asarray(grads[k])).max() > 1e-3 for k in names)
 
 
@@ -418,32 +433,16 @@ def test_attention_gradients_at_queries_that_see_no_key():
     """A left-padding query sees no key: its output is the mean of the values whatever q and
     k are, so no gradient may reach q or k from it (JAX's autodiff of the same forward)."""
     rng = np.random.default_rng(2)
-    b, t, d, n, nkv, dh = 2, 5, 8, 4, 2, 4
-    x = rng.normal(size=(b, t, d)).astype(np.float32)
-    mask = np.ones((b, t), np.int32)
-    mask[1, :2] = 0
-    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    module = Attention(n, nkv, dh)
-    cos, sin = rotary_cos_sin(positions, dh, 100.0)
-    full = attention_mask_for(mask, mask, 0)
+    module, params, x, cos, sin, full, _, _ = _left_padded_attention(rng)
     assert not np.asarray(full)[1, 0].any()  # the padding query's row is all masked
-    params = module.init(jax.random.key(0), x, cos, sin, full)["params"]
-    weight = rng.normal(size=(b, t, d)).astype(np.float32)  # also at the padding rows
+    weight = rng.normal(size=x.shape).astype(np.float32)  # also at the padding rows
 
     def loss(params, x):
         out, _ = module.apply({"params": params}, x, cos, sin, full)
         return jnp.sum(out * weight)
 
     grads, dx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-
-    def plain(rows, keys, values, mask, group, dtype):
-        return layers._softmax_attention_fwd(rows, keys, values, mask, group, dtype)[0]
-
-    with mock.patch.object(layers, "_softmax_attention", plain):
-        want_grads, want_dx = jax.grad(loss, argnums=(0, 1))(params, x)
-    for k in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        np.testing.assert_allclose(grads[k], want_grads[k], rtol=1e-5, atol=1e-5, err_msg=k)
-    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+    _assert_grads_match_autodiff(loss, params, x, grads, dx)
 
 
 @pytest.mark.parametrize("first_slot", [0, 3, 6])
