@@ -9,6 +9,7 @@ from novarl_jax.models.shared_prompt import forward_shared_prompt
 from novarl_jax.models.transformer import (
     KVCache,
     cache_logical_axes,
+    cast_params,
     forward,
     init_cache,
     init_params,
@@ -22,6 +23,7 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "cache_logical_axes",
+    "cast_params",
     "forward",
     "forward_shared_prompt",
     "init_cache",

@@ -113,6 +113,12 @@ class ModelConfig:
         drop_policy: 'position' or 'probs' (which choices lose when an expert is full).
         value_head: add a scalar value head on the final hidden state (PPO critic).
         dtype: parameter dtype name: 'float32', 'bfloat16' or 'float16'.
+        compute_dtype: dtype of activations, matmul inputs and the KV cache, one of the
+            names above; None = ``dtype``. When it differs from ``dtype`` the forward casts
+            the floating-point parameters to it on entry, so the parameters themselves (and
+            their gradients and optimizer state) stay in ``dtype``: mixed precision, e.g.
+            float32 master weights computing in bfloat16. Logits, values, router logits,
+            softmaxes and normalisation statistics are float32 either way.
     """
 
     vocab_size: int
@@ -136,14 +142,16 @@ class ModelConfig:
     drop_policy: str = "position"
     value_head: bool = False
     dtype: str = "float32"
+    compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, np.generic):  # NumPy scalars as plain Python values
                 object.__setattr__(self, field.name, value.item())
-        if isinstance(self.dtype, np.dtype):
-            object.__setattr__(self, "dtype", self.dtype.name)
+        for name in ("dtype", "compute_dtype"):
+            if isinstance(getattr(self, name), np.dtype):
+                object.__setattr__(self, name, getattr(self, name).name)
         for name in _BOOL_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, bool):
@@ -226,6 +234,11 @@ class ModelConfig:
             )
         if self.dtype not in PARAM_DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {list(PARAM_DTYPES)}")
+        if self.compute_dtype is not None and self.compute_dtype not in PARAM_DTYPES:
+            raise ValueError(
+                f"compute_dtype={self.compute_dtype!r} is not one of {list(PARAM_DTYPES)} or "
+                f"None (= dtype)"
+            )
 
     @property
     def is_moe(self) -> bool:
@@ -255,6 +268,13 @@ class ModelConfig:
         import jax.numpy as jnp
 
         return jnp.dtype(self.dtype)
+
+    @property
+    def activation_dtype(self):
+        """The dtype the forward computes in (``compute_dtype``, else ``dtype``)."""
+        import jax.numpy as jnp
+
+        return jnp.dtype(self.compute_dtype or self.dtype)
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again).

@@ -442,8 +442,15 @@ def pipeline_apply(
         layer_extra,
     )  # fmt: skip
 
+    # x is replicated over 'pp', so the backward pass sums its cotangent over the stages
+    # (only the first stage's is nonzero: exact in any dtype). XLA:CPU (jax 0.10.2) fails to
+    # compile that all-reduce in bfloat16 (see the outputs' sum in _schedule), so x enters
+    # the shard_map in float32 at least and is cast back inside.
+    x_dtype = x_mb.dtype
+    x_mb = x_mb.astype(jnp.promote_types(x_dtype, jnp.float32))
     body = functools.partial(
         _schedule,
+        x_dtype=x_dtype,
         stage_fn=stage_fn,
         num_stages=num_stages,
         num_microbatches=m,
@@ -478,11 +485,12 @@ def pipeline_apply(
 
 
 def _schedule(
-    params, x_mb, extra_mb, layer_mb, *, stage_fn, num_stages, num_microbatches, num_repeats,
-    has_aux, remat,
+    params, x_mb, extra_mb, layer_mb, *, x_dtype, stage_fn, num_stages, num_microbatches,
+    num_repeats, has_aux, remat,
 ):  # fmt: skip
     """The per-stage program (inside shard_map): one lax.scan over the ticks."""
     pp, m, v = num_stages, num_microbatches, num_repeats
+    x_mb = x_mb.astype(x_dtype)
     stage = jax.lax.axis_index(PP) if pp > 1 else 0
     # Drop the local stage axis of size 1.
     params = jax.tree.map(lambda a: a[0], params)
@@ -583,8 +591,13 @@ def _schedule(
     # a carried [M, ...] buffer costs a copy per tick when XLA cannot update it in place.)
     first_done = (v - 1) * _period(pp, m, v) + pp - 1
     outputs = outs[first_done : first_done + m]
-    # Only the last stage holds the outputs; the masked sum hands them to every stage.
+    # Only the last stage holds the outputs; the masked sum hands them to every stage. It
+    # adds zeros to one stage's values, so it is exact in any dtype: float32 at least,
+    # because XLA:CPU (jax 0.10.2) fails to compile this all-reduce in bfloat16 ("Invalid
+    # binary instruction opcode copy" in its all-reduce promotion pass).
     if pp > 1:
-        outputs = jax.lax.psum(jnp.where(stage == pp - 1, outputs, jnp.zeros_like(outputs)), PP)
+        wide = jnp.promote_types(outputs.dtype, jnp.float32)
+        last = jnp.where(stage == pp - 1, outputs.astype(wide), jnp.zeros((), wide))
+        outputs = jax.lax.psum(last, PP).astype(outputs.dtype)
     aux_sum = jax.tree.map(lambda a: a[None], aux_sum)
     return outputs, aux_sum

@@ -82,16 +82,15 @@ class KVCache(NamedTuple):
     index: jax.Array
 
 
-def init_cache(
-    config: ModelConfig, batch_size: int, max_length: int, dtype: Any = jnp.float32
-) -> KVCache:
+def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
     """An empty cache of ``max_length`` slots per sequence.
 
     Args:
         config: the model.
         batch_size: B.
         max_length: S, the total number of tokens (prompt + generated) the cache can hold.
-        dtype: dtype of the stored keys/values.
+        dtype: dtype of the stored keys/values; None = ``config.activation_dtype`` (the
+            dtype the forward computes them in).
 
     Returns:
         KVCache with zero k/v, key_mask all 0 and index 0.
@@ -111,12 +110,40 @@ def init_cache(
         )
     k_shape, v_shape = _cache_shapes(config, batch_size, max_length)
     layers = range(config.num_hidden_layers)
+    dtype = config.activation_dtype if dtype is None else dtype
     return KVCache(
         k=tuple(jnp.zeros(k_shape, dtype) for _ in layers),
         v=tuple(jnp.zeros(v_shape, dtype) for _ in layers),
         key_mask=jnp.zeros((batch_size, max_length), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
+
+
+def cast_params(params: Any, config: ModelConfig) -> Any:
+    """``params`` with every floating-point leaf in ``config.activation_dtype``.
+
+    What the forward does on entry, so a model with ``compute_dtype`` set computes in it
+    while its parameters keep ``dtype`` (the cast is differentiable: gradients come back in
+    the parameters' dtype). Leaves already in that dtype, and integer leaves, are returned
+    as they are, so casting once before a loop of forwards (a decode loop) makes the
+    forwards' own casts free.
+
+    Args:
+        params: a parameter tree (from :func:`init_params` or a checkpoint).
+        config: the model.
+
+    Returns:
+        A tree of the same structure.
+    """
+    dtype = config.activation_dtype
+
+    def cast(x):
+        x_dtype = getattr(x, "dtype", None)
+        if x_dtype is None or x_dtype == dtype or not jnp.issubdtype(x_dtype, jnp.floating):
+            return x
+        return x.astype(dtype)
+
+    return jax.tree.map(cast, params)
 
 
 def _host_value(x: Any) -> np.ndarray | None:
@@ -865,7 +892,7 @@ def prefill(
     mesh: Any = None,
     return_routing: bool = False,
     train: bool = False,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
 ) -> tuple[jax.Array, KVCache, dict[str, Any]]:
     """A prompt's forward into a fresh cache of ``max_length`` slots.
 
@@ -879,7 +906,7 @@ def prefill(
         params, tokens, config, positions, attention_mask, mesh, return_routing, train: as
             :func:`forward` (``train`` defaults to False here: a prefill samples).
         max_length: S, the slots of the cache, at least T.
-        dtype: dtype of the cache's keys and values.
+        dtype: dtype of the cache's keys and values; None = ``config.activation_dtype``.
 
     Returns:
         (logits [B, T, V], the cache holding the T tokens at slots ``[0, T)`` with
@@ -910,6 +937,7 @@ def _forward(
         tokens, positions, attention_mask, config, cache=cache
     )
     check_params(params, config)
+    params = cast_params(params, config)
     b, t = tokens.shape
     pp = pipeline.num_stages(mesh)
     if pp > 1:

@@ -406,6 +406,8 @@ def _decode(params, cache, first, key, dyn, *, config, static: _Static, mesh):
     """
     models = _model()
     s = static
+    # Cast once (mixed precision): each step's forward then finds its params cast already.
+    params = models.cast_params(params, config)
     token0, logp0, policy0, position0, prompt_routing = first
     rows = token0.shape[0]
     steps = s.max_new_tokens

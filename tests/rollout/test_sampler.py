@@ -422,6 +422,26 @@ def test_routing_for_router_replay(model, sampled):
     routing_matches_training_forward(params, config, out)
 
 
+def test_mixed_precision_sampling_matches_training_forward():
+    """compute_dtype='bfloat16' (float32 weights): the sampler computes in bfloat16 like the
+    training forward; its log-probs stay float32 and agree to bfloat16 rounding (the decode
+    steps and the training forward sum in different orders)."""
+    config = _config(True).replace(compute_dtype="bfloat16")
+    params = init_params(config, jax.random.key(0))
+    assert jax.tree.leaves(params)[0].dtype == jnp.float32
+    tokens, mask = _prompts()
+    run = dict(max_new_tokens=MAX_NEW, stop_token_ids=(EOS,), pad_id=PAD, **SETTINGS)
+    out = S.sample(params, config, tokens, mask, jax.random.key(7), **run)
+    assert out.policy_logprobs.dtype == jnp.float32 and out.logprobs.dtype == jnp.float32
+    ref, _ = training_logprobs(params, config, out, temperature=SETTINGS["temperature"])
+    np.testing.assert_allclose(out.policy_logprobs, ref, atol=1e-2)
+    # ... and not float32's numbers: the sampler did compute in bfloat16.
+    f32, _ = training_logprobs(
+        params, config.replace(compute_dtype=None), out, temperature=SETTINGS["temperature"]
+    )
+    assert np.max(np.abs(np.asarray(out.policy_logprobs) - f32)) > 1e-5
+
+
 # ------------------------------------------------------------------------------------------
 # Under an 8-device layout (dp 2, tp 2, ep 2), MoE.
 
