@@ -259,6 +259,7 @@ def _model_config(config, tokenizer, *, value_head: bool) -> ModelConfig:
         router_z_loss_coef=m.router_z_loss_coef,
         capacity_factor=exp.capacity_factor,
         value_head=value_head,
+        compute_dtype=m.compute_dtype,
     )
 
 
@@ -280,6 +281,7 @@ def _load_policy(config, tokenizer, *, value_head: bool) -> tuple[ModelConfig, A
             router_aux_loss_coef=m.router_aux_loss_coef,
             router_z_loss_coef=m.router_z_loss_coef,
             value_head=value_head,
+            compute_dtype=m.compute_dtype,
         )
     except (ValueError, OSError) as e:
         raise ConfigError("model.init_from", f"cannot load {m.init_from!r}: {e}") from None

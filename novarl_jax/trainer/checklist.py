@@ -235,9 +235,17 @@ def _model_rows(spec: RunSpec, run: Any) -> list[tuple[str, str, str]]:
             f"{policy.num_attention_heads} heads ({policy.num_key_value_heads} KV), {mlp}",
         ),
         ("model", "parameters (policy)", f"{count:,}"),
+        ("model", "precision", _precision(policy)),
         ("model", "initial weights", weights),
         ("model", "tokenizer", words),
     ]
+
+
+def _precision(policy) -> str:
+    weights, compute = policy.param_dtype.name, policy.activation_dtype.name
+    if compute == weights:
+        return weights
+    return f"{weights} weights, {compute} compute"
 
 
 def _shared_prompts(spec: RunSpec) -> str:

@@ -74,6 +74,11 @@ def default_config() -> ml_collections.ConfigDict:
     model.tie_word_embeddings = False  # the LM head reuses the token embeddings
     model.router_aux_loss_coef = 0.01  # weight of the MoE load-balancing loss
     model.router_z_loss_coef = 0.001  # weight of the MoE router z-loss
+    # Dtype the policy, reference and critic compute in: 'float32' or 'bfloat16' (mixed
+    # precision: the weights, their gradients and the optimizer state stay float32, each
+    # forward casts the weights on entry; logits, log-probs, losses float32). bfloat16 halves
+    # activation and KV-cache memory on GPU/TPU; XLA:CPU emulates it (slower there).
+    model.compute_dtype = "float32"
     # Start from a Hugging Face checkpoint directory (config.json + *.safetensors: Mixtral,
     # Mistral, Llama) instead of random weights; '' = random init. Its architecture replaces
     # the sizes above (experiment.num_experts and top_k must match it, the tokenizer must fit
@@ -265,6 +270,8 @@ NULLABLE_KEYS = frozenset(
 # Subtrees whose keys are free-form (checked by the constructor they are passed to).
 FREE_FORM = ("task.options",)
 ALGORITHMS = ("ppo", "grpo")
+# Dtypes the trainer computes in (model.compute_dtype); the weights are always float32.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -603,6 +610,12 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
         "model.num_key_value_heads",
         "model.max_position_embeddings",
     )
+    if model.compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(
+            "model.compute_dtype",
+            f"{model.compute_dtype!r} is not one of {list(COMPUTE_DTYPES)} (float16 would need "
+            f"loss scaling, which the trainer does not do)",
+        )
     if model.num_attention_heads % model.num_key_value_heads:
         raise ConfigError(
             "model.num_key_value_heads",

@@ -31,7 +31,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from novarl_jax.trainer.config import ConfigError
+from novarl_jax.trainer.config import ConfigError, default_config
 
 FILE_NAME = "config.json"
 MODEL_FILE = "model_config.json"  # the policy's architecture (ModelConfig.to_hf_config())
@@ -84,9 +84,15 @@ def _describe(value: Any) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", str(value))
 
 
-def config_changes(saved: dict, config: Any) -> list[tuple[str, Any, Any]]:
-    """``(key, saved value, new value)`` for every key that differs (missing = None)."""
+def config_changes(saved: dict, config: Any, *, defaults: Any = None) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, new value)`` for every key that differs (missing = None).
+
+    With ``defaults`` (a config tree), a key the saved record lacks counts as holding its
+    default there: a workdir written before that key existed trained with its default.
+    """
     old, new = _flat(saved), _flat(_plain(config))
+    if defaults is not None:
+        old = {**_flat(_plain(defaults)), **old}
     return [
         (key, old.get(key), new.get(key))
         for key in sorted(set(old) | set(new))
@@ -192,7 +198,9 @@ def check_resume_config(
     ModelConfig ``model`` (when given) with ``workdir/model_config.json``.
 
     Returns the changed keys (those in :data:`MAY_CHANGE` included; empty when the workdir
-    has no config.json, as written before it existed). ``advice`` ends the error message.
+    has no config.json, as written before it existed). A key config.json lacks (one added to
+    the config since it was written) counts as holding its default. ``advice`` ends the error
+    message.
 
     Raises:
         ConfigChangedError: keys outside :data:`MAY_CHANGE` differ, or the architecture does,
@@ -202,7 +210,7 @@ def check_resume_config(
     if not os.path.exists(path):
         return []
     saved = _read_json(path)
-    changes = config_changes(saved, config)
+    changes = config_changes(saved, config, defaults=default_config())
     blocking = [c for c in changes if not may_change(c[0])]
     hint = ""
     plain = _flat(_plain(config))

@@ -52,6 +52,8 @@ def _with(**overrides):
         (dict(experiment__algorithm="ppo", dapo__dynamic_sampling=True),
          "dapo.dynamic_sampling", "filters GRPO groups"),
         (dict(model__router_z_loss_coef=-1.0), "model.router_z_loss_coef", ">= 0"),
+        (dict(model__compute_dtype="float16"), "model.compute_dtype",
+         r"'float16' is not one of \['float32', 'bfloat16'\] \(float16 would need loss"),
         (dict(logging__samples=-2), "logging.samples", ">= 0"),
         # keep=0 would delete every checkpoint a run writes.
         (dict(checkpoint__keep=0), "checkpoint.keep", ">= 1"),

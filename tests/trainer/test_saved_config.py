@@ -151,6 +151,21 @@ def test_config_changes_lists_keys_only_in_the_saved_config():
     assert changes == [("optim.old_option", 1, None)]
 
 
+def test_a_key_added_since_the_workdir_was_written_counts_as_its_default(tmp_path):
+    """A workdir from before ``model.compute_dtype`` existed trained in float32: resuming it
+    with the default is no change, with bfloat16 it is one."""
+    config = copy.get_config()
+    write_config(str(tmp_path), config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["model"]["compute_dtype"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert config_changes(saved, config) == [("model.compute_dtype", None, "float32")]
+    assert check_resume_config(str(tmp_path), config) == []
+    config.model.compute_dtype = "bfloat16"
+    with pytest.raises(ConfigChangedError, match="model.compute_dtype 'float32' -> 'bfloat16'"):
+        check_resume_config(str(tmp_path), config)
+
+
 def _reward_a(prompts, completions, metadata):
     return [0.0] * len(prompts)
 
