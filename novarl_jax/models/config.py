@@ -59,7 +59,7 @@ _HF_FIELDS = (
 
 
 # Fields that must be real bools (``"false"`` or 1 would silently mean True).
-_BOOL_FIELDS = ("tie_word_embeddings", "value_head")
+_BOOL_FIELDS = ("tie_word_embeddings", "value_head", "remat")
 # Real-valued fields: (name, may be None).
 _FLOAT_FIELDS = (
     ("rope_theta", False),
@@ -119,6 +119,11 @@ class ModelConfig:
             their gradients and optimizer state) stay in ``dtype``: mixed precision, e.g.
             float32 master weights computing in bfloat16. Logits, values, router logits,
             softmaxes and normalisation statistics are float32 either way.
+        remat: gradient checkpointing: the backward pass of a forward without a cache
+            recomputes each decoder layer's activations from the layer's input instead of
+            keeping them (``jax.checkpoint`` around every layer), trading one more forward's
+            FLOPs for activation memory that no longer grows with the layer count beyond one
+            [B, T, D] input per layer. Forwards that are not differentiated are unchanged.
     """
 
     vocab_size: int
@@ -143,6 +148,7 @@ class ModelConfig:
     value_head: bool = False
     dtype: str = "float32"
     compute_dtype: str | None = None
+    remat: bool = False
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

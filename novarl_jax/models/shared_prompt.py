@@ -207,6 +207,8 @@ def forward_shared_prompt(
                 )
         return (x_p, x_c), (stats, chosen)
 
+    if config.remat:
+        body = jax.checkpoint(body)  # gradient checkpointing, one layer at a time
     (x_prompt, x_completion), (stats, routing_out) = jax.lax.scan(
         body, (x_prompt, x_completion), (params["layers"], routing_prompt, routing_completion)
     )

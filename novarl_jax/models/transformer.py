@@ -624,6 +624,8 @@ def _scan_layers(
                 chosen = moe_aux["routing"]
         return x, (new_kv, stats, chosen)
 
+    if config.remat and kv is None:
+        body = jax.checkpoint(body)  # gradient checkpointing, one layer at a time
     num_layers = jax.tree.leaves(layers)[0].shape[0]
     xs = (layers, jnp.arange(num_layers, dtype=jnp.int32), routing)
     x, (new_kv, stats, chosen) = jax.lax.scan(body, x, xs)
