@@ -260,6 +260,7 @@ def _model_config(config, tokenizer, *, value_head: bool) -> ModelConfig:
         capacity_factor=exp.capacity_factor,
         value_head=value_head,
         compute_dtype=m.compute_dtype,
+        remat=config.train.gradient_checkpointing,
     )
 
 
@@ -282,6 +283,7 @@ def _load_policy(config, tokenizer, *, value_head: bool) -> tuple[ModelConfig, A
             router_z_loss_coef=m.router_z_loss_coef,
             value_head=value_head,
             compute_dtype=m.compute_dtype,
+            remat=config.train.gradient_checkpointing,
         )
     except (ValueError, OSError) as e:
         raise ConfigError("model.init_from", f"cannot load {m.init_from!r}: {e}") from None

@@ -236,6 +236,11 @@ def _model_rows(spec: RunSpec, run: Any) -> list[tuple[str, str, str]]:
         ),
         ("model", "parameters (policy)", f"{count:,}"),
         ("model", "precision", _precision(policy)),
+        (
+            "model",
+            "gradient checkpointing",
+            "on (each layer recomputed in the backward pass)" if policy.remat else "off",
+        ),
         ("model", "initial weights", weights),
         ("model", "tokenizer", words),
     ]

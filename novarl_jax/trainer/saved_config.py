@@ -6,7 +6,8 @@ set of checkpoints and metrics without a trace, so every start writes its config
 ``config.json`` and a resume first compares against the one the previous start wrote. Keys
 that say how far, where or how the same run goes on may change: ``experiment.steps``, the
 parallel layout (a checkpoint restores onto another mesh), rollout worker threads,
-gradient-accumulation splits, checkpointing, logging and validation (:data:`MAY_CHANGE`).
+gradient-accumulation splits, gradient checkpointing, checkpointing, logging and validation
+(:data:`MAY_CHANGE`).
 For an MoE policy the layout and the splits still move the numbers a little: routing groups
 (and so capacity drops) and the router losses' per-forward means follow how the batch is
 split (``docs/layout_invariance.md``). A decaying learning rate with ``optim.decay_steps=0``
@@ -47,6 +48,7 @@ MAY_CHANGE = (
     "experiment.rollout_workers",
     "experiment.rollout_queue_size",
     "train.micro_batches",
+    "train.gradient_checkpointing",
     "checkpoint.",
     "logging.",
     "eval.",

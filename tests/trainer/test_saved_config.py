@@ -129,7 +129,8 @@ def test_may_change_covers_every_documented_key_and_nothing_else():
         "experiment.steps", "experiment.world_size", "experiment.tensor_parallel_size",
         "experiment.pipeline_parallel_size", "experiment.expert_parallel_size",
         "experiment.num_microbatches", "experiment.rollout_workers",
-        "experiment.rollout_queue_size", "train.micro_batches", "checkpoint.keep",
+        "experiment.rollout_queue_size", "train.micro_batches",
+        "train.gradient_checkpointing", "checkpoint.keep",
         "logging.samples", "eval.prompts",
     ]  # fmt: skip
     assert [k for k in allowed if not saved_config.may_change(k)] == []
