@@ -77,6 +77,7 @@ Prints ``RESULT <name> <value> <unit>`` lines, ours last.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import os
 import statistics
@@ -157,8 +158,29 @@ def matmul_rate(repeats: int = 7) -> tuple[float, float]:
     return flops / min(t[0] for t in times) / 1e9, flops / min(t[1] for t in times) / 1e9
 
 
-def our_config(share_prompts: bool = True):
-    """The run's ConfigDict: base config with the workload's keys overridden."""
+def apply_settings(config, settings) -> None:
+    """``KEY=VALUE`` strings (``--set``) written into the ConfigDict: the value as a Python
+    literal when it reads as one (``True``, ``2``), else as the string."""
+    for item in settings:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *sections, name = key.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        if name not in node:
+            raise SystemExit(f"--set {item!r}: the config has no key {key!r}")
+        node[name] = value
+
+
+def our_config(share_prompts: bool = True, settings=()):
+    """The run's ConfigDict: base config with the workload's keys overridden, then
+    ``settings`` (see :func:`apply_settings`)."""
     from novarl_jax.trainer.config import default_config
 
     config = default_config()
@@ -188,20 +210,21 @@ def our_config(share_prompts: bool = True):
     config.task.options.symbols = SYMBOLS
     config.task.options.min_length = STRING_LEN
     config.task.options.max_length = STRING_LEN
+    apply_settings(config, settings)
     return config
 
 
 class Ours:
     """The trainer on the workload: built and compiled once, then stepped in timed blocks."""
 
-    def __init__(self, workdir: str, share_prompts: bool = True):
+    def __init__(self, workdir: str, share_prompts: bool = True, settings=()):
         import jax
 
         from novarl_jax.trainer.build import build_run
         from novarl_jax.trainer.config import validate_config
         from novarl_jax.trainer.loop import Trainer
 
-        spec = validate_config(our_config(share_prompts))
+        spec = validate_config(our_config(share_prompts, settings))
         run = build_run(spec)
         # Completions run to max_new_tokens: no stop token (see the module docstring).
         run = dataclasses.replace(
@@ -450,6 +473,14 @@ def main() -> None:
         help="train.share_prompts=False: run every row's prompt in the training and "
         "reference forwards",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config key of our run, e.g. train.gradient_checkpointing=True or "
+        "model.compute_dtype=bfloat16 (repeatable)",
+    )
     args = parser.parse_args()
     # As the training command line does on CPU, before JAX's first computation. It is
     # process-wide, so the TRL reference in this process runs with it too.
@@ -464,10 +495,12 @@ def main() -> None:
     print(f"# host memory reused across calls (reuse_host_memory): {reused}")
     print(
         f"# {PROMPTS} prompts x {GROUP} samples, prompt {PROMPT_LEN}, completion {NEW}, "
-        f"beta {BETA}, bench-tiny Mixtral, float32, dropless"
+        f"beta {BETA}, bench-tiny Mixtral, float32 weights, dropless"
     )
     share = not args.no_share_prompts
     print(f"# shared-prompt forward (train.share_prompts): {share}")
+    if args.set:
+        print(f"# our config also sets: {', '.join(args.set)}")
     flops = step_flops(share)
     model_flops = flops["train_fwd_bwd"] + flops["reference_fwd"] + flops["generation"]
     for part, value in flops.items():
@@ -476,7 +509,7 @@ def main() -> None:
 
     refs = {}
     with tempfile.TemporaryDirectory() as workdir:
-        ours = Ours(workdir, share)
+        ours = Ours(workdir, share, args.set)
         ours.steps(args.steps)
         if not args.skip_reference:
             refs = run_references(args, ours)
