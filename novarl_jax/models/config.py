@@ -114,11 +114,13 @@ class ModelConfig:
         value_head: add a scalar value head on the final hidden state (PPO critic).
         dtype: parameter dtype name: 'float32', 'bfloat16' or 'float16'.
         compute_dtype: dtype of activations, matmul inputs and the KV cache, one of the
-            names above; None = ``dtype``. When it differs from ``dtype`` the forward casts
-            the floating-point parameters to it on entry, so the parameters themselves (and
-            their gradients and optimizer state) stay in ``dtype``: mixed precision, e.g.
-            float32 master weights computing in bfloat16. Logits, values, router logits,
-            softmaxes and normalisation statistics are float32 either way.
+            names above; None = ``dtype`` (a value equal to ``dtype`` is stored as None).
+            When it differs from ``dtype`` the forward casts the floating-point parameters
+            to it on entry, so the parameters themselves (and their gradients and optimizer
+            state) stay in ``dtype``: mixed precision, e.g. float32 master weights computing
+            in bfloat16. The MoE router and the value head read their weights in float32
+            (not cast, when ``dtype`` is float32), from activations in the compute dtype;
+            logits, attention softmaxes and normalisation statistics are float32 either way.
         remat: gradient checkpointing: the backward pass of a forward without a cache
             recomputes each decoder layer's activations from the layer's input instead of
             keeping them (``jax.checkpoint`` around every layer), trading one more forward's
@@ -245,6 +247,8 @@ class ModelConfig:
                 f"compute_dtype={self.compute_dtype!r} is not one of {list(PARAM_DTYPES)} or "
                 f"None (= dtype)"
             )
+        if self.compute_dtype == self.dtype:  # one spelling per model (equal jit keys)
+            object.__setattr__(self, "compute_dtype", None)
 
     @property
     def is_moe(self) -> bool:

@@ -312,6 +312,20 @@ def _check_leading(tree: Any, what: str, expected: tuple[int, ...], meaning: str
             )
 
 
+def _cpu_collectives_dtype(mesh: Any, dtype: Any) -> Any:
+    """The dtype the pipeline's ``pp`` all-reduces of a ``dtype`` array run in.
+
+    XLA:CPU (jax 0.10.2) fails to compile them in bfloat16 ("Invalid binary instruction
+    opcode copy" in its all-reduce promotion pass), so on CPU devices they run in float32 at
+    least; elsewhere in ``dtype`` itself (no extra bytes moved or kept).
+    """
+    try:
+        on_cpu = any(d.platform == "cpu" for d in np.asarray(mesh.devices).flat)
+    except (AttributeError, ValueError):  # an abstract mesh: no devices to ask
+        on_cpu = True
+    return jnp.promote_types(dtype, jnp.float32) if on_cpu else jnp.dtype(dtype)
+
+
 def _microbatch(a: jax.Array, axis: int, num_microbatches: int) -> jax.Array:
     # Microbatch j holds examples j, j + M, j + 2M, ... (a strided split): splitting [B] into
     # [B / M, M] keeps the leading B / M axis on the devices that held those rows, so each
@@ -443,14 +457,16 @@ def pipeline_apply(
     )  # fmt: skip
 
     # x is replicated over 'pp', so the backward pass sums its cotangent over the stages
-    # (only the first stage's is nonzero: exact in any dtype). XLA:CPU (jax 0.10.2) fails to
-    # compile that all-reduce in bfloat16 (see the outputs' sum in _schedule), so x enters
-    # the shard_map in float32 at least and is cast back inside.
+    # (only the first stage's is nonzero). On CPU that all-reduce and the outputs' sum in
+    # _schedule run in float32 at least (see _cpu_collectives_dtype); both are exact in any
+    # dtype, since they add zeros to one stage's values.
     x_dtype = x_mb.dtype
-    x_mb = x_mb.astype(jnp.promote_types(x_dtype, jnp.float32))
+    wide = _cpu_collectives_dtype(mesh, x_dtype)
+    x_mb = x_mb.astype(wide)
     body = functools.partial(
         _schedule,
         x_dtype=x_dtype,
+        sum_dtype=wide,
         stage_fn=stage_fn,
         num_stages=num_stages,
         num_microbatches=m,
@@ -485,7 +501,8 @@ def pipeline_apply(
 
 
 def _schedule(
-    params, x_mb, extra_mb, layer_mb, *, x_dtype, stage_fn, num_stages, num_microbatches,
+    params, x_mb, extra_mb, layer_mb, *, x_dtype, sum_dtype, stage_fn, num_stages,
+    num_microbatches,
     num_repeats, has_aux, remat,
 ):  # fmt: skip
     """The per-stage program (inside shard_map): one lax.scan over the ticks."""
@@ -591,13 +608,10 @@ def _schedule(
     # a carried [M, ...] buffer costs a copy per tick when XLA cannot update it in place.)
     first_done = (v - 1) * _period(pp, m, v) + pp - 1
     outputs = outs[first_done : first_done + m]
-    # Only the last stage holds the outputs; the masked sum hands them to every stage. It
-    # adds zeros to one stage's values, so it is exact in any dtype: float32 at least,
-    # because XLA:CPU (jax 0.10.2) fails to compile this all-reduce in bfloat16 ("Invalid
-    # binary instruction opcode copy" in its all-reduce promotion pass).
+    # Only the last stage holds the outputs; the masked sum hands them to every stage (in
+    # sum_dtype: see pipeline_apply).
     if pp > 1:
-        wide = jnp.promote_types(outputs.dtype, jnp.float32)
-        last = jnp.where(stage == pp - 1, outputs.astype(wide), jnp.zeros((), wide))
+        last = jnp.where(stage == pp - 1, outputs.astype(sum_dtype), jnp.zeros((), sum_dtype))
         outputs = jax.lax.psum(last, PP).astype(outputs.dtype)
     aux_sum = jax.tree.map(lambda a: a[None], aux_sum)
     return outputs, aux_sum

@@ -119,14 +119,21 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: Any
     )
 
 
+# Weights the forward reads in float32 whatever the compute dtype: the MoE router's (its
+# logits decide the experts, and bfloat16 rounding would move near-tied choices) and the
+# value head's (a scalar per token, regressed onto returns). Both are small.
+FLOAT32_PARAMS = ("router", "value_head")
+
+
 def cast_params(params: Any, config: ModelConfig) -> Any:
-    """``params`` with every floating-point leaf in ``config.activation_dtype``.
+    """``params`` with its floating-point leaves in ``config.activation_dtype``.
 
     What the forward does on entry, so a model with ``compute_dtype`` set computes in it
     while its parameters keep ``dtype`` (the cast is differentiable: gradients come back in
-    the parameters' dtype). Leaves already in that dtype, and integer leaves, are returned
-    as they are, so casting once before a loop of forwards (a decode loop) makes the
-    forwards' own casts free.
+    the parameters' dtype). The weights under a key in :data:`FLOAT32_PARAMS` (MoE router,
+    value head) are left as they are: the forward reads them in float32. Leaves already in
+    the compute dtype, and integer leaves, are returned as they are, so casting once before
+    a loop of forwards (a decode loop) makes the forwards' own casts free.
 
     Args:
         params: a parameter tree (from :func:`init_params` or a checkpoint).
@@ -137,13 +144,15 @@ def cast_params(params: Any, config: ModelConfig) -> Any:
     """
     dtype = config.activation_dtype
 
-    def cast(x):
+    def cast(path, x):
         x_dtype = getattr(x, "dtype", None)
         if x_dtype is None or x_dtype == dtype or not jnp.issubdtype(x_dtype, jnp.floating):
             return x
+        if any(getattr(key, "key", None) in FLOAT32_PARAMS for key in path):
+            return x
         return x.astype(dtype)
 
-    return jax.tree.map(cast, params)
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def _host_value(x: Any) -> np.ndarray | None:
@@ -482,8 +491,10 @@ def _array(name: str, value: Any, *, integer: bool, what: str) -> jax.Array:
 
 def check_params(params: Any, config: ModelConfig) -> None:
     """Raises a clear error when ``params`` cannot be the parameters of ``config``: a missing
-    top-level entry, an embedding / LM head not ``[V, D]`` / ``[D, V]`` of the config, or a
-    layer stack of another depth. (Shapes only: works on traced params too.)"""
+    top-level entry, an embedding / LM head not ``[V, D]`` / ``[D, V]`` of the config, a
+    layer stack of another depth, or a floating-point weight in neither ``config.dtype``
+    nor the compute dtype (:func:`cast_params`' output). (Shapes and dtypes only: works on
+    traced params too.)"""
     if not isinstance(params, Mapping):
         raise TypeError(
             f"params must be a mapping (from init_params or load_hf_model), got "
@@ -521,6 +532,16 @@ def check_params(params: Any, config: ModelConfig) -> None:
             f"params['layers'] must be stacked over num_hidden_layers={layers} layers, got "
             f"leading sizes {sorted(depths)}"
         )
+    allowed = {config.param_dtype, config.activation_dtype}  # as stored, or cast already
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        x_dtype = getattr(x, "dtype", None)
+        if x_dtype is not None and jnp.issubdtype(x_dtype, jnp.floating):
+            if x_dtype not in allowed:
+                raise ValueError(
+                    f"params{jax.tree_util.keystr(path)} has dtype {x_dtype}, but config "
+                    f"dtype={config.dtype!r}; cast the params to it or make the config with "
+                    f"their dtype (compute_dtype sets the dtype the forward computes in)"
+                )
 
 
 def check_routing(routing: Any, config: ModelConfig, batch: int, length: int) -> jax.Array:

@@ -76,8 +76,9 @@ def default_config() -> ml_collections.ConfigDict:
     model.router_z_loss_coef = 0.001  # weight of the MoE router z-loss
     # Dtype the policy, reference and critic compute in: 'float32' or 'bfloat16' (mixed
     # precision: the weights, their gradients and the optimizer state stay float32, each
-    # forward casts the weights on entry; logits, log-probs, losses float32). bfloat16 halves
-    # activation and KV-cache memory on GPU/TPU; XLA:CPU emulates it (slower there).
+    # forward casts the weights on entry, all but the MoE routers' and the value head's;
+    # logits, log-probs, losses float32). bfloat16 halves activation and KV-cache memory on
+    # GPU/TPU; XLA:CPU emulates it (slower there).
     model.compute_dtype = "float32"
     # Start from a Hugging Face checkpoint directory (config.json + *.safetensors: Mixtral,
     # Mistral, Llama) instead of random weights; '' = random init. Its architecture replaces

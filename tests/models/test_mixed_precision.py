@@ -11,7 +11,14 @@ from tiny_models import MESH_CONFIG, MOE, TINY, scaled
 
 from novarl_jax.core import sharding as shd
 from novarl_jax.core.distributed import ParallelLayout
-from novarl_jax.models import ModelConfig, cast_params, forward, init_cache, init_params
+from novarl_jax.models import (
+    ModelConfig,
+    cast_params,
+    forward,
+    forward_shared_prompt,
+    init_cache,
+    init_params,
+)
 from novarl_jax.models import shard_params as shard
 
 BF16 = jnp.dtype(jnp.bfloat16)
@@ -58,6 +65,8 @@ def test_config_field():
         ModelConfig(**TINY, compute_dtype="int8")
     # Not part of the architecture: config.json does not carry it.
     assert "compute_dtype" not in mixed.to_hf_config()
+    # One spelling per model: equal configs, one compiled program.
+    assert ModelConfig(**TINY, compute_dtype="float32") == ModelConfig(**TINY)
 
 
 def test_cast_params_against_numpy():
@@ -65,20 +74,45 @@ def test_cast_params_against_numpy():
     tree = {**params, "step": np.int32(7)}
     cast = cast_params(tree, MOE.replace(compute_dtype="bfloat16"))
     assert cast["step"] is tree["step"]  # integers are not cast
-    for got, want in zip(jax.tree.leaves(cast), jax.tree.leaves(tree), strict=True):
-        expected = np.asarray(want).astype(np.asarray(got).dtype)
-        if np.issubdtype(np.asarray(want).dtype, np.floating):
-            assert got.dtype == BF16
-            expected = np.asarray(want, np.float64).astype(BF16)
-        np.testing.assert_array_equal(np.asarray(got), expected)
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    for (path, want), got in zip(flat, jax.tree.leaves(cast), strict=True):
+        name = jax.tree_util.keystr(path)
+        if "router" in name or "value_head" in name or want.dtype == np.int32:
+            assert got is want, name  # read in float32 by the forward: not cast
+            continue
+        assert got.dtype == BF16, name
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want, np.float64).astype(BF16))
+    assert cast["layers"]["moe"]["router"].dtype == jnp.float32
     # Already in the compute dtype: the same arrays, no copies.
     same = cast_params(params, MOE)
     assert all(a is b for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(params), strict=True))
 
 
+def test_params_of_another_dtype_are_refused():
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), init_params(MOE, jax.random.key(0)))
+    with pytest.raises(ValueError, match=r"params\['embed_tokens'\]\['embedding'\] has dtype "
+                       r"bfloat16, but config dtype='float32'"):  # fmt: skip
+        forward(params, jnp.ones((1, 3), jnp.int32), MOE)
+    # Weights cast already (what the sampler feeds its decode loop) are the compute dtype's.
+    mixed = MOE.replace(compute_dtype="bfloat16")
+    forward(
+        cast_params(init_params(MOE, jax.random.key(0)), mixed), jnp.ones((1, 3), jnp.int32), mixed
+    )
+
+
+def test_value_head_reads_float32_weights():
+    params = init_params(MOE, jax.random.key(0))
+    params["value_head"] = {"kernel": jnp.zeros_like(params["value_head"]["kernel"]),
+                            "bias": jnp.full((1,), 0.7011, jnp.float32)}  # fmt: skip
+    _, _, aux = forward(params, jnp.ones((2, 3), jnp.int32), MOE.replace(compute_dtype="bfloat16"))
+    # 0.7011 is not a bfloat16 number (0.69921875 is the nearest): the bias was not cast.
+    np.testing.assert_array_equal(aux["values"], np.float32(0.7011))
+
+
 def cast_then_loss(params, toks, mask):
-    weights = cast_params(params, MOE.replace(compute_dtype="bfloat16"))
-    return _loss(weights, toks, mask, MOE.replace(dtype="bfloat16"))
+    # What the sampler's decode loop does: cast once, then forward the cast weights.
+    mixed = MOE.replace(compute_dtype="bfloat16")
+    return _loss(cast_params(params, mixed), toks, mask, mixed)
 
 
 @functools.cache
@@ -92,7 +126,7 @@ def _results():
         # bfloat16 rounding can flip a near-tie expert choice, which changes that token's
         # output outright: against float32, the mixed forward replays float32's choices.
         "mixed_replay": grad_fn(params, toks, mask, mixed, None, _routing(reference)),
-        # The same model with bfloat16 weights, differentiated through an explicit cast.
+        # Cast outside the forward, differentiated through the cast.
         "cast": jax.jit(jax.value_and_grad(cast_then_loss, has_aux=True))(params, toks, mask),
     }
 
@@ -120,6 +154,20 @@ def test_close_to_float32_but_computed_in_bfloat16():
     for (path, g), m in zip(flat, jax.tree.leaves(m_grads), strict=True):
         assert m.dtype == jnp.float32, jax.tree_util.keystr(path)  # the weights' dtype
         assert _relative(m, g) < 0.1, jax.tree_util.keystr(path)
+
+
+def test_shared_prompt_forward_computes_in_bfloat16():
+    """The trainer's GRPO scoring (and update) forward: casts on entry like forward."""
+    params, toks, _ = _inputs(MOE)
+    mixed = MOE.replace(compute_dtype="bfloat16")
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def logits(p, config):
+        return forward_shared_prompt(p, toks, config, prompt_length=4, group_size=4)[0]
+
+    got = logits(params, mixed)
+    np.testing.assert_array_equal(got, logits(cast_params(params, mixed), mixed))
+    assert 1e-4 < _relative(got, logits(params, MOE)) < 3e-2
 
 
 def test_cache_dtype_follows_compute_dtype():

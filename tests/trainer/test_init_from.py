@@ -53,6 +53,17 @@ def test_grpo_starts_from_the_mixtral_checkpoint():
     assert moved > 1e-4
 
 
+def test_the_runs_precision_and_checkpointing_apply_to_the_checkpoints_model():
+    config = _config(f"{HF}/mixtral", algorithm="ppo")
+    config.experiment.grpo_group_size = 1
+    config.ppo.critic = "separate"
+    config.model.compute_dtype = "bfloat16"
+    config.train.gradient_checkpointing = True
+    run = build_run(validate_config(config))
+    for model in (run.model.policy, run.model.critic):
+        assert (model.dtype, model.compute_dtype, model.remat) == ("float32", "bfloat16", True)
+
+
 def test_ppo_adds_a_zero_value_head_to_the_dense_llama_checkpoint():
     run, start, _, metrics = _one_step(_config(f"{HF}/llama", algorithm="ppo", num_experts=0))
     policy = run.model.policy
