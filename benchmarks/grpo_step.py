@@ -160,22 +160,26 @@ def matmul_rate(repeats: int = 7) -> tuple[float, float]:
 
 def apply_settings(config, settings) -> None:
     """``KEY=VALUE`` strings (``--set``) written into the ConfigDict: the value as a Python
-    literal when it reads as one (``True``, ``2``), else as the string."""
+    literal when it reads as one (``True``, ``2``; also ``true`` / ``false``), else as the
+    string. A key the config lacks or a value of the wrong type exits naming it."""
     for item in settings:
         key, sep, text = item.partition("=")
         if not sep:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
         try:
-            value = ast.literal_eval(text)
+            value = ast.literal_eval({"true": "True", "false": "False"}.get(text, text))
         except (ValueError, SyntaxError):
             value = text
         *sections, name = key.split(".")
         node = config
         for section in sections:
-            node = node[section]
-        if name not in node:
+            node = node.get(section) if hasattr(node, "get") else None
+        if not hasattr(node, "get") or name not in node:
             raise SystemExit(f"--set {item!r}: the config has no key {key!r}")
-        node[name] = value
+        try:
+            node[name] = value
+        except TypeError as e:
+            raise SystemExit(f"--set {item!r}: {e}") from None
 
 
 def our_config(share_prompts: bool = True, settings=()):
@@ -482,6 +486,7 @@ def main() -> None:
         "model.compute_dtype=bfloat16 (repeatable)",
     )
     args = parser.parse_args()
+    our_config(settings=args.set)  # a bad --set stops here, before anything runs
     # As the training command line does on CPU, before JAX's first computation. It is
     # process-wide, so the TRL reference in this process runs with it too.
     from novarl_jax.core.distributed import reuse_host_memory

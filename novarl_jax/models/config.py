@@ -121,11 +121,12 @@ class ModelConfig:
             in bfloat16. The MoE router and the value head read their weights in float32
             (not cast, when ``dtype`` is float32), from activations in the compute dtype;
             logits, attention softmaxes and normalisation statistics are float32 either way.
-        remat: gradient checkpointing: the backward pass of a forward without a cache
-            recomputes each decoder layer's activations from the layer's input instead of
-            keeping them (``jax.checkpoint`` around every layer), trading one more forward's
-            FLOPs for activation memory that no longer grows with the layer count beyond one
-            [B, T, D] input per layer. Forwards that are not differentiated are unchanged.
+        remat: gradient checkpointing: in a forward that reads no cache (training and
+            scoring forwards, a prefill) every decoder layer runs under ``jax.checkpoint``,
+            so its backward pass recomputes the layer's activations from the layer's input
+            instead of keeping them: one more forward's FLOPs for activation memory that no
+            longer grows with the layer count beyond one [B, T, D] input per layer. A
+            forward that is not differentiated compiles to the same program either way.
     """
 
     vocab_size: int

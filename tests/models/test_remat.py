@@ -49,12 +49,15 @@ def test_gradients_equal_and_the_layers_are_checkpointed(shared):
     params = scaled(init_params(MOE, jax.random.key(0)), 2.0)
     remat = MOE.replace(remat=True)
     _assert_same(_grad(params, remat, None, shared), _grad(params, MOE, None, shared))
-    # The layer scan's body is wrapped in jax.checkpoint (its primitive, 'remat2' in jax
-    # 0.10.2's jaxprs, 'checkpoint' in others).
-    checkpointed = re.compile(r"\b(remat2?|checkpoint)\[")
     for config, expected in ((remat, True), (MOE, False)):
-        text = str(jax.make_jaxpr(_loss, static_argnums=(1, 2, 3))(params, config, None, shared))
-        assert bool(checkpointed.search(text)) == expected
+        assert _checkpointed(params, config, None, shared) == expected
+
+
+def _checkpointed(params, config, mesh, shared):
+    """Whether the loss's jaxpr holds a jax.checkpoint (its primitive prints as 'remat2' in
+    jax 0.10.2's jaxprs, 'checkpoint' in others; nested jaxprs, a pipeline's included)."""
+    text = str(jax.make_jaxpr(_loss, static_argnums=(1, 2, 3))(params, config, mesh, shared))
+    return bool(re.search(r"\b(remat2?|checkpoint)\[", text))
 
 
 def test_pipelined_and_sharded_gradients_equal(devices):
@@ -68,6 +71,9 @@ def test_pipelined_and_sharded_gradients_equal(devices):
         np.testing.assert_allclose(g_loss, w_loss, rtol=1e-5)
         for g, w in zip(jax.tree.leaves(g_grads), jax.tree.leaves(w_grads), strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+        # With pp = 2 the layers run inside the pipeline's stages: checkpointed there too.
+        assert _checkpointed(sharded, MESH_CONFIG.replace(remat=True), mesh, False)
+        assert not _checkpointed(sharded, MESH_CONFIG, mesh, False)
 
 
 def test_activation_memory_no_longer_grows_with_every_layers_activations():
