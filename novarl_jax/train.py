@@ -282,6 +282,7 @@ def _main(argv: list[str]) -> None:
         _export(spec, workdir, mesh)
         return
     from novarl_jax.trainer.build import build_run
+    from novarl_jax.trainer.config import ignored_settings
     from novarl_jax.trainer.loop import check_startup
     from novarl_jax.trainer.saved_config import check_resume_config, has_checkpoint
 
@@ -290,6 +291,9 @@ def _main(argv: list[str]) -> None:
         # a resume's config) before the table.
         run = build_run(spec)
         check_startup(run, mesh)
+        if _DRY_RUN.value and jax.process_index() == 0:  # a real run gives them as it starts
+            for warning in ignored_settings(spec.config):
+                print(f"warning: {warning}")
         if spec.config.experiment.async_rollouts:
             from novarl_jax.trainer.async_loop import check_async_startup
 

@@ -314,6 +314,12 @@ def test_resume_lists_a_changed_config_once(run_cli, tmp_path, monkeypatch):
     assert code == 0 and out.count(changed) == 1
 
 
+def test_a_dry_run_warns_of_the_other_algorithms_settings(run_cli, tmp_path):
+    code, out, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}", "--dry_run", "ppo.vf_coef=1.0")
+    assert code == 0, err
+    assert out.count("warning: ppo.vf_coef=1.0 is not used: experiment.algorithm='grpo'") == 1
+
+
 # --- a backend JAX cannot start --------------------------------------------------------------
 
 

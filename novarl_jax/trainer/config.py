@@ -520,6 +520,29 @@ def _check_numbers(config: ml_collections.ConfigDict, flat: dict) -> None:
         )
 
 
+def ignored_settings(config: ml_collections.ConfigDict) -> list[str]:
+    """Warnings for keys set away from their defaults that the run does not read: the other
+    algorithm's section (``ppo.*`` in a GRPO run, ``grpo.*`` in a PPO run). Empty when none.
+
+    Not an error: a config may keep both sections tuned and switch between them with
+    ``experiment.algorithm``.
+    """
+    algorithm = config.experiment.algorithm
+    other = "grpo" if algorithm == "ppo" else "ppo"
+    defaults = default_config()[other]
+    changed = [
+        f"{other}.{key}={config[other][key]!r}"
+        for key in sorted(config[other])
+        if key in defaults and config[other][key] != defaults[key]
+    ]
+    if not changed:
+        return []
+    return [
+        f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} not used: "
+        f"experiment.algorithm={algorithm!r} reads the {algorithm}.* settings"
+    ]
+
+
 def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
     """Checks a whole config before anything compiles.
 

@@ -28,6 +28,7 @@ from novarl_jax.trainer.checkpoint import Checkpointer, abstract_like
 from novarl_jax.trainer.config import (
     ConfigError,
     RunSpec,
+    ignored_settings,
     prompt_too_long,
     updates_per_step,
     updates_share_prompts,
@@ -562,6 +563,8 @@ class Session:
         if log is None:
             log = (lambda line: print(line, flush=True)) if self.main_process else (lambda _: None)
         self.log = log
+        for warning in ignored_settings(config):
+            log(f"warning: {warning}")
         os.makedirs(workdir, exist_ok=True)
         ckpt = config.checkpoint
         self.checkpointer = Checkpointer(

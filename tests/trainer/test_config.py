@@ -3,7 +3,12 @@
 import pytest
 
 from configs import base, moe
-from novarl_jax.trainer.config import ConfigError, default_config, validate_config
+from novarl_jax.trainer.config import (
+    ConfigError,
+    default_config,
+    ignored_settings,
+    validate_config,
+)
 
 
 def test_quickstart_moe_config_validates():
@@ -120,3 +125,35 @@ def test_missing_key_is_named():
 def test_dropless_capacity_factor_is_allowed():
     spec = validate_config(_with(experiment__capacity_factor=None))
     assert spec.router.dropless
+
+
+def test_the_other_algorithms_settings_are_reported_not_refused(tmp_path):
+    from tiny_grpo import tiny_grpo_config
+
+    from novarl_jax.trainer.loop import Session
+
+    config = default_config()  # GRPO
+    assert ignored_settings(config) == []
+    config.ppo.clip_ratio_high = 0.28
+    config.ppo.vf_coef = 1.0
+    validate_config(config)  # not an error: a config may keep both sections tuned
+    assert ignored_settings(config) == [
+        "ppo.clip_ratio_high=0.28, ppo.vf_coef=1.0 are not used: "
+        "experiment.algorithm='grpo' reads the grpo.* settings"
+    ]
+    config.experiment.update(algorithm="ppo", grpo_group_size=1)
+    assert ignored_settings(config) == []
+    config.grpo.beta = 0.1
+    assert ignored_settings(config) == [
+        "grpo.beta=0.1 is not used: experiment.algorithm='ppo' reads the ppo.* settings"
+    ]
+    # A run says so as it starts.
+    config = tiny_grpo_config()
+    config.ppo.vf_coef = 1.0
+    lines = []
+    with Session(config, str(tmp_path), log=lines.append):
+        pass
+    assert lines[0] == (
+        "warning: ppo.vf_coef=1.0 is not used: experiment.algorithm='grpo' reads the grpo.* "
+        "settings"
+    )
