@@ -502,8 +502,7 @@ def pipeline_apply(
 
 def _schedule(
     params, x_mb, extra_mb, layer_mb, *, x_dtype, sum_dtype, stage_fn, num_stages,
-    num_microbatches,
-    num_repeats, has_aux, remat,
+    num_microbatches, num_repeats, has_aux, remat,
 ):  # fmt: skip
     """The per-stage program (inside shard_map): one lax.scan over the ticks."""
     pp, m, v = num_stages, num_microbatches, num_repeats

@@ -39,11 +39,10 @@ from novarl_jax.models.transformer import (
     _STAT_KEYS,
     DecoderLayer,
     _layer_stats,
-    cast_params,
     check_flag,
-    check_params,
     check_routing,
     checked_inputs,
+    checked_params,
     embed,
     forward_aux,
     output_heads,
@@ -135,8 +134,7 @@ def forward_shared_prompt(
     check_flag("train", train)
     check_flag("return_routing", return_routing)
     tokens, positions, attention_mask = checked_inputs(tokens, positions, attention_mask, config)
-    check_params(params, config)
-    params = cast_params(params, config)
+    params = checked_params(params, config)
     b, s = tokens.shape
     prompt_length, group_size = _check_groups(b, s, prompt_length, group_size)
     if pipeline.num_stages(mesh) > 1:

@@ -489,12 +489,14 @@ def _array(name: str, value: Any, *, integer: bool, what: str) -> jax.Array:
     return arr
 
 
-def check_params(params: Any, config: ModelConfig) -> None:
-    """Raises a clear error when ``params`` cannot be the parameters of ``config``: a missing
-    top-level entry, an embedding / LM head not ``[V, D]`` / ``[D, V]`` of the config, a
-    layer stack of another depth, or a floating-point weight in neither ``config.dtype``
-    nor the compute dtype (:func:`cast_params`' output). (Shapes and dtypes only: works on
-    traced params too.)"""
+def checked_params(params: Any, config: ModelConfig) -> Any:
+    """``params`` as a forward computes with them (:func:`cast_params`), after checking that
+    they can be the parameters of ``config``.
+
+    Raises a clear error for a missing top-level entry, an embedding / LM head not
+    ``[V, D]`` / ``[D, V]`` of the config, a layer stack of another depth, or a
+    floating-point weight in neither ``config.dtype`` nor the compute dtype (the dtype of
+    :func:`cast_params`' output). (Shapes and dtypes only: works on traced params too.)"""
     if not isinstance(params, Mapping):
         raise TypeError(
             f"params must be a mapping (from init_params or load_hf_model), got "
@@ -542,6 +544,7 @@ def check_params(params: Any, config: ModelConfig) -> None:
                     f"dtype={config.dtype!r}; cast the params to it or make the config with "
                     f"their dtype (compute_dtype sets the dtype the forward computes in)"
                 )
+    return cast_params(params, config)
 
 
 def check_routing(routing: Any, config: ModelConfig, batch: int, length: int) -> jax.Array:
@@ -959,8 +962,7 @@ def _forward(
     tokens, positions, attention_mask = checked_inputs(
         tokens, positions, attention_mask, config, cache=cache
     )
-    check_params(params, config)
-    params = cast_params(params, config)
+    params = checked_params(params, config)
     b, t = tokens.shape
     pp = pipeline.num_stages(mesh)
     if pp > 1:

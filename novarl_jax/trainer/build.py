@@ -255,9 +255,19 @@ def _model_config(config, tokenizer, *, value_head: bool) -> ModelConfig:
         rms_norm_eps=m.rms_norm_eps,
         max_position_embeddings=m.max_position_embeddings,
         tie_word_embeddings=m.tie_word_embeddings,
+        **_run_fields(config, value_head),
+    )
+
+
+def _run_fields(config, value_head: bool) -> dict[str, Any]:
+    """The ModelConfig fields the run's config sets whatever fixes the architecture (these
+    keys, or a ``model.init_from`` checkpoint): routing and router losses, the value head,
+    precision and gradient checkpointing."""
+    m = config.model
+    return dict(
         router_aux_loss_coef=m.router_aux_loss_coef,
         router_z_loss_coef=m.router_z_loss_coef,
-        capacity_factor=exp.capacity_factor,
+        capacity_factor=config.experiment.capacity_factor,
         value_head=value_head,
         compute_dtype=m.compute_dtype,
         remat=config.train.gradient_checkpointing,
@@ -268,23 +278,13 @@ def _load_policy(config, tokenizer, *, value_head: bool) -> tuple[ModelConfig, A
     """The policy's config and weights from the checkpoint directory ``model.init_from``.
 
     The checkpoint fixes the architecture; the run's config keeps the training settings
-    (capacity factor, router loss weights, value head). A value head the checkpoint lacks
-    starts at zero. The experts, the prompt and completion lengths and the tokenizer must
-    fit the checkpoint.
+    (:func:`_run_fields`). A value head the checkpoint lacks starts at zero. The experts, the
+    prompt and completion lengths and the tokenizer must fit the checkpoint.
     """
     m, exp, ro = config.model, config.experiment, config.rollout
     try:
         # Kept in host memory: the trainer moves each device only its part of the weights.
-        policy, params = load_hf_model(
-            m.init_from,
-            host=True,
-            capacity_factor=exp.capacity_factor,
-            router_aux_loss_coef=m.router_aux_loss_coef,
-            router_z_loss_coef=m.router_z_loss_coef,
-            value_head=value_head,
-            compute_dtype=m.compute_dtype,
-            remat=config.train.gradient_checkpointing,
-        )
+        policy, params = load_hf_model(m.init_from, host=True, **_run_fields(config, value_head))
     except (ValueError, OSError) as e:
         raise ConfigError("model.init_from", f"cannot load {m.init_from!r}: {e}") from None
     checks = [("experiment.num_experts", exp.num_experts, "num_local_experts")]
