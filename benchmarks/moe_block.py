@@ -26,9 +26,8 @@ factors 1.25 and 4 (C = T = 32). Each figure is the time per call of a jitted ``
 of 64 calls on 64 different inputs (so no call can be hoisted). References in the same run:
 the floor, one gate/up + down matmul pair over the 64 useful rows (one expert's weights), and
 8 experts of exactly 8 rows each as one batched matmul pair (perfectly balanced routing, no
-dispatch); and the block forced onto the layout it uses for large groups (grouped rows; with
-expert parallelism, capacity slabs), which is what decoding ran before small groups got their
-own path.
+dispatch). On one device the block runs these small groups on the grouped rows, like large
+ones (the slabs sized to the busiest expert are used under expert parallelism only).
 
 The run first calls ``novarl_jax.core.distributed.reuse_host_memory`` (glibc keeps freed memory
 for the next call instead of handing back pages the kernel must zero-fill again), as a training
@@ -228,14 +227,6 @@ def run_decode(rounds: int) -> None:
         dropped[tag] = float(sum(a["dropped_fraction"] for a in aux) / n)
         block = functools.partial(moe.moe_forward, router=router)
         timer.add(f"decode_{tag}", calls(lambda p, x, b=block: b(p, x)[0], xs, (t, 1, d)))
-        # The layouts of large groups, forced (the threshold is read when tracing).
-        saved = moe._SLOT_MAX_CHOICES
-        moe._SLOT_MAX_CHOICES = 0
-        try:
-            timer.add(f"decode_{tag}_large_group_path",
-                      calls(lambda p, x, b=block: b(p, x)[0], xs, (t, 1, d)))  # fmt: skip
-        finally:
-            moe._SLOT_MAX_CHOICES = saved
 
     rows = t * TOP_K
     x_rows = jax.random.normal(jax.random.key(2), (n, rows, d), jnp.float32)
@@ -266,16 +257,10 @@ def run_decode(rounds: int) -> None:
     result("decode_floor_pair_ms", per_call("floor_pair"), "ms/call")
     result("decode_balanced_experts_ms", per_call("balanced_experts"), "ms/call")
     for tag in DECODE_FACTORS:
-        for name in (f"decode_{tag}_large_group_path", f"decode_{tag}"):
-            show(name, f"dropped {dropped[tag]:.4f}")
-            result(f"{name}_ms", per_call(name), "ms/call")
+        show(f"decode_{tag}", f"dropped {dropped[tag]:.4f}")
+        result(f"decode_{tag}_ms", per_call(f"decode_{tag}"), "ms/call")
         result(f"decode_{tag}_vs_floor_pair", per_call(f"decode_{tag}") / per_call("floor_pair"),
                "x")  # fmt: skip
-        result(
-            f"decode_{tag}_speedup_vs_large_group_path",
-            per_call(f"decode_{tag}_large_group_path") / per_call(f"decode_{tag}"),
-            "x",
-        )
     result("decode_dropless_ms", per_call("decode_dropless"), "ms/call")
 
 

@@ -37,12 +37,15 @@ weight gradients into the expert's slab in place. Two buffer layouts:
   only the kept choices are computed plus a few percent of padding, rather than a worst-case
   capacity (dropless) or every expert's full C rows (capacity 1.25 computes 25% padding).
 
-Small routing groups (at most ``_SLOT_MAX_CHOICES`` choices T*K, e.g. decoding one token per
-sequence) take neither: with a handful of rows per expert, copying each expert's weight slices
-for its own matmuls costs more than the matmuls. They use capacity slots cut to ``[E, c, D]``,
-c the smallest of a few sizes that holds the busiest expert's load (a ``lax.switch`` over the
-sizes), and run all experts as one batched matmul pair. Routing, drops and statistics are the
-capacity layout's, so the results are the same as the other layouts'.
+Under expert parallelism, small routing groups (at most ``_SLOT_MAX_CHOICES`` choices T*K,
+e.g. decoding one token per sequence) shrink their capacity slabs: dropless routing would
+otherwise send every expert a worst-case slab of T rows. They use capacity slots cut to
+``[E, c, D]``, c the smallest of a few sizes that holds the busiest expert's load (a
+``lax.switch`` over the sizes), and run all experts as one batched matmul pair. Routing, drops
+and statistics are the capacity layout's, so the results are the same as the other layouts'.
+Without expert parallelism small groups take the grouped rows like any other: inside a model
+they computed less there than over slabs sized to the busiest expert, and routing that
+crowds a few experts makes those slabs several times the useful rows.
 
 ``impl='ragged'`` runs the grouped rows unpadded through :func:`jax.lax.ragged_dot` (grouped
 matmul kernels on GPU/TPU; on CPU it is about ten times slower than the dense loop).
@@ -708,10 +711,12 @@ def _experts_ragged(
 
 
 # ----------------------------------------------------------------------------------------------
-# Small routing groups (decoding): batched experts over slabs sized to the real loads
+# Small routing groups under expert parallelism (decoding): batched experts over slabs sized
+# to the real loads
 
-# Groups of at most this many choices (T * K) take the slot path. Decoding routes one token
-# per sequence, so its groups are a few dozen tokens with a handful of choices per expert.
+# Groups of at most this many choices (T * K) take the slot path when experts are split over
+# a mesh. Decoding routes one token per sequence, so its groups are a few dozen tokens with a
+# handful of choices per expert.
 _SLOT_MAX_CHOICES = 256
 
 
@@ -738,25 +743,23 @@ def _slot_index(sizes: tuple[int, ...], load: jax.Array) -> jax.Array:
 
 
 def _slot_experts(xt, w_gate_up, w_down, plan, *, capacity, top_k, axes):
-    """Experts over ``[E, c, D]`` slabs, c the smallest slot size that holds every kept load.
+    """Experts over ``[E, c, D]`` slabs, c the smallest slot size that holds every kept load
+    (experts split over a mesh).
 
     The routing plan is the capacity layout's (``[E, C]`` slots, C the true capacity, so
     drops are the same); only the slabs shrink from C to ``c`` rows. Each size is a branch of
-    one ``lax.switch`` running two batched matmuls over all experts at once: a single XLA
-    batched dot reads each expert's weights where they lie, whereas a loop over experts
-    copies each expert's weight slices, which at a few rows per expert costs more than the
-    matmuls. With experts split over a mesh, every shard takes the same branch (the load is
-    a maximum over the data axes), so the ``all_to_all`` inside it has the same shape on all.
+    one ``lax.switch`` that sends the slabs to the experts' shards with an ``all_to_all``,
+    runs two batched matmuls over the local experts and sends the outputs back. Every shard
+    takes the same branch (the load is a maximum over the data axes), so the ``all_to_all``
+    inside it has the same shape on all.
 
     Returns:
         [T, K, D] each choice's expert output (zeros where not placed).
     """
-    load = jnp.max(jnp.minimum(plan.counts, capacity))
-    if axes.expert_size > 1:
-        load = lax.pmax(load, _axis_arg(axes.data))
+    load = lax.pmax(jnp.max(jnp.minimum(plan.counts, capacity)), _axis_arg(axes.data))
     # Mesh-varying casts before the custom VJP: their transposes are the gradients' psums.
     xt, w_gate_up, w_down = _join_varying(xt, w_gate_up, w_down)
-    expert_axes = axes.expert if axes.expert_size > 1 else ()
+    expert_axes = axes.expert
     # Gate and up as one 2F axis: a dot contracting two axes gets its operand transposed.
     w_gate_up = w_gate_up.reshape(*w_gate_up.shape[:2], -1)
     return _slot_ffn(
@@ -785,16 +788,14 @@ def _slot_hidden(c, xt, w_gate_up, maps: _SlotMaps, expert_axes):
     """Slab size c: the gathered slabs [E_local, R, D] and their gate/up product."""
     e = maps.choice_of_row.shape[0] // c
     buf = _take_rows(xt, maps.token_of_row).reshape(e, c, xt.shape[1])
-    if expert_axes:
-        # Slab j of every shard goes to shard j, which owns experts [j*E/ep, (j+1)*E/ep).
-        buf = lax.all_to_all(buf, _axis_arg(expert_axes), 0, 1, tiled=True)
+    # Slab j of every shard goes to shard j, which owns experts [j*E/ep, (j+1)*E/ep).
+    buf = lax.all_to_all(buf, _axis_arg(expert_axes), 0, 1, tiled=True)
     return buf, jnp.einsum("ecd,edg->ecg", buf, w_gate_up)
 
 
 def _slot_back(out, maps: _SlotMaps, expert_axes):
     """Local expert outputs [E_local, R, D] -> per-choice rows [T, K, D]."""
-    if expert_axes:
-        out = lax.all_to_all(out, _axis_arg(expert_axes), 1, 0, tiled=True)
+    out = lax.all_to_all(out, _axis_arg(expert_axes), 1, 0, tiled=True)
     return _take_rows(out.reshape(-1, out.shape[-1]), maps.row_of_choice)
 
 
@@ -846,15 +847,13 @@ def _slot_ffn_bwd(capacity, top_k, expert_axes, res, dchoices):
         # The transpose of _slot_back: gather each slot's choice gradient, send it home.
         flat = dchoices.reshape(-1, d)
         dout = _take_rows(flat, maps.choice_of_row).reshape(-1, c, d)
-        if expert_axes:
-            dout = lax.all_to_all(dout, _axis_arg(expert_axes), 0, 1, tiled=True)
+        dout = lax.all_to_all(dout, _axis_arg(expert_axes), 0, 1, tiled=True)
         dw_down = jnp.einsum("ecf,ecd->efd", act, dout, preferred_element_type=acc)
         da = jnp.einsum("ecd,efd->ecf", dout, w_down)
         dh = (da[:, :, None, :] * dact).astype(xt.dtype).reshape(local, rows, -1)
         dw_gate_up = jnp.einsum("ecd,ecg->edg", buf, dh, preferred_element_type=acc)
         dbuf = jnp.einsum("ecg,edg->ecd", dh, w_gate_up).astype(xt.dtype)
-        if expert_axes:
-            dbuf = lax.all_to_all(dbuf, _axis_arg(expert_axes), 1, 0, tiled=True)
+        dbuf = lax.all_to_all(dbuf, _axis_arg(expert_axes), 1, 0, tiled=True)
         # The transpose of the gather: each token sums its K slots' gradients.
         dxt = _take_rows(dbuf.reshape(-1, d), maps.row_of_choice).sum(axis=1)
         return dxt, dw_gate_up.astype(w_gate_up.dtype), dw_down.astype(w_down.dtype)
@@ -1015,8 +1014,8 @@ def _moe_group(params, x, token_mask, routing, *, router, train, impl, axes: _Me
 
     # No expert takes more than t choices (a token picks an expert at most once).
     capacity = min(router.capacity(t, train=train), t)
-    slots = impl == "dense" and t * k <= _SLOT_MAX_CHOICES
-    if axes.expert_size > 1 or slots:
+    slots = impl == "dense" and axes.expert_size > 1 and t * k <= _SLOT_MAX_CHOICES
+    if axes.expert_size > 1:
         layout = "capacity"  # all_to_all needs fixed [E, C, D] slabs; slots shrink them
     elif impl == "ragged":
         layout = "ragged"
@@ -1186,11 +1185,11 @@ def moe_forward(
             never routed (it takes the router's own choice); gate weights are recomputed from
             the current router at those experts. Capacity and drops are decided afresh.
         train: capacity from ``capacity_factor`` (True) or ``eval_capacity_factor`` (False).
-        impl: 'dense' (a loop of plain matmuls over padded expert chunks; small routing
-            groups such as decoding steps run all experts as one batched matmul over slabs
-            sized to the loads; fastest on CPU) or 'ragged' (``lax.ragged_dot`` over the
-            unpadded expert-sorted rows, for GPU/TPU; used without expert parallelism, else
-            'dense').
+        impl: 'dense' (a loop of plain matmuls over padded expert chunks; under expert
+            parallelism, small routing groups such as decoding steps run all experts as one
+            batched matmul over slabs sized to the loads; fastest on CPU) or 'ragged'
+            (``lax.ragged_dot`` over the unpadded expert-sorted rows, for GPU/TPU; used
+            without expert parallelism, else 'dense').
 
     Returns:
         ``(y, aux)``: y [B, S, D] of x's dtype; aux with 'aux_loss', 'z_loss',

@@ -3,9 +3,10 @@
 The oracles: ``moe_reference`` (a per-expert loop with no capacity) for dropless routing, and
 ``np_moe`` below, a NumPy float64 loop that applies the capacity/drop rule choice by choice.
 
-The test batches (64 tokens, 128 choices) are small routing groups, which take the block's
-small-group path (slabs sized to the real loads); tests that take the ``large_groups``
-fixture force the layouts of large groups (grouped rows, capacity slabs) on the same inputs.
+The test batches (64 tokens, 128 choices) are small routing groups. On one device they run
+on the grouped rows like large ones; under expert parallelism they take the block's small-group
+path (slabs sized to the real loads), and tests that take the ``large_groups`` fixture force
+the capacity slabs of large groups there on the same inputs.
 """
 
 import functools
@@ -38,7 +39,7 @@ def make_x(key=1, batch=B, seq=S):
 
 @pytest.fixture
 def large_groups(monkeypatch):
-    """Routes every group as a large one (grouped rows; capacity slabs under expert parallelism)."""
+    """Routes every group under expert parallelism as a large one (full capacity slabs)."""
     monkeypatch.setattr(moe, "_SLOT_MAX_CHOICES", 0)
 
 
@@ -272,13 +273,9 @@ def test_conversion_errors():
 
 @pytest.mark.parametrize(
     ("impl", "use_jit"),
-    [("dense", True), ("dense", False), ("ragged", True), ("ragged", False),
-     ("dense-large-groups", True)],
-)  # fmt: skip
-def test_dropless_matches_reference_values_and_grads(impl, use_jit, monkeypatch):
-    if impl == "dense-large-groups":
-        monkeypatch.setattr(moe, "_SLOT_MAX_CHOICES", 0)
-        impl = "dense"
+    [("dense", True), ("dense", False), ("ragged", True), ("ragged", False)],
+)
+def test_dropless_matches_reference_values_and_grads(impl, use_jit):
     router = router_cfg()
     params, x = make_params(), make_x()
     ours, ref = loss_fns(router, impl=impl)
@@ -386,18 +383,20 @@ def grad_fn(router, mesh=None):
 
 @pytest.mark.parametrize("factor", [None, 0.75])
 @pytest.mark.parametrize("crowded", [0, B * S // 2, B * S], ids=["even", "half", "all"])
-def test_small_groups_match_numpy_and_the_large_group_path(factor, crowded, monkeypatch):
-    # Loads from even (16 choices per expert: a 16-row slab) to every token on experts 0 and 1
-    # (the largest slab, C rows); a slab smaller than the busiest expert would drop choices.
+def test_small_groups_match_numpy_and_the_large_group_path(factor, crowded, devices, monkeypatch):
+    # Experts split over ep=2 (32 tokens per routing group). Loads from even (8 choices per
+    # expert: an 8-row slab) to every token on experts 0 and 1 (the largest slab, C rows); a
+    # slab smaller than the busiest expert would drop choices.
+    mesh = ParallelLayout(ep=2).make_mesh(devices[:2])
     router = router_cfg(capacity_factor=factor)
     params, x = make_params(), make_x()
     mask = jnp.asarray(np.random.default_rng(8).random((B, S)) > 0.2, jnp.int32)
     routing = jnp.asarray(spread_routing(B * S, crowded).reshape(B, S, K), jnp.int32)
     args = (params, x, jax.random.normal(jax.random.key(7), x.shape), mask, routing)
-    (_, (y, aux)), g = grad_fn(router)(*args)
+    (_, (y, aux)), g = grad_fn(router, mesh)(*args)
     monkeypatch.setattr(moe, "_SLOT_MAX_CHOICES", 0)
-    (_, (y_large, aux_large)), g_large = grad_fn(router)(*args)
-    y_np, aux_np, _ = np_moe(params, x, router, mask=mask, routing=routing)
+    (_, (y_large, aux_large)), g_large = grad_fn(router, mesh)(*args)
+    y_np, aux_np, _ = np_moe(params, x, router, mask=mask, groups=2, routing=routing)
     np.testing.assert_allclose(np.asarray(y), y_np, rtol=1e-4, atol=1e-4)
     assert_aux_close(aux, aux_np)
     if factor is not None and crowded:
@@ -435,12 +434,8 @@ def test_decode_sized_groups_under_an_expert_parallel_mesh(factor, devices, monk
 # Capacity and the drop rule
 
 
-@pytest.mark.parametrize(
-    ("policy", "groups"), [("position", "small"), ("probs", "small"), ("position", "large")]
-)
-def test_drop_rule_matches_numpy(policy, groups, monkeypatch):
-    if groups == "large":
-        monkeypatch.setattr(moe, "_SLOT_MAX_CHOICES", 0)
+@pytest.mark.parametrize("policy", ["position", "probs"])
+def test_drop_rule_matches_numpy(policy):
     router = router_cfg(capacity_factor=0.5, drop_policy=policy)
     params, x = make_params(), make_x()
     y, aux = jax.jit(functools.partial(moe.moe_forward, router=router))(params, x)
@@ -769,7 +764,7 @@ def test_mesh_pads_a_batch_the_data_axes_do_not_divide(devices):
 
 
 @pytest.mark.parametrize("factor", [None, 1.25])
-def test_small_chunks_split_experts_and_slabs(factor, monkeypatch, large_groups):
+def test_small_chunks_split_experts_and_slabs(factor, monkeypatch):
     # Chunks of 16 rows: each expert's rows (dropless, or capped at C = 20) run as full chunks
     # in a loop plus binary-digit remainders. (Capacity slabs, used with expert parallelism,
     # split into a full chunk and a remainder in the mesh tests.)
@@ -855,13 +850,12 @@ def test_aux_sums_combine_split_batches_exactly():
     np.testing.assert_allclose(float(sums["z"]) / n, float(whole["z_loss"]), rtol=1e-5)
 
 
-def test_a_rounded_up_chunk_overruns_into_the_next_expert_but_not_the_buffer(monkeypatch):
+def test_a_rounded_up_chunk_overruns_into_the_next_expert_but_not_the_buffer():
     # Top-1 over 2 experts with 17 tokens each: blocks of 8 rows, each expert owns 3 blocks
     # (24 rows, 7 of them padding) of a 48-row buffer, and full chunks are 4 blocks. Expert 0
     # runs its 3 blocks as one chunk of 4, whose last 8 rows are expert 1's (they must add
     # nothing to expert 0's gradients); expert 1's chunk of 4 would pass the buffer's end, so
     # it runs as 2 + 1.
-    monkeypatch.setattr(moe, "_SLOT_MAX_CHOICES", 0)
     router = MoERouterConfig(num_experts=2, top_k=1, capacity_factor=None)
     params = make_params(num_experts=2)
     direction = np.zeros((D, 2), np.float32)
