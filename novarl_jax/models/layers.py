@@ -250,22 +250,43 @@ def _materialized_swap(x: jax.Array) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _softmax_attention(rows, keys, values, mask, group: int, dtype: Any):
     """``softmax(rows keys^T / sqrt(Dh) + mask) values``: rows [B, N_kv, G*T, Dh], keys and
-    values [B, N_kv, S, Dh], mask [B, T, S] bool -> [B, N_kv, G*T, Dh]."""
+    values [B, N_kv, S, Dh], mask [B, T, S] bool -> [B, N_kv, G*T, Dh].
+
+    The VJP keeps each query row's score maximum and exponential sum ([B, N_kv, G, T] each)
+    instead of its probabilities [.., T, S] and recomputes them from the scores in the
+    backward pass: one more ``[G*T, Dh] x [Dh, S]`` matmul per head, against an O(T * S)
+    residual per layer that XLA must also write out and read back.
+    """
     return _softmax_attention_fwd(rows, keys, values, mask, group, dtype)[0]
 
 
+def _softmax_parts(rows, keys, mask, group):
+    """Masked scores [B, N_kv, G, T, S] with their row maxima and exponential sums."""
+    scores = _masked_scores(rows, keys, mask, group)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    total = jnp.sum(jnp.exp(scores - top), axis=-1, keepdims=True)
+    return scores, top, total
+
+
+def _probs(scores, top, total, shape, dtype):
+    """``softmax`` of the scores from their parts, as [B, N_kv, G*T, S] in ``dtype``. A row
+    that sees no key (every score masked) gets uniform probabilities, as ``jax.nn.softmax``."""
+    return (jnp.exp(scores - top) / total).astype(dtype).reshape(*shape[:3], -1)
+
+
 def _softmax_attention_fwd(rows, keys, values, mask, group, dtype):
-    probs = jax.nn.softmax(_masked_scores(rows, keys, mask, group), axis=-1)
-    probs = probs.astype(dtype).reshape(*rows.shape[:3], -1)
+    scores, top, total = _softmax_parts(rows, keys, mask, group)
+    probs = _probs(scores, top, total, rows.shape, dtype)
     out = _head_matmul(probs, values.astype(dtype), contract_rhs=2)
-    return out, (rows, keys, values, probs, mask)
+    return out, (rows, keys, values, mask, top, total)
 
 
 def _softmax_attention_bwd(group, dtype, res, dout):
     # Every matmul is a plain row-major product: the two that contract over the query rows
     # read explicit transposes of their left operands.
-    rows, keys, values, probs, mask = res
+    rows, keys, values, mask, top, total = res
     dh = rows.shape[-1]
+    probs = _probs(_masked_scores(rows, keys, mask, group), top, total, rows.shape, dtype)
     dout = dout.astype(dtype)
     dvalues = _head_matmul(_materialized_swap(probs), dout, contract_rhs=2)  # [.., S, Dh]
     # Masked scores are a constant: no gradient reaches q or k through them. A query that sees

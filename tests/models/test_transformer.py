@@ -390,6 +390,25 @@ def _assert_grads_match_autodiff(loss, params, x, grads, dx):
     np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_backward_keeps_no_probabilities():
+    """The attention core's residuals are its inputs and per-row statistics: nothing of size
+    T x S (the probabilities are recomputed in the backward pass), so the memory a layer keeps
+    for its backward grows linearly with the sequence."""
+    b, nkv, g, t, dh = 2, 2, 3, 16, 4
+    rng = np.random.default_rng(0)
+    rows = jnp.asarray(rng.normal(size=(b, nkv, g * t, dh)), jnp.float32)
+    keys, values = (jnp.asarray(rng.normal(size=(b, nkv, t, dh)), jnp.float32) for _ in "kv")
+    mask = jnp.asarray(np.tril(np.ones((t, t), bool))[None].repeat(b, 0))
+    out, res = layers._softmax_attention_fwd(rows, keys, values, mask, g, jnp.float32)
+    big = [x.shape for x in jax.tree.leaves(res) if x.size > max(rows.size, keys.size, mask.size)]
+    assert not big, big
+    stats = [x for x in jax.tree.leaves(res) if x.shape == (b, nkv, g, t, 1)]
+    assert len(stats) == 2  # the row maxima and exponential sums
+    want = jax.nn.softmax(layers._masked_scores(rows, keys, mask, g), axis=-1)
+    want = jnp.einsum("bnrs,bnsh->bnrh", want.reshape(b, nkv, g * t, t), values)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_attention_gradients_match_numpy_and_autodiff(use_jit):
     """The attention's hand-written VJP against float64 finite differences of the NumPy
