@@ -252,8 +252,8 @@ def _softmax_attention(rows, keys, values, mask, group: int, dtype: Any):
     """``softmax(rows keys^T / sqrt(Dh) + mask) values``: rows [B, N_kv, G*T, Dh], keys and
     values [B, N_kv, S, Dh], mask [B, T, S] bool -> [B, N_kv, G*T, Dh].
 
-    The VJP keeps each query row's score maximum and exponential sum ([B, N_kv, G, T] each)
-    instead of its probabilities [.., T, S] and recomputes them from the scores in the
+    The VJP keeps each query row's score maximum and exponential sum ([B, N_kv, G, T, 1]
+    each) instead of its probabilities [B, N_kv, G*T, S] and recomputes them from the scores in the
     backward pass: one more ``[G*T, Dh] x [Dh, S]`` matmul per head, against an O(T * S)
     residual per layer that XLA must also write out and read back.
     """

@@ -1014,7 +1014,7 @@ def _moe_group(params, x, token_mask, routing, *, router, train, impl, axes: _Me
 
     # No expert takes more than t choices (a token picks an expert at most once).
     capacity = min(router.capacity(t, train=train), t)
-    slots = impl == "dense" and axes.expert_size > 1 and t * k <= _SLOT_MAX_CHOICES
+    slots = axes.expert_size > 1 and t * k <= _SLOT_MAX_CHOICES
     if axes.expert_size > 1:
         layout = "capacity"  # all_to_all needs fixed [E, C, D] slabs; slots shrink them
     elif impl == "ragged":

@@ -381,21 +381,54 @@ def grad_fn(router, mesh=None):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
+def _count_calls(monkeypatch, name):
+    """Wraps ``moe.<name>`` so that each call (each trace, under jit) adds 1 to the list
+    returned."""
+    count = [0]
+    original = getattr(moe, name)
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(moe, name, counted)
+    return count
+
+
+@pytest.mark.parametrize("impl", ["dense", "ragged"])
+def test_only_expert_parallel_small_groups_take_the_slot_path(impl, devices, monkeypatch):
+    # Decode-sized groups (64 tokens, 128 choices): on one device the grouped rows, under
+    # ep=2 the slabs sized to the loads (ragged too: it runs 'dense' under expert parallelism).
+    taken = _count_calls(monkeypatch, "_slot_experts")
+    router = router_cfg()
+    params, x = make_params(), make_x()
+    y, _ = jax.jit(functools.partial(moe.moe_forward, router=router, impl=impl))(params, x)
+    assert taken == [0]
+    mesh = ParallelLayout(ep=2).make_mesh(devices[:2])
+    fwd = jax.jit(functools.partial(moe.moe_forward, router=router, impl=impl, mesh=mesh))
+    y_ep, _ = fwd(params, x)
+    assert taken == [1]
+    np.testing.assert_allclose(np.asarray(y_ep), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("factor", [None, 0.75])
 @pytest.mark.parametrize("crowded", [0, B * S // 2, B * S], ids=["even", "half", "all"])
 def test_small_groups_match_numpy_and_the_large_group_path(factor, crowded, devices, monkeypatch):
-    # Experts split over ep=2 (32 tokens per routing group). Loads from even (8 choices per
-    # expert: an 8-row slab) to every token on experts 0 and 1 (the largest slab, C rows); a
-    # slab smaller than the busiest expert would drop choices.
+    # Experts split over ep=2 (32 tokens per routing group, 25-26 of them real). Loads from
+    # even (an 8-row slab) to every real token on experts 0 and 1 (a 28-row slab of C = 32
+    # dropless); a slab smaller than the busiest expert would drop choices.
     mesh = ParallelLayout(ep=2).make_mesh(devices[:2])
+    taken = _count_calls(monkeypatch, "_slot_experts")
     router = router_cfg(capacity_factor=factor)
     params, x = make_params(), make_x()
     mask = jnp.asarray(np.random.default_rng(8).random((B, S)) > 0.2, jnp.int32)
     routing = jnp.asarray(spread_routing(B * S, crowded).reshape(B, S, K), jnp.int32)
     args = (params, x, jax.random.normal(jax.random.key(7), x.shape), mask, routing)
     (_, (y, aux)), g = grad_fn(router, mesh)(*args)
+    assert taken == [1]  # traced once, on the slot path
     monkeypatch.setattr(moe, "_SLOT_MAX_CHOICES", 0)
     (_, (y_large, aux_large)), g_large = grad_fn(router, mesh)(*args)
+    assert taken == [1]
     y_np, aux_np, _ = np_moe(params, x, router, mask=mask, groups=2, routing=routing)
     np.testing.assert_allclose(np.asarray(y), y_np, rtol=1e-4, atol=1e-4)
     assert_aux_close(aux, aux_np)

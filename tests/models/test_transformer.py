@@ -390,23 +390,37 @@ def _assert_grads_match_autodiff(loss, params, x, grads, dx):
     np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_backward_keeps_no_probabilities():
-    """The attention core's residuals are its inputs and per-row statistics: nothing of size
-    T x S (the probabilities are recomputed in the backward pass), so the memory a layer keeps
-    for its backward grows linearly with the sequence."""
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_backward_keeps_no_probabilities(dtype):
+    """The attention core keeps its inputs and per-row statistics for the backward pass, not
+    the [B, N_kv, G*T, S] probabilities (recomputed there), so what a layer keeps grows with
+    T + S per row rather than T x S. Its output is the softmax's: uniform over the values for
+    a query that sees no key (left padding), and with the probabilities rounded to the compute
+    dtype before they weight the values."""
     b, nkv, g, t, dh = 2, 2, 3, 16, 4
     rng = np.random.default_rng(0)
-    rows = jnp.asarray(rng.normal(size=(b, nkv, g * t, dh)), jnp.float32)
-    keys, values = (jnp.asarray(rng.normal(size=(b, nkv, t, dh)), jnp.float32) for _ in "kv")
-    mask = jnp.asarray(np.tril(np.ones((t, t), bool))[None].repeat(b, 0))
-    out, res = layers._softmax_attention_fwd(rows, keys, values, mask, g, jnp.float32)
+    rows = jnp.asarray(rng.normal(size=(b, nkv, g * t, dh)), dtype)
+    keys, values = (jnp.asarray(rng.normal(size=(b, nkv, t, dh)), dtype) for _ in "kv")
+    mask = np.tril(np.ones((t, t), bool))[None].repeat(b, 0)
+    mask[1, :3] = False  # the second row's first 3 queries see no key
+    mask = jnp.asarray(mask)
+    out, res = layers._softmax_attention_fwd(rows, keys, values, mask, g, dtype)
     big = [x.shape for x in jax.tree.leaves(res) if x.size > max(rows.size, keys.size, mask.size)]
     assert not big, big
     stats = [x for x in jax.tree.leaves(res) if x.shape == (b, nkv, g, t, 1)]
     assert len(stats) == 2  # the row maxima and exponential sums
-    want = jax.nn.softmax(layers._masked_scores(rows, keys, mask, g), axis=-1)
-    want = jnp.einsum("bnrs,bnsh->bnrh", want.reshape(b, nkv, g * t, t), values)
-    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    probs = jax.nn.softmax(layers._masked_scores(rows, keys, mask, g), axis=-1)
+    probs = probs.astype(dtype).reshape(b, nkv, g * t, t)
+    want = jnp.einsum("bnrs,bnsh->bnrh", probs, values, preferred_element_type=jnp.float32)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
+    if dtype == jnp.bfloat16:  # unrounded probabilities would move the output further
+        exact = jnp.einsum("bnrs,bnsh->bnrh", probs.astype(jnp.float32),
+                           values.astype(jnp.float32))  # fmt: skip
+        assert float(jnp.max(jnp.abs(out - want))) < float(jnp.max(jnp.abs(exact - want)))
+    blind = out.reshape(b, nkv, g, t, dh)[1, :, :, :3]  # queries that see no key
+    mean = jnp.mean(values[1].astype(jnp.float32), axis=1)[:, None, None, :]
+    np.testing.assert_allclose(blind, jnp.broadcast_to(mean, blind.shape), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("use_jit", [False, True])
