@@ -954,6 +954,12 @@ def moe_forward_local(
         ...     tensor_axes=("tp",))
     """
     data_axes, expert_axes, tensor_axes = tuple(data_axes), tuple(expert_axes), tuple(tensor_axes)
+    outside = [axis for axis in expert_axes if axis not in data_axes]
+    if outside:
+        raise ValueError(
+            f"moe_forward_local: expert_axes {outside} must also be in data_axes "
+            f"{list(data_axes)}: each expert shard routes its own tokens"
+        )
     ep = 1
     for axis in expert_axes:
         ep *= lax.axis_size(axis)

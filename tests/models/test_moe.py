@@ -837,6 +837,12 @@ def test_moe_forward_local_inside_a_user_shard_map(devices):
     assert_tree_close(aux, aux_mesh, rtol=1e-6)
 
 
+def test_moe_forward_local_refuses_expert_axes_outside_the_data_axes():
+    params, x = make_params(), make_x()
+    with pytest.raises(ValueError, match=r"expert_axes \['ep'\] must also be in data_axes"):
+        moe.moe_forward_local(params, x, router_cfg(), data_axes=("dp",), expert_axes=("ep",))
+
+
 def test_ragged_impl_under_tensor_parallel_mesh(devices):
     mesh = ParallelLayout(dp=4, tp=2).make_mesh(devices)
     router = router_cfg()
