@@ -147,6 +147,9 @@ def test_split_micro_batches_layout():
     np.testing.assert_array_equal(out["loss_denominators"].num_tokens, [5.0, 5.0])
     np.testing.assert_array_equal(out["loss_denominators"].num_sequences, [3.0, 3.0])
     assert float(masked_max(np.array([[1.0, 5.0]]), np.array([[1, 0]]))) == 1.0
+    # Masked entries never count, not even against values below zero; none valid: -inf.
+    assert float(masked_max(np.array([[-1.0, 5.0]]), np.array([[1, 0]]))) == -1.0
+    assert float(masked_max(np.ones((1, 2)), np.zeros((1, 2)))) == -np.inf
 
 
 # ----------------------------------------------------------------------------- full losses

@@ -137,6 +137,11 @@ def test_value_loss_hand_computed():
     assert float(loss) == pytest.approx(0.5 * (4.0 + 0.9025) / 2)
     assert float(m["critic/vf_clipfrac"]) == pytest.approx(0.5)
     assert float(m["critic/vpred_mean"]) == pytest.approx(1.05)
+    # A value that fell by more than the clip range is clipped too: -2 -> -0.5, and
+    # (-0.5 - (-3))^2 = 6.25 > (-2 - (-3))^2 = 1.
+    loss, m = value_loss([[-2.0]], [[0.0]], [[-3.0]], np.ones((1, 1)), clip_range=0.5)
+    assert float(loss) == pytest.approx(0.5 * 6.25)
+    assert float(m["critic/vf_clipfrac"]) == 1.0
     with pytest.raises(ValueError, match="clip_range must be a number >= 0"):
         value_loss(values, old, returns, mask, clip_range=-1.0)
 
