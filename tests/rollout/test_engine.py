@@ -9,7 +9,13 @@ import pytest
 
 from novarl_jax.core.distributed import ParallelLayout
 from novarl_jax.models import ModelConfig, init_params, shard_params
-from novarl_jax.rollout.engine import RolloutEngine, SamplingConfig, Trajectory
+from novarl_jax.rollout.engine import (
+    RolloutEngine,
+    RolloutInfo,
+    SamplingConfig,
+    Trajectory,
+    take_info,
+)
 from novarl_jax.rollout.sampler import sample
 from novarl_jax.rollout.tasks import AdditionTask, JSONLTask
 from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer
@@ -123,6 +129,42 @@ def test_nan_rewards_are_reported_and_excluded(setup):
     mask = np.asarray(traj.response_mask)
     assert mask[3].sum() == 0 and mask[6].sum() == 0 and mask[[0, 1, 2, 4, 5, 7]].sum(1).min() >= 1
     assert np.isfinite(np.asarray(traj.rewards)).all()
+
+
+@pytest.mark.parametrize("bad, more", [(3, ""), (4, "; and 1 more")])
+def test_invalid_reward_warning_names_three_samples_and_counts_the_rest(setup, bad, more):
+    config, params, _, tok = setup
+
+    def flaky(prompts, completions, metadata):
+        return [float("nan") if i < bad else 0.5 for i in range(len(prompts))]
+
+    task = AdditionTask(reward_fn=flaky)
+    engine = RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=SAMPLING)
+    with pytest.warns(RuntimeWarning) as rec:
+        _, info = engine.rollout(params, jax.random.key(5), policy_version=0, batch_size=BATCH)
+    (message,) = [str(w.message) for w in rec]
+    assert message.startswith(f"{bad} of 8 rewards are not finite: reward nan of sample 0 ")
+    assert "sample 2 (prompt index 1" in message and "sample 3 " not in message
+    assert message.endswith(f"'){more}; those samples are excluded (from the loss, their "
+                            "groups' baselines and validation scores)")  # fmt: skip
+    assert info.invalid == list(range(bad))
+
+
+def test_take_info_counts_invalid_rows_in_the_merged_batch():
+    def info(name, invalid):
+        return RolloutInfo(
+            prompts=[f"{name}{i}" for i in range(4)],
+            completions=[""] * 4,
+            metadata=[{}] * 4,
+            sample_info=[{}] * 4,
+            invalid=invalid,
+            task_state={},
+        )
+
+    # Rows 2, 3 of the first rollout (3 invalid), then rows 0, 1 of the second (0 invalid).
+    merged = take_info([(info("a", [3]), np.arange(2, 4)), (info("b", [0]), np.arange(2))], {})
+    assert merged.prompts == ["a2", "a3", "b0", "b1"]
+    assert merged.invalid == [1, 2]
 
 
 def _jsonl_engine(config, tmp_path):

@@ -621,6 +621,16 @@ def test_top_p_stops_where_the_mass_reaches_p_exactly():
     assert np.asarray(S.top_p_mask(x, 0.75)).tolist() == [True, True, False, False]
 
 
+def test_top_p_applies_to_what_top_k_kept():
+    # Probabilities ~(0.35, 0.32, 0.29, 0.05): top-p 0.5 alone keeps tokens 0 and 1; after
+    # top-k 2 they renormalise to (0.525, 0.475), so top-p 0.5 then keeps token 0 only.
+    x = jnp.array([[2.0, 1.9, 1.8, 0.0]])
+    alone = S.sampling_logits(x, temperature=1.0, top_p=0.5)
+    assert np.isfinite(np.asarray(alone)).tolist() == [[True, True, False, False]]
+    both = S.sampling_logits(x, temperature=1.0, top_k=2, top_p=0.5)
+    assert np.isfinite(np.asarray(both)).tolist() == [[True, False, False, False]]
+
+
 def test_top_k_1_keeps_only_the_argmax():
     logits = S.sampling_logits(jnp.array([[3.0, 1.0, 2.0]]), temperature=1.0, top_k=1)
     np.testing.assert_array_equal(np.asarray(jax.nn.log_softmax(logits)), [[0.0, -np.inf, -np.inf]])
