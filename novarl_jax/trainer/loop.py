@@ -237,50 +237,18 @@ class Trainer:
 
     def _dynamic_sampling(self, state, key, traj, info, version):
         """DAPO: keep groups whose rewards differ, sampling extra batches to refill."""
-        cfg = self.config
-        group = cfg.experiment.grpo_group_size
-        prompts = cfg.rollout.prompts_per_step
+        prompts = self.config.rollout.prompts_per_step
 
-        def informative(t):
-            return informative_groups(host_array(t.rewards), host_array(t.valid), group)
+        def more(extra: int) -> tuple[Any, Any]:
+            fold = jax.random.fold_in(key, 1000 + extra)
+            return self.engine.rollout(state.params["policy"], fold, version, prompts)
 
-        pool = [(traj, info, informative(traj))]
-        extra = 0
-        while sum(int(m.sum()) for *_, m in pool) < prompts and extra < cfg.dapo.max_extra_batches:
-            extra += 1
-            t, t_info = self.engine.rollout(
-                state.params["policy"], jax.random.fold_in(key, 1000 + extra), version, prompts
-            )
-            pool.append((t, t_info, informative(t)))
-        # Informative groups first, then (if still short) the rest, to keep static shapes.
-        chosen = [(i, g) for i, (*_, m) in enumerate(pool) for g in np.flatnonzero(m)]
-        chosen += [(i, g) for i, (*_, m) in enumerate(pool) for g in np.flatnonzero(~m)]
-        chosen = chosen[:prompts]
-        kept = sum(1 for i, g in chosen if pool[i][2][g])
-        parts, info_parts = [], []
-        for i, g in chosen:
-            rows = np.arange(g * group, (g + 1) * group)
-            parts.append(_rows(pool[i][0]._replace(routing=None), rows))
-            info_parts.append((pool[i][1], rows))
-        merged = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
-        merged = merged._replace(
-            group_ids=jnp.asarray(np.repeat(np.arange(prompts, dtype=np.int32), group)),
-            routing=self._merge_routing(pool, chosen, group),
-        )
-        # The task has moved past every batch sampled here: that is where a resume goes on.
-        merged_info = take_info(info_parts, task_state=pool[-1][1].task_state)
-        stats = {"dapo/extra_batches": float(extra), "dapo/kept_groups": float(kept)}
-        return merged, merged_info, stats
-
-    @staticmethod
-    def _merge_routing(pool, chosen, group):
-        if pool[0][0].routing is None:
-            return None
-        parts = [
-            jax.tree.map(lambda x: x[:, g * group : (g + 1) * group], pool[i][0].routing)  # noqa: B023
-            for i, g in chosen
-        ]
-        return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *parts)
+        return dynamic_sampling(
+            traj, info, more,
+            group=self.config.experiment.grpo_group_size,
+            prompts=prompts,
+            max_extra_batches=self.config.dapo.max_extra_batches,
+        )  # fmt: skip
 
     def _training_batch(self, state, reference, traj) -> tuple[dict, dict]:
         cfg, run = self.config, self.run_
@@ -473,6 +441,61 @@ def reward_kl_penalty(
     per_sample = (kl * mask).sum(1) / np.maximum(mask.sum(1), 1)
     counted = (np.asarray(valid) > 0) & mask.any(1)
     return float(per_sample[counted].mean()) if counted.any() else float("nan")
+
+
+def dynamic_sampling(
+    traj: Any, info: Any, more: Any, *, group: int, prompts: int, max_extra_batches: int
+) -> tuple[Any, Any, dict[str, float]]:
+    """DAPO's dynamic sampling: a batch of ``prompts`` groups whose rewards differ.
+
+    ``traj`` and ``info`` are the step's rollout; while fewer than ``prompts`` of the groups
+    sampled so far are informative (:func:`informative_groups`) and fewer than
+    ``max_extra_batches`` extra batches were sampled, ``more(extra)`` (extra = 1, 2, ...)
+    samples another batch. The result takes the informative groups first, in sampling order,
+    then (if still short) the uninformative ones, so its shape never changes. Its task state
+    is the last batch's: the task has moved past every batch sampled here.
+
+    Returns:
+        (trajectory, info, stats) with stats ``dapo/extra_batches`` and ``dapo/kept_groups``
+        (the informative groups kept).
+    """
+
+    def informative(t):
+        return informative_groups(host_array(t.rewards), host_array(t.valid), group)
+
+    pool = [(traj, info, informative(traj))]
+    extra = 0
+    while sum(int(m.sum()) for *_, m in pool) < prompts and extra < max_extra_batches:
+        extra += 1
+        t, t_info = more(extra)
+        pool.append((t, t_info, informative(t)))
+    chosen = [(i, g) for i, (*_, m) in enumerate(pool) for g in np.flatnonzero(m)]
+    chosen += [(i, g) for i, (*_, m) in enumerate(pool) for g in np.flatnonzero(~m)]
+    chosen = chosen[:prompts]
+    kept = sum(1 for i, g in chosen if pool[i][2][g])
+    parts, info_parts = [], []
+    for i, g in chosen:
+        rows = np.arange(g * group, (g + 1) * group)
+        parts.append(_rows(pool[i][0]._replace(routing=None), rows))
+        info_parts.append((pool[i][1], rows))
+    merged = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+    merged = merged._replace(
+        group_ids=jnp.asarray(np.repeat(np.arange(prompts, dtype=np.int32), group)),
+        routing=_merge_routing(pool, chosen, group),
+    )
+    merged_info = take_info(info_parts, task_state=pool[-1][1].task_state)
+    stats = {"dapo/extra_batches": float(extra), "dapo/kept_groups": float(kept)}
+    return merged, merged_info, stats
+
+
+def _merge_routing(pool, chosen, group):
+    if pool[0][0].routing is None:
+        return None
+    parts = [
+        jax.tree.map(lambda x: x[:, g * group : (g + 1) * group], pool[i][0].routing)  # noqa: B023
+        for i, g in chosen
+    ]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *parts)
 
 
 def informative_groups(rewards: np.ndarray, valid: np.ndarray, group: int) -> np.ndarray:
