@@ -50,6 +50,28 @@ def test_update_skips_non_finite_then_continues():
     assert int(updated.step) == 1 and int(updated.policy_version) == 1
 
 
+def test_a_skipped_update_leaves_the_optimizer_state_as_it_was():
+    # Adam keeps moments: a NaN gradient folded into them would poison every later update.
+    optimizer = optax.adam(0.1)
+    state = init_train_state({"w": jnp.zeros((3,))}, optimizer, jax.random.key(0))
+    update = jax.jit(make_update_step(_square_loss, None, optimizer, micro_batches=1))
+    batch = {
+        "response_mask": jnp.ones((2, 3)),
+        "target": jnp.ones((2, 3)),
+        "poison": jnp.array([0, 1]),
+    }
+    skipped, metrics = update(state, batch)
+    assert float(metrics["train/skipped"]) == 1.0
+    for a, b in zip(
+        jax.tree.leaves(skipped.opt_state), jax.tree.leaves(state.opt_state), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    updated, metrics = update(skipped, dict(batch, poison=jnp.zeros(2, jnp.int32)))
+    assert float(metrics["train/skipped"]) == 0.0
+    # Adam's first step moves every weight by the learning rate, towards the target.
+    np.testing.assert_allclose(np.asarray(updated.params["w"]), 0.1, rtol=1e-5)
+
+
 def test_accumulated_gradient_equals_full_batch():
     optimizer = optax.sgd(1.0)
     params = {"w": jnp.arange(3.0)}
@@ -113,6 +135,10 @@ def test_run_stops_after_consecutive_skips(tmp_path, monkeypatch):
     for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(restored.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(restored.policy_version) == 0
+    # Rerunning resumes at step 1 with its streak of 1: the redone step 2 is the second skip
+    # in a row again, not the first.
+    with pytest.raises(loop.TrainingError, match=r"stopped at step 2: 2 consecutive non-finite"):
+        loop.train(config, str(tmp_path), spec=validate_config(config), log=lines.append)
 
 
 def test_skip_streak_counts_updates_in_a_row_across_steps():

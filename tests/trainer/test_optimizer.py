@@ -51,6 +51,22 @@ def test_weight_decay_skips_vectors():
     np.testing.assert_array_equal(np.asarray(new["scale"]), 1.0)
 
 
+def test_the_optimizer_clips_gradients_by_max_grad_norm():
+    # With eps = learning rate = 1000, AdamW's first update of a gradient g is
+    # -1000 * g / (|g| + 1000): close to -g, so the clipped gradient shows through.
+    opt = make_optimizer(_optim(learning_rate=1e3, eps=1e3, max_grad_norm=1.0))
+    params = {"policy": {"w": jnp.zeros(2)}}
+    grads = {"policy": {"w": jnp.array([30.0, 40.0])}}  # norm 50, clipped to [0.6, 0.8]
+    updates, _ = opt.update(grads, opt.init(params), params)
+    g = np.array([0.6, 0.8])
+    np.testing.assert_allclose(np.asarray(updates["policy"]["w"]), -1e3 * g / (g + 1e3), rtol=1e-5)
+    # max_grad_norm = 0: no clipping.
+    opt = make_optimizer(_optim(learning_rate=1e3, eps=1e3))
+    updates, _ = opt.update(grads, opt.init(params), params)
+    g = np.array([30.0, 40.0])
+    np.testing.assert_allclose(np.asarray(updates["policy"]["w"]), -1e3 * g / (g + 1e3), rtol=1e-5)
+
+
 def test_each_model_is_clipped_by_its_own_norm_like_verls_actor_and_critic():
     """A separate critic's value-loss gradient, often far larger, must not shrink the
     policy's update: each model's gradients are clipped by their own global norm."""
