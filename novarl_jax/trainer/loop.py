@@ -625,7 +625,11 @@ class Session:
             )
         self.start, self.host = 0, {}
         if self.resumed_from is not None:
+            fresh_key = self.state.key
             self.state, self.host = self.checkpointer.restore(abstract_like(self.state))
+            # The loop key is a function of experiment.seed alone (it never changes during a
+            # run): a resume allowed another seed samples with that seed's key from here on.
+            self.state = self.state.replace(key=fresh_key)
             restore_task_position(self.run.task, self.host, config, changed, log)
             self.start = int(self.host["iteration"])
             log(f"resumed from {self.checkpointer.directory} at step {self.start}")

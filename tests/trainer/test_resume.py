@@ -140,7 +140,7 @@ def test_a_resume_onto_an_edited_jsonl_file_stops_naming_task_path(tmp_path):
 def test_a_resume_allowed_a_new_seed_keeps_the_reference_it_started_from(tmp_path):
     """The KL reference is the initial policy: a seed changed at a resume (allowed
     explicitly) must not swap it for another random network."""
-    from novarl_jax.trainer.loop import Session
+    from novarl_jax.trainer.loop import Session, seed_keys
 
     config = _config(2)
     config.grpo.beta = 0.1  # a KL loss, so a reference model
@@ -149,7 +149,11 @@ def test_a_resume_allowed_a_new_seed_keeps_the_reference_it_started_from(tmp_pat
     with Session(config, str(tmp_path / "run"), log=lambda _: None, allow_config_change=True) as s:
         reference = jax.device_get(s.reference)
         trainer = s.trainer
-        assert s.init_seed == 0
+        assert s.init_seed == 0 and s.start == 2
+        # ... while what is sampled from here on follows the new seed.
+        loop_key = np.asarray(jax.device_get(s.state.key))
+    np.testing.assert_array_equal(loop_key, jax.random.key_data(seed_keys(1)[1]))
+    assert not np.array_equal(loop_key, jax.random.key_data(seed_keys(0)[1]))
     want = jax.device_get(trainer.initial_state(seed=0)[1])
     other = jax.device_get(trainer.initial_state(seed=1)[1])
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(want), strict=True):
