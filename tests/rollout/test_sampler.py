@@ -318,6 +318,26 @@ def test_kv_cache_sampling_equals_naive_sampler(model, sampled):
     np.testing.assert_allclose(out.logprobs, ref_logp, rtol=1e-5, atol=1e-6)
 
 
+def test_kv_cache_sampling_equals_naive_sampler_when_rows_stop_on_the_way(model, sampled):
+    # Stop on tokens this key draws at the second step of some rows, so that rows stop at
+    # different steps (the fixture's EOS is rarely drawn).
+    config, params = model
+    out, key = sampled
+    drawn = np.asarray(out.response_tokens)
+    stops = tuple(sorted({int(t) for t in drawn[::3, 1]} - {EOS, PAD}))
+    tokens, mask = _prompts()
+    kw = dict(max_new_tokens=MAX_NEW, stop_token_ids=stops, pad_id=PAD, **SETTINGS)
+    stopped = S.sample(params, config, tokens, mask, key, **kw)
+    ref_tokens, ref_mask, ref_logp = naive_sample(params, config, tokens, mask, key, **kw)
+    np.testing.assert_array_equal(stopped.response_tokens, ref_tokens)
+    np.testing.assert_array_equal(stopped.response_mask, ref_mask)
+    np.testing.assert_allclose(stopped.logprobs, ref_logp, rtol=1e-5, atol=1e-6)
+    lengths = np.asarray(stopped.lengths)
+    assert lengths.min() < MAX_NEW and (lengths == 2).any()  # rows stopped, on their stop
+    last = np.asarray(stopped.response_tokens)[np.arange(len(lengths)), lengths - 1]
+    assert np.isin(last[lengths < MAX_NEW], stops).all()  # the stop token is in the mask
+
+
 def test_output_layout(model, sampled):
     out, _ = sampled
     tokens, mask = _prompts()
