@@ -571,3 +571,20 @@ def test_deepspeed_min_capacity_is_passed_through():
         ParallelLayout(ep=2)
     )
     assert kwargs["min_capacity"] == 3
+
+
+def test_dropless_capacity_is_raised_to_min_capacity():
+    router = MoERouterConfig(num_experts=4, capacity_factor=None, min_capacity=16)
+    assert router.capacity(8) == router.capacity(8, train=False) == 16
+    assert router.capacity(32) == 32
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [ParallelLayout(dp=2, ep=2), ParallelLayout(tp=4, pp=3, ep=2), ParallelLayout(dp=3, ep=4)],
+)
+def test_deepspeed_ep_size_is_the_expert_axis_alone(layout):
+    # Every axis has its own size, so ep_size cannot come from dp * ep, tp or pp by chance.
+    kwargs = MoERouterConfig(num_experts=8).to_deepspeed(layout)
+    assert kwargs["ep_size"] == layout.ep
+    assert kwargs["enable_expert_tensor_parallelism"] is (layout.tp > 1)

@@ -18,6 +18,7 @@ from novarl_jax.rollout.engine import RolloutEngine
 from novarl_jax.sync import REASONS, WeightSyncController
 from novarl_jax.trainer import async_loop
 from novarl_jax.trainer.async_loop import WORKER_THREAD_PREFIX, train_async
+from novarl_jax.trainer.checkpoint import Checkpointer
 from novarl_jax.trainer.config import ConfigError, validate_config
 from novarl_jax.trainer.loop import train
 from novarl_jax.trainer.metrics import read_metrics
@@ -430,7 +431,7 @@ def test_resume_after_out_of_order_workers_trains_no_prompt_twice(tmp_path, monk
     would train the other batch's prompts again."""
     first_drawn, other_done, first_queued = (threading.Event() for _ in range(3))
     original_sample, original_learn = async_loop.AsyncTrainer.sample, async_loop.AsyncTrainer.learn
-    trained = []
+    trained, indices = [], []
 
     def sample(self, params, key_data, index, worker=0):
         if worker == 0 and not first_drawn.is_set():  # draws first, is queued second
@@ -451,6 +452,7 @@ def test_resume_after_out_of_order_workers_trains_no_prompt_twice(tmp_path, monk
 
     def learn(self, state, reference, rollout, step):
         trained.append({m["example_index"] for m in rollout.info.metadata})
+        indices.append(rollout.index)
         return original_learn(self, state, reference, rollout, step)
 
     monkeypatch.setattr(async_loop.AsyncTrainer, "sample", sample)
@@ -466,6 +468,11 @@ def test_resume_after_out_of_order_workers_trains_no_prompt_twice(tmp_path, monk
 
     _run_async(config(2), tmp_path, num_workers=2, queue_size=2)
     assert len(trained) == 2 and not trained[0] & trained[1]
+    # Rollout 1 was trained before rollout 0; the next rollout to sample is still 2 (going
+    # back to 1 would sample rollout 1's key again after a resume).
+    assert indices == [1, 0]
+    host = Checkpointer(str(tmp_path / "checkpoints"), async_save=False).restore_host(2)
+    assert host["rollout_index"] == 2
     _run_async(config(3), tmp_path, synchronous=True)  # resumes at step 3
     assert len(trained) == 3
     assert not trained[2] & (trained[0] | trained[1]), trained
