@@ -285,6 +285,22 @@ def test_rms_norm_matches_numpy(rows, width, eps, seed):
     np.testing.assert_allclose(rms_norm(x * 10, scale, 0.0), rms_norm(x, scale, 0.0), rtol=1e-5)
 
 
+def test_rms_norm_rounds_to_the_input_dtype_before_the_scale():
+    # Like Hugging Face's Llama/Mixtral RMSNorm: normalise in float32, round to the input's
+    # dtype, then multiply by the (float32) gain. Rounding after the multiply differs.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 64)) * 3, jnp.bfloat16)
+    scale = jnp.asarray(1 + rng.normal(size=(64,)) / 3, jnp.float32)
+    x64 = np.asarray(x, np.float64)
+    normed = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-6)
+    want = np.asarray(scale, np.float64) * np.asarray(jnp.asarray(normed, jnp.bfloat16), np.float64)
+    got = rms_norm(x, scale, 1e-6)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6)
+    unrounded = np.asarray(scale, np.float64) * normed
+    assert np.abs(np.asarray(got, np.float64) - unrounded).max() > 1e-4
+
+
 @settings(max_examples=8, deadline=None)
 @given(
     head_dim=st.sampled_from([2, 4, 8]),
