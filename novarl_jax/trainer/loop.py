@@ -1,7 +1,8 @@
 """The synchronous training loop: rollout -> score -> advantages -> updates -> log/save.
 
 All randomness of iteration ``i`` comes from ``fold_in(state.key, i)`` (the state's key is
-split from ``key(experiment.seed)`` at the start), the task's position is checkpointed, and
+split from ``key(experiment.seed)`` at the start, and again at a resume that was allowed
+another seed), the task's position is checkpointed, and
 every step is a deterministic jitted program, so a run of 2N steps and a run of N steps +
 restart + N steps give the same parameters and metrics.
 """
@@ -627,9 +628,10 @@ class Session:
         if self.resumed_from is not None:
             fresh_key = self.state.key
             self.state, self.host = self.checkpointer.restore(abstract_like(self.state))
-            # The loop key is a function of experiment.seed alone (it never changes during a
-            # run): a resume allowed another seed samples with that seed's key from here on.
-            self.state = self.state.replace(key=fresh_key)
+            if "experiment.seed" in changed:
+                # The loop key is split from the seed and never changes during a run: a
+                # resume allowed another seed goes on with that seed's key.
+                self.state = self.state.replace(key=fresh_key)
             restore_task_position(self.run.task, self.host, config, changed, log)
             self.start = int(self.host["iteration"])
             log(f"resumed from {self.checkpointer.directory} at step {self.start}")
