@@ -8,6 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+# Each command has its own 300 s limit, which kills it; a test runs several, so the
+# test-wide limit (setup.cfg) must not fire first and leave one running.
+pytestmark = pytest.mark.timeout(1800)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = [
     "experiment.world_size=8",

@@ -581,7 +581,7 @@ def test_dropless_capacity_is_raised_to_min_capacity():
 
 @pytest.mark.parametrize(
     "layout",
-    [ParallelLayout(dp=2, ep=2), ParallelLayout(tp=4, pp=3, ep=2), ParallelLayout(dp=3, ep=4)],
+    [ParallelLayout(dp=3, ep=2), ParallelLayout(tp=4, pp=3, ep=2), ParallelLayout(dp=3, ep=4)],
 )
 def test_deepspeed_ep_size_is_the_expert_axis_alone(layout):
     # Every axis has its own size, so ep_size cannot come from dp * ep, tp or pp by chance.

@@ -433,21 +433,22 @@ def test_resume_after_out_of_order_workers_trains_no_prompt_twice(tmp_path, monk
     original_sample, original_learn = async_loop.AsyncTrainer.sample, async_loop.AsyncTrainer.learn
     trained, indices = [], []
 
+    # Keyed on the rollout index, not the worker: workers take indices as they come.
     def sample(self, params, key_data, index, worker=0):
-        if worker == 0 and not first_drawn.is_set():  # draws first, is queued second
+        if index == 0:  # draws first, is queued second
             rollout = original_sample(self, params, key_data, index, worker)
             first_drawn.set()
             assert other_done.wait(60)
-            time.sleep(0.2)  # worker 1's rollout reaches the queue first
+            time.sleep(0.2)  # rollout 1 reaches the queue first
             first_queued.set()
             return rollout
-        if worker == 1 and not other_done.is_set():
+        if index == 1:
             assert first_drawn.wait(60)
             rollout = original_sample(self, params, key_data, index, worker)
             other_done.set()
             return rollout
         assert first_queued.wait(60)
-        time.sleep(0.2)  # worker 0's first rollout is queued before any later one
+        time.sleep(0.2)  # rollout 0 is queued before any later one
         return original_sample(self, params, key_data, index, worker)
 
     def learn(self, state, reference, rollout, step):

@@ -13,6 +13,10 @@ from quiet_train import train_quietly
 
 from configs import moe
 
+# The subprocesses' own time limits (up to ~14 minutes in all) must fire first: they kill
+# the jobs they started, which the test-wide limit (setup.cfg) would leave running.
+pytestmark = pytest.mark.timeout(1800)
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 OVERRIDES = {
     "experiment.steps": 2,
