@@ -513,3 +513,47 @@ def test_task_errors_name_the_task_and_its_line_through_a_wrapper():
             f"task '{here}_MyCopy' sample_prompts() raised KeyError: 'missing' "
             f"(at {__file__}:{line})"
         )
+
+
+def test_numeric_reward_gives_near_misses_nothing():
+    meta = [{"answer": 27}, {"answer": 100}, {"answer": 1000}]
+    completions = [r"\boxed{27.1}", "so 100.5", r"\boxed{1001}"]
+    assert R.numeric_reward([""] * 3, completions, meta) == [0.0, 0.0, 0.0]
+    # Float noise in a written answer still counts.
+    assert R.numeric_reward([""], [r"\boxed{27.0000001}"], [{"answer": 27}]) == [1.0]
+
+
+def test_thousands_commas_only_group_three_digits():
+    assert R.parse_number("1000,000") is None and R.parse_number("1234,567") is None
+    assert R.parse_number("1,000") == 1000.0
+    assert R.numeric_reward([""], [r"\boxed{1000,000}"], [{"answer": 1000000}]) == [0.0]
+
+
+def test_exact_match_rewards_are_python_floats():
+    got = R.exact_match_reward(["", ""], ["5", "6"], [{"answer": "5"}] * 2)
+    assert got == [1.0, 0.0] and all(type(r) is float for r in got)
+
+
+def test_arithmetic_partial_credit_is_never_negative():
+    rewards, _ = AdditionTask().score(["3+4="] * 3, ["30", "-100", "17"], [{"answer": 7}] * 3)
+    assert rewards.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_addition_operands_reach_max_operand():
+    _, meta = AdditionTask(max_operand=1).sample_prompts(jax.random.key(0), 64)
+    assert {a for m in meta for a in m["operands"]} == {0, 1}
+    _, meta = AdditionTask().sample_prompts(jax.random.key(0), 200)
+    assert max(a for m in meta for a in m["operands"]) == 9
+
+
+def test_jsonl_position_at_the_end_of_an_epoch_resumes():
+    # A run whose checkpoint falls exactly where an epoch ends (index == len).
+    task = JSONLTask(DATA, seed=3)
+    task.sample_prompts(None, len(task))
+    state = task.get_state()
+    assert state["epoch"] == 0 and state["index"] == len(task)
+    resumed = JSONLTask(DATA, seed=3)
+    resumed.set_state(state)
+    assert resumed.sample_prompts(None, 5) == task.sample_prompts(None, 5)
+    with pytest.raises(ValueError, match="past the dataset"):
+        resumed.set_state({**state, "index": len(task) + 1})

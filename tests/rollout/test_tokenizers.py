@@ -208,3 +208,12 @@ def test_encode_batch_accepts_numpy_integer_lengths():
     tok = CharTokenizer("ab")
     tokens, _ = tok.encode_batch(["ab"], max_length=np.int64(4))
     assert tokens.shape == (1, 4)
+
+
+def test_a_text_of_exactly_max_length_tokens_fits():
+    tok = CharTokenizer("abc")
+    tokens, mask = tok.encode_batch(["abc"], max_length=4)  # BOS + 3
+    np.testing.assert_array_equal(tokens, [[1, 3, 4, 5]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 1]])
+    with pytest.raises(ValueError, match=r"text 0 has 5 tokens, more than max_length=4"):
+        tok.encode_batch(["abca"], max_length=4)

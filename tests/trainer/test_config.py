@@ -157,3 +157,28 @@ def test_the_other_algorithms_settings_are_reported_not_refused(tmp_path):
         "warning: ppo.vf_coef=1.0 is not used: experiment.algorithm='grpo' reads the grpo.* "
         "settings"
     )
+
+
+def test_rollouts_not_prompts_must_split_over_the_data_shards():
+    # 3 prompts x 4 samples = 12 rollouts over 2 data shards.
+    spec = validate_config(_with(rollout__prompts_per_step=3, experiment__grpo_group_size=4))
+    assert spec.layout.dense_data_parallel_size == 2
+
+
+def test_prompt_and_completion_may_fill_the_context():
+    config = moe.get_config()
+    total = config.rollout.max_prompt_length + config.rollout.max_new_tokens
+    config.model.max_position_embeddings = total
+    validate_config(config)
+    config.model.max_position_embeddings = total - 1
+    with pytest.raises(ConfigError) as info:
+        validate_config(config)
+    assert info.value.key == "rollout.max_new_tokens"
+
+
+@pytest.mark.parametrize("key", ["experiment__steps", "rollout__prompts_per_step"])
+def test_a_bool_is_not_an_int(key):
+    # ml_collections lets a config file assign True to an int field.
+    name = key.replace("__", ".")
+    with pytest.raises(ConfigError, match=rf"^{name}: expected int, got bool True"):
+        validate_config(_with(**{key: True}))
