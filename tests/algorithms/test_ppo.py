@@ -59,6 +59,11 @@ def test_dual_clip_hand_computed():
     loss, m = policy(dual_clip_c=3.0)
     assert float(loss) == pytest.approx((-1.2 - 0.5 + 1.1 + 3.0 + 0.8) / 5, rel=1e-6)
     assert float(m["actor/pg_clipfrac_lower"]) == pytest.approx(1 / 5)
+    # A ratio of exactly c is at the bound, not past it: the cap changes nothing there.
+    c = float(jnp.exp(jnp.float32(1.0)))
+    loss, m = ppo_policy_loss(np.ones((1, 1)), np.zeros((1, 1)), -np.ones((1, 1)),
+                              np.ones((1, 1)), dual_clip_c=c)  # fmt: skip
+    assert float(loss) == pytest.approx(c) and float(m["actor/pg_clipfrac_lower"]) == 0.0
 
 
 def test_gradient_is_zero_where_the_clip_is_active():
