@@ -84,6 +84,18 @@ def test_saves_follow_the_interval_from_the_first_step(tmp_path):
     ckpt.close()
 
 
+def test_keep_last_n_and_the_host_record_of_each_kept_step(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), interval=1, keep=3, async_save=False)
+    for step in (1, 2, 3, 4):
+        ckpt.save(step, {"w": jnp.full(2, float(step))}, {"iteration": step})
+    assert ckpt.all_steps() == [2, 3, 4]
+    ckpt.close()
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    assert ckpt.restore_host(2) == {"iteration": 2}
+    assert ckpt.restore_host() == {"iteration": 4}
+    ckpt.close()
+
+
 def test_a_damaged_checkpoint_is_named_with_the_way_back_to_an_older_one(tmp_path):
     from novarl_jax.trainer.checkpoint import CheckpointUnreadableError
 

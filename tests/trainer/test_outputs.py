@@ -140,6 +140,16 @@ def test_truncate_after_keeps_earlier_rows(tmp_path):
     assert rows[0]["bad"] == "nan"  # non-finite values stay valid JSON
 
 
+def test_each_row_is_on_disk_before_the_writer_closes(tmp_path):
+    # A process killed mid-run (SIGKILL, out of memory) never reaches close().
+    writer = MetricsWriter(str(tmp_path))
+    writer.write(1, {"x": 1.0})
+    assert read_metrics(tmp_path) == [{"step": 1, "x": 1.0}]
+    writer.write(2, {"x": 2.0})
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    writer.close()
+
+
 def test_a_row_cut_off_by_a_killed_process_is_dropped_on_resume(tmp_path):
     writer = MetricsWriter(str(tmp_path))
     for step in range(1, 4):
