@@ -759,12 +759,11 @@ def _slot_experts(xt, w_gate_up, w_down, plan, *, capacity, top_k, axes):
     load = lax.pmax(jnp.max(jnp.minimum(plan.counts, capacity)), _axis_arg(axes.data))
     # Mesh-varying casts before the custom VJP: their transposes are the gradients' psums.
     xt, w_gate_up, w_down = _join_varying(xt, w_gate_up, w_down)
-    expert_axes = axes.expert
     # Gate and up as one 2F axis: a dot contracting two axes gets its operand transposed.
     w_gate_up = w_gate_up.reshape(*w_gate_up.shape[:2], -1)
     return _slot_ffn(
         xt, w_gate_up, w_down, plan.row_of_choice, plan.choice_of_row, load, capacity, top_k,
-        expert_axes,
+        axes.expert,
     )  # fmt: skip
 
 
@@ -987,21 +986,19 @@ def _experts_in_layout(xt, w_gate_up, w_down, plan, *, layout, capacity, block, 
             buf, w_gate_up, w_down, plan.first_row, plan.num_blocks, block,
             -(-capacity // block),
         )  # fmt: skip
-    else:
-        if axes.expert_size > 1:
-            # Slab j of every shard goes to shard j, which owns experts [j*E/ep, (j+1)*E/ep).
-            buf = buf.reshape(e, capacity, d)
-            buf = lax.all_to_all(buf, _axis_arg(axes.expert), 0, 1, tiled=True)
-            buf = buf.reshape(-1, d)  # [E/ep * ep*C, D]: ep*C rows per local expert
+    else:  # 'capacity': experts split over the mesh's expert axes
+        # Slab j of every shard goes to shard j, which owns experts [j*E/ep, (j+1)*E/ep).
+        buf = buf.reshape(e, capacity, d)
+        buf = lax.all_to_all(buf, _axis_arg(axes.expert), 0, 1, tiled=True)
+        buf = buf.reshape(-1, d)  # [E/ep * ep*C, D]: ep*C rows per local expert
         local = w_gate_up.shape[0]
         slab = buf.shape[0] // local
         buf, w_gate_up, w_down = _join_varying(buf, w_gate_up, w_down)
         first_row = jnp.arange(local, dtype=jnp.int32) * slab
         out = _grouped_ffn(buf, w_gate_up, w_down, first_row, None, slab, 1)
-        if axes.expert_size > 1:
-            out = out.reshape(local, -1, d)
-            out = lax.all_to_all(out, _axis_arg(axes.expert), 1, 0, tiled=True)
-            out = out.reshape(e * capacity, d)
+        out = out.reshape(local, -1, d)
+        out = lax.all_to_all(out, _axis_arg(axes.expert), 1, 0, tiled=True)
+        out = out.reshape(e * capacity, d)
 
     return _collect(out, plan.row_of_choice, plan.choice_of_row)  # [T, K, D]
 
