@@ -8,7 +8,8 @@ and, in asynchronous runs, the next rollout's index). Before restoring, the stor
 names and shapes are compared with the run's state, and a checkpoint of another model or setup
 is refused with the first arrays that differ (:class:`CheckpointMismatchError`). orbax writes
 each step into a temporary directory and renames it when complete, so a process killed mid-save
-leaves the previous checkpoint restorable. Old checkpoints are removed the same way: orbax
+leaves the previous checkpoint restorable; the half-written temporary directory is removed
+before the next run's first save. Old checkpoints are removed the same way: orbax
 first renames a step directory into ``todelete/`` (atomic), and its files are deleted from
 there, so a process killed while deleting never leaves a half-deleted step that looks complete.
 
@@ -81,6 +82,9 @@ class Checkpointer:
             create=True,
             enable_async_checkpointing=async_save,
             todelete_subdir=TRASH,
+            # A save killed part way leaves its step's temporary directory (as large as a
+            # checkpoint); orbax removes it before the next run's first save.
+            cleanup_tmp_directories=True,
             # A save's directories are made before save() returns, so a directory that cannot
             # be made fails there. Made in the background (orbax's default), a failure leaves
             # the save's other writer threads waiting for a "directory created" signal that

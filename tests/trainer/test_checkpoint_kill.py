@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,3 +132,17 @@ def test_checkpointer_refuses_settings_that_would_lose_checkpoints(tmp_path, kwa
     with pytest.raises(ValueError, match=match):
         Checkpointer(str(tmp_path), **kwargs)
     Checkpointer(str(tmp_path), keep=None, async_save=False).close()  # keep them all
+
+
+def test_a_save_killed_part_way_leaves_no_temporary_directory_behind(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), interval=1, keep=3, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, {"w": jnp.full(4, float(step))}, {"iteration": step})
+    ckpt.close()
+    # What a SIGKILL during step 9's save leaves: its files under orbax's temporary name.
+    shutil.copytree(tmp_path / "2", tmp_path / "9.orbax-checkpoint-tmp")
+    ckpt = Checkpointer(str(tmp_path), interval=1, keep=3, async_save=False)
+    assert ckpt.latest_step() == 2  # never taken for a checkpoint
+    ckpt.save(3, {"w": jnp.full(4, 3.0)}, {"iteration": 3})
+    ckpt.close()
+    assert sorted(set(os.listdir(tmp_path)) - {"todelete"}) == ["1", "2", "3"]
