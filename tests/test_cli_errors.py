@@ -153,7 +153,7 @@ def _interrupting_train(trained, checkpoints, error=KeyboardInterrupt):
 
 
 def test_ctrl_c_says_where_the_run_stopped(run_cli, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "train", _interrupting_train([1, 2, 3], [2]))
+    monkeypatch.setattr(loop, "train", _interrupting_train([1, 2, 3], [1, 2]))
     code, out, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}")
     assert code == 130
     assert err.strip() == (
@@ -219,7 +219,8 @@ def test_sigterm_says_where_the_run_stopped(run_cli, tmp_path, monkeypatch):
 def test_ctrl_c_before_a_step_finished(run_cli, tmp_path, monkeypatch, resumed):
     # A rerun after a run stopped at step 5 with its last checkpoint at step 4: step 5 of
     # the metrics file is not this run's, before or after the resume drops it.
-    (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+    for step in (2, 4):
+        (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
     _rows(tmp_path, [1, 2, 3, 4, 5])
     fake_train = _interrupting_train([], [])
 
@@ -462,6 +463,7 @@ def test_orbax_thread_errors_are_left_to_the_checkpointers_one_line():
     orbax = os.path.join("site-packages", "orbax", "checkpoint", "future.py")
     assert not cli_train.not_a_checkpoint_thread_error(record(orbax, logging.ERROR))
     assert cli_train.not_a_checkpoint_thread_error(record(orbax, logging.WARNING))
+    assert cli_train.not_a_checkpoint_thread_error(record(orbax, logging.CRITICAL))
     assert cli_train.not_a_checkpoint_thread_error(record("novarl_jax/x.py", logging.ERROR))
 
 
@@ -572,4 +574,172 @@ def test_the_dry_run_checks_the_dataset_position_a_resume_would_restore(run_cli,
         "novarl_jax.train: error: task.path: cannot resume the task's position: "
         "tests/data/prompts_tiny.jsonl has changed since this position in it was saved "
         "(11 examples then, 12 now)"
+    ), err
+
+
+# --- overrides, flags and messages around them ------------------------------------------------
+
+
+def test_every_none_word_sets_a_key_to_none():
+    argv, none_keys, _ = cli.translate_argv(
+        ["novarl_jax.train", "a.b=null", "a.c=~", "a.d=none", "a.e=None", "a.f=0"]
+    )
+    assert none_keys == ["a.b", "a.c", "a.d", "a.e"]
+    assert argv[1:] == ["--config.a.f=0"]
+    for word in ("null", "~", "none", "None"):  # for task options of any type
+        assert cli._option_value(word, 3) is None and cli._option_value(word, "abc") is None
+
+
+def test_a_deep_override_below_a_value_names_the_first_missing_key(run_cli):
+    code, _, err = run_cli("--config=configs/copy.py", "--dry_run", "experiment.steps.a.b=1")
+    assert code == 2
+    assert err.strip() == (
+        "novarl_jax.train: error: experiment.steps: is a value, not a section; it has no key 'a'"
+    )
+
+
+def test_a_config_that_is_a_directory_or_missing_is_one_line(run_cli):
+    code, out, err = run_cli("--config=configs", "--dry_run")
+    assert code == 2 and not out
+    assert (
+        err.strip()
+        == "novarl_jax.train: error: --config: configs: is a directory, not a config file"
+    )
+    code, _, err = run_cli("--config=configs/nonexistent.py", "--dry_run")
+    assert err.strip() == "novarl_jax.train: error: --config: configs/nonexistent.py: no such file"
+
+
+def test_a_trailing_config_flag_has_no_value():
+    assert cli.config_value(["novarl_jax.train", "--config"]) is None
+    assert (
+        cli.config_value(["novarl_jax.train", "--config", "configs/copy.py"]) == "configs/copy.py"
+    )
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        # A new value of another type than the file's: the task's own check, not ml_collections'.
+        ("task.options.max_length=2.5",
+         "task.options: max_length must be an integer >= 1, got 2.5"),
+        ("--config.task.options.a.b=1",
+         "task.options.a.b: task options are keyword arguments; set task.options.<name>=<value>"),
+    ],
+)  # fmt: skip
+def test_a_task_option_the_task_refuses_is_one_line(run_cli, override, message):
+    code, out, err = run_cli(*COPY_ON_8, "--dry_run", override)
+    assert code == 2 and "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [f"novarl_jax.train: error: {message}"], err
+
+
+def test_a_config_file_error_names_the_line_that_raised(run_cli, tmp_path):
+    path = tmp_path / "deep.py"
+    path.write_text(
+        "def _size():\n    raise ValueError('x')\n\n\ndef get_config():\n    return _size()\n"
+    )
+    code, _, err = run_cli(f"--config={path}", "--dry_run")
+    assert code == 2
+    assert err.splitlines() == [f"novarl_jax.train: error: --config: {path}:2: ValueError: x"]
+
+
+def test_cuda_or_gpu_asked_for_without_a_visible_gpu_says_so(monkeypatch):
+    monkeypatch.setattr(cli_messages, "nvidia_gpu_visible", lambda: False)
+    for platforms in ("gpu", "cuda", "cpu,gpu"):
+        message = cli_messages.backend_error_message(platforms, AssertionError())
+        assert f"could not start {platforms!r} (no NVIDIA GPU is visible)" in message
+    message = cli_messages.backend_error_message("tpu", AssertionError())
+    assert "could not start 'tpu' (AssertionError, no backend started)" in message
+
+
+def test_ctrl_c_while_a_metrics_row_was_half_written(tmp_path):
+    """A process stopped part way through writing a row: the last whole row is its step."""
+    before = cli_messages.training_mark(str(tmp_path))
+    _rows(tmp_path, [1, 2])
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "critic/sco')
+    assert cli_messages.interrupted_message(str(tmp_path), before).startswith(
+        "interrupted after step 2; no checkpoint in"
+    )
+
+
+def test_a_run_stopped_with_a_reward_error_after_a_checkpoint_resumes(
+    run_cli, tmp_path, monkeypatch
+):
+    from novarl_jax.rollout.rewards import RewardFunctionError
+
+    error = RewardFunctionError("reward function 'x' of task 'copy' raised KeyError: 'a'")
+    monkeypatch.setattr(loop, "train", _interrupting_train([1, 2], [1, 2], error))
+    code, _, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}")
+    assert code == 2
+    assert err.strip().endswith(
+        f"the last checkpoint is step 2 in {tmp_path}: fix it and rerun to resume"
+    ), err
+
+
+def test_a_checkpoint_of_another_setup_says_how_to_go_on(run_cli, tmp_path, monkeypatch):
+    from novarl_jax.trainer.checkpoint import CheckpointMismatchError
+
+    error = CheckpointMismatchError("/w/checkpoints/2/state was written for another model")
+    monkeypatch.setattr(loop, "train", _interrupting_train([], [], error))
+    code, _, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}")
+    assert code == 2
+    assert err.strip() == (
+        "novarl_jax.train: error: /w/checkpoints/2/state was written for another model; resume "
+        "with the run's own config, or train in a new --workdir"
+    )
+
+
+def test_a_real_run_leaves_the_ignored_settings_warning_to_its_session(
+    run_cli, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(loop, "train", lambda config, workdir, **kwargs: None)
+    code, out, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}", "ppo.vf_coef=1.0")
+    assert code == 0, err
+    assert "warning: ppo.vf_coef" not in out
+
+
+def test_a_workdir_below_a_file_names_the_file(run_cli, tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    code, _, err = run_cli(*COPY_ON_8, f"--workdir={blocker}/sub", "--dry_run")
+    assert code == 2
+    assert err.strip() == (
+        f"novarl_jax.train: error: --workdir: {blocker}/sub: {blocker} is a file, not a directory"
+    )
+    code, _, err = run_cli(*COPY_ON_8, f"--workdir={blocker}", "--dry_run")
+    assert (
+        err.strip() == f"novarl_jax.train: error: --workdir: {blocker} is a file, not a directory"
+    )
+
+
+def test_devices_that_do_not_split_over_the_processes_are_one_line(run_cli, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the device count is checked before any process connects")
+
+    monkeypatch.setattr(distributed, "initialize_multihost", unreachable)
+    code, _, err = run_cli(*COPY_ON_8, "--num_processes=3", "--process_id=0", "--dry_run")
+    assert code == 2
+    assert err.strip() == (
+        "novarl_jax.train: error: experiment.world_size: 8 devices do not split over "
+        "--num_processes=3"
+    )
+
+
+def test_a_coordinator_that_fails_is_named_as_such(run_cli, monkeypatch):
+    def refused(*args, **kwargs):
+        raise RuntimeError("connection refused.\nmore detail")
+
+    monkeypatch.setattr(distributed, "initialize_multihost", refused)
+    args = ["--coordinator_address=h:1", "--num_processes=2", "--process_id=0", "--dry_run"]
+    for extra in ([], ["--distributed"]):
+        code, _, err = run_cli(*COPY_ON_8, *args, *extra)
+        assert code == 2
+        assert err.strip() == (
+            "novarl_jax.train: error: jax.distributed.initialize: connection refused; elsewhere "
+            "pass --coordinator_address, --num_processes and --process_id"
+        )
+    code, _, err = run_cli(*COPY_ON_8, "--distributed", "--dry_run")
+    assert err.strip().startswith(
+        "novarl_jax.train: error: --distributed: JAX found no cluster to read"
     ), err
