@@ -477,3 +477,122 @@ def test_sharded_save_keeps_each_multi_tensor_shard_within_the_limit(tmp_path):
         shard = load_file(tmp_path / name)
         total = sum(a.nbytes for a in shard.values())
         assert len(shard) == 1 or total <= 600, (name, total, len(shard))
+
+
+def test_weights_come_in_the_dtype_asked_for_whatever_the_file_holds(tmp_path):
+    d = _copy("llama", tmp_path)
+    tensors = load_file(d / "model.safetensors")
+    save_file(
+        {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()},
+        d / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    _, params = load_hf_model(d)  # float32 by default
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    _, params = load_hf_model(DATA / "mixtral", dtype="bfloat16")  # a float32 file
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_a_bare_model_checkpoint_without_the_model_prefix_loads(tmp_path):
+    d = _copy("llama", tmp_path)
+    tensors = load_file(d / "model.safetensors")
+    bare = {k.removeprefix("model."): v for k, v in tensors.items()}
+    assert "embed_tokens.weight" in bare and "model.embed_tokens.weight" not in bare
+    save_file(bare, d / "model.safetensors", metadata={"format": "pt"})
+    _equal_trees(load_hf_model(d)[1], load_hf_model(DATA / "llama")[1])
+
+
+def test_a_value_head_absent_from_the_file_starts_at_zero(tmp_path):
+    _, params = load_hf_model(DATA / "llama", value_head=True)
+    np.testing.assert_array_equal(params["value_head"]["bias"], 0.0)
+    np.testing.assert_array_equal(params["value_head"]["kernel"], 0.0)
+    # Half a value head in the file is not taken for none.
+    d = _copy("llama", tmp_path)
+    tensors = load_file(d / "model.safetensors")
+    tensors["value_head.bias"] = np.ones((1,), np.float32)
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="unexpected tensor.*'value_head.bias'"):
+        load_hf_model(d, value_head=True)
+
+
+def test_a_per_expert_checkpoint_without_its_router_names_the_router(tmp_path):
+    d = _copy("mixtral", tmp_path)
+    tensors = load_file(d / "model.safetensors")
+    del tensors["model.layers.0.block_sparse_moe.gate.weight"]
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"tensor 'model\.layers\.0\.block_sparse_moe\.gate\.weight' is missing"
+    ):
+        load_hf_model(d)
+
+
+def _random_dense(seed=0):
+    config = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=2,
+                         num_attention_heads=2)  # fmt: skip
+    shapes = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
+    rng = np.random.default_rng(seed)
+    return config, jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
+
+
+def _greedy_shards(sizes, limit):
+    """Shard sizes of sorted tensors packed in order, a new shard when the next would not fit."""
+    shards = [[]]
+    for n in sizes:
+        if shards[-1] and sum(shards[-1]) + n > limit:
+            shards.append([])
+        shards[-1].append(n)
+    return shards
+
+
+@pytest.mark.parametrize("limit", [1, 600, "total"])
+def test_shards_are_packed_greedily_and_indexed(tmp_path, limit):
+    config, params = _random_dense()
+    tensors = params_to_hf_tensors(config, params)
+    total = sum(t.nbytes for t in tensors.values())
+    limit = total if limit == "total" else limit
+    save_hf_model(tmp_path, config, params, max_shard_bytes=limit)
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    want = _greedy_shards([tensors[k].nbytes for k in sorted(tensors)], limit)
+    if len(want) == 1:  # everything fits: one file, no index
+        assert files == ["model.safetensors"]
+        assert not (tmp_path / "model.safetensors.index.json").exists()
+        return
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == total
+    assert sorted(set(index["weight_map"].values())) == files  # no file left out of the map
+    sizes = [sum(a.nbytes for a in load_file(tmp_path / name).values()) for name in files]
+    assert sizes == [sum(s) for s in want]
+
+
+def test_save_checks_its_arguments_before_writing(tmp_path):
+    config, params = _random_dense()
+    with pytest.raises(TypeError, match="config must be a ModelConfig, got dict"):
+        save_hf_model(tmp_path / "a", {}, params)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"max_shard_bytes must be >= 1, got {bad}"):
+            save_hf_model(tmp_path / "a", config, params, max_shard_bytes=bad)
+    for bad in (True, 1.5):
+        with pytest.raises(ValueError, match="max_shard_bytes must be an integer >= 1"):
+            save_hf_model(tmp_path / "a", config, params, max_shard_bytes=bad)
+    with pytest.raises(TypeError, match="overwrite must be a bool"):
+        save_hf_model(tmp_path / "a", config, params, overwrite="yes")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="file: exists and is not a directory"):
+        save_hf_model(tmp_path / "file", config, params)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_an_overwrite_moves_config_json_in_last(tmp_path, monkeypatch):
+    """Until config.json lands, the directory holds no loadable checkpoint."""
+    config, params = _random_dense()
+    save_hf_model(tmp_path, config, params)
+    moved = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst):
+        moved.append(pathlib.Path(dst).name)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(hf_module.os, "replace", recording_replace)
+    save_hf_model(tmp_path, config, _random_dense(1)[1], overwrite=True, max_shard_bytes=600)
+    assert len(moved) > 2 and moved[-1] == "config.json" and moved.count("config.json") == 1

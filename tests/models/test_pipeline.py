@@ -2,6 +2,7 @@
 
 import doctest
 import functools
+import re
 
 import hypothesis
 import hypothesis.strategies as st
@@ -457,3 +458,52 @@ def test_error_side_inputs_and_stage_fn(pp2):
         pipeline_apply(lambda w, h: h[:, :2], stages, x, mesh=pp2, num_microbatches=2)
     with pytest.raises(ValueError, match="must return a pair"):
         pipeline_apply(lambda w, h: h, stages, x, mesh=pp2, num_microbatches=2, has_aux=True)
+
+
+def test_wrong_stage_axes_dtypes_and_bool_counts_are_refused(pp2):
+    stages = to_stages(jnp.zeros((4, D, D)), 2)
+    x = jnp.zeros((8, D))
+    # The batch axis is right, the stage axis is not: each stage would read another's rows.
+    with pytest.raises(ValueError, match=r"layer_extra leaf .* shape \(4, 2, 8\)"):
+        pipeline_apply(lambda w, h, layer_extra: h, stages, x, mesh=pp2, num_microbatches=2,
+                       layer_extra=jnp.zeros((4, 2, 8)))  # fmt: skip
+    with pytest.raises(ValueError, match=r"shape and dtype it was given, \(4, 8\) float32, but "
+                       r"returned \(4, 8\) bfloat16"):  # fmt: skip
+        pipeline_apply(lambda w, h: h.astype(jnp.bfloat16), stages, x, mesh=pp2,
+                       num_microbatches=2)  # fmt: skip
+    with pytest.raises(ValueError, match="num_microbatches must be an integer >= 1, got True"):
+        pipeline_apply(_layers_w, stages, x, mesh=pp2, num_microbatches=True)
+    with pytest.raises(ValueError, match="num_stages must be an integer >= 1, got True"):
+        to_stages(jnp.zeros((4, 2)), True)
+
+
+def test_bfloat16_activations_reach_the_stages_and_come_back_as_bfloat16(data, pp2):
+    w = data["w"][:4].astype(jnp.bfloat16)
+    x = data["x"].astype(jnp.bfloat16)
+    seen = []
+
+    def stage_fn(w, h):
+        seen.append(h.dtype)
+        return _layers_w(w, h)
+
+    y = jax.jit(lambda s, x: pipeline_apply(stage_fn, s, x, mesh=pp2, num_microbatches=2))(
+        to_stages(w, 2), x
+    )
+    assert y.dtype == jnp.bfloat16 and set(seen) == {jnp.dtype(jnp.bfloat16)}
+    ref = np.asarray(_layers_w(w, x), np.float32)
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref, atol=2e-2)
+
+
+def test_remat_recomputes_the_stages_in_the_backward_pass(data, pp2):
+    stages = to_stages(data["w"][:4], 2)
+
+    def grad_program(remat):
+        def loss(s, x):
+            return jnp.sum(pipeline_apply(_layers_w, s, x, mesh=pp2, num_microbatches=2,
+                                          remat=remat))  # fmt: skip
+
+        return str(jax.make_jaxpr(jax.grad(loss))(stages, data["x"]))
+
+    pattern = r"\b(remat2?|checkpoint)\["
+    assert re.search(pattern, grad_program(True))
+    assert not re.search(pattern, grad_program(False))

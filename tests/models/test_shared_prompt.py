@@ -185,3 +185,28 @@ def test_input_errors(devices):
             params, tokens, DENSE.replace(vocab_size=128), positions=positions,
             attention_mask=mask, prompt_length=PROMPT, group_size=GROUP,
         )  # fmt: skip
+
+
+def test_a_scoring_forward_routes_with_the_eval_capacity_factor():
+    config = MOE.replace(capacity_factor=0.5, eval_capacity_factor=8.0)
+    params = scaled(init_params(config, jax.random.key(1)))
+    tokens, mask, positions = _rows()
+    run = functools.partial(_run, params=params, config=config, tokens=tokens, mask=mask,
+                            positions=positions)  # fmt: skip
+    want_logits, _, want = run(forward, train=False)
+    got_logits, _, got = run(forward_shared_prompt, train=False)
+    assert float(got["dropped_fraction"]) == float(want["dropped_fraction"]) == 0.0
+    np.testing.assert_allclose(got["expert_load"], want["expert_load"], rtol=1e-5, atol=1e-7)
+    real = np.asarray(mask) > 0
+    np.testing.assert_allclose(
+        np.asarray(got_logits)[real], np.asarray(want_logits)[real], rtol=1e-5, atol=1e-5
+    )
+    # The training factor would drop choices: the eval one is what kept them.
+    assert float(run(forward_shared_prompt, train=True)[2]["dropped_fraction"]) > 0.1
+
+
+def test_return_routing_must_be_a_bool():
+    params = init_params(MOE, jax.random.key(0))
+    tokens, mask, positions = _rows()
+    with pytest.raises(TypeError, match=r"return_routing must be a bool \(True or False\)"):
+        _run(forward_shared_prompt, params, MOE, tokens, mask, positions, return_routing="no")
