@@ -129,6 +129,39 @@ def test_cache_repair_leaves_a_locked_cache_alone(tmp_path):
     assert compilation_cache.repair_compilation_cache(str(tmp_path)) == (1, 0)
 
 
+def test_an_unbounded_cache_is_left_as_plain_jax_wrote_it(
+    tmp_path, restore_cache_config, monkeypatch
+):
+    # JAX's unlimited cache reads no -atime files: nothing to repair.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    (tmp_path / "plain-cache").write_bytes(zlib.compress(b"\0\0\0\1" + os.urandom(100)))
+    compilation_cache.use_compilation_cache(str(tmp_path))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path)
+    assert jax.config.jax_compilation_cache_max_size == -1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain-cache"]
+
+
+def test_a_given_directory_that_cannot_be_written_is_an_error(
+    tmp_path, restore_cache_config, monkeypatch
+):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError) as info:
+        compilation_cache.use_compilation_cache(str(tmp_path / "xla"))
+    assert str(info.value) == f"--compilation_cache: {tmp_path / 'xla'}: is not writable"
+
+
+def test_a_zstd_entry_is_kept_when_it_cannot_be_checked(tmp_path, monkeypatch):
+    # Without a zstd decompressor the entry may be whole: it is kept and given its -atime.
+    for name in ("zstandard", "compression", "compression.zstd"):
+        monkeypatch.setitem(sys.modules, name, None)
+    entry = b"\x28\xb5\x2f\xfd" + os.urandom(100)
+    (tmp_path / "z-cache").write_bytes(entry)
+    assert compilation_cache.repair_compilation_cache(str(tmp_path)) == (1, 0)
+    assert (tmp_path / "z-cache").read_bytes() == entry
+    assert (tmp_path / "z-atime").is_file()
+
+
 # --- Ctrl-C ----------------------------------------------------------------------------------
 
 

@@ -195,6 +195,48 @@ def test_checklist_routing_group_of_a_microbatch_the_shards_do_not_divide(microb
     assert rows["capacity per expert (C)"] == "15"
 
 
+def test_checklist_describes_the_experts_on_each_shard_and_the_drop_policy():
+    from configs import moe
+    from novarl_jax.trainer.checklist import checklist_rows
+
+    config = moe.get_config()  # 4 experts over ep 2
+
+    def rows():
+        return {item: value for _, item, value in checklist_rows(validate_config(config))}
+
+    assert rows()["experts (E)"] == "4"
+    assert rows()["experts per shard (E / ep)"] == "2"
+    assert (rows()["capacity factor"], rows()["drop policy"]) == ("1.25", "position")
+    config.experiment.capacity_factor = None
+    assert (rows()["capacity factor"], rows()["drop policy"]) == ("dropless", "none (dropless)")
+
+
+def test_checklist_says_how_far_asynchronous_rollouts_sample_ahead():
+    from novarl_jax.trainer.checklist import checklist_rows
+
+    config = base.get_config()
+    config.experiment.update(algorithm="ppo", grpo_group_size=1, async_rollouts=True,
+                             rollout_workers=2, rollout_queue_size=4)  # fmt: skip
+
+    def rollouts():
+        rows = {item: value for _, item, value in checklist_rows(validate_config(config))}
+        return rows["rollouts"]
+
+    assert rollouts() == "asynchronous: 2 workers, 4 sampled ahead"
+    config.experiment.rollout_queue_size = 0  # one per worker
+    assert rollouts() == "asynchronous: 2 workers, 2 sampled ahead"
+
+
+def test_checklist_names_the_seed_of_random_initial_weights():
+    from novarl_jax.trainer.checklist import checklist_rows
+
+    config = base.get_config()
+    config.experiment.seed = 3
+    spec = validate_config(config)
+    rows = {item: value for _, item, value in checklist_rows(spec, None, build_run(spec))}
+    assert rows["initial weights"] == "random (experiment.seed=3)"
+
+
 @pytest.mark.parametrize(
     "algorithm,key,value,match",
     [
@@ -230,6 +272,8 @@ def test_checklist_names_the_optimizer_and_a_warmup_longer_than_the_run():
     assert row() == "AdamW, lr 0.003 constant, 80 updates, warmup 10"
     config.optim.warmup_steps = 1000
     assert row().endswith("warmup 1000 (longer than the run: the peak rate is never reached)")
+    config.optim.warmup_steps = 80  # as long as the run: its last update still warms up
+    assert row().endswith("warmup 80 (longer than the run: the peak rate is never reached)")
 
 
 def test_checklist_describes_the_validation():

@@ -242,3 +242,42 @@ def test_joined_batches_count_invalid_rows_and_groups_across_batches():
     assert info.invalid == [1, 4, 7, 9]
     assert info.prompts[4] == "b0" and info.sample_info[9] == {"row": ("c", 1)}
     assert info.task_state == {"tag": "c"} and traj.routing is None
+
+
+def test_the_evaluation_key_is_the_seed_folded_with_the_eval_tag():
+    from novarl_jax.trainer.evaluate import EVAL_KEY_TAG
+
+    config = _config(interval=1, prompts=3)
+    config.experiment.seed = 3
+    evaluator = Evaluator(build_run(validate_config(config)))
+    want = jax.random.fold_in(jax.random.key(3), EVAL_KEY_TAG)
+    np.testing.assert_array_equal(jax.random.key_data(evaluator.key), jax.random.key_data(want))
+    assert EVAL_KEY_TAG == int.from_bytes(b"eval", "big")
+
+
+def test_each_evaluation_batch_samples_with_its_own_key(monkeypatch):
+    from novarl_jax.trainer import evaluate
+
+    config = _config(interval=1, prompts=7, samples=2, temperature=1.0, prompts_per_batch=3)
+    evaluator = Evaluator(build_run(validate_config(config)))
+    keys = []
+    monkeypatch.setattr(
+        evaluator.engine, "complete", lambda p, key, v, encoded: keys.append(key) or len(keys)
+    )
+    monkeypatch.setattr(evaluate, "_joined", lambda parts, per_batch: parts)
+    assert evaluator.sample(None) == [1, 2, 3]  # 3 + 3 + 1 prompts
+    # The first batch samples as a rollout with the evaluation key would; the others fold in
+    # their batch's index.
+    first = jax.random.split(evaluator.key)[1]
+    want = [first, jax.random.fold_in(first, 1), jax.random.fold_in(first, 2)]
+    data = [tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in keys]
+    assert data == [tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in want]
+    assert len(set(data)) == 3
+
+
+def test_validation_metrics_without_a_valid_sample():
+    traj = _traj(valid=[0, 0, 0, 0], rewards=[1.0, 1.0, 1.0, 1.0], lengths=[1, 2, 3, 4])
+    m = _evaluator(2, 2).metrics(traj)
+    assert np.isnan(m["val/score/mean"]) and np.isnan(m["val/score/std"])
+    assert np.isnan(m["val/score/best_of_n/mean"])
+    assert m["val/response_length/mean"] == 0.0

@@ -129,6 +129,87 @@ def test_plot_panels_follow_the_logged_metric_names():
     ]
 
 
+def test_the_kl_panel_plots_the_reward_kl_penalty():
+    from novarl_jax.plot import choose_panels
+
+    # PPO with a KL penalty in the reward logs no actor/kl_loss.
+    assert choose_panels([{"step": 1, "actor/reward_kl_penalty": 0.1}]) == [
+        ("KL to reference", "actor/reward_kl_penalty")
+    ]
+
+
+def test_a_metric_logged_only_as_nan_gets_no_panel(tmp_path, capsys):
+    from novarl_jax import plot
+
+    rows = [{"step": 1, "actor/kl_loss": "nan", "actor/entropy": 1.0}]
+    assert plot.choose_panels(rows) == [("entropy", "actor/entropy")]
+    writer = MetricsWriter(str(tmp_path))
+    writer.write(1, {"critic/score/mean": float("nan")})  # written as "nan"
+    writer.close()
+    assert plot.main(["plot", str(tmp_path)]) == 2
+    assert "has no finite value of any plotted metric" in capsys.readouterr().err
+
+
+def _drawn(workdir, monkeypatch):
+    """Draws ``workdir``'s curves: {panel title: [(x, y) of each line]}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from novarl_jax import plot
+
+    axes_drawn = []
+    subplots = plt.subplots
+
+    def recording(*args, **kwargs):
+        fig, axes = subplots(*args, **kwargs)
+        axes_drawn.extend(axes.flat)
+        return fig, axes
+
+    monkeypatch.setattr(plt, "subplots", recording)
+    assert os.path.isfile(plot.plot_training(str(workdir)))
+    return {
+        ax.get_title(): [
+            ([float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()])
+            for line in ax.get_lines()
+        ]
+        for ax in axes_drawn
+    }
+
+
+def test_each_panel_draws_its_metric_against_the_logged_steps(tmp_path, monkeypatch):
+    writer = MetricsWriter(str(tmp_path))
+    writer.write(2, {"critic/score/mean": 0.25, "actor/entropy": 0.75})  # no step 1 logged
+    writer.write(4, {"critic/score/mean": 0.5, "actor/entropy": 0.5, "val/score/mean": 0.125})
+    writer.write(6, {"critic/score/mean": 0.75, "actor/entropy": 0.25, "val/score/mean": 0.375})
+    writer.close()
+    assert _drawn(tmp_path, monkeypatch) == {
+        "reward\n(critic/score/mean)": [([2, 4, 6], [0.25, 0.5, 0.75])],
+        "validation score\n(val/score/mean)": [([4, 6], [0.125, 0.375])],
+        "entropy\n(actor/entropy)": [([2, 4, 6], [0.75, 0.5, 0.25])],
+    }
+
+
+def test_non_finite_values_are_left_out_of_a_curve(tmp_path, monkeypatch):
+    writer = MetricsWriter(str(tmp_path))
+    for step, score in ((1, 0.25), (2, float("nan")), (3, 0.75)):
+        writer.write(step, {"critic/score/mean": score})
+    writer.close()
+    assert _drawn(tmp_path, monkeypatch) == {
+        "reward\n(critic/score/mean)": [([1, 3], [0.25, 0.75])]
+    }
+
+
+def test_an_empty_metrics_file_is_said_to_have_no_rows(tmp_path, capsys):
+    from novarl_jax import plot
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert plot.main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"novarl_jax.plot: error: {tmp_path / 'metrics.jsonl'} has no rows to plot\n"
+
+
 def test_truncate_after_keeps_earlier_rows(tmp_path):
     writer = MetricsWriter(str(tmp_path))
     for step in range(1, 6):

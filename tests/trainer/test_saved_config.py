@@ -77,8 +77,9 @@ def test_more_steps_may_not_silently_stretch_a_decaying_learning_rate(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["optim"]["decay_steps"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ConfigChangedError, match=r"'None updates' -> '480 updates'"):
+    with pytest.raises(ConfigChangedError, match=r"'None updates' -> '480 updates'") as info:
         check_resume_config(str(tmp_path), config, allow_change=False)
+    assert "set optim.decay_steps=" not in str(info.value)  # no old length to advise
     # A constant learning rate has nothing to stretch.
     config = copy.get_config()
     write_config(str(tmp_path), config)
@@ -137,7 +138,8 @@ def test_may_change_covers_every_documented_key_and_nothing_else():
     blocked = [
         "experiment.seed", "experiment.algorithm", "ppo.kl_coef", "optim.learning_rate",
         "rollout.temperature", "rollout.max_new_tokens", "train.epochs", "train.minibatches",
-        "experiment.steps_extra", "evaluation.x",
+        "experiment.steps_extra", "evaluation.x", "grpo.clip_ratio_low",
+        "grpo.advantage_estimator", "dapo.dynamic_sampling",
     ]  # fmt: skip
     assert [k for k in blocked if saved_config.may_change(k)] == []
 
@@ -204,3 +206,55 @@ def test_a_damaged_record_is_named_not_a_traceback(tmp_path):
     policy = build_run(validate_config(config)).model.policy
     with pytest.raises(ConfigError, match=r"model_config\.json: does not hold a JSON object"):
         check_resume_config(str(tmp_path), config, model=policy)
+
+
+def test_a_refusal_lists_four_changed_keys_and_counts_the_rest(tmp_path):
+    config = copy.get_config()
+    write_config(str(tmp_path), config)
+    config.experiment.seed = 1
+    config.optim.learning_rate = 0.5
+    config.ppo.kl_coef = 0.1
+    config.rollout.max_new_tokens = 4
+    config.rollout.temperature = 0.5  # the fifth in key order: counted, not listed
+    config.train.epochs = 3
+    with pytest.raises(ConfigChangedError) as info:
+        check_resume_config(str(tmp_path), config)
+    message = str(info.value)
+    assert (
+        "experiment.seed 0 -> 1, optim.learning_rate 0.003 -> 0.5, ppo.kl_coef 0.0 -> 0.1, "
+        "rollout.max_new_tokens 3 -> 4 (and 2 more) (its config: "
+    ) in message
+    assert "rollout.temperature" not in message and "train.epochs" not in message
+
+
+def test_checkpoint_steps_are_in_numeric_order(tmp_path):
+    for name in ("10", "9", "100"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    (tmp_path / "checkpoints" / "11").write_text("")  # a file, not a finished step
+    (tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp").mkdir()
+    assert saved_config.checkpoint_steps(str(tmp_path)) == [9, 10, 100]
+    assert saved_config.has_checkpoint(str(tmp_path))
+    assert saved_config.checkpoint_steps(str(tmp_path / "elsewhere")) == []
+
+
+def test_an_allowed_change_of_the_model_is_logged(tmp_path):
+    import dataclasses
+
+    from novarl_jax.models.config import ModelConfig
+
+    config = copy.get_config()
+    model = ModelConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2,
+    )  # fmt: skip
+    write_config(str(tmp_path), config, model=model)
+    changed = dataclasses.replace(model, rope_theta=500000.0)
+    lines = []
+    assert check_resume_config(str(tmp_path), config, model=model, log=lines.append) == []
+    assert lines == []
+    with pytest.raises(ConfigChangedError, match="rope_theta 10000.0 -> 500000.0"):
+        check_resume_config(str(tmp_path), config, model=changed, log=lines.append)
+    check_resume_config(str(tmp_path), config, allow_change=True, model=changed, log=lines.append)
+    assert len(lines) == 1
+    assert lines[0].startswith("resuming with a changed model: ")
+    assert "rope_theta 10000.0 -> 500000.0" in lines[0]

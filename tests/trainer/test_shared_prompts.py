@@ -51,6 +51,20 @@ def test_prompts_are_shared_only_where_rows_keep_their_groups():
     assert build_run(validate_config(ppo)).model.prompt_group == 1
 
 
+def test_the_checklist_says_why_prompts_are_not_shared():
+    ppo = _grpo_config()
+    ppo.experiment.algorithm = "ppo"  # share_prompts is on, but one sample per prompt
+
+    def row(config):
+        rows = dict(((s, i), v) for s, i, v in checklist_rows(validate_config(config)))
+        return rows[("algorithm", "shared-prompt forward")]
+
+    assert ppo.train.share_prompts
+    assert row(ppo) == "off"
+    ppo.train.share_prompts = False
+    assert row(ppo) == "off (train.share_prompts=False)"
+
+
 def test_minibatch_order():
     key = jax.random.key(3)
     np.testing.assert_array_equal(loop.minibatch_order(key, 16, 1), np.arange(16))
