@@ -9,9 +9,10 @@ names and shapes are compared with the run's state, and a checkpoint of another 
 is refused with the first arrays that differ (:class:`CheckpointMismatchError`). orbax writes
 each step into a temporary directory and renames it when complete, so a process killed mid-save
 leaves the previous checkpoint restorable; the half-written temporary directory is removed
-before the next run's first save. Old checkpoints are removed the same way: orbax
-first renames a step directory into ``todelete/`` (atomic), and its files are deleted from
-there, so a process killed while deleting never leaves a half-deleted step that looks complete.
+before the next run's first save (not by a process that only reads, such as an export). Old
+checkpoints are removed the same way: orbax first renames a step directory into
+``todelete/`` (atomic), and its files are deleted from there, so a process killed while
+deleting never leaves a half-deleted step that looks complete.
 
 A save that cannot be written (the directory is gone or a file, no permission, a full disk
 or quota) raises :class:`CheckpointWriteError` from :meth:`Checkpointer.save`,
@@ -37,6 +38,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 TRASH = "todelete"
+_UNFINISHED = ".orbax-checkpoint-tmp"  # orbax's suffix for a step directory being written
 
 
 class Checkpointer:
@@ -76,15 +78,13 @@ class Checkpointer:
             )
         self._trash = os.path.join(self.directory, TRASH)
         self._empty_trash()
+        self._saved = False  # whether this checkpointer has started a save
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=interval,
             max_to_keep=keep,
             create=True,
             enable_async_checkpointing=async_save,
             todelete_subdir=TRASH,
-            # A save killed part way leaves its step's temporary directory (as large as a
-            # checkpoint); orbax removes it before the next run's first save.
-            cleanup_tmp_directories=True,
             # A save's directories are made before save() returns, so a directory that cannot
             # be made fails there. Made in the background (orbax's default), a failure leaves
             # the save's other writer threads waiting for a "directory created" signal that
@@ -109,6 +109,18 @@ class Checkpointer:
             for name in os.listdir(self._trash):
                 shutil.rmtree(os.path.join(self._trash, name), ignore_errors=True)
 
+    def _remove_unfinished(self) -> None:
+        # A save killed part way leaves its step under orbax's temporary name, as large as a
+        # checkpoint and never listed as one. Removed before this checkpointer's first save
+        # (not on opening: an export may read the checkpoints of a run that is saving), by the
+        # first process only, which makes a save's directories. Errors are ignored: a leftover
+        # costs disk space, not correctness.
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if _UNFINISHED in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
@@ -126,6 +138,9 @@ class Checkpointer:
             return False  # orbax would also save a first step off the interval
         self.wait()  # orbax waits for the previous save too: name its failure as its own
         self._empty_trash()
+        if not self._saved:
+            self._remove_unfinished()
+            self._saved = True
         self._pending = step
         try:
             with _interrupts_deferred():

@@ -141,6 +141,11 @@ def test_a_save_killed_part_way_leaves_no_temporary_directory_behind(tmp_path):
     ckpt.close()
     # What a SIGKILL during step 9's save leaves: its files under orbax's temporary name.
     shutil.copytree(tmp_path / "2", tmp_path / "9.orbax-checkpoint-tmp")
+    # A process that only reads (an export of a run that is saving) leaves it alone.
+    reader = Checkpointer(str(tmp_path), async_save=False)
+    assert reader.restore_host() == {"iteration": 2}
+    reader.close()
+    assert (tmp_path / "9.orbax-checkpoint-tmp").is_dir()
     ckpt = Checkpointer(str(tmp_path), interval=1, keep=3, async_save=False)
     assert ckpt.latest_step() == 2  # never taken for a checkpoint
     ckpt.save(3, {"w": jnp.full(4, 3.0)}, {"iteration": 3})
