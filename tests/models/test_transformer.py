@@ -51,6 +51,13 @@ jit_forward = jax.jit(forward, static_argnames=("config", "mesh", "return_routin
         (dict(num_key_value_heads=3), "num_key_value_heads=3 must be an integer >= 1 that divides"),
         (dict(hidden_size=30, head_dim=None), "head_dim=None needs hidden_size=30 divisible"),
         (dict(head_dim=7), "head_dim=7 must be an even integer"),
+        (dict(head_dim=0), "head_dim=0 must be an even integer"),
+        (dict(num_key_value_heads=0), "num_key_value_heads=0 must be an integer >= 1 that div"),
+        (dict(num_key_value_heads=-2), "num_key_value_heads=-2 must be an integer >= 1 that d"),
+        (dict(hidden_size=0), "hidden_size must be an integer >= 1, got 0"),
+        (dict(intermediate_size=0), "intermediate_size must be an integer >= 1, got 0"),
+        (dict(num_attention_heads=0), "num_attention_heads must be an integer >= 1, got 0"),
+        (dict(max_position_embeddings=0), "max_position_embeddings must be an integer >= 1"),
         (dict(num_local_experts=-1), "num_local_experts must be an integer >= 0"),
         (
             dict(num_local_experts=4, num_experts_per_tok=5),
@@ -223,11 +230,43 @@ def test_from_hf_config_needs_a_mapping(hf_config):
         ModelConfig.from_hf_config(hf_config)
 
 
-def test_from_hf_config_missing_key():
+@pytest.mark.parametrize(
+    "key", ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads"]
+)  # fmt: skip
+def test_from_hf_config_missing_key(key):
     hf = {"model_type": "llama", **TINY}
-    del hf["hidden_size"]
-    with pytest.raises(ValueError, match=r"missing required key\(s\) \['hidden_size'\]"):
+    del hf[key]
+    with pytest.raises(ValueError, match=rf"missing required key\(s\) \['{key}'\]"):
         ModelConfig.from_hf_config(hf)
+
+
+def test_from_hf_config_reads_the_moe_keys_and_their_defaults():
+    base = {"model_type": "mixtral", **TINY}
+    mixtral = ModelConfig.from_hf_config(base)
+    assert (mixtral.num_local_experts, mixtral.num_experts_per_tok) == (8, 2)
+    assert mixtral.router_aux_loss_coef == 0.001  # MixtralConfig's default
+    given = ModelConfig.from_hf_config({**base, "num_experts": 4, "router_aux_loss_coef": 0.02})
+    assert (given.num_local_experts, given.router_aux_loss_coef) == (4, 0.02)
+    # A window as long as the context is no window at all.
+    window = {"model_type": "llama", **TINY, "max_position_embeddings": 64}
+    assert ModelConfig.from_hf_config({**window, "sliding_window": 64})
+
+
+def test_to_hf_config_writes_what_transformers_reads():
+    moe = MOE.replace(router_aux_loss_coef=0.02, rope_theta=1234.0, dtype="bfloat16")
+    hf = moe.to_hf_config()
+    assert hf["router_aux_loss_coef"] == 0.02 and hf["torch_dtype"] == "bfloat16"
+    # transformers 4 reads the top-level rope_theta, 5 the rope_parameters block.
+    assert hf["rope_theta"] == 1234.0
+    legacy = {k: v for k, v in hf.items() if k != "rope_parameters"}
+    assert ModelConfig.from_hf_config(legacy) == ModelConfig.from_hf_config(hf)
+    assert ModelConfig.from_hf_config(hf).router_aux_loss_coef == 0.02
+    # Mistral turns its 4096-token window off explicitly; left out, transformers would use it.
+    long = DENSE.replace(max_position_embeddings=8192)
+    mistral = long.to_hf_config("mistral")
+    assert "sliding_window" in mistral and mistral["sliding_window"] is None
+    assert ModelConfig.from_hf_config(mistral) == long
 
 
 def test_to_hf_config_errors():

@@ -437,3 +437,38 @@ def test_a_task_of_ones_own_runs_by_module_and_class(tmp_path, monkeypatch):
     config.eval.interval = 0
     e = error("word_tasks:NumpyState")
     assert e.key == "task.name" and "get_state() must return plain JSON values" in str(e)
+
+
+def test_a_stop_id_must_lie_below_the_vocabulary_size():
+    config = base.get_config()
+    vocab = build_run(validate_config(config)).model.policy.vocab_size
+    config.rollout.stop_token_ids = (vocab - 1,)
+    build_run(validate_config(config))
+    config.rollout.stop_token_ids = (vocab,)
+    with pytest.raises(ConfigError, match=f"rollout.stop_token_ids: {vocab} is not a token id"):
+        build_run(validate_config(config))
+
+
+@pytest.mark.parametrize("key", ["epochs", "minibatches", "micro_batches", "max_consecutive_skips"])
+def test_train_counts_must_be_at_least_one(key):
+    config = base.get_config()
+    config.train[key] = 0
+    with pytest.raises(ConfigError, match=f"train.{key}: must be >= 1, got 0"):
+        build_run(validate_config(config))
+
+
+def test_micro_batches_must_divide_each_minibatch_not_only_the_step():
+    config = base.get_config()  # 32 rollouts per step
+    config.train.minibatches, config.train.micro_batches = 4, 16
+    with pytest.raises(
+        ConfigError, match="train.micro_batches: 16 does not divide the minibatch of 8 rollouts"
+    ):
+        build_run(validate_config(config))
+
+
+def test_grpo_keeps_a_reference_policy_only_for_a_kl_term():
+    config = base.get_config()
+    config.grpo.beta = 0.0
+    assert build_run(validate_config(config)).needs_reference is False
+    config.grpo.beta = 0.1
+    assert build_run(validate_config(config)).needs_reference is True

@@ -92,3 +92,23 @@ def test_each_model_is_clipped_by_its_own_norm_like_verls_actor_and_critic():
     params = jax.tree.map(jnp.zeros_like, grads)
     state = make_optimizer(_optim(max_grad_norm=1.0)).init(params)
     assert state[0] == optax.clip_by_global_norm(1.0).init(params) == optax.EmptyState()
+
+
+def test_adamw_follows_optax_over_several_updates_with_both_decay_rates():
+    # The first update does not depend on b1 or b2 (bias correction): take three.
+    settings = dict(learning_rate=0.1, b1=0.9, b2=0.5, eps=1e-8, weight_decay=0.25)
+    ours = make_optimizer(_optim(**settings))
+    # Weights of rank >= 2 decay, vectors do not.
+    want = optax.adamw(**settings, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+    params = {"w": jnp.asarray([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.asarray([1.0, -2.0])}
+    p_ours, p_want = params, params
+    s_ours, s_want = ours.init(params), want.init(params)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+        u, s_ours = ours.update(g, s_ours, p_ours)
+        p_ours = optax.apply_updates(p_ours, u)
+        u, s_want = want.update(g, s_want, p_want)
+        p_want = optax.apply_updates(p_want, u)
+    for name in params:
+        np.testing.assert_allclose(p_ours[name], p_want[name], rtol=1e-6)

@@ -164,3 +164,12 @@ def test_sample_rows_stop_token_outside_the_mask_and_per_row_versions():
     assert [r["stopped"] for r in rows] == [True, False, False]
     assert [r["policy_version"] for r in rows] == [3, 4, 5]
     assert [r["prompt_index"] for r in rows] == [0, 0, 1]
+
+
+def test_any_stop_id_counts_as_stopping():
+    traj, info = _rollout()
+    # Row 0 ends with STOP: with another id listed first, it still stopped.
+    rows = sample_rows(traj, info, 10, step=1, split="train", stop_token_ids=(3, STOP))
+    assert [row["stopped"] for row in rows] == [True, False, None]
+    rows = sample_rows(traj, info, 10, step=1, split="train", stop_token_ids=(3,))
+    assert [row["stopped"] for row in rows] == [False, False, None]
