@@ -89,6 +89,26 @@ def test_grpo_variants_run_on_the_same_batch(name):
     assert np.isfinite(float(loss)) and np.isfinite(float(metrics["actor/pg_clipfrac"]))
 
 
+def test_each_preset_is_the_documented_one():
+    assert make_loss_config("dapo") == GRPOLossConfig(
+        clip_ratio_high=0.28, beta=0.0, loss_agg_mode="token-mean"
+    )
+    assert make_loss_config("dr_grpo") == GRPOLossConfig(
+        beta=0.0, loss_agg_mode="seq-mean-token-sum-norm"
+    )
+    assert make_loss_config("gspo") == GRPOLossConfig(
+        importance_sampling_level="sequence", clip_ratio_low=3e-4, clip_ratio_high=4e-4,
+        beta=0.0, loss_agg_mode="seq-mean-token-mean",
+    )  # fmt: skip
+    estimators = {name: spec.advantage_estimator for name, spec in ALGORITHMS.items()}
+    assert estimators == {
+        "ppo": "gae", "grpo": "grpo", "dapo": "grpo", "dr_grpo": "dr_grpo", "gspo": "grpo"
+    }  # fmt: skip
+    # Overrides win over the preset.
+    assert make_loss_config("dapo", clip_ratio_high=0.3).clip_ratio_high == 0.3
+    assert make_loss_config("gspo", beta=0.1).beta == 0.1
+
+
 def test_presets_and_overrides():
     assert make_loss_config("ppo") == PPOLossConfig()
     assert make_loss_config("grpo", beta=0.0) == GRPOLossConfig(beta=0.0)

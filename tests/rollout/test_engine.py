@@ -393,3 +393,43 @@ def test_a_bad_policy_version_is_named_as_given(setup, rolled):
     for bad in (True, 2.5, -3, 2**31):
         with pytest.raises(ValueError, match=rf"in \[0, 2\*\*31\) .*, got {re.escape(repr(bad))}$"):
             engine.rollout(params, jax.random.key(0), policy_version=bad, batch_size=BATCH)
+
+
+def test_engine_bounds_are_inclusive_where_they_should_be(setup):
+    config, params, task, tok = setup
+
+    def engine(model_config=config, **sampling):
+        kwargs = {"max_prompt_length": 8, "max_new_tokens": 4, "num_samples": GROUP, **sampling}
+        return RolloutEngine(model_config=model_config, tokenizer=tok, task=task,
+                             sampling=SamplingConfig(**kwargs))  # fmt: skip
+
+    engine(config.replace(vocab_size=tok.vocab_size))  # a tokenizer that fills the vocabulary
+    engine(max_prompt_length=60, max_new_tokens=4)  # exactly the model's 64 positions
+    with pytest.raises(ValueError, match=r"stop_token_ids \[32\] are outside the model's vocab"):
+        engine(stop_token_ids=(32,))
+    # None stops at EOS; () never stops.
+    assert engine(stop_token_ids=None).stop_token_ids == (tok.eos_id,)
+    assert engine(stop_token_ids=()).stop_token_ids == ()
+
+
+def test_rollout_and_complete_check_their_counts(setup, rolled):
+    config, params, task, tok = setup
+    engine = rolled[0]
+    key = jax.random.key(0)
+    for bad in (0, True, 1.0):
+        with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+            engine.rollout(params, key, 0, 2, num_samples=bad)
+    p, m, t, k = engine.encode_prompts(key, 4)
+    for encoded in ((p, m, t[:3], k), (p, m, t, k[:3]), (p, m[:3], t, k)):
+        with pytest.raises(ValueError, match="encoded prompts need as many"):
+            engine.complete(params, key, 0, encoded)
+
+    class ShortMetadata(AdditionTask):
+        def sample_prompts(self, key, batch_size):
+            prompts, metadata = super().sample_prompts(key, batch_size)
+            return prompts, metadata[:-1]
+
+    short = RolloutEngine(model_config=config, tokenizer=tok, task=ShortMetadata(),
+                          sampling=SAMPLING)  # fmt: skip
+    with pytest.raises(ValueError, match="returned 4 prompts and 3 metadata for batch_size=4"):
+        short.rollout(params, key, 0, 4)

@@ -56,6 +56,12 @@ def test_keeps_what_workers_hold():
     store.release("unknown")
     assert store.kept_versions() == (2,)
     assert store.worker_versions() == {"a": 2}
+    # A snapshot: later changes do not show in it, nor changes to it in the store.
+    snapshot = store.worker_versions()
+    store.release("a")
+    assert snapshot == {"a": 2}
+    snapshot["b"] = 7
+    assert store.worker_versions() == {}
 
 
 _OPS = st.lists(

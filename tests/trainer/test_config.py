@@ -37,6 +37,23 @@ def _with(**overrides):
     [
         (dict(experiment__world_size=6), "experiment.world_size", "not divisible by"),
         (dict(experiment__world_size=0), "experiment.world_size", "must be an integer >= 1"),
+        # Each key's own range check.
+        (dict(experiment__rollout_workers=0), "experiment.rollout_workers", ">= 1"),
+        (dict(experiment__weight_sync_max_staleness=0), "experiment.weight_sync_max_staleness",
+         ">= 1"),
+        (dict(experiment__weight_sync_interval=0), "experiment.weight_sync_interval", ">= 1"),
+        (dict(experiment__rollout_queue_size=-1), "experiment.rollout_queue_size", ">= 0"),
+        (dict(experiment__seed=2**63), "experiment.seed", r"in \[-2\*\*63, 2\*\*63\)"),
+        (dict(rollout__top_k=-1), "rollout.top_k", ">= 0"),
+        (dict(rollout__max_prompt_length=0), "rollout.max_prompt_length", ">= 1"),
+        (dict(rollout__prompt_truncation="none"), "rollout.prompt_truncation",
+         r"not one of \['error', 'left', 'right'\]"),
+        (dict(optim__decay_steps=-1), "optim.decay_steps", ">= 0"),
+        (dict(optim__weight_decay=-0.1), "optim.weight_decay", ">= 0"),
+        (dict(optim__end_learning_rate=-1e-4), "optim.end_learning_rate", ">= 0"),
+        (dict(optim__schedule="linear", optim__end_learning_rate=1.0), "optim.end_learning_rate",
+         "a linear decay would"),
+        (dict(model__max_position_embeddings=0), "model.max_position_embeddings", ">= 1"),
         (dict(experiment__tensor_parallel_size=0), "experiment.tensor_parallel_size", ">= 1"),
         (dict(experiment__top_k=5), "experiment.top_k", r"must be in \[1, num_experts=4\]"),
         (dict(experiment__capacity_factor=0.0), "experiment.capacity_factor", "> 0 or None"),
@@ -182,3 +199,55 @@ def test_a_bool_is_not_an_int(key):
     name = key.replace("__", ".")
     with pytest.raises(ConfigError, match=rf"^{name}: expected int, got bool True"):
         validate_config(_with(**{key: True}))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(optim__b1=0.0),  # momentum off
+        dict(experiment__seed=-(2**63)),  # the lowest seed a 64-bit key takes
+        dict(experiment__seed=2**63 - 1),
+        dict(optim__schedule="cosine", optim__end_learning_rate=0.003),  # ends at the peak
+        dict(ppo__value_clip_range=None),  # every nullable key: None means off or default
+        dict(ppo__dual_clip_c=None),
+        dict(ppo__tis_cap=None),
+        dict(grpo__dual_clip_c=None),
+        dict(grpo__tis_cap=None),
+        dict(grpo__loss_scale_factor=None),
+        dict(experiment__capacity_factor=None),
+        dict(model__head_dim=None),
+    ],
+)
+def test_values_at_the_edge_of_their_range_are_valid(overrides):
+    config = _with(**overrides)
+    assert config.optim.learning_rate == 0.003
+    validate_config(config)
+
+
+def test_an_overlong_buffer_may_span_all_new_tokens():
+    config = moe.get_config()
+    config.dapo.overlong_buffer = config.rollout.max_new_tokens
+    validate_config(config)
+
+
+def test_a_setting_equal_to_its_default_is_not_reported_as_ignored():
+    config = moe.get_config()  # GRPO
+    config.ppo.vf_coef = float(str(config.ppo.vf_coef))  # equal, another object
+    assert ignored_settings(config) == []
+
+
+@pytest.mark.parametrize(
+    "key,module", [("tensorboard", "tensorboardX"), ("wandb", "wandb")]
+)  # fmt: skip
+def test_a_logger_without_its_extra_is_named(monkeypatch, key, module):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == module else find_spec(name)
+    )
+    config = moe.get_config()
+    config.logging[key] = True
+    with pytest.raises(ConfigError, match=f"needs the {key} extra") as info:
+        validate_config(config)
+    assert info.value.key == f"logging.{key}"

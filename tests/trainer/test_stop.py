@@ -123,3 +123,42 @@ def test_nested_watches_share_one_handler_and_mark(monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is previous
     with StopWatch() as fresh:
         assert not fresh.requested()
+
+
+def test_a_second_sigterm_puts_back_the_handler_the_run_started_with(monkeypatch):
+    ended = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: ended.append(sig))
+
+    def own_handler(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, own_handler)
+    try:
+        with StopWatch():
+            handler = signal.getsignal(signal.SIGTERM)
+            handler(signal.SIGTERM, None)
+            handler(signal.SIGTERM, None)
+            assert ended == [signal.SIGTERM]
+            assert signal.getsignal(signal.SIGTERM) is own_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_watch_opened_off_the_main_thread_leaves_the_handler_alone():
+    import threading
+
+    previous = signal.getsignal(signal.SIGTERM)
+    outcome = []
+
+    def run():
+        try:
+            with StopWatch() as watch:
+                outcome.append(watch.requested())
+        except Exception as e:  # noqa: BLE001 - reported below
+            outcome.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert outcome == [False]
+    assert signal.getsignal(signal.SIGTERM) is previous
