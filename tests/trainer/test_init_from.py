@@ -117,6 +117,14 @@ def test_checkpoint_mismatches_name_the_key(change, key, match):
     assert info.value.key == key
 
 
+def test_prompt_and_completion_may_fill_the_checkpoints_context():
+    config = _config(f"{HF}/mixtral")  # max_position_embeddings=64
+    # The config's own context limit is the checkpoint's to set: it is not the one checked.
+    config.model.max_position_embeddings = 8
+    config.rollout.max_new_tokens = 64 - config.rollout.max_prompt_length
+    assert build_run(validate_config(config)).model.policy.max_position_embeddings == 64
+
+
 def test_the_checkpoints_own_tokenizer_is_used_and_shown(tmp_path):
     import shutil
 
