@@ -460,19 +460,17 @@ def test_overwrite_stages_on_the_target_file_system(tmp_path, monkeypatch):
     _equal_trees(loaded, other)
 
 
-def test_sharded_save_keeps_each_multi_tensor_shard_within_the_limit(tmp_path):
-    import json
-
-    from safetensors.numpy import load_file
-
-    from novarl_jax.models import ModelConfig, init_params
-    from novarl_jax.models.hf import save_hf_model
-
+def _random_dense(seed=0):
+    """A small dense model with random float32 weights (traced, not compiled)."""
     config = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=2,
                          num_attention_heads=2)  # fmt: skip
     shapes = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
+    rng = np.random.default_rng(seed)
+    return config, jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
+
+
+def test_sharded_save_keeps_each_multi_tensor_shard_within_the_limit(tmp_path):
+    config, params = _random_dense()
     save_hf_model(tmp_path, config, params, max_shard_bytes=600)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     for name in sorted(set(index["weight_map"].values())):
@@ -517,14 +515,6 @@ def test_a_per_expert_checkpoint_without_its_router_names_the_router(tmp_path):
         ValueError, match=r"tensor 'model\.layers\.0\.block_sparse_moe\.gate\.weight' is missing"
     ):
         load_hf_model(d)
-
-
-def _random_dense(seed=0):
-    config = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=2,
-                         num_attention_heads=2)  # fmt: skip
-    shapes = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
-    rng = np.random.default_rng(seed)
-    return config, jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
 
 
 def _greedy_shards(sizes, limit):

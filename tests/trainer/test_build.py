@@ -7,7 +7,15 @@ import pytest
 
 from configs import base
 from novarl_jax.trainer.build import build_run
+from novarl_jax.trainer.checklist import checklist_rows
 from novarl_jax.trainer.config import ConfigError, validate_config
+
+
+def _checklist(config, *, with_run=False):
+    """The start-up checklist of ``config``: {item: value} (with the built run's rows)."""
+    spec = validate_config(config)
+    rows = checklist_rows(spec, None, build_run(spec)) if with_run else checklist_rows(spec)
+    return {item: value for _, item, value in rows}
 
 
 def _tokenizer_file(tmp_path):
@@ -169,13 +177,12 @@ def test_an_unknown_task_option_is_named_with_the_valid_ones():
 def test_checklist_capacity_is_capped_at_the_group_tokens():
     # The MoE block never gives an expert more slots than the group has tokens.
     from configs import moe
-    from novarl_jax.trainer.checklist import checklist_rows
 
     config = moe.get_config()
     config.experiment.update(world_size=2, tensor_parallel_size=1, pipeline_parallel_size=1,
                              expert_parallel_size=1, capacity_factor=3.0)  # fmt: skip
     config.train.update(minibatches=1, epochs=1)
-    rows = {item: value for _, item, value in checklist_rows(validate_config(config))}
+    rows = _checklist(config)
     groups = [int(g) for g in rows["tokens per group (update), prompts / completions"].split(" / ")]
     capacities = [int(c) for c in rows["capacity per expert (C)"].split(" / ")]
     assert capacities == groups  # factor 3 x top-2 / 4 experts = 1.5 x tokens, capped
@@ -186,41 +193,34 @@ def test_checklist_routing_group_of_a_microbatch_the_shards_do_not_divide(microb
     # configs/moe.py (tp2 pp2 ep2: 2 data shards): 16 update rows of 24 tokens. 16 pipeline
     # microbatches of one row each are padded to a row per shard: 24 tokens, not 12.
     from configs import moe
-    from novarl_jax.trainer.checklist import checklist_rows
 
     config = moe.get_config()
     config.experiment.num_microbatches = microbatches
-    rows = {item: value for _, item, value in checklist_rows(validate_config(config))}
+    rows = _checklist(config)
     assert rows["tokens per group (update)"] == "24"
     assert rows["capacity per expert (C)"] == "15"
 
 
 def test_checklist_describes_the_experts_on_each_shard_and_the_drop_policy():
     from configs import moe
-    from novarl_jax.trainer.checklist import checklist_rows
 
     config = moe.get_config()  # 4 experts over ep 2
-
-    def rows():
-        return {item: value for _, item, value in checklist_rows(validate_config(config))}
-
-    assert rows()["experts (E)"] == "4"
-    assert rows()["experts per shard (E / ep)"] == "2"
-    assert (rows()["capacity factor"], rows()["drop policy"]) == ("1.25", "position")
+    rows = _checklist(config)
+    assert rows["experts (E)"] == "4"
+    assert rows["experts per shard (E / ep)"] == "2"
+    assert (rows["capacity factor"], rows["drop policy"]) == ("1.25", "position")
     config.experiment.capacity_factor = None
-    assert (rows()["capacity factor"], rows()["drop policy"]) == ("dropless", "none (dropless)")
+    rows = _checklist(config)
+    assert (rows["capacity factor"], rows["drop policy"]) == ("dropless", "none (dropless)")
 
 
 def test_checklist_says_how_far_asynchronous_rollouts_sample_ahead():
-    from novarl_jax.trainer.checklist import checklist_rows
-
     config = base.get_config()
     config.experiment.update(algorithm="ppo", grpo_group_size=1, async_rollouts=True,
                              rollout_workers=2, rollout_queue_size=4)  # fmt: skip
 
     def rollouts():
-        rows = {item: value for _, item, value in checklist_rows(validate_config(config))}
-        return rows["rollouts"]
+        return _checklist(config)["rollouts"]
 
     assert rollouts() == "asynchronous: 2 workers, 4 sampled ahead"
     config.experiment.rollout_queue_size = 0  # one per worker
@@ -228,13 +228,9 @@ def test_checklist_says_how_far_asynchronous_rollouts_sample_ahead():
 
 
 def test_checklist_names_the_seed_of_random_initial_weights():
-    from novarl_jax.trainer.checklist import checklist_rows
-
     config = base.get_config()
     config.experiment.seed = 3
-    spec = validate_config(config)
-    rows = {item: value for _, item, value in checklist_rows(spec, None, build_run(spec))}
-    assert rows["initial weights"] == "random (experiment.seed=3)"
+    assert _checklist(config, with_run=True)["initial weights"] == "random (experiment.seed=3)"
 
 
 @pytest.mark.parametrize(
@@ -259,13 +255,10 @@ def test_the_other_algorithms_section_is_checked_too(algorithm, key, value, matc
 
 
 def test_checklist_names_the_optimizer_and_a_warmup_longer_than_the_run():
-    from novarl_jax.trainer.checklist import checklist_rows
-
     config = base.get_config()  # 20 steps x 2 epochs x 2 minibatches = 80 updates
 
     def row():
-        rows = {item: value for _, item, value in checklist_rows(validate_config(config))}
-        return rows["optimizer"]
+        return _checklist(config)["optimizer"]
 
     assert row() == "AdamW, lr 0.003 constant, 80 updates"
     config.optim.warmup_steps = 10
@@ -277,22 +270,17 @@ def test_checklist_names_the_optimizer_and_a_warmup_longer_than_the_run():
 
 
 def test_checklist_describes_the_validation():
-    from novarl_jax.trainer.checklist import checklist_rows
-
     config = base.get_config()  # 8 prompts x 4 samples per step: batches of 32 rows
 
-    def rows():
-        return {item: value for _, item, value in checklist_rows(validate_config(config))}
-
-    assert "validation" not in rows()
+    assert "validation" not in _checklist(config)
     config.eval.update(interval=5, prompts=8)
-    assert rows()["validation"] == "every 5 steps and the last: 8 x 1, greedy"
+    assert _checklist(config)["validation"] == "every 5 steps and the last: 8 x 1, greedy"
     config.eval.update(prompts=20, samples=4, temperature=0.7)
-    assert rows()["validation"] == (
+    assert _checklist(config)["validation"] == (
         "every 5 steps and the last: 20 x 4, temperature 0.7, in batches of 8 prompts"
     )
     config.eval.prompts_per_batch = 32
-    assert rows()["validation"].endswith("20 x 4, temperature 0.7")
+    assert _checklist(config)["validation"].endswith("20 x 4, temperature 0.7")
 
 
 def test_a_dense_model_ignores_experiment_top_k():
@@ -303,16 +291,11 @@ def test_a_dense_model_ignores_experiment_top_k():
 
 
 def test_checklist_names_the_dapo_options_that_are_on():
-    from novarl_jax.trainer.checklist import checklist_rows
-
     config = base.get_config()
 
-    def rows():
-        return {item: value for _, item, value in checklist_rows(validate_config(config))}
-
-    assert "DAPO" not in rows()
+    assert "DAPO" not in _checklist(config)
     config.dapo.update(dynamic_sampling=True, overlong_buffer=4, mask_truncated=True)
-    assert rows()["DAPO"] == (
+    assert _checklist(config)["DAPO"] == (
         "dynamic sampling (up to 2 extra batches), overlong penalty up to 1 in the last 4 tokens, "
         "truncated completions masked"
     )
