@@ -217,3 +217,60 @@ def test_a_text_of_exactly_max_length_tokens_fits():
     np.testing.assert_array_equal(mask, [[1, 1, 1, 1]])
     with pytest.raises(ValueError, match=r"text 0 has 5 tokens, more than max_length=4"):
         tok.encode_batch(["abca"], max_length=4)
+
+
+def test_an_empty_batch_of_texts_keeps_one_padding_column():
+    tokens, mask = CharTokenizer("abc").encode_batch([""], add_bos=False)
+    assert tokens.shape == mask.shape == (1, 1)
+    assert mask.tolist() == [[0]]
+
+
+def test_decode_batch_refuses_a_flat_row():
+    with pytest.raises(ValueError, match=r"tokens must have shape \[B, T\], got \(2,\)"):
+        CharTokenizer("abc").decode_batch(np.array([3, 4]))
+
+
+def _unregistered_specials(tmp_path):
+    """A vocabulary whose pad, EOS and BOS are plain entries, not registered special tokens."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "a": 5, "b": 6}
+    rust = RustTokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    rust.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    rust.save(str(tmp_path / "tokenizer.json"))
+    return HFTokenizer(
+        tmp_path / "tokenizer.json", pad_token="<pad>", eos_token="</s>", bos_token="<s>"
+    )
+
+
+def test_decode_drops_pad_bos_and_eos_even_when_not_registered_as_special(tmp_path):
+    tok = _unregistered_specials(tmp_path)
+    assert tok.decode([2, 5, 0, 6]) == "a b"
+    assert tok.decode([2, 5, 6]) == "a b"
+    assert tok.decode([2, 5, 1, 6], stop_at_eos=False) == "a b"
+    assert tok.decode([2, 5, 1, 6]) == "a"
+
+
+def test_hf_encode_bypasses_the_post_processor_and_decode_skips_specials(hf_tokenizer, tmp_path):
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import processors
+
+    rust = RustTokenizer.from_file(str(hf_tokenizer))
+    rust.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    assert rust.encode("one plus two").ids[0] == 1  # the post-processor adds BOS and EOS ...
+    tok = HFTokenizer(rust, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    ids = tok.encode("one plus two")
+    assert len(ids) == 3 and not {1, 2} & set(ids)  # ... encode adds neither
+    tokens, mask = tok.encode_batch(["one plus two"])
+    assert tokens.tolist() == [[1, *ids]]  # BOS once, from add_bos
+    unk = tok.encode("zzz one")
+    assert unk[0] == 3  # <unk>, a registered special token
+    assert tok.decode(unk) == "one"
+
+
+def test_an_unknown_bos_token_is_named_as_bos_token(hf_tokenizer):
+    with pytest.raises(ValueError, match=r"^bos_token='<bos>' is not in the tokenizer's vocab"):
+        HFTokenizer(hf_tokenizer, pad_token="<pad>", eos_token="</s>", bos_token="<bos>")

@@ -1,0 +1,161 @@
+"""Each step of reading an answer: boxes, normalisation, numbers in boxes and in free text,
+the reward functions' tolerances and reference answers, and loading reward functions."""
+
+import pytest
+
+from novarl_jax.rollout import rewards as R
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("\\boxed  {7}", "7"),  # spaces before the brace, however many
+        ("\\boxed {7}", "7"),
+        ("\\boxed 7.", "7"),  # no braces: the word after the space
+    ],
+)
+def test_extract_boxed_skips_spaces_before_the_brace(text, expected):
+    assert R.extract_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("3\\!000", "3000"),  # LaTeX negative space
+        ("\\mbox{east}", "east"),  # a whole-answer \mbox is its text
+        ("\\mathrm{east}", "east"),
+        ("5 \\text{cm}", "5"),  # a trailing unit goes ...
+        ("5 \\text{cm} + 2", "5 \\text{cm}+2"),  # ... one in the middle stays
+        ("X = 5", "5"),  # a one-letter variable, either case
+        ("x = 5", "5"),
+        ("x =", "x="),  # a prefix with nothing after it is the whole answer
+        ("x \\neq 5", "x \\neq 5"),  # words (and commands) keep their spaces
+        ("New   York", "New York"),  # runs of whitespace are one space
+        ("a\n\tb", "a b"),
+        ("42.", "42"),
+    ],
+)
+def test_normalize_answer_steps(text, expected):
+    assert R.normalize_answer(text) == expected
+
+
+def test_exact_match_units_only_at_the_end_and_whitespace_runs():
+    assert R.exact_match_reward([""], ["\\boxed{5 \\text{cm} + 2}"], [{"answer": "5+2"}]) == [0.0]
+    assert R.exact_match_reward([""], ["New   York"], [{"answer": "New York"}]) == [1.0]
+    assert R.exact_match_reward([""], ["\\boxed{y=}"], [{"answer": ""}]) == [0.0]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        True,  # a JSON true is not the number 1
+        False,
+        "1" * 150,  # too long to be one answer
+        "\\frac{1}{0}",
+        "\\frac{0}{0}",
+        "1/0",
+        "1e999",  # overflows to inf
+        "-1e999",
+        "1,23",  # commas group three digits
+        "1,2345",
+    ],
+)
+def test_parse_number_refuses(text):
+    assert R.parse_number(text) is None
+
+
+def test_numbers_that_are_not_answers_score_nothing_and_never_raise():
+    assert R.numeric_reward([""], ["\\boxed{\\frac{1}{0}}"], [{"answer": 1}]) == [0.0]
+    assert R.numeric_reward([""], ["\\boxed{1e999}"], [{"answer": 1}]) == [0.0]
+    for answer in (True, "1e999"):
+        with pytest.raises(ValueError, match=r"metadata\[0\]\['answer'\]=.* is not a number"):
+            R.numeric_reward([""], ["1"], [{"answer": answer}])
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("42", 42.0),  # the whole text is the word
+        ("3/4", 0.75),
+        ("\\frac{3}{4}", 0.75),
+        ("answer is 3/4,", 0.75),  # trailing punctuation is not part of the word
+        ("answer is 3/4!", 0.75),
+        ("so (3/4)", 0.75),  # nor are brackets around it
+        ("total: $1,000", 1000.0),
+        ("x=8", 8.0),  # otherwise the last number alone
+        ("**42**", 42.0),
+        ("first 1\nthen\t-7", -7.0),
+        ("is 1e999", None),  # not finite
+        ("no digits", None),
+    ],
+)
+def test_last_number(text, expected):
+    assert R.last_number(text) == expected
+
+
+def test_numeric_reward_reads_a_bare_number():
+    assert R.numeric_reward(["", ""], ["42", "3/4"], [{"answer": 42}, {"answer": 0.75}]) == [
+        1.0,
+        1.0,
+    ]
+
+
+def test_numeric_reward_default_tolerances():
+    def score(completion, answer):
+        return R.numeric_reward([""], [completion], [{"answer": answer}])[0]
+
+    assert score("1000.05", 1000) == 0.0  # 5e-5 relative: a miss
+    assert score("1000.0000001", 1000) == 1.0  # 1e-10 relative: the same number
+    assert score("x 0.0000000001", 0) == 1.0  # 1e-10 from zero: within abs_tol
+    assert score("x 0.00000001", 0) == 0.0
+    assert R.numeric_reward([""], ["1000.05"], [{"answer": 1000}], rel_tol=1e-4) == [1.0]
+
+
+def test_boxed_reference_answers():
+    assert R.exact_match_reward([""], ["5"], [{"answer": "\\boxed{5}"}]) == [1.0]
+    assert R.numeric_answer("\\boxed{5}") == 5.0
+    assert R.numeric_answer("\\boxed{5") is None  # an unclosed box is no answer
+    assert R.numeric_reward([""], ["so 5"], [{"answer": "\\boxed{5}"}]) == [1.0]
+
+
+def test_an_unclosed_box_never_matches():
+    # The target "None" is what str(None) would give for the unclosed box.
+    assert R.exact_match_reward([""], ["\\boxed{oops"], [{"answer": "None"}]) == [0.0]
+
+
+def test_float_reference_answers_as_text():
+    assert R.answer_text(5.0) == "5"
+    assert R.answer_text(5.5) == "5.5"
+    assert R.answer_text(1e17) == "1e+17"
+    assert R.exact_match_reward([""], ["5.5"], [{"answer": 5.5}]) == [1.0]
+    assert R.exact_match_reward([""], ["5"], [{"answer": 5.5}]) == [0.0]
+
+
+@pytest.mark.parametrize("fn", [R.exact_match_reward, R.numeric_reward, R.positional_match_reward])
+def test_rewards_refuse_prompts_of_another_length(fn):
+    with pytest.raises(ValueError, match="must have the same length, got 2, 1, 1"):
+        fn(["", ""], ["5"], [{"answer": "5"}])
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("a:b:c", "must be a string 'module.path:function' or a callable"),
+        ("novarl_jax.rollout.rewards:", "must look like 'module.path:function'"),
+        (":exact_match_reward", "must look like 'module.path:function'"),
+    ],
+)
+def test_malformed_reward_specs(spec, message):
+    with pytest.raises(ValueError, match=f"reward function '{spec}' {message}"):
+        R.load_reward_fn(spec)
+
+
+def test_builtins_without_a_signature_load():
+    assert R.load_reward_fn("builtins:dict") is dict
+
+
+def test_a_failing_import_inside_the_module_is_a_cannot_import(tmp_path, monkeypatch):
+    (tmp_path / "badimport_mod.py").write_text("from os import no_such_name\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="cannot import 'badimport_mod' \\(cannot import name"):
+        R.load_reward_fn("badimport_mod:f")
