@@ -120,7 +120,13 @@ class MetricsWriter:
                     'pip install -e ".[tensorboard]"'
                 ) from e
             # Opened at the first write, so that a resume's purge step is in its first event.
-            self._tb_open = functools.partial(SummaryWriter, os.path.join(workdir, "tensorboard"))
+            # tensorboardX writes from a thread of its own, and its flush() does not wait for
+            # the points queued for that thread: flush_secs=1 has the thread write each point
+            # to disk within a second (its default, 120 s, could lose two minutes of a killed
+            # run).
+            self._tb_open = functools.partial(
+                SummaryWriter, os.path.join(workdir, "tensorboard"), flush_secs=1
+            )
         if wandb:
             try:
                 import wandb as wandb_lib
