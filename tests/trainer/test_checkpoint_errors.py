@@ -169,3 +169,14 @@ def test_an_os_error_inside_a_tensorstore_message_is_named_in_the_os_words():
     assert (
         _cause(OSError(13, "Permission denied")) == "PermissionError: [Errno 13] Permission denied"
     )
+
+
+def test_a_failed_write_names_the_latest_kept_step(tmp_path, monkeypatch):
+    ckpt = Checkpointer(str(tmp_path), interval=1, keep=3, async_save=False)
+    for s in (1, 2, 3):
+        ckpt.save(s, {"w": jnp.ones(2)}, {"iteration": s})
+    _fail_json_writes(monkeypatch)
+    with pytest.raises(CheckpointWriteError, match=r"the last checkpoint \(step 3\)"):
+        ckpt.save(4, {"w": jnp.ones(2)}, {"iteration": 4})
+    monkeypatch.undo()
+    ckpt.close()

@@ -1,0 +1,95 @@
+"""Checkpointer edges: its settings, the trash emptied on opening, restoring from nothing,
+mismatch messages, typed PRNG keys, saves from another thread, and error causes."""
+
+import errno
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from novarl_jax.trainer.checkpoint import (
+    Checkpointer,
+    CheckpointMismatchError,
+    _cause,
+    _one_line,
+    abstract_like,
+)
+
+SDS = jax.ShapeDtypeStruct
+
+
+def test_bool_keep_and_interval_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="keep must be an integer >= 1, got True"):
+        Checkpointer(str(tmp_path), keep=True)
+
+
+def test_interval_none_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="interval must be an integer >= 1, got None"):
+        Checkpointer(str(tmp_path), interval=None)
+
+
+def test_opening_empties_the_trash(tmp_path):
+    (tmp_path / "todelete" / "7").mkdir(parents=True)
+    (tmp_path / "todelete" / "7" / "f").write_text("x")
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    assert os.listdir(tmp_path / "todelete") == []
+    ckpt.close()
+
+
+def test_restoring_from_an_empty_directory_names_it(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        ckpt.restore({"w": SDS((2,), jnp.float32)})
+    ckpt.close()
+
+
+def test_exactly_three_mismatches_are_listed_without_more(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), interval=1, async_save=False)
+    ckpt.save(1, {"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)}, {"iteration": 1})
+    like = {k: SDS((3,), jnp.float32) for k in "abc"}
+    with pytest.raises(CheckpointMismatchError) as e:
+        ckpt.restore(like)
+    assert "more)" not in str(e.value) and str(e.value).count("the checkpoint has") == 3
+    ckpt.close()
+
+
+def test_a_typed_prng_key_restores(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), interval=1, async_save=False)
+    state = {"w": jnp.ones(2), "k": jax.random.key(0)}
+    ckpt.save(1, state, {"iteration": 1})
+    restored, _ = ckpt.restore(abstract_like(state))
+    assert (jax.random.key_data(restored["k"]) == jax.random.key_data(state["k"])).all()
+    ckpt.close()
+
+
+def test_an_os_error_in_the_exception_context_is_named():
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("save failed")  # noqa: B904 - implicit context on purpose
+    except RuntimeError as e:
+        assert _cause(e) == "OSError: [Errno 28] No space left on device"
+
+
+def test_one_line_is_the_first_line():
+    assert _one_line(ValueError("first\nsecond")) == "ValueError: first"
+
+
+def test_a_save_from_another_thread(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), interval=1, async_save=False)
+    out = []
+
+    def run():
+        try:
+            out.append(ckpt.save(1, {"w": jnp.ones(2)}, {"iteration": 1}))
+        except Exception as e:  # noqa: BLE001
+            out.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert out == [True] and ckpt.all_steps() == [1]
+    ckpt.close()

@@ -1,0 +1,108 @@
+"""Export edges: a workdir spelled with a slash, one stop id, no BOS, a damaged checkpoint, an
+occupied critic folder refused before anything is written, a dense model, BOS id 0, and the
+export closing its checkpointer."""
+
+import json
+import shutil
+
+import pytest
+from quiet_train import train_quietly
+from test_build import _tokenizer_file
+from test_export import _config
+
+from novarl_jax.trainer.export import ExportError, export_policy
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("a")
+    c = _config()
+    c.model.tokenizer = str(_tokenizer_file(tmp))
+    c.model.bos_token = ""
+    c.rollout.stop_token_ids = (3,)
+    train_quietly(c, tmp / "run")
+    return c, tmp
+
+
+def test_the_workdir_with_a_trailing_slash_is_still_the_workdir(run_a):
+    c, tmp = run_a
+    with pytest.raises(ExportError, match="is the run's own workdir"):
+        export_policy(c, str(tmp / "run"), str(tmp / "run") + "/")
+
+
+def test_a_single_stop_id_is_written_as_an_int(run_a):
+    c, tmp = run_a
+    export_policy(c, str(tmp / "run"), str(tmp / "e05"))
+    gen = json.loads((tmp / "e05" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 3
+
+
+def test_no_bos_token_leaves_it_out_of_tokenizer_config(run_a):
+    c, tmp = run_a
+    export_policy(c, str(tmp / "run"), str(tmp / "e10"))
+    assert "bos_token" not in json.loads((tmp / "e10" / "tokenizer_config.json").read_text())
+
+
+def test_the_export_closes_its_checkpointer_also_on_failure(run_a, monkeypatch):
+    from novarl_jax.trainer import export as export_mod
+
+    closed = []
+
+    class Counting(export_mod.Checkpointer):
+        def close(self):
+            closed.append(True)
+            super().close()
+
+    monkeypatch.setattr(export_mod, "Checkpointer", Counting)
+    c, tmp = run_a
+    export_policy(c, str(tmp / "run"), str(tmp / "e12"))
+    with pytest.raises(ExportError):
+        export_policy(c, str(tmp / "run"), str(tmp / "e12b"), step=7)
+    assert closed == [True, True]
+
+
+def test_a_damaged_checkpoint_is_an_export_error(run_a):
+    c, tmp = run_a
+    shutil.copytree(tmp / "run", tmp / "damaged")
+    host = next((tmp / "damaged" / "checkpoints" / "2" / "host").iterdir())
+    host.write_text("{not json")
+    with pytest.raises(ExportError, match="checkpoint could not be read"):
+        export_policy(c, str(tmp / "damaged"), str(tmp / "e04"))
+
+
+def test_an_occupied_critic_folder_is_refused_before_writing(tmp_path):
+    c = _config(steps=1, critic="separate")
+    train_quietly(c, tmp_path / "run")
+    (tmp_path / "hf" / "critic").mkdir(parents=True)
+    (tmp_path / "hf" / "critic" / "config.json").write_text("{}")
+    with pytest.raises(ExportError, match=r"critic: already holds a model"):
+        export_policy(c, str(tmp_path / "run"), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf" / "config.json").exists()
+
+
+def test_a_dense_export_reports_no_capacity_factor(tmp_path):
+    c = _config(steps=1)
+    c.experiment.num_experts = 0
+    c.experiment.capacity_factor = 1.25
+    train_quietly(c, tmp_path / "run")
+    assert export_policy(c, str(tmp_path / "run"), str(tmp_path / "hf"))["capacity_factor"] is None
+
+
+def test_bos_id_zero_and_the_pair_template(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(["<s>", "<pad>", "</s>", *"reve :abcd"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    c = _config(steps=1)
+    c.model.tokenizer = str(path)
+    c.model.bos_token = "<s>"
+    train_quietly(c, tmp_path / "run")
+    export_policy(c, str(tmp_path / "run"), str(tmp_path / "hf"))
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen.get("bos_token_id") == 0
+    exported = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    a, b = vocab["a"], vocab["b"]
+    assert exported.encode("a", "b").ids == [0, a, 0, b]

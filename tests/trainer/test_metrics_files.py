@@ -1,0 +1,34 @@
+"""metrics.jsonl's reader and truncation on odd lines, and the W&B run's id and steps."""
+
+import sys
+import types
+
+from novarl_jax.trainer.metrics import JsonLines, MetricsWriter, read_metrics, wandb_run_id
+
+
+def test_truncating_keeps_a_line_that_is_not_an_object(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n[2]\n{"step": 3}\n')
+    JsonLines(str(path)).truncate_after(1)
+    assert path.read_text() == '{"step": 1}\n[2]\n'
+
+
+def test_wandb_points_carry_the_step(tmp_path, monkeypatch):
+    calls = []
+    run = types.SimpleNamespace(log=lambda d, **kw: calls.append(kw), finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: run))
+    writer = MetricsWriter(str(tmp_path), wandb=True)
+    writer.write(5, {"x": 1.0})
+    writer.close()
+    assert calls == [{"step": 5}]
+
+
+def test_a_relative_workdir_names_the_same_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert wandb_run_id("copy") == wandb_run_id(str(tmp_path / "copy"))
+    assert wandb_run_id("copy/").startswith("copy-")
+
+
+def test_blank_lines_in_metrics_are_skipped(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n\n{"step": 2}\n')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
