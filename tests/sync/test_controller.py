@@ -296,3 +296,48 @@ def test_invariants_over_random_event_sequences(events, interval, max_staleness,
     assert all(0 <= lag <= max_staleness for lag in trained)
     assert broadcasts == sorted(set(broadcasts)) and broadcasts[0] == 0
     assert state.broadcasts == len(broadcasts)
+
+
+def test_a_sample_one_version_newer_than_the_trainer_is_refused():
+    with pytest.raises(ValueError, match="newer than trainer_version=3"):
+        staleness(3, [4])
+
+
+def test_an_infinite_timeout_is_refused():
+    with pytest.raises(ValueError, match="timeout_s must be a finite number"):
+        wsc.init(1, 1, float("inf"))
+
+
+def test_a_failed_publish_is_not_recorded_as_a_broadcast():
+    c = WeightSyncController(1, 1)
+
+    def boom(version):
+        raise OSError("publish failed")
+
+    with pytest.raises(OSError):
+        c.maybe_broadcast(0, {}, boom)
+    assert c.state.broadcasts == 0 and c.state.last_version is None
+    assert c.should_broadcast(0, {}) == (True, "initial")
+
+
+def test_an_explicit_now_is_the_broadcast_time():
+    readings = []
+
+    def clock():
+        readings.append(1)
+        return 1000.0
+
+    c = WeightSyncController(100, 100, 30.0, clock=clock)
+    assert c.maybe_broadcast(0, {}, lambda v: None, now=5.0) == "initial"
+    assert c.state.last_time == 5.0 and readings == []
+    assert c.should_broadcast(1, {}, now=34.9) == (False, "not_due")
+    assert c.should_broadcast(1, {}, now=35.0) == (True, "timeout")
+
+
+def test_from_config_names_the_interval_key():
+    config = ml_collections.ConfigDict()
+    config.experiment = dict(
+        weight_sync_interval=0, weight_sync_max_staleness=6, weight_sync_timeout_s=30.0
+    )
+    with pytest.raises(ValueError, match="experiment.weight_sync_interval must be"):
+        WeightSyncController.from_config(config)

@@ -1,0 +1,158 @@
+"""The asynchronous loop's feed and schedule: polls while the trainer waits, worker errors
+(the first raised, once, and the others stopped), inline turns round the workers, the
+multi-process start-up check, the rollout index after drops, and a dropped last rollout
+sampled again."""
+
+import threading
+import time
+
+import jax
+import pytest
+from test_async_loop import UPDATES, _config, _run_async
+
+from novarl_jax.rollout.engine import RolloutEngine
+from novarl_jax.trainer import async_loop
+from novarl_jax.trainer.checkpoint import Checkpointer
+from novarl_jax.trainer.config import validate_config
+
+
+def _r(index, worker):
+    return async_loop.Rollout(index, worker, 0, None, None, {}, 0.0)
+
+
+def test_the_trainer_polls_while_it_waits_for_a_rollout(tmp_path, monkeypatch):
+    polls, after = [], {}
+    orig_poll, orig_sample = async_loop._Broadcaster.poll, async_loop.AsyncTrainer.sample
+
+    def poll(self, state):
+        v = int(state.policy_version)
+        polls.append(v)
+        after.setdefault(v, threading.Event()).set()
+        return orig_poll(self, state)
+
+    def sample(self, params, key_data, index, worker=0):
+        if index >= 1:  # the trainer has polled after step index-1 and now waits for this one
+            assert after.setdefault(index * UPDATES, threading.Event()).wait(60)
+            time.sleep(0.5)
+        return orig_sample(self, params, key_data, index, worker)
+
+    monkeypatch.setattr(async_loop._Broadcaster, "poll", poll)
+    monkeypatch.setattr(async_loop.AsyncTrainer, "sample", sample)
+    _run_async(_config(3, max_staleness=100), tmp_path)
+    assert len(polls) > 1 + 3, polls  # waits poll (timeout broadcasts while idle)
+
+
+def test_a_worker_error_stops_the_other_workers():
+    started, raised = [], threading.Event()
+
+    def produce(worker, index):
+        if index == 0:
+            raised.set()
+            raise ValueError("boom")
+        raised.wait(10)
+        time.sleep(0.2)  # the failing worker has stopped the feed by now
+        started.append(index)
+        return _r(index, worker)
+
+    feed = async_loop._ThreadedFeed(
+        produce, queue_size=6, num_workers=2, first_index=0, limit=6, retire=lambda w: None
+    )
+    feed.start()
+    time.sleep(1.5)
+    assert len(started) <= 2, started  # left running, the other worker would take 1..5
+    feed.close()
+
+
+def test_the_first_worker_error_is_the_one_raised():
+    both = threading.Barrier(2)
+
+    def produce(worker, index):
+        both.wait(10)  # both workers are sampling
+        if index == 0:
+            raise ValueError("first")
+        time.sleep(0.3)
+        raise ValueError("second")
+
+    feed = async_loop._ThreadedFeed(
+        produce, queue_size=2, num_workers=2, first_index=0, limit=2, retire=lambda w: None
+    )
+    feed.start()
+    for t in feed._threads:
+        t.join(10)
+    with pytest.raises(ValueError, match="first"):
+        feed.close(raise_errors=True)
+
+
+def test_a_worker_error_is_raised_once_with_one_note(tmp_path, monkeypatch):
+    calls = []
+    original = RolloutEngine.rollout
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("reward server unreachable")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RolloutEngine, "rollout", failing)
+    with pytest.raises(ValueError, match="reward server unreachable") as excinfo:
+        _run_async(_config(6, max_staleness=UPDATES), tmp_path)
+    assert excinfo.value.__notes__ == ["raised in rollout worker 0 (novarl-rollout-0)"]
+
+
+def test_inline_turns_go_round_the_workers(tmp_path, monkeypatch):
+    workers = []
+    orig = async_loop.AsyncTrainer.sample
+
+    def sample(self, params, key_data, index, worker=0):
+        workers.append(worker)
+        return orig(self, params, key_data, index, worker)
+
+    monkeypatch.setattr(async_loop.AsyncTrainer, "sample", sample)
+    _run_async(
+        _config(4, max_staleness=100), tmp_path, synchronous=True, num_workers=2, queue_size=2
+    )
+    assert workers == [0, 1, 0, 1]
+
+
+def test_multi_process_runs_without_a_timeout_are_accepted(monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    async_loop.check_async_startup(validate_config(_config(1, timeout_s=0.0)))  # no raise
+
+
+def test_a_resume_after_drops_continues_the_rollout_index(tmp_path, monkeypatch):
+    indices = []
+    orig = async_loop.AsyncTrainer.sample
+
+    def sample(self, params, key_data, index, worker=0):
+        indices.append(index)
+        return orig(self, params, key_data, index, worker)
+
+    monkeypatch.setattr(async_loop.AsyncTrainer, "sample", sample)
+    cadence = dict(interval=3, max_staleness=1)
+    _, rows, _ = _run_async(_config(2, **cadence), tmp_path, synchronous=True, queue_size=2)
+    assert [r["sync/dropped_samples"] for r in rows] == [0, 8]
+    assert indices == [0, 1, 2]
+    host = Checkpointer(str(tmp_path / "checkpoints"), async_save=False).restore_host(2)
+    assert host["rollout_index"] == 3
+    indices.clear()
+    _run_async(_config(3, **cadence), tmp_path, synchronous=True, queue_size=2)
+    assert indices[0] == 3  # rollout 2's key is not sampled again
+
+
+def test_a_dropped_last_rollout_is_sampled_again():
+    retired = threading.Event()
+    feed = async_loop._ThreadedFeed(
+        lambda worker, index: _r(index, worker),
+        queue_size=1, num_workers=1, first_index=0, limit=1, retire=lambda w: retired.set(),
+    )  # fmt: skip
+    feed.start()
+    assert feed.get(lambda: None).index == 0
+    assert retired.wait(10)  # the worker found nothing left to sample
+    feed.extend(1)  # the trainer dropped rollout 0
+    deadline = time.monotonic() + 10
+
+    def on_wait():
+        assert time.monotonic() < deadline, "no worker samples the replacement rollout"
+
+    assert feed.get(on_wait).index == 1
+    feed.close()
