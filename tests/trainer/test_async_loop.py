@@ -365,7 +365,7 @@ def test_worker_error_reaches_the_caller_and_threads_stop(tmp_path, monkeypatch)
     monkeypatch.setattr(RolloutEngine, "rollout", failing)
     with pytest.raises(ValueError, match="reward server unreachable") as excinfo:
         _run_async(_config(6, max_staleness=UPDATES), tmp_path)
-    assert "raised in rollout worker 0" in "".join(excinfo.value.__notes__)
+    assert excinfo.value.__notes__ == ["raised in rollout worker 0 (novarl-rollout-0)"]  # once
     assert _worker_threads() == []
     # Rollouts 0 and 1 were trained; rollout 2 failed while step 2 trained.
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]

@@ -18,10 +18,10 @@ def _checklist(config, *, with_run=False):
     return {item: value for _, item, value in rows}
 
 
-def _tokenizer_file(tmp_path):
+def _tokenizer_file(tmp_path, specials=("<pad>", "</s>", "<s>")):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "</s>", "<s>", *"reve :abcd"])}
+    vocab = {tok: i for i, tok in enumerate([*specials, *"reve :abcd"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     path = tmp_path / "tokenizer.json"

@@ -89,13 +89,10 @@ def test_a_dense_export_reports_no_capacity_factor(tmp_path):
 
 
 def test_bos_id_zero_and_the_pair_template(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer
 
-    vocab = {tok: i for i, tok in enumerate(["<s>", "<pad>", "</s>", *"reve :abcd"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    path = tmp_path / "tokenizer.json"
-    tok.save(str(path))
+    path = _tokenizer_file(tmp_path, specials=("<s>", "<pad>", "</s>"))
+    vocab = json.loads(path.read_text())["model"]["vocab"]
     c = _config(steps=1)
     c.model.tokenizer = str(path)
     c.model.bos_token = "<s>"
