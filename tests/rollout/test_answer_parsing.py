@@ -46,22 +46,22 @@ def test_exact_match_units_only_at_the_end_and_whitespace_runs():
 
 
 @pytest.mark.parametrize(
-    "text",
+    ("text", "value"),
     [
-        True,  # a JSON true is not the number 1
-        False,
-        "1" * 150,  # too long to be one answer
-        "\\frac{1}{0}",
-        "\\frac{0}{0}",
-        "1/0",
-        "1e999",  # overflows to inf
-        "-1e999",
-        "1,23",  # commas group three digits
-        "1,2345",
+        (r"-\frac{1}{2}", -0.5), (r"\frac12", 0.5), (r"\dfrac{3}{4}", 0.75), ("\u22125", -5.0),
+        (r"\$1,000", 1000.0), (r"50\%", 50.0), (r"90^\circ", 90.0), ("x = 5", 5.0),
+        (r"5 \text{cm}", 5.0), (".5", 0.5), ("+7", 7.0), ("12,345,678", 12345678.0),
+        # Not one number: a number inside a larger expression is not the answer.
+        (r"x \neq 5", None), (r"2^{10}", None), ("(1,2)", None), ("1,2", None), ("3, 5", None),
+        (r"\sqrt{2}", None), (r"2\frac{1}{2}", None), ("1/0", None), ("", None),
+        # Nor a JSON true or false, a division by zero, an overflow to inf, commas that do not
+        # group three digits, or a text too long to be one answer.
+        (True, None), (False, None), (r"\frac{1}{0}", None), (r"\frac{0}{0}", None),
+        ("1e999", None), ("-1e999", None), ("1,23", None), ("1,2345", None), ("1" * 150, None),
     ],
-)
-def test_parse_number_refuses(text):
-    assert R.parse_number(text) is None
+)  # fmt: skip
+def test_parse_number_reads_one_whole_number(text, value):
+    assert R.parse_number(text) == value
 
 
 def test_numbers_that_are_not_answers_score_nothing_and_never_raise():
@@ -85,6 +85,7 @@ def test_numbers_that_are_not_answers_score_nothing_and_never_raise():
         ("x=8", 8.0),  # otherwise the last number alone
         ("**42**", 42.0),
         ("first 1\nthen\t-7", -7.0),
+        (r"first \frac{1}{2}, finally \frac{3}{4}", 0.75),
         ("is 1e999", None),  # not finite
         ("no digits", None),
     ],
@@ -93,11 +94,12 @@ def test_last_number(text, expected):
     assert R.last_number(text) == expected
 
 
-def test_numeric_reward_reads_a_bare_number():
+def test_numeric_reward_reads_a_bare_number_or_the_last_fraction():
     assert R.numeric_reward(["", ""], ["42", "3/4"], [{"answer": 42}, {"answer": 0.75}]) == [
         1.0,
         1.0,
     ]
+    assert R.numeric_reward([""], [r"\frac{1}{2} no: \frac{3}{4}"], [{"answer": 0.75}]) == [1.0]
 
 
 def test_numeric_reward_default_tolerances():

@@ -141,16 +141,22 @@ def test_truncation_and_padding_saved_in_tokenizer_json_are_ignored(hf_tokenizer
     assert len(tok.encode("five")) == 1
 
 
-def test_hf_tokenizer_vocab_size_covers_ids_with_gaps(tmp_path):
+def _gapped_vocabulary(tmp_path):
+    """A tokenizer.json with ids 0-2 and 5-6 whose pad, EOS and BOS (0, 1, 2) are plain
+    entries, not registered special tokens."""
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import models, pre_tokenizers
 
-    # Ids 0-2 and 5-6: four entries, but the embedding needs rows up to id 6.
     vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "a": 5, "b": 6}
     rust = RustTokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     rust.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     rust.save(str(tmp_path / "tokenizer.json"))
-    tok = HFTokenizer.from_file(tmp_path / "tokenizer.json", pad_token="<pad>", eos_token="</s>")
+    return tmp_path / "tokenizer.json"
+
+
+def test_hf_tokenizer_vocab_size_covers_ids_with_gaps(tmp_path):
+    # Ids 0-2 and 5-6: four entries, but the embedding needs rows up to id 6.
+    tok = HFTokenizer.from_file(_gapped_vocabulary(tmp_path), pad_token="<pad>", eos_token="</s>")
     assert tok.vocab_size == 7
     assert max(tok.encode("ab")) < tok.vocab_size
 
@@ -230,22 +236,10 @@ def test_decode_batch_refuses_a_flat_row():
         CharTokenizer("abc").decode_batch(np.array([3, 4]))
 
 
-def _unregistered_specials(tmp_path):
-    """A vocabulary whose pad, EOS and BOS are plain entries, not registered special tokens."""
-    from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "a": 5, "b": 6}
-    rust = RustTokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    rust.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    rust.save(str(tmp_path / "tokenizer.json"))
-    return HFTokenizer(
-        tmp_path / "tokenizer.json", pad_token="<pad>", eos_token="</s>", bos_token="<s>"
-    )
-
-
 def test_decode_drops_pad_bos_and_eos_even_when_not_registered_as_special(tmp_path):
-    tok = _unregistered_specials(tmp_path)
+    tok = HFTokenizer(
+        _gapped_vocabulary(tmp_path), pad_token="<pad>", eos_token="</s>", bos_token="<s>"
+    )
     assert tok.decode([2, 5, 0, 6]) == "a b"
     assert tok.decode([2, 5, 6]) == "a b"
     assert tok.decode([2, 5, 1, 6], stop_at_eos=False) == "a b"

@@ -1,22 +1,17 @@
 """The asynchronous loop's feed and schedule: polls while the trainer waits, worker errors
 (the first raised, once, and the others stopped), inline turns round the workers, the
-multi-process start-up check, the rollout index after drops, and a dropped last rollout
-sampled again."""
+multi-process start-up check and the rollout index after drops."""
 
 import threading
 import time
 
 import jax
 import pytest
-from test_async_loop import UPDATES, _config, _run_async
+from test_async_loop import UPDATES, _config, _rollout, _run_async
 
 from novarl_jax.trainer import async_loop
 from novarl_jax.trainer.checkpoint import Checkpointer
 from novarl_jax.trainer.config import validate_config
-
-
-def _r(index, worker):
-    return async_loop.Rollout(index, worker, 0, None, None, {}, 0.0)
 
 
 def test_the_trainer_polls_while_it_waits_for_a_rollout(tmp_path, monkeypatch):
@@ -51,7 +46,7 @@ def test_a_worker_error_stops_the_other_workers():
         raised.wait(10)
         time.sleep(0.2)  # the failing worker has stopped the feed by now
         started.append(index)
-        return _r(index, worker)
+        return _rollout(index, worker)
 
     feed = async_loop._ThreadedFeed(
         produce, queue_size=6, num_workers=2, first_index=0, limit=6, retire=lambda w: None
@@ -119,22 +114,3 @@ def test_a_resume_after_drops_continues_the_rollout_index(tmp_path, monkeypatch)
     calls.clear()
     _run_async(_config(3, **cadence), tmp_path, synchronous=True, queue_size=2)
     assert calls[0][0] == 3  # rollout 2's key is not sampled again
-
-
-def test_a_dropped_last_rollout_is_sampled_again():
-    retired = threading.Event()
-    feed = async_loop._ThreadedFeed(
-        lambda worker, index: _r(index, worker),
-        queue_size=1, num_workers=1, first_index=0, limit=1, retire=lambda w: retired.set(),
-    )  # fmt: skip
-    feed.start()
-    assert feed.get(lambda: None).index == 0
-    assert retired.wait(10)  # the worker found nothing left to sample
-    feed.extend(1)  # the trainer dropped rollout 0
-    deadline = time.monotonic() + 10
-
-    def on_wait():
-        assert time.monotonic() < deadline, "no worker samples the replacement rollout"
-
-    assert feed.get(on_wait).index == 1
-    feed.close()

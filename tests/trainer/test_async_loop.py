@@ -252,6 +252,11 @@ def test_train_runs_an_async_config_with_its_workers_and_queue(tmp_path, monkeyp
     assert feeds[2] == (1, 1)
 
 
+def _rollout(index, worker):
+    """A rollout with nothing in it, for the feed alone."""
+    return async_loop.Rollout(index, worker, 0, None, None, {}, 0.0)
+
+
 def test_a_worker_error_no_take_raised_is_raised_on_close():
     taken = threading.Event()
 
@@ -259,7 +264,7 @@ def test_a_worker_error_no_take_raised_is_raised_on_close():
         if index == 1:
             taken.wait(10)  # fails after the trainer took rollout 0
             raise ValueError("reward server unreachable")
-        return async_loop.Rollout(index, worker, 0, None, None, {}, 0.0)
+        return _rollout(index, worker)
 
     feed = async_loop._ThreadedFeed(
         produce, queue_size=2, num_workers=1, first_index=0, limit=2, retire=lambda w: None
@@ -276,12 +281,21 @@ def test_a_worker_error_no_take_raised_is_raised_on_close():
 def test_a_worker_with_nothing_left_to_sample_holds_no_parameters():
     retired = threading.Event()
     feed = async_loop._ThreadedFeed(
-        lambda worker, index: async_loop.Rollout(index, worker, 0, None, None, {}, 0.0),
+        lambda worker, index: _rollout(index, worker),
         queue_size=1, num_workers=1, first_index=0, limit=1, retire=lambda w: retired.set(),
     )  # fmt: skip
     feed.start()
     assert feed.get(lambda: None).index == 0
     assert retired.wait(10)  # before the run ends: no staleness broadcast on its account
+    # The trainer dropped rollout 0: the worker that retired takes its place back and samples
+    # the replacement (a place kept by the retired worker would leave none to sample it).
+    feed.extend(1)
+    deadline = time.monotonic() + 10
+
+    def on_wait():
+        assert time.monotonic() < deadline, "no worker samples the replacement rollout"
+
+    assert feed.get(on_wait).index == 1
     feed.close()
 
 
@@ -291,7 +305,7 @@ def test_closing_without_join_does_not_wait_for_a_rollout_in_progress():
     def produce(worker, index):
         started.set()
         release.wait(30)
-        return async_loop.Rollout(index, worker, 0, None, None, {}, 0.0)
+        return _rollout(index, worker)
 
     feed = async_loop._ThreadedFeed(
         produce, queue_size=1, num_workers=1, first_index=0, limit=5, retire=lambda w: None

@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_build import _checklist
 from tiny_grpo import tiny_grpo_config
 
 from novarl_jax.trainer import loop
 from novarl_jax.trainer.build import build_run
-from novarl_jax.trainer.checklist import checklist_rows
 from novarl_jax.trainer.config import (
     shared_prompt_group,
     updates_share_prompts,
@@ -32,19 +32,16 @@ def test_prompts_are_shared_only_where_rows_keep_their_groups():
     assert shared_prompt_group(config, pp=1) == 4 and not updates_share_prompts(config, pp=1)
     config.train.micro_batches, config.train.minibatches = 1, 2  # rows shuffled across two
     assert shared_prompt_group(config, pp=1) == 4 and not updates_share_prompts(config, pp=1)
-    rows = dict(((s, i), v) for s, i, v in checklist_rows(validate_config(config)))
-    assert rows[("algorithm", "shared-prompt forward")] == (
+    assert _checklist(config)["shared-prompt forward"] == (
         "on in scoring (each prompt runs once for its 4 samples)"
     )
     config.train.share_prompts = False
     assert shared_prompt_group(config, pp=1) == 1
-    rows = dict(((s, i), v) for s, i, v in checklist_rows(validate_config(config)))
-    assert rows[("algorithm", "shared-prompt forward")] == "off (train.share_prompts=False)"
+    assert _checklist(config)["shared-prompt forward"] == "off (train.share_prompts=False)"
     ppo = _grpo_config()
     ppo.experiment.algorithm = "ppo"  # one sample per prompt: nothing to share
     assert shared_prompt_group(ppo, pp=1) == 1
-    rows = dict(((s, i), v) for s, i, v in checklist_rows(validate_config(_grpo_config())))
-    assert rows[("algorithm", "shared-prompt forward")] == (
+    assert _checklist(_grpo_config())["shared-prompt forward"] == (
         "on in scoring and update (each prompt runs once for its 4 samples)"
     )
     assert build_run(validate_config(_grpo_config())).model.prompt_group == 4
@@ -56,8 +53,7 @@ def test_the_checklist_says_why_prompts_are_not_shared():
     ppo.experiment.algorithm = "ppo"  # share_prompts is on, but one sample per prompt
 
     def row(config):
-        rows = dict(((s, i), v) for s, i, v in checklist_rows(validate_config(config)))
-        return rows[("algorithm", "shared-prompt forward")]
+        return _checklist(config)["shared-prompt forward"]
 
     assert ppo.train.share_prompts
     assert row(ppo) == "off"
