@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 __all__ = [
@@ -227,13 +228,13 @@ def split_micro_batches(
     ):
         raise ValueError(f"num_micro_batches must be an integer >= 1, got {num_micro_batches!r}")
     batch = {k: v for k, v in batch.items() if k != "loss_denominators"}
-    batch_size = jnp.shape(batch[mask_key])[0]
+    batch_size = np.shape(batch[mask_key])[0]
     if batch_size % num_micro_batches:
         raise ValueError(
             f"num_micro_batches={num_micro_batches} does not divide the batch size {batch_size}"
         )
     for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
-        shape = jnp.shape(leaf)
+        shape = np.shape(leaf)
         if not shape or shape[0] != batch_size:
             raise ValueError(
                 f"every batch entry needs the batch dimension {batch_size} first; "

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from novarl_jax.algorithms.aggregation import (
@@ -218,13 +219,13 @@ def require_keys(mapping: Mapping[str, Any], keys: tuple[str, ...], what: str, w
 
 def check_token_arrays(reference: str, arrays: Mapping[str, Any]) -> None:
     """Raises ValueError unless every array has the ``[B, T]`` shape of ``arrays[reference]``."""
-    shape = jnp.shape(arrays[reference])
+    shape = np.shape(arrays[reference])
     if len(shape) != 2:
         raise ValueError(f"{reference} must have shape [B, T], got {shape}")
     for name, array in arrays.items():
-        if jnp.shape(array) != shape:
+        if np.shape(array) != shape:
             raise ValueError(
-                f"{name} has shape {jnp.shape(array)}; every token array must have the shape "
+                f"{name} has shape {np.shape(array)}; every token array must have the shape "
                 f"[B, T] = {shape} of {reference}"
             )
 
@@ -250,10 +251,10 @@ def run_policy(
     check_token_arrays("response_mask", token_arrays)
     mask = jnp.asarray(mapping["response_mask"])
     for key in ("moe_aux_loss", "moe_z_loss", "critic_moe_aux_loss", "critic_moe_z_loss"):
-        if key in out and jnp.ndim(out[key]) != 0:
+        if key in out and np.ndim(out[key]) != 0:
             raise ValueError(
                 f"apply_fn's {key!r} must be a scalar (the forward's mean), got shape "
-                f"{jnp.shape(out[key])}"
+                f"{np.shape(out[key])}"
             )
     return mapping, out, mask, batch_denominators(mapping, mask)
 
@@ -264,10 +265,10 @@ def batch_denominators(batch: Mapping[str, Any], mask: jax.Array) -> LossDenomin
     if denominators is None:
         return loss_denominators(mask)
     denominators = LossDenominators(*denominators)
-    if any(jnp.ndim(d) != 0 for d in denominators):
+    if any(np.ndim(d) != 0 for d in denominators):
         raise ValueError(
             "batch['loss_denominators'] must hold scalars (one micro-batch's view of the "
-            f"mini-batch's counts), got shapes {[jnp.shape(d) for d in denominators]}; index "
+            f"mini-batch's counts), got shapes {[np.shape(d) for d in denominators]}; index "
             "split_micro_batches' stacked denominators per micro-batch"
         )
     return denominators
