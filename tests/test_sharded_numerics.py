@@ -18,13 +18,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from novarl_jax.algorithms.common import truncated_importance_weights
 from novarl_jax.algorithms.grpo import sequence_log_ratio
 from novarl_jax.algorithms.kl import kl_penalty_token_rewards
-from novarl_jax.algorithms.logprobs import entropy_from_logits
+from novarl_jax.algorithms.logprobs import entropy_from_logits, token_logprobs_and_entropy
 from novarl_jax.algorithms.ppo import value_loss
+from novarl_jax.core.distributed import ParallelLayout
 from novarl_jax.core.utils.advantages import (
     GAEAdvantageEstimator,
     ReinforcePlusPlusAdvantageEstimator,
     RLOOAdvantageEstimator,
     discounted_returns,
+    make_advantage_estimator,
     rloo_advantages,
     scores_to_token_rewards,
     sequence_scores,
@@ -119,6 +121,20 @@ def np_rloo(scores):
     return (groups - others).reshape(-1)
 
 
+def np_group_centred(scores):
+    groups = scores.astype(np.float64).reshape(-1, GROUP)
+    return (groups - groups.mean(1, keepdims=True)).reshape(-1)
+
+
+def np_reinforce_plus_plus_baseline(x):
+    """Group-centred scores at each row's last token plus the token rewards, reward-to-go
+    with gamma 1, whitened over the batch."""
+    rewards = np.where(x["mask"] != 0, x["rewards"], 0.0)
+    returns = np_reward_to_go(rewards + np_last_token(np_group_centred(x["scores"]), x["mask"]),
+                              x["mask"], 1.0)  # fmt: skip
+    return np_whiten(returns, x["mask"]), returns
+
+
 def np_value_loss(x, clip):
     v, old, ret, mask = x["values"], x["old_values"], x["returns"], x["mask"]
     clipped = old + np.clip(v.astype(np.float64) - old, -clip, clip)
@@ -178,6 +194,18 @@ CASES = {
             np_whiten(np_reward_to_go(np_token_rewards(x), x["mask"], GAMMA), x["mask"]),
             np_reward_to_go(np_token_rewards(x), x["mask"], GAMMA),
         ),
+    ),
+    "dr_grpo_estimator": (
+        lambda x: make_advantage_estimator("dr_grpo", group_size=GROUP)(
+            {"scores": x["scores"], "response_mask": x["mask"]}
+        )[0],
+        lambda x: np.where(x["mask"] != 0, np_group_centred(x["scores"])[:, None], 0.0),
+    ),
+    "reinforce_plus_plus_baseline": (
+        lambda x: make_advantage_estimator("reinforce_plus_plus_baseline", group_size=GROUP)(
+            {"scores": x["scores"], "token_rewards": x["rewards"], "response_mask": x["mask"]}
+        ),
+        np_reinforce_plus_plus_baseline,
     ),
     "gae_estimator_whitened": (
         lambda x: GAEAdvantageEstimator(gamma=GAMMA, lam=LAM, normalize=True)(
@@ -243,3 +271,23 @@ def test_eager_jit_and_sharded_match_numpy_float64(name, seed, devices):
     sharded = {k: jax.device_put(v, _batch_sharding()) for k, v in x.items()}
     assert len(sharded["mask"].sharding.device_set) == 8
     _check(jitted(sharded), want)
+
+
+def test_token_logprobs_and_entropy_with_the_vocabulary_split_over_tp(devices):
+    """The trainer's logits have their vocabulary axis split over 'tp' by the rule table:
+    batch over (dp, ep), vocabulary over tp, against NumPy float64 at temperature 0.7."""
+    del devices
+    rng = np.random.default_rng(0)
+    logits = (3 * rng.normal(size=(8, 5, 16))).astype(np.float32)
+    targets = rng.integers(0, 16, size=(8, 5)).astype(np.int32)
+    z = logits.astype(np.float64) / 0.7
+    shifted = z - z.max(-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    mesh = ParallelLayout(dp=2, ep=2, tp=2).make_mesh()
+    x = jax.device_put(logits, NamedSharding(mesh, PartitionSpec(("dp", "ep"), None, "tp")))
+    t = jax.device_put(targets, NamedSharding(mesh, PartitionSpec(("dp", "ep"))))
+    assert len(x.sharding.device_set) == 8 and x.addressable_shards[0].data.shape == (2, 5, 8)
+    logp, entropy = jax.jit(lambda x, t: token_logprobs_and_entropy(x, t, temperature=0.7))(x, t)
+    want = np.take_along_axis(log_softmax, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(logp, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(entropy, np_entropy(logits, 0.7), rtol=1e-5, atol=1e-5)

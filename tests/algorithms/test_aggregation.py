@@ -240,9 +240,16 @@ def test_loss_sharded_over_8_devices_equals_unsharded():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
-def test_a_traced_loss_scale_factor_works_under_jit():
-    loss, mask = jnp.ones((2, 3)), jnp.ones((2, 3))
-    f = jax.jit(lambda c: aggregate(loss, mask, "seq-mean-token-sum-norm", loss_scale_factor=c))
-    assert float(f(3.0)) == float(
-        aggregate(loss, mask, "seq-mean-token-sum-norm", loss_scale_factor=3.0)
-    )
+def test_a_traced_loss_scale_factor_is_used_under_jit():
+    """S differs from the padded length T = 6 (S = T would give the default's value), as a
+    traced argument, against NumPy; unsharded and sharded over 8 devices."""
+    loss_mat, mask = random_case(5, batch_size=16)
+    mode = "seq-mean-token-sum-norm"
+    f = jax.jit(lambda x, m, s: aggregate(x, m, mode, loss_scale_factor=s))
+    mesh = ParallelLayout(dp=4, ep=2).make_mesh()
+    sharding = NamedSharding(mesh, batch_spec(2, mesh, 16))
+    placed = (jax.device_put(loss_mat, sharding), jax.device_put(mask, sharding))
+    for scale in (2.5, 11.0):
+        want = np_aggregate(loss_mat, mask, mode, scale=scale)
+        np.testing.assert_allclose(f(loss_mat, mask, scale), want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(f(*placed, scale), want, rtol=1e-5, atol=1e-7)

@@ -4,7 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_policy import tiny_apply_fn, tiny_params, tiny_rollout_batch
+from test_kl import np_kl
+from test_ppo import np_policy_terms
+from tiny_policy import (
+    check_loss_eager_jit_and_sharded,
+    np_tiny_apply,
+    tiny_apply_fn,
+    tiny_params,
+    tiny_rollout_batch,
+)
 
 from novarl_jax.algorithms import (
     GRPOLossConfig,
@@ -97,6 +105,25 @@ def test_kl_term_and_tis():
     assert "critic/vf_loss" not in metrics and "actor/tis_weight_mean" in metrics
     eager, _ = grpo_loss(params, batch, config, tiny_apply_fn)
     np.testing.assert_allclose(eager, loss, rtol=1e-6)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_grpo_loss_matches_numpy_float64_with_a_loss_scale_factor(level):
+    """Dr. GRPO's constant S (9, not the padded length 5), the k3 KL term, the entropy bonus,
+    clip-higher, dual clip and TIS, with token and sequence (GSPO) ratios, against float64
+    formulas; eager, jitted and sharded over 8 devices."""
+    params = tiny_params()
+    batch = tiny_rollout_batch(params, batch_size=16, seed=11)
+    moved = jax.tree.map(lambda x: 1.3 * x, params)  # ratios away from 1: the clips act
+    config = GRPOLossConfig(
+        loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=9.0, beta=0.04, kl_kind="k3",
+        entropy_coef=0.01, clip_ratio_high=0.28, dual_clip_c=3.0, tis_cap=2.0,
+        importance_sampling_level=level,
+    )  # fmt: skip
+    out = np_tiny_apply(moved, batch["tokens"])
+    policy_terms, agg = np_policy_terms(out, batch, config, sequence=level == "sequence")
+    want = policy_terms + 0.04 * agg(np_kl(out["logprobs"], batch["ref_logprobs"], "k3"))
+    check_loss_eager_jit_and_sharded(grpo_loss, config, moved, batch, want)
 
 
 def test_grpo_errors():

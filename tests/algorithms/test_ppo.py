@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_policy import tiny_apply_fn, tiny_params, tiny_rollout_batch
+from test_aggregation import np_aggregate
+from test_kl import np_kl
+from tiny_policy import (
+    check_loss_eager_jit_and_sharded,
+    np_tiny_apply,
+    tiny_apply_fn,
+    tiny_params,
+    tiny_rollout_batch,
+)
 
 from novarl_jax.algorithms import (
     LOSS_AGG_MODES,
@@ -103,7 +111,7 @@ def test_policy_loss_matches_numpy_loop(seed, mode, low, high, dual):
     adv = rng.normal(size=(4, 6)).astype(np.float32)
     mask = (np.arange(6)[None] < rng.integers(0, 7, size=4)[:, None]).astype(np.float32)
     kwargs = dict(clip_ratio_low=low, clip_ratio_high=high, dual_clip_c=dual, loss_agg_mode=mode)
-    want = aggregate(np_policy_loss(logp, old, adv, mask, low, high, dual), mask, mode)
+    want = np_aggregate(np_policy_loss(logp, old, adv, mask, low, high, dual), mask, mode)
     got, _ = ppo_policy_loss(logp, old, adv, mask, **kwargs)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     jitted, _ = jax.jit(lambda *a: ppo_policy_loss(*a, **kwargs))(logp, old, adv, mask)
@@ -193,6 +201,53 @@ def test_ppo_loss_is_the_sum_of_its_terms():
     assert all(np.shape(v) == () and v.dtype == jnp.float32 for v in metrics.values())
     grads = jax.jit(jax.grad(lambda p: ppo_loss(p, batch, config, tiny_apply_fn)[0]))(params)
     assert all(np.all(np.isfinite(g)) and np.any(g != 0) for g in jax.tree.leaves(grads))
+
+
+def np_policy_terms(out, batch, config, *, sequence=False):
+    """The clipped surrogate (with dual clip and TIS) minus the entropy bonus, in float64 from
+    the documented formulas; also returns the aggregation the other terms use."""
+    mask = np.asarray(batch["response_mask"]) != 0
+    b = {k: np.asarray(v, np.float64) for k, v in batch.items() if k != "tokens"}
+
+    def agg(x, mode=config.loss_agg_mode):
+        return np_aggregate(x, mask, mode, config.loss_scale_factor)
+
+    diff = np.where(mask, out["logprobs"] - b["old_logprobs"], 0.0)
+    if sequence:  # GSPO: each row's length-normalised log-ratio on every one of its tokens
+        diff = np.broadcast_to((diff.sum(1) / np.maximum(mask.sum(1), 1))[:, None], diff.shape)
+    log_ratio = np.clip(np.where(mask, diff, 0.0), -20.0, 20.0)
+    weights = None
+    if config.tis_cap is not None:
+        log_w = np.clip(b["old_logprobs"] - b["behavior_logprobs"], -20.0, 20.0)
+        weights = np.minimum(np.exp(log_w), config.tis_cap)
+    pg = np_policy_loss(log_ratio, np.zeros_like(log_ratio), np.where(mask, b["advantages"], 0),
+                        mask, config.clip_ratio_low, config.clip_ratio_high, config.dual_clip_c,
+                        weights)  # fmt: skip
+    return agg(pg) - config.entropy_coef * agg(out["entropy"]), agg
+
+
+def test_ppo_loss_matches_numpy_float64():
+    """Every term of ``ppo_loss`` against float64 formulas that call nothing of the library
+    (the test above builds its reference from the library's own terms), including a value
+    loss aggregated in its own mode; eager, jitted and sharded over 8 devices."""
+    params = tiny_params()
+    batch = tiny_rollout_batch(params, batch_size=16, seed=12)
+    moved = jax.tree.map(lambda x: 1.3 * x, params)  # ratios away from 1: the clips act
+    config = PPOLossConfig(
+        loss_agg_mode="seq-mean-token-mean", vf_coef=0.3, value_clip_range=0.2,
+        value_loss_agg_mode="seq-mean-token-sum", entropy_coef=0.02, kl_coef=0.1, kl_kind="k3",
+        tis_cap=2.0, dual_clip_c=3.0, clip_ratio_high=0.28, moe_aux_loss_coef=0.01,
+        moe_z_loss_coef=0.001,
+    )  # fmt: skip
+    out = np_tiny_apply(moved, batch["tokens"])
+    policy_terms, agg = np_policy_terms(out, batch, config)
+    v, old, ret = (np.asarray(x, np.float64) for x in (out["values"], batch["old_values"],
+                                                        batch["returns"]))  # fmt: skip
+    clipped = old + np.clip(v - old, -0.2, 0.2)
+    vf = 0.5 * agg(np.maximum((v - ret) ** 2, (clipped - ret) ** 2), "seq-mean-token-sum")
+    want = (policy_terms + 0.3 * vf + 0.1 * agg(np_kl(out["logprobs"], batch["ref_logprobs"], "k3"))
+            + 0.01 * out["moe_aux_loss"] + 0.001 * out["moe_z_loss"])  # fmt: skip
+    check_loss_eager_jit_and_sharded(ppo_loss, config, moved, batch, want)
 
 
 def test_ppo_loss_adds_a_separate_critics_router_losses():

@@ -7,8 +7,11 @@ v[tokens[b, t]]``, so the losses can be differentiated without a transformer.
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from novarl_jax.algorithms.logprobs import token_logprobs_and_entropy
+from novarl_jax.core.distributed import ParallelLayout
+from novarl_jax.core.sharding import batch_spec
 
 VOCAB = 6
 
@@ -26,6 +29,41 @@ def tiny_apply_fn(params, batch):
         "moe_aux_loss": jnp.mean(jnp.square(params["w"])),
         "moe_z_loss": jnp.mean(jnp.square(params["v"])),
     }
+
+
+def np_tiny_apply(params, tokens):
+    """``tiny_apply_fn`` in NumPy float64, written from the formula above."""
+    w, v = np.asarray(params["w"], np.float64), np.asarray(params["v"], np.float64)
+    tokens = np.asarray(tokens)
+    logits = w[tokens[:, :-1]]
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return {
+        "logprobs": np.take_along_axis(log_softmax, tokens[:, 1:, None], -1)[..., 0],
+        "entropy": -(np.exp(log_softmax) * log_softmax).sum(-1),
+        "values": v[tokens[:, :-1]],
+        "moe_aux_loss": np.mean(w**2),
+        "moe_z_loss": np.mean(v**2),
+    }
+
+
+def check_loss_eager_jit_and_sharded(loss_fn, config, params, batch, want):
+    """``loss_fn(params, batch, config, tiny_apply_fn)[0]`` equals ``want`` eagerly, under
+    ``jit``, and under ``jit`` with every batch array split over the 8 fake devices."""
+
+    def run(b):
+        return loss_fn(params, b, config, tiny_apply_fn)[0]
+
+    np.testing.assert_allclose(run(batch), want, rtol=1e-5, atol=1e-6)
+    jitted = jax.jit(run)
+    np.testing.assert_allclose(jitted(batch), want, rtol=1e-5, atol=1e-6)
+    mesh = ParallelLayout(dp=2, ep=4).make_mesh()
+    sharded = {
+        k: jax.device_put(v, NamedSharding(mesh, batch_spec(v.ndim, mesh, v.shape[0])))
+        for k, v in batch.items()
+    }
+    assert len(sharded["response_mask"].sharding.device_set) == 8
+    np.testing.assert_allclose(jitted(sharded), want, rtol=1e-5, atol=1e-6)
 
 
 def tiny_params(seed=0, scale=0.5):
