@@ -363,6 +363,7 @@ def _loss(config, algorithm: str, policy: ModelConfig):
             common,
             vf_coef=section.vf_coef,
             value_clip_range=section.value_clip_range,
+            value_loss_agg_mode=section.loss_agg_mode,  # the critic aggregates like the actor
             kl_coef=section.kl_coef,
         )
     else:

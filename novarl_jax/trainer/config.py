@@ -131,7 +131,8 @@ def default_config() -> ml_collections.ConfigDict:
     ppo.clip_ratio_high = 0.2  # ratio clip above 1 (> low = DAPO's clip-higher)
     # Dual-clip bound c > 1 on negative-advantage tokens; None = off (verl's default is 3.0).
     ppo.dual_clip_c = config_dict.placeholder(float)
-    ppo.loss_agg_mode = "token-mean"  # see novarl_jax.algorithms.aggregation
+    # Aggregation of the policy, value, entropy and KL terms: see novarl_jax.algorithms.aggregation
+    ppo.loss_agg_mode = "token-mean"
     ppo.vf_coef = 0.5  # value-loss weight
     ppo.value_clip_range = config_dict.FieldReference(0.2, field_type=float)  # None = off
     ppo.entropy_coef = 0.0  # entropy bonus: the loss subtracts entropy_coef * entropy
@@ -200,7 +201,9 @@ def default_config() -> ml_collections.ConfigDict:
     optim.learning_rate = 3e-3  # AdamW's peak learning rate (> 0)
     optim.schedule = "constant"  # constant | cosine | linear (after warmup)
     optim.warmup_steps = 0  # linear warmup from 0, in optimizer updates (not steps)
-    optim.decay_steps = 0  # 0 = experiment.steps * epochs * minibatches
+    # Updates the cosine or linear decay takes after the warmup; 0 = the rest of the run
+    # (experiment.steps * epochs * minibatches - warmup_steps), ending where the run does.
+    optim.decay_steps = 0
     optim.end_learning_rate = 0.0  # where cosine and linear decays end (<= learning_rate)
     optim.weight_decay = 0.0  # AdamW's decoupled decay, of weights of rank >= 2 only
     # Global-norm gradient clip, of each model on its own (the policy; a separate critic, as

@@ -40,6 +40,16 @@ def test_tokenizer_file_and_stop_tokens(tmp_path):
     assert run.sampling.stop_token_ids == (1, 3)
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_the_value_loss_is_aggregated_like_the_policy_loss(mode):
+    from configs import ppo
+
+    config = ppo.get_config()
+    config.ppo.loss_agg_mode = mode
+    loss_config = build_run(validate_config(config)).loss_config
+    assert (loss_config.loss_agg_mode, loss_config.value_loss_agg_mode) == (mode, mode)
+
+
 def test_default_stop_token_is_the_tokenizers_eos():
     run = build_run(validate_config(base.get_config()))
     assert run.sampling.stop_token_ids is None
