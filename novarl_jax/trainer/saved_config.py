@@ -108,7 +108,8 @@ def _decay_length(flat: dict[str, Any]) -> int | None:
         if flat["optim.decay_steps"]:
             return int(flat["optim.decay_steps"])
         updates = int(flat["train.epochs"]) * int(flat["train.minibatches"])
-        return int(flat["experiment.steps"]) * updates
+        warmup = max(int(flat.get("optim.warmup_steps") or 0), 0)
+        return max(int(flat["experiment.steps"]) * updates - warmup, 1)
     except (KeyError, TypeError, ValueError):
         return None
 

@@ -38,9 +38,11 @@ def make_schedule(optim, *, default_decay_steps: int = 1) -> optax.Schedule:
 
     'constant' (after linear warmup), 'cosine' (warmup then cosine decay to
     ``end_learning_rate`` over ``decay_steps``) or 'linear' (warmup then linear decay).
-    ``decay_steps=0`` means ``default_decay_steps`` (the run's number of updates).
+    ``decay_steps`` counts the updates after the warmup; 0 means the rest of the run,
+    ``default_decay_steps`` (the run's number of updates) less ``warmup_steps``, so that the
+    decay ends where the run does.
     """
-    decay_steps = max(optim.decay_steps or default_decay_steps, 1)
+    decay_steps = max(optim.decay_steps or default_decay_steps - max(optim.warmup_steps, 0), 1)
     warmup = optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
     if optim.schedule == "constant":
         after = optax.constant_schedule(optim.learning_rate)

@@ -41,6 +41,20 @@ def test_linear_decay_uses_the_configured_decay_steps():
     np.testing.assert_allclose(float(sched(5)), 0.5, rtol=1e-6)
 
 
+def test_with_warmup_the_default_decay_ends_where_the_run_does():
+    """decay_steps = 0 with a warmup: the decay takes the updates left after it, for both
+    decaying schedules, and an explicit decay_steps counts from the warmup's end."""
+    for schedule in ("linear", "cosine"):
+        sched = make_schedule(_optim(schedule=schedule, warmup_steps=4, end_learning_rate=0.1),
+                              default_decay_steps=10)  # fmt: skip
+        np.testing.assert_allclose(float(sched(4)), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(float(sched(7)), 0.55, rtol=1e-6)  # halfway, either shape
+        np.testing.assert_allclose(float(sched(10)), 0.1, rtol=1e-6)
+    sched = make_schedule(_optim(schedule="linear", warmup_steps=4, decay_steps=2),
+                          default_decay_steps=10)  # fmt: skip
+    np.testing.assert_allclose([float(sched(i)) for i in (5, 6)], [0.5, 0.0], atol=1e-7)
+
+
 def test_weight_decay_skips_vectors():
     opt = make_optimizer(_optim(learning_rate=0.1, weight_decay=0.5))
     params = {"w": jnp.ones((2, 2)), "scale": jnp.ones((2,))}

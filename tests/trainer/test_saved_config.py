@@ -87,6 +87,18 @@ def test_more_steps_may_not_silently_stretch_a_decaying_learning_rate(tmp_path):
     assert [k for k, *_ in check_resume_config(str(tmp_path), config)] == ["experiment.steps"]
 
 
+def test_the_decay_length_a_resume_keeps_counts_from_the_warmups_end(tmp_path):
+    config = copy.get_config()
+    config.optim.schedule = "linear"
+    config.optim.warmup_steps = 40  # decay_steps=0: the 240 updates less the warmup
+    write_config(str(tmp_path), config)
+    config.experiment.steps = 120
+    with pytest.raises(ConfigChangedError, match="set optim.decay_steps=200 to keep"):
+        check_resume_config(str(tmp_path), config)
+    config.optim.decay_steps = 200
+    assert check_resume_config(str(tmp_path), config)  # allowed, and logged
+
+
 def _config(steps, **experiment):
     c = base.get_config()
     c.experiment.steps = steps
