@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 from typing import Any
 
 import jax
@@ -35,6 +36,7 @@ from novarl_jax.trainer.loop import Trainer, default_mesh
 from novarl_jax.trainer.saved_config import check_resume_config
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
 class ExportError(Exception):
@@ -87,18 +89,27 @@ def export_policy(
     targets = {"policy": (out, run.model.policy)}
     if run.model.critic is not None:
         targets["critic"] = (os.path.join(out, "critic"), run.model.critic)
+    directory = os.path.join(workdir, "checkpoints")
     if os.path.abspath(out) == os.path.abspath(workdir):
         raise ExportError(
             f"{out}: is the run's own workdir (checkpoints, metrics, config.json); export into "
             "a new directory"
         )
+    if _inside(out, directory):
+        raise ExportError(
+            f"{out}: is inside the run's checkpoints directory {directory}, whose steps the "
+            "run rotates and deletes; export outside it"
+        )
+    tokenizer_files = [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]
     for target, _ in targets.values():
         held = checkpoint_files(target)
+        held += [p for p in map(pathlib.Path(target).joinpath, tokenizer_files) if p.exists()]
         if held:
+            what = "a model" if held[0].name not in tokenizer_files else "a tokenizer"
             raise ExportError(
-                f"{target}: already holds a model ({held[0].name}); export into a new directory"
+                f"{target}: already holds {what} ({held[0].name}), which the export would "
+                "replace; export into a new directory"
             )
-    directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise ExportError(f"{workdir}: no checkpoints directory; was the run trained there?")
     check_resume_config(
@@ -177,9 +188,15 @@ def _write_tokenizer(directory: str, tokenizer: Any, model: Any) -> None:
     if model.bos_token:
         special["bos_token"] = model.bos_token
     _write_json(
-        os.path.join(directory, "tokenizer_config.json"),
+        os.path.join(directory, TOKENIZER_CONFIG_FILE),
         {"tokenizer_class": "PreTrainedTokenizerFast", **special},
     )
+
+
+def _inside(path: str, directory: str) -> bool:
+    """Whether ``path`` is ``directory`` or lies under it (symbolic links resolved)."""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
 
 
 def _write_json(path: str, value: dict) -> None:

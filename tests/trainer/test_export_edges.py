@@ -30,6 +30,24 @@ def test_the_workdir_with_a_trailing_slash_is_still_the_workdir(run_a):
         export_policy(c, str(tmp / "run"), str(tmp / "run") + "/")
 
 
+def test_the_checkpoints_directory_and_a_tokenizers_folder_are_refused(run_a):
+    """Steps there are rotated away (and an unknown step directory stops every resume); the
+    run's own tokenizer.json would be rewritten without its post-processor."""
+    c, tmp = run_a
+    run = tmp / "run"
+    for out in (run / "checkpoints", run / "checkpoints" / "1", run / "checkpoints" / "99"):
+        with pytest.raises(ExportError, match=r"is inside the run's checkpoints directory"):
+            export_policy(c, str(run), str(out))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+    assert not (run / "checkpoints" / "1" / "config.json").exists()
+    tokenizer = (tmp / "tokenizer.json").read_text()
+    with pytest.raises(ExportError, match=r"already holds a tokenizer \(tokenizer.json\)"):
+        export_policy(c, str(run), str(tmp))
+    assert (tmp / "tokenizer.json").read_text() == tokenizer and not (tmp / "config.json").exists()
+    export_policy(c, str(run), str(run / "hf"))  # elsewhere in the workdir: fine
+    assert (run / "hf" / "tokenizer.json").exists()
+
+
 def test_a_single_stop_id_is_written_as_an_int(run_a):
     c, tmp = run_a
     export_policy(c, str(tmp / "run"), str(tmp / "e05"))
