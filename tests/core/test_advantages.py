@@ -348,6 +348,21 @@ def test_group_relative_constant_group_gets_zero():
     np.testing.assert_allclose(got[2:], [-1 / (np.sqrt(2) + 1e-6), 1 / (np.sqrt(2) + 1e-6)])
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_score_without_a_mask_makes_its_group_non_finite_not_zero(bad):
+    """Without sample_mask a NaN or inf score poisons its group visibly (as in RLOO and GAE),
+    and the trainer's non-finite check sees it; it used to give the group silent zeros."""
+    scores = np.array([1.0, 0.0, bad, 1.0, 0.0, 0.5])
+    for scale_by_std in (True, False):
+        got = np.asarray(jax.jit(lambda x, s=scale_by_std: group_relative_advantages(
+            x, 3, scale_by_std=s))(scores))  # fmt: skip
+        assert not np.isfinite(got[:3]).any(), (scale_by_std, got)
+        assert np.isfinite(got[3:]).all()
+    masked = group_relative_advantages(scores, 3, sample_mask=np.isfinite(scores))
+    np.testing.assert_allclose(masked[:3], [1 / (np.sqrt(0.5) + 1e-6) * 0.5, -0.5 / (
+        np.sqrt(0.5) + 1e-6), 0.0], rtol=1e-6)  # fmt: skip
+
+
 def test_group_errors():
     with pytest.raises(ValueError, match="not a multiple of group_size=3"):
         group_relative_advantages(np.zeros(4), 3)

@@ -423,6 +423,8 @@ def group_relative_advantages(
             that could not be computed) take no part in their group's mean and standard
             deviation, which are then over the ``n`` samples that count (``n - 1`` in the
             standard deviation), and get advantage 0; so does a group with fewer than two.
+            Without it, a NaN or infinite score makes its whole group's advantages
+            non-finite, as in :func:`rloo_advantages` and :func:`gae` (never a silent 0).
 
     Returns:
         ``[B]`` float32 advantages.
@@ -455,8 +457,8 @@ def group_relative_advantages(
         dof = jnp.maximum(n - 1, 1.0)
     if scale_by_std:
         std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / dof)
-        scale = std + eps
-        centred = jnp.where(scale > 0, centred / jnp.where(scale > 0, scale, 1.0), 0.0)
+        scale = std + eps  # NaN for a group with a non-finite score: kept, not made 0
+        centred = jnp.where(scale == 0, 0.0, centred / jnp.where(scale == 0, 1.0, scale))
     return centred.reshape(-1)
 
 
