@@ -1231,6 +1231,8 @@ def moe_forward(
     b, s, _ = x.shape
     if not b or not s:
         raise ValueError(f"x must be [B, S, D] with B >= 1 and S >= 1, got {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be floating-point activations, got dtype {x.dtype}")
     if token_mask is not None:
         token_mask = jnp.asarray(token_mask)
         if token_mask.shape != (b, s):

@@ -756,6 +756,8 @@ def _bad_inputs():
          r"routing\[2, 5\] names an expert twice \(\[3, 3\]\); each token's top_k experts"),
         ({"x": x[:, :0]}, r"x must be \[B, S, D\] with B >= 1 and S >= 1, got \(8, 0, 16\)"),
         ({"x": x[:0]}, r"with B >= 1 and S >= 1, got \(0, 8, 16\)"),
+        # Integer activations gave integer zeros.
+        ({"x": x.astype(jnp.int32)}, r"x must be floating-point activations, got dtype int32"),
     ], params, x, router  # fmt: skip
 
 
@@ -764,7 +766,7 @@ def test_train_must_be_a_bool():
         moe.moe_forward(make_params(), make_x(), router_cfg(), train="no")
 
 
-_NUM_BAD_INPUTS = 17
+_NUM_BAD_INPUTS = 18
 
 
 @pytest.mark.parametrize("case", range(_NUM_BAD_INPUTS))
