@@ -202,6 +202,9 @@ def _main(argv: list[str]) -> None:
                 f"{_NUM_PROCESSES.value}"
             )
     for flag, path in (("--workdir", _WORKDIR.value), ("--export", _EXPORT.value)):
+        if path == "":  # e.g. --workdir=$DIR with DIR unset
+            default = " (leave the flag out for runs/<config name>)" if flag == "--workdir" else ""
+            _fail(f"{flag}: is empty; give a directory{default}")
         if path and (blocker := cli.file_in_the_way(path)):
             what = path if blocker == os.path.abspath(path) else f"{path}: {blocker}"
             _fail(f"{flag}: {what} is a file, not a directory")
@@ -285,6 +288,10 @@ def _main(argv: list[str]) -> None:
     from novarl_jax.trainer.config import ignored_settings
     from novarl_jax.trainer.loop import check_startup
     from novarl_jax.trainer.saved_config import check_resume_config, has_checkpoint
+    from novarl_jax.trainer.workdir import foreign_config
+
+    if problem := foreign_config(workdir):
+        _fail(f"--workdir: {problem}")
 
     try:
         # The run's own checks (task, tokenizer, checkpoint, batch splits, prompts that fit,

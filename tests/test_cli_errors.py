@@ -746,6 +746,28 @@ def test_a_workdir_below_a_file_names_the_file(run_cli, tmp_path):
     )
 
 
+@pytest.mark.parametrize("flag", ["--workdir", "--export"])
+def test_an_empty_directory_flag_is_refused(run_cli, flag):
+    """``--workdir=$OUT`` with OUT unset trained into runs/<config>; ``--export=$OUT`` trained
+    instead of exporting."""
+    code, _, err = run_cli(*COPY_ON_8, f"{flag}=")
+    assert code == 2 and err.startswith(f"novarl_jax.train: error: {flag}: is empty; give a "), err
+
+
+def test_a_workdir_holding_a_models_config_is_refused_before_it_is_overwritten(run_cli, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
+    code, _, err = run_cli(*COPY_ON_8, f"--workdir={model}", "--dry_run")
+    assert code == 2
+    assert err.strip() == (
+        f"novarl_jax.train: error: --workdir: {model} holds a config.json that is a Hugging "
+        "Face model's (model_type 'llama'), which a run would overwrite with its own; train in "
+        "another directory"
+    )
+    assert json.loads((model / "config.json").read_text())["model_type"] == "llama"
+
+
 def test_devices_that_do_not_split_over_the_processes_are_one_line(run_cli, monkeypatch):
     def unreachable(*args, **kwargs):
         raise AssertionError("the device count is checked before any process connects")

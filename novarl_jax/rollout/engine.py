@@ -43,6 +43,25 @@ _SHOWN_INVALID = 3
 _MAX_VERSION = 2**31
 
 
+class EmptyPromptError(ValueError):
+    """A prompt encodes to no token (empty text, and a tokenizer that adds no BOS); ``index``
+    is its row in the encoded batch."""
+
+    def __init__(self, index: int, text: str):
+        super().__init__(
+            f"the prompt {text!r} encodes to no token (the tokenizer adds no BOS token); every "
+            "prompt needs at least one: give it text, or set model.bos_token"
+        )
+        self.index = index
+
+
+def check_prompt_rows(prompts: list[str], mask: Any) -> None:
+    """Raises :class:`EmptyPromptError` for the first row of ``mask`` with no real token."""
+    empty = np.flatnonzero(np.asarray(mask).sum(axis=1) == 0)
+    if empty.size:
+        raise EmptyPromptError(int(empty[0]), prompts[int(empty[0])])
+
+
 class Trajectory(NamedTuple):
     """One batch of rollouts (a pytree of arrays). R = B*G rows, prompt-major: row
     ``b * G + g`` is sample ``g`` of prompt ``b``.
@@ -255,6 +274,7 @@ class RolloutEngine:
         tokens, mask = self.tokenizer.encode_batch(
             prompts, max_length=self.sampling.max_prompt_length, padding_side="left"
         )
+        check_prompt_rows(prompts, mask)
         return prompts, metadata, tokens, mask
 
     def rollout(

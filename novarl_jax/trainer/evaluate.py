@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from novarl_jax.core.distributed import host_array
-from novarl_jax.rollout.engine import RolloutInfo, Trajectory, take_info
+from novarl_jax.rollout.engine import EmptyPromptError, RolloutInfo, Trajectory, take_info
 from novarl_jax.rollout.tokenizers import TextTooLongError
 from novarl_jax.trainer.config import ConfigError, eval_prompts_per_batch, prompt_too_long
 
@@ -69,6 +69,9 @@ class Evaluator:
             return self.engine.encode_prompts(self.key, self.prompts)
         except TextTooLongError as e:
             raise prompt_too_long(e, key, "an evaluation prompt") from None
+        except EmptyPromptError as e:
+            where = "eval.path" if jsonl else "task.name"
+            raise ConfigError(where, f"an evaluation prompt: {e}") from None
         except ValueError as e:
             raise ConfigError(key, f"an evaluation prompt does not fit: {e}") from None
 

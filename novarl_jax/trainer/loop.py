@@ -21,7 +21,7 @@ import numpy as np
 
 from novarl_jax.algorithms.aggregation import extreme_of
 from novarl_jax.core.distributed import host_array
-from novarl_jax.rollout.engine import take_info
+from novarl_jax.rollout.engine import EmptyPromptError, check_prompt_rows, take_info
 from novarl_jax.rollout.tokenizers import TextTooLongError
 from novarl_jax.trainer import steps
 from novarl_jax.trainer.build import Run, build_run
@@ -42,6 +42,7 @@ from novarl_jax.trainer.samples import sample_rows
 from novarl_jax.trainer.saved_config import check_resume_config, write_config
 from novarl_jax.trainer.state import TrainState, init_train_state
 from novarl_jax.trainer.stop import StopRequested, StopWatch
+from novarl_jax.trainer.workdir import foreign_config, lock_workdir, release
 
 
 class TrainingError(RuntimeError):
@@ -207,21 +208,25 @@ class Trainer:
         ``rollout.max_prompt_length`` (the task's position is left where it was); so does any
         prompt of a task that can list them all (a JSONL file: the message gives its line)."""
         task = self.engine.task
+        listed = getattr(task, "all_prompts", None)
+        prompts = listed() if listed is not None else []
+        limit = self.engine.sampling.max_prompt_length  # what each rollout encodes with
+        for begin in range(0, len(prompts), 1024):  # first: these messages give the line
+            chunk = prompts[begin : begin + 1024]
+            texts = [text for _, text in chunk]
+            try:
+                _, mask = self.engine.tokenizer.encode_batch(texts, max_length=limit)
+                check_prompt_rows(texts, mask)
+            except TextTooLongError as e:
+                raise prompt_too_long(e, what=f"the prompt at {chunk[e.index][0]}") from None
+            except EmptyPromptError as e:
+                raise ConfigError("task.path", f"{chunk[e.index][0]}: {e}") from None
         try:
             self.engine.encode_prompts(self.rollout_key(i), self.config.rollout.prompts_per_step)
         except TextTooLongError as e:
             raise prompt_too_long(e) from None
-        listed = getattr(task, "all_prompts", None)
-        if listed is None or self.config.rollout.prompt_truncation != "error":
-            return
-        prompts = listed()
-        limit = self.engine.sampling.max_prompt_length  # what each rollout encodes with
-        for begin in range(0, len(prompts), 1024):
-            chunk = prompts[begin : begin + 1024]
-            try:
-                self.engine.tokenizer.encode_batch([text for _, text in chunk], max_length=limit)
-            except TextTooLongError as e:
-                raise prompt_too_long(e, what=f"the prompt at {chunk[e.index][0]}") from None
+        except EmptyPromptError as e:
+            raise ConfigError("task.name", str(e)) from None
 
     def _rollout(self, state: TrainState, key: jax.Array) -> tuple[Any, Any, dict]:
         cfg, exp = self.config, self.config.experiment
@@ -234,6 +239,8 @@ class Trainer:
                 traj, info, stats = self._dynamic_sampling(state, key, traj, info, version)
         except TextTooLongError as e:
             raise prompt_too_long(e) from None
+        except EmptyPromptError as e:
+            raise ConfigError("task.name", str(e)) from None
         return traj, info, stats
 
     def _dynamic_sampling(self, state, key, traj, info, version):
@@ -582,14 +589,25 @@ class Session:
         self.workdir = workdir
         spec = spec or validate_config(config)
         self.run = run or build_run(spec)
-        mesh = default_mesh(spec) if mesh is None else mesh
         self.main_process = jax.process_index() == 0
         if log is None:
             log = (lambda line: print(line, flush=True)) if self.main_process else (lambda _: None)
         self.log = log
         for warning in ignored_settings(config):
             log(f"warning: {warning}")
+        # One run per workdir: held until close() (see novarl_jax.trainer.workdir).
+        self._lock = lock_workdir(workdir) if self.main_process else None
+        try:
+            self._open(spec, mesh, trainer_cls, allow_config_change)
+        except BaseException:
+            release(self._lock)
+            raise
+
+    def _open(self, spec, mesh, trainer_cls, allow_config_change) -> None:
+        config, workdir, log = self.config, self.workdir, self.log
         os.makedirs(workdir, exist_ok=True)
+        if self.main_process and (problem := foreign_config(workdir)):
+            raise ConfigError("--workdir", problem)
         ckpt = config.checkpoint
         self.checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"),
@@ -610,6 +628,7 @@ class Session:
                     model=self.run.model.policy,
                 )
             ]
+        mesh = default_mesh(spec) if mesh is None else mesh
         self.trainer = trainer_cls(self.run, workdir, mesh=mesh)
         self.state, self.reference = self.trainer.initial_state()
         self.evaluator = Evaluator(self.run, mesh) if self.run.eval_task is not None else None
@@ -766,6 +785,7 @@ class Session:
             for lines in (self.writer, self.samples):
                 if lines is not None:
                     lines.close()
+            release(self._lock)
 
     def finish(self, state: TrainState, metrics: dict, summary: str = "") -> dict:
         """Prints the one-line summary, draws the plot; returns the result of the run."""

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -163,6 +164,35 @@ def test_every_jsonl_prompt_is_checked_before_training_with_its_line(tmp_path):
         check_startup(run)
     config.rollout.prompt_truncation = "left"
     check_startup(build_run(validate_config(config)))  # truncated when it comes up
+
+
+def test_an_empty_prompt_without_bos_is_refused_before_training_with_its_line(tmp_path):
+    """It reached the sampler as a row of padding and stopped the run mid-way."""
+    from configs import jsonl
+    from novarl_jax.rollout.engine import EmptyPromptError
+    from novarl_jax.trainer.loop import check_startup
+
+    path = tmp_path / "empty.jsonl"
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(12)]
+    rows[9]["prompt"] = ""
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = jsonl.get_config()
+    config.task.path = str(path)
+    config.task.options.shuffle = False
+    config.model.tokenizer = str(_tokenizer_file(tmp_path))
+    config.model.bos_token = ""
+    run = build_run(validate_config(config))
+    with pytest.raises(ConfigError) as info:
+        check_startup(run)
+    assert str(info.value) == (
+        f"task.path: {path}:10: the prompt '' encodes to no token (the tokenizer adds no BOS "
+        "token); every prompt needs at least one: give it text, or set model.bos_token"
+    )
+    with pytest.raises(EmptyPromptError) as drawn:  # what a rollout drawing it raises
+        run.rollout_engine(None).encode_prompts(jax.random.key(0), 12)
+    assert drawn.value.index == 9
+    config.model.bos_token = "<s>"  # with BOS the empty prompt has a token
+    check_startup(build_run(validate_config(config)))
 
 
 def test_an_unknown_task_option_is_named_with_the_valid_ones():
