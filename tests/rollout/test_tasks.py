@@ -304,6 +304,15 @@ def test_jsonl_task_errors(tmp_path, monkeypatch):
     bad.write_text("{oops\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: not valid JSON"):
         JSONLTask(bad)
+    # Python's json reads these; every completion then scored 0 against a NaN answer.
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        bad.write_text(f'{{"prompt": "a", "answer": "1"}}\n{{"prompt": "b", "answer": {constant}}}')
+        match = (
+            rf"bad.jsonl:2: not valid JSON \({constant} is not a JSON value: numbers must be "
+            r"finite\)$"
+        )
+        with pytest.raises(ValueError, match=match):
+            JSONLTask(bad, reward="exact")
     bad.write_text("\n")
     with pytest.raises(ValueError, match="has no examples"):
         JSONLTask(bad)

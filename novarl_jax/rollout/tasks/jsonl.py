@@ -245,6 +245,15 @@ def _check_template(template: Any) -> None:
         ) from None
 
 
+class _NotJson(ValueError):
+    pass
+
+
+def _not_json(constant: str) -> None:
+    """Python's json module reads NaN, Infinity and -Infinity, which JSON does not have."""
+    raise _NotJson(constant)
+
+
 def _read_jsonl(
     path: str, prompt_field: str, answer_field: str
 ) -> tuple[list[tuple[str, Any]], list[int]]:
@@ -264,9 +273,14 @@ def _read_jsonl(
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, parse_constant=_not_json)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            except _NotJson as err:
+                raise ValueError(
+                    f"{path}:{lineno}: not valid JSON ({err} is not a JSON value: numbers must "
+                    "be finite)"
+                ) from None
             if not isinstance(row, dict):
                 raise ValueError(
                     f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
