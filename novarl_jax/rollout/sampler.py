@@ -534,6 +534,18 @@ def make_settings(
     )
 
 
+def _check_key(key: Any) -> None:
+    """Raises ValueError unless ``key`` is a typed ``jax.random`` key or raw uint32 key data."""
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    if not typed and not (dtype == np.uint32 and np.ndim(key) >= 1):
+        got = f"{type(key).__name__} of dtype {dtype}" if dtype is not None else repr(key)[:40]
+        raise ValueError(
+            f"key must be a jax.random key (jax.random.key(seed), or raw uint32 key data), "
+            f"got {got}"
+        )
+
+
 def sample(
     params: Any,
     model_config: Any,
@@ -601,6 +613,7 @@ def sample(
         num_samples=num_samples,
         return_routing=return_routing,
     )
+    _check_key(key)
     prompt_tokens = jnp.asarray(prompt_tokens)
     prompt_mask = jnp.asarray(prompt_mask)
     if prompt_tokens.ndim != 2:

@@ -575,6 +575,11 @@ def test_argument_errors(dense):
         S.sample(params, config, tokens, mask[:, :3], jax.random.key(0), **kw)
     with pytest.raises(ValueError, match="prompt_tokens must be integers"):
         S.sample(params, config, tokens.astype(np.float32), mask, jax.random.key(0), **kw)
+    # A bare int was a TypeError from deep inside jax.random.
+    for key, got in ((1, "1"), (np.zeros(2, np.int32), "ndarray of dtype int32")):
+        with pytest.raises(ValueError, match=rf"^key must be a jax.random key \(jax.random.key\("
+                           rf"seed\), or raw uint32 key data\), got {got}$"):  # fmt: skip
+            S.sample(params, config, tokens, mask, key, **kw)
     bad = mask.copy()
     bad[2] = 0
     with pytest.raises(ValueError, match=r"prompt rows \[2\] have no real token"):
