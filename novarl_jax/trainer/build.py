@@ -23,7 +23,7 @@ from novarl_jax.core.utils.advantages import make_advantage_estimator
 from novarl_jax.models import ModelConfig, init_params, load_hf_model
 from novarl_jax.models.layers import DEFAULT_INIT
 from novarl_jax.rollout.engine import RolloutEngine, SamplingConfig
-from novarl_jax.rollout.tasks import TASKS, make_task, task_class
+from novarl_jax.rollout.tasks import TASKS, check_task, make_task, task_class
 from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer
 from novarl_jax.trainer.config import (
     ConfigError,
@@ -113,8 +113,8 @@ def _task(config, *, validation: bool = False) -> Any:
             raise ConfigError("task.path", "the 'jsonl' task needs the path of a JSONL file")
         options["path"] = t.path
     elif ":" in t.name:  # a task of one's own: a file and a reward override if it takes them
-        try:
-            task_class(t.name)
+        try:  # the protocol before the constructor, whose own errors would hide it
+            check_task(task_class(t.name), f"task {t.name!r}")
         except ValueError as e:
             raise ConfigError("task.name", str(e)) from None
         path = config.eval.path if validation and config.eval.path else t.path

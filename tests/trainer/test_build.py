@@ -441,6 +441,8 @@ def test_a_task_of_ones_own_runs_by_module_and_class(tmp_path, monkeypatch):
     assert e.key == "task.options.colour" and "its options: letters" in str(e)
     e = error("word_tasks:NoState")
     assert e.key == "task.name" and "lacks get_state, set_state of the Task protocol" in str(e)
+    e = error("word_tasks:NoState", letters="ab")  # was about the options, not the protocol
+    assert e.key == "task.name" and "lacks get_state, set_state of the Task protocol" in str(e)
     e = error("word_tasks:Missing")
     assert e.key == "task.name" and "has no attribute 'Missing'" in str(e)
     e = error("word_tasks:WordLength.sample_prompts")

@@ -104,12 +104,15 @@ def sample_task_prompts(task: Any, key: jax.Array, batch_size: int) -> tuple[lis
 
 
 def check_task(task: Any, what: str = "task") -> None:
-    """Raises ValueError naming what ``task`` lacks of the :class:`Task` protocol, if any;
-    ``what`` begins the message (e.g. ``"task 'module:Class'"``)."""
+    """Raises ValueError naming what ``task`` (an instance, or a class before it is built)
+    lacks of the :class:`Task` protocol, if any; ``what`` begins the message (e.g.
+    ``"task 'module:Class'"``)."""
     if isinstance(task, Task):
         return
     missing = [m for m in ("sample_prompts", "score", "get_state", "set_state")
                if not callable(getattr(task, m, None))]  # fmt: skip
+    if not missing:
+        return
     raise ValueError(
         f"{what} lacks {', '.join(missing)} of the Task protocol "
         f"(novarl_jax.rollout.tasks.base; subclass BaseTask for the state methods)"
