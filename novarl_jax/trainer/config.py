@@ -523,27 +523,62 @@ def _check_numbers(config: ml_collections.ConfigDict, flat: dict) -> None:
         )
 
 
+# (keys a run does not read when ``unread(config)`` holds, why) for ignored_settings.
+_UNREAD_WHEN = (
+    (
+        ("experiment.rollout_workers", "experiment.rollout_queue_size",
+         "experiment.weight_sync_interval", "experiment.weight_sync_max_staleness",
+         "experiment.weight_sync_timeout_s"),
+        lambda c: not c.experiment.async_rollouts,
+        "experiment.async_rollouts=False: each step samples with the weights it trains",
+    ),
+    (
+        ("train.router_replay",),
+        lambda c: c.experiment.num_experts == 0,
+        "the model is dense (experiment.num_experts=0): it has no router",
+    ),
+    (
+        ("model.pad_token", "model.eos_token", "model.bos_token"),
+        lambda c: not c.model.tokenizer and not c.model.init_from,
+        "they name tokens of a tokenizer.json (model.tokenizer); the built-in tokenizer has "
+        "its own",
+    ),
+)  # fmt: skip
+
+
 def ignored_settings(config: ml_collections.ConfigDict) -> list[str]:
     """Warnings for keys set away from their defaults that the run does not read: the other
-    algorithm's section (``ppo.*`` in a GRPO run, ``grpo.*`` in a PPO run). Empty when none.
+    algorithm's section (``ppo.*`` in a GRPO run, ``grpo.*`` in a PPO run), the asynchronous
+    keys of a synchronous run, router replay on a dense model, special tokens without a
+    tokenizer.json. Empty when none.
 
-    Not an error: a config may keep both sections tuned and switch between them with
-    ``experiment.algorithm``.
+    Not an error: a config may keep settings for another mode and switch with one key.
     """
+    defaults = default_config()
+
+    def changed(keys: Any) -> list[str]:
+        out = []
+        for key in keys:
+            section, name = key.split(".")
+            value = config[section][name]
+            if name in defaults[section] and value != defaults[section][name]:
+                out.append(f"{key}={value!r}")
+        return out
+
+    def warning(keys: list[str], why: str) -> str:
+        return f"{', '.join(keys)} {'is' if len(keys) == 1 else 'are'} not used: {why}"
+
     algorithm = config.experiment.algorithm
     other = "grpo" if algorithm == "ppo" else "ppo"
-    defaults = default_config()[other]
-    changed = [
-        f"{other}.{key}={config[other][key]!r}"
-        for key in sorted(config[other])
-        if key in defaults and config[other][key] != defaults[key]
-    ]
-    if not changed:
-        return []
-    return [
-        f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} not used: "
-        f"experiment.algorithm={algorithm!r} reads the {algorithm}.* settings"
-    ]
+    warnings = []
+    if keys := changed(f"{other}.{key}" for key in sorted(config[other])):
+        warnings.append(
+            warning(keys, f"experiment.algorithm={algorithm!r} reads the {algorithm}.* settings")
+        )
+    for keys, unread, why in _UNREAD_WHEN:
+        if unread(config) and (keys := changed(keys)):
+            warnings.append(warning(keys, why))
+    return warnings
 
 
 def validate_config(config: ml_collections.ConfigDict) -> RunSpec:

@@ -144,6 +144,25 @@ def test_dropless_capacity_factor_is_allowed():
     assert spec.router.dropless
 
 
+def test_settings_a_run_does_not_read_are_reported():
+    config = default_config()
+    config.experiment.rollout_workers = 4
+    config.experiment.weight_sync_interval = 7
+    config.train.router_replay = True
+    config.model.bos_token = "<s>"
+    assert ignored_settings(config) == [
+        "experiment.rollout_workers=4, experiment.weight_sync_interval=7 are not used: "
+        "experiment.async_rollouts=False: each step samples with the weights it trains",
+        "train.router_replay=True is not used: the model is dense (experiment.num_experts=0): "
+        "it has no router",
+        "model.bos_token='<s>' is not used: they name tokens of a tokenizer.json "
+        "(model.tokenizer); the built-in tokenizer has its own",
+    ]
+    config.experiment.update(async_rollouts=True, num_experts=4)
+    config.model.tokenizer = "tokenizer.json"
+    assert ignored_settings(config) == []
+
+
 def test_the_other_algorithms_settings_are_reported_not_refused(tmp_path):
     from tiny_grpo import tiny_grpo_config
 
