@@ -249,6 +249,16 @@ def test_ambiguous_duplicates_bad_indexes_and_integer_weights_are_refused(tmp_pa
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"tensor '{key}' has dtype int8; only float weights"):
         load_hf_model(d)
+    # Non-finite weights (bfloat16 too): named at load, not found as skipped updates.
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        d = _copy("llama", tmp_path / f"nan_{np.dtype(dtype).name}")
+        tensors = {k: v.astype(dtype) for k, v in load_file(d / "model.safetensors").items()}
+        tensors[key][2, 1] = np.nan
+        tensors[key][3, 0] = np.inf
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=rf"tensor '{key}' has 2 non-finite value\(s\) \(NaN "
+                           r"or inf\), the first at index \(2, 1\)"):  # fmt: skip
+            load_hf_model(d)
 
 
 def test_bfloat16_checkpoint_reads_without_torch(tmp_path):
