@@ -288,10 +288,14 @@ def _main(argv: list[str]) -> None:
     from novarl_jax.trainer.config import ignored_settings
     from novarl_jax.trainer.loop import check_startup
     from novarl_jax.trainer.saved_config import check_resume_config, has_checkpoint
-    from novarl_jax.trainer.workdir import foreign_config
+    from novarl_jax.trainer.workdir import foreign_config, workdir_in_use
 
     if problem := foreign_config(workdir):
         _fail(f"--workdir: {problem}")
+    # Found before building anything; the run takes the lock (for all processes: it is
+    # probed here only in a single-process run, where no other process of the run can hold it).
+    if jax.process_count() == 1 and (busy := workdir_in_use(workdir)):
+        _fail(str(busy))
 
     try:
         # The run's own checks (task, tokenizer, checkpoint, batch splits, prompts that fit,

@@ -768,6 +768,27 @@ def test_a_workdir_holding_a_models_config_is_refused_before_it_is_overwritten(r
     assert json.loads((model / "config.json").read_text())["model_type"] == "llama"
 
 
+def test_a_workdir_in_use_is_refused_before_the_run_is_built(run_cli, tmp_path, monkeypatch):
+    from novarl_jax.trainer import build
+    from novarl_jax.trainer.workdir import lock_workdir, release
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the lock is probed before the run is built")
+
+    held = lock_workdir(str(tmp_path))
+    try:
+        monkeypatch.setattr(build, "build_run", unreachable)
+        code, out, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}", "--dry_run")
+    finally:
+        release(held)
+    assert code == 2 and out == ""
+    assert err.strip() == (
+        f"novarl_jax.train: error: --workdir: {tmp_path} is in use by another run (pid "
+        f"{os.getpid()}, holding {tmp_path}/.lock); wait for it to finish, or train in another "
+        "directory"
+    )
+
+
 def test_devices_that_do_not_split_over_the_processes_are_one_line(run_cli, monkeypatch):
     def unreachable(*args, **kwargs):
         raise AssertionError("the device count is checked before any process connects")

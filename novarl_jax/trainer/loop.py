@@ -42,7 +42,7 @@ from novarl_jax.trainer.samples import sample_rows
 from novarl_jax.trainer.saved_config import check_resume_config, write_config
 from novarl_jax.trainer.state import TrainState, init_train_state
 from novarl_jax.trainer.stop import StopRequested, StopWatch
-from novarl_jax.trainer.workdir import foreign_config, lock_workdir, release
+from novarl_jax.trainer.workdir import LockUnsupported, foreign_config, lock_workdir, release
 
 
 class TrainingError(RuntimeError):
@@ -595,19 +595,40 @@ class Session:
         self.log = log
         for warning in ignored_settings(config):
             log(f"warning: {warning}")
-        # One run per workdir: held until close() (see novarl_jax.trainer.workdir).
-        self._lock = lock_workdir(workdir) if self.main_process else None
+        self._lock = self._claim_workdir()  # held until close()
         try:
             self._open(spec, mesh, trainer_cls, allow_config_change)
         except BaseException:
             release(self._lock)
             raise
 
+    def _claim_workdir(self) -> Any:
+        """The workdir's lock (see :mod:`novarl_jax.trainer.workdir`), taken by the main
+        process for all; every process raises when it refuses the workdir."""
+        lock, problem = None, None
+        if self.main_process:
+            try:
+                if foreign := foreign_config(self.workdir):
+                    raise ConfigError("--workdir", foreign)
+                lock = lock_workdir(self.workdir)
+            except LockUnsupported as e:
+                self.log(f"warning: {e}; a second run on this workdir would not be refused")
+            except (ConfigError, OSError) as e:
+                problem = e
+        if jax.process_count() > 1:  # the other processes must not go on alone
+            from jax.experimental import multihost_utils
+
+            refused = multihost_utils.process_allgather(np.asarray([problem is not None], np.int32))
+            if np.any(refused) and problem is None:
+                problem = ConfigError("--workdir", "the main process refused it (see its error)")
+        if problem is not None:
+            release(lock)
+            raise problem
+        return lock
+
     def _open(self, spec, mesh, trainer_cls, allow_config_change) -> None:
         config, workdir, log = self.config, self.workdir, self.log
         os.makedirs(workdir, exist_ok=True)
-        if self.main_process and (problem := foreign_config(workdir)):
-            raise ConfigError("--workdir", problem)
         ckpt = config.checkpoint
         self.checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"),

@@ -2,10 +2,11 @@
 
 A run holds an exclusive ``flock`` on ``WORKDIR/.lock`` (which records its pid) from the
 moment it opens the workdir until it closes it: a second run on the same workdir, which would
-interleave its metrics with the first's and race it for the same checkpoint steps, stops at
-once naming the first. The operating system releases the lock when the process ends, however
-it ends (a SIGKILL included), so a stale file never blocks a rerun. Only the main process of
-a multi-process run locks; the others share its workdir.
+interleave its metrics with the first's and race it for the same checkpoint steps, stops
+naming the first. The operating system releases the lock when the process ends, however it
+ends (a SIGKILL included), so a stale file never blocks a rerun. The main process of a
+multi-process run takes it for all of them. On a file system without ``flock`` (some
+parallel file systems mount without it) the run goes on unlocked, with a warning.
 
 A run writes its own ``config.json`` into the workdir, so a directory whose ``config.json``
 is not a run config (a Hugging Face model's, typically) is refused before it is overwritten.
@@ -28,38 +29,77 @@ class WorkdirInUseError(ConfigError):
     """Another process holds the workdir's lock."""
 
 
+class LockUnsupported(OSError):
+    """The workdir's file system cannot ``flock``; the message says which error it gave."""
+
+
+def _in_use(workdir: str, path: str, handle: IO[str]) -> WorkdirInUseError:
+    handle.seek(0)
+    pid = handle.read().strip() or "unknown"
+    return WorkdirInUseError(
+        "--workdir",
+        f"{workdir} is in use by another run (pid {pid}, holding {path}); wait for it to "
+        "finish, or train in another directory",
+    )
+
+
 def lock_workdir(workdir: str) -> IO[str]:
     """Takes the workdir's lock (creating the directory); returns the open lock file, which
-    holds the lock until it is closed (see :func:`release`).
+    holds the lock until :func:`release` (keep a reference: closing it releases the lock).
 
     Raises:
         WorkdirInUseError: another run holds it; the message names its pid.
+        LockUnsupported: the file system cannot lock (the caller may go on without).
+        OSError: the lock file cannot be written.
     """
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
     handle = open(path, "a+")  # noqa: SIM115 (held for the run's lifetime)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(workdir, path, handle) from None
+        except OSError as e:
+            raise LockUnsupported(f"cannot lock {path}: {e.strerror}") from None
         handle.seek(0)
-        pid = handle.read().strip() or "unknown"
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+    except BaseException:
         handle.close()
-        raise WorkdirInUseError(
-            "--workdir",
-            f"{workdir} is in use by another run (pid {pid}, holding {path}); wait for it to "
-            "finish, or train in another directory",
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
+        raise
     return handle
 
 
 def release(handle: IO[str] | None) -> None:
-    """Releases a lock from :func:`lock_workdir` (None: nothing to release)."""
+    """Releases a lock from :func:`lock_workdir` (None: nothing to release). Unlocks before
+    closing: a child process forked meanwhile holds a copy of the descriptor, which would
+    otherwise keep the lock after the run."""
     if handle is not None and not handle.closed:
-        handle.close()  # closing the descriptor releases the flock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        finally:
+            handle.close()
+
+
+def workdir_in_use(workdir: str) -> WorkdirInUseError | None:
+    """The error a run starting on ``workdir`` now would stop with, without taking the lock
+    or creating anything (None: free, or not lockable here)."""
+    path = os.path.join(workdir, LOCK_FILE)
+    try:
+        handle = open(path)  # noqa: SIM115
+    except OSError:
+        return None  # no lock file: no run has it
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _in_use(workdir, path, handle)
+        except OSError:
+            return None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
 def foreign_config(workdir: str) -> str | None:

@@ -14,10 +14,12 @@ from tiny_grpo import tiny_grpo_config
 from novarl_jax.trainer.config import ConfigError
 from novarl_jax.trainer.workdir import (
     LOCK_FILE,
+    LockUnsupported,
     WorkdirInUseError,
     foreign_config,
     lock_workdir,
     release,
+    workdir_in_use,
 )
 
 
@@ -39,21 +41,58 @@ def test_a_second_run_on_a_held_workdir_stops_before_writing_anything(tmp_path):
             f"{tmp_path / LOCK_FILE}); wait for it to finish, or train in another directory"
         )
         assert sorted(os.listdir(tmp_path)) == [LOCK_FILE]  # no metrics, config or checkpoint
+        assert str(workdir_in_use(str(tmp_path))) == str(info.value)  # the CLI's early probe
     finally:
         release(held)
     out = train_quietly(_config(), tmp_path)
     assert out["resumed_from"] is None and (tmp_path / "metrics.jsonl").exists()
     release(lock_workdir(str(tmp_path)))  # the finished run let go of it
+    assert workdir_in_use(str(tmp_path)) is None
+    assert workdir_in_use(str(tmp_path / "nowhere")) is None and not (tmp_path / "nowhere").exists()
 
 
-def test_a_run_refused_at_start_lets_go_of_the_lock(tmp_path):
+def test_a_model_directory_is_refused_and_left_as_it_was(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(ConfigError, match=r"^--workdir: .* is not a run's config, which a run"):
         train_quietly(_config(), tmp_path)
+    assert os.listdir(tmp_path) == ["config.json"]  # not even a lock file
     assert json.loads((tmp_path / "config.json").read_text()) == {
         "architectures": ["LlamaForCausalLM"]
     }
-    release(lock_workdir(str(tmp_path)))
+
+
+def test_a_forked_child_does_not_keep_the_lock_after_release(tmp_path):
+    """A reward function's worker pool forks with the lock's descriptor open: closing alone
+    left the lock held, and the same process could not train on its workdir again."""
+    held = lock_workdir(str(tmp_path))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             pass_fds=[held.fileno()])  # fmt: skip
+    try:
+        release(held)
+        release(lock_workdir(str(tmp_path)))
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(LockUnsupported, match=r"cannot lock .*\.lock: No locks available"):
+        lock_workdir(str(tmp_path / "direct"))
+    assert workdir_in_use(str(tmp_path / "direct")) is None
+    lines = []
+    train_quietly(_config(), tmp_path / "run", log=lines.append)
+    assert (
+        f"warning: cannot lock {tmp_path / 'run' / LOCK_FILE}: No locks available; a second "
+        "run on this workdir would not be refused" in lines
+    )
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
