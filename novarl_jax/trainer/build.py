@@ -113,8 +113,8 @@ def _task(config, *, validation: bool = False) -> Any:
             raise ConfigError("task.path", "the 'jsonl' task needs the path of a JSONL file")
         options["path"] = t.path
     elif ":" in t.name:  # a task of one's own: a file and a reward override if it takes them
-        try:  # the protocol before the constructor, whose own errors would hide it
-            check_task(task_class(t.name), f"task {t.name!r}")
+        try:
+            task_class(t.name)
         except ValueError as e:
             raise ConfigError("task.name", str(e)) from None
         path = config.eval.path if validation and config.eval.path else t.path
@@ -136,6 +136,10 @@ def _task(config, *, validation: bool = False) -> Any:
     try:
         task = make_task(t.name, **options)
     except TypeError as e:
+        try:  # a class that is no task at all: say so, rather than what its constructor took
+            check_task(task_class(t.name), f"task {t.name!r}")
+        except ValueError as lacking:
+            raise ConfigError("task.name", str(lacking)) from None
         raise ConfigError("task.options", f"task {t.name!r}: {e}") from None
     except (ValueError, OSError) as e:
         raise ConfigError(_task_error_key(str(e), t), str(e)) from None

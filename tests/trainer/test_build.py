@@ -384,6 +384,18 @@ class NoState:
         return np.zeros(len(prompts), np.float32), [{}] * len(prompts)
 
 
+class Plain:  # no task, and no constructor of its own
+    pass
+
+
+class Delegating:  # a task by delegation: its methods are found only on instances
+    def __init__(self, *, letters="abc"):
+        self._inner = WordLength(letters=letters)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
 class NumpyState(WordLength):
     def get_state(self):
         return {"position": np.int64(3)}
@@ -441,8 +453,10 @@ def test_a_task_of_ones_own_runs_by_module_and_class(tmp_path, monkeypatch):
     assert e.key == "task.options.colour" and "its options: letters" in str(e)
     e = error("word_tasks:NoState")
     assert e.key == "task.name" and "lacks get_state, set_state of the Task protocol" in str(e)
-    e = error("word_tasks:NoState", letters="ab")  # was about the options, not the protocol
-    assert e.key == "task.name" and "lacks get_state, set_state of the Task protocol" in str(e)
+    e = error("word_tasks:Plain", letters="ab")  # was the constructor's TypeError
+    assert e.key == "task.name" and "lacks sample_prompts, score, get_state, set_state" in str(e)
+    config.task.name, config.task.options = "word_tasks:Delegating", {"letters": "ab"}
+    assert build_run(validate_config(config)).task.letters == "ab"  # checked once built
     e = error("word_tasks:Missing")
     assert e.key == "task.name" and "has no attribute 'Missing'" in str(e)
     e = error("word_tasks:WordLength.sample_prompts")
