@@ -35,6 +35,7 @@ from typing import Any
 from novarl_jax.trainer.config import ConfigError, default_config
 
 FILE_NAME = "config.json"
+RECORD_KEY = "_how_read"  # in config.json beside the config's own sections (write_config)
 MODEL_FILE = "model_config.json"  # the policy's architecture (ModelConfig.to_hf_config())
 
 # Keys (or sections, ending in '.') a resumed run may change without being told to.
@@ -91,7 +92,9 @@ def config_changes(saved: dict, config: Any, *, defaults: Any = None) -> list[tu
 
     With ``defaults`` (a config tree), a key the saved record lacks counts as holding its
     default there: a workdir written before that key existed trained with its default.
+    The record's :data:`RECORD_KEY` is not a config key and is left out.
     """
+    saved = {k: v for k, v in saved.items() if k != RECORD_KEY}
     old, new = _flat(saved), _flat(_plain(config))
     if defaults is not None:
         old = {**_flat(_plain(defaults)), **old}
@@ -102,14 +105,20 @@ def config_changes(saved: dict, config: Any, *, defaults: Any = None) -> list[tu
     ]
 
 
-def _decay_length(flat: dict[str, Any]) -> int | None:
-    """The learning-rate decay's length in updates of a flat config (None if unknown)."""
+def _decay_length(flat: dict[str, Any], *, after_warmup: bool = True) -> int | None:
+    """The learning-rate decay's length in updates of a flat config (None if unknown).
+
+    ``after_warmup=False``: as a config.json written before ``optim.decay_steps=0`` left the
+    warmup out of the decay (the decay then lasted all the run's updates, after the warmup).
+    """
     try:
         if flat["optim.decay_steps"]:
             return int(flat["optim.decay_steps"])
-        updates = int(flat["train.epochs"]) * int(flat["train.minibatches"])
-        warmup = max(int(flat.get("optim.warmup_steps") or 0), 0)
-        return max(int(flat["experiment.steps"]) * updates - warmup, 1)
+        updates = int(flat["experiment.steps"]) * int(flat["train.epochs"])
+        updates *= int(flat["train.minibatches"])
+        if not after_warmup:
+            return updates
+        return max(updates - max(int(flat.get("optim.warmup_steps") or 0), 0), 1)
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -138,10 +147,14 @@ def may_change(key: str) -> bool:
 
 def write_config(workdir: str, config: Any, model: Any = None) -> str:
     """Writes ``config`` to ``workdir/config.json`` and, when given, the policy's ModelConfig
-    ``model`` to ``workdir/model_config.json`` (each atomically); returns the first path."""
+    ``model`` to ``workdir/model_config.json`` (each atomically); returns the first path.
+
+    config.json also holds :data:`RECORD_KEY`: how this version reads what the config leaves
+    implicit, so that a later version reading it differently can tell."""
     if model is not None:
         _write_json(os.path.join(workdir, MODEL_FILE), model.to_hf_config())
-    return _write_json(os.path.join(workdir, FILE_NAME), config)
+    record = {**_plain(config), RECORD_KEY: {"decay_after_warmup": True}}
+    return _write_json(os.path.join(workdir, FILE_NAME), record)
 
 
 def _write_json(path: str, tree: Any) -> str:
@@ -213,6 +226,7 @@ def check_resume_config(
     if not os.path.exists(path):
         return []
     saved = _read_json(path)
+    record = saved.get(RECORD_KEY, {})
     changes = config_changes(saved, config, defaults=default_config())
     blocking = [c for c in changes if not may_change(c[0])]
     hint = ""
@@ -220,7 +234,9 @@ def check_resume_config(
     if plain.get("optim.schedule") != "constant":
         # With optim.decay_steps=0 the decay lasts the whole run, so experiment.steps moves
         # it; an explicit decay_steps equal to the old length keeps the same schedule.
-        old_length, new_length = _decay_length(_flat(saved)), _decay_length(plain)
+        after_warmup = isinstance(record, dict) and bool(record.get("decay_after_warmup"))
+        old_length = _decay_length(_flat(saved), after_warmup=after_warmup)
+        new_length = _decay_length(plain)
         blocking = [c for c in blocking if c[0] != "optim.decay_steps"]
         if old_length != new_length:
             blocking.insert(0, ("optim.decay_steps", f"{old_length} updates",

@@ -97,6 +97,18 @@ def test_the_decay_length_a_resume_keeps_counts_from_the_warmups_end(tmp_path):
         check_resume_config(str(tmp_path), config)
     config.optim.decay_steps = 200
     assert check_resume_config(str(tmp_path), config)  # allowed, and logged
+    # A config.json written before the warmup was left out of the decay: its run decayed over
+    # all 240 updates, so the same config now would shorten the decay; refused, and the hint
+    # gives the length that keeps it.
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["_how_read"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config.experiment.steps, config.optim.decay_steps = 60, 0
+    with pytest.raises(ConfigChangedError, match=r"'240 updates' -> '200 updates'.* set "
+                       r"optim.decay_steps=240 to keep"):  # fmt: skip
+        check_resume_config(str(tmp_path), config)
+    config.optim.decay_steps = 240
+    assert [k for k, *_ in check_resume_config(str(tmp_path), config)] == ["optim.decay_steps"]
 
 
 def _config(steps, **experiment):
