@@ -305,11 +305,11 @@ def test_jsonl_task_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"bad.jsonl:1: not valid JSON"):
         JSONLTask(bad)
     # Python's json reads these; every completion then scored 0 against a NaN answer.
-    for constant in ("NaN", "Infinity", "-Infinity"):
+    for constant in ("NaN", "Infinity", "-Infinity", "1e999"):
         bad.write_text(f'{{"prompt": "a", "answer": "1"}}\n{{"prompt": "b", "answer": {constant}}}')
         match = (
-            rf"bad.jsonl:2: not valid JSON \({constant} is not a JSON value: numbers must be "
-            r"finite\)$"
+            rf"bad.jsonl:2: {constant} is not a finite number \(NaN, Infinity and numbers too "
+            r"large for a float cannot be answers or fields\)$"
         )
         with pytest.raises(ValueError, match=match):
             JSONLTask(bad, reward="exact")

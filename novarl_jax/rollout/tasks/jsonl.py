@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import string
 from collections.abc import Sequence
@@ -254,6 +255,14 @@ def _not_json(constant: str) -> None:
     raise _NotJson(constant)
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; one that overflows (``1e999``) is refused like Infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(text)
+    return value
+
+
 def _read_jsonl(
     path: str, prompt_field: str, answer_field: str
 ) -> tuple[list[tuple[str, Any]], list[int]]:
@@ -273,13 +282,13 @@ def _read_jsonl(
             if not line.strip():
                 continue
             try:
-                row = json.loads(line, parse_constant=_not_json)
+                row = json.loads(line, parse_constant=_not_json, parse_float=_finite_float)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
             except _NotJson as err:
                 raise ValueError(
-                    f"{path}:{lineno}: not valid JSON ({err} is not a JSON value: numbers must "
-                    "be finite)"
+                    f"{path}:{lineno}: {err} is not a finite number (NaN, Infinity and numbers "
+                    "too large for a float cannot be answers or fields)"
                 ) from None
             if not isinstance(row, dict):
                 raise ValueError(
