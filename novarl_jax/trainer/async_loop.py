@@ -537,6 +537,7 @@ def train_async(
         run=run,
         trainer_cls=AsyncTrainer,
         allow_config_change=allow_config_change,
+        asynchronous=True,
     ) as session:
         trainer, state = session.trainer, session.state
         warning = staleness_warning(spec.config, queue_size, synchronous)

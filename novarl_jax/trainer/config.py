@@ -523,37 +523,44 @@ def _check_numbers(config: ml_collections.ConfigDict, flat: dict) -> None:
         )
 
 
-# (keys a run does not read when ``unread(config)`` holds, why) for ignored_settings.
+# (keys a run does not read when ``unread(config, asynchronous)`` holds, why), for
+# ignored_settings.
 _UNREAD_WHEN = (
     (
         ("experiment.rollout_workers", "experiment.rollout_queue_size",
          "experiment.weight_sync_interval", "experiment.weight_sync_max_staleness",
          "experiment.weight_sync_timeout_s"),
-        lambda c: not c.experiment.async_rollouts,
+        lambda c, asynchronous: not asynchronous,
         "experiment.async_rollouts=False: each step samples with the weights it trains",
     ),
     (
         ("train.router_replay",),
-        lambda c: c.experiment.num_experts == 0,
+        lambda c, asynchronous: c.experiment.num_experts == 0,
         "the model is dense (experiment.num_experts=0): it has no router",
     ),
     (
         ("model.pad_token", "model.eos_token", "model.bos_token"),
-        lambda c: not c.model.tokenizer and not c.model.init_from,
+        lambda c, asynchronous: not c.model.tokenizer and not c.model.init_from,
         "they name tokens of a tokenizer.json (model.tokenizer); the built-in tokenizer has "
         "its own",
     ),
 )  # fmt: skip
 
 
-def ignored_settings(config: ml_collections.ConfigDict) -> list[str]:
+def ignored_settings(
+    config: ml_collections.ConfigDict, *, asynchronous: bool | None = None
+) -> list[str]:
     """Warnings for keys set away from their defaults that the run does not read: the other
     algorithm's section (``ppo.*`` in a GRPO run, ``grpo.*`` in a PPO run), the asynchronous
     keys of a synchronous run, router replay on a dense model, special tokens without a
     tokenizer.json. Empty when none.
 
     Not an error: a config may keep settings for another mode and switch with one key.
+    ``asynchronous``: whether the run is asynchronous (default: ``experiment.async_rollouts``;
+    ``train_async`` runs asynchronously whatever that key says).
     """
+    if asynchronous is None:
+        asynchronous = bool(config.experiment.async_rollouts)
     defaults = default_config()
 
     def changed(keys: Any) -> list[str]:
@@ -576,7 +583,7 @@ def ignored_settings(config: ml_collections.ConfigDict) -> list[str]:
             warning(keys, f"experiment.algorithm={algorithm!r} reads the {algorithm}.* settings")
         )
     for keys, unread, why in _UNREAD_WHEN:
-        if unread(config) and (keys := changed(keys)):
+        if unread(config, asynchronous) and (keys := changed(keys)):
             warnings.append(warning(keys, why))
     return warnings
 

@@ -584,6 +584,7 @@ class Session:
         run: Run | None = None,
         trainer_cls: type = Trainer,
         allow_config_change: bool = False,
+        asynchronous: bool = False,
     ):
         self.config = config
         self.workdir = workdir
@@ -593,7 +594,7 @@ class Session:
         if log is None:
             log = (lambda line: print(line, flush=True)) if self.main_process else (lambda _: None)
         self.log = log
-        for warning in ignored_settings(config):
+        for warning in ignored_settings(config, asynchronous=asynchronous):
             log(f"warning: {warning}")
         self._lock = self._claim_workdir()  # held until close()
         try:
