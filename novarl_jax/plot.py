@@ -92,8 +92,12 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         print(plot_training(argv[1]))
-    except (FileNotFoundError, ValueError) as e:
+    except ValueError as e:
         print(f"novarl_jax.plot: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a missing workdir, or a file where a directory belongs (or back)
+        what = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+        print(f"novarl_jax.plot: error: {what}", file=sys.stderr)
         return 2
     return 0
 

@@ -48,7 +48,7 @@ class JsonLines:
             line
             for _, line, row in _parse_lines(lines)
             # Damage before the last line is not this writer's to remove.
-            if isinstance(row, Exception) or not isinstance(row, dict) or row.get("step", 0) <= step
+            if (row_step := _step_of(row)) is None or row_step <= step
         ]
         lines = [line for _, line in lines]
         # A whole last row whose newline was cut off would run into the next row written.
@@ -200,8 +200,19 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     for n, _, row in _parse_lines(_read_lines(path)):
         if isinstance(row, Exception):
             raise ValueError(f"{path}:{n}: not a JSON row ({row})") from None
+        if _step_of(row) is None:
+            raise ValueError(
+                f"{path}:{n}: not a metrics row (a JSON object with a numeric 'step'); remove "
+                "that line"
+            )
         rows.append(row)
     return rows
+
+
+def _step_of(row: Any) -> float | None:
+    """A parsed row's step, or None when it is no metrics row (damage, or another record)."""
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, int | float) and not isinstance(step, bool) else None
 
 
 def _read_lines(path: str) -> list[tuple[int, str]]:

@@ -3,6 +3,8 @@
 import sys
 import types
 
+import pytest
+
 from novarl_jax.trainer.metrics import JsonLines, MetricsWriter, read_metrics, wandb_run_id
 
 
@@ -11,6 +13,22 @@ def test_truncating_keeps_a_line_that_is_not_an_object(tmp_path):
     path.write_text('{"step": 1}\n[2]\n{"step": 3}\n')
     JsonLines(str(path)).truncate_after(1)
     assert path.read_text() == '{"step": 1}\n[2]\n'
+
+
+def test_rows_without_a_numeric_step_are_kept_by_truncation_and_named_by_the_reader(tmp_path):
+    """A row with a text step crashed a resume's truncation; a row that is no object crashed
+    the plot at the end of a run that had trained."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": "x"}\n{"step": true}\n{"step": 3}\n')
+    JsonLines(str(path)).truncate_after(1)
+    assert path.read_text() == '{"step": 1}\n{"step": "x"}\n{"step": true}\n'
+    for bad in ('{"step": "x"}', "[1, 2]", '{"loss": 1.0}'):
+        path.write_text(f'{{"step": 1}}\n{bad}\n{{"step": 2}}\n')
+        with pytest.raises(ValueError) as info:
+            read_metrics(tmp_path)
+        assert str(info.value) == (
+            f"{path}:2: not a metrics row (a JSON object with a numeric 'step'); remove that line"
+        )
 
 
 def test_wandb_points_carry_the_step(tmp_path, monkeypatch):

@@ -348,6 +348,18 @@ def test_plot_errors_are_one_line(tmp_path, monkeypatch, capsys):
     for args in ([], ["--verbose"], ["a", "b"]):
         assert plot.main(["plot", *args]) == 2
         assert capsys.readouterr().err == "usage: python -m novarl_jax.plot WORKDIR\n"
+    monkeypatch.undo()  # matplotlib back
+    # Files where directories belong, and the reverse: one line each (they were tracebacks).
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "critic/score/mean": 0.5}\n')
+    (tmp_path / "plots").write_text("")
+    a_file = tmp_path / "metrics.jsonl"
+    for workdir, want in (
+        (tmp_path, f"{tmp_path}/plots: File exists"),
+        (a_file, f"{a_file}/metrics.jsonl: Not a directory"),
+        (tmp_path / "missing", f"{tmp_path}/missing/metrics.jsonl: No such file or directory"),
+    ):
+        assert plot.main(["plot", str(workdir)]) == 2
+        assert capsys.readouterr().err == f"novarl_jax.plot: error: {want}\n"
 
 
 def test_a_plot_that_cannot_be_drawn_does_not_fail_the_run(tmp_path, capsys):
