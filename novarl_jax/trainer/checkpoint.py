@@ -34,11 +34,34 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 TRASH = "todelete"
 _UNFINISHED = ".orbax-checkpoint-tmp"  # orbax's suffix for a step directory being written
+
+
+def first_non_finite(tree: Any) -> str | None:
+    """The path of the first floating-point leaf of ``tree`` holding a NaN or inf, or None.
+
+    One jitted reduction over every leaf (sharded arrays included); the flags it returns are
+    replicated, so every process of a multi-process run reads them."""
+    leaves = [
+        (path, x)
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.floating)
+    ]
+    if not leaves:
+        return None
+    finite = jax.jit(lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))(
+        [x for _, x in leaves]
+    )
+    flags = np.asarray(jax.device_get(finite))
+    if flags.all():
+        return None
+    return jax.tree_util.keystr(leaves[int(np.argmin(flags))][0])
 
 
 class Checkpointer:
@@ -174,6 +197,9 @@ class Checkpointer:
             )
         except Exception as e:  # noqa: BLE001 - orbax, tensorstore and JSON errors alike
             raise self._unreadable(step, e) from e
+        bad = first_non_finite(restored["state"])
+        if bad is not None:  # training never saves one: damaged bytes that still decoded
+            raise self._unreadable(step, ValueError(f"{bad} holds NaN or infinite values"))
         return restored["state"], dict(restored["host"])
 
     def _unreadable(self, step: int, error: BaseException) -> CheckpointUnreadableError:

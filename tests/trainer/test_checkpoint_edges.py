@@ -12,6 +12,7 @@ import pytest
 from novarl_jax.trainer.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
+    CheckpointUnreadableError,
     _cause,
     _one_line,
     abstract_like,
@@ -92,4 +93,23 @@ def test_a_save_from_another_thread(tmp_path):
     t.start()
     t.join()
     assert out == [True] and ckpt.all_steps() == [1]
+    ckpt.close()
+
+
+def test_a_step_that_restores_non_finite_values_is_refused_as_damaged(tmp_path):
+    """Bytes flipped inside a chunk can still decode: a NaN state was restored and trained
+    on (every update skipped), and the run then called that step intact."""
+    ckpt = Checkpointer(str(tmp_path), interval=1, async_save=False)
+    ckpt.save(1, {"w": jnp.ones(3), "step": jnp.int32(1)}, {"iteration": 1})
+    ckpt.save(2, {"w": jnp.array([1.0, jnp.nan, 2.0]), "step": jnp.int32(2)}, {"iteration": 2})
+    like = abstract_like({"w": jnp.ones(3), "step": jnp.int32(0)})
+    with pytest.raises(CheckpointUnreadableError) as info:
+        ckpt.restore(like)
+    assert str(info.value) == (
+        f"{tmp_path}/2: checkpoint could not be read (ValueError: ['w'] holds NaN or infinite "
+        f"values); it may be damaged: move {tmp_path}/2 out of {tmp_path} to resume from step 1 "
+        "(older checkpoints: [1])"
+    )
+    state, host = ckpt.restore(like, step=1)
+    assert host == {"iteration": 1} and float(state["w"].sum()) == 3.0
     ckpt.close()
