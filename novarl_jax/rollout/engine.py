@@ -213,7 +213,32 @@ class RolloutEngine:
     ):
         if not isinstance(sampling, SamplingConfig):
             raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling)!r}")
+        if isinstance(task, type):
+            raise ValueError(
+                f"task must be a task instance (e.g. {task.__name__}()), got the class "
+                f"{task.__name__}"
+            )
         check_task(task)
+        if not isinstance(getattr(model_config, "vocab_size", None), int):
+            raise ValueError(
+                f"model_config must be a ModelConfig, got {type(model_config).__name__}"
+            )
+        methods = ("encode_batch", "decode_batch")
+        if not isinstance(getattr(tokenizer, "vocab_size", None), int) or not all(
+            callable(getattr(tokenizer, m, None)) for m in methods
+        ):
+            raise ValueError(
+                f"tokenizer must be a Tokenizer (vocab_size, encode_batch, decode_batch; e.g. "
+                f"CharTokenizer or HFTokenizer), got {type(tokenizer).__name__}"
+            )
+        task_chars, known = getattr(task, "alphabet", None), getattr(tokenizer, "alphabet", None)
+        if isinstance(task_chars, str) and isinstance(known, str):
+            missing = sorted(set(task_chars) - set(known))
+            if missing:
+                raise ValueError(
+                    f"the task's alphabet has characters the tokenizer cannot encode: "
+                    f"{''.join(missing)!r} (the tokenizer's alphabet: {known!r})"
+                )
         vocab = model_config.vocab_size
         if tokenizer.vocab_size > vocab:
             raise ValueError(

@@ -220,6 +220,22 @@ def test_engine_errors(setup):
         RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling=bad_stop)
     with pytest.raises(ValueError, match="sampling must be a SamplingConfig"):
         RolloutEngine(model_config=config, tokenizer=tok, task=task, sampling={"max_new_tokens": 4})
+    # Each of these was accepted, or an AttributeError, and failed at the first rollout.
+    from novarl_jax.rollout.tasks import CopyTask
+
+    cases = [
+        (dict(task=AdditionTask), r"^task must be a task instance \(e.g. AdditionTask\(\)\), "
+         r"got the class AdditionTask$"),
+        (dict(model_config={"vocab_size": 32}), r"^model_config must be a ModelConfig, got dict$"),
+        (dict(tokenizer="char"), r"^tokenizer must be a Tokenizer \(vocab_size, encode_batch, "
+         r"decode_batch; e.g. CharTokenizer or HFTokenizer\), got str$"),
+        (dict(tokenizer=CharTokenizer(CopyTask().alphabet)), r"^the task's alphabet has "
+         r"characters the tokenizer cannot encode: '\+0123456789=' \(the tokenizer's alphabet: "),
+    ]  # fmt: skip
+    for change, match in cases:
+        kwargs = dict(model_config=config, tokenizer=tok, task=task, sampling=SAMPLING) | change
+        with pytest.raises(ValueError, match=match):
+            RolloutEngine(**kwargs)
     # Prompt + completion longer than the model's positions fails here, not at the first rollout.
     too_long = SamplingConfig(max_prompt_length=40, max_new_tokens=30)
     with pytest.raises(
