@@ -370,6 +370,8 @@ class WeightSyncController:
         Returns:
             The broadcast's reason, or None when nothing was broadcast.
         """
+        if not callable(publish_fn):  # found on every call, not only when one is due
+            raise ValueError(f"publish_fn must be callable, got {publish_fn!r}")
         with self._lock:
             now = self._now(now)
             due, reason = should_broadcast(self._state, now, trainer_version, worker_versions)

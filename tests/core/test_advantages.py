@@ -561,6 +561,8 @@ def test_registry_builds_every_name_and_estimators_are_static_hashable():
 
 
 def test_estimator_errors():
+    with pytest.raises(ValueError, match=r"unknown advantage estimator \['gae'\]; valid names"):
+        make_advantage_estimator(["gae"])  # was TypeError: unhashable type: 'list'
     with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
         make_advantage_estimator("ppo")
     with pytest.raises(ValueError, match=r"has no argument\(s\) \['lam'\]"):

@@ -166,6 +166,8 @@ def test_wrapper_uses_its_clock_and_counts_reasons():
     now = [0.0]
     published = []
     controller = WeightSyncController(4, 6, 30.0, clock=lambda: now[0])
+    with pytest.raises(ValueError, match=r"^publish_fn must be callable, got None$"):
+        controller.maybe_broadcast(0, {}, None)  # was a TypeError, and only when one was due
     assert controller.maybe_broadcast(0, {}, published.append) == "initial"
     for version in (1, 2, 3):
         assert controller.maybe_broadcast(version, {"w": 0}, published.append) is None

@@ -867,7 +867,7 @@ def make_advantage_estimator(name: str, **kwargs: Any) -> AdvantageEstimator:
         >>> make_advantage_estimator("dr_grpo", group_size=4)
         GRPOAdvantageEstimator(group_size=4, scale_by_std=False, eps=1e-06)
     """
-    if name not in ADVANTAGE_ESTIMATORS:
+    if not isinstance(name, str) or name not in ADVANTAGE_ESTIMATORS:
         raise ValueError(
             f"unknown advantage estimator {name!r}; valid names: {sorted(ADVANTAGE_ESTIMATORS)}"
         )
