@@ -224,6 +224,9 @@ def check_resume_config(
     """
     path = os.path.join(workdir, FILE_NAME)
     if not os.path.exists(path):
+        if checkpoint_steps(workdir):
+            log(f"warning: {path} is missing: the config is not compared with the one the "
+                "checkpoints were trained with")  # fmt: skip
         return []
     saved = _read_json(path)
     record = saved.get(RECORD_KEY, {})

@@ -52,6 +52,13 @@ def test_changes_are_listed_and_only_run_changing_keys_block(tmp_path):
     )
     assert may_change("checkpoint.keep") and not may_change("experiment.seed")
     assert check_resume_config(str(tmp_path / "elsewhere"), config) == []  # no config.json
+    (tmp_path / "elsewhere" / "checkpoints" / "4").mkdir(parents=True)  # but checkpoints
+    lines = []
+    assert check_resume_config(str(tmp_path / "elsewhere"), config, log=lines.append) == []
+    assert lines == [
+        f"warning: {tmp_path}/elsewhere/config.json is missing: the config is not compared with "
+        "the one the checkpoints were trained with"
+    ]
 
 
 def test_more_steps_may_not_silently_stretch_a_decaying_learning_rate(tmp_path):
