@@ -61,7 +61,7 @@ def first_non_finite(tree: Any) -> str | None:
     flags = np.asarray(jax.device_get(finite))
     if flags.all():
         return None
-    return jax.tree_util.keystr(leaves[int(np.argmin(flags))][0])
+    return _path_name(leaves[int(np.argmin(flags))][0])
 
 
 class Checkpointer:
@@ -352,8 +352,18 @@ def _cause(error: BaseException) -> str:
     return _one_line(error)
 
 
+# Where tensorstore's messages turn into dumps of its specs (kilobytes of JSON).
+_DUMP_MARKERS = (" [tensorstore_spec", "<bound method", "See full TensorStore details")
+_MAX_CAUSE = 300
+
+
 def _one_line(error: BaseException) -> str:
     text = str(error).splitlines()[0] if str(error) else ""
+    for marker in _DUMP_MARKERS:
+        if marker in text:
+            text = text.split(marker)[0].rstrip(" ;:,")
+    if len(text) > _MAX_CAUSE:
+        text = text[:_MAX_CAUSE].rstrip() + "..."
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 

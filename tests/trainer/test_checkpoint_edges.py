@@ -96,6 +96,21 @@ def test_a_save_from_another_thread(tmp_path):
     ckpt.close()
 
 
+def test_a_tensorstore_spec_dump_is_cut_from_the_cause():
+    spec = "{" + '"driver": "zarr", ' * 200 + "}"
+    for message in (
+        f"DATA_LOSS: Error decoding manifest: Encoded length (0) is less than minimum length "
+        f"(16) [tensorstore_spec='{spec}']",
+        f"DATA_LOSS: Error decoding manifest: Encoded length (0) is less than minimum length "
+        f"(16); <bound method PyCapsule.spec of TensorStore({spec})>",
+    ):
+        assert _one_line(ValueError(message)) == (
+            "ValueError: DATA_LOSS: Error decoding manifest: Encoded length (0) is less than "
+            "minimum length (16)"
+        )
+    assert _one_line(ValueError("x" * 1000)) == "ValueError: " + "x" * 300 + "..."
+
+
 def test_a_step_that_restores_non_finite_values_is_refused_as_damaged(tmp_path):
     """Bytes flipped inside a chunk can still decode: a NaN state was restored and trained
     on (every update skipped), and the run then called that step intact."""
@@ -106,7 +121,7 @@ def test_a_step_that_restores_non_finite_values_is_refused_as_damaged(tmp_path):
     with pytest.raises(CheckpointUnreadableError) as info:
         ckpt.restore(like)
     assert str(info.value) == (
-        f"{tmp_path}/2: checkpoint could not be read (ValueError: ['w'] holds NaN or infinite "
+        f"{tmp_path}/2: checkpoint could not be read (ValueError: w holds NaN or infinite "
         f"values); it may be damaged: move {tmp_path}/2 out of {tmp_path} to resume from step 1 "
         "(older checkpoints: [1])"
     )
