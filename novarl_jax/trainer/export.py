@@ -136,7 +136,9 @@ def export_policy(
         except CheckpointMismatchError as e:
             raise ExportError(f"{e}; pass the run's own config and overrides") from None
         except CheckpointUnreadableError as e:
-            raise ExportError(str(e)) from None
+            older = [s for s in steps if s < step]
+            hint = f"; or export step {older[-1]} with --export_step={older[-1]}" if older else ""
+            raise ExportError(f"{e}{hint}") from None
     finally:
         checkpointer.close()
 
