@@ -541,8 +541,8 @@ _UNREAD_WHEN = (
     (
         ("model.pad_token", "model.eos_token", "model.bos_token"),
         lambda c, asynchronous: not c.model.tokenizer and not c.model.init_from,
-        "they name tokens of a tokenizer.json (model.tokenizer); the built-in tokenizer has "
-        "its own",
+        "special tokens are named in a tokenizer.json (model.tokenizer); the built-in "
+        "tokenizer has its own",
     ),
 )  # fmt: skip
 

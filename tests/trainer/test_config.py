@@ -155,7 +155,7 @@ def test_settings_a_run_does_not_read_are_reported():
         "experiment.async_rollouts=False: each step samples with the weights it trains",
         "train.router_replay=True is not used: the model is dense (experiment.num_experts=0): "
         "it has no router",
-        "model.bos_token='<s>' is not used: they name tokens of a tokenizer.json "
+        "model.bos_token='<s>' is not used: special tokens are named in a tokenizer.json "
         "(model.tokenizer); the built-in tokenizer has its own",
     ]
     config.experiment.update(async_rollouts=True, num_experts=4)
