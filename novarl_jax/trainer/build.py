@@ -424,6 +424,14 @@ def build_run(spec: RunSpec) -> Run:
     algorithm = exp.algorithm
     task = _task(config)
     tokenizer = _tokenizer(config, task)
+    ro = config.rollout
+    if tokenizer.add_bos and ro.max_prompt_length < 2 and ro.prompt_truncation != "error":
+        raise ConfigError(
+            "rollout.max_prompt_length",
+            f"{ro.max_prompt_length} leaves no room for a prompt after the tokenizer's BOS "
+            f"token (rollout.prompt_truncation={ro.prompt_truncation!r} would cut every prompt "
+            "to BOS alone); give at least 2",
+        )
     critic_kind = config.ppo.critic
     if critic_kind not in CRITICS:
         raise ConfigError("ppo.critic", f"{critic_kind!r} is not one of {list(CRITICS)}")
@@ -436,7 +444,6 @@ def build_run(spec: RunSpec) -> Run:
     # A separate critic is the policy's architecture with a value head (as verl's critic is
     # the actor's model class with a value head); it starts from the policy's initial weights.
     critic = dataclasses.replace(policy, value_head=True) if separate else None
-    ro = config.rollout
     model = ModelSpec(
         policy=policy,
         critic=critic,

@@ -166,6 +166,16 @@ def test_every_jsonl_prompt_is_checked_before_training_with_its_line(tmp_path):
     check_startup(build_run(validate_config(config)))  # truncated when it comes up
 
 
+def test_a_prompt_length_that_leaves_only_bos_is_refused():
+    config = base.get_config()
+    config.rollout.update(max_prompt_length=1, prompt_truncation="left")
+    with pytest.raises(ConfigError, match=r"^rollout.max_prompt_length: 1 leaves no room for a "
+                       r"prompt after the tokenizer's BOS token .*; give at least 2$"):  # fmt: skip
+        build_run(validate_config(config))
+    config.rollout.max_prompt_length = 2
+    build_run(validate_config(config))
+
+
 def test_an_empty_prompt_without_bos_is_refused_before_training_with_its_line(tmp_path):
     """It reached the sampler as a row of padding and stopped the run mid-way."""
     from configs import jsonl
