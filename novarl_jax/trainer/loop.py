@@ -543,6 +543,30 @@ def _progress_line(step: int, total: int, metrics: dict) -> str:
     )
 
 
+def unsplit_tensor_parallelism(params: Any, mesh: Any, run: Run) -> str | None:
+    """A warning when the mesh has ``tp > 1`` but no weight of ``params`` is split over it:
+    every dimension ``tp`` shards (heads, KV heads, MLP hidden units, vocabulary) fails to
+    divide by it, so the tp devices all compute the same thing."""
+    tp = dict(getattr(mesh, "shape", {})).get("tp", 1)
+    if tp <= 1:
+        return None
+    for leaf in jax.tree.leaves(params):
+        spec = getattr(getattr(leaf, "sharding", None), "spec", ())
+        for entry in spec:
+            if entry == "tp" or (isinstance(entry, tuple) and "tp" in entry):
+                return None
+    policy = run.model.policy
+    sizes = (
+        f"{policy.num_attention_heads} heads, {policy.num_key_value_heads} KV heads, "
+        f"intermediate_size {policy.intermediate_size}, vocabulary {policy.vocab_size}"
+    )
+    return (
+        f"experiment.tensor_parallel_size={tp} splits no weight of the policy ({sizes}: none "
+        f"is a multiple of {tp}), so the {tp} tensor-parallel devices all compute the same; "
+        "use a tensor_parallel_size that divides them"
+    )
+
+
 def check_startup(run: Run, mesh: Any = None) -> None:
     """The checks a run makes before its first step, without training: the first step's
     prompts and the evaluation prompts fit ``rollout.max_prompt_length``.
@@ -653,6 +677,8 @@ class Session:
         mesh = default_mesh(spec) if mesh is None else mesh
         self.trainer = trainer_cls(self.run, workdir, mesh=mesh)
         self.state, self.reference = self.trainer.initial_state()
+        if warning := unsplit_tensor_parallelism(self.state.params["policy"], mesh, self.run):
+            log(f"warning: {warning}")
         self.evaluator = Evaluator(self.run, mesh) if self.run.eval_task is not None else None
         self.writer = self.samples = None
         if self.main_process and config.logging.samples > 0:

@@ -521,3 +521,26 @@ def test_grpo_keeps_a_reference_policy_only_for_a_kl_term():
     assert build_run(validate_config(config)).needs_reference is False
     config.grpo.beta = 0.1
     assert build_run(validate_config(config)).needs_reference is True
+
+
+def test_a_tensor_parallel_size_that_splits_no_weight_is_warned_of(devices):
+    """tp=8 with 4 heads, 2 KV heads, 36 hidden units and 13 tokens: every weight stays
+    replicated and the 8 devices compute the same, which ran without a word."""
+    from novarl_jax.trainer.loop import Trainer, default_mesh, unsplit_tensor_parallelism
+
+    warnings = {}
+    for tp in (8, 2):
+        config = base.get_config()
+        config.experiment.update(world_size=8, tensor_parallel_size=tp)
+        config.model.intermediate_size = 36
+        spec = validate_config(config)
+        run, mesh = build_run(spec), default_mesh(spec)
+        state, _ = Trainer(run, "", mesh=mesh).initial_state()
+        warnings[tp] = unsplit_tensor_parallelism(state.params["policy"], mesh, run)
+    assert warnings == {
+        8: "experiment.tensor_parallel_size=8 splits no weight of the policy (4 heads, 2 KV "
+        "heads, intermediate_size 36, vocabulary 13: none is a multiple of 8), so the 8 "
+        "tensor-parallel devices all compute the same; use a tensor_parallel_size that divides "
+        "them",
+        2: None,
+    }
