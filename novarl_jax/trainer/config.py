@@ -193,7 +193,9 @@ def default_config() -> ml_collections.ConfigDict:
     # grpo_group_size > 1 and pp = 1; the update's forward also needs minibatches = 1 and
     # micro-batches of whole groups.
     train.share_prompts = True
-    # Stop after this many non-finite (skipped) updates in a row, counted across steps.
+    # Stop after this many non-finite (skipped) updates in a row, counted across steps, or as
+    # many steps in a row that trained nothing (every reward non-finite, or every completion
+    # masked by dapo.mask_truncated: the policy does not move, so the next steps do alike).
     train.max_consecutive_skips = 3
 
     config.optim = ml_collections.ConfigDict()

@@ -727,6 +727,7 @@ class Session:
                 f"experiment.steps={self.total}; raise experiment.steps to train on"
             )
         self._skips = int(self.host.get("skip_streak", 0))  # a streak goes on across a resume
+        self._empty = int(self.host.get("empty_streak", 0))  # steps in a row that trained nothing
         interactive = config.logging.progress and sys.stdout.isatty() and self.main_process
         self._progress = _Progress(self.total, self.start) if interactive else None
         self._stop = StopWatch().__enter__()  # SIGTERM: checkpoint the step, then stop
@@ -755,7 +756,8 @@ class Session:
             The step's metrics with its validation metrics, when it was evaluated.
 
         Raises:
-            TrainingError: ``train.max_consecutive_skips`` non-finite updates in a row.
+            TrainingError: ``train.max_consecutive_skips`` non-finite updates in a row, or
+                as many steps in a row that trained nothing (no sample left to train on).
             StopRequested: SIGTERM asked the run to stop; this step is checkpointed (see
                 :mod:`~novarl_jax.trainer.stop`).
         """
@@ -774,7 +776,10 @@ class Session:
             self.writer.write(step, metrics)
         if self.samples is not None:
             self.samples.write(samples)
-        if metrics.get("train/response_tokens", 1) == 0:
+        empty = metrics.get("train/response_tokens", 1) == 0
+        self._empty = self._empty + 1 if empty else 0
+        why = ""
+        if empty:
             masked = int(metrics.get("dapo/masked_samples", 0))
             invalid = int(metrics.get("rollout/invalid_samples", 0))
             why = "no sample had a finite reward"
@@ -788,19 +793,19 @@ class Session:
             names = ("train/loss", "actor/grad_norm", "critic/grad_norm")
             bad = [k for k in names if k in metrics and not np.isfinite(metrics[k])]
             self.log(f"step {step}: skipped {skipped} update(s) with non-finite {', '.join(bad)}")
-        if self._skips >= config.train.max_consecutive_skips:
-            self.checkpointer.wait()
-            last = self.checkpointer.latest_step()
-            kept = (
-                f"the last checkpoint (step {last}) in {self.checkpointer.directory} is intact"
-                if last is not None
-                else "no checkpoint was written before it"
-            )
+        limit = config.train.max_consecutive_skips
+        if self._skips >= limit:
             raise TrainingError(
                 f"stopped at step {step}: {self._skips} consecutive non-finite updates "
-                f"(train.max_consecutive_skips={config.train.max_consecutive_skips}); {kept}"
+                f"(train.max_consecutive_skips={limit}); {self._kept()}"
+            )
+        if self._empty >= limit:  # its parameters do not move: the next steps would do alike
+            raise TrainingError(
+                f"stopped at step {step}: {self._empty} consecutive steps trained nothing "
+                f"(the last: {why}; train.max_consecutive_skips={limit}); {self._kept()}"
             )
         host = {**host, "iteration": step, "skip_streak": self._skips, "init_seed": self.init_seed}
+        host["empty_streak"] = self._empty
         stop = step < self.total and self._stop.requested()
         self.checkpointer.save(step, state, host, force=(step == self.total or stop))
         if self._progress is not None:
@@ -834,6 +839,14 @@ class Session:
                 if lines is not None:
                     lines.close()
             release(self._lock)
+
+    def _kept(self) -> str:
+        """What a stopped run leaves to resume from."""
+        self.checkpointer.wait()
+        last = self.checkpointer.latest_step()
+        if last is None:
+            return "no checkpoint was written before it"
+        return f"the last checkpoint (step {last}) in {self.checkpointer.directory} is intact"
 
     def finish(self, state: TrainState, metrics: dict, summary: str = "") -> dict:
         """Prints the one-line summary, draws the plot; returns the result of the run."""

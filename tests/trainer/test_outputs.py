@@ -454,6 +454,15 @@ def test_a_step_with_every_completion_masked_says_it_trained_nothing(tmp_path, m
         "finite reward (8 ran to rollout.max_new_tokens; 0 had a reward that was not finite)"
         in lines
     )
+    # Steps that train nothing in a row stop the run (it finished with score nan, exit 0),
+    # counted across a resume.
+    with pytest.raises(loop.TrainingError) as info:  # resumes at step 1, whose streak is 1
+        _train(_tiny(steps=5, dapo__mask_truncated=True), tmp_path)
+    assert str(info.value).startswith(
+        "stopped at step 3: 3 consecutive steps trained nothing (the last: dapo.mask_truncated "
+        "masked every completion with a finite reward (8 ran to rollout.max_new_tokens; 0 had a "
+        "reward that was not finite); train.max_consecutive_skips=3); the last checkpoint (step "
+    )
 
 
 def test_overlong_shaping_matches_numpy():
