@@ -55,10 +55,16 @@ def first_non_finite(tree: Any) -> str | None:
     ]
     if not leaves:
         return None
-    finite = jax.jit(lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))(
-        [x for _, x in leaves]
+    sharding = getattr(leaves[0][1], "sharding", None)
+    replicated = (
+        jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        if isinstance(sharding, jax.sharding.NamedSharding)
+        else None
     )
-    flags = np.asarray(jax.device_get(finite))
+    check = jax.jit(
+        lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]), out_shardings=replicated
+    )
+    flags = np.asarray(jax.device_get(check([x for _, x in leaves])))
     if flags.all():
         return None
     return _path_name(leaves[int(np.argmin(flags))][0])
