@@ -447,6 +447,12 @@ def updates_share_prompts(config: Any, pp: int) -> bool:
     return group > 1 and config.train.minibatches == 1 and micro_batch_rows(config) % group == 0
 
 
+def decay_updates(decay_steps: int, run_updates: int, warmup_steps: int) -> int:
+    """The updates a cosine or linear decay takes after the warmup: ``optim.decay_steps``, or
+    with 0 the rest of the run (``run_updates - warmup_steps``), at least 1."""
+    return max(decay_steps or run_updates - max(warmup_steps, 0), 1)
+
+
 def updates_per_step(config: Any) -> int:
     """U, the optimizer updates of one training step: ``train.epochs x train.minibatches``."""
     return config.train.epochs * config.train.minibatches

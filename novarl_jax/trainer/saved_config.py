@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from novarl_jax.trainer.config import ConfigError, default_config
+from novarl_jax.trainer.config import ConfigError, decay_updates, default_config
 
 FILE_NAME = "config.json"
 RECORD_KEY = "_how_read"  # in config.json beside the config's own sections (write_config)
@@ -112,13 +112,11 @@ def _decay_length(flat: dict[str, Any], *, after_warmup: bool = True) -> int | N
     warmup out of the decay (the decay then lasted all the run's updates, after the warmup).
     """
     try:
-        if flat["optim.decay_steps"]:
-            return int(flat["optim.decay_steps"])
+        decay_steps = int(flat["optim.decay_steps"] or 0)
         updates = int(flat["experiment.steps"]) * int(flat["train.epochs"])
         updates *= int(flat["train.minibatches"])
-        if not after_warmup:
-            return updates
-        return max(updates - max(int(flat.get("optim.warmup_steps") or 0), 0), 1)
+        warmup = int(flat.get("optim.warmup_steps") or 0) if after_warmup else 0
+        return decay_updates(decay_steps, updates, warmup)
     except (KeyError, TypeError, ValueError):
         return None
 

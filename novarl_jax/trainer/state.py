@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from novarl_jax.trainer.config import decay_updates
+
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -42,7 +44,7 @@ def make_schedule(optim, *, default_decay_steps: int = 1) -> optax.Schedule:
     ``default_decay_steps`` (the run's number of updates) less ``warmup_steps``, so that the
     decay ends where the run does.
     """
-    decay_steps = max(optim.decay_steps or default_decay_steps - max(optim.warmup_steps, 0), 1)
+    decay_steps = decay_updates(optim.decay_steps, default_decay_steps, optim.warmup_steps)
     warmup = optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
     if optim.schedule == "constant":
         after = optax.constant_schedule(optim.learning_rate)
