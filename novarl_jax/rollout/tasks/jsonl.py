@@ -250,13 +250,10 @@ class _NotJson(ValueError):
     pass
 
 
-def _not_json(constant: str) -> None:
-    """Python's json module reads NaN, Infinity and -Infinity, which JSON does not have."""
-    raise _NotJson(constant)
-
-
 def _finite_float(text: str) -> float:
-    """A JSON number as a float; one that overflows (``1e999``) is refused like Infinity."""
+    """A JSON number as a float, refusing what is not finite: one that overflows
+    (``1e999``), and the NaN, Infinity and -Infinity that Python's json module reads although
+    JSON has no such values."""
     value = float(text)
     if not math.isfinite(value):
         raise _NotJson(text)
@@ -282,7 +279,7 @@ def _read_jsonl(
             if not line.strip():
                 continue
             try:
-                row = json.loads(line, parse_constant=_not_json, parse_float=_finite_float)
+                row = json.loads(line, parse_constant=_finite_float, parse_float=_finite_float)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
             except _NotJson as err:
