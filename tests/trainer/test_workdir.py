@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 from quiet_train import train_quietly
-from tiny_grpo import tiny_grpo_config
+from test_export import _config
 
 from novarl_jax.trainer.config import ConfigError
 from novarl_jax.trainer.workdir import (
@@ -23,19 +23,11 @@ from novarl_jax.trainer.workdir import (
 )
 
 
-def _config():
-    c = tiny_grpo_config(prompts_per_step=2)
-    c.experiment.steps = 1
-    c.checkpoint.async_save = False
-    c.logging.plot = False
-    return c
-
-
 def test_a_second_run_on_a_held_workdir_stops_before_writing_anything(tmp_path):
     held = lock_workdir(str(tmp_path))
     try:
         with pytest.raises(WorkdirInUseError) as info:
-            train_quietly(_config(), tmp_path)
+            train_quietly(_config(steps=1), tmp_path)
         assert str(info.value) == (
             f"--workdir: {tmp_path} is in use by another run (pid {os.getpid()}, holding "
             f"{tmp_path / LOCK_FILE}); wait for it to finish, or train in another directory"
@@ -44,7 +36,7 @@ def test_a_second_run_on_a_held_workdir_stops_before_writing_anything(tmp_path):
         assert str(workdir_in_use(str(tmp_path))) == str(info.value)  # the CLI's early probe
     finally:
         release(held)
-    out = train_quietly(_config(), tmp_path)
+    out = train_quietly(_config(steps=1), tmp_path)
     assert out["resumed_from"] is None and (tmp_path / "metrics.jsonl").exists()
     release(lock_workdir(str(tmp_path)))  # the finished run let go of it
     assert workdir_in_use(str(tmp_path)) is None
@@ -54,7 +46,7 @@ def test_a_second_run_on_a_held_workdir_stops_before_writing_anything(tmp_path):
 def test_a_model_directory_is_refused_and_left_as_it_was(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(ConfigError, match=r"^--workdir: .* is not a run's config, which a run"):
-        train_quietly(_config(), tmp_path)
+        train_quietly(_config(steps=1), tmp_path)
     assert os.listdir(tmp_path) == ["config.json"]  # not even a lock file
     assert json.loads((tmp_path / "config.json").read_text()) == {
         "architectures": ["LlamaForCausalLM"]
@@ -87,7 +79,7 @@ def test_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_path, monk
         lock_workdir(str(tmp_path / "direct"))
     assert workdir_in_use(str(tmp_path / "direct")) is None
     lines = []
-    train_quietly(_config(), tmp_path / "run", log=lines.append)
+    train_quietly(_config(steps=1), tmp_path / "run", log=lines.append)
     assert (
         f"warning: cannot lock {tmp_path / 'run' / LOCK_FILE}: No locks available; a second "
         "run on this workdir would not be refused" in lines
