@@ -33,7 +33,7 @@ from novarl_jax.trainer.checkpoint import (
 )
 from novarl_jax.trainer.config import RunSpec, validate_config
 from novarl_jax.trainer.loop import Trainer, default_mesh
-from novarl_jax.trainer.saved_config import check_resume_config
+from novarl_jax.trainer.saved_config import allowed_changes_note, check_resume_config
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -112,7 +112,7 @@ def export_policy(
             )
     if not os.path.isdir(directory):
         raise ExportError(f"{workdir}: no checkpoints directory; was the run trained there?")
-    check_resume_config(
+    changes = check_resume_config(
         workdir,
         config,
         allow_change=allow_config_change,
@@ -134,7 +134,8 @@ def export_policy(
         try:
             state, _ = checkpointer.restore(abstract_like(state), step)
         except CheckpointMismatchError as e:
-            raise ExportError(f"{e}; pass the run's own config and overrides") from None
+            note = allowed_changes_note(changes) or "; pass the run's own config and overrides"
+            raise ExportError(f"{e}{note}") from None
         except CheckpointUnreadableError as e:
             older = [s for s in steps if s < step]
             hint = f"; or export step {older[-1]} with --export_step={older[-1]}" if older else ""

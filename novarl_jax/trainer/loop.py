@@ -25,7 +25,7 @@ from novarl_jax.rollout.engine import EmptyPromptError, check_prompt_rows, take_
 from novarl_jax.rollout.tokenizers import TextTooLongError
 from novarl_jax.trainer import steps
 from novarl_jax.trainer.build import Run, build_run
-from novarl_jax.trainer.checkpoint import Checkpointer, abstract_like
+from novarl_jax.trainer.checkpoint import Checkpointer, CheckpointMismatchError, abstract_like
 from novarl_jax.trainer.config import (
     ConfigError,
     RunSpec,
@@ -39,7 +39,11 @@ from novarl_jax.trainer.evaluate import Evaluator
 from novarl_jax.trainer.metrics import METRICS_FILE, JsonLines, MetricsWriter
 from novarl_jax.trainer.samples import FILE_NAME as SAMPLES_FILE
 from novarl_jax.trainer.samples import sample_rows
-from novarl_jax.trainer.saved_config import check_resume_config, write_config
+from novarl_jax.trainer.saved_config import (
+    allowed_changes_note,
+    check_resume_config,
+    write_config,
+)
 from novarl_jax.trainer.state import TrainState, init_train_state
 from novarl_jax.trainer.stop import StopRequested, StopWatch
 from novarl_jax.trainer.workdir import LockUnsupported, foreign_config, lock_workdir, release
@@ -662,18 +666,13 @@ class Session:
             async_save=ckpt.async_save,
         )
         self.resumed_from = self.checkpointer.latest_step()
-        changed: list[str] = []
+        changes: list[tuple[str, Any, Any]] = []
         if self.resumed_from is not None:
-            changed = [
-                key
-                for key, _, _ in check_resume_config(
-                    workdir,
-                    config,
-                    allow_change=allow_config_change,
-                    log=log,
-                    model=self.run.model.policy,
-                )
-            ]
+            changes = check_resume_config(
+                workdir, config, allow_change=allow_config_change, log=log,
+                model=self.run.model.policy,
+            )  # fmt: skip
+        changed = [key for key, _, _ in changes]
         mesh = default_mesh(spec) if mesh is None else mesh
         self.trainer = trainer_cls(self.run, workdir, mesh=mesh)
         self.state, self.reference = self.trainer.initial_state()
@@ -694,7 +693,12 @@ class Session:
         self.start, self.host = 0, {}
         if self.resumed_from is not None:
             fresh_key = self.state.key
-            self.state, self.host = self.checkpointer.restore(abstract_like(self.state))
+            try:
+                self.state, self.host = self.checkpointer.restore(abstract_like(self.state))
+            except CheckpointMismatchError as e:
+                if not (note := allowed_changes_note(changes)):
+                    raise
+                raise CheckpointMismatchError(f"{e}{note}") from None
             if "experiment.seed" in changed:
                 # The loop key is split from the seed and never changes during a run: a
                 # resume allowed another seed goes on with that seed's key.

@@ -151,8 +151,20 @@ def test_a_resume_that_changes_the_run_is_refused_unless_allowed(tmp_path):
     # of the config it was trained with, so that config still resumes.
     bigger = _config(3, seed=3)
     bigger.model.hidden_size *= 2
-    with pytest.raises(CheckpointMismatchError):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"allowed config changes \(model\.hidden_size \d+ -> \d+\)"
+    ):
         train(bigger, str(tmp_path), log=lambda _: None, allow_config_change=True)
+    assert json.loads((tmp_path / "config.json").read_text()) == saved
+    # Turning clipping off drops its part of the optimizer state: the key is named.
+    unclipped = _config(3, seed=3)
+    unclipped.optim.max_grad_norm = 0.0
+    with pytest.raises(CheckpointMismatchError) as info:
+        train(unclipped, str(tmp_path), log=lambda _: None, allow_config_change=True)
+    assert str(info.value).endswith(
+        "; the allowed config changes (optim.max_grad_norm 1.0 -> 0.0) need "
+        "state the checkpoint does not hold: undo them"
+    )
     assert json.loads((tmp_path / "config.json").read_text()) == saved
 
 
