@@ -642,8 +642,14 @@ class Session:
                 lock = lock_workdir(self.workdir)
             except LockUnsupported as e:
                 self.log(f"warning: {e}; a second run on this workdir would not be refused")
-            except (ConfigError, OSError) as e:
+            except ConfigError as e:
                 problem = e
+            except OSError as e:  # cannot be created (a read-only mount) or written
+                where = e.filename or self.workdir
+                problem = ConfigError(
+                    "--workdir", f"cannot write {where}: {e.strerror or e}; give a directory "
+                    "this process can create and write",
+                )  # fmt: skip
         if jax.process_count() > 1:  # the other processes must not go on alone
             from jax.experimental import multihost_utils
 

@@ -53,6 +53,21 @@ def test_a_model_directory_is_refused_and_left_as_it_was(tmp_path):
     }
 
 
+def test_a_workdir_that_cannot_be_created_names_the_flag(tmp_path, monkeypatch):
+    import errno
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+    monkeypatch.setattr(os, "makedirs", read_only)
+    with pytest.raises(ConfigError) as info:
+        train_quietly(_config(steps=1), tmp_path / "run")
+    assert str(info.value) == (
+        f"--workdir: cannot write {tmp_path / 'run'}: Read-only file system; give a directory "
+        "this process can create and write"
+    )
+
+
 def test_a_forked_child_does_not_keep_the_lock_after_release(tmp_path):
     """A reward function's worker pool forks with the lock's descriptor open: closing alone
     left the lock held, and the same process could not train on its workdir again."""
