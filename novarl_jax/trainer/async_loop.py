@@ -13,8 +13,9 @@ with any row staler than ``experiment.weight_sync_max_staleness`` is *dropped* (
 ``sync/dropped_samples``) and the trainer takes the next one. Waiting cannot make a queued
 batch fresher, and dropping keeps every step's batch shape static. Broadcasts bound how stale
 a *new* rollout starts: after every poll fewer than ``max_staleness`` updates are unbroadcast
-while a worker lags, so a rollout started after the trainer's last poll is always admissible
-and the loop cannot starve.
+(the latest broadcast counts as a worker's version: the next rollout started samples with it),
+so a rollout started after the trainer's last poll is always admissible and the loop cannot
+starve.
 
 ``queue_size`` rollouts at most are sampled ahead of the trainer (queued or in progress;
 default: one per worker). Two schedules run the same loop:
@@ -357,9 +358,13 @@ class _Broadcaster:
         def publish(version: int) -> None:
             self.store.publish(version, _copy_tree(state.params["policy"]))
 
-        return self.controller.maybe_broadcast(
-            int(state.policy_version), self.store.worker_versions(), publish
-        )
+        # A worker that holds nothing (it retired when no rollout was left to start) samples
+        # with the latest broadcast when it starts again, after a dropped rollout: that
+        # version counts as held, so the staleness trigger still bounds the next rollout.
+        held = list(self.store.worker_versions().values())
+        if (latest := self.store.latest()) is not None:
+            held.append(latest.version)
+        return self.controller.maybe_broadcast(int(state.policy_version), held, publish)
 
     def step_metrics(self) -> dict:
         """Broadcasts since the previous call, by reason."""
