@@ -68,6 +68,43 @@ def test_a_workdir_that_cannot_be_created_names_the_flag(tmp_path, monkeypatch):
     )
 
 
+def test_the_lock_file_names_only_its_current_holder(tmp_path):
+    release(lock_workdir(str(tmp_path)))  # an earlier run of this process wrote its pid
+    holder = _hold_in_a_child(tmp_path)
+    try:
+        with pytest.raises(WorkdirInUseError, match=rf"\(pid {holder.pid}, holding"):
+            lock_workdir(str(tmp_path))
+        assert (tmp_path / LOCK_FILE).read_text() == f"{holder.pid}\n"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_session_that_fails_to_open_or_closes_lets_go_of_the_workdir(tmp_path):
+    """Held by a live reference (a notebook's saved traceback, a session kept in a variable)
+    the workdir must still be free for the next run of the same process."""
+    from novarl_jax.trainer.loop import Session
+    from novarl_jax.trainer.saved_config import ConfigChangedError
+
+    train_quietly(_config(steps=1), tmp_path)
+    changed = _config(steps=1)
+    changed.optim.learning_rate *= 2
+    with pytest.raises(ConfigChangedError) as failed:  # raised inside Session.__init__
+        Session(changed, str(tmp_path), log=lambda _: None)
+    assert failed.value.__traceback__ is not None  # the failed session's frame is alive
+    assert workdir_in_use(str(tmp_path)) is None
+    session = Session(_config(steps=2), str(tmp_path), log=lambda _: None)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             pass_fds=[session._lock.fileno()])  # fmt: skip
+    try:
+        assert workdir_in_use(str(tmp_path)) is not None
+        session.close()
+        assert workdir_in_use(str(tmp_path)) is None  # although the child has the descriptor
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_a_forked_child_does_not_keep_the_lock_after_release(tmp_path):
     """A reward function's worker pool forks with the lock's descriptor open: closing alone
     left the lock held, and the same process could not train on its workdir again."""
@@ -102,19 +139,25 @@ def test_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_path, monk
     assert (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+def _hold_in_a_child(workdir):
+    """A child process that holds ``workdir``'s lock until killed."""
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
             from novarl_jax.trainer.workdir import lock_workdir
-            held = lock_workdir({str(tmp_path)!r})  # kept: closing it releases the lock
+            held = lock_workdir({str(workdir)!r})  # kept: closing it releases the lock
             print("locked", flush=True)
             time.sleep(60)
         """)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    holder = _hold_in_a_child(tmp_path)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(WorkdirInUseError, match=rf"\(pid {holder.pid}, holding"):
             lock_workdir(str(tmp_path))
     finally:
