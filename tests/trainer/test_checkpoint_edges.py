@@ -7,6 +7,7 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from novarl_jax.trainer.checkpoint import (
@@ -16,6 +17,7 @@ from novarl_jax.trainer.checkpoint import (
     _cause,
     _one_line,
     abstract_like,
+    first_non_finite,
 )
 
 SDS = jax.ShapeDtypeStruct
@@ -128,3 +130,13 @@ def test_a_step_that_restores_non_finite_values_is_refused_as_damaged(tmp_path):
     state, host = ckpt.restore(like, step=1)
     assert host == {"iteration": 1} and float(state["w"].sum()) == 3.0
     ckpt.close()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_first_non_finite_names_the_first_bad_leaf_among_finite_ones(bad):
+    tree = {"a": jnp.ones(2), "b": jnp.array([1.0, bad]), "c": jnp.array([bad]), "n": 7}
+    tree["d"] = jnp.ones(2, jnp.bfloat16)
+    assert first_non_finite(tree) == "b"
+    assert first_non_finite({"a": jnp.ones(2), "d": jnp.array([bad], jnp.bfloat16)}) == "d"
+    assert first_non_finite({"a": jnp.ones(2), "step": jnp.int32(1)}) is None
+    assert first_non_finite({"step": jnp.int32(1), "mask": jnp.ones(2, bool)}) is None
