@@ -158,6 +158,18 @@ def test_settings_a_run_does_not_read_are_reported():
         "model.bos_token='<s>' is not used: special tokens are named in a tokenizer.json "
         "(model.tokenizer); the built-in tokenizer has its own",
     ]
+    config.experiment.weight_sync_timeout_s = 5.0
+    assert ignored_settings(config)[0].startswith(
+        "experiment.rollout_workers=4, experiment.weight_sync_interval=7, "
+        "experiment.weight_sync_timeout_s=5.0 are not used"
+    )
+    # train_async runs asynchronously whatever experiment.async_rollouts says.
+    assert ignored_settings(config, asynchronous=True)[0].startswith("train.router_replay")
+    config.experiment.num_experts = 1  # one expert still has a router
+    assert ignored_settings(config, asynchronous=True)[0].startswith("model.bos_token")
+    config.model.init_from = "/models/policy"  # its tokenizer names the special tokens
+    assert ignored_settings(config, asynchronous=True) == []
+    config.model.init_from = ""
     config.experiment.update(async_rollouts=True, num_experts=4)
     config.model.tokenizer = "tokenizer.json"
     assert ignored_settings(config) == []
