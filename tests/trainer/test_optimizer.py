@@ -53,6 +53,13 @@ def test_with_warmup_the_default_decay_ends_where_the_run_does():
     sched = make_schedule(_optim(schedule="linear", warmup_steps=4, decay_steps=2),
                           default_decay_steps=10)  # fmt: skip
     np.testing.assert_allclose([float(sched(i)) for i in (5, 6)], [0.5, 0.0], atol=1e-7)
+    # A warmup as long as the run (or longer) leaves one update to decay over, not none.
+    for schedule in ("linear", "cosine"):
+        for warmup in (10, 12):
+            sched = make_schedule(_optim(schedule=schedule, warmup_steps=warmup,
+                                         end_learning_rate=0.1), default_decay_steps=10)  # fmt: skip
+            got = [float(sched(i)) for i in (warmup, warmup + 1, warmup + 5)]
+            np.testing.assert_allclose(got, [1.0, 0.1, 0.1], rtol=1e-6)
 
 
 def test_weight_decay_skips_vectors():
