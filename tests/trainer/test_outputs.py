@@ -465,6 +465,20 @@ def test_a_step_with_every_completion_masked_says_it_trained_nothing(tmp_path, m
     )
 
 
+def test_steps_that_train_nothing_stop_the_run_only_in_a_row(tmp_path, monkeypatch):
+    record = loop.Session.record
+
+    def every_other_step_empty(self, i, state, metrics, host, rollout=None):
+        if i % 2 == 0:  # steps 1, 3, 5 trained nothing
+            metrics = {**metrics, "train/response_tokens": 0}
+        return record(self, i, state, metrics, host, rollout)
+
+    monkeypatch.setattr(loop.Session, "record", every_other_step_empty)
+    _, lines = _train(_tiny(steps=5, train__max_consecutive_skips=2), tmp_path)
+    assert sum(line.startswith("step ") and "nothing was trained" in line for line in lines) == 3
+    assert len(read_metrics(tmp_path)) == 5
+
+
 def test_overlong_shaping_matches_numpy():
     import jax.numpy as jnp
 
