@@ -201,6 +201,17 @@ def test_engine_under_the_8_device_mesh(setup, rolled, devices):
     np.testing.assert_array_equal(got.rewards, traj.rewards)
 
 
+class _NoDecode:  # encodes but cannot decode
+    vocab_size = 32
+
+    def encode_batch(self, texts, max_length=None):
+        raise AssertionError("not reached")
+
+
+class _DecodeNotCallable(_NoDecode):
+    decode_batch = None
+
+
 def test_engine_errors(setup):
     config, params, task, tok = setup
     with pytest.raises(ValueError, match="max_prompt_length must be an integer >= 1"):
@@ -229,6 +240,8 @@ def test_engine_errors(setup):
         (dict(model_config={"vocab_size": 32}), r"^model_config must be a ModelConfig, got dict$"),
         (dict(tokenizer="char"), r"^tokenizer must be a Tokenizer \(vocab_size, encode_batch, "
          r"decode_batch; e.g. CharTokenizer or HFTokenizer\), got str$"),
+        (dict(tokenizer=_NoDecode()), r"^tokenizer must be a Tokenizer .*got _NoDecode$"),
+        (dict(tokenizer=_DecodeNotCallable()), r"^tokenizer must be .*got _DecodeNotCallable$"),
         (dict(tokenizer=CharTokenizer(CopyTask().alphabet)), r"^the task's alphabet has "
          r"characters the tokenizer cannot encode: '\+0123456789=' \(the tokenizer's alphabet: "),
     ]  # fmt: skip

@@ -184,7 +184,7 @@ def test_an_empty_prompt_without_bos_is_refused_before_training_with_its_line(tm
 
     path = tmp_path / "empty.jsonl"
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(12)]
-    rows[9]["prompt"] = ""
+    rows[9]["prompt"] = rows[11]["prompt"] = ""  # the first is named
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     config = jsonl.get_config()
     config.task.path = str(path)
@@ -383,6 +383,21 @@ class WordLength(BaseTask):
         return [float(c.strip() == m["answer"]) for c, m in zip(completions, metadata)]
 
 
+class EmptyFrom(WordLength):
+    """Its second prompt is empty from its ``empty_from``-th draw on."""
+
+    def __init__(self, *, letters="abc", empty_from=1):
+        super().__init__(letters=letters)
+        self.empty_from, self.draws = empty_from, 0
+
+    def sample_prompts(self, key, batch_size):
+        self.draws += 1
+        prompts, metadata = super().sample_prompts(key, batch_size)
+        if self.draws >= self.empty_from:
+            prompts[1] = ""
+        return prompts, metadata
+
+
 class NoState:
     def __init__(self):
         pass
@@ -433,6 +448,36 @@ class NoReward(FromFile):
     def __init__(self, path):
         super().__init__(path)
 '''
+
+
+def test_an_empty_prompt_a_task_of_ones_own_draws_names_task_name(tmp_path, monkeypatch):
+    """Such a task cannot list its prompts: the start-up check sees the first step's, and a
+    later step's is named alike (it was a raw ValueError from the encoder)."""
+    from quiet_train import train_quietly
+
+    from novarl_jax.trainer.loop import check_startup
+
+    (tmp_path / "word_tasks.py").write_text(_WORD_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = base.get_config()
+    config.task.name = "word_tasks:EmptyFrom"
+    config.task.options.update(letters="ab", empty_from=1)
+    config.model.update(tokenizer=str(_tokenizer_file(tmp_path)), bos_token="")
+    config.experiment.steps = 2
+    config.checkpoint.async_save = False
+    config.logging.update(plot=False, progress=False)
+    message = (
+        "task.name: the prompt '' encodes to no token (the tokenizer adds no BOS token); every "
+        "prompt needs at least one: give it text, or set model.bos_token"
+    )
+    with pytest.raises(ConfigError) as info:
+        check_startup(build_run(validate_config(config)))
+    assert str(info.value) == message
+    config.task.options.empty_from = 3  # the start-up check's draw and step 1's are not empty
+    with pytest.raises(ConfigError) as info:
+        train_quietly(config, tmp_path / "run")
+    assert str(info.value) == message
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_a_task_of_ones_own_runs_by_module_and_class(tmp_path, monkeypatch):

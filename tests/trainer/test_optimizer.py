@@ -56,8 +56,8 @@ def test_with_warmup_the_default_decay_ends_where_the_run_does():
     # A warmup as long as the run (or longer) leaves one update to decay over, not none.
     for schedule in ("linear", "cosine"):
         for warmup in (10, 12):
-            sched = make_schedule(_optim(schedule=schedule, warmup_steps=warmup,
-                                         end_learning_rate=0.1), default_decay_steps=10)  # fmt: skip
+            optim = _optim(schedule=schedule, warmup_steps=warmup, end_learning_rate=0.1)
+            sched = make_schedule(optim, default_decay_steps=10)
             got = [float(sched(i)) for i in (warmup, warmup + 1, warmup + 5)]
             np.testing.assert_allclose(got, [1.0, 0.1, 0.1], rtol=1e-6)
 
