@@ -46,6 +46,15 @@ def test_the_checkpoints_directory_and_a_tokenizers_folder_are_refused(run_a):
     assert (tmp / "tokenizer.json").read_text() == tokenizer and not (tmp / "config.json").exists()
     export_policy(c, str(run), str(run / "hf"))  # elsewhere in the workdir: fine
     assert (run / "hf" / "tokenizer.json").exists()
+    export_policy(c, str(run), str(run / "checkpoints_hf"))  # a sibling, not inside
+    (tmp / "link").symlink_to(run / "checkpoints")  # inside, by another name
+    with pytest.raises(ExportError, match=r"is inside the run's checkpoints directory"):
+        export_policy(c, str(run), str(tmp / "link" / "hf"))
+    (tmp / "tok").mkdir()
+    (tmp / "tok" / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ExportError, match=r"already holds a tokenizer \(tokenizer_config.json\)"):
+        export_policy(c, str(run), str(tmp / "tok"))
+    assert (tmp / "tok" / "tokenizer_config.json").read_text() == "{}"
 
 
 def test_a_single_stop_id_is_written_as_an_int(run_a):
@@ -84,6 +93,8 @@ def test_a_damaged_checkpoint_is_an_export_error(run_a):
     shutil.copytree(tmp / "run", tmp / "damaged")
     host = next((tmp / "damaged" / "checkpoints" / "2" / "host").iterdir())
     host.write_text("{not json")
+    # The hint offers the newest older step.
+    shutil.copytree(tmp / "damaged" / "checkpoints" / "1", tmp / "damaged" / "checkpoints" / "0")
     with pytest.raises(ExportError, match=r"checkpoint could not be read .*; or export step 1 "
                        r"with --export_step=1$"):  # fmt: skip
         export_policy(c, str(tmp / "damaged"), str(tmp / "e04"))
