@@ -226,17 +226,21 @@ def np_policy_terms(out, batch, config, *, sequence=False):
     return agg(pg) - config.entropy_coef * agg(out["entropy"]), agg
 
 
-def test_ppo_loss_matches_numpy_float64():
+@pytest.mark.parametrize(
+    ("value_mode", "scale"), [("seq-mean-token-sum", None), ("seq-mean-token-sum-norm", 9.0)]
+)
+def test_ppo_loss_matches_numpy_float64(value_mode, scale):
     """Every term of ``ppo_loss`` against float64 formulas that call nothing of the library
     (the test above builds its reference from the library's own terms), including a value
-    loss aggregated in its own mode; eager, jitted and sharded over 8 devices."""
+    loss aggregated in its own mode (with the loss scale factor S where it reads one); eager,
+    jitted and sharded over 8 devices."""
     params = tiny_params()
     batch = tiny_rollout_batch(params, batch_size=16, seed=12)
     moved = jax.tree.map(lambda x: 1.3 * x, params)  # ratios away from 1: the clips act
     config = PPOLossConfig(
         loss_agg_mode="seq-mean-token-mean", vf_coef=0.3, value_clip_range=0.2,
-        value_loss_agg_mode="seq-mean-token-sum", entropy_coef=0.02, kl_coef=0.1, kl_kind="k3",
-        tis_cap=2.0, dual_clip_c=3.0, clip_ratio_high=0.28, moe_aux_loss_coef=0.01,
+        value_loss_agg_mode=value_mode, loss_scale_factor=scale, entropy_coef=0.02, kl_coef=0.1,
+        kl_kind="k3", tis_cap=2.0, dual_clip_c=3.0, clip_ratio_high=0.28, moe_aux_loss_coef=0.01,
         moe_z_loss_coef=0.001,
     )  # fmt: skip
     out = np_tiny_apply(moved, batch["tokens"])
@@ -244,7 +248,7 @@ def test_ppo_loss_matches_numpy_float64():
     v, old, ret = (np.asarray(x, np.float64) for x in (out["values"], batch["old_values"],
                                                         batch["returns"]))  # fmt: skip
     clipped = old + np.clip(v - old, -0.2, 0.2)
-    vf = 0.5 * agg(np.maximum((v - ret) ** 2, (clipped - ret) ** 2), "seq-mean-token-sum")
+    vf = 0.5 * agg(np.maximum((v - ret) ** 2, (clipped - ret) ** 2), value_mode)
     want = (policy_terms + 0.3 * vf + 0.1 * agg(np_kl(out["logprobs"], batch["ref_logprobs"], "k3"))
             + 0.01 * out["moe_aux_loss"] + 0.001 * out["moe_z_loss"])  # fmt: skip
     check_loss_eager_jit_and_sharded(ppo_loss, config, moved, batch, want)
