@@ -190,6 +190,7 @@ def _main(argv: list[str]) -> None:
     logging.getLogger("absl").addFilter(not_a_checkpoint_thread_error)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     from novarl_jax.trainer.config import ConfigError, validate_config
+    from novarl_jax.trainer.workdir import url_path
 
     if _EXPORT_STEP.value is not None and not _EXPORT.value:
         _fail("--export_step needs --export=DIR")
@@ -205,6 +206,8 @@ def _main(argv: list[str]) -> None:
         if path == "":  # e.g. --workdir=$DIR with DIR unset
             default = " (leave the flag out for runs/<config name>)" if flag == "--workdir" else ""
             _fail(f"{flag}: is empty; give a directory{default}")
+        if path and (url := url_path(path)):
+            _fail(f"{flag}: {url}")
         if path and (blocker := cli.file_in_the_way(path)):
             what = path if blocker == os.path.abspath(path) else f"{path}: {blocker}"
             _fail(f"{flag}: {what} is a file, not a directory")

@@ -754,6 +754,31 @@ def test_an_empty_directory_flag_is_refused(run_cli, flag):
     assert code == 2 and err.startswith(f"novarl_jax.train: error: {flag}: is empty; give a "), err
 
 
+@pytest.mark.parametrize("flag", ["--workdir", "--export"])
+def test_a_url_directory_flag_is_refused(run_cli, flag):
+    """``--workdir=gs://bucket/run`` trained a step into ./gs:/bucket/run, then failed to
+    write the checkpoint."""
+    code, _, err = run_cli(*COPY_ON_8, f"{flag}=gs://bucket/run", "--dry_run")
+    assert code == 2 and err.strip() == (
+        f"novarl_jax.train: error: {flag}: gs://bucket/run is a URL; give a file system path "
+        "(mount the bucket, e.g. with gcsfuse, and give a directory under the mount)"
+    )
+    assert not (ROOT / "gs:").exists()
+
+
+def test_a_url_workdir_or_export_is_refused_by_the_library_too(tmp_path):
+    from novarl_jax.trainer.config import ConfigError, default_config
+    from novarl_jax.trainer.export import ExportError, export_policy
+    from novarl_jax.trainer.loop import train
+
+    config = default_config()
+    with pytest.raises(ConfigError, match=r"^--workdir: gs://bucket/run is a URL; give a file"):
+        train(config, "gs://bucket/run", log=lambda _: None)
+    with pytest.raises(ExportError, match=r"^--export: s3://bucket/model is a URL; give a file"):
+        export_policy(config, str(tmp_path), "s3://bucket/model")
+    assert not os.path.exists("gs:") and not os.path.exists("s3:")
+
+
 def test_a_workdir_holding_a_models_config_is_refused_before_it_is_overwritten(run_cli, tmp_path):
     model = tmp_path / "model"
     model.mkdir()

@@ -34,6 +34,7 @@ from novarl_jax.trainer.checkpoint import (
 from novarl_jax.trainer.config import RunSpec, validate_config
 from novarl_jax.trainer.loop import Trainer, default_mesh
 from novarl_jax.trainer.saved_config import allowed_changes_note, check_resume_config
+from novarl_jax.trainer.workdir import url_path
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -83,6 +84,9 @@ def export_policy(
             "--export runs in one process; a checkpoint restores onto any layout, so set "
             "experiment.world_size and the parallel sizes to this host's devices instead"
         )
+    for flag, path in (("--workdir", workdir), ("--export", out)):
+        if url := url_path(str(path)):
+            raise ExportError(f"{flag}: {url}")
     spec = spec or validate_config(config)
     run = build_run(spec)
     # Where each model goes; refused before the restore when one already holds a model.

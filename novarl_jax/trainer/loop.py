@@ -46,7 +46,14 @@ from novarl_jax.trainer.saved_config import (
 )
 from novarl_jax.trainer.state import TrainState, init_train_state
 from novarl_jax.trainer.stop import StopRequested, StopWatch
-from novarl_jax.trainer.workdir import LockUnsupported, foreign_config, lock_workdir, release
+from novarl_jax.trainer.workdir import (
+    SHARED_CHECK_FILE,
+    LockUnsupported,
+    foreign_config,
+    lock_workdir,
+    release,
+    url_path,
+)
 
 
 class TrainingError(RuntimeError):
@@ -637,6 +644,8 @@ class Session:
         lock, problem = None, None
         if self.main_process:
             try:
+                if url := url_path(self.workdir):
+                    raise ConfigError("--workdir", url)
                 if foreign := foreign_config(self.workdir):
                     raise ConfigError("--workdir", foreign)
                 lock = lock_workdir(self.workdir)
@@ -656,10 +665,46 @@ class Session:
             refused = multihost_utils.process_allgather(np.asarray([problem is not None], np.int32))
             if np.any(refused) and problem is None:
                 problem = ConfigError("--workdir", "the main process refused it (see its error)")
+            if problem is None:
+                problem = self._unshared_workdir()
         if problem is not None:
             release(lock)
             raise problem
         return lock
+
+    def _unshared_workdir(self) -> ConfigError | None:
+        """Whether every process of a multi-process run sees the main process's workdir (a
+        token it writes there): the processes write each checkpoint together, and on
+        directories of their own (each host's local disk) the first save waits forever."""
+        from jax.experimental import multihost_utils
+
+        path = os.path.join(self.workdir, SHARED_CHECK_FILE)
+        token = 0
+        if self.main_process:
+            token = int.from_bytes(os.urandom(4), "little") % (2**31 - 1) + 1
+            with open(path, "w") as f:
+                f.write(f"{token}\n")
+        tokens = multihost_utils.process_allgather(np.asarray([token], np.int32))
+        want = int(np.asarray(tokens).reshape(-1)[0])
+        try:
+            with open(path) as f:
+                seen = f.read().strip() == str(want)
+        except OSError:
+            seen = False
+        seen_all = np.asarray(multihost_utils.process_allgather(np.asarray([seen], np.int32)))
+        if self.main_process:
+            os.remove(path)
+        blind = [i for i, ok in enumerate(seen_all.reshape(-1)) if not ok]
+        if not blind:
+            return None
+        return ConfigError(
+            "--workdir",
+            f"{self.workdir} is not one directory for every process: process"
+            f"{'es' if len(blind) > 1 else ''} {', '.join(map(str, blind))} cannot read what "
+            "process 0 wrote there (each host's own disk?); the processes write every checkpoint "
+            "together, so give a directory on a file system all hosts mount (NFS, Filestore, "
+            "a gcsfuse mount)",
+        )
 
     def _open(self, spec, mesh, trainer_cls, allow_config_change) -> None:
         config, workdir, log = self.config, self.workdir, self.log

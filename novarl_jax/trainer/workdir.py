@@ -5,8 +5,11 @@ moment it opens the workdir until it closes it: a second run on the same workdir
 interleave its metrics with the first's and race it for the same checkpoint steps, stops
 naming the first. The operating system releases the lock when the process ends, however it
 ends (a SIGKILL included), so a stale file never blocks a rerun. The main process of a
-multi-process run takes it for all of them. On a file system without ``flock`` (some
-parallel file systems mount without it) the run goes on unlocked, with a warning.
+multi-process run takes it for all of them, and then checks that every process sees the
+directory it locked (:data:`SHARED_CHECK_FILE`): the processes write each checkpoint together,
+so a workdir on each host's own disk is refused before anything runs. On a file system without
+``flock`` (some parallel file systems mount without it) the run goes on unlocked, with a
+warning.
 
 A run writes its own ``config.json`` into the workdir, so a directory whose ``config.json``
 is not a run config (a Hugging Face model's, typically) is refused before it is overwritten.
@@ -17,11 +20,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 from typing import IO
 
 from novarl_jax.trainer.config import ConfigError
 
 LOCK_FILE = ".lock"
+SHARED_CHECK_FILE = ".shared_check"  # a multi-process run's start: do all processes see it?
 CONFIG_FILE = "config.json"  # saved_config.FILE_NAME
 
 
@@ -31,6 +36,18 @@ class WorkdirInUseError(ConfigError):
 
 class LockUnsupported(OSError):
     """The workdir's file system cannot ``flock``; the message says which error it gave."""
+
+
+def url_path(path: str) -> str | None:
+    """Why ``path`` (a workdir or an export directory) cannot be used: it is a URL
+    (``gs://bucket/run``), which the files of a run, written with ``open``, would take for
+    a relative directory named ``gs:``; None for a file system path."""
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path):
+        return None
+    return (
+        f"{path} is a URL; give a file system path (mount the bucket, e.g. with gcsfuse, and "
+        "give a directory under the mount)"
+    )
 
 
 def _in_use(workdir: str, path: str, handle: IO[str]) -> WorkdirInUseError:

@@ -89,6 +89,38 @@ def test_dry_run_refuses_what_the_multi_process_run_refuses(tmp_path):
     assert "dry run: the config is valid" not in result.stdout
 
 
+def test_a_workdir_each_process_has_its_own_copy_of_is_refused_at_start(tmp_path):
+    """Two hosts with a relative --workdir on their own disks (here: their own working
+    directories) stalled for good in the first checkpoint's save."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        host = tmp_path / f"host{i}"
+        host.mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "novarl_jax.train", f"--config={ROOT / 'configs/copy.py'}",
+             "--workdir=run", "experiment.world_size=2", "experiment.steps=1",
+             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+             "--cpu_collectives=gloo"],
+            cwd=host, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))  # fmt: skip
+    try:
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], errors
+    for err in errors:
+        assert (
+            "novarl_jax.train: error: --workdir: run is not one directory for every process: "
+            "process 1 cannot read what process 0 wrote there (each host's own disk?)"
+        ) in err
+    assert sorted(os.listdir(tmp_path / "host0" / "run")) == [".lock"]  # nothing trained
+
+
 def test_the_launcher_prints_its_usage():
     for args in ([], ["--help"], ["2"], ["0", "4", "--config=configs/copy.py"]):
         result = subprocess.run(
