@@ -33,7 +33,7 @@ run() {  # name, seconds, command...
   grep '^RESULT' "$out/$name.log" | sed "s/^/$name /" >>"$out/results.txt"
 }
 : >"$out/results.txt"
-run moe_block "${MOE_LIMIT:-240}" python3 "$here/moe_block.py" "${torch_args[@]}"
-run generate "${GENERATE_LIMIT:-240}" python3 "$here/generate.py" "${torch_args[@]}"
+run moe_block "${MOE_LIMIT:-240}" python3 "$here/moe_block.py" ${torch_args[@]+"${torch_args[@]}"}
+run generate "${GENERATE_LIMIT:-240}" python3 "$here/generate.py" ${torch_args[@]+"${torch_args[@]}"}
 run gae "${GAE_LIMIT:-180}" python3 "$here/gae.py"
-run grpo_step "${GRPO_LIMIT:-420}" python3 "$here/grpo_step.py" --steps "${GRPO_STEPS:-3}" --no-breakdown "${torch_args[@]}"
+run grpo_step "${GRPO_LIMIT:-420}" python3 "$here/grpo_step.py" --steps "${GRPO_STEPS:-3}" --no-breakdown ${torch_args[@]+"${torch_args[@]}"}

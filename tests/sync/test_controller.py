@@ -343,3 +343,17 @@ def test_from_config_names_the_interval_key():
     )
     with pytest.raises(ValueError, match="experiment.weight_sync_interval must be"):
         WeightSyncController.from_config(config)
+
+
+def test_the_docs_example_of_the_controller_runs_as_written():
+    import pathlib
+    import re
+
+    doc = pathlib.Path(__file__).resolve().parents[2] / "docs" / "async.md"
+    section = doc.read_text().split("## The controller on its own", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, str(doc), "exec"), scope)
+    assert (scope["due"], scope["reason"]) == (True, "initial")
+    assert scope["held"].version == 0 and scope["held"].params == {"w": [0.0, 1.0]}
+    assert scope["controller"].counts()["initial"] == 1
