@@ -129,6 +129,27 @@ def test_the_launcher_prints_its_usage():
         assert result.returncode == 2 and result.stderr.startswith("usage: "), args
 
 
+def test_the_tpu_vm_launcher_needs_a_workdir_and_quotes_its_arguments(tmp_path):
+    gcloud = tmp_path / "gcloud"  # prints its arguments, one per line
+    gcloud.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    gcloud.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+
+    def launch(*args):
+        return subprocess.run(["bash", "launch/tpu_vm.sh", "tpu1", "zone1", *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True)  # fmt: skip
+
+    result = launch("--config=configs/moe.py", "experiment.steps=3")
+    assert result.returncode == 2 and "pass --workdir=DIR on a file system every" in result.stderr
+    result = launch("--config=configs/moe.py", "--workdir=/mnt/shared/run", "model.bos_token=<s> x")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == (
+        "cd ~/novarl_jax && python3 -m pip install -q -e '.[tpu]' && python3 -m novarl_jax.train "
+        "--distributed --config=configs/moe.py --workdir=/mnt/shared/run "
+        "model.bos_token=\\<s\\>\\ x"
+    )
+
+
 def _launch(workdir, *overrides):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PORT"] = str(_free_port())
