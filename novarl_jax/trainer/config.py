@@ -189,7 +189,8 @@ def default_config() -> ml_collections.ConfigDict:
     # the reference model's included, so its KL compares the two under the same routing).
     train.router_replay = False
     # Run each prompt once per group of samples in the scoring and training forwards (its
-    # completions attend to its keys and values; same numbers, fewer FLOPs). Used when
+    # completions attend to its keys and values; same numbers, fewer FLOPs; with an MoE
+    # capacity factor the routing groups hold fewer tokens, so the drops differ). Used when
     # grpo_group_size > 1 and pp = 1; the update's forward also needs minibatches = 1 and
     # micro-batches of whole groups.
     train.share_prompts = True
