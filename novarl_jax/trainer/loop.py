@@ -9,6 +9,7 @@ restart + N steps give the same parameters and metrics.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -597,6 +598,20 @@ def default_mesh(spec: RunSpec) -> Any:
     return spec.layout.make_mesh(devices[: spec.layout.world_size] or devices)
 
 
+def _token_path(workdir: str, token: int) -> str:
+    # Named by the token: a file system's cached lookup of an earlier run's file (gcsfuse,
+    # NFS) cannot answer for this one.
+    return os.path.join(workdir, f"{SHARED_CHECK_FILE}-{token}")
+
+
+def _write_token(workdir: str) -> int:
+    """Writes a fresh token (an int in [1, 2**31 - 1)) into ``workdir``; returns it."""
+    token = int.from_bytes(os.urandom(4), "little") % (2**31 - 2) + 1
+    with open(_token_path(workdir, token), "w") as f:
+        f.write(f"{token}\n")
+    return token
+
+
 class Session:
     """The side-effecting shell of one run, shared by the synchronous and asynchronous loops.
 
@@ -622,7 +637,9 @@ class Session:
         asynchronous: bool = False,
     ):
         self.config = config
-        self.workdir = workdir
+        self.workdir = os.fspath(workdir)
+        if url := url_path(self.workdir):  # before anything is built or loaded
+            raise ConfigError("--workdir", url)
         spec = spec or validate_config(config)
         self.run = run or build_run(spec)
         self.main_process = jax.process_index() == 0
@@ -640,70 +657,77 @@ class Session:
 
     def _claim_workdir(self) -> Any:
         """The workdir's lock (see :mod:`novarl_jax.trainer.workdir`), taken by the main
-        process for all; every process raises when it refuses the workdir."""
-        lock, problem = None, None
+        process for all; every process raises when it refuses the workdir.
+
+        In a multi-process run the main process writes a token into the workdir, which every
+        process must read back (the processes write each checkpoint together; on directories
+        of their own, each host's local disk, the first save would wait forever). Whatever the
+        main process meets, every process reaches the same collectives, so none waits alone.
+        """
+        lock, problem, token = None, None, 0
         if self.main_process:
             try:
-                if url := url_path(self.workdir):
-                    raise ConfigError("--workdir", url)
                 if foreign := foreign_config(self.workdir):
                     raise ConfigError("--workdir", foreign)
-                lock = lock_workdir(self.workdir)
-            except LockUnsupported as e:
-                self.log(f"warning: {e}; a second run on this workdir would not be refused")
-            except ConfigError as e:
-                problem = e
+                try:
+                    lock = lock_workdir(self.workdir)
+                except LockUnsupported as e:
+                    self.log(f"warning: {e}; a second run on this workdir would not be refused")
+                if jax.process_count() > 1:
+                    token = _write_token(self.workdir)
             except OSError as e:  # cannot be created (a read-only mount) or written
-                where = e.filename or self.workdir
                 problem = ConfigError(
-                    "--workdir", f"cannot write {where}: {e.strerror or e}; give a directory "
-                    "this process can create and write",
+                    "--workdir", f"cannot write {e.filename or self.workdir}: "
+                    f"{e.strerror or e}; give a directory this process can create and write",
                 )  # fmt: skip
-        if jax.process_count() > 1:  # the other processes must not go on alone
-            from jax.experimental import multihost_utils
-
-            refused = multihost_utils.process_allgather(np.asarray([problem is not None], np.int32))
-            if np.any(refused) and problem is None:
-                problem = ConfigError("--workdir", "the main process refused it (see its error)")
-            if problem is None:
-                problem = self._unshared_workdir()
+                problem.__cause__ = e
+            except Exception as e:  # noqa: BLE001 - raised below, after the others are told
+                problem = e
+        try:
+            if jax.process_count() > 1:
+                problem = self._agree_on_workdir(problem, token)
+        except BaseException:
+            release(lock)
+            raise
         if problem is not None:
             release(lock)
             raise problem
         return lock
 
-    def _unshared_workdir(self) -> ConfigError | None:
-        """Whether every process of a multi-process run sees the main process's workdir (a
-        token it writes there): the processes write each checkpoint together, and on
-        directories of their own (each host's local disk) the first save waits forever."""
+    def _agree_on_workdir(self, problem: BaseException | None, token: int) -> Any:
+        """The main process's ``token`` (0: it refused the workdir) to every process, which
+        reads it back from the workdir; the error every process raises, or None."""
         from jax.experimental import multihost_utils
 
-        path = os.path.join(self.workdir, SHARED_CHECK_FILE)
-        token = 0
-        if self.main_process:
-            token = int.from_bytes(os.urandom(4), "little") % (2**31 - 1) + 1
-            with open(path, "w") as f:
-                f.write(f"{token}\n")
-        tokens = multihost_utils.process_allgather(np.asarray([token], np.int32))
-        want = int(np.asarray(tokens).reshape(-1)[0])
+        def gather(value: int) -> np.ndarray:
+            return np.asarray(multihost_utils.process_allgather(np.asarray([value], np.int32)))
+
+        want = int(gather(token).reshape(-1)[0])
+        if want == 0:
+            return problem or ConfigError(
+                "--workdir", "the main process refused it (see its error)"
+            )
+        path = _token_path(self.workdir, want)
         try:
-            with open(path) as f:
-                seen = f.read().strip() == str(want)
-        except OSError:
-            seen = False
-        seen_all = np.asarray(multihost_utils.process_allgather(np.asarray([seen], np.int32)))
-        if self.main_process:
-            os.remove(path)
-        blind = [i for i, ok in enumerate(seen_all.reshape(-1)) if not ok]
+            try:
+                with open(path) as f:
+                    seen = f.read().strip() == str(want)
+            except OSError:
+                seen = False
+            blind = [i for i, ok in enumerate(gather(int(seen)).reshape(-1)) if not ok]
+        finally:
+            if self.main_process:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
         if not blind:
             return None
         return ConfigError(
             "--workdir",
             f"{self.workdir} is not one directory for every process: process"
             f"{'es' if len(blind) > 1 else ''} {', '.join(map(str, blind))} cannot read what "
-            "process 0 wrote there (each host's own disk?); the processes write every checkpoint "
-            "together, so give a directory on a file system all hosts mount (NFS, Filestore, "
-            "a gcsfuse mount)",
+            "process 0 wrote there (each host's own disk?); the processes write every "
+            "checkpoint together, so give a directory on a file system all hosts mount (NFS, "
+            "Filestore, a gcsfuse mount)",
         )
 
     def _open(self, spec, mesh, trainer_cls, allow_config_change) -> None:

@@ -26,7 +26,7 @@ from typing import IO
 from novarl_jax.trainer.config import ConfigError
 
 LOCK_FILE = ".lock"
-SHARED_CHECK_FILE = ".shared_check"  # a multi-process run's start: do all processes see it?
+SHARED_CHECK_FILE = ".shared_check"  # + "-TOKEN": a multi-process run's start, removed after
 CONFIG_FILE = "config.json"  # saved_config.FILE_NAME
 
 

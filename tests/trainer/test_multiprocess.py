@@ -89,44 +89,58 @@ def test_dry_run_refuses_what_the_multi_process_run_refuses(tmp_path):
     assert "dry run: the config is valid" not in result.stdout
 
 
-def test_a_workdir_each_process_has_its_own_copy_of_is_refused_at_start(tmp_path):
-    """Two hosts with a relative --workdir on their own disks (here: their own working
-    directories) stalled for good in the first checkpoint's save."""
+def _two_hosts(tmp_path):
+    """Two processes of one job, each in a working directory of its own (host0, host1) with
+    ``--workdir=run`` there: two hosts' own disks. Returns their statuses and stderr."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     port = _free_port()
     procs = []
     for i in range(2):
-        host = tmp_path / f"host{i}"
-        host.mkdir()
+        (tmp_path / f"host{i}").mkdir(exist_ok=True)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "novarl_jax.train", f"--config={ROOT / 'configs/copy.py'}",
              "--workdir=run", "experiment.world_size=2", "experiment.steps=1",
              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
              "--cpu_collectives=gloo"],
-            cwd=host, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=tmp_path / f"host{i}", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
         ))  # fmt: skip
     try:
         errors = [p.communicate(timeout=300)[1] for p in procs]
     finally:
         for p in procs:
             p.kill()
-    assert [p.returncode for p in procs] == [2, 2], errors
+            p.wait()
+    return [p.returncode for p in procs], errors
+
+
+def test_a_workdir_each_process_has_its_own_copy_of_is_refused_at_start(tmp_path):
+    """Two hosts with a relative --workdir on their own disks stalled for good in the first
+    checkpoint's save."""
+    codes, errors = _two_hosts(tmp_path)
+    assert codes == [2, 2], errors
     for err in errors:
         assert (
             "novarl_jax.train: error: --workdir: run is not one directory for every process: "
             "process 1 cannot read what process 0 wrote there (each host's own disk?)"
         ) in err
-    assert sorted(os.listdir(tmp_path / "host0" / "run")) == [".lock"]  # nothing trained
+    assert sorted(os.listdir(tmp_path / "host0" / "run")) == [".lock"]  # nothing trained, no token
+    # The main process refusing the workdir (another run holds it) stops the other one too,
+    # each with its own line and status.
+    from novarl_jax.trainer.workdir import lock_workdir, release
 
-
-def test_the_launcher_prints_its_usage():
-    for args in ([], ["--help"], ["2"], ["0", "4", "--config=configs/copy.py"]):
-        result = subprocess.run(
-            ["bash", "launch/local_processes.sh", *args], cwd=ROOT, capture_output=True, text=True
-        )
-        assert result.returncode == 2 and result.stderr.startswith("usage: "), args
+    held = lock_workdir(str(tmp_path / "host0" / "run"))
+    try:
+        codes, errors = _two_hosts(tmp_path)
+    finally:
+        release(held)
+    assert codes == [2, 2], errors
+    assert f"--workdir: run is in use by another run (pid {os.getpid()}, holding" in errors[0]
+    assert errors[1].endswith(
+        "novarl_jax.train: error: --workdir: the main process refused it (see its error)\n"
+    )
 
 
 def test_the_tpu_vm_launcher_needs_a_workdir_and_quotes_its_arguments(tmp_path):

@@ -105,6 +105,13 @@ def test_a_session_that_fails_to_open_or_closes_lets_go_of_the_workdir(tmp_path)
         child.wait()
 
 
+def test_a_pathlib_workdir_trains(tmp_path):
+    from novarl_jax.trainer.loop import train
+
+    train(_config(steps=1), tmp_path / "run", log=lambda _: None)  # as notebooks pass it
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_a_forked_child_does_not_keep_the_lock_after_release(tmp_path):
     """A reward function's worker pool forks with the lock's descriptor open: closing alone
     left the lock held, and the same process could not train on its workdir again."""
