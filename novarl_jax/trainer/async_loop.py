@@ -13,9 +13,9 @@ with any row staler than ``experiment.weight_sync_max_staleness`` is *dropped* (
 ``sync/dropped_samples``) and the trainer takes the next one. Waiting cannot make a queued
 batch fresher, and dropping keeps every step's batch shape static. Broadcasts bound how stale
 a *new* rollout starts: after every poll fewer than ``max_staleness`` updates are unbroadcast
-(the latest broadcast counts as a worker's version: the next rollout started samples with it),
-so a rollout started after the trainer's last poll is always admissible and the loop cannot
-starve.
+while a worker lags or, when a dropped rollout lets a worker that had stopped start again,
+than the latest broadcast, which it samples with; so a rollout started after the trainer's
+last poll is always admissible and the loop cannot starve.
 
 ``queue_size`` rollouts at most are sampled ahead of the trainer (queued or in progress;
 default: one per worker). Two schedules run the same loop:
@@ -354,15 +354,16 @@ class _Broadcaster:
         self.store = store
         self._reported = controller.counts()
 
-    def poll(self, state: TrainState) -> str | None:
+    def poll(self, state: TrainState, *, restarting: bool = False) -> str | None:
+        """Asks the controller; ``restarting``: a worker that holds nothing may start again
+        (a dropped rollout is to be replaced), so the latest broadcast, which it would sample
+        with, counts as a held version too."""
+
         def publish(version: int) -> None:
             self.store.publish(version, _copy_tree(state.params["policy"]))
 
-        # A worker that holds nothing (it retired when no rollout was left to start) samples
-        # with the latest broadcast when it starts again, after a dropped rollout: that
-        # version counts as held, so the staleness trigger still bounds the next rollout.
         held = list(self.store.worker_versions().values())
-        if (latest := self.store.latest()) is not None:
+        if restarting and (latest := self.store.latest()) is not None:
             held.append(latest.version)
         return self.controller.maybe_broadcast(int(state.policy_version), held, publish)
 
@@ -421,9 +422,9 @@ def staleness_warning(config: Any, queue_size: int, synchronous: bool) -> str | 
     return None
 
 
-def _take_fresh(feed, version: int, max_staleness: int, on_wait) -> tuple[Rollout, int]:
+def _take_fresh(feed, version: int, max_staleness: int, on_wait, on_drop) -> tuple[Rollout, int]:
     """The next rollout no staler than ``max_staleness``, and the rows dropped before it (a
-    dropped rollout lets the feed sample one more)."""
+    dropped rollout lets the feed sample one more, after ``on_drop()``)."""
     dropped = 0
     while True:
         rollout = feed.get(on_wait)
@@ -431,6 +432,7 @@ def _take_fresh(feed, version: int, max_staleness: int, on_wait) -> tuple[Rollou
         if admissible(version, versions, max_staleness):
             return rollout, dropped
         dropped += versions.size
+        on_drop()
         feed.extend(1)
 
 
@@ -586,6 +588,8 @@ def train_async(
                     version,
                     controller.max_staleness,
                     lambda state=state: broadcaster.poll(state),
+                    # A worker that retired may sample the replacement: bound it too.
+                    lambda state=state: broadcaster.poll(state, restarting=True),
                 )
                 wait_s = time.perf_counter() - wait_start
                 lag = staleness(version, rollout.trajectory.policy_version)
