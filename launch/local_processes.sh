@@ -3,13 +3,15 @@
 # Usage: launch/local_processes.sh N DEVICES --config=configs/moe.py [overrides...]
 # experiment.world_size must be N x DEVICES (a smaller DEVICES is raised to world_size / N).
 # PYTHON (default: python) is the interpreter; PORT (default: 12355) the coordinator's port.
-# The caller's XLA_FLAGS are kept after this script's (whose device count is the one used).
+# The caller's XLA_FLAGS are kept, except a device count.
 set -euo pipefail
 if [[ $# -lt 2 || ! "$1" =~ ^[1-9][0-9]*$ || ! "$2" =~ ^[1-9][0-9]*$ ]]; then
   echo "usage: $0 N DEVICES --config=CONFIG [overrides...]  (N processes, DEVICES CPU devices each)" >&2
   exit 2
 fi
 n="$1"; devices="$2"; shift 2
+# The caller's XLA_FLAGS, less any device count: each process gets DEVICES.
+caller_flags=$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')
 port="${PORT:-12355}"
 pids=()
 # Ctrl-C or SIGTERM here reaches every process as SIGTERM (background processes of a script
@@ -21,7 +23,7 @@ signal_all() { # SIGNAL: to every process still running (none before the first s
 stop() { signal_all TERM; }
 trap stop INT TERM
 for ((i = 0; i < n; i++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=${devices} --xla_cpu_enable_concurrency_optimized_scheduler=false${XLA_FLAGS:+ $XLA_FLAGS}" \
+  XLA_FLAGS="${caller_flags:+$caller_flags }--xla_force_host_platform_device_count=${devices} --xla_cpu_enable_concurrency_optimized_scheduler=false" \
     JAX_PLATFORMS=cpu \
     "${PYTHON:-python}" -m novarl_jax.train "$@" \
       --coordinator_address="127.0.0.1:${port}" --num_processes="$n" --process_id="$i" \

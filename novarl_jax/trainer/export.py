@@ -138,8 +138,8 @@ def export_policy(
         try:
             state, _ = checkpointer.restore(abstract_like(state), step)
         except CheckpointMismatchError as e:
-            note = allowed_changes_note(changes) or "; pass the run's own config and overrides"
-            raise ExportError(f"{e}{note}") from None
+            note = allowed_changes_note(changes)
+            raise ExportError(f"{e}{note}; pass the run's own config and overrides") from None
         except CheckpointUnreadableError as e:
             older = [s for s in steps if s < step]
             hint = f"; or export step {older[-1]} with --export_step={older[-1]}" if older else ""

@@ -174,16 +174,16 @@ def _listing(changes: list[tuple[str, Any, Any]], limit: int | None = None) -> s
 
 def allowed_changes_note(changes: list[tuple[str, Any, Any]]) -> str:
     """For a checkpoint that does not fit a resume allowed a changed config: ``; ...`` naming
-    the allowed changes (those outside :data:`MAY_CHANGE`), whose state it would need; empty
-    when there are none. Some keys decide what the state holds: the model's sizes, or
+    the allowed changes (those outside :data:`MAY_CHANGE`), one of which may be the cause;
+    empty when there are none. Some keys decide what the state holds: the model's sizes, or
     ``optim.max_grad_norm`` between 0 and a positive value (which adds or removes the
     clipping's part of the optimizer state)."""
     allowed = [c for c in changes if not may_change(c[0])]
     if not allowed:
         return ""
     return (
-        f"; the allowed config changes ({_listing(allowed, 4)}) need state "
-        f"the checkpoint does not hold: undo them"
+        f"; if one of the allowed config changes ({_listing(allowed, 4)}) changes what the "
+        "state holds (a model size, optim.max_grad_norm to or from 0), undo it"
     )
 
 

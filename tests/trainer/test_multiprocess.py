@@ -158,7 +158,7 @@ def test_the_tpu_vm_launcher_needs_a_workdir_and_quotes_its_arguments(tmp_path):
     result = launch("--config=configs/moe.py", "--workdir=/mnt/shared/run", "model.bos_token=<s> x")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == (
-        "cd ~/novarl_jax && python3 -m pip install -q -e '.[tpu]' && python3 -m novarl_jax.train "
+        "cd novarl_jax && python3 -m pip install -q -e '.[tpu]' && python3 -m novarl_jax.train "
         "--distributed --config=configs/moe.py --workdir=/mnt/shared/run "
         "model.bos_token=\\<s\\>\\ x"
     )
