@@ -13,9 +13,9 @@ with any row staler than ``experiment.weight_sync_max_staleness`` is *dropped* (
 ``sync/dropped_samples``) and the trainer takes the next one. Waiting cannot make a queued
 batch fresher, and dropping keeps every step's batch shape static. Broadcasts bound how stale
 a *new* rollout starts: after every poll fewer than ``max_staleness`` updates are unbroadcast
-while a worker lags or, when a dropped rollout lets a worker that had stopped start again,
-than the latest broadcast, which it samples with; so a rollout started after the trainer's
-last poll is always admissible and the loop cannot starve.
+while a worker lags (a worker that had stopped and starts again to replace a dropped rollout
+lags by the latest broadcast, which it samples with), so a rollout started after the
+trainer's last poll is always admissible and the loop cannot starve.
 
 ``queue_size`` rollouts at most are sampled ahead of the trainer (queued or in progress;
 default: one per worker). Two schedules run the same loop:
