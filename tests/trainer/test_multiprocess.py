@@ -143,6 +143,14 @@ def test_a_workdir_each_process_has_its_own_copy_of_is_refused_at_start(tmp_path
     )
 
 
+def test_the_launcher_prints_its_usage():
+    for args in ([], ["--help"], ["2"], ["0", "4", "--config=configs/copy.py"]):
+        result = subprocess.run(
+            ["bash", "launch/local_processes.sh", *args], cwd=ROOT, capture_output=True, text=True
+        )
+        assert result.returncode == 2 and result.stderr.startswith("usage: "), args
+
+
 def test_the_tpu_vm_launcher_needs_a_workdir_and_quotes_its_arguments(tmp_path):
     gcloud = tmp_path / "gcloud"  # prints its arguments, one per line
     gcloud.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
