@@ -85,7 +85,7 @@ def export_policy(
             "experiment.world_size and the parallel sizes to this host's devices instead"
         )
     for flag, path in (("--workdir", workdir), ("--export", out)):
-        if url := url_path(str(path)):
+        if url := url_path(path):
             raise ExportError(f"{flag}: {url}")
     spec = spec or validate_config(config)
     run = build_run(spec)

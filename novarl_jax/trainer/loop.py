@@ -9,7 +9,6 @@ restart + N steps give the same parameters and metrics.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -48,12 +47,14 @@ from novarl_jax.trainer.saved_config import (
 from novarl_jax.trainer.state import TrainState, init_train_state
 from novarl_jax.trainer.stop import StopRequested, StopWatch
 from novarl_jax.trainer.workdir import (
-    SHARED_CHECK_FILE,
     LockUnsupported,
     foreign_config,
     lock_workdir,
     release,
+    remove_token,
+    sees_token,
     url_path,
+    write_token,
 )
 
 
@@ -598,20 +599,6 @@ def default_mesh(spec: RunSpec) -> Any:
     return spec.layout.make_mesh(devices[: spec.layout.world_size] or devices)
 
 
-def _token_path(workdir: str, token: int) -> str:
-    # Named by the token: a file system's cached lookup of an earlier run's file (gcsfuse,
-    # NFS) cannot answer for this one.
-    return os.path.join(workdir, f"{SHARED_CHECK_FILE}-{token}")
-
-
-def _write_token(workdir: str) -> int:
-    """Writes a fresh token (an int in [1, 2**31 - 1)) into ``workdir``; returns it."""
-    token = int.from_bytes(os.urandom(4), "little") % (2**31 - 2) + 1
-    with open(_token_path(workdir, token), "w") as f:
-        f.write(f"{token}\n")
-    return token
-
-
 class Session:
     """The side-effecting shell of one run, shared by the synchronous and asynchronous loops.
 
@@ -674,7 +661,7 @@ class Session:
                 except LockUnsupported as e:
                     self.log(f"warning: {e}; a second run on this workdir would not be refused")
                 if jax.process_count() > 1:
-                    token = _write_token(self.workdir)
+                    token = write_token(self.workdir)
             except OSError as e:  # cannot be created (a read-only mount) or written
                 problem = ConfigError(
                     "--workdir", f"cannot write {e.filename or self.workdir}: "
@@ -707,18 +694,12 @@ class Session:
             return problem or ConfigError(
                 "--workdir", "the main process refused it (see its error)"
             )
-        path = _token_path(self.workdir, want)
         try:
-            try:
-                with open(path) as f:
-                    seen = f.read().strip() == str(want)
-            except OSError:
-                seen = False
+            seen = sees_token(self.workdir, want)
             blind = [i for i, ok in enumerate(gather(int(seen)).reshape(-1)) if not ok]
         finally:
             if self.main_process:
-                with contextlib.suppress(OSError):
-                    os.remove(path)
+                remove_token(self.workdir, want)
         if not blind:
             return None
         return ConfigError(

@@ -17,6 +17,7 @@ is not a run config (a Hugging Face model's, typically) is refused before it is 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -24,10 +25,10 @@ import re
 from typing import IO
 
 from novarl_jax.trainer.config import ConfigError
+from novarl_jax.trainer.saved_config import FILE_NAME as CONFIG_FILE
 
 LOCK_FILE = ".lock"
 SHARED_CHECK_FILE = ".shared_check"  # + "-TOKEN": a multi-process run's start, removed after
-CONFIG_FILE = "config.json"  # saved_config.FILE_NAME
 
 
 class WorkdirInUseError(ConfigError):
@@ -38,16 +39,51 @@ class LockUnsupported(OSError):
     """The workdir's file system cannot ``flock``; the message says which error it gave."""
 
 
-def url_path(path: str) -> str | None:
+def url_path(path: str | os.PathLike) -> str | None:
     """Why ``path`` (a workdir or an export directory) cannot be used: it is a URL
     (``gs://bucket/run``), which the files of a run, written with ``open``, would take for
     a relative directory named ``gs:``; None for a file system path."""
+    path = os.fspath(path)
     if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path):
         return None
     return (
         f"{path} is a URL; give a file system path (mount the bucket, e.g. with gcsfuse, and "
         "give a directory under the mount)"
     )
+
+
+def _token_path(workdir: str, token: int) -> str:
+    # Named by the token: a file system's cached lookup of an earlier run's file (gcsfuse,
+    # NFS) cannot answer for this one.
+    return os.path.join(workdir, f"{SHARED_CHECK_FILE}-{token}")
+
+
+def write_token(workdir: str) -> int:
+    """Writes a fresh token (an int in [1, 2**31 - 1)) into ``workdir`` for the other
+    processes of a run to read back (:func:`sees_token`); returns it.
+
+    Raises:
+        OSError: it cannot be written.
+    """
+    token = int.from_bytes(os.urandom(4), "little") % (2**31 - 2) + 1
+    with open(_token_path(workdir, token), "w") as f:
+        f.write(f"{token}\n")
+    return token
+
+
+def sees_token(workdir: str, token: int) -> bool:
+    """Whether this process reads ``token`` back from ``workdir``."""
+    try:
+        with open(_token_path(workdir, token)) as f:
+            return f.read().strip() == str(token)
+    except OSError:
+        return False
+
+
+def remove_token(workdir: str, token: int) -> None:
+    """Removes the token file of :func:`write_token` (gone already: nothing to do)."""
+    with contextlib.suppress(OSError):
+        os.remove(_token_path(workdir, token))
 
 
 def _in_use(workdir: str, path: str, handle: IO[str]) -> WorkdirInUseError:
