@@ -7,7 +7,9 @@ Every tokenizer here has the same small interface, which is all the rollout engi
   first ``eos_id`` and drops padding / special tokens);
 - ``encode_batch(texts, max_length=..., padding_side=...) -> (tokens, mask)`` as NumPy int32
   ``[B, T]`` arrays, ``mask`` 1 = a real token;
-- ``decode_batch(tokens, mask=None) -> list[str]``.
+- ``decode_batch(tokens, mask=None) -> list[str]``;
+- ``vocabulary() -> dict[str, int]``, every token's text and id (a run records it in its
+  workdir, so that a resume or an export with another tokenizer is refused).
 
 Prompts longer than ``max_length`` raise a ValueError naming the maximum, unless the
 tokenizer was built with ``truncation='left'`` (keep the last tokens, the usual choice for
@@ -98,6 +100,12 @@ class _BaseTokenizer:
 
     def _special_ids(self) -> set[int]:
         return {i for i in (self.pad_id, self.bos_id, self.eos_id) if i is not None}
+
+    def vocabulary(self) -> dict[str, int]:
+        """Every token's text and id: two tokenizers whose vocabularies agree on a token give
+        it the same id. Special ids without a text of their own are in ``pad_id``, ``bos_id``
+        and ``eos_id``."""
+        raise NotImplementedError
 
     def decode(self, ids: Sequence[int], *, stop_at_eos: bool = True) -> str:
         """Text of ``ids``, cut at the first ``eos_id`` (when ``stop_at_eos``).
@@ -247,6 +255,9 @@ class CharTokenizer(_BaseTokenizer):
     def _decode_ids(self, ids: list[int]) -> str:
         return "".join(self.alphabet[i - 3] for i in ids if 3 <= i < self.vocab_size)
 
+    def vocabulary(self) -> dict[str, int]:
+        return dict(self._ids)
+
     def __repr__(self) -> str:
         return f"CharTokenizer(alphabet={self.alphabet!r})"
 
@@ -280,6 +291,9 @@ class ByteTokenizer(_BaseTokenizer):
     def _decode_ids(self, ids: list[int]) -> str:
         data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < self.vocab_size)
         return data.decode("utf-8", errors="replace")
+
+    def vocabulary(self) -> dict[str, int]:
+        return {f"<0x{b:02X}>": b + self.OFFSET for b in range(256)}
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
@@ -380,6 +394,9 @@ class HFTokenizer(_BaseTokenizer):
 
     def _decode_ids(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def vocabulary(self) -> dict[str, int]:
+        return {t: int(i) for t, i in self._tok.get_vocab(with_added_tokens=True).items()}
 
     def to_json(self) -> str:
         """The wrapped tokenizer as tokenizer.json text."""

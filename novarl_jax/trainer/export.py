@@ -123,6 +123,7 @@ def export_policy(
         log=lambda _: None,
         advice="export with the run's own config and overrides, or pass --allow_config_change",
         model=run.model.policy,
+        tokenizer=run.tokenizer,
     )
     checkpointer = Checkpointer(directory, async_save=False)
     try:

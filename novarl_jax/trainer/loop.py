@@ -726,7 +726,7 @@ class Session:
         if self.resumed_from is not None:
             changes = check_resume_config(
                 workdir, config, allow_change=allow_config_change, log=log,
-                model=self.run.model.policy,
+                model=self.run.model.policy, tokenizer=self.run.tokenizer,
             )  # fmt: skip
         changed = [key for key, _, _ in changes]
         mesh = default_mesh(spec) if mesh is None else mesh
@@ -777,7 +777,7 @@ class Session:
         if self.main_process:
             # Only once the checkpoint has restored: a config it refuses (another model) must
             # not replace the record of the one it was trained with.
-            write_config(workdir, config, self.run.model.policy)
+            write_config(workdir, config, self.run.model.policy, self.run.tokenizer)
         self.total = config.experiment.steps
         if self.start < self.total:
             self.trainer.check_prompts(self.start)

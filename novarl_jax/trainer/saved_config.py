@@ -22,6 +22,12 @@ The policy's architecture is recorded beside it (``WORKDIR/model_config.json``, 
 the architecture comes from that checkpoint's own ``config.json``, which the run's config only
 names, so an edit there (a new ``rope_theta``) would otherwise resume or export the trained
 weights under another model without a word.
+
+So are the tokenizer's ids (``WORKDIR/tokenizer_vocab.json``): a tokenizer.json edited in
+place, or a task whose alphabet changed at the same size, gives the trained policy other
+tokens under the ids it learned. A resume or an export that moves any recorded token to
+another id (or drops it) is refused, even with ``--allow_config_change``; new tokens may be
+added.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from novarl_jax.trainer.config import ConfigError, decay_updates, default_config
 FILE_NAME = "config.json"
 RECORD_KEY = "_how_read"  # in config.json beside the config's own sections (write_config)
 MODEL_FILE = "model_config.json"  # the policy's architecture (ModelConfig.to_hf_config())
+TOKENIZER_FILE = "tokenizer_vocab.json"  # the tokenizer's ids (tokenizer_record())
+_SPECIAL_IDS = ("pad_id", "bos_id", "eos_id")
 
 # Keys (or sections, ending in '.') a resumed run may change without being told to.
 MAY_CHANGE = (
@@ -143,14 +151,30 @@ def may_change(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
 
 
-def write_config(workdir: str, config: Any, model: Any = None) -> str:
+def tokenizer_record(tokenizer: Any) -> dict | None:
+    """What a workdir records of a run's tokenizer: its class, special ids and every token's
+    id; None for a tokenizer without ``vocabulary()``."""
+    vocabulary = getattr(tokenizer, "vocabulary", None)
+    if not callable(vocabulary):
+        return None
+    return {
+        "tokenizer": type(tokenizer).__name__,
+        "special_ids": {name: getattr(tokenizer, name, None) for name in _SPECIAL_IDS},
+        "vocabulary": vocabulary(),
+    }
+
+
+def write_config(workdir: str, config: Any, model: Any = None, tokenizer: Any = None) -> str:
     """Writes ``config`` to ``workdir/config.json`` and, when given, the policy's ModelConfig
-    ``model`` to ``workdir/model_config.json`` (each atomically); returns the first path.
+    ``model`` to ``workdir/model_config.json`` and the ids of ``tokenizer`` to
+    ``workdir/tokenizer_vocab.json`` (each atomically); returns the first path.
 
     config.json also holds :data:`RECORD_KEY`: how this version reads what the config leaves
     implicit, so that a later version reading it differently can tell."""
     if model is not None:
         _write_json(os.path.join(workdir, MODEL_FILE), model.to_hf_config())
+    if (record := tokenizer_record(tokenizer)) is not None:
+        _write_json(os.path.join(workdir, TOKENIZER_FILE), record)
     record = {**_plain(config), RECORD_KEY: {"decay_after_warmup": True}}
     return _write_json(os.path.join(workdir, FILE_NAME), record)
 
@@ -212,6 +236,43 @@ def _model_changes(workdir: str, model: Any) -> list[tuple[str, Any, Any]]:
     return config_changes(_read_json(path), model.to_hf_config())
 
 
+def _tokenizer_changes(workdir: str, tokenizer: Any) -> tuple[list[tuple[str, Any, Any]], int]:
+    """``(what, recorded id, id now)`` for every special id and recorded token whose id the
+    tokenizer changed (None: no longer in its vocabulary), in the order of the recorded ids;
+    and how many tokens the record holds."""
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    now = tokenizer_record(tokenizer)
+    if now is None or not os.path.exists(path):
+        return [], 0
+    saved = _read_json(path)
+    special, vocabulary = saved.get("special_ids"), saved.get("vocabulary")
+    if not isinstance(special, dict) or not isinstance(vocabulary, dict):
+        raise ConfigError(
+            path, "does not hold a tokenizer record (special_ids, vocabulary); restore it, or "
+            "delete it to resume without comparing against it"
+        )  # fmt: skip
+    changes = [
+        (name, special.get(name), new)
+        for name, new in now["special_ids"].items()
+        if special.get(name) != new
+    ]
+    new_ids = now["vocabulary"]
+    moved = [(t, old, new_ids.get(t)) for t, old in vocabulary.items() if new_ids.get(t) != old]
+    moved.sort(key=lambda c: c[1] if isinstance(c[1], int) else -1)
+    return changes + [(repr(t), old, new) for t, old, new in moved], len(vocabulary)
+
+
+def _tokenizer_key(config: Any, changes: list[tuple[str, Any, Any]]) -> str:
+    """The config key that chose the run's tokenizer."""
+    from novarl_jax.trainer.build import tokenizer_path  # JAX is loaded when a run is built
+
+    if config.model.tokenizer:
+        return "model.tokenizer"
+    if tokenizer_path(config):
+        return "model.init_from"  # its tokenizer.json
+    return next((key for key, *_ in changes if key.startswith("task.")), "task.name")
+
+
 def check_resume_config(
     workdir: str,
     config: Any,
@@ -222,9 +283,11 @@ def check_resume_config(
         "resume with that config, train in a new --workdir, or pass --allow_config_change"
     ),
     model: Any = None,
+    tokenizer: Any = None,
 ) -> list[tuple[str, Any, Any]]:
-    """Compares a resumed run's ``config`` with ``workdir/config.json``, and its policy's
-    ModelConfig ``model`` (when given) with ``workdir/model_config.json``.
+    """Compares a resumed run's ``config`` with ``workdir/config.json``, its policy's
+    ModelConfig ``model`` (when given) with ``workdir/model_config.json`` and the ids of its
+    ``tokenizer`` (when given) with ``workdir/tokenizer_vocab.json``.
 
     Returns the changed keys (those in :data:`MAY_CHANGE` included; empty when the workdir
     has no config.json, as written before it existed). A key config.json lacks (one added to
@@ -233,7 +296,8 @@ def check_resume_config(
 
     Raises:
         ConfigChangedError: keys outside :data:`MAY_CHANGE` differ, or the architecture does,
-            and ``allow_change`` is False; the message names them with both values.
+            and ``allow_change`` is False; or the tokenizer gives a recorded token another id
+            (whatever ``allow_change``). The message names them with both values.
     """
     path = os.path.join(workdir, FILE_NAME)
     if not os.path.exists(path):
@@ -281,6 +345,16 @@ def check_resume_config(
             "model.init_from" if init_from else "model",
             f"the policy differs from the one the run in {workdir} trained: {listed} "
             f"(its record: {os.path.join(workdir, MODEL_FILE)}){cause}; {advice}",
+        )
+    moved, recorded = _tokenizer_changes(workdir, tokenizer)
+    if moved:
+        record = os.path.join(workdir, TOKENIZER_FILE)
+        raise ConfigChangedError(
+            _tokenizer_key(config, changes),
+            f"the tokenizer gives other ids than the one the run in {workdir} trained with "
+            f"({_listing(moved, 4)}; its record of {recorded} tokens: {record}), so the "
+            f"trained policy would read them as other tokens; use the run's tokenizer (task "
+            f"alphabet or tokenizer.json), or delete {record} to go on anyway",
         )
     if arch:
         log(f"resuming with a changed model: {_listing(arch)}")

@@ -91,6 +91,20 @@ def test_export_writes_the_checkpointed_policy(tmp_path):
     with pytest.raises(ConfigError, match="model.rope_theta: .*export with the run's own config"):
         export_policy(other, str(tmp_path / "run"), str(tmp_path / "hf4"))
     assert not (tmp_path / "hf4").exists()
+    # The tokenizer.json edited in place (two tokens swap ids, same vocabulary size): the
+    # export would pair the trained weights with other tokens; refused, even when allowed.
+    edited = json.loads(tokenizer.read_text())
+    vocab = edited["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    tokenizer.write_text(json.dumps(edited))
+    with pytest.raises(
+        ConfigError, match=r"^model\.tokenizer: the tokenizer gives other ids than the one the "
+        r"run in .* trained with \('a' 9 -> 10, 'b' 10 -> 9; its record of 12 tokens: "
+    ):  # fmt: skip
+        export_policy(
+            config, str(tmp_path / "run"), str(tmp_path / "hf5"), allow_config_change=True
+        )
+    assert not (tmp_path / "hf5").exists()
 
 
 def test_export_writes_a_separate_critic_beside_the_policy(tmp_path):

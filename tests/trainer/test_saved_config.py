@@ -143,7 +143,16 @@ def test_a_resume_that_changes_the_run_is_refused_unless_allowed(tmp_path):
     assert changed in lines
     saved = json.loads((tmp_path / "config.json").read_text())
     assert (saved["experiment"]["steps"], saved["experiment"]["seed"]) == (2, 3)
-    # Nothing left to train: said so, not silently done.
+    # A task alphabet of the same size with other characters: the checkpoint's shapes fit,
+    # its ids would not; refused even with --allow_config_change, naming the key.
+    assert json.loads((tmp_path / "tokenizer_vocab.json").read_text())["vocabulary"]["a"] == 5
+    other = _config(2, seed=3)
+    other.task.options.symbols = "xbcde"  # alphabet ' :abcdersv' -> ' :bcdersvx'
+    with pytest.raises(
+        ConfigChangedError, match=r"^task\.options\.symbols: the tokenizer gives other ids .*"
+        r"\('a' 5 -> None, 'b' 6 -> 5, 'c' 7 -> 6, 'd' 8 -> 7 \(and 4 more\); its record of 10 "
+    ):  # fmt: skip
+        train(other, str(tmp_path), log=lambda _: None, allow_config_change=True)
     lines = []
     train(_config(2, seed=3), str(tmp_path), log=lines.append)
     assert any(line.startswith("nothing to train: the checkpoint is at step 2") for line in lines)
@@ -301,3 +310,54 @@ def test_an_allowed_change_of_the_model_is_logged(tmp_path):
     assert len(lines) == 1
     assert lines[0].startswith("resuming with a changed model: ")
     assert "rope_theta 10000.0 -> 500000.0" in lines[0]
+
+
+def test_a_tokenizer_that_gives_a_recorded_token_another_id_is_refused(tmp_path):
+    """Even with changes allowed: the checkpoint's ids would mean other tokens. New tokens
+    may be added; a record lacking, or no tokenizer given, compares nothing."""
+    from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer
+
+    config = copy.get_config()
+    write_config(str(tmp_path), config, tokenizer=CharTokenizer("abc"))
+    record = json.loads((tmp_path / "tokenizer_vocab.json").read_text())
+    assert record == {
+        "tokenizer": "CharTokenizer",
+        "special_ids": {"bos_id": 1, "eos_id": 2, "pad_id": 0},
+        "vocabulary": {"a": 3, "b": 4, "c": 5},
+    }
+    assert check_resume_config(str(tmp_path), config, tokenizer=CharTokenizer("abcd")) == []
+    assert check_resume_config(str(tmp_path), config) == []  # no tokenizer: nothing compared
+    for allow in (False, True):
+        with pytest.raises(ConfigChangedError) as info:
+            check_resume_config(
+                str(tmp_path), config, tokenizer=CharTokenizer("acb"), allow_change=allow
+            )
+        assert info.value.key == "task.name"
+        assert str(info.value) == (
+            f"task.name: the tokenizer gives other ids than the one the run in {tmp_path} "
+            f"trained with ('b' 4 -> 5, 'c' 5 -> 4; its record of 3 tokens: "
+            f"{tmp_path}/tokenizer_vocab.json), so the trained policy would read them as other "
+            "tokens; use the run's tokenizer (task alphabet or tokenizer.json), or delete "
+            f"{tmp_path}/tokenizer_vocab.json to go on anyway"
+        )
+    with pytest.raises(ConfigChangedError, match=r"\('a' 3 -> None, 'b' 4 -> None, 'c' 5 -> None;"):
+        check_resume_config(str(tmp_path), config, tokenizer=ByteTokenizer())
+
+    specials = CharTokenizer("abc")
+    specials.eos_id = 0
+    with pytest.raises(ConfigChangedError, match=r"\(eos_id 2 -> 0; its record of 3 tokens"):
+        check_resume_config(str(tmp_path), config, tokenizer=specials)
+    # A tokenizer.json's key is named: model.tokenizer.
+    config.model.tokenizer = "/somewhere/tokenizer.json"
+    with pytest.raises(ConfigChangedError, match=r"^model\.tokenizer: the tokenizer gives "):
+        check_resume_config(str(tmp_path), config, tokenizer=CharTokenizer("b"), allow_change=True)
+    (tmp_path / "tokenizer_vocab.json").write_text('{"vocabulary": []}')
+    with pytest.raises(ConfigError, match=r"tokenizer_vocab\.json: does not hold a tokenizer "):
+        check_resume_config(
+            str(tmp_path), config, tokenizer=CharTokenizer("abc"), allow_change=True
+        )
+    (tmp_path / "tokenizer_vocab.json").unlink()
+    changes = check_resume_config(
+        str(tmp_path), config, tokenizer=CharTokenizer("b"), allow_change=True
+    )
+    assert [key for key, *_ in changes] == ["model.tokenizer"]
