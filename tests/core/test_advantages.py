@@ -609,6 +609,39 @@ def test_equal_scores_give_zero_advantage_even_without_eps():
         group_relative_advantages(jnp.ones(2), 2, eps=-1e-3)
 
 
+@pytest.mark.parametrize("score", [0.1, 0.7, 1 / 3, 2.1, -0.3])
+@pytest.mark.parametrize("group_size", [3, 7, 16])
+def test_scores_that_all_agree_give_exactly_zero_whatever_their_rounding(score, group_size, mesh):
+    """A float32 mean of equal scores that are no binary fraction misses them by a rounding
+    step; divided by the group's near-zero spread that gave every sample of the group the
+    same sizeable advantage (0.1 at eps=1e-6, ~1 at eps=0)."""
+    equal = np.full(group_size, score, np.float32)
+    spread = np.arange(group_size, dtype=np.float32) / 10
+    scores = jnp.asarray(np.concatenate([equal, spread]))
+    mask = np.ones(2 * group_size, bool)
+    mask[-1] = False
+    for kwargs in ({}, {"eps": 0.0}, {"scale_by_std": False}, {"sample_mask": mask}):
+
+        def fn(s, kwargs=kwargs):
+            return group_relative_advantages(s, group_size, **kwargs)
+
+        for got in (fn(scores), jax.jit(fn)(scores)):
+            got = np.asarray(got)
+            np.testing.assert_array_equal(got[:group_size], 0.0)
+            assert np.abs(got[group_size:-1]).max() > 0.1  # the other group is unaffected
+    # Over every valid token of a batch (PPO's whitening), and under an 8-device mesh.
+    advantages = np.full((8, 4), score, np.float32)
+    advantages[:, 3] = 50.0  # padding
+    valid = np.arange(4) < 3
+    token_mask = np.broadcast_to(valid, (8, 4))
+    np.testing.assert_array_equal(normalize_advantages(advantages, token_mask), 0.0)
+    got = jax.jit(normalize_advantages)(*shard_rows(mesh, advantages, token_mask))
+    assert len(got.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(got), 0.0)
+    # A non-finite group stays non-finite (never a silent 0).
+    assert np.isnan(group_relative_advantages(jnp.full(group_size, jnp.inf), group_size)).all()
+
+
 @pytest.mark.parametrize(
     "build,message",
     [

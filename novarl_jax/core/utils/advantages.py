@@ -363,7 +363,8 @@ def normalize_advantages(
     ``masked_whiten`` and TRL divide the variance by ``N - 1`` instead, a factor
     ``sqrt(N / (N - 1))`` on the result, negligible over a batch's tokens). Under ``jit`` with
     a sharded batch the sums are global, so the statistics are those of the full batch, never
-    per shard. A batch without valid tokens returns zeros.
+    per shard. A batch without valid tokens returns zeros, and so does one whose valid
+    advantages all agree (with ``shift_mean``).
 
     Args:
         advantages: ``[B, T]`` (or any shape matching ``mask``).
@@ -393,7 +394,21 @@ def normalize_advantages(
     mean = jnp.sum(masked) / count
     var = jnp.sum(jnp.where(valid, jnp.square(advantages - mean), 0.0)) / count
     centred = advantages - mean if shift_mean else advantages
+    if shift_mean:
+        centred = jnp.where(_all_equal(advantages, valid, axis=None), 0.0, centred)
     return jnp.where(valid, centred * jax.lax.rsqrt(var + eps), 0.0)
+
+
+def _all_equal(values: jax.Array, kept: Any, *, axis: int | None) -> jax.Array:
+    """Whether the kept ``values`` along ``axis`` are one finite value (keepdims).
+
+    Values that all agree are centred to exactly 0 with this: a float32 mean of equal values
+    that are no binary fraction (0.1, 0.7) misses them by a rounding step, which a division
+    by their near-zero spread would blow up. A NaN or infinity is never equal (it stays
+    non-finite, as documented)."""
+    hi = jnp.max(jnp.where(kept, values, -jnp.inf), axis=axis, keepdims=True)
+    lo = jnp.min(jnp.where(kept, values, jnp.inf), axis=axis, keepdims=True)
+    return (hi == lo) & jnp.isfinite(hi)
 
 
 def group_relative_advantages(
@@ -455,6 +470,8 @@ def group_relative_advantages(
         # A group of one has nothing to compare against: its sample gets 0 too.
         centred = jnp.where((counts > 0) & (n >= 2), grouped - mean, 0.0)
         dof = jnp.maximum(n - 1, 1.0)
+    kept = True if sample_mask is None else counts > 0
+    centred = jnp.where(_all_equal(grouped, kept, axis=1), 0.0, centred)
     if scale_by_std:
         std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / dof)
         scale = std + eps  # NaN for a group with a non-finite score: kept, not made 0
