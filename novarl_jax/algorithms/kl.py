@@ -17,7 +17,8 @@ kind (alias)               value                                           prope
 the exponential and the result to [-10, 10], so a token the reference finds very unlikely cannot
 blow up the loss. A ``'+'`` suffix (``'k1+'``, ``'k3+'`` ...) keeps the value of the estimator
 but takes its gradient from ``'k2'`` (a straight-through estimator): the gradient of ``k2`` is
-an unbiased estimate of the gradient of the KL, which the gradients of ``k1`` and ``k3`` are not.
+an unbiased estimate of the gradient of the KL, which the gradients of ``k1`` and ``k3`` are not
+(no gradient where the log-ratio is not finite).
 
 The same estimates serve two purposes: a token-reward penalty for PPO (InstructGPT, Ouyang et
 al., 2022; :func:`kl_penalty_token_rewards`) or a loss term (GRPO, Shao et al., 2024, uses
@@ -99,8 +100,13 @@ def kl_penalty(logprobs: ArrayLike, ref_logprobs: ArrayLike, kind: str = "k1") -
     log_ratio = logprobs - ref_logprobs
     value = _estimate(log_ratio, canonical)
     if kind.endswith("+"):
-        grad_source = _estimate(log_ratio, "k2")
-        value = grad_source + jax.lax.stop_gradient(value - grad_source)
+        # k2's gradient, d(0.5 x^2)/dx = x, from a term whose value is exactly 0, so the
+        # estimate keeps its own value to the last bit (k2 + stop_gradient(value - k2) rounds
+        # it: 8.0 for a clamped k3 of 10 at a log-ratio of 1e4). A log-ratio that is not
+        # finite (a reference log-prob of -inf) contributes no gradient, never a NaN.
+        finite = jnp.where(jnp.isfinite(log_ratio), log_ratio, 0.0)
+        fixed = jax.lax.stop_gradient(finite)
+        value = jax.lax.stop_gradient(value) + fixed * (finite - fixed)
     return value
 
 

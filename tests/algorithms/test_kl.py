@@ -57,13 +57,16 @@ def test_aliases_are_the_same_estimators():
 
 
 def test_k3_is_non_negative_and_clamped():
-    logp = jnp.array([0.0, 0.0, 0.0])
-    ref = jnp.array([-5.0, 30.0, -30.0])
+    logp = jnp.zeros(7)
+    ref = jnp.array([-5.0, 30.0, -30.0, 100.0, -100.0, 1e4, -1e4])
     got = np.asarray(kl_penalty(logp, ref, "k3"))
     assert np.all(got >= 0)
     np.testing.assert_allclose(got[0], np.exp(-5) + 5 - 1, rtol=1e-6)  # under the clamp
-    assert got[1] == 10.0 and got[2] == 10.0  # exp(20) - 21 and exp(-20) + 19, clamped
-    assert np.all(np.isfinite(jax.grad(lambda x: kl_penalty(x, ref, "k3").sum())(logp)))
+    np.testing.assert_array_equal(got[1:], 10.0)  # exp(20) - 21 and exp(-20) + 19, clamped
+    # The log-ratio is clamped before the exponential: past it, no gradient (never NaN).
+    grad = np.asarray(jax.grad(lambda x: kl_penalty(x, ref, "k3").sum())(logp))
+    np.testing.assert_allclose(grad[0], 1 - np.exp(-5), rtol=1e-6)
+    np.testing.assert_array_equal(grad[1:], 0.0)
 
 
 def test_plus_suffix_keeps_value_and_takes_k2_gradient():
@@ -76,6 +79,19 @@ def test_plus_suffix_keeps_value_and_takes_k2_gradient():
         grad_k2 = jax.grad(lambda x: kl_penalty(x, ref, "k2").sum())(logp)
         np.testing.assert_allclose(grad_plus, grad_k2, rtol=1e-6)
         np.testing.assert_allclose(grad_k2, logp - ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["k1", "k3", "abs"])
+def test_plus_suffix_keeps_the_exact_value_at_extreme_log_ratios(kind):
+    """The straight-through term adds exactly 0: a large k2 must not round the estimate (a
+    clamped k3 of 10 came out as 8.0 at a log-ratio of 1e4), and a reference log-prob of
+    -inf gives the estimator's own value and no NaN gradient."""
+    ref = jnp.array([-1e4, 1e4, -1e5, -3000.5, -jnp.inf])
+    logp = jnp.zeros(5)
+    plain = np.asarray(kl_penalty(logp, ref, kind))
+    np.testing.assert_array_equal(np.asarray(kl_penalty(logp, ref, kind + "+")), plain)
+    grad = np.asarray(jax.grad(lambda x: kl_penalty(x, ref, kind + "+").sum())(logp))
+    np.testing.assert_array_equal(grad, [1e4, -1e4, 1e5, 3000.5, 0.0])  # k2's: the log-ratio
 
 
 def test_kl_penalty_token_rewards():
