@@ -182,9 +182,10 @@ def masked_mean(
 
 
 def masked_max(x: ArrayLike, mask: ArrayLike) -> jax.Array:
-    """Maximum of ``x`` over the valid tokens; ``-inf`` when there are none."""
+    """Maximum of ``x`` over the valid tokens; ``-inf`` when there are none (an empty batch
+    too)."""
     x = jnp.asarray(x, jnp.float32)
-    return jnp.max(jnp.where(jnp.asarray(mask) != 0, x, -jnp.inf))
+    return jnp.max(jnp.where(jnp.asarray(mask) != 0, x, -jnp.inf), initial=-jnp.inf)
 
 
 def split_micro_batches(

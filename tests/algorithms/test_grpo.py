@@ -120,10 +120,13 @@ def test_grpo_loss_matches_numpy_float64_with_a_loss_scale_factor(level):
         entropy_coef=0.01, clip_ratio_high=0.28, dual_clip_c=3.0, tis_cap=2.0,
         importance_sampling_level=level,
     )  # fmt: skip
-    out = np_tiny_apply(moved, batch["tokens"])
-    policy_terms, agg = np_policy_terms(out, batch, config, sequence=level == "sequence")
-    want = policy_terms + 0.04 * agg(np_kl(out["logprobs"], batch["ref_logprobs"], "k3"))
-    check_loss_eager_jit_and_sharded(grpo_loss, config, moved, batch, want)
+
+    def np_loss(p):
+        out = np_tiny_apply(p, batch["tokens"])
+        policy_terms, agg = np_policy_terms(out, batch, config, sequence=level == "sequence")
+        return policy_terms + 0.04 * agg(np_kl(out["logprobs"], batch["ref_logprobs"], "k3"))
+
+    check_loss_eager_jit_and_sharded(grpo_loss, config, moved, batch, np_loss)
 
 
 def test_grpo_errors():

@@ -243,15 +243,19 @@ def test_ppo_loss_matches_numpy_float64(value_mode, scale):
         kl_kind="k3", tis_cap=2.0, dual_clip_c=3.0, clip_ratio_high=0.28, moe_aux_loss_coef=0.01,
         moe_z_loss_coef=0.001,
     )  # fmt: skip
-    out = np_tiny_apply(moved, batch["tokens"])
-    policy_terms, agg = np_policy_terms(out, batch, config)
-    v, old, ret = (np.asarray(x, np.float64) for x in (out["values"], batch["old_values"],
-                                                        batch["returns"]))  # fmt: skip
-    clipped = old + np.clip(v - old, -0.2, 0.2)
-    vf = 0.5 * agg(np.maximum((v - ret) ** 2, (clipped - ret) ** 2), value_mode)
-    want = (policy_terms + 0.3 * vf + 0.1 * agg(np_kl(out["logprobs"], batch["ref_logprobs"], "k3"))
-            + 0.01 * out["moe_aux_loss"] + 0.001 * out["moe_z_loss"])  # fmt: skip
-    check_loss_eager_jit_and_sharded(ppo_loss, config, moved, batch, want)
+
+    def np_loss(p):
+        out = np_tiny_apply(p, batch["tokens"])
+        policy_terms, agg = np_policy_terms(out, batch, config)
+        v, old, ret = (np.asarray(x, np.float64) for x in (out["values"], batch["old_values"],
+                                                            batch["returns"]))  # fmt: skip
+        clipped = old + np.clip(v - old, -0.2, 0.2)
+        vf = 0.5 * agg(np.maximum((v - ret) ** 2, (clipped - ret) ** 2), value_mode)
+        kl = agg(np_kl(out["logprobs"], batch["ref_logprobs"], "k3"))
+        return (policy_terms + 0.3 * vf + 0.1 * kl + 0.01 * out["moe_aux_loss"]
+                + 0.001 * out["moe_z_loss"])  # fmt: skip
+
+    check_loss_eager_jit_and_sharded(ppo_loss, config, moved, batch, np_loss)
 
 
 def test_ppo_loss_adds_a_separate_critics_router_losses():
@@ -425,3 +429,15 @@ def test_token_ids_outside_the_vocabulary_are_refused_when_known():
             token_logprobs_and_entropy(logits, jnp.array([[0, bad]]))
     logp, _ = jax.jit(token_logprobs_and_entropy)(logits, jnp.array([[0, 3]]))
     np.testing.assert_allclose(logp, np.log(0.25), rtol=1e-6)
+
+
+def test_an_empty_batch_gives_zero_losses_not_an_error():
+    """Zero rows (every prompt filtered out upstream): 0 as ``aggregate`` documents, and the
+    ratio's maximum is -inf (no token), eagerly and jitted."""
+    empty = jnp.zeros((0, 4))
+    for fn in (ppo_policy_loss, jax.jit(ppo_policy_loss)):
+        loss, metrics = fn(empty, empty, empty, empty)
+        assert float(loss) == 0.0 and float(metrics["actor/ppo_kl"]) == 0.0
+        assert float(metrics["actor/ratio_max"]) == -np.inf
+    loss, _ = value_loss(empty, empty, empty, empty, clip_range=0.2)
+    assert float(loss) == 0.0

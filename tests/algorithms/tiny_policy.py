@@ -47,23 +47,48 @@ def np_tiny_apply(params, tokens):
     }
 
 
-def check_loss_eager_jit_and_sharded(loss_fn, config, params, batch, want):
-    """``loss_fn(params, batch, config, tiny_apply_fn)[0]`` equals ``want`` eagerly, under
-    ``jit``, and under ``jit`` with every batch array split over the 8 fake devices."""
+def check_loss_eager_jit_and_sharded(loss_fn, config, params, batch, np_loss):
+    """``loss_fn(params, batch, config, tiny_apply_fn)[0]`` and its gradient w.r.t. the
+    params equal the float64 reference ``np_loss(params)`` and its central finite differences,
+    eagerly, under ``jit``, and under ``jit`` with every batch array split over the 8 fake
+    devices."""
+    want, want_grad = np_loss(params), np_gradient(np_loss, params)
 
-    def run(b):
-        return loss_fn(params, b, config, tiny_apply_fn)[0]
+    def run(p, b):
+        return loss_fn(p, b, config, tiny_apply_fn)[0]
 
-    np.testing.assert_allclose(run(batch), want, rtol=1e-5, atol=1e-6)
-    jitted = jax.jit(run)
-    np.testing.assert_allclose(jitted(batch), want, rtol=1e-5, atol=1e-6)
+    def check(fn, b):
+        loss, grad = fn(params, b)
+        np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
+        for name in want_grad:
+            np.testing.assert_allclose(grad[name], want_grad[name], rtol=1e-4, atol=1e-6)
+
+    check(jax.value_and_grad(run), batch)
+    jitted = jax.jit(jax.value_and_grad(run))
+    check(jitted, batch)
     mesh = ParallelLayout(dp=2, ep=4).make_mesh()
     sharded = {
         k: jax.device_put(v, NamedSharding(mesh, batch_spec(v.ndim, mesh, v.shape[0])))
         for k, v in batch.items()
     }
     assert len(sharded["response_mask"].sharding.device_set) == 8
-    np.testing.assert_allclose(jitted(sharded), want, rtol=1e-5, atol=1e-6)
+    check(jitted, sharded)
+
+
+def np_gradient(np_loss, params, step=1e-6):
+    """Central finite differences of the float64 ``np_loss(params)`` over every parameter."""
+    base = {name: np.asarray(value, np.float64) for name, value in params.items()}
+    grads = {}
+    for name, value in base.items():
+        grad = np.zeros_like(value)
+        for index in np.ndindex(value.shape):
+            up, down = value.copy(), value.copy()
+            up[index] += step
+            down[index] -= step
+            delta = np_loss({**base, name: up}) - np_loss({**base, name: down})
+            grad[index] = delta / (2 * step)
+        grads[name] = grad
+    return grads
 
 
 def tiny_params(seed=0, scale=0.5):
