@@ -313,8 +313,13 @@ class ModelConfig:
             TypeError: ``hf_config`` is not a mapping.
             ValueError: an unknown ``model_type``, a value of the wrong type, or a feature
                 this model does not implement (non-SiLU activation, biases, scaled/rescaled
-                rotary, sliding-window attention shorter than ``max_position_embeddings``),
-                named by its key.
+                rotary, a ``max_position_embeddings`` override longer than the config's
+                ``sliding_window``), named by its key.
+
+        A ``sliding_window`` shorter than ``max_position_embeddings`` (Mistral's default
+        4096) is read as ``max_position_embeddings = sliding_window``: within the window,
+        sliding-window attention is full attention, and the sampler and trainer refuse
+        longer sequences, so no sequence runs where the two differ.
 
         Example:
             >>> cfg = ModelConfig.from_hf_config({"model_type": "llama", "vocab_size": 64,
@@ -351,11 +356,17 @@ class ModelConfig:
         if window is not None and not _is_int(window):
             raise ValueError(f"config sliding_window must be an integer or null, got {window!r}")
         if window is not None and _is_int(max_pos) and window < max_pos:
-            raise ValueError(
-                f"config sliding_window={window} < max_position_embeddings={max_pos}: "
-                f"sliding-window attention is not implemented; if sequences never exceed "
-                f"{window} tokens, set sliding_window to null in config.json"
-            )
+            # Windowed and full attention agree on sequences of at most `window` tokens:
+            # the model is read as one for those, and longer ones are refused by the length
+            # checks of the sampler and the trainer (nothing past the window runs unwindowed).
+            wanted = overrides.get("max_position_embeddings", window)
+            if _is_int(wanted) and wanted > window:
+                raise ValueError(
+                    f"max_position_embeddings={wanted} is longer than the config's "
+                    f"sliding_window={window}: sliding-window attention is not implemented, "
+                    f"so this model runs sequences of at most {window} tokens"
+                )
+            max_pos = window
         missing = [k for k in _HF_FIELDS[:5] if k not in hf_config]
         if missing:
             raise ValueError(f"config is missing required key(s) {missing}")
@@ -365,6 +376,7 @@ class ModelConfig:
             if k in hf_config or k in defaults
         }
         kwargs["rope_theta"] = float(rope_theta)
+        kwargs["max_position_embeddings"] = max_pos
         if model_type == "mixtral":
             kwargs["num_local_experts"] = hf_config.get(
                 "num_local_experts", hf_config.get("num_experts", 8)

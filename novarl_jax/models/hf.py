@@ -69,6 +69,23 @@ def _open(file: pathlib.Path) -> Any:
 _WEIGHT_DTYPES = tuple(np.dtype(d) for d in (np.float64, np.float32, np.float16, jnp.bfloat16))
 
 
+def _read_index(index: pathlib.Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor key -> shard file name) of a safetensors index file."""
+    try:
+        weight_map = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index}: not valid JSON ({e})") from e
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, Mapping):
+        raise ValueError(f"{index}: no 'weight_map' object")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name or os.path.basename(name) != name:
+            raise ValueError(
+                f"{index}: weight_map[{key!r}] must be the name of a file beside it, got {name!r}"
+            )
+    return dict(weight_map)
+
+
 class _Tensors:
     """Lazy key -> NumPy array view of the safetensors files of one checkpoint."""
 
@@ -77,23 +94,27 @@ class _Tensors:
         index = directory / INDEX_FILE
         single = directory / SINGLE_FILE
         self.where: dict[str, pathlib.Path] = {}
-        # transformers' order: one model.safetensors wins over an index (re-saving a sharded
-        # model unsharded leaves the old index and shards behind), then the index, and only
-        # here, without either, every *.safetensors file.
+        # transformers' order: one model.safetensors wins over an index whose shards are
+        # gone (re-saving a sharded model unsharded leaves the old index behind), then the
+        # index, and only here, without either, every *.safetensors file. A single file
+        # beside a complete sharded set is one of two models, and which one is stale cannot
+        # be told (transformers reads the single file): refused.
+        if index.exists():
+            weight_map = _read_index(index)
+            shards = sorted({directory / name for name in weight_map.values()})
+            missing = [file.name for file in shards if not file.exists()]
+            if single.exists() and not missing:
+                raise ValueError(
+                    f"{directory}: holds both {SINGLE_FILE} and a complete sharded checkpoint "
+                    f"({INDEX_FILE} and its {len(shards)} shard(s)), two copies of the model "
+                    f"of which one is stale; remove the one that is not this model"
+                )
+            if not single.exists() and missing:
+                raise ValueError(f"{index}: names {missing[0]}, which does not exist")
         if not single.exists() and index.exists():
-            try:
-                weight_map = json.loads(index.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{index}: not valid JSON ({e})") from e
-            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-            if not isinstance(weight_map, Mapping):
-                raise ValueError(f"{index}: no 'weight_map' object")
             for key, name in weight_map.items():
                 self.where[key] = directory / name
-            self.files = sorted(set(self.where.values()))
-            for file in self.files:
-                if not file.exists():
-                    raise ValueError(f"{index}: names {file.name}, which does not exist")
+            self.files = shards
         else:
             self.files = [single] if single.exists() else sorted(directory.glob("*.safetensors"))
             if not self.files:
@@ -336,7 +357,11 @@ def load_hf_model(
     """
     directory = pathlib.Path(path)
     if not directory.is_dir():
-        raise ValueError(f"{directory}: not a directory")
+        what = "is a file, not" if directory.exists() else "does not exist; load_hf_model reads"
+        raise ValueError(
+            f"{directory}: {what} a local checkpoint directory (config.json and *.safetensors; "
+            f"a Hub model must be downloaded first)"
+        )
     hf_config = _read_config(directory)
     tensors = _Tensors(directory)
     config_overrides.setdefault("value_head", VALUE_HEAD_WEIGHT in tensors)
@@ -435,11 +460,18 @@ def _finite(arr: np.ndarray) -> np.ndarray:
 
 
 def checkpoint_files(path: str | os.PathLike) -> list[pathlib.Path]:
-    """The files of a Hugging Face checkpoint in directory ``path``: config.json, the
-    safetensors index and the safetensors files that exist there (none: no checkpoint)."""
+    """The files of a Hugging Face checkpoint in directory ``path`` that exist there (none:
+    no checkpoint): config.json, the safetensors index, the shards it names, and
+    ``model.safetensors`` or ``model-*-of-*.safetensors``. Other safetensors files (an
+    adapter's ``adapter_model.safetensors``) are not the model's."""
     directory = pathlib.Path(path)
-    files = [directory / CONFIG_FILE, directory / INDEX_FILE, *directory.glob("*.safetensors")]
-    return [p for p in files if p.exists()]
+    files = [directory / CONFIG_FILE, directory / INDEX_FILE, directory / SINGLE_FILE]
+    files += sorted(directory.glob("model-*-of-*.safetensors"))
+    try:
+        files += [directory / name for name in _read_index(directory / INDEX_FILE).values()]
+    except (OSError, ValueError):
+        pass  # no index, or one that names nothing usable: the files above
+    return [p for p in dict.fromkeys(files) if p.exists()]
 
 
 def save_hf_model(
@@ -469,9 +501,9 @@ def save_hf_model(
         model_type: 'mixtral', 'llama' or 'mistral' (default: mixtral for MoE, llama for
             dense).
         max_shard_bytes: largest file size before splitting.
-        overwrite: replace an existing checkpoint in ``path`` (its config.json,
-            safetensors/index files and generation_config.json are replaced; other files
-            stay); otherwise that raises.
+        overwrite: replace an existing checkpoint in ``path`` (its config.json, index,
+            model safetensors files and generation_config.json are replaced; other files,
+            an adapter's safetensors among them, stay); otherwise that raises.
         token_ids: special token ids (``eos_token_id``, ``pad_token_id``, ``bos_token_id``
             only; integers in ``[0, vocab_size)``, ``eos_token_id`` also a list of them) to
             write into config.json and a generation_config.json, so that ``generate`` stops

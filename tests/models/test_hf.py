@@ -169,8 +169,12 @@ def _copy(name, tmp_path):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(ValueError, match="not a directory"):
+    missing = r"nope: does not exist; load_hf_model reads a local checkpoint directory \(conf"
+    with pytest.raises(ValueError, match=missing):
         load_hf_model(tmp_path / "nope")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"file: is a file, not a local checkpoint directory"):
+        load_hf_model(tmp_path / "file")
     with pytest.raises(ValueError, match=r"pass mesh= \(place the weights on it\) or host=True"):
         load_hf_model(DATA / "llama", mesh=object(), host=True)
     d = _copy("llama", tmp_path)
@@ -342,16 +346,39 @@ def test_load_refuses_tensors_the_config_does_not_use(tmp_path):
 
 
 def test_one_model_safetensors_wins_over_a_stale_index_like_transformers(tmp_path):
-    """Re-saving a sharded model as one file leaves the old index and shards behind;
-    transformers then reads model.safetensors, and so must we."""
+    """Re-saving a sharded model as one file leaves the old index behind; transformers then
+    reads model.safetensors, and so must we. Beside a complete sharded set, a single file is
+    one of two models and which is stale cannot be told: refused (transformers would read
+    the single file, the old model after shards were copied over it)."""
     d = _copy("llama", tmp_path)
     stale = {k: np.zeros_like(v) for k, v in load_file(d / "model.safetensors").items()}
-    save_file(stale, d / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
     index = {"weight_map": {k: "model-00001-of-00001.safetensors" for k in stale}}
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     _equal_trees(load_hf_model(d)[1], load_hf_model(DATA / "llama")[1])
+    save_file(stale, d / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+    both = r"holds both model\.safetensors and a complete sharded checkpoint \(model\.safet"
+    with pytest.raises(ValueError, match=both):
+        load_hf_model(d)
     (d / "model.safetensors").unlink()  # without it, the index is read
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(load_hf_model(d)[1]))
+    # An index's shard names are file names beside it, nothing else.
+    for name in (None, 3, "../model.safetensors"):
+        index["weight_map"]["model.norm.weight"] = name
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(ValueError, match=r"index\.json: weight_map\['model\.norm\.weight'\] "
+                           r"must be the name of a file beside it, got "):  # fmt: skip
+            load_hf_model(d)
+
+
+def test_an_overwrite_keeps_safetensors_files_that_are_not_the_models(tmp_path):
+    params = init_params(DENSE, jax.random.key(0))
+    save_hf_model(tmp_path, DENSE, params)
+    adapter = {"lora_A": np.ones((2, 2), np.float32)}
+    save_file(adapter, tmp_path / "adapter_model.safetensors")
+    save_hf_model(tmp_path, DENSE, params, overwrite=True, max_shard_bytes=2**10)
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "model.safetensors").exists()  # the old single file went
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
 
 
 def test_save_refuses_params_that_do_not_match_the_config(tmp_path):
@@ -589,3 +616,24 @@ def test_an_overwrite_moves_config_json_in_last(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_module.os, "replace", recording_replace)
     save_hf_model(tmp_path, config, _random_dense(1)[1], overwrite=True, max_shard_bytes=600)
     assert len(moved) > 2 and moved[-1] == "config.json" and moved.count("config.json") == 1
+
+
+def test_a_sliding_window_bounds_the_sequences_the_model_runs(tmp_path):
+    """Sliding-window attention is not implemented: a config whose window is shorter than
+    its context loads as a model of window-long sequences (where the window changes nothing),
+    and the sampler refuses anything longer instead of running it unwindowed."""
+    from novarl_jax.rollout import sample
+
+    d = _copy("llama", tmp_path)
+    hf = json.loads((d / "config.json").read_text())
+    hf.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=4)
+    (d / "config.json").write_text(json.dumps(hf))
+    config, params = load_hf_model(d)
+    assert config.max_position_embeddings == 4 < hf["max_position_embeddings"]
+    prompt, mask = jnp.ones((1, 3), jnp.int32), jnp.ones((1, 3), jnp.int32)
+    key = jax.random.key(0)
+    assert sample(params, config, prompt, mask, key, max_new_tokens=1, pad_id=0).tokens.shape
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings=4"):
+        sample(params, config, prompt, mask, key, max_new_tokens=2, pad_id=0)
+    with pytest.raises(ValueError, match="longer than the config's sliding_window=4"):
+        load_hf_model(d, max_position_embeddings=8)

@@ -177,13 +177,15 @@ def test_from_hf_config_fills_missing_keys_with_each_architectures_own_defaults(
     assert (mixtral.rms_norm_eps, mixtral.num_key_value_heads, mixtral.rope_theta) == (
         1e-5, 8, 1e6)  # fmt: skip
     assert (mixtral.num_local_experts, mixtral.max_position_embeddings) == (8, 131072)
-    # Mistral's sliding window (4096) is on unless config.json turns it off.
-    with pytest.raises(ValueError, match="sliding_window=4096 < max_position_embeddings=131072"):
-        ModelConfig.from_hf_config({"model_type": "mistral", **needed})
+    # Mistral's sliding window (4096) is on unless config.json turns it off: the model runs
+    # sequences of up to 4096 tokens, where the window changes nothing.
+    windowed = ModelConfig.from_hf_config({"model_type": "mistral", **needed})
+    assert windowed.max_position_embeddings == 4096
     mistral = ModelConfig.from_hf_config(
         {"model_type": "mistral", **needed, "sliding_window": None}
     )
     assert (mistral.rms_norm_eps, mistral.num_key_value_heads) == (1e-6, 8)
+    assert mistral.max_position_embeddings == 131072
     # Keys that are present win.
     given = ModelConfig.from_hf_config({"model_type": "llama", **needed, "rms_norm_eps": 1e-5})
     assert given.rms_norm_eps == 1e-5
@@ -200,7 +202,6 @@ def test_from_hf_config_fills_missing_keys_with_each_architectures_own_defaults(
             r"rope_parameters.rope_type='llama3' is not supported",
         ),
         (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling.rope_type='linear'"),
-        (dict(sliding_window=16, max_position_embeddings=64), "sliding_window=16 < max_position"),
         (dict(vocab_size=None), "vocab_size must be an integer >= 1, got None"),
         (dict(model_type=["llama"]), r"model_type=\['llama'\] is not supported"),
         (dict(attention_bias="false"), "attention_bias must be true, false or null, got 'false'"),
@@ -251,6 +252,18 @@ def test_from_hf_config_reads_the_moe_keys_and_their_defaults():
     # A window as long as the context is no window at all.
     window = {"model_type": "llama", **TINY, "max_position_embeddings": 64}
     assert ModelConfig.from_hf_config({**window, "sliding_window": 64})
+    # A shorter window bounds the sequences the model runs; an override may shorten it
+    # further, never lengthen it past the window.
+    assert (
+        ModelConfig.from_hf_config({**window, "sliding_window": 16}).max_position_embeddings == 16
+    )
+    shorter = ModelConfig.from_hf_config(
+        {**window, "sliding_window": 16}, max_position_embeddings=8
+    )
+    assert shorter.max_position_embeddings == 8
+    with pytest.raises(ValueError, match=r"max_position_embeddings=64 is longer than the "
+                       r"config's sliding_window=16: .* at most 16 tokens"):  # fmt: skip
+        ModelConfig.from_hf_config({**window, "sliding_window": 16}, max_position_embeddings=64)
 
 
 def test_to_hf_config_writes_what_transformers_reads():

@@ -97,7 +97,7 @@ def test_ppo_separate_critic_starts_from_the_mixtral_checkpoint():
 @pytest.mark.parametrize(
     "change,key,match",
     [
-        (dict(path=f"{HF}/missing"), "model.init_from", "not a directory"),
+        (dict(path=f"{HF}/missing"), "model.init_from", "missing: does not exist; load_hf_"),
         (dict(num_experts=8), "experiment.num_experts", "has num_local_experts=4"),
         (dict(top_k=1), "experiment.top_k", "has num_experts_per_tok=2"),
         (dict(max_new_tokens=60), "rollout.max_new_tokens", "max_position_embeddings=64"),
