@@ -39,6 +39,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from novarl_jax.trainer.saved_config import finished_steps
+
 TRASH = "todelete"
 _UNFINISHED = ".orbax-checkpoint-tmp"  # orbax's suffix for a step directory being written
 
@@ -308,15 +310,16 @@ class Checkpointer:
 
     def _write_error(self, error: BaseException) -> CheckpointWriteError:
         """The one-line error for a failed save of ``self._pending``, remembered."""
-        try:  # the steps orbax still lists: a failed save's step is not among them
-            earlier = [s for s in self.all_steps() if self._pending is None or s < self._pending]
-        except Exception:  # noqa: BLE001 - the message is all that is wanted here
-            earlier = []
+        # The finished steps on disk (orbax no longer lists those it meant to rotate out once
+        # this save finished; they are still there): a failed save's step is not among them.
+        earlier = [
+            s for s in finished_steps(self.directory) if self._pending is None or s < self._pending
+        ]
         step = "" if self._pending is None else f" of step {self._pending}"
         kept = (
             f"the last checkpoint (step {earlier[-1]}) in {self.directory} is intact"
             if earlier
-            else "no earlier checkpoint was written"
+            else f"no earlier checkpoint is in {self.directory}"
         )
         self._failure = CheckpointWriteError(
             f"{self.directory}: the checkpoint{step} could not be written ({_cause(error)}); {kept}"

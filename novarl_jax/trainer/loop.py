@@ -36,12 +36,13 @@ from novarl_jax.trainer.config import (
     validate_config,
 )
 from novarl_jax.trainer.evaluate import Evaluator
-from novarl_jax.trainer.metrics import METRICS_FILE, JsonLines, MetricsWriter
+from novarl_jax.trainer.metrics import METRICS_FILE, JsonLines, MetricsWriter, steps_written
 from novarl_jax.trainer.samples import FILE_NAME as SAMPLES_FILE
 from novarl_jax.trainer.samples import sample_rows
 from novarl_jax.trainer.saved_config import (
     allowed_changes_note,
     check_resume_config,
+    may_change,
     write_config,
 )
 from novarl_jax.trainer.state import TrainState, init_train_state
@@ -723,12 +724,32 @@ class Session:
         )
         self.resumed_from = self.checkpointer.latest_step()
         changes: list[tuple[str, Any, Any]] = []
-        if self.resumed_from is not None:
+        # Steps a run logged but no checkpoint kept (it stopped before its first one, or the
+        # checkpoints were removed): this start redoes them, so it must be the same run.
+        unkept = 0 if self.resumed_from is not None else steps_written(
+            os.path.join(workdir, METRICS_FILE)
+        )  # fmt: skip
+        if self.resumed_from is not None or unkept:
+            advice = (
+                "resume with that config, train in a new --workdir, or pass --allow_config_change"
+            )
+            if unkept:
+                advice = (
+                    f"its {METRICS_FILE} holds {unkept} step{'s' if unkept > 1 else ''} that "
+                    f"no checkpoint kept, which this start would replace: rerun with that "
+                    f"config, train in a new --workdir, or pass --allow_config_change"
+                )
             changes = check_resume_config(
-                workdir, config, allow_change=allow_config_change, log=log,
+                workdir, config, allow_change=allow_config_change, log=log, advice=advice,
                 model=self.run.model.policy, tokenizer=self.run.tokenizer,
             )  # fmt: skip
         changed = [key for key, _, _ in changes]
+        # A resume allowed a change keeps the record of the config its checkpoints were
+        # trained with until one of this config lands (a run stopped before that resumes
+        # with the old config, not the new one, without --allow_config_change).
+        self._record_config = not (
+            self.resumed_from is not None and any(not may_change(k) for k in changed)
+        )
         mesh = default_mesh(spec) if mesh is None else mesh
         self.trainer = trainer_cls(self.run, workdir, mesh=mesh)
         self.state, self.reference = self.trainer.initial_state()
@@ -774,10 +795,10 @@ class Session:
         for lines in (self.writer, self.samples):
             if lines is not None:
                 lines.truncate_after(self.start)
-        if self.main_process:
+        if self._record_config:
             # Only once the checkpoint has restored: a config it refuses (another model) must
             # not replace the record of the one it was trained with.
-            write_config(workdir, config, self.run.model.policy, self.run.tokenizer)
+            self._write_config()
         self.total = config.experiment.steps
         if self.start < self.total:
             self.trainer.check_prompts(self.start)
@@ -867,7 +888,10 @@ class Session:
         host = {**host, "iteration": step, "skip_streak": self._skips, "init_seed": self.init_seed}
         host["empty_streak"] = self._empty
         stop = step < self.total and self._stop.requested()
-        self.checkpointer.save(step, state, host, force=(step == self.total or stop))
+        saved = self.checkpointer.save(step, state, host, force=(step == self.total or stop))
+        if saved and not self._record_config:
+            self.checkpointer.wait()  # this start's first checkpoint, on disk
+            self._write_config()
         if self._progress is not None:
             self._progress.update(step, metrics)
         elif config.logging.progress:
@@ -876,6 +900,13 @@ class Session:
             self.checkpointer.wait()
             raise StopRequested(step)
         return metrics
+
+    def _write_config(self) -> None:
+        """Records the run's config, model and tokenizer in the workdir (the main process)."""
+        if self.main_process:
+            run = self.run
+            write_config(self.workdir, self.config, run.model.policy, run.tokenizer)
+        self._record_config = True
 
     def _sample_rows(self, rollout: Any, step: int, split: str) -> list[dict]:
         # Every process builds the rows (gathering a multi-process rollout is collective);

@@ -209,6 +209,15 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     return rows
 
 
+def steps_written(path: str) -> int:
+    """How many distinct steps the rows of a ``.jsonl`` file hold (0 when there is none)."""
+    try:
+        lines = _read_lines(path)
+    except FileNotFoundError:
+        return 0
+    return len({step for _, _, row in _parse_lines(lines) if (step := _step_of(row)) is not None})
+
+
 def _step_of(row: Any) -> float | None:
     """A parsed row's step, or None when it is no metrics row (damage, or another record)."""
     step = row.get("step") if isinstance(row, dict) else None

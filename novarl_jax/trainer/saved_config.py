@@ -3,7 +3,9 @@
 Rerunning a command resumes from the workdir's last checkpoint. A resume with a config that
 trains something else (another task, learning rate or algorithm) would mix two runs in one
 set of checkpoints and metrics without a trace, so every start writes its config to
-``config.json`` and a resume first compares against the one the previous start wrote. Keys
+``config.json`` and a resume first compares against the one the previous start wrote (so
+does a start without a checkpoint that would replace steps ``metrics.jsonl`` holds; a
+resume allowed a change replaces the record only once its first checkpoint lands). Keys
 that say how far, where or how the same run goes on may change: ``experiment.steps``, the
 parallel layout (a checkpoint restores onto another mesh), rollout worker threads,
 gradient-accumulation splits, gradient checkpointing, checkpointing, logging and validation
@@ -132,7 +134,12 @@ def _decay_length(flat: dict[str, Any], *, after_warmup: bool = True) -> int | N
 def checkpoint_steps(workdir: str) -> list[int]:
     """The finished checkpoint steps in ``workdir``, in increasing order (orbax names a step's
     directory when it is complete). Reads directory names only, without JAX or orbax."""
-    directory = os.path.join(workdir, "checkpoints")
+    return finished_steps(os.path.join(workdir, "checkpoints"))
+
+
+def finished_steps(directory: str) -> list[int]:
+    """The finished steps in a checkpoints ``directory`` (those orbax has named by the step
+    alone), in increasing order."""
     try:
         names = os.listdir(directory)
     except OSError:

@@ -54,10 +54,11 @@ def test_a_process_whose_save_fails_exits(tmp_path, mode):
         proc.communicate()
         pytest.fail("the process did not exit after a failed checkpoint save")
     assert proc.returncode == 3, err
+    # Step 1 went with the directory: the message says what is there, not what was.
     assert out.splitlines() == [
         f"{directory}: the checkpoint of step 2 could not be written (NotADirectoryError: "
-        f"[Errno 20] Not a directory: '{directory}/2.orbax-checkpoint-tmp'); the last "
-        f"checkpoint (step 1) in {directory} is intact"
+        f"[Errno 20] Not a directory: '{directory}/2.orbax-checkpoint-tmp'); no earlier "
+        f"checkpoint is in {directory}"
     ]
 
 
@@ -176,7 +177,46 @@ def test_a_failed_write_names_the_latest_kept_step(tmp_path, monkeypatch):
     for s in (1, 2, 3):
         ckpt.save(s, {"w": jnp.ones(2)}, {"iteration": s})
     _fail_json_writes(monkeypatch)
-    with pytest.raises(CheckpointWriteError, match=r"the last checkpoint \(step 3\)"):
+    with pytest.raises(
+        CheckpointWriteError, match=rf"the last checkpoint \(step 3\) in {tmp_path} is intact$"
+    ):
         ckpt.save(4, {"w": jnp.ones(2)}, {"iteration": 4})
     monkeypatch.undo()
     ckpt.close()
+    assert (tmp_path / "3").is_dir()
+
+
+# keep=1: step 1 is saved, then step 2 fails part way for a file-size limit (a full disk).
+FULL_DISK = textwrap.dedent(
+    """
+    import resource, signal, sys
+    import jax
+    from novarl_jax.trainer.checkpoint import Checkpointer, CheckpointWriteError
+
+    ckpt = Checkpointer(sys.argv[1], interval=1, keep=1, async_save=True)
+    ckpt.save(1, {"w": jax.numpy.ones((8, 8))}, {"iteration": 1})
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+    try:
+        ckpt.save(2, {"w": jax.random.normal(jax.random.key(0), (512, 512))}, {"iteration": 2})
+        ckpt.close()
+    except CheckpointWriteError as e:
+        print(e, flush=True)
+    """
+)
+
+
+def test_with_one_checkpoint_kept_a_failed_save_names_the_one_still_there(tmp_path):
+    """Once step 2's save started, orbax no longer listed step 1 (it would go when step 2
+    landed): the message said no checkpoint was written while step 1 was intact on disk."""
+    directory = tmp_path / "ckpt"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(directory)], capture_output=True, text=True,
+        env=env, timeout=120, cwd=pathlib.Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert proc.stdout.splitlines() == [
+        f"{directory}: the checkpoint of step 2 could not be written (OSError: [Errno 27] File "
+        f"too large (from ValueError)); the last checkpoint (step 1) in {directory} is intact"
+    ], proc.stderr[-2000:]
+    assert (directory / "1").is_dir()

@@ -361,3 +361,47 @@ def test_a_tokenizer_that_gives_a_recorded_token_another_id_is_refused(tmp_path)
         str(tmp_path), config, tokenizer=CharTokenizer("b"), allow_change=True
     )
     assert [key for key, *_ in changes] == ["model.tokenizer"]
+
+
+def _reward_fails(prompts, completions, metadata):
+    raise RuntimeError("this reward fails")
+
+
+@pytest.mark.slow
+def test_steps_no_checkpoint_kept_are_replaced_only_by_the_same_run(tmp_path):
+    """A start without a checkpoint redoes the steps metrics.jsonl holds (a run stopped before
+    its first checkpoint, or whose checkpoints were removed): with another config it would
+    have erased another run's metrics and config without a word."""
+    import shutil
+
+    train_quietly(_config(1), tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints")
+    rows, record = (tmp_path / n for n in ("metrics.jsonl", "config.json"))
+    before = rows.read_text(), record.read_text()
+    other = _config(1)
+    other.optim.learning_rate = 0.1
+    with pytest.raises(
+        ConfigChangedError, match=r"^optim\.learning_rate: the run in .*; its metrics\.jsonl "
+        r"holds 1 step that no checkpoint kept, which this start would replace: rerun with that "
+        r"config, train in a new --workdir, or pass --allow_config_change$"
+    ):  # fmt: skip
+        train_quietly(other, tmp_path)
+    assert (rows.read_text(), record.read_text()) == before
+    result = train_quietly(_config(1), tmp_path)  # the same run: its step is redone
+    assert result["resumed_from"] is None and len(rows.read_text().splitlines()) == 1
+
+    # A resume allowed a change keeps the record of the config its checkpoints were trained
+    # with until one of the new config lands: a start that fails before that leaves the old
+    # record, so the old config resumes without --allow_config_change and the new one does
+    # not.
+    failing = _config(2)
+    failing.task.reward_fn = f"{__name__}:_reward_fails"
+    with pytest.raises(Exception, match="this reward fails"):
+        train_quietly(failing, tmp_path, allow_config_change=True)
+    assert json.loads(record.read_text())["task"]["reward_fn"] == ""
+    with pytest.raises(ConfigChangedError, match=r"^task\.reward_fn: "):
+        train_quietly(failing, tmp_path)
+    changed = _config(2)
+    changed.optim.learning_rate = 0.01
+    train_quietly(changed, tmp_path, allow_config_change=True)
+    assert json.loads(record.read_text())["optim"]["learning_rate"] == 0.01  # its step landed
