@@ -235,6 +235,44 @@ def test_a_task_of_ones_own_that_raises_is_one_line(run_cli, tmp_path, monkeypat
         )
 
 
+_ODD_TASKS = """
+from novarl_jax.rollout.tasks import CopyTask
+
+
+class OutsideItsAlphabet(CopyTask):
+    def sample_prompts(self, key, batch_size):
+        prompts, metadata = super().sample_prompts(key, batch_size)
+        return [p + "#" for p in prompts], metadata
+
+
+class OneShort(CopyTask):
+    def sample_prompts(self, key, batch_size):
+        prompts, metadata = super().sample_prompts(key, batch_size)
+        return prompts[1:], metadata[1:]
+"""
+
+
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        ("OutsideItsAlphabet", "its prompts cannot be encoded: character '#' is not in the "
+         "alphabet"),
+        ("OneShort", "returned 1 prompts and 1 metadata for batch_size=2"),
+    ],
+)  # fmt: skip
+def test_prompts_a_task_of_ones_own_gets_wrong_are_one_line(
+    run_cli, tmp_path, monkeypatch, task, message
+):
+    (tmp_path / "odd_tasks.py").write_text(_ODD_TASKS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = run_cli(
+        *COPY_ON_8, f"task.name=odd_tasks:{task}", "rollout.prompts_per_step=2", "--dry_run"
+    )
+    assert code == 2 and "Traceback" not in out + err
+    assert err.strip().startswith(f"novarl_jax.train: error: task.name: task 'odd_tasks:{task}'")
+    assert message in err
+
+
 def test_sigterm_says_where_the_run_stopped(run_cli, tmp_path, monkeypatch):
     from novarl_jax.trainer.stop import StopRequested
 

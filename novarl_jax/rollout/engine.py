@@ -29,12 +29,14 @@ from novarl_jax.rollout.rewards import RewardFunctionError
 from novarl_jax.rollout.sampler import make_settings, sample
 from novarl_jax.rollout.tasks.base import (
     Task,
+    TaskError,
     check_batch_size,
     check_task,
     rewards_to_array,
     sample_task_prompts,
     task_label,
 )
+from novarl_jax.rollout.tokenizers import TextTooLongError
 
 # Non-finite rewards named in a rollout's warning (the rest are counted).
 _SHOWN_INVALID = 3
@@ -281,7 +283,9 @@ class RolloutEngine:
 
         Raises:
             ValueError: a prompt longer than ``sampling.max_prompt_length`` (unless the
-                tokenizer truncates), or a task returning the wrong number of prompts.
+                tokenizer truncates).
+            TaskError: the task raised, returned the wrong number of prompts, or prompts
+                the tokenizer cannot encode (a character outside its alphabet).
         """
         start = self.task.get_state()
         try:
@@ -292,13 +296,20 @@ class RolloutEngine:
     def _encode_prompts(self, prompt_key: jax.Array, batch_size: int):
         prompts, metadata = sample_task_prompts(self.task, prompt_key, batch_size)
         if len(prompts) != batch_size or len(metadata) != batch_size:
-            raise ValueError(
+            raise TaskError(
                 f"task {task_label(self.task)!r} returned {len(prompts)} prompts "
                 f"and {len(metadata)} metadata for batch_size={batch_size}"
             )
-        tokens, mask = self.tokenizer.encode_batch(
-            prompts, max_length=self.sampling.max_prompt_length, padding_side="left"
-        )
+        try:
+            tokens, mask = self.tokenizer.encode_batch(
+                prompts, max_length=self.sampling.max_prompt_length, padding_side="left"
+            )
+        except TextTooLongError:
+            raise
+        except ValueError as e:  # a character outside the task's own alphabet
+            raise TaskError(
+                f"task {task_label(self.task)!r}: its prompts cannot be encoded: {e}"
+            ) from None
         check_prompt_rows(prompts, mask)
         return prompts, metadata, tokens, mask
 

@@ -32,7 +32,7 @@ from novarl_jax.trainer.checkpoint import (
     abstract_like,
 )
 from novarl_jax.trainer.config import RunSpec, validate_config
-from novarl_jax.trainer.loop import Trainer, default_mesh
+from novarl_jax.trainer.loop import Trainer, check_mesh, default_mesh
 from novarl_jax.trainer.saved_config import allowed_changes_note, check_resume_config
 from novarl_jax.trainer.workdir import url_path
 
@@ -88,6 +88,8 @@ def export_policy(
         if url := url_path(path):
             raise ExportError(f"{flag}: {url}")
     spec = spec or validate_config(config)
+    if mesh is not None:
+        check_mesh(spec, mesh)
     run = build_run(spec)
     # Where each model goes; refused before the restore when one already holds a model.
     targets = {"policy": (out, run.model.policy)}

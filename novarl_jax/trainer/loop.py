@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from novarl_jax.algorithms.aggregation import extreme_of
-from novarl_jax.core.distributed import host_array
+from novarl_jax.core.distributed import MESH_AXES, host_array
 from novarl_jax.rollout.engine import EmptyPromptError, check_prompt_rows, take_info
 from novarl_jax.rollout.tokenizers import TextTooLongError
 from novarl_jax.trainer import steps
@@ -600,6 +600,30 @@ def default_mesh(spec: RunSpec) -> Any:
     return spec.layout.make_mesh(devices[: spec.layout.world_size] or devices)
 
 
+_LAYOUT_KEYS = {
+    "dp": "experiment.world_size",
+    "pp": "experiment.pipeline_parallel_size",
+    "ep": "experiment.expert_parallel_size",
+    "tp": "experiment.tensor_parallel_size",
+}
+
+
+def check_mesh(spec: RunSpec, mesh: Any) -> None:
+    """Raises ConfigError unless ``mesh`` (one given to ``train``, ``train_async`` or
+    ``export_policy``) has the config's layout: its axes and sizes decide how every weight is
+    sharded, and what the workdir records as the run's layout."""
+    want = dict(zip(MESH_AXES, spec.layout.mesh_shape, strict=True))
+    got = dict(getattr(mesh, "shape", {}))
+    if got == want:  # the same named axes and sizes, in any order
+        return
+    key = next((_LAYOUT_KEYS[a] for a in MESH_AXES if got.get(a) != want[a]), "experiment")
+    raise ConfigError(
+        key,
+        f"the mesh given has axes {got}, not the config's layout {want}; pass mesh=None for "
+        f"the layout's own mesh, or the experiment.* sizes of the mesh (axes {MESH_AXES})",
+    )
+
+
 class Session:
     """The side-effecting shell of one run, shared by the synchronous and asynchronous loops.
 
@@ -629,6 +653,8 @@ class Session:
         if url := url_path(self.workdir):  # before anything is built or loaded
             raise ConfigError("--workdir", url)
         spec = spec or validate_config(config)
+        if mesh is not None:
+            check_mesh(spec, mesh)  # before anything is built or written
         self.run = run or build_run(spec)
         self.main_process = jax.process_index() == 0
         if log is None:

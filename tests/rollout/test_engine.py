@@ -17,7 +17,7 @@ from novarl_jax.rollout.engine import (
     take_info,
 )
 from novarl_jax.rollout.sampler import sample
-from novarl_jax.rollout.tasks import AdditionTask, JSONLTask
+from novarl_jax.rollout.tasks import AdditionTask, JSONLTask, TaskError
 from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer
 
 BATCH, GROUP = 4, 2
@@ -460,5 +460,5 @@ def test_rollout_and_complete_check_their_counts(setup, rolled):
 
     short = RolloutEngine(model_config=config, tokenizer=tok, task=ShortMetadata(),
                           sampling=SAMPLING)  # fmt: skip
-    with pytest.raises(ValueError, match="returned 4 prompts and 3 metadata for batch_size=4"):
+    with pytest.raises(TaskError, match="returned 4 prompts and 3 metadata for batch_size=4"):
         short.rollout(params, key, 0, 4)

@@ -69,6 +69,8 @@ def test_a_bool_batch_size_is_refused():
         ([[1.0, 2.0], [3.0]], r"must return a list of floats, got \[\[1.0"),  # ragged
         ([b"1", b"0"], "got text among them"),
         ([[1.0], [0.0]], r"returned \(2, 1\) rewards for 2"),
+        ([1.0, None], r"returned None for completion 1 \(a missing return\?\); it must return"),
+        ((None, None), r"returned None for completion 0 "),
     ],
 )
 def test_reward_outputs_that_are_not_one_float_per_completion(output, message):

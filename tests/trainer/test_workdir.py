@@ -10,6 +10,7 @@ import textwrap
 import pytest
 from quiet_train import train_quietly
 from test_export import _config
+from tiny_grpo import tiny_grpo_config
 
 from novarl_jax.trainer.config import ConfigError
 from novarl_jax.trainer.workdir import (
@@ -181,3 +182,36 @@ def test_foreign_config_accepts_a_runs_own_and_a_damaged_record(tmp_path):
     assert foreign_config(str(tmp_path)) is None
     (tmp_path / "config.json").write_text("[1, 2]")
     assert "is not a run's config" in foreign_config(str(tmp_path))
+
+
+def test_a_mesh_that_is_not_the_configs_layout_is_refused(tmp_path):
+    """A mesh given to train() decides every weight's sharding: another layout (or other
+    axis names) would train unsharded while the workdir records the config's layout."""
+    import jax
+
+    from novarl_jax.trainer.config import validate_config
+    from novarl_jax.trainer.export import export_policy
+    from novarl_jax.trainer.loop import check_mesh, train
+
+    config = tiny_grpo_config(prompts_per_step=2)
+    config.experiment.world_size, config.experiment.expert_parallel_size = 4, 2
+    spec = validate_config(config)
+    devices = jax.devices()[:4]
+    check_mesh(spec, spec.layout.make_mesh(devices))  # its own layout
+    wrong = [
+        (jax.make_mesh((4, 1, 1, 1), ("dp", "pp", "ep", "tp"), devices=devices),
+         "experiment.world_size", "{'dp': 4, 'pp': 1, 'ep': 1, 'tp': 1}"),
+        (jax.make_mesh((2, 2), ("data", "model"), devices=devices),
+         "experiment.world_size", "{'data': 2, 'model': 2}"),
+    ]  # fmt: skip
+    for mesh, key, shown in wrong:
+        with pytest.raises(ConfigError) as info:
+            train(config, str(tmp_path / "run"), mesh=mesh, log=lambda _: None)
+        assert info.value.key == key
+        assert str(info.value).startswith(
+            f"{key}: the mesh given has axes {shown}, not the config's layout "
+            "{'dp': 2, 'pp': 1, 'ep': 2, 'tp': 1}; pass mesh=None"
+        )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match="the mesh given has axes"):
+        export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf"), mesh=wrong[0][0])

@@ -163,6 +163,12 @@ def rewards_to_array(values: Any, batch_size: int, source: str) -> np.ndarray:
         raise RewardFunctionError(
             f"{source} must return a list of floats, got text among them: {list(values)!r:.80}"
         )
+    if (missing := next((i for i, v in enumerate(values) if v is None), None)) is not None:
+        # NumPy would read None as NaN, a reward the engine excludes: a forgotten return.
+        raise RewardFunctionError(
+            f"{source} returned None for completion {missing} (a missing return?); it must "
+            f"return a float for every completion (float('nan') to exclude one)"
+        )
     try:
         rewards = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as err:
