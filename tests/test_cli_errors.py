@@ -516,13 +516,31 @@ def test_a_failed_metrics_write_is_dropped_and_closing_does_not_fail_again(tmp_p
             raise OSError(28, "No space left on device")
 
     lines._file = FullDisk(lines._file)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as info:
         lines.write([{"step": 2}])
+    assert info.value.filename == str(tmp_path / "rows.jsonl")  # the message can name it
     lines.close()  # nothing pending: no second error
     lines.write([{"step": 3}])  # space again: appends
     lines.close()
     rows = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert rows[0] == {"step": 1} and rows[-1] == {"step": 3}
+
+
+def test_a_record_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    """json.dump's write fails without a file name (a full disk): re-raised naming it."""
+    from novarl_jax.trainer import saved_config
+    from novarl_jax.trainer.config import default_config
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(saved_config.json, "dump", full)
+    with pytest.raises(OSError) as info:
+        saved_config.write_config(str(tmp_path), default_config())
+    assert info.value.filename == str(tmp_path / "config.json.writing")
+    assert "cannot write " + f"{tmp_path}/config.json.writing: No space left on device" in (
+        cli_messages.write_failed_message(info.value, str(tmp_path))
+    )
 
 
 def test_orbax_thread_errors_are_left_to_the_checkpointers_one_line():

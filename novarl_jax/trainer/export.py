@@ -159,12 +159,20 @@ def export_policy(
     token_ids = {"eos_token_id": eos, "pad_token_id": tok.pad_id}
     if tok.bos_id is not None:
         token_ids["bos_token_id"] = tok.bos_id
-    try:
-        for name, (target, model) in targets.items():
+    from safetensors import SafetensorError
+
+    for name, (target, model) in targets.items():
+        try:
             save_hf_model(target, model, params[name], token_ids=token_ids)
             _write_tokenizer(target, tok, spec.config.model)
-    except ValueError as e:
-        raise ExportError(str(e)) from None
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+        except (OSError, SafetensorError) as e:  # a full disk, no permission
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(
+                f"{target}: the export could not be written ({type(e).__name__}: {cause}); "
+                "free the space or fix the permissions, or export into another directory"
+            ) from None
     critic = targets.get("critic")
     policy = run.model.policy
     return {

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from novarl_jax.core.checks import real_value
+from novarl_jax.trainer.saved_config import file_named
 
 
 def _plain(value: Any) -> Any:
@@ -57,7 +58,7 @@ class JsonLines:
             return
         # A new file moved into place: a crash here leaves the old file or the new, whole.
         partial = self.path + ".truncating"
-        with open(partial, "w") as f:
+        with file_named(partial), open(partial, "w") as f:
             f.writelines(kept)
         os.replace(partial, self.path)
 
@@ -66,9 +67,10 @@ class JsonLines:
         if self._file is None:
             self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run
         try:
-            for row in rows:
-                self._file.write(json.dumps(row, sort_keys=True, default=str) + "\n")
-            self._file.flush()
+            with file_named(self.path):
+                for row in rows:
+                    self._file.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+                self._file.flush()
         except OSError:
             # What did not reach the file is dropped, so closing does not fail on it again.
             # A resume truncates the file to its checkpoint (a torn last line included).

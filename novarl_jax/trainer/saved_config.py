@@ -34,10 +34,11 @@ added.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from novarl_jax.trainer.config import ConfigError, decay_updates, default_config
@@ -188,11 +189,23 @@ def write_config(workdir: str, config: Any, model: Any = None, tokenizer: Any = 
 
 def _write_json(path: str, tree: Any) -> str:
     partial = path + ".writing"
-    with open(partial, "w") as f:
+    with file_named(partial), open(partial, "w") as f:
         json.dump(_plain(tree), f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(partial, path)
     return path
+
+
+@contextlib.contextmanager
+def file_named(path: str) -> Iterator[None]:
+    """Re-raises an OSError that names no file (a failed ``write`` or ``flush``: a full
+    disk) as one naming ``path``, so the message says which file could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
 
 
 def _listing(changes: list[tuple[str, Any, Any]], limit: int | None = None) -> str:

@@ -133,3 +133,27 @@ def test_bos_id_zero_and_the_pair_template(tmp_path):
     exported = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
     a, b = vocab["a"], vocab["b"]
     assert exported.encode("a", "b").ids == [0, a, 0, b]
+
+
+def test_an_export_that_cannot_be_written_is_an_export_error(run_a, monkeypatch):
+    """A full disk or a directory without write permission: one error naming the target, not
+    a traceback from the safetensors library."""
+    from safetensors import SafetensorError
+
+    from novarl_jax.models import hf
+
+    c, tmp = run_a
+    for error in (SafetensorError("Error while serializing: No space left on device (os error "
+                                  "28)"), PermissionError(13, "Permission denied")):  # fmt: skip
+
+        def failing(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(hf, "save_file", failing)
+        with pytest.raises(ExportError) as info:
+            export_policy(c, str(tmp / "run"), str(tmp / "full"))
+        assert str(info.value).startswith(
+            f"{tmp / 'full'}: the export could not be written ({type(error).__name__}: "
+        )
+        assert str(info.value).endswith("or export into another directory")
+        assert not (tmp / "full").exists()  # nothing half-written
