@@ -246,6 +246,11 @@ def run_policy(
     mapping = as_mapping(batch)
     require_keys(mapping, needed, "batch", why)
     out = apply_fn(params, batch)  # the caller's own batch type
+    if not isinstance(out, Mapping):
+        raise ValueError(
+            f"apply_fn must return a mapping with 'logprobs' [B, T] (and {list(needed_out)}), "
+            f"got {type(out).__name__}"
+        )
     require_keys(out, ("logprobs",) + needed_out, "apply_fn's output", why)
     token_arrays = {k: mapping[k] for k in needed} | {k: out[k] for k in ("logprobs",) + needed_out}
     check_token_arrays("response_mask", token_arrays)
@@ -281,8 +286,11 @@ def auxiliary_terms(
     denominators: LossDenominators,
     config: Any,
     kl_coef: float,
+    kl_field: str = "kl_coef",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``-entropy_coef * H + kl_coef * KL + MoE router losses``, and their metrics.
+
+    ``kl_field`` names ``kl_coef`` in ``config`` (GRPO's is ``beta``) for the messages.
 
     ``config`` is a PPOLossConfig or GRPOLossConfig (``loss_agg_mode``,
     ``loss_scale_factor``, ``entropy_coef``, ``kl_kind``, ``moe_aux_loss_coef``,
@@ -318,7 +326,7 @@ def auxiliary_terms(
             f"keys {sorted(out)}"
         )
     if kl_coef:
-        require_keys(batch, ("ref_logprobs",), "batch", f"the KL loss is on: kl_coef={kl_coef}")
+        require_keys(batch, ("ref_logprobs",), "batch", f"the KL loss is on: {kl_field}={kl_coef}")
         kl = kl_penalty(
             zero_masked(out["logprobs"], mask), zero_masked(batch["ref_logprobs"], mask), kl_kind
         )

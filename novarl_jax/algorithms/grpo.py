@@ -202,7 +202,9 @@ def grpo_loss(
         loss_scale_factor=config.loss_scale_factor,
     )
     metrics.update(pg_metrics)
-    extra, extra_metrics = auxiliary_terms(out, batch, mask, denominators, config, config.beta)
+    extra, extra_metrics = auxiliary_terms(
+        out, batch, mask, denominators, config, config.beta, kl_field="beta"
+    )
     total = pg_loss + extra
     metrics.update(extra_metrics)
     metrics["actor/loss"] = jax.lax.stop_gradient(total)

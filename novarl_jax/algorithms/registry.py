@@ -3,8 +3,12 @@
 A config names an algorithm; :func:`make_loss_fn` turns the name into
 ``loss_fn(params, batch, apply_fn) -> (loss, metrics)``, and :data:`ALGORITHMS` says which
 advantage estimator (:func:`~novarl_jax.core.utils.advantages.make_advantage_estimator`) goes
-with it. Every algorithm reads the same rollout batch, so switching PPO to GRPO is a change of
-this one name.
+with it. The rollout loop does not change with the algorithm; what each one reads does: PPO's
+GAE estimator needs ``values`` from the forward and its loss ``returns`` and ``old_values`` in
+the batch, GRPO's estimator a ``group_size`` (consecutive rows of one prompt) and no critic.
+The trainer (``experiment.algorithm`` in a config) fills in both, so there the switch is a
+change of this one name. These names are for the library; a config's ``experiment.algorithm``
+takes ``'ppo'`` or ``'grpo'`` and reaches the others' settings through its keys.
 
 ==============  ==================  ========================================================
 name            estimator           preset (on top of the config's defaults)

@@ -553,6 +553,52 @@ _UNREAD_WHEN = (
         "special tokens are named in a tokenizer.json (model.tokenizer); the built-in "
         "tokenizer has its own",
     ),
+    (
+        ("experiment.grpo_group_size",),
+        lambda c, asynchronous: c.experiment.algorithm != "grpo"
+        and c.experiment.grpo_group_size != 1,
+        "experiment.algorithm='ppo' samples one completion per prompt",
+    ),
+    (
+        ("experiment.top_k", "experiment.capacity_factor"),
+        lambda c, asynchronous: c.experiment.num_experts == 0,
+        "the model is dense (experiment.num_experts=0): it has no router",
+    ),
+    (
+        ("experiment.num_microbatches",),
+        lambda c, asynchronous: c.experiment.pipeline_parallel_size == 1,
+        "there is no pipeline (experiment.pipeline_parallel_size=1)",
+    ),
+    (
+        ("dapo.max_extra_batches",),
+        lambda c, asynchronous: not c.dapo.dynamic_sampling,
+        "dapo.dynamic_sampling=False: no group is dropped, so none is sampled again",
+    ),
+    (
+        ("dapo.overlong_penalty",),
+        lambda c, asynchronous: c.dapo.overlong_buffer == 0,
+        "dapo.overlong_buffer=0: no length penalty",
+    ),
+    (
+        ("ppo.reward_kl_kind",),
+        lambda c, asynchronous: c.experiment.algorithm == "ppo" and c.ppo.reward_kl_coef == 0,
+        "ppo.reward_kl_coef=0: no KL penalty in the rewards",
+    ),
+    (
+        ("ppo.kl_kind",),
+        lambda c, asynchronous: c.experiment.algorithm == "ppo" and c.ppo.kl_coef == 0,
+        "ppo.kl_coef=0: no KL loss",
+    ),
+    (
+        ("grpo.kl_kind",),
+        lambda c, asynchronous: c.experiment.algorithm == "grpo" and c.grpo.beta == 0,
+        "grpo.beta=0: no KL loss",
+    ),
+    (
+        ("eval.prompts", "eval.samples", "eval.temperature", "eval.prompts_per_batch"),
+        lambda c, asynchronous: c.eval.interval == 0,
+        "eval.interval=0: no validation",
+    ),
 )  # fmt: skip
 
 
@@ -561,8 +607,10 @@ def ignored_settings(
 ) -> list[str]:
     """Warnings for keys set away from their defaults that the run does not read: the other
     algorithm's section (``ppo.*`` in a GRPO run, ``grpo.*`` in a PPO run), the asynchronous
-    keys of a synchronous run, router replay on a dense model, special tokens without a
-    tokenizer.json. Empty when none.
+    keys of a synchronous run, routing keys of a dense model, special tokens without a
+    tokenizer.json, and keys of a feature that is off (pipeline microbatches without a
+    pipeline, a KL kind at weight 0, validation keys without validation, DAPO's extra
+    batches without dynamic sampling, ...). Empty when none.
 
     Not an error: a config may keep settings for another mode and switch with one key.
     ``asynchronous``: whether the run is asynchronous (default: ``experiment.async_rollouts``;

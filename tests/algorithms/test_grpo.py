@@ -133,8 +133,10 @@ def test_grpo_errors():
     logp, batch = gspo_case()
     with pytest.raises(ValueError, match="config must be a GRPOLossConfig"):
         grpo_loss(logp, batch, PPOLossConfig(), logprob_apply_fn)
-    with pytest.raises(ValueError, match="batch has no 'ref_logprobs'"):
+    with pytest.raises(ValueError, match=r"batch has no 'ref_logprobs' \(the KL loss is on: beta="):
         grpo_loss(logp, batch, GRPOLossConfig(beta=0.1), logprob_apply_fn)
+    with pytest.raises(ValueError, match="apply_fn must return a mapping .*, got tuple"):
+        grpo_loss(logp, batch, GRPOLossConfig(beta=0.0), lambda p, b: (p, p))
     with pytest.raises(ValueError, match="batch has no 'behavior_logprobs'"):
         grpo_loss(logp, batch, GRPOLossConfig(beta=0.0, tis_cap=2.0), logprob_apply_fn)
     with pytest.raises(ValueError, match="apply_fn's output has no 'logprobs'"):

@@ -175,6 +175,40 @@ def test_settings_a_run_does_not_read_are_reported():
     assert ignored_settings(config) == []
 
 
+def test_keys_of_a_feature_that_is_off_are_reported():
+    config = default_config()
+    config.experiment.update(algorithm="ppo", grpo_group_size=8, top_k=1, num_microbatches=8)
+    config.experiment.capacity_factor = 2.0
+    config.eval.prompts = 64
+    config.dapo.update(max_extra_batches=5, overlong_penalty=0.5)
+    config.ppo.update(reward_kl_kind="k3", reward_kl_coef=0.0, kl_kind="k2")
+    config.grpo.kl_kind = "k1"
+    assert ignored_settings(config) == [
+        "grpo.kl_kind='k1' is not used: experiment.algorithm='ppo' reads the ppo.* settings",
+        "experiment.grpo_group_size=8 is not used: experiment.algorithm='ppo' samples one "
+        "completion per prompt",
+        "experiment.top_k=1, experiment.capacity_factor=2.0 are not used: the model is dense "
+        "(experiment.num_experts=0): it has no router",
+        "experiment.num_microbatches=8 is not used: there is no pipeline "
+        "(experiment.pipeline_parallel_size=1)",
+        "dapo.max_extra_batches=5 is not used: dapo.dynamic_sampling=False: no group is "
+        "dropped, so none is sampled again",
+        "dapo.overlong_penalty=0.5 is not used: dapo.overlong_buffer=0: no length penalty",
+        "ppo.reward_kl_kind='k3' is not used: ppo.reward_kl_coef=0: no KL penalty in the rewards",
+        "ppo.kl_kind='k2' is not used: ppo.kl_coef=0: no KL loss",
+        "eval.prompts=64 is not used: eval.interval=0: no validation",
+    ]
+    config.experiment.update(algorithm="grpo", num_experts=4, pipeline_parallel_size=2)
+    config.eval.interval = 5
+    config.dapo.update(dynamic_sampling=True, overlong_buffer=2)
+    config.grpo.beta = 0.0
+    assert ignored_settings(config) == [
+        "ppo.kl_kind='k2', ppo.reward_kl_coef=0.0, ppo.reward_kl_kind='k3' are not used: "
+        "experiment.algorithm='grpo' reads the grpo.* settings",
+        "grpo.kl_kind='k1' is not used: grpo.beta=0: no KL loss",
+    ]
+
+
 def test_the_other_algorithms_settings_are_reported_not_refused(tmp_path):
     from tiny_grpo import tiny_grpo_config
 
