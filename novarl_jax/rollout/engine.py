@@ -4,7 +4,8 @@
 with the KV-cache sampler (one prefill per prompt), decodes and scores them, and returns a
 :class:`Trajectory` of arrays plus host-side :class:`RolloutInfo` (texts, per-sample info).
 The same trajectory feeds PPO and GRPO: the advantage estimator and the loss take what they
-need (``group_ids`` for GRPO baselines, ``behavior_logprobs`` for importance ratios).
+need (:meth:`Trajectory.estimator_batch` gives an estimator its inputs under its names, with
+``group_ids`` to check its groups against; ``behavior_logprobs`` for importance ratios).
 
 Rewards that are NaN or infinite are reported (one ``RuntimeWarning`` per rollout naming the
 samples and prompt indices) and excluded: the sample's ``valid`` flag is 0, its
@@ -99,6 +100,20 @@ class Trajectory(NamedTuple):
     group_ids: jax.Array
     policy_version: jax.Array
     routing: Any = None
+
+    def estimator_batch(self, **extra: Any) -> dict[str, Any]:
+        """The advantage estimators' inputs (:mod:`novarl_jax.core.utils.advantages`) under
+        their names: ``scores`` (the rewards), ``sample_mask`` (``valid``: a sample whose
+        reward was not finite stays out of its group's baseline), ``response_mask`` and
+        ``group_ids`` (a group estimator checks its ``group_size`` against them); ``extra``
+        adds others (``values`` for GAE, ``token_rewards``)."""
+        return {
+            "response_mask": self.response_mask,
+            "scores": self.rewards,
+            "sample_mask": self.valid,
+            "group_ids": self.group_ids,
+            **extra,
+        }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -85,6 +85,34 @@ def test_trajectory_layout_and_rewards(setup, rolled):
     np.testing.assert_array_equal(traj.policy_logprobs, out.policy_logprobs)
 
 
+def test_a_trajectory_feeds_the_group_estimators_under_their_names(rolled):
+    """estimator_batch() maps the rollout's names (rewards, valid) to the estimators' (scores,
+    sample_mask), and its group_ids catch an estimator built for another group size, which
+    otherwise computed baselines over the wrong rows without a word."""
+    from novarl_jax.core.utils.advantages import make_advantage_estimator
+
+    _, traj, _ = rolled
+    batch = traj.estimator_batch()
+    for name in ("grpo", "rloo", "reinforce_plus_plus_baseline"):
+        advantages, _ = make_advantage_estimator(name, group_size=GROUP)(batch)
+        assert advantages.shape == traj.response_mask.shape
+        jitted = jax.jit(lambda b, n=name: make_advantage_estimator(n, group_size=GROUP)(b)[0])
+        np.testing.assert_allclose(jitted(batch), advantages, rtol=1e-6, atol=1e-7)
+        with pytest.raises(ValueError, match=r"group_ids \[0, 0, 1, 1, 2, 2, 3, 3\] are not "
+                           r"consecutive groups of group_size=4 rows"):  # fmt: skip
+            make_advantage_estimator(name, group_size=4)(batch)
+    # Any labels do, as long as each group's rows share one and neighbours differ.
+    relabelled = {**batch, "group_ids": jnp.asarray([7, 7, 3, 3, 7, 7, 0, 0])}
+    make_advantage_estimator("grpo", group_size=GROUP)(relabelled)
+    interleaved = {**batch, "group_ids": jnp.asarray([0, 1, 0, 1, 2, 3, 2, 3])}
+    with pytest.raises(ValueError, match="are not consecutive groups"):
+        make_advantage_estimator("grpo", group_size=GROUP)(interleaved)
+    # The rollout's own name for the sample mask is refused, not ignored.
+    renamed = {"response_mask": traj.response_mask, "scores": traj.rewards, "valid": traj.valid}
+    with pytest.raises(ValueError, match="has 'valid' but no 'sample_mask'"):
+        make_advantage_estimator("grpo", group_size=GROUP)(renamed)
+
+
 def test_trajectory_is_a_jittable_pytree(rolled):
     _, traj, _ = rolled
     total = jax.jit(lambda t: jnp.sum(t.rewards * t.valid) + jnp.sum(t.response_mask))(traj)

@@ -563,7 +563,33 @@ def _batch_mask(batch: Mapping[str, ArrayLike]) -> jax.Array:
             f"the batch needs 'response_mask' [B, T] (1 = a real generated token); it has keys "
             f"{sorted(batch)}"
         )
+    if "valid" in batch and "sample_mask" not in batch:
+        # A Trajectory's name for it: silently ignored, its invalid samples (reward 0) would
+        # enter their groups' baselines.
+        raise ValueError(
+            "the batch has 'valid' but no 'sample_mask': an estimator reads which samples count "
+            "from 'sample_mask' (Trajectory.estimator_batch() maps a rollout's names)"
+        )
     return _as_2d("response_mask", batch["response_mask"])
+
+
+def _check_group_ids(batch: Mapping[str, ArrayLike], group_size: int) -> None:
+    """Raises ValueError when the batch's ``group_ids`` (when given, and not traced) are not
+    consecutive groups of ``group_size`` rows, the layout every group estimator assumes."""
+    ids = batch.get("group_ids")
+    if ids is None or isinstance(ids, jax.core.Tracer):
+        return
+    ids = np.asarray(ids)
+    grouped = ids.reshape(-1, group_size) if ids.ndim == 1 and ids.size % group_size == 0 else None
+    if grouped is not None and (grouped == grouped[:, :1]).all():
+        if (grouped[1:, 0] != grouped[:-1, 0]).all():
+            return
+    shown = ids.reshape(-1)[:12].tolist()
+    raise ValueError(
+        f"group_ids {shown}{' ...' if ids.size > 12 else ''} are not consecutive groups of "
+        f"group_size={group_size} rows; build the estimator with the rollout's samples per "
+        f"prompt (the rows of one prompt consecutive)"
+    )
 
 
 def _require_rewards(batch: Mapping[str, ArrayLike]) -> None:
@@ -717,6 +743,7 @@ class GRPOAdvantageEstimator:
     def __call__(self, batch: Mapping[str, ArrayLike]) -> tuple[jax.Array, None]:
         """Computes ``(advantages [B, T] float32, None)``."""
         mask = _batch_mask(batch)
+        _check_group_ids(batch, self.group_size)
         scores = sequence_scores(batch)
         advantages = group_relative_advantages(
             scores,
@@ -747,6 +774,7 @@ class RLOOAdvantageEstimator:
     def __call__(self, batch: Mapping[str, ArrayLike]) -> tuple[jax.Array, None]:
         """Computes ``(advantages [B, T] float32, None)``."""
         mask = _batch_mask(batch)
+        _check_group_ids(batch, self.group_size)
         advantages = rloo_advantages(
             sequence_scores(batch), self.group_size, sample_mask=batch.get("sample_mask")
         )
@@ -806,6 +834,7 @@ class ReinforcePlusPlusAdvantageEstimator:
                     f"group baseline is their mean); it has keys {sorted(batch)}"
                 )
             assert self.group_size is not None
+            _check_group_ids(batch, self.group_size)
             centred = group_relative_advantages(
                 batch["scores"],
                 self.group_size,
