@@ -950,7 +950,7 @@ def moe_forward_local(
 
         >>> y, aux = moe_forward_local(
         ...     local_params, local_x, router, data_axes=("dp", "ep"), expert_axes=("ep",),
-        ...     tensor_axes=("tp",))
+        ...     tensor_axes=("tp",))  # doctest: +SKIP
     """
     data_axes, expert_axes, tensor_axes = tuple(data_axes), tuple(expert_axes), tuple(tensor_axes)
     outside = [axis for axis in expert_axes if axis not in data_axes]

@@ -6,14 +6,15 @@ Example:
     >>> task = AdditionTask()
     >>> tokenizer = CharTokenizer(task.alphabet)
     >>> engine = RolloutEngine(model_config=config, tokenizer=tokenizer, task=task,
-    ...     sampling=SamplingConfig(max_prompt_length=8, max_new_tokens=4,
-    ...                             num_samples=4))  # doctest: +SKIP
-    >>> trajectory, info = engine.rollout(params, key, policy_version=0,
-    ...                                   batch_size=8)  # doctest: +SKIP
+    ...     sampling=SamplingConfig(max_prompt_length=8, max_new_tokens=4, num_samples=4))
+    >>> trajectory, info = engine.rollout(params, key, policy_version=0, batch_size=8)
+    >>> trajectory.response_tokens.shape
+    (32, 4)
 """
 
 from novarl_jax.rollout.engine import RolloutEngine, RolloutInfo, SamplingConfig, Trajectory
 from novarl_jax.rollout.rewards import (
+    RewardFunctionError,
     exact_match_reward,
     extract_boxed,
     integer_closeness_reward,
@@ -35,23 +36,27 @@ from novarl_jax.rollout.sampler import (
 )
 from novarl_jax.rollout.tasks import (
     AdditionTask,
+    BaseTask,
     CopyTask,
     JSONLTask,
     ReverseTask,
     SortTask,
     Task,
+    TaskError,
     make_task,
 )
 from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer
 
 __all__ = [
     "AdditionTask",
+    "BaseTask",
     "ByteTokenizer",
     "CharTokenizer",
     "CopyTask",
     "HFTokenizer",
     "JSONLTask",
     "MIN_TEMPERATURE",
+    "RewardFunctionError",
     "ReverseTask",
     "RolloutEngine",
     "RolloutInfo",
@@ -59,6 +64,7 @@ __all__ = [
     "SamplingConfig",
     "SortTask",
     "Task",
+    "TaskError",
     "Tokenizer",
     "Trajectory",
     "apply_temperature",

@@ -213,10 +213,11 @@ class RolloutEngine:
         >>> task = AdditionTask()
         >>> engine = RolloutEngine(model_config=config, tokenizer=CharTokenizer(task.alphabet),
         ...     task=task, sampling=SamplingConfig(max_prompt_length=8, max_new_tokens=4,
-        ...     num_samples=4))  # doctest: +SKIP
+        ...     num_samples=4))
         >>> traj, info = engine.rollout(params, jax.random.key(0), policy_version=3,
-        ...                             batch_size=8)  # doctest: +SKIP
-        >>> traj.rewards.shape  # (32,)  # doctest: +SKIP
+        ...                             batch_size=8)
+        >>> traj.rewards.shape  # 8 prompts x 4 samples
+        (32,)
     """
 
     def __init__(
