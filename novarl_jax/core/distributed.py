@@ -186,12 +186,18 @@ class ParallelLayout:
             processes = jax.process_count()
             per_process = self.world_size // processes
             where = f" in each of the {processes} processes" if processes > 1 else ""
+            available = len(jax.devices())
+            if available >= self.world_size:  # enough exist: pass that many
+                advice = f"pass devices=jax.devices()[:{self.world_size}]"
+            else:
+                advice = (
+                    f"(on CPU) set XLA_FLAGS=--xla_force_host_platform_device_count="
+                    f"{per_process}{where} before importing jax"
+                )
             raise ValueError(
                 f"layout {self.describe()} needs world_size={self.world_size} devices, but "
-                f"{len(devices)} devices were given; choose sizes whose product is "
-                f"{len(devices)}, pass devices=jax.devices()[:{self.world_size}] to use some of "
-                f"them, or (on CPU) set XLA_FLAGS=--xla_force_host_platform_device_count="
-                f"{per_process}{where} before importing jax"
+                f"{len(devices)} devices were given (jax.devices() has {available}); choose "
+                f"sizes whose product is {len(devices)}, or {advice}"
             )
         try:
             grid = mesh_utils.create_device_mesh(self.mesh_shape, devices=devices)

@@ -93,9 +93,13 @@ def test_make_mesh_tp_is_innermost(devices):
 
 
 def test_make_mesh_device_count_error(devices):
-    with pytest.raises(ValueError, match=r"needs world_size=4 devices, but 8 devices were given"):
+    with pytest.raises(ValueError, match=r"needs world_size=4 devices, but 8 devices were given "
+                       r"\(jax.devices\(\) has 8\); choose sizes whose product is 8, or pass "
+                       r"devices=jax.devices\(\)\[:4\]$"):  # fmt: skip
         ParallelLayout(dp=2, tp=2).make_mesh()
-    with pytest.raises(ValueError, match=r"needs world_size=8 devices, but 2 devices"):
+    # Too few given while enough exist: take them, not more fake devices.
+    few = r"2 devices were given \(jax.devices\(\) has 8\); choose sizes whose product is 2, "
+    with pytest.raises(ValueError, match=few + r"or pass devices=jax.devices\(\)\[:8\]$"):
         ParallelLayout(dp=8).make_mesh(devices[:2])
 
 
@@ -103,6 +107,7 @@ def test_make_mesh_device_count_hint_is_per_process(devices, monkeypatch):
     import jax
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "devices", lambda: devices[:4])
     with pytest.raises(ValueError, match=r"device_count=4 in each of the 2 processes"):
         ParallelLayout(dp=8).make_mesh(devices[:4])
 
