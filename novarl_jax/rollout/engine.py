@@ -193,6 +193,26 @@ class SamplingConfig:
         )
 
 
+def _check_on_mesh(params: Any, mesh: Any) -> None:
+    """Raises ValueError naming them when ``params`` lie on devices outside ``mesh`` (JAX's
+    own error names neither the parameters nor the mesh)."""
+    inside = set(mesh.devices.flat)
+    outside = {
+        device
+        for leaf in jax.tree.leaves(params)
+        if isinstance(leaf, jax.Array)
+        for device in leaf.sharding.device_set
+        if device not in inside
+    }
+    if outside:
+        shown = ", ".join(sorted(str(d) for d in outside)[:3])
+        raise ValueError(
+            f"the params lie on {len(outside)} device(s) outside the engine's mesh of "
+            f"{len(inside)} ({shown}); place them on it (shard_params(params, config, mesh)) "
+            f"or build the engine with the mesh they are on"
+        )
+
+
 class RolloutEngine:
     """Samples, decodes and scores rollouts for PPO or GRPO.
 
@@ -402,6 +422,8 @@ class RolloutEngine:
                 f"encoded prompts need as many (>= 1) prompts, metadata, token rows and mask "
                 f"rows, got {len(prompts)}, {len(metadata)}, {len(tokens)} and {len(mask)}"
             )
+        if self.mesh is not None:
+            _check_on_mesh(params, self.mesh)
         s = self.sampling
         out = sample(
             params,

@@ -227,6 +227,14 @@ def test_engine_under_the_8_device_mesh(setup, rolled, devices):
     np.testing.assert_array_equal(got.response_tokens, traj.response_tokens)
     np.testing.assert_allclose(got.policy_logprobs, traj.policy_logprobs, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(got.rewards, traj.rewards)
+    # Params on devices the engine's mesh lacks: named, not JAX's incompatible-devices error.
+    small = RolloutEngine(
+        model_config=config, tokenizer=tok, task=task, sampling=SAMPLING,
+        mesh=ParallelLayout(dp=4).make_mesh(devices[:4]),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"the params lie on 4 device\(s\) outside the engine's "
+                       r"mesh of 4 \(.*\); place them on it"):  # fmt: skip
+        small.rollout(sharded, jax.random.key(5), policy_version=7, batch_size=BATCH)
 
 
 class _NoDecode:  # encodes but cannot decode
