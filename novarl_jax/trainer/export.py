@@ -37,6 +37,7 @@ from novarl_jax.trainer.saved_config import allowed_changes_note, check_resume_c
 from novarl_jax.trainer.workdir import url_path
 
 TOKENIZER_FILE = "tokenizer.json"
+_ROTATION_RETRIES = 3  # newer steps taken when a run in the workdir removes the one being read
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
@@ -127,28 +128,45 @@ def export_policy(
         model=run.model.policy,
         tokenizer=run.tokenizer,
     )
-    checkpointer = Checkpointer(directory, async_save=False)
-    try:
-        steps = checkpointer.all_steps()
-        if not steps:
-            raise ExportError(f"{directory}: no finished checkpoint to export")
-        if step is None:
-            step = max(steps)
-        elif step not in steps:
-            raise ExportError(f"{directory}: no checkpoint of step {step}; it has {sorted(steps)}")
-        mesh = default_mesh(spec) if mesh is None else mesh
-        state, _ = Trainer(run, workdir, mesh=mesh).initial_state()
+    # The state to restore into is built (and compiled) before the steps are listed: a run
+    # still training in the workdir rotates its old steps out meanwhile.
+    mesh = default_mesh(spec) if mesh is None else mesh
+    abstract = abstract_like(Trainer(run, workdir, mesh=mesh).initial_state()[0])
+    wanted = step
+    for attempt in range(_ROTATION_RETRIES + 1):
+        checkpointer = Checkpointer(directory, async_save=False)
         try:
-            state, _ = checkpointer.restore(abstract_like(state), step)
-        except CheckpointMismatchError as e:
-            note = allowed_changes_note(changes)
-            raise ExportError(f"{e}{note}; pass the run's own config and overrides") from None
-        except CheckpointUnreadableError as e:
-            older = [s for s in steps if s < step]
-            hint = f"; or export step {older[-1]} with --export_step={older[-1]}" if older else ""
-            raise ExportError(f"{e}{hint}") from None
-    finally:
-        checkpointer.close()
+            steps = checkpointer.all_steps()
+            if not steps:
+                raise ExportError(f"{directory}: no finished checkpoint to export")
+            if wanted is None:
+                step = max(steps)
+            elif wanted not in steps:
+                raise ExportError(
+                    f"{directory}: no checkpoint of step {wanted}; it has {sorted(steps)}"
+                )
+            try:
+                state, _ = checkpointer.restore(abstract, step)
+            except CheckpointMismatchError as e:
+                note = allowed_changes_note(changes)
+                raise ExportError(f"{e}{note}; pass the run's own config and overrides") from None
+            except CheckpointUnreadableError as e:
+                rotated = not os.path.isdir(os.path.join(directory, str(step)))
+                if rotated and wanted is None and attempt < _ROTATION_RETRIES:
+                    continue  # the run saved a newer step and removed this one: take that
+                older = [s for s in steps if s < step]
+                hint = (
+                    f"; or export step {older[-1]} with --export_step={older[-1]}" if older else ""
+                )
+                if rotated:
+                    hint = (
+                        "; it was removed while the export read it (a run still training in "
+                        "the workdir rotates its old steps): rerun the export"
+                    )
+                raise ExportError(f"{e}{hint}") from None
+            break
+        finally:
+            checkpointer.close()
 
     params = jax.device_get(state.params)
     tok = run.tokenizer

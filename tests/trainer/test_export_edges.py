@@ -157,3 +157,34 @@ def test_an_export_that_cannot_be_written_is_an_export_error(run_a, monkeypatch)
         )
         assert str(info.value).endswith("or export into another directory")
         assert not (tmp / "full").exists()  # nothing half-written
+
+
+def test_an_export_during_training_takes_the_step_that_replaced_the_one_it_was_reading(
+    run_a, monkeypatch
+):
+    """A run still training in the workdir saves a step and removes an old one between the
+    export's listing and its restore: the export takes the newest step again (with
+    --export_step it names what happened)."""
+    from novarl_jax.trainer import export as export_mod
+
+    c, tmp = run_a
+    shutil.copytree(tmp / "run", tmp / "live")
+    checkpoints = tmp / "live" / "checkpoints"
+    restore = export_mod.Checkpointer.restore
+    calls = []
+
+    def training_meanwhile(self, abstract, step=None):
+        calls.append(step)
+        if len(calls) == 1:  # the run saves step 3 and rotates step 2 out
+            shutil.copytree(checkpoints / "2", checkpoints / "3")
+            shutil.rmtree(checkpoints / "2")
+        return restore(self, abstract, step)
+
+    monkeypatch.setattr(export_mod.Checkpointer, "restore", training_meanwhile)
+    written = export_policy(c, str(tmp / "live"), str(tmp / "e20"))
+    assert calls == [2, 3] and written["step"] == 3
+    calls.clear()
+    shutil.copytree(checkpoints / "3", checkpoints / "2")
+    shutil.rmtree(checkpoints / "3")
+    with pytest.raises(ExportError, match=r"it was removed while the export read it .*: rerun"):
+        export_policy(c, str(tmp / "live"), str(tmp / "e21"), step=2)
