@@ -4,9 +4,11 @@ A checkpoint step directory holds two items: ``state`` (the :class:`TrainState` 
 with ``StandardSave``; restored onto the *current* mesh's shardings, so a checkpoint written
 under one layout restores under another) and ``host`` (JSON: the task's dataset position, the
 finished iteration, the count of non-finite updates in a row, the seed the run started with
-and, in asynchronous runs, the next rollout's index). Before restoring, the stored arrays'
-names and shapes are compared with the run's state, and a checkpoint of another model or setup
-is refused with the first arrays that differ (:class:`CheckpointMismatchError`). orbax writes
+and, in asynchronous runs, the next rollout's index; and :func:`state_checksums` of the
+state, which a restore compares, so that damaged bytes that still decode are caught). Before
+restoring, the stored arrays' names and shapes are compared with the run's state, and a
+checkpoint of another model or setup is refused with the first arrays that differ
+(:class:`CheckpointMismatchError`). orbax writes
 each step into a temporary directory and renames it when complete, so a process killed mid-save
 leaves the previous checkpoint restorable; the half-written temporary directory is removed
 before the next run's first save (not by a process that only reads, such as an export). Old
@@ -70,6 +72,54 @@ def first_non_finite(tree: Any) -> str | None:
     if flags.all():
         return None
     return _path_name(leaves[int(np.argmin(flags))][0])
+
+
+_CHECKSUMS = "checksums"  # the host record's key: state_checksums of the saved state
+
+
+def state_checksums(tree: Any) -> dict[str, int]:
+    """A 32-bit checksum of the bits of every array leaf of ``tree``, by leaf path.
+
+    Each leaf's words (as unsigned 32-bit integers; 16- and 8-bit types widened) are summed
+    with odd weights ``2 * i + 1`` of their linear index ``i``, modulo 2**32: a changed word,
+    or two unequal words swapped, changes the sum. The index is built from per-axis iotas,
+    so a sharded leaf is read where it lies (no gather), and the same bits give the same sum
+    on any layout. One jitted pass; the sums are replicated, so every process reads them."""
+    leaves = [
+        (path, jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+        if hasattr(x, "dtype")
+    ]
+    if not leaves:
+        return {}
+    sharding = getattr(leaves[0][1], "sharding", None)
+    replicated = (
+        jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        if isinstance(sharding, jax.sharding.NamedSharding)
+        else None
+    )
+    sums = jax.jit(
+        lambda xs: jnp.stack([_weighted_word_sum(x) for x in xs]), out_shardings=replicated
+    )([x for _, x in leaves])
+    return {
+        _path_name(path): int(v)
+        for (path, _), v in zip(leaves, np.asarray(jax.device_get(sums)), strict=True)
+    }
+
+
+def _weighted_word_sum(x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        words = x.astype(jnp.uint32)
+    elif x.dtype.itemsize == 4:
+        words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:
+        unsigned = {2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
+        words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    for axis, size in enumerate(x.shape):
+        index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+    return jnp.sum(words * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
 
 
 class Checkpointer:
@@ -173,6 +223,9 @@ class Checkpointer:
             self._remove_unfinished()
             self._saved = True
         self._pending = step
+        # What the restore checks the arrays against: damaged bytes that still decode to
+        # finite numbers would otherwise resume silently (and train on them).
+        host = {**host, _CHECKSUMS: state_checksums(state)}
         try:
             with _interrupts_deferred():
                 started = self._manager.save(
@@ -208,7 +261,16 @@ class Checkpointer:
         bad = first_non_finite(restored["state"])
         if bad is not None:  # training never saves one: damaged bytes that still decoded
             raise self._unreadable(step, ValueError(f"{bad} holds NaN or infinite values"))
-        return restored["state"], dict(restored["host"])
+        host = dict(restored["host"])
+        saved = host.pop(_CHECKSUMS, None)  # none in a checkpoint written before they were
+        if isinstance(saved, dict):
+            now = state_checksums(restored["state"])
+            if changed := [p for p, v in now.items() if p in saved and saved[p] != v]:
+                more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+                raise self._unreadable(
+                    step, ValueError(f"{changed[0]}{more} differs from what was saved (checksum)")
+                )
+        return restored["state"], host
 
     def _unreadable(self, step: int, error: BaseException) -> CheckpointUnreadableError:
         """The one-line error for a step that cannot be read, with the way around it."""
@@ -237,7 +299,9 @@ class Checkpointer:
             )
         except Exception as e:  # noqa: BLE001 - orbax and JSON errors alike
             raise self._unreadable(step, e) from e
-        return dict(restored["host"])
+        host = dict(restored["host"])
+        host.pop(_CHECKSUMS, None)
+        return host
 
     def _check_shapes(self, abstract_state: Any, step: int) -> None:
         """Raises CheckpointMismatchError unless ``step`` holds ``abstract_state``'s arrays."""

@@ -2,6 +2,7 @@
 mismatch messages, typed PRNG keys, saves from another thread, and error causes."""
 
 import errno
+import json
 import os
 import threading
 
@@ -18,6 +19,7 @@ from novarl_jax.trainer.checkpoint import (
     _one_line,
     abstract_like,
     first_non_finite,
+    state_checksums,
 )
 
 SDS = jax.ShapeDtypeStruct
@@ -140,3 +142,78 @@ def test_first_non_finite_names_the_first_bad_leaf_among_finite_ones(bad):
     assert first_non_finite({"a": jnp.ones(2), "d": jnp.array([bad], jnp.bfloat16)}) == "d"
     assert first_non_finite({"a": jnp.ones(2), "step": jnp.int32(1)}) is None
     assert first_non_finite({"step": jnp.int32(1), "mask": jnp.ones(2, bool)}) is None
+
+
+def test_state_checksums_change_with_any_word_and_not_with_the_layout(devices):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 6)).astype(np.float32)
+    tree = {
+        "w": jnp.asarray(w), "h": jnp.asarray(w, jnp.bfloat16), "step": jnp.int32(3),
+        "mask": jnp.asarray(w > 0), "key": jax.random.key(1), "n": 7,
+    }  # fmt: skip
+    sums = state_checksums(tree)
+    assert sorted(sums) == ["h", "key", "mask", "step", "w"]
+    for i, j in [(0, 0), (7, 5), (3, 2)]:  # one word changed by one bit
+        bits = w.view(np.uint32).copy()
+        bits[i, j] ^= 1 << 7
+        assert state_checksums({**tree, "w": jnp.asarray(bits.view(np.float32))})["w"] != sums["w"]
+    swapped = w.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # two rows swapped: the same words, other places
+    assert state_checksums({**tree, "w": jnp.asarray(swapped)})["w"] != sums["w"]
+    mesh = jax.make_mesh((4, 2), ("a", "b"), devices=devices)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharded = jax.device_put(tree["w"], NamedSharding(mesh, PartitionSpec("a", "b")))
+    assert state_checksums({"w": sharded}) == {"w": sums["w"]}
+    # The same sum in NumPy: odd weights of the linear index, modulo 2**32.
+    words = w.view(np.uint32).reshape(-1).astype(np.uint64)
+    weights = 2 * np.arange(words.size, dtype=np.uint64) + 1
+    assert sums["w"] == int((words * weights).sum() % 2**32)
+
+
+def test_a_step_whose_arrays_differ_from_their_checksums_is_refused_as_damaged(tmp_path):
+    """Bytes damaged on disk that still decode to finite numbers resumed silently (and the
+    run then trained on them); the checksums saved beside the state catch them."""
+    ckpt = Checkpointer(str(tmp_path), interval=1, async_save=False)
+    state = {"w": jnp.arange(6.0), "step": jnp.int32(1)}
+    ckpt.save(1, state, {"iteration": 1})
+    ckpt.save(2, state, {"iteration": 2})
+    like = abstract_like(state)
+    restored, host = ckpt.restore(like)
+    assert host == {"iteration": 2}  # the checksums are the checkpointer's own
+    record = next((tmp_path / "2" / "host").glob("*"))
+    saved = json.loads(record.read_text())
+    saved["checksums"]["w"] ^= 1  # as if the array's bytes had changed
+    record.write_text(json.dumps(saved))
+    with pytest.raises(CheckpointUnreadableError) as info:
+        ckpt.restore(like)
+    assert str(info.value) == (
+        f"{tmp_path}/2: checkpoint could not be read (ValueError: w differs from what was "
+        f"saved (checksum)); it may be damaged: move {tmp_path}/2 out of {tmp_path} to resume "
+        "from step 1 (older checkpoints: [1])"
+    )
+    del saved["checksums"]  # a checkpoint written before they were: restores unchecked
+    record.write_text(json.dumps(saved))
+    assert ckpt.restore(like)[1] == {"iteration": 2}
+    ckpt.close()
+
+
+def test_bytes_damaged_on_disk_are_refused_not_restored(tmp_path):
+    """64 bytes flipped inside the arrays' data file: before the checksums, 5 of 6 such
+    damages restored as finite, wrong numbers."""
+    import glob
+
+    state = {"w": jax.random.normal(jax.random.key(0), (256, 256)), "m": jnp.ones((64, 64))}
+    for trial in range(3):
+        directory = tmp_path / str(trial)
+        ckpt = Checkpointer(str(directory), interval=1, async_save=False)
+        ckpt.save(1, state, {"iteration": 1})
+        ckpt.close()
+        data_files = glob.glob(f"{directory}/1/state/ocdbt.process_0/d/*")
+        largest = max(data_files, key=os.path.getsize)
+        data = bytearray(open(largest, "rb").read())
+        start = len(data) // 2 + 97 * trial
+        data[start : start + 64] = bytes(b ^ 0x5A for b in data[start : start + 64])
+        open(largest, "wb").write(bytes(data))
+        with pytest.raises(CheckpointUnreadableError, match=r"checkpoint could not be read"):
+            Checkpointer(str(directory), async_save=False).restore(abstract_like(state))
