@@ -900,3 +900,59 @@ def test_a_coordinator_that_fails_is_named_as_such(run_cli, monkeypatch):
     assert err.strip().startswith(
         "novarl_jax.train: error: --distributed: JAX found no cluster to read"
     ), err
+
+
+def test_the_echoes_of_a_failed_checkpoint_read_are_left_out(monkeypatch):
+    """A damaged array file: orbax's other reads finish after the restore gave up and print
+    ~1,500 lines of tracebacks (an event loop closed, coroutines collected unfinished) around
+    the one line that names the step. Only those echoes are dropped."""
+    import threading
+    import types
+
+    reached = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: reached.append(info.exc_value))
+    monkeypatch.setattr(sys, "excepthook", lambda kind, error, tb: reached.append(error))
+    monkeypatch.setattr(threading, "excepthook", lambda info: reached.append(info.exc_value))
+    cli_train.quiet_failed_read_echoes()
+
+    async def _read_array_index_and_device_put():
+        pass
+
+    reader = _read_array_index_and_device_put()
+    reader.close()
+    closed, other = RuntimeError("Event loop is closed"), ValueError("a real problem")
+
+    def unraisable(error, obj):
+        return types.SimpleNamespace(
+            exc_type=type(error), exc_value=error, exc_traceback=None, err_msg=None, object=obj
+        )
+
+    def in_thread(error):
+        return types.SimpleNamespace(
+            exc_type=type(error), exc_value=error, exc_traceback=None, thread=None
+        )
+
+    sys.unraisablehook(unraisable(other, reader))  # a reader coroutine collected unfinished
+    sys.unraisablehook(unraisable(closed, None))
+    sys.excepthook(RuntimeError, closed, None)
+    threading.excepthook(in_thread(closed))
+    assert reached == []
+    sys.unraisablehook(unraisable(other, None))  # anything else reaches the hooks
+    sys.excepthook(ValueError, other, None)
+    threading.excepthook(in_thread(other))
+    assert reached == [other, other, other]
+
+
+def test_asyncio_reports_of_orbax_writes_a_failed_save_left_are_dropped():
+    import logging
+
+    def record(message):
+        return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, message, (), None)
+
+    orbax_task = (
+        "Task exception was never retrieved\nfuture: <Task finished name='Task-13' coro=<"
+        "async_serialize_from_host() done, defined at /venv/orbax/checkpoint/serialization.py>"
+    )
+    assert not cli_train.not_a_checkpoint_task_error(record(orbax_task))
+    assert cli_train.not_a_checkpoint_task_error(record(orbax_task.replace("orbax", "mine")))
+    assert cli_train.not_a_checkpoint_task_error(record("Unclosed client session"))
