@@ -337,7 +337,7 @@ def _main(argv: list[str]) -> None:
     from novarl_jax.trainer.build import build_run
     from novarl_jax.trainer.config import ignored_settings
     from novarl_jax.trainer.loop import check_startup
-    from novarl_jax.trainer.saved_config import check_resume_config, has_checkpoint
+    from novarl_jax.trainer.saved_config import check_start_config, has_checkpoint
     from novarl_jax.trainer.workdir import foreign_config, workdir_in_use
 
     if problem := foreign_config(workdir):
@@ -361,24 +361,21 @@ def _main(argv: list[str]) -> None:
             warning = check_async_startup(spec)
             if warning and _DRY_RUN.value and jax.process_index() == 0:
                 print(f"warning: {warning}")  # a real run gives it as it starts
-        if has_checkpoint(workdir):
-            # A real run's session lists the changes when it resumes; a dry run lists them here.
-            show = _DRY_RUN.value and jax.process_index() == 0
-            say = print if show else (lambda _: None)
-            changes = check_resume_config(
-                workdir,
-                _CONFIG.value,
-                allow_change=_ALLOW_CONFIG_CHANGE.value,
-                log=say,
-                model=run.model.policy,
-            )
-            if _DRY_RUN.value:  # the position the resume would restore (a real run does it)
-                from novarl_jax.trainer.checkpoint import Checkpointer
-                from novarl_jax.trainer.loop import restore_task_position
+        # A real run's session lists the changes when it starts; a dry run lists them here.
+        show = _DRY_RUN.value and jax.process_index() == 0
+        say = print if show else (lambda _: None)
+        resuming = has_checkpoint(workdir)
+        changes = check_start_config(
+            workdir, _CONFIG.value, resuming=resuming, allow_change=_ALLOW_CONFIG_CHANGE.value,
+            log=say, model=run.model.policy, tokenizer=run.tokenizer,
+        )  # fmt: skip
+        if resuming and _DRY_RUN.value:  # the position the resume would restore
+            from novarl_jax.trainer.checkpoint import Checkpointer
+            from novarl_jax.trainer.loop import restore_task_position
 
-                host = Checkpointer(os.path.join(workdir, "checkpoints")).restore_host()
-                changed = [key for key, _, _ in changes]
-                restore_task_position(run.task, host, spec.config, changed, say)
+            host = Checkpointer(os.path.join(workdir, "checkpoints")).restore_host()
+            changed = [key for key, _, _ in changes]
+            restore_task_position(run.task, host, spec.config, changed, say)
     except (ConfigError, CheckpointUnreadableError) as e:
         _fail(str(e))
     except TaskError as e:  # a task of one's own, drawing the first prompts

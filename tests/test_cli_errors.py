@@ -386,6 +386,35 @@ def test_resume_lists_a_changed_config_once(run_cli, tmp_path, monkeypatch):
     assert code == 0 and out.count(changed) == 1
 
 
+def test_the_dry_run_makes_the_starts_tokenizer_and_unkept_steps_checks(run_cli, tmp_path):
+    """--dry_run runs a start's comparisons: the tokenizer's ids (refused even when changes
+    are allowed) and, without a checkpoint, the steps metrics.jsonl holds."""
+    from configs import copy as copy_config
+    from novarl_jax.rollout.tokenizers import CharTokenizer
+
+    saved = copy_config.get_config()
+    saved.experiment.world_size, saved.experiment.steps = 8, 1
+    alphabet = CharTokenizer(" :abcopy")  # the copy task's, as a run records it
+    write_config(str(tmp_path), saved, tokenizer=alphabet)
+    _checkpoint(tmp_path, {"iteration": 1, "task_state": {}})
+    code, _, err = run_cli(
+        *COPY_ON_8, "task.options.symbols=xbc", f"--workdir={tmp_path}", "--dry_run",
+        "--allow_config_change",
+    )  # fmt: skip
+    assert code == 2 and "task.options.symbols: the tokenizer gives other ids" in err, err
+    # No checkpoint, but a step in metrics.jsonl: another config is refused by name.
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    code, _, err = run_cli(*COPY_ON_8, "optim.learning_rate=0.5", f"--workdir={tmp_path}",
+                           "--dry_run")  # fmt: skip
+    assert code == 2 and "holds 1 step that no checkpoint kept, which this start" in err, err
+    code, out, _ = run_cli(*COPY_ON_8, "optim.learning_rate=0.5", f"--workdir={tmp_path}",
+                           "--dry_run", "--allow_config_change")  # fmt: skip
+    assert code == 0 and "redoing the logged steps with a changed config: experiment.st" in out
+
+
 def test_a_dry_run_warns_of_the_other_algorithms_settings(run_cli, tmp_path):
     code, out, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}", "--dry_run", "ppo.vf_coef=1.0")
     assert code == 0, err

@@ -100,22 +100,26 @@ class _Tensors:
         # index, and only here, without either, every *.safetensors file. A single file
         # beside a complete sharded set is one of two models, and which one is stale cannot
         # be told (transformers reads the single file): refused.
-        if index.exists():
-            weight_map = _read_index(index)
-            shards = sorted({directory / name for name in weight_map.values()})
-            missing = [file.name for file in shards if not file.exists()]
-            if single.exists() and not missing:
+        if single.exists() and index.exists():
+            try:  # transformers never opens it here: a broken leftover is no error
+                named = set(_read_index(index).values())
+            except (OSError, ValueError):
+                named = set()
+            shards = [directory / name for name in sorted(named) if name != SINGLE_FILE]
+            if shards and all(file.exists() for file in shards):
                 raise ValueError(
                     f"{directory}: holds both {SINGLE_FILE} and a complete sharded checkpoint "
                     f"({INDEX_FILE} and its {len(shards)} shard(s)), two copies of the model "
                     f"of which one is stale; remove the one that is not this model"
                 )
-            if not single.exists() and missing:
-                raise ValueError(f"{index}: names {missing[0]}, which does not exist")
         if not single.exists() and index.exists():
+            weight_map = _read_index(index)
             for key, name in weight_map.items():
                 self.where[key] = directory / name
-            self.files = shards
+            self.files = sorted(set(self.where.values()))
+            for file in self.files:
+                if not file.exists():
+                    raise ValueError(f"{index}: names {file.name}, which does not exist")
         else:
             self.files = [single] if single.exists() else sorted(directory.glob("*.safetensors"))
             if not self.files:

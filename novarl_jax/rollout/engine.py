@@ -194,13 +194,14 @@ class SamplingConfig:
 
 
 def _check_on_mesh(params: Any, mesh: Any) -> None:
-    """Raises ValueError naming them when ``params`` lie on devices outside ``mesh`` (JAX's
-    own error names neither the parameters nor the mesh)."""
+    """Raises ValueError naming them when ``params`` are committed to devices outside
+    ``mesh`` (JAX's own error names neither the parameters nor the mesh); uncommitted arrays
+    (``init_params``' output) JAX moves onto the mesh itself."""
     inside = set(mesh.devices.flat)
     outside = {
         device
         for leaf in jax.tree.leaves(params)
-        if isinstance(leaf, jax.Array)
+        if isinstance(leaf, jax.Array) and leaf.committed
         for device in leaf.sharding.device_set
         if device not in inside
     }

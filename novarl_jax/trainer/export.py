@@ -14,15 +14,17 @@ critic's value head is written beside the weights as ``value_head.weight`` /
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import jax
 
 from novarl_jax.models import save_hf_model
-from novarl_jax.models.hf import checkpoint_files
+from novarl_jax.models.hf import GENERATION_CONFIG_FILE, checkpoint_files
 from novarl_jax.rollout.tokenizers import HFTokenizer
 from novarl_jax.trainer.build import build_run
 from novarl_jax.trainer.checkpoint import (
@@ -154,15 +156,21 @@ def export_policy(
                 rotated = not os.path.isdir(os.path.join(directory, str(step)))
                 if rotated and wanted is None and attempt < _ROTATION_RETRIES:
                     continue  # the run saved a newer step and removed this one: take that
+                if rotated:  # not damaged: gone, so the damage advice would not apply
+                    now = Checkpointer(directory, async_save=False)
+                    try:
+                        left = now.all_steps()
+                    finally:
+                        now.close()
+                    raise ExportError(
+                        f"{directory}: step {step} was removed while the export read it (a run "
+                        f"still training in the workdir rotates its old steps); it has "
+                        f"{sorted(left)} now: export one of those"
+                    ) from None
                 older = [s for s in steps if s < step]
                 hint = (
                     f"; or export step {older[-1]} with --export_step={older[-1]}" if older else ""
                 )
-                if rotated:
-                    hint = (
-                        "; it was removed while the export read it (a run still training in "
-                        "the workdir rotates its old steps): rerun the export"
-                    )
                 raise ExportError(f"{e}{hint}") from None
             break
         finally:
@@ -179,15 +187,18 @@ def export_policy(
         token_ids["bos_token_id"] = tok.bos_id
     from safetensors import SafetensorError
 
+    existed = os.path.isdir(out)
     for name, (target, model) in targets.items():
         try:
             save_hf_model(target, model, params[name], token_ids=token_ids)
             _write_tokenizer(target, tok, spec.config.model)
-        except ValueError as e:
-            raise ExportError(str(e)) from None
-        except (OSError, SafetensorError) as e:  # a full disk, no permission
+        except (ValueError, OSError, SafetensorError) as e:
+            # No half export is left behind (a later export into it would be refused).
+            _remove_export(out, existed, [t for t, _ in targets.values()])
+            if isinstance(e, ValueError):
+                raise ExportError(str(e)) from None
             cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(
+            raise ExportError(  # a full disk, no permission
                 f"{target}: the export could not be written ({type(e).__name__}: {cause}); "
                 "free the space or fix the permissions, or export into another directory"
             ) from None
@@ -199,6 +210,19 @@ def export_policy(
         "critic": critic[0] if critic else None,
         "capacity_factor": policy.capacity_factor if policy.num_local_experts else None,
     }
+
+
+def _remove_export(out: str, existed: bool, targets: list[str]) -> None:
+    """Removes what a failed export wrote: ``out`` itself when the export made it, else the
+    model and tokenizer files it put into ``targets`` (other files there stay)."""
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    names = [GENERATION_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]
+    for target in targets:
+        for path in [*checkpoint_files(target), *(pathlib.Path(target) / n for n in names)]:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _write_tokenizer(directory: str, tokenizer: Any, model: Any) -> None:

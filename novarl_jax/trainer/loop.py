@@ -9,6 +9,7 @@ restart + N steps give the same parameters and metrics.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -36,13 +37,14 @@ from novarl_jax.trainer.config import (
     validate_config,
 )
 from novarl_jax.trainer.evaluate import Evaluator
-from novarl_jax.trainer.metrics import METRICS_FILE, JsonLines, MetricsWriter, steps_written
+from novarl_jax.trainer.metrics import METRICS_FILE, JsonLines, MetricsWriter
 from novarl_jax.trainer.samples import FILE_NAME as SAMPLES_FILE
 from novarl_jax.trainer.samples import sample_rows
 from novarl_jax.trainer.saved_config import (
     allowed_changes_note,
-    check_resume_config,
+    check_start_config,
     may_change,
+    model_changes,
     write_config,
 )
 from novarl_jax.trainer.state import TrainState, init_train_state
@@ -616,7 +618,13 @@ def check_mesh(spec: RunSpec, mesh: Any) -> None:
     got = dict(getattr(mesh, "shape", {}))
     if got == want:  # the same named axes and sizes, in any order
         return
-    key = next((_LAYOUT_KEYS[a] for a in MESH_AXES if got.get(a) != want[a]), "experiment")
+    if set(got) != set(want):
+        key = "mesh"  # other axes: no config key would make them fit
+    elif math.prod(got.values()) != math.prod(want.values()):
+        key = _LAYOUT_KEYS["dp"]  # another device count
+    else:  # the same devices split otherwise: the first size that differs
+        differ = [a for a in ("pp", "ep", "tp", "dp") if got.get(a) != want[a]]
+        key = _LAYOUT_KEYS[differ[0]]
     raise ConfigError(
         key,
         f"the mesh given has axes {got}, not the config's layout {want}; pass mesh=None for "
@@ -749,32 +757,17 @@ class Session:
             async_save=ckpt.async_save,
         )
         self.resumed_from = self.checkpointer.latest_step()
-        changes: list[tuple[str, Any, Any]] = []
-        # Steps a run logged but no checkpoint kept (it stopped before its first one, or the
-        # checkpoints were removed): this start redoes them, so it must be the same run.
-        unkept = 0 if self.resumed_from is not None else steps_written(
-            os.path.join(workdir, METRICS_FILE)
+        changes = check_start_config(
+            workdir, config, resuming=self.resumed_from is not None,
+            allow_change=allow_config_change, log=log, model=self.run.model.policy,
+            tokenizer=self.run.tokenizer,
         )  # fmt: skip
-        if self.resumed_from is not None or unkept:
-            advice = (
-                "resume with that config, train in a new --workdir, or pass --allow_config_change"
-            )
-            if unkept:
-                advice = (
-                    f"its {METRICS_FILE} holds {unkept} step{'s' if unkept > 1 else ''} that "
-                    f"no checkpoint kept, which this start would replace: rerun with that "
-                    f"config, train in a new --workdir, or pass --allow_config_change"
-                )
-            changes = check_resume_config(
-                workdir, config, allow_change=allow_config_change, log=log, advice=advice,
-                model=self.run.model.policy, tokenizer=self.run.tokenizer,
-            )  # fmt: skip
         changed = [key for key, _, _ in changes]
         # A resume allowed a change keeps the record of the config its checkpoints were
         # trained with until one of this config lands (a run stopped before that resumes
         # with the old config, not the new one, without --allow_config_change).
-        self._record_config = not (
-            self.resumed_from is not None and any(not may_change(k) for k in changed)
+        self._record_config = self.resumed_from is None or not (
+            any(not may_change(k) for k in changed) or model_changes(workdir, self.run.model.policy)
         )
         mesh = default_mesh(spec) if mesh is None else mesh
         self.trainer = trainer_cls(self.run, workdir, mesh=mesh)

@@ -248,7 +248,7 @@ def _read_json(path: str) -> dict:
     return saved
 
 
-def _model_changes(workdir: str, model: Any) -> list[tuple[str, Any, Any]]:
+def model_changes(workdir: str, model: Any) -> list[tuple[str, Any, Any]]:
     """``(field, recorded, now)`` where the policy's architecture differs from the record."""
     path = os.path.join(workdir, MODEL_FILE)
     if model is None or not os.path.exists(path):
@@ -293,6 +293,39 @@ def _tokenizer_key(config: Any, changes: list[tuple[str, Any, Any]]) -> str:
     return next((key for key, *_ in changes if key.startswith("task.")), "task.name")
 
 
+def check_start_config(
+    workdir: str,
+    config: Any,
+    *,
+    resuming: bool,
+    allow_change: bool = False,
+    log: Callable[[str], Any] = print,
+    model: Any = None,
+    tokenizer: Any = None,
+) -> list[tuple[str, Any, Any]]:
+    """The comparisons a start in ``workdir`` makes before anything trains: a resume's
+    (:func:`check_resume_config`), and those of a start without a checkpoint whose
+    ``metrics.jsonl`` holds steps it would redo (a run stopped before its first checkpoint,
+    or whose checkpoints were removed), which must then be the same run. A fresh workdir
+    compares nothing. Returns the changes; raises as :func:`check_resume_config`."""
+    from novarl_jax.trainer.metrics import METRICS_FILE, steps_written  # imports this module
+
+    unkept = 0 if resuming else steps_written(os.path.join(workdir, METRICS_FILE))
+    if not resuming and not unkept:
+        return []
+    advice = "resume with that config, train in a new --workdir, or pass --allow_config_change"
+    if unkept:
+        advice = (
+            f"its {METRICS_FILE} holds {unkept} step{'s' if unkept > 1 else ''} that no "
+            f"checkpoint kept, which this start would replace: rerun with that config, train "
+            f"in a new --workdir, or pass --allow_config_change"
+        )
+    return check_resume_config(
+        workdir, config, allow_change=allow_change, log=log, advice=advice, model=model,
+        tokenizer=tokenizer, verb="resuming" if resuming else "redoing the logged steps",
+    )  # fmt: skip
+
+
 def check_resume_config(
     workdir: str,
     config: Any,
@@ -304,6 +337,7 @@ def check_resume_config(
     ),
     model: Any = None,
     tokenizer: Any = None,
+    verb: str = "resuming",
 ) -> list[tuple[str, Any, Any]]:
     """Compares a resumed run's ``config`` with ``workdir/config.json``, its policy's
     ModelConfig ``model`` (when given) with ``workdir/model_config.json`` and the ids of its
@@ -356,7 +390,7 @@ def check_resume_config(
             f"{path}){hint}; {advice}",
         )
     # After the config's own keys, which name what changed where the config changed it.
-    arch = _model_changes(workdir, model)
+    arch = model_changes(workdir, model)
     if arch and not allow_change:
         listed = _listing(arch, 4)
         init_from = plain.get("model.init_from")
@@ -377,7 +411,7 @@ def check_resume_config(
             f"alphabet or tokenizer.json), or delete {record} to go on anyway",
         )
     if arch:
-        log(f"resuming with a changed model: {_listing(arch)}")
+        log(f"{verb} with a changed model: {_listing(arch)}")
     if changes:
-        log(f"resuming with a changed config: {_listing(changes)}")
+        log(f"{verb} with a changed config: {_listing(changes)}")
     return changes

@@ -629,6 +629,12 @@ def test_scores_that_all_agree_give_exactly_zero_whatever_their_rounding(score, 
             got = np.asarray(got)
             np.testing.assert_array_equal(got[:group_size], 0.0)
             assert np.abs(got[group_size:-1]).max() > 0.1  # the other group is unaffected
+    # An excluded sample inside the equal group (its score NaN): the kept ones still agree.
+    with_nan = scores.at[1].set(jnp.nan)
+    excluded = np.ones(2 * group_size, bool)
+    excluded[1] = False
+    got = np.asarray(group_relative_advantages(with_nan, group_size, sample_mask=excluded))
+    np.testing.assert_array_equal(got[:group_size], 0.0)
     # Over every valid token of a batch (PPO's whitening), and under an 8-device mesh.
     advantages = np.full((8, 4), score, np.float32)
     advantages[:, 3] = 50.0  # padding

@@ -235,6 +235,14 @@ def test_engine_under_the_8_device_mesh(setup, rolled, devices):
     with pytest.raises(ValueError, match=r"the params lie on 4 device\(s\) outside the engine's "
                        r"mesh of 4 \(.*\); place them on it"):  # fmt: skip
         small.rollout(sharded, jax.random.key(5), policy_version=7, batch_size=BATCH)
+    # Uncommitted params (init_params' output on the default device) JAX moves itself.
+    on_others = RolloutEngine(
+        model_config=config, tokenizer=tok, task=task, sampling=SAMPLING,
+        mesh=ParallelLayout(dp=4).make_mesh(devices[4:]),
+    )  # fmt: skip
+    assert not jax.tree.leaves(params)[0].committed
+    got, _ = on_others.rollout(params, jax.random.key(5), policy_version=7, batch_size=BATCH)
+    np.testing.assert_array_equal(got.response_tokens, traj.response_tokens)
 
 
 class _NoDecode:  # encodes but cannot decode

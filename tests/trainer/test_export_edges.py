@@ -186,5 +186,31 @@ def test_an_export_during_training_takes_the_step_that_replaced_the_one_it_was_r
     calls.clear()
     shutil.copytree(checkpoints / "3", checkpoints / "2")
     shutil.rmtree(checkpoints / "3")
-    with pytest.raises(ExportError, match=r"it was removed while the export read it .*: rerun"):
+    with pytest.raises(ExportError, match=r"checkpoints: step 2 was removed while the export read "
+                       r"it .*; it has \[1, 3\] now: export one of those$"):  # fmt: skip
         export_policy(c, str(tmp / "live"), str(tmp / "e21"), step=2)
+    assert not (tmp / "e21").exists()
+
+
+def test_a_failed_tokenizer_write_leaves_no_half_export(run_a, monkeypatch):
+    """The model files are moved into place before the tokenizer is written: a failure there
+    left an export that a rerun into the same directory refused as already holding a
+    model."""
+    from novarl_jax.trainer import export as export_mod
+
+    c, tmp = run_a
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_mod, "_write_tokenizer", full)
+    with pytest.raises(ExportError, match="the export could not be written"):
+        export_policy(c, str(tmp / "run"), str(tmp / "e30"))
+    assert not (tmp / "e30").exists()  # the export made it: removed
+    (tmp / "e31").mkdir()
+    (tmp / "e31" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="the export could not be written"):
+        export_policy(c, str(tmp / "run"), str(tmp / "e31"))
+    assert [p.name for p in (tmp / "e31").iterdir()] == ["notes.txt"]
+    monkeypatch.undo()
+    export_policy(c, str(tmp / "run"), str(tmp / "e31"))  # the rerun writes it

@@ -201,6 +201,24 @@ def test_an_edited_init_from_config_is_refused_on_resume_and_export(tmp_path):
         export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf"))
     export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf"), allow_config_change=True)
     assert load_hf_model(tmp_path / "hf")[0].rope_theta == 1234.0  # as explicitly allowed
+    # A start allowed the new architecture that stops before its first checkpoint keeps the
+    # record of the old one, so the old checkpoint does not resume under the new model
+    # without the flag.
+    config.experiment.steps = 2
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("stopped before its first checkpoint")
+
+    original = Trainer.iteration
+    Trainer.iteration = crash
+    try:
+        with pytest.raises(RuntimeError, match="stopped before its first checkpoint"):
+            train_quietly(config, tmp_path / "run", allow_config_change=True)
+    finally:
+        Trainer.iteration = original
+    assert json.loads((tmp_path / "run" / "model_config.json").read_text()) == recorded
+    with pytest.raises(ConfigChangedError, match=match):
+        train_quietly(config, tmp_path / "run")
 
 
 def test_checkpoint_weights_wait_in_host_memory_and_go_to_the_mesh_in_parts(devices):

@@ -200,9 +200,11 @@ def test_a_mesh_that_is_not_the_configs_layout_is_refused(tmp_path):
     check_mesh(spec, spec.layout.make_mesh(devices))  # its own layout
     wrong = [
         (jax.make_mesh((4, 1, 1, 1), ("dp", "pp", "ep", "tp"), devices=devices),
-         "experiment.world_size", "{'dp': 4, 'pp': 1, 'ep': 1, 'tp': 1}"),
+         "experiment.expert_parallel_size", "{'dp': 4, 'pp': 1, 'ep': 1, 'tp': 1}"),
         (jax.make_mesh((2, 2), ("data", "model"), devices=devices),
-         "experiment.world_size", "{'data': 2, 'model': 2}"),
+         "mesh", "{'data': 2, 'model': 2}"),
+        (jax.make_mesh((8, 1, 1, 1), ("dp", "pp", "ep", "tp"), devices=jax.devices()),
+         "experiment.world_size", "{'dp': 8, 'pp': 1, 'ep': 1, 'tp': 1}"),
     ]  # fmt: skip
     for mesh, key, shown in wrong:
         with pytest.raises(ConfigError) as info:
