@@ -50,8 +50,7 @@ _UNFINISHED = ".orbax-checkpoint-tmp"  # orbax's suffix for a step directory bei
 def first_non_finite(tree: Any) -> str | None:
     """The path of the first floating-point leaf of ``tree`` holding a NaN or inf, or None.
 
-    One jitted reduction over every leaf (sharded arrays included); the flags it returns are
-    replicated, so every process of a multi-process run reads them."""
+    One jitted reduction over every leaf (:func:`_per_leaf`)."""
     leaves = [
         (path, x)
         for path, x in jax.tree_util.tree_leaves_with_path(tree)
@@ -59,19 +58,24 @@ def first_non_finite(tree: Any) -> str | None:
     ]
     if not leaves:
         return None
-    sharding = getattr(leaves[0][1], "sharding", None)
+    flags = _per_leaf(lambda x: jnp.all(jnp.isfinite(x)), [x for _, x in leaves])
+    if flags.all():
+        return None
+    return _path_name(leaves[int(np.argmin(flags))][0])
+
+
+def _per_leaf(reduce: Any, arrays: list) -> np.ndarray:
+    """``reduce`` (array -> scalar) of every array, in one jitted program whose results are
+    replicated (sharded arrays included), so every process of a multi-process run reads
+    them."""
+    sharding = getattr(arrays[0], "sharding", None)
     replicated = (
         jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
         if isinstance(sharding, jax.sharding.NamedSharding)
         else None
     )
-    check = jax.jit(
-        lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]), out_shardings=replicated
-    )
-    flags = np.asarray(jax.device_get(check([x for _, x in leaves])))
-    if flags.all():
-        return None
-    return _path_name(leaves[int(np.argmin(flags))][0])
+    program = jax.jit(lambda xs: jnp.stack([reduce(x) for x in xs]), out_shardings=replicated)
+    return np.asarray(jax.device_get(program(arrays)))
 
 
 _CHECKSUMS = "checksums"  # the host record's key: state_checksums of the saved state
@@ -84,7 +88,7 @@ def state_checksums(tree: Any) -> dict[str, int]:
     with odd weights ``2 * i + 1`` of their linear index ``i``, modulo 2**32: a changed word,
     or two unequal words swapped, changes the sum. The index is built from per-axis iotas,
     so a sharded leaf is read where it lies (no gather), and the same bits give the same sum
-    on any layout. One jitted pass; the sums are replicated, so every process reads them."""
+    on any layout. One jitted pass (:func:`_per_leaf`)."""
     leaves = [
         (path, jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
         for path, x in jax.tree_util.tree_leaves_with_path(tree)
@@ -92,19 +96,8 @@ def state_checksums(tree: Any) -> dict[str, int]:
     ]
     if not leaves:
         return {}
-    sharding = getattr(leaves[0][1], "sharding", None)
-    replicated = (
-        jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-        if isinstance(sharding, jax.sharding.NamedSharding)
-        else None
-    )
-    sums = jax.jit(
-        lambda xs: jnp.stack([_weighted_word_sum(x) for x in xs]), out_shardings=replicated
-    )([x for _, x in leaves])
-    return {
-        _path_name(path): int(v)
-        for (path, _), v in zip(leaves, np.asarray(jax.device_get(sums)), strict=True)
-    }
+    sums = _per_leaf(_weighted_word_sum, [x for _, x in leaves])
+    return {_path_name(path): int(v) for (path, _), v in zip(leaves, sums, strict=True)}
 
 
 def _weighted_word_sum(x: jax.Array) -> jax.Array:
