@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
-import warnings
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -177,45 +175,6 @@ def not_a_checkpoint_thread_error(record: logging.LogRecord) -> bool:
     return not (from_orbax and record.levelno == logging.ERROR)
 
 
-def not_a_checkpoint_task_error(record: logging.LogRecord) -> bool:
-    """Drops asyncio's reports of orbax tasks that failed and were never awaited (each
-    array's write after a full disk, with its traceback): the checkpointer reports the failed
-    save itself, in one line."""
-    message = record.getMessage()
-    return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
-
-
-def _echo_of_a_failed_read(error: BaseException | None, obj: object = None) -> bool:
-    """Whether an exception is an echo of a checkpoint read that failed: orbax's reads of the
-    other arrays finishing after the restore gave up (its event loop closed), or their
-    coroutines collected unfinished. The checkpointer names the failed read in one line."""
-    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-        return True
-    return "_read_array_index" in str(getattr(obj, "__qualname__", ""))
-
-
-def quiet_failed_read_echoes() -> None:
-    """Leaves the echoes of a failed checkpoint read (:func:`_echo_of_a_failed_read`) out of
-    the console: dozens of tracebacks around the one line that says what happened. Every
-    other exception reaches the hooks that were there."""
-    unraisable, excepthook, thread_hook = sys.unraisablehook, sys.excepthook, threading.excepthook
-
-    def on_unraisable(info):
-        if not _echo_of_a_failed_read(info.exc_value, info.object):
-            unraisable(info)
-
-    def on_exception(kind, error, traceback):
-        if not _echo_of_a_failed_read(error):
-            excepthook(kind, error, traceback)
-
-    def on_thread_exception(info):
-        if not _echo_of_a_failed_read(info.exc_value):
-            thread_hook(info)
-
-    sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
-    threading.excepthook = on_thread_exception
-
-
 def main(argv: list[str]) -> None:
     from novarl_jax.trainer.stop import StopWatch
 
@@ -229,12 +188,6 @@ def _main(argv: list[str]) -> None:
     # JAX and orbax log routine events at INFO under absl; keep the console for the run.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("absl").addFilter(not_a_checkpoint_thread_error)
-    logging.getLogger("asyncio").addFilter(not_a_checkpoint_task_error)
-    # The writes a failed save left unawaited, reported as the process ends.
-    warnings.filterwarnings(
-        "ignore", r"coroutine 'async_serialize.*' was never awaited", RuntimeWarning
-    )
-    quiet_failed_read_echoes()
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     from novarl_jax.trainer.config import ConfigError, validate_config
     from novarl_jax.trainer.workdir import url_path

@@ -27,11 +27,15 @@ has started (so closing waits for it and keeps it), not part way through.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import re
 import shutil
 import signal
+import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,24 +62,32 @@ def first_non_finite(tree: Any) -> str | None:
     ]
     if not leaves:
         return None
-    flags = _per_leaf(lambda x: jnp.all(jnp.isfinite(x)), [x for _, x in leaves])
+    flags = _per_leaf(_all_finite, [x for _, x in leaves])
     if flags.all():
         return None
     return _path_name(leaves[int(np.argmin(flags))][0])
 
 
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x))
+
+
 def _per_leaf(reduce: Any, arrays: list) -> np.ndarray:
     """``reduce`` (array -> scalar) of every array, in one jitted program whose results are
     replicated (sharded arrays included), so every process of a multi-process run reads
-    them."""
+    them. The program is built once per ``reduce`` and mesh (and compiled once per tree)."""
     sharding = getattr(arrays[0], "sharding", None)
     replicated = (
         jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
         if isinstance(sharding, jax.sharding.NamedSharding)
         else None
     )
-    program = jax.jit(lambda xs: jnp.stack([reduce(x) for x in xs]), out_shardings=replicated)
-    return np.asarray(jax.device_get(program(arrays)))
+    return np.asarray(jax.device_get(_per_leaf_program(reduce, replicated)(arrays)))
+
+
+@functools.lru_cache(maxsize=32)
+def _per_leaf_program(reduce: Any, replicated: Any) -> Any:
+    return jax.jit(lambda xs: jnp.stack([reduce(x) for x in xs]), out_shardings=replicated)
 
 
 _CHECKSUMS = "checksums"  # the host record's key: state_checksums of the saved state
@@ -104,15 +116,79 @@ def _weighted_word_sum(x: jax.Array) -> jax.Array:
     x = jnp.asarray(x)
     if x.dtype == jnp.bool_:
         words = x.astype(jnp.uint32)
-    elif x.dtype.itemsize == 4:
+    elif x.dtype.itemsize >= 4:  # a 64-bit value is two words (a trailing axis of 2)
         words = jax.lax.bitcast_convert_type(x, jnp.uint32)
     else:
         unsigned = {2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
         words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-    index = jnp.zeros(x.shape, jnp.uint32)
-    for axis, size in enumerate(x.shape):
-        index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+    index = jnp.zeros(words.shape, jnp.uint32)
+    for axis, size in enumerate(words.shape):
+        index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
     return jnp.sum(words * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+def quiet_orbax_echoes() -> None:
+    """Leaves orbax's echoes of a failed checkpoint read or write out of the console.
+
+    When a read or write fails, orbax's reads or writes of the other arrays finish after it
+    gave up and print dozens to hundreds of tracebacks (an event loop closed, coroutines
+    collected unfinished, futures whose exception nobody retrieved, writes never awaited)
+    around the one line the checkpointer raises. Only those are dropped: a closed-loop error
+    whose traceback runs through any code but asyncio's (every error of a caller's own code
+    does), a coroutine or future not of orbax, still reaches the console. Installed once per
+    process, by the first :class:`Checkpointer`."""
+    global _ECHOES_QUIET
+    if _ECHOES_QUIET:
+        return
+    _ECHOES_QUIET = True
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+    def on_unraisable(info: Any) -> None:
+        if not _an_echo(info.exc_value, info.exc_traceback, info.object):
+            unraisable(info)
+
+    def on_exception(kind: Any, error: Any, traceback: Any) -> None:
+        if not _an_echo(error, traceback):
+            excepthook(kind, error, traceback)
+
+    sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
+    logging.getLogger("asyncio").addFilter(_not_an_orbax_future)
+    warnings.filterwarnings(
+        "ignore", r"coroutine 'async_serialize.*' was never awaited", RuntimeWarning
+    )
+
+
+_ECHOES_QUIET = False
+_ORBAX_CODE = f"{os.sep}orbax{os.sep}checkpoint{os.sep}"
+
+
+def _frames(traceback: Any) -> list[str]:
+    files = []
+    while traceback is not None:
+        files.append(traceback.tb_frame.f_code.co_filename)
+        traceback = traceback.tb_next
+    return files
+
+
+def _an_echo(error: Any, traceback: Any, obj: Any = None) -> bool:
+    code = getattr(obj, "cr_code", None)
+    if code is not None and _ORBAX_CODE in code.co_filename:
+        return True  # one of orbax's reads or writes, collected unfinished
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        return False
+    # A callback scheduled on orbax's closed loop from its reader or writer threads:
+    # asyncio's frames alone, none of any caller.
+    files = _frames(traceback)
+    return bool(files) and all(f"{os.sep}asyncio{os.sep}" in f for f in files)
+
+
+def _not_an_orbax_future(record: logging.LogRecord) -> bool:
+    """False for asyncio's report of an orbax future (a task, a gathering) whose exception
+    nobody retrieved: its traceback runs through orbax's code."""
+    if "exception was never retrieved" not in record.getMessage():
+        return True
+    traceback = record.exc_info[2] if record.exc_info else None
+    return not any(_ORBAX_CODE in f for f in _frames(traceback))
 
 
 class Checkpointer:
@@ -145,6 +221,7 @@ class Checkpointer:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.directory = os.path.abspath(directory)
         self.interval = interval
+        quiet_orbax_echoes()
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointWriteError(
                 f"{self.directory}: is a file, not a directory, so no checkpoint can be "

@@ -188,13 +188,14 @@ def export_policy(
     from safetensors import SafetensorError
 
     existed = os.path.isdir(out)
+    before = {t: set(os.listdir(t)) if os.path.isdir(t) else set() for t, _ in targets.values()}
     for name, (target, model) in targets.items():
         try:
             save_hf_model(target, model, params[name], token_ids=token_ids)
             _write_tokenizer(target, tok, spec.config.model)
         except (ValueError, OSError, SafetensorError) as e:
             # No half export is left behind (a later export into it would be refused).
-            _remove_export(out, existed, [t for t, _ in targets.values()])
+            _remove_export(out, existed, before)
             if isinstance(e, ValueError):
                 raise ExportError(str(e)) from None
             cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -212,17 +213,18 @@ def export_policy(
     }
 
 
-def _remove_export(out: str, existed: bool, targets: list[str]) -> None:
+def _remove_export(out: str, existed: bool, before: dict[str, set[str]]) -> None:
     """Removes what a failed export wrote: ``out`` itself when the export made it, else the
-    model and tokenizer files it put into ``targets`` (other files there stay)."""
+    model and tokenizer files it added to each target (``before``: the names each held)."""
     if not existed:
         shutil.rmtree(out, ignore_errors=True)
         return
     names = [GENERATION_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]
-    for target in targets:
+    for target, held in before.items():
         for path in [*checkpoint_files(target), *(pathlib.Path(target) / n for n in names)]:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            if path.name not in held:
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
 
 def _write_tokenizer(directory: str, tokenizer: Any, model: Any) -> None:

@@ -4,6 +4,7 @@ mismatch messages, typed PRNG keys, saves from another thread, and error causes.
 import errno
 import json
 import os
+import sys
 import threading
 
 import jax
@@ -153,6 +154,11 @@ def test_state_checksums_change_with_any_word_and_not_with_the_layout(devices):
     }  # fmt: skip
     sums = state_checksums(tree)
     assert sorted(sums) == ["h", "key", "mask", "step", "w"]
+    from novarl_jax.trainer import checkpoint
+
+    hits = checkpoint._per_leaf_program.cache_info().hits
+    assert state_checksums(tree) == sums  # the same program again, not a new one per save
+    assert checkpoint._per_leaf_program.cache_info().hits == hits + 1
     for i, j in [(0, 0), (7, 5), (3, 2)]:  # one word changed by one bit
         bits = w.view(np.uint32).copy()
         bits[i, j] ^= 1 << 7
@@ -217,3 +223,78 @@ def test_bytes_damaged_on_disk_are_refused_not_restored(tmp_path):
         open(largest, "wb").write(bytes(data))
         with pytest.raises(CheckpointUnreadableError, match=r"checkpoint could not be read"):
             Checkpointer(str(directory), async_save=False).restore(abstract_like(state))
+
+
+def test_only_orbax_echoes_of_a_failed_read_or_write_are_left_out(monkeypatch):
+    """After a failed read, orbax's reads of the other arrays finish and print ~1,500 lines
+    (an event loop closed, coroutines collected unfinished) around the one-line error; after
+    a failed write, asyncio reports each unretrieved write future. Those are dropped; the
+    same kinds of error from anyone else's code are not."""
+    import asyncio
+    import logging
+    import types
+    import warnings
+
+    from novarl_jax.trainer import checkpoint
+
+    reached = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: reached.append(info.exc_value))
+    monkeypatch.setattr(sys, "excepthook", lambda kind, error, tb: reached.append(error))
+    monkeypatch.setattr(checkpoint, "_ECHOES_QUIET", False)
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    asyncio_log = logging.getLogger("asyncio")
+    monkeypatch.setattr(asyncio_log, "filters", list(asyncio_log.filters))
+    checkpoint.quiet_orbax_echoes()
+    checkpoint.quiet_orbax_echoes()  # once per process: no second layer
+
+    def closed_loop_error(in_user_code):
+        loop = asyncio.new_event_loop()
+        loop.close()
+        try:
+            if in_user_code:
+                loop.call_soon_threadsafe(print)
+            else:  # what orbax's reader threads run into, asyncio's frames alone
+                asyncio.BaseEventLoop.call_soon_threadsafe(loop, print)
+        except RuntimeError as e:
+            tb = e.__traceback__
+            return e, tb if in_user_code else tb.tb_next  # without this test's own frame
+
+    echo, echo_tb = closed_loop_error(False)
+    user, user_tb = closed_loop_error(True)
+    sys.excepthook(RuntimeError, echo, echo_tb)
+    orbax_reader = types.SimpleNamespace(
+        cr_code=types.SimpleNamespace(co_filename="/venv/orbax/checkpoint/_src/serialization.py")
+    )
+    sys.unraisablehook(types.SimpleNamespace(exc_value=ValueError("x"), exc_traceback=None,
+                                             object=orbax_reader))  # fmt: skip
+    assert reached == []
+    sys.excepthook(RuntimeError, user, user_tb)  # the user's own code: shown
+    sys.unraisablehook(types.SimpleNamespace(exc_value=ValueError("y"), exc_traceback=None,
+                                             object=None))  # fmt: skip
+    assert [str(e) for e in reached] == ["Event loop is closed", "y"]
+
+    def future_record(where):
+        try:
+            exec(compile("raise ValueError('write failed')", where, "exec"))
+        except ValueError as e:
+            error = e
+        message = "_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture>"
+        return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, message, (),
+                                 (ValueError, error, error.__traceback__))  # fmt: skip
+
+    orbax_write = future_record("/venv/orbax/checkpoint/_src/serialization.py")
+    assert not checkpoint._not_an_orbax_future(orbax_write)
+    assert checkpoint._not_an_orbax_future(future_record("/home/me/orbax-migration/reward.py"))
+    plain = logging.LogRecord("asyncio", logging.ERROR, "x.py", 1, "Unclosed session", (), None)
+    assert checkpoint._not_an_orbax_future(plain)
+
+
+def test_64_bit_leaves_are_summed_as_two_words_each():
+    with jax.enable_x64(True):
+        values = np.arange(6, dtype=np.float64) / 3
+        sums = state_checksums({"d": jnp.asarray(values)})
+        changed = values.copy()
+        changed[4] = np.nextafter(changed[4], 2.0)  # the lowest bit of one value
+        assert state_checksums({"d": jnp.asarray(changed)})["d"] != sums["d"]
+        words = values.view(np.uint32).astype(np.uint64)
+        assert sums["d"] == int((words * (2 * np.arange(12, dtype=np.uint64) + 1)).sum() % 2**32)

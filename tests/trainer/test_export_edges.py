@@ -209,8 +209,10 @@ def test_a_failed_tokenizer_write_leaves_no_half_export(run_a, monkeypatch):
     assert not (tmp / "e30").exists()  # the export made it: removed
     (tmp / "e31").mkdir()
     (tmp / "e31" / "notes.txt").write_text("mine")
+    (tmp / "e31" / "generation_config.json").write_text("{}")  # the user's, before the export
     with pytest.raises(ExportError, match="the export could not be written"):
         export_policy(c, str(tmp / "run"), str(tmp / "e31"))
-    assert [p.name for p in (tmp / "e31").iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in (tmp / "e31").iterdir()) == ["generation_config.json",
+                                                                "notes.txt"]  # fmt: skip
     monkeypatch.undo()
     export_policy(c, str(tmp / "run"), str(tmp / "e31"))  # the rerun writes it
