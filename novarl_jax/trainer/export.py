@@ -39,8 +39,8 @@ from novarl_jax.trainer.saved_config import allowed_changes_note, check_resume_c
 from novarl_jax.trainer.workdir import url_path
 
 TOKENIZER_FILE = "tokenizer.json"
-_ROTATION_RETRIES = 3  # newer steps taken when a run in the workdir removes the one being read
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+_ROTATION_RETRIES = 3  # newer steps taken when a run in the workdir removes the one being read
 
 
 class ExportError(Exception):
