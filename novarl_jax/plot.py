@@ -1,4 +1,5 @@
-"""Training curves: ``python -m novarl_jax.plot WORKDIR`` writes ``WORKDIR/plots/training.png``.
+"""Training curves: ``python -m novarl_jax.plot WORKDIR`` writes ``WORKDIR/plots/training.png``
+(``--out=DIR``: ``DIR/training.png``).
 
 Reads ``WORKDIR/metrics.jsonl`` and draws reward, KL, entropy and loss curves (whichever of
 them the run logged). Needs matplotlib (the ``plot`` extra).
@@ -35,8 +36,9 @@ def choose_panels(rows: list[dict]) -> list[tuple[str, str]]:
     return panels
 
 
-def plot_training(workdir: str) -> str:
-    """Writes the training curves of ``workdir`` as a PNG and returns its path."""
+def plot_training(workdir: str, out_dir: str | None = None) -> str:
+    """Writes the training curves of ``workdir`` as ``training.png`` in ``out_dir`` (default
+    ``workdir/plots``) and returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,7 +63,7 @@ def plot_training(workdir: str) -> str:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out_dir = os.path.join(workdir, "plots")
+    out_dir = os.path.join(workdir, "plots") if out_dir is None else out_dir
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "training.png")
     fig.savefig(path, dpi=100)
@@ -70,16 +72,20 @@ def plot_training(workdir: str) -> str:
 
 
 USAGE = (
-    "usage: python -m novarl_jax.plot WORKDIR\n"
-    "Draws WORKDIR/metrics.jsonl (a training run's directory) into WORKDIR/plots/training.png."
+    "usage: python -m novarl_jax.plot WORKDIR [--out=DIR]\n"
+    "Draws WORKDIR/metrics.jsonl (a training run's directory) into WORKDIR/plots/training.png,\n"
+    "or DIR/training.png with --out (a workdir this user cannot write)."
 )
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 2 and argv[1] in ("-h", "--help"):
+    args = argv[1:]
+    if len(args) == 1 and args[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    if len(argv) != 2 or argv[1].startswith("-"):
+    outs = [a.split("=", 1)[1] for a in args if a.startswith("--out=")]
+    rest = [a for a in args if not a.startswith("--out=")]
+    if len(rest) != 1 or rest[0].startswith("-") or len(outs) > 1 or "" in outs:
         print(USAGE.splitlines()[0], file=sys.stderr)
         return 2
     try:
@@ -91,12 +97,14 @@ def main(argv: list[str]) -> int:
         )
         return 2
     try:
-        print(plot_training(argv[1]))
+        print(plot_training(rest[0], outs[0] if outs else None))
     except ValueError as e:
         print(f"novarl_jax.plot: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a missing workdir, or a file where a directory belongs (or back)
         what = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+        if isinstance(e, PermissionError) and not outs:
+            what += "; pass --out=DIR to write the plot elsewhere"
         print(f"novarl_jax.plot: error: {what}", file=sys.stderr)
         return 2
     return 0

@@ -342,12 +342,13 @@ def test_plot_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert plot.main(["plot", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "matplotlib is not installed" in err
+    usage = "usage: python -m novarl_jax.plot WORKDIR [--out=DIR]\n"
     for args in (["--help"], ["-h"]):
         assert plot.main(["plot", *args]) == 0
-        assert capsys.readouterr().out.startswith("usage: python -m novarl_jax.plot WORKDIR\n")
-    for args in ([], ["--verbose"], ["a", "b"]):
+        assert capsys.readouterr().out.startswith(usage)
+    for args in ([], ["--verbose"], ["a", "b"], ["a", "--out="], ["a", "--out=x", "--out=y"]):
         assert plot.main(["plot", *args]) == 2
-        assert capsys.readouterr().err == "usage: python -m novarl_jax.plot WORKDIR\n"
+        assert capsys.readouterr().err == usage
     monkeypatch.undo()  # matplotlib back
     # Files where directories belong, and the reverse: one line each (they were tracebacks).
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "critic/score/mean": 0.5}\n')
@@ -360,6 +361,20 @@ def test_plot_errors_are_one_line(tmp_path, monkeypatch, capsys):
     ):
         assert plot.main(["plot", str(workdir)]) == 2
         assert capsys.readouterr().err == f"novarl_jax.plot: error: {want}\n"
+    # Elsewhere with --out (a workdir this user cannot write); a permission error says so.
+    assert plot.main(["plot", str(tmp_path), f"--out={tmp_path / 'mine'}"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'mine' / 'training.png'}\n"
+    assert (tmp_path / "mine" / "training.png").stat().st_size > 0
+
+    def refused(path, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(plot.os, "makedirs", refused)
+    assert plot.main(["plot", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"novarl_jax.plot: error: {tmp_path}/plots: Permission denied; pass --out=DIR to write "
+        "the plot elsewhere\n"
+    )
 
 
 def test_a_plot_that_cannot_be_drawn_does_not_fail_the_run(tmp_path, capsys):
