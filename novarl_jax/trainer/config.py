@@ -543,7 +543,7 @@ _UNREAD_WHEN = (
         "experiment.async_rollouts=False: each step samples with the weights it trains",
     ),
     (
-        ("train.router_replay",),
+        ("train.router_replay", "experiment.top_k", "experiment.capacity_factor"),
         lambda c, asynchronous: c.experiment.num_experts == 0,
         "the model is dense (experiment.num_experts=0): it has no router",
     ),
@@ -558,11 +558,6 @@ _UNREAD_WHEN = (
         lambda c, asynchronous: c.experiment.algorithm != "grpo"
         and c.experiment.grpo_group_size != 1,
         "experiment.algorithm='ppo' samples one completion per prompt",
-    ),
-    (
-        ("experiment.top_k", "experiment.capacity_factor"),
-        lambda c, asynchronous: c.experiment.num_experts == 0,
-        "the model is dense (experiment.num_experts=0): it has no router",
     ),
     (
         ("experiment.num_microbatches",),

@@ -48,6 +48,7 @@ RECORD_KEY = "_how_read"  # in config.json beside the config's own sections (wri
 MODEL_FILE = "model_config.json"  # the policy's architecture (ModelConfig.to_hf_config())
 TOKENIZER_FILE = "tokenizer_vocab.json"  # the tokenizer's ids (tokenizer_record())
 _SPECIAL_IDS = ("pad_id", "bos_id", "eos_id")
+_RESUME_ADVICE = "resume with that config, train in a new --workdir, or pass --allow_config_change"
 
 # Keys (or sections, ending in '.') a resumed run may change without being told to.
 MAY_CHANGE = (
@@ -313,7 +314,7 @@ def check_start_config(
     unkept = 0 if resuming else steps_written(os.path.join(workdir, METRICS_FILE))
     if not resuming and not unkept:
         return []
-    advice = "resume with that config, train in a new --workdir, or pass --allow_config_change"
+    advice = _RESUME_ADVICE
     if unkept:
         advice = (
             f"its {METRICS_FILE} holds {unkept} step{'s' if unkept > 1 else ''} that no "
@@ -332,9 +333,7 @@ def check_resume_config(
     *,
     allow_change: bool = False,
     log: Callable[[str], Any] = print,
-    advice: str = (
-        "resume with that config, train in a new --workdir, or pass --allow_config_change"
-    ),
+    advice: str = _RESUME_ADVICE,
     model: Any = None,
     tokenizer: Any = None,
     verb: str = "resuming",

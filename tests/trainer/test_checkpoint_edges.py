@@ -116,6 +116,14 @@ def test_a_tensorstore_spec_dump_is_cut_from_the_cause():
     assert _one_line(ValueError("x" * 1000)) == "ValueError: " + "x" * 300 + "..."
 
 
+def _step_2_damaged(directory, cause):
+    """The refusal of a damaged step 2 whose cause is a ValueError, with step 1 kept."""
+    return (
+        f"{directory}/2: checkpoint could not be read (ValueError: {cause}); it may be damaged: "
+        f"move {directory}/2 out of {directory} to resume from step 1 (older checkpoints: [1])"
+    )
+
+
 def test_a_step_that_restores_non_finite_values_is_refused_as_damaged(tmp_path):
     """Bytes flipped inside a chunk can still decode: a NaN state was restored and trained
     on (every update skipped), and the run then called that step intact."""
@@ -125,11 +133,7 @@ def test_a_step_that_restores_non_finite_values_is_refused_as_damaged(tmp_path):
     like = abstract_like({"w": jnp.ones(3), "step": jnp.int32(0)})
     with pytest.raises(CheckpointUnreadableError) as info:
         ckpt.restore(like)
-    assert str(info.value) == (
-        f"{tmp_path}/2: checkpoint could not be read (ValueError: w holds NaN or infinite "
-        f"values); it may be damaged: move {tmp_path}/2 out of {tmp_path} to resume from step 1 "
-        "(older checkpoints: [1])"
-    )
+    assert str(info.value) == _step_2_damaged(tmp_path, "w holds NaN or infinite values")
     state, host = ckpt.restore(like, step=1)
     assert host == {"iteration": 1} and float(state["w"].sum()) == 3.0
     ckpt.close()
@@ -193,11 +197,7 @@ def test_a_step_whose_arrays_differ_from_their_checksums_is_refused_as_damaged(t
     record.write_text(json.dumps(saved))
     with pytest.raises(CheckpointUnreadableError) as info:
         ckpt.restore(like)
-    assert str(info.value) == (
-        f"{tmp_path}/2: checkpoint could not be read (ValueError: w differs from what was "
-        f"saved (checksum)); it may be damaged: move {tmp_path}/2 out of {tmp_path} to resume "
-        "from step 1 (older checkpoints: [1])"
-    )
+    assert str(info.value) == _step_2_damaged(tmp_path, "w differs from what was saved (checksum)")
     del saved["checksums"]  # a checkpoint written before they were: restores unchecked
     record.write_text(json.dumps(saved))
     assert ckpt.restore(like)[1] == {"iteration": 2}

@@ -185,10 +185,10 @@ def test_keys_of_a_feature_that_is_off_are_reported():
     config.grpo.kl_kind = "k1"
     assert ignored_settings(config) == [
         "grpo.kl_kind='k1' is not used: experiment.algorithm='ppo' reads the ppo.* settings",
-        "experiment.grpo_group_size=8 is not used: experiment.algorithm='ppo' samples one "
-        "completion per prompt",
         "experiment.top_k=1, experiment.capacity_factor=2.0 are not used: the model is dense "
         "(experiment.num_experts=0): it has no router",
+        "experiment.grpo_group_size=8 is not used: experiment.algorithm='ppo' samples one "
+        "completion per prompt",
         "experiment.num_microbatches=8 is not used: there is no pipeline "
         "(experiment.pipeline_parallel_size=1)",
         "dapo.max_extra_batches=5 is not used: dapo.dynamic_sampling=False: no group is "
