@@ -417,7 +417,7 @@ def staleness_warning(config: Any, queue_size: int, synchronous: bool) -> str | 
             f"rollout sampled {ahead} step(s) ahead of the trainer can lag by ({queue_size} "
             f"sampled ahead, train.epochs x train.minibatches updates per step, broadcasts "
             f"every weight_sync_interval updates): such rollouts will be dropped and sampled "
-            f"again; set it >= {most_lag} to drop none (docs/async.md)"
+            f"again; set it >= {most_lag} to drop none while no update is skipped (docs/async.md)"
         )
     return None
 
