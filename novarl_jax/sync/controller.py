@@ -123,8 +123,12 @@ def request_broadcast(state: SyncState, reason: str) -> SyncState:
 
 
 def _versions(worker_versions: Mapping[Any, int] | Iterable[int]) -> list[int]:
-    values = worker_versions.values() if isinstance(worker_versions, Mapping) else worker_versions
-    return [check_int("worker_versions", v, 0) for v in values]
+    items = (
+        worker_versions.items()
+        if isinstance(worker_versions, Mapping)
+        else enumerate(worker_versions)
+    )
+    return [check_int(f"worker_versions[{k!r}]", v, 0) for k, v in items]
 
 
 def should_broadcast(

@@ -135,8 +135,10 @@ def test_invalid_versions_and_reasons():
     state = wsc.init(1, 1)
     with pytest.raises(ValueError, match="trainer_version must be an integer >= 0, got -1"):
         wsc.should_broadcast(state, 0.0, -1, [])
-    with pytest.raises(ValueError, match="worker_versions must be an integer >= 0, got 'x'"):
+    with pytest.raises(ValueError, match=r"worker_versions\[0\] must be an integer >= 0, got 'x'"):
         wsc.should_broadcast(state, 0.0, 1, ["x"])
+    with pytest.raises(ValueError, match=r"worker_versions\['b'\] must be an integer >= 0, got -1"):
+        wsc.should_broadcast(state, 0.0, 1, {"a": 0, "b": -1})
     with pytest.raises(ValueError, match="reason must be one of"):
         wsc.request_broadcast(state, "timeout")
     controller = WeightSyncController(1, 1)
