@@ -53,7 +53,10 @@ def test_checklist_on_fake_devices(overrides, tmp_path):
     # The update routes one pipeline microbatch at a time: 8 prompts x 4 samples / 2
     # minibatches / 4 microbatches = 4 rows x 24 tokens over dp*ep = 2 shards = 48 tokens
     # per group; capacity = ceil(48 * 2 * 1.25 / 4) = 30.
-    assert rows["tokens per group (update)"] == "48" and rows["capacity per expert (C)"] == "30"
+    assert (
+        rows["positions per group (update)"] == "48"
+        and rows["capacity per expert (C, at most)"] == "30"
+    )
     assert rows["aux / z loss coef"] == "0.01 / 0.001"
     assert rows["algorithm"] == "grpo"
 

@@ -232,10 +232,11 @@ class MoERouterConfig:
 
     Capacity: each expert accepts at most
     ``C = max(ceil(tokens_per_group * top_k * capacity_factor / num_experts), min_capacity)``
-    tokens per routing group (the tokens of one expert-parallel shard). Choices beyond ``C``
+    tokens per routing group (the tokens of one batch shard over ``('dp', 'ep')``; the whole
+    batch on one device), counting its real tokens only. Choices beyond ``C``
     are dropped: the MoE block outputs zeros for them and the residual carries the token.
     ``capacity_factor=None`` is dropless (``C`` = every choice fits). Padding tokens are never
-    routed and take no capacity.
+    routed, take no slot and do not count towards ``C``.
 
     Auxiliary losses (added to the training loss as ``aux_loss_coef * aux + z_loss_coef * z``):
     the load-balancing loss follows Switch Transformer (Fedus et al., 2021) and the Hugging

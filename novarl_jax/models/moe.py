@@ -10,12 +10,15 @@ The block computes, for every real token ``t`` (Mixtral; Jiang et al., 2024)::
     FFN_e(x) = (silu(x @ W1_e) * (x @ W3_e)) @ W2_e     (SwiGLU; Shazeer, 2020)
 
 ``keep_tk`` is 0 when expert ``e_tk`` was full (GShard, Lepikhin et al., 2020; Switch
-Transformer, Fedus et al., 2021): within a routing group (the tokens of one expert-parallel
-shard) each expert accepts at most ``C = router.capacity(tokens_per_group)`` choices; the rest
-are dropped and contribute zeros (the residual stream carries the token). ``drop_policy``
-decides who loses: ``'position'`` keeps the earliest tokens of the group, ``'probs'`` keeps
-the choices with the largest gate weight ``g_tk`` (ties by position), as Megatron-LM does.
-Padding tokens (``token_mask`` 0) are never routed, take no capacity and output zeros.
+Transformer, Fedus et al., 2021): within a routing group (the tokens of one batch shard over
+``('dp', 'ep')``; the whole batch on one device) each expert accepts at most
+``C = router.capacity(real_tokens_in_group)`` choices; the rest are dropped and contribute
+zeros (the residual stream carries the token). ``drop_policy`` decides who loses:
+``'position'`` keeps the earliest tokens of the group, ``'probs'`` keeps the choices with the
+largest gate weight ``g_tk`` (ties by position), as Megatron-LM does.
+Padding tokens (``token_mask`` 0) are never routed, take no slot, do not count towards ``C``
+(a padded batch gets the configured factor on its real tokens, as with padding removed) and
+output zeros.
 
 Dispatch is sort based and costs O(T * K * D) memory: the T*K choices are sorted by
 (expert, priority) with one ``lax.sort``; a choice's slot in its expert is its rank in the
@@ -358,6 +361,7 @@ class _Plan(NamedTuple):
     row_of_choice: jax.Array  # [T, K] int32, R = not placed (dropped or padding)
     choice_of_row: jax.Array  # [R] int32, T*K = empty row
     counts: jax.Array  # [E] int32, non-padding choices per expert (before dropping)
+    kept_per_expert: jax.Array  # [E] int32, placed choices per expert
     kept: jax.Array  # [] int32, placed choices
     first_row: jax.Array | None  # [E] int32, first buffer row of each expert (grouped)
     num_blocks: jax.Array | None  # [E] int32, blocks of each expert (grouped dense)
@@ -382,6 +386,7 @@ def _route_plan(
     *,
     num_experts: int,
     capacity: int,
+    limit: jax.Array | int,
     drop_policy: str,
     layout: str,
     block: int,
@@ -393,7 +398,9 @@ def _route_plan(
         valid: [T] bool, 1 = a real token.
         gates: [T, K] float32 gate weight of each choice ('probs' policy).
         num_experts: E.
-        capacity: C, the most choices an expert keeps.
+        capacity: C, the most choices an expert can keep: sizes the buffers.
+        limit: the most choices an expert keeps in this group (at most ``capacity``; less
+            when part of the group is padding), an int or an int32 scalar.
         drop_policy: 'position' or 'probs'.
         layout: 'capacity' ([E, C] slabs), 'blocks' (grouped, padded to ``block``) or
             'ragged' (grouped, unpadded).
@@ -419,8 +426,8 @@ def _route_plan(
     starts = starts.astype(jnp.int32)
     counts = starts[1:] - starts[:-1]
     rank = iota - starts[sorted_e]  # rank of each sorted choice within its expert
-    kept_e = jnp.minimum(counts, capacity)
-    placed = (sorted_e < e) & (rank < capacity)
+    kept_e = jnp.minimum(counts, limit)
+    placed = (sorted_e < e) & (rank < limit)
     safe_e = jnp.minimum(sorted_e, e - 1)
 
     first_row = num_blocks = group_sizes = None
@@ -459,11 +466,28 @@ def _route_plan(
         row_of_choice=row_of_choice.reshape(t, k),
         choice_of_row=choice_of_row.astype(jnp.int32),
         counts=counts,
+        kept_per_expert=kept_e,
         kept=jnp.sum(kept_e),
         first_row=first_row,
         num_blocks=num_blocks,
         group_sizes=group_sizes,
     )
+
+
+@functools.lru_cache(maxsize=32)
+def _capacities(router: MoERouterConfig, positions: int, train: bool) -> np.ndarray:
+    """``min(router.capacity(n), router.capacity(positions))`` for n = 0..positions real
+    tokens, int32 [positions + 1] (the same numbers as ``capacity``, computed at once)."""
+    factor = router.capacity_factor if train else router.eval_capacity_factor
+    factor = router.capacity_factor if factor is None else factor
+    n = np.arange(positions + 1, dtype=np.int64)
+    exact = n * router.top_k * factor / router.num_experts  # the same float64 operations
+    table = np.maximum(np.ceil(exact), router.min_capacity)
+    # capacity() rounds to 9 decimals before the ceil: recompute where that can matter.
+    for i in np.flatnonzero(np.abs(exact - np.round(exact)) < 1e-6):
+        table[i] = router.capacity(int(i), train=train)
+    table = np.minimum(table, min(router.capacity(positions, train=train), positions))
+    return table.astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -756,7 +780,7 @@ def _slot_experts(xt, w_gate_up, w_down, plan, *, capacity, top_k, axes):
     Returns:
         [T, K, D] each choice's expert output (zeros where not placed).
     """
-    load = lax.pmax(jnp.max(jnp.minimum(plan.counts, capacity)), _axis_arg(axes.data))
+    load = lax.pmax(jnp.max(plan.kept_per_expert), _axis_arg(axes.data))
     # Mesh-varying casts before the custom VJP: their transposes are the gradients' psums.
     xt, w_gate_up, w_down = _join_varying(xt, w_gate_up, w_down)
     # Gate and up as one 2F axis: a dot contracting two axes gets its operand transposed.
@@ -1017,6 +1041,10 @@ def _moe_group(params, x, token_mask, routing, *, router, train, impl, axes: _Me
 
     # No expert takes more than t choices (a token picks an expert at most once).
     capacity = min(router.capacity(t, train=train), t)
+    limit = capacity
+    if token_mask is not None and capacity < t:
+        # C counts the group's real tokens; the buffers stay sized for all t positions.
+        limit = jnp.asarray(_capacities(router, t, train))[jnp.sum(valid, dtype=jnp.int32)]
     slots = axes.expert_size > 1 and t * k <= _SLOT_MAX_CHOICES
     if axes.expert_size > 1:
         layout = "capacity"  # all_to_all needs fixed [E, C, D] slabs; slots shrink them
@@ -1027,7 +1055,7 @@ def _moe_group(params, x, token_mask, routing, *, router, train, impl, axes: _Me
     block = _block_size(min(t * k, e * capacity), e)
     plan = _route_plan(
         experts, valid, lax.stop_gradient(gates),
-        num_experts=e, capacity=capacity, drop_policy=router.drop_policy,
+        num_experts=e, capacity=capacity, limit=limit, drop_policy=router.drop_policy,
         layout=layout, block=block,
     )  # fmt: skip
 

@@ -19,7 +19,8 @@ def update_routing_groups(spec: RunSpec) -> list[int]:
     """Tokens one batch shard routes as one group in the update's forward.
 
     A MoE layer routes each batch shard's tokens (``dp x ep`` shards) as one group, whose
-    capacity is ``router.capacity(tokens)``. The update's forward sees one micro-batch
+    capacity is at most ``router.capacity(tokens)`` (that of its real tokens when some
+    positions are padding). The update's forward sees one micro-batch
     (``rollout.prompts_per_step`` x samples / ``train.minibatches`` / ``train.micro_batches``
     rows), and with ``pp > 1`` each of its ``experiment.num_microbatches`` pipeline
     microbatches is a group; rows that do not split evenly over the shards are padded, so a
@@ -89,14 +90,15 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
             ),
             (
                 "router",
-                "tokens per group (update)"
+                "positions per group (update)"
                 + (", prompts / completions" if len(groups) > 1 else ""),
                 " / ".join(str(g) for g in groups),
             ),
             (
                 "router",
-                "capacity per expert (C)",
-                # The block caps C at the group's tokens (a token picks an expert once).
+                "capacity per expert (C, at most)",
+                # The block caps C at the group's tokens (a token picks an expert once); a
+                # group with padding positions gets the C of its real tokens.
                 " / ".join(str(min(router.capacity(g), g)) for g in groups),
             ),
         ]

@@ -33,8 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
     exp.expert_parallel_size = 1  # ep: shards experts; carries data outside MoE layers
     exp.num_experts = 0  # experts per MoE layer; 0 = dense SwiGLU MLP (Llama/Mistral style)
     exp.top_k = 2  # experts chosen per token (ignored when dense)
-    # Per-expert capacity = ceil(tokens_per_group * top_k * capacity_factor / num_experts);
-    # set to None for dropless routing.
+    # Per-expert capacity = ceil(tokens_per_group * top_k * capacity_factor / num_experts),
+    # counting a group's real (non-padding) tokens; set to None for dropless routing.
     exp.capacity_factor = config_dict.FieldReference(1.25, field_type=float)
     # Pipeline microbatches per forward when pipeline_parallel_size > 1 (GPipe bubble:
     # (pp - 1) / (num_microbatches + pp - 1)); must divide every forward's batch.

@@ -84,9 +84,11 @@ def np_moe(params, x, router, *, mask=None, groups=1, routing=None, train=True):
 
     keep = np.zeros((t, k), bool)
     per_group = t // groups
-    capacity = min(router.capacity(per_group, train=train), per_group)
     for g in range(groups):
         tokens = range(g * per_group, (g + 1) * per_group)
+        # C counts the group's real tokens (never more than the whole group's C).
+        real = int(sum(valid[tok] for tok in tokens))
+        capacity = min(router.capacity(real, train=train), router.capacity(per_group, train=train))
         for ex in range(e):
             cands = [(tok, j) for tok in tokens for j in range(k)
                      if valid[tok] and experts[tok, j] == ex]  # fmt: skip
@@ -604,6 +606,25 @@ def test_padding_tokens_output_zero_take_no_capacity_and_are_not_counted():
     np.testing.assert_array_equal(np.asarray(y2), np.asarray(y))
     for key in ("aux_loss", "z_loss", "dropped_fraction", "expert_load"):
         np.testing.assert_array_equal(np.asarray(aux2[key]), np.asarray(aux[key]))
+
+
+@pytest.mark.parametrize("mesh_layout", [None, dict(ep=2, dp=4)])
+def test_capacity_counts_the_real_tokens_not_the_padding(mesh_layout, devices):
+    # The same real tokens with and without 3x as many padding positions in their groups:
+    # the same capacity, drops and outputs (a padded RL batch gets the configured factor).
+    router = router_cfg(capacity_factor=1.0)
+    mesh = None if mesh_layout is None else ParallelLayout(**mesh_layout).make_mesh(devices)
+    params, x = make_params(), make_x()
+    padded = jnp.concatenate([x, jnp.zeros((B, 3 * S, D))], axis=1)
+    mask = jnp.concatenate([jnp.ones((B, S), jnp.int32), jnp.zeros((B, 3 * S), jnp.int32)], 1)
+    y, aux = jax.jit(lambda p, x: moe.moe_forward(p, x, router, mesh=mesh))(params, x)
+    y_pad, aux_pad = jax.jit(
+        lambda p, x: moe.moe_forward(p, x, router, mesh=mesh, token_mask=mask)
+    )(params, padded)
+    assert float(aux["dropped_fraction"]) > 0.05
+    np.testing.assert_allclose(float(aux_pad["dropped_fraction"]), float(aux["dropped_fraction"]))
+    np.testing.assert_allclose(np.asarray(y_pad)[:, :S], np.asarray(y), rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(y_pad)[:, S:] == 0.0)
 
 
 @pytest.mark.parametrize("impl", ["dense", "ragged"])

@@ -233,8 +233,10 @@ def test_checklist_capacity_is_capped_at_the_group_tokens():
                              expert_parallel_size=1, capacity_factor=3.0)  # fmt: skip
     config.train.update(minibatches=1, epochs=1)
     rows = _checklist(config)
-    groups = [int(g) for g in rows["tokens per group (update), prompts / completions"].split(" / ")]
-    capacities = [int(c) for c in rows["capacity per expert (C)"].split(" / ")]
+    groups = [
+        int(g) for g in rows["positions per group (update), prompts / completions"].split(" / ")
+    ]
+    capacities = [int(c) for c in rows["capacity per expert (C, at most)"].split(" / ")]
     assert capacities == groups  # factor 3 x top-2 / 4 experts = 1.5 x tokens, capped
 
 
@@ -247,8 +249,8 @@ def test_checklist_routing_group_of_a_microbatch_the_shards_do_not_divide(microb
     config = moe.get_config()
     config.experiment.num_microbatches = microbatches
     rows = _checklist(config)
-    assert rows["tokens per group (update)"] == "24"
-    assert rows["capacity per expert (C)"] == "15"
+    assert rows["positions per group (update)"] == "24"
+    assert rows["capacity per expert (C, at most)"] == "15"
 
 
 def test_checklist_describes_the_experts_on_each_shard_and_the_drop_policy():
