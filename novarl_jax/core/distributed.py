@@ -365,7 +365,9 @@ class MoERouterConfig:
                 f"{self.num_experts}"
             )
 
-    def to_megatron(self, layout: ParallelLayout, *, num_moe_layers: int = 1) -> list[str]:
+    def to_megatron(
+        self, layout: ParallelLayout, *, num_moe_layers: int | None = None
+    ) -> list[str]:
         """Megatron-LM (Megatron-Core MoE) flags for this router on ``layout``, as argv.
 
         Includes the layout's parallel sizes, so the list can be passed on its own. Megatron
@@ -378,8 +380,8 @@ class MoERouterConfig:
         so its loss is ours divided by K), and it adds every MoE layer's losses where our model
         takes their mean over the ``num_moe_layers`` layers. ``--moe-aux-loss-coeff`` is
         therefore ``aux_loss_coef * top_k / num_moe_layers`` and ``--moe-z-loss-coeff``
-        ``z_loss_coef / num_moe_layers``, which give the same gradients; pass the model's
-        number of MoE layers (its ``num_hidden_layers``).
+        ``z_loss_coef / num_moe_layers``, which give the same gradients. ``num_moe_layers``
+        is required: the model's number of MoE layers (its ``num_hidden_layers``).
 
         Megatron's default softmax over the chosen K is ``normalize_top_k=True``, and
         ``--moe-router-pre-softmax`` is ``normalize_top_k=False``. For ``top_k=1`` Megatron
@@ -394,10 +396,10 @@ class MoERouterConfig:
             TypeError: ``layout`` is not a :class:`ParallelLayout`.
             ValueError: experts not divisible by ``ep``, a top-1 router that renormalises, a
                 ``min_capacity`` or ``eval_capacity_factor`` Megatron cannot express, or
-                ``num_moe_layers`` not an integer >= 1.
+                ``num_moe_layers`` missing or not an integer >= 1.
         """
         self.validate_layout(layout)
-        num_moe_layers = check_int("num_moe_layers", num_moe_layers, 1)
+        num_moe_layers = _moe_layers(num_moe_layers)
         if self.min_capacity > 0 and self.capacity_factor is not None:
             raise ValueError(
                 f"min_capacity={self.min_capacity} has no Megatron-LM equivalent (Megatron "
@@ -462,7 +464,9 @@ class MoERouterConfig:
         alike, so dropless training with a capped ``eval_capacity_factor`` raises. DeepSpeed's
         constructor has no drop-policy switch, so ``drop_policy='probs'`` raises. DeepSpeed
         returns its load-balancing loss for the caller to weight (its top-2 form counts first
-        choices only), so ``aux_loss_coef`` and ``z_loss_coef`` have no DeepSpeed argument.
+        choices only) and computes no router z-loss (nor returns the logits one would need),
+        so ``aux_loss_coef`` and ``z_loss_coef`` have no DeepSpeed argument: a DeepSpeed run
+        trains without the z-loss.
 
         Raises:
             TypeError: ``layout`` is not a :class:`ParallelLayout`.
@@ -521,8 +525,9 @@ class MegatronAdapterConfig:
     """The layout (and optional router) a Megatron-LM launch should use, as one object.
 
     A dense model (no router) may not use expert parallelism: Megatron-LM refuses
-    ``--expert-model-parallel-size`` above 1 without ``--num-experts``. ``num_moe_layers``
-    scales the router's loss weights (see :meth:`MoERouterConfig.to_megatron`).
+    ``--expert-model-parallel-size`` above 1 without ``--num-experts``. With a router,
+    ``num_moe_layers`` (the model's number of MoE layers) is required: it scales the
+    router's loss weights (see :meth:`MoERouterConfig.to_megatron`).
 
     Example:
         >>> adapter = MegatronAdapterConfig(parallel_layout=ParallelLayout(tp=2, pp=2))
@@ -532,14 +537,13 @@ class MegatronAdapterConfig:
 
     parallel_layout: ParallelLayout
     router: MoERouterConfig | None = None
-    num_moe_layers: int = 1
+    num_moe_layers: int | None = None
 
     def __post_init__(self) -> None:
         _check_layout(self.parallel_layout)
-        object.__setattr__(
-            self, "num_moe_layers", check_int("num_moe_layers", self.num_moe_layers, 1)
-        )
         if self.router is None:
+            if self.num_moe_layers is not None:
+                check_int("num_moe_layers", self.num_moe_layers, 1)
             if self.parallel_layout.ep > 1:
                 raise ValueError(
                     f"expert_parallel_size={self.parallel_layout.ep} needs a router (Megatron-LM "
@@ -551,12 +555,23 @@ class MegatronAdapterConfig:
                 f"router must be a MoERouterConfig or None, got {type(self.router).__name__}"
             )
         self.router.validate_layout(self.parallel_layout)
+        object.__setattr__(self, "num_moe_layers", _moe_layers(self.num_moe_layers))
 
     def to_args(self) -> list[str]:
         """Megatron-LM argv for the layout, plus the MoE flags when a router is set."""
         if self.router is None:
             return self.parallel_layout.to_megatron_args()
         return self.router.to_megatron(self.parallel_layout, num_moe_layers=self.num_moe_layers)
+
+
+def _moe_layers(num_moe_layers: Any) -> int:
+    if num_moe_layers is None:
+        raise ValueError(
+            "num_moe_layers is required with a router: the model's number of MoE layers (its "
+            "num_hidden_layers), since Megatron-LM adds every layer's load-balancing and z "
+            "losses where this model averages them; e.g. num_moe_layers=32"
+        )
+    return check_int("num_moe_layers", num_moe_layers, 1)
 
 
 def _fmt(value: float) -> str:

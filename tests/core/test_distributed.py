@@ -253,9 +253,9 @@ def test_num_experts_not_divisible_by_ep():
     ):
         router.to_deepspeed(layout)
     with pytest.raises(ValueError, match="num_experts=6 is not divisible"):
-        router.to_megatron(layout)
+        router.to_megatron(layout, num_moe_layers=1)
     with pytest.raises(ValueError, match="num_experts=6 is not divisible"):
-        MegatronAdapterConfig(parallel_layout=layout, router=router)
+        MegatronAdapterConfig(parallel_layout=layout, router=router, num_moe_layers=1)
 
 
 def _argv_to_dict(argv):
@@ -283,7 +283,7 @@ def test_megatron_layout_args():
 def test_megatron_router_args():
     layout = ParallelLayout.from_world_size(8, 2, 2, 2)
     router = MoERouterConfig(num_experts=8, top_k=2, capacity_factor=1.2, drop_policy="probs")
-    args = _argv_to_dict(router.to_megatron(layout))
+    args = _argv_to_dict(router.to_megatron(layout, num_moe_layers=1))
     assert args == {
         "--tensor-model-parallel-size": "2",
         "--pipeline-model-parallel-size": "2",
@@ -322,7 +322,11 @@ def test_megatron_aux_loss_coeff_gives_our_weighted_loss(top_k):
     probs /= probs.sum(1, keepdims=True)
     chosen = np.argsort(-probs, axis=1)[:, :top_k]
     tokens_per_expert = np.bincount(chosen.ravel(), minlength=e)
-    coeff = float(_argv_to_dict(router.to_megatron(ParallelLayout()))["--moe-aux-loss-coeff"])
+    coeff = float(
+        _argv_to_dict(router.to_megatron(ParallelLayout(), num_moe_layers=1))[
+            "--moe-aux-loss-coeff"
+        ]
+    )
     megatron = coeff * e / (top_k * t * t) * np.sum(probs.sum(0) * tokens_per_expert)
     np.testing.assert_allclose(megatron, router.aux_loss_coef * float(aux["aux_loss"]), rtol=1e-5)
 
@@ -364,17 +368,21 @@ def test_megatron_loss_coefficients_for_several_layers_give_our_model_loss():
 def test_megatron_refuses_what_it_cannot_express():
     layout = ParallelLayout()
     with pytest.raises(ValueError, match="min_capacity=2 has no Megatron-LM equivalent"):
-        MoERouterConfig(num_experts=4, min_capacity=2).to_megatron(layout)
+        MoERouterConfig(num_experts=4, min_capacity=2).to_megatron(layout, num_moe_layers=1)
     # Dropless: a minimum capacity changes nothing.
-    MoERouterConfig(num_experts=4, min_capacity=2, capacity_factor=None).to_megatron(layout)
+    MoERouterConfig(num_experts=4, min_capacity=2, capacity_factor=None).to_megatron(
+        layout, num_moe_layers=1
+    )
     with pytest.raises(ValueError, match="eval_capacity_factor=2.0 has no Megatron-LM"):
-        MoERouterConfig(num_experts=4, eval_capacity_factor=2.0).to_megatron(layout)
-    MoERouterConfig(num_experts=4, eval_capacity_factor=1.25).to_megatron(layout)
+        MoERouterConfig(num_experts=4, eval_capacity_factor=2.0).to_megatron(
+            layout, num_moe_layers=1
+        )
+    MoERouterConfig(num_experts=4, eval_capacity_factor=1.25).to_megatron(layout, num_moe_layers=1)
 
 
 def test_megatron_dropless_and_pre_softmax():
     router = MoERouterConfig(num_experts=4, capacity_factor=None, normalize_top_k=False)
-    args = _argv_to_dict(router.to_megatron(ParallelLayout(ep=2)))
+    args = _argv_to_dict(router.to_megatron(ParallelLayout(ep=2), num_moe_layers=1))
     assert "--moe-expert-capacity-factor" not in args
     assert "--moe-token-drop-policy" not in args
     assert args["--moe-router-pre-softmax"] is True
@@ -384,9 +392,9 @@ def test_megatron_dropless_and_pre_softmax():
 def test_megatron_top1_needs_the_pre_softmax_weights():
     # Megatron refuses top-1 routing without --moe-router-pre-softmax.
     with pytest.raises(ValueError, match="normalize_top_k=True with top_k=1"):
-        MoERouterConfig(num_experts=4, top_k=1).to_megatron(ParallelLayout())
+        MoERouterConfig(num_experts=4, top_k=1).to_megatron(ParallelLayout(), num_moe_layers=1)
     args = MoERouterConfig(num_experts=4, top_k=1, normalize_top_k=False).to_megatron(
-        ParallelLayout()
+        ParallelLayout(), num_moe_layers=1
     )
     assert "--moe-router-pre-softmax" in args
 
@@ -396,9 +404,13 @@ def test_megatron_adapter_config():
     router = MoERouterConfig(num_experts=4)
     dense = ParallelLayout(tp=2, pp=2)
     assert MegatronAdapterConfig(parallel_layout=dense).to_args() == dense.to_megatron_args()
-    assert MegatronAdapterConfig(parallel_layout=layout, router=router).to_args() == (
-        router.to_megatron(layout)
-    )
+    # Megatron-LM's loss weights depend on the number of MoE layers: no silent default.
+    for call in (
+        lambda: router.to_megatron(layout),
+        lambda: MegatronAdapterConfig(parallel_layout=layout, router=router),
+    ):
+        with pytest.raises(ValueError, match="num_moe_layers is required with a router"):
+            call()
     assert MegatronAdapterConfig(parallel_layout=layout, router=router, num_moe_layers=4).to_args(
     ) == router.to_megatron(layout, num_moe_layers=4)  # fmt: skip
     with pytest.raises(TypeError, match="layout must be a ParallelLayout"):
