@@ -285,7 +285,10 @@ class MoERouterConfig:
         store("top_k", int(self.top_k))
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
-        for name in ("capacity_factor", "eval_capacity_factor"):
+        for name, none in (
+            ("capacity_factor", "dropless"),
+            ("eval_capacity_factor", "= capacity_factor"),
+        ):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -295,7 +298,7 @@ class MoERouterConfig:
                 or not (value > 0 and math.isfinite(value))
             ):
                 raise ValueError(
-                    f"{name} must be > 0 or None (dropless), and a finite number, got {value!r}"
+                    f"{name} must be > 0 or None ({none}), and a finite number, got {value!r}"
                 )
             store(name, float(value))  # a NumPy float32 would make capacity() round in float32
         store("min_capacity", check_int("min_capacity", self.min_capacity, 0))

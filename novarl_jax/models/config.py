@@ -231,10 +231,13 @@ class ModelConfig:
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("capacity_factor", "eval_capacity_factor"):
+        for name, none in (
+            ("capacity_factor", "dropless"),
+            ("eval_capacity_factor", "= capacity_factor"),
+        ):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not value > 0):
-                raise ValueError(f"{name} must be > 0 or None (dropless), got {value!r}")
+                raise ValueError(f"{name} must be > 0 or None ({none}), got {value!r}")
         if not _is_int(self.min_capacity) or self.min_capacity < 0:
             raise ValueError(f"min_capacity must be an integer >= 0, got {self.min_capacity!r}")
         if self.drop_policy not in DROP_POLICIES:

@@ -68,7 +68,17 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
         rows.append(("router", "experts", "dense MLP (no MoE)"))
     else:
         groups = update_routing_groups(spec)
-        cf = "dropless" if router.capacity_factor is None else f"{router.capacity_factor:g}"
+
+        def factor(value):
+            return "dropless" if value is None else f"{value:g}"
+
+        cf = factor(router.capacity_factor)
+        rollout_cf = router.capacity_factor
+        if router.eval_capacity_factor is not None:
+            rollout_cf = router.eval_capacity_factor
+        if rollout_cf != router.capacity_factor:  # the sampler routes with the eval factor
+            cf += f" (rollout: {factor(rollout_cf)})"
+        drops = router.capacity_factor is not None or rollout_cf is not None
         rows += [
             ("router", "experts (E)", str(router.num_experts)),
             (
@@ -81,7 +91,12 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
             (
                 "router",
                 "drop policy",
-                router.drop_policy if router.capacity_factor is not None else "none (dropless)",
+                router.drop_policy if drops else "none (dropless)",
+            ),
+            *(
+                [("router", "min capacity", str(router.min_capacity))]
+                if router.min_capacity
+                else []
             ),
             (
                 "router",

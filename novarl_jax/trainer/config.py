@@ -36,6 +36,13 @@ def default_config() -> ml_collections.ConfigDict:
     # Per-expert capacity = ceil(tokens_per_group * top_k * capacity_factor / num_experts),
     # counting a group's real (non-padding) tokens; set to None for dropless routing.
     exp.capacity_factor = config_dict.FieldReference(1.25, field_type=float)
+    # Capacity factor of the rollout's sampling forwards (they route with train=False);
+    # None = capacity_factor. Megatron-LM and DeepSpeed call it the evaluation factor.
+    exp.eval_capacity_factor = config_dict.FieldReference(None, field_type=float)
+    exp.min_capacity = 0  # lower bound on each expert's capacity C per routing group
+    # Which choices a full expert drops: 'position' keeps a group's earliest tokens, 'probs'
+    # the choices with the largest gate weights (Megatron-LM's --moe-token-drop-policy).
+    exp.drop_policy = "position"
     # Pipeline microbatches per forward when pipeline_parallel_size > 1 (GPipe bubble:
     # (pp - 1) / (num_microbatches + pp - 1)); must divide every forward's batch.
     exp.num_microbatches = 4
@@ -269,6 +276,7 @@ def default_config() -> ml_collections.ConfigDict:
 NULLABLE_KEYS = frozenset(
     {
         "experiment.capacity_factor",
+        "experiment.eval_capacity_factor",
         "model.head_dim",
         "ppo.dual_clip_c",
         "ppo.value_clip_range",
@@ -402,6 +410,9 @@ _LAYOUT_ARGS = {
     "num_experts": "experiment.num_experts",
     "top_k": "experiment.top_k",
     "capacity_factor": "experiment.capacity_factor",
+    "eval_capacity_factor": "experiment.eval_capacity_factor",
+    "min_capacity": "experiment.min_capacity",
+    "drop_policy": "experiment.drop_policy",
     "aux_loss_coef": "model.router_aux_loss_coef",
     "z_loss_coef": "model.router_z_loss_coef",
 }
@@ -543,7 +554,8 @@ _UNREAD_WHEN = (
         "experiment.async_rollouts=False: each step samples with the weights it trains",
     ),
     (
-        ("train.router_replay", "experiment.top_k", "experiment.capacity_factor"),
+        ("train.router_replay", "experiment.top_k", "experiment.capacity_factor",
+         "experiment.eval_capacity_factor", "experiment.min_capacity", "experiment.drop_policy"),
         lambda c, asynchronous: c.experiment.num_experts == 0,
         "the model is dense (experiment.num_experts=0): it has no router",
     ),
@@ -714,6 +726,9 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
                 num_experts=exp.num_experts,
                 top_k=exp.top_k,
                 capacity_factor=exp.capacity_factor,
+                eval_capacity_factor=exp.eval_capacity_factor,
+                min_capacity=exp.min_capacity,
+                drop_policy=exp.drop_policy,
                 aux_loss_coef=config.model.router_aux_loss_coef,
                 z_loss_coef=config.model.router_z_loss_coef,
             )

@@ -264,6 +264,18 @@ def test_checklist_describes_the_experts_on_each_shard_and_the_drop_policy():
     config.experiment.capacity_factor = None
     rows = _checklist(config)
     assert (rows["capacity factor"], rows["drop policy"]) == ("dropless", "none (dropless)")
+    assert "min capacity" not in rows
+    config.experiment.update(eval_capacity_factor=2.0, drop_policy="probs", min_capacity=4)
+    rows = _checklist(config)
+    assert (rows["capacity factor"], rows["drop policy"]) == ("dropless (rollout: 2)", "probs")
+    assert rows["min capacity"] == "4"
+    # The routing keys reach the policy's router (the sampler and the update read it there).
+    router = build_run(validate_config(config)).model.policy.router
+    assert (router.eval_capacity_factor, router.drop_policy, router.min_capacity) == (
+        2.0,
+        "probs",
+        4,
+    )
 
 
 def test_checklist_says_how_far_asynchronous_rollouts_sample_ahead():

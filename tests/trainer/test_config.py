@@ -57,6 +57,11 @@ def _with(**overrides):
         (dict(experiment__tensor_parallel_size=0), "experiment.tensor_parallel_size", ">= 1"),
         (dict(experiment__top_k=5), "experiment.top_k", r"must be in \[1, num_experts=4\]"),
         (dict(experiment__capacity_factor=0.0), "experiment.capacity_factor", "> 0 or None"),
+        (dict(experiment__eval_capacity_factor=0.0), "experiment.eval_capacity_factor",
+         r"> 0 or None \(= capacity_factor\)"),
+        (dict(experiment__min_capacity=-1), "experiment.min_capacity", ">= 0"),
+        (dict(experiment__drop_policy="largest"), "experiment.drop_policy",
+         r"not one of \['position', 'probs'\]"),
         (dict(experiment__num_experts=5), "experiment.num_experts", "do not split over"),
         (dict(experiment__num_experts=-1), "experiment.num_experts", ">= 0"),
         (dict(experiment__algorithm="dqn"), "experiment.algorithm", r"not one of \['ppo'"),
@@ -178,14 +183,15 @@ def test_settings_a_run_does_not_read_are_reported():
 def test_keys_of_a_feature_that_is_off_are_reported():
     config = default_config()
     config.experiment.update(algorithm="ppo", grpo_group_size=8, top_k=1, num_microbatches=8)
-    config.experiment.capacity_factor = 2.0
+    config.experiment.update(capacity_factor=2.0, drop_policy="probs")
     config.eval.prompts = 64
     config.dapo.update(max_extra_batches=5, overlong_penalty=0.5)
     config.ppo.update(reward_kl_kind="k3", reward_kl_coef=0.0, kl_kind="k2")
     config.grpo.kl_kind = "k1"
     assert ignored_settings(config) == [
         "grpo.kl_kind='k1' is not used: experiment.algorithm='ppo' reads the ppo.* settings",
-        "experiment.top_k=1, experiment.capacity_factor=2.0 are not used: the model is dense "
+        "experiment.top_k=1, experiment.capacity_factor=2.0, experiment.drop_policy='probs' are "
+        "not used: the model is dense "
         "(experiment.num_experts=0): it has no router",
         "experiment.grpo_group_size=8 is not used: experiment.algorithm='ppo' samples one "
         "completion per prompt",
