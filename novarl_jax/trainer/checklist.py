@@ -244,6 +244,11 @@ def _model_rows(spec: RunSpec, run: Any) -> list[tuple[str, str, str]]:
         words = f"{tokenizer_path(config)} ({vocab} ids)"
     if vocab < policy.vocab_size and not tokenizer_path(config):
         words += f"; the policy's ids {vocab}-{policy.vocab_size - 1} decode to nothing"
+    tensor_parallel = []
+    if spec.layout.tp > 1:
+        tensor_parallel = [
+            ("model", f"split over tp={spec.layout.tp}", _tp_split(policy, spec.layout.tp))
+        ]
     return [
         (
             "model",
@@ -260,7 +265,28 @@ def _model_rows(spec: RunSpec, run: Any) -> list[tuple[str, str, str]]:
         ),
         ("model", "initial weights", weights),
         ("model", "tokenizer", words),
+        *tensor_parallel,
     ]
+
+
+def _tp_split(policy: Any, tp: int) -> str:
+    """Which dimensions tensor parallelism shards, and which it leaves replicated because
+    ``tp`` does not divide them (the sharding rules skip such an axis)."""
+    dims = (
+        ("attention heads", policy.num_attention_heads),
+        ("KV heads", policy.num_key_value_heads),
+        (
+            "MLP hidden" if not policy.num_local_experts else "expert hidden",
+            policy.intermediate_size,
+        ),
+        ("vocab", policy.vocab_size),
+    )
+    split = [name for name, size in dims if size % tp == 0]
+    whole = [f"{name} ({size})" for name, size in dims if size % tp]
+    text = ", ".join(split) if split else "nothing"
+    if whole:
+        text += f"; replicated, as tp does not divide them: {', '.join(whole)}"
+    return text
 
 
 def _precision(policy) -> str:

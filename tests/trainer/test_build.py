@@ -603,3 +603,16 @@ def test_a_tensor_parallel_size_that_splits_no_weight_is_warned_of(devices):
         "them",
         2: None,
     }
+
+
+def test_checklist_says_what_tensor_parallelism_splits_and_what_stays_replicated():
+    from configs import moe
+
+    config = moe.get_config()  # tp2: 4 heads, 2 KV heads, experts' hidden 64, 13 task ids
+    rows = _checklist(config, with_run=True)
+    assert rows["split over tp=2"] == (
+        "attention heads, KV heads, expert hidden; replicated, as tp does not divide them: "
+        "vocab (13)"
+    )
+    config.experiment.update(tensor_parallel_size=1, expert_parallel_size=4)
+    assert not any(key.startswith("split over") for key in _checklist(config, with_run=True))
