@@ -270,12 +270,9 @@ def test_normalize_advantages_matches_numpy(seed, shift_mean):
     rewards, _, mask = random_inputs(seed, 4, 6)
     got = normalize_advantages(rewards, mask, shift_mean=shift_mean)
     m = mask != 0
-    if shift_mean:
-        want = np_whiten(rewards, mask)
-    else:
-        vals = rewards[m].astype(np.float64)
-        std = np.sqrt(vals.var() + 1e-8) if vals.size else 1.0
-        want = np.where(m, rewards / std, 0.0)
+    want = np_whiten(rewards, mask)
+    if not shift_mean:  # the mean added back (lm-human-preferences, TRL, verl)
+        want = np.where(m, want + (rewards[m].astype(np.float64).mean() if m.any() else 0.0), 0.0)
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
     assert np.all(np.asarray(got)[~m] == 0)
 
@@ -676,6 +673,10 @@ def test_constant_advantages_whiten_to_zero():
     np.testing.assert_array_equal(
         np.asarray(normalize_advantages(jnp.ones((2, 3)), jnp.ones((2, 3)))), np.zeros((2, 3))
     )
+    # Without the shift they come back as they were (no division by sqrt(eps)); padding is 0.
+    mask = jnp.asarray([[1, 1, 0], [1, 1, 1]])
+    got = normalize_advantages(jnp.full((2, 3), 0.7), mask, shift_mean=False)
+    np.testing.assert_array_equal(np.asarray(got), np.where(mask, np.float32(0.7), 0.0))
     batch = {"scores": jnp.zeros(4), "response_mask": jnp.ones((4, 3))}
     advantages, _ = ReinforcePlusPlusAdvantageEstimator()(batch)
     np.testing.assert_array_equal(np.asarray(advantages), np.zeros((4, 3)))

@@ -363,15 +363,16 @@ def normalize_advantages(
     ``masked_whiten`` and TRL divide the variance by ``N - 1`` instead, a factor
     ``sqrt(N / (N - 1))`` on the result, negligible over a batch's tokens). Under ``jit`` with
     a sharded batch the sums are global, so the statistics are those of the full batch, never
-    per shard. A batch without valid tokens returns zeros, and so does one whose valid
-    advantages all agree (with ``shift_mean``).
+    per shard. A batch without valid tokens returns zeros; one whose valid advantages all
+    agree returns zeros (``shift_mean``) or those values unchanged (``shift_mean=False``).
 
     Args:
         advantages: ``[B, T]`` (or any shape matching ``mask``).
         mask: same shape; nonzero = a valid token.
         eps: added to the variance before the square root, > 0.
-        shift_mean: subtract the mean (True) or only divide by the standard deviation (False,
-            which keeps the sign of every advantage).
+        shift_mean: False adds the mean back after whitening, ``(A - mean) / sqrt(var + eps)
+            + mean``: unit spread around the batch's own mean (the ``shift_mean=False`` of
+            OpenAI's lm-human-preferences ``whiten``, TRL's and verl's ``masked_whiten``).
 
     Returns:
         float32 array of the input's shape.
@@ -393,10 +394,11 @@ def normalize_advantages(
     masked = jnp.where(valid, advantages, 0.0)
     mean = jnp.sum(masked) / count
     var = jnp.sum(jnp.where(valid, jnp.square(advantages - mean), 0.0)) / count
-    centred = advantages - mean if shift_mean else advantages
-    if shift_mean:
-        centred = jnp.where(_all_equal(advantages, valid, axis=None), 0.0, centred)
-    return jnp.where(valid, centred * jax.lax.rsqrt(var + eps), 0.0)
+    centred = jnp.where(_all_equal(advantages, valid, axis=None), 0.0, advantages - mean)
+    whitened = centred * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return jnp.where(valid, whitened, 0.0)
 
 
 def _all_equal(values: jax.Array, kept: Any, *, axis: int | None) -> jax.Array:
