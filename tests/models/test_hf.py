@@ -359,6 +359,13 @@ def test_one_model_safetensors_wins_over_a_stale_index_like_transformers(tmp_pat
     both = r"holds both model\.safetensors and a complete sharded checkpoint \(model\.safet"
     with pytest.raises(ValueError, match=both):
         load_hf_model(d)
+    # An incomplete sharded set (a shard missing) beside it is no second model: the single
+    # file is read, as transformers reads it.
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {**index["weight_map"], "lm_head.weight": "model-2.safetensors"}})
+    )
+    _equal_trees(load_hf_model(d)[1], load_hf_model(DATA / "llama")[1])
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
     # An index that names model.safetensors itself (some Hub repositories ship one), or a
     # broken leftover index beside it: the single file is read, as transformers reads it.
     (d / "model-00001-of-00001.safetensors").rename(d / "shard.bak")
@@ -373,7 +380,7 @@ def test_one_model_safetensors_wins_over_a_stale_index_like_transformers(tmp_pat
     (d / "model.safetensors").unlink()  # without it, the index is read
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(load_hf_model(d)[1]))
     # An index's shard names are file names beside it, nothing else.
-    for name in (None, 3, "../model.safetensors"):
+    for name in (None, 3, "", "../model.safetensors"):
         index["weight_map"]["model.norm.weight"] = name
         (d / "model.safetensors.index.json").write_text(json.dumps(index))
         with pytest.raises(ValueError, match=r"index\.json: weight_map\['model\.norm\.weight'\] "

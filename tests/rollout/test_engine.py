@@ -107,6 +107,11 @@ def test_a_trajectory_feeds_the_group_estimators_under_their_names(rolled):
     interleaved = {**batch, "group_ids": jnp.asarray([0, 1, 0, 1, 2, 3, 2, 3])}
     with pytest.raises(ValueError, match="are not consecutive groups"):
         make_advantage_estimator("grpo", group_size=GROUP)(interleaved)
+    # A group size smaller than the rollout's would baseline each half-group on its own.
+    fours = {**batch, "group_ids": jnp.asarray([0, 0, 0, 0, 1, 1, 1, 1])}
+    with pytest.raises(ValueError, match=r"group_ids \[0, 0, 0, 0, 1, 1, 1, 1\] are not "
+                       r"consecutive groups of group_size=2 rows"):  # fmt: skip
+        make_advantage_estimator("grpo", group_size=GROUP)(fours)
     # The rollout's own name for the sample mask is refused, not ignored.
     renamed = {"response_mask": traj.response_mask, "scores": traj.rewards, "valid": traj.valid}
     with pytest.raises(ValueError, match="has 'valid' but no 'sample_mask'"):

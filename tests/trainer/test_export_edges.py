@@ -192,6 +192,31 @@ def test_an_export_during_training_takes_the_step_that_replaced_the_one_it_was_r
     assert not (tmp / "e21").exists()
 
 
+def test_an_export_gives_up_after_the_retries_when_every_step_it_reads_is_rotated_away(
+    run_a, monkeypatch
+):
+    from novarl_jax.trainer import export as export_mod
+
+    c, tmp = run_a
+    shutil.copytree(tmp / "run", tmp / "live2")
+    checkpoints = tmp / "live2" / "checkpoints"
+    restore = export_mod.Checkpointer.restore
+    calls = []
+
+    def always_rotating(self, abstract, step=None):
+        calls.append(step)
+        newest = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+        shutil.copytree(checkpoints / str(newest), checkpoints / str(newest + 1))
+        shutil.rmtree(checkpoints / str(step))
+        return restore(self, abstract, step)
+
+    monkeypatch.setattr(export_mod.Checkpointer, "restore", always_rotating)
+    with pytest.raises(ExportError, match="was removed while the export read it"):
+        export_policy(c, str(tmp / "live2"), str(tmp / "e22"))
+    assert calls == [2, 3, 4, 5]  # the first try and _ROTATION_RETRIES = 3 newer steps
+    assert not (tmp / "e22").exists()
+
+
 def test_a_failed_tokenizer_write_leaves_no_half_export(run_a, monkeypatch):
     """The model files are moved into place before the tokenizer is written: a failure there
     left an export that a rerun into the same directory refused as already holding a
@@ -214,5 +239,9 @@ def test_a_failed_tokenizer_write_leaves_no_half_export(run_a, monkeypatch):
         export_policy(c, str(tmp / "run"), str(tmp / "e31"))
     assert sorted(p.name for p in (tmp / "e31").iterdir()) == ["generation_config.json",
                                                                 "notes.txt"]  # fmt: skip
+    (tmp / "e32").mkdir()  # an empty directory of the user's: the export's files all go again
+    with pytest.raises(ExportError, match="the export could not be written"):
+        export_policy(c, str(tmp / "run"), str(tmp / "e32"))
+    assert list((tmp / "e32").iterdir()) == []
     monkeypatch.undo()
     export_policy(c, str(tmp / "run"), str(tmp / "e31"))  # the rerun writes it

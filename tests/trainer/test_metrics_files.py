@@ -5,7 +5,13 @@ import types
 
 import pytest
 
-from novarl_jax.trainer.metrics import JsonLines, MetricsWriter, read_metrics, wandb_run_id
+from novarl_jax.trainer.metrics import (
+    JsonLines,
+    MetricsWriter,
+    read_metrics,
+    steps_written,
+    wandb_run_id,
+)
 
 
 def test_truncating_keeps_a_line_that_is_not_an_object(tmp_path):
@@ -50,3 +56,13 @@ def test_a_relative_workdir_names_the_same_wandb_run(tmp_path, monkeypatch):
 def test_blank_lines_in_metrics_are_skipped(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n\n{"step": 2}\n')
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_steps_written_counts_distinct_steps_of_metrics_rows(tmp_path):
+    # A step redone after a restart appears twice; rows without a step are no metrics rows.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"note": 1}\n{"step": 2}\n{"step": 2}\nnot json\n{"step": 3}\n')
+    assert steps_written(str(path)) == 2
+    path.write_text('{"note": 1}\n{"step": true}\n')
+    assert steps_written(str(path)) == 0
+    assert steps_written(str(tmp_path / "missing.jsonl")) == 0

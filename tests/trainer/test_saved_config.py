@@ -363,6 +363,22 @@ def test_a_tokenizer_that_gives_a_recorded_token_another_id_is_refused(tmp_path)
     assert [key for key, *_ in changes] == ["model.tokenizer"]
 
 
+def test_moved_tokens_are_named_in_id_order_and_under_the_key_that_chose_the_tokenizer(tmp_path):
+    from novarl_jax.rollout.tokenizers import CharTokenizer
+
+    config = copy.get_config()
+    write_config(str(tmp_path), config, tokenizer=CharTokenizer("cab"))  # c 3, a 4, b 5
+    with pytest.raises(ConfigChangedError, match=r"\('c' 3 -> 4, 'a' 4 -> 5, 'b' 5 -> 3;"):
+        check_resume_config(str(tmp_path), config, tokenizer=CharTokenizer("bca"))
+    # A tokenizer.json that comes with model.init_from's checkpoint: that key is named.
+    (tmp_path / "init").mkdir()
+    (tmp_path / "init" / "tokenizer.json").write_text("{}")
+    config.model.init_from = str(tmp_path / "init")
+    with pytest.raises(ConfigChangedError) as info:
+        check_resume_config(str(tmp_path), config, tokenizer=CharTokenizer("bca"))
+    assert info.value.key == "model.init_from"
+
+
 def _reward_fails(prompts, completions, metadata):
     raise RuntimeError("this reward fails")
 
@@ -405,3 +421,13 @@ def test_steps_no_checkpoint_kept_are_replaced_only_by_the_same_run(tmp_path):
     changed.optim.learning_rate = 0.01
     train_quietly(changed, tmp_path, allow_config_change=True)
     assert json.loads(record.read_text())["optim"]["learning_rate"] == 0.01  # its step landed
+    # The same when no key that may change changes (experiment.steps did above).
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+    shutil.rmtree(tmp_path / "checkpoints" / "2")
+    failing = _config(2)
+    failing.optim.learning_rate = 0.02
+    failing.task.reward_fn = f"{__name__}:_reward_fails"
+    with pytest.raises(Exception, match="this reward fails"):
+        train_quietly(failing, tmp_path, allow_config_change=True)
+    saved = json.loads(record.read_text())
+    assert (saved["optim"]["learning_rate"], saved["task"]["reward_fn"]) == (0.01, "")
