@@ -15,6 +15,8 @@ from typing import Any
 # `experiment.world_size=8` (Hydra style) -> `--config.experiment.world_size=8`.
 HYDRA_OVERRIDE = re.compile(r"^\+?([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+)=(.*)$", re.DOTALL)
 CONFIG_OVERRIDE = re.compile(r"^--config\.([\w.]+)=(.*)$", re.DOTALL)
+# `--config.experiment.steps 5`: absl's space-separated form of the same flag.
+_CONFIG_FLAG_ALONE = re.compile(r"^--config\.[\w.]+$")
 NONE_WORDS = ("None", "none", "null", "~")
 # The free-form section whose keys are the task constructor's keyword arguments.
 TASK_OPTIONS = "task.options"
@@ -28,7 +30,8 @@ class OverrideError(ValueError):
 
 
 def translate_argv(argv: list[str]) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-    """Rewrites Hydra-style ``a.b=v`` arguments as ``--config.a.b=v`` flags (placed last).
+    """Rewrites Hydra-style ``a.b=v`` arguments (and ``--config.a.b v``) as
+    ``--config.a.b=v`` flags (placed last); of a key given more than once, the last counts.
 
     Returns the new argv, the keys set to None (``key=None``), which config_flags cannot
     parse for typed fields, and the ``task.options.<name>=<value>`` overrides as (name,
@@ -37,11 +40,22 @@ def translate_argv(argv: list[str]) -> tuple[list[str], list[str], list[tuple[st
     :func:`apply_task_options`).
     """
     flags_part, overrides, none_keys, task_options = [argv[0]], [], [], []
-    for arg in argv[1:]:
+    args, given = [], {}
+    rest = list(argv[1:])
+    while rest:
+        arg = rest.pop(0)
         match = HYDRA_OVERRIDE.match(arg)
         if match and not arg.startswith("-"):
             arg = f"--config.{match.group(1)}={match.group(2)}"
+        elif _CONFIG_FLAG_ALONE.match(arg) and rest and not rest[0].startswith("--"):
+            arg = f"{arg}={rest.pop(0)}"  # a bare boolean flag is followed by another flag
+        args.append(arg)
+        if override := CONFIG_OVERRIDE.match(arg):
+            given[override.group(1)] = len(args) - 1
+    for i, arg in enumerate(args):
         override = CONFIG_OVERRIDE.match(arg)
+        if override and given[override.group(1)] != i:
+            continue  # set again later
         if override and override.group(1).startswith(TASK_OPTIONS + "."):
             task_options.append((override.group(1)[len(TASK_OPTIONS) + 1 :], override.group(2)))
         elif override and override.group(2) in NONE_WORDS:
@@ -102,6 +116,7 @@ def missing_key_message(argv: list[str], error: Exception, none_keys: list[str])
     """
     from novarl_jax.trainer.config import unknown_key_error
 
+    outer = error
     while error.args and isinstance(error.args[0], BaseException):
         error = error.args[0]
     text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
@@ -113,7 +128,25 @@ def missing_key_message(argv: list[str], error: Exception, none_keys: list[str])
         return f"{value_key}: is a value, not a section; it has no key {match.group(1)!r}"
     if key:
         return str(unknown_key_error(key))
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    return config_file_error(argv, outer)  # raised by the config file itself
+
+
+def config_file_error(argv: list[str], error: BaseException) -> str:
+    """``--config: PATH:LINE: Type: message`` for an error a config file raised while it was
+    loaded (LINE: its last frame in the file, when the traceback has one)."""
+    import traceback
+
+    path = config_path(argv) or ""
+    where = path
+    for frame in traceback.extract_tb(error.__traceback__):
+        if path and os.path.abspath(frame.filename) == os.path.abspath(path):
+            where = f"{path}:{frame.lineno}"
+    inner = error
+    while inner.args and isinstance(inner.args[0], BaseException):
+        inner = inner.args[0]  # ml_collections wraps a missing key's KeyError
+    text = inner.args[0] if len(inner.args) == 1 and isinstance(inner.args[0], str) else str(inner)
+    text = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    return f"--config: {where}: {type(inner).__name__}: {text}".rstrip(": ")
 
 
 def config_path(argv: list[str]) -> str | None:

@@ -102,6 +102,8 @@ _TASK_OPTION_OVERRIDES: list[tuple[str, str]] = []
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+    if cli.config_path(argv) is None and any(a.startswith("--config.") for a in argv):
+        _fail("--config is required, e.g. --config=configs/moe.py")  # before absl names a flag
     problem = cli.config_file_problem(argv) or cli.key_under_a_value(argv, _NONE_KEYS)
     if problem:
         _fail(problem)
@@ -120,7 +122,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
             _fail(f"--config: {cli.config_path(argv)} defines no get_config()")
         _fail(cli.missing_key_message(argv, e, _NONE_KEYS))
     except Exception as e:  # noqa: BLE001 - config files can raise anything; report one line
-        _fail(f"--config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        _fail(cli.config_file_error(argv, e))
     finally:
         absl_logger.setLevel(level)
     if flags.FLAGS.config is None:

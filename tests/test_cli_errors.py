@@ -929,3 +929,49 @@ def test_a_coordinator_that_fails_is_named_as_such(run_cli, monkeypatch):
     assert err.strip().startswith(
         "novarl_jax.train: error: --distributed: JAX found no cluster to read"
     ), err
+
+
+def test_the_last_of_a_key_given_twice_counts_none_or_not(run_cli):
+    def capacity(*overrides):
+        code, out, err = run_cli("--config=configs/moe.py", "--dry_run", *overrides)
+        assert code == 0, err
+        return next(line for line in out.splitlines() if "capacity factor" in line)
+
+    assert "dropless" not in capacity(
+        "experiment.capacity_factor=None", "--config.experiment.capacity_factor=2.0"
+    )
+    assert "dropless" in capacity("experiment.capacity_factor=2.0", "experiment.capacity_factor=~")
+
+
+def test_the_space_separated_override_form_gets_the_same_messages(run_cli):
+    code, _, err = run_cli("--config=configs/copy.py", "--dry_run", "--config.experimnt.steps", "5")
+    assert code == 2 and err.startswith("novarl_jax.train: error: experimnt: unknown key"), err
+    code, out, err = run_cli(
+        "--config=configs/moe.py", "--dry_run", "--config.experiment.capacity_factor", "None"
+    )
+    assert code == 0 and "dropless" in out, err
+
+
+def test_overrides_without_a_config_ask_for_it(run_cli):
+    for override in ("experiment.steps=3", "--config.experiment.steps=3"):
+        code, _, err = run_cli("--dry_run", override)
+        assert code == 2
+        assert (
+            err.strip()
+            == "novarl_jax.train: error: --config is required, e.g. --config=configs/moe.py"
+        )
+
+
+def test_a_config_files_own_key_error_names_its_line(run_cli, tmp_path):
+    path = tmp_path / "typo.py"
+    path.write_text(
+        "from configs import base\n\n\ndef get_config():\n    c = base.get_config()\n"
+        "    c.experimnt.steps = 3\n    return c\n"
+    )
+    code, _, err = run_cli(f"--config={path}", "--dry_run")
+    assert code == 2 and err.startswith(
+        f"novarl_jax.train: error: --config: {path}:6: KeyError: 'experimnt'"
+    ), err
+    path.write_text("def get_config():\n    raise RuntimeError('boom')\n")
+    code, _, err = run_cli(f"--config={path}", "--dry_run")
+    assert err.strip() == f"novarl_jax.train: error: --config: {path}:2: RuntimeError: boom"
