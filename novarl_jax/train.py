@@ -140,7 +140,27 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(str(e))
     if len(rest) > 1:
         _fail(f"unexpected arguments {rest[1:]}; overrides look like experiment.key=value")
+    _expand_home(flags.FLAGS.config)
     return rest
+
+
+# Paths a shell leaves as '~/...' after an '=' (--workdir=~/run, task.path=~/data.jsonl).
+_PATH_KEYS = ("task.path", "eval.path", "model.tokenizer", "model.init_from")
+
+
+def _expand_home(config) -> None:
+    """Expands a leading ``~`` in the path flags and the config's path keys, as a shell would
+    have before a space (``--workdir ~/run``) but does not after an ``=``."""
+    for name in ("workdir", "export"):
+        value = getattr(flags.FLAGS, name)
+        if value and value.startswith("~"):
+            setattr(flags.FLAGS, name, os.path.expanduser(value))
+    for key in _PATH_KEYS:
+        section, _, leaf = key.partition(".")
+        holder = config.get(section) if hasattr(config, "get") else None
+        value = holder.get(leaf) if hasattr(holder, "get") else None
+        if isinstance(value, str) and value.startswith("~"):
+            holder[leaf] = os.path.expanduser(value)
 
 
 def _start_backend() -> None:

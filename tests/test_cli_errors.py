@@ -975,3 +975,20 @@ def test_a_config_files_own_key_error_names_its_line(run_cli, tmp_path):
     path.write_text("def get_config():\n    raise RuntimeError('boom')\n")
     code, _, err = run_cli(f"--config={path}", "--dry_run")
     assert err.strip() == f"novarl_jax.train: error: --config: {path}:2: RuntimeError: boom"
+
+
+def test_a_home_directory_after_an_equals_sign_is_expanded(run_cli, tmp_path, monkeypatch):
+    # A shell leaves '~' alone after '=': --workdir=~/x made a directory named '~'.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
+    code, _, err = run_cli(*COPY_ON_8, "--workdir=~/model", "--dry_run")
+    assert code == 2 and f"--workdir: {model} holds a config.json" in err, err
+    code, _, err = run_cli(
+        "--config=configs/jsonl.py",
+        "experiment.world_size=8",
+        "task.path=~/data.jsonl",
+        "--dry_run",
+    )
+    assert code == 2 and f"JSONL file '{tmp_path}/data.jsonl' does not exist" in err, err
