@@ -992,3 +992,20 @@ def test_a_home_directory_after_an_equals_sign_is_expanded(run_cli, tmp_path, mo
         "--dry_run",
     )
     assert code == 2 and f"JSONL file '{tmp_path}/data.jsonl' does not exist" in err, err
+
+
+@pytest.mark.parametrize(
+    "override,message,end",
+    [
+        ("experiment.stesp=3", "experiment.stesp: unknown key; valid keys under 'experiment': ",
+         "; did you mean 'steps'?"),
+        ("experimnt.steps=3", "experimnt: unknown key; valid sections: ",
+         "; did you mean 'experiment'?"),
+        ("--config.optim=None", "optim: is a section, not a value; set its keys, e.g. optim.b1=",
+         "..."),
+    ],
+)  # fmt: skip
+def test_a_misspelt_key_gets_the_closest_valid_one(run_cli, override, message, end):
+    code, _, err = run_cli("--config=configs/copy.py", "--dry_run", override)
+    assert code == 2 and err.startswith(f"novarl_jax.train: error: {message}"), err
+    assert err.strip().endswith(end)

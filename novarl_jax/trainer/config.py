@@ -12,6 +12,7 @@ This module does not import JAX: the command line validates a config before JAX 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import math
 from typing import Any
@@ -337,16 +338,24 @@ def _field_types(cfg, prefix: str = "") -> dict:
     return out
 
 
-def unknown_key_error(key: str) -> ConfigError:
-    """The error for a key that the schema does not have, listing its valid siblings."""
-    defaults = _flatten(default_config())
-    parent = key.rpartition(".")[0]
+def unknown_key_error(key: str, defaults: dict | None = None) -> ConfigError:
+    """The error for a key that the schema does not have, listing its valid siblings and
+    the closest of them to a misspelling; a section given a value is named as one."""
+    defaults = _flatten(default_config()) if defaults is None else defaults
+    if inside := sorted(k for k in defaults if k.startswith(key + ".")):
+        return ConfigError(key, f"is a section, not a value; set its keys, e.g. {inside[0]}=...")
+    parent, _, name = key.rpartition(".")
     siblings = sorted(k.rpartition(".")[2] for k in defaults if k.rpartition(".")[0] == parent)
     if siblings:
         valid = f"valid keys under {parent!r}: {', '.join(siblings)}"
     else:
-        valid = f"valid sections: {', '.join(sorted({k.split('.')[0] for k in defaults}))}"
-    return ConfigError(key, f"unknown key; {valid}")
+        name = key.split(".")[0]
+        siblings = sorted({k.split(".")[0] for k in defaults})
+        valid = f"valid sections: {', '.join(siblings)}"
+    guess = difflib.get_close_matches(name, siblings, n=1)
+    return ConfigError(
+        key, f"unknown key; {valid}" + (f"; did you mean {guess[0]!r}?" if guess else "")
+    )
 
 
 def _check_keys_and_types(config: ml_collections.ConfigDict) -> dict:
@@ -361,16 +370,7 @@ def _check_keys_and_types(config: ml_collections.ConfigDict) -> dict:
     flat = _flatten(config)
     for key, value in flat.items():
         if key not in defaults:
-            parent = key.rpartition(".")[0]
-            siblings = sorted(
-                k.rpartition(".")[2] for k in defaults if k.rpartition(".")[0] == parent
-            )
-            valid = (
-                f"valid keys under {parent!r}: {', '.join(siblings)}"
-                if siblings
-                else (f"valid sections: {', '.join(sorted({k.split('.')[0] for k in defaults}))}")
-            )
-            raise ConfigError(key, f"unknown key; {valid}")
+            raise unknown_key_error(key, defaults)
         default = defaults[key]
         if value is None:
             if key not in NULLABLE_KEYS:

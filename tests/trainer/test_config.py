@@ -322,3 +322,12 @@ def test_a_logger_without_its_extra_is_named(monkeypatch, key, module):
     with pytest.raises(ConfigError, match=f"needs the {key} extra") as info:
         validate_config(config)
     assert info.value.key == f"logging.{key}"
+
+
+def test_a_section_set_to_a_value_is_named_as_a_section():
+    config = default_config()
+    config.eval = None
+    with pytest.raises(
+        ConfigError, match=r"^eval: is a section, not a value; set its keys, e\.g\. eval\."
+    ):
+        validate_config(config)
