@@ -294,16 +294,24 @@ def _main(argv: list[str]) -> None:
     from novarl_jax.trainer.loop import TrainingError, train
     from novarl_jax.trainer.stop import StopRequested
 
+    world, count = spec.layout.world_size, len(jax.devices())
     try:
-        mesh = spec.layout.make_mesh()
+        if jax.default_backend() == "cpu" and jax.process_count() == 1 and count > world:
+            # More fake CPU devices than the layout's (a larger count in XLA_FLAGS): they are
+            # all the same cores, so the first ones serve.
+            mesh = spec.layout.make_mesh(jax.devices()[:world])
+        else:
+            mesh = spec.layout.make_mesh()
     except ValueError as e:
-        hint = ""
-        if jax.default_backend() != "cpu" and jax.process_count() == 1:
-            hint = (
-                f"; or run this layout on {spec.layout.world_size} fake CPU devices with "
-                "JAX_PLATFORMS=cpu"
+        problem = str(e)
+        if count != world and jax.process_count() == 1:
+            problem = (
+                f"layout {spec.layout.describe()} needs {world} devices, but JAX sees {count} "
+                f"{jax.default_backend()} devices; set experiment.world_size={count}, make "
+                f"{world} visible (e.g. CUDA_VISIBLE_DEVICES on GPUs), or run this layout on "
+                f"{world} fake CPU devices with JAX_PLATFORMS=cpu"
             )
-        _fail(f"experiment.world_size: {e}{hint}")
+        _fail(f"experiment.world_size: {problem}")
 
     workdir = _WORKDIR.value or os.path.join("runs", _config_name())
     if _EXPORT.value:

@@ -1009,3 +1009,15 @@ def test_a_misspelt_key_gets_the_closest_valid_one(run_cli, override, message, e
     code, _, err = run_cli("--config=configs/copy.py", "--dry_run", override)
     assert code == 2 and err.startswith(f"novarl_jax.train: error: {message}"), err
     assert err.strip().endswith(end)
+
+
+def test_more_fake_cpu_devices_than_the_layout_needs_serve_and_fewer_say_what_to_set(run_cli):
+    # XLA_FLAGS asked for more CPU devices than experiment.world_size (this process has 8).
+    code, out, err = run_cli("--config=configs/copy.py", "experiment.world_size=4", "--dry_run")
+    assert code == 0 and "on 4 cpu devices" in out, err
+    code, _, err = run_cli("--config=configs/copy.py", "experiment.world_size=16", "--dry_run")
+    assert code == 2 and err.startswith(
+        "novarl_jax.train: error: experiment.world_size: layout {'dp': 16, 'tp': 1, 'pp': 1, "
+        "'ep': 1, 'world': 16} needs 16 devices, but JAX sees 8 cpu devices; set "
+        "experiment.world_size=8"
+    ), err
