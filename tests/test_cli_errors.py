@@ -739,7 +739,7 @@ def test_a_trailing_config_flag_has_no_value():
     [
         # A new value of another type than the file's: the task's own check, not ml_collections'.
         ("task.options.max_length=2.5",
-         "task.options: max_length must be an integer >= 1, got 2.5"),
+         "task.options.max_length: max_length must be an integer >= 1, got 2.5"),
         ("--config.task.options.a.b=1",
          "task.options.a.b: task options are keyword arguments; set task.options.<name>=<value>"),
     ],

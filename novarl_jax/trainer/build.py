@@ -125,7 +125,10 @@ def _task(config, *, validation: bool = False) -> Any:
         if path:
             options["path"] = path
     elif t.path:
-        raise ConfigError("task.path", f"only the 'jsonl' task reads a file; task {t.name!r}")
+        raise ConfigError(
+            "task.path",
+            f"only the 'jsonl' task reads a file; task {t.name!r} does not: leave it ''",
+        )
     unknown = sorted(set(t.options) - set(task_options(t.name)))
     if unknown and (t.name in TASKS or _takes_no_var_kwargs(t.name)):
         raise ConfigError(
@@ -194,6 +197,9 @@ def _task_error_key(message: str, t: Any) -> str:
         return "task.reward_fn"
     if t.path and (t.path in message or message.startswith("JSONL")):
         return "task.path"
+    for name in t.options:  # "symbols must be ...": the option the message is about
+        if message.startswith((f"{name} ", f"{name}=")):
+            return f"task.options.{name}"
     return "task.options"
 
 
