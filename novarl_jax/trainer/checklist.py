@@ -129,6 +129,7 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
             "prompt / completion tokens",
             f"{ro.max_prompt_length} / {ro.max_new_tokens}",
         ),
+        ("algorithm", "sampling", _sampling(spec, run)),
         ("algorithm", "shared-prompt forward", _shared_prompts(spec)),
     ]
     if exp.algorithm == "ppo":
@@ -147,6 +148,18 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
     if spec.config.eval.interval:
         rows.append(("algorithm", "validation", _validation(spec)))
     return rows + _sync_rows(spec)
+
+
+def _sampling(spec: RunSpec, run: Any) -> str:
+    """The rollout's sampling settings and, with the run built, the ids that end a
+    completion."""
+    ro = spec.config.rollout
+    text = "greedy" if ro.temperature == 0 else f"temperature {ro.temperature:g}"
+    text += f", top-k {ro.top_k or 'off'}, top-p {'off' if ro.top_p == 1 else f'{ro.top_p:g}'}"
+    if run is not None:
+        stops = run.sampling.stop_token_ids or (run.tokenizer.eos_id,)
+        text += f", stop ids {', '.join(str(t) for t in stops)}"
+    return text
 
 
 def _dapo(spec: RunSpec) -> str:
@@ -254,7 +267,8 @@ def _model_rows(spec: RunSpec, run: Any) -> list[tuple[str, str, str]]:
             "model",
             "architecture",
             f"{policy.num_hidden_layers} layers, hidden {policy.hidden_size}, "
-            f"{policy.num_attention_heads} heads ({policy.num_key_value_heads} KV), {mlp}",
+            f"{policy.num_attention_heads} heads of width {policy.head_dim} "
+            f"({policy.num_key_value_heads} KV), {mlp}",
         ),
         ("model", "parameters (policy)", f"{count:,}"),
         ("model", "precision", _precision(policy)),

@@ -616,3 +616,14 @@ def test_checklist_says_what_tensor_parallelism_splits_and_what_stays_replicated
     )
     config.experiment.update(tensor_parallel_size=1, expert_parallel_size=4)
     assert not any(key.startswith("split over") for key in _checklist(config, with_run=True))
+
+
+def test_checklist_shows_the_sampling_and_the_ids_that_end_a_completion():
+    config = base.get_config()
+    assert _checklist(config)["sampling"] == "temperature 1, top-k off, top-p off"
+    config.rollout.update(temperature=0.5, top_k=5, top_p=0.9, stop_token_ids=(3, 4))
+    rows = _checklist(config, with_run=True)
+    assert rows["sampling"] == "temperature 0.5, top-k 5, top-p 0.9, stop ids 3, 4"
+    config.rollout.stop_token_ids = ()  # the tokenizer's end of sequence
+    rows = _checklist(config, with_run=True)
+    assert rows["sampling"].endswith(", stop ids 2")

@@ -148,7 +148,10 @@ def test_the_checkpoints_own_tokenizer_is_used_and_shown(tmp_path):
     assert run.tokenizer.vocab_size == 13 and run.model.policy.vocab_size == 64
     rows = dict(((s, i), v) for s, i, v in checklist_rows(spec, None, run))
     assert rows[("model", "tokenizer")] == f"{tokenizer} (13 ids)"
-    assert rows[("model", "architecture")] == "2 layers, hidden 32, 4 heads (2 KV), dense MLP"
+    assert (
+        rows[("model", "architecture")]
+        == "2 layers, hidden 32, 4 heads of width 8 (2 KV), dense MLP"
+    )
 
 
 def _spec_and_run(path):
