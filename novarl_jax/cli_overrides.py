@@ -202,7 +202,7 @@ def flag_error_message(argv: list[str], text: str) -> str:
 
 
 # absl's text for an override whose value does not parse as the key's type.
-_BAD_OVERRIDE_VALUE = re.compile(r"^flag --config\.([\w.]+)=(.*?): (.*)$", re.DOTALL)
+_BAD_OVERRIDE_VALUE = re.compile(r"^flag --(config\.)?([\w.]+)=(.*?): (.*)$", re.DOTALL)
 _EXPECTED = (
     ("for int()", "an integer"),
     ("to float", "a number"),
@@ -212,11 +212,13 @@ _EXPECTED = (
 
 def _override_value_message(line: str) -> str:
     """``experiment.steps: expected an integer, got '8.0'`` for absl's ``flag
-    --config.experiment.steps=8.0: invalid literal for int() ...``; other lines as they are."""
+    --config.experiment.steps=8.0: invalid literal for int() ...`` (``--export_step: ...``
+    for a flag of the command line's own); other lines as they are."""
     match = _BAD_OVERRIDE_VALUE.match(line)
     if not match:
         return line
-    key, value, error = match.groups()
+    override, key, value, error = match.groups()
+    key = key if override else f"--{key}"
     for marker, expected in _EXPECTED:
         if marker in error:
             return f"{key}: expected {expected}, got {value!r}"

@@ -1,13 +1,16 @@
-"""Command line: ``python -m novarl_jax.train --config=configs/moe.py [overrides]``.
+"""Command line: python -m novarl_jax.train --config=configs/moe.py [overrides]
 
-Overrides come as ``--config.experiment.algorithm=ppo`` or in the NovaRL quickstart's
-Hydra style, ``experiment.algorithm=ppo``. The whole config is validated before anything
-compiles (keys, types and layout before JAX starts, then what the run's objects check: task,
-tokenizer, checkpoint, batch splits); a bad key or value exits with status 2 and one line
-naming the key. On a CPU-only machine,
-when ``experiment.world_size`` exceeds the visible devices, fake XLA CPU devices are created
-so the layout runs on a laptop. Ctrl-C stops a run with one line naming the last step it
-finished and its last checkpoint (exit status 130).
+Overrides come as --config.experiment.algorithm=ppo or in the NovaRL quickstart's Hydra
+style, experiment.algorithm=ppo; key=None sets a key that may be None (e.g.
+experiment.capacity_factor=None for dropless routing), and of a key given twice the last
+counts. Every key, its default and its meaning: novarl_jax/trainer/config.py
+(default_config). The whole config is validated before anything compiles (keys, types and
+layout before JAX starts, then what the run's objects check: task, tokenizer, checkpoint,
+batch splits); a bad key or value exits with status 2 and one line naming the key.
+--dry_run does all of that, prints the checklist and stops. On a CPU-only machine the
+layout's experiment.world_size devices are made as fake XLA CPU devices, so any layout runs
+on a laptop. Ctrl-C stops a run with one line naming the last step it finished and its last
+checkpoint (exit status 130).
 """
 
 from __future__ import annotations

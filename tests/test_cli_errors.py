@@ -637,6 +637,8 @@ def test_the_dry_run_gives_the_staleness_warning_a_run_would(run_cli):
         ("optim.learning_rate=abc", "optim.learning_rate: expected a number, got 'abc'"),
         ("ppo.normalize_advantages=maybe",
          "ppo.normalize_advantages: expected True or False, got 'maybe'"),
+        ("--export_step=abc", "--export_step: expected an integer, got 'abc'"),
+        ("--dry_run=maybe", "--dry_run: expected True or False, got 'maybe'"),
     ],
 )  # fmt: skip
 def test_a_value_of_the_wrong_type_names_the_key_and_the_type(run_cli, override, message):
