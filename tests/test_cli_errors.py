@@ -607,8 +607,8 @@ def test_an_override_below_a_value_is_one_line(run_cli, override, value_key, nam
     "args,message",
     [
         # -1 blamed experiment.world_size; 0 and a lone --process_id were ignored.
-        (["--num_processes=-1"], "flag --num_processes=-1: -1 is not a positive integer"),
-        (["--num_processes=0"], "flag --num_processes=0: 0 is not a positive integer"),
+        (["--num_processes=-1"], "--num_processes: -1 is not a positive integer"),
+        (["--num_processes=0"], "--num_processes: 0 is not a positive integer"),
         (["--process_id=5"], "--process_id needs --num_processes=N"),
         (["--num_processes=2", "--process_id=2"], "--process_id=2: must be below --num_pro"),
         # --dry_run used to export all the same.

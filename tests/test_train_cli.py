@@ -172,10 +172,12 @@ def test_task_options_take_names_the_config_file_does_not_set():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "dry run: the config is valid" in result.stdout
-    # The values reach the task: a bad one is the task's error, naming task.options.
+    # The values reach the task: a bad one is the task's error, naming the option.
     result = _run("--config=configs/base.py", "--dry_run", "task.options.max_length=abc")
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("novarl_jax.train: error: task.options: max_length")
+    assert result.stderr.strip().startswith(
+        "novarl_jax.train: error: task.options.max_length: max_length must be an integer"
+    )
 
 
 def test_distributed_reads_the_cluster():
