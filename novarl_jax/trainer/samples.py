@@ -6,17 +6,20 @@ whole groups of the first prompts when N is a multiple of the group size) to
 rows with ``"split": "val"``. One JSON object per line::
 
     {"step": 3, "split": "train", "row": 0, "prompt_index": 0, "prompt": "...",
-     "completion": "...", "score": 0.5, "response_length": 7, "stopped": true,
-     "policy_version": 4, "metadata": {"answer": "..."}}
+     "completion": "...", "response_tokens": [7, 4, 2], "score": 0.5,
+     "response_length": 3, "stopped": true, "policy_version": 4,
+     "metadata": {"answer": "..."}}
 
 ``row`` is the sample's row in its batch and ``prompt_index`` its prompt (its GRPO group);
-``completion`` is decoded without the stop token; ``score`` is the task's reward before any
-shaping, ``null`` for a sample whose reward was not finite (never trained on);
-``response_length`` counts the generated tokens, stop token included, and ``stopped`` says
-whether a stop token ended the completion (otherwise it ran to ``rollout.max_new_tokens``),
-both ``null`` for such a sample; ``metadata`` is what the task keeps with the prompt (the
-expected answer). A resumed run first drops the rows of steps after its checkpoint, as in
-``metrics.jsonl``.
+``completion`` is the text the task scored: decoded without the stop token, and without the
+padding, BOS and EOS ids a policy may also sample, which decode to nothing;
+``response_tokens`` are the generated ids as sampled (stop token included), where such ids
+show; ``score`` is the task's reward before any shaping; ``response_length`` counts the
+generated tokens, stop token included, and ``stopped`` says whether a stop token ended the
+completion (otherwise it ran to ``rollout.max_new_tokens``). A sample whose reward was not
+finite (never trained on) has ``null`` for all four. ``metadata`` is what the task keeps with
+the prompt (the expected answer). A resumed run first drops the rows of steps after its
+checkpoint, as in ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ def sample_rows(
             "prompt_index": int(groups[r]),
             "prompt": info.prompts[r],
             "completion": info.completions[r],
+            "response_tokens": [int(t) for t in tokens[r][mask[r]]] if valid[r] else None,
             "score": float(rewards[r]) if valid[r] else None,
             "response_length": int(mask[r].sum()) if valid[r] else None,
             "stopped": bool(stopped[r]) if valid[r] else None,

@@ -52,12 +52,13 @@ def test_sample_rows_describe_each_sample():
     assert len(rows) == 3  # at most the rollout's rows
     assert rows[0] == {
         "step": 3, "split": "train", "row": 0, "prompt_index": 0, "prompt": "p0",
-        "completion": "ab", "score": 0.5, "response_length": 3, "stopped": True,
-        "policy_version": 7, "metadata": {"answer": "ab"},
+        "completion": "ab", "response_tokens": [4, 5, STOP], "score": 0.5,
+        "response_length": 3, "stopped": True, "policy_version": 7, "metadata": {"answer": "ab"},
     }  # fmt: skip
     assert (rows[1]["stopped"], rows[1]["response_length"], rows[1]["score"]) == (False, 4, 0.0)
     # A sample whose reward was not finite: no score, never a made-up length.
     assert (rows[2]["score"], rows[2]["response_length"], rows[2]["stopped"]) == (None, None, None)
+    assert rows[2]["response_tokens"] is None and rows[1]["response_tokens"] == [6, 6, 6, 6]
     assert sample_rows(traj, info, 1, step=1, split="val", stop_token_ids=(STOP,))[0]["row"] == 0
     assert sample_rows(traj, info, 0, step=1, split="val", stop_token_ids=(STOP,)) == []
 
