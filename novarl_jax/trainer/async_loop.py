@@ -60,7 +60,7 @@ from novarl_jax.sync.controller import WeightSyncController, admissible, stalene
 from novarl_jax.sync.versioned import ParamStore, VersionedParams
 from novarl_jax.trainer.build import build_run
 from novarl_jax.trainer.config import ConfigError, RunSpec, updates_per_step, validate_config
-from novarl_jax.trainer.loop import Session, Trainer, iteration_keys
+from novarl_jax.trainer.loop import Session, Trainer, iteration_keys, per_device_throughput
 from novarl_jax.trainer.state import TrainState
 
 WORKER_THREAD_PREFIX = "novarl-rollout-"
@@ -599,7 +599,9 @@ def train_async(
                 # training), as the synchronous loop's covers its sampling and training.
                 step_s = wait_s + time.perf_counter() - learn_start
                 metrics["timing_s/step"] = step_s
-                metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / max(step_s, 1e-9)
+                metrics["perf/throughput"] = per_device_throughput(
+                    metrics["perf/total_num_tokens"], step_s, trainer.mesh
+                )
                 broadcaster.poll(state)
                 dropped_total += dropped
                 next_index = max(next_index, rollout.index + 1)

@@ -413,7 +413,7 @@ class Trainer:
                 "timing_s/update": t2 - t1,
                 "timing_s/step": t2 - t0,
                 "perf/total_num_tokens": float(tokens),
-                "perf/throughput": tokens / max(t2 - t0, 1e-9),
+                "perf/throughput": per_device_throughput(tokens, t2 - t0, self.mesh),
                 "train/policy_version": int(state.policy_version),
                 "train/optimizer_step": int(state.step),
                 # The rate of the step's last applied update (update k uses schedule(k)).
@@ -548,13 +548,19 @@ def skip_streak(previous: int, trailing: int, updates: int) -> int:
     return previous + trailing if trailing == updates else trailing
 
 
+def per_device_throughput(tokens: float, seconds: float, mesh: Any) -> float:
+    """Tokens per second per device of the run (``perf/throughput``, verl's measure)."""
+    devices = 1 if mesh is None else int(np.prod(list(dict(mesh.shape).values())))
+    return float(tokens) / max(seconds, 1e-9) / devices
+
+
 def _progress_line(step: int, total: int, metrics: dict) -> str:
     kl = metrics.get("actor/kl_loss", metrics.get("actor/reward_kl_penalty"))
     return (
         f"step {step}/{total}  score {metrics['critic/score/mean']:.3f}  "
         + (f"kl {kl:.4f}  " if kl is not None else "")
         + f"entropy {metrics.get('actor/entropy', float('nan')):.3f}  "
-        f"tok/s {metrics['perf/throughput']:.0f}"
+        f"tok/s {metrics['perf/total_num_tokens'] / max(metrics['timing_s/step'], 1e-9):.0f}"
         + (f"  val {metrics['val/score/mean']:.3f}" if "val/score/mean" in metrics else "")
     )
 

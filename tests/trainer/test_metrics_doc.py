@@ -92,10 +92,11 @@ def test_every_documented_metric_is_logged(logged):
 
 
 def test_documented_relations_hold(logged):
-    for rows in logged.values():
+    for name, rows in logged.items():
+        devices = RUNS[name].experiment.world_size
         for r in rows:
             assert r["perf/throughput"] == pytest.approx(
-                r["perf/total_num_tokens"] / r["timing_s/step"], rel=1e-6
+                r["perf/total_num_tokens"] / r["timing_s/step"] / devices, rel=1e-6
             )
             assert r["actor/ratio_max"] >= r["actor/ratio_mean"] > 0
             assert 0 <= r["actor/pg_clipfrac"] <= 1 and 0 <= r["response_length/clip_ratio"] <= 1
@@ -106,3 +107,12 @@ def test_documented_relations_hold(logged):
         assert r["sync/broadcasts"] == sum(
             v for k, v in r.items() if k.startswith("sync/broadcasts/")
         )
+
+
+def test_throughput_is_per_device_like_verls(devices):
+    from novarl_jax.core.distributed import ParallelLayout
+    from novarl_jax.trainer.loop import per_device_throughput
+
+    mesh = ParallelLayout(dp=2, tp=2).make_mesh(devices[:4])
+    assert per_device_throughput(100, 2.0, mesh) == 12.5
+    assert per_device_throughput(100, 2.0, None) == 50.0

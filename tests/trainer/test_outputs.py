@@ -426,8 +426,10 @@ def test_wandb_run_id_is_one_per_workdir(tmp_path):
 
 
 def test_progress_line_shows_kl_only_when_logged():
-    metrics = {"critic/score/mean": 0.5, "perf/throughput": 10.0, "actor/entropy": 1.0}
+    metrics = {"critic/score/mean": 0.5, "perf/total_num_tokens": 40.0, "timing_s/step": 2.0,
+               "perf/throughput": 2.5, "actor/entropy": 1.0}  # fmt: skip
     assert " kl " not in loop._progress_line(1, 2, metrics)
+    assert "tok/s 20" in loop._progress_line(1, 2, metrics)  # the whole run's, not per device
     assert " kl 0.0100 " in loop._progress_line(1, 2, {**metrics, "actor/kl_loss": 0.01})
 
 
