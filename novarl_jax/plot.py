@@ -14,7 +14,9 @@ import sys
 PANELS = (
     ("reward", ("critic/score/mean",)),
     ("validation score", ("val/score/mean",)),
-    ("KL to reference", ("actor/kl_loss", "actor/reward_kl_penalty")),
+    # GRPO's KL loss term, and PPO's KL penalty in the rewards (a run may log both).
+    ("KL to reference", ("actor/kl_loss",)),
+    ("KL to reference in the reward", ("actor/reward_kl_penalty",)),
     # Not a KL to the reference: how far each update moved the policy from the sampling one.
     ("KL to the sampling policy", ("actor/ppo_kl",)),
     ("entropy", ("actor/entropy",)),
@@ -22,6 +24,9 @@ PANELS = (
     ("value loss", ("critic/vf_loss",)),
     ("dropped fraction", ("moe/dropped_fraction",)),
 )
+
+
+_COLUMNS = 4  # panels per row of the figure
 
 
 def choose_panels(rows: list[dict]) -> list[tuple[str, str]]:
@@ -55,12 +60,21 @@ def plot_training(workdir: str, out_dir: str | None = None) -> str:
             f"{os.path.join(workdir, 'metrics.jsonl')} has no finite value of any plotted "
             "metric (score, KL, entropy, losses)"
         )
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (title, name) in zip(axes[0], panels, strict=True):
+    from matplotlib.ticker import MaxNLocator
+
+    columns = min(len(panels), _COLUMNS)
+    rows_of_panels = -(-len(panels) // columns)
+    fig, axes = plt.subplots(
+        rows_of_panels, columns, figsize=(4 * columns, 3.2 * rows_of_panels), squeeze=False
+    )
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, name) in zip(axes.flat, panels, strict=False):
         points = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), int | float)]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
         ax.set_title(f"{title}\n({name})", fontsize=9)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, not 1.5
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out_dir = os.path.join(workdir, "plots") if out_dir is None else out_dir

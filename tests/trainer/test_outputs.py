@@ -129,12 +129,16 @@ def test_plot_panels_follow_the_logged_metric_names():
     ]
 
 
-def test_the_kl_panel_plots_the_reward_kl_penalty():
+def test_the_kl_panels_plot_the_reward_kl_penalty_and_the_kl_loss():
     from novarl_jax.plot import choose_panels
 
-    # PPO with a KL penalty in the reward logs no actor/kl_loss.
+    # PPO with a KL penalty in the reward logs no actor/kl_loss; with ppo.kl_coef, both.
     assert choose_panels([{"step": 1, "actor/reward_kl_penalty": 0.1}]) == [
-        ("KL to reference", "actor/reward_kl_penalty")
+        ("KL to reference in the reward", "actor/reward_kl_penalty")
+    ]
+    assert choose_panels([{"step": 1, "actor/reward_kl_penalty": 0.1, "actor/kl_loss": 0.2}]) == [
+        ("KL to reference", "actor/kl_loss"),
+        ("KL to reference in the reward", "actor/reward_kl_penalty"),
     ]
 
 
@@ -175,6 +179,7 @@ def _drawn(workdir, monkeypatch):
             for line in ax.get_lines()
         ]
         for ax in axes_drawn
+        if ax.get_visible()
     }
 
 
@@ -550,3 +555,34 @@ def test_reward_kl_penalty_is_a_per_sample_token_mean_over_valid_samples():
     mask[1] = 0
     value = loop.reward_kl_penalty(token_rewards * mask, mask, np.ones(3), coef)
     assert value == pytest.approx((0.3 + 5.0) / 2)
+
+
+def test_many_panels_wrap_into_rows_of_four_with_whole_step_ticks(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from novarl_jax import plot
+
+    writer = MetricsWriter(str(tmp_path))
+    names = ("critic/score/mean", "actor/kl_loss", "actor/reward_kl_penalty", "actor/entropy",
+             "actor/pg_loss", "critic/vf_loss")  # fmt: skip
+    for step in (1, 2):
+        writer.write(step, dict.fromkeys(names, 0.5 * step))
+    writer.close()
+    made = []
+    subplots = plt.subplots
+
+    def recording(*args, **kwargs):
+        fig, axes = subplots(*args, **kwargs)
+        made.append((args, axes))
+        return fig, axes
+
+    monkeypatch.setattr(plt, "subplots", recording)
+    plot.plot_training(str(tmp_path))
+    ((shape, axes),) = made
+    assert shape == (2, 4)
+    assert [ax.get_visible() for ax in axes.flat] == [True] * 6 + [False] * 2
+    ticks = axes.flat[0].xaxis.get_major_locator().tick_values(1, 2)
+    assert all(float(t).is_integer() for t in ticks)
