@@ -37,7 +37,7 @@ from novarl_jax.trainer.config import (
     validate_config,
 )
 from novarl_jax.trainer.evaluate import Evaluator
-from novarl_jax.trainer.metrics import METRICS_FILE, JsonLines, MetricsWriter
+from novarl_jax.trainer.metrics import METRICS_FILE, JsonLines, MetricsWriter, read_metrics
 from novarl_jax.trainer.samples import FILE_NAME as SAMPLES_FILE
 from novarl_jax.trainer.samples import sample_rows
 from novarl_jax.trainer.saved_config import (
@@ -548,6 +548,23 @@ def skip_streak(previous: int, trailing: int, updates: int) -> int:
     return previous + trailing if trailing == updates else trailing
 
 
+def _scores(metrics: dict, workdir: str, recent: int = 10) -> str:
+    """The summary's scores: the last step's (one batch, noisy), the mean of the last
+    ``recent`` steps', and the last validation's when the last step was evaluated."""
+    text = f"last-step score {metrics['critic/score/mean']:.3f}"
+    try:
+        rows = read_metrics(workdir)[-recent:]
+    except (OSError, ValueError):  # not this process's file, or damaged: the rest still holds
+        rows = []
+    scores = [r["critic/score/mean"] for r in rows if isinstance(r.get("critic/score/mean"), float)]
+    scores = [s for s in scores if math.isfinite(s)]
+    if len(scores) > 1:
+        text += f", mean of the last {len(scores)} steps {sum(scores) / len(scores):.3f}"
+    if "val/score/mean" in metrics:
+        text += f", validation {metrics['val/score/mean']:.3f}"
+    return text
+
+
 def per_device_throughput(tokens: float, seconds: float, mesh: Any) -> float:
     """Tokens per second per device of the run (``perf/throughput``, verl's measure)."""
     devices = 1 if mesh is None else int(np.prod(list(dict(mesh.shape).values())))
@@ -969,7 +986,7 @@ class Session:
         if metrics:
             self.log(
                 f"done: {self.total} step{'s' if self.total != 1 else ''}, "
-                f"score {metrics['critic/score/mean']:.3f}, "
+                f"{_scores(metrics, self.workdir)}, "
                 f"policy version {int(state.policy_version)}, {summary}"
                 f"workdir {os.path.abspath(self.workdir)}"
             )

@@ -85,7 +85,12 @@ def test_metrics_jsonl_has_verl_names(tmp_path, algorithm, monkeypatch):
         assert all(" kl " in line for line in lines if line.startswith("step "))
     else:
         assert all(np.isfinite(r["actor/kl_loss"]) for r in rows)
-    assert any(line.startswith("done: 2 steps") for line in lines)
+    done = next(line for line in lines if line.startswith("done: 2 steps"))
+    scores = [r["critic/score/mean"] for r in rows]
+    assert (
+        f"last-step score {scores[-1]:.3f}, mean of the last 2 steps {np.mean(scores):.3f}, "
+        in done
+    ), done
     assert (tmp_path / "plots" / "training.png").stat().st_size > 1000
 
 
