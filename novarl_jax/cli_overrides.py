@@ -41,14 +41,18 @@ def translate_argv(argv: list[str]) -> tuple[list[str], list[str], list[tuple[st
     """
     flags_part, overrides, none_keys, task_options = [argv[0]], [], [], []
     args, given = [], {}
+    switches = _bool_keys()
     rest = list(argv[1:])
     while rest:
         arg = rest.pop(0)
         match = HYDRA_OVERRIDE.match(arg)
         if match and not arg.startswith("-"):
             arg = f"--config.{match.group(1)}={match.group(2)}"
-        elif _CONFIG_FLAG_ALONE.match(arg) and rest and not rest[0].startswith("--"):
-            arg = f"{arg}={rest.pop(0)}"  # a bare boolean flag is followed by another flag
+        elif _CONFIG_FLAG_ALONE.match(arg):
+            if arg[len("--config.") :] in switches:
+                arg += "=True"  # a bare boolean flag, as absl reads it; it takes no value
+            elif rest and not rest[0].startswith("--") and not HYDRA_OVERRIDE.match(rest[0]):
+                arg = f"{arg}={rest.pop(0)}"
         args.append(arg)
         if override := CONFIG_OVERRIDE.match(arg):
             given[override.group(1)] = len(args) - 1
@@ -70,6 +74,13 @@ def translate_argv(argv: list[str]) -> tuple[list[str], list[str], list[tuple[st
     if path:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
     return flags_part + overrides, none_keys, task_options
+
+
+def _bool_keys() -> set[str]:
+    """The config schema's boolean keys."""
+    from novarl_jax.trainer.config import _flatten, default_config
+
+    return {key for key, value in _flatten(default_config()).items() if isinstance(value, bool)}
 
 
 def _unknown_override(argv: list[str], name: str, none_keys: list[str]) -> str | None:

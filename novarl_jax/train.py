@@ -294,25 +294,21 @@ def _main(argv: list[str]) -> None:
         CheckpointUnreadableError,
         CheckpointWriteError,
     )
-    from novarl_jax.trainer.loop import TrainingError, train
+    from novarl_jax.trainer.loop import TrainingError, default_mesh, train
     from novarl_jax.trainer.stop import StopRequested
 
     world, count = spec.layout.world_size, len(jax.devices())
     try:
-        if jax.default_backend() == "cpu" and jax.process_count() == 1 and count > world:
-            # More fake CPU devices than the layout's (a larger count in XLA_FLAGS): they are
-            # all the same cores, so the first ones serve.
-            mesh = spec.layout.make_mesh(jax.devices()[:world])
-        else:
-            mesh = spec.layout.make_mesh()
+        # One process: the first world_size devices, as train() takes them (e.g. a larger
+        # fake CPU device count in XLA_FLAGS). Several: each must bring its share.
+        mesh = default_mesh(spec) if jax.process_count() == 1 else spec.layout.make_mesh()
     except ValueError as e:
         problem = str(e)
         if count != world and jax.process_count() == 1:
             problem = (
                 f"layout {spec.layout.describe()} needs {world} devices, but JAX sees {count} "
-                f"{jax.default_backend()} devices; set experiment.world_size={count}, make "
-                f"{world} visible (e.g. CUDA_VISIBLE_DEVICES on GPUs), or run this layout on "
-                f"{world} fake CPU devices with JAX_PLATFORMS=cpu"
+                f"{jax.default_backend()} devices; set experiment.world_size={count}, or run "
+                f"this layout on {world} fake CPU devices with JAX_PLATFORMS=cpu"
             )
         _fail(f"experiment.world_size: {problem}")
 

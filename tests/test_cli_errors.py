@@ -1023,3 +1023,19 @@ def test_more_fake_cpu_devices_than_the_layout_needs_serve_and_fewer_say_what_to
         "'ep': 1, 'world': 16} needs 16 devices, but JAX sees 8 cpu devices; set "
         "experiment.world_size=8"
     ), err
+
+
+def test_a_bare_boolean_flag_takes_no_value_and_counts_in_order():
+    def parsed(*args):
+        argv, _, _ = cli.translate_argv(["novarl_jax.train", "--config=configs/copy.py", *args])
+        return argv[2:]
+
+    # The override after a bare boolean flag is an override, not the flag's value.
+    assert parsed("--config.train.share_prompts", "experiment.steps=5") == [
+        "--config.train.share_prompts=True",
+        "--config.experiment.steps=5",
+    ]
+    assert parsed("--config.train.share_prompts=False", "--config.train.share_prompts") == [
+        "--config.train.share_prompts=True"
+    ]
+    assert parsed("--config.experiment.seed", "-1") == ["--config.experiment.seed=-1"]

@@ -483,8 +483,10 @@ def _capacities(router: MoERouterConfig, positions: int, train: bool) -> np.ndar
     n = np.arange(positions + 1, dtype=np.int64)
     exact = n * router.top_k * factor / router.num_experts  # the same float64 operations
     table = np.maximum(np.ceil(exact), router.min_capacity)
-    # capacity() rounds to 9 decimals before the ceil: recompute where that can matter.
-    for i in np.flatnonzero(np.abs(exact - np.round(exact)) < 1e-6):
+    # capacity() rounds to 9 decimals before the ceil: recompute where that can matter (just
+    # off a whole number; on one, the ceil is the number either way).
+    off = np.abs(exact - np.round(exact))
+    for i in np.flatnonzero((off > 0) & (off < 1e-6)):
         table[i] = router.capacity(int(i), train=train)
     table = np.minimum(table, min(router.capacity(positions, train=train), positions))
     return table.astype(np.int32)

@@ -164,6 +164,10 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] | None = None
     return_routing: bool = False
 
+    def stops(self, tokenizer: Any) -> tuple[int, ...]:
+        """The ids that end a completion: ``stop_token_ids``, else the tokenizer's ``eos_id``."""
+        return (tokenizer.eos_id,) if self.stop_token_ids is None else tuple(self.stop_token_ids)
+
     def __post_init__(self) -> None:
         length = check_int("max_prompt_length", self.max_prompt_length, 1)
         object.__setattr__(self, "max_prompt_length", length)
@@ -284,8 +288,7 @@ class RolloutEngine:
                 f"tokenizer vocab_size={tokenizer.vocab_size} exceeds the model's "
                 f"vocab_size={vocab}"
             )
-        stops = sampling.stop_token_ids
-        stops = (tokenizer.eos_id,) if stops is None else stops
+        stops = sampling.stops(tokenizer)
         bad = [s for s in stops if not 0 <= s < vocab]
         if bad:
             raise ValueError(

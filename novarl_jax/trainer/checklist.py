@@ -157,8 +157,7 @@ def _sampling(spec: RunSpec, run: Any) -> str:
     text = "greedy" if ro.temperature == 0 else f"temperature {ro.temperature:g}"
     text += f", top-k {ro.top_k or 'off'}, top-p {'off' if ro.top_p == 1 else f'{ro.top_p:g}'}"
     if run is not None:
-        stops = run.sampling.stop_token_ids or (run.tokenizer.eos_id,)
-        text += f", stop ids {', '.join(str(t) for t in stops)}"
+        text += f", stop ids {', '.join(str(t) for t in run.sampling.stops(run.tokenizer))}"
     return text
 
 

@@ -34,8 +34,9 @@ def default_config() -> ml_collections.ConfigDict:
     exp.expert_parallel_size = 1  # ep: shards experts; carries data outside MoE layers
     exp.num_experts = 0  # experts per MoE layer; 0 = dense SwiGLU MLP (Llama/Mistral style)
     exp.top_k = 2  # experts chosen per token (ignored when dense)
-    # Per-expert capacity = ceil(tokens_per_group * top_k * capacity_factor / num_experts),
-    # counting a group's real (non-padding) tokens; set to None for dropless routing.
+    # Per-expert capacity = max(ceil(tokens_per_group * top_k * capacity_factor /
+    # num_experts), min_capacity), counting a group's real (non-padding) tokens; set to None
+    # for dropless routing.
     exp.capacity_factor = config_dict.FieldReference(1.25, field_type=float)
     # Capacity factor of the rollout's sampling forwards (they route with train=False);
     # None = capacity_factor. Megatron-LM and DeepSpeed call it the evaluation factor.
@@ -344,13 +345,22 @@ def unknown_key_error(key: str, defaults: dict | None = None) -> ConfigError:
     defaults = _flatten(default_config()) if defaults is None else defaults
     if inside := sorted(k for k in defaults if k.startswith(key + ".")):
         return ConfigError(key, f"is a section, not a value; set its keys, e.g. {inside[0]}=...")
-    parent, _, name = key.rpartition(".")
-    siblings = sorted(k.rpartition(".")[2] for k in defaults if k.rpartition(".")[0] == parent)
-    if siblings:
+    # The first part of the key below the deepest section the schema has.
+    parts = key.split(".")
+    depth = next(
+        (i for i in range(len(parts) - 1, 0, -1)
+         if any(k.startswith(".".join(parts[:i]) + ".") for k in defaults)),
+        0,
+    )  # fmt: skip
+    parent, name = ".".join(parts[:depth]), parts[depth]
+    if depth:
+        key = f"{parent}.{name}"
+        siblings = sorted(
+            {k[len(parent) + 1 :].split(".")[0] for k in defaults if k.startswith(parent + ".")}
+        )
         valid = f"valid keys under {parent!r}: {', '.join(siblings)}"
     else:
-        name = key.split(".")[0]
-        siblings = sorted({k.split(".")[0] for k in defaults})
+        key, siblings = name, sorted({k.split(".")[0] for k in defaults})
         valid = f"valid sections: {', '.join(siblings)}"
     guess = difflib.get_close_matches(name, siblings, n=1)
     return ConfigError(

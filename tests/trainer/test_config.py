@@ -331,3 +331,13 @@ def test_a_section_set_to_a_value_is_named_as_a_section():
         ConfigError, match=r"^eval: is a section, not a value; set its keys, e\.g\. eval\."
     ):
         validate_config(config)
+
+
+def test_an_unknown_section_inside_a_known_one_is_named_where_it_starts():
+    import ml_collections
+
+    config = default_config()
+    config.experiment.foo = ml_collections.ConfigDict({"bar": 1})
+    with pytest.raises(ConfigError, match=r"^experiment\.foo: unknown key; valid keys under "
+                       r"'experiment': algorithm, "):  # fmt: skip
+        validate_config(config)

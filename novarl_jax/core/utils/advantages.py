@@ -394,10 +394,14 @@ def normalize_advantages(
     masked = jnp.where(valid, advantages, 0.0)
     mean = jnp.sum(masked) / count
     var = jnp.sum(jnp.where(valid, jnp.square(advantages - mean), 0.0)) / count
-    centred = jnp.where(_all_equal(advantages, valid, axis=None), 0.0, advantages - mean)
-    whitened = centred * jax.lax.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
+    equal = _all_equal(advantages, valid, axis=None)
+    whitened = (advantages - mean) * jax.lax.rsqrt(var + eps)
+    # Values that all agree: exactly 0, or exactly themselves (a float32 mean can miss them).
+    whitened = (
+        jnp.where(equal, 0.0, whitened)
+        if shift_mean
+        else jnp.where(equal, advantages, whitened + mean)
+    )
     return jnp.where(valid, whitened, 0.0)
 
 
