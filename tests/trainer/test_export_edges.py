@@ -159,28 +159,40 @@ def test_an_export_that_cannot_be_written_is_an_export_error(run_a, monkeypatch)
         assert not (tmp / "full").exists()  # nothing half-written
 
 
+def _live_run(run_a, monkeypatch, name, rotate):
+    """A copy of run A in ``tmp/name`` whose checkpoints ``rotate(checkpoints, steps)`` changes
+    before each restore the export makes, as a run still training there would. Returns the
+    config, tmp, the checkpoints directory and the steps restored so far."""
+    from novarl_jax.trainer import export as export_mod
+
+    c, tmp = run_a
+    shutil.copytree(tmp / "run", tmp / name)
+    checkpoints = tmp / name / "checkpoints"
+    restore = export_mod.Checkpointer.restore
+    calls = []
+
+    def restoring(self, abstract, step=None):
+        calls.append(step)
+        rotate(checkpoints, calls)
+        return restore(self, abstract, step)
+
+    monkeypatch.setattr(export_mod.Checkpointer, "restore", restoring)
+    return c, tmp, checkpoints, calls
+
+
 def test_an_export_during_training_takes_the_step_that_replaced_the_one_it_was_reading(
     run_a, monkeypatch
 ):
     """A run still training in the workdir saves a step and removes an old one between the
     export's listing and its restore: the export takes the newest step again (with
     --export_step it names what happened)."""
-    from novarl_jax.trainer import export as export_mod
 
-    c, tmp = run_a
-    shutil.copytree(tmp / "run", tmp / "live")
-    checkpoints = tmp / "live" / "checkpoints"
-    restore = export_mod.Checkpointer.restore
-    calls = []
-
-    def training_meanwhile(self, abstract, step=None):
-        calls.append(step)
+    def training_meanwhile(checkpoints, calls):
         if len(calls) == 1:  # the run saves step 3 and rotates step 2 out
             shutil.copytree(checkpoints / "2", checkpoints / "3")
             shutil.rmtree(checkpoints / "2")
-        return restore(self, abstract, step)
 
-    monkeypatch.setattr(export_mod.Checkpointer, "restore", training_meanwhile)
+    c, tmp, checkpoints, calls = _live_run(run_a, monkeypatch, "live", training_meanwhile)
     written = export_policy(c, str(tmp / "live"), str(tmp / "e20"))
     assert calls == [2, 3] and written["step"] == 3
     calls.clear()
@@ -195,22 +207,12 @@ def test_an_export_during_training_takes_the_step_that_replaced_the_one_it_was_r
 def test_an_export_gives_up_after_the_retries_when_every_step_it_reads_is_rotated_away(
     run_a, monkeypatch
 ):
-    from novarl_jax.trainer import export as export_mod
-
-    c, tmp = run_a
-    shutil.copytree(tmp / "run", tmp / "live2")
-    checkpoints = tmp / "live2" / "checkpoints"
-    restore = export_mod.Checkpointer.restore
-    calls = []
-
-    def always_rotating(self, abstract, step=None):
-        calls.append(step)
+    def always_rotating(checkpoints, calls):
         newest = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
         shutil.copytree(checkpoints / str(newest), checkpoints / str(newest + 1))
-        shutil.rmtree(checkpoints / str(step))
-        return restore(self, abstract, step)
+        shutil.rmtree(checkpoints / str(calls[-1]))
 
-    monkeypatch.setattr(export_mod.Checkpointer, "restore", always_rotating)
+    c, tmp, _, calls = _live_run(run_a, monkeypatch, "live2", always_rotating)
     with pytest.raises(ExportError, match="was removed while the export read it"):
         export_policy(c, str(tmp / "live2"), str(tmp / "e22"))
     assert calls == [2, 3, 4, 5]  # the first try and _ROTATION_RETRIES = 3 newer steps
