@@ -32,12 +32,16 @@ class OverrideError(ValueError):
 def translate_argv(argv: list[str]) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """Rewrites Hydra-style ``a.b=v`` arguments (and ``--config.a.b v``) as
     ``--config.a.b=v`` flags (placed last); of a key given more than once, the last counts.
+    A boolean key given alone (``--config.train.share_prompts``) is True.
 
     Returns the new argv, the keys set to None (``key=None``), which config_flags cannot
     parse for typed fields, and the ``task.options.<name>=<value>`` overrides as (name,
     value) pairs, which config_flags cannot add when the config file does not set the name;
     both are applied after parsing instead (:func:`apply_none_keys`,
     :func:`apply_task_options`).
+
+    Raises:
+        OverrideError: a ``--config.KEY`` of a value that no value follows.
     """
     flags_part, overrides, none_keys, task_options = [argv[0]], [], [], []
     args, given = [], {}
@@ -49,10 +53,15 @@ def translate_argv(argv: list[str]) -> tuple[list[str], list[str], list[tuple[st
         if match and not arg.startswith("-"):
             arg = f"--config.{match.group(1)}={match.group(2)}"
         elif _CONFIG_FLAG_ALONE.match(arg):
-            if arg[len("--config.") :] in switches:
-                arg += "=True"  # a bare boolean flag, as absl reads it; it takes no value
-            elif rest and not rest[0].startswith("--") and not HYDRA_OVERRIDE.match(rest[0]):
+            key, value = arg[len("--config.") :], rest[0] if rest else None
+            if key in switches and (value or "").lower() not in ("true", "false"):
+                arg += "=True"  # a bare boolean flag, as absl reads it
+            elif (
+                value is not None and not value.startswith("--") and not HYDRA_OVERRIDE.match(value)
+            ):
                 arg = f"{arg}={rest.pop(0)}"
+            else:  # absl would take the next flag or override as its value
+                raise OverrideError(f"{key}: needs a value; write --config.{key}=VALUE")
         args.append(arg)
         if override := CONFIG_OVERRIDE.match(arg):
             given[override.group(1)] = len(args) - 1

@@ -74,7 +74,8 @@ def plot_training(workdir: str, out_dir: str | None = None) -> str:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
         ax.set_title(f"{title}\n({name})", fontsize=9)
         ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, not 1.5
+        # Steps, not 1.5 (one tick is enough: a panel may have a single point).
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out_dir = os.path.join(workdir, "plots") if out_dir is None else out_dir

@@ -437,7 +437,10 @@ def _config_name() -> str:
 def run() -> None:
     """Console entry point."""
     # config_flags reads sys.argv itself to find the --config.* overrides, so rewrite it.
-    sys.argv, none_keys, task_options = cli.translate_argv(sys.argv)
+    try:
+        sys.argv, none_keys, task_options = cli.translate_argv(sys.argv)
+    except cli.OverrideError as e:
+        _fail(str(e))
     _NONE_KEYS[:] = none_keys
     _TASK_OPTION_OVERRIDES[:] = task_options
     try:

@@ -1039,3 +1039,8 @@ def test_a_bare_boolean_flag_takes_no_value_and_counts_in_order():
         "--config.train.share_prompts=True"
     ]
     assert parsed("--config.experiment.seed", "-1") == ["--config.experiment.seed=-1"]
+    assert parsed("--config.train.share_prompts", "false") == ["--config.train.share_prompts=false"]
+    # A key of a value with no value after it: absl would take the next flag or override.
+    for rest in ([], ["experiment.steps=3"], ["--dry_run"]):
+        with pytest.raises(cli.OverrideError, match=r"^logging\.wandb_project: needs a value; "):
+            parsed("--config.logging.wandb_project", *rest)

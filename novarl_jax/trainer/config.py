@@ -353,6 +353,10 @@ def unknown_key_error(key: str, defaults: dict | None = None) -> ConfigError:
         0,
     )  # fmt: skip
     parent, name = ".".join(parts[:depth]), parts[depth]
+    if f"{parent}.{name}" in defaults and depth < len(parts) - 1:
+        return ConfigError(
+            f"{parent}.{name}", f"is a value, not a section; it has no key {parts[depth + 1]!r}"
+        )
     if depth:
         key = f"{parent}.{name}"
         siblings = sorted(

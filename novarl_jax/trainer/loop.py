@@ -556,10 +556,15 @@ def _scores(metrics: dict, workdir: str, recent: int = 10) -> str:
         rows = read_metrics(workdir)[-recent:]
     except (OSError, ValueError):  # not this process's file, or damaged: the rest still holds
         rows = []
-    scores = [r["critic/score/mean"] for r in rows if isinstance(r.get("critic/score/mean"), float)]
-    scores = [s for s in scores if math.isfinite(s)]
-    if len(scores) > 1:
-        text += f", mean of the last {len(scores)} steps {sum(scores) / len(scores):.3f}"
+    scores = [r.get("critic/score/mean") for r in rows]
+    finite = [
+        float(s)
+        for s in scores
+        if isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s)
+    ]
+    if len(finite) > 1:
+        what = "" if len(finite) == len(scores) else f" ({len(finite)} finite)"
+        text += f", mean of the last {len(scores)} steps{what} {sum(finite) / len(finite):.3f}"
     if "val/score/mean" in metrics:
         text += f", validation {metrics['val/score/mean']:.3f}"
     return text

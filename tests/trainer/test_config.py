@@ -341,3 +341,9 @@ def test_an_unknown_section_inside_a_known_one_is_named_where_it_starts():
     with pytest.raises(ConfigError, match=r"^experiment\.foo: unknown key; valid keys under "
                        r"'experiment': algorithm, "):  # fmt: skip
         validate_config(config)
+    config = default_config()
+    del config.experiment["steps"]  # a config file's own section where the schema has a value
+    config.experiment.steps = ml_collections.ConfigDict({"x": 1})
+    with pytest.raises(ConfigError, match=r"^experiment\.steps: is a value, not a section; it "
+                       r"has no key 'x'$"):  # fmt: skip
+        validate_config(config)

@@ -59,8 +59,9 @@ RUNS = {
         ppo__critic="separate",
         ppo__kl_coef=0.1,
         ppo__tis_cap=2.0,
+        experiment__world_size=2,  # perf/throughput is per device
     ),
-    "async": _tiny(experiment__async_rollouts=True),
+    "async": _tiny(experiment__async_rollouts=True, experiment__world_size=2),
 }
 
 

@@ -589,5 +589,20 @@ def test_many_panels_wrap_into_rows_of_four_with_whole_step_ticks(tmp_path, monk
     ((shape, axes),) = made
     assert shape == (2, 4)
     assert [ax.get_visible() for ax in axes.flat] == [True] * 6 + [False] * 2
-    ticks = axes.flat[0].xaxis.get_major_locator().tick_values(1, 2)
-    assert all(float(t).is_integer() for t in ticks)
+    for low, high in ((1, 2), (9.945, 10.055)):  # the second: a panel of one point, step 10
+        ticks = axes.flat[0].xaxis.get_major_locator().tick_values(low, high)
+        assert all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_the_closing_scores_average_the_finite_scores_of_the_last_ten_steps(tmp_path):
+    writer = MetricsWriter(str(tmp_path))
+    for step, score in enumerate([0.0] * 5 + [1, float("nan"), 0.5, 1.0, 0.5, 0.5, 1.0], 1):
+        writer.write(step, {"critic/score/mean": score})
+    writer.close()
+    text = loop._scores({"critic/score/mean": 1.0, "val/score/mean": 0.75}, str(tmp_path))
+    assert text == (
+        "last-step score 1.000, mean of the last 10 steps (9 finite) 0.500, validation 0.750"
+    )
+    assert loop._scores({"critic/score/mean": 0.25}, str(tmp_path / "none")) == (
+        "last-step score 0.250"
+    )
