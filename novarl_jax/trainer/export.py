@@ -35,7 +35,11 @@ from novarl_jax.trainer.checkpoint import (
 )
 from novarl_jax.trainer.config import RunSpec, validate_config
 from novarl_jax.trainer.loop import Trainer, check_mesh, default_mesh
-from novarl_jax.trainer.saved_config import allowed_changes_note, check_resume_config
+from novarl_jax.trainer.saved_config import (
+    allowed_changes_note,
+    check_resume_config,
+    finished_steps,
+)
 from novarl_jax.trainer.workdir import url_path
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -157,15 +161,10 @@ def export_policy(
                 if rotated and wanted is None and attempt < _ROTATION_RETRIES:
                     continue  # the run saved a newer step and removed this one: take that
                 if rotated:  # not damaged: gone, so the damage advice would not apply
-                    now = Checkpointer(directory, async_save=False)
-                    try:
-                        left = now.all_steps()
-                    finally:
-                        now.close()
                     raise ExportError(
                         f"{directory}: step {step} was removed while the export read it (a run "
                         f"still training in the workdir rotates its old steps); it has "
-                        f"{sorted(left)} now: export one of those"
+                        f"{finished_steps(directory)} now: export one of those"
                     ) from None
                 older = [s for s in steps if s < step]
                 hint = (
