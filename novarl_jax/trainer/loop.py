@@ -572,7 +572,7 @@ def _scores(metrics: dict, workdir: str, recent: int = 10) -> str:
 
 def per_device_throughput(tokens: float, seconds: float, mesh: Any) -> float:
     """Tokens per second per device of the run (``perf/throughput``, verl's measure)."""
-    devices = 1 if mesh is None else int(np.prod(list(dict(mesh.shape).values())))
+    devices = 1 if mesh is None else mesh.size
     return float(tokens) / max(seconds, 1e-9) / devices
 
 
