@@ -21,6 +21,7 @@ import math
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -115,7 +116,8 @@ def _has_box(text: str) -> bool:
 def extract_boxed(text: str) -> str | None:
     r"""Contents of the last ``\boxed{...}`` (or ``\fbox{...}``, or ``\boxed x`` without
     braces) in ``text``, nested braces allowed; None when there is none or the last one is not
-    closed (a truncated final answer is no answer).
+    closed (a truncated final answer is no answer). A brace-less box followed by a word of
+    two or more letters is prose, not a box, and is passed over.
 
     Example:
         >>> extract_boxed(r"so \boxed{\frac{1}{2}} done")
@@ -127,8 +129,11 @@ def extract_boxed(text: str) -> str | None:
     command = next(c for c in _BOX_COMMANDS if text.startswith(c, start))
     rest = text[start + len(command) :]
     if rest.startswith(" ") and not rest.lstrip(" ").startswith("{"):
-        # "\boxed 5": the token after the space (as written without braces).
+        # "\boxed 5": the token after the space (as written without braces). A word after
+        # it ("in \boxed notation") is prose about boxes: the box before it is the answer.
         token = rest.split()[0] if rest.split() else ""
+        if re.fullmatch(r"[A-Za-z]{2,}[.,;:!?]*", token):
+            return extract_boxed(text[:start])
         return token.rstrip("$.") or None
     j = start + len(command)
     while j < len(text) and text[j] == " ":
@@ -151,7 +156,7 @@ def extract_boxed(text: str) -> str | None:
 _NOISE = (
     ("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
     ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""),
-    ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""), ("\u2212", "-"),
+    ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""), ("\u2212", "-"), ("{,}", ","),
 )  # fmt: skip
 _WHOLE_TEXT = re.compile(r"^\\(?:text|mbox|mathrm)\{([^{}]*)\}$")  # \text{east} -> east
 _TRAILING_UNIT = re.compile(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}\s*$")  # 5 \text{cm}
@@ -165,10 +170,11 @@ def normalize_answer(text: str) -> str:
     Collapses whitespace and drops it around symbols (``x + 1`` = ``x+1``; words keep their
     spaces), removes a trailing period, LaTeX that does not change the value (``\left``,
     ``\right``, spacing, ``\dfrac``/``\tfrac`` -> ``\frac``, degrees, percent and dollar
-    signs), a trailing ``\text{unit}`` (a whole-answer ``\text{X}`` is ``X``), a one-letter
-    ``x =`` prefix, and writes ``\frac12`` as ``\frac{1}{2}``.
+    signs, ``{,}`` between thousands), a trailing ``\text{unit}`` (a whole-answer ``\text{X}``
+    is ``X``), a one-letter ``x =`` prefix, and writes ``\frac12`` as ``\frac{1}{2}``; Unicode
+    is compared in its composed form (NFC: ``e`` + combining acute = ``\u00e9``).
     """
-    text = " ".join(str(text).strip().split())
+    text = " ".join(unicodedata.normalize("NFC", str(text)).strip().split())
     for old, new in _NOISE:
         text = text.replace(old, new)
     text = _WHOLE_TEXT.sub(r"\1", text.strip())
@@ -272,15 +278,24 @@ def exact_match_reward(
     r"""1.0 when the answer equals ``metadata['answer']`` after normalisation, else 0.0.
 
     The answer is the content of the last ``\boxed{}`` when there is one, else the whole
-    completion; both sides go through :func:`normalize_answer`.
+    completion; both sides go through :func:`normalize_answer`. A reference answer that is
+    empty after normalisation (``""``, ``"$"``, an unclosed box) matches nothing, so an
+    empty completion never earns a reward.
     """
     _check_lengths(prompts, completions, metadata)
     out = []
     for i, (completion, meta) in enumerate(zip(completions, metadata, strict=True)):
-        target = normalize_answer(_answer_text(answer_text(_answer(meta, i))) or "")
+        target = exact_answer(_answer(meta, i))
         answer = _answer_text(completion)
-        out.append(float(answer is not None and normalize_answer(answer) == target))
+        ok = bool(target) and answer is not None and normalize_answer(answer) == target
+        out.append(float(ok))
     return out
+
+
+def exact_answer(answer: Any) -> str:
+    """A reference answer as the exact-match reward compares it: the content of its last box
+    (or the whole answer), normalised; ``""`` when nothing is left (it matches nothing)."""
+    return normalize_answer(_answer_text(answer_text(answer)) or "")
 
 
 def numeric_reward(
@@ -295,8 +310,11 @@ def numeric_reward(
 
     The number is the whole content of the last ``\boxed{}`` (:func:`parse_number`: a box
     holding anything but one number scores 0), or, with no box, the last number of the
-    completion (:func:`last_number`). Equal means ``math.isclose(pred, answer, rel_tol,
-    abs_tol)``. A reference answer that is not a number raises ValueError naming the index.
+    completion (:func:`last_number`). Two integers are equal only when they are the same
+    integer (``1000001`` is not ``1000000``, whatever ``rel_tol``); otherwise equal means
+    ``math.isclose(pred, answer, rel_tol, abs_tol)``, which absorbs float noise in a written
+    answer (``27.0000001`` is 27), not a rounded one (``0.333`` is not ``\frac{1}{3}``). A
+    reference answer that is not a number raises ValueError naming the index.
     """
     _check_lengths(prompts, completions, metadata)
     out = []
@@ -309,9 +327,14 @@ def numeric_reward(
             pred = None if boxed is None else parse_number(boxed)
         else:
             pred = last_number(completion)
-        ok = pred is not None and math.isclose(pred, target, rel_tol=rel_tol, abs_tol=abs_tol)
-        out.append(float(ok))
+        out.append(float(pred is not None and _same_number(pred, target, rel_tol, abs_tol)))
     return out
+
+
+def _same_number(pred: float, target: float, rel_tol: float, abs_tol: float) -> bool:
+    if pred.is_integer() and target.is_integer():
+        return pred == target
+    return math.isclose(pred, target, rel_tol=rel_tol, abs_tol=abs_tol)
 
 
 def numeric_answer(answer: Any) -> float | None:
@@ -363,12 +386,16 @@ def integer_closeness_reward(
     1.0 when the completion is exactly the answer; otherwise, when the completion is an
     integer (digits, optional sign), ``0.5 * max(0, 1 - |pred - answer| / 10)``; otherwise 0.
     So a near miss earns more than a far one and any well-formed number earns a little more
-    than text.
+    than text. The answer must be an integer (``7``, ``7.0``, ``"7"``); anything else raises
+    ValueError naming the index (``7.5`` is never read as 7).
     """
     _check_lengths(prompts, completions, metadata)
     out = []
     for i, (completion, meta) in enumerate(zip(completions, metadata, strict=True)):
-        target = int(_answer(meta, i))
+        value = numeric_answer(_answer(meta, i))
+        if value is None or not value.is_integer():
+            raise ValueError(f"metadata[{i}]['answer']={meta['answer']!r} is not an integer")
+        target = int(value)
         text = completion.strip()
         if re.fullmatch(r"[-+]?\d+", text) is None:
             out.append(0.0)

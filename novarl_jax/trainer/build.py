@@ -196,6 +196,10 @@ def _task_error_key(message: str, t: Any) -> str:
     if message.startswith("reward function") and t.reward_fn:
         return "task.reward_fn"
     if t.path and (t.path in message or message.startswith("JSONL")):
+        for name in ("prompt_field", "answer_field"):  # "...: missing field 'solution' ..."
+            field = t.options.get(name)
+            if field is not None and f"missing field {field!r}" in message:
+                return f"task.options.{name}"
         return "task.path"
     for name in t.options:  # "symbols must be ...": the option the message is about
         if message.startswith((f"{name} ", f"{name}=")):

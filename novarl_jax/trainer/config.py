@@ -309,7 +309,8 @@ def prompt_too_long(
     """The ConfigError for a tokenizer's TextTooLongError about a prompt of the run."""
     return ConfigError(
         key,
-        f"{what} has {error.length} tokens (BOS included), more than "
+        f"{what} has {error.length} tokens{' (BOS included)' if error.with_bos else ''}, "
+        "more than "
         f"rollout.max_prompt_length={error.max_length}: {error.text[:60]!r}; raise "
         "rollout.max_prompt_length or set rollout.prompt_truncation='left' or 'right'",
     )

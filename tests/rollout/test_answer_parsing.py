@@ -111,6 +111,13 @@ def test_numeric_reward_default_tolerances():
     assert score("x 0.0000000001", 0) == 1.0  # 1e-10 from zero: within abs_tol
     assert score("x 0.00000001", 0) == 0.0
     assert R.numeric_reward([""], ["1000.05"], [{"answer": 1000}], rel_tol=1e-4) == [1.0]
+    # Integers are equal only when they are the same integer, at any size or tolerance.
+    assert score("\\boxed{1000001}", 1000000) == 0.0
+    assert score("\\boxed{123456900}", "123,456,789") == 0.0
+    assert score("\\boxed{123456789}", "123,456,789") == 1.0
+    assert score("\\boxed{5.0}", "5") == 1.0
+    assert R.numeric_reward([""], ["1000001"], [{"answer": 1000000}], rel_tol=1e-3) == [0.0]
+    assert score("0.333", "\\frac{1}{3}") == 0.0  # a rounded answer is another number
 
 
 def test_boxed_reference_answers():
@@ -161,3 +168,35 @@ def test_a_failing_import_inside_the_module_is_a_cannot_import(tmp_path, monkeyp
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ValueError, match="cannot import 'badimport_mod' \\(cannot import name"):
         R.load_reward_fn("badimport_mod:f")
+
+
+def test_an_empty_reference_matches_nothing():
+    for answer in ("", "  ", "$", "\\boxed{5"):
+        assert R.exact_match_reward([""] * 3, ["", " ", "\\boxed{}"], [{"answer": answer}] * 3) == [
+            0.0,
+            0.0,
+            0.0,
+        ]
+
+
+def test_integer_closeness_reads_integer_answers_and_refuses_the_rest():
+    def score(completion, answer):
+        return R.integer_closeness_reward([""], [completion], [{"answer": answer}])[0]
+
+    assert score("7", "7.0") == 1.0 and score("7", 7.0) == 1.0 and score("7", "7") == 1.0
+    assert score("6", 7) == 0.45
+    for answer in (7.5, "7.5", "seven", None):
+        with pytest.raises(ValueError, match=r"metadata\[0\]\['answer'\]=.* is not an integer"):
+            score("7", answer)
+
+
+def test_prose_about_boxes_is_not_a_box():
+    text = "The answer is \\boxed{42}; I wrote it in \\boxed notation."
+    assert R.extract_boxed(text) == "42"
+    assert R.extract_boxed("\\boxed x") == "x" and R.extract_boxed("\\boxed 12.") == "12"
+    assert R.extract_boxed("only \\boxed notation here") is None
+
+
+def test_composed_unicode_and_latex_thousands():
+    assert R.exact_match_reward([""], ["caf\u00e9"], [{"answer": "cafe\u0301"}]) == [1.0]
+    assert R.numeric_reward([""], ["\\boxed{1{,}000}"], [{"answer": 1000}]) == [1.0]

@@ -92,6 +92,9 @@ def test_score_checks_metadata_length_and_reads_no_answer_as_none():
     [
         (dict(symbols="a"), "symbols must be a string of >= 2 distinct"),
         (dict(symbols="aab"), "symbols must be a string of >= 2 distinct"),
+        (dict(symbols=" ab"), "must not hold whitespace or ':'"),
+        (dict(symbols="ab\t"), "must not hold whitespace or ':'"),
+        (dict(symbols="a:b"), "must not hold whitespace or ':'"),
         (dict(min_length=0), "min_length must be an integer >= 1, got 0"),
         (dict(max_length=True), "max_length must be an integer >= 1, got True"),
     ],
@@ -164,3 +167,29 @@ def test_jsonl_float_answers_and_non_utf8_files(tmp_path):
     path.write_bytes(b'{"prompt": "caf\xe9", "answer": "1"}\n')
     with pytest.raises(ValueError, match="is not UTF-8 text"):
         JSONLTask(path)
+
+
+def test_jsonl_files_with_a_byte_order_mark_are_read(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "2+2?", "answer": "4"}\r\n')
+    assert JSONLTask(path, reward="numeric").examples == [("2+2?", "4")]
+
+
+@pytest.mark.parametrize("answer", ["", "  ", "$", "\\boxed{5", "\\boxed{}"])
+@pytest.mark.parametrize("reward", ["exact", "novarl_jax.rollout.rewards:exact_match_reward"])
+def test_jsonl_answers_nothing_could_match_are_refused_with_their_line(tmp_path, answer, reward):
+    path = tmp_path / "d.jsonl"
+    rows = [{"prompt": "q1", "answer": "1"}, {"prompt": "q2", "answer": answer}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match=r"d.jsonl:2: answer .* is empty once normalised"):
+        JSONLTask(path, reward=reward)
+
+
+def test_jsonl_numeric_check_also_when_the_reward_is_named_by_its_path(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"prompt": "q1", "answer": "5"}, {"prompt": "q2", "answer": "five"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    spec = "novarl_jax.rollout.rewards:numeric_reward"
+    for kwargs in (dict(reward=spec), dict(reward_fn=spec), dict(reward="numeric")):
+        with pytest.raises(ValueError, match=r"d.jsonl:2: answer 'five' is not a number"):
+            JSONLTask(path, **kwargs)

@@ -115,8 +115,12 @@ def test_hf_tokenizer_from_file(hf_tokenizer):
     np.testing.assert_array_equal(mask, [[0, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
     assert tokens[1, 3] == tok.bos_id and tokens[0, 0] == tok.pad_id
     assert tok.decode_batch(tokens, mask) == ["one plus two", "five"]
-    with pytest.raises(ValueError, match="text 0 has 4 tokens, more than max_length=3"):
+    with pytest.raises(ValueError, match="text 0 has 4 tokens, more than max_length=3") as e:
         tok.encode_batch(["one plus two"], max_length=3)
+    assert e.value.with_bos and e.value.length == 4
+    with pytest.raises(ValueError, match="text 0 has 3 tokens, more than max_length=2") as e:
+        tok.encode_batch(["one plus two"], max_length=2, add_bos=False)
+    assert not e.value.with_bos
     assert isinstance(tok, Tokenizer)
 
 

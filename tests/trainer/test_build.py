@@ -224,6 +224,16 @@ def test_an_unknown_task_option_is_named_with_the_valid_ones():
         build_run(validate_config(config))
 
 
+@pytest.mark.parametrize("option", ["prompt_field", "answer_field"])
+def test_a_missing_jsonl_field_is_blamed_on_the_option_naming_it(option):
+    from configs import jsonl
+
+    config = jsonl.get_config()
+    config.task.options[option] = "solution"
+    with pytest.raises(ConfigError, match=rf"^task.options.{option}: .*missing field 'solution'"):
+        build_run(validate_config(config))
+
+
 def test_checklist_capacity_is_capped_at_the_group_tokens():
     # The MoE block never gives an expert more slots than the group has tokens.
     from configs import moe

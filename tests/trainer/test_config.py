@@ -347,3 +347,13 @@ def test_an_unknown_section_inside_a_known_one_is_named_where_it_starts():
     with pytest.raises(ConfigError, match=r"^experiment\.steps: is a value, not a section; it "
                        r"has no key 'x'$"):  # fmt: skip
         validate_config(config)
+
+
+def test_a_too_long_prompt_says_bos_included_only_when_there_is_one():
+    from novarl_jax.rollout.tokenizers import TextTooLongError
+    from novarl_jax.trainer.config import prompt_too_long
+
+    with_bos = str(prompt_too_long(TextTooLongError(0, "abc", 5, 4, with_bos=True)))
+    assert "has 5 tokens (BOS included), more than rollout.max_prompt_length=4" in with_bos
+    without = str(prompt_too_long(TextTooLongError(0, "abc", 5, 4)))
+    assert "has 5 tokens, more than rollout.max_prompt_length=4" in without

@@ -68,6 +68,12 @@ class _StringTask(BaseTask):
             raise ValueError(
                 f"symbols must be a string of >= 2 distinct characters, got {symbols!r}"
             )
+        if any(c.isspace() or c == ":" for c in symbols):
+            # The reward strips the completion and the answer, and ':' ends the prompt.
+            raise ValueError(
+                f"symbols must not hold whitespace or ':' (they cannot be told apart from the "
+                f"prompt's own), got {symbols!r}"
+            )
         _check_int("min_length", min_length, 1)
         _check_int("max_length", max_length, 1)
         if max_length > _MAX_LENGTH:
@@ -107,7 +113,7 @@ class CopyTask(_StringTask):
     the longer length; 1.0 only when exact).
 
     Args:
-        symbols: distinct characters the strings are drawn from.
+        symbols: distinct characters the strings are drawn from (no whitespace, no ':').
         min_length, max_length: string length range (inclusive).
         reward_fn: optional override, callable or ``"module.path:function"``.
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from novarl_jax.rollout.rewards import (
     RewardFn,
+    exact_answer,
     exact_match_reward,
     numeric_answer,
     numeric_reward,
@@ -47,7 +48,9 @@ class JSONLTask(BaseTask):
             (:func:`~novarl_jax.rollout.rewards.numeric_reward`), a callable, or
             ``"module.path:function"``. Both built-ins read the answer from the last
             ``\boxed{}`` when the completion has one (a last box left open is no answer);
-            'numeric' needs every answer to be a number, checked when the file is read.
+            'numeric' needs every answer to be a number, 'exact' an answer with something
+            left once normalised; both are checked when the file is read (also when the
+            built-in is named by its ``"module.path:function"``).
         prompt_field, answer_field: the JSON keys of the prompt (a string) and the answer (a
             string or a number).
         prompt_template: ``str.format`` template applied to the prompt: ``{prompt}`` is the
@@ -106,13 +109,7 @@ class JSONLTask(BaseTask):
         # would resume at a position (and a shuffle order) of other data.
         text = json.dumps(self.examples, ensure_ascii=False).encode("utf-8", "surrogatepass")
         self._digest = hashlib.sha256(text).hexdigest()[:16]
-        if reward_fn is numeric_reward:
-            for (_, answer), lineno in zip(self.examples, self._line_numbers, strict=True):
-                if numeric_answer(answer) is None:
-                    raise ValueError(
-                        f"{self.path}:{lineno}: answer {answer!r:.60} is not a number, which "
-                        f"reward='numeric' needs; use reward='exact' for text answers"
-                    )
+        _check_answers(self.path, self.examples, self._line_numbers, self._reward_fn)
         self._seed = seed
         self._epoch = 0
         self._index = 0
@@ -260,6 +257,25 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _check_answers(
+    path: str, examples: list[tuple[str, Any]], line_numbers: list[int], reward_fn: Any
+) -> None:
+    """Refuses, naming the line, an answer the built-in reward (however it was named) could
+    never match: not a number for 'numeric', nothing left after normalisation for 'exact'."""
+    for (_, answer), lineno in zip(examples, line_numbers, strict=True):
+        if reward_fn is numeric_reward and numeric_answer(answer) is None:
+            raise ValueError(
+                f"{path}:{lineno}: answer {answer!r:.60} is not a number, which "
+                "reward='numeric' needs; use reward='exact' for text answers"
+            )
+        if reward_fn is exact_match_reward and not exact_answer(answer):
+            raise ValueError(
+                f"{path}:{lineno}: answer {answer!r:.60} is empty once normalised (an empty "
+                "string, only signs such as '$', or an unclosed box), so no completion could "
+                "match it"
+            )
+
+
 def _read_jsonl(
     path: str, prompt_field: str, answer_field: str
 ) -> tuple[list[tuple[str, Any]], list[int]]:
@@ -270,7 +286,7 @@ def _read_jsonl(
     if not os.path.isfile(path):
         raise ValueError(f"JSONL file {path!r} is not a file")
     examples, line_numbers = [], []
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, encoding="utf-8-sig", errors="strict") as f:  # a BOM is no field
         try:
             lines = list(f)
         except UnicodeDecodeError:
