@@ -104,6 +104,11 @@ class ModelConfig:
         rms_norm_eps: epsilon inside RMSNorm's square root.
         max_position_embeddings: longest sequence the model is meant for (positions are not
             clipped to it; it is recorded for config.json and cache sizing).
+        sliding_window: the attention window of a Mistral or Mixtral checkpoint (None: no
+            window). Attention here is always full, which equals windowed attention on
+            sequences of at most the window, so ``max_position_embeddings`` may not exceed
+            it; it is recorded so that config.json keeps the window (a dense model with a
+            window is written as Mistral, which has one, not Llama).
         tie_word_embeddings: the LM head reuses the token embedding matrix.
         router_aux_loss_coef: weight of the load-balancing loss (Hugging Face's name).
         router_z_loss_coef: weight of the router z-loss.
@@ -141,6 +146,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
+    sliding_window: int | None = None
     tie_word_embeddings: bool = False
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.001
@@ -185,6 +191,15 @@ class ModelConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        window = self.sliding_window
+        if window is not None and (not _is_int(window) or window < 1):
+            raise ValueError(f"sliding_window must be an integer >= 1 or None, got {window!r}")
+        if window is not None and self.max_position_embeddings > window:
+            raise ValueError(
+                f"max_position_embeddings={self.max_position_embeddings} is longer than "
+                f"sliding_window={window}: sliding-window attention is not implemented, so "
+                f"this model runs sequences of at most {window} tokens"
+            )
         heads = self.num_attention_heads
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", heads)
@@ -322,7 +337,9 @@ class ModelConfig:
         A ``sliding_window`` shorter than ``max_position_embeddings`` (Mistral's default
         4096) is read as ``max_position_embeddings = sliding_window``: within the window,
         sliding-window attention is full attention, and the sampler and trainer refuse
-        longer sequences, so no sequence runs where the two differ.
+        longer sequences, so no sequence runs where the two differ. The window is kept as
+        ``sliding_window`` and written back by :meth:`to_hf_config`. Llama has no window:
+        its config's ``sliding_window`` key is ignored, as transformers ignores it.
 
         Example:
             >>> cfg = ModelConfig.from_hf_config({"model_type": "llama", "vocab_size": 64,
@@ -344,7 +361,7 @@ class ModelConfig:
                 f"{sorted(HF_ARCHITECTURES)}"
             )
         act = hf_config.get("hidden_act", "silu")
-        if act != "silu":
+        if act not in ("silu", "swish"):  # transformers' two names for x * sigmoid(x)
             raise ValueError(f"config hidden_act={act!r} is not supported; only 'silu'")
         for key in ("attention_bias", "mlp_bias"):
             flag = hf_config.get(key)
@@ -355,9 +372,16 @@ class ModelConfig:
         defaults = _HF_DEFAULTS[model_type]
         rope_theta = _hf_rope_theta(hf_config, defaults["rope_theta"])
         max_pos = hf_config.get("max_position_embeddings", defaults["max_position_embeddings"])
-        window = hf_config.get("sliding_window", defaults["sliding_window"])
-        if window is not None and not _is_int(window):
-            raise ValueError(f"config sliding_window must be an integer or null, got {window!r}")
+        # Llama has no window: transformers ignores a sliding_window key in its config.
+        window = (
+            None
+            if model_type == "llama"
+            else hf_config.get("sliding_window", defaults["sliding_window"])
+        )
+        if window is not None and (not _is_int(window) or window < 1):
+            raise ValueError(
+                f"config sliding_window must be an integer >= 1 or null, got {window!r}"
+            )
         if window is not None and _is_int(max_pos) and window < max_pos:
             # Windowed and full attention agree on sequences of at most `window` tokens:
             # the model is read as one for those, and longer ones are refused by the length
@@ -380,6 +404,7 @@ class ModelConfig:
         }
         kwargs["rope_theta"] = float(rope_theta)
         kwargs["max_position_embeddings"] = max_pos
+        kwargs["sliding_window"] = window
         if model_type == "mixtral":
             kwargs["num_local_experts"] = hf_config.get(
                 "num_local_experts", hf_config.get("num_experts", 8)
@@ -394,13 +419,15 @@ class ModelConfig:
 
         Args:
             model_type: 'mixtral', 'mistral' or 'llama'; default 'mixtral' for MoE models
-                and 'llama' for dense ones. A MoE model can only be written as 'mixtral'.
+                and, for dense ones, 'mistral' with a ``sliding_window`` and 'llama'
+                without. A MoE model can only be written as 'mixtral'.
 
         Raises:
-            ValueError: an unknown model_type, or a MoE config with a dense model_type.
+            ValueError: an unknown model_type, a MoE config with a dense model_type, or
+                'llama' for a model with a ``sliding_window`` (Llama has none).
         """
         if model_type is None:
-            model_type = "mixtral" if self.is_moe else "llama"
+            model_type = "mixtral" if self.is_moe else "mistral" if self.sliding_window else "llama"
         if model_type not in HF_ARCHITECTURES:
             raise ValueError(
                 f"model_type={model_type!r} is not supported; supported: {sorted(HF_ARCHITECTURES)}"
@@ -410,6 +437,11 @@ class ModelConfig:
                 f"model_type={model_type!r} does not match num_local_experts="
                 f"{self.num_local_experts}; use 'mixtral' for MoE and 'llama' or 'mistral' "
                 f"for dense models"
+            )
+        if model_type == "llama" and self.sliding_window is not None:
+            raise ValueError(
+                f"model_type='llama' has no sliding window; this model's sliding_window="
+                f"{self.sliding_window} needs model_type='mistral'"
             )
         out: dict[str, Any] = {
             "architectures": [HF_ARCHITECTURES[model_type]],
@@ -425,9 +457,9 @@ class ModelConfig:
             out["num_local_experts"] = self.num_local_experts
             out["num_experts_per_tok"] = self.num_experts_per_tok
             out["router_aux_loss_coef"] = self.router_aux_loss_coef
-            out["sliding_window"] = None
+            out["sliding_window"] = self.sliding_window
         elif model_type == "mistral":
-            out["sliding_window"] = None
+            out["sliding_window"] = self.sliding_window
         else:
             out["attention_bias"] = False
             out["mlp_bias"] = False

@@ -265,8 +265,7 @@ def params_from_hf_tensors(
             )
         return arr.astype(dt, copy=False)
 
-    layers: list[dict[str, Any]] = []
-    for i in range(config.num_hidden_layers):
+    def layer_params(i: int) -> dict[str, Any]:
         lp = f"{pre}layers.{i}."
         layer: dict[str, Any] = {
             "input_norm": {"scale": get(lp + "input_layernorm.weight", (d,))},
@@ -287,9 +286,17 @@ def params_from_hf_tensors(
                 "up_proj": get(lp + "mlp.up_proj.weight", (f, d)).T,
                 "down_proj": get(lp + "mlp.down_proj.weight", (d, f)).T,
             }
-        layers.append(layer)
+        return layer
 
-    stacked = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+    # Each layer is written into arrays stacked over the layers as soon as it is read, so
+    # the host holds the stacked weights and one layer's temporaries, not every layer twice.
+    num_layers = config.num_hidden_layers
+    first = layer_params(0)
+    stacked = jax.tree.map(lambda x: np.empty((num_layers, *x.shape), x.dtype), first)
+    for i in range(num_layers):
+        layer = first if i == 0 else layer_params(i)
+        jax.tree.map(lambda out, x, i=i: out.__setitem__(i, x), stacked, layer)
+        first = layer = None
     v = config.vocab_size
     params: dict[str, Any] = {
         "embed_tokens": {"embedding": get(pre + "embed_tokens.weight", (v, d))},
@@ -305,9 +312,16 @@ def params_from_hf_tensors(
         else:
             kernel, bias = np.zeros((d, 1), dt), np.zeros((1,), dt)
         params["value_head"] = {"kernel": kernel, "bias": bias}
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: put(tuple(p.key for p in path), np.ascontiguousarray(x)), params
-    )
+    # Placed one leaf at a time, each host array dropped once placed.
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    params = stacked = None
+    placed = []
+    for k in range(len(leaves)):
+        path, x = leaves[k]
+        leaves[k] = None
+        placed.append(put(tuple(p.key for p in path), np.ascontiguousarray(x)))
+        x = None
+    return jax.tree_util.tree_unflatten(treedef, placed)
 
 
 def _moe_from_hf(config: ModelConfig, tensors: Any, lp: str, get: Callable) -> Any:

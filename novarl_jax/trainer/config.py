@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import os
 from typing import Any
 
 import ml_collections
@@ -576,9 +577,18 @@ _UNREAD_WHEN = (
     ),
     (
         ("model.pad_token", "model.eos_token", "model.bos_token"),
-        lambda c, asynchronous: not c.model.tokenizer and not c.model.init_from,
-        "special tokens are named in a tokenizer.json (model.tokenizer); the built-in "
-        "tokenizer has its own",
+        lambda c, asynchronous: not c.model.tokenizer
+        and not (c.model.init_from and os.path.isfile(f"{c.model.init_from}/tokenizer.json")),
+        "special tokens are named in a tokenizer.json (model.tokenizer, or one beside "
+        "model.init_from); the built-in tokenizer has its own",
+    ),
+    (
+        ("model.hidden_size", "model.intermediate_size", "model.num_hidden_layers",
+         "model.num_attention_heads", "model.num_key_value_heads", "model.head_dim",
+         "model.rope_theta", "model.rms_norm_eps", "model.max_position_embeddings",
+         "model.tie_word_embeddings"),
+        lambda c, asynchronous: bool(c.model.init_from),
+        "the checkpoint model.init_from fixes the architecture (its config.json)",
     ),
     (
         ("experiment.grpo_group_size",),

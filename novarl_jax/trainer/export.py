@@ -26,7 +26,7 @@ import jax
 from novarl_jax.models import save_hf_model
 from novarl_jax.models.hf import GENERATION_CONFIG_FILE, checkpoint_files
 from novarl_jax.rollout.tokenizers import HFTokenizer
-from novarl_jax.trainer.build import build_run
+from novarl_jax.trainer.build import build_run, tokenizer_path
 from novarl_jax.trainer.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
@@ -44,6 +44,11 @@ from novarl_jax.trainer.workdir import url_path
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' separate chat template file
+# Settings of the source's tokenizer_config.json that the export does not carry over: the
+# tokenizer class and BOS/EOS switches (a Llama tokenizer class would rebuild the exported
+# post-processor), remote code, and the special tokens the run names itself.
+_NOT_CARRIED = ("tokenizer_class", "add_bos_token", "add_eos_token", "auto_map")
 _ROTATION_RETRIES = 3  # newer steps taken when a run in the workdir removes the one being read
 
 
@@ -191,7 +196,7 @@ def export_policy(
     for name, (target, model) in targets.items():
         try:
             save_hf_model(target, model, params[name], token_ids=token_ids)
-            _write_tokenizer(target, tok, spec.config.model)
+            _write_tokenizer(target, tok, spec.config)
         except (ValueError, OSError, SafetensorError) as e:
             # No half export is left behind (a later export into it would be refused).
             _remove_export(out, existed, before)
@@ -218,7 +223,7 @@ def _remove_export(out: str, existed: bool, before: dict[str, set[str]]) -> None
     if not existed:
         shutil.rmtree(out, ignore_errors=True)
         return
-    names = [GENERATION_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]
+    names = [GENERATION_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE]
     for target, held in before.items():
         for path in [*checkpoint_files(target), *(pathlib.Path(target) / n for n in names)]:
             if path.name not in held:
@@ -226,10 +231,21 @@ def _remove_export(out: str, existed: bool, before: dict[str, set[str]]) -> None
                     path.unlink()
 
 
-def _write_tokenizer(directory: str, tokenizer: Any, model: Any) -> None:
-    """With a tokenizer.json, the tokenizer files transformers loads with its special tokens."""
+def _write_tokenizer(directory: str, tokenizer: Any, config: Any) -> None:
+    """With a tokenizer.json, the tokenizer files transformers loads with its special tokens.
+
+    The settings of a ``tokenizer_config.json`` beside the run's tokenizer.json (a chat
+    template, ``model_max_length``, ...) and a ``chat_template.jinja`` there are carried
+    over; the special tokens are the run's."""
     if not isinstance(tokenizer, HFTokenizer):
         return
+    model = config.model
+    source = os.path.dirname(os.path.abspath(tokenizer_path(config)))
+    settings = _read_json_object(os.path.join(source, TOKENIZER_CONFIG_FILE))
+    settings = {k: v for k, v in settings.items() if k not in _NOT_CARRIED}
+    template = os.path.join(source, CHAT_TEMPLATE_FILE)
+    if os.path.isfile(template) and not _inside(template, directory):
+        shutil.copyfile(template, os.path.join(directory, CHAT_TEMPLATE_FILE))
     from tokenizers import Tokenizer
     from tokenizers.processors import TemplateProcessing
 
@@ -250,8 +266,28 @@ def _write_tokenizer(directory: str, tokenizer: Any, model: Any) -> None:
         special["bos_token"] = model.bos_token
     _write_json(
         os.path.join(directory, TOKENIZER_CONFIG_FILE),
-        {"tokenizer_class": "PreTrainedTokenizerFast", **special},
+        {**settings, "tokenizer_class": "PreTrainedTokenizerFast", **special},
     )
+
+
+def _read_json_object(path: str) -> dict:
+    """The JSON object in ``path``; {} when there is no such file.
+
+    Raises:
+        ValueError: the file is not a JSON object (naming it).
+    """
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{path}: cannot read the tokenizer settings to carry over ({e})"
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _inside(path: str, directory: str) -> bool:

@@ -655,3 +655,40 @@ def test_a_sliding_window_bounds_the_sequences_the_model_runs(tmp_path):
         sample(params, config, prompt, mask, key, max_new_tokens=2, pad_id=0)
     with pytest.raises(ValueError, match="longer than the config's sliding_window=4"):
         load_hf_model(d, max_position_embeddings=8)
+    # Saved again, it keeps its window (as Mistral: Llama has none).
+    save_hf_model(tmp_path / "again", config, params)
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert (again["model_type"], again["sliding_window"]) == ("mistral", 4)
+    assert load_hf_model(tmp_path / "again")[0] == config
+    # A Llama config.json may carry the key, which neither transformers nor we apply.
+    hf.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="swish")
+    (d / "config.json").write_text(json.dumps(hf))
+    llama, _ = load_hf_model(d)
+    assert llama.max_position_embeddings == hf["max_position_embeddings"]
+    assert llama.sliding_window is None
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_loading_holds_about_one_copy_of_the_weights_in_host_memory(tmp_path, moe):
+    """Layers are written into the stacked arrays as they are read (not all read, then
+    stacked: three copies at the peak), so a 7B checkpoint needs about its own size."""
+    import tracemalloc
+
+    config = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=8, num_attention_heads=4,
+                         num_local_experts=4 if moe else 0)  # fmt: skip
+    shapes = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
+    save_hf_model(tmp_path, config, params)
+    tracemalloc.start()
+    try:
+        _, loaded = load_hf_model(tmp_path, host=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = sum(x.nbytes for x in jax.tree.leaves(loaded))
+    assert peak < 1.4 * size, (peak, size)
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -212,9 +212,16 @@ def test_from_hf_config_fills_missing_keys_with_each_architectures_own_defaults(
             dict(rope_parameters={"rope_theta": None, "rope_type": "default"}),
             "config rope_parameters.rope_theta must be a number, got None",
         ),
-        (dict(sliding_window="4096"), "sliding_window must be an integer or null, got '4096'"),
         (
-            dict(sliding_window=16, max_position_embeddings=None),
+            dict(model_type="mistral", sliding_window="4096"),
+            "sliding_window must be an integer >= 1 or null, got '4096'",
+        ),
+        (
+            dict(model_type="mistral", sliding_window=0),
+            "sliding_window must be an integer >= 1 or null, got 0",
+        ),
+        (
+            dict(model_type="mistral", sliding_window=16, max_position_embeddings=None),
             "max_position_embeddings must be an integer >= 1, got None",
         ),
     ],
@@ -249,9 +256,14 @@ def test_from_hf_config_reads_the_moe_keys_and_their_defaults():
     assert mixtral.router_aux_loss_coef == 0.001  # MixtralConfig's default
     given = ModelConfig.from_hf_config({**base, "num_experts": 4, "router_aux_loss_coef": 0.02})
     assert (given.num_local_experts, given.router_aux_loss_coef) == (4, 0.02)
-    # A window as long as the context is no window at all.
-    window = {"model_type": "llama", **TINY, "max_position_embeddings": 64}
-    assert ModelConfig.from_hf_config({**window, "sliding_window": 64})
+    # A window as long as the context changes nothing, and is kept for config.json.
+    window = {"model_type": "mistral", **TINY, "max_position_embeddings": 64}
+    same = ModelConfig.from_hf_config({**window, "sliding_window": 64})
+    assert (same.max_position_embeddings, same.sliding_window) == (64, 64)
+    # Llama has no window: transformers ignores the key, and so do we.
+    llama = ModelConfig.from_hf_config({**window, "model_type": "llama", "sliding_window": 8})
+    assert (llama.max_position_embeddings, llama.sliding_window) == (64, None)
+    assert ModelConfig.from_hf_config({**window, "model_type": "llama", "sliding_window": "x"})
     # A shorter window bounds the sequences the model runs; an override may shorten it
     # further, never lengthen it past the window.
     assert (
@@ -260,7 +272,7 @@ def test_from_hf_config_reads_the_moe_keys_and_their_defaults():
     shorter = ModelConfig.from_hf_config(
         {**window, "sliding_window": 16}, max_position_embeddings=8
     )
-    assert shorter.max_position_embeddings == 8
+    assert (shorter.max_position_embeddings, shorter.sliding_window) == (8, 16)
     with pytest.raises(ValueError, match=r"max_position_embeddings=64 is longer than the "
                        r"config's sliding_window=16: .* at most 16 tokens"):  # fmt: skip
         ModelConfig.from_hf_config({**window, "sliding_window": 16}, max_position_embeddings=64)
@@ -280,6 +292,17 @@ def test_to_hf_config_writes_what_transformers_reads():
     mistral = long.to_hf_config("mistral")
     assert "sliding_window" in mistral and mistral["sliding_window"] is None
     assert ModelConfig.from_hf_config(mistral) == long
+    # A window read from a checkpoint is written back, by default as Mistral (Llama has none).
+    windowed = DENSE.replace(max_position_embeddings=16, sliding_window=16)
+    assert windowed.to_hf_config()["model_type"] == "mistral"
+    assert windowed.to_hf_config()["sliding_window"] == 16
+    assert ModelConfig.from_hf_config(windowed.to_hf_config()) == windowed
+    moe = MOE.replace(max_position_embeddings=16, sliding_window=32)
+    assert ModelConfig.from_hf_config(moe.to_hf_config(), value_head=True) == moe
+    with pytest.raises(ValueError, match="model_type='llama' has no sliding window; .*=16"):
+        windowed.to_hf_config("llama")
+    with pytest.raises(ValueError, match="max_position_embeddings=32 is longer than sliding_"):
+        DENSE.replace(max_position_embeddings=32, sliding_window=16)
 
 
 def test_to_hf_config_errors():

@@ -149,7 +149,7 @@ def test_dropless_capacity_factor_is_allowed():
     assert spec.router.dropless
 
 
-def test_settings_a_run_does_not_read_are_reported():
+def test_settings_a_run_does_not_read_are_reported(tmp_path):
     config = default_config()
     config.experiment.rollout_workers = 4
     config.experiment.weight_sync_interval = 7
@@ -161,7 +161,7 @@ def test_settings_a_run_does_not_read_are_reported():
         "train.router_replay=True is not used: the model is dense (experiment.num_experts=0): "
         "it has no router",
         "model.bos_token='<s>' is not used: special tokens are named in a tokenizer.json "
-        "(model.tokenizer); the built-in tokenizer has its own",
+        "(model.tokenizer, or one beside model.init_from); the built-in tokenizer has its own",
     ]
     config.experiment.weight_sync_timeout_s = 5.0
     assert ignored_settings(config)[0].startswith(
@@ -172,8 +172,16 @@ def test_settings_a_run_does_not_read_are_reported():
     assert ignored_settings(config, asynchronous=True)[0].startswith("train.router_replay")
     config.experiment.num_experts = 1  # one expert still has a router
     assert ignored_settings(config, asynchronous=True)[0].startswith("model.bos_token")
-    config.model.init_from = "/models/policy"  # its tokenizer names the special tokens
+    config.model.init_from = str(tmp_path)  # without a tokenizer.json: the built-in one
+    assert ignored_settings(config, asynchronous=True)[0].startswith("model.bos_token")
+    (tmp_path / "tokenizer.json").write_text("{}")  # its tokenizer names the special tokens
     assert ignored_settings(config, asynchronous=True) == []
+    config.model.update(rope_theta=5e5, hidden_size=64, tie_word_embeddings=True)
+    assert ignored_settings(config, asynchronous=True) == [
+        "model.hidden_size=64, model.rope_theta=500000.0, model.tie_word_embeddings=True are "
+        "not used: the checkpoint model.init_from fixes the architecture (its config.json)"
+    ]
+    config.model.update(rope_theta=1e4, hidden_size=32, tie_word_embeddings=False)
     config.model.init_from = ""
     config.experiment.update(async_rollouts=True, num_experts=4)
     config.model.tokenizer = "tokenizer.json"

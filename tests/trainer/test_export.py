@@ -138,6 +138,12 @@ def test_export_writes_bos_id_and_the_critics_tokenizer(tmp_path):
     config = _config(steps=1, critic="separate")
     config.model.tokenizer = str(_tokenizer_file(tmp_path))  # has <s>
     config.model.bos_token = "<s>"
+    # The source's tokenizer settings are carried over, with the run's special tokens.
+    source = {"chat_template": "{{ messages }}", "model_max_length": 64, "eos_token": "<x>",
+              "tokenizer_class": "LlamaTokenizerFast", "add_bos_token": True,
+              "auto_map": {}}  # fmt: skip
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(source))
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
     # Stop tokens replace EOS as the end of a completion, so generate() must stop at them.
     config.rollout.stop_token_ids = (1, 3)
     train_quietly(config, tmp_path / "run")
@@ -149,9 +155,18 @@ def test_export_writes_bos_id_and_the_critics_tokenizer(tmp_path):
     assert written["critic"] == str(critic)
     # The separate critic gets the tokenizer files too.
     assert (critic / "tokenizer.json").exists()
-    tokenizer_config = json.loads((critic / "tokenizer_config.json").read_text())
-    assert (tokenizer_config["eos_token"], tokenizer_config["pad_token"]) == ("</s>", "<pad>")
-    assert tokenizer_config["bos_token"] == "<s>"
+    for target in (out, critic):
+        tokenizer_config = json.loads((target / "tokenizer_config.json").read_text())
+        assert tokenizer_config == {
+            "chat_template": "{{ messages }}", "model_max_length": 64, "eos_token": "</s>",
+            "pad_token": "<pad>", "bos_token": "<s>", "tokenizer_class": "PreTrainedTokenizerFast",
+        }  # fmt: skip
+        assert (target / "chat_template.jinja").read_text() == "{{ messages }}"
+    # Settings that cannot be read stop the export, which leaves nothing behind.
+    (tmp_path / "tokenizer_config.json").write_text("[1]")
+    with pytest.raises(ExportError, match=r"tokenizer_config.json: expected a JSON object, got"):
+        export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf2"))
+    assert not (tmp_path / "hf2").exists()
 
 
 @pytest.mark.parametrize("bos", [True, False])
