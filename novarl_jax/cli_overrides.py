@@ -256,11 +256,14 @@ def config_file_problem(argv: list[str]) -> str | None:
 
 
 def _option_value(text: str, current: Any) -> Any:
-    """A ``task.options`` override's value: a Python literal when it parses as one."""
+    """A ``task.options`` override's value: a Python literal when it parses as one; for an
+    option the file sets to a string, the text itself, one pair of enclosing quotes removed
+    (``symbols=123`` and ``symbols='"123"'`` are both the string ``123``)."""
     if text in NONE_WORDS:
         return None
-    if isinstance(current, str):
-        return text  # a string option stays a string (e.g. symbols=123)
+    if isinstance(current, str):  # a string option stays a string (e.g. symbols=123)
+        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+        return text[1:-1] if quoted else text
     if text.lower() in ("true", "false"):  # as the config's own bool flags take them
         return text.lower() == "true"
     try:

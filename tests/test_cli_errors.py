@@ -501,6 +501,12 @@ def test_task_option_words_true_and_false_are_bools():
             cli_overrides._option_value(text, None) == value
         )
     assert cli_overrides._option_value("false", "abc") == "false"  # a string option stays one
+    # The README's quoted form gives the same string whether or not the file sets the option.
+    for current in ("abc", None):
+        assert cli_overrides._option_value('"123"', current) == "123"
+    assert cli_overrides._option_value("'123'", "abc") == "123"
+    assert cli_overrides._option_value("123", "abc") == "123"
+    assert cli_overrides._option_value("'12\"", "abc") == "'12\""  # quotes that do not pair
 
 
 def test_a_file_that_cannot_be_written_is_one_line(run_cli, tmp_path, monkeypatch):
