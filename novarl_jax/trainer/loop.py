@@ -47,7 +47,7 @@ from novarl_jax.trainer.saved_config import (
     model_changes,
     write_config,
 )
-from novarl_jax.trainer.state import TrainState, init_train_state
+from novarl_jax.trainer.state import TrainState, init_train_state, train_state_shardings
 from novarl_jax.trainer.stop import StopRequested, StopWatch
 from novarl_jax.trainer.workdir import (
     LockUnsupported,
@@ -196,7 +196,13 @@ class Trainer:
         k_params, k_loop = seed_keys(self.config.experiment.seed if seed is None else seed)
         params = self.run_.init_params(k_params)
         params = self._place_params(params)
-        state = jax.jit(lambda p: init_train_state(p, self.run_.optimizer, k_loop))(params)
+        init = lambda p: init_train_state(p, self.run_.optimizer, k_loop)  # noqa: E731
+        if self.mesh is None:
+            state = jax.jit(init)(params)
+        else:
+            replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            shardings = train_state_shardings(params, self.run_.optimizer, k_loop, replicated)
+            state = jax.jit(init, out_shardings=shardings)(params)
         # The reference is the initial policy; a separate critic has no part in it.
         reference = None
         if self.run_.needs_reference:

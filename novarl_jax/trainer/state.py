@@ -106,6 +106,37 @@ def init_train_state(params, optimizer: optax.GradientTransformation, key: jax.A
     )
 
 
+def train_state_shardings(
+    params: Any, optimizer: optax.GradientTransformation, key: jax.Array, replicated: Any
+) -> TrainState:
+    """Where :func:`init_train_state` of ``params`` (placed arrays) should put each entry:
+    the parameters, and every optimizer entry shaped like them (Adam's moments), as the
+    parameters are placed; the rest (counts, step, version, key) on ``replicated``.
+
+    Without it the moments, zeros that do not depend on the parameters' values, would start
+    whole on every device, and the first update would compile again for sharded ones.
+    """
+    placed = jax.tree.map(lambda x: x.sharding, params)
+    abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, key), params)
+    try:
+        opt_state = optax.tree_map_params(
+            optimizer,
+            lambda _, sharding: sharding,
+            abstract.opt_state,
+            placed,
+            transform_non_params=lambda _: replicated,
+        )
+    except Exception:  # noqa: BLE001 - an optimizer optax cannot map: all replicated
+        opt_state = jax.tree.map(lambda _: replicated, abstract.opt_state)
+    return TrainState(
+        params=placed,
+        opt_state=opt_state,
+        step=replicated,
+        policy_version=replicated,
+        key=replicated,
+    )
+
+
 MODELS = ("policy", "critic")  # the top-level entries of a run's parameters
 
 
