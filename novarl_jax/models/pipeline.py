@@ -380,6 +380,10 @@ def pipeline_apply(
     Auxiliary outputs are summed over the microbatches each stage processed, per stage: to
     aggregate a per-microbatch mean exactly, return its numerator and denominator as aux.
 
+    Call it inside ``jax.jit`` (as the model's ``forward`` under ``pp > 1`` should be): the
+    schedule runs as a ``shard_map`` over the mesh, which an eager call compiles afresh
+    every time (a new ``stage_fn`` closure each call is a new program to XLA).
+
     Args:
         stage_fn: ``(params, x_mb, [extra=], [layer_extra=]) -> y_mb`` or ``(y_mb, aux)``.
         stage_params: pytree with leaves ``[pp, Lc, ...]`` (V = 1) or ``[pp, V, Lc, ...]``

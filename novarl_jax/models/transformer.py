@@ -877,7 +877,8 @@ def forward(
         num_microbatches: M, pipeline microbatches (used when the mesh has ``pp > 1`` and
             there is no cache; must then divide B). More microbatches shrink the pipeline
             bubble; with dropless routing the result does not depend on M (with a capacity
-            factor each microbatch is a routing group, so drops do).
+            factor each microbatch is a routing group, so drops do). Under ``pp > 1`` call
+            ``forward`` inside ``jax.jit``: eagerly, its pipeline compiles on every call.
 
     Returns:
         (logits [B, T, V] float32, the updated cache or None, aux) where aux has

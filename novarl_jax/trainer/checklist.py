@@ -315,7 +315,11 @@ def _shared_prompts(spec: RunSpec) -> str:
         shared_updates = updates_share_prompts(spec.config, spec.layout.pp)
         where = "scoring and update" if shared_updates else "scoring"
         return f"on in {where} (each prompt runs once for its {group} samples)"
-    return "off" if spec.config.train.share_prompts else "off (train.share_prompts=False)"
+    if not spec.config.train.share_prompts:
+        return "off (train.share_prompts=False)"
+    if spec.layout.pp > 1:
+        return "off (the layers are pipelined, pp > 1)"
+    return "off (one sample per prompt)"
 
 
 def print_checklist(spec: RunSpec, mesh: Any = None, console: Any = None, run: Any = None) -> None:

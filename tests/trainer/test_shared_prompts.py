@@ -56,9 +56,12 @@ def test_the_checklist_says_why_prompts_are_not_shared():
         return _checklist(config)["shared-prompt forward"]
 
     assert ppo.train.share_prompts
-    assert row(ppo) == "off"
+    assert row(ppo) == "off (one sample per prompt)"
     ppo.train.share_prompts = False
     assert row(ppo) == "off (train.share_prompts=False)"
+    pipelined = _grpo_config()
+    pipelined.experiment.update(world_size=2, pipeline_parallel_size=2)
+    assert row(pipelined) == "off (the layers are pipelined, pp > 1)"
 
 
 def test_minibatch_order():
