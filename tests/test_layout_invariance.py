@@ -293,6 +293,10 @@ def test_layout_matches_single_device(name, reference, devices):
         _compare_update(f"{name} / {algo}", got, ref["updates"][algo])
 
 
+def _pipeline_microbatches(count: int) -> str:
+    return f"{count} pipeline microbatch{'' if count == 1 else 'es'}"
+
+
 @pytest.mark.parametrize("microbatches", [1, 4])
 def test_pipeline_microbatches_give_the_same_update(microbatches, reference, devices):
     """The demo layout with 1 and 4 pipeline microbatches (2 is in the layout test)."""
@@ -302,7 +306,7 @@ def test_pipeline_microbatches_give_the_same_update(microbatches, reference, dev
         "grpo", reference["params"], reference["batches"]["grpo"], mesh=mesh, micro_batches=1,
         microbatches=microbatches,
     )  # fmt: skip
-    _compare_update(f"demo, {microbatches} pipeline microbatches / grpo", got,
+    _compare_update(f"demo, {_pipeline_microbatches(microbatches)} / grpo", got,
                     reference["updates"]["grpo"])  # fmt: skip
 
 
@@ -327,7 +331,7 @@ def test_gradient_accumulation_splits_give_the_same_update(
         "grpo", reference["params"], batch, mesh=layout.make_mesh(devices),
         micro_batches=micro_batches, microbatches=microbatches, moe=False,
     )  # fmt: skip
-    case = f"demo, {micro_batches} accumulation x {microbatches} pipeline microbatches / grpo"
+    case = f"demo, {micro_batches} accumulation x {_pipeline_microbatches(microbatches)} / grpo"
     # The router-loss metrics are reported per forward (as above), whatever their weight.
     skip = ("actor/moe_aux_loss", "actor/moe_z_loss")
     _compare_update(case + " (no router losses)", got, want, skip_metrics=skip)
