@@ -116,26 +116,39 @@ def _has_box(text: str) -> bool:
 def extract_boxed(text: str) -> str | None:
     r"""Contents of the last ``\boxed{...}`` (or ``\fbox{...}``, or ``\boxed x`` without
     braces) in ``text``, nested braces allowed; None when there is none or the last one is not
-    closed (a truncated final answer is no answer). A brace-less box followed by a word of
-    two or more letters is prose, not a box, and is passed over.
+    closed (a truncated final answer is no answer). A brace-less box followed by a word (two
+    or more letters, any script) is prose about boxes when an earlier box exists, and is
+    passed over for that box (``\boxed{42}, in \boxed notation`` gives ``42``).
 
     Example:
         >>> extract_boxed(r"so \boxed{\frac{1}{2}} done")
         '\\frac{1}{2}'
     """
-    start = max(text.rfind(command) for command in _BOX_COMMANDS)
-    if start == -1:
-        return None
-    command = next(c for c in _BOX_COMMANDS if text.startswith(c, start))
-    rest = text[start + len(command) :]
-    if rest.startswith(" ") and not rest.lstrip(" ").startswith("{"):
-        # "\boxed 5": the token after the space (as written without braces). A word after
-        # it ("in \boxed notation") is prose about boxes: the box before it is the answer.
-        token = rest.split()[0] if rest.split() else ""
-        if re.fullmatch(r"[A-Za-z]{2,}[.,;:!?]*", token):
-            return extract_boxed(text[:start])
-        return token.rstrip("$.") or None
-    j = start + len(command)
+    end = len(text)
+    while True:
+        start = max(text.rfind(command, 0, end) for command in _BOX_COMMANDS)
+        if start == -1:
+            return None
+        command = next(c for c in _BOX_COMMANDS if text.startswith(c, start))
+        rest = text[start + len(command) :]
+        if rest.startswith(" ") and not rest.lstrip(" ").startswith("{"):
+            # "\boxed 5": the token after the space (as written without braces).
+            words = rest.split(None, 1)
+            token = words[0] if words else ""
+            earlier = max(text.rfind(c, 0, start) for c in _BOX_COMMANDS) != -1
+            if earlier and _PROSE_WORD.fullmatch(token):
+                end = start
+                continue
+            return token.rstrip("$.") or None
+        return _braced(text, start + len(command))
+
+
+# A word after a brace-less box: letters of any script, then punctuation.
+_PROSE_WORD = re.compile(r"[^\W\d_]{2,}[.,;:!?)\]]*")
+
+
+def _braced(text: str, j: int) -> str | None:
+    """The contents of the brace group starting at ``text[j]`` (after spaces), or None."""
     while j < len(text) and text[j] == " ":
         j += 1
     if j >= len(text) or text[j] != "{":
@@ -192,22 +205,21 @@ _RATIO = re.compile(r"([-+]?\d+(?:\.\d+)?)/([-+]?\d+(?:\.\d+)?)")
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
 
 
-def parse_number(text: Any) -> float | None:
+def parse_number(text: Any) -> int | float | None:
     r"""``text`` as one number, or None when it is anything else.
 
     Accepts ``42``, ``-3.5``, ``.5``, ``1e3``, ``1,234`` (commas only between thousands),
     ``3/4``, ``\frac{3}{4}`` and ``-\frac{1}{2}``, after :func:`normalize_answer` (so ``$5``,
     ``50\%``, ``90^\circ``, ``x = 5`` and ``5 \text{cm}`` are numbers too). ``x \neq 5``,
     ``2^{10}``, ``(1,2)`` or ``3, 5`` are not: a number inside a larger expression is not
-    the answer. JSON numbers (int, float) are returned as they are.
+    the answer. JSON numbers (int, float) are returned as they are. An integer literal comes
+    back as a Python int, exact at any size (float64 cannot tell ``2**53 + 1`` from
+    ``2**53``); other numbers as floats; None for one beyond float range.
     """
     if isinstance(text, bool):
         return None
     if isinstance(text, int | float):
-        try:
-            return float(text)
-        except OverflowError:
-            return None
+        return _finite(text)
     text = normalize_answer(text)
     if not text or len(text) > 100:
         return None
@@ -222,12 +234,27 @@ def parse_number(text: Any) -> float | None:
         den = float(match.group(2))
         return float(match.group(1)) / den if den != 0 else None
     if _PLAIN.fullmatch(text):
-        value = float(text.replace(",", ""))
-        return value if math.isfinite(value) else None
+        return _plain_number(text)
     return None
 
 
-def last_number(text: str) -> float | None:
+def _plain_number(text: str) -> int | float | None:
+    """A plain number's text as a Python int when it is an integer literal (exact at any
+    size: float64 cannot tell 2**53 + 1 from 2**53), else a float; None when not finite."""
+    text = text.replace(",", "")
+    exact = text.lstrip("+-").isdigit() and len(text) <= 400  # longer: no float holds it
+    return _finite(int(text) if exact else float(text))
+
+
+def _finite(value: int | float) -> int | float | None:
+    """``value`` (an int kept exact) when a float could hold it, else None."""
+    try:
+        return value if math.isfinite(float(value)) else None
+    except OverflowError:
+        return None
+
+
+def last_number(text: str) -> int | float | None:
     """The last number written in free text (GSM8K-style answers with no ``\\boxed{}``).
 
     The whitespace-separated word holding the text's last number counts as a whole when
@@ -246,8 +273,7 @@ def last_number(text: str) -> float | None:
     word = parse_number(text[begin:end].rstrip(".,;:!?)").lstrip("("))
     if word is not None:
         return word
-    value = float(last.group().replace(",", ""))
-    return value if math.isfinite(value) else None
+    return _plain_number(last.group())
 
 
 def _answer_text(completion: str) -> str | None:
@@ -332,9 +358,13 @@ def numeric_reward(
 
 
 def _same_number(pred: float, target: float, rel_tol: float, abs_tol: float) -> bool:
-    if pred.is_integer() and target.is_integer():
-        return pred == target
+    if _integral(pred) and _integral(target):
+        return pred == target  # exact, also between an int and a float
     return math.isclose(pred, target, rel_tol=rel_tol, abs_tol=abs_tol)
+
+
+def _integral(value: int | float) -> bool:
+    return isinstance(value, int) or value.is_integer()
 
 
 def numeric_answer(answer: Any) -> float | None:
@@ -393,7 +423,7 @@ def integer_closeness_reward(
     out = []
     for i, (completion, meta) in enumerate(zip(completions, metadata, strict=True)):
         value = numeric_answer(_answer(meta, i))
-        if value is None or not value.is_integer():
+        if value is None or not _integral(value):
             raise ValueError(f"metadata[{i}]['answer']={meta['answer']!r} is not an integer")
         target = int(value)
         text = completion.strip()

@@ -194,7 +194,24 @@ def test_prose_about_boxes_is_not_a_box():
     text = "The answer is \\boxed{42}; I wrote it in \\boxed notation."
     assert R.extract_boxed(text) == "42"
     assert R.extract_boxed("\\boxed x") == "x" and R.extract_boxed("\\boxed 12.") == "12"
-    assert R.extract_boxed("only \\boxed notation here") is None
+    # Any script, closing brackets; a word after the only box is the answer, as written.
+    assert R.extract_boxed("\\boxed{42}, mit \\boxed über Zahlen") == "42"
+    assert R.extract_boxed("Ответ \\boxed{42}, в \\boxed нотации") == "42"
+    assert R.extract_boxed("\\boxed{42} (in \\boxed notation)") == "42"
+    assert R.exact_match_reward([""], ["so \\boxed yes"], [{"answer": "yes"}]) == [1.0]
+    # Thousands of them neither recurse nor take quadratic time to pass over.
+    assert R.exact_match_reward(
+        [""], ["\\boxed{1} " + "\\boxed ab " * 5000], [{"answer": "1"}]
+    ) == [1.0]
+
+
+def test_integers_compare_exactly_beyond_float_precision():
+    big = 2**53
+    assert R.numeric_reward([""], [f"\\boxed{{{big + 1}}}"], [{"answer": big}]) == [0.0]
+    assert R.numeric_reward([""], [f"so {big + 1}"], [{"answer": str(big + 1)}]) == [1.0]
+    assert R.parse_number(str(big + 1)) == big + 1 and R.last_number(f"x {big + 1}") == big + 1
+    assert R.integer_closeness_reward([""], [str(big + 1)], [{"answer": str(big + 1)}]) == [1.0]
+    assert R.integer_closeness_reward([""], [str(big)], [{"answer": big + 1}]) == [0.45]
 
 
 def test_composed_unicode_and_latex_thousands():

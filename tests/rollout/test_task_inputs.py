@@ -106,7 +106,9 @@ def test_string_task_options_refused(kwargs, message):
 
 def test_documented_option_limits():
     CopyTask(max_length=2**20)  # the largest allowed
-    AdditionTask(max_operand=2**63 - 2)
+    task = AdditionTask(max_operand=2**63 - 2)
+    prompts, meta = task.sample_prompts(jax.random.key(0), 4)  # sums far beyond 2**53
+    assert task.score(prompts, [str(m["answer"]) for m in meta], meta)[0].tolist() == [1.0] * 4
     with pytest.raises(ValueError, match=r"at most 2\*\*63 - 2"):
         AdditionTask(max_operand=2**63 - 1)
     with pytest.raises(ValueError, match="max_operand must be an integer"):
