@@ -193,9 +193,14 @@ def truncated_importance_weights(
     check_token_arrays(
         "old_logprobs", {"old_logprobs": old_logprobs, "behavior_logprobs": behavior_logprobs}
     )
+    return jnp.minimum(_importance_ratio(old_logprobs, behavior_logprobs), tis_cap)
+
+
+def _importance_ratio(old_logprobs: ArrayLike, behavior_logprobs: ArrayLike) -> jax.Array:
+    """``pi_old / pi_behavior`` per token (log-ratio clamped), without gradient."""
     log_w = jnp.asarray(old_logprobs, jnp.float32) - jnp.asarray(behavior_logprobs, jnp.float32)
     log_w = jnp.clip(log_w, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w), tis_cap))
+    return jax.lax.stop_gradient(jnp.exp(log_w))
 
 
 # --------------------------------------------------------------------------- loss plumbing
@@ -389,12 +394,14 @@ def tis_weights_and_metrics(
     tis_cap: float,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Truncated importance weights and their metrics ``actor/tis_weight_mean``,
-    ``actor/tis_clipfrac`` (the fraction of tokens whose weight was truncated)."""
+    ``actor/tis_clipfrac`` (the fraction of tokens whose ratio exceeded the cap: a ratio equal
+    to it is not truncated)."""
     weights = truncated_importance_weights(old_logprobs, behavior_logprobs, tis_cap)
+    truncated = _importance_ratio(old_logprobs, behavior_logprobs) > tis_cap
     metrics = {
         "actor/tis_weight_mean": masked_mean(weights, mask, denominators=denominators),
         "actor/tis_clipfrac": masked_mean(
-            (weights >= tis_cap).astype(jnp.float32), mask, denominators=denominators
+            truncated.astype(jnp.float32), mask, denominators=denominators
         ),
     }
     return weights, metrics

@@ -11,7 +11,10 @@ aggregated with one of the modes of :mod:`novarl_jax.algorithms.aggregation`. Th
 users know are settings of :class:`GRPOLossConfig`: DAPO (Yu et al., 2025) is
 ``clip_ratio_high=0.28, loss_agg_mode='token-mean', beta=0``; Dr. GRPO (Liu et al., 2025) is
 ``loss_agg_mode='seq-mean-token-sum-norm'`` with the ``'dr_grpo'`` estimator; GSPO (Zheng et
-al., 2025) is ``importance_sampling_level='sequence'``.
+al., 2025) is ``importance_sampling_level='sequence'`` with its own clip range (``3e-4`` /
+``4e-4``), ``beta=0`` and ``loss_agg_mode='seq-mean-token-mean'`` (the ``'gspo'`` preset of
+:mod:`novarl_jax.algorithms.registry`); the sequence level alone, with the defaults'
+``token-mean``, weights each sequence by its length, unlike the paper.
 
 Example:
     >>> import jax.numpy as jnp

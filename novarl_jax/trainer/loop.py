@@ -451,12 +451,17 @@ def restore_task_position(
 
 def combine_update_metrics(update_metrics: list[dict]) -> dict[str, float]:
     """One step's metrics from its updates': the max of ``*_max`` names, the min of ``*_min``
-    names, the mean of the rest."""
+    names, the mean of the rest. An extreme over no token at all (every update without a
+    valid token: ``-inf`` for a max, ``inf`` for a min) is 0, as the other update metrics
+    of a step that trained nothing are."""
     reduce = {"max": np.max, "min": np.min, None: np.mean}
-    return {
-        name: float(reduce[extreme_of(name)]([m[name] for m in update_metrics]))
-        for name in update_metrics[0]
-    }
+    out = {}
+    for name in update_metrics[0]:
+        kind = extreme_of(name)
+        value = float(reduce[kind]([m[name] for m in update_metrics]))
+        none = {"max": -math.inf, "min": math.inf}.get(kind)
+        out[name] = 0.0 if value == none else value
+    return out
 
 
 def reward_kl_penalty(

@@ -301,7 +301,9 @@ def make_update_step(
     The micro-batches carry the minibatch's global loss denominators
     (:func:`~novarl_jax.algorithms.aggregation.split_micro_batches`), so the summed
     gradient equals the whole minibatch's gradient however it is split. A non-finite loss
-    or gradient norm leaves the state unchanged (``metrics['train/skipped'] = 1``).
+    or gradient norm leaves the state unchanged (``metrics['train/skipped'] = 1``); so does
+    a minibatch without a valid response token (its gradient is zero, but AdamW's momentum
+    would still move the parameters, and the step count and schedule would advance).
 
     Returns:
         ``update(state, minibatch) -> (state, metrics)``, not yet jitted.
@@ -324,10 +326,11 @@ def make_update_step(
         finite = jnp.isfinite(loss)
         for norm in norms.values():
             finite &= jnp.isfinite(norm)
+        applied = finite & jnp.any(minibatch["response_mask"] != 0)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        step = finite.astype(jnp.int32)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)
+        step = applied.astype(jnp.int32)
         new_state = state.replace(
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),

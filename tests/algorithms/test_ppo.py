@@ -128,6 +128,9 @@ def test_truncated_importance_sampling():
     assert float(loss) == pytest.approx(per_token.mean(), rel=1e-6)
     assert float(m["actor/tis_weight_mean"]) == pytest.approx(5.5 / 5)
     assert float(m["actor/tis_clipfrac"]) == pytest.approx(2 / 5)
+    # A ratio equal to the cap is not truncated (with equal log-probs every ratio is 1).
+    _, m = policy(behavior_logprobs=old, tis_cap=1.0)
+    assert float(m["actor/tis_clipfrac"]) == 0.0
     with pytest.raises(ValueError, match="tis_cap=1.5 needs behavior_logprobs"):
         policy(tis_cap=1.5)
     with pytest.raises(ValueError, match="tis_cap must be > 0"):

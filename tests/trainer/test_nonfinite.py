@@ -72,6 +72,35 @@ def test_a_skipped_update_leaves_the_optimizer_state_as_it_was():
     np.testing.assert_allclose(np.asarray(updated.params["w"]), 0.1, rtol=1e-5)
 
 
+def test_an_update_without_a_valid_token_moves_nothing():
+    # Its gradient is zero, but Adam's momentum would still move the parameters (0.0067 in
+    # one review's case), and the step count and schedule would advance.
+    def loss_fn(params, batch, apply_fn):
+        mask = batch["response_mask"]
+        err = (params["w"] - batch["target"]) ** 2 * mask
+        return err.sum() / jnp.maximum(batch["loss_denominators"].num_tokens, 1), {}
+
+    optimizer = optax.adam(0.1)
+    state = init_train_state({"w": jnp.zeros((3,))}, optimizer, jax.random.key(0))
+    update = jax.jit(make_update_step(loss_fn, None, optimizer, micro_batches=2))
+    batch = {"response_mask": jnp.ones((2, 3)), "target": jnp.ones((2, 3))}
+    state, _ = update(state, batch)
+    empty, metrics = update(state, dict(batch, response_mask=jnp.zeros((2, 3))))
+    assert float(metrics["train/skipped"]) == 0.0 and float(metrics["train/loss"]) == 0.0
+    assert int(empty.step) == 1 and int(empty.policy_version) == 1
+    for a, b in zip(jax.tree.leaves(empty), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_step_without_tokens_reports_its_extremes_as_zero():
+    updates = [{"actor/ratio_max": -np.inf, "x/y_min": np.inf, "actor/pg_loss": 0.0}] * 2
+    assert loop.combine_update_metrics(updates) == {
+        "actor/ratio_max": 0.0, "x/y_min": 0.0, "actor/pg_loss": 0.0
+    }  # fmt: skip
+    updates[1] = {"actor/ratio_max": 1.5, "x/y_min": 0.25, "actor/pg_loss": 1.0}
+    assert loop.combine_update_metrics(updates)["actor/ratio_max"] == 1.5
+
+
 def test_accumulated_gradient_equals_full_batch():
     optimizer = optax.sgd(1.0)
     params = {"w": jnp.arange(3.0)}
