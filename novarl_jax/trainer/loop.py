@@ -197,11 +197,13 @@ class Trainer:
         params = self.run_.init_params(k_params)
         params = self._place_params(params)
         init = lambda p: init_train_state(p, self.run_.optimizer, k_loop)  # noqa: E731
-        if self.mesh is None:
-            state = jax.jit(init)(params)
-        else:
+        shardings = None
+        if self.mesh is not None:
             replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
             shardings = train_state_shardings(params, self.run_.optimizer, k_loop, replicated)
+        if shardings is None:
+            state = jax.jit(init)(params)
+        else:
             state = jax.jit(init, out_shardings=shardings)(params)
         # The reference is the initial policy; a separate critic has no part in it.
         reference = None

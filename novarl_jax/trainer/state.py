@@ -108,26 +108,36 @@ def init_train_state(params, optimizer: optax.GradientTransformation, key: jax.A
 
 def train_state_shardings(
     params: Any, optimizer: optax.GradientTransformation, key: jax.Array, replicated: Any
-) -> TrainState:
+) -> TrainState | None:
     """Where :func:`init_train_state` of ``params`` (placed arrays) should put each entry:
     the parameters, and every optimizer entry shaped like them (Adam's moments), as the
     parameters are placed; the rest (counts, step, version, key) on ``replicated``.
 
     Without it the moments, zeros that do not depend on the parameters' values, would start
-    whole on every device, and the first update would compile again for sharded ones.
+    whole on every device, and the first update would compile again for sharded ones. None
+    when optax cannot match the optimizer's state to the parameters (XLA then places it).
     """
     placed = jax.tree.map(lambda x: x.sharding, params)
     abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, key), params)
+
+    def like_param(entry: Any, sharding: Any, param: Any) -> Any:
+        if isinstance(entry, optax.MaskedNode):  # a part optax.masked leaves out
+            return entry
+        # Same tree, other shapes (Adafactor's factored rows and columns): replicated.
+        return sharding if entry.shape == param.shape else replicated
+
     try:
         opt_state = optax.tree_map_params(
             optimizer,
-            lambda _, sharding: sharding,
+            like_param,
             abstract.opt_state,
             placed,
+            params,
             transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, optax.MaskedNode),
         )
-    except Exception:  # noqa: BLE001 - an optimizer optax cannot map: all replicated
-        opt_state = jax.tree.map(lambda _: replicated, abstract.opt_state)
+    except (TypeError, ValueError):  # a state optax cannot match to the parameters
+        return None
     return TrainState(
         params=placed,
         opt_state=opt_state,

@@ -133,3 +133,32 @@ def test_adamw_follows_optax_over_several_updates_with_both_decay_rates():
         p_want = optax.apply_updates(p_want, u)
     for name in params:
         np.testing.assert_allclose(p_ours[name], p_want[name], rtol=1e-6)
+
+
+def test_state_shardings_follow_the_parameters_for_other_optimizers(devices):
+    # Moments shaped like their parameter take its sharding; Adafactor's factored rows and
+    # columns, counts and the parts optax.masked leaves out are replicated.
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from novarl_jax.trainer.state import init_train_state, train_state_shardings
+
+    mesh = Mesh(np.array(devices[:2]), ("tp",))
+    replicated = NamedSharding(mesh, P())
+    params = {
+        "w": jax.device_put(jnp.zeros((8, 16)), NamedSharding(mesh, P(None, "tp"))),
+        "b": jax.device_put(jnp.zeros((16,)), replicated),
+    }
+    key = jax.random.key(0)
+    matrices = lambda p: jax.tree.map(lambda x: x.ndim == 2, p)  # noqa: E731
+    for optimizer in (
+        optax.chain(optax.clip_by_global_norm(1.0), optax.masked(optax.adam(0.1), matrices)),
+        optax.adafactor(0.1),
+        optax.MultiSteps(optax.adamw(0.1), 2),
+    ):
+        shardings = train_state_shardings(params, optimizer, key, replicated)
+        init = lambda p, o=optimizer: init_train_state(p, o, key)  # noqa: E731
+        state = jax.jit(init, out_shardings=shardings)(params)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+            split = leaf.shape == (8, 16)  # w's moments (Adafactor factors none this small)
+            assert leaf.sharding.is_fully_replicated != split, (path, leaf.sharding)
