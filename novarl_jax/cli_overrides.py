@@ -257,13 +257,20 @@ def config_file_problem(argv: list[str]) -> str | None:
 
 def _option_value(text: str, current: Any) -> Any:
     """A ``task.options`` override's value: a Python literal when it parses as one; for an
-    option the file sets to a string, the text itself, one pair of enclosing quotes removed
-    (``symbols=123`` and ``symbols='"123"'`` are both the string ``123``)."""
+    option the file sets to a string, the text itself, or the string literal it is when
+    quoted (``symbols=123`` and ``symbols='"123"'`` are both the string ``123``, and a quoted
+    ``\\n`` is a newline either way)."""
     if text in NONE_WORDS:
         return None
     if isinstance(current, str):  # a string option stays a string (e.g. symbols=123)
         quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
-        return text[1:-1] if quoted else text
+        if not quoted:
+            return text
+        try:  # read as the literal it is without the file's option: escapes as there
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            value = None
+        return value if isinstance(value, str) else text[1:-1]
     if text.lower() in ("true", "false"):  # as the config's own bool flags take them
         return text.lower() == "true"
     try:

@@ -507,6 +507,8 @@ def test_task_option_words_true_and_false_are_bools():
     assert cli_overrides._option_value("'123'", "abc") == "123"
     assert cli_overrides._option_value("123", "abc") == "123"
     assert cli_overrides._option_value("'12\"", "abc") == "'12\""  # quotes that do not pair
+    for current in ("abc", None):  # a quoted literal reads the same either way
+        assert cli_overrides._option_value('"Q: {prompt}\\nA:"', current) == "Q: {prompt}\nA:"
 
 
 def test_a_file_that_cannot_be_written_is_one_line(run_cli, tmp_path, monkeypatch):

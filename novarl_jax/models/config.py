@@ -362,7 +362,9 @@ class ModelConfig:
             )
         act = hf_config.get("hidden_act", "silu")
         if act not in ("silu", "swish"):  # transformers' two names for x * sigmoid(x)
-            raise ValueError(f"config hidden_act={act!r} is not supported; only 'silu'")
+            raise ValueError(
+                f"config hidden_act={act!r} is not supported; only 'silu' (also named 'swish')"
+            )
         for key in ("attention_bias", "mlp_bias"):
             flag = hf_config.get(key)
             if flag is not None and not isinstance(flag, bool):

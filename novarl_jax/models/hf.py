@@ -517,8 +517,8 @@ def save_hf_model(
         config: the model.
         params: its parameters (host or device arrays, sharded or not): exactly the tree,
             shapes and dtype (``config.dtype``) of ``init_params(config, key)``.
-        model_type: 'mixtral', 'llama' or 'mistral' (default: mixtral for MoE, llama for
-            dense).
+        model_type: 'mixtral', 'llama' or 'mistral' (default: mixtral for MoE; for dense,
+            mistral with a ``sliding_window``, else llama).
         max_shard_bytes: largest file size before splitting.
         overwrite: replace an existing checkpoint in ``path`` (its config.json, index,
             model safetensors files and generation_config.json are replaced; other files,

@@ -3,7 +3,8 @@
 ``python -m novarl_jax.train --config=... --workdir=W --export=OUT [overrides]`` (the run's own
 command plus ``--export``) restores a checkpoint of ``W`` and writes its policy to ``OUT`` with
 :func:`~novarl_jax.models.save_hf_model`: ``config.json`` and safetensors that
-``transformers`` loads (``MixtralForCausalLM``, or ``LlamaForCausalLM`` for dense policies),
+``transformers`` loads (``MixtralForCausalLM``; for a dense policy ``LlamaForCausalLM``, or
+``MistralForCausalLM`` when its checkpoint had a sliding window),
 with the run's end ids (``rollout.stop_token_ids`` when set, else EOS), padding and BOS ids in
 ``config.json`` and ``generation_config.json``, plus
 ``tokenizer.json`` and ``tokenizer_config.json`` when the run used a tokenizer.json. A shared
@@ -118,7 +119,7 @@ def export_policy(
             f"{out}: is inside the run's checkpoints directory {directory}, whose steps the "
             "run rotates and deletes; export outside it"
         )
-    tokenizer_files = [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]
+    tokenizer_files = [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE]
     for target, _ in targets.values():
         held = checkpoint_files(target)
         held += [p for p in map(pathlib.Path(target).joinpath, tokenizer_files) if p.exists()]
@@ -234,18 +235,22 @@ def _remove_export(out: str, existed: bool, before: dict[str, set[str]]) -> None
 def _write_tokenizer(directory: str, tokenizer: Any, config: Any) -> None:
     """With a tokenizer.json, the tokenizer files transformers loads with its special tokens.
 
-    The settings of a ``tokenizer_config.json`` beside the run's tokenizer.json (a chat
-    template, ``model_max_length``, ...) and a ``chat_template.jinja`` there are carried
-    over; the special tokens are the run's."""
+    When the run's tokenizer file is a model directory's ``tokenizer.json``, the settings of
+    the ``tokenizer_config.json`` beside it (a chat template, ``model_max_length``, ...) and a
+    ``chat_template.jinja`` there are carried over; the special tokens are the run's (a BOS
+    token only when the run has one)."""
     if not isinstance(tokenizer, HFTokenizer):
         return
     model = config.model
-    source = os.path.dirname(os.path.abspath(tokenizer_path(config)))
-    settings = _read_json_object(os.path.join(source, TOKENIZER_CONFIG_FILE))
-    settings = {k: v for k, v in settings.items() if k not in _NOT_CARRIED}
-    template = os.path.join(source, CHAT_TEMPLATE_FILE)
-    if os.path.isfile(template) and not _inside(template, directory):
-        shutil.copyfile(template, os.path.join(directory, CHAT_TEMPLATE_FILE))
+    path = os.path.abspath(tokenizer_path(config))
+    settings: dict = {}
+    if os.path.basename(path) == TOKENIZER_FILE:  # another name: not a model directory's
+        source = os.path.dirname(path)
+        settings = _read_json_object(os.path.join(source, TOKENIZER_CONFIG_FILE))
+        template = os.path.join(source, CHAT_TEMPLATE_FILE)
+        if os.path.isfile(template) and not _inside(template, directory):
+            shutil.copyfile(template, os.path.join(directory, CHAT_TEMPLATE_FILE))
+    settings = {k: v for k, v in settings.items() if k not in (*_NOT_CARRIED, "bos_token")}
     from tokenizers import Tokenizer
     from tokenizers.processors import TemplateProcessing
 

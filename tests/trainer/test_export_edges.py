@@ -10,6 +10,8 @@ from quiet_train import train_quietly
 from test_build import _tokenizer_file
 from test_export import _config
 
+from novarl_jax.rollout.tokenizers import HFTokenizer
+from novarl_jax.trainer import export as export_mod
 from novarl_jax.trainer.export import ExportError, export_policy
 
 
@@ -66,12 +68,40 @@ def test_a_single_stop_id_is_written_as_an_int(run_a):
 
 def test_no_bos_token_leaves_it_out_of_tokenizer_config(run_a):
     c, tmp = run_a
-    export_policy(c, str(tmp / "run"), str(tmp / "e10"))
-    assert "bos_token" not in json.loads((tmp / "e10" / "tokenizer_config.json").read_text())
+    # Not even the source's: the special tokens are the run's.
+    (tmp / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "x": 1}))
+    try:
+        export_policy(c, str(tmp / "run"), str(tmp / "e10"))
+    finally:
+        (tmp / "tokenizer_config.json").unlink()
+    written = json.loads((tmp / "e10" / "tokenizer_config.json").read_text())
+    assert "bos_token" not in written and written["x"] == 1
+
+
+def test_settings_are_carried_only_from_a_model_directorys_tokenizer(run_a, tmp_path):
+    # A tokenizer file of another name is not a model directory's tokenizer.json: the
+    # tokenizer_config.json beside it may be another model's.
+    c, tmp = run_a
+    c = c.copy_and_resolve_references()
+    renamed = tmp_path / "policy_tokenizer.json"
+    shutil.copyfile(c.model.tokenizer, renamed)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 8}))
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    c.model.tokenizer = str(renamed)
+    tokenizer = HFTokenizer.from_file(renamed, pad_token="<pad>", eos_token="</s>")
+    out = tmp_path / "out"
+    out.mkdir()
+    export_mod._write_tokenizer(str(out), tokenizer, c)
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    assert "model_max_length" not in written and not (out / "chat_template.jinja").exists()
+    shutil.copyfile(renamed, tmp_path / "tokenizer.json")  # the same, as a directory's
+    c.model.tokenizer = str(tmp_path / "tokenizer.json")
+    export_mod._write_tokenizer(str(out), tokenizer, c)
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    assert written["model_max_length"] == 8 and (out / "chat_template.jinja").exists()
 
 
 def test_the_export_closes_its_checkpointer_also_on_failure(run_a, monkeypatch):
-    from novarl_jax.trainer import export as export_mod
 
     closed = []
 
@@ -163,7 +193,6 @@ def _live_run(run_a, monkeypatch, name, rotate):
     """A copy of run A in ``tmp/name`` whose checkpoints ``rotate(checkpoints, steps)`` changes
     before each restore the export makes, as a run still training there would. Returns the
     config, tmp, the checkpoints directory and the steps restored so far."""
-    from novarl_jax.trainer import export as export_mod
 
     c, tmp = run_a
     shutil.copytree(tmp / "run", tmp / name)
@@ -223,7 +252,6 @@ def test_a_failed_tokenizer_write_leaves_no_half_export(run_a, monkeypatch):
     """The model files are moved into place before the tokenizer is written: a failure there
     left an export that a rerun into the same directory refused as already holding a
     model."""
-    from novarl_jax.trainer import export as export_mod
 
     c, tmp = run_a
 
