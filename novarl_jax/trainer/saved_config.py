@@ -250,11 +250,23 @@ def _read_json(path: str) -> dict:
 
 
 def model_changes(workdir: str, model: Any) -> list[tuple[str, Any, Any]]:
-    """``(field, recorded, now)`` where the policy's architecture differs from the record."""
+    """``(field, recorded, now)`` where the policy's architecture differs from the record.
+
+    A record without a sliding window, of a model that now has one (from a checkpoint that
+    has one, recorded before the window was kept: as Llama, or as Mixtral without it), is
+    compared as written then: the window changes nothing within the model's length.
+    """
     path = os.path.join(workdir, MODEL_FILE)
     if model is None or not os.path.exists(path):
         return []
-    return config_changes(_read_json(path), model.to_hf_config())
+    saved = _read_json(path)
+    now = model.to_hf_config()
+    if model.sliding_window is not None and saved.get("sliding_window") is None:
+        try:
+            now = model.replace(sliding_window=None).to_hf_config(saved.get("model_type"))
+        except ValueError:  # a model type it cannot be written as: compare as it is
+            pass
+    return config_changes(saved, now)
 
 
 def _tokenizer_changes(workdir: str, tokenizer: Any) -> tuple[list[tuple[str, Any, Any]], int]:

@@ -431,3 +431,21 @@ def test_steps_no_checkpoint_kept_are_replaced_only_by_the_same_run(tmp_path):
         train_quietly(failing, tmp_path, allow_config_change=True)
     saved = json.loads(record.read_text())
     assert (saved["optim"]["learning_rate"], saved["task"]["reward_fn"]) == (0.01, "")
+
+
+def test_a_record_from_before_sliding_windows_were_kept_still_matches(tmp_path):
+    # A dense model read from a Mistral checkpoint with a window was recorded as Llama
+    # without the window, a Mixtral with "sliding_window": null; both describe the same
+    # computation as the model now read with its window.
+    from novarl_jax.models import ModelConfig
+    from novarl_jax.trainer.saved_config import MODEL_FILE, model_changes
+
+    sizes = dict(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=2,
+                 num_attention_heads=2, max_position_embeddings=32)  # fmt: skip
+    for experts in (0, 4):
+        old = ModelConfig(**sizes, num_local_experts=experts)
+        (tmp_path / MODEL_FILE).write_text(json.dumps(old.to_hf_config()))
+        now = old.replace(sliding_window=32)
+        assert model_changes(str(tmp_path), now) == []
+        shorter = now.replace(max_position_embeddings=16)  # a real change is still one
+        assert [c[0] for c in model_changes(str(tmp_path), shorter)] == ["max_position_embeddings"]
