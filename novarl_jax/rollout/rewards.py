@@ -357,7 +357,7 @@ def numeric_reward(
     return out
 
 
-def _same_number(pred: float, target: float, rel_tol: float, abs_tol: float) -> bool:
+def _same_number(pred: int | float, target: int | float, rel_tol: float, abs_tol: float) -> bool:
     if _integral(pred) and _integral(target):
         return pred == target  # exact, also between an int and a float
     return math.isclose(pred, target, rel_tol=rel_tol, abs_tol=abs_tol)
@@ -367,7 +367,7 @@ def _integral(value: int | float) -> bool:
     return isinstance(value, int) or value.is_integer()
 
 
-def numeric_answer(answer: Any) -> float | None:
+def numeric_answer(answer: Any) -> int | float | None:
     """A reference answer as a number (a JSON number, or text :func:`parse_number` reads,
     boxed or not), or None."""
     if isinstance(answer, str):
