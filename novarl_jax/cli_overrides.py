@@ -268,7 +268,7 @@ def _option_value(text: str, current: Any) -> Any:
             return text
         try:  # read as the literal it is without the file's option: escapes as there
             value = ast.literal_eval(text)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             value = None
         return value if isinstance(value, str) else text[1:-1]
     if text.lower() in ("true", "false"):  # as the config's own bool flags take them

@@ -507,6 +507,7 @@ def test_task_option_words_true_and_false_are_bools():
     assert cli_overrides._option_value("'123'", "abc") == "123"
     assert cli_overrides._option_value("123", "abc") == "123"
     assert cli_overrides._option_value("'12\"", "abc") == "'12\""  # quotes that do not pair
+    assert cli_overrides._option_value("'x',{[1]:2},'y'", "abc") == "x',{[1]:2},'y"
     for current in ("abc", None):  # a quoted literal reads the same either way
         assert cli_overrides._option_value('"Q: {prompt}\\nA:"', current) == "Q: {prompt}\nA:"
 

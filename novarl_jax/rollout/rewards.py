@@ -336,8 +336,10 @@ def numeric_reward(
 
     The number is the whole content of the last ``\boxed{}`` (:func:`parse_number`: a box
     holding anything but one number scores 0), or, with no box, the last number of the
-    completion (:func:`last_number`). Two integers are equal only when they are the same
-    integer (``1000001`` is not ``1000000``, whatever ``rel_tol``); otherwise equal means
+    completion (:func:`last_number`). Two whole numbers are equal only when they are the same
+    number (``1000001`` is not ``1000000``, whatever ``rel_tol``; exactly at any size when
+    both are written as integers, to float64 precision when one is written as a float,
+    ``6.02e23``); otherwise equal means
     ``math.isclose(pred, answer, rel_tol, abs_tol)``, which absorbs float noise in a written
     answer (``27.0000001`` is 27), not a rounded one (``0.333`` is not ``\frac{1}{3}``). A
     reference answer that is not a number raises ValueError naming the index.
@@ -358,8 +360,10 @@ def numeric_reward(
 
 
 def _same_number(pred: int | float, target: int | float, rel_tol: float, abs_tol: float) -> bool:
-    if _integral(pred) and _integral(target):
-        return pred == target  # exact, also between an int and a float
+    if isinstance(pred, int) and isinstance(target, int):
+        return pred == target  # two integer literals: exact at any size
+    if _integral(pred) and _integral(target):  # one written as a float (6.02e23, 5.0)
+        return float(pred) == float(target)
     return math.isclose(pred, target, rel_tol=rel_tol, abs_tol=abs_tol)
 
 

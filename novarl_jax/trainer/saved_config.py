@@ -261,9 +261,11 @@ def model_changes(workdir: str, model: Any) -> list[tuple[str, Any, Any]]:
         return []
     saved = _read_json(path)
     now = model.to_hf_config()
+    recorded_type = saved.get("model_type")
     if model.sliding_window is not None and saved.get("sliding_window") is None:
         try:
-            now = model.replace(sliding_window=None).to_hf_config(saved.get("model_type"))
+            recorded_type = recorded_type if isinstance(recorded_type, str) else None
+            now = model.replace(sliding_window=None).to_hf_config(recorded_type)
         except ValueError:  # a model type it cannot be written as: compare as it is
             pass
     return config_changes(saved, now)

@@ -136,7 +136,7 @@ def train_state_shardings(
             transform_non_params=lambda _: replicated,
             is_leaf=lambda x: isinstance(x, optax.MaskedNode),
         )
-    except (TypeError, ValueError):  # a state optax cannot match to the parameters
+    except Exception:  # noqa: BLE001 - optax cannot match this state to the parameters
         return None
     return TrainState(
         params=placed,

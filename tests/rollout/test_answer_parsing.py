@@ -212,6 +212,12 @@ def test_integers_compare_exactly_beyond_float_precision():
     assert R.parse_number(str(big + 1)) == big + 1 and R.last_number(f"x {big + 1}") == big + 1
     assert R.integer_closeness_reward([""], [str(big + 1)], [{"answer": str(big + 1)}]) == [1.0]
     assert R.integer_closeness_reward([""], [str(big)], [{"answer": big + 1}]) == [0.45]
+    # Whole numbers written as floats still match (to float64 precision), as before.
+    completions = ["\\boxed{602000000000000000000000}", "\\boxed{6.02e23}", "\\boxed{1e23}"]
+    answers = [{"answer": "6.02e23"}, {"answer": "602,000,000,000,000,000,000,000"},
+               {"answer": 10**23}]  # fmt: skip
+    assert R.numeric_reward([""] * 3, completions, answers) == [1.0] * 3
+    assert R.numeric_reward([""], ["12345678901234567"], [{"answer": 12345678901234567.0}]) == [1.0]
 
 
 def test_composed_unicode_and_latex_thousands():

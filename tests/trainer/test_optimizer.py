@@ -162,3 +162,9 @@ def test_state_shardings_follow_the_parameters_for_other_optimizers(devices):
         for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
             split = leaf.shape == (8, 16)  # w's moments (Adafactor factors none this small)
             assert leaf.sharding.is_fully_replicated != split, (path, leaf.sharding)
+    # An optimizer optax cannot match to the parameters is left to XLA, not an error.
+    per_entry = optax.GradientTransformation(
+        lambda p: {k: optax.scale_by_adam().init(v) for k, v in p.items()},
+        lambda updates, state, params=None: (updates, state),
+    )
+    assert train_state_shardings(params, per_entry, key, replicated) is None

@@ -449,3 +449,5 @@ def test_a_record_from_before_sliding_windows_were_kept_still_matches(tmp_path):
         assert model_changes(str(tmp_path), now) == []
         shorter = now.replace(max_position_embeddings=16)  # a real change is still one
         assert [c[0] for c in model_changes(str(tmp_path), shorter)] == ["max_position_embeddings"]
+    (tmp_path / MODEL_FILE).write_text(json.dumps({**old.to_hf_config(), "model_type": ["x"]}))
+    assert ("model_type", ["x"], "mixtral") in model_changes(str(tmp_path), now)
