@@ -15,7 +15,9 @@ Our MoE routing is dropless by default, like transformers' (``--eval-capacity-fa
 a capacity factor for sampling; the dropped fraction is then printed).
 
 The transformers reference runs in the same process when torch and transformers are
-installed (the ``bench`` extra); otherwise only our figure is printed.
+installed (the ``bench`` extra); otherwise only our figure is printed. ``--threads N`` (default:
+the CPU cores) gives torch N threads and, below the core count, pins the whole process, ours
+included, to N cores.
 
 Usage:
     python benchmarks/generate.py [--repeats 5] [--threads 2] [--sample]
@@ -164,6 +166,7 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true")
     torch_side.add_argument(parser)
     args = parser.parse_args()
+    torch_side.use_cores(args.threads)  # both sides, before jax starts its threads
 
     import numpy as np
 

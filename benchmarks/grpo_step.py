@@ -40,28 +40,34 @@ Each ratio compares a TRL configuration with our block run right after it (as ma
 each side: a best of more steps would favour ours). The headline figures are the best wall
 time per step; medians and CPU seconds are printed too
 (other work inflates wall time more than CPU time). torch uses ``--threads`` threads (default:
-the CPU cores); ``--trl-threads`` adds more thread counts for the reference (on a loaded
-machine torch with 2 threads spends much CPU time waiting for its other thread, so 1 thread
-can be faster there).
+the CPU cores; below it, the whole process, ours included, is pinned to that many cores);
+``--trl-threads`` adds more thread counts for the reference alone (on a loaded machine torch
+with 2 threads spends much CPU time waiting for its other thread, so 1 thread can be faster
+there): ours still uses ``--threads`` cores, so those rows are not thread for thread, and the
+CPU-time ratio is the matched one.
 
 The trainer's scoring and training forwards run each prompt once for its 8 samples
 (``train.share_prompts``, on by default: the completions attend to their prompt's keys and
 values, same numbers as running every row's prompt); ``--no-share-prompts`` turns it off, to
 measure what it saves.
 
-Model FLOPs of one step (the work our step does, counted for the active experts only: top-2
-of 8): per token, 2 x (attention projections + router + 2 experts' SwiGLU + LM head)
-multiply-adds, plus 4 * N * head_dim * c for the attention scores and values over the c
-tokens it attends to (causal). Training forward+backward = 3 x the forward, the reference
-forward = 1 x, over the 8 prompts (32 tokens each) and the 64 x 64 completion tokens (over
-the 64 x 96 tokens of the full rows with ``--no-share-prompts``); generation = the 8 prompts'
-prefill (shared by their 8 samples) plus the 63 decode steps of the 64 rows (the 64th token
-needs no forward). The step's model FLOPs divided by our step time is compared with the machine's
-float32 matmul rate measured in the same run (``jnp.dot`` on 2048^3): on wall time (best of
-each), and on CPU time (FLOPs per CPU-second of the step vs of the matmul), which the other
-load on the machine distorts less. With one optimizer step per rollout batch, our trainer
-takes the old log-probs from the update's own forward (``trainer.steps.on_policy_loss``), so
-it runs no scoring forward under the policy; TRL does the same in this setting.
+Model FLOPs of one step (the work the step's model needs, by the usual "model FLOPs"
+convention: the active experts only, top-2 of 8; recomputation is not counted, neither the
+attention backward's recomputed scores nor the layers a ``train.gradient_checkpointing=True``
+run recomputes, and attention counts the causal context, not the masked slots it also
+multiplies; about 3% of the total is attention): per token, 2 x (attention projections + router
++ 2 experts' SwiGLU + LM head) multiply-adds, plus 4 * N * head_dim * c for the attention
+scores and values over the c tokens it attends to (causal). Training forward+backward = 3 x the
+forward, the reference forward = 1 x, over the 8 prompts (32 tokens each) and the 64 x 64
+completion tokens (over the 64 x 96 tokens of the full rows with ``--no-share-prompts``);
+generation = the 8 prompts' prefill (shared by their 8 samples) plus the 63 decode steps of the
+64 rows (the 64th token needs no forward). The step's model FLOPs divided by our step time is
+compared with the machine's float32 matmul rate measured in the same run (``jnp.dot`` on
+2048^3): on wall time (best of each), and on CPU time (FLOPs per CPU-second of the step vs of
+the matmul), which the other load on the machine distorts less. With one optimizer step per
+rollout batch, our trainer takes the old log-probs from the update's own forward
+(``trainer.steps.on_policy_loss``), so it runs no scoring forward under the policy; TRL does
+the same in this setting.
 
 Unless ``--no-breakdown``, our step's pieces are also timed on their own at the end:
 the rollout (``engine.rollout``), the scoring (``_training_batch``: the reference forward,
@@ -487,6 +493,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     our_config(settings=args.set)  # a bad --set stops here, before anything runs
+    torch_side.use_cores(args.threads)  # both sides, before jax starts its threads
     # As the training command line does on CPU, before JAX's first computation. It is
     # process-wide, so the TRL reference in this process runs with it too.
     from novarl_jax.core.distributed import reuse_host_memory

@@ -276,8 +276,7 @@ def main() -> None:
         "--keep-malloc", action="store_true", help="glibc's malloc defaults (no reuse_host_memory)"
     )
     args = parser.parse_args()
-    if args.threads < (os.cpu_count() or 1):  # before jax starts its threads
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
+    torch_side.use_cores(args.threads)  # before jax starts its threads
     # Before JAX's first computation (its threads pick their heaps then); importing is fine.
     from novarl_jax.core.distributed import reuse_host_memory
 

@@ -10,6 +10,7 @@ matrix products stay float32: TF32 is turned off, as JAX's side runs with
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_argument(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +20,14 @@ def add_argument(parser: argparse.ArgumentParser) -> None:
         choices=("cpu", "cuda"),
         help="device of the PyTorch reference (default cpu)",
     )
+
+
+def use_cores(threads: int) -> None:
+    """Pins the whole process, both sides, to its first ``threads`` cores (call it before
+    JAX's first computation: XLA:CPU sizes its thread pool from the cores it may use, and
+    its flags no longer limit them); torch's own thread count is set by each script."""
+    if threads < (os.cpu_count() or 1):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
 
 
 def prepare(device: str) -> None:
