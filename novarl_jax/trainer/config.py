@@ -766,26 +766,27 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
                 f"use a multiple of {layout.ep}",
             )
     model = config.model
-    _positive(
-        flat,
-        "model.hidden_size",
-        "model.intermediate_size",
-        "model.num_hidden_layers",
-        "model.num_attention_heads",
-        "model.num_key_value_heads",
-        "model.max_position_embeddings",
-    )
+    if not model.init_from:  # else the checkpoint's config.json sizes the model (not these)
+        _positive(
+            flat,
+            "model.hidden_size",
+            "model.intermediate_size",
+            "model.num_hidden_layers",
+            "model.num_attention_heads",
+            "model.num_key_value_heads",
+            "model.max_position_embeddings",
+        )
+        if model.num_attention_heads % model.num_key_value_heads:
+            raise ConfigError(
+                "model.num_key_value_heads",
+                f"{model.num_key_value_heads} does not divide num_attention_heads="
+                f"{model.num_attention_heads}",
+            )
     if model.compute_dtype not in COMPUTE_DTYPES:
         raise ConfigError(
             "model.compute_dtype",
             f"{model.compute_dtype!r} is not one of {list(COMPUTE_DTYPES)} (float16 would need "
             f"loss scaling, which the trainer does not do)",
-        )
-    if model.num_attention_heads % model.num_key_value_heads:
-        raise ConfigError(
-            "model.num_key_value_heads",
-            f"{model.num_key_value_heads} does not divide num_attention_heads="
-            f"{model.num_attention_heads}",
         )
     # (With model.init_from the checkpoint's layer count decides: checked when it is read.)
     if model.num_hidden_layers % layout.pp and not model.init_from:

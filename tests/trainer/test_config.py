@@ -365,3 +365,14 @@ def test_a_too_long_prompt_says_bos_included_only_when_there_is_one():
     assert "has 5 tokens (BOS included), more than rollout.max_prompt_length=4" in with_bos
     without = str(prompt_too_long(TextTooLongError(0, "abc", 5, 4)))
     assert "has 5 tokens, more than rollout.max_prompt_length=4" in without
+
+
+def test_model_sizes_a_checkpoint_replaces_are_not_validated():
+    # With model.init_from they are reported as not used, so they must not stop the run.
+    for changes in (dict(num_attention_heads=5), dict(hidden_size=0)):
+        config = default_config()
+        config.model.update(changes)
+        with pytest.raises(ConfigError, match=r"^model\.(num_key_value_heads|hidden_size): "):
+            validate_config(config)
+        config.model.init_from = "/models/policy"
+        validate_config(config)
