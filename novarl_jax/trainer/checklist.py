@@ -177,8 +177,11 @@ def _dapo(spec: RunSpec) -> str:
 
 def _validation(spec: RunSpec) -> str:
     """When the run is evaluated, on what, and in batches of how many prompts."""
-    ev = spec.config.eval
+    ev, ro = spec.config.eval, spec.config.rollout
     sampling = "greedy" if ev.temperature == 0 else f"temperature {ev.temperature:g}"
+    if ev.temperature and (ro.top_k or ro.top_p != 1):  # the rollout's filters apply too
+        top_p = "off" if ro.top_p == 1 else f"{ro.top_p:g}"
+        sampling += f" (rollout's top-k {ro.top_k or 'off'}, top-p {top_p})"
     text = f"every {ev.interval} steps and the last: {ev.prompts} x {ev.samples}, {sampling}"
     per_batch = eval_prompts_per_batch(spec.config)
     if per_batch < ev.prompts:

@@ -244,11 +244,14 @@ def default_config() -> ml_collections.ConfigDict:
     ev.interval = 0  # evaluate every this many steps and after the last one; 0 = off
     ev.prompts = 16  # prompts per evaluation: the same ones every time
     ev.samples = 1  # completions per prompt (> 1: set a temperature; adds best_of_n/mean)
-    ev.temperature = 0.0  # sampling temperature of the evaluation; 0 = greedy
+    # Sampling temperature of the evaluation; 0 = greedy. Above 0, the rollout's top_k and
+    # top_p filter the evaluation's samples too.
+    ev.temperature = 0.0
     # Prompts sampled at once (bounds an evaluation's memory); 0 = as many as make a training
     # rollout's rows (rollout.prompts_per_step x samples per prompt) with eval.samples each.
     # Each batch has a key of its own: with eval.temperature > 0, another value draws other
-    # samples (as another seed would); greedy evaluations do not depend on it.
+    # samples (as another seed would); greedy evaluations do not depend on it, unless an MoE
+    # policy drops tokens at a capacity factor (its routing groups are batch shards).
     ev.prompts_per_batch = 0
     # The evaluation prompts of the 'jsonl' task: another JSONL file, read from its start in
     # file order (at least eval.prompts lines). The built-in tasks draw a fixed set with a
@@ -510,6 +513,12 @@ def _check_eval(config: ml_collections.ConfigDict, flat: dict) -> None:
             f"{ev.samples} greedy completions of a prompt are identical; set eval.temperature "
             f"> 0 or eval.samples=1",
         )
+    if ev.samples > 1 and config.rollout.top_k == 1:
+        raise ConfigError(
+            "eval.samples",
+            f"{ev.samples} completions of a prompt under rollout.top_k=1 (which evaluation "
+            "sampling keeps) are identical; set eval.samples=1 or rollout.top_k != 1",
+        )
     if config.task.name == "jsonl" and not ev.path:
         raise ConfigError(
             "eval.path", "the 'jsonl' task evaluates on a JSONL file of held-out prompts; set it"
@@ -627,7 +636,8 @@ _UNREAD_WHEN = (
         "grpo.beta=0: no KL loss",
     ),
     (
-        ("eval.prompts", "eval.samples", "eval.temperature", "eval.prompts_per_batch"),
+        ("eval.prompts", "eval.samples", "eval.temperature", "eval.prompts_per_batch",
+         "eval.path"),
         lambda c, asynchronous: c.eval.interval == 0,
         "eval.interval=0: no validation",
     ),

@@ -106,7 +106,9 @@ class Evaluator:
         metrics = {
             "val/score/mean": float(kept.mean()) if kept.size else float("nan"),
             "val/score/std": float(kept.std()) if kept.size else float("nan"),
-            "val/response_length/mean": float(lengths[valid].mean()) if kept.size else 0.0,
+            "val/response_length/mean": (
+                float(lengths[valid].mean()) if kept.size else float("nan")
+            ),
         }
         if self.samples > 1:
             per_prompt = np.where(valid, scores, -np.inf).reshape(self.prompts, self.samples)

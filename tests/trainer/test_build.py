@@ -355,6 +355,10 @@ def test_checklist_describes_the_validation():
     )
     config.eval.prompts_per_batch = 32
     assert _checklist(config)["validation"].endswith("20 x 4, temperature 0.7")
+    config.rollout.update(top_k=5, top_p=0.9)  # evaluation samples with them too
+    assert _checklist(config)["validation"].endswith(
+        "20 x 4, temperature 0.7 (rollout's top-k 5, top-p 0.9)"
+    )
 
 
 def test_a_dense_model_ignores_experiment_top_k():

@@ -99,6 +99,9 @@ def _with(**overrides):
         (dict(rollout__temperature=0.0), "rollout.temperature", "0 samples greedily, so the 4 "
          "samples of a prompt would be identical"),
         (dict(rollout__top_k=1), "rollout.top_k", "1 samples greedily"),
+        # Evaluation keeps the rollout's top_k: its samples would be identical too.
+        (dict(experiment__algorithm="ppo", rollout__top_k=1, eval__interval=1, eval__samples=2,
+              eval__temperature=1.0), "eval.samples", "under rollout.top_k=1"),
         (dict(optim__b1=1.5), "optim.b1", r"in \[0, 1\)"),
         (dict(optim__b2=1.0), "optim.b2", r"in \[0, 1\)"),
         (dict(dapo__overlong_buffer=-1), "dapo.overlong_buffer", ">= 0"),
@@ -193,6 +196,7 @@ def test_keys_of_a_feature_that_is_off_are_reported():
     config.experiment.update(algorithm="ppo", grpo_group_size=8, top_k=1, num_microbatches=8)
     config.experiment.update(capacity_factor=2.0, drop_policy="probs")
     config.eval.prompts = 64
+    config.eval.path = "held_out.jsonl"  # the likeliest way to expect validation on
     config.dapo.update(max_extra_batches=5, overlong_penalty=0.5)
     config.ppo.update(reward_kl_kind="k3", reward_kl_coef=0.0, kl_kind="k2")
     config.grpo.kl_kind = "k1"
@@ -210,7 +214,7 @@ def test_keys_of_a_feature_that_is_off_are_reported():
         "dapo.overlong_penalty=0.5 is not used: dapo.overlong_buffer=0: no length penalty",
         "ppo.reward_kl_kind='k3' is not used: ppo.reward_kl_coef=0: no KL penalty in the rewards",
         "ppo.kl_kind='k2' is not used: ppo.kl_coef=0: no KL loss",
-        "eval.prompts=64 is not used: eval.interval=0: no validation",
+        "eval.prompts=64, eval.path='held_out.jsonl' are not used: eval.interval=0: no validation",
     ]
     config.experiment.update(algorithm="grpo", num_experts=4, pipeline_parallel_size=2)
     config.eval.interval = 5
