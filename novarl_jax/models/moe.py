@@ -476,20 +476,11 @@ def _route_plan(
 
 @functools.lru_cache(maxsize=32)
 def _capacities(router: MoERouterConfig, positions: int, train: bool) -> np.ndarray:
-    """``min(router.capacity(n), router.capacity(positions))`` for n = 0..positions real
-    tokens, int32 [positions + 1] (the same numbers as ``capacity``, computed at once)."""
-    factor = router.capacity_factor if train else router.eval_capacity_factor
-    factor = router.capacity_factor if factor is None else factor
-    n = np.arange(positions + 1, dtype=np.int64)
-    exact = n * router.top_k * factor / router.num_experts  # the same float64 operations
-    table = np.maximum(np.ceil(exact), router.min_capacity)
-    # capacity() rounds to 9 decimals before the ceil: recompute where that can matter (just
-    # off a whole number; on one, the ceil is the number either way).
-    off = np.abs(exact - np.round(exact))
-    for i in np.flatnonzero((off > 0) & (off < 1e-6)):
-        table[i] = router.capacity(int(i), train=train)
-    table = np.minimum(table, min(router.capacity(positions, train=train), positions))
-    return table.astype(np.int32)
+    """``router.capacity(n)`` for n = 0..positions real tokens, capped as the whole group's
+    capacity is (at most ``positions``): int32 [positions + 1], made once per group size."""
+    cap = min(router.capacity(positions, train=train), positions)
+    table = [min(router.capacity(n, train=train), cap) for n in range(positions + 1)]
+    return np.asarray(table, np.int32)
 
 
 # ----------------------------------------------------------------------------------------------
