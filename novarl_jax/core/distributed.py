@@ -319,6 +319,13 @@ class MoERouterConfig:
     def dropless(self) -> bool:
         return self.capacity_factor is None
 
+    def factor(self, *, train: bool = True) -> float | None:
+        """The capacity factor a forward routes with: ``capacity_factor`` (``train``), else
+        ``eval_capacity_factor`` when set; None = dropless."""
+        if train or self.eval_capacity_factor is None:
+            return self.capacity_factor
+        return self.eval_capacity_factor
+
     def capacity(self, num_tokens: int, *, train: bool = True) -> int:
         """Per-expert capacity C for a routing group of ``num_tokens`` tokens.
 
@@ -334,15 +341,7 @@ class MoERouterConfig:
             ValueError: ``num_tokens`` is not an integer >= 0.
         """
         num_tokens = check_int("num_tokens", num_tokens, 0)
-        factor = (
-            self.capacity_factor
-            if train
-            else (
-                self.eval_capacity_factor
-                if self.eval_capacity_factor is not None
-                else self.capacity_factor
-            )
-        )
+        factor = self.factor(train=train)
         if factor is None:
             return max(num_tokens, self.min_capacity)
         # Round the product before ceil so 8 * 2 * 1.2 / 4 is 4.8 -> 5, not 5.000000001 -> 6

@@ -73,9 +73,7 @@ def checklist_rows(spec: RunSpec, mesh: Any = None, run: Any = None) -> list[tup
             return "dropless" if value is None else f"{value:g}"
 
         cf = factor(router.capacity_factor)
-        rollout_cf = router.capacity_factor
-        if router.eval_capacity_factor is not None:
-            rollout_cf = router.eval_capacity_factor
+        rollout_cf = router.factor(train=False)
         if rollout_cf != router.capacity_factor:  # the sampler routes with the eval factor
             cf += f" (rollout: {factor(rollout_cf)})"
         drops = router.capacity_factor is not None or rollout_cf is not None
@@ -155,10 +153,16 @@ def _sampling(spec: RunSpec, run: Any) -> str:
     completion."""
     ro = spec.config.rollout
     text = "greedy" if ro.temperature == 0 else f"temperature {ro.temperature:g}"
-    text += f", top-k {ro.top_k or 'off'}, top-p {'off' if ro.top_p == 1 else f'{ro.top_p:g}'}"
+    text += f", {_filters(ro)}"
     if run is not None:
         text += f", stop ids {', '.join(str(t) for t in run.sampling.stops(run.tokenizer))}"
     return text
+
+
+def _filters(rollout: Any) -> str:
+    """``top-k K, top-p P`` of the rollout's sampling (``off`` where a filter is off)."""
+    top_p = "off" if rollout.top_p == 1 else f"{rollout.top_p:g}"
+    return f"top-k {rollout.top_k or 'off'}, top-p {top_p}"
 
 
 def _dapo(spec: RunSpec) -> str:
@@ -180,8 +184,7 @@ def _validation(spec: RunSpec) -> str:
     ev, ro = spec.config.eval, spec.config.rollout
     sampling = "greedy" if ev.temperature == 0 else f"temperature {ev.temperature:g}"
     if ev.temperature and (ro.top_k or ro.top_p != 1):  # the rollout's filters apply too
-        top_p = "off" if ro.top_p == 1 else f"{ro.top_p:g}"
-        sampling += f" (rollout's top-k {ro.top_k or 'off'}, top-p {top_p})"
+        sampling += f" (rollout's {_filters(ro)})"
     text = f"every {ev.interval} steps and the last: {ev.prompts} x {ev.samples}, {sampling}"
     per_batch = eval_prompts_per_batch(spec.config)
     if per_batch < ev.prompts:

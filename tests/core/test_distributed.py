@@ -183,6 +183,9 @@ def test_eval_capacity_factor():
     assert router.capacity(16, train=False) == 16
     assert MoERouterConfig(num_experts=4, capacity_factor=1.0).capacity(16, train=False) == 8
     assert MoERouterConfig(num_experts=4, capacity_factor=None).dropless
+    assert (router.factor(), router.factor(train=False)) == (1.0, 2.0)
+    dropless = MoERouterConfig(num_experts=4, capacity_factor=None)
+    assert dropless.factor(train=False) is None  # the eval factor defaults to the training one
 
 
 @pytest.mark.parametrize(
