@@ -136,9 +136,7 @@ def missing_key_message(argv: list[str], error: Exception, none_keys: list[str])
     """
     from novarl_jax.trainer.config import unknown_key_error
 
-    outer = error
-    while error.args and isinstance(error.args[0], BaseException):
-        error = error.args[0]
+    outer, error = error, _innermost(error)
     text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
     under_value = _UNDER_A_VALUE.search(text)
     match = under_value or _QUOTED_NAME.search(text)
@@ -161,12 +159,18 @@ def config_file_error(argv: list[str], error: BaseException) -> str:
     for frame in traceback.extract_tb(error.__traceback__):
         if path and os.path.abspath(frame.filename) == os.path.abspath(path):
             where = f"{path}:{frame.lineno}"
-    inner = error
-    while inner.args and isinstance(inner.args[0], BaseException):
-        inner = inner.args[0]  # ml_collections wraps a missing key's KeyError
+    inner = _innermost(error)
     text = inner.args[0] if len(inner.args) == 1 and isinstance(inner.args[0], str) else str(inner)
     text = "; ".join(line.strip() for line in text.splitlines() if line.strip())
     return f"--config: {where}: {type(inner).__name__}: {text}".rstrip(": ")
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The exception inside ``error``'s wrappers (ml_collections wraps a missing key's
+    KeyError as the first argument of another exception)."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    return error
 
 
 def config_path(argv: list[str]) -> str | None:

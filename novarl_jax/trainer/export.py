@@ -46,6 +46,8 @@ from novarl_jax.trainer.workdir import url_path
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' separate chat template file
+# What the export writes beside the model's files when the run used a tokenizer.json.
+_TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE)
 # Settings of the source's tokenizer_config.json that the export does not carry over: the
 # tokenizer class and BOS/EOS switches (a Llama tokenizer class would rebuild the exported
 # post-processor), remote code, and the special tokens the run names itself.
@@ -119,12 +121,11 @@ def export_policy(
             f"{out}: is inside the run's checkpoints directory {directory}, whose steps the "
             "run rotates and deletes; export outside it"
         )
-    tokenizer_files = [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE]
     for target, _ in targets.values():
         held = checkpoint_files(target)
-        held += [p for p in map(pathlib.Path(target).joinpath, tokenizer_files) if p.exists()]
+        held += [p for p in map(pathlib.Path(target).joinpath, _TOKENIZER_FILES) if p.exists()]
         if held:
-            what = "a model" if held[0].name not in tokenizer_files else "a tokenizer"
+            what = "a model" if held[0].name not in _TOKENIZER_FILES else "a tokenizer"
             raise ExportError(
                 f"{target}: already holds {what} ({held[0].name}), which the export would "
                 "replace; export into a new directory"
@@ -224,7 +225,7 @@ def _remove_export(out: str, existed: bool, before: dict[str, set[str]]) -> None
     if not existed:
         shutil.rmtree(out, ignore_errors=True)
         return
-    names = [GENERATION_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE]
+    names = [GENERATION_CONFIG_FILE, *_TOKENIZER_FILES]
     for target, held in before.items():
         for path in [*checkpoint_files(target), *(pathlib.Path(target) / n for n in names)]:
             if path.name not in held:
