@@ -333,9 +333,9 @@ def _main(argv: list[str]) -> None:
         # The run's own checks (task, tokenizer, checkpoint, batch splits, prompts that fit,
         # a resume's config) before the table.
         run = build_run(spec)
-        check_startup(run, mesh)
+        prompts = check_startup(run, mesh)
         if _DRY_RUN.value and jax.process_index() == 0:  # a real run gives them as it starts
-            for warning in ignored_settings(spec.config):
+            for warning in [*ignored_settings(spec.config), *prompts]:
                 print(f"warning: {warning}")
         if spec.config.experiment.async_rollouts:
             from novarl_jax.trainer.async_loop import check_async_startup

@@ -179,6 +179,34 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
     return hf_config
 
 
+def end_token_ids(path: str | os.PathLike) -> list[int]:
+    """The ids ``generate`` stops at for the checkpoint directory ``path``: ``eos_token_id``
+    (an id or a list) of its generation_config.json, else of its config.json; [] when neither
+    declares one.
+
+    Raises:
+        ValueError: such a file is not valid JSON, or its ``eos_token_id`` is not an id or a
+            list of ids (the message names the file).
+    """
+    directory = pathlib.Path(path)
+    for name in (GENERATION_CONFIG_FILE, CONFIG_FILE):
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from e
+        value = data.get("eos_token_id") if isinstance(data, dict) else None
+        if value is None:
+            continue
+        ids = value if isinstance(value, list) else [value]
+        if not ids or not all(is_integer(i) and i >= 0 for i in ids):
+            raise ValueError(f"{file}: eos_token_id must be an id or a list of ids, got {value!r}")
+        return [int(i) for i in ids]
+    return []
+
+
 def _unexpected_tensors(tensors: _Tensors, config: ModelConfig) -> list[str]:
     """The tensors the checkpoint holds that loading did not read, except those legitimately
     ignored: rotary ``inv_freq`` buffers, a value head the config has none of, and

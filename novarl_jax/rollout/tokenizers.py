@@ -29,6 +29,8 @@ from novarl_jax.core.checks import is_integer
 
 PADDING_SIDES = ("left", "right")
 TRUNCATION_MODES = ("error", "left", "right")
+# HFTokenizer's bos_token that means: the one the tokenizer.json's post-processor adds.
+AUTO_BOS = "auto"
 
 
 class TextTooLongError(ValueError):
@@ -300,24 +302,51 @@ class ByteTokenizer(_BaseTokenizer):
         return "ByteTokenizer()"
 
 
+def leading_special_token(tokenizer: Any) -> str | None:
+    """The special token a ``tokenizers.Tokenizer``'s post-processor puts before a single
+    text (what transformers' ``tokenizer(text)`` begins with), or None when it puts none.
+
+    Raises:
+        ValueError: it puts more than one token there (no single one is the BOS).
+    """
+    encoding = tokenizer.encode("a")  # add_special_tokens: the post-processor runs
+    lead = []
+    for token, special in zip(encoding.tokens, encoding.special_tokens_mask, strict=True):
+        if not special:
+            break
+        lead.append(token)
+    if len(lead) > 1:
+        raise ValueError(
+            f"bos_token='auto': the tokenizer's post-processor puts {len(lead)} tokens "
+            f"{lead} before a text, not one BOS; name the one prompts begin with, or none"
+        )
+    return lead[0] if lead else None
+
+
 class HFTokenizer(_BaseTokenizer):
     """A Hugging Face ``tokenizers`` tokenizer (tokenizer.json) behind the rollout interface.
 
     Special tokens are given by their strings and must exist in the vocabulary. ``encode``
     adds no special tokens (the tokenizer's post-processor is bypassed); BOS is added by
-    ``encode_batch`` when ``add_bos``. Truncation and padding settings saved in the
-    tokenizer.json are ignored: lengths follow ``max_length`` and ``truncation`` here.
+    ``encode_batch`` when ``add_bos``. ``bos_token='auto'`` takes the token the file's
+    post-processor puts before a text, so prompts begin as transformers' ``tokenizer(text)``
+    begins them (``<s>`` for Llama 2 and Mistral, ``<|begin_of_text|>`` for Llama 3; none
+    for a file that adds none). Truncation and padding settings saved in the tokenizer.json
+    are ignored: lengths follow ``max_length`` and ``truncation`` here.
 
     Args:
         tokenizer: a ``tokenizers.Tokenizer``, or a path to a tokenizer.json file.
         pad_token, eos_token: strings of the padding and end-of-sequence tokens.
-        bos_token: string of the beginning-of-sequence token, or None.
+        bos_token: string of the beginning-of-sequence token, ``'auto'`` (see above), or
+            None. The attributes ``pad_token``, ``eos_token`` and ``bos_token`` hold the
+            strings used (``bos_token`` resolved).
         add_bos: prepend BOS in ``encode_batch`` by default (needs ``bos_token``).
         truncation: 'error' (default), 'left' or 'right' for texts over ``max_length``.
 
     Raises:
         ValueError: the path is missing, a directory or not a loadable tokenizer.json, a
-            special token is not in the vocabulary, or a bad ``truncation``.
+            special token is not in the vocabulary, ``bos_token='auto'`` for a post-processor
+            that puts more than one token before a text, or a bad ``truncation``.
 
     Example:
         >>> tok = HFTokenizer("tokenizer.json", pad_token="<pad>", eos_token="</s>",
@@ -375,9 +404,12 @@ class HFTokenizer(_BaseTokenizer):
                 raise ValueError(f"{field}={token!r} is not in the tokenizer's vocabulary")
             return int(tid)
 
+        if bos_token == AUTO_BOS:
+            bos_token = leading_special_token(tokenizer)
         self.pad_id = token_id("pad_token", pad_token)
         self.eos_id = token_id("eos_token", eos_token)
         self.bos_id = None if bos_token is None else token_id("bos_token", bos_token)
+        self.pad_token, self.eos_token, self.bos_token = pad_token, eos_token, bos_token
         # Ids need not be contiguous: the embedding must hold the largest one.
         ids = tokenizer.get_vocab(with_added_tokens=True).values()
         count = int(tokenizer.get_vocab_size(with_added_tokens=True))

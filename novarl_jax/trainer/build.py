@@ -21,6 +21,7 @@ from novarl_jax.algorithms.kl import KL_KINDS
 from novarl_jax.algorithms.registry import make_loss_config, make_loss_fn
 from novarl_jax.core.utils.advantages import make_advantage_estimator
 from novarl_jax.models import ModelConfig, init_params, load_hf_model
+from novarl_jax.models.hf import end_token_ids
 from novarl_jax.models.layers import DEFAULT_INIT
 from novarl_jax.rollout.engine import RolloutEngine, SamplingConfig
 from novarl_jax.rollout.tasks import TASKS, check_task, make_task, task_class
@@ -228,7 +229,7 @@ def _tokenizer(config, task) -> Any:
                 truncation=config.rollout.prompt_truncation,
                 pad_token=m.pad_token,
                 eos_token=m.eos_token,
-                bos_token=m.bos_token or None,
+                bos_token=m.bos_token or None,  # 'auto': the file's post-processor's
             )
         except ValueError as e:
             key = next(
@@ -247,6 +248,59 @@ def _tokenizer(config, task) -> Any:
     if alphabet:
         return CharTokenizer(alphabet, truncation=truncation)
     return ByteTokenizer(truncation=truncation)
+
+
+def _stop_ids(config, tokenizer, vocab: int) -> tuple[int, ...]:
+    """The ids that end a completion: ``rollout.stop_token_ids`` (ids, or token strings of
+    the tokenizer), else the tokenizer's EOS and the end ids the ``model.init_from``
+    checkpoint declares when the run uses that checkpoint's own tokenizer.json (Llama 3
+    instruct models end a turn with ``<|eot_id|>``, not with their EOS)."""
+    listed = config.rollout.stop_token_ids
+    if not listed:
+        return tuple(dict.fromkeys([tokenizer.eos_id, *_checkpoint_end_ids(config, vocab)]))
+    ids, names = [], None
+    for token in listed:
+        if isinstance(token, str):
+            names = tokenizer.vocabulary() if names is None else names
+            if token not in names:
+                raise ConfigError(
+                    "rollout.stop_token_ids",
+                    f"{token!r} is not a token of the run's tokenizer; give a token it has or "
+                    "an id",
+                )
+            ids.append(names[token])
+        elif isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            raise ConfigError(
+                "rollout.stop_token_ids",
+                f"{token!r} is not a token id of the policy's vocabulary [0, {vocab}) or a "
+                "token string",
+            )
+        else:
+            ids.append(token)
+    return tuple(dict.fromkeys(ids))
+
+
+def _checkpoint_end_ids(config, vocab: int) -> list[int]:
+    """The end ids of the ``model.init_from`` checkpoint (:func:`end_token_ids`) when the
+    run's tokenizer is that checkpoint's tokenizer.json; [] otherwise (another tokenizer's
+    ids need not mean the same tokens)."""
+    init_from, path = config.model.init_from, tokenizer_path(config)
+    if not init_from or not path:
+        return []
+    if os.path.realpath(os.path.dirname(path)) != os.path.realpath(init_from):
+        return []
+    try:
+        ids = end_token_ids(init_from)
+    except ValueError as e:
+        raise ConfigError("model.init_from", str(e)) from None
+    outside = [i for i in ids if i >= vocab]
+    if outside:
+        raise ConfigError(
+            "model.init_from",
+            f"its eos_token_id holds {outside}, outside its vocabulary [0, {vocab}); fix the "
+            "checkpoint's generation_config.json, or set rollout.stop_token_ids",
+        )
+    return ids
 
 
 def _model_config(config, tokenizer, *, value_head: bool) -> ModelConfig:
@@ -515,15 +569,8 @@ def build_run(spec: RunSpec) -> Run:
         top_p=ro.top_p,
         num_samples=group,
         return_routing=model.router_replay,
-        stop_token_ids=tuple(ro.stop_token_ids) or None,
+        stop_token_ids=_stop_ids(config, tokenizer, model.policy.vocab_size),
     )
-    vocab = model.policy.vocab_size
-    for token in ro.stop_token_ids:
-        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
-            raise ConfigError(
-                "rollout.stop_token_ids",
-                f"{token!r} is not a token id of the policy's vocabulary [0, {vocab})",
-            )
 
     eval_task = eval_sampling = None
     if config.eval.interval:

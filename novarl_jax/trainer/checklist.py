@@ -259,7 +259,8 @@ def _model_rows(spec: RunSpec, run: Any) -> list[tuple[str, str, str]]:
     elif isinstance(tok, ByteTokenizer):
         words = f"bytes ({vocab} ids)"
     else:
-        words = f"{tokenizer_path(config)} ({vocab} ids)"
+        bos = f"BOS {tok.bos_token} (id {tok.bos_id})" if tok.add_bos else "no BOS"
+        words = f"{tokenizer_path(config)} ({vocab} ids; {bos} before each prompt)"
     if vocab < policy.vocab_size and not tokenizer_path(config):
         words += f"; the policy's ids {vocab}-{policy.vocab_size - 1} decode to nothing"
     tensor_parallel = []

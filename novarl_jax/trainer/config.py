@@ -97,13 +97,16 @@ def default_config() -> ml_collections.ConfigDict:
     # (zero-initialised when the checkpoint has none) come from this config. The reference
     # policy and a separate PPO critic start from the same weights.
     model.init_from = ""
-    # Tokenizer: a tokenizer.json, whose special tokens are named by the three strings below
-    # ('' = no BOS); '' = the model.init_from checkpoint's tokenizer.json when it has one, else
-    # a character tokenizer over a built-in task's alphabet (bytes for the jsonl task).
+    # Tokenizer: a tokenizer.json, whose special tokens are named by the three strings below;
+    # '' = the model.init_from checkpoint's tokenizer.json when it has one, else a character
+    # tokenizer over a built-in task's alphabet (bytes for the jsonl task).
     model.tokenizer = ""
     model.pad_token = "<pad>"  # padding token of a tokenizer.json
     model.eos_token = "</s>"  # end-of-sequence token of a tokenizer.json
-    model.bos_token = ""  # beginning-of-sequence token of a tokenizer.json; '' = none
+    # Beginning-of-sequence token put before every prompt of a tokenizer.json: 'auto' = the
+    # one its post-processor adds (as transformers' tokenizer(text) does; none if it adds
+    # none), '' = none.
+    model.bos_token = "auto"
 
     # --- Rollouts ---------------------------------------------------------------------------
     config.rollout = ml_collections.ConfigDict()
@@ -116,7 +119,9 @@ def default_config() -> ml_collections.ConfigDict:
     rollout.temperature = 1.0
     rollout.top_k = 0  # 0 = off
     rollout.top_p = 1.0  # 1.0 = off
-    # Token ids that end a completion; () = the tokenizer's end-of-sequence token.
+    # Tokens that end a completion, as ids or (with a tokenizer.json) token strings; () = the
+    # tokenizer's end-of-sequence token and every end id the model.init_from checkpoint
+    # declares (eos_token_id of its generation_config.json, else of its config.json).
     rollout.stop_token_ids = ()
     # A prompt with more tokens than max_prompt_length: 'error' stops the run naming it;
     # 'left' keeps its last tokens (the question usually ends a prompt), 'right' its first.

@@ -5,7 +5,7 @@ command plus ``--export``) restores a checkpoint of ``W`` and writes its policy 
 :func:`~novarl_jax.models.save_hf_model`: ``config.json`` and safetensors that
 ``transformers`` loads (``MixtralForCausalLM``; for a dense policy ``LlamaForCausalLM``, or
 ``MistralForCausalLM`` when its checkpoint had a sliding window),
-with the run's end ids (``rollout.stop_token_ids`` when set, else EOS), padding and BOS ids in
+with the run's end ids (those its completions stopped at), padding and BOS ids in
 ``config.json`` and ``generation_config.json``, plus
 ``tokenizer.json`` and ``tokenizer_config.json`` when the run used a tokenizer.json. A shared
 critic's value head is written beside the weights as ``value_head.weight`` /
@@ -184,10 +184,9 @@ def export_policy(
 
     params = jax.device_get(state.params)
     tok = run.tokenizer
-    # generate() should stop where training stopped: at the run's stop tokens when it set
-    # any (they replace EOS as the end of a completion), else at EOS.
-    stops = [int(t) for t in spec.config.rollout.stop_token_ids]
-    eos = (stops[0] if len(stops) == 1 else stops) if stops else tok.eos_id
+    # generate() should stop where training stopped: at the run's stop tokens.
+    stops = [int(t) for t in run.sampling.stops(tok)]
+    eos = stops[0] if len(stops) == 1 else stops
     token_ids = {"eos_token_id": eos, "pad_token_id": tok.pad_id}
     if tok.bos_id is not None:
         token_ids["bos_token_id"] = tok.bos_id
@@ -242,7 +241,6 @@ def _write_tokenizer(directory: str, tokenizer: Any, config: Any) -> None:
     token only when the run has one)."""
     if not isinstance(tokenizer, HFTokenizer):
         return
-    model = config.model
     path = os.path.abspath(tokenizer_path(config))
     settings: dict = {}
     if os.path.basename(path) == TOKENIZER_FILE:  # another name: not a model directory's
@@ -259,7 +257,7 @@ def _write_tokenizer(directory: str, tokenizer: Any, config: Any) -> None:
     # the exported tokenizer adds exactly that (a BOS template, or nothing).
     exported = Tokenizer.from_str(tokenizer.to_json())
     if tokenizer.add_bos:
-        bos = model.bos_token
+        bos = tokenizer.bos_token
         exported.post_processor = TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)]
         )
@@ -267,9 +265,9 @@ def _write_tokenizer(directory: str, tokenizer: Any, config: Any) -> None:
         exported.post_processor = None
     with open(os.path.join(directory, TOKENIZER_FILE), "w") as f:
         f.write(exported.to_str())
-    special = {"eos_token": model.eos_token, "pad_token": model.pad_token}
-    if model.bos_token:
-        special["bos_token"] = model.bos_token
+    special = {"eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+    if tokenizer.bos_token:
+        special["bos_token"] = tokenizer.bos_token
     _write_json(
         os.path.join(directory, TOKENIZER_CONFIG_FILE),
         {**settings, "tokenizer_class": "PreTrainedTokenizerFast", **special},

@@ -227,10 +227,15 @@ class Trainer:
         """The key of iteration ``i``'s rollout (its prompts and samples)."""
         return iteration_keys(seed_keys(self.config.experiment.seed)[1], i)[0]
 
-    def check_prompts(self, i: int = 0) -> None:
+    def check_prompts(self, i: int = 0) -> list[str]:
         """Fails now, naming the key, when iteration ``i``'s prompts do not fit
         ``rollout.max_prompt_length`` (the task's position is left where it was); so does any
-        prompt of a task that can list them all (a JSONL file: the message gives its line)."""
+        prompt of a task that can list them all (a JSONL file: the message gives its line).
+
+        Returns:
+            warnings about prompts (all of a task that lists them, else iteration ``i``'s)
+            that fit, but not as written: see :func:`prompt_warnings`.
+        """
         task = self.engine.task
         listed = getattr(task, "all_prompts", None)
         prompts = listed() if listed is not None else []
@@ -246,11 +251,18 @@ class Trainer:
             except EmptyPromptError as e:
                 raise ConfigError("task.path", f"{chunk[e.index][0]}: {e}") from None
         try:
-            self.engine.encode_prompts(self.rollout_key(i), self.config.rollout.prompts_per_step)
+            first, *_ = self.engine.encode_prompts(
+                self.rollout_key(i), self.config.rollout.prompts_per_step
+            )
         except TextTooLongError as e:
             raise prompt_too_long(e) from None
         except EmptyPromptError as e:
             raise ConfigError("task.name", str(e)) from None
+        if prompts:
+            return prompt_warnings(
+                self.engine, self.config, [t for _, t in prompts], "in task.path"
+            )
+        return prompt_warnings(self.engine, self.config, first, f"of step {i + 1}")
 
     def _rollout(self, state: TrainState, key: jax.Array) -> tuple[Any, Any, dict]:
         cfg, exp = self.config, self.config.experiment
@@ -624,16 +636,50 @@ def unsplit_tensor_parallelism(params: Any, mesh: Any, run: Run) -> str | None:
     )
 
 
-def check_startup(run: Run, mesh: Any = None) -> None:
+def check_startup(run: Run, mesh: Any = None) -> list[str]:
     """The checks a run makes before its first step, without training: the first step's
     prompts and the evaluation prompts fit ``rollout.max_prompt_length``.
+
+    Returns:
+        the warnings of :meth:`Trainer.check_prompts`.
 
     Raises:
         ConfigError: naming the key.
     """
-    Trainer(run, "", mesh=mesh).check_prompts(0)
+    warnings = Trainer(run, "", mesh=mesh).check_prompts(0)
     if run.eval_task is not None:
         Evaluator(run, mesh)
+    return warnings
+
+
+def prompt_warnings(engine: Any, config: Any, texts: list[str], where: str) -> list[str]:
+    """Warnings about prompts ``texts`` (``where`` says which) that ``engine`` encodes
+    without error but not as written: how many ``rollout.prompt_truncation`` cuts to
+    ``rollout.max_prompt_length`` (the task still scores the whole prompt), and how many
+    begin with the BOS token the tokenizer puts before every prompt (a prompt template that
+    writes it gets two)."""
+    tokenizer = engine.tokenizer
+    limit, mode = engine.sampling.max_prompt_length, config.rollout.prompt_truncation
+    bos = tokenizer.bos_id if tokenizer.add_bos else None
+    ids = [tokenizer.encode(text) for text in texts]
+    out = []
+    cut = sum(len(row) + (bos is not None) > limit for row in ids)
+    if cut and mode != "error":
+        kept = "last" if mode == "left" else "first"
+        out.append(
+            f"{cut} of the {len(texts)} prompts {where} have more than "
+            f"rollout.max_prompt_length={limit} tokens; rollout.prompt_truncation={mode!r} "
+            f"keeps their {kept} tokens, while the task scores the whole prompt"
+        )
+    doubled = 0 if bos is None else sum(row[:1] == [bos] for row in ids)
+    if doubled:
+        name = getattr(tokenizer, "bos_token", None) or f"id {bos}"
+        out.append(
+            f"{doubled} of the {len(texts)} prompts {where} begin with the BOS token {name}, "
+            f"and the tokenizer puts another before each (model.bos_token="
+            f"{config.model.bos_token!r}); drop it from the prompts, or set model.bos_token=''"
+        )
+    return out
 
 
 def default_mesh(spec: RunSpec) -> Any:
@@ -861,7 +907,8 @@ class Session:
             self._write_config()
         self.total = config.experiment.steps
         if self.start < self.total:
-            self.trainer.check_prompts(self.start)
+            for warning in self.trainer.check_prompts(self.start):
+                log(f"warning: {warning}")
         else:
             log(
                 f"nothing to train: the checkpoint is at step {self.start} and "

@@ -124,6 +124,41 @@ def test_hf_tokenizer_from_file(hf_tokenizer):
     assert isinstance(tok, Tokenizer)
 
 
+def _with_template(path, single):
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    rust = RustTokenizer.from_file(str(path))
+    specials = [(t, rust.token_to_id(t)) for t in ("<s>", "</s>") if t in single]
+    rust.post_processor = TemplateProcessing(single=single, special_tokens=specials)
+    return rust
+
+
+@pytest.mark.parametrize(
+    "single, bos",
+    [("<s> $A", "<s>"), ("<s> $A </s>", "<s>"), ("$A </s>", None), ("$A", None)],
+)
+def test_auto_bos_is_the_token_the_post_processor_puts_first(hf_tokenizer, single, bos):
+    from transformers import PreTrainedTokenizerFast
+
+    rust = _with_template(hf_tokenizer, single)
+    tok = HFTokenizer(rust, pad_token="<pad>", eos_token="</s>", bos_token="auto")
+    assert tok.bos_token == bos and tok.add_bos == (bos is not None)
+    tokens, mask = tok.encode_batch(["one plus two"], max_length=4)
+    # Prompts begin as transformers' tokenizer(text) begins them; nothing goes at the end.
+    reference = PreTrainedTokenizerFast(tokenizer_object=rust)("one plus two")["input_ids"]
+    if reference[-1] == rust.token_to_id("</s>"):
+        reference = reference[:-1]
+    assert tokens[0][mask[0] == 1].tolist() == reference
+    assert tok.encode("one plus two") == [i for i in reference if i != tok.bos_id]
+
+
+def test_auto_bos_refuses_two_leading_tokens(hf_tokenizer):
+    rust = _with_template(hf_tokenizer, "<s> </s> $A")
+    with pytest.raises(ValueError, match=r"^bos_token='auto': .* puts 2 tokens \['<s>', '</s>'\]"):
+        HFTokenizer(rust, pad_token="<pad>", eos_token="</s>", bos_token="auto")
+
+
 def test_truncation_and_padding_saved_in_tokenizer_json_are_ignored(hf_tokenizer, tmp_path):
     from tokenizers import Tokenizer as RustTokenizer
 

@@ -53,7 +53,44 @@ def test_the_value_loss_is_aggregated_like_the_policy_loss(mode):
 
 def test_default_stop_token_is_the_tokenizers_eos():
     run = build_run(validate_config(base.get_config()))
-    assert run.sampling.stop_token_ids is None
+    assert run.sampling.stop_token_ids == (run.tokenizer.eos_id,)
+
+
+def test_stop_tokens_may_be_named_by_their_strings(tmp_path):
+    config = base.get_config()
+    config.model.tokenizer = str(_tokenizer_file(tmp_path))
+    config.rollout.stop_token_ids = ("<s>", 7, "</s>", 2)  # repeats are dropped
+    assert build_run(validate_config(config)).sampling.stop_token_ids == (2, 7, 1)
+    config.rollout.stop_token_ids = ("<|eot_id|>",)
+    with pytest.raises(
+        ConfigError, match=r"^rollout.stop_token_ids: '<\|eot_id\|>' is not a token"
+    ):
+        build_run(validate_config(config))
+
+
+def test_bos_auto_takes_the_token_the_tokenizer_json_puts_first(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    path = _tokenizer_file(tmp_path)
+    config = base.get_config()
+    config.model.tokenizer = str(path)
+    assert config.model.bos_token == "auto"
+    rows = _checklist(config, with_run=True)  # the file adds nothing before a text
+    assert rows["tokenizer"] == f"{path} (13 ids; no BOS before each prompt)"
+    rust = Tokenizer.from_file(str(path))
+    rust.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    rust.save(str(path))
+    run = build_run(validate_config(config))
+    assert (run.tokenizer.bos_token, run.tokenizer.bos_id, run.tokenizer.add_bos) == (
+        "<s>",
+        2,
+        True,
+    )
+    rows = _checklist(config, with_run=True)
+    assert rows["tokenizer"] == f"{path} (13 ids; BOS <s> (id 2) before each prompt)"
+    config.model.bos_token = ""  # none, whatever the file adds
+    assert not build_run(validate_config(config)).tokenizer.add_bos
 
 
 @pytest.mark.parametrize(
@@ -142,7 +179,13 @@ def test_prompts_that_do_not_fit_are_refused_before_training_unless_truncated():
         check_startup(run)
     config.rollout.prompt_truncation = "left"
     run = build_run(validate_config(config))
-    check_startup(run)
+    (warning,) = check_startup(run)  # the first step's prompts, all cut
+    prompts = config.rollout.prompts_per_step
+    assert warning == (
+        f"{prompts} of the {prompts} prompts of step 1 have more than "
+        "rollout.max_prompt_length=4 tokens; rollout.prompt_truncation='left' keeps their "
+        "last tokens, while the task scores the whole prompt"
+    )
     tokens, mask = run.tokenizer.encode_batch(["reverse abc:"], max_length=4)
     assert run.tokenizer.decode(tokens[0]) == "bc:"  # BOS, then the prompt's last tokens
 
@@ -162,8 +205,40 @@ def test_every_jsonl_prompt_is_checked_before_training_with_its_line(tmp_path):
     match = rf"^rollout\.max_prompt_length: the prompt at {path}:31 has \d+ tokens"
     with pytest.raises(ConfigError, match=match):
         check_startup(run)
-    config.rollout.prompt_truncation = "left"
-    check_startup(build_run(validate_config(config)))  # truncated when it comes up
+    config.rollout.prompt_truncation = "right"
+    (warning,) = check_startup(build_run(validate_config(config)))  # cut when it comes up
+    assert warning.startswith(
+        "1 of the 41 prompts in task.path have more than rollout.max_prompt_length=48 tokens; "
+        "rollout.prompt_truncation='right' keeps their first tokens"
+    )
+    config.rollout.max_prompt_length = 201  # BOS and the 200 characters fit: no warning
+    config.model.max_position_embeddings = 512
+    assert check_startup(build_run(validate_config(config))) == []
+
+
+def test_prompts_that_begin_with_the_bos_token_are_warned_about(tmp_path):
+    from tokenizers import Tokenizer
+
+    from configs import jsonl
+    from novarl_jax.trainer.loop import check_startup
+
+    path = tmp_path / "bos.jsonl"
+    rows = [{"prompt": f"{'<s>' if i % 3 == 0 else ''}ab:", "answer": "ba"} for i in range(9)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = jsonl.get_config()
+    config.task.path = str(path)
+    tokenizer = Tokenizer.from_file(str(_tokenizer_file(tmp_path)))
+    tokenizer.add_special_tokens(["<s>"])  # so '<s>' in a text is that token
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    config.model.tokenizer = str(tmp_path / "tokenizer.json")
+    config.model.bos_token = "<s>"
+    assert check_startup(build_run(validate_config(config))) == [
+        "3 of the 9 prompts in task.path begin with the BOS token <s>, and the tokenizer puts "
+        "another before each (model.bos_token='<s>'); drop it from the prompts, or set "
+        "model.bos_token=''"
+    ]
+    config.model.bos_token = ""
+    assert check_startup(build_run(validate_config(config))) == []
 
 
 def test_a_prompt_length_that_leaves_only_bos_is_refused():

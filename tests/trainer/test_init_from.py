@@ -147,11 +147,46 @@ def test_the_checkpoints_own_tokenizer_is_used_and_shown(tmp_path):
     assert isinstance(run.tokenizer, HFTokenizer)
     assert run.tokenizer.vocab_size == 13 and run.model.policy.vocab_size == 64
     rows = dict(((s, i), v) for s, i, v in checklist_rows(spec, None, run))
-    assert rows[("model", "tokenizer")] == f"{tokenizer} (13 ids)"
+    assert rows[("model", "tokenizer")] == f"{tokenizer} (13 ids; no BOS before each prompt)"
     assert (
         rows[("model", "architecture")]
         == "2 layers, hidden 32, 4 heads of width 8 (2 KV), dense MLP"
     )
+
+
+def test_completions_stop_at_every_end_id_the_checkpoint_declares(tmp_path):
+    import json
+    import shutil
+
+    from test_build import _tokenizer_file
+
+    model = tmp_path / "llama"
+    shutil.copytree(f"{HF}/llama", model)  # config.json: eos_token_id 2
+    _tokenizer_file(model)  # '<pad>' 0, '</s>' 1 (the run's EOS), '<s>' 2
+
+    def stops(**changes):
+        config = _config(str(model), num_experts=0)
+        for key, value in changes.items():
+            config[key.split(".")[0]][key.split(".")[1]] = value
+        run = build_run(validate_config(config))
+        return run.sampling.stops(run.tokenizer)
+
+    assert stops() == (1, 2)  # EOS, then the checkpoint's end id
+    # generation_config.json says what generate() stops at; it takes precedence.
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 7, 9]}))
+    assert stops() == (1, 7, 9)
+    assert stops(**{"rollout.stop_token_ids": (5,)}) == (5,)  # the config's own replace them
+    # Another tokenizer's ids need not be the checkpoint's tokens: EOS alone.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(model / "tokenizer.json", other / "tokenizer.json")
+    assert stops(**{"model.tokenizer": str(other / "tokenizer.json")}) == (1,)
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 64]}))
+    with pytest.raises(ConfigError, match=r"^model.init_from: its eos_token_id holds \[64\], "):
+        stops()
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+    with pytest.raises(ConfigError, match=r"generation_config.json: eos_token_id must be an id"):
+        stops()
 
 
 def _spec_and_run(path):
