@@ -5,8 +5,9 @@ the trainer by 6 policy versions, or at least every 30 seconds while updates are
 A rollout batch is trained only if it is at most 6 versions older than the trainer when the
 trainer takes it; staler batches are dropped (``sync/dropped_samples``). With PPO's
 2 epochs x 2 minibatches = 4 updates per step, a batch sampled one step behind the trainer
-(staleness 4) is trained and one sampled two steps behind (staleness 8) is dropped. See
-docs/async.md.
+(staleness 4) is trained and one sampled two steps behind (staleness 8) is dropped. The
+loss corrects for the older policy that sampled a batch with truncated importance weights
+(``ppo.tis_cap``). See docs/async.md.
 
 Run:
     python -m novarl_jax.train --config=configs/ppo_async.py --workdir=/tmp/ppo_async
@@ -26,4 +27,7 @@ def get_config():
     exp.weight_sync_interval = 4  # broadcast every 4 optimizer updates...
     exp.weight_sync_max_staleness = 6  # ...or when a worker lags by 6 versions (also the bound)
     exp.weight_sync_timeout_s = 30.0  # ...or at least every 30 s while updates are pending
+    # A batch sampled by an older policy: each token's loss weighted by
+    # min(pi_old / pi_behavior, 2), pi_old the trainer's scoring of the batch (docs/async.md).
+    config.ppo.tis_cap = 2.0
     return config

@@ -340,9 +340,10 @@ def _main(argv: list[str]) -> None:
         if spec.config.experiment.async_rollouts:
             from novarl_jax.trainer.async_loop import check_async_startup
 
-            warning = check_async_startup(spec)
-            if warning and _DRY_RUN.value and jax.process_index() == 0:
-                print(f"warning: {warning}")  # a real run gives it as it starts
+            warnings = check_async_startup(spec)
+            if _DRY_RUN.value and jax.process_index() == 0:
+                for warning in warnings:  # a real run gives them as it starts
+                    print(f"warning: {warning}")
         # A real run's session lists the changes when it starts; a dry run lists them here.
         show = _DRY_RUN.value and jax.process_index() == 0
         say = print if show else (lambda _: None)

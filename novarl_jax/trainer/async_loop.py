@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from novarl_jax.core.checks import check_int
 from novarl_jax.sync import controller as wsc
 from novarl_jax.sync.controller import WeightSyncController, admissible, staleness
 from novarl_jax.sync.versioned import ParamStore, VersionedParams
@@ -436,16 +437,30 @@ def _take_fresh(feed, version: int, max_staleness: int, on_wait, on_drop) -> tup
         feed.extend(1)
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+def correction_warning(config: Any, queue_size: int, synchronous: bool) -> str | None:
+    """Why batches sampled by an older policy will train uncorrected: the rollouts can lag
+    (:func:`_lags`, within the bound) and the algorithm's ``tis_cap`` is not set; else None.
+    The loss's ratio is taken against the trainer's own scoring of the batch, so only the
+    truncated importance weight ``min(pi_old / pi_behavior, tis_cap)`` accounts for the
+    policy that sampled it."""
+    algorithm = config.experiment.algorithm
+    _, most_lag = _lags(config, queue_size, synchronous)
+    lag = min(most_lag, config.experiment.weight_sync_max_staleness)
+    if lag == 0 or config[algorithm].tis_cap is not None:
+        return None
+    return (
+        f"batches sampled up to {lag} version{'s' if lag > 1 else ''} behind the trainer "
+        f"train with no correction "
+        f"for the policy that sampled them: the ratio is taken against the trainer's own "
+        f"scoring of each batch; set {algorithm}.tis_cap (2.0 is common) to weight each "
+        f"token by min(pi_old / pi_behavior, tis_cap) (docs/async.md)"
+    )
 
 
-def check_async_startup(spec: RunSpec) -> str | None:
+def check_async_startup(spec: RunSpec) -> list[str]:
     """What an asynchronous run refuses before it starts, beyond the config's own checks;
-    returns the warning it will give at start (:func:`staleness_warning`, for the command
-    line's workers and queue), if any.
+    returns the warnings it will give at start (:func:`staleness_warning` and
+    :func:`correction_warning`, for the command line's workers and queue).
 
     Raises:
         ConfigError: ``experiment.weight_sync_timeout_s`` > 0 in a multi-process run.
@@ -461,7 +476,15 @@ def check_async_startup(spec: RunSpec) -> str | None:
         )
     synchronous = jax.process_count() > 1  # as the command line runs it
     queue_size = exp.rollout_queue_size or exp.rollout_workers
-    return staleness_warning(spec.config, queue_size, synchronous)
+    return _warnings(spec.config, queue_size, synchronous)
+
+
+def _warnings(config: Any, queue_size: int, synchronous: bool) -> list[str]:
+    return [
+        warning
+        for check in (staleness_warning, correction_warning)
+        if (warning := check(config, queue_size, synchronous))
+    ]
 
 
 def train_async(
@@ -498,7 +521,7 @@ def train_async(
         num_workers: rollout workers (threads, or turns in the synchronous schedule); None =
             ``experiment.rollout_workers``.
         queue_size: rollouts sampled ahead of the trainer at most (queued or in progress);
-            None = ``experiment.rollout_queue_size``, or ``num_workers`` when that is 0.
+            None = ``experiment.rollout_queue_size``; 0 = ``num_workers``, as in the config.
         synchronous: run the deterministic schedule, without threads.
         clock: seconds, for ``weight_sync_timeout_s``.
         allow_config_change: as :func:`~novarl_jax.trainer.loop.train`.
@@ -520,9 +543,9 @@ def train_async(
     spec = spec or validate_config(config)
     exp = spec.config.experiment
     num_workers = exp.rollout_workers if num_workers is None else num_workers
-    num_workers = _check_positive_int("num_workers", num_workers)
-    queue_size = (exp.rollout_queue_size or num_workers) if queue_size is None else queue_size
-    queue_size = _check_positive_int("queue_size", queue_size)
+    num_workers = check_int("num_workers", num_workers, 1)
+    queue_size = exp.rollout_queue_size if queue_size is None else queue_size
+    queue_size = check_int("queue_size", queue_size, 0) or num_workers
     if not synchronous and jax.process_count() > 1:
         raise ValueError(
             "synchronous must be True in a multi-process run: every process must issue the "
@@ -547,8 +570,7 @@ def train_async(
         asynchronous=True,
     ) as session:
         trainer, state = session.trainer, session.state
-        warning = staleness_warning(spec.config, queue_size, synchronous)
-        if warning:
+        for warning in _warnings(spec.config, queue_size, synchronous):
             session.log(f"warning: {warning}")
         # Synchronous-loop checkpoints have no rollout index: rollout j trains step j there.
         next_index = int(session.host.get("rollout_index", session.start))

@@ -22,9 +22,10 @@ class TrainState:
         params: ``{'policy': ...}`` (with the value head when the critic shares the trunk),
             plus ``'critic'`` for a separate PPO critic.
         opt_state: optax state of ``params``.
-        step: optimizer updates applied so far (skipped non-finite updates not counted).
+        step: optimizer updates applied so far (not counting skipped ones: non-finite, or
+            without a valid response token).
         policy_version: version of ``params`` that rollouts record; bumped by every applied
-            update (not by a skipped non-finite one).
+            update.
         key: raw PRNG key data (uint32), the source of all later randomness.
     """
 

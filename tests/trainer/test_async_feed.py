@@ -103,6 +103,22 @@ def test_multi_process_runs_without_a_timeout_are_accepted(monkeypatch):
     async_loop.check_async_startup(validate_config(_config(1, timeout_s=0.0)))  # no raise
 
 
+def test_a_queue_size_of_0_is_one_place_per_worker_as_in_the_config(tmp_path, monkeypatch):
+    import numpy as np
+
+    sizes = []
+    original = async_loop._InlineFeed.__init__
+
+    def init(self, produce, *, queue_size, **kwargs):
+        sizes.append(queue_size)
+        original(self, produce, queue_size=queue_size, **kwargs)
+
+    monkeypatch.setattr(async_loop._InlineFeed, "__init__", init)
+    config = _config(1, max_staleness=100)
+    _run_async(config, tmp_path / "a", synchronous=True, num_workers=np.int64(2), queue_size=0)
+    assert sizes == [2]
+
+
 def test_a_resume_after_drops_continues_the_rollout_index(tmp_path, monkeypatch):
     calls = _record_samples(monkeypatch)
     cadence = dict(interval=3, max_staleness=1)

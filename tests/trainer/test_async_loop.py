@@ -202,7 +202,7 @@ def test_threaded_one_worker_is_one_step_behind(tmp_path):
     assert int(out["state"].policy_version) == 5 * UPDATES
     assert all(np.isfinite(r["actor/pg_loss"]) for r in rows)
     assert _worker_threads() == []
-    assert not [line for line in lines if line.startswith("warning:")]
+    assert not [line for line in lines if line.startswith("warning: experiment.weight_sync")]
     # Throughput is over the step's wall time, the wait for the rollout included.
     for r in rows:
         assert r["timing_s/step"] >= r["timing_s/wait"] + r["timing_s/update"]
@@ -366,11 +366,33 @@ def test_the_lags_that_decide_the_start_up_warnings():
 
 
 def test_no_warning_where_the_staleness_broadcast_keeps_every_rollout(tmp_path):
-    out, rows, lines = _run_async(
-        _config(4, interval=5, max_staleness=3), tmp_path, synchronous=True, queue_size=1
-    )
+    config = _config(4, interval=5, max_staleness=3)
+    config.grpo.tis_cap = 2.0
+    out, rows, lines = _run_async(config, tmp_path, synchronous=True, queue_size=1)
     assert not [line for line in lines if line.startswith("warning:")]
     assert [r["sync/dropped_samples"] for r in rows] == [0.0] * 4
+
+
+def test_batches_that_can_lag_without_tis_cap_are_warned_about():
+    config = _config(1, interval=5, max_staleness=3)  # lags: threaded up to 4, inline 2
+    warning = async_loop.correction_warning(config, 1, synchronous=False)
+    assert warning == (
+        "batches sampled up to 3 versions behind the trainer train with no correction for "
+        "the policy that sampled them: the ratio is taken against the trainer's own scoring "
+        "of each batch; set grpo.tis_cap (2.0 is common) to weight each token by "
+        "min(pi_old / pi_behavior, tis_cap) (docs/async.md)"
+    )  # the bound, 3, caps the lag
+    assert async_loop.correction_warning(config, 1, synchronous=True).startswith(
+        "batches sampled up to 2 versions behind"
+    )
+    # Inline, one place, a broadcast after every step: each batch is the trainer's own.
+    on_policy = _config(1, interval=1, max_staleness=3)
+    assert async_loop._lags(on_policy, 1, synchronous=True) == (0, 0)
+    assert async_loop.correction_warning(on_policy, 1, synchronous=True) is None
+    config.grpo.tis_cap = 2.0
+    assert async_loop.correction_warning(config, 1, synchronous=False) is None
+    config.experiment.algorithm = "ppo"  # the algorithm's own tis_cap
+    assert "set ppo.tis_cap" in async_loop.correction_warning(config, 1, synchronous=False)
 
 
 def test_threaded_bound_holds_with_two_workers(tmp_path, monkeypatch):
@@ -435,7 +457,8 @@ def test_trainer_error_stops_the_workers(tmp_path, monkeypatch):
     [
         (dict(num_workers=0), "num_workers must be an integer >= 1, got 0"),
         (dict(num_workers=True), "num_workers must be an integer >= 1, got True"),
-        (dict(queue_size=0), "queue_size must be an integer >= 1, got 0"),
+        (dict(queue_size=-1), "queue_size must be an integer >= 0, got -1"),
+        (dict(queue_size=1.0), "queue_size must be an integer >= 0, got 1.0"),
     ],
 )
 def test_bad_arguments_name_themselves(tmp_path, kwargs, message):
@@ -461,6 +484,9 @@ def test_ppo_async_config_has_the_quickstart_cadence():
     assert WeightSyncController.from_config(config).state[:3] == (4, 6, 30.0)
     # 2 epochs x 2 minibatches: a batch one step behind (4 versions) is within the bound.
     assert config.train.epochs * config.train.minibatches == 4
+    # Such a batch is corrected for the policy that sampled it.
+    assert config.ppo.tis_cap == 2.0
+    assert async_loop.check_async_startup(validate_config(config)) == []
 
 
 def test_a_timeout_is_refused_in_a_multi_process_run(tmp_path, monkeypatch):
