@@ -32,7 +32,6 @@ from novarl_jax.trainer.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
     CheckpointUnreadableError,
-    abstract_like,
 )
 from novarl_jax.trainer.config import RunSpec, validate_config
 from novarl_jax.trainer.loop import Trainer, check_mesh, default_mesh
@@ -144,7 +143,7 @@ def export_policy(
     # The state to restore into is built (and compiled) before the steps are listed: a run
     # still training in the workdir rotates its old steps out meanwhile.
     mesh = default_mesh(spec) if mesh is None else mesh
-    abstract = abstract_like(Trainer(run, workdir, mesh=mesh).initial_state()[0])
+    abstract = Trainer(run, workdir, mesh=mesh).abstract_state()
     wanted = step
     for attempt in range(_ROTATION_RETRIES + 1):
         checkpointer = Checkpointer(directory, async_save=False)

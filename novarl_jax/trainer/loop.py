@@ -26,7 +26,7 @@ from novarl_jax.rollout.engine import EmptyPromptError, check_prompt_rows, take_
 from novarl_jax.rollout.tokenizers import TextTooLongError
 from novarl_jax.trainer import steps
 from novarl_jax.trainer.build import Run, build_run
-from novarl_jax.trainer.checkpoint import Checkpointer, CheckpointMismatchError, abstract_like
+from novarl_jax.trainer.checkpoint import Checkpointer, CheckpointMismatchError
 from novarl_jax.trainer.config import (
     ConfigError,
     RunSpec,
@@ -194,32 +194,64 @@ class Trainer:
         """(train state, reference params), both placed on the mesh; ``seed`` replaces
         ``experiment.seed`` (the seed a resumed run started with)."""
         k_params, k_loop = seed_keys(self.config.experiment.seed if seed is None else seed)
-        params = self.run_.init_params(k_params)
-        params = self._place_params(params)
+        params = self._place_params(self.run_.init_params(k_params))
+        state = self._init_state(k_loop, params)(params)
+        return state, self._reference(params)
+
+    def abstract_state(self) -> TrainState:
+        """The shapes, dtypes and shardings of :meth:`initial_state`'s train state
+        (``jax.ShapeDtypeStruct`` leaves), computing and placing nothing: the target a
+        checkpoint restores onto, so that a resume does not hold a fresh state beside the
+        restored one."""
+        k_params, k_loop = seed_keys(self.config.experiment.seed)
+        params = jax.eval_shape(self.run_.init_params, k_params)
+        if self.mesh is not None:
+            shardings = self._param_shardings(params)
+            params = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings
+            )
+        init = self._init_state(k_loop, params)
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            jax.eval_shape(init, params),
+            init.lower(params).compile().output_shardings,
+        )
+
+    def initial_reference(self, seed: int | None = None) -> Any:
+        """:meth:`initial_state`'s reference params alone (None when the run has none)."""
+        if not self.run_.needs_reference:
+            return None
+        k_params, _ = seed_keys(self.config.experiment.seed if seed is None else seed)
+        return self._reference(self._place_params(self.run_.init_params(k_params)))
+
+    def _reference(self, params: dict) -> Any:
+        # The reference is the initial policy; a separate critic has no part in it.
+        if not self.run_.needs_reference:
+            return None
+        return {"policy": jax.tree.map(jnp.copy, params["policy"])}
+
+    def _init_state(self, k_loop: jax.Array, params: Any) -> Any:
+        """The jitted :func:`init_train_state` of ``params`` (placed, or shapes with their
+        shardings), Adam's moments placed like the parameters where optax can match them."""
         init = lambda p: init_train_state(p, self.run_.optimizer, k_loop)  # noqa: E731
         shardings = None
         if self.mesh is not None:
             replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
             shardings = train_state_shardings(params, self.run_.optimizer, k_loop, replicated)
-        if shardings is None:
-            state = jax.jit(init)(params)
-        else:
-            state = jax.jit(init, out_shardings=shardings)(params)
-        # The reference is the initial policy; a separate critic has no part in it.
-        reference = None
-        if self.run_.needs_reference:
-            reference = {"policy": jax.tree.map(jnp.copy, params["policy"])}
-        return state, reference
+        return jax.jit(init) if shardings is None else jax.jit(init, out_shardings=shardings)
+
+    def _param_shardings(self, params: dict) -> dict:
+        from novarl_jax.models import param_shardings
+
+        models = {"policy": self.run_.model.policy, "critic": self.run_.model.critic}
+        return {
+            name: param_shardings(models[name], self.mesh, part) for name, part in params.items()
+        }
 
     def _place_params(self, params: dict) -> dict:
         if self.mesh is None:
             return params
-        from novarl_jax.models import shard_params
-
-        placed = {"policy": shard_params(params["policy"], self.run_.model.policy, self.mesh)}
-        if "critic" in params:
-            placed["critic"] = shard_params(params["critic"], self.run_.model.critic, self.mesh)
-        return placed
+        return jax.device_put(params, self._param_shardings(params))
 
     # -- one iteration ---------------------------------------------------------------------
 
@@ -858,7 +890,10 @@ class Session:
         )
         mesh = default_mesh(spec) if mesh is None else mesh
         self.trainer = trainer_cls(self.run, workdir, mesh=mesh)
-        self.state, self.reference = self.trainer.initial_state()
+        if self.resumed_from is None:
+            self.state, self.reference = self.trainer.initial_state()
+        else:  # the checkpoint's state, restored below onto this target
+            self.state, self.reference = self.trainer.abstract_state(), None
         if warning := unsplit_tensor_parallelism(self.state.params["policy"], mesh, self.run):
             log(f"warning: {warning}")
         self.evaluator = Evaluator(self.run, mesh) if self.run.eval_task is not None else None
@@ -875,9 +910,8 @@ class Session:
             )
         self.start, self.host = 0, {}
         if self.resumed_from is not None:
-            fresh_key = self.state.key
             try:
-                self.state, self.host = self.checkpointer.restore(abstract_like(self.state))
+                self.state, self.host = self.checkpointer.restore(self.state)
             except CheckpointMismatchError as e:
                 if not (note := allowed_changes_note(changes)):
                     raise
@@ -885,7 +919,8 @@ class Session:
             if "experiment.seed" in changed:
                 # The loop key is split from the seed and never changes during a run: a
                 # resume allowed another seed goes on with that seed's key.
-                self.state = self.state.replace(key=fresh_key)
+                key = jax.random.key_data(seed_keys(config.experiment.seed)[1])
+                self.state = self.state.replace(key=jax.device_put(key, self.state.key.sharding))
             restore_task_position(self.run.task, self.host, config, changed, log)
             self.start = int(self.host["iteration"])
             log(f"resumed from {self.checkpointer.directory} at step {self.start}")
@@ -893,9 +928,8 @@ class Session:
         # good, also when a resume is allowed another experiment.seed (which then changes
         # only what is sampled from here on).
         self.init_seed = int(self.host.get("init_seed", config.experiment.seed))
-        random_init = not config.model.init_from
-        if self.init_seed != config.experiment.seed and random_init and self.reference:
-            _, self.reference = self.trainer.initial_state(seed=self.init_seed)
+        if self.resumed_from is not None:
+            self.reference = self.trainer.initial_reference(seed=self.init_seed)
         # Rows past the restored step (all of them on a fresh start: a run that stopped before
         # its first checkpoint) are redone, so they go.
         for lines in (self.writer, self.samples):

@@ -162,3 +162,33 @@ def test_a_resume_allowed_a_new_seed_keeps_the_reference_it_started_from(tmp_pat
         not np.array_equal(b, c)
         for b, c in zip(jax.tree.leaves(want), jax.tree.leaves(other), strict=True)
     )
+
+
+def test_a_resume_restores_onto_shapes_not_onto_a_second_state(tmp_path, monkeypatch):
+    """A resume used to build a fresh random state (parameters and Adam's moments) and hold it
+    on the devices while the checkpoint restored beside it: twice the state's memory, where
+    training needs it once."""
+    from novarl_jax.trainer.loop import Session
+
+    config = _config(1, num_experts=4, world_size=8, tensor_parallel_size=2)
+    config.grpo.beta = 0.1  # a reference too, built after the restore
+    train_quietly(config, tmp_path / "run")
+    live_before, original = [], Checkpointer.restore
+
+    def restore(self, target, step=None):
+        live_before.append(sum(x.nbytes for x in jax.live_arrays()))
+        assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(target))
+        return original(self, target, step)
+
+    monkeypatch.setattr(Checkpointer, "restore", restore)
+    config.experiment.steps = 2
+    with Session(config, str(tmp_path / "run"), log=lambda _: None) as s:
+        state_bytes = sum(x.nbytes for x in jax.tree.leaves(s.state))
+        fresh, reference = s.trainer.initial_state()
+        # The target is the fresh state's shapes and placement, computed without it.
+        target = s.trainer.abstract_state()
+        for a, f in zip(jax.tree.leaves(target), jax.tree.leaves(fresh), strict=True):
+            assert (a.shape, a.dtype, a.sharding) == (f.shape, f.dtype, f.sharding)
+        for a, b in zip(jax.tree.leaves(s.reference), jax.tree.leaves(reference), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len(live_before) == 1 and live_before[0] < 0.2 * state_bytes, (live_before, state_bytes)
