@@ -668,6 +668,20 @@ def unsplit_tensor_parallelism(params: Any, mesh: Any, run: Run) -> str | None:
     )
 
 
+def finished_schedule(run: Run, update: int, config: Any) -> str | None:
+    """A warning when every update a resumed run has left, from update ``update`` on,
+    trains at learning rate 0 (a decay that ended with the run it was sized for); else None."""
+    last = config.experiment.steps * updates_per_step(config) - 1
+    if last < update or float(run.schedule(update)) or float(run.schedule(last)):
+        return None
+    return (
+        f"the learning-rate schedule is at 0 from update {update} to the run's last, {last}: "
+        f"nothing the remaining steps sample will be learned from (optim.schedule="
+        f"{config.optim.schedule!r}, optim.decay_steps={config.optim.decay_steps}, "
+        f"optim.end_learning_rate={config.optim.end_learning_rate})"
+    )
+
+
 def check_startup(run: Run, mesh: Any = None) -> list[str]:
     """The checks a run makes before its first step, without training: the first step's
     prompts and the evaluation prompts fit ``rollout.max_prompt_length``.
@@ -924,6 +938,8 @@ class Session:
             restore_task_position(self.run.task, self.host, config, changed, log)
             self.start = int(self.host["iteration"])
             log(f"resumed from {self.checkpointer.directory} at step {self.start}")
+            if warning := finished_schedule(self.run, int(self.state.step), config):
+                log(f"warning: {warning}")
         # The seed the run started with: its random initial policy is the KL reference for
         # good, also when a resume is allowed another experiment.seed (which then changes
         # only what is sampled from here on).

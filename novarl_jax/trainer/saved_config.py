@@ -389,11 +389,13 @@ def check_resume_config(
             blocking.insert(0, ("optim.decay_steps", f"{old_length} updates",
                                 f"{new_length} updates"))  # fmt: skip
             if old_length is not None:
+                end = max(plain.get("optim.warmup_steps", 0), 0) + old_length
                 hint = (
                     f"; with optim.decay_steps=0 the learning rate decays over the whole run, "
                     f"so changing its length changes the schedule: set "
                     f"optim.decay_steps={old_length} to keep the one the checkpoint was "
-                    f"trained on"
+                    f"trained on (its decay ends at update {end}; later updates train at "
+                    f"optim.end_learning_rate={plain.get('optim.end_learning_rate')})"
                 )
     if blocking and not allow_change:
         listed = _listing(blocking, 4)

@@ -192,3 +192,26 @@ def test_a_resume_restores_onto_shapes_not_onto_a_second_state(tmp_path, monkeyp
         for a, b in zip(jax.tree.leaves(s.reference), jax.tree.leaves(reference), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert len(live_before) == 1 and live_before[0] < 0.2 * state_bytes, (live_before, state_bytes)
+
+
+def test_a_resume_whose_schedule_has_ended_warns_that_nothing_more_is_learned(tmp_path):
+    from novarl_jax.trainer.loop import Session
+
+    config = _config(2)  # 4 updates a step
+    config.optim.update(schedule="linear", warmup_steps=2)  # then 6 updates of decay to 0
+    train_quietly(config, tmp_path / "run")
+    config.experiment.steps = 3
+    config.optim.decay_steps = 6  # keeps the schedule the checkpoint was trained on
+    lines = []
+    with Session(config, str(tmp_path / "run"), log=lines.append):
+        pass
+    assert lines[-1] == (
+        "warning: the learning-rate schedule is at 0 from update 8 to the run's last, 11: "
+        "nothing the remaining steps sample will be learned from (optim.schedule='linear', "
+        "optim.decay_steps=6, optim.end_learning_rate=0.0)"
+    )
+    config.optim.decay_steps = 7  # a longer decay (allowed explicitly): not all at 0
+    lines = []
+    with Session(config, str(tmp_path / "run"), log=lines.append, allow_config_change=True):
+        pass
+    assert not [line for line in lines if "learning-rate schedule" in line]

@@ -70,7 +70,10 @@ def test_more_steps_may_not_silently_stretch_a_decaying_learning_rate(tmp_path):
         check_resume_config(str(tmp_path), config)
     assert info.value.key == "optim.decay_steps"
     assert "optim.decay_steps '240 updates' -> '480 updates'" in str(info.value)
-    assert "set optim.decay_steps=240 to keep the one the checkpoint" in str(info.value)
+    assert (
+        "set optim.decay_steps=240 to keep the one the checkpoint was trained on (its decay ends "
+        "at update 240; later updates train at optim.end_learning_rate=0.0)"
+    ) in str(info.value)
     config.optim.decay_steps = 240  # the same schedule, written out
     lines = []
     check_resume_config(str(tmp_path), config, log=lines.append)
@@ -100,7 +103,8 @@ def test_the_decay_length_a_resume_keeps_counts_from_the_warmups_end(tmp_path):
     config.optim.warmup_steps = 40  # decay_steps=0: the 240 updates less the warmup
     write_config(str(tmp_path), config)
     config.experiment.steps = 120
-    with pytest.raises(ConfigChangedError, match="set optim.decay_steps=200 to keep"):
+    with pytest.raises(ConfigChangedError, match=r"set optim.decay_steps=200 to keep .*\(its "
+                       r"decay ends at update 240; "):  # fmt: skip
         check_resume_config(str(tmp_path), config)
     config.optim.decay_steps = 200
     assert check_resume_config(str(tmp_path), config)  # allowed, and logged
