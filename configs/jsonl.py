@@ -9,13 +9,19 @@ Run:
     python -m novarl_jax.train --config=configs/jsonl.py task.path=prompts.jsonl
 """
 
+import os
+
 from configs import base
+
+# A 12-line example beside the configs, found from any working directory.
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
+                       "data", "prompts_tiny.jsonl")  # fmt: skip
 
 
 def get_config():
     config = base.get_config()
     config.task.name = "jsonl"  # novarl_jax.rollout.tasks.JSONLTask
-    config.task.path = "tests/data/prompts_tiny.jsonl"  # a 12-line example; set your own
+    config.task.path = EXAMPLE  # set your own
     config.rollout.max_prompt_length = 48  # tokens (bytes, built-in tokenizer) of a prompt
     config.rollout.max_new_tokens = 8  # completion budget
     config.model.max_position_embeddings = 64  # >= max_prompt_length + max_new_tokens

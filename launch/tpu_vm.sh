@@ -22,7 +22,11 @@ if ((!workdir_given)); then
   exit 2
 fi
 # Each value quoted for the remote shell, so values with spaces or quotes arrive whole.
-repo=$(printf '%q' "${REPO_DIR:-novarl_jax}")
+# A leading ~/ is the remote home, where the remote shell starts: quoted, it would not expand.
+repo_dir=${REPO_DIR:-novarl_jax}
+[[ "$repo_dir" == "~" ]] && repo_dir=.
+repo_dir=${repo_dir#\~/}
+repo=$(printf '%q' "${repo_dir:-.}")
 python=$(printf '%q' "${PYTHON:-python3}")
 args=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command \

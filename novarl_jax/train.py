@@ -75,7 +75,9 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
     False,
     "Start jax.distributed with the settings JAX reads from the cluster (a Cloud TPU VM "
-    "slice, a SLURM job): coordinator, process count and index. The launch/ scripts pass it.",
+    "slice, a SLURM job): coordinator, process count and index. launch/slurm.sbatch and "
+    "launch/tpu_vm.sh pass it (launch/local_processes.sh gives --num_processes and "
+    "--process_id instead).",
 )
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache",
@@ -309,6 +311,13 @@ def _main(argv: list[str]) -> None:
                 f"layout {spec.layout.describe()} needs {world} devices, but JAX sees {count} "
                 f"{jax.default_backend()} devices; set experiment.world_size={count}, or run "
                 f"this layout on {world} fake CPU devices with JAX_PLATFORMS=cpu"
+            )
+        elif count != world:  # every process's devices make the mesh
+            processes = jax.process_count()
+            problem = (
+                f"layout {spec.layout.describe()} needs {world} devices, but the {processes} "
+                f"processes of this run have {count} ({jax.local_device_count()} each); a "
+                f"multi-process run uses all of them: set experiment.world_size={count}"
             )
         _fail(f"experiment.world_size: {problem}")
 

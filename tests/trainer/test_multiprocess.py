@@ -89,6 +89,23 @@ def test_dry_run_refuses_what_the_multi_process_run_refuses(tmp_path):
     assert "dry run: the config is valid" not in result.stdout
 
 
+def test_a_world_size_short_of_the_processes_devices_is_refused_naming_their_count(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PORT"] = str(_free_port())
+    env["PYTHON"] = sys.executable
+    result = subprocess.run(
+        ["bash", "launch/local_processes.sh", "2", "4", "--config=configs/copy.py",
+         f"--workdir={tmp_path}", "experiment.world_size=2", "--dry_run"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        "novarl_jax.train: error: experiment.world_size: layout {'dp': 2, 'tp': 1, 'pp': 1, "
+        "'ep': 1, 'world': 2} needs 2 devices, but the 2 processes of this run have 8 (4 each); "
+        "a multi-process run uses all of them: set experiment.world_size=8"
+    ) in result.stderr
+
+
 def _two_hosts(tmp_path):
     """Two processes of one job, each in a working directory of its own (host0, host1) with
     ``--workdir=run`` there: two hosts' own disks. Returns their statuses and stderr."""
@@ -170,6 +187,12 @@ def test_the_tpu_vm_launcher_needs_a_workdir_and_quotes_its_arguments(tmp_path):
         "--distributed --config=configs/moe.py --workdir=/mnt/shared/run "
         "model.bos_token=\\<s\\>\\ x"
     )
+    # A clone under the worker's home written as ~/...: the remote shell starts there, and a
+    # quoted ~ would not expand.
+    for repo_dir, cd in (("~/code/nv", "code/nv"), ("~", "."), ("/opt/my nv", "/opt/my\\ nv")):
+        env["REPO_DIR"] = repo_dir
+        result = launch("--workdir=/mnt/shared/run")
+        assert result.stdout.splitlines()[-1].startswith(f"cd {cd} && "), result.stdout
 
 
 def _launch(workdir, *overrides):
