@@ -5,7 +5,8 @@ with ``StandardSave``; restored onto the *current* mesh's shardings, so a checkp
 under one layout restores under another) and ``host`` (JSON: the task's dataset position, the
 finished iteration, the count of non-finite updates in a row, the seed the run started with
 and, in asynchronous runs, the next rollout's index; and :func:`state_checksums` of the
-state, which a restore compares, so that damaged bytes that still decode are caught). Before
+state and a checksum of the record itself, which a restore compares, so that damaged bytes
+that still decode are caught). Before
 restoring, the stored arrays' names and shapes are compared with the run's state, and a
 checkpoint of another model or setup is refused with the first arrays that differ
 (:class:`CheckpointMismatchError`). orbax writes
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import re
@@ -36,6 +38,7 @@ import signal
 import sys
 import threading
 import warnings
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -91,6 +94,12 @@ def _per_leaf_program(reduce: Any, replicated: Any) -> Any:
 
 
 _CHECKSUMS = "checksums"  # the host record's key: state_checksums of the saved state
+_RECORD = "<host record>"  # in the checksums: that of the rest of the host record
+
+
+def _record_checksum(host: dict) -> int:
+    """A checksum of a host record's JSON (keys sorted), as saved and as read back."""
+    return zlib.crc32(json.dumps(host, sort_keys=True).encode())
 
 
 def state_checksums(tree: Any) -> dict[str, int]:
@@ -295,7 +304,7 @@ class Checkpointer:
         self._pending = step
         # What the restore checks the arrays against: damaged bytes that still decode to
         # finite numbers would otherwise resume silently (and train on them).
-        host = {**host, _CHECKSUMS: state_checksums(state)}
+        host = {**host, _CHECKSUMS: {**state_checksums(state), _RECORD: _record_checksum(host)}}
         try:
             with _interrupts_deferred():
                 started = self._manager.save(
@@ -327,22 +336,38 @@ class Checkpointer:
                 ),
             )
         except Exception as e:  # noqa: BLE001 - orbax, tensorstore and JSON errors alike
-            raise self._unreadable(step, e) from e
+            raise self.unreadable(step, e) from e
         bad = first_non_finite(restored["state"])
         if bad is not None:  # training never saves one: damaged bytes that still decoded
-            raise self._unreadable(step, ValueError(f"{bad} holds NaN or infinite values"))
-        host = dict(restored["host"])
-        saved = host.pop(_CHECKSUMS, None)  # none in a checkpoint written before they were
+            raise self.unreadable(step, ValueError(f"{bad} holds NaN or infinite values"))
+        host, saved = self._checked_host(step, restored["host"])
         if isinstance(saved, dict):
             now = state_checksums(restored["state"])
             if changed := [p for p, v in now.items() if p in saved and saved[p] != v]:
                 more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-                raise self._unreadable(
+                raise self.unreadable(
                     step, ValueError(f"{changed[0]}{more} differs from what was saved (checksum)")
                 )
         return restored["state"], host
 
-    def _unreadable(self, step: int, error: BaseException) -> CheckpointUnreadableError:
+    def _checked_host(self, step: int, record: Any) -> tuple[dict, Any]:
+        """The host record less its checksums, checked against the one saved for it, and
+        the checksums (None in a checkpoint written before they were)."""
+        if not isinstance(record, dict):
+            raise self.unreadable(step, ValueError("its host record is not a JSON object"))
+        host = dict(record)
+        saved = host.pop(_CHECKSUMS, None)
+        if (
+            isinstance(saved, dict)
+            and _RECORD in saved
+            and saved[_RECORD] != _record_checksum(host)
+        ):
+            raise self.unreadable(
+                step, ValueError("its host record differs from what was saved (checksum)")
+            )
+        return host, saved
+
+    def unreadable(self, step: int, error: BaseException) -> CheckpointUnreadableError:
         """The one-line error for a step that cannot be read, with the way around it."""
         older = [s for s in self.all_steps() if s < step]
         advice = (
@@ -368,10 +393,8 @@ class Checkpointer:
                 step, args=ocp.args.Composite(host=ocp.args.JsonRestore())
             )
         except Exception as e:  # noqa: BLE001 - orbax and JSON errors alike
-            raise self._unreadable(step, e) from e
-        host = dict(restored["host"])
-        host.pop(_CHECKSUMS, None)
-        return host
+            raise self.unreadable(step, e) from e
+        return self._checked_host(step, restored["host"])[0]
 
     def _check_shapes(self, abstract_state: Any, step: int) -> None:
         """Raises CheckpointMismatchError unless ``step`` holds ``abstract_state``'s arrays."""

@@ -483,13 +483,25 @@ def restore_task_position(
 
     Raises:
         ConfigError: the position cannot be restored (a JSONL file edited since), naming
-            ``task.path`` (or ``task.name``).
+            ``task.path`` (or ``task.name``); or a resume changed the order the position is
+            in (``task.options.seed`` or ``shuffle`` of a JSONL task), naming that key.
     """
     if "task.path" in changed:
         log(f"task.path changed: {config.task.path} is read from its first example")
         return
+    state = host["task_state"]
+    ordered = isinstance(state, dict) and "seed" in state and "index" in state
+    for key in ("task.options.seed", "task.options.shuffle"):
+        if ordered and key in changed:
+            raise ConfigError(
+                key,
+                f"the run resumes after {state['index']} examples of epoch "
+                f"{state['epoch']}, in the order its checkpoint's seed and shuffle drew; "
+                f"another order would skip or repeat examples of that epoch: resume with the "
+                f"run's {key}, or train in a new --workdir",
+            )
     try:
-        task.set_state(host["task_state"])
+        task.set_state(state)
     except ValueError as e:
         key = "task.path" if config.task.name == "jsonl" else "task.name"
         raise ConfigError(key, f"cannot resume the task's position: {e}") from None
@@ -935,8 +947,14 @@ class Session:
                 # resume allowed another seed goes on with that seed's key.
                 key = jax.random.key_data(seed_keys(config.experiment.seed)[1])
                 self.state = self.state.replace(key=jax.device_put(key, self.state.key.sharding))
+            step, saved = self.resumed_from, self.host.get("iteration")
+            if saved != step or isinstance(saved, bool) or "task_state" not in self.host:
+                what = f"its iteration is {saved!r}" if saved != step else "it has no task_state"
+                raise self.checkpointer.unreadable(
+                    step, ValueError(f"its host record does not fit step {step}: {what}")
+                )
             restore_task_position(self.run.task, self.host, config, changed, log)
-            self.start = int(self.host["iteration"])
+            self.start = step
             log(f"resumed from {self.checkpointer.directory} at step {self.start}")
             if warning := finished_schedule(self.run, int(self.state.step), config):
                 log(f"warning: {warning}")

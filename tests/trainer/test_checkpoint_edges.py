@@ -204,6 +204,27 @@ def test_a_step_whose_arrays_differ_from_their_checksums_is_refused_as_damaged(t
     ckpt.close()
 
 
+def test_a_host_record_that_differs_from_its_checksum_is_refused_as_damaged(tmp_path):
+    """The record says where the run resumes (its iteration, the dataset position): a
+    damaged digit there resumed silently at another step."""
+    ckpt = Checkpointer(str(tmp_path), interval=1, async_save=False)
+    state = {"w": jnp.arange(6.0)}
+    ckpt.save(1, state, {"iteration": 1})
+    ckpt.save(2, state, {"iteration": 2, "task_state": {"index": 3}})
+    record = next((tmp_path / "2" / "host").glob("*"))
+    saved = json.loads(record.read_text())
+    saved["task_state"]["index"] = 5
+    record.write_text(json.dumps(saved))
+    damaged = _step_2_damaged(tmp_path, "its host record differs from what was saved (checksum)")
+    with pytest.raises(CheckpointUnreadableError) as info:
+        ckpt.restore(abstract_like(state))
+    assert str(info.value) == damaged
+    with pytest.raises(CheckpointUnreadableError) as info:
+        ckpt.restore_host()
+    assert str(info.value) == damaged
+    ckpt.close()
+
+
 def test_bytes_damaged_on_disk_are_refused_not_restored(tmp_path):
     """64 bytes flipped inside the arrays' data file: before the checksums, 5 of 6 such
     damages restored as finite, wrong numbers."""

@@ -215,3 +215,47 @@ def test_a_resume_whose_schedule_has_ended_warns_that_nothing_more_is_learned(tm
     with Session(config, str(tmp_path / "run"), log=lines.append, allow_config_change=True):
         pass
     assert not [line for line in lines if "learning-rate schedule" in line]
+
+
+def test_a_host_record_that_does_not_fit_its_step_is_refused(tmp_path):
+    import json
+
+    from novarl_jax.trainer.checkpoint import CheckpointUnreadableError
+    from novarl_jax.trainer.loop import Session
+
+    config = _config(2)
+    train_quietly(config, tmp_path / "run")
+    record = next((tmp_path / "run" / "checkpoints" / "2" / "host").glob("metadata"))
+    saved = json.loads(record.read_text())
+    del saved["checksums"]["<host record>"]  # as written before records had a checksum
+    for change, what in (({"iteration": 5}, "its iteration is 5"), ({}, "it has no task_state")):
+        edited = {k: v for k, v in saved.items() if change or k != "task_state"}
+        record.write_text(json.dumps({**edited, **change}))
+        config.experiment.steps = 3
+        with pytest.raises(
+            CheckpointUnreadableError, match=rf"host record does not fit step 2: {what}"
+        ):
+            Session(config, str(tmp_path / "run"), log=lambda _: None)
+
+
+def test_a_resume_may_not_reorder_the_jsonl_epoch_it_is_in(tmp_path):
+    from configs import jsonl
+    from novarl_jax.trainer.config import ConfigError
+    from novarl_jax.trainer.loop import Session
+
+    config = jsonl.get_config()
+    config.experiment.steps = 1
+    config.rollout.prompts_per_step = 2
+    config.update(logging=dict(plot=False, progress=False), checkpoint=dict(async_save=False))
+    train_quietly(config, tmp_path / "run")
+    config.experiment.steps = 2
+    for key, value in (("seed", 7), ("shuffle", False)):
+        changed = config.copy_and_resolve_references()
+        changed.task.options[key] = value
+        with pytest.raises(ConfigError) as info:
+            Session(changed, str(tmp_path / "run"), log=lambda _: None, allow_config_change=True)
+        assert info.value.key == f"task.options.{key}"
+        assert (
+            "the run resumes after 2 examples of epoch 0, in the order its checkpoint's seed"
+            in str(info.value)
+        )
