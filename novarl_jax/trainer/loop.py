@@ -966,7 +966,10 @@ class Session:
             self.reference = self.trainer.initial_reference(seed=self.init_seed)
         # Rows past the restored step (all of them on a fresh start: a run that stopped before
         # its first checkpoint) are redone, so they go.
-        for lines in (self.writer, self.samples):
+        samples = self.samples
+        if samples is None and self.main_process:  # not written now, but rows of redone steps
+            samples = JsonLines(os.path.join(workdir, SAMPLES_FILE))  # must not stay behind
+        for lines in (self.writer, samples):
             if lines is not None:
                 lines.truncate_after(self.start)
         if self._record_config:

@@ -58,7 +58,7 @@ class JsonLines:
             return
         # A new file moved into place: a crash here leaves the old file or the new, whole.
         partial = self.path + ".truncating"
-        with file_named(partial), open(partial, "w") as f:
+        with file_named(partial), open(partial, "w", errors="surrogateescape") as f:
             f.writelines(kept)
         os.replace(partial, self.path)
 
@@ -227,8 +227,10 @@ def _step_of(row: Any) -> float | None:
 
 
 def _read_lines(path: str) -> list[tuple[int, str]]:
-    """The non-blank lines of a file with their 1-based numbers."""
-    with open(path) as f:
+    """The non-blank lines of a file with their 1-based numbers. Bytes that are not UTF-8
+    (damage) are kept as they are (``surrogateescape``): such a line is no JSON row, and a
+    file rewritten from these lines holds the same bytes."""
+    with open(path, errors="surrogateescape") as f:
         return [(n, line) for n, line in enumerate(f, 1) if line.strip()]
 
 

@@ -156,7 +156,17 @@ def workdir_in_use(workdir: str) -> WorkdirInUseError | None:
 
 
 def foreign_config(workdir: str) -> str | None:
-    """Why ``workdir/config.json`` is not a run's config (None when it is one, or absent)."""
+    """Why ``workdir`` cannot hold a run: its ``config.json`` is not a run's config, or one
+    of the files a run keeps there is a directory or another non-file (None when neither)."""
+    from novarl_jax.trainer.metrics import METRICS_FILE  # imports the run's config modules
+    from novarl_jax.trainer.samples import FILE_NAME as SAMPLES_FILE
+    from novarl_jax.trainer.saved_config import MODEL_FILE, TOKENIZER_FILE
+
+    for name in (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, METRICS_FILE, SAMPLES_FILE):
+        entry = os.path.join(workdir, name)
+        if os.path.lexists(entry) and not os.path.isfile(entry):
+            what = "a directory" if os.path.isdir(entry) else "a broken link or a special file"
+            return f"{entry} is {what}, where a run keeps its {name} file; move it away"
     path = os.path.join(workdir, CONFIG_FILE)
     try:
         with open(path) as f:

@@ -21,6 +21,15 @@ def test_truncating_keeps_a_line_that_is_not_an_object(tmp_path):
     assert path.read_text() == '{"step": 1}\n[2]\n'
 
 
+def test_bytes_that_are_not_utf8_are_damage_like_any_other(tmp_path):
+    """A torn last line of such bytes stopped a resume with a UnicodeDecodeError."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n\xff\xfe kept\n{"step": 2}\n\xff\xfe torn')
+    assert steps_written(str(path)) == 2
+    JsonLines(str(path)).truncate_after(1)
+    assert path.read_bytes() == b'{"step": 1}\n\xff\xfe kept\n'  # byte for byte
+
+
 def test_rows_without_a_numeric_step_are_kept_by_truncation_and_named_by_the_reader(tmp_path):
     """A row with a text step crashed a resume's truncation; a row that is no object crashed
     the plot at the end of a run that had trained."""

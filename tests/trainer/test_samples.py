@@ -174,3 +174,21 @@ def test_any_stop_id_counts_as_stopping():
     assert [row["stopped"] for row in rows] == [True, False, None]
     rows = sample_rows(traj, info, 10, step=1, split="train", stop_token_ids=(3,))
     assert [row["stopped"] for row in rows] == [False, False, None]
+
+
+def test_a_resume_that_logs_no_samples_still_drops_the_rows_of_steps_it_redoes(tmp_path):
+    import shutil
+
+    from tiny_grpo import tiny_grpo_config
+
+    config = tiny_grpo_config()
+    config.experiment.steps = 2
+    config.checkpoint.update(interval=1, async_save=False)
+    config.logging.update(samples=1, plot=False, progress=False)
+    train_quietly(config, tmp_path)
+    assert [r["step"] for r in _read(tmp_path / "samples.jsonl")] == [1, 2]
+    shutil.rmtree(tmp_path / "checkpoints" / "2")  # step 2 is redone from step 1's checkpoint
+    config.logging.samples = 0
+    config.experiment.steps = 1
+    train_quietly(config, tmp_path)
+    assert [r["step"] for r in _read(tmp_path / "samples.jsonl")] == [1]

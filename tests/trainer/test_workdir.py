@@ -184,6 +184,18 @@ def test_foreign_config_accepts_a_runs_own_and_a_damaged_record(tmp_path):
     assert "is not a run's config" in foreign_config(str(tmp_path))
 
 
+@pytest.mark.parametrize("name", ["config.json", "metrics.jsonl", "samples.jsonl"])
+def test_a_directory_where_a_run_keeps_a_file_is_refused_naming_it(tmp_path, name):
+    """A traceback (metrics.jsonl), or advice to free space naming a temporary file
+    (config.json), before."""
+    (tmp_path / name).mkdir()
+    assert foreign_config(str(tmp_path)) == (
+        f"{tmp_path / name} is a directory, where a run keeps its {name} file; move it away"
+    )
+    with pytest.raises(ConfigError, match=rf"^--workdir: {tmp_path / name} is a directory"):
+        train_quietly(tiny_grpo_config(), tmp_path)
+
+
 def test_a_mesh_that_is_not_the_configs_layout_is_refused(tmp_path):
     """A mesh given to train() decides every weight's sharding: another layout (or other
     axis names) would train unsharded while the workdir records the config's layout."""
