@@ -342,6 +342,10 @@ class HFTokenizer(_BaseTokenizer):
             strings used (``bos_token`` resolved).
         add_bos: prepend BOS in ``encode_batch`` by default (needs ``bos_token``).
         truncation: 'error' (default), 'left' or 'right' for texts over ``max_length``.
+        chat_template: a :class:`~novarl_jax.rollout.chat.ChatTemplate`: ``encode`` then
+            renders each text as a prompt with it first (the user turn and the opening of
+            the assistant's; texts a rollout encodes are prompts), None to encode texts as
+            they are.
 
     Raises:
         ValueError: the path is missing, a directory or not a loadable tokenizer.json, a
@@ -363,6 +367,7 @@ class HFTokenizer(_BaseTokenizer):
         bos_token: str | None = None,
         add_bos: bool | None = None,
         truncation: str = "error",
+        chat_template: Any = None,
     ):
         from tokenizers import Tokenizer as _HFTok
 
@@ -416,6 +421,7 @@ class HFTokenizer(_BaseTokenizer):
         self.vocab_size = max(count, max(ids, default=-1) + 1)
         self.add_bos = (self.bos_id is not None) if add_bos is None else add_bos
         self.truncation = truncation
+        self.chat_template = chat_template
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kwargs: Any) -> HFTokenizer:
@@ -423,6 +429,8 @@ class HFTokenizer(_BaseTokenizer):
         return cls(path, **kwargs)
 
     def encode(self, text: str) -> list[int]:
+        if self.chat_template is not None:
+            text = self.chat_template.render(text)
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
     def _decode_ids(self, ids: list[int]) -> str:

@@ -23,6 +23,7 @@ from novarl_jax.core.utils.advantages import make_advantage_estimator
 from novarl_jax.models import ModelConfig, init_params, load_hf_model
 from novarl_jax.models.hf import end_token_ids
 from novarl_jax.models.layers import DEFAULT_INIT
+from novarl_jax.rollout.chat import ChatTemplate
 from novarl_jax.rollout.engine import RolloutEngine, SamplingConfig
 from novarl_jax.rollout.tasks import TASKS, check_task, make_task, task_class
 from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer
@@ -219,17 +220,26 @@ def tokenizer_path(config) -> str:
 
 
 def _tokenizer(config, task) -> Any:
-    m = config.model
+    m, ro = config.model, config.rollout
     path = tokenizer_path(config)
+    if ro.chat_template and not path:
+        raise ConfigError(
+            "rollout.chat_template",
+            "needs a tokenizer.json with a chat template beside it (model.tokenizer, or the "
+            "model.init_from checkpoint's); the built-in tokenizer has none",
+        )
     if path:
         key = "model.tokenizer" if m.tokenizer else "model.init_from"
+        chat = _chat_template(path, ro) if ro.chat_template else None
+        bos = m.bos_token or None  # 'auto': the file's post-processor's
         try:
             return HFTokenizer.from_file(
                 path,
-                truncation=config.rollout.prompt_truncation,
+                truncation=ro.prompt_truncation,
                 pad_token=m.pad_token,
                 eos_token=m.eos_token,
-                bos_token=m.bos_token or None,  # 'auto': the file's post-processor's
+                bos_token=None if chat and bos == "auto" else bos,  # the template writes it
+                chat_template=chat,
             )
         except ValueError as e:
             key = next(
@@ -301,6 +311,17 @@ def _checkpoint_end_ids(config, vocab: int) -> list[int]:
             "checkpoint's generation_config.json, or set rollout.stop_token_ids",
         )
     return ids
+
+
+def _chat_template(path: str, rollout) -> ChatTemplate:
+    """The chat template beside the tokenizer.json ``path`` (``rollout.chat_template``)."""
+    try:
+        return ChatTemplate.from_directory(
+            os.path.dirname(os.path.abspath(path)), system_prompt=rollout.system_prompt
+        )
+    except ValueError as e:
+        key = "rollout.system_prompt" if rollout.system_prompt else "rollout.chat_template"
+        raise ConfigError(key, str(e)) from None
 
 
 def _model_config(config, tokenizer, *, value_head: bool) -> ModelConfig:

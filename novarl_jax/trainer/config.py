@@ -126,6 +126,12 @@ def default_config() -> ml_collections.ConfigDict:
     # A prompt with more tokens than max_prompt_length: 'error' stops the run naming it;
     # 'left' keeps its last tokens (the question usually ends a prompt), 'right' its first.
     rollout.prompt_truncation = "error"
+    # Instruct models: each prompt as the user turn of the chat template beside the run's
+    # tokenizer.json (chat_template.jinja, or tokenizer_config.json's chat_template), which
+    # then opens the assistant's turn. The template writes its own BOS: model.bos_token='auto'
+    # adds none. Rewards and samples.jsonl see the prompt as the task wrote it.
+    rollout.chat_template = False
+    rollout.system_prompt = ""  # with chat_template, a system message before each prompt
 
     # --- Task: prompts and verifiable rewards ---------------------------------------------
     config.task = ml_collections.ConfigDict()
@@ -588,6 +594,11 @@ _UNREAD_WHEN = (
          "experiment.eval_capacity_factor", "experiment.min_capacity", "experiment.drop_policy"),
         lambda c, asynchronous: c.experiment.num_experts == 0,
         "the model is dense (experiment.num_experts=0): it has no router",
+    ),
+    (
+        ("rollout.system_prompt",),
+        lambda c, asynchronous: not c.rollout.chat_template,
+        "rollout.chat_template=False: prompts are encoded as the task writes them",
     ),
     (
         ("model.pad_token", "model.eos_token", "model.bos_token"),

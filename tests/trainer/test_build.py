@@ -716,3 +716,45 @@ def test_checklist_shows_the_sampling_and_the_ids_that_end_a_completion():
     config.rollout.stop_token_ids = ()  # the tokenizer's end of sequence
     rows = _checklist(config, with_run=True)
     assert rows["sampling"].endswith(", stop ids 2")
+
+
+def test_chat_template_makes_each_prompt_a_user_turn(tmp_path):
+    from tokenizers import Tokenizer
+
+    from configs import jsonl
+    from novarl_jax.trainer.loop import check_startup
+
+    tokenizer = Tokenizer.from_file(str(_tokenizer_file(tmp_path)))
+    tokenizer.add_special_tokens(["<s>", "[INST]", "[/INST]"])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    template = "{{ bos_token }}[INST]{{ messages[-1]['content'] }}[/INST]"
+    settings = {"chat_template": template, "bos_token": "<s>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"ab{c}", "answer": "a"}) + "\n" for c in "cd"))
+    config = jsonl.get_config()
+    config.task.path = str(path)
+    config.model.tokenizer = str(tmp_path / "tokenizer.json")
+    config.rollout.chat_template = True
+    run = build_run(validate_config(config))
+    tok = run.tokenizer
+    # The template writes BOS: 'auto' adds none of its own.
+    assert not tok.add_bos
+    ids = {t: tokenizer.token_to_id(t) for t in ("<s>", "[INST]", "[/INST]", "a", "b", "c")}
+    want = [ids[t] for t in ("<s>", "[INST]", "a", "b", "c", "[/INST]")]
+    tokens, mask = tok.encode_batch(["abc"], max_length=8)
+    assert tokens[0][mask[0] == 1].tolist() == want
+    assert check_startup(run) == []
+    rows = _checklist(config, with_run=True)
+    assert rows["tokenizer"].endswith(
+        f"no BOS before each prompt); prompts as user turns of {tmp_path}/tokenizer_config.json"
+    )
+    config.model.bos_token = "<s>"  # a second BOS before the template's: warned about
+    (warning,) = check_startup(build_run(validate_config(config)))
+    assert warning.startswith("2 of the 2 prompts in task.path begin with the BOS token <s>")
+    config.model.bos_token = "auto"
+    config.rollout.system_prompt = "Be brief."  # (this template leaves it out)
+    assert _checklist(config, with_run=True)["tokenizer"].endswith("after a system message")
+    config.model.tokenizer = ""  # the built-in tokenizer has no template
+    with pytest.raises(ConfigError, match=r"^rollout.chat_template: needs a tokenizer.json"):
+        build_run(validate_config(config))

@@ -1,0 +1,83 @@
+"""Chat templates: rendering a prompt as a user turn, where templates are found, errors."""
+
+import json
+
+import pytest
+
+from novarl_jax.rollout.chat import ChatTemplate
+
+# A ChatML template (Qwen's layout) and an [INST] one that writes BOS and refuses a system
+# message (as some Llama 2 and Gemma templates do).
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+INST = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}[INST] {{ message['content'] | trim }} [/INST]{% endfor %}"
+)
+
+
+def test_a_prompt_is_rendered_as_the_user_turn_with_the_assistants_opened():
+    chat = ChatTemplate(CHATML)
+    assert chat.render("2+3=?") == "<|im_start|>user\n2+3=?<|im_end|>\n<|im_start|>assistant\n"
+    chat = ChatTemplate(CHATML, system_prompt="Answer in \\boxed{}.")
+    assert chat.render("2+3=?") == (
+        "<|im_start|>system\nAnswer in \\boxed{}.<|im_end|>\n"
+        "<|im_start|>user\n2+3=?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert ChatTemplate(INST, special_tokens={"bos_token": "<s>"}).render(" hi ") == (
+        "<s>[INST] hi [/INST]"
+    )
+
+
+def test_the_template_is_read_from_the_tokenizer_directory(tmp_path):
+    settings = {"chat_template": INST, "bos_token": {"content": "<s>", "special": True}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    chat = ChatTemplate.from_directory(tmp_path)
+    assert chat.render("x") == "<s>[INST] x [/INST]" and chat.where.endswith(
+        "tokenizer_config.json"
+    )
+    # Named templates: the default one.
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": CHATML}]
+    settings["chat_template"] = named
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    assert ChatTemplate.from_directory(tmp_path).render("x").startswith("<|im_start|>user")
+    # chat_template.jinja, where newer exports keep it, comes first.
+    (tmp_path / "chat_template.jinja").write_text("Q: {{ messages[-1]['content'] }}\nA:")
+    assert ChatTemplate.from_directory(tmp_path).render("x") == "Q: x\nA:"
+
+
+def test_template_errors_name_where_the_template_came_from(tmp_path):
+    with pytest.raises(ValueError, match=rf"^{tmp_path} has no chat template \(neither chat_"):
+        ChatTemplate.from_directory(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(ValueError, match=r"chat_template.jinja: not a valid Jinja template"):
+        ChatTemplate.from_directory(tmp_path)
+    # A template's own refusal, at construction rather than at the first rollout.
+    with pytest.raises(ValueError, match=r"failed to render \(System role not supported\)"):
+        ChatTemplate(INST, system_prompt="Be brief.")
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": "x"}]}))
+    with pytest.raises(ValueError, match=r"chat_template lists no template named 'default'"):
+        ChatTemplate.from_directory(tmp_path)
+
+
+def test_rendering_matches_transformers_apply_chat_template():
+    """The same text as transformers renders (when it is installed: a benchmark extra)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models
+
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<s>": 0, "<unk>": 1}, unk_token="<unk>")),
+        bos_token="<s>",
+    )
+    for template, system in ((CHATML, "Be brief."), (CHATML, ""), (INST, "")):
+        fast.chat_template = template
+        chat = ChatTemplate(template, special_tokens={"bos_token": "<s>"}, system_prompt=system)
+        want = fast.apply_chat_template(
+            chat.messages("What is 2 + 3?"), tokenize=False, add_generation_prompt=True
+        )
+        assert chat.render("What is 2 + 3?") == want
