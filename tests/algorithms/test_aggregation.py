@@ -140,6 +140,12 @@ def test_errors():
         combine_micro_batch_metrics([])
 
 
+def test_micro_batch_extremes_combine_as_extremes():
+    parts = [{"a_min": 1.0, "a_max": 1.0}, {"a_min": 0.5, "a_max": 3.0}]
+    combined = combine_micro_batch_metrics(parts)
+    assert (float(combined["a_min"]), float(combined["a_max"])) == (0.5, 3.0)
+
+
 def test_split_micro_batches_layout():
     batch = {"response_mask": np.array([[1, 1], [1, 0], [0, 0], [1, 1]]), "id": np.arange(4)}
     out = split_micro_batches(batch, 2)

@@ -406,6 +406,21 @@ def test_log_ratio_is_clamped_at_20():
     np.testing.assert_allclose(float(loss), np.exp(20.0), rtol=1e-6)
 
 
+def test_no_gradient_flows_into_token_weights():
+    from novarl_jax.algorithms.common import clipped_surrogate_loss
+
+    rng = np.random.default_rng(0)
+    log_ratio, advantages = rng.normal(size=(2, 4)), rng.normal(size=(2, 4))
+    mask = np.ones((2, 4))
+
+    def loss(weights):
+        return clipped_surrogate_loss(log_ratio, advantages, mask, token_weights=weights)[0]
+
+    weights = jnp.asarray(rng.uniform(0.5, 1.5, (2, 4)))
+    assert float(jnp.abs(jax.grad(loss)(weights)).max()) == 0.0
+    assert float(loss(weights)) != float(loss(2 * weights))  # they do weight the loss
+
+
 def test_public_helpers_refuse_token_arrays_of_another_shape():
     # A per-sequence [B] advantage with B == T used to broadcast along T without a word.
     from novarl_jax.algorithms.common import clipped_surrogate_loss, truncated_importance_weights

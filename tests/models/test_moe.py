@@ -561,6 +561,21 @@ def test_eval_capacity_factor_is_used_when_not_training():
                                router)), rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
+def test_eval_capacity_factor_sets_each_masked_groups_limit_when_not_training():
+    """With padding, each routing group's capacity follows its own token count, from the eval
+    factor when not training (sampling, evaluation), not the training one."""
+    router = router_cfg(capacity_factor=0.5, eval_capacity_factor=1.0, drop_policy="position")
+    params, x = make_params(), make_x()
+    mask = np.ones((B, S), np.int32)
+    mask[:, :3] = 0
+    y, aux = moe.moe_forward(params, x, router, token_mask=jnp.asarray(mask), train=False)
+    want, want_aux, _ = np_moe(params, x, router, mask=mask, train=False)
+    np.testing.assert_allclose(np.asarray(y), want, atol=1e-4)
+    assert float(aux["dropped_fraction"]) == pytest.approx(want_aux["dropped_fraction"])
+    _, trained = moe.moe_forward(params, x, router, token_mask=jnp.asarray(mask), train=True)
+    assert float(trained["dropped_fraction"]) > float(aux["dropped_fraction"])
+
+
 @settings(max_examples=8, deadline=None)
 @given(
     seed=st.integers(0, 2**16),

@@ -263,7 +263,10 @@ def test_from_hf_config_reads_the_moe_keys_and_their_defaults():
     # Llama has no window: transformers ignores the key, and so do we.
     llama = ModelConfig.from_hf_config({**window, "model_type": "llama", "sliding_window": 8})
     assert (llama.max_position_embeddings, llama.sliding_window) == (64, None)
-    assert ModelConfig.from_hf_config({**window, "model_type": "llama", "sliding_window": "x"})
+    odd = ModelConfig.from_hf_config({**window, "model_type": "llama", "sliding_window": "x"})
+    assert odd.sliding_window is None
+    with pytest.raises(ValueError, match=r"^sliding_window must be an integer >= 1 or None, got 0"):
+        ModelConfig(**{**TINY, "sliding_window": 0})
     # A shorter window bounds the sequences the model runs; an override may shorten it
     # further, never lengthen it past the window.
     assert (

@@ -117,6 +117,9 @@ def test_numeric_reward_default_tolerances():
     assert score("\\boxed{123456789}", "123,456,789") == 1.0
     assert score("\\boxed{5.0}", "5") == 1.0
     assert R.numeric_reward([""], ["1000001"], [{"answer": 1000000}], rel_tol=1e-3) == [0.0]
+    # Whole numbers one side writes as a float compare as numbers, not within rel_tol.
+    assert score("\\boxed{1000001.0}", 1000000) == 0.0
+    assert R.numeric_reward([""], ["1000001"], [{"answer": 1e6}]) == [0.0]
     assert score("0.333", "\\frac{1}{3}") == 0.0  # a rounded answer is another number
 
 
@@ -198,6 +201,9 @@ def test_prose_about_boxes_is_not_a_box():
     assert R.extract_boxed("\\boxed{42}, mit \\boxed über Zahlen") == "42"
     assert R.extract_boxed("Ответ \\boxed{42}, в \\boxed нотации") == "42"
     assert R.extract_boxed("\\boxed{42} (in \\boxed notation)") == "42"
+    assert R.extract_boxed("\\fbox{42}, in \\boxed notation") == "42"  # fbox is a box too
+    # One letter is an answer (a multiple-choice one), not prose: the last box is it.
+    assert R.extract_boxed("\\boxed{B} no wait, \\boxed A") == "A"
     assert R.exact_match_reward([""], ["so \\boxed yes"], [{"answer": "yes"}]) == [1.0]
     # Thousands of them neither recurse nor take quadratic time to pass over.
     assert R.exact_match_reward(

@@ -57,6 +57,11 @@ def test_the_checkpoints_directory_and_a_tokenizers_folder_are_refused(run_a):
     with pytest.raises(ExportError, match=r"already holds a tokenizer \(tokenizer_config.json\)"):
         export_policy(c, str(run), str(tmp / "tok"))
     assert (tmp / "tok" / "tokenizer_config.json").read_text() == "{}"
+    (tmp / "jinja").mkdir()
+    (tmp / "jinja" / "chat_template.jinja").write_text("mine")
+    with pytest.raises(ExportError, match=r"already holds a tokenizer \(chat_template.jinja\)"):
+        export_policy(c, str(run), str(tmp / "jinja"))
+    assert (tmp / "jinja" / "chat_template.jinja").read_text() == "mine"
 
 
 def test_a_single_stop_id_is_written_as_an_int(run_a):
