@@ -701,8 +701,8 @@ def test_the_dry_run_checks_the_dataset_position_a_resume_would_restore(run_cli,
     assert code == 2
     assert err.startswith(
         "novarl_jax.train: error: task.path: cannot resume the task's position: "
-        "tests/data/prompts_tiny.jsonl has changed since this position in it was saved "
-        "(11 examples then, 12 now)"
+        f"{ROOT / 'tests/data/prompts_tiny.jsonl'} has changed since this position in it was "
+        "saved (11 examples then, 12 now)"
     ), err
 
 

@@ -168,15 +168,19 @@ def test_a_resume_restores_onto_shapes_not_onto_a_second_state(tmp_path, monkeyp
     """A resume used to build a fresh random state (parameters and Adam's moments) and hold it
     on the devices while the checkpoint restored beside it: twice the state's memory, where
     training needs it once."""
+    import gc
+
     from novarl_jax.trainer.loop import Session
 
     config = _config(1, num_experts=4, world_size=8, tensor_parallel_size=2)
     config.grpo.beta = 0.1  # a reference too, built after the restore
     train_quietly(config, tmp_path / "run")
     live_before, original = [], Checkpointer.restore
+    gc.collect()
+    earlier = {id(x) for x in jax.live_arrays()}  # other tests' arrays in this process
 
     def restore(self, target, step=None):
-        live_before.append(sum(x.nbytes for x in jax.live_arrays()))
+        live_before.append(sum(x.nbytes for x in jax.live_arrays() if id(x) not in earlier))
         assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(target))
         return original(self, target, step)
 
