@@ -54,7 +54,9 @@ class ChatTemplate:
         if not isinstance(system_prompt, str):
             raise ValueError(f"system_prompt must be a str, got {system_prompt!r}")
         env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            trim_blocks=True,
+            lstrip_blocks=True,
+            extensions=["jinja2.ext.loopcontrols", _generation_tag()],
         )
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
@@ -95,8 +97,11 @@ class ChatTemplate:
         }
         file = os.path.join(directory, TEMPLATE_FILE)
         if os.path.isfile(file):
-            with open(file, encoding="utf-8") as f:
-                source, where = f.read(), file
+            try:
+                with open(file, encoding="utf-8") as f:
+                    source, where = f.read(), file
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{file}: cannot be read ({e})") from None
         else:
             source, where = _named_default(settings.get("chat_template"), config_path), config_path
             if source is None:
@@ -118,10 +123,30 @@ class ChatTemplate:
 
         try:
             return self._template.render(
-                messages=self.messages(prompt), add_generation_prompt=True, **self.special_tokens
+                messages=self.messages(prompt),
+                add_generation_prompt=True,
+                tools=None,  # no tool or document sections, as transformers passes them
+                documents=None,
+                **self.special_tokens,
             )
         except (jinja2.TemplateError, TemplateRaised, TypeError, ValueError) as e:
             raise ValueError(f"{self.where}: the chat template failed to render ({e})") from None
+
+
+def _generation_tag() -> Any:
+    """A Jinja extension for ``{% generation %}...{% endgeneration %}``, which templates
+    written for training on assistant turns only put around those turns: their text is
+    rendered as it is (the marks matter to a loss mask, not to the prompt)."""
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return Generation
 
 
 class TemplateRaised(Exception):

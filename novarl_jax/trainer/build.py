@@ -228,6 +228,13 @@ def _tokenizer(config, task) -> Any:
             "needs a tokenizer.json with a chat template beside it (model.tokenizer, or the "
             "model.init_from checkpoint's); the built-in tokenizer has none",
         )
+    if ro.chat_template and ro.prompt_truncation != "error":
+        raise ConfigError(
+            "rollout.prompt_truncation",
+            f"{ro.prompt_truncation!r} would cut the chat template's own markup with the "
+            "prompt (its header, or the assistant turn it opens); keep 'error' with "
+            "rollout.chat_template, and raise rollout.max_prompt_length or shorten the prompts",
+        )
     if path:
         key = "model.tokenizer" if m.tokenizer else "model.init_from"
         chat = _chat_template(path, ro) if ro.chat_template else None
@@ -297,7 +304,8 @@ def _checkpoint_end_ids(config, vocab: int) -> list[int]:
     init_from, path = config.model.init_from, tokenizer_path(config)
     if not init_from or not path:
         return []
-    if os.path.realpath(os.path.dirname(path)) != os.path.realpath(init_from):
+    own = os.path.join(init_from, "tokenizer.json")
+    if not os.path.isfile(own) or not os.path.samefile(path, own):
         return []
     try:
         ids = end_token_ids(init_from)

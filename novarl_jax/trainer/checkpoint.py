@@ -98,8 +98,9 @@ _RECORD = "<host record>"  # in the checksums: that of the rest of the host reco
 
 
 def _record_checksum(host: dict) -> int:
-    """A checksum of a host record's JSON (keys sorted), as saved and as read back."""
-    return zlib.crc32(json.dumps(host, sort_keys=True).encode())
+    """A checksum of a host record as JSON holds it (what a restore reads back: integer keys
+    as strings, tuples as lists), keys sorted."""
+    return zlib.crc32(json.dumps(json.loads(json.dumps(host)), sort_keys=True).encode())
 
 
 def state_checksums(tree: Any) -> dict[str, int]:
@@ -304,8 +305,9 @@ class Checkpointer:
         self._pending = step
         # What the restore checks the arrays against: damaged bytes that still decode to
         # finite numbers would otherwise resume silently (and train on them).
-        host = {**host, _CHECKSUMS: {**state_checksums(state), _RECORD: _record_checksum(host)}}
         try:
+            checksums = {**state_checksums(state), _RECORD: _record_checksum(host)}
+            host = {**host, _CHECKSUMS: checksums}
             with _interrupts_deferred():
                 started = self._manager.save(
                     step,

@@ -222,7 +222,8 @@ class Trainer:
         if not self.run_.needs_reference:
             return None
         k_params, _ = seed_keys(self.config.experiment.seed if seed is None else seed)
-        return self._reference(self._place_params(self.run_.init_params(k_params)))
+        # Fresh arrays of their own: no copy; a separate critic's are not placed.
+        return self._place_params({"policy": self.run_.init_params(k_params)["policy"]})
 
     def _reference(self, params: dict) -> Any:
         # The reference is the initial policy; a separate critic has no part in it.
@@ -496,9 +497,9 @@ def restore_task_position(
             raise ConfigError(
                 key,
                 f"the run resumes after {state['index']} examples of epoch "
-                f"{state['epoch']}, in the order its checkpoint's seed and shuffle drew; "
-                f"another order would skip or repeat examples of that epoch: resume with the "
-                f"run's {key}, or train in a new --workdir",
+                f"{state['epoch']} in the order its checkpoint's seed and shuffle gave them; "
+                f"the position holds only in that order, so another {key} cannot take "
+                f"effect on resume: resume with the run's, or train in a new --workdir",
             )
     try:
         task.set_state(state)
@@ -732,10 +733,12 @@ def prompt_warnings(engine: Any, config: Any, texts: list[str], where: str) -> l
     doubled = 0 if bos is None else sum(row[:1] == [bos] for row in ids)
     if doubled:
         name = getattr(tokenizer, "bos_token", None) or f"id {bos}"
+        source = "the chat template writes" if getattr(tokenizer, "chat_template", None) else ""
         out.append(
-            f"{doubled} of the {len(texts)} prompts {where} begin with the BOS token {name}, "
-            f"and the tokenizer puts another before each (model.bos_token="
-            f"{config.model.bos_token!r}); drop it from the prompts, or set model.bos_token=''"
+            f"{doubled} of the {len(texts)} prompts {where} begin with the BOS token {name}"
+            f"{' (' + source + ' it)' if source else ''}, and the tokenizer puts another "
+            f"before each (model.bos_token={config.model.bos_token!r}); "
+            f"{'' if source else 'drop it from the prompts, or '}set model.bos_token=''"
         )
     return out
 

@@ -48,6 +48,7 @@ RECORD_KEY = "_how_read"  # in config.json beside the config's own sections (wri
 MODEL_FILE = "model_config.json"  # the policy's architecture (ModelConfig.to_hf_config())
 TOKENIZER_FILE = "tokenizer_vocab.json"  # the tokenizer's ids (tokenizer_record())
 _SPECIAL_IDS = ("pad_id", "bos_id", "eos_id")
+_SPECIAL_TOKEN_KEYS = ("model.pad_token", "model.bos_token", "model.eos_token")
 _RESUME_ADVICE = "resume with that config, train in a new --workdir, or pass --allow_config_change"
 
 # Keys (or sections, ending in '.') a resumed run may change without being told to.
@@ -99,12 +100,18 @@ def _describe(value: Any) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", str(value))
 
 
+# Keys that name files: the same file named relatively (from the directory a run is started
+# in) or absolutely is no change.
+PATH_KEYS = ("task.path", "eval.path", "model.tokenizer", "model.init_from")
+
+
 def config_changes(saved: dict, config: Any, *, defaults: Any = None) -> list[tuple[str, Any, Any]]:
     """``(key, saved value, new value)`` for every key that differs (missing = None).
 
     With ``defaults`` (a config tree), a key the saved record lacks counts as holding its
     default there: a workdir written before that key existed trained with its default.
-    The record's :data:`RECORD_KEY` is not a config key and is left out.
+    The record's :data:`RECORD_KEY` is not a config key and is left out. The files of
+    :data:`PATH_KEYS` are compared as paths from the working directory.
     """
     saved = {k: v for k, v in saved.items() if k != RECORD_KEY}
     old, new = _flat(saved), _flat(_plain(config))
@@ -113,8 +120,15 @@ def config_changes(saved: dict, config: Any, *, defaults: Any = None) -> list[tu
     return [
         (key, old.get(key), new.get(key))
         for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key)
+        if old.get(key) != new.get(key) and not _same_file(key, old.get(key), new.get(key))
     ]
+
+
+def _same_file(key: str, old: Any, new: Any) -> bool:
+    paths = (old, new)
+    if key not in PATH_KEYS or not all(isinstance(p, str) and p for p in paths):
+        return False
+    return os.path.realpath(old) == os.path.realpath(new)
 
 
 def _decay_length(flat: dict[str, Any], *, after_warmup: bool = True) -> int | None:
@@ -297,6 +311,20 @@ def _tokenizer_changes(workdir: str, tokenizer: Any) -> tuple[list[tuple[str, An
     return changes + [(repr(t), old, new) for t, old, new in moved], len(vocabulary)
 
 
+def _special_token_hint(moved: list[tuple[str, Any, Any]], config: Any) -> str:
+    """Which special-token key to set back, when a special id is among the ``moved``."""
+    names = {"pad_id": "pad_token", "bos_id": "bos_token", "eos_id": "eos_token"}
+    keys = [f"model.{names[what]}" for what, *_ in moved if what in names]
+    if not keys:
+        return ""
+    if keys == ["model.bos_token"] and config.model.bos_token == "auto":
+        return (
+            "; model.bos_token='auto' takes the BOS the tokenizer.json's post-processor adds: "
+            "model.bos_token='' resumes without one, as the run trained"
+        )
+    return f", with the special tokens it was given: {', '.join(keys)}"
+
+
 def _tokenizer_key(config: Any, changes: list[tuple[str, Any, Any]]) -> str:
     """The config key that chose the run's tokenizer."""
     from novarl_jax.trainer.build import tokenizer_path  # JAX is loaded when a run is built
@@ -376,6 +404,10 @@ def check_resume_config(
     record = saved.get(RECORD_KEY, {})
     changes = config_changes(saved, config, defaults=default_config())
     blocking = [c for c in changes if not may_change(c[0])]
+    if tokenizer is not None and os.path.exists(os.path.join(workdir, TOKENIZER_FILE)):
+        # Special tokens matter through the ids they name, which the tokenizer record
+        # compares below ('' -> 'auto' BOS for a file that adds none changes nothing).
+        blocking = [c for c in blocking if c[0] not in _SPECIAL_TOKEN_KEYS]
     hint = ""
     plain = _flat(_plain(config))
     if plain.get("optim.schedule") != "constant":
@@ -389,13 +421,14 @@ def check_resume_config(
             blocking.insert(0, ("optim.decay_steps", f"{old_length} updates",
                                 f"{new_length} updates"))  # fmt: skip
             if old_length is not None:
-                end = max(plain.get("optim.warmup_steps", 0), 0) + old_length
+                then = {**_flat(_plain(default_config())), **_flat(saved)}  # the old schedule's
+                end = max(then["optim.warmup_steps"], 0) + old_length
                 hint = (
                     f"; with optim.decay_steps=0 the learning rate decays over the whole run, "
                     f"so changing its length changes the schedule: set "
                     f"optim.decay_steps={old_length} to keep the one the checkpoint was "
                     f"trained on (its decay ends at update {end}; later updates train at "
-                    f"optim.end_learning_rate={plain.get('optim.end_learning_rate')})"
+                    f"optim.end_learning_rate={then['optim.end_learning_rate']})"
                 )
     if blocking and not allow_change:
         listed = _listing(blocking, 4)
@@ -423,7 +456,8 @@ def check_resume_config(
             f"the tokenizer gives other ids than the one the run in {workdir} trained with "
             f"({_listing(moved, 4)}; its record of {recorded} tokens: {record}), so the "
             f"trained policy would read them as other tokens; use the run's tokenizer (task "
-            f"alphabet or tokenizer.json), or delete {record} to go on anyway",
+            f"alphabet or tokenizer.json{_special_token_hint(moved, config)}), or delete "
+            f"{record} to go on anyway",
         )
     if arch:
         log(f"{verb} with a changed model: {_listing(arch)}")

@@ -50,6 +50,14 @@ def test_the_template_is_read_from_the_tokenizer_directory(tmp_path):
     assert ChatTemplate.from_directory(tmp_path).render("x") == "Q: x\nA:"
 
 
+def test_tool_sections_are_left_out_and_generation_marks_render_their_text():
+    template = (
+        "{% if tools is not none %}[TOOLS]{% endif %}{% if documents %}[DOCS]{% endif %}"
+        "{% generation %}{{ messages[-1]['content'] }}{% endgeneration %}"
+    )
+    assert ChatTemplate(template).render("hi") == "hi"
+
+
 def test_template_errors_name_where_the_template_came_from(tmp_path):
     with pytest.raises(ValueError, match=rf"^{tmp_path} has no chat template \(neither chat_"):
         ChatTemplate.from_directory(tmp_path)
@@ -74,7 +82,15 @@ def test_rendering_matches_transformers_apply_chat_template():
         tokenizer_object=Tokenizer(models.WordLevel({"<s>": 0, "<unk>": 1}, unk_token="<unk>")),
         bos_token="<s>",
     )
-    for template, system in ((CHATML, "Be brief."), (CHATML, ""), (INST, "")):
+    # Sections for tools and documents left out, and assistant-turn marks for training.
+    optional = (
+        "{% if tools is not none %}[TOOLS]{% endif %}{% if documents %}[DOCS]{% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}"
+        "{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}"
+        "{% endfor %}"
+    )
+    cases = ((CHATML, "Be brief."), (CHATML, ""), (INST, ""), (optional, "sys"))
+    for template, system in cases:
         fast.chat_template = template
         chat = ChatTemplate(template, special_tokens={"bos_token": "<s>"}, system_prompt=system)
         want = fast.apply_chat_template(

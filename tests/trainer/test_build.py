@@ -751,10 +751,18 @@ def test_chat_template_makes_each_prompt_a_user_turn(tmp_path):
     )
     config.model.bos_token = "<s>"  # a second BOS before the template's: warned about
     (warning,) = check_startup(build_run(validate_config(config)))
-    assert warning.startswith("2 of the 2 prompts in task.path begin with the BOS token <s>")
+    assert warning == (
+        "2 of the 2 prompts in task.path begin with the BOS token <s> (the chat template writes "
+        "it), and the tokenizer puts another before each (model.bos_token='<s>'); set "
+        "model.bos_token=''"
+    )
     config.model.bos_token = "auto"
     config.rollout.system_prompt = "Be brief."  # (this template leaves it out)
     assert _checklist(config, with_run=True)["tokenizer"].endswith("after a system message")
+    config.rollout.prompt_truncation = "left"  # would cut the template's markup
+    with pytest.raises(ConfigError, match=r"^rollout.prompt_truncation: 'left' would cut the chat"):
+        build_run(validate_config(config))
+    config.rollout.prompt_truncation = "error"
     config.model.tokenizer = ""  # the built-in tokenizer has no template
     with pytest.raises(ConfigError, match=r"^rollout.chat_template: needs a tokenizer.json"):
         build_run(validate_config(config))

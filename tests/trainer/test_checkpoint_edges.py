@@ -204,6 +204,17 @@ def test_a_step_whose_arrays_differ_from_their_checksums_is_refused_as_damaged(t
     ckpt.close()
 
 
+def test_a_host_record_is_checked_as_json_holds_it(tmp_path):
+    """Integer keys come back as strings (and sort otherwise): the check must not call every
+    such record damaged."""
+    ckpt = Checkpointer(str(tmp_path), interval=1, async_save=False)
+    state = {"w": jnp.arange(6.0)}
+    ckpt.save(1, state, {"iteration": 1, "task_state": {2: "a", 10: "b", "x": (1, 2.5)}})
+    _, host = ckpt.restore(abstract_like(state))
+    assert host == {"iteration": 1, "task_state": {"2": "a", "10": "b", "x": [1, 2.5]}}
+    ckpt.close()
+
+
 def test_a_host_record_that_differs_from_its_checksum_is_refused_as_damaged(tmp_path):
     """The record says where the run resumes (its iteration, the dataset position): a
     damaged digit there resumed silently at another step."""

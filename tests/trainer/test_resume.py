@@ -260,6 +260,6 @@ def test_a_resume_may_not_reorder_the_jsonl_epoch_it_is_in(tmp_path):
             Session(changed, str(tmp_path / "run"), log=lambda _: None, allow_config_change=True)
         assert info.value.key == f"task.options.{key}"
         assert (
-            "the run resumes after 2 examples of epoch 0, in the order its checkpoint's seed"
+            "the run resumes after 2 examples of epoch 0 in the order its checkpoint's seed"
             in str(info.value)
         )

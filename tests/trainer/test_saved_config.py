@@ -455,3 +455,37 @@ def test_a_record_from_before_sliding_windows_were_kept_still_matches(tmp_path):
         assert [c[0] for c in model_changes(str(tmp_path), shorter)] == ["max_position_embeddings"]
     (tmp_path / MODEL_FILE).write_text(json.dumps({**old.to_hf_config(), "model_type": ["x"]}))
     assert ("model_type", ["x"], "mixtral") in model_changes(str(tmp_path), now)
+
+
+def test_special_tokens_are_compared_by_the_ids_they_name(tmp_path):
+    """model.bos_token's default became 'auto': a config.json saved with '' resumes as long
+    as the tokenizer's ids are the same (a tokenizer that adds no BOS, or the built-in one)."""
+    from novarl_jax.rollout.tokenizers import CharTokenizer
+
+    config = copy.get_config()
+    config.model.bos_token = ""
+    write_config(str(tmp_path), config, tokenizer=CharTokenizer("abc"))
+    config.model.bos_token = "auto"
+    lines = []
+    changes = check_resume_config(
+        str(tmp_path), config, tokenizer=CharTokenizer("abc"), log=lines.append
+    )
+    assert [key for key, *_ in changes] == ["model.bos_token"] and len(lines) == 1
+    with pytest.raises(ConfigChangedError, match=r"^model.bos_token: .* '' -> 'auto'"):
+        check_resume_config(str(tmp_path), config)  # no tokenizer to compare ids with
+    other = CharTokenizer("abc")
+    other.bos_id = 7  # the ids do differ: refused, saying how to resume as the run trained
+    with pytest.raises(ConfigChangedError) as info:
+        check_resume_config(str(tmp_path), config, tokenizer=other, allow_change=True)
+    assert "(bos_id 1 -> 7; its record of 3 tokens" in str(info.value)
+    assert "model.bos_token='' resumes without one, as the run trained" in str(info.value)
+
+
+def test_a_file_named_relatively_or_absolutely_is_the_same_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    saved = {"task": {"path": "data/p.jsonl"}, "eval": {"path": ""}}
+    now = {"task": {"path": str(tmp_path / "data" / "p.jsonl")}, "eval": {"path": ""}}
+    assert config_changes(saved, now) == []
+    now["task"]["path"] = str(tmp_path / "other.jsonl")
+    assert config_changes(saved, now) == [("task.path", "data/p.jsonl", now["task"]["path"])]
