@@ -360,6 +360,7 @@ def _main(argv: list[str]) -> None:
         changes = check_start_config(
             workdir, _CONFIG.value, resuming=resuming, allow_change=_ALLOW_CONFIG_CHANGE.value,
             log=say, model=run.model.policy, tokenizer=run.tokenizer,
+            stops=run.sampling.stops(run.tokenizer),
         )  # fmt: skip
         if resuming and _DRY_RUN.value:  # the position the resume would restore
             from novarl_jax.trainer.checkpoint import Checkpointer

@@ -139,6 +139,7 @@ def export_policy(
         advice="export with the run's own config and overrides, or pass --allow_config_change",
         model=run.model.policy,
         tokenizer=run.tokenizer,
+        stops=run.sampling.stops(run.tokenizer),
     )
     # The state to restore into is built (and compiled) before the steps are listed: a run
     # still training in the workdir rotates its old steps out meanwhile.

@@ -908,7 +908,7 @@ class Session:
         changes = check_start_config(
             workdir, config, resuming=self.resumed_from is not None,
             allow_change=allow_config_change, log=log, model=self.run.model.policy,
-            tokenizer=self.run.tokenizer,
+            tokenizer=self.run.tokenizer, stops=self.run.sampling.stops(self.run.tokenizer),
         )  # fmt: skip
         changed = [key for key, _, _ in changes]
         # A resume allowed a change keeps the record of the config its checkpoints were
@@ -1086,7 +1086,8 @@ class Session:
         """Records the run's config, model and tokenizer in the workdir (the main process)."""
         if self.main_process:
             run = self.run
-            write_config(self.workdir, self.config, run.model.policy, run.tokenizer)
+            stops = run.sampling.stops(run.tokenizer)
+            write_config(self.workdir, self.config, run.model.policy, run.tokenizer, stops)
         self._record_config = True
 
     def _sample_rows(self, rollout: Any, step: int, split: str) -> list[dict]:

@@ -187,18 +187,24 @@ def tokenizer_record(tokenizer: Any) -> dict | None:
     }
 
 
-def write_config(workdir: str, config: Any, model: Any = None, tokenizer: Any = None) -> str:
+def write_config(
+    workdir: str, config: Any, model: Any = None, tokenizer: Any = None, stops: Any = None
+) -> str:
     """Writes ``config`` to ``workdir/config.json`` and, when given, the policy's ModelConfig
     ``model`` to ``workdir/model_config.json`` and the ids of ``tokenizer`` to
     ``workdir/tokenizer_vocab.json`` (each atomically); returns the first path.
 
     config.json also holds :data:`RECORD_KEY`: how this version reads what the config leaves
-    implicit, so that a later version reading it differently can tell."""
+    implicit, so that a later version reading it differently can tell, and the ids that end
+    a completion, ``stops``, when given."""
     if model is not None:
         _write_json(os.path.join(workdir, MODEL_FILE), model.to_hf_config())
     if (record := tokenizer_record(tokenizer)) is not None:
         _write_json(os.path.join(workdir, TOKENIZER_FILE), record)
-    record = {**_plain(config), RECORD_KEY: {"decay_after_warmup": True}}
+    how = {"decay_after_warmup": True}
+    if stops is not None:
+        how["stop_ids"] = [int(s) for s in stops]
+    record = {**_plain(config), RECORD_KEY: how}
     return _write_json(os.path.join(workdir, FILE_NAME), record)
 
 
@@ -345,6 +351,7 @@ def check_start_config(
     log: Callable[[str], Any] = print,
     model: Any = None,
     tokenizer: Any = None,
+    stops: Any = None,
 ) -> list[tuple[str, Any, Any]]:
     """The comparisons a start in ``workdir`` makes before anything trains: a resume's
     (:func:`check_resume_config`), and those of a start without a checkpoint whose
@@ -365,7 +372,8 @@ def check_start_config(
         )
     return check_resume_config(
         workdir, config, allow_change=allow_change, log=log, advice=advice, model=model,
-        tokenizer=tokenizer, verb="resuming" if resuming else "redoing the logged steps",
+        tokenizer=tokenizer, stops=stops,
+        verb="resuming" if resuming else "redoing the logged steps",
     )  # fmt: skip
 
 
@@ -378,11 +386,15 @@ def check_resume_config(
     advice: str = _RESUME_ADVICE,
     model: Any = None,
     tokenizer: Any = None,
+    stops: Any = None,
     verb: str = "resuming",
 ) -> list[tuple[str, Any, Any]]:
     """Compares a resumed run's ``config`` with ``workdir/config.json``, its policy's
-    ModelConfig ``model`` (when given) with ``workdir/model_config.json`` and the ids of its
-    ``tokenizer`` (when given) with ``workdir/tokenizer_vocab.json``.
+    ModelConfig ``model`` (when given) with ``workdir/model_config.json``, the ids of its
+    ``tokenizer`` (when given) with ``workdir/tokenizer_vocab.json``, and the ids that end its
+    completions, ``stops`` (when given), with those config.json records: with
+    ``rollout.stop_token_ids=()`` they come from the tokenizer and a ``model.init_from``
+    checkpoint, which the config only names.
 
     Returns the changed keys (those in :data:`MAY_CHANGE` included; empty when the workdir
     has no config.json, as written before it existed). A key config.json lacks (one added to
@@ -404,6 +416,12 @@ def check_resume_config(
     record = saved.get(RECORD_KEY, {})
     changes = config_changes(saved, config, defaults=default_config())
     blocking = [c for c in changes if not may_change(c[0])]
+    recorded_stops = record.get("stop_ids") if isinstance(record, dict) else None
+    if stops is not None and recorded_stops is not None and recorded_stops != list(stops):
+        stop_change = ("rollout.stop_token_ids", f"ends at {recorded_stops}", f"ends at "
+                       f"{list(stops)}")  # fmt: skip
+        changes = [c for c in changes if c[0] != stop_change[0]] + [stop_change]
+        blocking = [stop_change] + [c for c in blocking if c[0] != stop_change[0]]
     if tokenizer is not None and os.path.exists(os.path.join(workdir, TOKENIZER_FILE)):
         # Special tokens matter through the ids they name, which the tokenizer record
         # compares below ('' -> 'auto' BOS for a file that adds none changes nothing).

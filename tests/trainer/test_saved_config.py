@@ -489,3 +489,23 @@ def test_a_file_named_relatively_or_absolutely_is_the_same_file(tmp_path, monkey
     assert config_changes(saved, now) == []
     now["task"]["path"] = str(tmp_path / "other.jsonl")
     assert config_changes(saved, now) == [("task.path", "data/p.jsonl", now["task"]["path"])]
+
+
+def test_the_ids_that_end_a_completion_are_compared_on_resume(tmp_path):
+    """With rollout.stop_token_ids=() they come from outside the config (the tokenizer, an
+    init_from checkpoint's generation_config.json): a change there must not go unseen."""
+    config = copy.get_config()
+    write_config(str(tmp_path), config, stops=(2,))
+    assert json.loads((tmp_path / "config.json").read_text())["_how_read"]["stop_ids"] == [2]
+    assert check_resume_config(str(tmp_path), config, stops=(2,)) == []
+    with pytest.raises(ConfigChangedError) as info:
+        check_resume_config(str(tmp_path), config, stops=(2, 7))
+    assert info.value.key == "rollout.stop_token_ids"
+    assert "rollout.stop_token_ids 'ends at [2]' -> 'ends at [2, 7]'" in str(info.value)
+    lines = []
+    changes = check_resume_config(
+        str(tmp_path), config, stops=(2, 7), allow_change=True, log=lines.append
+    )
+    assert changes == [("rollout.stop_token_ids", "ends at [2]", "ends at [2, 7]")]
+    write_config(str(tmp_path), config)  # a record without them: nothing to compare
+    assert check_resume_config(str(tmp_path), config, stops=(2, 7)) == []
