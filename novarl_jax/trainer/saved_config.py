@@ -29,7 +29,12 @@ So are the tokenizer's ids (``WORKDIR/tokenizer_vocab.json``): a tokenizer.json 
 place, or a task whose alphabet changed at the same size, gives the trained policy other
 tokens under the ids it learned. A resume or an export that moves any recorded token to
 another id (or drops it) is refused, even with ``--allow_config_change``; new tokens may be
-added.
+added. Special-token keys (``model.bos_token``, ...) are compared through the ids they name.
+
+The ids that end a completion are recorded in config.json too (under :data:`RECORD_KEY`):
+with ``rollout.stop_token_ids=()`` they come from the tokenizer and a ``model.init_from``
+checkpoint's generation_config.json, outside the config. Keys that name files
+(:data:`PATH_KEYS`) are compared as paths.
 """
 
 from __future__ import annotations
