@@ -73,31 +73,29 @@ def test_two_processes_train_as_one_job(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["2"]
 
 
-def test_dry_run_refuses_what_the_multi_process_run_refuses(tmp_path):
-    # A timeout broadcast would follow each process's own clock: refused before any training,
-    # by the dry run too.
+def _dry_run_on_two_processes(devices_each, config, workdir):
+    """``--dry_run`` of ``config`` with world_size=2 on two local processes."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PORT"] = str(_free_port())
     env["PYTHON"] = sys.executable
-    result = subprocess.run(
-        ["bash", "launch/local_processes.sh", "2", "1", "--config=configs/ppo_async.py",
-         f"--workdir={tmp_path}", "experiment.world_size=2", "--dry_run"],
+    return subprocess.run(
+        ["bash", "launch/local_processes.sh", "2", str(devices_each), f"--config={config}",
+         f"--workdir={workdir}", "experiment.world_size=2", "--dry_run"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+
+
+def test_dry_run_refuses_what_the_multi_process_run_refuses(tmp_path):
+    # A timeout broadcast would follow each process's own clock: refused before any training,
+    # by the dry run too.
+    result = _dry_run_on_two_processes(1, "configs/ppo_async.py", tmp_path)
     assert result.returncode != 0
     assert "experiment.weight_sync_timeout_s: 30.0 s: a timeout broadcast" in result.stderr
     assert "dry run: the config is valid" not in result.stdout
 
 
 def test_a_world_size_short_of_the_processes_devices_is_refused_naming_their_count(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PORT"] = str(_free_port())
-    env["PYTHON"] = sys.executable
-    result = subprocess.run(
-        ["bash", "launch/local_processes.sh", "2", "4", "--config=configs/copy.py",
-         f"--workdir={tmp_path}", "experiment.world_size=2", "--dry_run"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = _dry_run_on_two_processes(4, "configs/copy.py", tmp_path)
     assert result.returncode == 2
     assert (
         "novarl_jax.train: error: experiment.world_size: layout {'dp': 2, 'tp': 1, 'pp': 1, "
