@@ -53,7 +53,8 @@ RECORD_KEY = "_how_read"  # in config.json beside the config's own sections (wri
 MODEL_FILE = "model_config.json"  # the policy's architecture (ModelConfig.to_hf_config())
 TOKENIZER_FILE = "tokenizer_vocab.json"  # the tokenizer's ids (tokenizer_record())
 _SPECIAL_IDS = ("pad_id", "bos_id", "eos_id")
-_SPECIAL_TOKEN_KEYS = ("model.pad_token", "model.bos_token", "model.eos_token")
+_SPECIAL_TOKEN_OF = {"pad_id": "pad_token", "bos_id": "bos_token", "eos_id": "eos_token"}
+_SPECIAL_TOKEN_KEYS = tuple(f"model.{name}" for name in _SPECIAL_TOKEN_OF.values())
 _RESUME_ADVICE = "resume with that config, train in a new --workdir, or pass --allow_config_change"
 
 # Keys (or sections, ending in '.') a resumed run may change without being told to.
@@ -324,22 +325,43 @@ def _tokenizer_changes(workdir: str, tokenizer: Any) -> tuple[list[tuple[str, An
 
 def _special_token_hint(moved: list[tuple[str, Any, Any]], config: Any) -> str:
     """Which special-token key to set back, when a special id is among the ``moved``."""
-    names = {"pad_id": "pad_token", "bos_id": "bos_token", "eos_id": "eos_token"}
-    keys = [f"model.{names[what]}" for what, *_ in moved if what in names]
+    keys = [f"model.{_SPECIAL_TOKEN_OF[what]}" for what, *_ in moved if what in _SPECIAL_TOKEN_OF]
     if not keys:
         return ""
     if keys == ["model.bos_token"] and config.model.bos_token == "auto":
         return (
             "; model.bos_token='auto' takes the BOS the tokenizer.json's post-processor adds: "
-            "model.bos_token='' resumes without one, as the run trained"
+            "an empty model.bos_token (model.bos_token= on the command line) resumes without "
+            "one, as the run trained"
         )
     return f", with the special tokens it was given: {', '.join(keys)}"
 
 
-def _tokenizer_key(config: Any, changes: list[tuple[str, Any, Any]]) -> str:
-    """The config key that chose the run's tokenizer."""
+def _recorded_stops(saved: dict, record: Any, tokenizer: Any) -> list | None:
+    """The ids a workdir's completions ended at: recorded, or for a config.json written
+    before they were, what that version used (the listed ids, else the tokenizer's EOS);
+    None when neither can be told."""
+    if isinstance(record, dict) and isinstance(record.get("stop_ids"), list):
+        return record["stop_ids"]
+    if RECORD_KEY in saved and isinstance(record, dict) and "decay_after_warmup" in record:
+        listed = _flat(saved).get("rollout.stop_token_ids")
+        if listed and all(isinstance(i, int) for i in listed):
+            return list(listed)
+        if not listed and tokenizer is not None:
+            return [tokenizer.eos_id]
+    return None
+
+
+def _tokenizer_key(
+    config: Any, changes: list[tuple[str, Any, Any]], moved: list[tuple[str, Any, Any]]
+) -> str:
+    """The config key the tokenizer's ``moved`` ids are about: a special token's when only
+    special ids moved, else the key that chose the run's tokenizer (``changes``: the config's
+    changed keys, among them a task's)."""
     from novarl_jax.trainer.build import tokenizer_path  # JAX is loaded when a run is built
 
+    if moved and all(what in _SPECIAL_TOKEN_OF for what, *_ in moved):
+        return f"model.{_SPECIAL_TOKEN_OF[moved[0][0]]}"
     if config.model.tokenizer:
         return "model.tokenizer"
     if tokenizer_path(config):
@@ -421,17 +443,29 @@ def check_resume_config(
     record = saved.get(RECORD_KEY, {})
     changes = config_changes(saved, config, defaults=default_config())
     blocking = [c for c in changes if not may_change(c[0])]
-    recorded_stops = record.get("stop_ids") if isinstance(record, dict) else None
-    if stops is not None and recorded_stops is not None and recorded_stops != list(stops):
-        stop_change = ("rollout.stop_token_ids", f"ends at {recorded_stops}", f"ends at "
-                       f"{list(stops)}")  # fmt: skip
-        changes = [c for c in changes if c[0] != stop_change[0]] + [stop_change]
-        blocking = [stop_change] + [c for c in blocking if c[0] != stop_change[0]]
-    if tokenizer is not None and os.path.exists(os.path.join(workdir, TOKENIZER_FILE)):
+    hint = ""
+    recorded_stops = _recorded_stops(saved, record, tokenizer)
+    if stops is not None and recorded_stops is not None:
+        others = [c for c in blocking if c[0] != "rollout.stop_token_ids"]
+        if recorded_stops == list(stops):  # the same ids, however the config names them
+            blocking = others
+        else:
+            stop_change = ("rollout.stop_token_ids", f"ends at {recorded_stops}", f"ends at "
+                           f"{list(stops)}")  # fmt: skip
+            changes = [c for c in changes if c[0] != stop_change[0]] + [stop_change]
+            blocking = [stop_change, *others]
+            hint = (
+                f"; completions ended at ids {recorded_stops} (with rollout.stop_token_ids=() "
+                f"they come from EOS and a model.init_from checkpoint's generation_config.json,"
+                f" which may have changed): set rollout.stop_token_ids="
+                f"{tuple(recorded_stops)} to end them where the run did"
+            )
+    if tokenizer_record(tokenizer) is not None and os.path.exists(
+        os.path.join(workdir, TOKENIZER_FILE)
+    ):
         # Special tokens matter through the ids they name, which the tokenizer record
         # compares below ('' -> 'auto' BOS for a file that adds none changes nothing).
         blocking = [c for c in blocking if c[0] not in _SPECIAL_TOKEN_KEYS]
-    hint = ""
     plain = _flat(_plain(config))
     if plain.get("optim.schedule") != "constant":
         # With optim.decay_steps=0 the decay lasts the whole run, so experiment.steps moves
@@ -446,7 +480,7 @@ def check_resume_config(
             if old_length is not None:
                 then = {**_flat(_plain(default_config())), **_flat(saved)}  # the old schedule's
                 end = max(then["optim.warmup_steps"], 0) + old_length
-                hint = (
+                hint += (
                     f"; with optim.decay_steps=0 the learning rate decays over the whole run, "
                     f"so changing its length changes the schedule: set "
                     f"optim.decay_steps={old_length} to keep the one the checkpoint was "
@@ -475,7 +509,7 @@ def check_resume_config(
     if moved:
         record = os.path.join(workdir, TOKENIZER_FILE)
         raise ConfigChangedError(
-            _tokenizer_key(config, changes),
+            _tokenizer_key(config, changes, moved),
             f"the tokenizer gives other ids than the one the run in {workdir} trained with "
             f"({_listing(moved, 4)}; its record of {recorded} tokens: {record}), so the "
             f"trained policy would read them as other tokens; use the run's tokenizer (task "

@@ -477,8 +477,12 @@ def test_special_tokens_are_compared_by_the_ids_they_name(tmp_path):
     other.bos_id = 7  # the ids do differ: refused, saying how to resume as the run trained
     with pytest.raises(ConfigChangedError) as info:
         check_resume_config(str(tmp_path), config, tokenizer=other, allow_change=True)
+    assert info.value.key == "model.bos_token"
     assert "(bos_id 1 -> 7; its record of 3 tokens" in str(info.value)
-    assert "model.bos_token='' resumes without one, as the run trained" in str(info.value)
+    assert (
+        "an empty model.bos_token (model.bos_token= on the command line) resumes without one, "
+        "as the run trained"
+    ) in str(info.value)
 
 
 def test_a_file_named_relatively_or_absolutely_is_the_same_file(tmp_path, monkeypatch):
@@ -507,5 +511,24 @@ def test_the_ids_that_end_a_completion_are_compared_on_resume(tmp_path):
         str(tmp_path), config, stops=(2, 7), allow_change=True, log=lines.append
     )
     assert changes == [("rollout.stop_token_ids", "ends at [2]", "ends at [2, 7]")]
-    write_config(str(tmp_path), config)  # a record without them: nothing to compare
-    assert check_resume_config(str(tmp_path), config, stops=(2, 7)) == []
+    with pytest.raises(ConfigChangedError) as info:
+        check_resume_config(str(tmp_path), config, stops=(2, 7))
+    assert "set rollout.stop_token_ids=(2,) to end them where the run did" in str(info.value)
+    # Naming the run's ids in the config is no change of the ids.
+    config.rollout.stop_token_ids = (2,)
+    assert [k for k, *_ in check_resume_config(str(tmp_path), config, stops=(2,))] == [
+        "rollout.stop_token_ids"
+    ]  # logged, not refused
+    config.rollout.stop_token_ids = ()
+    # A config.json written before they were recorded: that version ended completions at the
+    # listed ids, else at the tokenizer's EOS.
+    from novarl_jax.rollout.tokenizers import CharTokenizer
+
+    write_config(str(tmp_path), config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "stop_ids" not in saved["_how_read"]
+    eos = CharTokenizer("abc").eos_id
+    assert check_resume_config(str(tmp_path), config, stops=(eos, 7)) == []  # no tokenizer
+    with pytest.raises(ConfigChangedError, match=rf"'ends at \[{eos}\]' -> 'ends at \[{eos}, 7\]'"):
+        check_resume_config(str(tmp_path), config, stops=(eos, 7), tokenizer=CharTokenizer("abc"))
+    check_resume_config(str(tmp_path), config, stops=(eos,), tokenizer=CharTokenizer("abc"))
