@@ -61,19 +61,25 @@ def test_changes_are_listed_and_only_run_changing_keys_block(tmp_path):
     ]
 
 
+def _refusal(workdir, config, **kwargs) -> ConfigChangedError:
+    """The error a resume of ``config`` in ``workdir`` is refused with."""
+    with pytest.raises(ConfigChangedError) as info:
+        check_resume_config(str(workdir), config, **kwargs)
+    return info.value
+
+
 def test_more_steps_may_not_silently_stretch_a_decaying_learning_rate(tmp_path):
     config = copy.get_config()
     config.optim.schedule = "cosine"  # decay_steps=0: the whole run, 60 steps x 4 updates
     write_config(str(tmp_path), config)
     config.experiment.steps = 120
-    with pytest.raises(ConfigChangedError) as info:
-        check_resume_config(str(tmp_path), config)
-    assert info.value.key == "optim.decay_steps"
-    assert "optim.decay_steps '240 updates' -> '480 updates'" in str(info.value)
+    error = _refusal(tmp_path, config)
+    assert error.key == "optim.decay_steps"
+    assert "optim.decay_steps '240 updates' -> '480 updates'" in str(error)
     assert (
         "set optim.decay_steps=240 to keep the one the checkpoint was trained on (its decay ends "
         "at update 240; later updates train at optim.end_learning_rate=0.0)"
-    ) in str(info.value)
+    ) in str(error)
     config.optim.decay_steps = 240  # the same schedule, written out
     lines = []
     check_resume_config(str(tmp_path), config, log=lines.append)
@@ -475,14 +481,12 @@ def test_special_tokens_are_compared_by_the_ids_they_name(tmp_path):
         check_resume_config(str(tmp_path), config)  # no tokenizer to compare ids with
     other = CharTokenizer("abc")
     other.bos_id = 7  # the ids do differ: refused, saying how to resume as the run trained
-    with pytest.raises(ConfigChangedError) as info:
-        check_resume_config(str(tmp_path), config, tokenizer=other, allow_change=True)
-    assert info.value.key == "model.bos_token"
-    assert "(bos_id 1 -> 7; its record of 3 tokens" in str(info.value)
+    error = _refusal(tmp_path, config, tokenizer=other, allow_change=True)
+    assert error.key == "model.bos_token" and "(bos_id 1 -> 7; its record of 3" in str(error)
     assert (
         "an empty model.bos_token (model.bos_token= on the command line) resumes without one, "
         "as the run trained"
-    ) in str(info.value)
+    ) in str(error)
 
 
 def test_a_file_named_relatively_or_absolutely_is_the_same_file(tmp_path, monkeypatch):
