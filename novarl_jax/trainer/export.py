@@ -266,8 +266,12 @@ def _write_tokenizer(directory: str, tokenizer: Any, config: Any) -> None:
     with open(os.path.join(directory, TOKENIZER_FILE), "w") as f:
         f.write(exported.to_str())
     special = {"eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+    chat = tokenizer.chat_template
     if tokenizer.bos_token:
         special["bos_token"] = tokenizer.bos_token
+    elif chat is not None and chat.special_tokens.get("bos_token"):
+        # The carried template writes the BOS it was rendered with in training.
+        special["bos_token"] = chat.special_tokens["bos_token"]
     _write_json(
         os.path.join(directory, TOKENIZER_CONFIG_FILE),
         {**settings, "tokenizer_class": "PreTrainedTokenizerFast", **special},

@@ -280,3 +280,33 @@ def test_a_failed_tokenizer_write_leaves_no_half_export(run_a, monkeypatch):
     assert list((tmp / "e32").iterdir()) == []
     monkeypatch.undo()
     export_policy(c, str(tmp / "run"), str(tmp / "e31"))  # the rerun writes it
+
+
+def test_a_chat_template_run_exports_the_bos_its_template_writes(tmp_path):
+    """The template is carried over and names bos_token: without it transformers would render
+    the prompts with no BOS, unlike training."""
+    from tokenizers import Tokenizer
+
+    from configs import base
+    from novarl_jax.trainer.build import build_run
+    from novarl_jax.trainer.config import validate_config
+
+    source = tmp_path / "model"
+    source.mkdir()
+    rust = Tokenizer.from_file(str(_tokenizer_file(source)))
+    rust.add_special_tokens(["<s>"])
+    rust.save(str(source / "tokenizer.json"))
+    template = "{{ bos_token }}{{ messages[-1]['content'] }}"
+    settings = {"chat_template": template, "bos_token": "<s>"}
+    (source / "tokenizer_config.json").write_text(json.dumps(settings))
+    config = base.get_config()
+    config.model.tokenizer = str(source / "tokenizer.json")
+    config.rollout.chat_template = True
+    tokenizer = build_run(validate_config(config)).tokenizer
+    assert tokenizer.bos_token is None  # the template writes it
+    out = tmp_path / "out"
+    out.mkdir()
+    export_mod._write_tokenizer(str(out), tokenizer, config)
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    assert (written["chat_template"], written["bos_token"]) == (template, "<s>")
+    assert json.loads((out / "tokenizer.json").read_text())["post_processor"] is None
