@@ -24,5 +24,4 @@ def get_config():
     config.task.path = EXAMPLE  # set your own
     config.rollout.max_prompt_length = 48  # tokens (bytes, built-in tokenizer) of a prompt
     config.rollout.max_new_tokens = 8  # completion budget
-    config.model.max_position_embeddings = 64  # >= max_prompt_length + max_new_tokens
     return config

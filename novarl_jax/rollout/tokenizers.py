@@ -37,16 +37,21 @@ class TextTooLongError(ValueError):
     """A text has more tokens than ``max_length`` and the tokenizer does not truncate.
 
     Attributes: ``index`` (of the text in the batch), ``text``, ``length`` (tokens, BOS
-    included when the tokenizer adds one), ``max_length`` and ``with_bos`` (whether it does).
+    included when the tokenizer adds one), ``max_length``, ``with_bos`` (whether it does) and
+    ``templated`` (whether the text was rendered with a chat template first).
     """
 
-    def __init__(self, index: int, text: str, length: int, max_length: int, with_bos=False):
+    def __init__(
+        self, index: int, text: str, length: int, max_length: int, with_bos=False,
+        templated=False,
+    ):  # fmt: skip
         super().__init__(
             f"text {index} has {length} tokens, more than max_length={max_length}; shorten "
             f"it, raise max_length, or build the tokenizer with truncation='left' or 'right'"
         )
         self.index, self.text, self.length, self.max_length = index, text, length, max_length
         self.with_bos = bool(with_bos)
+        self.templated = bool(templated)
 
 
 @runtime_checkable
@@ -172,7 +177,8 @@ class _BaseTokenizer:
             ids = ([self.bos_id] if use_bos else []) + self.encode(text)
             if max_length is not None and len(ids) > max_length:
                 if self.truncation == "error":
-                    raise TextTooLongError(index, text, len(ids), max_length, use_bos)
+                    templated = getattr(self, "chat_template", None) is not None
+                    raise TextTooLongError(index, text, len(ids), max_length, use_bos, templated)
                 if self.truncation == "left":
                     # Keep the BOS token (when used) and the last tokens of the text.
                     head = ids[:1] if use_bos else []

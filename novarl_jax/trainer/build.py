@@ -7,6 +7,7 @@ name, which maps to the key).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -249,15 +250,12 @@ def _tokenizer(config, task) -> Any:
                 chat_template=chat,
             )
         except ValueError as e:
-            key = next(
-                (
-                    f"model.{k}"
-                    for k in ("pad_token", "eos_token", "bos_token")
-                    if str(e).startswith(k)
-                ),
-                key,
+            name = next(
+                (k for k in ("pad_token", "eos_token", "bos_token") if str(e).startswith(k)), None
             )
-            raise ConfigError(key, str(e)) from None
+            if name is None:
+                raise ConfigError(key, str(e)) from None
+            raise ConfigError(f"model.{name}", f"{e}{_named_beside(path, name)}") from None
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own types
             raise ConfigError(key, f"cannot load {path!r}: {e}") from None
     alphabet = getattr(task, "alphabet", None)
@@ -265,6 +263,20 @@ def _tokenizer(config, task) -> Any:
     if alphabet:
         return CharTokenizer(alphabet, truncation=truncation)
     return ByteTokenizer(truncation=truncation)
+
+
+def _named_beside(path: str, name: str) -> str:
+    """``'; tokenizer_config.json beside it names <name> '<token>'`` when it does."""
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            token = json.load(f).get(name)
+    except (OSError, ValueError, AttributeError):
+        return ""
+    token = token.get("content") if isinstance(token, dict) else token
+    if not isinstance(token, str) or not token:
+        return ""
+    return f"; the tokenizer_config.json beside it names {name} {token!r}"
 
 
 def _stop_ids(config, tokenizer, vocab: int) -> tuple[int, ...]:
@@ -323,12 +335,15 @@ def _checkpoint_end_ids(config, vocab: int) -> list[int]:
 
 def _chat_template(path: str, rollout) -> ChatTemplate:
     """The chat template beside the tokenizer.json ``path`` (``rollout.chat_template``)."""
+    directory = os.path.dirname(os.path.abspath(path))
     try:
-        return ChatTemplate.from_directory(
-            os.path.dirname(os.path.abspath(path)), system_prompt=rollout.system_prompt
-        )
+        return ChatTemplate.from_directory(directory, system_prompt=rollout.system_prompt)
     except ValueError as e:
-        key = "rollout.system_prompt" if rollout.system_prompt else "rollout.chat_template"
+        key = "rollout.chat_template"
+        if rollout.system_prompt:  # the system message's fault when the template works without
+            with contextlib.suppress(ValueError):
+                ChatTemplate.from_directory(directory)
+                key = "rollout.system_prompt"
         raise ConfigError(key, str(e)) from None
 
 

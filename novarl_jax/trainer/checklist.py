@@ -260,11 +260,13 @@ def _model_rows(spec: RunSpec, run: Any) -> list[tuple[str, str, str]]:
         words = f"bytes ({vocab} ids)"
     else:
         bos = f"BOS {tok.bos_token} (id {tok.bos_id})" if tok.add_bos else "no BOS"
+        if tok.chat_template is not None and not tok.add_bos:
+            bos = "the chat template's own BOS"
         words = f"{tokenizer_path(config)} ({vocab} ids; {bos} before each prompt)"
         if tok.chat_template is not None:
             system = " after a system message" if tok.chat_template.system_prompt else ""
             words += f"; prompts as user turns of {tok.chat_template.where}{system}"
-    if vocab < policy.vocab_size and not tokenizer_path(config):
+    if vocab < policy.vocab_size:
         words += f"; the policy's ids {vocab}-{policy.vocab_size - 1} decode to nothing"
     tensor_parallel = []
     if spec.layout.tp > 1:

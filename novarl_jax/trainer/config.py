@@ -321,13 +321,16 @@ class ConfigError(ValueError):
 def prompt_too_long(
     error: Any, key: str = "rollout.max_prompt_length", what: str = "a prompt"
 ) -> ConfigError:
-    """The ConfigError for a tokenizer's TextTooLongError about a prompt of the run."""
+    """The ConfigError for a tokenizer's TextTooLongError about a prompt of the run (one
+    rendered with a chat template cannot be cut: that would cut the template's markup)."""
+    counted = " (BOS included)" if error.with_bos else ""
+    fix = "or set rollout.prompt_truncation='left' or 'right'"
+    if getattr(error, "templated", False):
+        counted, fix = " as the chat template renders it", "or shorten the prompts"
     return ConfigError(
         key,
-        f"{what} has {error.length} tokens{' (BOS included)' if error.with_bos else ''}, "
-        "more than "
-        f"rollout.max_prompt_length={error.max_length}: {error.text[:60]!r}; raise "
-        "rollout.max_prompt_length or set rollout.prompt_truncation='left' or 'right'",
+        f"{what} has {error.length} tokens{counted}, more than rollout.max_prompt_length="
+        f"{error.max_length}: {error.text[:60]!r}; raise rollout.max_prompt_length {fix}",
     )
 
 

@@ -733,13 +733,18 @@ def prompt_warnings(engine: Any, config: Any, texts: list[str], where: str) -> l
     doubled = 0 if bos is None else sum(row[:1] == [bos] for row in ids)
     if doubled:
         name = getattr(tokenizer, "bos_token", None) or f"id {bos}"
-        source = "the chat template writes" if getattr(tokenizer, "chat_template", None) else ""
+        chat = getattr(tokenizer, "chat_template", None) is not None
+        start = f"{doubled} of the {len(texts)} prompts {where}"
+        if chat:
+            start += " begin, as the chat template renders them,"
+        else:
+            start += " begin"
         out.append(
-            f"{doubled} of the {len(texts)} prompts {where} begin with the BOS token {name}"
-            f"{' (' + source + ' it)' if source else ''}, and the tokenizer puts another "
-            f"before each (model.bos_token={config.model.bos_token!r}); "
-            f"{'' if source else 'drop it from the prompts, or '}set model.bos_token=''"
-        )
+            f"{start} with the BOS token {name}, and the tokenizer puts another before each "
+            f"(model.bos_token={config.model.bos_token!r}); "
+            + ("set model.bos_token='auto' (the template's BOS alone) or ''"
+               if chat else "drop it from the prompts, or set model.bos_token=''")
+        )  # fmt: skip
     return out
 
 

@@ -747,14 +747,15 @@ def test_chat_template_makes_each_prompt_a_user_turn(tmp_path):
     assert check_startup(run) == []
     rows = _checklist(config, with_run=True)
     assert rows["tokenizer"].endswith(
-        f"no BOS before each prompt); prompts as user turns of {tmp_path}/tokenizer_config.json"
+        "the chat template's own BOS before each prompt); prompts as user turns of "
+        f"{tmp_path}/tokenizer_config.json"
     )
     config.model.bos_token = "<s>"  # a second BOS before the template's: warned about
     (warning,) = check_startup(build_run(validate_config(config)))
     assert warning == (
-        "2 of the 2 prompts in task.path begin with the BOS token <s> (the chat template writes "
-        "it), and the tokenizer puts another before each (model.bos_token='<s>'); set "
-        "model.bos_token=''"
+        "2 of the 2 prompts in task.path begin, as the chat template renders them, with the BOS "
+        "token <s>, and the tokenizer puts another before each (model.bos_token='<s>'); set "
+        "model.bos_token='auto' (the template's BOS alone) or ''"
     )
     config.model.bos_token = "auto"
     config.rollout.system_prompt = "Be brief."  # (this template leaves it out)
@@ -763,6 +764,28 @@ def test_chat_template_makes_each_prompt_a_user_turn(tmp_path):
     with pytest.raises(ConfigError, match=r"^rollout.prompt_truncation: 'left' would cut the chat"):
         build_run(validate_config(config))
     config.rollout.prompt_truncation = "error"
+    config.rollout.max_prompt_length = 4  # too short, and not to be cut: the fix offered
+    with pytest.raises(ConfigError) as info:
+        check_startup(build_run(validate_config(config)))
+    assert str(info.value).startswith(
+        f"rollout.max_prompt_length: the prompt at {path}:1 has 6 tokens as the chat template "
+        "renders it, more than rollout.max_prompt_length=4: 'abc'; raise "
+        "rollout.max_prompt_length or shorten the prompts"
+    )
+    config.rollout.max_prompt_length = 48
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    with pytest.raises(ConfigError, match=r"^rollout.chat_template: .* has no chat template"):
+        build_run(validate_config(config))  # the template's fault, not the system prompt's
+    settings["pad_token"] = {"content": "<pad>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    config.model.pad_token = "<|pad|>"  # another model's
+    with pytest.raises(ConfigError) as info:
+        build_run(validate_config(config))
+    assert str(info.value) == (
+        "model.pad_token: pad_token='<|pad|>' is not in the tokenizer's vocabulary; the "
+        "tokenizer_config.json beside it names pad_token '<pad>'"
+    )
+    config.model.pad_token = "<pad>"
     config.model.tokenizer = ""  # the built-in tokenizer has no template
     with pytest.raises(ConfigError, match=r"^rollout.chat_template: needs a tokenizer.json"):
         build_run(validate_config(config))

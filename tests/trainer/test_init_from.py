@@ -147,7 +147,9 @@ def test_the_checkpoints_own_tokenizer_is_used_and_shown(tmp_path):
     assert isinstance(run.tokenizer, HFTokenizer)
     assert run.tokenizer.vocab_size == 13 and run.model.policy.vocab_size == 64
     rows = dict(((s, i), v) for s, i, v in checklist_rows(spec, None, run))
-    assert rows[("model", "tokenizer")] == f"{tokenizer} (13 ids; no BOS before each prompt)"
+    assert rows[("model", "tokenizer")] == (
+        f"{tokenizer} (13 ids; no BOS before each prompt); the policy's ids 13-63 decode to nothing"
+    )
     assert (
         rows[("model", "architecture")]
         == "2 layers, hidden 32, 4 heads of width 8 (2 KV), dense MLP"
