@@ -19,8 +19,36 @@ import json
 import os
 from typing import Any
 
-TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' separate chat template file
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+def read_tokenizer_config(directory: str | os.PathLike) -> dict:
+    """The settings of a tokenizer directory's ``tokenizer_config.json`` ({} without one).
+
+    Raises:
+        ValueError: the file cannot be read, or holds no JSON object (naming it).
+    """
+    path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot be read as JSON ({e})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(settings).__name__}")
+    return settings
+
+
+def special_token_text(settings: dict, name: str) -> str | None:
+    """The text of the special token ``name`` (``'bos_token'``, ...) in tokenizer_config.json
+    ``settings``: given as a string or as an object with its ``content``; None without one."""
+    token = settings.get(name)
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else None
 
 
 class ChatTemplate:
@@ -81,21 +109,13 @@ class ChatTemplate:
         """
         directory = os.fspath(directory)
         config_path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
-        settings: dict = {}
-        if os.path.isfile(config_path):
-            try:
-                with open(config_path, encoding="utf-8") as f:
-                    settings = json.load(f)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{config_path}: cannot be read as JSON ({e})") from None
-            if not isinstance(settings, dict):
-                raise ValueError(f"{config_path}: must hold a JSON object")
+        settings = read_tokenizer_config(directory)
         special = {
             name: text
             for name in ("bos_token", "eos_token", "pad_token", "unk_token")
-            if (text := _token_text(settings.get(name))) is not None
+            if (text := special_token_text(settings, name)) is not None
         }
-        file = os.path.join(directory, TEMPLATE_FILE)
+        file = os.path.join(directory, CHAT_TEMPLATE_FILE)
         if os.path.isfile(file):
             try:
                 with open(file, encoding="utf-8") as f:
@@ -106,7 +126,7 @@ class ChatTemplate:
             source, where = _named_default(settings.get("chat_template"), config_path), config_path
             if source is None:
                 raise ValueError(
-                    f"{directory} has no chat template (neither {TEMPLATE_FILE} nor a "
+                    f"{directory} has no chat template (neither {CHAT_TEMPLATE_FILE} nor a "
                     f"chat_template in {TOKENIZER_CONFIG_FILE})"
                 )
         return cls(source, special_tokens={**special, **kwargs.pop("special_tokens", {})},
@@ -160,14 +180,6 @@ def _raise(message: str) -> None:
 def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **kwargs: Any):
     """Jinja's ``tojson`` as chat templates expect it: plain JSON, non-ASCII kept."""
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, **kwargs)
-
-
-def _token_text(token: Any) -> str | None:
-    """A special token's text as tokenizer_config.json gives it: a string or an object with
-    its ``content``."""
-    if isinstance(token, dict):
-        token = token.get("content")
-    return token if isinstance(token, str) else None
 
 
 def _named_default(templates: Any, where: str) -> str | None:

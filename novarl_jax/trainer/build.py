@@ -24,7 +24,7 @@ from novarl_jax.core.utils.advantages import make_advantage_estimator
 from novarl_jax.models import ModelConfig, init_params, load_hf_model
 from novarl_jax.models.hf import end_token_ids
 from novarl_jax.models.layers import DEFAULT_INIT
-from novarl_jax.rollout.chat import ChatTemplate
+from novarl_jax.rollout.chat import ChatTemplate, read_tokenizer_config, special_token_text
 from novarl_jax.rollout.engine import RolloutEngine, SamplingConfig
 from novarl_jax.rollout.tasks import TASKS, check_task, make_task, task_class
 from novarl_jax.rollout.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer
@@ -267,16 +267,11 @@ def _tokenizer(config, task) -> Any:
 
 def _named_beside(path: str, name: str) -> str:
     """``'; tokenizer_config.json beside it names <name> '<token>'`` when it does."""
-    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
     try:
-        with open(config_path, encoding="utf-8") as f:
-            token = json.load(f).get(name)
-    except (OSError, ValueError, AttributeError):
+        token = special_token_text(read_tokenizer_config(os.path.dirname(path) or "."), name)
+    except ValueError:  # an unreadable file: the error at hand is the one to report
         return ""
-    token = token.get("content") if isinstance(token, dict) else token
-    if not isinstance(token, str) or not token:
-        return ""
-    return f"; the tokenizer_config.json beside it names {name} {token!r}"
+    return f"; the tokenizer_config.json beside it names {name} {token!r}" if token else ""
 
 
 def _stop_ids(config, tokenizer, vocab: int) -> tuple[int, ...]:

@@ -26,6 +26,7 @@ import jax
 
 from novarl_jax.models import save_hf_model
 from novarl_jax.models.hf import GENERATION_CONFIG_FILE, checkpoint_files
+from novarl_jax.rollout.chat import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, read_tokenizer_config
 from novarl_jax.rollout.tokenizers import HFTokenizer
 from novarl_jax.trainer.build import build_run, tokenizer_path
 from novarl_jax.trainer.checkpoint import (
@@ -43,8 +44,6 @@ from novarl_jax.trainer.saved_config import (
 from novarl_jax.trainer.workdir import url_path
 
 TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' separate chat template file
 # What the export writes beside the model's files when the run used a tokenizer.json.
 _TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE)
 # Settings of the source's tokenizer_config.json that the export does not carry over: the
@@ -245,7 +244,7 @@ def _write_tokenizer(directory: str, tokenizer: Any, config: Any) -> None:
     settings: dict = {}
     if os.path.basename(path) == TOKENIZER_FILE:  # another name: not a model directory's
         source = os.path.dirname(path)
-        settings = _read_json_object(os.path.join(source, TOKENIZER_CONFIG_FILE))
+        settings = read_tokenizer_config(source)
         template = os.path.join(source, CHAT_TEMPLATE_FILE)
         if os.path.isfile(template) and not _inside(template, directory):
             shutil.copyfile(template, os.path.join(directory, CHAT_TEMPLATE_FILE))
@@ -276,26 +275,6 @@ def _write_tokenizer(directory: str, tokenizer: Any, config: Any) -> None:
         os.path.join(directory, TOKENIZER_CONFIG_FILE),
         {**settings, "tokenizer_class": "PreTrainedTokenizerFast", **special},
     )
-
-
-def _read_json_object(path: str) -> dict:
-    """The JSON object in ``path``; {} when there is no such file.
-
-    Raises:
-        ValueError: the file is not a JSON object (naming it).
-    """
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"{path}: cannot read the tokenizer settings to carry over ({e})"
-        ) from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _inside(path: str, directory: str) -> bool:
