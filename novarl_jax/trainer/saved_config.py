@@ -52,8 +52,9 @@ FILE_NAME = "config.json"
 RECORD_KEY = "_how_read"  # in config.json beside the config's own sections (write_config)
 MODEL_FILE = "model_config.json"  # the policy's architecture (ModelConfig.to_hf_config())
 TOKENIZER_FILE = "tokenizer_vocab.json"  # the tokenizer's ids (tokenizer_record())
-_SPECIAL_IDS = ("pad_id", "bos_id", "eos_id")
+# A tokenizer's special ids (as tokenizer_record writes them) and the keys naming them.
 _SPECIAL_TOKEN_OF = {"pad_id": "pad_token", "bos_id": "bos_token", "eos_id": "eos_token"}
+_SPECIAL_IDS = tuple(_SPECIAL_TOKEN_OF)
 _SPECIAL_TOKEN_KEYS = tuple(f"model.{name}" for name in _SPECIAL_TOKEN_OF.values())
 _RESUME_ADVICE = "resume with that config, train in a new --workdir, or pass --allow_config_change"
 
