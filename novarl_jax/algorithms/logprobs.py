@@ -35,7 +35,10 @@ def _shifted(z: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _entropy(shifted: jax.Array, lse: jax.Array) -> jax.Array:
     probs = jnp.exp(shifted - lse[..., None])
-    return lse - jnp.sum(probs * shifted, axis=-1)
+    # A token of probability 0 (a logit of -inf: a masked vocabulary) adds 0, not 0 * -inf;
+    # the where on both sides keeps the gradient finite too.
+    safe = jnp.where(probs > 0, shifted, 0.0)
+    return lse - jnp.sum(probs * safe, axis=-1)
 
 
 def entropy_from_logits(logits: ArrayLike, *, temperature: float = 1.0) -> jax.Array:
@@ -43,7 +46,8 @@ def entropy_from_logits(logits: ArrayLike, *, temperature: float = 1.0) -> jax.A
 
     ``H = logsumexp(z) - sum_v softmax(z)_v * z_v`` with ``z = logits / temperature``, computed
     in float32 from the max-shifted logits ``z - max(z)`` (the entropy does not change under a
-    shift), so it is finite and accurate for any finite logits.
+    shift), so it is finite and accurate for any finite logits. Logits of ``-inf`` (tokens
+    masked out) are tokens of probability 0: they add nothing, and their gradient is 0.
 
     Args:
         logits: ``[..., V]`` (for example ``[B, T, V]``).

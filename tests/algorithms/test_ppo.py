@@ -389,6 +389,21 @@ def test_logprobs_are_stable_for_huge_logits():
     assert np.all(np.isfinite(grad))
 
 
+def test_entropy_of_logits_with_masked_tokens_is_that_of_the_rest():
+    """-inf logits (a masked vocabulary), or a spread that overflows float32 once shifted:
+    tokens of probability 0 add nothing (not 0 * -inf = NaN), to the value or the gradient."""
+    logits = jnp.array([[0.0, 0.0, -jnp.inf], [3e38, -3e38, 0.0], [1.0, -jnp.inf, 2.0]])
+    p = np.exp([1.0, 2.0]) / np.exp([1.0, 2.0]).sum()
+    want = [np.log(2), 0.0, -(p * np.log(p)).sum()]
+    np.testing.assert_allclose(jax.jit(entropy_from_logits)(logits), want, rtol=1e-6, atol=1e-7)
+    _, entropy = token_logprobs_and_entropy(logits[None], jnp.array([[0, 0, 2]]))
+    np.testing.assert_allclose(entropy[0], want, rtol=1e-6, atol=1e-7)
+    grad = jax.grad(lambda x: entropy_from_logits(x).sum())(logits)
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_array_equal(grad[0], [0.0, 0.0, 0.0])  # a maximum at the uniform pair
+    assert grad[2, 1] == 0.0
+
+
 def test_logprob_errors():
     with pytest.raises(ValueError, match="targets .* must match the leading dimensions"):
         token_logprobs_and_entropy(jnp.zeros((2, 3, 4)), jnp.zeros((2, 2), jnp.int32))
