@@ -3,10 +3,11 @@
 An instruct model's tokenizer directory carries a Jinja chat template (``chat_template.jinja``,
 or ``chat_template`` in ``tokenizer_config.json``) that lays out a conversation in the model's
 own markup (``<|im_start|>user ...``, ``[INST] ... [/INST]``). :class:`ChatTemplate` renders a
-task's prompt as one user message (after an optional system message) with the generation
-prompt that opens the assistant's turn, as transformers' ``apply_chat_template(...,
-add_generation_prompt=True)`` renders it. The template writes its own BOS when the model wants
-one.
+task's prompt as one user message (after an optional system message), or a prompt that is a
+conversation (a list of ``{"role", "content"}`` messages, as TRL's conversational datasets
+hold) as those messages, with the generation prompt that opens the assistant's turn, as
+transformers' ``apply_chat_template(..., add_generation_prompt=True)`` renders it. The template
+writes its own BOS when the model wants one.
 
 Rendering is deterministic: ``strftime_now``, which some templates call to print today's date,
 is not provided, so they print the fixed date they fall back to, and a resumed run renders
@@ -42,6 +43,55 @@ def read_tokenizer_config(directory: str | os.PathLike) -> dict:
     return settings
 
 
+class RenderError(ValueError):
+    """A prompt the chat template cannot render. ``system_clash``: the prompt, a
+    conversation, has its own system message and the system prompt is set too; ``index``: the
+    prompt's place in the batch being encoded (set by the tokenizer), else None."""
+
+    def __init__(self, message: str, *, system_clash: bool = False):
+        super().__init__(message)
+        self.system_clash = system_clash
+        self.index: int | None = None
+
+
+def check_conversation(messages: Any) -> list[dict[str, str]]:
+    """A conversation prompt as plain ``{"role", "content"}`` dicts.
+
+    Raises:
+        ValueError: ``messages`` is not a non-empty list of objects whose 'role' and 'content'
+            are strings (the message names the first that is not).
+    """
+    if not isinstance(messages, list | tuple) or not messages:
+        raise ValueError(
+            f"a conversation must be a non-empty list of {{'role', 'content'}} messages, got "
+            f"{messages!r:.80}"
+        )
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not all(
+            isinstance(message.get(k), str) for k in ("role", "content")
+        ):
+            raise ValueError(
+                f"message {i} of the conversation must be an object with string 'role' and "
+                f"'content', got {message!r:.80}"
+            )
+        out.append({"role": message["role"], "content": message["content"]})
+    return out
+
+
+def is_conversation(prompt: Any) -> bool:
+    """Whether a prompt is a conversation (a list of messages) rather than a text."""
+    return isinstance(prompt, list | tuple)
+
+
+def prompt_text(prompt: Any) -> str:
+    """A prompt's text to quote in a message: a conversation's last message's content."""
+    if is_conversation(prompt):
+        last = prompt[-1] if prompt else None
+        return last.get("content", "") if isinstance(last, dict) else str(last)
+    return prompt if isinstance(prompt, str) else str(prompt)
+
+
 def special_token_text(settings: dict, name: str) -> str | None:
     """The text of the special token ``name`` (``'bos_token'``, ...) in tokenizer_config.json
     ``settings``: given as a string or as an object with its ``content``; None without one."""
@@ -62,8 +112,8 @@ class ChatTemplate:
         where: where the template came from, for error messages.
 
     Raises:
-        ValueError: the template is not valid Jinja, or rendering a prompt fails (a template
-            that refuses a system message raises its own error), naming ``where``.
+        ValueError: the template is not valid Jinja; RenderError: rendering a prompt fails (a
+            template that refuses a system message raises its own error), naming ``where``.
     """
 
     def __init__(
@@ -132,25 +182,45 @@ class ChatTemplate:
         return cls(source, special_tokens={**special, **kwargs.pop("special_tokens", {})},
                    where=where, **kwargs)  # fmt: skip
 
-    def messages(self, prompt: str) -> list[dict[str, str]]:
-        """The conversation a prompt is rendered as."""
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return [*system, {"role": "user", "content": prompt}]
+    def messages(self, prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
+        """The conversation a prompt is rendered as: a text as the user's message, a
+        conversation as it is; both after the system prompt when one is set.
 
-    def render(self, prompt: str) -> str:
-        """The prompt as the template lays out its user turn and opens the assistant's."""
+        Raises:
+            ValueError: a malformed conversation; RenderError: one with its own system
+                message when the system prompt is set too (it would have two).
+        """
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        if not is_conversation(prompt):
+            return [*system, {"role": "user", "content": prompt}]
+        messages = check_conversation(prompt)
+        if system and messages[0]["role"] == "system":
+            raise RenderError(
+                "the conversation has its own system message, and the system prompt would add "
+                "a second; leave the system prompt empty, or the message out of the prompts",
+                system_clash=True,
+            )
+        return [*system, *messages]
+
+    def render(self, prompt: str | list[dict[str, str]]) -> str:
+        """The prompt as the template lays out its messages and opens the assistant's turn."""
         import jinja2
 
         try:
+            messages = self.messages(prompt)
+        except ValueError as e:
+            clash = isinstance(e, RenderError) and e.system_clash
+            raise RenderError(f"{self.where}: {e}", system_clash=clash) from None
+        try:
             return self._template.render(
-                messages=self.messages(prompt),
+                messages=messages,
                 add_generation_prompt=True,
                 tools=None,  # no tool or document sections, as transformers passes them
                 documents=None,
                 **self.special_tokens,
             )
         except (jinja2.TemplateError, TemplateRaised, TypeError, ValueError) as e:
-            raise ValueError(f"{self.where}: the chat template failed to render ({e})") from None
+            raise RenderError(f"{self.where}: the chat template failed to render ({e})") from None
 
 
 def _generation_tag() -> Any:

@@ -4,8 +4,11 @@ A reward function has the signature::
 
     reward_fn(prompts: list[str], completions: list[str], metadata: list[dict]) -> list[float]
 
-one float per completion (B of each). ``metadata[i]`` is whatever the task attached to prompt
-``i`` (the built-in tasks and the JSONL task put the reference answer under ``'answer'``).
+one float per completion (B of each). A prompt is the task's text, or a conversation (a list
+of ``{"role", "content"}`` messages) where the task's prompts are conversations (a JSONL file
+in TRL's conversational layout); a completion is always the generated text. ``metadata[i]`` is
+whatever the task attached to prompt ``i`` (the built-in tasks and the JSONL task put the
+reference answer under ``'answer'``).
 Rewards are floats and are never rounded; NaN or inf marks a completion that could not be
 scored and is excluded from training by the rollout engine.
 

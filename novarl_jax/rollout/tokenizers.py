@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from novarl_jax.core.checks import is_integer
+from novarl_jax.rollout.chat import RenderError, is_conversation
 
 PADDING_SIDES = ("left", "right")
 TRUNCATION_MODES = ("error", "left", "right")
@@ -142,7 +143,8 @@ class _BaseTokenizer:
         """Encodes and pads a batch of texts.
 
         Args:
-            texts: B strings.
+            texts: B strings (or, with a chat template, conversations: lists of
+                ``{"role", "content"}`` messages).
             max_length: T, the padded length. None pads to the longest text. A text longer
                 than ``max_length`` raises ValueError, or is truncated on the side set by the
                 tokenizer's ``truncation``.
@@ -155,7 +157,9 @@ class _BaseTokenizer:
 
         Raises:
             ValueError: bad ``padding_side``/``max_length``, a text that is not a str, or a
-                text longer than ``max_length`` with ``truncation='error'``.
+                text longer than ``max_length`` with ``truncation='error'``
+                (:class:`TextTooLongError`); :class:`~novarl_jax.rollout.chat.RenderError`: a
+                conversation the chat template cannot render, or any without one.
         """
         _check_choice("padding_side", padding_side, PADDING_SIDES)
         if isinstance(texts, str):
@@ -168,16 +172,27 @@ class _BaseTokenizer:
         if use_bos and self.bos_id is None:
             raise ValueError("add_bos=True but this tokenizer has no bos_id")
         rows = []
+        templated = getattr(self, "chat_template", None) is not None
         for index, text in enumerate(texts):
-            if not isinstance(text, str):
+            if is_conversation(text) and not templated:
+                error = RenderError(
+                    f"texts[{index}] is a conversation (a list of messages), which only a "
+                    f"tokenizer with a chat template encodes: {text!r:.60}"
+                )
+                error.index = index
+                raise error
+            if not isinstance(text, str) and not is_conversation(text):
                 raise ValueError(
                     f"texts must be strings, but texts[{index}] is {type(text).__name__}: "
                     f"{text!r:.60}"
                 )
-            ids = ([self.bos_id] if use_bos else []) + self.encode(text)
+            try:
+                ids = ([self.bos_id] if use_bos else []) + self.encode(text)
+            except RenderError as e:
+                e.index = index
+                raise
             if max_length is not None and len(ids) > max_length:
                 if self.truncation == "error":
-                    templated = getattr(self, "chat_template", None) is not None
                     raise TextTooLongError(index, text, len(ids), max_length, use_bos, templated)
                 if self.truncation == "left":
                     # Keep the BOS token (when used) and the last tokens of the text.
@@ -350,8 +365,9 @@ class HFTokenizer(_BaseTokenizer):
         truncation: 'error' (default), 'left' or 'right' for texts over ``max_length``.
         chat_template: a :class:`~novarl_jax.rollout.chat.ChatTemplate`: ``encode`` then
             renders each text as a prompt with it first (the user turn and the opening of
-            the assistant's; texts a rollout encodes are prompts), None to encode texts as
-            they are.
+            the assistant's; texts a rollout encodes are prompts), and ``encode_batch`` also
+            takes conversations (lists of ``{"role", "content"}`` messages); None to encode
+            texts as they are.
 
     Raises:
         ValueError: the path is missing, a directory or not a loadable tokenizer.json, a

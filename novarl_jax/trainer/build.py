@@ -220,9 +220,21 @@ def tokenizer_path(config) -> str:
     return beside if beside and os.path.isfile(beside) else ""
 
 
+def _check_conversations(config, task, key: str) -> None:
+    """Refuses a task whose prompts are conversations when no chat template renders them."""
+    if getattr(task, "conversational", False) and not config.rollout.chat_template:
+        raise ConfigError(
+            "rollout.chat_template",
+            f"the prompts of {key} include conversations (lists of messages), which only a "
+            "chat template lays out: set rollout.chat_template=True, with a tokenizer.json "
+            "that has one beside it",
+        )
+
+
 def _tokenizer(config, task) -> Any:
     m, ro = config.model, config.rollout
     path = tokenizer_path(config)
+    _check_conversations(config, task, "task.path")
     if ro.chat_template and not path:
         raise ConfigError(
             "rollout.chat_template",
@@ -614,6 +626,7 @@ def build_run(spec: RunSpec) -> Run:
     eval_task = eval_sampling = None
     if config.eval.interval:
         eval_task = _task(config, validation=True)
+        _check_conversations(config, eval_task, "eval.path")
         # The rollouts' sampling, with the evaluation's temperature and samples per prompt.
         eval_sampling = built(
             "eval",

@@ -259,13 +259,19 @@ def _model_rows(spec: RunSpec, run: Any) -> list[tuple[str, str, str]]:
     elif isinstance(tok, ByteTokenizer):
         words = f"bytes ({vocab} ids)"
     else:
+        chat = tok.chat_template
         bos = f"BOS {tok.bos_token} (id {tok.bos_id})" if tok.add_bos else "no BOS"
-        if tok.chat_template is not None and not tok.add_bos:
-            bos = "the chat template's own BOS"
+        if chat is not None and not tok.add_bos:
+            own = chat.special_tokens.get("bos_token")
+            if own and chat.render("").startswith(own):
+                bos = "the chat template's own BOS"
         words = f"{tokenizer_path(config)} ({vocab} ids; {bos} before each prompt)"
-        if tok.chat_template is not None:
-            system = " after a system message" if tok.chat_template.system_prompt else ""
-            words += f"; prompts as user turns of {tok.chat_template.where}{system}"
+        if chat is not None:
+            system = " after a system message" if chat.system_prompt else ""
+            turns = "as user turns"
+            if getattr(run.task, "conversational", False):
+                turns = "(texts as user turns, conversations as they are)"
+            words += f"; prompts {turns} of {chat.where}{system}"
     if vocab < policy.vocab_size:
         words += f"; the policy's ids {vocab}-{policy.vocab_size - 1} decode to nothing"
     tensor_parallel = []

@@ -129,7 +129,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Instruct models: each prompt as the user turn of the chat template beside the run's
     # tokenizer.json (chat_template.jinja, or tokenizer_config.json's chat_template), which
     # then opens the assistant's turn. The template writes its own BOS: model.bos_token='auto'
-    # adds none. Rewards and samples.jsonl see the prompt as the task wrote it.
+    # adds none. Needed for jsonl prompts that are conversations (lists of role/content
+    # messages), laid out as they are. Rewards and samples.jsonl see the prompt as the task
+    # wrote it.
     rollout.chat_template = False
     rollout.system_prompt = ""  # with chat_template, a system message before each prompt
 
@@ -323,6 +325,8 @@ def prompt_too_long(
 ) -> ConfigError:
     """The ConfigError for a tokenizer's TextTooLongError about a prompt of the run (one
     rendered with a chat template cannot be cut: that would cut the template's markup)."""
+    from novarl_jax.rollout.chat import prompt_text
+
     counted = " (BOS included)" if error.with_bos else ""
     fix = "or set rollout.prompt_truncation='left' or 'right'"
     if getattr(error, "templated", False):
@@ -330,8 +334,17 @@ def prompt_too_long(
     return ConfigError(
         key,
         f"{what} has {error.length} tokens{counted}, more than rollout.max_prompt_length="
-        f"{error.max_length}: {error.text[:60]!r}; raise rollout.max_prompt_length {fix}",
+        f"{error.max_length}: {prompt_text(error.text)[:60]!r}; raise "
+        f"rollout.max_prompt_length {fix}",
     )
+
+
+def prompt_unrenderable(error: Any, what: str = "a prompt") -> ConfigError:
+    """The ConfigError for a prompt the chat template cannot render (a RenderError): the
+    system prompt's fault when the prompt brings its own system message, else the
+    template's."""
+    key = "rollout.system_prompt" if error.system_clash else "rollout.chat_template"
+    return ConfigError(key, f"{what}: {error}")
 
 
 def _flatten(cfg, prefix: str = "") -> dict:

@@ -26,9 +26,15 @@ import jax
 import numpy as np
 
 from novarl_jax.core.distributed import host_array
+from novarl_jax.rollout.chat import RenderError
 from novarl_jax.rollout.engine import EmptyPromptError, RolloutInfo, Trajectory, take_info
 from novarl_jax.rollout.tokenizers import TextTooLongError
-from novarl_jax.trainer.config import ConfigError, eval_prompts_per_batch, prompt_too_long
+from novarl_jax.trainer.config import (
+    ConfigError,
+    eval_prompts_per_batch,
+    prompt_too_long,
+    prompt_unrenderable,
+)
 
 # Folded into the run's seed for the evaluation key ("eval" in ASCII).
 EVAL_KEY_TAG = 0x6576616C
@@ -72,6 +78,8 @@ class Evaluator:
         except EmptyPromptError as e:
             where = "eval.path" if jsonl else "task.name"
             raise ConfigError(where, f"an evaluation prompt: {e}") from None
+        except RenderError as e:
+            raise prompt_unrenderable(e, "an evaluation prompt") from None
         except ValueError as e:
             raise ConfigError(key, f"an evaluation prompt does not fit: {e}") from None
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from novarl_jax.algorithms.aggregation import extreme_of
 from novarl_jax.core.distributed import MESH_AXES, host_array
+from novarl_jax.rollout.chat import RenderError
 from novarl_jax.rollout.engine import EmptyPromptError, check_prompt_rows, take_info
 from novarl_jax.rollout.tokenizers import TextTooLongError
 from novarl_jax.trainer import steps
@@ -32,6 +33,7 @@ from novarl_jax.trainer.config import (
     RunSpec,
     ignored_settings,
     prompt_too_long,
+    prompt_unrenderable,
     updates_per_step,
     updates_share_prompts,
     validate_config,
@@ -281,6 +283,8 @@ class Trainer:
                 check_prompt_rows(texts, mask)
             except TextTooLongError as e:
                 raise prompt_too_long(e, what=f"the prompt at {chunk[e.index][0]}") from None
+            except RenderError as e:
+                raise prompt_unrenderable(e, f"the prompt at {chunk[e.index][0]}") from None
             except EmptyPromptError as e:
                 raise ConfigError("task.path", f"{chunk[e.index][0]}: {e}") from None
         try:
@@ -291,6 +295,8 @@ class Trainer:
             raise prompt_too_long(e) from None
         except EmptyPromptError as e:
             raise ConfigError("task.name", str(e)) from None
+        except RenderError as e:
+            raise prompt_unrenderable(e) from None
         if prompts:
             return prompt_warnings(
                 self.engine, self.config, [t for _, t in prompts], "in task.path"
@@ -310,6 +316,8 @@ class Trainer:
             raise prompt_too_long(e) from None
         except EmptyPromptError as e:
             raise ConfigError("task.name", str(e)) from None
+        except RenderError as e:
+            raise prompt_unrenderable(e) from None
         return traj, info, stats
 
     def _dynamic_sampling(self, state, key, traj, info, version):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from novarl_jax.rollout.chat import ChatTemplate
+from novarl_jax.rollout.chat import ChatTemplate, RenderError
 
 # A ChatML template (Qwen's layout) and an [INST] one that writes BOS and refuses a system
 # message (as some Llama 2 and Gemma templates do).
@@ -31,6 +31,40 @@ def test_a_prompt_is_rendered_as_the_user_turn_with_the_assistants_opened():
     assert ChatTemplate(INST, special_tokens={"bos_token": "<s>"}).render(" hi ") == (
         "<s>[INST] hi [/INST]"
     )
+
+
+def test_a_conversation_prompt_is_rendered_as_its_messages():
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+3=?"},
+    ]
+    want = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+3=?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert ChatTemplate(CHATML).render(conversation) == want
+    # The system prompt goes before a conversation without a system message of its own ...
+    assert ChatTemplate(CHATML, system_prompt="Be brief.").render(conversation[1:]) == want
+    # ... and is refused beside one, which would make two.
+    with pytest.raises(RenderError, match=r"has its own system message") as info:
+        ChatTemplate(CHATML, system_prompt="Hi.").render(conversation)
+    assert info.value.system_clash
+    # Malformed conversations name the message at fault.
+    for bad, match in (
+        ([], r"non-empty list"),
+        ([{"role": "user"}], r"message 0 of the conversation must be an object with string"),
+        ([{"role": "user", "content": "a"}, "b"], r"message 1 of the conversation"),
+    ):
+        with pytest.raises(RenderError, match=match) as info:
+            ChatTemplate(CHATML).render(bad)
+        assert not info.value.system_clash
+    # A template's own refusal of a conversation (roles that do not alternate).
+    strict = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(RenderError, match=r"failed to render \(roles must alternate\)"):
+        ChatTemplate(strict).render([{"role": "user", "content": "a"}] * 2)
 
 
 def test_the_template_is_read_from_the_tokenizer_directory(tmp_path):
@@ -97,3 +131,13 @@ def test_rendering_matches_transformers_apply_chat_template():
             chat.messages("What is 2 + 3?"), tokenize=False, add_generation_prompt=True
         )
         assert chat.render("What is 2 + 3?") == want
+    # A conversation (with an earlier exchange) is rendered as transformers renders it.
+    conversation = [
+        {"role": "user", "content": "1 + 1?"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "And 2 + 3?"},
+    ]
+    for template in (CHATML, optional):
+        fast.chat_template = template
+        want = fast.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        assert ChatTemplate(template).render(conversation) == want

@@ -394,8 +394,11 @@ def test_jsonl_set_state_in_a_later_epoch_resumes_exactly():
 
 def test_jsonl_rows_must_hold_a_text_prompt_and_a_string_or_number_answer(tmp_path):
     bad = {
-        '{"prompt": [{"role": "user", "content": "2+3?"}], "answer": "5"}': "'prompt' must be a "
-        "string",
+        '{"prompt": {"role": "user", "content": "2+3?"}, "answer": "5"}': "'prompt' must be a "
+        "string .* or a list of {'role', 'content'} messages, got dict",
+        '{"prompt": [{"role": "user", "text": "2+3?"}], "answer": "5"}': "'prompt': message 0 "
+        "of the conversation must be an object with string 'role' and 'content'",
+        '{"prompt": [], "answer": "5"}': "'prompt': a conversation must be a non-empty list",
         '{"prompt": "2+3?", "answer": null}': "'answer' must be a string or a number, got NoneType",
         '{"prompt": "2+3?", "answer": ["5", "five"]}': "'answer' must be a string or a number",
         '{"prompt": "2+3?", "answer": true}': "'answer' must be a string or a number, got bool",
@@ -412,6 +415,38 @@ def test_jsonl_rows_must_hold_a_text_prompt_and_a_string_or_number_answer(tmp_pa
         JSONLTask(str(path), reward="numeric")
     with pytest.raises(ValueError, match=r"shuffle must be True or False, got 'false'"):
         JSONLTask(str(path), shuffle="false")
+
+
+def test_jsonl_prompts_may_be_conversations(tmp_path):
+    """TRL's conversational layout: a prompt is a list of messages, passed on as it is (for
+    the tokenizer's chat template); prompt_template applies to the last user message."""
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "2+3?"},
+    ]
+    path = tmp_path / "chat.jsonl"
+    rows = [{"prompt": conversation, "answer": "5"}, {"prompt": "3+4?", "answer": 7}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = JSONLTask(str(path), shuffle=False, prompt_template="Q: {prompt}")
+    assert task.conversational
+    prompts, metadata = task.sample_prompts(None, 2)
+    assert prompts[0] == [*conversation[:3], {"role": "user", "content": "Q: 2+3?"}]
+    assert prompts[1] == "Q: 3+4?" and [m["answer"] for m in metadata] == ["5", 7]
+    assert task.examples[0][0] == conversation  # the template applies to a copy
+    assert [p for _, p in task.all_prompts()] == prompts
+    rewards, _ = task.score(prompts, ["\\boxed{5}", "7"], metadata)
+    np.testing.assert_array_equal(rewards, [1.0, 1.0])
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"prompt": "a", "answer": "a"}\n')
+    assert not JSONLTask(str(texts)).conversational
+    # A template needs a user message to apply to.
+    path.write_text(json.dumps({"prompt": conversation[:1], "answer": "5"}) + "\n")
+    JSONLTask(str(path))
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: the conversation has no user message "
+                       r"for prompt_template='Q: \{prompt\}' to apply to"):  # fmt: skip
+        JSONLTask(str(path), prompt_template="Q: {prompt}")
 
 
 def test_reward_fn_modules_are_checked_when_loaded(tmp_path, monkeypatch):

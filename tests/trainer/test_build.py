@@ -789,3 +789,83 @@ def test_chat_template_makes_each_prompt_a_user_turn(tmp_path):
     config.model.tokenizer = ""  # the built-in tokenizer has no template
     with pytest.raises(ConfigError, match=r"^rollout.chat_template: needs a tokenizer.json"):
         build_run(validate_config(config))
+
+
+def test_conversation_prompts_are_laid_out_by_the_chat_template(tmp_path):
+    from tokenizers import Tokenizer
+
+    from configs import jsonl
+    from novarl_jax.rollout.tokenizers import HFTokenizer
+    from novarl_jax.trainer.loop import check_startup
+
+    tokenizer = Tokenizer.from_file(str(_tokenizer_file(tmp_path)))
+    tokenizer.add_special_tokens(["[S]", "[U]", "[A]"])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    template = (
+        "{% for m in messages %}{{ '[' + m['role'][0] | upper + ']' + m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}[A]{% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    conversation = [{"role": "system", "content": "ab"}, {"role": "user", "content": "cd"}]
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": conversation, "answer": "a"}, {"prompt": "dc", "answer": "a"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = jsonl.get_config()
+    config.task.path = str(path)
+    config.model.tokenizer = str(tmp_path / "tokenizer.json")
+    with pytest.raises(ConfigError) as info:
+        build_run(validate_config(config))
+    assert str(info.value) == (
+        "rollout.chat_template: the prompts of task.path include conversations (lists of "
+        "messages), which only a chat template lays out: set rollout.chat_template=True, with a "
+        "tokenizer.json that has one beside it"
+    )
+    config.rollout.chat_template = True
+    run = build_run(validate_config(config))
+    assert check_startup(run) == []
+    prompts, _ = run.task.sample_prompts(None, 2)
+    tokens, mask = run.tokenizer.encode_batch(prompts, max_length=12)
+    ids = {t: tokenizer.token_to_id(t) for t in ("[S]", "[U]", "[A]", "a", "b", "c", "d")}
+    assert tokens[0][mask[0] == 1].tolist() == [ids[t] for t in ("[S]", *"ab", "[U]", *"cd", "[A]")]
+    assert tokens[1][mask[1] == 1].tolist() == [ids[t] for t in ("[U]", *"dc", "[A]")]
+    row = _checklist(config, with_run=True)["tokenizer"]
+    assert "no BOS before each prompt); prompts (texts as user turns, conversations as" in row
+    # A system prompt beside a conversation's own system message: the line is named.
+    config.rollout.system_prompt = "Hi."
+    with pytest.raises(ConfigError) as info:
+        check_startup(build_run(validate_config(config)))
+    assert str(info.value).startswith(
+        f"rollout.system_prompt: the prompt at {path}:1: {tmp_path}/tokenizer_config.json: the "
+        "conversation has its own system message, and the system prompt would add a second"
+    )
+    config.rollout.system_prompt = ""
+    config.rollout.max_prompt_length = 4  # the message quotes the conversation's last turn
+    with pytest.raises(ConfigError) as info:
+        check_startup(build_run(validate_config(config)))
+    assert str(info.value).startswith(
+        f"rollout.max_prompt_length: the prompt at {path}:1 has 7 tokens as the chat template "
+        "renders it, more than rollout.max_prompt_length=4: 'cd'; raise"
+    )
+    # Validation prompts are checked alike.
+    config.rollout.max_prompt_length = 12
+    config.rollout.chat_template = False
+    config.task.path = str(path.with_name("texts.jsonl"))
+    path.with_name("texts.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    config.eval.interval, config.eval.path, config.eval.prompts = 1, str(path), 2
+    with pytest.raises(ConfigError, match=r"^rollout.chat_template: the prompts of eval.path "):
+        build_run(validate_config(config))
+    # A task of one's own that hands out conversations, and no chat template: named alike.
+    config.eval.interval = 0
+    run = build_run(validate_config(config))
+    run.task.all_prompts = lambda: [("mine:1", conversation)]
+    with pytest.raises(ConfigError) as info:
+        check_startup(run)
+    assert str(info.value).startswith(
+        "rollout.chat_template: the prompt at mine:1: texts[0] is a conversation (a list of "
+        "messages), which only a tokenizer with a chat template encodes"
+    )
+    # A tokenizer without a template refuses a conversation it is asked to encode.
+    with pytest.raises(ValueError, match=r"texts\[0\] is a conversation \(a list of messages\)"):
+        HFTokenizer(
+            str(tmp_path / "tokenizer.json"), pad_token="<pad>", eos_token="</s>"
+        ).encode_batch([conversation])

@@ -1,15 +1,17 @@
 """The task protocol: sample prompts with a key, score completions with a verifiable reward.
 
-A task is a host-side object (it works on strings)::
+A task is a host-side object (it works on Python strings and lists, not arrays)::
 
-    prompts, metadata = task.sample_prompts(key, batch_size)     # B strings, B dicts
+    prompts, metadata = task.sample_prompts(key, batch_size)     # B prompts, B dicts
     rewards, info = task.score(prompts, completions, metadata)   # float32 [B], B dicts
 
-``metadata[i]`` carries what scoring needs (the built-in tasks put the reference answer
-under ``'answer'``). Every task also has ``get_state()`` / ``set_state(state)``: tasks whose
-prompts come from an iterator (datasets) return their position as a small JSON-able state,
-which the trainer checkpoints; key-driven tasks return ``{}`` (:class:`BaseTask` provides
-that). A task of your own runs under the command line as ``task.name="module.path:Class"``
+A prompt is a string, or a conversation (a list of ``{"role", "content"}`` messages, which the
+run's chat template lays out: ``rollout.chat_template=True``). ``metadata[i]`` carries what
+scoring needs (the built-in tasks put the reference answer under ``'answer'``). Every task
+also has ``get_state()`` / ``set_state(state)``: tasks whose prompts come from an iterator
+(datasets) return their position as a small JSON-able state, which the trainer checkpoints;
+key-driven tasks return ``{}`` (:class:`BaseTask` provides that). A task of your own runs
+under the command line as ``task.name="module.path:Class"``
 (see :func:`~novarl_jax.rollout.tasks.make_task`).
 """
 

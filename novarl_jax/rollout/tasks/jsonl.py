@@ -4,6 +4,13 @@ Each line is a JSON object with a prompt and a reference answer (field names con
 
     {"prompt": "What is 2+3? Put the answer in \\boxed{}.", "answer": "5"}
 
+A prompt may also be a conversation, as TRL's conversational datasets hold it: a list of
+``{"role", "content"}`` messages, rendered by the tokenizer's chat template
+(``rollout.chat_template=True``)::
+
+    {"prompt": [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is 2+3?"}], "answer": "5"}
+
 Iteration goes through the examples in a fixed order per epoch (a permutation seeded by
 ``(seed, epoch)`` when ``shuffle``), wrapping into the next epoch when a batch runs past the
 end. The position is the small state ``{'epoch', 'index', 'seed'}`` (with ``'examples'`` and
@@ -27,6 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from novarl_jax.rollout.chat import check_conversation, is_conversation
 from novarl_jax.rollout.rewards import (
     RewardFn,
     exact_answer,
@@ -51,18 +59,19 @@ class JSONLTask(BaseTask):
             'numeric' needs every answer to be a number, 'exact' an answer with something
             left once normalised; both are checked when the file is read (also when the
             built-in is named by its ``"module.path:function"``).
-        prompt_field, answer_field: the JSON keys of the prompt (a string) and the answer (a
-            string or a number).
-        prompt_template: ``str.format`` template applied to the prompt: ``{prompt}`` is the
-            only field allowed (at least once); literal braces are doubled, as in
-            ``"Q: {prompt} Put the answer in \\boxed{{}}."``.
+        prompt_field, answer_field: the JSON keys of the prompt (a string, or a conversation:
+            a list of ``{"role", "content"}`` messages) and the answer (a string or a number).
+        prompt_template: ``str.format`` template applied to the prompt (to a conversation's
+            last user message): ``{prompt}`` is the only field allowed (at least once);
+            literal braces are doubled, as in ``"Q: {prompt} Put the answer in \\boxed{{}}."``.
         shuffle: visit the examples in a seeded random order per epoch (else file order).
         seed: the shuffle seed (part of the state).
         reward_fn: the same as ``reward`` (the other tasks' name for it); give one of them.
 
     Raises:
         ValueError: the file is missing or empty, a line is not a JSON object, a line lacks
-            a field (the message names the line number), or a bad ``prompt_template``.
+            a field or holds a malformed conversation (the message names the line number), or
+            a bad ``prompt_template``.
 
     Example:
         >>> task = JSONLTask("prompts.jsonl", reward="numeric")  # doctest: +SKIP
@@ -105,6 +114,13 @@ class JSONLTask(BaseTask):
             raise ValueError(f"shuffle must be True or False, got {shuffle!r}")
         self.shuffle = bool(shuffle)
         self.examples, self._line_numbers = _read_jsonl(self.path, prompt_field, answer_field)
+        if prompt_template != "{prompt}":
+            for (prompt, _), line in zip(self.examples, self._line_numbers, strict=True):
+                if is_conversation(prompt) and not any(m["role"] == "user" for m in prompt):
+                    raise ValueError(
+                        f"{self.path}:{line}: the conversation has no user message for "
+                        f"prompt_template={prompt_template!r} to apply to"
+                    )
         # Identifies the examples in a saved position: a file edited between a run's starts
         # would resume at a position (and a shuffle order) of other data.
         text = json.dumps(self.examples, ensure_ascii=False).encode("utf-8", "surrogatepass")
@@ -118,6 +134,23 @@ class JSONLTask(BaseTask):
     def __len__(self) -> int:
         return len(self.examples)
 
+    @property
+    def conversational(self) -> bool:
+        """Whether some prompt is a conversation (which needs a chat template)."""
+        return any(is_conversation(prompt) for prompt, _ in self.examples)
+
+    def _format(self, prompt: str | list[dict[str, str]]) -> str | list[dict[str, str]]:
+        """The prompt with ``prompt_template`` applied (to a conversation's last user
+        message; the conversation is copied)."""
+        if not is_conversation(prompt):
+            return self.prompt_template.format(prompt=prompt)
+        messages = [dict(m) for m in prompt]
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if users:
+            last = messages[users[-1]]
+            last["content"] = self.prompt_template.format(prompt=last["content"])
+        return messages
+
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(len(self.examples))
@@ -125,8 +158,9 @@ class JSONLTask(BaseTask):
 
     def sample_prompts(
         self, key: jax.Array | None, batch_size: int
-    ) -> tuple[list[str], list[dict]]:
-        """The next ``batch_size`` examples; ``key`` is ignored (order = seed + position).
+    ) -> tuple[list[Any], list[dict]]:
+        """The next ``batch_size`` prompts (texts or conversations) and their metadata;
+        ``key`` is ignored (order = seed + position).
 
         Metadata per prompt: ``{'answer', 'example_index', 'epoch'}``.
         """
@@ -139,7 +173,7 @@ class JSONLTask(BaseTask):
                 self._order = self._epoch_order(self._epoch)
             example_index = int(self._order[self._index])
             prompt, answer = self.examples[example_index]
-            prompts.append(self.prompt_template.format(prompt=prompt))
+            prompts.append(self._format(prompt))
             metadata.append(
                 {"answer": answer, "example_index": example_index, "epoch": self._epoch}
             )
@@ -151,11 +185,11 @@ class JSONLTask(BaseTask):
     ) -> list[float]:
         return exact_match_reward(prompts, completions, metadata)
 
-    def all_prompts(self) -> list[tuple[str, str]]:
-        """Every prompt of the file as ``(where, prompt text)``, ``where`` = ``'path:line'``,
+    def all_prompts(self) -> list[tuple[str, Any]]:
+        """Every prompt of the file as ``(where, prompt)``, ``where`` = ``'path:line'``,
         so a run can check them all before it starts (not only when each one comes up)."""
         return [
-            (f"{self.path}:{line}", self.prompt_template.format(prompt=prompt))
+            (f"{self.path}:{line}", self._format(prompt))
             for (prompt, _), line in zip(self.examples, self._line_numbers, strict=True)
         ]
 
@@ -313,10 +347,16 @@ def _read_jsonl(
                         f"{path}:{lineno}: missing field {field!r} (fields: {sorted(row)})"
                     )
             prompt, answer = row[prompt_field], row[answer_field]
-            if not isinstance(prompt, str):
+            if isinstance(prompt, list):
+                try:
+                    prompt = check_conversation(prompt)
+                except ValueError as err:
+                    raise ValueError(f"{path}:{lineno}: field {prompt_field!r}: {err}") from None
+            elif not isinstance(prompt, str):
                 raise ValueError(
                     f"{path}:{lineno}: field {prompt_field!r} must be a string (the prompt's "
-                    f"text), got {type(prompt).__name__} {str(prompt)[:60]!r}"
+                    f"text) or a list of {{'role', 'content'}} messages, got "
+                    f"{type(prompt).__name__} {str(prompt)[:60]!r}"
                 )
             if isinstance(answer, bool) or not isinstance(answer, str | int | float):
                 raise ValueError(
