@@ -64,6 +64,12 @@ def make_schedule(optim, *, default_decay_steps: int = 1) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [optim.warmup_steps])
 
 
+def _decays(path: tuple, param: Any) -> bool:
+    """Whether weight decay applies: a matrix (or more) of one layer."""
+    stacked = any(getattr(key, "key", None) == "layers" for key in path)
+    return param.ndim - stacked >= 2
+
+
 def make_optimizer(
     optim, *, default_decay_steps: int = 1, schedule: optax.Schedule | None = None
 ) -> optax.GradientTransformation:
@@ -73,11 +79,13 @@ def make_optimizer(
     clipped each by its own norm, as verl clips its actor and critic (``actor.grad_clip``,
     ``critic.grad_clip``): the critic's value-loss gradient, often far larger, does not
     shrink the policy's update. Weight decay skips vectors (norm scales, biases): only
-    weights of rank >= 2 decay.
+    weights of rank >= 2 decay, a layer's rank counted without the leading axis that stacks
+    the layers (every entry under a ``'layers'`` key), so each layer's norm scales are
+    vectors like the final norm's.
     ``schedule``: the learning rate by update, when the caller has built it already
     (default: :func:`make_schedule` of ``optim`` and ``default_decay_steps``).
     """
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(_decays, params)
     parts = []
     if optim.max_grad_norm > 0:
         parts.append(clip_each_model(optim.max_grad_norm))

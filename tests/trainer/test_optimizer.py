@@ -168,3 +168,28 @@ def test_state_shardings_follow_the_parameters_for_other_optimizers(devices):
         lambda updates, state, params=None: (updates, state),
     )
     assert train_state_shardings(params, per_entry, key, replicated) is None
+
+
+def test_weight_decay_skips_each_layers_norm_scales_in_a_stacked_model():
+    """Layers are stacked on a leading axis: a layer's norm scale is [L, D], still a vector."""
+    from novarl_jax.models import ModelConfig, init_params
+
+    config = ModelConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+        num_experts_per_tok=2, tie_word_embeddings=False, value_head=True,
+    )  # fmt: skip
+    params = {"policy": init_params(config, jax.random.key(0))}
+    opt = make_optimizer(_optim(learning_rate=0.1, weight_decay=0.5))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(zeros, opt.init(params), params)
+    moved = jax.tree.map(lambda u: bool(np.any(np.asarray(u) != 0)), updates)
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(moved)}
+    still = sorted(k for k, v in flat.items() if not v)
+    assert still == [
+        "['policy']['final_norm']['scale']",
+        "['policy']['layers']['input_norm']['scale']",
+        "['policy']['layers']['post_attn_norm']['scale']",
+        "['policy']['value_head']['bias']",
+    ]
+    assert len(flat) > len(still) + 8  # the matrices (embeddings, projections, experts) do
