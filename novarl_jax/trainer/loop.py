@@ -461,7 +461,10 @@ class Trainer:
         metrics = combine_update_metrics(update_metrics)
         skipped = [bool(m["train/skipped"]) for m in update_metrics]
         metrics["train/skipped"] = float(sum(skipped))
-        metrics["train/skipped_trailing"] = float(trailing_skips(skipped))
+        leading, longest, trailing = skip_runs(skipped)
+        metrics["train/skipped_leading"] = float(leading)
+        metrics["train/skipped_longest"] = float(longest)
+        metrics["train/skipped_trailing"] = float(trailing)
         tokens = int(host_array(batch["attention_mask"]).sum())
         if self.on_policy and "actor/entropy" in metrics:
             # The update's forward ran on the same parameters as scoring would have.
@@ -612,18 +615,30 @@ def informative_groups(rewards: np.ndarray, valid: np.ndarray, group: int) -> np
     return (v.sum(1) >= 2) & (high > low)
 
 
-def trailing_skips(skipped: list[bool]) -> int:
-    """How many of a step's updates, in order, were skipped in a row at its end."""
-    run = 0
+def skip_runs(skipped: list[bool]) -> tuple[int, int, int]:
+    """Runs of skipped updates among a step's updates, in order: ``(leading, longest,
+    trailing)``, how many in a row it begins with, the most in a row anywhere, and how many in
+    a row it ends with."""
+    run = longest = 0
+    leading = None
     for flag in skipped:
         run = run + 1 if flag else 0
-    return run
+        longest = max(longest, run)
+        if not flag and leading is None:
+            leading = longest
+    return (run if leading is None else leading), longest, run
 
 
-def skip_streak(previous: int, trailing: int, updates: int) -> int:
-    """Non-finite updates in a row after a step of ``updates`` updates whose last
-    ``trailing`` were skipped, when ``previous`` were skipped in a row before it."""
-    return previous + trailing if trailing == updates else trailing
+def skip_streak(
+    previous: int, leading: int, longest: int, trailing: int, updates: int
+) -> tuple[int, int]:
+    """Non-finite updates in a row, for a step of ``updates`` updates whose skips run as
+    :func:`skip_runs` says, when ``previous`` were skipped in a row before it: ``(most,
+    carried)``, the most in a row up to the step's end (a run may begin in an earlier step) and
+    how many in a row the next step goes on from."""
+    if leading == updates:  # every update skipped: the run goes on through the step
+        return previous + updates, previous + updates
+    return max(previous + leading, longest), trailing
 
 
 def _scores(metrics: dict, workdir: str, recent: int = 10) -> str:
@@ -1038,8 +1053,13 @@ class Session:
         """
         config, step = self.config, i + 1
         skipped = int(metrics["train/skipped"])
-        trailing = int(metrics["train/skipped_trailing"])
-        self._skips = skip_streak(self._skips, trailing, updates_per_step(config))
+        most, self._skips = skip_streak(
+            self._skips,
+            int(metrics["train/skipped_leading"]),
+            int(metrics["train/skipped_longest"]),
+            int(metrics["train/skipped_trailing"]),
+            updates_per_step(config),
+        )
         samples = []
         if rollout is not None:
             samples += self._sample_rows(rollout, step, "train")
@@ -1069,9 +1089,9 @@ class Session:
             bad = [k for k in names if k in metrics and not np.isfinite(metrics[k])]
             self.log(f"step {step}: skipped {skipped} update(s) with non-finite {', '.join(bad)}")
         limit = config.train.max_consecutive_skips
-        if self._skips >= limit:
+        if most >= limit:
             raise TrainingError(
-                f"stopped at step {step}: {self._skips} consecutive non-finite updates "
+                f"stopped at step {step}: {most} consecutive non-finite updates "
                 f"(train.max_consecutive_skips={limit}); {self._kept()}"
             )
         if self._empty >= limit:  # its parameters do not move: the next steps would do alike

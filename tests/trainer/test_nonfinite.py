@@ -170,17 +170,59 @@ def test_run_stops_after_consecutive_skips(tmp_path, monkeypatch):
         loop.train(config, str(tmp_path), spec=validate_config(config), log=lines.append)
 
 
+@pytest.mark.slow
+def test_a_run_of_skips_inside_a_step_stops_the_run(tmp_path, monkeypatch):
+    """Updates 1-3 of 4 non-finite, the 4th finite: three in a row, although the step ends
+    with a finite update."""
+    config = base.get_config()
+    config.experiment.steps = 2
+    config.experiment.algorithm = "ppo"
+    config.rollout.prompts_per_step = 4
+    config.rollout.max_new_tokens = 4
+    config.train.epochs, config.train.minibatches = 1, 4
+    config.train.max_consecutive_skips = 3
+    config.logging.plot = False
+    monkeypatch.setattr(loop, "minibatch_order", lambda key, rows, parts: jnp.arange(rows))
+    training_batch = loop.Trainer._training_batch
+
+    def poisoned_batch(self, state, reference, traj):
+        batch, stats = training_batch(self, state, reference, traj)
+        return {**batch, "poison": jnp.asarray([1.0, 1.0, 1.0, 0.0])}, stats  # rows 0-2
+
+    def poisoned_build(spec):
+        run = build_run(spec)
+
+        def loss(params, batch, apply_fn):
+            value, metrics = run.loss_fn(params, batch, apply_fn)
+            return jnp.where(batch["poison"].sum() > 0, jnp.nan, value), metrics
+
+        return dataclasses.replace(run, loss_fn=loss)
+
+    monkeypatch.setattr(loop.Trainer, "_training_batch", poisoned_batch)
+    monkeypatch.setattr(loop, "build_run", poisoned_build)
+    with pytest.raises(loop.TrainingError, match=r"stopped at step 1: 3 consecutive non-finite"):
+        loop.train(config, str(tmp_path), spec=validate_config(config), log=lambda line: None)
+
+
 def test_skip_streak_counts_updates_in_a_row_across_steps():
-    assert loop.trailing_skips([]) == 0
-    assert loop.trailing_skips([True, False]) == 0
-    assert loop.trailing_skips([False, True, True]) == 2
-    assert loop.trailing_skips([True, True]) == 2
-    # A finite update inside a step ends the streak: skip, ok, skip is one in a row.
-    assert loop.skip_streak(1, loop.trailing_skips([False, True]), updates=2) == 1
-    assert loop.skip_streak(2, loop.trailing_skips([True, False]), updates=2) == 0
-    # A step whose every update was skipped carries the streak on.
-    assert loop.skip_streak(1, loop.trailing_skips([True, True]), updates=2) == 3
-    assert loop.skip_streak(0, 0, updates=1) == 0
+    assert loop.skip_runs([]) == (0, 0, 0)
+    assert loop.skip_runs([True, False]) == (1, 1, 0)
+    assert loop.skip_runs([False, True, True]) == (0, 2, 2)
+    assert loop.skip_runs([True, True]) == (2, 2, 2)
+    assert loop.skip_runs([True, False, True, True, True, False, True]) == (1, 3, 1)
+
+    def streak(previous, flags):
+        return loop.skip_streak(previous, *loop.skip_runs(flags), updates=len(flags))
+
+    # A finite update inside a step ends the run: skip, ok, skip is one in a row.
+    assert streak(1, [False, True]) == (1, 1)
+    assert streak(2, [True, False]) == (3, 0)  # the run before goes on into the step
+    # A step whose every update was skipped carries the run on.
+    assert streak(1, [True, True]) == (3, 3)
+    assert streak(0, [False]) == (0, 0)
+    # A run in the middle of a step counts although the step ends with a finite update.
+    assert streak(0, [False, True, True, True, False]) == (3, 0)
+    assert streak(2, [True, False, False, True]) == (3, 1)  # the most is the one carried in
 
 
 def _sqrt_loss(params, batch, apply_fn):
