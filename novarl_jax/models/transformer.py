@@ -589,7 +589,8 @@ def _finish_stats(stats: dict[str, jax.Array] | None, config: ModelConfig) -> di
 
     Per layer, with N the routed tokens and K experts per token (the MoE block's formulas):
     ``aux_loss = E * sum_e (counts_e / N) * (probs_e / N)``, ``z_loss = z / N``,
-    ``dropped_fraction = (N * K - kept) / (N * K)``, ``expert_load = counts / (N * K)``.
+    ``dropped_fraction = (N * K - kept) / (N * K)``, ``expert_load = counts / (N * K)``;
+    ``layer_dropped_fraction`` keeps the dropped fraction of each layer.
     """
     if stats is None:
         zero = jnp.zeros((), jnp.float32)
@@ -597,6 +598,7 @@ def _finish_stats(stats: dict[str, jax.Array] | None, config: ModelConfig) -> di
             "moe_aux_loss": zero,
             "moe_z_loss": zero,
             "dropped_fraction": zero,
+            "layer_dropped_fraction": jnp.zeros((config.num_hidden_layers,), jnp.float32),
             "expert_load": jnp.zeros((config.num_hidden_layers, 0), jnp.float32),
         }
     k, e = config.num_experts_per_tok, config.num_local_experts
@@ -604,10 +606,12 @@ def _finish_stats(stats: dict[str, jax.Array] | None, config: ModelConfig) -> di
     choices = jnp.maximum(stats["tokens"] * k, 1.0)
     frac = stats["counts"] / tokens[:, None]
     mean_probs = stats["probs"] / tokens[:, None]
+    dropped = (stats["tokens"] * k - stats["kept"]) / choices  # [L]
     return {
         "moe_aux_loss": jnp.mean(e * jnp.sum(frac * mean_probs, axis=-1)),
         "moe_z_loss": jnp.mean(stats["z"] / tokens),
-        "dropped_fraction": jnp.mean((stats["tokens"] * k - stats["kept"]) / choices),
+        "dropped_fraction": jnp.mean(dropped),
+        "layer_dropped_fraction": dropped,
         "expert_load": stats["counts"] / choices[:, None],
     }
 
@@ -883,7 +887,8 @@ def forward(
     Returns:
         (logits [B, T, V] float32, the updated cache or None, aux) where aux has
         'moe_aux_loss', 'moe_z_loss', 'dropped_fraction' (float32 scalars, means over
-        layers; 0 for dense models), 'expert_load' [L, E] float32 ([L, 0] dense),
+        layers; 0 for dense models), 'layer_dropped_fraction' [L] float32 (each layer's),
+        'expert_load' [L, E] float32 ([L, 0] dense),
         'values' [B, T] float32 when ``config.value_head``, and 'routing' [L, B, T, K]
         int32 when ``return_routing``.
 

@@ -134,7 +134,7 @@ def make_apply_fn(
         if spec.policy.num_local_experts:
             out["moe_aux_loss"] = aux["moe_aux_loss"]
             out["moe_z_loss"] = aux["moe_z_loss"]
-            out["moe_dropped_fraction"] = aux["dropped_fraction"]
+            out["moe_dropped_fraction"] = aux["layer_dropped_fraction"]
             out["moe_expert_load"] = aux["expert_load"]
         if spec.critic is not None and "critic" in params:
             # (The reference policy's tree has no critic.) The critic routes its tokens
@@ -179,22 +179,25 @@ def moe_stats(dropped_fraction: jax.Array, expert_load: jax.Array) -> dict[str, 
     """Logged MoE routing statistics of one forward: dropped fraction and expert loads.
 
     Args:
-        dropped_fraction: float32 scalar, the forward's mean dropped fraction over layers.
+        dropped_fraction: [L] float32, each layer's dropped fraction in the forward.
         expert_load: [L, E] float32, each layer's share of the routed choices per expert.
 
     Returns:
-        ``moe/dropped_fraction``, ``moe/expert_load_max``, ``moe/expert_load_min`` and
-        ``moe/layer{l}/load_max`` for every layer, float32 scalars.
+        ``moe/dropped_fraction`` (the mean over layers), ``moe/expert_load_max``,
+        ``moe/expert_load_min``, and ``moe/layer{l}/load_max`` and
+        ``moe/layer{l}/dropped_fraction`` for every layer, float32 scalars.
     """
     load = jnp.asarray(expert_load, jnp.float32)
     load = load.reshape(load.shape[0], -1)
+    dropped = jnp.asarray(dropped_fraction, jnp.float32).reshape(load.shape[0])
     stats = {
-        "moe/dropped_fraction": jnp.asarray(dropped_fraction, jnp.float32),
+        "moe/dropped_fraction": jnp.mean(dropped),
         "moe/expert_load_max": jnp.max(load),
         "moe/expert_load_min": jnp.min(load),
     }
     for layer in range(load.shape[0]):
         stats[f"moe/layer{layer}/load_max"] = jnp.max(load[layer])
+        stats[f"moe/layer{layer}/dropped_fraction"] = dropped[layer]
     return stats
 
 
@@ -207,7 +210,7 @@ def on_policy_loss(loss_fn: Callable, *, micro_batches: int) -> Callable:
     1 in the forward and its gradient is the policy gradient. This saves one forward of the
     policy over the batch per step (TRL's GRPO does the same when it takes one step per
     generation batch). The MoE routing statistics that scoring would have logged come from
-    this forward instead: ``moe/dropped_fraction`` as the mean over the ``micro_batches``
+    this forward instead: dropped fractions as the mean over the ``micro_batches``
     micro-batches (each carries ``1 / micro_batches`` of it, and micro-batch metrics are
     summed), loads as the maximum / minimum over them.
 
@@ -230,7 +233,9 @@ def on_policy_loss(loss_fn: Callable, *, micro_batches: int) -> Callable:
                 jax.lax.stop_gradient(out["moe_dropped_fraction"]),
                 jax.lax.stop_gradient(out["moe_expert_load"]),
             )
-            stats["moe/dropped_fraction"] = stats["moe/dropped_fraction"] / micro_batches
+            for name in stats:  # summed over the micro-batches, as a mean
+                if name.endswith("dropped_fraction"):
+                    stats[name] = stats[name] / micro_batches
             metrics.update(stats)
         return value, metrics
 

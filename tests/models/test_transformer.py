@@ -793,6 +793,9 @@ def test_router_replay_and_capacity():
     routing = aux["routing"]
     assert routing.shape == (2, 2, 8, 2) and routing.dtype == jnp.int32  # [L, B, T, K]
     assert float(aux["dropped_fraction"]) > 0  # capacity 0.5 drops choices
+    layers = np.asarray(aux["layer_dropped_fraction"])
+    assert layers.shape == (2,) and np.all((layers > 0) & (layers <= 1))
+    assert float(aux["dropped_fraction"]) == pytest.approx(layers.mean(), rel=1e-6)
     assert float(fwd(params, toks, train=False)[2]["dropped_fraction"]) == 0.0
     # Replaying the choices on perturbed weights keeps exactly those experts...
     other = jax.tree.map(lambda x: x * 1.3, params)
@@ -1001,7 +1004,10 @@ def test_pipelined_forward_and_grads_equal_single_device(layout, num_microbatche
     np.testing.assert_allclose(s_loss, loss, rtol=1e-5)
     np.testing.assert_allclose(s_logits, logits, atol=1e-5, rtol=1e-5)
     # MoE statistics are combined from per-microbatch sums: exactly the whole batch's.
-    for key in ("moe_aux_loss", "moe_z_loss", "dropped_fraction", "expert_load", "values"):
+    for key in (
+        "moe_aux_loss", "moe_z_loss", "dropped_fraction", "layer_dropped_fraction",
+        "expert_load", "values",
+    ):  # fmt: skip
         np.testing.assert_allclose(s_aux[key], aux[key], atol=1e-5, rtol=1e-5, err_msg=key)
     np.testing.assert_array_equal(s_aux["routing"], aux["routing"])
     assert s_aux["routing"].shape == (2, 8, 8, 2)

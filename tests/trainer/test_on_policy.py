@@ -36,7 +36,7 @@ def _toy(rows=4, tokens=5):
         return {
             "logprobs": -jax.nn.softplus(logits),
             "entropy": jnp.abs(logits),
-            "moe_dropped_fraction": jnp.float32(0.25),
+            "moe_dropped_fraction": jnp.asarray([0.5, 0.0], jnp.float32),  # per layer
             "moe_expert_load": jnp.asarray([[0.5, 0.5], [0.75, 0.25]], jnp.float32),
         }
 
@@ -78,16 +78,20 @@ def test_on_policy_loss_equals_the_loss_with_recomputed_old_logprobs(loss_fn, ji
     assert float(got_metrics["moe/dropped_fraction"]) == pytest.approx(0.125)
     assert float(got_metrics["moe/expert_load_max"]) == pytest.approx(0.75)
     assert float(got_metrics["moe/layer0/load_max"]) == pytest.approx(0.5)
+    assert float(got_metrics["moe/layer0/dropped_fraction"]) == pytest.approx(0.25)
+    assert float(got_metrics["moe/layer1/dropped_fraction"]) == 0.0
 
 
 def test_moe_stats_match_numpy():
     load = np.random.default_rng(1).uniform(size=(3, 4)).astype(np.float32)
-    stats = jax.jit(moe_stats)(jnp.float32(0.1), jnp.asarray(load))
+    dropped = np.asarray([0.1, 0.0, 0.35], np.float32)
+    stats = jax.jit(moe_stats)(jnp.asarray(dropped), jnp.asarray(load))
     assert float(stats["moe/expert_load_max"]) == pytest.approx(load.max())
     assert float(stats["moe/expert_load_min"]) == pytest.approx(load.min())
     for layer in range(3):
         assert float(stats[f"moe/layer{layer}/load_max"]) == pytest.approx(load[layer].max())
-    assert float(stats["moe/dropped_fraction"]) == pytest.approx(0.1)
+        assert float(stats[f"moe/layer{layer}/dropped_fraction"]) == pytest.approx(dropped[layer])
+    assert float(stats["moe/dropped_fraction"]) == pytest.approx(dropped.mean())
 
 
 def _grpo_config():
