@@ -108,7 +108,7 @@ _TASK_OPTION_OVERRIDES: list[tuple[str, str]] = []
 
 def _parse_flags(argv: list[str]) -> list[str]:
     if cli.config_path(argv) is None and any(a.startswith("--config.") for a in argv):
-        _fail("--config is required, e.g. --config=configs/moe.py")  # before absl names a flag
+        _fail("--config is required, e.g. --config=configs/moe.py" + _mode_hint(argv))
     problem = cli.config_file_problem(argv) or cli.key_under_a_value(argv, _NONE_KEYS)
     if problem:
         _fail(problem)
@@ -133,7 +133,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if flags.FLAGS.config is None:
         if cli.config_path(argv) is not None:
             _fail(f"--config: {cli.config_path(argv)}: get_config() returned None (no return?)")
-        _fail("--config is required, e.g. --config=configs/moe.py")
+        _fail("--config is required, e.g. --config=configs/moe.py" + _mode_hint(argv))
     load_error = getattr(flags.FLAGS.config, "_error", None)  # config_flags' _ErrorConfig
     if isinstance(load_error, OSError):
         lines = [line.strip() for line in str(load_error).splitlines() if line.strip()]
@@ -144,9 +144,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except cli.OverrideError as e:
         _fail(str(e))
     if len(rest) > 1:
-        _fail(f"unexpected arguments {rest[1:]}; overrides look like experiment.key=value")
+        _fail(
+            f"unexpected arguments {rest[1:]}; overrides look like experiment.key=value"
+            + _mode_hint(rest[1:])
+        )
     _expand_home(flags.FLAGS.config)
     return rest
+
+
+def _mode_hint(args: list[str]) -> str:
+    """For the quickstart's ``scripts/train.py mode=moe_demo``: the config file is the mode."""
+    if any(arg.startswith("mode=") for arg in args):
+        return (
+            " (the quickstart's mode=moe_demo is --config=configs/moe.py here: the config file "
+            "chooses the demo)"
+        )
+    return ""
 
 
 # Paths a shell leaves as '~/...' after an '=' (--workdir=~/run, task.path=~/data.jsonl).

@@ -1053,3 +1053,20 @@ def test_a_bare_boolean_flag_takes_no_value_and_counts_in_order():
     for rest in ([], ["experiment.steps=3"], ["--dry_run"]):
         with pytest.raises(cli.OverrideError, match=r"^logging\.wandb_project: needs a value; "):
             parsed("--config.logging.wandb_project", *rest)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("mode=moe_demo",),
+        ("mode=moe_demo", "experiment.world_size=8"),
+        ("--config=configs/moe.py", "--dry_run", "mode=moe_demo"),
+    ],
+)
+def test_the_quickstarts_mode_argument_points_to_the_config(run_cli, args):
+    code, out, err = run_cli(*args)
+    assert code == 2 and not out
+    assert err.rstrip().endswith(
+        "(the quickstart's mode=moe_demo is --config=configs/moe.py here: the config file "
+        "chooses the demo)"
+    )

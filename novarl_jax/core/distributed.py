@@ -214,16 +214,29 @@ class ParallelLayout:
 
         Megatron derives its data-parallel size as ``world / (tp * pp)``, which equals our
         ``dp * ep``: in Megatron the expert-parallel group is carved out of the data-parallel
-        group, exactly as our ``ep`` axis carries data outside expert layers. With ``ep > 1``
-        Megatron also needs the MoE flags: use :meth:`MoERouterConfig.to_megatron`, which
-        includes these.
+        group, exactly as our ``ep`` axis carries data outside expert layers.
+
+        Raises:
+            ValueError: ``ep > 1``: Megatron refuses expert parallelism without
+                ``--num-experts``; :meth:`MoERouterConfig.to_megatron` (or
+                :class:`MegatronAdapterConfig` with a router) gives these flags with the MoE
+                ones.
         """
-        args = [
+        if self.ep > 1:
+            raise ValueError(
+                f"expert_parallel_size={self.ep} needs Megatron-LM's MoE flags (it refuses "
+                "expert parallelism without --num-experts): use "
+                "MoERouterConfig.to_megatron(layout, num_moe_layers=...), or "
+                "MegatronAdapterConfig with a router"
+            )
+        return self._megatron_sizes()
+
+    def _megatron_sizes(self) -> list[str]:
+        return [
             "--tensor-model-parallel-size", str(self.tp),
             "--pipeline-model-parallel-size", str(self.pp),
             "--expert-model-parallel-size", str(self.ep),
         ]  # fmt: skip
-        return args
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -394,6 +407,13 @@ class MoERouterConfig:
         ``min_capacity`` that can raise the capacity, or an ``eval_capacity_factor`` other than
         ``capacity_factor``, raises instead of being left out.
 
+        Routing groups differ under ``tp > 1``: with sequence parallelism each tensor-parallel
+        rank routes its own ``1 / tp`` of the sequence, and Megatron takes each expert's
+        capacity from those tokens, where our routing group is the whole batch shard over
+        ``('dp', 'ep')``. With a capacity factor the two then drop different choices (the
+        loss weights still agree: Megatron gathers its load-balancing counts over the
+        tensor-parallel group); dropless routing (``capacity_factor=None``) is the same.
+
         Raises:
             TypeError: ``layout`` is not a :class:`ParallelLayout`.
             ValueError: experts not divisible by ``ep``, a top-1 router that renormalises, a
@@ -420,7 +440,7 @@ class MoERouterConfig:
                 "equivalent: Megatron needs --moe-router-pre-softmax for top-1 routing, which "
                 "weights the expert by its softmax probability; use normalize_top_k=False"
             )
-        args = layout.to_megatron_args() + [
+        args = layout._megatron_sizes() + [
             "--num-experts", str(self.num_experts),
             "--moe-router-topk", str(self.top_k),
             "--moe-router-load-balancing-type", "aux_loss",
@@ -448,6 +468,12 @@ class MoERouterConfig:
         (plus ``ep_size`` groups created by the engine), and this dict is exactly those
         constructor arguments. ``capacity_factor=None`` maps to ``drop_tokens=False``;
         ``enable_expert_tensor_parallelism`` follows ``tp > 1``.
+
+        DeepSpeed versions: ``top2_2nd_expert_sampling`` (always given, False: the second
+        expert is the argmax, as ours) is a keyword of DeepSpeed releases from 2024 on (its
+        pull request 5156); older ones raise TypeError on it. ``top_k > 2`` needs a release
+        with its general top-k gate (pull request 5881, 2024); older ones accept k = 1 or 2
+        only.
 
         DeepSpeed has no switch for the gate weights: its top-1 gate weights the expert by its
         full-softmax probability (``normalize_top_k=False``), and its top-2 and top-k gates

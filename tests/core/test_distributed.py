@@ -275,12 +275,16 @@ def _argv_to_dict(argv):
 
 
 def test_megatron_layout_args():
-    layout = ParallelLayout.from_world_size(8, 2, 2, 2)
+    layout = ParallelLayout.from_world_size(8, 2, 2, 1)
     assert _argv_to_dict(layout.to_megatron_args()) == {
         "--tensor-model-parallel-size": "2",
         "--pipeline-model-parallel-size": "2",
-        "--expert-model-parallel-size": "2",
+        "--expert-model-parallel-size": "1",
     }
+    # Megatron refuses expert parallelism without --num-experts: the router's flags have it.
+    with pytest.raises(ValueError, match=r"expert_parallel_size=2 needs Megatron-LM's MoE "
+                       r"flags .* MoERouterConfig.to_megatron"):  # fmt: skip
+        ParallelLayout.from_world_size(8, 2, 2, 2).to_megatron_args()
 
 
 def test_megatron_router_args():
@@ -576,8 +580,9 @@ def test_make_mesh_splits_physical_axes_when_the_topology_needs_it(devices, monk
 
 
 def test_megatron_expert_parallel_size_is_ep_not_dp_times_ep():
-    args = ParallelLayout(dp=2, tp=1, pp=1, ep=2).to_megatron_args()
-    assert args == [
+    router = MoERouterConfig(num_experts=4, top_k=2)
+    args = router.to_megatron(ParallelLayout(dp=2, tp=1, pp=1, ep=2), num_moe_layers=1)
+    assert args[:6] == [
         "--tensor-model-parallel-size", "1",
         "--pipeline-model-parallel-size", "1",
         "--expert-model-parallel-size", "2",
