@@ -31,6 +31,8 @@ from novarl_jax.core.utils.advantages import (
     scores_to_token_rewards,
     sequence_scores,
 )
+from novarl_jax.models import RopeScaling
+from novarl_jax.models.layers import rotary_cos_sin
 
 B, T, V, GROUP = 16, 7, 5, 4
 GAMMA, LAM, EPS = 0.9, 0.8, 1e-8
@@ -60,6 +62,7 @@ def _inputs(seed):
         logprobs=-np.abs(normal(B, T)),
         old_logprobs=-np.abs(normal(B, T)),
         logits=3 * normal(B, T, V),
+        positions=rng.integers(0, 16, size=(B, T)).astype(np.int32),
     )
 
 
@@ -158,6 +161,24 @@ def np_sequence_log_ratio(x):
     return np.broadcast_to(per_row[:, None], diff.shape)
 
 
+def np_llama3_rotary(positions, head_dim=8, theta=500.0):
+    """cos and sin of Llama 3.1's scaled rotary embedding (factor 8, bands 1 and 4, from 64)."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelength = 2 * np.pi / inv
+    blend = (64 / wavelength - 1.0) / (4.0 - 1.0)
+    scaled = np.where(
+        wavelength < 64 / 4,
+        inv,
+        np.where(wavelength > 64, inv / 8, (1 - blend) * inv / 8 + blend * inv),
+    )
+    angles = positions[..., None].astype(np.float64) * scaled
+    angles = np.concatenate([angles, angles], -1)
+    return np.cos(angles), np.sin(angles)
+
+
+LLAMA3 = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=64)  # fmt: skip
+
 # ----------------------------------------------------------------- the cases
 
 # name -> (function of the inputs dict, NumPy float64 reference of the same dict)
@@ -243,6 +264,10 @@ CASES = {
     "entropy_from_logits": (
         lambda x: entropy_from_logits(x["logits"], temperature=0.7),
         lambda x: np_entropy(x["logits"], 0.7),
+    ),
+    "rotary_cos_sin_llama3": (
+        lambda x: rotary_cos_sin(x["positions"], 8, 500.0, LLAMA3),
+        lambda x: np_llama3_rotary(x["positions"]),
     ),
 }
 

@@ -3,7 +3,7 @@
 The public API is exactly what this module re-exports.
 """
 
-from novarl_jax.models.config import ModelConfig
+from novarl_jax.models.config import ModelConfig, RopeScaling
 from novarl_jax.models.hf import load_hf_model, save_hf_model
 from novarl_jax.models.shared_prompt import forward_shared_prompt
 from novarl_jax.models.transformer import (
@@ -22,6 +22,7 @@ from novarl_jax.models.transformer import (
 __all__ = [
     "KVCache",
     "ModelConfig",
+    "RopeScaling",
     "cache_logical_axes",
     "cast_params",
     "forward",

@@ -75,6 +75,77 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                     "original_max_position_embeddings")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """Llama 3.1's rotary frequency scaling (``rope_type: 'llama3'`` in config.json), which
+    Llama 3.1, 3.2 and 3.3 checkpoints use to stretch a context of
+    ``original_max_position_embeddings`` tokens by ``factor``.
+
+    With ``L = original_max_position_embeddings`` and each rotary frequency's wavelength
+    ``w = 2 pi / inv_freq``: frequencies whose wavelength is longer than ``L /
+    low_freq_factor`` are divided by ``factor``, those shorter than ``L / high_freq_factor``
+    are kept, and between the two ``inv_freq`` is blended linearly in ``s = (L / w -
+    low_freq_factor) / (high_freq_factor - low_freq_factor)``: ``(1 - s) * inv_freq / factor
+    + s * inv_freq``. Attention is not rescaled.
+
+    Raises:
+        ValueError: a value that is not a finite number, ``factor < 1``, frequency factors
+            that are not ``0 < low_freq_factor < high_freq_factor``, or a non-integer or
+            non-positive ``original_max_position_embeddings`` (naming the key).
+    """
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        for name in ROPE_SCALING_KEYS:
+            value = getattr(self, name)
+            if isinstance(value, np.generic):
+                object.__setattr__(self, name, value.item())
+                value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise ValueError(f"rope_scaling {name} must be a finite number, got {value!r}")
+        if not self.factor >= 1:
+            raise ValueError(f"rope_scaling factor must be >= 1, got {self.factor!r}")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(
+                f"rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                f"{self.low_freq_factor!r} and {self.high_freq_factor!r}"
+            )
+        length = self.original_max_position_embeddings
+        if isinstance(length, float) and length.is_integer():
+            object.__setattr__(self, "original_max_position_embeddings", int(length))
+            length = int(length)
+        if not _is_int(length) or length < 1:
+            raise ValueError(
+                f"rope_scaling original_max_position_embeddings must be an integer >= 1, got "
+                f"{length!r}"
+            )
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @classmethod
+    def from_mapping(cls, block: Mapping[str, Any], where: str) -> RopeScaling:
+        """The scaling of a config.json rope block (``where`` names it in errors)."""
+        missing = [k for k in ROPE_SCALING_KEYS if k not in block]
+        if missing:
+            raise ValueError(f"config {where} of rope_type 'llama3' lacks {missing}")
+        try:
+            return cls(**{k: block[k] for k in ROPE_SCALING_KEYS})
+        except ValueError as e:
+            raise ValueError(f"config {where}: {e}") from None
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The config.json entries (with ``rope_type: 'llama3'``)."""
+        return {"rope_type": "llama3", **{k: getattr(self, k) for k in ROPE_SCALING_KEYS}}
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -101,6 +172,8 @@ class ModelConfig:
         num_local_experts: E, experts per layer; 0 = dense MLP (Llama/Mistral).
         num_experts_per_tok: K, experts each token is routed to (<= E).
         rope_theta: rotary base wavelength.
+        rope_scaling: Llama 3.1's rotary frequency scaling (a :class:`RopeScaling`, or a
+            mapping of its fields), None for plain rotary embeddings.
         rms_norm_eps: epsilon inside RMSNorm's square root.
         max_position_embeddings: longest sequence the model is meant for (positions are not
             clipped to it; it is recorded for config.json and cache sizing).
@@ -144,6 +217,7 @@ class ModelConfig:
     num_local_experts: int = 0
     num_experts_per_tok: int = 2
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
     sliding_window: int | None = None
@@ -241,6 +315,20 @@ class ModelConfig:
             )
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        if isinstance(self.rope_scaling, Mapping):
+            block = {k: v for k, v in self.rope_scaling.items() if k not in ("rope_type", "type")}
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "llama3"))
+            if rope_type != "llama3" or set(block) != set(ROPE_SCALING_KEYS):
+                raise ValueError(
+                    f"rope_scaling must have rope_type 'llama3' and exactly the keys "
+                    f"{list(ROPE_SCALING_KEYS)}, got {dict(self.rope_scaling)!r}"
+                )
+            object.__setattr__(self, "rope_scaling", RopeScaling(**block))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(
+                f"rope_scaling must be a RopeScaling, a mapping of its fields or None, got "
+                f"{self.rope_scaling!r}"
+            )
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
@@ -372,7 +460,7 @@ class ModelConfig:
             if flag:
                 raise ValueError(f"config {key}=true is not supported (no biases in this model)")
         defaults = _HF_DEFAULTS[model_type]
-        rope_theta = _hf_rope_theta(hf_config, defaults["rope_theta"])
+        rope_theta, rope_scaling = _hf_rope(hf_config, defaults["rope_theta"], model_type)
         max_pos = hf_config.get("max_position_embeddings", defaults["max_position_embeddings"])
         # Llama has no window: transformers ignores a sliding_window key in its config.
         window = (
@@ -405,6 +493,7 @@ class ModelConfig:
             if k in hf_config or k in defaults
         }
         kwargs["rope_theta"] = float(rope_theta)
+        kwargs["rope_scaling"] = rope_scaling
         kwargs["max_position_embeddings"] = max_pos
         kwargs["sliding_window"] = window
         if model_type == "mixtral":
@@ -440,6 +529,11 @@ class ModelConfig:
                 f"{self.num_local_experts}; use 'mixtral' for MoE and 'llama' or 'mistral' "
                 f"for dense models"
             )
+        if model_type != "llama" and self.rope_scaling is not None:
+            raise ValueError(
+                f"model_type={model_type!r} has no 'llama3' rotary scaling; this model's "
+                f"rope_scaling needs model_type='llama'"
+            )
         if model_type == "llama" and self.sliding_window is not None:
             raise ValueError(
                 f"model_type='llama' has no sliding window; this model's sliding_window="
@@ -454,6 +548,12 @@ class ModelConfig:
         # Written both ways: transformers 5 reads rope_parameters, older releases rope_theta.
         out["rope_theta"] = float(self.rope_theta)
         out["rope_parameters"] = {"rope_theta": float(self.rope_theta), "rope_type": "default"}
+        if self.rope_scaling is not None:
+            out["rope_parameters"] = {
+                "rope_theta": float(self.rope_theta),
+                **self.rope_scaling.to_mapping(),
+            }
+            out["rope_scaling"] = self.rope_scaling.to_mapping()
         out["torch_dtype"] = self.dtype
         if model_type == "mixtral":
             out["num_local_experts"] = self.num_local_experts
@@ -468,8 +568,11 @@ class ModelConfig:
         return out
 
 
-def _hf_rope_theta(hf_config: Mapping[str, Any], default: float) -> float:
-    """rope_theta from either config.json convention; rejects rescaled rotary types."""
+def _hf_rope(
+    hf_config: Mapping[str, Any], default: float, model_type: str
+) -> tuple[float, RopeScaling | None]:
+    """rope_theta and the rotary scaling from either config.json convention; rejects
+    rotary types other than plain ('default') and Llama 3.1's ('llama3', Llama only)."""
     params = hf_config.get("rope_parameters")
     scaling = hf_config.get("rope_scaling")
     for key, block in (("rope_parameters", params), ("rope_scaling", scaling)):
@@ -478,14 +581,25 @@ def _hf_rope_theta(hf_config: Mapping[str, Any], default: float) -> float:
         if not isinstance(block, Mapping):
             raise ValueError(f"config {key} must be a mapping or null, got {block!r}")
         rope_type = block.get("rope_type", block.get("type", "default"))
-        if rope_type != "default":
+        if rope_type not in ("default", "llama3") or (
+            rope_type == "llama3" and model_type != "llama"
+        ):
+            supported = "'default' and, for Llama, 'llama3'"
             raise ValueError(
-                f"config {key}.rope_type={rope_type!r} is not supported; only 'default' rotary "
-                f"embeddings are implemented"
+                f"config {key}.rope_type={rope_type!r} is not supported for model_type="
+                f"{model_type!r}; the rotary embeddings implemented: {supported}"
             )
     # transformers' order: a (legacy) non-empty rope_scaling block replaces rope_parameters,
     # and the block's rope_theta wins over the top-level key.
     key, block = ("rope_scaling", scaling) if scaling else ("rope_parameters", params)
+    rope = None
+    if isinstance(block, Mapping) and block.get("rope_type", block.get("type")) == "llama3":
+        rope = RopeScaling.from_mapping(block, key)
+    return _hf_rope_theta(hf_config, default, key, block), rope
+
+
+def _hf_rope_theta(hf_config: Mapping[str, Any], default: float, key: str, block: Any) -> float:
+    """rope_theta: the rope block's (``key``), else the top-level key, else ``default``."""
     if isinstance(block, Mapping) and "rope_theta" in block:
         key, theta = f"{key}.rope_theta", block["rope_theta"]
     else:

@@ -375,7 +375,7 @@ def _moe_from_hf(config: ModelConfig, tensors: Any, lp: str, get: Callable) -> A
 def load_hf_model(
     path: str | os.PathLike, *, mesh: Any = None, host: bool = False, **config_overrides: Any
 ) -> tuple[ModelConfig, dict[str, Any]]:
-    """Reads a Hugging Face Mixtral / Mistral / Llama checkpoint directory.
+    """Reads a Hugging Face Mixtral / Mistral / Llama (1-3.3) checkpoint directory.
 
     Args:
         path: directory with ``config.json`` and safetensors file(s).

@@ -74,7 +74,7 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(
-    positions: ArrayLike, head_dim: int, theta: float
+    positions: ArrayLike, head_dim: int, theta: float, scaling: Any = None
 ) -> tuple[jax.Array, jax.Array]:
     """Cosines and sines of the rotary embedding (RoFormer, Su et al., 2021).
 
@@ -86,15 +86,31 @@ def rotary_cos_sin(
         positions: [B, T] integer positions.
         head_dim: Dh (even).
         theta: rotary base wavelength.
+        scaling: a :class:`~novarl_jax.models.config.RopeScaling` (Llama 3.1's frequency
+            scaling) applied to ``inv_freq``, or None.
 
     Returns:
         (cos, sin), each [B, T, Dh] float32.
     """
     exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
     inv_freq = 1.0 / (jnp.float32(theta) ** exponents)
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     angles = jnp.asarray(positions).astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
+
+
+def llama3_inv_freq(inv_freq: jax.Array, scaling: Any) -> jax.Array:
+    """Rotary frequencies under Llama 3.1's scaling (see
+    :class:`~novarl_jax.models.config.RopeScaling` for the rule), float32."""
+    length = float(scaling.original_max_position_embeddings)
+    low, high, factor = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
+    wavelength = 2.0 * jnp.pi / inv_freq
+    blend = (length / wavelength - low) / (high - low)
+    middle = (1.0 - blend) * inv_freq / factor + blend * inv_freq
+    out = jnp.where(wavelength > length / low, inv_freq / factor, middle)
+    return jnp.where(wavelength < length / high, inv_freq, out).astype(jnp.float32)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

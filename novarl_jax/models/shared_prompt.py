@@ -149,13 +149,14 @@ def forward_shared_prompt(
     # The prompts: the first row of every group.
     prompt_mask = _first_of_groups(attention_mask[:, :p], n)
     prompt_cos, prompt_sin = rotary_cos_sin(
-        _first_of_groups(positions[:, :p], n), config.head_dim, config.rope_theta
-    )
+        _first_of_groups(positions[:, :p], n), config.head_dim, config.rope_theta,
+        config.rope_scaling,
+    )  # fmt: skip
     prompt_attn = attention_mask_for(prompt_mask, prompt_mask, jnp.zeros((), jnp.int32))
     # The completions: every row, attending to its group's prompt slots [0, P) first.
     completion_mask = attention_mask[:, p:]
     completion_cos, completion_sin = rotary_cos_sin(
-        positions[:, p:], config.head_dim, config.rope_theta
+        positions[:, p:], config.head_dim, config.rope_theta, config.rope_scaling
     )
     completion_attn = cached_attention_mask(
         completion_mask, _repeat_rows(prompt_mask, n), jnp.asarray(p, jnp.int32)

@@ -255,7 +255,9 @@ class DecoderLayer(nn.Module):
 def _layer_params_init(config: ModelConfig, key: jax.Array) -> dict[str, Any]:
     """One layer's parameters (unstacked), by running the layer on a dummy token."""
     x = jnp.zeros((1, 1, config.hidden_size), config.param_dtype)
-    cos, sin = rotary_cos_sin(jnp.zeros((1, 1), jnp.int32), config.head_dim, config.rope_theta)
+    cos, sin = rotary_cos_sin(
+        jnp.zeros((1, 1), jnp.int32), config.head_dim, config.rope_theta, config.rope_scaling
+    )
     mask = jnp.ones((1, 1, 1), bool)
     token_mask = jnp.ones((1, 1), jnp.int32)
     return DecoderLayer(config).init(key, x, cos, sin, mask, token_mask)["params"]
@@ -988,7 +990,7 @@ def _forward(
         key_mask = jax.lax.dynamic_update_slice(
             cache.key_mask, attention_mask.astype(cache.key_mask.dtype), (0, first_slot)
         )
-    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
+    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_scaling)
 
     x = constrain(embed(params, tokens), _ACT, mesh)
     run = dict(config=config, train=train, return_routing=return_routing)

@@ -285,7 +285,7 @@ def _model_rows(spec: RunSpec, run: Any) -> list[tuple[str, str, str]]:
             "architecture",
             f"{policy.num_hidden_layers} layers, hidden {policy.hidden_size}, "
             f"{policy.num_attention_heads} heads of width {policy.head_dim} "
-            f"({policy.num_key_value_heads} KV), {mlp}",
+            f"({policy.num_key_value_heads} KV), {mlp}{_rotary(policy)}",
         ),
         ("model", "parameters (policy)", f"{count:,}"),
         ("model", "precision", _precision(policy)),
@@ -318,6 +318,17 @@ def _tp_split(policy: Any, tp: int) -> str:
     if whole:
         text += f"; replicated, as tp does not divide them: {', '.join(whole)}"
     return text
+
+
+def _rotary(policy: Any) -> str:
+    """The architecture row's note on a scaled rotary embedding ('' for plain ones)."""
+    scaling = policy.rope_scaling
+    if scaling is None:
+        return ""
+    return (
+        f"; rotary scaled x{scaling.factor:g} from {scaling.original_max_position_embeddings} "
+        "positions (llama3)"
+    )
 
 
 def _precision(policy) -> str:

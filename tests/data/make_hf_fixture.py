@@ -12,6 +12,9 @@ Outputs (each directory loadable with ``AutoModelForCausalLM.from_pretrained``):
                        [E, D, F], ``mlp.gate.weight``), i.e. the model's ``state_dict()``
                        written directly with safetensors.
     hf/llama/          LlamaForCausalLM with tied embeddings.
+    hf/llama3_rope/    LlamaForCausalLM with Llama 3.1's rotary scaling (rope_type 'llama3'),
+                       its bands chosen so that each of the rule's three cases holds for
+                       some frequency, and positions far enough apart for them to matter.
     hf/<name>/reference.npz: input_ids, attention_mask, position_ids [B, T] and the
                        float32 logits [B, T, V] transformers computes for them. Row 0 is
                        unpadded, row 1 is left-padded by 3 tokens.
@@ -35,18 +38,18 @@ HERE = pathlib.Path(__file__).resolve().parent / "hf"
 SEQ, PAD = 10, 3
 
 
-def _inputs(vocab: int) -> dict[str, np.ndarray]:
+def _inputs(vocab: int, position_stride: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(1234)
     ids = rng.integers(0, vocab, size=(2, SEQ)).astype(np.int64)
     mask = np.ones((2, SEQ), np.int64)
     mask[1, :PAD] = 0
     ids[1, :PAD] = 0
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0) * position_stride
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
 
-def _reference(model, out_dir: pathlib.Path, vocab: int) -> None:
-    inputs = _inputs(vocab)
+def _reference(model, out_dir: pathlib.Path, vocab: int, position_stride: int = 1) -> None:
+    inputs = _inputs(vocab, position_stride)
     with torch.no_grad():
         out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
     np.savez(
@@ -119,13 +122,38 @@ def make_llama() -> None:
     _reference(model, out_dir, config.vocab_size)
 
 
+def make_llama3_rope() -> None:
+    torch.manual_seed(2)
+    # head_dim 8, theta 500: wavelengths 6.3, 29.8, 140 and 664 against the bands 16 and 64
+    # (original length 64 / high and low frequency factors 4 and 1).
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_parameters={"rope_theta": 500.0, **scaling},
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    out_dir = _save(model, "llama3_rope")
+    _reference(model, out_dir, config.vocab_size, position_stride=37)
+
+
 def main() -> None:
     make_mixtral()
     make_llama()
+    make_llama3_rope()
     for path in sorted(HERE.rglob("*")):
         if path.is_file():
             print(f"{path.relative_to(HERE)}  {path.stat().st_size} bytes")
-    for name in ("mixtral", "mixtral_fused", "llama"):
+    for name in ("mixtral", "mixtral_fused", "llama", "llama3_rope"):
         keys = json.loads((HERE / name / "config.json").read_text()).get("architectures")
         print(name, keys, transformers.__version__)
 

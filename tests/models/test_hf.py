@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 from tiny_models import DENSE, MOE
 
 from novarl_jax.core.distributed import ParallelLayout
-from novarl_jax.models import ModelConfig, forward, init_params
+from novarl_jax.models import ModelConfig, RopeScaling, forward, init_params
 from novarl_jax.models import hf as hf_module
 from novarl_jax.models.hf import (
     load_hf_model,
@@ -38,7 +38,7 @@ def _equal_trees(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("name", ["mixtral", "mixtral_fused", "llama"])
+@pytest.mark.parametrize("name", ["mixtral", "mixtral_fused", "llama", "llama3_rope"])
 def test_logits_match_transformers(name):
     config, params = load_hf_model(DATA / name)
     ref = np.load(DATA / name / "reference.npz")
@@ -56,6 +56,86 @@ def test_logits_match_transformers(name):
     else:
         assert config.tie_word_embeddings and config.rope_theta == 500.0
         assert config.rms_norm_eps == 1e-6 and "lm_head" not in params
+    if name == "llama3_rope":  # its positions lie 37 apart: the scaled frequencies matter
+        assert config.rope_scaling == RopeScaling(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        )  # fmt: skip
+        plain, _, _ = jit_forward(
+            params, ref["input_ids"], config=config.replace(rope_scaling=None),
+            positions=ref["position_ids"], attention_mask=ref["attention_mask"],
+        )  # fmt: skip
+        assert np.abs(np.asarray(plain)[real] - ref["logits"][real]).max() > 1e-2
+
+
+def test_llama3_rotary_scaling_matches_a_numpy_reference():
+    """Each frequency band of the rule, in float64 against float32, under jit."""
+    from novarl_jax.models.layers import rotary_cos_sin
+
+    scaling = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=64)  # fmt: skip
+    head_dim, theta = 16, 500.0
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelength = 2 * np.pi / inv
+    want = []
+    for f, w in zip(inv, wavelength, strict=True):
+        if w < 64 / 4:
+            want.append(f)
+        elif w > 64 / 1:
+            want.append(f / 8)
+        else:
+            s = (64 / w - 1) / (4 - 1)
+            want.append((1 - s) * f / 8 + s * f)
+    bands = (wavelength < 16).sum(), ((wavelength >= 16) & (wavelength <= 64)).sum()
+    assert min(bands) >= 1 and (wavelength > 64).sum() >= 1  # every case is exercised
+    positions = np.array([[0, 1, 37, 500]])
+    angles = positions[..., None] * np.asarray(want)
+    cos, sin = jax.jit(rotary_cos_sin, static_argnums=(1, 2, 3))(
+        positions, head_dim, theta, scaling
+    )
+    np.testing.assert_allclose(cos, np.cos(np.concatenate([angles, angles], -1)), atol=2e-5)
+    np.testing.assert_allclose(sin, np.sin(np.concatenate([angles, angles], -1)), atol=2e-5)
+
+
+def test_rope_scaling_round_trips_through_config_json_and_bad_values_are_named(tmp_path):
+    config, params = load_hf_model(DATA / "llama3_rope")
+    hf = config.to_hf_config()
+    want = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    assert hf["rope_scaling"] == want and hf["rope_parameters"] == {"rope_theta": 500.0, **want}
+    assert ModelConfig.from_hf_config(hf) == config
+    # A transformers 4 config.json: the block in rope_scaling, rope_theta at the top level.
+    legacy = {k: v for k, v in hf.items() if k != "rope_parameters"}
+    assert ModelConfig.from_hf_config(legacy) == config
+    save_hf_model(tmp_path / "out", config, params)
+    again, _ = load_hf_model(tmp_path / "out")
+    assert again == config
+    # A mapping is taken as the scaling's fields; the config stays hashable (a jit argument).
+    assert ModelConfig(**{**_fields(config), "rope_scaling": want}) == config
+    hash(config)
+    for block, match in (
+        ({**want, "factor": 0.5}, r"rope_scaling factor must be >= 1, got 0.5"),
+        ({**want, "low_freq_factor": 4.0}, r"needs 0 < low_freq_factor < high_freq_factor"),
+        ({**want, "original_max_position_embeddings": "64"}, r"must be a finite number"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ModelConfig.from_hf_config({**legacy, "rope_scaling": block})
+    block = {k: v for k, v in want.items() if k != "high_freq_factor"}
+    with pytest.raises(ValueError, match=r"rope_scaling of rope_type 'llama3' lacks "
+                       r"\['high_freq_factor'\]"):  # fmt: skip
+        ModelConfig.from_hf_config({**legacy, "rope_scaling": block})
+    with pytest.raises(ValueError, match=r"rope_type='yarn' is not supported for model_type="):
+        ModelConfig.from_hf_config({**legacy, "rope_scaling": {**want, "rope_type": "yarn"}})
+    mistral = {**legacy, "model_type": "mistral", "sliding_window": None}
+    with pytest.raises(ValueError, match=r"rope_type='llama3' is not supported for model_type="
+                       r"'mistral'"):  # fmt: skip
+        ModelConfig.from_hf_config(mistral)
+    with pytest.raises(ValueError, match=r"model_type='mistral' has no 'llama3' rotary scaling"):
+        config.to_hf_config("mistral")
+
+
+def _fields(config):
+    return {f: getattr(config, f) for f in config.__dataclass_fields__}
 
 
 def test_both_mixtral_layouts_give_identical_params():

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
-from tiny_models import DENSE, MESH_CONFIG, MOE, scaled
+from tiny_models import DENSE, LLAMA3_ROPE, MESH_CONFIG, MOE, scaled
 
 from novarl_jax.core import sharding as shd
 from novarl_jax.core.distributed import ParallelLayout
@@ -40,7 +40,7 @@ def _run(fn, params, config, tokens, mask, positions, **kw):
     return fn(params, tokens, config, positions=positions, attention_mask=mask, **kw)
 
 
-@pytest.mark.parametrize("config", [DENSE, MOE], ids=["dense", "moe"])
+@pytest.mark.parametrize("config", [DENSE, MOE, LLAMA3_ROPE], ids=["dense", "moe", "llama3_rope"])
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_outputs_equal_the_full_forward(config, use_jit):
     params = scaled(init_params(config, jax.random.key(1)))

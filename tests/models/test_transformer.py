@@ -12,7 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding
-from tiny_models import DENSE, MESH_CONFIG, MOE, TINY, decode_steps, padded_batch, scaled
+from tiny_models import (
+    DENSE,
+    LLAMA3_ROPE,
+    MESH_CONFIG,
+    MOE,
+    TINY,
+    decode_steps,
+    padded_batch,
+    scaled,
+)
 
 from novarl_jax.core import sharding as shd
 from novarl_jax.core.distributed import ParallelLayout
@@ -198,8 +207,12 @@ def test_from_hf_config_fills_missing_keys_with_each_architectures_own_defaults(
         (dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
         (dict(attention_bias=True), "attention_bias=true is not supported"),
         (
+            dict(rope_parameters={"rope_theta": 1.0, "rope_type": "yarn"}),
+            r"rope_parameters.rope_type='yarn' is not supported",
+        ),
+        (
             dict(rope_parameters={"rope_theta": 1.0, "rope_type": "llama3"}),
-            r"rope_parameters.rope_type='llama3' is not supported",
+            r"rope_parameters of rope_type 'llama3' lacks \['factor', 'low_freq_factor'",
         ),
         (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling.rope_type='linear'"),
         (dict(vocab_size=None), "vocab_size must be an integer >= 1, got None"),
@@ -811,7 +824,9 @@ def test_router_replay_and_capacity():
 # KV cache
 
 
-@pytest.mark.parametrize("config,side", [(DENSE, "left"), (MOE, "left"), (MOE, "right")])
+@pytest.mark.parametrize(
+    "config,side", [(DENSE, "left"), (MOE, "left"), (MOE, "right"), (LLAMA3_ROPE, "left")]
+)
 def test_kv_cache_decode_equals_full_forward(config, side):
     b, p, n = 3, 6, 4
     params = scaled(init_params(config, jax.random.key(1)))

@@ -16,6 +16,12 @@ TINY = dict(
 )
 DENSE = ModelConfig(**TINY, tie_word_embeddings=True)
 MOE = ModelConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, value_head=True)
+# Llama 3.1's rotary scaling; with head_dim 8 and theta 1e4 the wavelengths (6.3, 63, 628,
+# 6283) fall in the blended band (4, 16) once and above it three times.
+LLAMA3_ROPE = DENSE.replace(
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+)  # fmt: skip
 
 MESH_CONFIG = ModelConfig(
     vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,

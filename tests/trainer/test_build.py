@@ -1,6 +1,7 @@
 """Building a run from config: tokenizer files, stop tokens, errors naming their keys."""
 
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -869,3 +870,14 @@ def test_conversation_prompts_are_laid_out_by_the_chat_template(tmp_path):
         HFTokenizer(
             str(tmp_path / "tokenizer.json"), pad_token="<pad>", eos_token="</s>"
         ).encode_batch([conversation])
+
+
+def test_checklist_names_a_scaled_rotary_embedding():
+    from configs import copy
+
+    config = copy.get_config()
+    config.model.init_from = str(pathlib.Path(__file__).parents[1] / "data" / "hf" / "llama3_rope")
+    row = _checklist(config, with_run=True)["architecture"]
+    assert row.endswith("dense MLP; rotary scaled x8 from 64 positions (llama3)")
+    config.model.init_from = config.model.init_from.replace("llama3_rope", "llama")
+    assert _checklist(config, with_run=True)["architecture"].endswith("dense MLP")
