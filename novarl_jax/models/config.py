@@ -30,6 +30,7 @@ HF_ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "mistral": "MistralForCausalLM",
     "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
 }
 # Each architecture's own defaults in transformers, used for keys config.json leaves out
 # (``num_key_value_heads`` None: one KV head per attention head). Mistral's sliding window
@@ -41,6 +42,9 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
                 "max_position_embeddings": 131072, "sliding_window": 4096},
     "llama": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "num_key_value_heads": None,
               "max_position_embeddings": 2048, "sliding_window": None},
+    # Qwen2's window applies only with use_sliding_window (see from_hf_config).
+    "qwen2": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "num_key_value_heads": 32,
+              "max_position_embeddings": 32768, "sliding_window": None},
 }  # fmt: skip
 
 # The ModelConfig fields that are copied from/to config.json as they are.
@@ -59,7 +63,7 @@ _HF_FIELDS = (
 
 
 # Fields that must be real bools (``"false"`` or 1 would silently mean True).
-_BOOL_FIELDS = ("tie_word_embeddings", "value_head", "remat")
+_BOOL_FIELDS = ("tie_word_embeddings", "qkv_bias", "value_head", "remat")
 # Real-valued fields: (name, may be None).
 _FLOAT_FIELDS = (
     ("rope_theta", False),
@@ -183,6 +187,9 @@ class ModelConfig:
             it; it is recorded so that config.json keeps the window (a dense model with a
             window is written as Mistral, which has one, not Llama).
         tie_word_embeddings: the LM head reuses the token embedding matrix.
+        qkv_bias: biases on the query, key and value projections (Qwen2's attention; the
+            output projection has none). A MoE model with them has no Hugging Face
+            architecture to be written as.
         router_aux_loss_coef: weight of the load-balancing loss (Hugging Face's name).
         router_z_loss_coef: weight of the router z-loss.
         capacity_factor: training capacity factor of every MoE layer; None = dropless.
@@ -222,6 +229,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     sliding_window: int | None = None
     tie_word_embeddings: bool = False
+    qkv_bias: bool = False
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.001
     capacity_factor: float | None = None
@@ -404,12 +412,13 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-        """Reads a Hugging Face Mixtral, Mistral or Llama ``config.json`` dict.
+        """Reads a Hugging Face Mixtral, Mistral, Llama or Qwen2 ``config.json`` dict.
 
         Both the top-level ``rope_theta`` (transformers 4) and transformers 5's
-        ``rope_parameters: {rope_theta, rope_type}`` are understood; only the default rotary
-        type is supported. Our own fields (capacity factor, value head, dtype ...) are not
-        in config.json: pass them as ``overrides``.
+        ``rope_parameters: {rope_theta, rope_type}`` are understood; the rotary types read are
+        the default and, for Llama, Llama 3.1's 'llama3' scaling (:class:`RopeScaling`).
+        Qwen2's query, key and value biases set ``qkv_bias``. Our own fields (capacity
+        factor, value head, dtype ...) are not in config.json: pass them as ``overrides``.
 
         Args:
             hf_config: the parsed config.json.
@@ -418,16 +427,17 @@ class ModelConfig:
         Raises:
             TypeError: ``hf_config`` is not a mapping.
             ValueError: an unknown ``model_type``, a value of the wrong type, or a feature
-                this model does not implement (non-SiLU activation, biases, scaled/rescaled
-                rotary, a ``max_position_embeddings`` override longer than the config's
-                ``sliding_window``), named by its key.
+                this model does not implement (non-SiLU activation, Llama's attention or MLP
+                biases, other rotary scalings, a ``max_position_embeddings`` override longer
+                than the config's ``sliding_window``), named by its key.
 
         A ``sliding_window`` shorter than ``max_position_embeddings`` (Mistral's default
         4096) is read as ``max_position_embeddings = sliding_window``: within the window,
         sliding-window attention is full attention, and the sampler and trainer refuse
         longer sequences, so no sequence runs where the two differ. The window is kept as
         ``sliding_window`` and written back by :meth:`to_hf_config`. Llama has no window:
-        its config's ``sliding_window`` key is ignored, as transformers ignores it.
+        its config's ``sliding_window`` key is ignored, as transformers ignores it; nor does
+        Qwen2 unless ``use_sliding_window`` (or its ``layer_types``) turns the window on.
 
         Example:
             >>> cfg = ModelConfig.from_hf_config({"model_type": "llama", "vocab_size": 64,
@@ -462,12 +472,19 @@ class ModelConfig:
         defaults = _HF_DEFAULTS[model_type]
         rope_theta, rope_scaling = _hf_rope(hf_config, defaults["rope_theta"], model_type)
         max_pos = hf_config.get("max_position_embeddings", defaults["max_position_embeddings"])
-        # Llama has no window: transformers ignores a sliding_window key in its config.
-        window = (
-            None
-            if model_type == "llama"
-            else hf_config.get("sliding_window", defaults["sliding_window"])
-        )
+        # Llama has no window: transformers ignores a sliding_window key in its config. Qwen2
+        # windows only with use_sliding_window (and then the layers from max_window_layers
+        # on, which its layer_types lists).
+        if model_type == "llama":
+            window = None
+        elif model_type == "qwen2":
+            layer_types = hf_config.get("layer_types") or []
+            windowed = hf_config.get("use_sliding_window", False) is True or (
+                isinstance(layer_types, list) and "sliding_attention" in layer_types
+            )
+            window = hf_config.get("sliding_window") if windowed else None
+        else:
+            window = hf_config.get("sliding_window", defaults["sliding_window"])
         if window is not None and (not _is_int(window) or window < 1):
             raise ValueError(
                 f"config sliding_window must be an integer >= 1 or null, got {window!r}"
@@ -496,6 +513,7 @@ class ModelConfig:
         kwargs["rope_scaling"] = rope_scaling
         kwargs["max_position_embeddings"] = max_pos
         kwargs["sliding_window"] = window
+        kwargs["qkv_bias"] = model_type == "qwen2"  # Qwen2's q/k/v projections have biases
         if model_type == "mixtral":
             kwargs["num_local_experts"] = hf_config.get(
                 "num_local_experts", hf_config.get("num_experts", 8)
@@ -509,16 +527,23 @@ class ModelConfig:
         """A Hugging Face ``config.json`` dict (transformers 4 and 5 both read it).
 
         Args:
-            model_type: 'mixtral', 'mistral' or 'llama'; default 'mixtral' for MoE models
-                and, for dense ones, 'mistral' with a ``sliding_window`` and 'llama'
-                without. A MoE model can only be written as 'mixtral'.
+            model_type: 'mixtral', 'mistral', 'llama' or 'qwen2'; default 'mixtral' for MoE
+                models and, for dense ones, 'qwen2' with ``qkv_bias``, else 'mistral' with a
+                ``sliding_window`` and 'llama' without. A MoE model can only be written as
+                'mixtral', and a model with q/k/v biases only as 'qwen2' (and the reverse).
 
         Raises:
-            ValueError: an unknown model_type, a MoE config with a dense model_type, or
-                'llama' for a model with a ``sliding_window`` (Llama has none).
+            ValueError: an unknown model_type, a MoE config with a dense model_type, 'llama'
+                for a model with a ``sliding_window`` (Llama has none), or a model_type whose
+                attention does not match ``qkv_bias``.
         """
         if model_type is None:
-            model_type = "mixtral" if self.is_moe else "mistral" if self.sliding_window else "llama"
+            model_type = (
+                "mixtral" if self.is_moe
+                else "qwen2" if self.qkv_bias
+                else "mistral" if self.sliding_window
+                else "llama"
+            )  # fmt: skip
         if model_type not in HF_ARCHITECTURES:
             raise ValueError(
                 f"model_type={model_type!r} is not supported; supported: {sorted(HF_ARCHITECTURES)}"
@@ -526,8 +551,13 @@ class ModelConfig:
         if (model_type == "mixtral") != self.is_moe:
             raise ValueError(
                 f"model_type={model_type!r} does not match num_local_experts="
-                f"{self.num_local_experts}; use 'mixtral' for MoE and 'llama' or 'mistral' "
-                f"for dense models"
+                f"{self.num_local_experts}; use 'mixtral' for MoE and 'llama', 'mistral' or "
+                f"'qwen2' for dense models"
+            )
+        if (model_type == "qwen2") != self.qkv_bias:
+            raise ValueError(
+                f"model_type={model_type!r} does not match qkv_bias={self.qkv_bias}: only "
+                f"'qwen2' has biases on the query, key and value projections"
             )
         if model_type != "llama" and self.rope_scaling is not None:
             raise ValueError(
@@ -562,6 +592,11 @@ class ModelConfig:
             out["sliding_window"] = self.sliding_window
         elif model_type == "mistral":
             out["sliding_window"] = self.sliding_window
+        elif model_type == "qwen2":
+            # Every layer windowed when there is a window (from layer 0 on), none otherwise.
+            out["use_sliding_window"] = self.sliding_window is not None
+            out["sliding_window"] = self.sliding_window
+            out["max_window_layers"] = 0 if self.sliding_window else self.num_hidden_layers
         else:
             out["attention_bias"] = False
             out["mlp_bias"] = False

@@ -305,6 +305,10 @@ def params_from_hf_tensors(
                 "o_proj": get(lp + "self_attn.o_proj.weight", (d, n * dh)).T.reshape(n, dh, d),
             },
         }
+        if config.qkv_bias:
+            for name, heads in (("q", n), ("k", nkv), ("v", nkv)):
+                bias = get(f"{lp}self_attn.{name}_proj.bias", (heads * dh,))
+                layer["attn"][f"{name}_bias"] = bias.reshape(heads, dh)
         if config.is_moe:
             layer["moe"] = _moe_from_hf(config, tensors, lp, get)
         else:
@@ -375,7 +379,7 @@ def _moe_from_hf(config: ModelConfig, tensors: Any, lp: str, get: Callable) -> A
 def load_hf_model(
     path: str | os.PathLike, *, mesh: Any = None, host: bool = False, **config_overrides: Any
 ) -> tuple[ModelConfig, dict[str, Any]]:
-    """Reads a Hugging Face Mixtral / Mistral / Llama (1-3.3) checkpoint directory.
+    """Reads a Hugging Face Mixtral / Mistral / Llama (1-3.3) / Qwen2 checkpoint directory.
 
     Args:
         path: directory with ``config.json`` and safetensors file(s).
@@ -434,7 +438,8 @@ def load_hf_model(
             raise ValueError(
                 f"{directory}: unexpected tensor {first!r} in {tensors.where[first].name}: "
                 f"not a weight of this config (num_hidden_layers={config.num_hidden_layers}, "
-                f"num_local_experts={config.num_local_experts}, no biases); "
+                f"num_local_experts={config.num_local_experts}, "
+                f"{'q/k/v biases only' if config.qkv_bias else 'no biases'}); "
                 f"{len(unexpected)} unexpected tensor(s) in all"
             )
     except ValueError as e:
@@ -476,6 +481,9 @@ def params_to_hf_tensors(config: ModelConfig, params: Any) -> dict[str, np.ndarr
         out[lp + "self_attn.k_proj.weight"] = attn["k_proj"].reshape(d, nkv * dh).T
         out[lp + "self_attn.v_proj.weight"] = attn["v_proj"].reshape(d, nkv * dh).T
         out[lp + "self_attn.o_proj.weight"] = attn["o_proj"].reshape(n * dh, d).T
+        if config.qkv_bias:
+            for name in ("q", "k", "v"):
+                out[f"{lp}self_attn.{name}_proj.bias"] = attn[f"{name}_bias"].reshape(-1)
         if config.is_moe:
             moe_i = jax.tree.map(lambda x, i=i: x[i], layers["moe"])
             router, w1, w3, w2 = (np.asarray(x) for x in moe_lib.moe_params_to_per_expert(moe_i))

@@ -337,7 +337,8 @@ class Attention(nn.Module):
     Scores and softmax are float32.
 
     Parameters: ``q_proj`` [D, N, Dh], ``k_proj`` / ``v_proj`` [D, N_kv, Dh],
-    ``o_proj`` [N, Dh, D].
+    ``o_proj`` [N, Dh, D]; with ``qkv_bias`` (Qwen2's attention) also ``q_bias`` [N, Dh] and
+    ``k_bias`` / ``v_bias`` [N_kv, Dh], added to the projections before the rotary embedding.
     """
 
     num_heads: int
@@ -346,6 +347,7 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
     mesh: Any = None
     return_kv: bool = False
+    qkv_bias: bool = False
 
     @nn.compact
     def __call__(
@@ -377,9 +379,17 @@ class Attention(nn.Module):
         wo = self.param("o_proj", DEFAULT_INIT, (n, dh, d), dt)
         q_names = (shd.BATCH, shd.LENGTH, shd.HEADS, shd.HEAD_DIM)
         kv_names = (shd.BATCH, shd.LENGTH, shd.KV_HEADS, shd.HEAD_DIM)
-        q = constrain(jnp.einsum("btd,dnh->btnh", x, wq), q_names, self.mesh)
-        k = constrain(jnp.einsum("btd,dnh->btnh", x, wk), kv_names, self.mesh)
-        v = constrain(jnp.einsum("btd,dnh->btnh", x, wv), kv_names, self.mesh)
+        q = jnp.einsum("btd,dnh->btnh", x, wq)
+        k = jnp.einsum("btd,dnh->btnh", x, wk)
+        v = jnp.einsum("btd,dnh->btnh", x, wv)
+        if self.qkv_bias:
+            zeros = nn.initializers.zeros
+            q = q + self.param("q_bias", zeros, (n, dh), dt).astype(q.dtype)
+            k = k + self.param("k_bias", zeros, (nkv, dh), dt).astype(k.dtype)
+            v = v + self.param("v_bias", zeros, (nkv, dh), dt).astype(v.dtype)
+        q = constrain(q, q_names, self.mesh)
+        k = constrain(k, kv_names, self.mesh)
+        v = constrain(v, kv_names, self.mesh)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         b, t = q.shape[:2]

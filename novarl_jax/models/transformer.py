@@ -223,6 +223,7 @@ class DecoderLayer(nn.Module):
             dt,
             self.mesh,
             self.return_kv,
+            cfg.qkv_bias,
             name="attn",
         )(h, cos, sin, mask, kv_cache)
         x = constrain(x + h, _ACT, self.mesh)
@@ -348,6 +349,15 @@ def param_logical_axes(config: ModelConfig, *, pp: int = 1) -> dict[str, Any]:
             "k_proj": (shd.EMBED, shd.KV_HEADS, shd.HEAD_DIM),
             "v_proj": (shd.EMBED, shd.KV_HEADS, shd.HEAD_DIM),
             "o_proj": (shd.HEADS, shd.HEAD_DIM, shd.EMBED),
+            **(
+                {
+                    "q_bias": (shd.HEADS, shd.HEAD_DIM),
+                    "k_bias": (shd.KV_HEADS, shd.HEAD_DIM),
+                    "v_bias": (shd.KV_HEADS, shd.HEAD_DIM),
+                }
+                if config.qkv_bias
+                else {}
+            ),
         },
         "post_attn_norm": {"scale": (shd.EMBED,)},
     }

@@ -66,8 +66,10 @@ def make_schedule(optim, *, default_decay_steps: int = 1) -> optax.Schedule:
 
 def _decays(path: tuple, param: Any) -> bool:
     """Whether weight decay applies: a matrix (or more) of one layer."""
-    stacked = any(getattr(key, "key", None) == "layers" for key in path)
-    return param.ndim - stacked >= 2
+    keys = [str(getattr(key, "key", "")) for key in path]
+    if keys and (keys[-1] == "bias" or keys[-1].endswith("_bias")):
+        return False
+    return param.ndim - ("layers" in keys) >= 2
 
 
 def make_optimizer(
@@ -78,10 +80,11 @@ def make_optimizer(
     The top-level entries of the parameters (``'policy'``, a separate ``'critic'``) are
     clipped each by its own norm, as verl clips its actor and critic (``actor.grad_clip``,
     ``critic.grad_clip``): the critic's value-loss gradient, often far larger, does not
-    shrink the policy's update. Weight decay skips vectors (norm scales, biases): only
+    shrink the policy's update. Weight decay skips vectors (norm scales) and biases: only
     weights of rank >= 2 decay, a layer's rank counted without the leading axis that stacks
     the layers (every entry under a ``'layers'`` key), so each layer's norm scales are
-    vectors like the final norm's.
+    vectors like the final norm's; biases (entries named ``bias`` or ``*_bias``, such as
+    Qwen2's ``[N, Dh]`` query bias) never decay.
     ``schedule``: the learning rate by update, when the caller has built it already
     (default: :func:`make_schedule` of ``optim`` and ``default_decay_steps``).
     """

@@ -15,6 +15,8 @@ Outputs (each directory loadable with ``AutoModelForCausalLM.from_pretrained``):
     hf/llama3_rope/    LlamaForCausalLM with Llama 3.1's rotary scaling (rope_type 'llama3'),
                        its bands chosen so that each of the rule's three cases holds for
                        some frequency, and positions far enough apart for them to matter.
+    hf/qwen2/          Qwen2ForCausalLM (biases on q/k/v, drawn at random: transformers starts
+                       them at zero, where a parity test could not see them), tied embeddings.
     hf/<name>/reference.npz: input_ids, attention_mask, position_ids [B, T] and the
                        float32 logits [B, T, V] transformers computes for them. Row 0 is
                        unpadded, row 1 is left-padded by 3 tokens.
@@ -146,14 +148,39 @@ def make_llama3_rope() -> None:
     _reference(model, out_dir, config.vocab_size, position_stride=37)
 
 
+def make_qwen2() -> None:
+    torch.manual_seed(3)
+    config = transformers.Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_parameters={"rope_theta": 1000.0, "rope_type": "default"},
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+    )
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    out_dir = _save(model, "qwen2")
+    _reference(model, out_dir, config.vocab_size)
+
+
 def main() -> None:
     make_mixtral()
     make_llama()
     make_llama3_rope()
+    make_qwen2()
     for path in sorted(HERE.rglob("*")):
         if path.is_file():
             print(f"{path.relative_to(HERE)}  {path.stat().st_size} bytes")
-    for name in ("mixtral", "mixtral_fused", "llama", "llama3_rope"):
+    for name in ("mixtral", "mixtral_fused", "llama", "llama3_rope", "qwen2"):
         keys = json.loads((HERE / name / "config.json").read_text()).get("architectures")
         print(name, keys, transformers.__version__)
 

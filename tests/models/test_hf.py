@@ -38,7 +38,7 @@ def _equal_trees(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("name", ["mixtral", "mixtral_fused", "llama", "llama3_rope"])
+@pytest.mark.parametrize("name", ["mixtral", "mixtral_fused", "llama", "llama3_rope", "qwen2"])
 def test_logits_match_transformers(name):
     config, params = load_hf_model(DATA / name)
     ref = np.load(DATA / name / "reference.npz")
@@ -53,6 +53,18 @@ def test_logits_match_transformers(name):
         assert config.num_local_experts == 4 and config.num_experts_per_tok == 2
         assert not config.tie_word_embeddings and config.rope_theta == 10000.0
         assert aux["expert_load"].shape == (2, 4)
+    elif name == "qwen2":
+        assert config.qkv_bias and config.tie_word_embeddings and config.rope_theta == 1000.0
+        assert params["layers"]["attn"]["q_bias"].shape == (2, 4, 8)
+        assert params["layers"]["attn"]["k_bias"].shape == (2, 2, 8)
+        unbiased = jax.tree.map(lambda x: x, params)
+        for key in ("q_bias", "k_bias", "v_bias"):  # the biases matter to the logits
+            unbiased["layers"]["attn"][key] = jnp.zeros_like(params["layers"]["attn"][key])
+        plain, _, _ = jit_forward(
+            unbiased, ref["input_ids"], config=config, positions=ref["position_ids"],
+            attention_mask=ref["attention_mask"],
+        )  # fmt: skip
+        assert np.abs(np.asarray(plain)[real] - ref["logits"][real]).max() > 1e-2
     else:
         assert config.tie_word_embeddings and config.rope_theta == 500.0
         assert config.rms_norm_eps == 1e-6 and "lm_head" not in params
@@ -157,7 +169,7 @@ def test_both_mixtral_layouts_give_identical_params():
     _equal_trees(params_from_hf_tensors(config, rekeyed), per_expert)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "llama"])
+@pytest.mark.parametrize("name", ["mixtral", "llama", "llama3_rope", "qwen2"])
 def test_save_writes_the_transformers_layout_bit_exactly(name, tmp_path):
     config, params = load_hf_model(DATA / name)
     save_hf_model(tmp_path, config, params)
@@ -772,3 +784,30 @@ def test_loading_holds_about_one_copy_of_the_weights_in_host_memory(tmp_path, mo
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
     for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_qwen2_configs_window_only_with_use_sliding_window_and_biases_need_qwen2():
+    hf = json.loads((DATA / "qwen2" / "config.json").read_text())
+    assert ModelConfig.from_hf_config(hf).sliding_window is None
+    # Released Qwen2.5 configs carry a window that use_sliding_window leaves off.
+    legacy = {k: v for k, v in hf.items() if k != "layer_types"}
+    off = ModelConfig.from_hf_config(
+        {**legacy, "sliding_window": 32768, "use_sliding_window": False}
+    )
+    assert off.sliding_window is None and off.max_position_embeddings == 64
+    on = ModelConfig.from_hf_config(
+        {**legacy, "sliding_window": 16, "use_sliding_window": True, "max_window_layers": 1}
+    )
+    assert on.sliding_window == 16 and on.max_position_embeddings == 16
+    assert ModelConfig.from_hf_config(on.to_hf_config()) == on
+    assert on.to_hf_config()["max_window_layers"] == 0  # every layer windowed, as read
+    config = ModelConfig.from_hf_config(hf)
+    assert config.to_hf_config()["architectures"] == ["Qwen2ForCausalLM"]
+    with pytest.raises(ValueError, match=r"model_type='llama' does not match qkv_bias=True"):
+        config.to_hf_config("llama")
+    with pytest.raises(ValueError, match=r"model_type='qwen2' does not match qkv_bias=False"):
+        DENSE.to_hf_config("qwen2")
+    with pytest.raises(ValueError, match=r"model_type='mixtral' does not match qkv_bias=True"):
+        MOE.replace(qkv_bias=True).to_hf_config()
+    with pytest.raises(ValueError, match=r"qkv_bias must be a bool"):
+        DENSE.replace(qkv_bias=1)

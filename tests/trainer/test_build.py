@@ -881,3 +881,6 @@ def test_checklist_names_a_scaled_rotary_embedding():
     assert row.endswith("dense MLP; rotary scaled x8 from 64 positions (llama3)")
     config.model.init_from = config.model.init_from.replace("llama3_rope", "llama")
     assert _checklist(config, with_run=True)["architecture"].endswith("dense MLP")
+    config.model.init_from = config.model.init_from.replace("llama", "qwen2")
+    row = _checklist(config, with_run=True)["architecture"]
+    assert row.endswith("4 heads of width 8 (2 KV, q/k/v biases), dense MLP")

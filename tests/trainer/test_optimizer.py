@@ -177,7 +177,7 @@ def test_weight_decay_skips_each_layers_norm_scales_in_a_stacked_model():
     config = ModelConfig(
         vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
-        num_experts_per_tok=2, tie_word_embeddings=False, value_head=True,
+        num_experts_per_tok=2, tie_word_embeddings=False, value_head=True, qkv_bias=True,
     )  # fmt: skip
     params = {"policy": init_params(config, jax.random.key(0))}
     opt = make_optimizer(_optim(learning_rate=0.1, weight_decay=0.5))
@@ -188,6 +188,9 @@ def test_weight_decay_skips_each_layers_norm_scales_in_a_stacked_model():
     still = sorted(k for k, v in flat.items() if not v)
     assert still == [
         "['policy']['final_norm']['scale']",
+        "['policy']['layers']['attn']['k_bias']",
+        "['policy']['layers']['attn']['q_bias']",
+        "['policy']['layers']['attn']['v_bias']",
         "['policy']['layers']['input_norm']['scale']",
         "['policy']['layers']['post_attn_norm']['scale']",
         "['policy']['value_head']['bias']",
