@@ -31,6 +31,7 @@ HF_ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 # Each architecture's own defaults in transformers, used for keys config.json leaves out
 # (``num_key_value_heads`` None: one KV head per attention head). Mistral's sliding window
@@ -45,6 +46,8 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     # Qwen2's window applies only with use_sliding_window (see from_hf_config).
     "qwen2": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "num_key_value_heads": 32,
               "max_position_embeddings": 32768, "sliding_window": None},
+    "qwen3": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "num_key_value_heads": 32,
+              "max_position_embeddings": 32768, "sliding_window": None, "head_dim": 128},
 }  # fmt: skip
 
 # The ModelConfig fields that are copied from/to config.json as they are.
@@ -63,7 +66,7 @@ _HF_FIELDS = (
 
 
 # Fields that must be real bools (``"false"`` or 1 would silently mean True).
-_BOOL_FIELDS = ("tie_word_embeddings", "qkv_bias", "value_head", "remat")
+_BOOL_FIELDS = ("tie_word_embeddings", "qkv_bias", "qk_norm", "value_head", "remat")
 # Real-valued fields: (name, may be None).
 _FLOAT_FIELDS = (
     ("rope_theta", False),
@@ -190,6 +193,9 @@ class ModelConfig:
         qkv_bias: biases on the query, key and value projections (Qwen2's attention; the
             output projection has none). A MoE model with them has no Hugging Face
             architecture to be written as.
+        qk_norm: an RMSNorm (epsilon ``rms_norm_eps``, a gain of Dh per layer) of each query
+            and key head before the rotary embedding (Qwen3's attention). Dense models only
+            have a Hugging Face architecture with it, and not with ``qkv_bias`` too.
         router_aux_loss_coef: weight of the load-balancing loss (Hugging Face's name).
         router_z_loss_coef: weight of the router z-loss.
         capacity_factor: training capacity factor of every MoE layer; None = dropless.
@@ -230,6 +236,7 @@ class ModelConfig:
     sliding_window: int | None = None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.001
     capacity_factor: float | None = None
@@ -412,12 +419,13 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-        """Reads a Hugging Face Mixtral, Mistral, Llama or Qwen2 ``config.json`` dict.
+        """Reads a Hugging Face Mixtral, Mistral, Llama, Qwen2 or Qwen3 ``config.json`` dict.
 
         Both the top-level ``rope_theta`` (transformers 4) and transformers 5's
         ``rope_parameters: {rope_theta, rope_type}`` are understood; the rotary types read are
         the default and, for Llama, Llama 3.1's 'llama3' scaling (:class:`RopeScaling`).
-        Qwen2's query, key and value biases set ``qkv_bias``. Our own fields (capacity
+        Qwen2's query, key and value biases set ``qkv_bias``, Qwen3's query and key norms
+        ``qk_norm``. Our own fields (capacity
         factor, value head, dtype ...) are not in config.json: pass them as ``overrides``.
 
         Args:
@@ -436,8 +444,8 @@ class ModelConfig:
         sliding-window attention is full attention, and the sampler and trainer refuse
         longer sequences, so no sequence runs where the two differ. The window is kept as
         ``sliding_window`` and written back by :meth:`to_hf_config`. Llama has no window:
-        its config's ``sliding_window`` key is ignored, as transformers ignores it; nor does
-        Qwen2 unless ``use_sliding_window`` (or its ``layer_types``) turns the window on.
+        its config's ``sliding_window`` key is ignored, as transformers ignores it; nor do
+        Qwen2 and Qwen3 unless ``use_sliding_window`` (or ``layer_types``) turns it on.
 
         Example:
             >>> cfg = ModelConfig.from_hf_config({"model_type": "llama", "vocab_size": 64,
@@ -468,7 +476,10 @@ class ModelConfig:
             if flag is not None and not isinstance(flag, bool):
                 raise ValueError(f"config {key} must be true, false or null, got {flag!r}")
             if flag:
-                raise ValueError(f"config {key}=true is not supported (no biases in this model)")
+                raise ValueError(
+                    f"config {key}=true is not supported (biases on every attention projection "
+                    f"or in the MLP; of biases only Qwen2's on q/k/v are implemented)"
+                )
         defaults = _HF_DEFAULTS[model_type]
         rope_theta, rope_scaling = _hf_rope(hf_config, defaults["rope_theta"], model_type)
         max_pos = hf_config.get("max_position_embeddings", defaults["max_position_embeddings"])
@@ -477,7 +488,7 @@ class ModelConfig:
         # on, which its layer_types lists).
         if model_type == "llama":
             window = None
-        elif model_type == "qwen2":
+        elif model_type in ("qwen2", "qwen3"):
             layer_types = hf_config.get("layer_types") or []
             windowed = hf_config.get("use_sliding_window", False) is True or (
                 isinstance(layer_types, list) and "sliding_attention" in layer_types
@@ -514,6 +525,7 @@ class ModelConfig:
         kwargs["max_position_embeddings"] = max_pos
         kwargs["sliding_window"] = window
         kwargs["qkv_bias"] = model_type == "qwen2"  # Qwen2's q/k/v projections have biases
+        kwargs["qk_norm"] = model_type == "qwen3"  # Qwen3 normalises each query and key head
         if model_type == "mixtral":
             kwargs["num_local_experts"] = hf_config.get(
                 "num_local_experts", hf_config.get("num_experts", 8)
@@ -527,20 +539,22 @@ class ModelConfig:
         """A Hugging Face ``config.json`` dict (transformers 4 and 5 both read it).
 
         Args:
-            model_type: 'mixtral', 'mistral', 'llama' or 'qwen2'; default 'mixtral' for MoE
-                models and, for dense ones, 'qwen2' with ``qkv_bias``, else 'mistral' with a
-                ``sliding_window`` and 'llama' without. A MoE model can only be written as
-                'mixtral', and a model with q/k/v biases only as 'qwen2' (and the reverse).
+            model_type: 'mixtral', 'mistral', 'llama', 'qwen2' or 'qwen3'; default 'mixtral'
+                for MoE models and, for dense ones, 'qwen2' with ``qkv_bias``, 'qwen3' with
+                ``qk_norm``, else 'mistral' with a ``sliding_window`` and 'llama' without. A
+                MoE model can only be written as 'mixtral', a model with q/k/v biases only as
+                'qwen2' and one with query/key norms only as 'qwen3' (and the reverse).
 
         Raises:
             ValueError: an unknown model_type, a MoE config with a dense model_type, 'llama'
                 for a model with a ``sliding_window`` (Llama has none), or a model_type whose
-                attention does not match ``qkv_bias``.
+                attention does not match ``qkv_bias`` / ``qk_norm``.
         """
         if model_type is None:
             model_type = (
                 "mixtral" if self.is_moe
                 else "qwen2" if self.qkv_bias
+                else "qwen3" if self.qk_norm
                 else "mistral" if self.sliding_window
                 else "llama"
             )  # fmt: skip
@@ -558,6 +572,11 @@ class ModelConfig:
             raise ValueError(
                 f"model_type={model_type!r} does not match qkv_bias={self.qkv_bias}: only "
                 f"'qwen2' has biases on the query, key and value projections"
+            )
+        if (model_type == "qwen3") != self.qk_norm:
+            raise ValueError(
+                f"model_type={model_type!r} does not match qk_norm={self.qk_norm}: only "
+                f"'qwen3' normalises its query and key heads"
             )
         if model_type != "llama" and self.rope_scaling is not None:
             raise ValueError(
@@ -592,11 +611,13 @@ class ModelConfig:
             out["sliding_window"] = self.sliding_window
         elif model_type == "mistral":
             out["sliding_window"] = self.sliding_window
-        elif model_type == "qwen2":
+        elif model_type in ("qwen2", "qwen3"):
             # Every layer windowed when there is a window (from layer 0 on), none otherwise.
             out["use_sliding_window"] = self.sliding_window is not None
             out["sliding_window"] = self.sliding_window
             out["max_window_layers"] = 0 if self.sliding_window else self.num_hidden_layers
+            if model_type == "qwen3":
+                out["attention_bias"] = False
         else:
             out["attention_bias"] = False
             out["mlp_bias"] = False

@@ -1,4 +1,5 @@
-"""Hugging Face interop: read and write Mixtral, Mistral and Llama safetensors checkpoints.
+"""Hugging Face interop: read and write Mixtral, Mistral, Llama, Qwen2 and Qwen3 safetensors
+checkpoints.
 
 Only safetensors are read (never pickle). A checkpoint directory holds ``config.json`` and
 either one ``*.safetensors`` file, several (with or without ``model.safetensors.index.json``),
@@ -309,6 +310,9 @@ def params_from_hf_tensors(
             for name, heads in (("q", n), ("k", nkv), ("v", nkv)):
                 bias = get(f"{lp}self_attn.{name}_proj.bias", (heads * dh,))
                 layer["attn"][f"{name}_bias"] = bias.reshape(heads, dh)
+        if config.qk_norm:
+            for name in ("q_norm", "k_norm"):
+                layer["attn"][name] = get(f"{lp}self_attn.{name}.weight", (dh,))
         if config.is_moe:
             layer["moe"] = _moe_from_hf(config, tensors, lp, get)
         else:
@@ -379,7 +383,8 @@ def _moe_from_hf(config: ModelConfig, tensors: Any, lp: str, get: Callable) -> A
 def load_hf_model(
     path: str | os.PathLike, *, mesh: Any = None, host: bool = False, **config_overrides: Any
 ) -> tuple[ModelConfig, dict[str, Any]]:
-    """Reads a Hugging Face Mixtral / Mistral / Llama (1-3.3) / Qwen2 checkpoint directory.
+    """Reads a Hugging Face Mixtral / Mistral / Llama (1-3.3) / Qwen2 / Qwen3 checkpoint
+    directory.
 
     Args:
         path: directory with ``config.json`` and safetensors file(s).
@@ -484,6 +489,9 @@ def params_to_hf_tensors(config: ModelConfig, params: Any) -> dict[str, np.ndarr
         if config.qkv_bias:
             for name in ("q", "k", "v"):
                 out[f"{lp}self_attn.{name}_proj.bias"] = attn[f"{name}_bias"].reshape(-1)
+        if config.qk_norm:
+            for name in ("q_norm", "k_norm"):
+                out[f"{lp}self_attn.{name}.weight"] = attn[name]
         if config.is_moe:
             moe_i = jax.tree.map(lambda x, i=i: x[i], layers["moe"])
             router, w1, w3, w2 = (np.asarray(x) for x in moe_lib.moe_params_to_per_expert(moe_i))
@@ -553,8 +561,10 @@ def save_hf_model(
         config: the model.
         params: its parameters (host or device arrays, sharded or not): exactly the tree,
             shapes and dtype (``config.dtype``) of ``init_params(config, key)``.
-        model_type: 'mixtral', 'llama' or 'mistral' (default: mixtral for MoE; for dense,
-            mistral with a ``sliding_window``, else llama).
+        model_type: 'mixtral', 'llama', 'mistral', 'qwen2' or 'qwen3' (default, as
+            :meth:`~novarl_jax.models.ModelConfig.to_hf_config` chooses it: mixtral for MoE;
+            for dense, qwen2 with q/k/v biases, qwen3 with query/key norms, mistral with a
+            ``sliding_window``, else llama).
         max_shard_bytes: largest file size before splitting.
         overwrite: replace an existing checkpoint in ``path`` (its config.json, index,
             model safetensors files and generation_config.json are replaced; other files,

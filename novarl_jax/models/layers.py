@@ -338,7 +338,10 @@ class Attention(nn.Module):
 
     Parameters: ``q_proj`` [D, N, Dh], ``k_proj`` / ``v_proj`` [D, N_kv, Dh],
     ``o_proj`` [N, Dh, D]; with ``qkv_bias`` (Qwen2's attention) also ``q_bias`` [N, Dh] and
-    ``k_bias`` / ``v_bias`` [N_kv, Dh], added to the projections before the rotary embedding.
+    ``k_bias`` / ``v_bias`` [N_kv, Dh], added to the projections before the rotary embedding;
+    with ``qk_norm`` (Qwen3's attention) ``q_norm`` / ``k_norm`` [Dh], the gains of an RMSNorm
+    of each query and key head (epsilon ``norm_eps``), after the biases and before the rotary
+    embedding.
     """
 
     num_heads: int
@@ -348,6 +351,8 @@ class Attention(nn.Module):
     mesh: Any = None
     return_kv: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(
@@ -387,6 +392,10 @@ class Attention(nn.Module):
             q = q + self.param("q_bias", zeros, (n, dh), dt).astype(q.dtype)
             k = k + self.param("k_bias", zeros, (nkv, dh), dt).astype(k.dtype)
             v = v + self.param("v_bias", zeros, (nkv, dh), dt).astype(v.dtype)
+        if self.qk_norm:
+            ones = nn.initializers.ones
+            q = rms_norm(q, self.param("q_norm", ones, (dh,), dt), self.norm_eps).astype(q.dtype)
+            k = rms_norm(k, self.param("k_norm", ones, (dh,), dt), self.norm_eps).astype(k.dtype)
         q = constrain(q, q_names, self.mesh)
         k = constrain(k, kv_names, self.mesh)
         v = constrain(v, kv_names, self.mesh)

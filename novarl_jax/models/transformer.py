@@ -224,6 +224,8 @@ class DecoderLayer(nn.Module):
             self.mesh,
             self.return_kv,
             cfg.qkv_bias,
+            cfg.qk_norm,
+            cfg.rms_norm_eps,
             name="attn",
         )(h, cos, sin, mask, kv_cache)
         x = constrain(x + h, _ACT, self.mesh)
@@ -358,6 +360,7 @@ def param_logical_axes(config: ModelConfig, *, pp: int = 1) -> dict[str, Any]:
                 if config.qkv_bias
                 else {}
             ),
+            **({"q_norm": (shd.HEAD_DIM,), "k_norm": (shd.HEAD_DIM,)} if config.qk_norm else {}),
         },
         "post_attn_norm": {"scale": (shd.EMBED,)},
     }

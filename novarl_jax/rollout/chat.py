@@ -6,8 +6,10 @@ own markup (``<|im_start|>user ...``, ``[INST] ... [/INST]``). :class:`ChatTempl
 task's prompt as one user message (after an optional system message), or a prompt that is a
 conversation (a list of ``{"role", "content"}`` messages, as TRL's conversational datasets
 hold) as those messages, with the generation prompt that opens the assistant's turn, as
-transformers' ``apply_chat_template(..., add_generation_prompt=True)`` renders it. The template
-writes its own BOS when the model wants one.
+transformers' ``apply_chat_template(..., add_generation_prompt=True)`` renders it. A
+conversation that ends with an assistant message is continued instead, as TRL does (the
+completion goes on from that message's text: transformers' ``continue_final_message=True``).
+The template writes its own BOS when the model wants one.
 
 Rendering is deterministic: ``strftime_now``, which some templates call to print today's date,
 is not provided, so they print the fixed date they fall back to, and a resumed run renders
@@ -54,12 +56,18 @@ class RenderError(ValueError):
         self.index: int | None = None
 
 
+# The roles a conversation prompt may end with: the model answers a user or a tool, or
+# continues its own (prefilled) message.
+LAST_ROLES = ("user", "tool", "assistant")
+
+
 def check_conversation(messages: Any) -> list[dict[str, str]]:
     """A conversation prompt as plain ``{"role", "content"}`` dicts.
 
     Raises:
         ValueError: ``messages`` is not a non-empty list of objects whose 'role' and 'content'
-            are strings (the message names the first that is not).
+            are strings (the message names the first that is not), or its last message's
+            role is not one of :data:`LAST_ROLES`.
     """
     if not isinstance(messages, list | tuple) or not messages:
         raise ValueError(
@@ -76,6 +84,12 @@ def check_conversation(messages: Any) -> list[dict[str, str]]:
                 f"'content', got {message!r:.80}"
             )
         out.append({"role": message["role"], "content": message["content"]})
+    if out[-1]["role"] not in LAST_ROLES:
+        raise ValueError(
+            f"the conversation ends with a {out[-1]['role']!r} message; its last message must "
+            f"be one of {list(LAST_ROLES)} (a model answers the user or a tool, or continues "
+            "its own message)"
+        )
     return out
 
 
@@ -211,16 +225,35 @@ class ChatTemplate:
         except ValueError as e:
             clash = isinstance(e, RenderError) and e.system_clash
             raise RenderError(f"{self.where}: {e}", system_clash=clash) from None
+        final = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
         try:
-            return self._template.render(
+            text = self._template.render(
                 messages=messages,
-                add_generation_prompt=True,
+                add_generation_prompt=final is None,
                 tools=None,  # no tool or document sections, as transformers passes them
                 documents=None,
                 **self.special_tokens,
             )
         except (jinja2.TemplateError, TemplateRaised, TypeError, ValueError) as e:
             raise RenderError(f"{self.where}: the chat template failed to render ({e})") from None
+        return text if final is None else self._continued(text, final)
+
+    def _continued(self, text: str, final: str) -> str:
+        """``text`` cut right after the final message's content, so that the completion
+        continues it (what transformers' ``continue_final_message`` does); the content's
+        trailing whitespace is kept where the template kept it."""
+        core = final.strip()
+        at = text.rfind(core)
+        if not core or at < 0:
+            raise RenderError(
+                f"{self.where}: the conversation ends with an assistant message to continue, "
+                "but the template does not write its text (or the text is empty)"
+            )
+        end = at + len(core)
+        trail = final[len(final.rstrip()) :]
+        if trail and text[end : end + len(trail)] == trail:
+            end += len(trail)
+        return text[:end]
 
 
 def _generation_tag() -> Any:

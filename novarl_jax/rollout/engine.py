@@ -26,6 +26,7 @@ import numpy as np
 
 from novarl_jax.core.checks import check_int
 from novarl_jax.core.distributed import host_array
+from novarl_jax.rollout.chat import RenderError, prompt_text
 from novarl_jax.rollout.rewards import RewardFunctionError
 from novarl_jax.rollout.sampler import make_settings, sample
 from novarl_jax.rollout.tasks.base import (
@@ -344,7 +345,7 @@ class RolloutEngine:
             tokens, mask = self.tokenizer.encode_batch(
                 prompts, max_length=self.sampling.max_prompt_length, padding_side="left"
             )
-        except TextTooLongError:
+        except (TextTooLongError, RenderError):  # the caller names the key at fault
             raise
         except ValueError as e:  # a character outside the task's own alphabet
             raise TaskError(
@@ -471,7 +472,7 @@ class RolloutEngine:
             # One warning per rollout (not per sample), naming the first few samples.
             shown = "; ".join(
                 f"reward {rewards[row]} of sample {row} (prompt index {row // group}: "
-                f"{rows_prompts[row][:60]!r})"
+                f"{prompt_text(rows_prompts[row])[:60]!r})"
                 for row in invalid[:_SHOWN_INVALID]
             )
             more = (

@@ -285,7 +285,8 @@ def _model_rows(spec: RunSpec, run: Any) -> list[tuple[str, str, str]]:
             "architecture",
             f"{policy.num_hidden_layers} layers, hidden {policy.hidden_size}, "
             f"{policy.num_attention_heads} heads of width {policy.head_dim} "
-            f"({policy.num_key_value_heads} KV{', q/k/v biases' if policy.qkv_bias else ''}), "
+            f"({policy.num_key_value_heads} KV{', q/k/v biases' if policy.qkv_bias else ''}"
+            f"{', q/k norms' if policy.qk_norm else ''}), "
             f"{mlp}{_rotary(policy)}",
         ),
         ("model", "parameters (policy)", f"{count:,}"),

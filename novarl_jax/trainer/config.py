@@ -231,7 +231,9 @@ def default_config() -> ml_collections.ConfigDict:
     # (experiment.steps * epochs * minibatches - warmup_steps), ending where the run does.
     optim.decay_steps = 0
     optim.end_learning_rate = 0.0  # where cosine and linear decays end (<= learning_rate)
-    optim.weight_decay = 0.0  # AdamW's decoupled decay, of weights of rank >= 2 only
+    # AdamW's decoupled decay, of matrices only: not of norm gains or biases (a layer's rank is
+    # counted without the axis that stacks the layers).
+    optim.weight_decay = 0.0
     # Global-norm gradient clip, of each model on its own (the policy; a separate critic, as
     # verl's actor.grad_clip and critic.grad_clip); 0 = off.
     optim.max_grad_norm = 1.0

@@ -3,7 +3,8 @@
 ``python -m novarl_jax.train --config=... --workdir=W --export=OUT [overrides]`` (the run's own
 command plus ``--export``) restores a checkpoint of ``W`` and writes its policy to ``OUT`` with
 :func:`~novarl_jax.models.save_hf_model`: ``config.json`` and safetensors that
-``transformers`` loads (``MixtralForCausalLM``; for a dense policy ``LlamaForCausalLM``, or
+``transformers`` loads (``MixtralForCausalLM``; for a dense policy ``LlamaForCausalLM``,
+``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` for those architectures, or
 ``MistralForCausalLM`` when its checkpoint had a sliding window),
 with the run's end ids (those its completions stopped at), padding and BOS ids in
 ``config.json`` and ``generation_config.json``, plus

@@ -17,6 +17,8 @@ Outputs (each directory loadable with ``AutoModelForCausalLM.from_pretrained``):
                        some frequency, and positions far enough apart for them to matter.
     hf/qwen2/          Qwen2ForCausalLM (biases on q/k/v, drawn at random: transformers starts
                        them at zero, where a parity test could not see them), tied embeddings.
+    hf/qwen3/          Qwen3ForCausalLM (an RMSNorm of each query and key head, its gains drawn
+                       at random around 1), head_dim 16 unlike hidden / heads = 8, untied.
     hf/<name>/reference.npz: input_ids, attention_mask, position_ids [B, T] and the
                        float32 logits [B, T, V] transformers computes for them. Row 0 is
                        unpadded, row 1 is left-padded by 3 tokens.
@@ -172,15 +174,41 @@ def make_qwen2() -> None:
     _reference(model, out_dir, config.vocab_size)
 
 
+def make_qwen3() -> None:
+    torch.manual_seed(4)
+    config = transformers.Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        rope_parameters={"rope_theta": 1000.0, "rope_type": "default"},
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+    )
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.normal_(1.0, 0.5)
+    out_dir = _save(model, "qwen3")
+    _reference(model, out_dir, config.vocab_size)
+
+
 def main() -> None:
     make_mixtral()
     make_llama()
     make_llama3_rope()
     make_qwen2()
+    make_qwen3()
     for path in sorted(HERE.rglob("*")):
         if path.is_file():
             print(f"{path.relative_to(HERE)}  {path.stat().st_size} bytes")
-    for name in ("mixtral", "mixtral_fused", "llama", "llama3_rope", "qwen2"):
+    for name in ("mixtral", "mixtral_fused", "llama", "llama3_rope", "qwen2", "qwen3"):
         keys = json.loads((HERE / name / "config.json").read_text()).get("architectures")
         print(name, keys, transformers.__version__)
 

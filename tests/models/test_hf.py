@@ -38,7 +38,9 @@ def _equal_trees(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("name", ["mixtral", "mixtral_fused", "llama", "llama3_rope", "qwen2"])
+@pytest.mark.parametrize(
+    "name", ["mixtral", "mixtral_fused", "llama", "llama3_rope", "qwen2", "qwen3"]
+)
 def test_logits_match_transformers(name):
     config, params = load_hf_model(DATA / name)
     ref = np.load(DATA / name / "reference.npz")
@@ -65,6 +67,17 @@ def test_logits_match_transformers(name):
             attention_mask=ref["attention_mask"],
         )  # fmt: skip
         assert np.abs(np.asarray(plain)[real] - ref["logits"][real]).max() > 1e-2
+    elif name == "qwen3":
+        assert config.qk_norm and not config.qkv_bias and not config.tie_word_embeddings
+        assert config.head_dim == 16 and params["layers"]["attn"]["q_norm"].shape == (2, 16)
+        plain = jax.tree.map(lambda x: x, params)
+        for key in ("q_norm", "k_norm"):  # gains of 1: the gains drawn matter to the logits
+            plain["layers"]["attn"][key] = jnp.ones_like(params["layers"]["attn"][key])
+        other, _, _ = jit_forward(
+            plain, ref["input_ids"], config=config, positions=ref["position_ids"],
+            attention_mask=ref["attention_mask"],
+        )  # fmt: skip
+        assert np.abs(np.asarray(other)[real] - ref["logits"][real]).max() > 1e-2
     else:
         assert config.tie_word_embeddings and config.rope_theta == 500.0
         assert config.rms_norm_eps == 1e-6 and "lm_head" not in params
@@ -169,7 +182,7 @@ def test_both_mixtral_layouts_give_identical_params():
     _equal_trees(params_from_hf_tensors(config, rekeyed), per_expert)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "llama", "llama3_rope", "qwen2"])
+@pytest.mark.parametrize("name", ["mixtral", "llama", "llama3_rope", "qwen2", "qwen3"])
 def test_save_writes_the_transformers_layout_bit_exactly(name, tmp_path):
     config, params = load_hf_model(DATA / name)
     save_hf_model(tmp_path, config, params)
@@ -811,3 +824,13 @@ def test_qwen2_configs_window_only_with_use_sliding_window_and_biases_need_qwen2
         MOE.replace(qkv_bias=True).to_hf_config()
     with pytest.raises(ValueError, match=r"qkv_bias must be a bool"):
         DENSE.replace(qkv_bias=1)
+    # Qwen3: query/key norms, no biases, and its own head width when config.json omits it.
+    qwen3 = json.loads((DATA / "qwen3" / "config.json").read_text())
+    config = ModelConfig.from_hf_config(qwen3)
+    assert config.qk_norm and not config.qkv_bias and config.to_hf_config("qwen3")
+    del qwen3["head_dim"]
+    assert ModelConfig.from_hf_config(qwen3).head_dim == 128  # transformers' default
+    with pytest.raises(ValueError, match=r"model_type='llama' does not match qk_norm=True"):
+        config.to_hf_config("llama")
+    with pytest.raises(ValueError, match=r"attention_bias=true is not supported"):
+        ModelConfig.from_hf_config({**qwen3, "attention_bias": True})

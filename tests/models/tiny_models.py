@@ -23,22 +23,26 @@ LLAMA3_ROPE = DENSE.replace(
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 )  # fmt: skip
 
-# With q/k/v biases (Qwen2's attention), split over tp with their heads.
+# With q/k/v biases (Qwen2's attention) and query/key norms (Qwen3's), split over tp with
+# their heads.
 MESH_CONFIG = ModelConfig(
     vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
     num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
-    num_experts_per_tok=2, value_head=True, qkv_bias=True,
+    num_experts_per_tok=2, value_head=True, qkv_bias=True, qk_norm=True,
 )  # fmt: skip
 
 
 def scaled(params, factor=5.0):
     """Weights with std 0.1 instead of 0.02, so logits and routing depend clearly on input;
-    attention biases (which start at zero) drawn with std 0.3."""
+    attention biases (which start at zero) drawn with std 0.3 and query/key norm gains (which
+    start at one) around 1 with std 0.2."""
     out = jax.tree.map(lambda x: x * factor if x.ndim >= 2 else x, params)
     attn = out.get("layers", {}).get("attn", {})
-    for i, name in enumerate(k for k in ("q_bias", "k_bias", "v_bias") if k in attn):
+    start = {"q_bias": 0.0, "k_bias": 0.0, "v_bias": 0.0, "q_norm": 1.0, "k_norm": 1.0}
+    std = {"q_bias": 0.3, "k_bias": 0.3, "v_bias": 0.3, "q_norm": 0.2, "k_norm": 0.2}
+    for i, name in enumerate(k for k in start if k in attn):
         noise = jax.random.normal(jax.random.key(100 + i), attn[name].shape, attn[name].dtype)
-        attn[name] = 0.3 * noise
+        attn[name] = start[name] + std[name] * noise
     return out
 
 

@@ -58,6 +58,14 @@ def test_a_conversation_prompt_is_rendered_as_its_messages():
         with pytest.raises(RenderError, match=match) as info:
             ChatTemplate(CHATML).render(bad)
         assert not info.value.system_clash
+    # A conversation ending with an assistant message is continued from its text.
+    prefilled = [*conversation, {"role": "assistant", "content": "The answer is"}]
+    assert ChatTemplate(CHATML).render(prefilled) == want + "The answer is"
+    with pytest.raises(RenderError, match=r"ends with a 'system' message; its last message"):
+        ChatTemplate(CHATML).render(conversation[:1])
+    silent = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}"
+    with pytest.raises(RenderError, match=r"does not write its text"):
+        ChatTemplate(silent + "{% endfor %}").render(prefilled)
     # A template's own refusal of a conversation (roles that do not alternate).
     strict = (
         "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
@@ -141,3 +149,7 @@ def test_rendering_matches_transformers_apply_chat_template():
         fast.chat_template = template
         want = fast.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         assert ChatTemplate(template).render(conversation) == want
+        # One that ends with a prefilled assistant message is continued, as TRL renders it.
+        prefilled = [*conversation, {"role": "assistant", "content": "The answer is "}]
+        want = fast.apply_chat_template(prefilled, tokenize=False, continue_final_message=True)
+        assert ChatTemplate(template).render(prefilled) == want

@@ -442,11 +442,17 @@ def test_jsonl_prompts_may_be_conversations(tmp_path):
     texts.write_text('{"prompt": "a", "answer": "a"}\n')
     assert not JSONLTask(str(texts)).conversational
     # A template needs a user message to apply to.
-    path.write_text(json.dumps({"prompt": conversation[:1], "answer": "5"}) + "\n")
+    prefilled = [{"role": "assistant", "content": "The answer is"}]
+    path.write_text(json.dumps({"prompt": prefilled, "answer": "5"}) + "\n")
     JSONLTask(str(path))
     with pytest.raises(ValueError, match=r"chat.jsonl:1: the conversation has no user message "
                        r"for prompt_template='Q: \{prompt\}' to apply to"):  # fmt: skip
         JSONLTask(str(path), prompt_template="Q: {prompt}")
+    # The model answers a user or a tool, or continues its own message: not a system one.
+    path.write_text(json.dumps({"prompt": conversation[:1], "answer": "5"}) + "\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: field 'prompt': the conversation ends "
+                       r"with a 'system' message"):  # fmt: skip
+        JSONLTask(str(path))
 
 
 def test_reward_fn_modules_are_checked_when_loaded(tmp_path, monkeypatch):

@@ -855,6 +855,14 @@ def test_conversation_prompts_are_laid_out_by_the_chat_template(tmp_path):
     config.eval.interval, config.eval.path, config.eval.prompts = 1, str(path), 2
     with pytest.raises(ConfigError, match=r"^rollout.chat_template: the prompts of eval.path "):
         build_run(validate_config(config))
+    # A validation conversation with its own system message beside rollout.system_prompt.
+    config.rollout.chat_template, config.rollout.system_prompt = True, "Hi."
+    with pytest.raises(ConfigError) as info:
+        check_startup(build_run(validate_config(config)))
+    assert str(info.value).startswith(
+        "rollout.system_prompt: an evaluation prompt: "
+    ) and "has its own system message" in str(info.value)
+    config.rollout.chat_template, config.rollout.system_prompt = False, ""
     # A task of one's own that hands out conversations, and no chat template: named alike.
     config.eval.interval = 0
     run = build_run(validate_config(config))
@@ -884,3 +892,6 @@ def test_checklist_names_a_scaled_rotary_embedding():
     config.model.init_from = config.model.init_from.replace("llama", "qwen2")
     row = _checklist(config, with_run=True)["architecture"]
     assert row.endswith("4 heads of width 8 (2 KV, q/k/v biases), dense MLP")
+    config.model.init_from = config.model.init_from.replace("qwen2", "qwen3")
+    row = _checklist(config, with_run=True)["architecture"]
+    assert row.endswith("4 heads of width 16 (2 KV, q/k norms), dense MLP")

@@ -180,6 +180,8 @@ def test_weight_decay_skips_each_layers_norm_scales_in_a_stacked_model():
         num_experts_per_tok=2, tie_word_embeddings=False, value_head=True, qkv_bias=True,
     )  # fmt: skip
     params = {"policy": init_params(config, jax.random.key(0))}
+    # Every leaf away from zero (biases start there), so a decayed one would move.
+    params = jax.tree.map(lambda x: jnp.where(x == 0, 1.0, x).astype(x.dtype), params)
     opt = make_optimizer(_optim(learning_rate=0.1, weight_decay=0.5))
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = opt.update(zeros, opt.init(params), params)
