@@ -252,12 +252,13 @@ def _tokenizer(config, task) -> Any:
         key = "model.tokenizer" if m.tokenizer else "model.init_from"
         chat = _chat_template(path, ro) if ro.chat_template else None
         bos = m.bos_token or None  # 'auto': the file's post-processor's
+        pad, eos = (_special_token(m, name, path) for name in ("pad_token", "eos_token"))
         try:
             return HFTokenizer.from_file(
                 path,
                 truncation=ro.prompt_truncation,
-                pad_token=m.pad_token,
-                eos_token=m.eos_token,
+                pad_token=pad,
+                eos_token=eos,
                 bos_token=None if chat and bos == "auto" else bos,  # the template writes it
                 chat_template=chat,
             )
@@ -267,6 +268,18 @@ def _tokenizer(config, task) -> Any:
             )
             if name is None:
                 raise ConfigError(key, str(e)) from None
+            if getattr(m, name) == AUTO_SPECIAL:
+                token = pad if name == "pad_token" else eos
+                why = (
+                    f"its fallback {token!r} (no tokenizer_config.json beside it names one)"
+                    if token == _FALLBACK[name]
+                    else f"the {token!r} its tokenizer_config.json names"
+                )
+                raise ConfigError(
+                    f"model.{name}",
+                    f"'auto' takes {why}, which is not in the vocabulary of {path}: name the "
+                    f"token (a model without a padding token can pad with its EOS)",
+                ) from None
             raise ConfigError(f"model.{name}", f"{e}{_named_beside(path, name)}") from None
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own types
             raise ConfigError(key, f"cannot load {path!r}: {e}") from None
@@ -275,6 +288,24 @@ def _tokenizer(config, task) -> Any:
     if alphabet:
         return CharTokenizer(alphabet, truncation=truncation)
     return ByteTokenizer(truncation=truncation)
+
+
+AUTO_SPECIAL = "auto"
+# What 'auto' falls back to without a tokenizer_config.json that names the token.
+_FALLBACK = {"pad_token": "<pad>", "eos_token": "</s>"}
+
+
+def _special_token(m, name: str, path: str) -> str:
+    """``model.pad_token`` / ``model.eos_token`` resolved: 'auto' is the token the
+    tokenizer_config.json beside ``path`` names, else the conventional one."""
+    value = getattr(m, name)
+    if value != AUTO_SPECIAL:
+        return value
+    try:
+        named = special_token_text(read_tokenizer_config(os.path.dirname(path) or "."), name)
+    except ValueError as e:
+        raise ConfigError(f"model.{name}", f"'auto' reads tokenizer_config.json: {e}") from None
+    return named or _FALLBACK[name]
 
 
 def _named_beside(path: str, name: str) -> str:

@@ -101,8 +101,10 @@ def default_config() -> ml_collections.ConfigDict:
     # '' = the model.init_from checkpoint's tokenizer.json when it has one, else a character
     # tokenizer over a built-in task's alphabet (bytes for the jsonl task).
     model.tokenizer = ""
-    model.pad_token = "<pad>"  # padding token of a tokenizer.json
-    model.eos_token = "</s>"  # end-of-sequence token of a tokenizer.json
+    # Padding and end-of-sequence tokens of a tokenizer.json: 'auto' = those its
+    # tokenizer_config.json names (pad_token, eos_token), else '<pad>' and '</s>'.
+    model.pad_token = "auto"
+    model.eos_token = "auto"
     # Beginning-of-sequence token put before every prompt of a tokenizer.json: 'auto' = the
     # one its post-processor adds (as transformers' tokenizer(text) does; none if it adds
     # none), '' = none.

@@ -895,3 +895,39 @@ def test_checklist_names_a_scaled_rotary_embedding():
     config.model.init_from = config.model.init_from.replace("qwen2", "qwen3")
     row = _checklist(config, with_run=True)["architecture"]
     assert row.endswith("4 heads of width 16 (2 KV, q/k norms), dense MLP")
+
+
+def test_auto_special_tokens_are_those_tokenizer_config_json_names(tmp_path):
+    path = _tokenizer_file(tmp_path, specials=("<|endoftext|>", "<|im_end|>", "<pad>", "</s>"))
+    config = base.get_config()
+    config.model.tokenizer = str(path)
+    # Without a tokenizer_config.json: the conventional tokens.
+    tok = build_run(validate_config(config)).tokenizer
+    assert (tok.pad_token, tok.eos_token) == ("<pad>", "</s>")
+    # With one (Qwen's names): its tokens.
+    settings = {"pad_token": "<|endoftext|>", "eos_token": {"content": "<|im_end|>"}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    tok = build_run(validate_config(config)).tokenizer
+    assert (tok.pad_token, tok.eos_token, tok.pad_id, tok.eos_id) == (
+        "<|endoftext|>", "<|im_end|>", 0, 1
+    )  # fmt: skip
+    config.model.eos_token = "</s>"  # a named token wins
+    assert build_run(validate_config(config)).tokenizer.eos_token == "</s>"
+    # A token the file names that the vocabulary lacks, and no file with no fallback.
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|pad|>"}))
+    with pytest.raises(ConfigError) as info:
+        build_run(validate_config(config))
+    assert str(info.value) == (
+        "model.pad_token: 'auto' takes the '<|pad|>' its tokenizer_config.json names, which is "
+        f"not in the vocabulary of {path}: name the token (a model without a padding token can "
+        "pad with its EOS)"
+    )
+    (tmp_path / "tokenizer_config.json").unlink()
+    _tokenizer_file(tmp_path, specials=("<|endoftext|>", "<|im_end|>"))
+    config.model.eos_token = "<|im_end|>"
+    with pytest.raises(ConfigError) as info:
+        build_run(validate_config(config))
+    assert str(info.value).startswith(
+        "model.pad_token: 'auto' takes its fallback '<pad>' (no tokenizer_config.json beside it "
+        "names one), which is not in the vocabulary"
+    )

@@ -138,6 +138,8 @@ def test_export_writes_bos_id_and_the_critics_tokenizer(tmp_path):
     config = _config(steps=1, critic="separate")
     config.model.tokenizer = str(_tokenizer_file(tmp_path))  # has <s>
     config.model.bos_token = "<s>"
+    # Named, not the file's ('auto' would take its eos_token, which is not in the vocabulary).
+    config.model.pad_token, config.model.eos_token = "<pad>", "</s>"
     # The source's tokenizer settings are carried over, with the run's special tokens.
     source = {"chat_template": "{{ messages }}", "model_max_length": 64, "eos_token": "<x>",
               "tokenizer_class": "LlamaTokenizerFast", "add_bos_token": True,
