@@ -155,7 +155,15 @@ def _sampling(spec: RunSpec, run: Any) -> str:
     text = "greedy" if ro.temperature == 0 else f"temperature {ro.temperature:g}"
     text += f", {_filters(ro)}"
     if run is not None:
-        text += f", stop ids {', '.join(str(t) for t in run.sampling.stops(run.tokenizer))}"
+        stops = run.sampling.stops(run.tokenizer)
+        from novarl_jax.rollout.tokenizers import HFTokenizer
+
+        names = {}
+        if isinstance(run.tokenizer, HFTokenizer):  # the token strings, where a file names them
+            names = {i: t for t, i in run.tokenizer.vocabulary().items() if i in stops}
+        text += ", stop ids " + ", ".join(
+            f"{i} {names[i]}" if i in names else str(i) for i in stops
+        )
     return text
 
 

@@ -719,6 +719,13 @@ def test_checklist_shows_the_sampling_and_the_ids_that_end_a_completion():
     assert rows["sampling"].endswith(", stop ids 2")
 
 
+def test_checklist_names_the_stop_tokens_of_a_tokenizer_file(tmp_path):
+    config = base.get_config()
+    config.model.tokenizer = str(_tokenizer_file(tmp_path))
+    config.rollout.stop_token_ids = (1, "a")
+    assert _checklist(config, with_run=True)["sampling"].endswith(", stop ids 1 </s>, 9 a")
+
+
 def test_chat_template_makes_each_prompt_a_user_turn(tmp_path):
     from tokenizers import Tokenizer
 
