@@ -446,6 +446,9 @@ class ModelConfig:
         ``sliding_window`` and written back by :meth:`to_hf_config`. Llama has no window:
         its config's ``sliding_window`` key is ignored, as transformers ignores it; nor do
         Qwen2 and Qwen3 unless ``use_sliding_window`` (or ``layer_types``) turns it on.
+        Mixtral's ``router_jitter_noise`` (noise transformers multiplies into the router's
+        input while training) is not applied: the trainer's forward must route as the
+        sampler's did, or the log-prob ratios of RL updates would measure the noise.
 
         Example:
             >>> cfg = ModelConfig.from_hf_config({"model_type": "llama", "vocab_size": 64,
