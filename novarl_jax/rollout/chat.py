@@ -23,6 +23,8 @@ import os
 from typing import Any
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' separate chat template file
+# Put after the content of an assistant message to continue, to find where it ends.
+_CONTINUE = "NOVARL_CONTINUE_FINAL_MESSAGE "
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
@@ -226,6 +228,8 @@ class ChatTemplate:
             clash = isinstance(e, RenderError) and e.system_clash
             raise RenderError(f"{self.where}: {e}", system_clash=clash) from None
         final = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+        if final is not None:  # marked, to be found in the text and cut there
+            messages = [*messages[:-1], {**messages[-1], "content": final + _CONTINUE}]
         try:
             text = self._template.render(
                 messages=messages,
@@ -236,24 +240,21 @@ class ChatTemplate:
             )
         except (jinja2.TemplateError, TemplateRaised, TypeError, ValueError) as e:
             raise RenderError(f"{self.where}: the chat template failed to render ({e})") from None
-        return text if final is None else self._continued(text, final)
+        return text if final is None else self._continued(text)
 
-    def _continued(self, text: str, final: str) -> str:
-        """``text`` cut right after the final message's content, so that the completion
-        continues it (what transformers' ``continue_final_message`` does); the content's
-        trailing whitespace is kept where the template kept it."""
-        core = final.strip()
-        at = text.rfind(core)
-        if not core or at < 0:
+    def _continued(self, text: str) -> str:
+        """``text`` (rendered with the final message's content marked at its end) cut where
+        that content ends, so that the completion continues it, as transformers'
+        ``continue_final_message`` does: where the template kept the mark's trailing space
+        it kept the content's own end as written; where it trimmed, the content's trailing
+        whitespace goes too."""
+        at = text.rfind(_CONTINUE.strip())
+        if at < 0:
             raise RenderError(
                 f"{self.where}: the conversation ends with an assistant message to continue, "
-                "but the template does not write its text (or the text is empty)"
+                "but the template does not write its text"
             )
-        end = at + len(core)
-        trail = final[len(final.rstrip()) :]
-        if trail and text[end : end + len(trail)] == trail:
-            end += len(trail)
-        return text[:end]
+        return text[:at] if text.startswith(_CONTINUE, at) else text[:at].rstrip()
 
 
 def _generation_tag() -> Any:

@@ -257,8 +257,8 @@ def _tokenizer(config, task) -> Any:
             return HFTokenizer.from_file(
                 path,
                 truncation=ro.prompt_truncation,
-                pad_token=pad,
-                eos_token=eos,
+                pad_token=pad[0],
+                eos_token=eos[0],
                 bos_token=None if chat and bos == "auto" else bos,  # the template writes it
                 chat_template=chat,
             )
@@ -268,12 +268,12 @@ def _tokenizer(config, task) -> Any:
             )
             if name is None:
                 raise ConfigError(key, str(e)) from None
-            if getattr(m, name) == AUTO_SPECIAL:
-                token = pad if name == "pad_token" else eos
+            if name in _FALLBACK and getattr(m, name) == AUTO_SPECIAL:
+                token, named = pad if name == "pad_token" else eos
                 why = (
-                    f"its fallback {token!r} (no tokenizer_config.json beside it names one)"
-                    if token == _FALLBACK[name]
-                    else f"the {token!r} its tokenizer_config.json names"
+                    f"the {token!r} its tokenizer_config.json names"
+                    if named
+                    else f"its fallback {token!r} (no tokenizer_config.json beside it names one)"
                 )
                 raise ConfigError(
                     f"model.{name}",
@@ -295,17 +295,18 @@ AUTO_SPECIAL = "auto"
 _FALLBACK = {"pad_token": "<pad>", "eos_token": "</s>"}
 
 
-def _special_token(m, name: str, path: str) -> str:
-    """``model.pad_token`` / ``model.eos_token`` resolved: 'auto' is the token the
-    tokenizer_config.json beside ``path`` names, else the conventional one."""
+def _special_token(m, name: str, path: str) -> tuple[str, bool]:
+    """``model.pad_token`` / ``model.eos_token`` resolved, and whether the
+    tokenizer_config.json beside ``path`` named it: 'auto' is the token that file names, else
+    the conventional one."""
     value = getattr(m, name)
     if value != AUTO_SPECIAL:
-        return value
+        return value, False
     try:
         named = special_token_text(read_tokenizer_config(os.path.dirname(path) or "."), name)
     except ValueError as e:
         raise ConfigError(f"model.{name}", f"'auto' reads tokenizer_config.json: {e}") from None
-    return named or _FALLBACK[name]
+    return (named, True) if named else (_FALLBACK[name], False)
 
 
 def _named_beside(path: str, name: str) -> str:

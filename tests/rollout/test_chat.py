@@ -58,9 +58,17 @@ def test_a_conversation_prompt_is_rendered_as_its_messages():
         with pytest.raises(RenderError, match=match) as info:
             ChatTemplate(CHATML).render(bad)
         assert not info.value.system_clash
-    # A conversation ending with an assistant message is continued from its text.
+    # A conversation ending with an assistant message is continued from its text, cut where
+    # that text ends (not at a later piece of markup that spells the same).
     prefilled = [*conversation, {"role": "assistant", "content": "The answer is"}]
     assert ChatTemplate(CHATML).render(prefilled) == want + "The answer is"
+    prefilled = [*conversation, {"role": "assistant", "content": "end"}]
+    assert ChatTemplate(CHATML).render(prefilled) == want + "end"
+    trimmed = "{% for m in messages %}{{ m['content'] | trim + '\n' }}{% endfor %}"
+    prefilled = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "So \n"}]
+    assert ChatTemplate(trimmed).render(prefilled) == "hi\nSo"  # trimmed: its space goes
+    prefilled = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "So "}]
+    assert ChatTemplate(CHATML).render(prefilled).endswith("assistant\nSo ")  # kept: stays
     with pytest.raises(RenderError, match=r"ends with a 'system' message; its last message"):
         ChatTemplate(CHATML).render(conversation[:1])
     silent = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}"
@@ -149,7 +157,16 @@ def test_rendering_matches_transformers_apply_chat_template():
         fast.chat_template = template
         want = fast.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         assert ChatTemplate(template).render(conversation) == want
-        # One that ends with a prefilled assistant message is continued, as TRL renders it.
-        prefilled = [*conversation, {"role": "assistant", "content": "The answer is "}]
-        want = fast.apply_chat_template(prefilled, tokenize=False, continue_final_message=True)
-        assert ChatTemplate(template).render(prefilled) == want
+        # One that ends with a prefilled assistant message is continued, as TRL renders it:
+        # also when the text is a piece of the template's closing markup, or ends in space.
+        for text in ("The answer is ", "end", "im", "Let me think.\n"):
+            prefilled = [*conversation, {"role": "assistant", "content": text}]
+            want = fast.apply_chat_template(prefilled, tokenize=False, continue_final_message=True)
+            assert ChatTemplate(template).render(prefilled) == want, text
+    trimmed = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | trim + '\n' }}{% endfor %}"
+    )
+    fast.chat_template = trimmed
+    prefilled = [*conversation, {"role": "assistant", "content": "Let me think.\n"}]
+    want = fast.apply_chat_template(prefilled, tokenize=False, continue_final_message=True)
+    assert ChatTemplate(trimmed).render(prefilled) == want

@@ -938,3 +938,21 @@ def test_auto_special_tokens_are_those_tokenizer_config_json_names(tmp_path):
         "model.pad_token: 'auto' takes its fallback '<pad>' (no tokenizer_config.json beside it "
         "names one), which is not in the vocabulary"
     )
+
+
+def test_bos_auto_that_finds_no_single_bos_names_model_bos_token(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    tok = Tokenizer.from_file(
+        str(_tokenizer_file(tmp_path, specials=("<pad>", "</s>", "<s>", "<x>")))
+    )
+    tok.post_processor = TemplateProcessing(
+        single="<s> <x> $A", special_tokens=[("<s>", 2), ("<x>", 3)]
+    )
+    tok.save(str(tmp_path / "tokenizer.json"))
+    config = base.get_config()
+    config.model.tokenizer = str(tmp_path / "tokenizer.json")
+    with pytest.raises(ConfigError, match=r"^model.bos_token: bos_token='auto': the tokenizer's "
+                       r"post-processor puts 2 tokens"):  # fmt: skip
+        build_run(validate_config(config))
