@@ -40,6 +40,10 @@ from safetensors.torch import save_file
 
 HERE = pathlib.Path(__file__).resolve().parent / "hf"
 SEQ, PAD = 10, 3
+# The dense fixtures' sizes (a large initializer_range: see the module docstring).
+DENSE_SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                   rms_norm_eps=1e-6)  # fmt: skip
 
 
 def _inputs(vocab: int, position_stride: int = 1) -> dict[str, np.ndarray]:
@@ -109,17 +113,10 @@ def make_mixtral() -> None:
 def make_llama() -> None:
     torch.manual_seed(1)
     config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **DENSE_SIZES,
         max_position_embeddings=64,
         rope_parameters={"rope_theta": 500.0, "rope_type": "default"},
-        initializer_range=0.2,
         tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     out_dir = _save(model, "llama")
@@ -133,17 +130,10 @@ def make_llama3_rope() -> None:
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
     config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **DENSE_SIZES,
         max_position_embeddings=512,
         rope_parameters={"rope_theta": 500.0, **scaling},
-        initializer_range=0.2,
         tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     out_dir = _save(model, "llama3_rope")
@@ -153,17 +143,10 @@ def make_llama3_rope() -> None:
 def make_qwen2() -> None:
     torch.manual_seed(3)
     config = transformers.Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **DENSE_SIZES,
         max_position_embeddings=64,
         rope_parameters={"rope_theta": 1000.0, "rope_type": "default"},
-        initializer_range=0.2,
         tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
     )
     model = transformers.Qwen2ForCausalLM(config).eval()
     with torch.no_grad():
@@ -177,18 +160,11 @@ def make_qwen2() -> None:
 def make_qwen3() -> None:
     torch.manual_seed(4)
     config = transformers.Qwen3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **DENSE_SIZES,
         head_dim=16,
         max_position_embeddings=64,
         rope_parameters={"rope_theta": 1000.0, "rope_type": "default"},
-        initializer_range=0.2,
         tie_word_embeddings=False,
-        rms_norm_eps=1e-6,
     )
     model = transformers.Qwen3ForCausalLM(config).eval()
     with torch.no_grad():

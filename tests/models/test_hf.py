@@ -59,25 +59,15 @@ def test_logits_match_transformers(name):
         assert config.qkv_bias and config.tie_word_embeddings and config.rope_theta == 1000.0
         assert params["layers"]["attn"]["q_bias"].shape == (2, 4, 8)
         assert params["layers"]["attn"]["k_bias"].shape == (2, 2, 8)
-        unbiased = jax.tree.map(lambda x: x, params)
-        for key in ("q_bias", "k_bias", "v_bias"):  # the biases matter to the logits
-            unbiased["layers"]["attn"][key] = jnp.zeros_like(params["layers"]["attn"][key])
-        plain, _, _ = jit_forward(
-            unbiased, ref["input_ids"], config=config, positions=ref["position_ids"],
-            attention_mask=ref["attention_mask"],
-        )  # fmt: skip
-        assert np.abs(np.asarray(plain)[real] - ref["logits"][real]).max() > 1e-2
+        zeros = {
+            k: jnp.zeros_like(params["layers"]["attn"][k]) for k in ("q_bias", "k_bias", "v_bias")
+        }
+        assert _moved_logits(ref, config, _with_attn(params, zeros), real) > 1e-2  # they matter
     elif name == "qwen3":
         assert config.qk_norm and not config.qkv_bias and not config.tie_word_embeddings
         assert config.head_dim == 16 and params["layers"]["attn"]["q_norm"].shape == (2, 16)
-        plain = jax.tree.map(lambda x: x, params)
-        for key in ("q_norm", "k_norm"):  # gains of 1: the gains drawn matter to the logits
-            plain["layers"]["attn"][key] = jnp.ones_like(params["layers"]["attn"][key])
-        other, _, _ = jit_forward(
-            plain, ref["input_ids"], config=config, positions=ref["position_ids"],
-            attention_mask=ref["attention_mask"],
-        )  # fmt: skip
-        assert np.abs(np.asarray(other)[real] - ref["logits"][real]).max() > 1e-2
+        ones = {k: jnp.ones_like(params["layers"]["attn"][k]) for k in ("q_norm", "k_norm")}
+        assert _moved_logits(ref, config, _with_attn(params, ones), real) > 1e-2  # the gains too
     else:
         assert config.tie_word_embeddings and config.rope_theta == 500.0
         assert config.rms_norm_eps == 1e-6 and "lm_head" not in params
@@ -86,11 +76,22 @@ def test_logits_match_transformers(name):
             factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
             original_max_position_embeddings=64,
         )  # fmt: skip
-        plain, _, _ = jit_forward(
-            params, ref["input_ids"], config=config.replace(rope_scaling=None),
-            positions=ref["position_ids"], attention_mask=ref["attention_mask"],
-        )  # fmt: skip
-        assert np.abs(np.asarray(plain)[real] - ref["logits"][real]).max() > 1e-2
+        assert _moved_logits(ref, config.replace(rope_scaling=None), params, real) > 1e-2
+
+
+def _moved_logits(ref, config, params, real):
+    """How far the logits of ``params`` under ``config`` lie from the fixture's reference."""
+    logits, _, _ = jit_forward(
+        params, ref["input_ids"], config=config, positions=ref["position_ids"],
+        attention_mask=ref["attention_mask"],
+    )  # fmt: skip
+    return np.abs(np.asarray(logits)[real] - ref["logits"][real]).max()
+
+
+def _with_attn(params, leaves):
+    """``params`` with some attention leaves replaced."""
+    layers = {**params["layers"], "attn": {**params["layers"]["attn"], **leaves}}
+    return {**params, "layers": layers}
 
 
 def test_llama3_rotary_scaling_matches_a_numpy_reference():
