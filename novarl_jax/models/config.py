@@ -332,8 +332,8 @@ class ModelConfig:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
         if isinstance(self.rope_scaling, Mapping):
             block = {k: v for k, v in self.rope_scaling.items() if k not in ("rope_type", "type")}
-            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "llama3"))
-            if rope_type != "llama3" or set(block) != set(ROPE_SCALING_KEYS):
+            llama3 = _rope_type(self.rope_scaling, "llama3") == "llama3"
+            if not llama3 or set(block) != set(ROPE_SCALING_KEYS):
                 raise ValueError(
                     f"rope_scaling must have rope_type 'llama3' and exactly the keys "
                     f"{list(ROPE_SCALING_KEYS)}, got {dict(self.rope_scaling)!r}"
@@ -568,8 +568,8 @@ class ModelConfig:
         if (model_type == "mixtral") != self.is_moe:
             raise ValueError(
                 f"model_type={model_type!r} does not match num_local_experts="
-                f"{self.num_local_experts}; use 'mixtral' for MoE and 'llama', 'mistral' or "
-                f"'qwen2' for dense models"
+                f"{self.num_local_experts}; use 'mixtral' for MoE and 'llama', 'mistral', "
+                f"'qwen2' or 'qwen3' for dense models"
             )
         if (model_type == "qwen2") != self.qkv_bias:
             raise ValueError(
@@ -599,13 +599,11 @@ class ModelConfig:
         out.update({k: getattr(self, k) for k in _HF_FIELDS})
         # Written both ways: transformers 5 reads rope_parameters, older releases rope_theta.
         out["rope_theta"] = float(self.rope_theta)
-        out["rope_parameters"] = {"rope_theta": float(self.rope_theta), "rope_type": "default"}
-        if self.rope_scaling is not None:
-            out["rope_parameters"] = {
-                "rope_theta": float(self.rope_theta),
-                **self.rope_scaling.to_mapping(),
-            }
-            out["rope_scaling"] = self.rope_scaling.to_mapping()
+        scaling = self.rope_scaling
+        rope = {"rope_type": "default"} if scaling is None else scaling.to_mapping()
+        out["rope_parameters"] = {"rope_theta": float(self.rope_theta), **rope}
+        if scaling is not None:  # transformers 4 reads a scaling from rope_scaling
+            out["rope_scaling"] = rope
         out["torch_dtype"] = self.dtype
         if model_type == "mixtral":
             out["num_local_experts"] = self.num_local_experts
@@ -627,6 +625,11 @@ class ModelConfig:
         return out
 
 
+def _rope_type(block: Mapping[str, Any], default: Any) -> Any:
+    """A rope block's type: ``rope_type``, or the older ``type``."""
+    return block.get("rope_type", block.get("type", default))
+
+
 def _hf_rope(
     hf_config: Mapping[str, Any], default: float, model_type: str
 ) -> tuple[float, RopeScaling | None]:
@@ -639,7 +642,7 @@ def _hf_rope(
             continue
         if not isinstance(block, Mapping):
             raise ValueError(f"config {key} must be a mapping or null, got {block!r}")
-        rope_type = block.get("rope_type", block.get("type", "default"))
+        rope_type = _rope_type(block, "default")
         if rope_type not in ("default", "llama3") or (
             rope_type == "llama3" and model_type != "llama"
         ):
@@ -652,7 +655,7 @@ def _hf_rope(
     # and the block's rope_theta wins over the top-level key.
     key, block = ("rope_scaling", scaling) if scaling else ("rope_parameters", params)
     rope = None
-    if isinstance(block, Mapping) and block.get("rope_type", block.get("type")) == "llama3":
+    if isinstance(block, Mapping) and _rope_type(block, None) == "llama3":
         rope = RopeScaling.from_mapping(block, key)
     return _hf_rope_theta(hf_config, default, key, block), rope
 

@@ -234,7 +234,6 @@ def _check_conversations(config, task, key: str) -> None:
 def _tokenizer(config, task) -> Any:
     m, ro = config.model, config.rollout
     path = tokenizer_path(config)
-    _check_conversations(config, task, "task.path")
     if ro.chat_template and not path:
         raise ConfigError(
             "rollout.chat_template",
@@ -252,13 +251,13 @@ def _tokenizer(config, task) -> Any:
         key = "model.tokenizer" if m.tokenizer else "model.init_from"
         chat = _chat_template(path, ro) if ro.chat_template else None
         bos = m.bos_token or None  # 'auto': the file's post-processor's
-        pad, eos = (_special_token(m, name, path) for name in ("pad_token", "eos_token"))
+        resolved = {name: _special_token(m, name, path) for name in _FALLBACK}
         try:
             return HFTokenizer.from_file(
                 path,
                 truncation=ro.prompt_truncation,
-                pad_token=pad[0],
-                eos_token=eos[0],
+                pad_token=resolved["pad_token"][0],
+                eos_token=resolved["eos_token"][0],
                 bos_token=None if chat and bos == "auto" else bos,  # the template writes it
                 chat_template=chat,
             )
@@ -269,7 +268,7 @@ def _tokenizer(config, task) -> Any:
             if name is None:
                 raise ConfigError(key, str(e)) from None
             if name in _FALLBACK and getattr(m, name) == AUTO_SPECIAL:
-                token, named = pad if name == "pad_token" else eos
+                token, named = resolved[name]
                 why = (
                     f"the {token!r} its tokenizer_config.json names"
                     if named
@@ -303,16 +302,26 @@ def _special_token(m, name: str, path: str) -> tuple[str, bool]:
     if value != AUTO_SPECIAL:
         return value, False
     try:
-        named = special_token_text(read_tokenizer_config(os.path.dirname(path) or "."), name)
+        named = _token_beside(path, name)
     except ValueError as e:
         raise ConfigError(f"model.{name}", f"'auto' reads tokenizer_config.json: {e}") from None
     return (named, True) if named else (_FALLBACK[name], False)
 
 
+def _token_beside(path: str, name: str) -> str | None:
+    """The special token ``name`` the tokenizer_config.json beside the tokenizer.json
+    ``path`` names, None when it names none (or there is no such file).
+
+    Raises:
+        ValueError: the file cannot be read.
+    """
+    return special_token_text(read_tokenizer_config(os.path.dirname(path) or "."), name)
+
+
 def _named_beside(path: str, name: str) -> str:
     """``'; tokenizer_config.json beside it names <name> '<token>'`` when it does."""
     try:
-        token = special_token_text(read_tokenizer_config(os.path.dirname(path) or "."), name)
+        token = _token_beside(path, name)
     except ValueError:  # an unreadable file: the error at hand is the one to report
         return ""
     return f"; the tokenizer_config.json beside it names {name} {token!r}" if token else ""
@@ -573,6 +582,7 @@ def build_run(spec: RunSpec) -> Run:
     exp = config.experiment
     algorithm = exp.algorithm
     task = _task(config)
+    _check_conversations(config, task, "task.path")
     tokenizer = _tokenizer(config, task)
     ro = config.rollout
     if tokenizer.add_bos and ro.max_prompt_length < 2 and ro.prompt_truncation != "error":

@@ -9,11 +9,12 @@ restart + N steps give the same parameters and metrics.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -287,16 +288,10 @@ class Trainer:
                 raise prompt_unrenderable(e, f"the prompt at {chunk[e.index][0]}") from None
             except EmptyPromptError as e:
                 raise ConfigError("task.path", f"{chunk[e.index][0]}: {e}") from None
-        try:
+        with _prompt_errors():
             first, *_ = self.engine.encode_prompts(
                 self.rollout_key(i), self.config.rollout.prompts_per_step
             )
-        except TextTooLongError as e:
-            raise prompt_too_long(e) from None
-        except EmptyPromptError as e:
-            raise ConfigError("task.name", str(e)) from None
-        except RenderError as e:
-            raise prompt_unrenderable(e) from None
         if prompts:
             return prompt_warnings(
                 self.engine, self.config, [t for _, t in prompts], "in task.path"
@@ -307,17 +302,11 @@ class Trainer:
         cfg, exp = self.config, self.config.experiment
         version = int(state.policy_version)
         prompts = cfg.rollout.prompts_per_step
-        try:
+        with _prompt_errors():
             traj, info = self.engine.rollout(state.params["policy"], key, version, prompts)
             stats = {"dapo/extra_batches": 0.0}
             if cfg.dapo.dynamic_sampling and exp.algorithm == "grpo":
                 traj, info, stats = self._dynamic_sampling(state, key, traj, info, version)
-        except TextTooLongError as e:
-            raise prompt_too_long(e) from None
-        except EmptyPromptError as e:
-            raise ConfigError("task.name", str(e)) from None
-        except RenderError as e:
-            raise prompt_unrenderable(e) from None
         return traj, info, stats
 
     def _dynamic_sampling(self, state, key, traj, info, version):
@@ -601,6 +590,20 @@ def _merge_routing(pool, chosen, group):
         for i, g in chosen
     ]
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *parts)
+
+
+@contextlib.contextmanager
+def _prompt_errors() -> Iterator[None]:
+    """A rollout's prompt errors as ConfigErrors naming the key at fault: too long, empty, or
+    one the chat template cannot render."""
+    try:
+        yield
+    except TextTooLongError as e:
+        raise prompt_too_long(e) from None
+    except EmptyPromptError as e:
+        raise ConfigError("task.name", str(e)) from None
+    except RenderError as e:
+        raise prompt_unrenderable(e) from None
 
 
 def informative_groups(rewards: np.ndarray, valid: np.ndarray, group: int) -> np.ndarray:
