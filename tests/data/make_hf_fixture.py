@@ -110,21 +110,29 @@ def make_mixtral() -> None:
         torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits)
 
 
+def _make_dense(name: str, seed: int, model_class, config, *, draw=None, stride: int = 1):
+    """A dense fixture: ``model_class(config)`` under ``seed``, ``draw(model)`` redrawing the
+    parts the default initialisation leaves constant, saved with its reference logits."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    if draw is not None:
+        with torch.no_grad():
+            draw(model)
+    out_dir = _save(model, name)
+    _reference(model, out_dir, config.vocab_size, position_stride=stride)
+
+
 def make_llama() -> None:
-    torch.manual_seed(1)
     config = transformers.LlamaConfig(
         **DENSE_SIZES,
         max_position_embeddings=64,
         rope_parameters={"rope_theta": 500.0, "rope_type": "default"},
         tie_word_embeddings=True,
     )
-    model = transformers.LlamaForCausalLM(config).eval()
-    out_dir = _save(model, "llama")
-    _reference(model, out_dir, config.vocab_size)
+    _make_dense("llama", 1, transformers.LlamaForCausalLM, config)
 
 
 def make_llama3_rope() -> None:
-    torch.manual_seed(2)
     # head_dim 8, theta 500: wavelengths 6.3, 29.8, 140 and 664 against the bands 16 and 64
     # (original length 64 / high and low frequency factors 4 and 1).
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -135,30 +143,26 @@ def make_llama3_rope() -> None:
         rope_parameters={"rope_theta": 500.0, **scaling},
         tie_word_embeddings=True,
     )
-    model = transformers.LlamaForCausalLM(config).eval()
-    out_dir = _save(model, "llama3_rope")
-    _reference(model, out_dir, config.vocab_size, position_stride=37)
+    _make_dense("llama3_rope", 2, transformers.LlamaForCausalLM, config, stride=37)
 
 
 def make_qwen2() -> None:
-    torch.manual_seed(3)
     config = transformers.Qwen2Config(
         **DENSE_SIZES,
         max_position_embeddings=64,
         rope_parameters={"rope_theta": 1000.0, "rope_type": "default"},
         tie_word_embeddings=True,
     )
-    model = transformers.Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
+
+    def draw(model):  # the q/k/v biases, which start at zero
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0.0, 0.5)
-    out_dir = _save(model, "qwen2")
-    _reference(model, out_dir, config.vocab_size)
+
+    _make_dense("qwen2", 3, transformers.Qwen2ForCausalLM, config, draw=draw)
 
 
 def make_qwen3() -> None:
-    torch.manual_seed(4)
     config = transformers.Qwen3Config(
         **DENSE_SIZES,
         head_dim=16,
@@ -166,13 +170,13 @@ def make_qwen3() -> None:
         rope_parameters={"rope_theta": 1000.0, "rope_type": "default"},
         tie_word_embeddings=False,
     )
-    model = transformers.Qwen3ForCausalLM(config).eval()
-    with torch.no_grad():
+
+    def draw(model):  # the query/key norm gains, which start at one
         for layer in model.model.layers:
             for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
                 norm.weight.normal_(1.0, 0.5)
-    out_dir = _save(model, "qwen3")
-    _reference(model, out_dir, config.vocab_size)
+
+    _make_dense("qwen3", 4, transformers.Qwen3ForCausalLM, config, draw=draw)
 
 
 def main() -> None:
