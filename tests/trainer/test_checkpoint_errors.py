@@ -135,7 +135,9 @@ def test_ctrl_c_while_a_save_starts_keeps_that_save(tmp_path):
     manager_save = ckpt._manager.save
 
     def interrupted_save(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)  # lands in the middle of starting the save
+        # Raised on this (the main) thread, so it lands here, in the middle of starting the
+        # save: os.kill may hand it to another thread, which can run after the save has begun.
+        signal.raise_signal(signal.SIGINT)
         return manager_save(*args, **kwargs)
 
     ckpt._manager.save = interrupted_save

@@ -32,7 +32,7 @@ def _sigterm_during(step_to_signal, monkeypatch):
 
     def signalled(self, state, reference, i):
         if i + 1 == step_to_signal:
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the step
+            signal.raise_signal(signal.SIGTERM)  # arrives in the middle of the step
         return iteration(self, state, reference, i)
 
     monkeypatch.setattr(loop.Trainer, "iteration", signalled)
@@ -96,7 +96,7 @@ def test_an_async_run_stops_and_resumes_too(tmp_path, monkeypatch):
 
     def signalled(self, state, reference, rollout, i):
         if i + 1 == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
         return learn(self, state, reference, rollout, i)
 
     config = _config()
