@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from test_aggregation import np_aggregate
 from test_kl import np_kl
 from tiny_policy import (
@@ -28,6 +30,7 @@ from novarl_jax.algorithms import (
     truncated_importance_weights,
     value_loss,
 )
+from novarl_jax.core.distributed import ParallelLayout
 
 LOG_RATIOS = np.log(np.array([[1.5, 0.5, 1.1, 4.0, 0.5]], np.float32))
 ADVANTAGES = np.array([[1.0, 1.0, -1.0, -1.0, -1.0]], np.float32)
@@ -96,6 +99,24 @@ def np_policy_loss(logp, old, adv, mask, low, high, dual, weights=None):
     return out
 
 
+def np_policy_metrics(logp, old, adv, mask, low, high, dual):
+    """The loss's metrics over the valid tokens, in float64 (padding may hold anything)."""
+    valid = mask != 0
+    r = np.exp(logp.astype(np.float64) - old)
+    clipped = -adv * np.clip(r, 1 - low, 1 + high)
+    lower = np.zeros(r.shape, bool)
+    if dual is not None:
+        lower = (adv < 0) & (np.maximum(-adv * r, clipped) > -adv * dual)
+    fraction = (lambda x: x[valid].mean()) if valid.any() else (lambda x: 0.0)
+    return {
+        "actor/pg_clipfrac": fraction((clipped > -adv * r).astype(np.float64)),
+        "actor/pg_clipfrac_lower": fraction(lower.astype(np.float64)),
+        "actor/ppo_kl": fraction(old - logp.astype(np.float64)),
+        "actor/ratio_mean": fraction(r),
+        "actor/ratio_max": r[valid].max() if valid.any() else 0.0,
+    }
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
@@ -104,18 +125,26 @@ def np_policy_loss(logp, old, adv, mask, low, high, dual, weights=None):
     high=st.sampled_from([0.2, 0.28]),
     dual=st.sampled_from([None, 3.0]),
 )
-def test_policy_loss_matches_numpy_loop(seed, mode, low, high, dual):
+def test_policy_loss_and_metrics_match_numpy_loop(seed, mode, low, high, dual):
     rng = np.random.default_rng(seed)
-    logp = rng.normal(size=(4, 6)).astype(np.float32) * 0.5
-    old = logp + rng.normal(size=(4, 6)).astype(np.float32) * 0.4
-    adv = rng.normal(size=(4, 6)).astype(np.float32)
-    mask = (np.arange(6)[None] < rng.integers(0, 7, size=4)[:, None]).astype(np.float32)
+    logp = rng.normal(size=(8, 6)).astype(np.float32) * 0.5
+    old = logp + rng.normal(size=(8, 6)).astype(np.float32) * 0.8
+    adv = rng.normal(size=(8, 6)).astype(np.float32)
+    mask = (np.arange(6)[None] < rng.integers(0, 7, size=8)[:, None]).astype(np.float32)
     kwargs = dict(clip_ratio_low=low, clip_ratio_high=high, dual_clip_c=dual, loss_agg_mode=mode)
     want = np_aggregate(np_policy_loss(logp, old, adv, mask, low, high, dual), mask, mode)
-    got, _ = ppo_policy_loss(logp, old, adv, mask, **kwargs)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    jitted, _ = jax.jit(lambda *a: ppo_policy_loss(*a, **kwargs))(logp, old, adv, mask)
-    np.testing.assert_allclose(jitted, want, rtol=1e-5, atol=1e-6)
+    want_metrics = np_policy_metrics(logp, old, adv, mask, low, high, dual)
+    # Padding holds values that would move every metric if it were counted.
+    old_padded = np.where(mask != 0, old, logp - 5.0).astype(np.float32)
+    adv_padded = np.where(mask != 0, adv, -7.0).astype(np.float32)
+    inputs = (logp, old_padded, adv_padded, mask)
+    jitted = jax.jit(lambda *a: ppo_policy_loss(*a, **kwargs))
+    sharding = NamedSharding(ParallelLayout(dp=8).make_mesh(), P(("dp",)))
+    sharded = [jax.device_put(x, sharding) for x in inputs]
+    for got, metrics in (ppo_policy_loss(*inputs, **kwargs), jitted(*inputs), jitted(*sharded)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        for name, value in want_metrics.items():
+            np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_truncated_importance_sampling():
