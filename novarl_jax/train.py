@@ -303,6 +303,7 @@ def _main(argv: list[str]) -> None:
     _start_backend()
     from novarl_jax.rollout.rewards import RewardFunctionError
     from novarl_jax.rollout.tasks import TaskError
+    from novarl_jax.trainer.async_loop import rollouts_in_progress
     from novarl_jax.trainer.checklist import print_checklist
     from novarl_jax.trainer.checkpoint import (
         CheckpointMismatchError,
@@ -405,6 +406,10 @@ def _main(argv: list[str]) -> None:
         )
     except KeyboardInterrupt:
         print(f"novarl_jax.train: {interrupted_message(workdir, before)}", file=sys.stderr)
+        if rollouts_in_progress():  # a second Ctrl-C cut the wait for them short
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)  # Python's shutdown would tear them down mid-call and abort
         sys.exit(130)
     except StopRequested as e:
         if jax.process_index() == 0:

@@ -196,6 +196,40 @@ def test_ctrl_c_says_where_the_run_stopped(run_cli, tmp_path, monkeypatch):
     assert "Traceback" not in out + err
 
 
+def test_a_second_ctrl_c_leaves_the_rollout_workers_to_the_process_exit(
+    run_cli, tmp_path, monkeypatch
+):
+    # The first Ctrl-C waits for the asynchronous rollouts in progress; a second one cuts
+    # that short, and Python's shutdown would tear the still running workers down mid-call
+    # and abort, so the command line ends the process itself, with the same status.
+    import threading
+
+    from novarl_jax.trainer.async_loop import WORKER_THREAD_PREFIX
+
+    release = threading.Event()
+    fake_train = _interrupting_train([1, 2], [])
+
+    def train_with_a_worker_left(config, workdir, **kwargs):
+        name = f"{WORKER_THREAD_PREFIX}0"
+        threading.Thread(target=release.wait, args=(30,), name=name, daemon=True).start()
+        fake_train(config, workdir, **kwargs)
+
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(loop, "train", train_with_a_worker_left)
+    monkeypatch.setattr(cli_train.os, "_exit", fake_exit)
+    try:
+        code, _, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}")
+    finally:
+        release.set()
+    assert (code, exits) == (130, [130])
+    assert err.strip().startswith("novarl_jax.train: interrupted after step 2;")
+
+
 _BROKEN_TASK = """
 from novarl_jax.rollout.tasks import CopyTask
 

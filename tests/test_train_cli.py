@@ -273,3 +273,39 @@ def test_a_cache_directory_that_cannot_be_made_is_refused_or_left_off(monkeypatc
         assert jax.config.jax_compilation_cache_dir is None
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_ctrl_c_ends_an_asynchronous_run_cleanly(tmp_path):
+    # Ctrl-C once two rollout workers are sampling: the run waits for their rollouts and exits
+    # with status 130. It used to leave them running into Python's shutdown, which tore them
+    # down inside a rollout and aborted the process (SIGABRT).
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    args = [
+        "--config=configs/base.py", f"--workdir={tmp_path}", "experiment.steps=100000",
+        "experiment.world_size=2", "experiment.async_rollouts=True",
+        "experiment.rollout_workers=2", "experiment.weight_sync_max_staleness=100",
+        "rollout.prompts_per_step=2", "rollout.max_new_tokens=4", "train.minibatches=2",
+        "logging.plot=False", "logging.progress=False", "checkpoint.interval=1000",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "novarl_jax.train", *args], cwd=ROOT,
+        env={**env, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Fatal Python error" not in err
+    assert "novarl_jax.train: interrupted after step " in err, err[-3000:]

@@ -181,6 +181,28 @@ def should_broadcast(
     return False, NOT_DUE
 
 
+def check_clock(clock: Any) -> Callable[[], float]:
+    """``clock`` if it is a callable (returning seconds, e.g. ``time.monotonic``).
+
+    Raises:
+        ValueError: it is not callable.
+    """
+    if not callable(clock):
+        raise ValueError(
+            f"clock must be a callable returning seconds (e.g. time.monotonic), got {clock!r:.80}"
+        )
+    return clock
+
+
+def _seconds(name: str, value: Any) -> float:
+    """A clock reading as a finite float, or a ValueError naming where it came from."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r:.80}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
 def record_broadcast(state: SyncState, now: float, version: int) -> SyncState:
     """The state after broadcasting ``version`` at clock reading ``now``.
 
@@ -297,7 +319,7 @@ class WeightSyncController:
         reason: str = INITIAL,
     ):
         self._state = init(interval, max_staleness, timeout_s, reason=reason)
-        self._clock = clock
+        self._clock = check_clock(clock)
         self._lock = threading.RLock()
         self._counts: collections.Counter[str] = collections.Counter()
 
@@ -339,7 +361,12 @@ class WeightSyncController:
             return {reason: self._counts[reason] for reason in REASONS}
 
     def _now(self, now: float | None) -> float:
-        return self._clock() if now is None else now
+        """``now``, else the clock's reading; checked before anything is decided or published
+        (a reading that cannot be recorded would leave a broadcast published but unrecorded).
+        """
+        if now is None:
+            return _seconds("the clock's reading", self._clock())
+        return _seconds("now", now)
 
     def should_broadcast(
         self, trainer_version: int, worker_versions: Any, *, now: float | None = None

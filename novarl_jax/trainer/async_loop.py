@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+import sys
 import threading
 import time
 import warnings
@@ -65,6 +66,18 @@ from novarl_jax.trainer.loop import Session, Trainer, iteration_keys, per_device
 from novarl_jax.trainer.state import TrainState
 
 WORKER_THREAD_PREFIX = "novarl-rollout-"
+
+
+def rollouts_in_progress() -> list[str]:
+    """Names of this process's rollout worker threads still running: a process must not
+    exit through Python's shutdown while one is (it aborts); see :meth:`_ThreadedFeed.close`.
+    """
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t.name.startswith(WORKER_THREAD_PREFIX) and t.is_alive()
+    ]
+
 
 # The published parameters must outlive the train state: the update step donates its buffers.
 _copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
@@ -221,8 +234,8 @@ class _InlineFeed:
     def depth(self) -> int:
         return len(self._queue)
 
-    def close(self, *, join: bool = True, raise_errors: bool = False) -> None:
-        del join, raise_errors  # nothing runs in the background
+    def close(self, *, raise_errors: bool = False, interrupted: bool = False) -> None:
+        del raise_errors, interrupted  # nothing runs in the background
 
 
 class _ThreadedFeed:
@@ -324,17 +337,33 @@ class _ThreadedFeed:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def close(self, *, join: bool = True, raise_errors: bool = False) -> None:
-        """Stops the workers; ``join`` waits for the rollouts in progress (not on Ctrl-C:
-        the threads are daemons), and ``raise_errors`` raises a worker's exception that no
-        :meth:`get` raised."""
+    def close(self, *, raise_errors: bool = False, interrupted: bool = False) -> None:
+        """Stops the workers and waits for the rollouts in progress; ``raise_errors`` raises a
+        worker's exception that no :meth:`get` raised.
+
+        After Ctrl-C (``interrupted``) it still waits, saying so on stderr: a worker left
+        inside a rollout when Python exits is torn down mid-call, and the process aborts. A
+        second Ctrl-C stops the wait (the command line then exits at once, see
+        :func:`rollouts_in_progress`).
+        """
         self._stop.set()
-        if not join:
-            return
         deadline = time.monotonic() + self._join_timeout
-        for thread in self._threads:
-            if thread.ident is not None:
-                thread.join(timeout=max(deadline - time.monotonic(), 0.0))
+        for wait in (2 * self._tick, None):  # idle workers notice the stop within a tick
+            if wait is None:
+                busy = [t.name for t in self._threads if t.is_alive()]
+                if not busy:
+                    break
+                if interrupted:
+                    print(
+                        f"novarl_jax: interrupted; waiting for the rollouts in progress in "
+                        f"{busy} to finish (Ctrl-C again to stop at once)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            for thread in self._threads:
+                if thread.ident is not None:
+                    left = max(deadline - time.monotonic(), 0.0)
+                    thread.join(timeout=left if wait is None else min(wait, left))
         stuck = [t.name for t in self._threads if t.is_alive()]
         if stuck:
             warnings.warn(
@@ -544,6 +573,7 @@ def train_async(
     exp = spec.config.experiment
     num_workers = exp.rollout_workers if num_workers is None else num_workers
     num_workers = check_int("num_workers", num_workers, 1)
+    wsc.check_clock(clock)
     queue_size = exp.rollout_queue_size if queue_size is None else queue_size
     queue_size = check_int("queue_size", queue_size, 0) or num_workers
     if not synchronous and jax.process_count() > 1:
@@ -645,10 +675,10 @@ def train_async(
                 metrics = session.record(i, state, metrics, host, trained)
             finished = True
         except KeyboardInterrupt:
-            interrupted = True  # do not wait for the rollouts in progress
+            interrupted = True
             raise
         finally:
-            feed.close(join=not interrupted, raise_errors=finished)
+            feed.close(raise_errors=finished, interrupted=interrupted)
     # Counted by this process from its start: after a resume, not the whole run's.
     since = "" if session.resumed_from is None else f" since the resume at step {session.start}"
     summary = (

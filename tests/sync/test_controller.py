@@ -131,6 +131,25 @@ def test_invalid_arguments_name_the_field(kwargs, message):
         WeightSyncController(**args, reason=reason)
 
 
+def test_a_clock_that_is_not_one_is_refused_before_anything_is_published():
+    with pytest.raises(ValueError, match="clock must be a callable returning seconds"):
+        WeightSyncController(1, 1, clock=None)
+    published = []
+    for clock, message in [
+        (lambda: "now", "the clock's reading must be a number of seconds, got 'now'"),
+        (lambda: float("nan"), "the clock's reading must be finite, got nan"),
+    ]:
+        controller = WeightSyncController(1, 1, 30.0, clock=clock)
+        with pytest.raises(ValueError, match=message):
+            controller.maybe_broadcast(0, {}, published.append)
+    assert published == []  # a broadcast it could not record is not made either
+    controller = WeightSyncController(1, 1)
+    with pytest.raises(ValueError, match="now must be a number of seconds, got True"):
+        controller.maybe_broadcast(0, {}, published.append, now=True)
+    assert controller.maybe_broadcast(0, {}, published.append, now=np.float32(2.5)) == "initial"
+    assert published == [0] and controller.state.last_time == 2.5
+
+
 def test_invalid_versions_and_reasons():
     state = wsc.init(1, 1)
     with pytest.raises(ValueError, match="trainer_version must be an integer >= 0, got -1"):
