@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -46,6 +45,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from host import cpu_model  # noqa: E402
 
 from novarl_jax.core.utils import advantages  # noqa: E402
 from novarl_jax.core.utils.advantages import gae  # noqa: E402
@@ -223,8 +223,7 @@ def main() -> None:
         return ms(wall[name], np.min)
 
     floor_dram = 1e3 * 5 * batch * tokens * 4 / copy_bw  # ms
-    cpu_name = platform.processor() or platform.machine()
-    print(f"# {cpu_name}, jax {jax.__version__}, {jax.devices()[0].platform}, B={batch}, "
+    print(f"# {cpu_model()}, jax {jax.__version__}, {jax.devices()[0].platform}, B={batch}, "
           f"T={tokens}, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"# per call, {args.rounds} rounds x {args.iters} calls: median (best) wall ms, "
           f"median CPU ms")  # fmt: skip

@@ -35,6 +35,7 @@ import time
 
 import torch_side
 from bench_tiny import BENCH_TINY, MAX_POSITIONS
+from host import cpu_model
 
 BATCH, PROMPT, NEW = 32, 64, 128
 CONFIG = dict(**BENCH_TINY, max_position_embeddings=MAX_POSITIONS)
@@ -174,6 +175,7 @@ def main() -> None:
     tokens = BATCH * NEW
     mode = "sampling" if args.sample else "greedy"
     print(f"# batch {BATCH}, prompt {PROMPT}, new {NEW}, {mode}, threads {args.threads}")
+    print(f"# {cpu_model()}, {os.cpu_count()} CPU cores")
 
     ref_run = None if args.skip_reference else make_transformers(args, prompts)
     ours_run, report = make_ours(args, prompts)

@@ -92,6 +92,7 @@ import time
 
 import torch_side
 from bench_tiny import BENCH_TINY, MAX_POSITIONS
+from host import cpu_model
 
 PROMPTS, GROUP, PROMPT_LEN, NEW = 8, 8, 32, 64
 BETA = 0.04
@@ -503,7 +504,8 @@ def main() -> None:
     import jax
     import numpy as np
 
-    print(f"# jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
+    platform = jax.devices()[0].platform
+    print(f"# jax {jax.__version__} on {platform}, {os.cpu_count()} CPU cores ({cpu_model()})")
     print(f"# host memory reused across calls (reuse_host_memory): {reused}")
     print(
         f"# {PROMPTS} prompts x {GROUP} samples, prompt {PROMPT_LEN}, completion {NEW}, "

@@ -56,6 +56,7 @@ import statistics
 import time
 
 import torch_side
+from host import cpu_model
 
 BATCH, SEQ = 8, 512
 TOKENS = BATCH * SEQ
@@ -285,8 +286,8 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    print(f"# jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores, "
-          f"{args.threads} threads per side")  # fmt: skip
+    print(f"# jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores "
+          f"({cpu_model()}), {args.threads} threads per side")  # fmt: skip
     memory = "reused across calls (reuse_host_memory)" if reused else "glibc malloc defaults"
     print(f"# host memory: {memory}")
     if args.decode:
