@@ -203,9 +203,9 @@ def ensure_cpu_devices(world_size: int) -> None:
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms not in ("", "cpu") or (platforms == "" and accelerator_installed()):
         return
-    from novarl_jax.core.distributed import cpu_xla_flags
+    from novarl_jax.core.distributed import set_cpu_devices
 
-    os.environ["XLA_FLAGS"] = cpu_xla_flags(world_size, os.environ.get("XLA_FLAGS", ""))
+    set_cpu_devices(world_size)
 
 
 def not_a_checkpoint_thread_error(record: logging.LogRecord) -> bool:

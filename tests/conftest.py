@@ -3,9 +3,9 @@
 import gc
 import os
 
-from novarl_jax.core.distributed import cpu_xla_flags  # imports no JAX
+from novarl_jax.core.distributed import set_cpu_devices  # imports no JAX
 
-os.environ["XLA_FLAGS"] = cpu_xla_flags(8, os.environ.get("XLA_FLAGS", ""))
+set_cpu_devices(8)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -26,8 +26,9 @@ import ctypes
 import dataclasses
 import math
 import numbers
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -637,6 +638,37 @@ def cpu_xla_flags(device_count: int, existing: str = "") -> str:
     if device_count > 1:
         flags.append(f"--xla_force_host_platform_device_count={device_count}")
     return " ".join(flags)
+
+
+# Threads per fake device in XLA:CPU's pools (see set_cpu_devices).
+_THREADS_PER_FAKE_DEVICE = 4
+
+
+def set_cpu_devices(device_count: int, environ: MutableMapping[str, str] | None = None) -> None:
+    """Sets up ``device_count`` fake CPU devices: call it before JAX starts its CPU backend.
+
+    Sets ``XLA_FLAGS`` to :func:`cpu_xla_flags` of the current flags and, for more than one
+    device, ``NPROC`` (the size XLA:CPU gives its thread pools; default: the core count) to
+    at least 4 threads per device, keeping a larger value. XLA:CPU can run two independent
+    collectives of one program at once on a device, each holding a pool thread while it waits
+    for the other devices; with more fake devices than cores the pool ran out and the devices
+    waited on each other until XLA aborted the process (a PPO step with a separate critic on
+    4 devices with tp and ep of 2, on 2 cores). ``environ``: default ``os.environ``.
+
+    Example:
+        >>> env = {}
+        >>> set_cpu_devices(8, env)
+        >>> int(env["NPROC"]) >= 32, env["XLA_FLAGS"].split()[-1]
+        (True, '--xla_force_host_platform_device_count=8')
+    """
+    device_count = check_int("device_count", device_count, 1)
+    environ = os.environ if environ is None else environ
+    environ["XLA_FLAGS"] = cpu_xla_flags(device_count, environ.get("XLA_FLAGS", ""))
+    if device_count > 1:
+        current = environ.get("NPROC", "")
+        threads = max(_THREADS_PER_FAKE_DEVICE * device_count, os.cpu_count() or 1)
+        if not (current.isdigit() and int(current) >= threads):
+            environ["NPROC"] = str(threads)
 
 
 # glibc mallopt parameters (malloc.h).

@@ -501,6 +501,45 @@ def test_cpu_xla_flags():
     assert cpu_xla_flags(1, mine).split() == [mine]  # an explicit choice is respected
 
 
+def test_set_cpu_devices_gives_xla_threads_for_every_device():
+    import os
+    import subprocess
+    import sys
+
+    from novarl_jax.core.distributed import set_cpu_devices
+
+    env = {"XLA_FLAGS": "--foo=1"}
+    set_cpu_devices(4, env)
+    assert env["NPROC"] == str(max(16, os.cpu_count()))
+    assert env["XLA_FLAGS"].split()[0] == "--foo=1"
+    assert "--xla_force_host_platform_device_count=4" in env["XLA_FLAGS"].split()
+    env = {"NPROC": "999"}
+    set_cpu_devices(4, env)
+    assert env["NPROC"] == "999"  # a larger pool is kept
+    env = {}
+    set_cpu_devices(1, env)
+    assert "NPROC" not in env and "device_count" not in env["XLA_FLAGS"]
+    with pytest.raises(ValueError, match="device_count must be an integer >= 1, got 0"):
+        set_cpu_devices(0, {})
+    # XLA:CPU reads NPROC: its pools grow (a collective over 4 fake devices, OS threads after).
+    script = (
+        "import os, jax, jax.numpy as jnp;"
+        "f = jax.pmap(lambda a: jax.lax.psum(a, 'i'), axis_name='i');"
+        "f(jnp.ones((4, 1))).block_until_ready();"
+        "print(len(os.listdir('/proc/self/task')))"
+    )
+    counts = []
+    for nproc in ("", "64"):
+        child = {k: v for k, v in os.environ.items() if k not in ("NPROC", "XLA_FLAGS")}
+        child.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        if nproc:
+            child["NPROC"] = nproc
+        out = subprocess.run([sys.executable, "-c", script], env=child, capture_output=True,
+                             text=True, timeout=120, check=True)  # fmt: skip
+        counts.append(int(out.stdout.split()[-1]))
+    assert counts[1] >= counts[0] + 32, counts
+
+
 class FakeLibc:
     """Records mallopt calls; ``accept`` is what mallopt returns (glibc: 1 = accepted)."""
 
