@@ -619,8 +619,9 @@ def cpu_xla_flags(device_count: int, existing: str = "") -> str:
     """``XLA_FLAGS`` for ``device_count`` fake CPU devices, on top of ``existing`` flags.
 
     Sets ``--xla_force_host_platform_device_count`` (replacing a smaller count) and the
-    flags that keep collectives between fake devices deadlock-free. Set the result as the
-    ``XLA_FLAGS`` environment variable before JAX starts its CPU backend.
+    scheduler flag above. Set the result as the ``XLA_FLAGS`` environment variable before JAX
+    starts its CPU backend; :func:`set_cpu_devices` does that and also sizes XLA's thread pools,
+    which fake devices need as well.
 
     Example:
         >>> cpu_xla_flags(8).split()[-1]
