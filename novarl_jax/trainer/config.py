@@ -21,6 +21,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+_FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
+
 
 def default_config() -> ml_collections.ConfigDict:
     """The defaults: a tiny dense policy trained with GRPO on one device."""
@@ -438,6 +440,11 @@ def _check_keys_and_types(config: ml_collections.ConfigDict) -> dict:
         if expected is float and not math.isfinite(value):
             # inf or nan would pass every range check below and poison the first update.
             raise ConfigError(key, f"must be a finite number, got {value!r}")
+        if expected is float and abs(value) > _FLOAT32_MAX:
+            # Training computes in float32 at most, where such a value is inf.
+            raise ConfigError(
+                key, f"must be a finite float32 number (at most {_FLOAT32_MAX:.4g}), got {value!r}"
+            )
     for key in defaults:
         if key not in flat:
             raise ConfigError(key, "missing; start from configs/base.py and override keys")

@@ -113,6 +113,10 @@ def _with(**overrides):
         (dict(optim__learning_rate=float("inf")), "optim.learning_rate", "finite number, got inf"),
         (dict(grpo__beta=float("nan")), "grpo.beta", "must be a finite number, got nan"),
         (dict(experiment__capacity_factor=float("inf")), "experiment.capacity_factor", "finite"),
+        # Finite in float64 but inf in float32: the update turned NaN at the first step.
+        (dict(optim__learning_rate=1e300), "optim.learning_rate",
+         r"finite float32 number \(at most 3.403e\+38\), got 1e\+300"),
+        (dict(grpo__beta=-1e39), "grpo.beta", "finite float32 number"),
     ],
 )  # fmt: skip
 def test_validation_names_the_key(overrides, key, match):
