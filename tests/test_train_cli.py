@@ -23,12 +23,17 @@ QUICKSTART = [
 ]
 
 
-def _run(*args, cwd=ROOT, env=None):
+def _cli_env(env=None):
+    """This process's environment for a command-line run on CPU: the CLI sets its own flags."""
     env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in ("XLA_FLAGS",)}
     env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _run(*args, cwd=ROOT, env=None):
     return subprocess.run(
         [sys.executable, "-m", "novarl_jax.train", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd, env=_cli_env(env), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
 
@@ -282,7 +287,6 @@ def test_ctrl_c_ends_an_asynchronous_run_cleanly(tmp_path):
     import signal
     import time
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     args = [
         "--config=configs/base.py", f"--workdir={tmp_path}", "experiment.steps=100000",
         "experiment.world_size=2", "experiment.async_rollouts=True",
@@ -291,9 +295,8 @@ def test_ctrl_c_ends_an_asynchronous_run_cleanly(tmp_path):
         "logging.plot=False", "logging.progress=False", "checkpoint.interval=1000",
     ]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "novarl_jax.train", *args], cwd=ROOT,
-        env={**env, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", "novarl_jax.train", *args], cwd=ROOT, env=_cli_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 240

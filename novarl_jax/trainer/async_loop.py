@@ -337,6 +337,11 @@ class _ThreadedFeed:
     def depth(self) -> int:
         return self._queue.qsize()
 
+    def _join_until(self, deadline: float) -> None:
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join(timeout=max(deadline - time.monotonic(), 0.0))
+
     def close(self, *, raise_errors: bool = False, interrupted: bool = False) -> None:
         """Stops the workers and waits for the rollouts in progress; ``raise_errors`` raises a
         worker's exception that no :meth:`get` raised.
@@ -348,22 +353,17 @@ class _ThreadedFeed:
         """
         self._stop.set()
         deadline = time.monotonic() + self._join_timeout
-        for wait in (2 * self._tick, None):  # idle workers notice the stop within a tick
-            if wait is None:
-                busy = [t.name for t in self._threads if t.is_alive()]
-                if not busy:
-                    break
-                if interrupted:
-                    print(
-                        f"novarl_jax: interrupted; waiting for the rollouts in progress in "
-                        f"{busy} to finish (Ctrl-C again to stop at once)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-            for thread in self._threads:
-                if thread.ident is not None:
-                    left = max(deadline - time.monotonic(), 0.0)
-                    thread.join(timeout=left if wait is None else min(wait, left))
+        # Idle workers notice the stop within a tick; one still alive after that is sampling.
+        self._join_until(min(deadline, time.monotonic() + 2 * self._tick))
+        busy = [t.name for t in self._threads if t.is_alive()]
+        if busy and interrupted:
+            print(
+                f"novarl_jax: interrupted; waiting for the rollouts in progress in {busy} to "
+                "finish (Ctrl-C again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+        self._join_until(deadline)
         stuck = [t.name for t in self._threads if t.is_alive()]
         if stuck:
             warnings.warn(
