@@ -22,6 +22,7 @@ import ml_collections
 from ml_collections import config_dict
 
 _FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
+_INT32_MAX = 2**31 - 1  # step counts, sizes and positions are int32 inside jitted code
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -67,7 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
     exp.rollout_queue_size = 0  # rollouts sampled ahead of the trainer; 0 = one per worker
     exp.steps = 20  # training iterations (one rollout batch + its updates each)
     # Split into the model's, the rollouts' and the synthetic tasks' keys (a jsonl task
-    # shuffles its file with task.options.seed instead, default 0).
+    # shuffles its file with task.options.seed instead, default 0). In [0, 2**32).
     exp.seed = 0
 
     # --- Policy model (Hugging Face MixtralConfig names) ---------------------------------
@@ -437,6 +438,10 @@ def _check_keys_and_types(config: ml_collections.ConfigDict) -> dict:
                 key,
                 f"expected {expected.__name__}, got {type(value).__name__} {value!r}",
             )
+        if expected is int and key != "experiment.seed" and not abs(value) <= _INT32_MAX:
+            raise ConfigError(
+                key, f"must fit a 32-bit integer (at most {_INT32_MAX:,}), got {value:,}"
+            )
         if expected is float and not math.isfinite(value):
             # inf or nan would pass every range check below and poison the first update.
             raise ConfigError(key, f"must be a finite number, got {value!r}")
@@ -754,9 +759,13 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
     _positive(flat, "experiment.weight_sync_timeout_s", "experiment.rollout_queue_size", minimum=0)
     _positive(flat, "experiment.rollout_workers")
     _positive(flat, "logging.samples", minimum=0)
-    if not -(2**63) <= exp.seed < 2**63:
+    if not 0 <= exp.seed < 2**32:
+        # jax.random.key keeps a seed's low 32 bits (without jax_enable_x64): seeds outside
+        # this range would silently share another seed's random stream.
         raise ConfigError(
-            "experiment.seed", f"must be an integer in [-2**63, 2**63), got {exp.seed}"
+            "experiment.seed",
+            f"must be an integer in [0, 2**32), got {exp.seed} (random keys take 32 bits: "
+            f"it would run the same stream as seed {exp.seed % 2**32})",
         )
     for key, module, extra in (("tensorboard", "tensorboardX", "tensorboard"), ("wandb",) * 3):
         if config.logging[key] and importlib.util.find_spec(module) is None:

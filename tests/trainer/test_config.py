@@ -43,7 +43,13 @@ def _with(**overrides):
          ">= 1"),
         (dict(experiment__weight_sync_interval=0), "experiment.weight_sync_interval", ">= 1"),
         (dict(experiment__rollout_queue_size=-1), "experiment.rollout_queue_size", ">= 0"),
-        (dict(experiment__seed=2**63), "experiment.seed", r"in \[-2\*\*63, 2\*\*63\)"),
+        (dict(experiment__seed=2**32 + 5), "experiment.seed",
+         r"in \[0, 2\*\*32\), got 4294967301 .random keys take 32 bits: it would run the same "
+         r"stream as seed 5\)"),
+        (dict(experiment__seed=-1), "experiment.seed", "same stream as seed 4294967295"),
+        (dict(optim__warmup_steps=3_000_000_000), "optim.warmup_steps",
+         "must fit a 32-bit integer .at most 2,147,483,647., got 3,000,000,000"),
+        (dict(model__hidden_size=-(2**40)), "model.hidden_size", "must fit a 32-bit integer"),
         (dict(rollout__top_k=-1), "rollout.top_k", ">= 0"),
         (dict(rollout__max_prompt_length=0), "rollout.max_prompt_length", ">= 1"),
         (dict(rollout__prompt_truncation="none"), "rollout.prompt_truncation",
@@ -94,7 +100,7 @@ def _with(**overrides):
         (dict(optim__learning_rate=0.0), "optim.learning_rate", "must be > 0"),
         (dict(optim__schedule="cosine", optim__end_learning_rate=1.0),
          "optim.end_learning_rate", "is above optim.learning_rate=0.003: a cosine decay would"),
-        (dict(experiment__seed=2**64), "experiment.seed", r"in \[-2\*\*63, 2\*\*63\)"),
+        (dict(experiment__seed=2**64), "experiment.seed", r"in \[0, 2\*\*32\)"),
         # Greedy GRPO groups are identical: nothing to learn.
         (dict(rollout__temperature=0.0), "rollout.temperature", "0 samples greedily, so the 4 "
          "samples of a prompt would be identical"),
@@ -292,8 +298,8 @@ def test_a_bool_is_not_an_int(key):
     "overrides",
     [
         dict(optim__b1=0.0),  # momentum off
-        dict(experiment__seed=-(2**63)),  # the lowest seed a 64-bit key takes
-        dict(experiment__seed=2**63 - 1),
+        dict(experiment__seed=2**32 - 1),  # the largest seed a 32-bit key tells apart
+        dict(optim__warmup_steps=2**31 - 1),  # int32's largest
         dict(optim__schedule="cosine", optim__end_learning_rate=0.003),  # ends at the peak
         dict(ppo__value_clip_range=None),  # every nullable key: None means off or default
         dict(ppo__dual_clip_c=None),
