@@ -38,7 +38,7 @@ from novarl_jax.rollout.tasks.base import (
     sample_task_prompts,
     task_label,
 )
-from novarl_jax.rollout.tokenizers import TextTooLongError
+from novarl_jax.rollout.tokenizers import TextTooLongError, UnencodableTextError
 
 # Non-finite rewards named in a rollout's warning (the rest are counted).
 _SHOWN_INVALID = 3
@@ -347,9 +347,10 @@ class RolloutEngine:
             )
         except (TextTooLongError, RenderError):  # the caller names the key at fault
             raise
-        except ValueError as e:  # a character outside the task's own alphabet
+        except UnencodableTextError as e:  # e.g. a character outside the task's alphabet
             raise TaskError(
-                f"task {task_label(self.task)!r}: its prompts cannot be encoded: {e}"
+                f"task {task_label(self.task)!r}: its prompt {e.index} cannot be encoded: "
+                f"{e.reason}"
             ) from None
         check_prompt_rows(prompts, mask)
         return prompts, metadata, tokens, mask

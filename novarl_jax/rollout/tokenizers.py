@@ -55,6 +55,16 @@ class TextTooLongError(ValueError):
         self.templated = bool(templated)
 
 
+class UnencodableTextError(ValueError):
+    """A text of a batch the tokenizer cannot encode: characters outside a character
+    tokenizer's alphabet, or ones a tokenizer.json has no token for. Attributes: ``index`` (of
+    the text in the batch) and ``reason`` (the tokenizer's own message)."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"text {index}: {reason}")
+        self.index, self.reason = index, reason
+
+
 @runtime_checkable
 class Tokenizer(Protocol):
     """What the rollout engine needs from a tokenizer."""
@@ -158,8 +168,9 @@ class _BaseTokenizer:
         Raises:
             ValueError: bad ``padding_side``/``max_length``, a text that is not a str, or a
                 text longer than ``max_length`` with ``truncation='error'``
-                (:class:`TextTooLongError`); :class:`~novarl_jax.rollout.chat.RenderError`: a
-                conversation the chat template cannot render, or any without one.
+                (:class:`TextTooLongError`), or a text the tokenizer cannot encode
+                (:class:`UnencodableTextError`); :class:`~novarl_jax.rollout.chat.RenderError`:
+                a conversation the chat template cannot render, or any without one.
         """
         _check_choice("padding_side", padding_side, PADDING_SIDES)
         if isinstance(texts, str):
@@ -191,6 +202,8 @@ class _BaseTokenizer:
             except RenderError as e:
                 e.index = index
                 raise
+            except ValueError as e:
+                raise UnencodableTextError(index, str(e)) from None
             if max_length is not None and len(ids) > max_length:
                 if self.truncation == "error":
                     raise TextTooLongError(index, text, len(ids), max_length, use_bos, templated)
@@ -344,6 +357,11 @@ def leading_special_token(tokenizer: Any) -> str | None:
     return lead[0] if lead else None
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)
+
+
 class HFTokenizer(_BaseTokenizer):
     """A Hugging Face ``tokenizers`` tokenizer (tokenizer.json) behind the rollout interface.
 
@@ -424,6 +442,16 @@ class HFTokenizer(_BaseTokenizer):
             tokenizer.no_truncation()
             tokenizer.no_padding()
         self._tok = tokenizer
+        # A model without an unknown token drops characters it has no token for (BPE) or
+        # fails on them (WordLevel, Unigram); encode() checks each new character once.
+        model = tokenizer.model
+        unk = getattr(model, "unk_token", None)
+        self._may_drop = getattr(model, "unk_id", None) is None and (
+            unk is None or tokenizer.token_to_id(unk) is None
+        )
+        self._kept: set[str] = set()
+        added = tokenizer.get_added_tokens_decoder().values()
+        self._added = sorted({t.content for t in added if t.content}, key=len, reverse=True)
 
         def token_id(field: str, token: str) -> int:
             tid = tokenizer.token_to_id(token)
@@ -453,7 +481,38 @@ class HFTokenizer(_BaseTokenizer):
     def encode(self, text: str) -> list[int]:
         if self.chat_template is not None:
             text = self.chat_template.render(text)
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+        try:
+            encoding = self._tok.encode(text, add_special_tokens=False)
+        except Exception as err:  # tokenizers raises a bare Exception
+            raise ValueError(
+                f"the tokenizer cannot encode {text!r:.60}: {_first_line(err)}"
+            ) from None
+        if self._may_drop:
+            self._check_characters(text)
+        return list(encoding.ids)
+
+    def _check_characters(self, text: str) -> None:
+        """Raises ValueError naming the characters of ``text`` the tokenizer drops (each
+        encodes to no token alone; whitespace, which pre-tokenizers may drop on purpose,
+        aside). Characters that passed are remembered."""
+        if not set(text) - self._kept:
+            return
+        plain = text
+        for token in self._added:  # special tokens a chat template writes, e.g. <|im_start|>
+            plain = plain.replace(token, " ")
+        missing = []
+        for c in sorted(set(plain) - self._kept):
+            if c.isspace() or self._tok.encode(c, add_special_tokens=False).ids:
+                self._kept.add(c)
+            else:
+                missing.append(c)
+        if missing:
+            raise ValueError(
+                f"characters {''.join(missing)!r} of {text!r:.60} have no token in the "
+                f"tokenizer's vocabulary, which has no unknown token, so they would be dropped "
+                f"silently; add them (or an unk_token) to tokenizer.json, or remove them from "
+                f"the text"
+            )
 
     def _decode_ids(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -25,7 +25,7 @@ from novarl_jax.algorithms.aggregation import extreme_of
 from novarl_jax.core.distributed import MESH_AXES, host_array
 from novarl_jax.rollout.chat import RenderError
 from novarl_jax.rollout.engine import EmptyPromptError, check_prompt_rows, take_info
-from novarl_jax.rollout.tokenizers import TextTooLongError
+from novarl_jax.rollout.tokenizers import TextTooLongError, UnencodableTextError
 from novarl_jax.trainer import steps
 from novarl_jax.trainer.build import Run, build_run
 from novarl_jax.trainer.checkpoint import Checkpointer, CheckpointMismatchError
@@ -288,6 +288,9 @@ class Trainer:
                 raise prompt_unrenderable(e, f"the prompt at {chunk[e.index][0]}") from None
             except EmptyPromptError as e:
                 raise ConfigError("task.path", f"{chunk[e.index][0]}: {e}") from None
+            except UnencodableTextError as e:
+                where = chunk[e.index][0]
+                raise ConfigError("model.tokenizer", f"the prompt at {where}: {e.reason}") from None
         with _prompt_errors():
             first, *_ = self.engine.encode_prompts(
                 self.rollout_key(i), self.config.rollout.prompts_per_step

@@ -306,3 +306,43 @@ def test_hf_encode_bypasses_the_post_processor_and_decode_skips_specials(hf_toke
 def test_an_unknown_bos_token_is_named_as_bos_token(hf_tokenizer):
     with pytest.raises(ValueError, match=r"^bos_token='<bos>' is not in the tokenizer's vocab"):
         HFTokenizer(hf_tokenizer, pad_token="<pad>", eos_token="</s>", bos_token="<bos>")
+
+
+def _bpe_without_unknown_token(unk_token=None):
+    """A character-level BPE over "a", "b" (and "<unk>" when given) with one special token."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models
+
+    vocab = {"<pad>": 0, "</s>": 1, "a": 2, "b": 3, "<unk>": 4}
+    rust = RustTokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk_token))
+    rust.add_special_tokens(["<|im_start|>"])
+    return HFTokenizer(rust, pad_token="<pad>", eos_token="</s>")
+
+
+def test_characters_a_tokenizer_without_unknown_token_would_drop_are_refused():
+    # BPE drops characters missing from its vocabulary when it has no unknown token: "abc"
+    # encoded as "ab", silently changing the prompt.
+    tok = _bpe_without_unknown_token()
+    assert tok.encode("ab a") == [2, 3, 2]  # whitespace may be dropped by design
+    assert tok.encode("<|im_start|>ab") == [5, 2, 3]  # special tokens are not characters
+    with pytest.raises(ValueError, match=r"^characters 'c' of 'abca' have no token in the "
+                       r"tokenizer's vocabulary, which has no unknown token, so they would be "
+                       r"dropped silently"):  # fmt: skip
+        tok.encode("abca")
+    with pytest.raises(ValueError, match=r"characters '<c' of 'b<\|im_start\|>c<'"):
+        tok.encode_batch(["ab", "b<|im_start|>c<"])
+    # With an unknown token, the character becomes that token, as Hugging Face encodes it.
+    assert _bpe_without_unknown_token("<unk>").encode("abc") == [2, 3, 4]
+
+
+def test_a_tokenizer_that_fails_on_a_text_is_named_with_the_text():
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    # WordLevel with an unknown token missing from its vocabulary raises a bare Exception.
+    rust = RustTokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "a": 2}, unk_token="<zz>"))
+    rust.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = HFTokenizer(rust, pad_token="<pad>", eos_token="</s>")
+    assert tok.encode("a a") == [2, 2]
+    with pytest.raises(ValueError, match=r"^the tokenizer cannot encode 'a c': WordLevel error"):
+        tok.encode("a c")

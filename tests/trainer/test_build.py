@@ -956,3 +956,25 @@ def test_bos_auto_that_finds_no_single_bos_names_model_bos_token(tmp_path):
     with pytest.raises(ConfigError, match=r"^model.bos_token: bos_token='auto': the tokenizer's "
                        r"post-processor puts 2 tokens"):  # fmt: skip
         build_run(validate_config(config))
+
+
+def test_a_prompt_with_characters_the_tokenizer_would_drop_names_the_file_line(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from configs import jsonl
+    from novarl_jax.trainer.loop import check_startup
+
+    # A BPE without an unknown token would encode "abd" as "ab".
+    vocab = {"<pad>": 0, "</s>": 1, "a": 2, "b": 3, "c": 4}
+    Tokenizer(models.BPE(vocab=vocab, merges=[])).save(str(tmp_path / "tokenizer.json"))
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"ab{c}", "answer": "a"}) + "\n" for c in "cd"))
+    config = jsonl.get_config()
+    config.task.path = str(path)
+    config.model.update(tokenizer=str(tmp_path / "tokenizer.json"), bos_token="")
+    with pytest.raises(ConfigError) as info:
+        check_startup(build_run(validate_config(config)))
+    assert str(info.value).startswith(
+        f"model.tokenizer: the prompt at {path}:2: characters 'd' of 'abd' have no token in the "
+        "tokenizer's vocabulary, which has no unknown token, so they would be dropped silently"
+    )
