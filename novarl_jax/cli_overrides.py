@@ -162,6 +162,8 @@ def config_file_error(argv: list[str], error: BaseException) -> str:
     inner = _innermost(error)
     text = inner.args[0] if len(inner.args) == 1 and isinstance(inner.args[0], str) else str(inner)
     text = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    if isinstance(inner, TypeError) and (cast := _cast_message(text)):
+        return f"--config: {where}: {cast}"
     return f"--config: {where}: {type(inner).__name__}: {text}".rstrip(": ")
 
 
@@ -222,6 +224,8 @@ def flag_error_message(argv: list[str], text: str) -> str:
         frame = _FRAME.match(line)
         if frame and path and os.path.abspath(frame.group(1)) == os.path.abspath(path):
             where = f"{path}:{frame.group(2)}"
+    if error.startswith("TypeError: "):
+        error = _cast_message(error.removeprefix("TypeError: ")) or error
     return f"--config: {where}: {error}"
 
 
@@ -246,7 +250,31 @@ def _override_value_message(line: str) -> str:
     for marker, expected in _EXPECTED:
         if marker in error:
             return f"{key}: expected {expected}, got {value!r}"
+    if "as a ConfigDict" in error:  # experiment=3
+        return f"{key}: is a section, not a value; set its keys ({key}.<name>=...)"
     return f"{key}: {error}"
+
+
+# ml_collections' TypeError for a config file that assigns a value of another type.
+_CAST = re.compile(
+    r"^Could not override field '(\w+)' \(reference\)\. (.*) is of original type "
+    r"<class '([\w.]+)'> and cannot be casted to type <class '([\w.]+)'>$",
+    re.DOTALL,
+)
+
+
+def _cast_message(text: str) -> str | None:
+    """``field 'steps' takes int values, got str: 5`` for ml_collections' "Could not override
+    field 'steps' (reference). 5 is of original type <class 'str'> and cannot be casted to
+    type <class 'int'>"; None for other texts."""
+    match = _CAST.match(text)
+    if not match:
+        return None
+    name, value, given, wanted = match.groups()
+    given, wanted = given.rpartition(".")[2], wanted.rpartition(".")[2]
+    if wanted == "ConfigDict":
+        return f"{name!r} is a section, not a value; set its keys ({name}.<name> = ...)"
+    return f"field {name!r} takes {wanted} values, got {given}: {value}"
 
 
 def config_file_problem(argv: list[str]) -> str | None:

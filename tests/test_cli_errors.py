@@ -1105,3 +1105,32 @@ def test_the_quickstarts_mode_argument_points_to_the_config(run_cli, args):
         "(the quickstart's mode=moe_demo is --config=configs/moe.py here: the config file "
         "chooses the demo)"
     )
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("c.experiment.steps = '5'", "field 'steps' takes int values, got str: 5"),
+        ("c.rollout.top_p = [0.9]", "field 'top_p' takes float values, got list: [0.9]"),
+        ("c.experiment = 3", "'experiment' is a section, not a value; set its keys "
+         "(experiment.<name> = ...)"),
+    ],
+)  # fmt: skip
+def test_a_config_file_assigning_the_wrong_type_names_the_field_and_types(
+    run_cli, tmp_path, line, message
+):
+    path = tmp_path / "typed.py"
+    path.write_text(
+        "from configs import base\n\n\ndef get_config():\n    c = base.get_config()\n"
+        f"    {line}\n    return c\n"
+    )
+    code, _, err = run_cli(f"--config={path}", "--dry_run")
+    assert code == 2 and err.strip() == f"novarl_jax.train: error: --config: {path}:6: {message}"
+
+
+def test_an_override_of_a_whole_section_says_to_set_its_keys(run_cli):
+    code, _, err = run_cli("--config=configs/copy.py", "--config.experiment=3", "--dry_run")
+    assert code == 2 and err.strip() == (
+        "novarl_jax.train: error: experiment: is a section, not a value; set its keys "
+        "(experiment.<name>=...)"
+    )
