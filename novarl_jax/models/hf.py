@@ -170,7 +170,14 @@ class _Tensors:
 def _read_config(directory: pathlib.Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
     if not path.exists():
-        raise ValueError(f"{path}: not found (a checkpoint directory needs {CONFIG_FILE})")
+        left = sorted(p for p in directory.glob(".previous-*") if (p / CONFIG_FILE).exists())
+        hint = (
+            f"; a save_hf_model that was killed while replacing the checkpoint left the "
+            f"previous one in {left[-1]}: move its files back into {directory}"
+            if left
+            else ""
+        )
+        raise ValueError(f"{path}: not found (a checkpoint directory needs {CONFIG_FILE}){hint}")
     try:
         hf_config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -557,7 +564,9 @@ def save_hf_model(
         path: output directory (created). Everything is checked before anything is
             written, and the files are written into a temporary directory on the same file
             system (inside ``path`` when it exists) that is then moved into place, so a
-            failure never leaves a half-written checkpoint.
+            failure never leaves a half-written checkpoint: an existing one stays, or is
+            put back (a killed process leaves it in ``path/.previous-*``, which
+            :func:`load_hf_model` names).
         config: the model.
         params: its parameters (host or device arrays, sharded or not): exactly the tree,
             shapes and dtype (``config.dtype``) of ``init_params(config, key)``.
@@ -649,19 +658,44 @@ def save_hf_model(
         if not directory.exists():
             os.rename(staging, directory)
             return
-        # An existing directory keeps its other files (a tokenizer, a critic/ ...); the old
-        # checkpoint files, a stale generation_config.json included, are replaced.
-        stale = [*checkpoint_files(directory), directory / GENERATION_CONFIG_FILE]
-        for p in stale:
-            p.unlink(missing_ok=True)
-        # config.json last: until it lands there is none, so a half-moved directory is
-        # never loaded.
-        for p in sorted(staging.iterdir(), key=lambda p: p.name == CONFIG_FILE):
-            os.replace(p, directory / p.name)
+        _swap_in(staging, directory, tag)
         staging.rmdir()
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(staging: pathlib.Path, directory: pathlib.Path, tag: str) -> None:
+    """Moves the files of ``staging`` into ``directory`` in place of its checkpoint files (a
+    stale generation_config.json included; its other files, a tokenizer or an adapter, stay).
+
+    The old files move aside into ``directory/.previous-TAG`` first, config.json first, and
+    the new ones move in with config.json last: while the two are swapped the directory holds
+    no config.json, so a mix of old and new files is never loaded. An exception on the way
+    puts the old files back; a killed process leaves them in the backup, which
+    :func:`load_hf_model` then points to.
+    """
+    backup = directory / f".previous-{tag}"
+    backup.mkdir()
+    old = [*checkpoint_files(directory), directory / GENERATION_CONFIG_FILE]
+    old = sorted((p for p in old if p.exists()), key=lambda p: p.name != CONFIG_FILE)
+    moved_out: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for p in old:
+            os.replace(p, backup / p.name)
+            moved_out.append(p.name)
+        for p in sorted(staging.iterdir(), key=lambda p: p.name == CONFIG_FILE):
+            os.replace(p, directory / p.name)
+            moved_in.append(p.name)
+    except BaseException:
+        for name in reversed(moved_in):  # config.json, when it landed, first
+            os.replace(directory / name, staging / name)
+        for name in reversed(moved_out):  # config.json last
+            os.replace(backup / name, directory / name)
+        backup.rmdir()
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _json_text(obj: Any) -> str:

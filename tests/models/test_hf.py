@@ -7,6 +7,7 @@ transformers; these tests only read them (no torch here).
 import json
 import os
 import pathlib
+import re
 import shutil
 
 import jax
@@ -734,12 +735,57 @@ def test_an_overwrite_moves_config_json_in_last(tmp_path, monkeypatch):
     real_replace = os.replace
 
     def recording_replace(src, dst):
-        moved.append(pathlib.Path(dst).name)
+        moved.append((pathlib.Path(src).parent.name, pathlib.Path(dst).parent.name,
+                      pathlib.Path(dst).name))  # fmt: skip
         return real_replace(src, dst)
 
     monkeypatch.setattr(hf_module.os, "replace", recording_replace)
     save_hf_model(tmp_path, config, _random_dense(1)[1], overwrite=True, max_shard_bytes=600)
-    assert len(moved) > 2 and moved[-1] == "config.json" and moved.count("config.json") == 1
+    # The old config.json moves aside first, the new one in last.
+    out = [name for _, dst, name in moved if dst.startswith(".previous-")]
+    into = [name for _, dst, name in moved if dst == tmp_path.name]
+    assert out == ["config.json", "model.safetensors"]
+    assert len(into) > 2 and into[-1] == "config.json" and into.count("config.json") == 1
+
+
+@pytest.mark.parametrize("failing_move", [1, 2, 4])  # moving aside, then moving in
+def test_an_overwrite_interrupted_part_way_puts_the_old_checkpoint_back(
+    tmp_path, monkeypatch, failing_move
+):
+    config, params = _random_dense()
+    save_hf_model(tmp_path, config, params, max_shard_bytes=600, token_ids={"eos_token_id": 1})
+    (tmp_path / "tokenizer.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert len(before) > 4  # shards, index, config, generation config, tokenizer
+    real_replace, calls = os.replace, []
+
+    def interrupted_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == failing_move:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(hf_module.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_hf_model(tmp_path, config, _random_dense(1)[1], overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing left over
+    _equal_trees(load_hf_model(tmp_path)[1], params)
+
+
+def test_loading_a_checkpoint_whose_replacement_was_killed_names_the_backup(tmp_path):
+    config, params = _random_dense()
+    save_hf_model(tmp_path / "m", config, params)
+    backup = tmp_path / "m" / ".previous-0123456789ab"
+    backup.mkdir()
+    for name in ("config.json", "model.safetensors"):  # as a kill after moving both aside
+        os.replace(tmp_path / "m" / name, backup / name)
+    with pytest.raises(ValueError, match=re.escape(
+        f"config.json: not found (a checkpoint directory needs config.json); a save_hf_model "
+        f"that was killed while replacing the checkpoint left the previous one in {backup}: "
+        f"move its files back into {tmp_path / 'm'}"
+    )):  # fmt: skip
+        load_hf_model(tmp_path / "m")
 
 
 def test_a_sliding_window_bounds_the_sequences_the_model_runs(tmp_path):
