@@ -319,6 +319,7 @@ def auxiliary_terms(
         )
 
     if "entropy" in out:
+        check_token_arrays("response_mask", {"response_mask": mask, "entropy": out["entropy"]})
         entropy = zero_masked(out["entropy"], mask)
         metrics["actor/entropy"] = masked_mean(
             jax.lax.stop_gradient(entropy), mask, denominators=denominators
@@ -332,6 +333,10 @@ def auxiliary_terms(
         )
     if kl_coef:
         require_keys(batch, ("ref_logprobs",), "batch", f"the KL loss is on: {kl_field}={kl_coef}")
+        # zero_masked would broadcast a [B, 1] or [T] array against the mask silently.
+        check_token_arrays(
+            "response_mask", {"response_mask": mask, "ref_logprobs": batch["ref_logprobs"]}
+        )
         kl = kl_penalty(
             zero_masked(out["logprobs"], mask), zero_masked(batch["ref_logprobs"], mask), kl_kind
         )

@@ -1,5 +1,7 @@
 """GRPO loss: token and sequence (GSPO) ratios, the KL term, and agreement with PPO."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,6 +145,28 @@ def test_grpo_errors():
         grpo_loss(logp, batch, GRPOLossConfig(beta=0.0), lambda p, b: {"logits": p})
     with pytest.raises(ValueError, match="logprobs has shape"):
         grpo_loss(logp[:, :1], batch, GRPOLossConfig(beta=0.0), logprob_apply_fn)
+
+
+@pytest.mark.parametrize("loss_fn", [grpo_loss, ppo_loss])
+def test_reference_logprobs_and_entropy_of_another_shape_are_refused(loss_fn):
+    # A [B, 1] array broadcast against the [B, T] mask without a word: a KL loss T times
+    # too large.
+    logp, batch = gspo_case()
+    rows = logp.shape[0]
+    config = (GRPOLossConfig if loss_fn is grpo_loss else PPOLossConfig)(
+        **({"beta": 0.1} if loss_fn is grpo_loss else {"kl_coef": 0.1, "vf_coef": 0.0})
+    )
+    for shape in [(rows, 1), logp.shape[1:], (rows,)]:
+        short = {**batch, "ref_logprobs": np.zeros(shape)}
+        with pytest.raises(ValueError, match=re.escape(
+            f"ref_logprobs has shape {shape}; every token array must have the shape [B, T] = "
+            f"{logp.shape} of response_mask"
+        )):  # fmt: skip
+            loss_fn(logp, short, config, logprob_apply_fn)
+    full = {**batch, "ref_logprobs": np.zeros(logp.shape)}
+    loss_fn(logp, full, config, logprob_apply_fn)
+    with pytest.raises(ValueError, match=r"entropy has shape \(\d+, 1\); every token array"):
+        loss_fn(logp, full, config, lambda p, b: {"logprobs": p, "entropy": p[:, :1]})
 
 
 @pytest.mark.parametrize(
