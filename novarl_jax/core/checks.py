@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_int", "is_integer", "real_value"]
+__all__ = ["check_int", "check_random_key", "is_integer", "real_value"]
 
 
 def is_integer(value: Any) -> bool:
@@ -63,3 +63,20 @@ def real_value(value: Any) -> float | None:
     if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
         return None
     return float(value)
+
+
+def check_random_key(key: Any, name: str = "key") -> None:
+    """Raises ValueError unless ``key`` is a typed ``jax.random`` key or raw uint32 key data
+    (``jax.random.PRNGKey``'s). An int seed, the commonest mistake, is named as one."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and not isinstance(dtype, np.dtype):  # a key's dtype is JAX's own
+        import jax
+
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            return
+    if dtype == np.uint32 and np.ndim(key) >= 1:
+        return
+    got = f"{type(key).__name__} of dtype {dtype}" if dtype is not None else repr(key)[:40]
+    raise ValueError(
+        f"{name} must be a jax.random key (jax.random.key(seed), or raw uint32 key data), got {got}"
+    )

@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -42,7 +43,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from novarl_jax.core import sharding as shd
-from novarl_jax.core.checks import is_integer
+from novarl_jax.core.checks import check_random_key, is_integer
 from novarl_jax.models import moe as moe_lib
 from novarl_jax.models import pipeline
 from novarl_jax.models.config import ModelConfig
@@ -305,7 +306,25 @@ def init_params(config: ModelConfig, key: jax.Array) -> dict[str, Any]:
         >>> params["layers"]["attn"]["q_proj"].shape  # [L, D, N, Dh]
         (2, 32, 4, 8)
     """
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+    check_random_key(key)
     return _init_params_jit(config, key)
+
+
+def _shape_fields(config: ModelConfig) -> str:
+    """The config fields that set parameter shapes, for messages."""
+    names = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "num_local_experts", "qkv_bias", "qk_norm")  # fmt: skip
+    return ", ".join(f"{n}={getattr(config, n)}" for n in names)
+
+
+@functools.lru_cache(maxsize=64)
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """``{keystr path: shape}`` of every parameter :func:`init_params` makes for ``config``
+    (computed once per config, without allocating)."""
+    tree = jax.eval_shape(lambda key: _init_params(config, key), jax.random.key(0))
+    return {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _check_pipeline_layers(config: ModelConfig, pp: int) -> None:
@@ -549,6 +568,18 @@ def checked_params(params: Any, config: ModelConfig) -> Any:
             f"params['layers'] must be stacked over num_hidden_layers={layers} layers, got "
             f"leading sizes {sorted(depths)}"
         )
+    got = {
+        jax.tree_util.keystr(p): jnp.shape(x)
+        for p, x in jax.tree_util.tree_leaves_with_path(params)
+    }
+    for name, shape in param_shapes(config).items():
+        if name not in got:
+            raise ValueError(f"params{name} is missing; config ({_shape_fields(config)}) has it")
+        if got[name] != shape:
+            raise ValueError(
+                f"params{name} has shape {got[name]}, but config ({_shape_fields(config)}) "
+                f"needs {shape}; were the params made for another config?"
+            )
     allowed = {config.param_dtype, config.activation_dtype}  # as stored, or cast already
     for path, x in jax.tree_util.tree_leaves_with_path(params):
         x_dtype = getattr(x, "dtype", None)

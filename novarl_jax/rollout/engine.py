@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from novarl_jax.core.checks import check_int
+from novarl_jax.core.checks import check_int, is_integer
 from novarl_jax.core.distributed import host_array
 from novarl_jax.rollout.chat import RenderError, prompt_text
 from novarl_jax.rollout.rewards import RewardFunctionError
@@ -290,6 +290,12 @@ class RolloutEngine:
                 f"vocab_size={vocab}"
             )
         stops = sampling.stops(tokenizer)
+        if not all(is_integer(s) for s in stops):
+            raise ValueError(
+                f"the stop tokens {list(stops)} must be token ids; a tokenizer without an "
+                f"eos_id (got {getattr(tokenizer, 'eos_id', None)!r}) needs "
+                f"SamplingConfig(stop_token_ids=...)"
+            )
         bad = [s for s in stops if not 0 <= s < vocab]
         if bad:
             raise ValueError(

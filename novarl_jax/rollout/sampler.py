@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from novarl_jax.core.checks import check_int, real_value
+from novarl_jax.core.checks import check_int, check_random_key, real_value
 from novarl_jax.core.sharding import batch_spec
 
 
@@ -521,6 +521,10 @@ def make_settings(
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(stop_token_ids, (int, np.integer)):
         stop_token_ids = (stop_token_ids,)
+    if stop_token_ids is None or isinstance(stop_token_ids, (str, bytes)):
+        raise ValueError(
+            f"stop_token_ids must be a sequence of token ids (() for none), got {stop_token_ids!r}"
+        )
     stops = tuple(check_int("stop_token_ids entry", t, 0) for t in stop_token_ids)
     return Settings(
         max_new_tokens=int(max_new_tokens),
@@ -532,18 +536,6 @@ def make_settings(
         num_samples=int(num_samples),
         return_routing=bool(return_routing),
     )
-
-
-def _check_key(key: Any) -> None:
-    """Raises ValueError unless ``key`` is a typed ``jax.random`` key or raw uint32 key data."""
-    dtype = getattr(key, "dtype", None)
-    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    if not typed and not (dtype == np.uint32 and np.ndim(key) >= 1):
-        got = f"{type(key).__name__} of dtype {dtype}" if dtype is not None else repr(key)[:40]
-        raise ValueError(
-            f"key must be a jax.random key (jax.random.key(seed), or raw uint32 key data), "
-            f"got {got}"
-        )
 
 
 def sample(
@@ -613,7 +605,7 @@ def sample(
         num_samples=num_samples,
         return_routing=return_routing,
     )
-    _check_key(key)
+    check_random_key(key)
     prompt_tokens = jnp.asarray(prompt_tokens)
     prompt_mask = jnp.asarray(prompt_mask)
     if prompt_tokens.ndim != 2:

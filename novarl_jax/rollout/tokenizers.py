@@ -454,6 +454,15 @@ class HFTokenizer(_BaseTokenizer):
         self._added = sorted({t.content for t in added if t.content}, key=len, reverse=True)
 
         def token_id(field: str, token: str) -> int:
+            if not isinstance(token, str):
+                hint = (
+                    " (a tokenizer without one can use its EOS token)"
+                    if field == "pad_token"
+                    else ""
+                )
+                raise ValueError(
+                    f"{field} must be a token string of the vocabulary{hint}, got {token!r}"
+                )
             tid = tokenizer.token_to_id(token)
             if tid is None:
                 raise ValueError(f"{field}={token!r} is not in the tokenizer's vocabulary")

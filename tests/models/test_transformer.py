@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import re
 from unittest import mock
 
 import jax
@@ -641,6 +642,12 @@ def test_init_params_values():
     np.testing.assert_array_equal(params["value_head"]["bias"], 0.0)
     again = init_params(MOE, jax.random.key(0))
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), params, again))
+    raw = init_params(MOE, jax.random.PRNGKey(0))  # raw uint32 key data: the same key
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), params, raw))
+    with pytest.raises(ValueError, match=r"^key must be a jax.random key .*, got 0$"):
+        init_params(MOE, 0)
+    with pytest.raises(TypeError, match="config must be a ModelConfig, got dict"):
+        init_params({"vocab_size": 64}, jax.random.key(0))
 
 
 def test_bfloat16_params_float32_logits():
@@ -720,6 +727,17 @@ def test_forward_refuses_inputs_it_would_reinterpret():
         forward(params, toks, DENSE.replace(tie_word_embeddings=False))
     with pytest.raises(ValueError, match=r"params\['layers'\]\['moe'\] is missing"):
         forward(params, toks, MOE.replace(tie_word_embeddings=True, value_head=False))
+    # Inner shapes too: Flax's own error named an initializer and a scope.
+    with pytest.raises(ValueError, match=re.escape(
+        "params['layers']['attn']['k_proj'] has shape (2, 32, 2, 8), but config (hidden_size="
+        "32, intermediate_size=32, num_attention_heads=4, num_key_value_heads=4, head_dim=8, "
+        "num_local_experts=0, qkv_bias=False, qk_norm=False) needs (2, 32, 4, 8)"
+    )):  # fmt: skip
+        forward(params, toks, DENSE.replace(num_key_value_heads=4))
+    with pytest.raises(ValueError, match=r"params\['final_norm'\]\['scale'\] has shape \(16,\)"):
+        forward({**params, "final_norm": {"scale": jnp.ones(16)}}, toks, DENSE)
+    with pytest.raises(ValueError, match=r"params\['final_norm'\]\['scale'\] is missing; config"):
+        forward({**params, "final_norm": {}}, toks, DENSE)
     # numpy bools are bools; the checks do not stop a traced forward.
     assert forward(params, toks, DENSE, train=np.bool_(False))[0].shape == (1, 4, 64)
     assert jit_forward(params, toks, config=DENSE)[0].shape == (1, 4, 64)

@@ -1,5 +1,6 @@
 """RolloutEngine: trajectory layout, rewards, bad-reward exclusion, determinism, errors."""
 
+import copy
 import re
 
 import jax
@@ -298,6 +299,13 @@ def test_engine_errors(setup):
         kwargs = dict(model_config=config, tokenizer=tok, task=task, sampling=SAMPLING) | change
         with pytest.raises(ValueError, match=match):
             RolloutEngine(**kwargs)
+    # A tokenizer without an EOS id and no stop ids: a TypeError comparing None and int.
+    no_eos = copy.copy(tok)
+    no_eos.eos_id = None
+    with pytest.raises(ValueError, match=r"^the stop tokens \[None\] must be token ids; a "
+                       r"tokenizer without an eos_id \(got None\) needs SamplingConfig\("
+                       r"stop_token_ids=...\)$"):  # fmt: skip
+        RolloutEngine(model_config=config, tokenizer=no_eos, task=task, sampling=SAMPLING)
     # Prompt + completion longer than the model's positions fails here, not at the first rollout.
     too_long = SamplingConfig(max_prompt_length=40, max_new_tokens=30)
     with pytest.raises(

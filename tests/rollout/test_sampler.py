@@ -561,6 +561,11 @@ def test_argument_errors(dense):
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(num_samples=0), "num_samples must be an integer >= 1"),
         (dict(stop_token_ids=(-1,)), "stop_token_ids entry must be an integer >= 0"),
+        (
+            dict(stop_token_ids=None),
+            r"stop_token_ids must be a sequence of token ids \(\(\) for "
+            r"none\), got None",
+        ),
         (dict(return_routing=True), "return_routing=True needs an MoE model"),
         (dict(max_new_tokens=60), r"= 65 exceeds max_position_embeddings=64"),
         (dict(stop_token_ids=(2, 40)), r"stop_token_ids \[40\] are outside the vocabulary"),

@@ -206,6 +206,9 @@ def test_hf_tokenizer_truncation_and_errors(hf_tokenizer):
     assert tok.decode(tokens[0]) == "plus two"
     with pytest.raises(ValueError, match=r"eos_token='<eos>' is not in the tokenizer's vocabulary"):
         HFTokenizer(hf_tokenizer, pad_token="<pad>", eos_token="<eos>")
+    no_pad = r"^pad_token must be a token string of the vocabulary \(a tokenizer without one "
+    with pytest.raises(ValueError, match=no_pad + r"can use its EOS token\), got None$"):
+        HFTokenizer(hf_tokenizer, pad_token=None, eos_token="</s>")
     with pytest.raises(ValueError, match="does not exist"):
         HFTokenizer("/nonexistent/tokenizer.json", pad_token="<pad>", eos_token="</s>")
     folder = str(hf_tokenizer.parent)
