@@ -155,9 +155,15 @@ def workdir_in_use(workdir: str) -> WorkdirInUseError | None:
     return None
 
 
+# The directories a run keeps in its workdir: orbax checkpoints, the plots of the end of a
+# run, TensorBoard's event files.
+RUN_DIRECTORIES = ("checkpoints", "plots", "tensorboard")
+
+
 def foreign_config(workdir: str) -> str | None:
-    """Why ``workdir`` cannot hold a run: its ``config.json`` is not a run's config, or one
-    of the files a run keeps there is a directory or another non-file (None when neither)."""
+    """Why ``workdir`` cannot hold a run: its ``config.json`` is not a run's config, one of
+    the files a run keeps there is a directory or another non-file, one of its directories a
+    file, or it cannot be written (None when none of these)."""
     from novarl_jax.trainer.metrics import METRICS_FILE  # imports the run's config modules
     from novarl_jax.trainer.samples import FILE_NAME as SAMPLES_FILE
     from novarl_jax.trainer.saved_config import MODEL_FILE, TOKENIZER_FILE
@@ -167,6 +173,16 @@ def foreign_config(workdir: str) -> str | None:
         if os.path.lexists(entry) and not os.path.isfile(entry):
             what = "a directory" if os.path.isdir(entry) else "a broken link or a special file"
             return f"{entry} is {what}, where a run keeps its {name} file; move it away"
+    for name in RUN_DIRECTORIES:
+        entry = os.path.join(workdir, name)
+        if os.path.lexists(entry) and not os.path.isdir(entry):
+            return f"{entry} is a file, where a run keeps its {name}/ directory; move it away"
+    existing = workdir
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == workdir else f" (its nearest existing parent {existing} is not)"
+        return f"{workdir} is not writable by this user{where}; train in another directory"
     path = os.path.join(workdir, CONFIG_FILE)
     try:
         with open(path) as f:

@@ -196,6 +196,33 @@ def test_a_directory_where_a_run_keeps_a_file_is_refused_naming_it(tmp_path, nam
         train_quietly(tiny_grpo_config(), tmp_path)
 
 
+@pytest.mark.parametrize("name", ["checkpoints", "plots", "tensorboard"])
+def test_a_file_where_a_run_keeps_a_directory_is_refused_naming_it(tmp_path, name):
+    """checkpoints/ as a file failed after the start-up table (and --dry_run passed it);
+    plots/ as a file failed at the end of the run."""
+    (tmp_path / name).write_text("")
+    assert foreign_config(str(tmp_path)) == (
+        f"{tmp_path / name} is a file, where a run keeps its {name}/ directory; move it away"
+    )
+
+
+def test_a_workdir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+    # (Permission bits do not stop root: the check asks os.access, as a user's run would.)
+    import os
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: p != str(tmp_path) and real_access(p, m))
+    assert foreign_config(str(tmp_path)) == (
+        f"{tmp_path} is not writable by this user; train in another directory"
+    )
+    assert foreign_config(str(tmp_path / "a" / "b")) == (
+        f"{tmp_path / 'a' / 'b'} is not writable by this user (its nearest existing parent "
+        f"{tmp_path} is not); train in another directory"
+    )
+    monkeypatch.undo()
+    assert foreign_config(str(tmp_path / "a" / "b")) is None
+
+
 def test_a_mesh_that_is_not_the_configs_layout_is_refused(tmp_path):
     """A mesh given to train() decides every weight's sharding: another layout (or other
     axis names) would train unsharded while the workdir records the config's layout."""
