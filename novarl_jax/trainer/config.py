@@ -773,6 +773,20 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
                 f"logging.{key}",
                 f'needs the {extra} extra ({module} is not installed): pip install -e ".[{extra}]"',
             )
+    project = config.logging.wandb_project
+    if config.logging.wandb:
+        # W&B's own rules, which it checks only when the run starts.
+        bad = sorted(set(project) & set("/\\#?%:"))
+        if not project.strip() or len(project) > 128 or bad:
+            if bad:
+                why = f"has {''.join(bad)!r}"
+            else:
+                why = "is blank" if not project.strip() else f"is {len(project)} characters long"
+            raise ConfigError(
+                "logging.wandb_project",
+                f"{project!r} is not a W&B project name (1 to 128 characters, none of "
+                f"/ \\ # ? % :); it {why}",
+            )
     if config.dapo.dynamic_sampling and exp.algorithm != "grpo":
         raise ConfigError(
             "dapo.dynamic_sampling",

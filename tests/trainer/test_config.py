@@ -111,6 +111,14 @@ def _with(**overrides):
         (dict(optim__b1=1.5), "optim.b1", r"in \[0, 1\)"),
         (dict(optim__b2=1.0), "optim.b2", r"in \[0, 1\)"),
         (dict(dapo__overlong_buffer=-1), "dapo.overlong_buffer", ">= 0"),
+        # W&B checks its project names only as the run starts: a traceback after the table.
+        (dict(logging__wandb=True, logging__wandb_project="team/rl"), "logging.wandb_project",
+         r"'team/rl' is not a W&B project name \(1 to 128 characters, none of / \\ # \? % :\); "
+         r"it has '/'"),
+        (dict(logging__wandb=True, logging__wandb_project=" "), "logging.wandb_project",
+         "it is blank"),
+        (dict(logging__wandb=True, logging__wandb_project="p" * 129), "logging.wandb_project",
+         "it is 129 characters long"),
         (dict(dapo__overlong_buffer=99), "dapo.overlong_buffer", "exceed rollout.max_new_tokens"),
         (dict(dapo__overlong_penalty=-1.0), "dapo.overlong_penalty", ">= 0"),
         (dict(dapo__max_extra_batches=-1), "dapo.max_extra_batches", ">= 0"),
