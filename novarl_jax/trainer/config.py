@@ -628,6 +628,22 @@ _UNREAD_WHEN = (
         "the model is dense (experiment.num_experts=0): it has no router",
     ),
     (
+        ("model.router_aux_loss_coef", "model.router_z_loss_coef"),
+        lambda c, asynchronous: c.experiment.num_experts == 0 and not c.model.init_from,
+        "the model is dense (experiment.num_experts=0): it has no router losses",
+    ),
+    (
+        ("optim.decay_steps", "optim.end_learning_rate"),
+        lambda c, asynchronous: c.optim.schedule == "constant",
+        "optim.schedule='constant' keeps optim.learning_rate after the warmup",
+    ),
+    (
+        ("grpo.loss_scale_factor",),
+        lambda c, asynchronous: c.experiment.algorithm == "grpo"
+        and c.grpo.loss_agg_mode != "seq-mean-token-sum-norm",
+        "only grpo.loss_agg_mode='seq-mean-token-sum-norm' divides by it",
+    ),
+    (
         ("rollout.system_prompt",),
         lambda c, asynchronous: not c.rollout.chat_template,
         "rollout.chat_template=False: prompts are encoded as the task writes them",

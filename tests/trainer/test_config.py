@@ -245,6 +245,25 @@ def test_keys_of_a_feature_that_is_off_are_reported():
     ]
 
 
+def test_schedule_router_loss_and_length_scale_keys_that_are_off_are_reported():
+    config = default_config()  # dense, GRPO, constant schedule, token-mean
+    config.optim.update(decay_steps=100, end_learning_rate=1e-5)
+    config.model.update(router_aux_loss_coef=0.02, router_z_loss_coef=0.0)
+    config.grpo.loss_scale_factor = 512.0
+    assert ignored_settings(config) == [
+        "model.router_aux_loss_coef=0.02, model.router_z_loss_coef=0.0 are not used: the model "
+        "is dense (experiment.num_experts=0): it has no router losses",
+        "optim.decay_steps=100, optim.end_learning_rate=1e-05 are not used: "
+        "optim.schedule='constant' keeps optim.learning_rate after the warmup",
+        "grpo.loss_scale_factor=512.0 is not used: only "
+        "grpo.loss_agg_mode='seq-mean-token-sum-norm' divides by it",
+    ]
+    config.optim.schedule = "cosine"
+    config.experiment.num_experts = 4
+    config.grpo.loss_agg_mode = "seq-mean-token-sum-norm"
+    assert ignored_settings(config) == []
+
+
 def test_the_other_algorithms_settings_are_reported_not_refused(tmp_path):
     from tiny_grpo import tiny_grpo_config
 
