@@ -726,7 +726,8 @@ def finished_schedule(run: Run, update: int, config: Any) -> str | None:
 
 def check_startup(run: Run, mesh: Any = None) -> list[str]:
     """The checks a run makes before its first step, without training: the first step's
-    prompts and the evaluation prompts fit ``rollout.max_prompt_length``.
+    prompts and the evaluation prompts fit ``rollout.max_prompt_length``, and (a warning) a
+    built-in task's longest answers fit ``rollout.max_new_tokens``.
 
     Returns:
         the warnings of :meth:`Trainer.check_prompts`.
@@ -737,6 +738,22 @@ def check_startup(run: Run, mesh: Any = None) -> list[str]:
     warnings = Trainer(run, "", mesh=mesh).check_prompts(0)
     if run.eval_task is not None:
         Evaluator(run, mesh)
+    longest = getattr(run.task, "longest_answer", None)  # the built-in tasks tell
+    if longest is not None:
+        answer, room = longest(), run.sampling.max_new_tokens
+        tokens = len(run.tokenizer.encode(answer))
+        if tokens > room:
+            warnings.append(
+                f"rollout.max_new_tokens={room} is shorter than the task's longest answers "
+                f"({answer!r}: {tokens} tokens): their completions are cut before the end, so "
+                f"they cannot earn the full reward"
+            )
+        elif tokens == room and run.spec.config.dapo.mask_truncated:
+            warnings.append(
+                f"rollout.max_new_tokens={room} leaves no room for the end token after the "
+                f"task's longest answers ({answer!r}: {tokens} tokens), and "
+                f"dapo.mask_truncated=True trains on no completion that lacks one"
+            )
     return warnings
 
 

@@ -978,3 +978,26 @@ def test_a_prompt_with_characters_the_tokenizer_would_drop_names_the_file_line(t
         f"model.tokenizer: the prompt at {path}:2: characters 'd' of 'abd' have no token in the "
         "tokenizer's vocabulary, which has no unknown token, so they would be dropped silently"
     )
+
+
+def test_a_completion_length_too_short_for_the_tasks_answers_is_warned_about():
+    from configs import addition, reverse
+    from novarl_jax.trainer.loop import check_startup
+
+    config = reverse.get_config()  # strings of 2 of "abc"; 4 new tokens
+    assert check_startup(build_run(validate_config(config))) == []
+    config.rollout.max_new_tokens = 1
+    assert check_startup(build_run(validate_config(config))) == [
+        "rollout.max_new_tokens=1 is shorter than the task's longest answers ('ba': 2 tokens): "
+        "their completions are cut before the end, so they cannot earn the full reward"
+    ]
+    config.rollout.max_new_tokens = 2  # fits, but leaves no room for the end token
+    assert check_startup(build_run(validate_config(config))) == []
+    config.dapo.mask_truncated = True
+    (warning,) = check_startup(build_run(validate_config(config)))
+    assert warning.startswith("rollout.max_new_tokens=2 leaves no room for the end token")
+    config = addition.get_config()  # sums up to 6 in 2 new tokens
+    config.task.options.max_operand = 50
+    (warning,) = check_startup(build_run(validate_config(config)))
+    assert warning.startswith("rollout.max_new_tokens=2 is shorter than the task's longest "
+                              "answers ('100': 3 tokens)")  # fmt: skip

@@ -89,6 +89,11 @@ class _StringTask(BaseTask):
     def transform(self, s: str) -> str:
         raise NotImplementedError
 
+    def longest_answer(self) -> str:
+        """An answer of the greatest length this task asks for (what a completion must hold
+        to earn the full reward)."""
+        return self.transform((self.symbols * self.max_length)[: self.max_length])
+
     def sample_prompts(self, key: jax.Array, batch_size: int) -> tuple[list[str], list[dict]]:
         batch_size = check_batch_size(batch_size)
         rng = numpy_rng(key)
@@ -193,6 +198,11 @@ class AdditionTask(BaseTask):
                 f"{max_operand!r}"
             )
         self.alphabet = "+0123456789="
+
+    def longest_answer(self) -> str:
+        """The longest sum this task asks for (what a completion must hold to earn the full
+        reward)."""
+        return str(2 * self.max_operand)
 
     def sample_prompts(self, key: jax.Array, batch_size: int) -> tuple[list[str], list[dict]]:
         batch_size = check_batch_size(batch_size)
