@@ -78,6 +78,7 @@ def token_logprobs_and_entropy(
         ``(logprobs [B, T] float32, entropy [B, T] float32)``.
 
     Raises:
+        TypeError: ``targets`` is not an integer array.
         ValueError: ``targets`` does not match the leading dimensions of ``logits``, or (when
             its values are known here, not traced under ``jit``) holds an id outside
             ``[0, V)``: -1 would read the last entry and ids past V give NaN. Under ``jit``
@@ -94,6 +95,8 @@ def token_logprobs_and_entropy(
         raise ValueError(
             f"targets {targets.shape} must match the leading dimensions of logits {z.shape}"
         )
+    if not jnp.issubdtype(targets.dtype, jnp.integer):  # a float id would be truncated
+        raise TypeError(f"targets must be integer token ids, got dtype {targets.dtype}")
     if not isinstance(targets, jax.core.Tracer) and targets.is_fully_addressable:
         ids = np.asarray(targets)
         bad = ids[(ids < 0) | (ids >= z.shape[-1])]

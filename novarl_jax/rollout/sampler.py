@@ -196,7 +196,16 @@ def sampling_logits(
 
     Returns:
         [..., V] float32; ``log_softmax`` of it is the sampled distribution.
+
+    Raises:
+        ValueError: ``top_k`` or ``top_p`` (when not traced) out of range.
     """
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not isinstance(top_p, jax.core.Tracer):
+        value = real_value(top_p)
+        if value is None or not 0 < value <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
     x = apply_temperature(logits, temperature)
     if 0 < top_k < x.shape[-1]:
         x = jnp.where(top_k_mask(x, top_k), x, -jnp.inf)

@@ -135,7 +135,12 @@ class _BaseTokenizer:
         """
         out: list[int] = []
         special = self._special_ids()
-        for i in np.asarray(ids).reshape(-1).tolist():
+        flat = np.asarray(ids).reshape(-1)
+        if flat.size and not np.issubdtype(flat.dtype, np.integer):
+            raise TypeError(f"ids must be integer token ids, got dtype {flat.dtype}")
+        if flat.size and flat.min() < 0:
+            raise ValueError(f"ids must be token ids >= 0, got {int(flat.min())}")
+        for i in flat.tolist():
             if stop_at_eos and i == self.eos_id:
                 break
             if i not in special:

@@ -491,6 +491,9 @@ def test_token_ids_outside_the_vocabulary_are_refused_when_known():
             token_logprobs_and_entropy(logits, jnp.array([[0, bad]]))
     logp, _ = jax.jit(token_logprobs_and_entropy)(logits, jnp.array([[0, 3]]))
     np.testing.assert_allclose(logp, np.log(0.25), rtol=1e-6)
+    # A float id was truncated: 1.7 read token 1.
+    with pytest.raises(TypeError, match="targets must be integer token ids, got dtype float32"):
+        token_logprobs_and_entropy(logits, jnp.array([[0.0, 1.7]]))
 
 
 def test_an_empty_batch_gives_zero_losses_not_an_error():

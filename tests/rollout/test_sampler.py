@@ -137,6 +137,11 @@ def test_masks_hand_made_ties_and_combination():
     np.testing.assert_allclose(
         jax.nn.log_softmax(got), np_sampling_logprobs(x, 0.5, 3, 0.9), rtol=1e-5, atol=1e-6
     )
+    # Out of range, they were accepted as "off" (sample() refuses them).
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\] \(1 = off\), got 2.0"):
+        S.sampling_logits(x, top_p=2.0)
+    with pytest.raises(ValueError, match=r"top_k must be an integer >= 0 \(0 = off\), got -3"):
+        S.sampling_logits(x, top_k=-3)
 
 
 def test_masks_under_the_8_device_mesh(devices):

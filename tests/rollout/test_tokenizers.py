@@ -21,6 +21,16 @@ def test_char_tokenizer_ids_and_round_trip():
     assert isinstance(tok, Tokenizer)
 
 
+def test_decode_refuses_negative_and_float_ids():
+    # An HFTokenizer raised OverflowError for -1; a float id was truncated.
+    tok = CharTokenizer("abc")
+    assert tok.decode([3, 4, 99]) == "ab"  # ids past the alphabet (a larger model's) drop
+    with pytest.raises(ValueError, match="ids must be token ids >= 0, got -1"):
+        tok.decode([3, -1])
+    with pytest.raises(TypeError, match="ids must be integer token ids, got dtype float64"):
+        tok.decode([3.0, 4.5])
+
+
 def test_char_tokenizer_errors():
     with pytest.raises(ValueError, match="character 'x' is not in the alphabet"):
         CharTokenizer("abc").encode("abx")
