@@ -127,8 +127,19 @@ def config_changes(saved: dict, config: Any, *, defaults: Any = None) -> list[tu
     return [
         (key, old.get(key), new.get(key))
         for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key) and not _same_file(key, old.get(key), new.get(key))
+        if old.get(key) != new.get(key) and not _equivalent(key, old.get(key), new.get(key))
     ]
+
+
+def _equivalent(key: str, old: Any, new: Any) -> bool:
+    """Whether two different values of ``key`` mean the same run: one file by two paths, or
+    seeds equal modulo 2**32 (random keys keep a seed's low 32 bits, and a run started with
+    a seed outside ``[0, 2**32)``, as earlier versions accepted, resumes with the one that
+    names its stream now)."""
+    if key == "experiment.seed":
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (old, new))
+        return ints and old % 2**32 == new % 2**32
+    return _same_file(key, old, new)
 
 
 def _same_file(key: str, old: Any, new: Any) -> bool:

@@ -536,3 +536,17 @@ def test_the_ids_that_end_a_completion_are_compared_on_resume(tmp_path):
     with pytest.raises(ConfigChangedError, match=rf"'ends at \[{eos}\]' -> 'ends at \[{eos}, 7\]'"):
         check_resume_config(str(tmp_path), config, stops=(eos, 7), tokenizer=CharTokenizer("abc"))
     check_resume_config(str(tmp_path), config, stops=(eos,), tokenizer=CharTokenizer("abc"))
+
+
+def test_a_seed_outside_32_bits_saved_by_an_earlier_version_resumes_as_its_stream(tmp_path):
+    """Seed -1 was valid once and ran seed 4294967295's stream; it is refused now, with that
+    seed as the fix, which a resume of the old workdir must take as no change."""
+    config = copy.get_config()
+    config.experiment.seed = -1
+    write_config(str(tmp_path), config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    config.experiment.seed = 2**32 - 1
+    assert config_changes(saved, config) == []
+    assert check_resume_config(str(tmp_path), config) == []
+    config.experiment.seed = 5  # another stream
+    assert config_changes(saved, config) == [("experiment.seed", -1, 5)]
