@@ -177,11 +177,15 @@ def foreign_config(workdir: str) -> str | None:
         entry = os.path.join(workdir, name)
         if os.path.lexists(entry) and not os.path.isdir(entry):
             return f"{entry} is a file, where a run keeps its {name}/ directory; move it away"
-    existing = workdir
+    existing = os.path.abspath(workdir)  # a relative path's parents end in '' otherwise
     while not os.path.exists(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
     if not os.access(existing, os.W_OK | os.X_OK):
-        where = "" if existing == workdir else f" (its nearest existing parent {existing} is not)"
+        where = (
+            ""
+            if existing == os.path.abspath(workdir)
+            else f" (its nearest existing parent {existing} is not)"
+        )
         return f"{workdir} is not writable by this user{where}; train in another directory"
     path = os.path.join(workdir, CONFIG_FILE)
     try:

@@ -221,6 +221,8 @@ def test_a_workdir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
     )
     monkeypatch.undo()
     assert foreign_config(str(tmp_path / "a" / "b")) is None
+    monkeypatch.chdir(tmp_path)
+    assert foreign_config(os.path.join("runs", "copy")) is None  # relative, not there yet
 
 
 def test_a_mesh_that_is_not_the_configs_layout_is_refused(tmp_path):
