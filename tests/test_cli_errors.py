@@ -284,6 +284,12 @@ class OneShort(CopyTask):
     def sample_prompts(self, key, batch_size):
         prompts, metadata = super().sample_prompts(key, batch_size)
         return prompts[1:], metadata[1:]
+
+
+class NotAString(CopyTask):
+    def sample_prompts(self, key, batch_size):
+        prompts, metadata = super().sample_prompts(key, batch_size)
+        return [12] + prompts[1:], metadata
 """
 
 
@@ -293,6 +299,8 @@ class OneShort(CopyTask):
         ("OutsideItsAlphabet", r"its prompt \d cannot be encoded: character '#' is not in the "
          "alphabet"),
         ("OneShort", "returned 1 prompts and 1 metadata for batch_size=2"),
+        ("NotAString", r"its prompts cannot be encoded: texts must be strings, but texts\[0\] "
+         "is int: 12"),
     ],
 )  # fmt: skip
 def test_prompts_a_task_of_ones_own_gets_wrong_are_one_line(

@@ -358,6 +358,10 @@ class RolloutEngine:
                 f"task {task_label(self.task)!r}: its prompt {e.index} cannot be encoded: "
                 f"{e.reason}"
             ) from None
+        except ValueError as e:  # e.g. a prompt that is not a string
+            raise TaskError(
+                f"task {task_label(self.task)!r}: its prompts cannot be encoded: {e}"
+            ) from None
         check_prompt_rows(prompts, mask)
         return prompts, metadata, tokens, mask
 
