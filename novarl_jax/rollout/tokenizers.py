@@ -447,14 +447,17 @@ class HFTokenizer(_BaseTokenizer):
             tokenizer.no_truncation()
             tokenizer.no_padding()
         self._tok = tokenizer
-        # A model without an unknown token drops characters it has no token for (BPE) or
-        # fails on them (WordLevel, Unigram); encode() checks each new character once.
+        # A BPE model without an unknown token drops the characters it has no token for
+        # (WordLevel and Unigram fail on them instead): encode() checks, per character that
+        # reaches the model, that it gives a token.
+        from tokenizers import models as _models
+
         model = tokenizer.model
         unk = getattr(model, "unk_token", None)
-        self._may_drop = getattr(model, "unk_id", None) is None and (
+        self._may_drop = isinstance(model, _models.BPE) and (
             unk is None or tokenizer.token_to_id(unk) is None
         )
-        self._kept: set[str] = set()
+        self._kept: set[str] = set()  # characters the model was seen to give a token for
         added = tokenizer.get_added_tokens_decoder().values()
         self._added = sorted({t.content for t in added if t.content}, key=len, reverse=True)
 
@@ -506,17 +509,22 @@ class HFTokenizer(_BaseTokenizer):
         return list(encoding.ids)
 
     def _check_characters(self, text: str) -> None:
-        """Raises ValueError naming the characters of ``text`` the tokenizer drops (each
-        encodes to no token alone; whitespace, which pre-tokenizers may drop on purpose,
-        aside). Characters that passed are remembered."""
-        if not set(text) - self._kept:
-            return
+        """Raises ValueError naming the characters the BPE model would drop from ``text``: as
+        the tokenizer hands them to the model (special tokens split off, normalized,
+        pre-tokenized: a byte-level tokenizer's byte symbols, a SentencePiece-style one's
+        '▁'), each that the model makes no token of. Characters that passed are remembered."""
+        tok = self._tok
         plain = text
         for token in self._added:  # special tokens a chat template writes, e.g. <|im_start|>
             plain = plain.replace(token, " ")
+        if tok.normalizer is not None:  # which may drop characters on purpose (accents, ...)
+            plain = tok.normalizer.normalize_str(plain)
+        pieces = [plain]
+        if tok.pre_tokenizer is not None:
+            pieces = [piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str(plain)]
         missing = []
-        for c in sorted(set(plain) - self._kept):
-            if c.isspace() or self._tok.encode(c, add_special_tokens=False).ids:
+        for c in sorted(set().union(*pieces) - self._kept):
+            if tok.model.tokenize(c):
                 self._kept.add(c)
             else:
                 missing.append(c)

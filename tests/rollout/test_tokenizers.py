@@ -321,7 +321,7 @@ def test_an_unknown_bos_token_is_named_as_bos_token(hf_tokenizer):
         HFTokenizer(hf_tokenizer, pad_token="<pad>", eos_token="</s>", bos_token="<bos>")
 
 
-def _bpe_without_unknown_token(unk_token=None):
+def _bpe_without_unknown_token(unk_token=None, pre_tokenizer=None):
     """A character-level BPE over "a", "b" (and "<unk>" when given) with one special token."""
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import models
@@ -329,14 +329,18 @@ def _bpe_without_unknown_token(unk_token=None):
     vocab = {"<pad>": 0, "</s>": 1, "a": 2, "b": 3, "<unk>": 4}
     rust = RustTokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk_token))
     rust.add_special_tokens(["<|im_start|>"])
+    if pre_tokenizer is not None:
+        rust.pre_tokenizer = pre_tokenizer
     return HFTokenizer(rust, pad_token="<pad>", eos_token="</s>")
 
 
 def test_characters_a_tokenizer_without_unknown_token_would_drop_are_refused():
     # BPE drops characters missing from its vocabulary when it has no unknown token: "abc"
     # encoded as "ab", silently changing the prompt.
-    tok = _bpe_without_unknown_token()
-    assert tok.encode("ab a") == [2, 3, 2]  # whitespace may be dropped by design
+    from tokenizers import pre_tokenizers
+
+    tok = _bpe_without_unknown_token(pre_tokenizer=pre_tokenizers.Whitespace())
+    assert tok.encode("ab a") == [2, 3, 2]  # the pre-tokenizer drops spaces by design
     assert tok.encode("<|im_start|>ab") == [5, 2, 3]  # special tokens are not characters
     with pytest.raises(ValueError, match=r"^characters 'c' of 'abca' have no token in the "
                        r"tokenizer's vocabulary, which has no unknown token, so they would be "
@@ -344,8 +348,43 @@ def test_characters_a_tokenizer_without_unknown_token_would_drop_are_refused():
         tok.encode("abca")
     with pytest.raises(ValueError, match=r"characters '<c' of 'b<\|im_start\|>c<'"):
         tok.encode_batch(["ab", "b<|im_start|>c<"])
+    # Without a pre-tokenizer the spaces reach the model, which drops them too: "aba".
+    with pytest.raises(ValueError, match=r"^characters ' ' of 'ab a'"):
+        _bpe_without_unknown_token().encode("ab a")
     # With an unknown token, the character becomes that token, as Hugging Face encodes it.
     assert _bpe_without_unknown_token("<unk>").encode("abc") == [2, 3, 4]
+
+
+def test_the_dropped_character_check_sees_what_the_model_sees():
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+    # SentencePiece-style: "€" alone encodes to "▁" (the word start), but in "ab€" the model
+    # drops it.
+    vocab = {"<pad>": 0, "</s>": 1, "a": 2, "b": 3, "▁": 4, "▁a": 5}
+    rust = RustTokenizer(models.BPE(vocab=vocab, merges=[("▁", "a")]))
+    rust.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok = HFTokenizer(rust, pad_token="<pad>", eos_token="</s>")
+    assert tok.encode("ab ab") == [5, 3, 5, 3]
+    with pytest.raises(ValueError, match=r"^characters '€' of 'ab€'"):
+        tok.encode("ab€")
+    # Byte-level (GPT-2, Llama 3, Qwen): every byte has a symbol; a normalizer that strips
+    # accents or control characters removes them on purpose.
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    rust = RustTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    rust.decoder = decoders.ByteLevel()
+    rust.normalizer = normalizers.Sequence(
+        [normalizers.BertNormalizer(clean_text=True), normalizers.NFD(), normalizers.StripAccents()]
+    )
+    rust.add_special_tokens(["<pad>", "</s>"])
+    tok = HFTokenizer(rust, pad_token="<pad>", eos_token="</s>")
+    assert tok.decode(tok.encode("cafe\u0301 \x00😀")) == "cafe 😀"
+    # A word-level tokenizer encodes words, not characters: its whole-text encoding decides.
+    rust = RustTokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "hello": 2, "world": 3}))
+    rust.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = HFTokenizer(rust, pad_token="<pad>", eos_token="</s>")
+    assert tok.encode_batch(["hello world"], add_bos=False)[0].tolist() == [[2, 3]]
 
 
 def test_a_tokenizer_that_fails_on_a_text_is_named_with_the_text():
