@@ -170,14 +170,10 @@ class _Tensors:
 def _read_config(directory: pathlib.Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
     if not path.exists():
-        left = sorted(p for p in directory.glob(".previous-*") if (p / CONFIG_FILE).exists())
-        hint = (
-            f"; a save_hf_model that was killed while replacing the checkpoint left the "
-            f"previous one in {left[-1]}: move its files back into {directory}"
-            if left
-            else ""
+        raise ValueError(
+            f"{path}: not found (a checkpoint directory needs {CONFIG_FILE})"
+            f"{_interrupted_save_hint(directory)}"
         )
-        raise ValueError(f"{path}: not found (a checkpoint directory needs {CONFIG_FILE}){hint}")
     try:
         hf_config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -185,6 +181,29 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
     if not isinstance(hf_config, dict):
         raise ValueError(f"{path}: must hold a JSON object, got a {type(hf_config).__name__}")
     return hf_config
+
+
+def _interrupted_save_hint(directory: pathlib.Path) -> str:
+    """For a directory without config.json: where a save_hf_model killed while swapping
+    checkpoints left the old one (``.previous-*``) and, when complete, the new one
+    (``.partial-*``), and how to finish by hand; '' when there is no such backup."""
+
+    def complete(pattern: str) -> list[pathlib.Path]:
+        return sorted(p for p in directory.glob(pattern) if (p / CONFIG_FILE).exists())
+
+    backups = complete(".previous-*")
+    if not backups:
+        return ""
+    moved = [p.name for p in checkpoint_files(directory)]  # the new save's, moved in
+    clear = f"delete the new save's files there ({', '.join(moved)}) and " if moved else ""
+    hint = (
+        f"; a save_hf_model killed while replacing the checkpoint left the previous one in "
+        f"{backups[-1]}: to restore it, {clear}move that directory's files into {directory}"
+    )
+    staged = complete(".partial-*")  # the rest of the new save, config.json last
+    if staged:
+        hint += f"; to keep the new one instead, move the files of {staged[-1]} there"
+    return hint
 
 
 def end_token_ids(path: str | os.PathLike) -> list[int]:

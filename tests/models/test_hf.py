@@ -22,6 +22,7 @@ from novarl_jax.core.distributed import ParallelLayout
 from novarl_jax.models import ModelConfig, RopeScaling, forward, init_params
 from novarl_jax.models import hf as hf_module
 from novarl_jax.models.hf import (
+    checkpoint_files,
     load_hf_model,
     params_from_hf_tensors,
     params_to_hf_tensors,
@@ -776,16 +777,44 @@ def test_an_overwrite_interrupted_part_way_puts_the_old_checkpoint_back(
 def test_loading_a_checkpoint_whose_replacement_was_killed_names_the_backup(tmp_path):
     config, params = _random_dense()
     save_hf_model(tmp_path / "m", config, params)
-    backup = tmp_path / "m" / ".previous-0123456789ab"
+    out = tmp_path / "m"
+    backup = out / ".previous-0123456789ab"
     backup.mkdir()
     for name in ("config.json", "model.safetensors"):  # as a kill after moving both aside
-        os.replace(tmp_path / "m" / name, backup / name)
+        os.replace(out / name, backup / name)
     with pytest.raises(ValueError, match=re.escape(
         f"config.json: not found (a checkpoint directory needs config.json); a save_hf_model "
-        f"that was killed while replacing the checkpoint left the previous one in {backup}: "
-        f"move its files back into {tmp_path / 'm'}"
-    )):  # fmt: skip
-        load_hf_model(tmp_path / "m")
+        f"killed while replacing the checkpoint left the previous one in {backup}: to restore "
+        f"it, move that directory's files into {out}"
+    ) + "$"):  # fmt: skip
+        load_hf_model(out)
+    # Killed later: the new save's shards and index moved in, its config.json not yet.
+    save_hf_model(tmp_path / "new", config, _random_dense(1)[1], max_shard_bytes=600)
+    staged = out / ".partial-0123456789ab"
+    os.replace(tmp_path / "new", staged)
+    for p in sorted(staged.iterdir()):
+        if p.name != "config.json":
+            os.replace(p, out / p.name)
+    moved = ", ".join(p.name for p in checkpoint_files(out))
+    assert "model.safetensors.index.json" in moved
+    with pytest.raises(ValueError) as info:
+        load_hf_model(out)
+    assert str(info.value).endswith(
+        f"left the previous one in {backup}: to restore it, delete the new save's files there "
+        f"({moved}) and move that directory's files into {out}; to keep the new one instead, "
+        f"move the files of {staged} there"
+    )
+    # Following it either way gives a checkpoint that loads.
+    keep = tmp_path / "keep"
+    shutil.copytree(out, keep)
+    for p in staged.iterdir():
+        os.replace(p, out / p.name)
+    _equal_trees(load_hf_model(out)[1], _random_dense(1)[1])
+    for p in checkpoint_files(keep):
+        p.unlink()
+    for p in (keep / backup.name).iterdir():
+        os.replace(p, keep / p.name)
+    _equal_trees(load_hf_model(keep)[1], params)
 
 
 def test_a_sliding_window_bounds_the_sequences_the_model_runs(tmp_path):
