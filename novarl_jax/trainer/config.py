@@ -440,7 +440,7 @@ def _check_keys_and_types(config: ml_collections.ConfigDict) -> dict:
             )
         if expected is int and key != "experiment.seed" and not abs(value) <= _INT32_MAX:
             raise ConfigError(
-                key, f"must fit a 32-bit integer (at most {_INT32_MAX:,}), got {value:,}"
+                key, f"must fit a 32-bit integer (within ±{_INT32_MAX:,}), got {value:,}"
             )
         if expected is float and not math.isfinite(value):
             # inf or nan would pass every range check below and poison the first update.

@@ -48,7 +48,7 @@ def _with(**overrides):
          r"stream as seed 5\)"),
         (dict(experiment__seed=-1), "experiment.seed", "same stream as seed 4294967295"),
         (dict(optim__warmup_steps=3_000_000_000), "optim.warmup_steps",
-         "must fit a 32-bit integer .at most 2,147,483,647., got 3,000,000,000"),
+         "must fit a 32-bit integer .within ±2,147,483,647., got 3,000,000,000"),
         (dict(model__hidden_size=-(2**40)), "model.hidden_size", "must fit a 32-bit integer"),
         (dict(rollout__top_k=-1), "rollout.top_k", ">= 0"),
         (dict(rollout__max_prompt_length=0), "rollout.max_prompt_length", ">= 1"),
