@@ -183,7 +183,9 @@ def masked_mean(
 
 def masked_max(x: ArrayLike, mask: ArrayLike) -> jax.Array:
     """Maximum of ``x`` over the valid tokens; ``-inf`` when there are none (an empty batch
-    too)."""
+    too). ``x`` and ``mask`` have one shape (a ``[B, 1]`` mask would broadcast silently)."""
+    if np.shape(x) != np.shape(mask):
+        raise ValueError(f"x {np.shape(x)} and mask {np.shape(mask)} must have one shape")
     x = jnp.asarray(x, jnp.float32)
     return jnp.max(jnp.where(jnp.asarray(mask) != 0, x, -jnp.inf), initial=-jnp.inf)
 

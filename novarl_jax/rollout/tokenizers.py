@@ -486,7 +486,11 @@ class HFTokenizer(_BaseTokenizer):
         ids = tokenizer.get_vocab(with_added_tokens=True).values()
         count = int(tokenizer.get_vocab_size(with_added_tokens=True))
         self.vocab_size = max(count, max(ids, default=-1) + 1)
-        self.add_bos = (self.bos_id is not None) if add_bos is None else add_bos
+        if add_bos is not None and not isinstance(add_bos, bool | np.bool_):
+            raise ValueError(f"add_bos must be True, False or None (auto), got {add_bos!r}")
+        if add_bos and self.bos_id is None:
+            raise ValueError("add_bos=True needs a bos_token; this tokenizer was given none")
+        self.add_bos = (self.bos_id is not None) if add_bos is None else bool(add_bos)
         self.truncation = truncation
         self.chat_template = chat_template
 

@@ -216,6 +216,10 @@ def test_hf_tokenizer_truncation_and_errors(hf_tokenizer):
     assert tok.decode(tokens[0]) == "plus two"
     with pytest.raises(ValueError, match=r"eos_token='<eos>' is not in the tokenizer's vocabulary"):
         HFTokenizer(hf_tokenizer, pad_token="<pad>", eos_token="<eos>")
+    with pytest.raises(ValueError, match=r"add_bos must be True, False or None .auto., got 'yes'"):
+        HFTokenizer(hf_tokenizer, pad_token="<pad>", eos_token="</s>", add_bos="yes")
+    with pytest.raises(ValueError, match="add_bos=True needs a bos_token; this tokenizer was giv"):
+        HFTokenizer(hf_tokenizer, pad_token="<pad>", eos_token="</s>", add_bos=True)
     no_pad = r"^pad_token must be a token string of the vocabulary \(a tokenizer without one "
     with pytest.raises(ValueError, match=no_pad + r"can use its EOS token\), got None$"):
         HFTokenizer(hf_tokenizer, pad_token=None, eos_token="</s>")
