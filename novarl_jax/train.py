@@ -99,7 +99,19 @@ def _fail(message: str) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(2)
-    sys.exit(2)
+    _exit(2)
+
+
+def _exit(status: int) -> None:
+    """Ends the process with ``status``: through Python's shutdown, unless a rollout worker
+    thread is still inside a call (one stuck past the wait for it, or left by a second
+    Ctrl-C), which that shutdown would tear down mid-call and abort; then at once."""
+    async_loop = sys.modules.get("novarl_jax.trainer.async_loop")
+    if async_loop is not None and async_loop.rollouts_in_progress():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 _NONE_KEYS: list[str] = []
@@ -406,11 +418,7 @@ def _main(argv: list[str]) -> None:
         )
     except KeyboardInterrupt:
         print(f"novarl_jax.train: {interrupted_message(workdir, before)}", file=sys.stderr)
-        if rollouts_in_progress():  # a second Ctrl-C cut the wait for them short
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)  # Python's shutdown would tear them down mid-call and abort
-        sys.exit(130)
+        _exit(130)  # at once when a second Ctrl-C cut the wait for the rollouts short
     except StopRequested as e:
         if jax.process_index() == 0:
             print(
@@ -418,7 +426,7 @@ def _main(argv: list[str]) -> None:
                 "resume from it",
                 file=sys.stderr,
             )
-        sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process
+        _exit(143)  # 128 + SIGTERM, as if the signal had ended the process
     except CheckpointMismatchError as e:
         _fail(f"{e}; resume with the run's own config, or train in a new --workdir")
     except (ConfigError, TrainingError, CheckpointUnreadableError, CheckpointWriteError) as e:
@@ -430,6 +438,8 @@ def _main(argv: list[str]) -> None:
         _fail(f"{key}{e}; {last_checkpoint(workdir)}: fix it and rerun to {then}")
     except OSError as e:  # metrics, samples, config.json or plots that cannot be written
         _fail(write_failed_message(e, workdir))
+    if rollouts_in_progress():  # a rollout stuck past the wait for it at the end of the run
+        _exit(0)
 
 
 def _export(spec, workdir: str, mesh) -> None:

@@ -197,18 +197,27 @@ def test_ctrl_c_says_where_the_run_stopped(run_cli, tmp_path, monkeypatch):
     assert "Traceback" not in out + err
 
 
-def test_a_second_ctrl_c_leaves_the_rollout_workers_to_the_process_exit(
-    run_cli, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    "error, status, message",
+    [
+        (KeyboardInterrupt, 130, "novarl_jax.train: interrupted after step 2;"),
+        (loop.TrainingError("non-finite loss"), 2, "novarl_jax.train: error: non-finite loss"),
+        (None, 0, ""),  # finished, but a rollout stuck past the wait for it
+    ],
+)
+def test_the_command_line_ends_the_process_itself_while_a_rollout_worker_runs(
+    run_cli, tmp_path, monkeypatch, error, status, message
 ):
     # The first Ctrl-C waits for the asynchronous rollouts in progress; a second one cuts
-    # that short, and Python's shutdown would tear the still running workers down mid-call
-    # and abort, so the command line ends the process itself, with the same status.
+    # that short (and the wait at the end of a run ends after a deadline). Python's shutdown
+    # would tear the still running workers down mid-call and abort, so the command line ends
+    # the process itself, with the status it would have had.
     import threading
 
     from novarl_jax.trainer.async_loop import WORKER_THREAD_PREFIX
 
     release = threading.Event()
-    fake_train = _interrupting_train([1, 2], [])
+    fake_train = _interrupting_train([1, 2], [], error) if error else lambda c, w, **kw: None
 
     def train_with_a_worker_left(config, workdir, **kwargs):
         name = f"{WORKER_THREAD_PREFIX}0"
@@ -227,8 +236,8 @@ def test_a_second_ctrl_c_leaves_the_rollout_workers_to_the_process_exit(
         code, _, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}")
     finally:
         release.set()
-    assert (code, exits) == (130, [130])
-    assert err.strip().startswith("novarl_jax.train: interrupted after step 2;")
+    assert (code, exits) == (status, [status])
+    assert err.strip().startswith(message)
 
 
 _BROKEN_TASK = """
