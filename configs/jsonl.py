@@ -5,8 +5,8 @@ Rewards: exact match of the (``\\boxed{}``-extracted) answer; ``task.options.rew
 compares numbers instead. A byte-level tokenizer is used unless ``model.tokenizer`` points to
 a ``tokenizer.json`` (or a ``model.init_from`` checkpoint has one).
 
-Run:
-    python -m novarl_jax.train --config=configs/jsonl.py task.path=prompts.jsonl
+Run (on the bundled example file, or add task.path=YOUR.jsonl):
+    python -m novarl_jax.train --config=configs/jsonl.py
 """
 
 import os

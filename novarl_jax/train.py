@@ -68,8 +68,9 @@ _CPU_COLLECTIVES = flags.DEFINE_string(
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change",
     False,
-    "Resume even when the config differs from the one the workdir's run started with (the "
-    "changed keys are listed and the workdir's config.json is replaced).",
+    "Resume or export even when the config differs from the one the workdir's run started "
+    "with (the changes are listed; the workdir's config.json is replaced once the resumed "
+    "run's first checkpoint lands). A change of the tokenizer's ids is refused regardless.",
 )
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",

@@ -1,8 +1,10 @@
 """The shape and routing settings of a decoder-only policy (dense or Mixture-of-Experts).
 
-Field names follow Hugging Face's ``MixtralConfig`` so a ``config.json`` maps onto
-:class:`ModelConfig` key for key; ``num_local_experts=0`` describes a dense (Llama/Mistral)
-model with a SwiGLU MLP in every layer.
+Field names follow Hugging Face's ``MixtralConfig`` where it has them;
+:meth:`ModelConfig.from_hf_config` maps a Mixtral, Mistral, Llama, Qwen2 or Qwen3
+``config.json`` onto them (architecture flags such as ``qkv_bias`` and ``qk_norm`` follow from
+its ``model_type``). ``num_local_experts=0`` describes a dense (Llama/Mistral) model with a
+SwiGLU MLP in every layer.
 
 Example:
     >>> config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64,

@@ -14,6 +14,8 @@ MLP width, ``L`` layers)::
     embed_tokens/embedding           [V, D]
     layers/input_norm/scale          [L, D]
     layers/attn/{q,k,v,o}_proj       [L, D, N, Dh] / [L, D, N_kv, Dh] x2 / [L, N, Dh, D]
+    layers/attn/{q,k,v}_bias         [L, N, Dh] / [L, N_kv, Dh] x2  (only when qkv_bias: Qwen2)
+    layers/attn/{q,k}_norm           [L, Dh] x2   (only when qk_norm: Qwen3)
     layers/post_attn_norm/scale      [L, D]
     layers/mlp/{gate,up,down}_proj   [L, D, F] x2 / [L, F, D]      (dense)
     layers/moe/...                   [L, ...] the MoE block's parameters (MoE)

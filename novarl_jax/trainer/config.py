@@ -94,11 +94,12 @@ def default_config() -> ml_collections.ConfigDict:
     # GPU/TPU; XLA:CPU emulates it (slower there).
     model.compute_dtype = "float32"
     # Start from a Hugging Face checkpoint directory (config.json + *.safetensors: Mixtral,
-    # Mistral, Llama) instead of random weights; '' = random init. Its architecture replaces
-    # the sizes above (experiment.num_experts and top_k must match it, the tokenizer must fit
-    # its vocabulary); the router loss weights above, the capacity factor and a value head
-    # (zero-initialised when the checkpoint has none) come from this config. The reference
-    # policy and a separate PPO critic start from the same weights.
+    # Mistral, Llama, Qwen2/Qwen2.5 or dense Qwen3) instead of random weights; '' = random
+    # init. Its architecture replaces the sizes above (experiment.num_experts and top_k must
+    # match it, the tokenizer must fit its vocabulary); the router loss weights above, the
+    # capacity factor and a value head (zero-initialised when the checkpoint has none) come
+    # from this config. The reference policy and a separate PPO critic start from the same
+    # weights.
     model.init_from = ""
     # Tokenizer: a tokenizer.json, whose special tokens are named by the three strings below;
     # '' = the model.init_from checkpoint's tokenizer.json when it has one, else a character
@@ -116,7 +117,8 @@ def default_config() -> ml_collections.ConfigDict:
     # --- Rollouts ---------------------------------------------------------------------------
     config.rollout = ml_collections.ConfigDict()
     rollout = config.rollout
-    rollout.prompts_per_step = 8  # prompts per iteration; samples = prompts * grpo_group_size
+    # Prompts per iteration; samples = prompts * grpo_group_size under GRPO, = prompts under PPO.
+    rollout.prompts_per_step = 8
     rollout.max_prompt_length = 16  # tokens; see prompt_truncation for longer ones
     rollout.max_new_tokens = 8  # completion budget per sample
     # Sampling temperature (0 = greedy); the trainer's log-probs, ratios, KL and entropy are
@@ -145,7 +147,9 @@ def default_config() -> ml_collections.ConfigDict:
     # copy | reverse | sort | addition | jsonl, or "module.path:Class" for a task of your own
     # (novarl_jax.rollout.tasks: task.options are its keyword arguments).
     config.task.name = "reverse"
-    config.task.path = ""  # the JSONL file of the 'jsonl' task (fields: prompt, answer)
+    # The JSONL file of the 'jsonl' task (fields: prompt, answer), or the path= argument of
+    # a task of your own.
+    config.task.path = ""
     # Reward override "module.path:function", (prompts, completions, metadata) -> list[float];
     # '' = the task's own reward.
     config.task.reward_fn = ""
