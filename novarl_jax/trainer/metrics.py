@@ -223,7 +223,8 @@ def steps_written(path: str) -> int:
 def _step_of(row: Any) -> float | None:
     """A parsed row's step, or None when it is no metrics row (damage, or another record)."""
     step = row.get("step") if isinstance(row, dict) else None
-    return step if isinstance(step, int | float) and not isinstance(step, bool) else None
+    real = isinstance(step, int | float) and not isinstance(step, bool) and math.isfinite(step)
+    return step if real else None  # (json reads NaN and Infinity: a hand-edited row's)
 
 
 def _read_lines(path: str) -> list[tuple[int, str]]:

@@ -287,6 +287,34 @@ def _read_json(path: str) -> dict:
     return saved
 
 
+def _check_saved_types(saved: dict, path: str) -> None:
+    """Raises ConfigError naming ``path`` and the key when a recorded value is not of its
+    key's type (a hand edit, or damage): the comparisons would otherwise fail on it."""
+    from novarl_jax.trainer.config import NULLABLE_KEYS
+
+    defaults = _flat(_plain(default_config()))
+    for key, value in _flat({k: v for k, v in saved.items() if k != RECORD_KEY}).items():
+        if key not in defaults or isinstance(defaults[key], list):
+            continue  # a free-form section's entry, or a key of another version
+        default = defaults[key]
+        if value is None:
+            ok = key in NULLABLE_KEYS
+        elif isinstance(default, bool) or isinstance(value, bool):
+            ok = isinstance(value, bool) and isinstance(default, bool)
+        elif isinstance(default, float) or key in NULLABLE_KEYS:
+            ok = isinstance(value, int | float)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            kind = "a number or null" if key in NULLABLE_KEYS else type(default).__name__
+            raise ConfigError(
+                path,
+                f"records {key}={value!r}, not a value of its type ({kind}): "
+                f"the file was edited or damaged; restore it, or delete it to resume without "
+                f"comparing against it",
+            )
+
+
 def model_changes(workdir: str, model: Any) -> list[tuple[str, Any, Any]]:
     """``(field, recorded, now)`` where the policy's architecture differs from the record.
 
@@ -452,6 +480,7 @@ def check_resume_config(
                 "checkpoints were trained with")  # fmt: skip
         return []
     saved = _read_json(path)
+    _check_saved_types(saved, path)
     record = saved.get(RECORD_KEY, {})
     changes = config_changes(saved, config, defaults=default_config())
     blocking = [c for c in changes if not may_change(c[0])]

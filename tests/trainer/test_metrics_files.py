@@ -34,10 +34,10 @@ def test_rows_without_a_numeric_step_are_kept_by_truncation_and_named_by_the_rea
     """A row with a text step crashed a resume's truncation; a row that is no object crashed
     the plot at the end of a run that had trained."""
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1}\n{"step": "x"}\n{"step": true}\n{"step": 3}\n')
-    JsonLines(str(path)).truncate_after(1)
-    assert path.read_text() == '{"step": 1}\n{"step": "x"}\n{"step": true}\n'
-    for bad in ('{"step": "x"}', "[1, 2]", '{"loss": 1.0}'):
+    path.write_text('{"step": 1}\n{"step": "x"}\n{"step": true}\n{"step": NaN}\n{"step": 3}\n')
+    JsonLines(str(path)).truncate_after(1)  # NaN compared with no step, so it was dropped
+    assert path.read_text() == '{"step": 1}\n{"step": "x"}\n{"step": true}\n{"step": NaN}\n'
+    for bad in ('{"step": "x"}', "[1, 2]", '{"loss": 1.0}', '{"step": Infinity}'):
         path.write_text(f'{{"step": 1}}\n{bad}\n{{"step": 2}}\n')
         with pytest.raises(ValueError) as info:
             read_metrics(tmp_path)

@@ -550,3 +550,28 @@ def test_a_seed_outside_32_bits_saved_by_an_earlier_version_resumes_as_its_strea
     assert check_resume_config(str(tmp_path), config) == []
     config.experiment.seed = 5  # another stream
     assert config_changes(saved, config) == [("experiment.seed", -1, 5)]
+
+
+@pytest.mark.parametrize(
+    "key, value, kind",
+    [("warmup_steps", "2", "int"), ("warmup_steps", None, "int"), ("learning_rate", True, "float")],
+)
+def test_a_recorded_value_of_the_wrong_type_names_the_file_and_key(tmp_path, key, value, kind):
+    # A TypeError from comparing the old schedule's warmup with 0 before.
+    config = copy.get_config()
+    config.optim.schedule = "cosine"
+    write_config(str(tmp_path), config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["optim"][key] = value
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError) as info:
+        check_resume_config(str(tmp_path), config)
+    assert str(info.value) == (
+        f"{tmp_path / 'config.json'}: records optim.{key}={value!r}, not a value of its type "
+        f"({kind}): the file was edited or damaged; restore it, or delete it to resume without "
+        f"comparing against it"
+    )
+    saved["optim"][key] = copy.get_config().optim[key]
+    saved["ppo"]["tis_cap"] = 2  # nullable floats take an int, as the config does
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_resume_config(str(tmp_path), config, allow_change=True)
