@@ -105,6 +105,8 @@ def write_failed_message(error: OSError, workdir: str) -> str:
     """The line for a run stopped by a file it could not write (a full disk, a workdir made
     read-only): the file, the cause and the checkpoint a rerun resumes from."""
     what = f"{error.filename}: {error.strerror}" if error.filename else str(error)
+    if error.filename and error.filename2:  # a rename onto the file that failed
+        what = f"{error.filename2} (replacing it with {error.filename}): {error.strerror}"
     return (
         f"cannot write {what}; {last_checkpoint(workdir)}; free the space or fix the "
         "permissions and rerun"

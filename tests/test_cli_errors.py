@@ -631,6 +631,25 @@ def test_a_record_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     assert "cannot write " + f"{tmp_path}/config.json.writing: No space left on device" in (
         cli_messages.write_failed_message(info.value, str(tmp_path))
     )
+    assert not (tmp_path / "config.json.writing").exists()
+    # The new record written, but config.json itself cannot be replaced (made immutable):
+    # named, not the temporary file that was written fine, which goes.
+    monkeypatch.undo()
+    real_replace = os.replace
+
+    def refused(src, dst):
+        if str(dst).endswith("config.json"):
+            raise OSError(1, "Operation not permitted", str(src), None, str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(saved_config.os, "replace", refused)
+    with pytest.raises(OSError) as info:
+        saved_config.write_config(str(tmp_path), default_config())
+    assert cli_messages.write_failed_message(info.value, str(tmp_path)).startswith(
+        f"cannot write {tmp_path}/config.json (replacing it with {tmp_path}/config.json.writing):"
+        " Operation not permitted; no checkpoint in"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_orbax_thread_errors_are_left_to_the_checkpointers_one_line():

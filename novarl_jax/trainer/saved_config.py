@@ -228,10 +228,15 @@ def write_config(
 
 def _write_json(path: str, tree: Any) -> str:
     partial = path + ".writing"
-    with file_named(partial), open(partial, "w") as f:
-        json.dump(_plain(tree), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(partial, path)
+    try:
+        with file_named(partial), open(partial, "w") as f:
+            json.dump(_plain(tree), f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the old file stays; the half-written one goes
+            os.remove(partial)
+        raise
     return path
 
 
