@@ -437,6 +437,7 @@ def check_start_config(
         return []
     advice = _RESUME_ADVICE
     if unkept:
+        _check_checkpoints_kept(workdir, config, unkept)
         advice = (
             f"its {METRICS_FILE} holds {unkept} step{'s' if unkept > 1 else ''} that no "
             f"checkpoint kept, which this start would replace: rerun with that config, train "
@@ -447,6 +448,32 @@ def check_start_config(
         tokenizer=tokenizer, stops=stops,
         verb="resuming" if resuming else "redoing the logged steps",
     )  # fmt: skip
+
+
+def _check_checkpoints_kept(workdir: str, config: Any, logged: int) -> None:
+    """Raises ConfigError when ``metrics.jsonl`` logs so many steps (``logged``) that the run
+    must have kept a checkpoint, yet ``checkpoints/`` holds none: they were removed, or
+    their volume is not mounted. A start from scratch would replace every logged row."""
+    from novarl_jax.trainer.metrics import METRICS_FILE  # imports this module
+    from novarl_jax.trainer.samples import FILE_NAME as SAMPLES_FILE
+
+    interval = config.checkpoint.interval
+    path = os.path.join(workdir, FILE_NAME)
+    if os.path.exists(path):  # the interval the logged steps were trained with
+        recorded = _flat(_read_json(path)).get("checkpoint.interval")
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 1:
+            interval = recorded
+    # A save at step k completes before the one at 2k starts, and a failed one stops the
+    # run: 2k logged steps mean the checkpoint of step k was written.
+    if logged >= 2 * interval:
+        raise ConfigError(
+            "--workdir",
+            f"{os.path.join(workdir, METRICS_FILE)} logs {logged} steps, but "
+            f"{os.path.join(workdir, 'checkpoints')} holds no checkpoint, although the run "
+            f"saved one every {interval} steps: were they removed, or is their volume not "
+            f"mounted? Restore them to resume; to start again instead, move {METRICS_FILE} "
+            f"and {SAMPLES_FILE} out of the workdir (a new start replaces their rows)",
+        )
 
 
 def check_resume_config(

@@ -575,3 +575,28 @@ def test_a_recorded_value_of_the_wrong_type_names_the_file_and_key(tmp_path, key
     saved["ppo"]["tis_cap"] = 2  # nullable floats take an int, as the config does
     (tmp_path / "config.json").write_text(json.dumps(saved))
     check_resume_config(str(tmp_path), config, allow_change=True)
+
+
+def test_logged_steps_past_a_save_without_a_checkpoint_are_not_replaced(tmp_path):
+    """Two saves' worth of logged steps and no checkpoint: the checkpoints were removed (or
+    their volume is not mounted). Rerunning the command restarted from step 1 without a
+    word, replacing every logged row."""
+    from novarl_jax.trainer.saved_config import check_start_config
+
+    config = copy.get_config()
+    config.checkpoint.interval = 2
+    write_config(str(tmp_path), config)
+    rows = tmp_path / "metrics.jsonl"
+    rows.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    # Up to 3 steps: the first save (step 2) may have been cut short by the stop.
+    assert check_start_config(str(tmp_path), config, resuming=False) == []
+    rows.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4)))
+    config.checkpoint.interval = 10  # the recorded interval is the one that saved
+    with pytest.raises(ConfigError) as info:
+        check_start_config(str(tmp_path), config, resuming=False)
+    assert str(info.value) == (
+        f"--workdir: {rows} logs 4 steps, but {tmp_path / 'checkpoints'} holds no checkpoint, "
+        "although the run saved one every 2 steps: were they removed, or is their volume not "
+        "mounted? Restore them to resume; to start again instead, move metrics.jsonl and "
+        "samples.jsonl out of the workdir (a new start replaces their rows)"
+    )
