@@ -162,6 +162,12 @@ def export_policy(
                 state, _ = checkpointer.restore(abstract, step)
             except CheckpointMismatchError as e:
                 note = allowed_changes_note(changes)
+                older = [s for s in steps if s < step]
+                if not note and older:  # the config is the run's own: the step may not be
+                    note = (
+                        f"; if step {step} is not this run's (copied in?), export another "
+                        f"with --export_step={older[-1]}"
+                    )
                 raise ExportError(f"{e}{note}; pass the run's own config and overrides") from None
             except CheckpointUnreadableError as e:
                 rotated = not os.path.isdir(os.path.join(directory, str(step)))

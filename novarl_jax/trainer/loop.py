@@ -994,7 +994,15 @@ class Session:
                 self.state, self.host = self.checkpointer.restore(self.state)
             except CheckpointMismatchError as e:
                 if not (note := allowed_changes_note(changes)):
-                    raise
+                    # The config is the run's own: the step may not be (copied in).
+                    older = [s for s in self.checkpointer.all_steps() if s < self.resumed_from]
+                    if not older:
+                        raise
+                    where = os.path.join(workdir, "checkpoints", str(self.resumed_from))
+                    note = (
+                        f"; if that step is not this run's (copied in?), move {where} out to "
+                        f"resume from step {older[-1]}"
+                    )
                 raise CheckpointMismatchError(f"{e}{note}") from None
             if "experiment.seed" in changed:
                 # The loop key is split from the seed and never changes during a run: a

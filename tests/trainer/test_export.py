@@ -195,3 +195,34 @@ def test_the_exported_tokenizer_adds_bos_exactly_as_training_did(tmp_path, bos):
     trained = [int(t) for t, m in zip(tokens[0], mask[0], strict=True) if m]
     assert trained[0] == 2 if bos else trained[0] != 2
     assert exported.encode(text).ids == trained
+
+
+@pytest.mark.slow
+def test_a_step_copied_in_from_another_run_is_named_with_the_step_before_it(tmp_path):
+    """With the run's own config, a checkpoint that does not fit is likelier another run's
+    than a changed config: the advice to rerun with the run's own config was no way out."""
+    import shutil
+
+    from novarl_jax.trainer.checkpoint import CheckpointMismatchError
+    from novarl_jax.trainer.loop import train
+
+    config = _config(steps=1)
+    train_quietly(config, tmp_path / "run")
+    other = _config(steps=2)
+    other.model.hidden_size *= 2
+    train_quietly(other, tmp_path / "other")
+    step = tmp_path / "run" / "checkpoints" / "2"
+    shutil.copytree(tmp_path / "other" / "checkpoints" / "2", step)
+    with pytest.raises(CheckpointMismatchError) as info:
+        train(_config(steps=3), str(tmp_path / "run"), log=lambda _: None)
+    assert str(info.value).endswith(
+        f"; if that step is not this run's (copied in?), move {step} out to resume from step 1"
+    )
+    with pytest.raises(ExportError) as info:
+        export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf"))
+    assert str(info.value).endswith(
+        "; if step 2 is not this run's (copied in?), export another with --export_step=1; pass "
+        "the run's own config and overrides"
+    )
+    written = export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf"), step=1)
+    assert written["step"] == 1
