@@ -194,10 +194,14 @@ def _an_echo(error: Any, traceback: Any, obj: Any = None) -> bool:
 
 def _not_an_orbax_future(record: logging.LogRecord) -> bool:
     """False for asyncio's report of an orbax future (a task, a gathering) whose exception
-    nobody retrieved: its traceback runs through orbax's code."""
+    nobody retrieved: its traceback runs through orbax's code, or, for one of tensorstore's
+    writes (which only orbax issues here; a full disk fails them all at once), it has no
+    Python frames and its message carries the tensorstore spec."""
     if "exception was never retrieved" not in record.getMessage():
         return True
-    traceback = record.exc_info[2] if record.exc_info else None
+    error, traceback = record.exc_info[1:] if record.exc_info else (None, None)
+    if "tensorstore_spec=" in str(error):
+        return False
     return not any(_ORBAX_CODE in f for f in _frames(traceback))
 
 

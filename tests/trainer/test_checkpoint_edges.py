@@ -319,6 +319,13 @@ def test_only_orbax_echoes_of_a_failed_read_or_write_are_left_out(monkeypatch):
     assert checkpoint._not_an_orbax_future(future_record("/home/me/orbax-migration/reward.py"))
     plain = logging.LogRecord("asyncio", logging.ERROR, "x.py", 1, "Unclosed session", (), None)
     assert checkpoint._not_an_orbax_future(plain)
+    # tensorstore's own writes on a full disk: no Python frames, the spec in the message.
+    full = ValueError('RESOURCE_EXHAUSTED: Error writing "params.policy.w/0.0": [tensorstore_spec'
+                      '=\'{"driver":"zarr"}\']')  # fmt: skip
+    message = "Future exception was never retrieved\nfuture: <Future finished exception=...>"
+    tensorstore_write = logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, message,
+                                          (), (ValueError, full, None))  # fmt: skip
+    assert not checkpoint._not_an_orbax_future(tensorstore_write)
 
 
 def test_64_bit_leaves_are_summed_as_two_words_each():
