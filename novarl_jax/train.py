@@ -90,6 +90,10 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 )
 
 
+# After a checkpoint that does not fit the run's state.
+_MISMATCH_ADVICE = "resume with the run's own config, or train in a new --workdir"
+
+
 def _fail(message: str) -> None:
     print(f"novarl_jax.train: error: {message}", file=sys.stderr)
     jax = sys.modules.get("jax")
@@ -393,11 +397,26 @@ def _main(argv: list[str]) -> None:
             from novarl_jax.trainer.checkpoint import Checkpointer
             from novarl_jax.trainer.loop import restore_task_position
 
-            host = Checkpointer(os.path.join(workdir, "checkpoints")).restore_host()
+            checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+            host = checkpointer.restore_host()
+            # The shapes a restore checks first, from the checkpoint's metadata.
+            from novarl_jax.trainer.loop import Trainer, copied_step_note
+            from novarl_jax.trainer.saved_config import allowed_changes_note
+
+            step = checkpointer.latest_step()
+            try:
+                checkpointer.check_fits(Trainer(run, workdir, mesh=mesh).abstract_state())
+            except CheckpointMismatchError as e:
+                note = allowed_changes_note(changes) or copied_step_note(
+                    workdir, step, checkpointer.all_steps()
+                )
+                raise CheckpointMismatchError(f"{e}{note}") from None
             changed = [key for key, _, _ in changes]
             restore_task_position(run.task, host, spec.config, changed, say)
     except (ConfigError, CheckpointUnreadableError) as e:
         _fail(str(e))
+    except CheckpointMismatchError as e:
+        _fail(f"{e}; {_MISMATCH_ADVICE}")
     except TaskError as e:  # a task of one's own, drawing the first prompts
         _fail(f"task.name: {e}")
     if jax.process_index() == 0:
@@ -429,7 +448,7 @@ def _main(argv: list[str]) -> None:
             )
         _exit(143)  # 128 + SIGTERM, as if the signal had ended the process
     except CheckpointMismatchError as e:
-        _fail(f"{e}; resume with the run's own config, or train in a new --workdir")
+        _fail(f"{e}; {_MISMATCH_ADVICE}")
     except (ConfigError, TrainingError, CheckpointUnreadableError, CheckpointWriteError) as e:
         _fail(str(e))
     except (RewardFunctionError, TaskError) as e:

@@ -419,7 +419,7 @@ def test_resume_lists_a_changed_config_once(run_cli, tmp_path, monkeypatch):
     saved = copy_config.get_config()
     saved.experiment.world_size, saved.experiment.steps = 8, 1
     write_config(str(tmp_path), saved)
-    _checkpoint(tmp_path, {"iteration": 1, "task_state": {}})
+    _checkpoint(tmp_path, {"iteration": 1, "task_state": {}}, monkeypatch)
     changed = "resuming with a changed config: experiment.steps 1 -> 3"
 
     def session_train(config, workdir, *, allow_config_change, **kwargs):
@@ -752,21 +752,48 @@ def test_a_config_file_that_gives_no_config_is_one_line(
     ), err
 
 
-def _checkpoint(workdir, host):
-    """A step-1 checkpoint in ``workdir`` with the JSON record ``host`` (and a token array)."""
+def _checkpoint(workdir, host, monkeypatch=None, step=1):
+    """A checkpoint of ``step`` in ``workdir`` with the JSON record ``host`` and a stand-in
+    state (a token array). With ``monkeypatch``, a dry run's shape check, which would refuse
+    that state, is left out."""
     import jax.numpy as jnp
 
     from novarl_jax.trainer.checkpoint import Checkpointer
 
     ckpt = Checkpointer(str(workdir / "checkpoints"), async_save=False)
-    ckpt.save(1, {"w": jnp.ones(2)}, host, force=True)
+    ckpt.save(step, {"w": jnp.ones(2)}, host, force=True)
     ckpt.close()
+    if monkeypatch is not None:
+        monkeypatch.setattr(Checkpointer, "check_fits", lambda self, state, step=None: None)
 
 
-def test_the_dry_run_checks_the_dataset_position_a_resume_would_restore(run_cli, tmp_path):
+def test_the_dry_run_checks_the_checkpoints_shapes(run_cli, tmp_path):
+    """A step the real run would refuse once compiled (another run's, copied in) passed the
+    dry run: only the host record was read."""
+    from configs import copy as copy_config
+
+    saved = copy_config.get_config()
+    saved.experiment.world_size, saved.experiment.steps = 8, 1
+    write_config(str(tmp_path), saved)
+    for step in (1, 2):
+        _checkpoint(tmp_path, {"iteration": step, "task_state": {}}, step=step)
+    code, _, err = run_cli(*COPY_ON_8, f"--workdir={tmp_path}", "--dry_run")
+    step = tmp_path / "checkpoints" / "2"
+    assert code == 2 and err.startswith(
+        f"novarl_jax.train: error: {step}/state was written for another model or run setup: "
+    ), err
+    assert err.strip().endswith(
+        f"; if that step is not this run's (copied in?), move {step} out to resume from step 1; "
+        "resume with the run's own config, or train in a new --workdir"
+    )
+
+
+def test_the_dry_run_checks_the_dataset_position_a_resume_would_restore(
+    run_cli, tmp_path, monkeypatch
+):
     """A JSONL file edited since the checkpoint: the dry run says so, as the run would."""
     position = {"epoch": 0, "index": 4, "seed": 0, "examples": 11, "digest": "0" * 16}
-    _checkpoint(tmp_path, {"iteration": 1, "task_state": position})
+    _checkpoint(tmp_path, {"iteration": 1, "task_state": position}, monkeypatch)
     args = ["--config=configs/jsonl.py", "experiment.world_size=8", f"--workdir={tmp_path}"]
     code, _, err = run_cli(*args, "--dry_run")
     assert code == 2

@@ -333,7 +333,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        self._check_shapes(abstract_state, step)
+        self.check_fits(abstract_state, step)
         try:
             restored = self._manager.restore(
                 step,
@@ -402,8 +402,11 @@ class Checkpointer:
             raise self.unreadable(step, e) from e
         return self._checked_host(step, restored["host"])[0]
 
-    def _check_shapes(self, abstract_state: Any, step: int) -> None:
-        """Raises CheckpointMismatchError unless ``step`` holds ``abstract_state``'s arrays."""
+    def check_fits(self, abstract_state: Any, step: int | None = None) -> None:
+        """Raises CheckpointMismatchError unless ``step`` (default: the latest) holds
+        ``abstract_state``'s arrays, from the checkpoint's metadata alone (what a restore
+        checks first, and ``--dry_run`` checks without restoring)."""
+        step = self.latest_step() if step is None else step
         path = os.path.join(self.directory, str(step), "state")
         handler = ocp.StandardCheckpointHandler()
         try:

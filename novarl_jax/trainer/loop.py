@@ -724,6 +724,19 @@ def finished_schedule(run: Run, update: int, config: Any) -> str | None:
     )
 
 
+def copied_step_note(workdir: str, step: int, steps: list[int]) -> str:
+    """For checkpoint ``step`` that does not fit a resume with the run's own config (so the
+    step may be another run's, copied in): the way to resume from the step before, if any."""
+    older = [s for s in steps if s < step]
+    if not older:
+        return ""
+    where = os.path.join(workdir, "checkpoints", str(step))
+    return (
+        f"; if that step is not this run's (copied in?), move {where} out to resume from "
+        f"step {older[-1]}"
+    )
+
+
 def check_startup(run: Run, mesh: Any = None) -> list[str]:
     """The checks a run makes before its first step, without training: the first step's
     prompts and the evaluation prompts fit ``rollout.max_prompt_length``, and (a warning) a
@@ -993,16 +1006,11 @@ class Session:
             try:
                 self.state, self.host = self.checkpointer.restore(self.state)
             except CheckpointMismatchError as e:
-                if not (note := allowed_changes_note(changes)):
-                    # The config is the run's own: the step may not be (copied in).
-                    older = [s for s in self.checkpointer.all_steps() if s < self.resumed_from]
-                    if not older:
-                        raise
-                    where = os.path.join(workdir, "checkpoints", str(self.resumed_from))
-                    note = (
-                        f"; if that step is not this run's (copied in?), move {where} out to "
-                        f"resume from step {older[-1]}"
-                    )
+                note = allowed_changes_note(changes) or copied_step_note(
+                    workdir, self.resumed_from, self.checkpointer.all_steps()
+                )
+                if not note:
+                    raise
                 raise CheckpointMismatchError(f"{e}{note}") from None
             if "experiment.seed" in changed:
                 # The loop key is split from the seed and never changes during a run: a
