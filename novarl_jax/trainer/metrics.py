@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from novarl_jax.core.checks import real_value
-from novarl_jax.trainer.saved_config import file_named
+from novarl_jax.trainer.saved_config import file_named, replacing
 
 
 def _plain(value: Any) -> Any:
@@ -56,11 +56,8 @@ class JsonLines:
         kept = [line if line.endswith("\n") else line + "\n" for line in kept]
         if kept == lines:
             return
-        # A new file moved into place: a crash here leaves the old file or the new, whole.
-        partial = self.path + ".truncating"
-        with file_named(partial), open(partial, "w", errors="surrogateescape") as f:
+        with replacing(self.path, ".truncating", errors="surrogateescape") as f:
             f.writelines(kept)
-        os.replace(partial, self.path)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         """Appends ``rows`` (JSON-able dicts; other values are written as strings)."""

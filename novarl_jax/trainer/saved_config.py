@@ -44,7 +44,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import IO, Any
 
 from novarl_jax.trainer.config import ConfigError, decay_updates, default_config
 
@@ -227,17 +227,27 @@ def write_config(
 
 
 def _write_json(path: str, tree: Any) -> str:
-    partial = path + ".writing"
+    with replacing(path, ".writing") as f:
+        json.dump(_plain(tree), f, indent=2, sort_keys=True)
+        f.write("\n")
+    return path
+
+
+@contextlib.contextmanager
+def replacing(path: str, suffix: str, **open_args: Any) -> Iterator[IO[str]]:
+    """A text file ``path + suffix`` to write ``path``'s new content into, moved onto
+    ``path`` when the block ends: a crash leaves the old file or the new one, whole. A
+    failure removes it (the old file stays) and re-raises, naming the file
+    (:func:`file_named`)."""
+    partial = path + suffix
     try:
-        with file_named(partial), open(partial, "w") as f:
-            json.dump(_plain(tree), f, indent=2, sort_keys=True)
-            f.write("\n")
+        with file_named(partial), open(partial, "w", **open_args) as f:
+            yield f
         os.replace(partial, path)
     except BaseException:
-        with contextlib.suppress(OSError):  # the old file stays; the half-written one goes
+        with contextlib.suppress(OSError):
             os.remove(partial)
         raise
-    return path
 
 
 @contextlib.contextmanager

@@ -74,6 +74,46 @@ def test_json_lines_truncate_after_keeps_earlier_steps(tmp_path):
     assert not list(tmp_path.glob("*.truncating"))
 
 
+def test_a_truncation_that_cannot_be_written_keeps_the_file_and_leaves_nothing(
+    tmp_path, monkeypatch
+):
+    """A full disk while a resume truncates: the old rows stay and no empty
+    rows.jsonl.truncating is left beside them."""
+    from novarl_jax.trainer import saved_config
+
+    path = tmp_path / "rows.jsonl"
+    lines = JsonLines(str(path))
+    lines.write([{"step": s} for s in (1, 2, 3)])
+    lines.close()
+    before = path.read_text()
+    real_open = open
+
+    class FullDisk:
+        """The file is made; writing into it fails, as on a full disk."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def writelines(self, lines):
+            raise OSError(28, "No space left on device")
+
+    def full_disk(name, mode="r", **kwargs):
+        f = real_open(name, mode, **kwargs)
+        return FullDisk(f) if str(name).endswith(".truncating") else f
+
+    monkeypatch.setattr(saved_config, "open", full_disk, raising=False)
+    with pytest.raises(OSError, match="No space left on device"):
+        lines.truncate_after(1)
+    assert path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+
+
 def _dapo_config(steps):
     """GRPO on the JSONL task, refilling uninformative groups from up to 2 extra batches:
     an untrained policy scores 0 everywhere, so every step samples both extra batches and
