@@ -131,3 +131,20 @@ def test_registry_errors():
         make_loss_fn("grpo", GRPOLossConfig(), beta=0.0)
     with pytest.raises(ValueError, match="dual_clip_c must be > 1"):
         make_loss_config("dapo", dual_clip_c=0.5)
+
+
+def test_the_loss_configs_defaults_are_the_trainer_configs_and_the_papers():
+    """A library user's GRPOLossConfig(beta=0.04) gets what a run gets: k3, the GRPO paper's
+    KL estimator (a changed default passed every other test, which all name the kind)."""
+    import dataclasses
+
+    from novarl_jax.algorithms import GRPOLossConfig, PPOLossConfig
+    from novarl_jax.trainer.config import default_config
+
+    assert (GRPOLossConfig().kl_kind, GRPOLossConfig().beta) == ("k3", 0.04)
+    assert (PPOLossConfig().kl_kind, PPOLossConfig().value_clip_range) == ("low_var_kl", 0.2)
+    config = default_config()
+    for cls, section in ((GRPOLossConfig, config.grpo), (PPOLossConfig, config.ppo)):
+        shared = [f.name for f in dataclasses.fields(cls) if f.name in section]
+        assert len(shared) >= 10
+        assert {n: getattr(cls(), n) for n in shared} == {n: section[n] for n in shared}

@@ -339,6 +339,25 @@ def test_permuting_a_group_permutes_its_advantages(seed, perm):
     )
 
 
+def test_normalize_advantages_adds_eps_to_the_variance():
+    # eps inside the square root, as documented: sqrt(var + eps), not sqrt(var) + eps.
+    x, mask = np.array([[0.0, 1.0]], np.float32), np.ones((1, 2))
+    got = normalize_advantages(x, mask, eps=1.0)  # var 0.25
+    np.testing.assert_allclose(got, [[-0.5 / np.sqrt(1.25), 0.5 / np.sqrt(1.25)]], rtol=1e-6)
+
+
+def test_a_group_with_one_kept_sample_gets_zero_whatever_its_score():
+    # Fewer than two kept samples: no baseline, so 0 for the group, even for an inf score
+    # (inf - inf would make the whole group NaN, the excluded sample included).
+    for scale_by_std in (True, False):
+        got = group_relative_advantages(
+            np.array([np.inf, 1.0, 0.0, 2.0]), 2, sample_mask=np.array([1, 0, 1, 1]),
+            scale_by_std=scale_by_std,
+        )  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(got)[:2], [0.0, 0.0])
+        assert np.isfinite(np.asarray(got)).all()
+
+
 def test_group_relative_constant_group_gets_zero():
     got = group_relative_advantages(np.array([1.0, 1.0, 0.0, 2.0]), 2)
     np.testing.assert_allclose(got[:2], [0.0, 0.0])

@@ -137,6 +137,11 @@ def test_masks_hand_made_ties_and_combination():
     np.testing.assert_allclose(
         jax.nn.log_softmax(got), np_sampling_logprobs(x, 0.5, 3, 0.9), rtol=1e-5, atol=1e-6
     )
+    # top_k = V - 1 drops exactly the least likely token; V and more keep every one.
+    y = np.float32([[0.3, -2.0, 1.0, 0.5, 0.0]])
+    kept = np.isfinite(np.asarray(S.sampling_logits(y, top_k=4)))
+    np.testing.assert_array_equal(kept, [[True, False, True, True, True]])
+    assert np.isfinite(np.asarray(S.sampling_logits(y, top_k=5))).all()
     # Out of range, they were accepted as "off" (sample() refuses them).
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\] \(1 = off\), got 2.0"):
         S.sampling_logits(x, top_p=2.0)
