@@ -159,6 +159,11 @@ def aggregate(
         raise ValueError(f"loss_scale_factor must be > 0 or None, got {loss_scale_factor!r}")
     if denominators is None:
         denominators = loss_denominators(mask)
+    elif not isinstance(denominators, LossDenominators):
+        raise TypeError(
+            f"denominators must be a LossDenominators (from loss_denominators or "
+            f"split_micro_batches), got {type(denominators).__name__}"
+        )
     valid = mask != 0
     masked = jnp.where(valid, loss_mat, 0.0)
     row_sums = jnp.sum(masked, axis=1)

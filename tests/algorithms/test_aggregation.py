@@ -156,6 +156,8 @@ def test_split_micro_batches_layout():
     # Masked entries never count, not even against values below zero; none valid: -inf.
     assert float(masked_max(np.array([[-1.0, 5.0]]), np.array([[1, 0]]))) == -1.0
     assert float(masked_max(np.ones((1, 2)), np.zeros((1, 2)))) == -np.inf
+    with pytest.raises(TypeError, match="denominators must be a LossDenominators .*, got tuple"):
+        aggregate(np.ones((2, 3)), np.ones((2, 3)), "token-mean", denominators=(1.0,))
     with pytest.raises(ValueError, match=r"x \(2, 3\) and mask \(2, 1\) must have one shape"):
         masked_max(np.ones((2, 3)), np.ones((2, 1)))  # broadcast before: every token valid
 

@@ -339,6 +339,13 @@ def test_permuting_a_group_permutes_its_advantages(seed, perm):
     )
 
 
+def test_an_estimator_refuses_a_batch_that_is_not_a_mapping():
+    from novarl_jax.core.utils.advantages import GRPOAdvantageEstimator
+
+    with pytest.raises(TypeError, match=r"an estimator takes one batch mapping .*, got list"):
+        GRPOAdvantageEstimator(group_size=2)([np.ones((2, 3)), np.ones(2)])
+
+
 def test_normalize_advantages_adds_eps_to_the_variance():
     # eps inside the square root, as documented: sqrt(var + eps), not sqrt(var) + eps.
     x, mask = np.array([[0.0, 1.0]], np.float32), np.ones((1, 2))

@@ -564,6 +564,12 @@ def scores_to_token_rewards(scores: ArrayLike, response_mask: ArrayLike) -> jax.
 
 
 def _batch_mask(batch: Mapping[str, ArrayLike]) -> jax.Array:
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"an estimator takes one batch mapping ({{'response_mask': [B, T], 'scores': [B], "
+            f"...}}; Trajectory.estimator_batch() makes it from a rollout), got "
+            f"{type(batch).__name__}"
+        )
     if "response_mask" not in batch:
         raise ValueError(
             f"the batch needs 'response_mask' [B, T] (1 = a real generated token); it has keys "
