@@ -426,6 +426,17 @@ def test_completions_are_the_trained_tokens_when_eos_is_not_a_stop(setup):
     assert inner_eos > 0  # some row has text after an EOS, so the check bites
 
 
+def test_encode_prompts_gives_the_prompts_a_rollout_with_the_key_samples(setup, rolled):
+    # The start-up checks the first step's prompts this way: with another key split, it
+    # would check prompts the step never samples (a JSONL task, which ignores the key, could
+    # not tell).
+    engine, _, info = rolled
+    prompts, metadata, tokens, mask = engine.encode_prompts(jax.random.key(5), BATCH)
+    assert prompts == info.prompts[::GROUP] and metadata == info.metadata[::GROUP]
+    other, _, _, _ = engine.encode_prompts(jax.random.key(6), BATCH)
+    assert other != prompts
+
+
 def test_encode_prompts_leaves_the_task_position_alone(setup, tmp_path):
     config, _, _, _ = setup
     engine = _jsonl_engine(config, tmp_path)

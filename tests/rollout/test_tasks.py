@@ -232,7 +232,7 @@ def test_exact_and_numeric_rewards_hand_made():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.text(alphabet="abc", max_size=5), st.text(alphabet="abc", max_size=5))
+@given(st.text(alphabet="abcAB", max_size=5), st.text(alphabet="abcAB", max_size=5))
 def test_positional_match_against_reference(completion, target):
     longest = max(len(completion), len(target))
     expected = (
