@@ -8,12 +8,19 @@ import pytest
 
 @pytest.fixture(scope="module")
 def trained_batch():
+    return _hand_made_batch()
+
+
+def _hand_made_batch(**dapo):
+    """The training batch and step metrics of a hand-made 8-row trajectory (``dapo``: the
+    config's dapo.* settings)."""
     from configs import base
     from novarl_jax.trainer import loop
     from novarl_jax.trainer.build import build_run
     from novarl_jax.trainer.config import validate_config
 
     c = base.get_config()
+    c.dapo.update(dapo)
     c.experiment.steps = 1
     c.rollout.prompts_per_step = 2  # 2 prompts x 4 samples = 8 rows
     c.rollout.max_new_tokens = 4
@@ -42,6 +49,17 @@ def trained_batch():
     entropy = np.asarray(trainer.apply_fn(state.params, batch)["entropy"])
     return dict(batch=batch, stats=stats, entropy=entropy, lengths=lengths, rewards=rewards,
                 valid=valid.astype(bool), ends_with_stop=ends_with_stop)  # fmt: skip
+
+
+def test_the_overlong_penalty_reaches_the_rewards_as_configured():
+    """shaped_rewards is checked against NumPy on its own; this checks the step hands it the
+    config's buffer and penalty (swapped, a buffer of 0.5 tokens and a penalty of 2)."""
+    got = _hand_made_batch(overlong_buffer=2, overlong_penalty=0.5)
+    n, r, v = got["lengths"], got["rewards"].astype(np.float64), got["valid"]
+    start = 4 - 2  # max_new_tokens - overlong_buffer: the penalty grows over the last 2 tokens
+    shaped = r + np.minimum((start - n) / 2, 0.0) * 0.5
+    assert got["stats"]["critic/rewards/mean"] == pytest.approx(shaped[v].mean())
+    assert got["stats"]["critic/score/mean"] == pytest.approx(r[v].mean())  # the task's own
 
 
 def test_score_metrics_average_valid_rows_only(trained_batch):
