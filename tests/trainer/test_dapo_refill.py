@@ -84,3 +84,34 @@ def test_extra_batches_stop_at_the_limit_and_fill_with_uninformative_groups():
     # The one informative group, then the first uninformative one, keeping the shape.
     assert info.prompts == ["b1r2", "b1r3", "b0r0", "b0r1"]
     assert info.task_state == {"position": 2}
+
+
+def test_each_extra_batch_of_a_step_samples_with_its_own_key():
+    """The trainer's refill draws each extra batch with a key of its own: with one key for
+    all, every extra batch repeated the same prompts and samples (the tests above give
+    dynamic_sampling their own batches, so none could tell)."""
+    import jax
+
+    from configs import base
+    from novarl_jax.trainer import loop
+    from novarl_jax.trainer.build import build_run
+    from novarl_jax.trainer.config import validate_config
+
+    c = base.get_config()
+    c.experiment.steps = 1
+    c.rollout.prompts_per_step = 2
+    c.rollout.max_new_tokens = 2
+    c.dapo.update(dynamic_sampling=True, max_extra_batches=2)
+    trainer = loop.Trainer(build_run(validate_config(c)), "unused", mesh=None)
+    state, _ = trainer.initial_state()
+    rollout, keys = trainer.engine.rollout, []
+
+    def uninformative(params, key, version, prompts):
+        keys.append(tuple(np.asarray(jax.random.key_data(key)).tolist()))
+        traj, info = rollout(params, key, version, prompts)
+        return traj._replace(rewards=jnp.zeros_like(traj.rewards)), info
+
+    trainer.engine.rollout = uninformative
+    _, _, stats = trainer._rollout(state, trainer.rollout_key(0))
+    assert stats["dapo/extra_batches"] == 2.0
+    assert len(keys) == 3 and len(set(keys)) == 3
