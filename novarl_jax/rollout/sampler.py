@@ -200,12 +200,9 @@ def sampling_logits(
     Raises:
         ValueError: ``top_k`` or ``top_p`` (when not traced) out of range.
     """
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    top_k = _check_top_k(top_k)
     if not isinstance(top_p, jax.core.Tracer):
-        value = real_value(top_p)
-        if value is None or not 0 < value <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+        _check_top_p(top_p)
     x = apply_temperature(logits, temperature)
     if 0 < top_k < x.shape[-1]:
         x = jnp.where(top_k_mask(x, top_k), x, -jnp.inf)
@@ -216,6 +213,20 @@ def sampling_logits(
 
 # --------------------------------------------------------------------------------------------
 # Static settings and helpers.
+
+
+def _check_top_k(top_k: Any) -> int:
+    try:
+        return check_int("top_k", top_k, 0)
+    except ValueError:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}") from None
+
+
+def _check_top_p(top_p: Any) -> float:
+    value = real_value(top_p)
+    if value is None or not 0 < value <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -516,7 +527,7 @@ def make_settings(
 ) -> Settings:
     """Validates sampling arguments (raising ValueError naming the bad one) into settings."""
     check_int("max_new_tokens", max_new_tokens, 1)
-    check_int("top_k", top_k, 0)
+    _check_top_k(top_k)
     check_int("num_samples", num_samples, 1)
     check_int("pad_id", pad_id, 0)
     temp = real_value(temperature)
@@ -525,9 +536,7 @@ def make_settings(
             f"temperature must be 0 (greedy) or a finite float >= {MIN_TEMPERATURE:g} (smaller "
             f"ones overflow float32 and give NaN/inf log-probs), got {temperature!r}"
         )
-    top_p_value = real_value(top_p)
-    if top_p_value is None or not 0 < top_p_value <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    top_p_value = _check_top_p(top_p)
     if isinstance(stop_token_ids, (int, np.integer)):
         stop_token_ids = (stop_token_ids,)
     if stop_token_ids is None or isinstance(stop_token_ids, (str, bytes)):
