@@ -367,10 +367,7 @@ def apply_none_keys(config: Any, keys: list[str]) -> None:
 
 def file_in_the_way(path: str) -> str | None:
     """``path`` or the ancestor of it that exists and is not a directory, else None."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            return None
-        path = parent
-    return None if os.path.isdir(path) else path
+    from novarl_jax.trainer.workdir import existing_ancestor
+
+    path = existing_ancestor(path)
+    return None if path is None or os.path.isdir(path) else path

@@ -155,6 +155,18 @@ def workdir_in_use(workdir: str) -> WorkdirInUseError | None:
     return None
 
 
+def existing_ancestor(path: str) -> str | None:
+    """The absolute ``path`` itself when it exists, else its nearest ancestor that does (None
+    when none does)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return path
+
+
 # The directories a run keeps in its workdir: orbax checkpoints, the plots of the end of a
 # run, TensorBoard's event files.
 RUN_DIRECTORIES = ("checkpoints", "plots", "tensorboard")
@@ -177,9 +189,7 @@ def foreign_config(workdir: str) -> str | None:
         entry = os.path.join(workdir, name)
         if os.path.lexists(entry) and not os.path.isdir(entry):
             return f"{entry} is a file, where a run keeps its {name}/ directory; move it away"
-    existing = os.path.abspath(workdir)  # a relative path's parents end in '' otherwise
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
+    existing = existing_ancestor(workdir) or os.path.abspath(workdir)
     if not os.access(existing, os.W_OK | os.X_OK):
         where = (
             ""
