@@ -43,7 +43,7 @@ from safetensors.numpy import save_file
 from novarl_jax.core.checks import is_integer
 from novarl_jax.models import moe as moe_lib
 from novarl_jax.models.config import ModelConfig
-from novarl_jax.models.transformer import init_params, param_shardings
+from novarl_jax.models.transformer import param_shardings, param_specs
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -763,8 +763,7 @@ def _checked_token_ids(token_ids: Any, vocab_size: int) -> dict[str, int | list[
 def _check_params_fit(config: ModelConfig, params: Any) -> None:
     """Raises ValueError naming the first parameter that is missing, extra, misshapen, or
     not of ``config.dtype``: what is written must be exactly ``config``'s model."""
-    expected = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
-    want = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+    want = param_specs(config)
     got = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
     what = (
         f"num_hidden_layers={config.num_hidden_layers}, num_local_experts="

@@ -322,11 +322,11 @@ def _shape_fields(config: ModelConfig) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """``{keystr path: shape}`` of every parameter :func:`init_params` makes for ``config``
-    (computed once per config, without allocating)."""
+def param_specs(config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """``{keystr path: shape and dtype}`` of every parameter :func:`init_params` makes for
+    ``config`` (computed once per config, without allocating)."""
     tree = jax.eval_shape(lambda key: _init_params(config, key), jax.random.key(0))
-    return {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _check_pipeline_layers(config: ModelConfig, pp: int) -> None:
@@ -574,7 +574,8 @@ def checked_params(params: Any, config: ModelConfig) -> Any:
         jax.tree_util.keystr(p): jnp.shape(x)
         for p, x in jax.tree_util.tree_leaves_with_path(params)
     }
-    for name, shape in param_shapes(config).items():
+    for name, spec in param_specs(config).items():
+        shape = spec.shape
         if name not in got:
             raise ValueError(f"params{name} is missing; config ({_shape_fields(config)}) has it")
         if got[name] != shape:
