@@ -429,10 +429,9 @@ class HFTokenizer(_BaseTokenizer):
             try:
                 tokenizer = _HFTok.from_file(path)
             except Exception as err:  # tokenizers raises a bare Exception
-                first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
                 raise ValueError(
                     f"could not load tokenizer file {path!r} as a Hugging Face tokenizer.json: "
-                    f"{first}"
+                    f"{_first_line(err)}"
                 ) from err
         if not isinstance(tokenizer, _HFTok):
             raise ValueError(
