@@ -793,15 +793,17 @@ def validate_config(config: ml_collections.ConfigDict) -> RunSpec:
                 f"logging.{key}",
                 f'needs the {extra} extra ({module} is not installed): pip install -e ".[{extra}]"',
             )
-    project = config.logging.wandb_project
     if config.logging.wandb:
         # W&B's own rules, which it checks only when the run starts.
+        project = config.logging.wandb_project
         bad = sorted(set(project) & set("/\\#?%:"))
-        if not project.strip() or len(project) > 128 or bad:
-            if bad:
-                why = f"has {''.join(bad)!r}"
-            else:
-                why = "is blank" if not project.strip() else f"is {len(project)} characters long"
+        why = (
+            f"has {''.join(bad)!r}" if bad
+            else "is blank" if not project.strip()
+            else f"is {len(project)} characters long" if len(project) > 128
+            else ""
+        )  # fmt: skip
+        if why:
             raise ConfigError(
                 "logging.wandb_project",
                 f"{project!r} is not a W&B project name (1 to 128 characters, none of "
