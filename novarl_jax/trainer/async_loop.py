@@ -79,6 +79,31 @@ def rollouts_in_progress() -> list[str]:
     ]
 
 
+# A wait for a rollout this long is said in the log, then each time it has doubled: a stuck
+# reward function or worker is otherwise a silent hang.
+FIRST_WAIT_NOTE_S = 60.0
+
+
+class _WaitNotes:
+    """Called while the trainer waits for step ``step``'s rollout: logs a line when the wait
+    reaches ``FIRST_WAIT_NOTE_S`` seconds, then twice, four times, ... as long."""
+
+    def __init__(self, log: Callable[[str], Any], step: int, clock: Callable[[], float]):
+        self._log, self._step, self._clock = log, step, clock
+        self._start = clock()
+        self._next = FIRST_WAIT_NOTE_S
+
+    def __call__(self) -> None:
+        waited = self._clock() - self._start
+        if waited >= self._next:
+            self._next *= 2
+            busy = ", ".join(rollouts_in_progress()) or "none"
+            self._log(
+                f"step {self._step}: waiting {waited:.0f} s so far for a rollout (worker "
+                f"threads sampling: {busy}; a stuck reward function holds its worker)"
+            )
+
+
 # The published parameters must outlive the train state: the update step donates its buffers.
 _copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
@@ -602,7 +627,7 @@ def train_async(
         trainer, state = session.trainer, session.state
         for warning in _warnings(spec.config, queue_size, synchronous):
             session.log(f"warning: {warning}")
-        # Synchronous-loop checkpoints have no rollout index: rollout j trains step j there.
+        # Checkpoints without a rollout index (older synchronous ones): rollout j trained step j.
         next_index = int(session.host.get("rollout_index", session.start))
         controller = WeightSyncController.from_config(
             config,
@@ -635,11 +660,12 @@ def train_async(
             for i in range(session.start, session.total):
                 version = int(state.policy_version)
                 wait_start = time.perf_counter()
+                note = _WaitNotes(session.log, i + 1, time.monotonic)
                 rollout, dropped = _take_fresh(
                     feed,
                     version,
                     controller.max_staleness,
-                    lambda state=state: broadcaster.poll(state),
+                    lambda state=state, note=note: (broadcaster.poll(state), note()),
                     # A worker that retired may sample the replacement: bound it too.
                     lambda state=state: broadcaster.poll(state, restarting=True),
                 )

@@ -1265,9 +1265,14 @@ def train(
     metrics: dict = {}
     with Session(config, workdir, **common) as session:
         state = session.state
+        # Step i samples with rollout key j = i here; an asynchronous run resumed here (with
+        # --allow_config_change) may have used keys beyond its steps (dropped rollouts): go on
+        # after its last, so no step trains a batch trained before.
+        offset = int(session.host.get("rollout_index", session.start)) - session.start
         for i in range(session.start, session.total):
-            state, metrics, rollout = session.trainer.iteration(state, session.reference, i)
-            host = {"task_state": rollout[1].task_state}
+            index = i + offset
+            state, metrics, rollout = session.trainer.iteration(state, session.reference, index)
+            host = {"task_state": rollout[1].task_state, "rollout_index": index + 1}
             metrics = session.record(i, state, metrics, host, rollout)
     return session.finish(state, metrics)
 

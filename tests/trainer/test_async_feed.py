@@ -1,17 +1,19 @@
 """The asynchronous loop's feed and schedule: polls while the trainer waits, worker errors
 (the first raised, once, and the others stopped), inline turns round the workers, the
-multi-process start-up check and the rollout index after drops."""
+multi-process start-up check and the rollout index after drops (also when the run goes on
+synchronously)."""
 
 import threading
 import time
 
 import jax
 import pytest
-from test_async_loop import UPDATES, _config, _rollout, _run_async
+from test_async_loop import UPDATES, _config, _mesh, _rollout, _run_async
 
 from novarl_jax.trainer import async_loop
 from novarl_jax.trainer.checkpoint import Checkpointer
 from novarl_jax.trainer.config import validate_config
+from novarl_jax.trainer.loop import Trainer, train
 
 
 def test_the_trainer_polls_while_it_waits_for_a_rollout(tmp_path, monkeypatch):
@@ -130,3 +132,50 @@ def test_a_resume_after_drops_continues_the_rollout_index(tmp_path, monkeypatch)
     calls.clear()
     _run_async(_config(3, **cadence), tmp_path, synchronous=True, queue_size=2)
     assert calls[0][0] == 3  # rollout 2's key is not sampled again
+
+
+def test_a_synchronous_resume_of_an_asynchronous_run_goes_on_after_its_rollouts(
+    tmp_path, monkeypatch
+):
+    cadence = dict(interval=3, max_staleness=1)
+    _run_async(_config(2, **cadence), tmp_path, synchronous=True, queue_size=2)  # rollouts 0..2
+    indices = []
+    original = Trainer.iteration
+
+    def iteration(self, state, reference, i):
+        indices.append(i)
+        return original(self, state, reference, i)
+
+    monkeypatch.setattr(Trainer, "iteration", iteration)
+    config = _config(4, **cadence)
+    config.experiment.async_rollouts = False
+    train(
+        config, str(tmp_path), mesh=_mesh(config), log=lambda line: None, allow_config_change=True
+    )
+    assert indices == [3, 4]  # rollout 2's key, trained at step 2, is not sampled again
+    host = Checkpointer(str(tmp_path / "checkpoints"), async_save=False).restore_host(4)
+    assert host["rollout_index"] == 5
+
+
+def test_a_long_wait_for_a_rollout_is_logged_as_it_doubles():
+    now, lines = [0.0], []
+    notes = async_loop._WaitNotes(lines.append, 3, lambda: now[0])
+    for now[0] in (10.0, 59.9, 60.0, 61.0, 119.0, 120.5, 200.0, 240.0):
+        notes()
+    waits = [line.split(" s so far")[0] for line in lines]
+    assert waits == ["step 3: waiting 60", "step 3: waiting 120", "step 3: waiting 240"]
+
+
+def test_the_wait_notes_name_the_worker_sampling(tmp_path, monkeypatch):
+    original = async_loop.AsyncTrainer.sample
+
+    def sample(self, params, key_data, index, worker=0):
+        time.sleep(0.5)  # past the first note, whatever compiling takes
+        return original(self, params, key_data, index, worker)
+
+    monkeypatch.setattr(async_loop, "FIRST_WAIT_NOTE_S", 0.3)
+    monkeypatch.setattr(async_loop.AsyncTrainer, "sample", sample)
+    _, _, lines = _run_async(_config(1, max_staleness=100), tmp_path, queue_size=1)
+    notes = [line for line in lines if "so far for a rollout" in line]
+    assert notes and notes[0].startswith("step 1: waiting"), lines
+    assert "sampling: novarl-rollout-0;" in notes[0], notes
