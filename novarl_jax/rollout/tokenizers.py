@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -458,7 +459,9 @@ class HFTokenizer(_BaseTokenizer):
         )
         self._kept: set[str] = set()  # characters the model was seen to give a token for
         added = tokenizer.get_added_tokens_decoder().values()
-        self._added = sorted({t.content for t in added if t.content}, key=len, reverse=True)
+        added = sorted({t.content for t in added if t.content}, key=len, reverse=True)
+        # Longest first, so a token inside a longer one (<|im, <|im_start|>) splits neither.
+        self._added = re.compile("|".join(map(re.escape, added))) if added else None
 
         def token_id(field: str, token: str) -> int:
             if not isinstance(token, str):
@@ -517,14 +520,17 @@ class HFTokenizer(_BaseTokenizer):
         pre-tokenized: a byte-level tokenizer's byte symbols, a SentencePiece-style one's
         '▁'), each that the model makes no token of. Characters that passed are remembered."""
         tok = self._tok
-        plain = text
-        for token in self._added:  # special tokens a chat template writes, e.g. <|im_start|>
-            plain = plain.replace(token, " ")
-        if tok.normalizer is not None:  # which may drop characters on purpose (accents, ...)
-            plain = tok.normalizer.normalize_str(plain)
-        pieces = [plain]
-        if tok.pre_tokenizer is not None:
-            pieces = [piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str(plain)]
+        # The added tokens (those a chat template writes, e.g. <|im_start|>) split the text, and
+        # each part between them is normalized and pre-tokenized on its own, as in encode().
+        parts = self._added.split(text) if self._added is not None else [text]
+        pieces = []
+        for part in filter(None, parts):
+            if tok.normalizer is not None:  # which may drop characters on purpose (accents, ...)
+                part = tok.normalizer.normalize_str(part)
+            if tok.pre_tokenizer is not None:
+                pieces += [piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str(part)]
+            else:
+                pieces.append(part)
         missing = []
         for c in sorted(set().union(*pieces) - self._kept):
             if tok.model.tokenize(c):

@@ -359,6 +359,17 @@ def test_characters_a_tokenizer_without_unknown_token_would_drop_are_refused():
     assert _bpe_without_unknown_token("<unk>").encode("abc") == [2, 3, 4]
 
 
+def test_an_added_token_inside_a_longer_one_leaves_none_of_it_to_the_character_check():
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models
+
+    vocab = {"<pad>": 0, "</s>": 1, "h": 2, "i": 3}
+    rust = RustTokenizer(models.BPE(vocab=vocab, merges=[]))
+    rust.add_special_tokens(["<|im", "<|im_start|>"])  # one a prefix of the other
+    tok = HFTokenizer(rust, pad_token="<pad>", eos_token="</s>")
+    assert tok.encode("<|im_start|>hi<|im") == [5, 2, 3, 4]
+
+
 def test_the_dropped_character_check_sees_what_the_model_sees():
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, normalizers, pre_tokenizers
