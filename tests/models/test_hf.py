@@ -261,6 +261,28 @@ def test_save_refuses_to_overwrite(tmp_path):
         save_hf_model(tmp_path / "x", config, params, model_type="mixtral")
 
 
+def test_shards_without_an_index_are_a_checkpoint_an_overwrite_replaces(tmp_path):
+    # An index lost or never copied: the model-*-of-* files are still a checkpoint's.
+    config, params = load_hf_model(DATA / "llama")
+    save_hf_model(tmp_path / "s", config, params, max_shard_bytes=10_000)
+    shards = sorted(p.name for p in (tmp_path / "s").glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 2
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in shards:
+        shutil.copy(tmp_path / "s" / name, out / name)
+    assert [p.name for p in checkpoint_files(out)] == shards
+    with pytest.raises(ValueError, match="already holds a checkpoint .* overwrite=True"):
+        save_hf_model(out, config, params)
+    save_hf_model(out, config, params, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_bfloat16_finiteness_from_the_exponent_bits_is_numpys_for_every_value():
+    every = np.arange(2**16, dtype=np.uint16).view(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(hf_module._finite(every), np.isfinite(every.astype(np.float32)))
+
+
 def test_params_to_hf_tensors_orientation():
     config, params = load_hf_model(DATA / "mixtral")
     tensors = params_to_hf_tensors(config, params)

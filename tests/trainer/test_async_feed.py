@@ -179,3 +179,14 @@ def test_the_wait_notes_name_the_worker_sampling(tmp_path, monkeypatch):
     notes = [line for line in lines if "so far for a rollout" in line]
     assert notes and notes[0].startswith("step 1: waiting"), lines
     assert "sampling: novarl-rollout-0;" in notes[0], notes
+
+
+def test_a_steps_generation_time_is_its_rollouts_sampling_time(tmp_path, monkeypatch):
+    original = async_loop.AsyncTrainer.sample
+
+    def sample(self, params, key_data, index, worker=0):
+        return original(self, params, key_data, index, worker)._replace(gen_s=100.0 + index)
+
+    monkeypatch.setattr(async_loop.AsyncTrainer, "sample", sample)
+    _, rows, _ = _run_async(_config(2, max_staleness=100), tmp_path, synchronous=True)
+    assert [r["timing_s/gen"] for r in rows] == [100.0, 101.0]
