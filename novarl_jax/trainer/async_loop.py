@@ -100,7 +100,8 @@ class _WaitNotes:
             busy = ", ".join(rollouts_in_progress()) or "none"
             self._log(
                 f"step {self._step}: waiting {waited:.0f} s so far for a rollout (worker "
-                f"threads sampling: {busy}; a stuck reward function holds its worker)"
+                f"threads sampling: {busy}; compiling, or a slow or stuck sampler or reward "
+                f"function)"
             )
 
 
