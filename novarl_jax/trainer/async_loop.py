@@ -662,11 +662,17 @@ def train_async(
                 version = int(state.policy_version)
                 wait_start = time.perf_counter()
                 note = _WaitNotes(session.log, i + 1, time.monotonic)
+
+                def waiting(state=state, note=note) -> None:
+                    broadcaster.poll(state)
+                    note()
+                    session.stop_between_steps(state)  # SIGTERM: the last step is the stop
+
                 rollout, dropped = _take_fresh(
                     feed,
                     version,
                     controller.max_staleness,
-                    lambda state=state, note=note: (broadcaster.poll(state), note()),
+                    waiting,
                     # A worker that retired may sample the replacement: bound it too.
                     lambda state=state: broadcaster.poll(state, restarting=True),
                 )

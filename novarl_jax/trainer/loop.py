@@ -1057,6 +1057,7 @@ class Session:
             )
         self._skips = int(self.host.get("skip_streak", 0))  # a streak goes on across a resume
         self._empty = int(self.host.get("empty_streak", 0))  # steps in a row that trained nothing
+        self._last: tuple[int, dict, bool] | None = None  # this process's last step, host, saved
         interactive = config.logging.progress and sys.stdout.isatty() and self.main_process
         self._progress = _Progress(self.total, self.start) if interactive else None
         self._stop = StopWatch().__enter__()  # SIGTERM: checkpoint the step, then stop
@@ -1142,6 +1143,7 @@ class Session:
         host["empty_streak"] = self._empty
         stop = step < self.total and self._stop.requested()
         saved = self.checkpointer.save(step, state, host, force=(step == self.total or stop))
+        self._last = (step, host, bool(saved))
         if saved and not self._record_config:
             self.checkpointer.wait()  # this start's first checkpoint, on disk
             self._write_config()
@@ -1153,6 +1155,25 @@ class Session:
             self.checkpointer.wait()
             raise StopRequested(step)
         return metrics
+
+    def stop_between_steps(self, state: TrainState) -> None:
+        """For a loop that waits between steps (the asynchronous trainer, for a rollout): when
+        SIGTERM asked the run to stop after this process finished a step, checkpoints that
+        step (``state``, unless it is checkpointed already) and raises StopRequested, rather
+        than waiting for the next step, which may be long in coming. Before this process's
+        first step it returns (the run stops after that step, as the synchronous loop does).
+        """
+        if self._last is None or not self._stop.requested():
+            return
+        step, host, saved = self._last
+        if step == self.total:
+            return  # nothing is waited for after the last step
+        if not saved:
+            self.checkpointer.save(step, state, host, force=True)
+        self.checkpointer.wait()
+        if not self._record_config:
+            self._write_config()
+        raise StopRequested(step)
 
     def _write_config(self) -> None:
         """Records the run's config, model and tokenizer in the workdir (the main process)."""

@@ -7,7 +7,9 @@ says), waits for the save and raises :class:`StopRequested`; the command line pr
 it stopped and exits with status 143 (128 + SIGTERM), and rerunning the same command
 resumes there. A step longer than the scheduler's grace period is cut by its SIGKILL, which
 leaves the previous checkpoint intact; SLURM's ``--signal=TERM@SECONDS`` sends the signal
-earlier. A SIGTERM during the last step changes nothing: the run ends as it would have.
+earlier. A SIGTERM during the last step changes nothing: the run ends as it would have. The
+asynchronous trainer waiting for a rollout between steps does not wait for it: it checkpoints
+the step it last finished (``Session.stop_between_steps``) and stops there.
 
 While a :class:`StopWatch` is open (a training session; the command line opens one from its
 start, so a signal during start-up or compilation stops the run after its first step), a

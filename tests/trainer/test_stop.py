@@ -162,3 +162,39 @@ def test_a_watch_opened_off_the_main_thread_leaves_the_handler_alone():
     thread.join()
     assert outcome == [False]
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_an_async_run_waiting_for_a_rollout_stops_there(tmp_path, monkeypatch):
+    # Step 3's rollout is slow (a reward function, say): the stop does not wait for it.
+    import threading
+    import time
+
+    from novarl_jax.trainer import async_loop
+
+    recorded, record = threading.Event(), loop.Session.record
+    sample = async_loop.AsyncTrainer.sample
+
+    def record_step(self, i, *args, **kwargs):
+        out = record(self, i, *args, **kwargs)
+        if i + 1 == 2:
+            recorded.set()
+        return out
+
+    def slow(self, params, key_data, index, worker=0):
+        if index == 2:
+            assert recorded.wait(60)  # the trainer now waits for this rollout
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(2.0)
+        return sample(self, params, key_data, index, worker)
+
+    config = _config()
+    config.experiment.async_rollouts = True
+    with monkeypatch.context() as m:
+        m.setattr(loop.Session, "record", record_step)
+        m.setattr(async_loop.AsyncTrainer, "sample", slow)
+        with pytest.raises(StopRequested, match="after step 2$"):
+            train_quietly(config, tmp_path)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert Checkpointer(str(tmp_path / "checkpoints"), async_save=False).all_steps() == [2]
+    assert train_quietly(config, tmp_path)["resumed_from"] == 2
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
