@@ -42,6 +42,7 @@ def test_normalize_answer_steps(text, expected):
 def test_exact_match_units_only_at_the_end_and_whitespace_runs():
     assert R.exact_match_reward([""], ["\\boxed{5 \\text{cm} + 2}"], [{"answer": "5+2"}]) == [0.0]
     assert R.exact_match_reward([""], ["New   York"], [{"answer": "New York"}]) == [1.0]
+    assert R.exact_match_reward([""], ["\\boxed{X}"], [{"answer": "x"}]) == [0.0]  # case counts
     assert R.exact_match_reward([""], ["\\boxed{y=}"], [{"answer": ""}]) == [0.0]
 
 

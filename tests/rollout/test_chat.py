@@ -33,6 +33,15 @@ def test_a_prompt_is_rendered_as_the_user_turn_with_the_assistants_opened():
     )
 
 
+def test_block_tags_leave_no_whitespace_and_tojson_keeps_non_ascii_as_transformers():
+    # transformers renders with trim_blocks and lstrip_blocks, and a tojson that keeps "é".
+    lines = "{% for m in messages %}\n  {{ m.role }}: {{ m.content }}\n{% endfor %}"
+    assert ChatTemplate(lines).render("café") == "  user: café\n"
+    assert ChatTemplate("{{ messages | tojson }}").render("café") == (
+        '[{"role": "user", "content": "café"}]'
+    )
+
+
 def test_a_conversation_prompt_is_rendered_as_its_messages():
     conversation = [
         {"role": "system", "content": "Be brief."},

@@ -585,3 +585,18 @@ def test_jsonl_position_at_the_end_of_an_epoch_resumes():
     assert resumed.sample_prompts(None, 5) == task.sample_prompts(None, 5)
     with pytest.raises(ValueError, match="past the dataset"):
         resumed.set_state({**state, "index": len(task) + 1})
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        CopyTask(min_length=2, max_length=5),
+        ReverseTask(min_length=2, max_length=5),
+        SortTask(min_length=2, max_length=5),
+        AdditionTask(max_operand=12),
+    ],
+    ids=lambda task: type(task).__name__,
+)
+def test_the_longest_answer_is_as_long_as_the_longest_answer_sampled(task):
+    _, metadata = task.sample_prompts(jax.random.key(0), 512)
+    assert len(task.longest_answer()) == max(len(str(m["answer"])) for m in metadata)

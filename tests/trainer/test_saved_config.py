@@ -497,6 +497,24 @@ def test_a_file_named_relatively_or_absolutely_is_the_same_file(tmp_path, monkey
     assert config_changes(saved, now) == []
     now["task"]["path"] = str(tmp_path / "other.jsonl")
     assert config_changes(saved, now) == [("task.path", "data/p.jsonl", now["task"]["path"])]
+    now["task"]["path"] = str(tmp_path / "other" / "p.jsonl")  # the same name elsewhere
+    assert config_changes(saved, now) == [("task.path", "data/p.jsonl", now["task"]["path"])]
+
+
+def test_seeds_are_one_stream_only_when_equal_modulo_2_to_the_32():
+    saved = {"experiment": {"seed": 0}}
+    for seed, changed in ((2**32, False), (2**31, True), (1, True)):
+        assert config_changes(saved, {"experiment": {"seed": seed}}) == (
+            [("experiment.seed", 0, seed)] if changed else []
+        )
+
+
+def test_fewer_ids_ending_completions_are_a_change_too(tmp_path):
+    config = copy.get_config()
+    write_config(str(tmp_path), config, stops=(2, 7))
+    with pytest.raises(ConfigChangedError) as info:
+        check_resume_config(str(tmp_path), config, stops=(2,))
+    assert info.value.key == "rollout.stop_token_ids"
 
 
 def test_the_ids_that_end_a_completion_are_compared_on_resume(tmp_path):

@@ -15,12 +15,15 @@ from tiny_grpo import tiny_grpo_config
 from novarl_jax.trainer.config import ConfigError
 from novarl_jax.trainer.workdir import (
     LOCK_FILE,
+    SHARED_CHECK_FILE,
     LockUnsupported,
     WorkdirInUseError,
     foreign_config,
     lock_workdir,
     release,
+    sees_token,
     workdir_in_use,
+    write_token,
 )
 
 
@@ -204,6 +207,36 @@ def test_a_file_where_a_run_keeps_a_directory_is_refused_naming_it(tmp_path, nam
     assert foreign_config(str(tmp_path)) == (
         f"{tmp_path / name} is a file, where a run keeps its {name}/ directory; move it away"
     )
+
+
+@pytest.mark.parametrize("kind", ["broken link", "fifo"])
+def test_a_special_file_where_a_run_keeps_a_file_is_refused_naming_it(tmp_path, kind):
+    entry = tmp_path / "metrics.jsonl"
+    if kind == "fifo":
+        os.mkfifo(entry)  # opening it to append would block
+    else:
+        entry.symlink_to(tmp_path / "gone")
+    assert foreign_config(str(tmp_path)) == (
+        f"{entry} is a broken link or a special file, where a run keeps its metrics.jsonl "
+        "file; move it away"
+    )
+
+
+def test_a_workdir_that_cannot_be_entered_is_refused(tmp_path, monkeypatch):
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, m: real_access(p, m) and not (p == str(tmp_path) and m & os.X_OK)
+    )
+    assert foreign_config(str(tmp_path)).endswith("is not writable by this user; train in "
+                                                  "another directory")  # fmt: skip
+
+
+def test_each_token_is_fresh_and_read_back_only_as_written(tmp_path):
+    tokens = {write_token(str(tmp_path)) for _ in range(8)}
+    assert len(tokens) == 8 and all(1 <= t < 2**31 - 1 for t in tokens)
+    assert all(sees_token(str(tmp_path), t) for t in tokens)
+    (tmp_path / f"{SHARED_CHECK_FILE}-5").write_text("6\n")  # another's, or cut short
+    assert not sees_token(str(tmp_path), 5)
 
 
 def test_a_workdir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
