@@ -91,6 +91,14 @@ def test_export_writes_the_checkpointed_policy(tmp_path):
     with pytest.raises(ConfigError, match="model.rope_theta: .*export with the run's own config"):
         export_policy(other, str(tmp_path / "run"), str(tmp_path / "hf4"))
     assert not (tmp_path / "hf4").exists()
+    # Completions that ended at other ids than they end at now (a changed EOS): refused.
+    record_file = tmp_path / "run" / "config.json"
+    record = json.loads(record_file.read_text())
+    record["_how_read"]["stop_ids"] += [5]
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"^rollout\.stop_token_ids: .*'ends at \[\d+, 5\]'"):
+        export_policy(config, str(tmp_path / "run"), str(tmp_path / "hf6"))
+    assert not (tmp_path / "hf6").exists()
     # The tokenizer.json edited in place (two tokens swap ids, same vocabulary size): the
     # export would pair the trained weights with other tokens; refused, even when allowed.
     edited = json.loads(tokenizer.read_text())

@@ -461,6 +461,11 @@ def test_a_record_from_before_sliding_windows_were_kept_still_matches(tmp_path):
         assert [c[0] for c in model_changes(str(tmp_path), shorter)] == ["max_position_embeddings"]
     (tmp_path / MODEL_FILE).write_text(json.dumps({**old.to_hf_config(), "model_type": ["x"]}))
     assert ("model_type", ["x"], "mixtral") in model_changes(str(tmp_path), now)
+    # A record with the window, as written now, is compared with it.
+    for window in (32, 64):
+        (tmp_path / MODEL_FILE).write_text(json.dumps(now.to_hf_config()))
+        changes = model_changes(str(tmp_path), now.replace(sliding_window=window))
+        assert changes == ([] if window == 32 else [("sliding_window", 32, 64)])
 
 
 def test_special_tokens_are_compared_by_the_ids_they_name(tmp_path):
