@@ -29,6 +29,9 @@ def test_extract_boxed_skips_spaces_before_the_brace(text, expected):
         ("X = 5", "5"),  # a one-letter variable, either case
         ("x = 5", "5"),
         ("x =", "x="),  # a prefix with nothing after it is the whole answer
+        ("ab = 5", "ab=5"),  # a longer name is part of the answer
+        ("x\u00b2", "x\u00b2"),  # composed (NFC), not compatibility-folded (x2)
+        ("e\u0301", "\u00e9"),
         ("x \\neq 5", "x \\neq 5"),  # words (and commands) keep their spaces
         ("New   York", "New York"),  # runs of whitespace are one space
         ("a\n\tb", "a b"),

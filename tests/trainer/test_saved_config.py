@@ -559,6 +559,12 @@ def test_the_ids_that_end_a_completion_are_compared_on_resume(tmp_path):
     with pytest.raises(ConfigChangedError, match=rf"'ends at \[{eos}\]' -> 'ends at \[{eos}, 7\]'"):
         check_resume_config(str(tmp_path), config, stops=(eos, 7), tokenizer=CharTokenizer("abc"))
     check_resume_config(str(tmp_path), config, stops=(eos,), tokenizer=CharTokenizer("abc"))
+    # A config.json with no record at all (older still): which ids ended completions cannot
+    # be told, so none is compared.
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["_how_read"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_resume_config(str(tmp_path), config, stops=(eos, 7), tokenizer=CharTokenizer("abc"))
 
 
 def test_a_seed_outside_32_bits_saved_by_an_earlier_version_resumes_as_its_stream(tmp_path):
