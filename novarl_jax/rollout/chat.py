@@ -254,7 +254,9 @@ class ChatTemplate:
                 f"{self.where}: the conversation ends with an assistant message to continue, "
                 "but the template does not write its text"
             )
-        return text[:at] if text.startswith(_CONTINUE, at) else text[:at].rstrip()
+        head = text[:at] if text.startswith(_CONTINUE, at) else text[:at].rstrip()
+        # A template that writes the message more than once keeps its earlier copies as is.
+        return head.replace(_CONTINUE, "").replace(_CONTINUE.strip(), "")
 
 
 def _generation_tag() -> Any:

@@ -42,6 +42,13 @@ def test_block_tags_leave_no_whitespace_and_tojson_keeps_non_ascii_as_transforme
     )
 
 
+def test_a_final_message_the_template_writes_twice_is_continued_at_its_last_copy():
+    twice = "{{ messages[-1].content }}|{% for m in messages %}{{ m.role }}:{{ m.content }};"
+    twice += "{% endfor %}"
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "It is"}]
+    assert ChatTemplate(twice).render(conversation) == "It is|user:q;assistant:It is"
+
+
 def test_a_conversation_prompt_is_rendered_as_its_messages():
     conversation = [
         {"role": "system", "content": "Be brief."},
