@@ -255,7 +255,7 @@ class ChatTemplate:
                 "but the template does not write its text"
             )
         head = text[:at] if text.startswith(_CONTINUE, at) else text[:at].rstrip()
-        # A template that writes the message more than once keeps its earlier copies as is.
+        # A template that writes the message more than once: its earlier copies lose the mark.
         return head.replace(_CONTINUE, "").replace(_CONTINUE.strip(), "")
 
 

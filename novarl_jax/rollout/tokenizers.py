@@ -520,8 +520,9 @@ class HFTokenizer(_BaseTokenizer):
         pre-tokenized: a byte-level tokenizer's byte symbols, a SentencePiece-style one's
         '▁'), each that the model makes no token of. Characters that passed are remembered."""
         tok = self._tok
-        # The added tokens (those a chat template writes, e.g. <|im_start|>) split the text, and
-        # each part between them is normalized and pre-tokenized on its own, as in encode().
+        # The added tokens (those a chat template writes, e.g. <|im_start|>) split the text
+        # wherever they occur, and each part between them is normalized and pre-tokenized on
+        # its own (single_word and normalized added tokens are matched as special ones are).
         parts = self._added.split(text) if self._added is not None else [text]
         pieces = []
         for part in filter(None, parts):

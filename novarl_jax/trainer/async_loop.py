@@ -64,6 +64,7 @@ from novarl_jax.trainer.build import build_run
 from novarl_jax.trainer.config import ConfigError, RunSpec, updates_per_step, validate_config
 from novarl_jax.trainer.loop import Session, Trainer, iteration_keys, per_device_throughput
 from novarl_jax.trainer.state import TrainState
+from novarl_jax.trainer.stop import StopRequested
 
 WORKER_THREAD_PREFIX = "novarl-rollout-"
 
@@ -88,8 +89,14 @@ class _WaitNotes:
     """Called while the trainer waits for step ``step``'s rollout: logs a line when the wait
     reaches ``FIRST_WAIT_NOTE_S`` seconds, then twice, four times, ... as long."""
 
-    def __init__(self, log: Callable[[str], Any], step: int, clock: Callable[[], float]):
-        self._log, self._step, self._clock = log, step, clock
+    def __init__(
+        self,
+        log: Callable[[str], Any],
+        step: int,
+        clock: Callable[[], float],
+        sampling: Callable[[], list[str]],
+    ):
+        self._log, self._step, self._clock, self._sampling = log, step, clock, sampling
         self._start = clock()
         self._next = FIRST_WAIT_NOTE_S
 
@@ -97,7 +104,7 @@ class _WaitNotes:
         waited = self._clock() - self._start
         if waited >= self._next:
             self._next *= 2
-            busy = ", ".join(rollouts_in_progress()) or "none"
+            busy = ", ".join(self._sampling()) or "none"
             self._log(
                 f"step {self._step}: waiting {waited:.0f} s so far for a rollout (worker "
                 f"threads sampling: {busy}; compiling, or a slow or stuck sampler or reward "
@@ -260,8 +267,13 @@ class _InlineFeed:
     def depth(self) -> int:
         return len(self._queue)
 
-    def close(self, *, raise_errors: bool = False, interrupted: bool = False) -> None:
-        del raise_errors, interrupted  # nothing runs in the background
+    def sampling(self) -> list[str]:
+        return []  # it samples in the trainer's thread, which never waits
+
+    def close(
+        self, *, raise_errors: bool = False, interrupted: bool = False, stopped: bool = False
+    ) -> None:
+        del raise_errors, interrupted, stopped  # nothing runs in the background
 
 
 class _ThreadedFeed:
@@ -297,6 +309,7 @@ class _ThreadedFeed:
         self._index = first_index
         self._limit = limit
         self._errors: list[tuple[int, BaseException]] = []
+        self._busy: set[int] = set()  # workers inside a rollout
         self._tick = tick_s
         self._join_timeout = join_timeout_s
         self._threads = [
@@ -333,7 +346,14 @@ class _ThreadedFeed:
                         self._retire(worker)
                         self._stop.wait(self._tick)
                         continue
-                    self._queue.put(self._produce(worker, index))
+                    with self._lock:
+                        self._busy.add(worker)
+                    try:
+                        rollout = self._produce(worker, index)
+                    finally:
+                        with self._lock:
+                            self._busy.discard(worker)
+                    self._queue.put(rollout)
         except BaseException as error:  # noqa: BLE001 - handed to the trainer's thread
             with self._lock:
                 self._errors.append((worker, error))
@@ -363,29 +383,37 @@ class _ThreadedFeed:
     def depth(self) -> int:
         return self._queue.qsize()
 
+    def sampling(self) -> list[str]:
+        """Names of the worker threads inside a rollout now."""
+        with self._lock:
+            return [f"{WORKER_THREAD_PREFIX}{w}" for w in sorted(self._busy)]
+
     def _join_until(self, deadline: float) -> None:
         for thread in self._threads:
             if thread.ident is not None:
                 thread.join(timeout=max(deadline - time.monotonic(), 0.0))
 
-    def close(self, *, raise_errors: bool = False, interrupted: bool = False) -> None:
+    def close(
+        self, *, raise_errors: bool = False, interrupted: bool = False, stopped: bool = False
+    ) -> None:
         """Stops the workers and waits for the rollouts in progress; ``raise_errors`` raises a
         worker's exception that no :meth:`get` raised.
 
-        After Ctrl-C (``interrupted``) it still waits, saying so on stderr: a worker left
-        inside a rollout when Python exits is torn down mid-call, and the process aborts. A
-        second Ctrl-C stops the wait (the command line then exits at once, see
-        :func:`rollouts_in_progress`).
+        After Ctrl-C (``interrupted``) or SIGTERM (``stopped``) it still waits, saying so on
+        stderr: a worker left inside a rollout when Python exits is torn down mid-call, and
+        the process aborts. A second Ctrl-C stops the wait (the command line then exits at
+        once, see :func:`rollouts_in_progress`); a second SIGTERM ends the process.
         """
         self._stop.set()
         deadline = time.monotonic() + self._join_timeout
         # Idle workers notice the stop within a tick; one still alive after that is sampling.
         self._join_until(min(deadline, time.monotonic() + 2 * self._tick))
         busy = [t.name for t in self._threads if t.is_alive()]
-        if busy and interrupted:
+        if busy and (interrupted or stopped):
+            how, again = ("interrupted", "Ctrl-C") if interrupted else ("stopping", "SIGTERM")
             print(
-                f"novarl_jax: interrupted; waiting for the rollouts in progress in {busy} to "
-                "finish (Ctrl-C again to stop at once)",
+                f"novarl_jax: {how}; waiting for the rollouts in progress in {busy} to "
+                f"finish ({again} again to stop at once)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -628,8 +656,7 @@ def train_async(
         trainer, state = session.trainer, session.state
         for warning in _warnings(spec.config, queue_size, synchronous):
             session.log(f"warning: {warning}")
-        # Checkpoints without a rollout index (older synchronous ones): rollout j trained step j.
-        next_index = int(session.host.get("rollout_index", session.start))
+        next_index = session.first_index
         controller = WeightSyncController.from_config(
             config,
             clock=clock,
@@ -654,14 +681,14 @@ def train_async(
             feed = _InlineFeed(produce, **feed_args)
         else:
             feed = _ThreadedFeed(produce, retire=store.release, **feed_args)
-        interrupted = finished = False
+        interrupted = stopped = finished = False
         try:
             if session.start < session.total:
                 feed.start()
             for i in range(session.start, session.total):
                 version = int(state.policy_version)
                 wait_start = time.perf_counter()
-                note = _WaitNotes(session.log, i + 1, time.monotonic)
+                note = _WaitNotes(session.log, i + 1, time.monotonic, feed.sampling)
 
                 def waiting(state=state, note=note) -> None:
                     broadcaster.poll(state)
@@ -710,8 +737,11 @@ def train_async(
         except KeyboardInterrupt:
             interrupted = True
             raise
+        except StopRequested:
+            stopped = True
+            raise
         finally:
-            feed.close(raise_errors=finished, interrupted=interrupted)
+            feed.close(raise_errors=finished, interrupted=interrupted, stopped=stopped)
     # Counted by this process from its start: after a resume, not the whole run's.
     since = "" if session.resumed_from is None else f" since the resume at step {session.start}"
     summary = (

@@ -2,7 +2,9 @@
 
 All randomness of iteration ``i`` comes from ``fold_in(state.key, i)`` (the state's key is
 split from ``key(experiment.seed)`` at the start, and again at a resume that was allowed
-another seed), the task's position is checkpointed, and
+another seed; a run resumed here after training asynchronously goes on from the rollout index
+its checkpoint records, past the keys its rollouts used), the task's position is
+checkpointed, and
 every step is a deterministic jitted program, so a run of 2N steps and a run of N steps +
 restart + N steps give the same parameters and metrics.
 """
@@ -1047,8 +1049,11 @@ class Session:
             # not replace the record of the one it was trained with.
             self._write_config()
         self.total = config.experiment.steps
+        # The rollout the next step samples (past those an asynchronous run used: dropped
+        # rollouts leave the index ahead of the steps); checkpoints record it.
+        self.first_index = int(self.host.get("rollout_index", self.start))
         if self.start < self.total:
-            for warning in self.trainer.check_prompts(self.start):
+            for warning in self.trainer.check_prompts(self.first_index):
                 log(f"warning: {warning}")
         else:
             log(
@@ -1286,10 +1291,10 @@ def train(
     metrics: dict = {}
     with Session(config, workdir, **common) as session:
         state = session.state
-        # Step i samples with rollout key j = i here; an asynchronous run resumed here (with
+        # Step i samples rollout i here; an asynchronous run resumed here (with
         # --allow_config_change) may have used keys beyond its steps (dropped rollouts): go on
         # after its last, so no step trains a batch trained before.
-        offset = int(session.host.get("rollout_index", session.start)) - session.start
+        offset = session.first_index - session.start
         for i in range(session.start, session.total):
             index = i + offset
             state, metrics, rollout = session.trainer.iteration(state, session.reference, index)

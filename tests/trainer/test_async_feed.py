@@ -147,19 +147,24 @@ def test_a_synchronous_resume_of_an_asynchronous_run_goes_on_after_its_rollouts(
         return original(self, state, reference, i)
 
     monkeypatch.setattr(Trainer, "iteration", iteration)
+    checked, check_prompts = [], Trainer.check_prompts
+    monkeypatch.setattr(
+        Trainer, "check_prompts", lambda self, i=0: checked.append(i) or check_prompts(self, i)
+    )
     config = _config(4, **cadence)
     config.experiment.async_rollouts = False
     train(
         config, str(tmp_path), mesh=_mesh(config), log=lambda line: None, allow_config_change=True
     )
     assert indices == [3, 4]  # rollout 2's key, trained at step 2, is not sampled again
+    assert checked == [3]  # the start-up checks the prompts the first step samples
     host = Checkpointer(str(tmp_path / "checkpoints"), async_save=False).restore_host(4)
     assert host["rollout_index"] == 5
 
 
 def test_a_long_wait_for_a_rollout_is_logged_as_it_doubles():
     now, lines = [0.0], []
-    notes = async_loop._WaitNotes(lines.append, 3, lambda: now[0])
+    notes = async_loop._WaitNotes(lines.append, 3, lambda: now[0], lambda: ["w-1"])
     for now[0] in (10.0, 59.9, 60.0, 61.0, 119.0, 120.5, 200.0, 240.0):
         notes()
     waits = [line.split(" s so far")[0] for line in lines]

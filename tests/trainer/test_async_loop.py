@@ -350,6 +350,19 @@ def test_closing_after_ctrl_c_waits_for_the_rollout_in_progress(capsys):
     err = capsys.readouterr().err
     assert err.startswith("novarl_jax: interrupted; waiting for the rollouts in progress in [")
     assert err.endswith("to finish (Ctrl-C again to stop at once)\n")
+    # So does a stop on SIGTERM.
+    started.clear()
+    feed = async_loop._ThreadedFeed(
+        produce, queue_size=1, num_workers=1, first_index=0, limit=5, retire=lambda w: None
+    )
+    feed.start()
+    assert started.wait(10)
+    assert feed.sampling() == [f"{async_loop.WORKER_THREAD_PREFIX}0"]
+    feed.close(stopped=True)
+    assert capsys.readouterr().err == (
+        f"novarl_jax: stopping; waiting for the rollouts in progress in "
+        f"['{async_loop.WORKER_THREAD_PREFIX}0'] to finish (SIGTERM again to stop at once)\n"
+    )
     # Idle workers (the queue full, nothing sampling) stop without a word.
     feed = async_loop._ThreadedFeed(
         lambda w, i: _rollout(i, w), queue_size=1, num_workers=1, first_index=0, limit=1,
