@@ -395,21 +395,16 @@ def _main(argv: list[str]) -> None:
         )  # fmt: skip
         if resuming and _DRY_RUN.value:  # the position the resume would restore
             from novarl_jax.trainer.checkpoint import Checkpointer
-            from novarl_jax.trainer.loop import restore_task_position
+            from novarl_jax.trainer.loop import Trainer, mismatch_note, restore_task_position
 
             checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
             host = checkpointer.restore_host()
             # The shapes a restore checks first, from the checkpoint's metadata.
-            from novarl_jax.trainer.loop import Trainer, copied_step_note
-            from novarl_jax.trainer.saved_config import allowed_changes_note
-
-            step = checkpointer.latest_step()
             try:
                 checkpointer.check_fits(Trainer(run, workdir, mesh=mesh).abstract_state())
             except CheckpointMismatchError as e:
-                note = allowed_changes_note(changes) or copied_step_note(
-                    workdir, step, checkpointer.all_steps()
-                )
+                step, steps = checkpointer.latest_step(), checkpointer.all_steps()
+                note = mismatch_note(workdir, changes, step, steps)
                 raise CheckpointMismatchError(f"{e}{note}") from None
             changed = [key for key, _, _ in changes]
             restore_task_position(run.task, host, spec.config, changed, say)

@@ -726,12 +726,14 @@ def finished_schedule(run: Run, update: int, config: Any) -> str | None:
     )
 
 
-def copied_step_note(workdir: str, step: int, steps: list[int]) -> str:
-    """For checkpoint ``step`` that does not fit a resume with the run's own config (so the
-    step may be another run's, copied in): the way to resume from the step before, if any."""
+def mismatch_note(workdir: str, changes: list, step: int, steps: list[int]) -> str:
+    """What a resume adds to checkpoint ``step``'s CheckpointMismatchError: the allowed config
+    ``changes`` that may explain it, else (the config is the run's own, so the step may be
+    another run's, copied in) the way to resume from the step before; '' when neither."""
     older = [s for s in steps if s < step]
-    if not older:
-        return ""
+    note = allowed_changes_note(changes)
+    if note or not older:
+        return note
     where = os.path.join(workdir, "checkpoints", str(step))
     return (
         f"; if that step is not this run's (copied in?), move {where} out to resume from "
@@ -1008,8 +1010,8 @@ class Session:
             try:
                 self.state, self.host = self.checkpointer.restore(self.state)
             except CheckpointMismatchError as e:
-                note = allowed_changes_note(changes) or copied_step_note(
-                    workdir, self.resumed_from, self.checkpointer.all_steps()
+                note = mismatch_note(
+                    workdir, changes, self.resumed_from, self.checkpointer.all_steps()
                 )
                 if not note:
                     raise
